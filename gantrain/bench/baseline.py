@@ -1,0 +1,97 @@
+"""The reference the engine is measured against: a plain PyTorch DCGAN loop in the tutorials' style.
+
+Eager fp32, NCHW; a torch DataLoader whose dataset converts each image ToTensor-style (PIL image, resize,
+scale to [0, 1], normalise with mean 0.5 / std 0.5) in worker processes; D ends in a Sigmoid and the loss
+is BCELoss; G's step backpropagates through D's weights too; ``.item()`` every step for the log. This is
+what users write from the tutorials, and what ``gantrain bench`` reports speed-ups against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from gantrain.engine.config import Config
+from gantrain.engine.models import build_models, sample_noise
+
+
+class ToTensorDataset(Dataset):
+    """Per-item preprocessing like torchvision's Resize + ToTensor + Normalize((0.5,), (0.5,))."""
+
+    def __init__(self, images_uint8: torch.Tensor, size: int):
+        self.images = images_uint8.numpy()
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        array = self.images[i]
+        pil = Image.fromarray(array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0))
+        if pil.size != (self.size, self.size):
+            pil = pil.resize((self.size, self.size), Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0)
+        x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
+        return (x - 0.5) / 0.5
+
+
+class BaselineGAN:
+    """The tutorial training step, kept deliberately plain."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        torch.manual_seed(cfg.run.seed)
+        g, d = build_models(cfg.model, cfg.data.image_size, cfg.data.channels)
+        self.g, self.d = g.to(device), nn.Sequential(d, nn.Sigmoid()).to(device)
+        betas = (cfg.optim.beta1, cfg.optim.beta2)
+        self.opt_g = torch.optim.Adam(self.g.parameters(), lr=cfg.optim.lr_g, betas=betas)
+        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=cfg.optim.lr_d, betas=betas)
+        self.criterion = nn.BCELoss()
+        self.cfg, self.device = cfg, device
+
+    def step(self, real: torch.Tensor) -> tuple[float, float]:
+        real = real.to(self.device)
+        b = real.size(0)
+        real_label = torch.full((b,), 1.0 - self.cfg.loss.label_smoothing, device=self.device)
+        fake_label = torch.full((b,), 0.0, device=self.device)
+        self.d.zero_grad()
+        err_real = self.criterion(self.d(real).view(-1), real_label)
+        err_real.backward()
+        noise = sample_noise(b, self.cfg.model.nz, self.cfg.loss.noise, self.device)
+        fake = self.g(noise)
+        err_fake = self.criterion(self.d(fake.detach()).view(-1), fake_label)
+        err_fake.backward()
+        self.opt_d.step()
+        self.g.zero_grad()
+        err_g = self.criterion(self.d(fake).view(-1), torch.full((b,), 1.0, device=self.device))
+        err_g.backward()
+        self.opt_g.step()
+        return (err_real + err_fake).item(), err_g.item()
+
+
+def baseline_batches(images_uint8: torch.Tensor, cfg: Config, num_workers: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless shuffled batches from a DataLoader, epoch after epoch."""
+    loader = DataLoader(ToTensorDataset(images_uint8, cfg.data.image_size), batch_size=cfg.data.batch_size,
+                        shuffle=True, drop_last=True, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(seed), persistent_workers=num_workers > 0)
+    while True:
+        yield from loader
+
+
+def step_flops(cfg: Config, batch: int = 8) -> float:
+    """Model FLOPs of one full training iteration (the baseline's D step + G step) per image.
+
+    Counted with torch.utils.flop_counter on the plain step, so every configuration's MFU uses the same
+    model FLOPs (work the engine avoids, such as D weight-gradients in the G step, still counts).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = BaselineGAN(cfg, torch.device("cpu"))
+    real = torch.rand(batch, cfg.data.channels, cfg.data.image_size, cfg.data.image_size) * 2 - 1
+    with FlopCounterMode(display=False) as counter:
+        model.step(real)
+    return counter.get_total_flops() / batch

@@ -1,0 +1,172 @@
+"""The ``gantrain`` command line: a thin typer + rich layer over the engine.
+
+``gantrain run`` takes every config field as a kebab-case flag, generated from the config tree so flags,
+help text (the field docstrings) and TOML keys never drift apart. Errors print one line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gantrain import __version__
+from gantrain.engine.config import PRESETS, SECTION_TYPES, field_docs, field_index, resolve
+from gantrain.engine.errors import GantrainError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  help="gantrain: fast DCGAN training. Run [bold]gantrain run[/] to train the fashion32 default.")
+console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def user_errors(func):
+    """Turns :class:`GantrainError` into one printed line and its exit code, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except GantrainError as exc:
+            raise fail(str(exc), exc.exit_code) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"gantrain {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+) -> None:
+    """gantrain: fast DCGAN training, benchmarking and tuning."""
+
+
+def config_flags(func):
+    """Adds one option per config field (default None = 'keep the preset/TOML value') to ``func``'s signature."""
+    sig = inspect.signature(func)
+    params = [p for p in sig.parameters.values() if p.name != "overrides"]
+    annotations = {p.name: p.annotation for p in params}
+    for name, (section, typ) in field_index().items():
+        doc = field_docs(SECTION_TYPES[section]).get(name, "")
+        option = typer.Option("--" + name.replace("_", "-"), help=doc, rich_help_panel=f"[{section}]",
+                              show_default=False)
+        if typ is bool:
+            option = typer.Option(f"--{name.replace('_', '-')}/--no-{name.replace('_', '-')}", help=doc,
+                                  rich_help_panel=f"[{section}]", show_default=False)
+        annotation = Annotated[Optional[typ], option]
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))
+        annotations[name] = annotation
+
+    @functools.wraps(func)
+    def wrapper(**kwargs):
+        fixed = {p.name: kwargs.pop(p.name) for p in sig.parameters.values() if p.name != "overrides"}
+        return func(**fixed, overrides=kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = annotations
+    return wrapper
+
+
+@app.command("run", no_args_is_help=False)
+@config_flags
+@user_errors
+def run_command(
+    preset: Annotated[Optional[str], typer.Option(help="Preset to start from (see `gantrain presets`).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="TOML config (e.g. a run's config.toml) applied over the preset.")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="Continue a run: 'auto' (the --out folder's last.pt) or a checkpoint path.")] = None,
+    overrides: dict[str, Any] | None = None,
+) -> None:
+    """Train a DCGAN. Bare `gantrain run` trains the fashion32 preset."""
+    from gantrain.engine.launch import train
+
+    cfg = resolve(preset, str(config) if config else None, overrides or {})
+    train(cfg, resume=resume, console=console)
+
+
+@app.command("presets")
+def presets_command() -> None:
+    """List the presets and their key values."""
+    from gantrain.engine.config import preset as build_preset
+
+    table = Table(title="gantrain presets")
+    for column in ("preset", "description", "dataset", "size", "arch", "batch", "lr_g", "lr_d", "smoothing", "noise", "epochs"):
+        table.add_column(column)
+    for name, (_, description) in PRESETS.items():
+        c = build_preset(name)
+        table.add_row(name, description, c.data.dataset, f"{c.data.image_size}x{c.data.image_size}x{c.data.channels}",
+                      c.model.arch, str(c.data.batch_size), f"{c.optim.lr_g:g}", f"{c.optim.lr_d:g}",
+                      f"{c.loss.label_smoothing:g}", c.loss.noise, str(c.run.epochs))
+    Console().print(table)
+
+
+@app.command("generate")
+@user_errors
+def generate_command(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `gantrain run` (e.g. runs/fashion32/checkpoints/last.pt).")],
+    n: Annotated[int, typer.Option("-n", "--num", min=1, help="Number of images.")] = 64,
+    out: Annotated[Path, typer.Option(help="Output grid PNG.")] = Path("grid.png"),
+    seed: Annotated[int, typer.Option(help="Seed of the noise.")] = 0,
+    individual: Annotated[Optional[Path], typer.Option(help="Also write each image as its own PNG into this folder.")] = None,
+    nrow: Annotated[int, typer.Option(min=1, help="Images per grid row.")] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    no_ema: Annotated[bool, typer.Option("--no-ema", help="Use the raw generator even if the checkpoint has an EMA one.")] = False,
+) -> None:
+    """Generate images from a saved generator, without the dataset."""
+    from gantrain.engine.generate import generate
+
+    result = generate(checkpoint, n=n, out=out, seed=seed, individual=individual, nrow=nrow, device=device,
+                      use_ema=not no_ema)
+    console.print(f"wrote {result.grid} ({n} images{', ' + str(len(result.individual)) + ' files in ' + str(individual) if individual else ''})")
+
+
+@app.command("bench")
+@user_errors
+def bench_command(
+    preset: Annotated[str, typer.Option(help="Model preset: fashion32, mnist32, cats64, cats128 or dcgan64.")] = "fashion32",
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per step (default: the preset's).")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset override, e.g. synthetic.")] = None,
+    data_root: Annotated[Optional[str], typer.Option(help="Data folder (as for `gantrain run`).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Use only the first N images.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    quick: Annotated[bool, typer.Option("--quick", help="Few, short windows: a smoke test fit for CI.")] = False,
+    nproc: Annotated[int, typer.Option(min=1, help="Also time DDP with this many local processes (when > 1).")] = 1,
+    num_workers: Annotated[int, typer.Option(min=0, help="DataLoader workers of the baseline and torch-loader rows.")] = 2,
+    peak_tflops: Annotated[Optional[float], typer.Option(help="Device peak TFLOP/s for MFU (default: GPU table or a measured matmul probe).")] = None,
+    only: Annotated[Optional[list[str]], typer.Option(help="Run only the rows whose name contains this (repeatable).")] = None,
+    warmup: Annotated[Optional[int], typer.Option(min=1, help="Warm-up steps per configuration (excluded from timing).")] = None,
+    windows: Annotated[Optional[int], typer.Option(min=1, help="Timed windows per configuration.")] = None,
+    window: Annotated[Optional[int], typer.Option(min=1, help="Steps per timed window.")] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the full report (hardware, versions, configs, figures) here.")] = None,
+    markdown: Annotated[Optional[Path], typer.Option(help="Write the results table as Markdown here.")] = None,
+) -> None:
+    """Time the training step: a plain PyTorch loop vs the engine with each feature added."""
+    from gantrain.bench.suite import bench
+    from gantrain.engine.config import override, preset as build_preset
+
+    cfg = override(build_preset(preset), {"batch_size": batch_size, "dataset": dataset, "data_root": data_root,
+                                          "limit": limit, "device": device, "num_workers": num_workers})
+    bench(cfg, quick=quick, nproc=nproc, peak_override=peak_tflops, json_path=json_path, markdown_path=markdown,
+          console=console, only=only, warmup=warmup, windows=windows, window=window)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The training engine: config, data, models, precision, loop, checkpoint and logging."""

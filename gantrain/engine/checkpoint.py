@@ -1,0 +1,99 @@
+"""Checkpoints: written atomically (temp file, fsync, rename), ``last.pt`` plus numbered ones, the last K kept.
+
+A checkpoint is a plain dict of tensors and builtins (loadable with ``weights_only=True``): G, D, the G EMA
+when on, both optimisers, the GradScaler, step and epoch, every RNG state the run draws from, and the
+resolved config.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gantrain.engine.errors import CheckpointError
+
+FORMAT = "gantrain-checkpoint"
+VERSION = 1
+_NUMBERED = re.compile(r"step_(\d+)\.pt$")
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """Writes ``obj`` so that ``path`` holds either the old file or the complete new one, never a torn write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_link(source: Path, path: Path) -> None:
+    """Points ``path`` at ``source``'s bytes atomically (hard link, or a copy where links are not allowed)."""
+    tmp = path.with_name(f".{path.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copy2(source, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(state: dict[str, Any], folder: Path, step: int, keep: int) -> Path:
+    """Saves ``state`` as ``step_NNNNNNNN.pt`` and ``last.pt``; removes numbered ones beyond the last ``keep``."""
+    state = {"format": FORMAT, "version": VERSION, **state}
+    numbered = folder / f"step_{step:08d}.pt"
+    atomic_save(state, numbered)
+    _atomic_link(numbered, folder / "last.pt")
+    for old in numbered_checkpoints(folder)[:-keep]:
+        old.unlink(missing_ok=True)
+    return numbered
+
+
+def numbered_checkpoints(folder: Path) -> list[Path]:
+    found = [p for p in folder.glob("step_*.pt") if _NUMBERED.search(p.name)]
+    return sorted(found, key=lambda p: int(_NUMBERED.search(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Loads and checks a checkpoint on the CPU; any problem is a :class:`CheckpointError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"{path} is corrupt or not a checkpoint ({type(exc).__name__}: {str(exc)[:120]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a gantrain checkpoint")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {state.get('version')}, this gantrain reads {VERSION}")
+    return state
+
+
+def find_resume(resume: str, run_dir: Path) -> Path:
+    """``--resume auto`` means the run folder's ``last.pt``; anything else is a path."""
+    if resume != "auto":
+        return Path(resume)
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.is_file():
+        raise CheckpointError(f"--resume auto: no checkpoint in {last.parent} (is --out the run folder?)")
+    return last
+
+
+def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, path: Path | str) -> None:
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise CheckpointError(f"{path}: the {what} weights do not match this model config ({first})") from None

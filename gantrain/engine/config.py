@@ -1,0 +1,441 @@
+"""One typed config tree per run.
+
+Every field has a docstring (the string literal under it) that doubles as CLI help text. Validation
+lives in ``__post_init__`` and raises :class:`ConfigError` naming the CLI flag, so the CLI can print one
+line and exit with code 2. Presets are code (:data:`PRESETS`); a TOML file and CLI flags override them,
+and the resolved tree is written back as TOML that ``--config`` loads again.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import math
+import textwrap
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from gantrain.engine.errors import ConfigError
+
+DATASETS = ("fashion-mnist", "mnist", "folder", "synthetic")
+ARCHS = ("dcgan", "dense")
+LOADERS = ("auto", "memory", "torch")
+AMP_MODES = ("off", "bf16", "fp16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{_flag(name)}: {message}")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion-mnist"
+    """Dataset: fashion-mnist, mnist, folder (a tree of JPEG/PNG images) or synthetic (random, for benchmarks)."""
+    data_root: str | None = None
+    """For fashion-mnist/mnist the folder holding FashionMNIST/raw or MNIST/raw; for folder the image folder itself.
+    Falls back to $GANTRAIN_DATA, then to the download cache."""
+    image_size: int = 32
+    """Side of the square training images in pixels (32, 64 or 128)."""
+    channels: int = 1
+    """Image channels: 1 (grayscale) or 3 (RGB)."""
+    batch_size: int = 128
+    """Images per step on each process (the effective batch is this times the number of processes)."""
+    strict: bool = False
+    """Fail on an unreadable image instead of skipping it."""
+    loader: str = "auto"
+    """Data loader: memory (decode once, keep uint8 on the device), torch (DataLoader) or auto (memory when it fits)."""
+    num_workers: int = 2
+    """DataLoader worker processes for --loader torch."""
+    synthetic_size: int = 8192
+    """Number of images in the synthetic dataset."""
+    limit: int = 0
+    """Use only the first N images of the dataset (0 = all); for quick experiments and tests."""
+
+    def __post_init__(self) -> None:
+        _check(self.dataset in DATASETS, "dataset", f"must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        _check(self.image_size in (32, 64, 128), "image_size", f"must be 32, 64 or 128, got {self.image_size}")
+        _check(self.channels in (1, 3), "channels", f"must be 1 or 3, got {self.channels}")
+        _check(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
+        _check(self.loader in LOADERS, "loader", f"must be one of {', '.join(LOADERS)}, got {self.loader!r}")
+        _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        _check(self.synthetic_size >= 1, "synthetic_size", f"must be at least 1, got {self.synthetic_size}")
+        _check(self.limit >= 0, "limit", f"must be >= 0, got {self.limit}")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "dcgan"
+    """dcgan: all-convolutional (PyTorch DCGAN layout, 4x4 kernels); dense: dense layer first, 5x5 kernels
+    and a dense D head (the 128-pixel cat-face tutorial)."""
+    nz: int = 100
+    """Length of the latent noise vector z."""
+    ngf: int = 64
+    """Generator width: channels of its last hidden layer (doubling towards the input)."""
+    ndf: int = 64
+    """Discriminator width: channels of its first layer (doubling towards the output)."""
+    kernel_size: int = 4
+    """Kernel of the stride-2 (transposed) convolutions: 4 or 5."""
+    g_activation: str = "relu"
+    """Generator hidden activation: relu or leaky."""
+    leaky_slope: float = 0.2
+    """Negative slope (alpha) of LeakyReLU."""
+    init_std: float = 0.02
+    """Standard deviation of the N(0, std) weight initialisation."""
+
+    def __post_init__(self) -> None:
+        _check(self.arch in ARCHS, "arch", f"must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        _check(self.nz >= 1, "nz", f"must be at least 1, got {self.nz}")
+        _check(self.ngf >= 1 and self.ndf >= 1, "ngf", "--ngf and --ndf must be at least 1")
+        _check(self.kernel_size in (4, 5), "kernel_size", f"must be 4 or 5, got {self.kernel_size}")
+        _check(self.g_activation in ("relu", "leaky"), "g_activation", f"must be relu or leaky, got {self.g_activation!r}")
+        _check(0 <= self.leaky_slope < 1, "leaky_slope", f"must be in [0, 1), got {self.leaky_slope}")
+        _check(self.init_std > 0, "init_std", f"must be > 0, got {self.init_std}")
+
+
+@dataclass
+class OptimConfig:
+    lr_g: float = 2e-4
+    """Adam learning rate of the generator."""
+    lr_d: float = 2e-4
+    """Adam learning rate of the discriminator."""
+    beta1: float = 0.5
+    """Adam beta1 for both optimisers."""
+    beta2: float = 0.999
+    """Adam beta2 for both optimisers."""
+
+    def __post_init__(self) -> None:
+        for name in ("lr_g", "lr_d"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value > 0, name, f"learning rate must be > 0, got {value}")
+        _check(0 <= self.beta1 < 1, "beta1", f"must be in [0, 1), got {self.beta1}")
+        _check(0 <= self.beta2 < 1, "beta2", f"must be in [0, 1), got {self.beta2}")
+
+
+@dataclass
+class LossConfig:
+    label_smoothing: float = 0.0
+    """One-sided label smoothing: real labels of the D loss become 1 - s (0.1 gives 0.9)."""
+    noise: str = "normal"
+    """Latent noise distribution: normal (N(0, 1)) or uniform (U(-1, 1))."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        _check(self.noise in ("normal", "uniform"), "noise", f"must be normal or uniform, got {self.noise!r}")
+
+
+@dataclass
+class RunConfig:
+    epochs: int = 20
+    """Number of passes over the training set."""
+    max_steps: int = 0
+    """Stop after this many steps in total (0 = no limit; epochs decide)."""
+    seed: int = 0
+    """Seed of weights, data order, noise and the fixed sample noise."""
+    out: str = ""
+    """Run folder (default: runs/<preset>)."""
+    sample_every: int = 500
+    """Write the fixed-noise sample grid every N steps (0 = only at the end)."""
+    checkpoint_every: int = 1
+    """Write a checkpoint every N epochs (and always at the end)."""
+    log_every: int = 50
+    """Log losses and images/s every N steps."""
+    keep_checkpoints: int = 3
+    """Numbered checkpoints to keep besides last.pt."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu or cuda."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
+        _check(self.max_steps >= 0, "max_steps", f"must be >= 0, got {self.max_steps}")
+        _check(self.sample_every >= 0, "sample_every", f"must be >= 0, got {self.sample_every}")
+        _check(self.checkpoint_every >= 1, "checkpoint_every", f"must be at least 1, got {self.checkpoint_every}")
+        _check(self.log_every >= 1, "log_every", f"must be at least 1, got {self.log_every}")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be at least 1, got {self.keep_checkpoints}")
+        _check(self.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {self.device!r}")
+
+
+@dataclass
+class PerfConfig:
+    amp: str = "off"
+    """Mixed precision: off (fp32), bf16 (CPU or CUDA) or fp16 (CUDA, with a GradScaler)."""
+    channels_last: bool = False
+    """Keep models and every input batch in channels-last memory format."""
+    compile: bool = False
+    """torch.compile G and D (separately)."""
+    compile_mode: str = "default"
+    """torch.compile mode: default, reduce-overhead or max-autotune."""
+    fused_adam: bool = True
+    """Use the fused (CUDA) or foreach Adam implementation where the device supports it."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of G with this decay (0 = off); used for samples and generate."""
+    cuda_graphs: bool = False
+    """Capture the steps as CUDA graphs (CUDA only; implies --compile-mode reduce-overhead)."""
+    compile_cache_dir: str = ""
+    """Inductor cache folder for --compile (default: $TORCHINDUCTOR_CACHE_DIR or torch's own)."""
+
+    def __post_init__(self) -> None:
+        _check(self.amp in AMP_MODES, "amp", f"must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
+        _check(self.compile_mode in COMPILE_MODES, "compile_mode", f"must be one of {', '.join(COMPILE_MODES)}")
+        _check(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class DistConfig:
+    ddp: bool = False
+    """Train with DistributedDataParallel (torchrun-style launch; gloo on CPU, NCCL on CUDA)."""
+    nproc: int = 1
+    """Processes per node to launch with --ddp."""
+    nnodes: int = 1
+    """Number of nodes taking part."""
+    node_rank: int = 0
+    """Rank of this node."""
+    master_addr: str = "127.0.0.1"
+    """Address of the rank-0 node."""
+    master_port: int = 29500
+    """Port of the rank-0 node."""
+    sync_bn: bool = False
+    """Use SyncBatchNorm (CUDA only)."""
+
+    def __post_init__(self) -> None:
+        _check(self.nproc >= 1, "nproc", f"must be at least 1, got {self.nproc}")
+        _check(self.nnodes >= 1, "nnodes", f"must be at least 1, got {self.nnodes}")
+        _check(0 <= self.node_rank < self.nnodes, "node_rank", f"must be in [0, nnodes), got {self.node_rank}")
+        _check(0 < self.master_port < 65536, "master_port", f"must be a TCP port, got {self.master_port}")
+
+
+@dataclass
+class Config:
+    preset: str = "fashion32"
+    """Preset the run started from."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.arch == "dense":
+            _check(self.model.kernel_size == 5, "kernel_size", "the dense architecture uses 5x5 kernels")
+        if self.perf.amp == "fp16":
+            _check(self.run.device != "cpu", "amp", "fp16 needs CUDA; use --amp bf16 on CPU")
+        if self.perf.cuda_graphs:
+            _check(self.run.device != "cpu", "cuda_graphs", "CUDA graphs need --device cuda")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out or f"runs/{self.preset}")
+
+
+SECTION_TYPES: dict[str, type] = {
+    "data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "loss": LossConfig,
+    "run": RunConfig, "perf": PerfConfig, "dist": DistConfig,
+}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstrings written under each dataclass field, for help text and the TOML comments."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[attr-defined]
+    return docs
+
+
+def field_index() -> dict[str, tuple[str, type]]:
+    """Maps every leaf field name (unique across sections) to its section and Python type."""
+    index: dict[str, tuple[str, type]] = {}
+    for section, cls in SECTION_TYPES.items():
+        hints = {f.name: f.type for f in fields(cls)}
+        for name, hint in hints.items():
+            assert name not in index, f"duplicate config field {name}"
+            index[name] = (section, _python_type(hint))
+    return index
+
+
+def _python_type(hint: Any) -> type:
+    text = hint if isinstance(hint, str) else getattr(hint, "__name__", str(hint))
+    for name, typ in (("bool", bool), ("int", int), ("float", float)):
+        if text.startswith(name):
+            return typ
+    return str
+
+
+def from_dict(raw: dict[str, Any], *, base: Config | None = None, source: str = "config") -> Config:
+    """Builds a validated config: ``base`` (or the defaults) overlaid with the nested dict ``raw``."""
+    merged = (base or Config()).to_dict()
+    for key, value in raw.items():
+        if key == "preset":
+            merged["preset"] = value
+            continue
+        if key not in SECTION_TYPES:
+            raise ConfigError(f"{source}: unknown section [{key}] (known: {', '.join(SECTION_TYPES)})")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: [{key}] must be a table")
+        known = {f.name for f in fields(SECTION_TYPES[key])}
+        for name, item in value.items():
+            if name not in known:
+                raise ConfigError(f"{source}: unknown field {key}.{name}")
+            merged[key][name] = _coerce(item, _python_type(_hint(key, name)), name)
+    return _build(merged)
+
+
+def _hint(section: str, name: str) -> Any:
+    return {f.name: f.type for f in fields(SECTION_TYPES[section])}[name]
+
+
+def _coerce(value: Any, typ: type, name: str) -> Any:
+    if value is None:
+        return None
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is str and not isinstance(value, str):
+        raise ConfigError(f"{_flag(name)}: must be a string, got {value!r}")
+    if typ is bool and not isinstance(value, bool):
+        raise ConfigError(f"{_flag(name)}: must be true or false, got {value!r}")
+    if typ in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ConfigError(f"{_flag(name)}: must be a number, got {value!r}")
+    if typ is int and isinstance(value, float):
+        if not value.is_integer():
+            raise ConfigError(f"{_flag(name)}: must be an integer, got {value!r}")
+        return int(value)
+    return value
+
+
+def _build(merged: dict[str, Any]) -> Config:
+    sections = {name: cls(**merged[name]) for name, cls in SECTION_TYPES.items()}
+    return Config(preset=merged["preset"], **sections)
+
+
+def override(cfg: Config, flat: dict[str, Any]) -> Config:
+    """Applies flat ``{field: value}`` overrides (CLI flags) to a config; ``None`` values are ignored."""
+    index = field_index()
+    nested: dict[str, dict[str, Any]] = {}
+    for name, value in flat.items():
+        if value is None:
+            continue
+        if name not in index:
+            raise ConfigError(f"unknown config field {name!r}")
+        nested.setdefault(index[name][0], {})[name] = value
+    return from_dict(nested, base=cfg)
+
+
+def load_toml(path: str | Path, base: Config | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: no such file {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config: {path} is not valid TOML ({exc})") from None
+    if base is None and "preset" in raw:
+        base = preset(raw["preset"])
+    return from_dict(raw, base=base, source=str(path))
+
+
+def to_toml(cfg: Config) -> str:
+    """Writes the resolved config as commented TOML (readable by :func:`load_toml`)."""
+    lines = ["# gantrain resolved config: load it again with `gantrain run --config <this file>`",
+             f"preset = {_toml_value(cfg.preset)}", ""]
+    for section, cls in SECTION_TYPES.items():
+        docs = field_docs(cls)
+        lines.append(f"[{section}]")
+        for name, value in dataclasses.asdict(getattr(cfg, section)).items():
+            if value is None:
+                lines.append(f"# {name} is unset: {docs.get(name, '')}")
+                continue
+            lines.append(f"{name} = {_toml_value(value)}  # {docs.get(name, '')}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + "".join(_toml_escape(ch) for ch in str(value)) + '"'
+
+
+_TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_escape(ch: str) -> str:
+    """One character of a TOML basic string: backslash, quote and control characters escaped."""
+    if ch in _TOML_ESCAPES:
+        return _TOML_ESCAPES[ch]
+    return f"\\u{ord(ch):04x}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch
+
+
+def _fashion32() -> Config:
+    return Config(preset="fashion32")
+
+
+def _mnist32() -> Config:
+    return Config(preset="mnist32", data=DataConfig(dataset="mnist"))
+
+
+def _dcgan64() -> Config:
+    """The classic 64x64 DCGAN of the PyTorch examples, for any square image folder."""
+    return Config(
+        preset="dcgan64",
+        data=DataConfig(dataset="folder", image_size=64, channels=3, batch_size=128),
+        run=RunConfig(epochs=25),
+    )
+
+
+def _cats64() -> Config:
+    cfg = _dcgan64()
+    cfg.preset = "cats64"
+    cfg.run = RunConfig(epochs=50, checkpoint_every=5)
+    return cfg
+
+
+def _cats128() -> Config:
+    """The 128x128 cat-face tutorial: dense-first G, 5x5 kernels, separate lrs, smoothed real labels."""
+    return Config(
+        preset="cats128",
+        data=DataConfig(dataset="folder", image_size=128, channels=3, batch_size=64),
+        model=ModelConfig(arch="dense", kernel_size=5, g_activation="leaky", leaky_slope=0.2),
+        optim=OptimConfig(lr_g=2e-4, lr_d=5e-5, beta1=0.5),
+        loss=LossConfig(label_smoothing=0.1, noise="uniform"),
+        run=RunConfig(epochs=215, checkpoint_every=5, sample_every=10),
+    )
+
+
+PRESETS = {
+    "fashion32": (_fashion32, "DCGAN on FashionMNIST at 32x32 (the PyTorch tutorial)"),
+    "mnist32": (_mnist32, "The same DCGAN on MNIST digits"),
+    "cats64": (_cats64, "Classic 64x64 DCGAN on a cat-face folder"),
+    "cats128": (_cats128, "Dense-first 128x128 DCGAN on cat faces (the cat tutorial)"),
+    "dcgan64": (_dcgan64, "Classic 64x64 DCGAN (PyTorch examples) for any square image folder"),
+}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"--preset: unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    return PRESETS[name][0]()
+
+
+def resolve(preset_name: str | None, config_file: str | None, flags: dict[str, Any]) -> Config:
+    """Preset, then the TOML file, then CLI flags: the order in which later sources win."""
+    cfg = preset(preset_name) if preset_name else None
+    if config_file:
+        cfg = load_toml(config_file, base=cfg)
+    return override(cfg or preset("fashion32"), flags)

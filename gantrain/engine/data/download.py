@@ -1,0 +1,125 @@
+"""Finding FashionMNIST/MNIST IDX files, and downloading them (MD5-checked) when they are absent.
+
+The layout is torchvision's: ``<root>/FashionMNIST/raw/<name>.gz``; the files are the official ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+from gantrain.engine.errors import DataError
+
+IDX_DATASETS: dict[str, dict] = {
+    "fashion-mnist": {
+        "folder": "FashionMNIST",
+        "mirrors": [
+            "https://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        ],
+        "md5": {
+            "train-images-idx3-ubyte": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "train-labels-idx1-ubyte": "25c81989df183df01b3e8a0aad5dffbe",
+            "t10k-images-idx3-ubyte": "bef4ecab320f06d8554ea6380940ec79",
+            "t10k-labels-idx1-ubyte": "bb300cfdad3c16e7a12a480ee83cd310",
+        },
+    },
+    "mnist": {
+        "folder": "MNIST",
+        "mirrors": [
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "http://yann.lecun.com/exdb/mnist/",
+        ],
+        "md5": {
+            "train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
+            "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
+            "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
+        },
+    },
+}
+
+
+def raw_folder(dataset: str, root: Path) -> Path:
+    """``root`` may be the folder holding FashionMNIST/, FashionMNIST/ itself, or its raw/ folder."""
+    name = IDX_DATASETS[dataset]["folder"]
+    for candidate in (root / name / "raw", root / "raw", root):
+        if any((candidate / f"{stem}.gz").exists() or (candidate / stem).exists() for stem in IDX_DATASETS[dataset]["md5"]):
+            return candidate
+    return root / name / "raw"
+
+
+def md5sum(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def ensure_idx_files(dataset: str, root: Path) -> dict[str, Path]:
+    """Paths of the four IDX files, downloading the missing ones into ``root``."""
+    folder = raw_folder(dataset, root)
+    paths: dict[str, Path] = {}
+    for stem, md5 in IDX_DATASETS[dataset]["md5"].items():
+        if (folder / stem).exists():
+            paths[stem] = folder / stem
+            continue
+        target = folder / f"{stem}.gz"
+        if not target.exists():
+            download(dataset, f"{stem}.gz", md5, folder)
+        paths[stem] = target
+    return paths
+
+
+def download(dataset: str, filename: str, md5: str, folder: Path) -> Path:
+    """Fetches one file from the first mirror that answers, verifies its MD5, moves it into place atomically."""
+    errors = []
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(_missing_message(dataset, folder, f"cannot create {folder}: {exc}")) from None
+    for mirror in IDX_DATASETS[dataset]["mirrors"]:
+        try:
+            return _fetch(mirror + filename, md5, folder / filename)
+        except (OSError, ValueError) as exc:
+            errors.append(f"{mirror}: {exc}")
+    raise DataError(_missing_message(dataset, folder, "; ".join(errors)))
+
+
+def _missing_message(dataset: str, folder: Path, why: str) -> str:
+    stems = ", ".join(f"{s}.gz" for s in IDX_DATASETS[dataset]["md5"])
+    return (f"{dataset} is not on this machine and could not be downloaded ({why}). "
+            f"Put the files {stems} in {folder}, or point --data-root / $GANTRAIN_DATA at a folder holding "
+            f"{IDX_DATASETS[dataset]['folder']}/raw/")
+
+
+def _fetch(url: str, md5: str, target: Path) -> Path:
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".download-", delete=False) as tmp:
+        tmp_path = Path(tmp.name)
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response, _progress() as bar:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                task = bar.add_task(target.name, total=total)
+                while block := response.read(1 << 16):
+                    tmp.write(block)
+                    bar.advance(task, len(block))
+        except BaseException:
+            tmp_path.unlink(missing_ok=True)
+            raise
+    got = md5sum(tmp_path)
+    if got != md5:
+        tmp_path.unlink(missing_ok=True)
+        raise ValueError(f"MD5 mismatch for {url}: got {got}, expected {md5}")
+    shutil.move(tmp_path, target)
+    return target
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("downloading {task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    transient=True)

@@ -1,0 +1,43 @@
+"""Images from a saved generator, without the dataset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gantrain.engine.checkpoint import load_checkpoint, load_module_state
+from gantrain.engine.config import from_dict
+from gantrain.engine.images import save_grid, save_individual
+from gantrain.engine.loop import generate_images
+from gantrain.engine.models import Generator, sample_noise
+from gantrain.engine.runtime import pick_device
+
+
+@dataclass
+class GenerateResult:
+    grid: Path
+    individual: list[Path] = field(default_factory=list)
+
+
+def load_generator(path: str | Path, device: str = "cpu", use_ema: bool = True) -> tuple[Generator, object]:
+    """The generator of a checkpoint (its EMA copy when present and asked for) and the run's config."""
+    state = load_checkpoint(path)
+    cfg = from_dict({k: v for k, v in state["config"].items()})
+    g = Generator(cfg.model, cfg.data.image_size, cfg.data.channels)
+    weights = state.get("generator_ema") if use_ema and "generator_ema" in state else state["generator"]
+    load_module_state(g, weights, "generator", path)
+    return g.to(pick_device(device)).eval(), cfg
+
+
+def generate(checkpoint: str | Path, *, n: int = 64, out: Path = Path("grid.png"), seed: int = 0,
+             individual: Path | None = None, nrow: int = 8, device: str = "auto", use_ema: bool = True) -> GenerateResult:
+    g, cfg = load_generator(checkpoint, device, use_ema)
+    gen = torch.Generator().manual_seed(seed)
+    noise = sample_noise(n, cfg.model.nz, cfg.loss.noise, "cpu", gen).to(next(g.parameters()).device)
+    images = torch.cat([generate_images(g, chunk) for chunk in noise.split(256)])
+    result = GenerateResult(save_grid(images, Path(out), nrow))
+    if individual is not None:
+        result.individual = save_individual(images, Path(individual))
+    return result

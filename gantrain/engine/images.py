@@ -1,0 +1,81 @@
+"""Image output without torchvision: sample grids (PNG), the progress GIF and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> np.ndarray:
+    """Tiles images in [-1, 1] of shape (N, C, H, W) into one uint8 HxWxC (or HxW) array."""
+    images = images.detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    n, c, h, w = images.shape
+    ncol = min(nrow, n)
+    nrows = math.ceil(n / ncol)
+    grid = torch.zeros(c, nrows * (h + padding) + padding, ncol * (w + padding) + padding, dtype=torch.uint8)
+    for i in range(n):
+        top, left = padding + (i // ncol) * (h + padding), padding + (i % ncol) * (w + padding)
+        grid[:, top : top + h, left : left + w] = images[i]
+    array = grid.permute(1, 2, 0).numpy()
+    return array[..., 0] if c == 1 else array
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(make_grid(images, nrow)).save(path)
+    return path
+
+
+def save_individual(images: torch.Tensor, folder: Path) -> list[Path]:
+    """Each image as its own PNG: 000000.png, 000001.png, ..."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, img in enumerate(images):
+        paths.append(save_grid(img[None], folder / f"{i:06d}.png", nrow=1))
+    return paths
+
+
+def save_gif(frames: Sequence[Path], path: Path, ms_per_frame: int = 300) -> Path | None:
+    """The sample grids over time as an animated GIF (the last frame held longer)."""
+    if not frames:
+        return None
+    images = [Image.open(f).convert("RGB") for f in frames]
+    durations = [ms_per_frame] * (len(images) - 1) + [ms_per_frame * 5]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
+    return path
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(records: Sequence[dict], keys: Sequence[str], path: Path, title: str, ylabel: str) -> Path | None:
+    """One line per key against the step, from metrics.jsonl records."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in records if any(k in r for k in keys)]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for key in keys:
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), label=key)
+    ax.set(xlabel="step", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,64 @@
+"""Precision policy in one place: autocast dtype, the GradScaler (fp16 only), channels-last, input batches.
+
+Models and every input batch go channels-last together; losses are computed in fp32 from the logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gantrain.engine.errors import ConfigError
+
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class PrecisionPolicy:
+    device: torch.device
+    amp: str = "off"
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.amp == "fp16" and self.device.type != "cuda":
+            raise ConfigError("--amp: fp16 needs CUDA; use --amp bf16 on CPU")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return _AMP_DTYPES.get(self.amp)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model.to(self.device, memory_format=self.memory_format)
+
+    def prepare_batch(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> [-1, 1] in the model's memory format, on the device.
+
+        Under AMP the batch is made in the autocast dtype: D then sees real and generated images in the same
+        dtype (one compiled graph, not two) and the first convolution skips a cast.
+        """
+        x = images_uint8.to(self.device, non_blocking=True)
+        x = x.to(dtype=torch.float32, memory_format=self.memory_format).mul_(2.0 / 255.0).sub_(1.0)
+        return x.to(self.autocast_dtype) if self.autocast_dtype is not None else x
+
+    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """Scaled backward and optimiser step; one scaler serves both the D and the G step."""
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+
+    def end_iteration(self) -> None:
+        """Updates the loss scale once per iteration, after both optimisers stepped."""
+        if self.scaler.is_enabled():
+            self.scaler.update()

@@ -1,0 +1,147 @@
+"""Shared fixtures: the offline datasets beside the repo, tiny configs, a CLI runner and one tiny trained run."""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from typer.testing import CliRunner
+
+from gantrain.engine.config import Config, override, preset
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATASETS = REPO_ROOT.parent / "shared" / "datasets"
+
+# The tiny CLI run of the brief: 256 FashionMNIST images, batch 32 (8 steps/epoch), 6 steps, width 16.
+TINY_RUN_ARGS = ["--limit", "256", "--batch-size", "32", "--max-steps", "6", "--sample-every", "3",
+                 "--log-every", "2", "--ngf", "16", "--ndf", "16"]
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        pytest.skip(f"{what} not found at {path}: the offline datasets folder (../shared/datasets beside the "
+                    "repository root) is absent on this machine")
+    return path
+
+
+@pytest.fixture(scope="session")
+def datasets_root() -> Path:
+    """The folder holding FashionMNIST/raw, MNIST/raw and cats/ (read-only: never write into it)."""
+    return _require(DATASETS, "shared datasets folder")
+
+
+@pytest.fixture(scope="session")
+def fashion_raw(datasets_root: Path) -> Path:
+    return _require(datasets_root / "FashionMNIST" / "raw", "FashionMNIST IDX files")
+
+
+@pytest.fixture(scope="session")
+def mnist_raw(datasets_root: Path) -> Path:
+    return _require(datasets_root / "MNIST" / "raw", "MNIST IDX files")
+
+
+@pytest.fixture(scope="session")
+def cats_dir(datasets_root: Path) -> Path:
+    return _require(datasets_root / "cats", "cat-face JPEG folder")
+
+
+@pytest.fixture
+def quiet_console() -> Console:
+    """A console writing into memory, for Trainer objects built in-process."""
+    return Console(file=io.StringIO(), width=120)
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path: Path, datasets_root: Path):
+    """Factory of small fashion32 configs (512 images, batch 32, width 16, CPU) with a run folder in tmp_path."""
+
+    def make(name: str = "run", **overrides) -> Config:
+        flat = dict(data_root=str(datasets_root), limit=512, batch_size=32, ngf=16, ndf=16, max_steps=4,
+                    sample_every=0, log_every=1, device="cpu", out=str(tmp_path / name))
+        flat.update(overrides)
+        return override(preset("fashion32"), flat)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def cli_runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def cli(cli_runner: CliRunner, monkeypatch: pytest.MonkeyPatch):
+    """Invokes ``gantrain`` in-process at a fixed 80-column console width; returns the typer Result."""
+    from gantrain.cli import app
+
+    monkeypatch.setenv("COLUMNS", "80")
+
+    def invoke(*args: str):
+        return cli_runner.invoke(app, [str(a) for a in args])
+
+    return invoke
+
+
+def one_line(text: str) -> str:
+    """Rich-wrapped console output joined into one line (for substring checks that must ignore wrapping)."""
+    return re.sub(r"\s+", " ", text).strip()
+
+
+@pytest.fixture(scope="session")
+def unwrap():
+    return one_line
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, datasets_root: Path) -> Path:
+    """One tiny CLI training run shared (read-only) by several tests; copy it before changing anything."""
+    from gantrain.cli import app
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    env = {"COLUMNS": "80"}
+    result = CliRunner().invoke(app, ["run", "--data-root", str(datasets_root), *TINY_RUN_ARGS, "--out", str(out)],
+                                env=env)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture
+def trained_copy(trained_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the shared tiny run, for tests that write into the run folder."""
+    target = tmp_path / "run"
+    shutil.copytree(trained_run, target)
+    return target
+
+
+def assert_same_tree(a, b, path: str = "") -> None:
+    """Recursive equality of checkpoint-like trees; tensors must be bit-identical (torch.equal)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), path
+        assert a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a, b), f"tensor differs at {path}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"keys differ at {path}: {sorted(a)} vs {sorted(b)}"
+        for key in a:
+            assert_same_tree(a[key], b[key], f"{path}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+@pytest.fixture(scope="session")
+def same_tree():
+    return assert_same_tree
+
+
+@pytest.fixture(autouse=True)
+def _no_gantrain_data_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests name their data explicitly; a $GANTRAIN_DATA of the developer's shell must not leak in."""
+    monkeypatch.delenv("GANTRAIN_DATA", raising=False)

@@ -1,0 +1,58 @@
+"""`gantrain bench`: the side-by-side matrix, its JSON and Markdown reports (figures are not asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gantrain.bench.baseline import step_flops
+from gantrain.bench.suite import matrix
+from gantrain.bench.worker import _quantile
+from gantrain.engine.config import preset
+
+
+def test_matrix_adds_one_feature_per_row():
+    rows = matrix("cpu", nproc=2)
+    names = [r.name for r in rows]
+    assert names[0].startswith("baseline") and rows[0].kind == "baseline"
+    assert rows[-1].nproc == 2
+    all_row = next(r for r in rows if "(all)" in r.name)
+    assert all_row.changes == {"loader": "memory", "channels_last": True, "amp": "bf16", "compile": True}
+    for before, after in zip(rows[1:5], rows[2:6]):
+        assert len(after.changes) >= len(before.changes) and set(before.changes) <= set(after.changes)
+
+
+def test_quantiles():
+    values = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert _quantile(values, 0.5) == 3.0 and _quantile(values, 0.0) == 1.0 and _quantile(values, 1.0) == 5.0
+    assert _quantile(values, 0.1) == pytest.approx(1.4)
+
+
+def test_fashion32_step_flops_match_hand_count():
+    """0.41 GFLOP per image for the tutorial's D step + G step (forward and backward)."""
+    assert step_flops(preset("fashion32")) == pytest.approx(0.41e9, rel=0.02)
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_reports(cli, tmp_path, datasets_root):
+    json_path, md_path = tmp_path / "bench.json", tmp_path / "bench.md"
+    result = cli("bench", "--quick", "--data-root", str(datasets_root), "--limit", "1024", "--batch-size", "32",
+                  "--only", "baseline", "--only", "all, no compile", "--peak-tflops", "0.2", "--windows", "2",
+                  "--json", str(json_path), "--markdown", str(md_path))
+    assert result.exit_code == 0, result.output
+    report = json.loads(json_path.read_text())
+    assert report["system"]["torch"] == torch.__version__ and report["system"]["cpu_cores"] >= 1
+    assert report["peak_tflops"]["source"] == "--peak-tflops"
+    names = [r["name"] for r in report["results"]]
+    assert names == ["baseline (tutorial loop)", "all, no compile"]
+    for r in report["results"]:
+        assert "error" not in r, r
+        assert r["images_per_s"] > 0 and r["images_per_s_p10"] <= r["images_per_s"] <= r["images_per_s_p90"]
+        assert r["timed_steps"] == 4 and r["warmup_steps"] == 3
+        assert r["step_ms"] == pytest.approx(r["data_wait_ms"] + r["compute_ms"])
+        assert 0 < r["mfu"] and r["config"]["data"]["batch_size"] == 32
+    assert report["results"][0]["speedup"] == pytest.approx(1.0)
+    assert report["results"][1]["config"]["perf"]["amp"] == "bf16"
+    assert "| baseline (tutorial loop) |" in md_path.read_text()

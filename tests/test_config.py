@@ -1,0 +1,171 @@
+"""The config tree: presets, validation messages naming the flag, TOML round trips and precedence."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from gantrain.engine.config import (PRESETS, Config, from_dict, load_toml, override, preset, resolve, to_toml)
+from gantrain.engine.errors import ConfigError
+
+EXPECTED_PRESETS = {
+    # name: (dataset, image size, channels, arch, kernel, batch, lr_g, lr_d, smoothing, noise)
+    "fashion32": ("fashion-mnist", 32, 1, "dcgan", 4, 128, 2e-4, 2e-4, 0.0, "normal"),
+    "mnist32": ("mnist", 32, 1, "dcgan", 4, 128, 2e-4, 2e-4, 0.0, "normal"),
+    "cats64": ("folder", 64, 3, "dcgan", 4, 128, 2e-4, 2e-4, 0.0, "normal"),
+    "dcgan64": ("folder", 64, 3, "dcgan", 4, 128, 2e-4, 2e-4, 0.0, "normal"),
+    "cats128": ("folder", 128, 3, "dense", 5, 64, 2e-4, 5e-5, 0.1, "uniform"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PRESETS))
+def test_presets_build_with_their_values(name: str) -> None:
+    cfg = preset(name)
+    assert isinstance(cfg, Config) and cfg.preset == name
+    got = (cfg.data.dataset, cfg.data.image_size, cfg.data.channels, cfg.model.arch, cfg.model.kernel_size,
+           cfg.data.batch_size, cfg.optim.lr_g, cfg.optim.lr_d, cfg.loss.label_smoothing, cfg.loss.noise)
+    assert got == EXPECTED_PRESETS[name]
+    assert cfg.run_dir == Path("runs") / name
+    assert preset(name) is not cfg and preset(name) == cfg  # a fresh, equal tree every call
+
+
+def test_preset_registry_is_exactly_the_five() -> None:
+    assert set(PRESETS) == set(EXPECTED_PRESETS)
+
+
+@pytest.mark.parametrize("flat, flag", [
+    ({"lr_g": 0.0}, "--lr-g"),
+    ({"lr_g": -1e-4}, "--lr-g"),
+    ({"lr_d": 0.0}, "--lr-d"),
+    ({"lr_d": math.nan}, "--lr-d"),
+    ({"lr_g": math.inf}, "--lr-g"),
+    ({"label_smoothing": 0.5}, "--label-smoothing"),
+    ({"label_smoothing": -0.1}, "--label-smoothing"),
+    ({"image_size": 48}, "--image-size"),
+    ({"channels": 2}, "--channels"),
+    ({"batch_size": 0}, "--batch-size"),
+    ({"beta1": 1.0}, "--beta1"),
+    ({"dataset": "cifar"}, "--dataset"),
+    ({"kernel_size": 3}, "--kernel-size"),
+    ({"max_steps": -1}, "--max-steps"),
+    ({"device": "tpu"}, "--device"),
+    ({"amp": "fp8"}, "--amp"),
+    ({"ema_decay": 1.0}, "--ema-decay"),
+    ({"arch": "dense", "kernel_size": 4}, "--kernel-size"),
+    ({"amp": "fp16", "device": "cpu"}, "--amp"),
+    ({"batch_size": "many"}, "--batch-size"),
+    ({"batch_size": 2.5}, "--batch-size"),
+])
+def test_invalid_values_name_the_flag(flat: dict, flag: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        override(preset("fashion32"), flat)
+    assert str(info.value).startswith(flag + ":"), str(info.value)
+
+
+def test_valid_edges_are_accepted() -> None:
+    cfg = override(preset("fashion32"), {"label_smoothing": 0.49, "image_size": 128, "lr_g": 1e-9, "batch_size": 1.0})
+    assert cfg.loss.label_smoothing == 0.49 and cfg.data.image_size == 128 and cfg.optim.lr_g == 1e-9
+    assert cfg.data.batch_size == 1 and isinstance(cfg.data.batch_size, int)
+
+
+def test_unknown_preset() -> None:
+    with pytest.raises(ConfigError, match=r"^--preset: unknown preset 'nope'.*fashion32"):
+        preset("nope")
+    with pytest.raises(ConfigError, match="--preset"):
+        resolve("nope", None, {})
+
+
+def test_unknown_toml_field_and_section(tmp_path: Path) -> None:
+    bad_field = tmp_path / "field.toml"
+    bad_field.write_text("[data]\nbatch_size = 16\nbatchsize = 16\n")
+    with pytest.raises(ConfigError, match=r"unknown field data\.batchsize") as info:
+        load_toml(bad_field)
+    assert str(bad_field) in str(info.value)
+    bad_section = tmp_path / "section.toml"
+    bad_section.write_text("[training]\nepochs = 3\n")
+    with pytest.raises(ConfigError, match=r"unknown section \[training\]"):
+        load_toml(bad_section)
+
+
+def test_bad_toml_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="^--config: no such file"):
+        load_toml(tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[data\nbatch_size = = 3\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_toml(broken)
+    wrong_type = tmp_path / "types.toml"
+    wrong_type.write_text("[run]\nout = 5\n")
+    with pytest.raises(ConfigError, match="^--out: must be a string"):
+        load_toml(wrong_type)
+    wrong_bool = tmp_path / "bool.toml"
+    wrong_bool.write_text("[data]\nstrict = 1\n")
+    with pytest.raises(ConfigError, match="^--strict: must be true or false"):
+        load_toml(wrong_bool)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PRESETS))
+def test_toml_round_trip_of_presets(name: str, tmp_path: Path) -> None:
+    cfg = preset(name)
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(cfg))
+    assert load_toml(path) == cfg
+
+
+def test_toml_round_trip_of_awkward_values(tmp_path: Path) -> None:
+    cfg = override(preset("cats128"), {
+        "data_root": 'C:\\data\\"cats" [x]', "out": "runs/with space/ünïcode", "compile_cache_dir": "a\tb\nc\x01d",
+        "lr_d": 5e-5, "init_std": 1e-7, "seed": 2**40, "strict": True, "ema_decay": 0.999,
+    })
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(cfg))
+    loaded = load_toml(path)
+    assert loaded == cfg
+    assert loaded.perf.compile_cache_dir == "a\tb\nc\x01d"
+    assert loaded.data.data_root == 'C:\\data\\"cats" [x]'
+
+
+def test_toml_documents_fields_and_unset_values() -> None:
+    text = to_toml(preset("fashion32"))
+    assert 'preset = "fashion32"' in text
+    assert "lr_g = 0.0002  # Adam learning rate of the generator." in text
+    assert "# data_root is unset" in text
+    for section in ("[data]", "[model]", "[optim]", "[loss]", "[run]", "[perf]", "[dist]"):
+        assert section in text
+
+
+def test_round_trip_with_overrides_on_top(tmp_path: Path) -> None:
+    base = override(preset("fashion32"), {"batch_size": 64, "lr_g": 1e-3, "out": "runs/a"})
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(base))
+    cfg = resolve(None, str(path), {"batch_size": 16, "label_smoothing": 0.1, "lr_d": None})
+    assert cfg.data.batch_size == 16            # the flag wins
+    assert cfg.loss.label_smoothing == 0.1      # a flag the file did not change
+    assert cfg.optim.lr_g == 1e-3               # the file's value survives
+    assert cfg.optim.lr_d == 2e-4               # None means "not given"
+    assert cfg.run.out == "runs/a"
+
+
+def test_resolve_precedence_preset_then_toml_then_flags(tmp_path: Path) -> None:
+    partial = tmp_path / "partial.toml"
+    partial.write_text("[optim]\nlr_g = 0.001\n[data]\nbatch_size = 16\nimage_size = 64\n")
+    cfg = resolve("cats128", str(partial), {"batch_size": 8})
+    assert cfg.preset == "cats128"
+    assert cfg.model.arch == "dense" and cfg.optim.lr_d == 5e-5   # from the preset
+    assert cfg.optim.lr_g == 0.001 and cfg.data.image_size == 64  # the file over the preset
+    assert cfg.data.batch_size == 8                               # the flag over the file
+    # Without --preset the file's own preset line is the base; without either, fashion32.
+    named = tmp_path / "named.toml"
+    named.write_text('preset = "cats128"\n[run]\nepochs = 3\n')
+    cfg = resolve(None, str(named), {})
+    assert cfg.model.arch == "dense" and cfg.run.epochs == 3 and cfg.loss.noise == "uniform"
+    assert resolve(None, None, {}) == preset("fashion32")
+
+
+def test_from_dict_rejects_non_tables_and_unknown_flags() -> None:
+    with pytest.raises(ConfigError, match=r"\[data\] must be a table"):
+        from_dict({"data": 3})
+    with pytest.raises(ConfigError, match="unknown config field 'batchsize'"):
+        override(preset("fashion32"), {"batchsize": 3})

@@ -1,0 +1,103 @@
+"""Performance features: precision policy, channels-last, frozen D in the G step, EMA, fused Adam, compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gantrain.engine.errors import ConfigError
+from gantrain.engine.loop import Trainer, make_adam
+from gantrain.engine.models import build_models
+from gantrain.engine.config import ModelConfig
+from gantrain.engine.precision import PrecisionPolicy
+
+CPU = torch.device("cpu")
+
+
+def test_prepare_batch_range_dtype_and_format():
+    images = torch.tensor([0, 255, 128], dtype=torch.uint8).view(1, 1, 1, 3).expand(2, 3, 4, 3).contiguous()
+    x = PrecisionPolicy(CPU, "off", channels_last=False).prepare_batch(images)
+    assert x.dtype == torch.float32 and x.is_contiguous()
+    assert x.min().item() == -1.0 and x.max().item() == 1.0
+    assert x[0, 0, 0, 2].item() == pytest.approx(128 / 127.5 - 1, abs=1e-6)
+    y = PrecisionPolicy(CPU, "bf16", channels_last=True).prepare_batch(images)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    assert not y.is_contiguous()
+
+
+def test_fp16_needs_cuda_and_scaler_only_for_fp16():
+    with pytest.raises(ConfigError, match="--amp"):
+        PrecisionPolicy(CPU, "fp16")
+    assert not PrecisionPolicy(CPU, "bf16").scaler.is_enabled()
+    assert PrecisionPolicy(CPU, "bf16").autocast_dtype is torch.bfloat16
+    assert PrecisionPolicy(CPU, "off").autocast_dtype is None
+
+
+def test_channels_last_trainer(tiny_cfg, quiet_console):
+    trainer = Trainer(tiny_cfg(channels_last=True, amp="bf16"), console=quiet_console)
+    conv = next(m for m in trainer.d.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    trainer.train_step(next(trainer.loader.epoch(0)))
+    stats = trainer.stats.read()
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+
+
+def test_g_step_computes_no_d_weight_gradients(tiny_cfg, quiet_console):
+    trainer = Trainer(tiny_cfg(), console=quiet_console)
+    real = trainer.policy.prepare_batch(next(trainer.loader.epoch(0)))
+    fake, *_ = trainer.d_step(real)
+    d_grads = [p.grad.clone() for p in trainer.d.parameters()]
+    trainer.g_step(fake)
+    assert all(torch.equal(a, p.grad) for a, p in zip(d_grads, trainer.d.parameters()))
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.g.parameters())
+    assert all(p.requires_grad for p in trainer.d.parameters()), "D must be unfrozen after the G step"
+
+
+def test_ema_tracks_generator(tiny_cfg, quiet_console):
+    decay = 0.9
+    trainer = Trainer(tiny_cfg(ema_decay=decay), console=quiet_console)
+    before = [p.detach().clone() for p in trainer.g_ema.parameters()]
+    trainer.train_step(next(trainer.loader.epoch(0)))
+    for ema, old, new in zip(trainer.g_ema.parameters(), before, trainer.g.parameters()):
+        torch.testing.assert_close(ema, decay * old + (1 - decay) * new)
+    assert not all(torch.equal(e, g) for e, g in zip(trainer.g_ema.parameters(), trainer.g.parameters()))
+    assert "generator_ema" in trainer.state_dict()
+
+
+def test_adam_is_fused_or_foreach():
+    g, _ = build_models(ModelConfig(ngf=8, ndf=8), 32, 1)
+    fused = make_adam(g.parameters(), 1e-3, (0.5, 0.999), CPU, fused=True)
+    plain = make_adam(g.parameters(), 1e-3, (0.5, 0.999), CPU, fused=False)
+    assert fused.defaults["fused"] or fused.defaults["foreach"]
+    assert plain.defaults["foreach"] and not plain.defaults["fused"]
+
+
+@pytest.mark.parametrize("preset_name", ["fashion32", "cats128"])
+def test_models_compile_without_graph_breaks(preset_name):
+    from gantrain.engine.config import preset
+
+    cfg = preset(preset_name)
+    cfg.model.ngf = cfg.model.ndf = 4
+    g, d = build_models(cfg.model, cfg.data.image_size, cfg.data.channels)
+    z = torch.randn(2, cfg.model.nz)
+    explain_g = torch._dynamo.explain(g)(z)
+    explain_d = torch._dynamo.explain(d)(g(z))
+    assert explain_g.graph_break_count == 0 and explain_g.graph_count == 1
+    assert explain_d.graph_break_count == 0 and explain_d.graph_count == 1
+
+
+@pytest.mark.slow
+def test_compiled_training_has_no_recompiles_after_warmup(tiny_cfg, quiet_console, tmp_path, monkeypatch):
+    """The AMP + channels-last + compile step compiles during its first step and never again."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    trainer = Trainer(tiny_cfg(compile=True, amp="bf16", channels_last=True, batch_size=16), console=quiet_console)
+    batches = trainer.loader.epoch(0)
+    for _ in range(2):
+        trainer.train_step(next(batches))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            trainer.train_step(next(batches))
+    stats = trainer.stats.read()
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+    torch._dynamo.reset()

@@ -1,0 +1,192 @@
+"""Training end to end: run-folder outputs, exact resume, a golden loss trace, samples and label smoothing."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from gantrain.engine.checkpoint import load_checkpoint
+from gantrain.engine.config import load_toml, resolve
+from gantrain.engine.loop import Trainer
+
+METRIC_KEYS = {"step", "epoch", "loss_d", "loss_g", "d_real", "d_fake", "images_per_s"}
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+# ----- the tiny CLI run (conftest.trained_run: 256 images, batch 32, 6 steps, samples every 3, log every 2) ----
+def test_run_folder_outputs(trained_run: Path) -> None:
+    run = trained_run
+    for name in ("config.toml", "metrics.jsonl", "losses.png", "progress.gif", "final.png", "train.log",
+                 "samples/step_000003.png", "samples/step_000006.png", "checkpoints/last.pt",
+                 "checkpoints/step_00000006.pt"):
+        assert (run / name).is_file(), name
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_000003.png", "step_000006.png"]
+
+    records = _metrics(run)
+    assert [r["step"] for r in records] == [2, 4, 6]
+    for r in records:
+        assert METRIC_KEYS <= r.keys()
+        assert r["epoch"] == 1  # 8 steps per epoch: all in the first (1-based in the log)
+        for key in ("loss_d", "loss_g"):
+            assert math.isfinite(r[key]) and 0 < r[key] < 10
+        assert 0 < r["d_real"] < 1 and 0 < r["d_fake"] < 1
+        assert r["images_per_s"] > 0
+
+    # 64 fixed samples of 32x32 in 8 columns with 2 px padding: 8 * 34 + 2 = 274 px square, grayscale.
+    with Image.open(run / "samples" / "step_000003.png") as grid:
+        assert grid.size == (274, 274) and grid.mode == "L"
+    with Image.open(run / "final.png") as final, Image.open(run / "samples" / "step_000006.png") as last:
+        assert final.tobytes() == last.tobytes()  # the same generator state at step 6, in eval mode
+    with Image.open(run / "progress.gif") as gif:
+        assert gif.n_frames == 2 and gif.size == (274, 274)
+    with Image.open(run / "losses.png") as plot:
+        assert plot.format == "PNG" and plot.size[0] > 200
+
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["step"] == 6 and state["epoch"] == 0
+    assert (run / "checkpoints" / "last.pt").read_bytes() == (run / "checkpoints" / "step_00000006.pt").read_bytes()
+
+
+def test_written_config_loads_with_config_flag(trained_run: Path, datasets_root: Path, cli, tmp_path: Path) -> None:
+    cfg = load_toml(trained_run / "config.toml")
+    assert (cfg.data.limit, cfg.data.batch_size, cfg.run.max_steps, cfg.model.ngf, cfg.model.ndf) == (256, 32, 6, 16, 16)
+    assert cfg.data.data_root == str(datasets_root) and cfg.run.out == str(trained_run)
+    assert resolve(None, str(trained_run / "config.toml"), {}) == cfg
+    out = tmp_path / "again"
+    result = cli("run", "--config", trained_run / "config.toml", "--out", out, "--max-steps", 2, "--sample-every", 0)
+    assert result.exit_code == 0, result.output
+    again = load_toml(out / "config.toml")
+    assert again.run.out == str(out) and again.run.max_steps == 2 and again.data.limit == 256
+    assert again.model == cfg.model
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 2
+
+
+def test_rerun_into_the_same_out_without_resume_exits_2(trained_copy: Path, datasets_root: Path, cli, unwrap) -> None:
+    before = (trained_copy / "checkpoints" / "last.pt").read_bytes()
+    metrics_before = (trained_copy / "metrics.jsonl").read_text()
+    result = cli("run", "--data-root", datasets_root, "--limit", 256, "--batch-size", 32, "--max-steps", 6,
+                 "--ngf", 16, "--ndf", 16, "--out", trained_copy)
+    assert result.exit_code == 2
+    message = unwrap(result.stderr)
+    assert "--out" in message and "already holds a run" in message and "--resume auto" in message
+    assert "Traceback" not in result.output
+    assert (trained_copy / "checkpoints" / "last.pt").read_bytes() == before
+    assert (trained_copy / "metrics.jsonl").read_text() == metrics_before
+
+
+def test_resume_auto_without_a_checkpoint_exits_1(cli, unwrap, datasets_root: Path, tmp_path: Path) -> None:
+    result = cli("run", "--data-root", datasets_root, "--limit", 64, "--out", tmp_path / "fresh", "--resume", "auto")
+    assert result.exit_code == 1
+    assert "--resume auto: no checkpoint" in unwrap(result.stderr)
+
+
+# ----- exact resume ------------------------------------------------------------------------------------
+# 128 images in batches of 32: 4 steps per epoch. A run of 2N steps must equal N steps + resume to 2N, bit for bit.
+RESUME_CASES = [
+    pytest.param(2, id="mid-epoch"),              # resume at step 2 of 4, finish inside epoch 1
+    pytest.param(3, id="mid-epoch-across-epoch"),  # resume at step 3, cross the epoch boundary at 4, stop at 6
+    pytest.param(4, id="at-epoch-boundary"),       # resume exactly at the start of epoch 2
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", RESUME_CASES)
+def test_exact_resume(n: int, cli, datasets_root: Path, tmp_path: Path, same_tree) -> None:
+    common = ["--data-root", datasets_root, "--limit", 128, "--batch-size", 32, "--ngf", 16, "--ndf", 16,
+              "--log-every", 1, "--sample-every", 0, "--device", "cpu", "--seed", 3]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert cli("run", *common, "--max-steps", 2 * n, "--out", straight).exit_code == 0
+    first = cli("run", *common, "--max-steps", n, "--out", split)
+    assert first.exit_code == 0, first.output
+    assert load_checkpoint(split / "checkpoints" / "last.pt")["step"] == n
+    second = cli("run", *common, "--max-steps", 2 * n, "--out", split, "--resume", "auto")
+    assert second.exit_code == 0, second.output
+
+    a = load_checkpoint(straight / "checkpoints" / "last.pt")
+    b = load_checkpoint(split / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 2 * n
+    for key in ("generator", "discriminator", "opt_g", "opt_d", "rng", "epoch", "scaler"):
+        same_tree(a[key], b[key], key)
+    assert a["opt_g"]["state"][0]["step"] == 2 * n  # Adam's step counter carried over too
+    # The resumed run's log continues the first one: the same per-step losses as the straight run.
+    losses = lambda run: [(r["step"], r["loss_d"], r["loss_g"], r["d_real"], r["d_fake"]) for r in _metrics(run)]  # noqa: E731
+    assert losses(straight) == losses(split)
+    assert [r["step"] for r in _metrics(split)] == list(range(1, 2 * n + 1))
+
+
+# ----- golden run --------------------------------------------------------------------------------------
+# Per-step (loss_d, loss_g) of tiny_cfg(seed=1234, max_steps=5): 512 FashionMNIST images, batch 32, ngf/ndf 16,
+# CPU fp32, log every step. Computed once with this engine and hard-coded. They change only when the model,
+# its initialisation, the loop (losses, optimiser, noise stream) or the data order/preprocessing changes; then
+# recompute them deliberately and say why in the commit.
+GOLDEN = [
+    (1, 1.53741, 0.72220),
+    (2, 1.23649, 0.81232),
+    (3, 1.21897, 0.78292),
+    (4, 1.13170, 0.80720),
+    (5, 1.06320, 0.82902),
+]
+
+
+def test_golden_losses(tiny_cfg, quiet_console) -> None:
+    result = Trainer(tiny_cfg(seed=1234, max_steps=5), console=quiet_console).fit()
+    assert result.steps == 5
+    got = [(r["step"], r["loss_d"], r["loss_g"]) for r in _metrics(result.run_dir)]
+    assert [g[0] for g in got] == [g[0] for g in GOLDEN]
+    for (step, loss_d, loss_g), (_, want_d, want_g) in zip(got, GOLDEN):
+        assert loss_d == pytest.approx(want_d, abs=1e-4), f"loss_d at step {step}"
+        assert loss_g == pytest.approx(want_g, abs=1e-4), f"loss_g at step {step}"
+
+
+def test_another_seed_gives_other_losses(tiny_cfg, quiet_console) -> None:
+    result = Trainer(tiny_cfg(seed=1235, max_steps=1), console=quiet_console).fit()
+    first = _metrics(result.run_dir)[0]
+    assert abs(first["loss_d"] - GOLDEN[0][1]) > 1e-3
+
+
+# ----- samples, targets --------------------------------------------------------------------------------
+def test_samples_leave_batchnorm_statistics_alone(tiny_cfg, quiet_console) -> None:
+    trainer = Trainer(tiny_cfg(max_steps=2), console=quiet_console)
+    trainer.fit()
+    g = trainer.g
+    assert g.training
+    before = {name: buf.clone() for name, buf in g.named_buffers()}
+    assert any("running_mean" in n and buf.abs().sum() > 0 for n, buf in before.items())  # trained statistics
+    path = trainer.write_samples()
+    assert path.is_file() and path.parent.name == "samples"
+    after = dict(g.named_buffers())
+    for name, buf in before.items():
+        assert torch.equal(buf, after[name]), f"{name} changed while sampling"
+    assert g.training  # the mode is restored
+    # The check can fail: a train-mode forward of the same noise does move the statistics.
+    with torch.no_grad():
+        g(trainer.fixed_noise)
+    assert not all(torch.equal(buf, dict(g.named_buffers())[n]) for n, buf in before.items())
+
+
+def test_samples_use_the_fixed_noise(tiny_cfg, quiet_console) -> None:
+    trainer = Trainer(tiny_cfg(max_steps=1), console=quiet_console)
+    noise = trainer.fixed_noise.clone()
+    assert noise.shape == (64, 100)
+    trainer.fit()
+    assert torch.equal(trainer.fixed_noise, noise)
+    a = trainer.write_samples().read_bytes()
+    b = trainer.write_samples().read_bytes()
+    assert a == b
+
+
+@pytest.mark.parametrize("smoothing, real", [(0.1, 0.9), (0.0, 1.0), (0.25, 0.75)])
+def test_label_smoothing_targets(tiny_cfg, quiet_console, smoothing: float, real: float) -> None:
+    trainer = Trainer(tiny_cfg(label_smoothing=smoothing), console=quiet_console)
+    assert trainer.real_target.shape == (32,)
+    assert torch.allclose(trainer.real_target, torch.full((32,), real))
+    assert torch.equal(trainer.fake_target, torch.zeros(32))
+    assert torch.equal(trainer.gen_target, torch.ones(32))  # G's targets are never smoothed
