@@ -58,16 +58,16 @@ def main_callback(
 
 def config_flags(func):
     """Adds one option per config field (default None = 'keep the preset/TOML value') to ``func``'s signature."""
-    sig = inspect.signature(func)
+    sig = inspect.signature(func, eval_str=True)
     params = [p for p in sig.parameters.values() if p.name != "overrides"]
     annotations = {p.name: p.annotation for p in params}
     for name, (section, typ) in field_index().items():
         doc = field_docs(SECTION_TYPES[section]).get(name, "")
-        option = typer.Option("--" + name.replace("_", "-"), help=doc, rich_help_panel=f"[{section}]",
+        option = typer.Option("--" + name.replace("_", "-"), help=doc, rich_help_panel=f"{section} options",
                               show_default=False)
         if typ is bool:
             option = typer.Option(f"--{name.replace('_', '-')}/--no-{name.replace('_', '-')}", help=doc,
-                                  rich_help_panel=f"[{section}]", show_default=False)
+                                  rich_help_panel=f"{section} options", show_default=False)
         annotation = Annotated[Optional[typ], option]
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))
         annotations[name] = annotation

@@ -174,7 +174,7 @@ class PerfConfig:
     compile_mode: str = "default"
     """torch.compile mode: default, reduce-overhead or max-autotune."""
     fused_adam: bool = True
-    """Use the fused (CUDA) or foreach Adam implementation where the device supports it."""
+    """Use the fused Adam kernel where the device has one, else the multi-tensor (foreach) one."""
     ema_decay: float = 0.0
     """Keep an exponential moving average of G with this decay (0 = off); used for samples and generate."""
     cuda_graphs: bool = False
@@ -231,6 +231,8 @@ class Config:
             _check(self.run.device != "cpu", "amp", "fp16 needs CUDA; use --amp bf16 on CPU")
         if self.perf.cuda_graphs:
             _check(self.run.device != "cpu", "cuda_graphs", "CUDA graphs need --device cuda")
+        if self.dist.sync_bn:
+            _check(self.run.device != "cpu", "sync_bn", "SyncBatchNorm needs CUDA (it is not implemented for the CPU)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -141,6 +141,10 @@ class Trainer:
     def _wrap(self, model: nn.Module) -> nn.Module:
         """compile, then DDP around it: the DDP(compile(model)) order."""
         perf = self.cfg.perf
+        if self.dist.enabled and self.cfg.dist.sync_bn:
+            if self.device.type != "cuda":
+                raise ConfigError("--sync-bn: SyncBatchNorm needs CUDA (it is not implemented for the CPU)")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # swaps the BN children in place
         if perf.compile or perf.cuda_graphs:
             if perf.compile_cache_dir:
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(perf.compile_cache_dir).expanduser())

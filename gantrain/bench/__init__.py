@@ -1,0 +1,1 @@
+"""`gantrain bench`: the tutorial-style baseline and the engine's feature matrix, timed side by side."""
