@@ -14,6 +14,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from gantrain import __version__
 from gantrain.engine.config import PRESETS, SECTION_TYPES, field_docs, field_index, resolve
@@ -25,7 +26,8 @@ console = Console(stderr=True)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    # plain Text (not markup): paths may hold brackets; soft_wrap keeps the message on one line
+    console.print(Text.assemble(("error:", "bold red"), " " + message), highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -103,14 +105,16 @@ def presets_command() -> None:
     """List the presets and their key values."""
     from gantrain.engine.config import preset as build_preset
 
-    table = Table(title="gantrain presets")
-    for column in ("preset", "description", "dataset", "size", "arch", "batch", "lr_g", "lr_d", "smoothing", "noise", "epochs"):
-        table.add_column(column)
+    table = Table(title="gantrain presets", show_lines=True)
+    table.add_column("preset", no_wrap=True, style="bold")
+    table.add_column("key values")
+    table.add_column("description")
     for name, (_, description) in PRESETS.items():
         c = build_preset(name)
-        table.add_row(name, description, c.data.dataset, f"{c.data.image_size}x{c.data.image_size}x{c.data.channels}",
-                      c.model.arch, str(c.data.batch_size), f"{c.optim.lr_g:g}", f"{c.optim.lr_d:g}",
-                      f"{c.loss.label_smoothing:g}", c.loss.noise, str(c.run.epochs))
+        values = (f"{c.data.dataset} {c.data.image_size}x{c.data.image_size}x{c.data.channels}, {c.model.arch}, "
+                  f"batch {c.data.batch_size}, lr_g {c.optim.lr_g:g}, lr_d {c.optim.lr_d:g}, "
+                  f"smoothing {c.loss.label_smoothing:g}, {c.loss.noise} noise, {c.run.epochs} epochs")
+        table.add_row(name, values, description)
     Console().print(table)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import shutil
 from pathlib import Path
@@ -14,12 +15,18 @@ from typer.testing import CliRunner
 
 from gantrain.engine.config import Config, override, preset
 
+# Rich freezes a console's width (COLUMNS) and colour (FORCE_COLOR) when the console is created, at import of
+# gantrain.cli: drop the developer's settings so CLI output is plain text at a width the tests choose.
+for _name in ("COLUMNS", "FORCE_COLOR"):
+    os.environ.pop(_name, None)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATASETS = REPO_ROOT.parent / "shared" / "datasets"
 
 # The tiny CLI run of the brief: 256 FashionMNIST images, batch 32 (8 steps/epoch), 6 steps, width 16.
+# On the CPU even where a GPU is present, so the images it writes are the same on every machine.
 TINY_RUN_ARGS = ["--limit", "256", "--batch-size", "32", "--max-steps", "6", "--sample-every", "3",
-                 "--log-every", "2", "--ngf", "16", "--ndf", "16"]
+                 "--log-every", "2", "--ngf", "16", "--ndf", "16", "--device", "cpu"]
 
 
 def _require(path: Path, what: str) -> Path:

@@ -106,6 +106,18 @@ def test_load_images_accepts_the_raw_folder_and_rejects_rgb(fashion_raw: Path) -
         load_images("fashion-mnist", str(fashion_raw), 32, 3, limit=8)
 
 
+def test_data_root_falls_back_to_gantrain_data(datasets_root: Path, monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path) -> None:
+    monkeypatch.setenv("GANTRAIN_DATA", str(datasets_root))
+    images = load_images("fashion-mnist", None, 32, 1, limit=4)
+    assert images.shape == (4, 1, 32, 32)
+    monkeypatch.delenv("GANTRAIN_DATA")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    from gantrain.engine.data import data_root
+    assert data_root(None) == tmp_path / "cache" / "gantrain" / "datasets"
+    assert data_root("~/x") == Path.home() / "x"
+
+
 # ----- epoch order -------------------------------------------------------------------------------------
 def test_epoch_batches_deterministic_per_seed_and_epoch() -> None:
     a = epoch_batches(1000, 32, epoch=3, seed=7)
@@ -167,6 +179,15 @@ def test_start_step_skips_like_slicing(tiny_cfg, kind: str) -> None:
     for x, y in zip(tail, full[5:]):
         assert torch.equal(x, y)
     assert list(loader.epoch(2, start_step=8)) == []
+
+
+def test_torch_loader_leaves_the_global_rng_alone(tiny_cfg) -> None:
+    loader = _loader(tiny_cfg, "torch")
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    for epoch in (0, 1):
+        list(loader.epoch(epoch, start_step=6))
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 # ----- image folders -----------------------------------------------------------------------------------

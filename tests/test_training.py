@@ -91,17 +91,18 @@ def test_resume_auto_without_a_checkpoint_exits_1(cli, unwrap, datasets_root: Pa
 # ----- exact resume ------------------------------------------------------------------------------------
 # 128 images in batches of 32: 4 steps per epoch. A run of 2N steps must equal N steps + resume to 2N, bit for bit.
 RESUME_CASES = [
-    pytest.param(2, id="mid-epoch"),              # resume at step 2 of 4, finish inside epoch 1
-    pytest.param(3, id="mid-epoch-across-epoch"),  # resume at step 3, cross the epoch boundary at 4, stop at 6
-    pytest.param(4, id="at-epoch-boundary"),       # resume exactly at the start of epoch 2
+    pytest.param(2, [], id="mid-epoch"),               # resume at step 2 of 4, finish inside epoch 1
+    pytest.param(3, [], id="mid-epoch-across-epoch"),  # resume at step 3, cross the epoch boundary at 4, stop at 6
+    pytest.param(4, [], id="at-epoch-boundary"),       # resume exactly at the start of epoch 2
+    pytest.param(3, ["--loader", "torch", "--num-workers", 0], id="torch-loader"),
+    pytest.param(3, ["--ema-decay", 0.9, "--label-smoothing", 0.1, "--noise", "uniform"], id="ema-smoothing"),
 ]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("n", RESUME_CASES)
-def test_exact_resume(n: int, cli, datasets_root: Path, tmp_path: Path, same_tree) -> None:
+@pytest.mark.parametrize("n, extra", RESUME_CASES)
+def test_exact_resume(n: int, extra: list, cli, datasets_root: Path, tmp_path: Path, same_tree) -> None:
     common = ["--data-root", datasets_root, "--limit", 128, "--batch-size", 32, "--ngf", 16, "--ndf", 16,
-              "--log-every", 1, "--sample-every", 0, "--device", "cpu", "--seed", 3]
+              "--log-every", 1, "--sample-every", 0, "--device", "cpu", "--seed", 3, *extra]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert cli("run", *common, "--max-steps", 2 * n, "--out", straight).exit_code == 0
     first = cli("run", *common, "--max-steps", n, "--out", split)
@@ -115,6 +116,9 @@ def test_exact_resume(n: int, cli, datasets_root: Path, tmp_path: Path, same_tre
     assert a["step"] == b["step"] == 2 * n
     for key in ("generator", "discriminator", "opt_g", "opt_d", "rng", "epoch", "scaler"):
         same_tree(a[key], b[key], key)
+    assert ("generator_ema" in a) == ("--ema-decay" in extra)
+    if "generator_ema" in a:
+        same_tree(a["generator_ema"], b["generator_ema"], "generator_ema")
     assert a["opt_g"]["state"][0]["step"] == 2 * n  # Adam's step counter carried over too
     # The resumed run's log continues the first one: the same per-step losses as the straight run.
     losses = lambda run: [(r["step"], r["loss_d"], r["loss_g"], r["d_real"], r["d_fake"]) for r in _metrics(run)]  # noqa: E731

@@ -26,18 +26,18 @@ def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> np.ndarr
     return array[..., 0] if c == 1 else array
 
 
-def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> Path:
+def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, padding: int = 2) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(make_grid(images, nrow)).save(path)
+    Image.fromarray(make_grid(images, nrow, padding)).save(path)
     return path
 
 
 def save_individual(images: torch.Tensor, folder: Path) -> list[Path]:
-    """Each image as its own PNG: 000000.png, 000001.png, ..."""
+    """Each image as its own PNG at its own size (no grid padding): 000000.png, 000001.png, ..."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, img in enumerate(images):
-        paths.append(save_grid(img[None], folder / f"{i:06d}.png", nrow=1))
+        paths.append(save_grid(img[None], folder / f"{i:06d}.png", nrow=1, padding=0))
     return paths
 
 

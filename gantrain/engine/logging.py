@@ -20,7 +20,9 @@ log = logging.getLogger("gantrain")
 
 def setup_logging(console: Console, log_file: Path | None = None, level: int = logging.INFO) -> None:
     """Messages go to the rich console and, when given, to a plain log file in the run folder."""
-    log.handlers.clear()
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
     log.setLevel(level)
     log.propagate = False
     log.addHandler(RichHandler(console=console, show_path=False, show_time=False, markup=False))

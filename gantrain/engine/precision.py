@@ -44,14 +44,17 @@ class PrecisionPolicy:
         return model.to(self.device, memory_format=self.memory_format)
 
     def prepare_batch(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, C, H, W) -> [-1, 1] in the model's memory format, on the device.
+        """uint8 (B, C, H, W) -> [-1, 1] in the model's memory format, on the device (floats pass through).
 
         Under AMP the batch is made in the autocast dtype: D then sees real and generated images in the same
         dtype (one compiled graph, not two) and the first convolution skips a cast.
         """
         x = images_uint8.to(self.device, non_blocking=True)
-        x = x.to(dtype=torch.float32, memory_format=self.memory_format).mul_(2.0 / 255.0).sub_(1.0)
-        return x.to(self.autocast_dtype) if self.autocast_dtype is not None else x
+        if x.dtype == torch.uint8:
+            x = x.to(dtype=torch.float32, memory_format=self.memory_format).mul_(2.0 / 255.0).sub_(1.0)
+        # else: a loader that normalises itself (DALI) already gave floats in [-1, 1]
+        dtype = self.autocast_dtype or torch.float32
+        return x.to(dtype=dtype, memory_format=self.memory_format)
 
     def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
         """Scaled backward and optimiser step; one scaler serves both the D and the G step."""

@@ -118,8 +118,11 @@ class TorchLoader:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
         batches = epoch_batches(self.num_images, self.batch_size, epoch, self.seed, self.shard)[start_step:]
+        # Its own generator: DataLoader would otherwise draw the workers' base seed from the global torch RNG,
+        # so a resumed run (which starts one more epoch iterator) would end with a different global RNG state.
+        seeds = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         loader = DataLoader(self.dataset, batch_sampler=batches.tolist(), num_workers=self.num_workers,
-                            pin_memory=self.device.type == "cuda", persistent_workers=False)
+                            pin_memory=self.device.type == "cuda", persistent_workers=False, generator=seeds)
         for batch in loader:
             yield batch.to(self.device, non_blocking=True)
 

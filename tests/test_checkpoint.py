@@ -1,0 +1,227 @@
+"""Checkpoints: atomic writes, pruning, corrupt and foreign files, model mismatches, and `gantrain generate`."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gantrain.engine import checkpoint as ckpt
+from gantrain.engine.checkpoint import (CheckpointError, atomic_save, load_checkpoint, load_module_state,
+                                        numbered_checkpoints, save_checkpoint)
+from gantrain.engine.config import ModelConfig
+from gantrain.engine.generate import generate, load_generator
+from gantrain.engine.models import Generator
+
+
+# ----- atomic writes and pruning -----------------------------------------------------------------------
+def test_atomic_save_keeps_the_old_file_when_save_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "last.pt"
+    atomic_save({"value": torch.arange(5)}, path)
+    old_bytes = path.read_bytes()
+
+    def broken_save(obj, fh, *args, **kwargs):
+        fh.write(b"PK\x03\x04 half a zip file")
+        fh.flush()
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"value": torch.arange(1000)}, path)
+    monkeypatch.undo()
+    assert path.read_bytes() == old_bytes
+    assert torch.equal(torch.load(path, weights_only=True)["value"], torch.arange(5))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp file left
+
+
+def test_atomic_save_survives_keyboard_interrupt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted_save(obj, fh, *args, **kwargs):
+        fh.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt.torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"x": 1}, tmp_path / "new.pt")
+    assert list(tmp_path.iterdir()) == []  # neither the target nor a temp file
+
+
+def test_atomic_save_replaces_and_creates_folders(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "er" / "c.pt"
+    atomic_save({"v": 1}, path)
+    atomic_save({"v": 2}, path)
+    assert torch.load(path, weights_only=True) == {"v": 2}
+    assert [p.name for p in path.parent.iterdir()] == ["c.pt"]
+
+
+@pytest.mark.parametrize("keep", [1, 2, 3])
+def test_keep_checkpoints_prunes_older_numbered_files(tmp_path: Path, keep: int) -> None:
+    folder = tmp_path / "checkpoints"
+    for step in (5, 10, 15, 20, 100):  # 100 sorts before 15 as text: pruning must sort numerically
+        save_checkpoint({"step": step}, folder, step, keep)
+    kept = [5, 10, 15, 20, 100][-keep:]
+    assert [p.name for p in numbered_checkpoints(folder)] == [f"step_{s:08d}.pt" for s in kept]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["last.pt"] + [f"step_{s:08d}.pt" for s in kept])
+    last = load_checkpoint(folder / "last.pt")
+    assert last["step"] == 100 and last["format"] == "gantrain-checkpoint" and last["version"] == 1
+
+
+def test_training_keeps_the_last_k_epoch_checkpoints(tiny_cfg, quiet_console) -> None:
+    from gantrain.engine.loop import Trainer
+
+    # 64 images / batch 32 = 2 steps per epoch; 5 epochs with a checkpoint each, keep 2.
+    cfg = tiny_cfg(limit=64, max_steps=0, epochs=5, keep_checkpoints=2, checkpoint_every=1, log_every=5)
+    result = Trainer(cfg, console=quiet_console).fit()
+    folder = result.run_dir / "checkpoints"
+    assert [p.name for p in numbered_checkpoints(folder)] == ["step_00000008.pt", "step_00000010.pt"]
+    assert load_checkpoint(folder / "last.pt")["step"] == 10
+
+
+# ----- broken and foreign files ------------------------------------------------------------------------
+def test_truncated_checkpoint(trained_run: Path, tmp_path: Path) -> None:
+    data = (trained_run / "checkpoints" / "last.pt").read_bytes()
+    for name, content in (("half.pt", data[: len(data) // 2]), ("head.pt", data[:100]), ("empty.pt", b"")):
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(CheckpointError, match="corrupt or not a checkpoint") as info:
+            load_checkpoint(path)
+        assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("where", ["start", "end"])
+def test_corrupted_bytes_in_checkpoint(trained_run: Path, tmp_path: Path, where: str) -> None:
+    # Zeroing the zip's local header (start) or its central directory (end) must be caught. (Bytes zeroed inside
+    # a tensor's data are not: torch's zip reader skips CRC checks and the checkpoint stores no digest.)
+    data = bytearray((trained_run / "checkpoints" / "last.pt").read_bytes())
+    span = slice(0, 64) if where == "start" else slice(len(data) - 64, len(data))
+    data[span] = bytes(64)
+    path = tmp_path / "zeroed.pt"
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt or not a checkpoint"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("obj", [
+    {"weights": torch.zeros(3)},                         # a plain state dict
+    torch.zeros(4),                                      # a bare tensor
+    {"format": "gantrain-checkpoint", "version": 99},    # a future format version
+    ["not", "a", "dict"],
+], ids=["state-dict", "tensor", "version", "list"])
+def test_foreign_torch_files(tmp_path: Path, obj) -> None:
+    path = tmp_path / "foreign.pt"
+    torch.save(obj, path)
+    with pytest.raises(CheckpointError, match="not a gantrain checkpoint|checkpoint version 99"):
+        load_checkpoint(path)
+
+
+def test_pickled_module_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "module.pt"
+    with open(path, "wb") as fh:
+        pickle.dump(torch.nn.Linear(2, 2), fh, protocol=2)
+    with pytest.raises(CheckpointError, match="corrupt or not a checkpoint"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_mismatched_model_weights(trained_run: Path) -> None:
+    state = load_checkpoint(trained_run / "checkpoints" / "last.pt")
+    narrow = Generator(ModelConfig(ngf=8), 32, 1)
+    with pytest.raises(CheckpointError, match="generator weights do not match") as info:
+        load_module_state(narrow, state["generator"], "generator", "ck.pt")
+    assert "ck.pt" in str(info.value) and "size mismatch" in str(info.value)
+    same = Generator(ModelConfig(ngf=16), 32, 1)
+    load_module_state(same, state["generator"], "generator", "ck.pt")
+    assert torch.equal(same.net[1].weight, state["generator"]["net.1.weight"])
+
+
+def test_generate_with_a_lying_config(trained_run: Path, tmp_path: Path) -> None:
+    state = load_checkpoint(trained_run / "checkpoints" / "last.pt")
+    state["config"]["model"]["ngf"] = 8
+    path = tmp_path / "lying.pt"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match="weights do not match"):
+        generate(path, n=2, out=tmp_path / "g.png", device="cpu")
+
+
+def test_resume_with_a_different_model_exits_1(trained_copy: Path, datasets_root: Path, cli, unwrap) -> None:
+    result = cli("run", "--data-root", datasets_root, "--limit", 256, "--batch-size", 32, "--max-steps", 8,
+                 "--ngf", 8, "--ndf", 16, "--out", trained_copy, "--resume", "auto")
+    assert result.exit_code == 1
+    assert "model config differs" in unwrap(result.stderr)
+    assert "Traceback" not in result.output
+    assert load_checkpoint(trained_copy / "checkpoints" / "last.pt")["step"] == 6
+
+
+# ----- generate ----------------------------------------------------------------------------------------
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img).copy()
+
+
+def test_generate_grid_and_individual_files(trained_run: Path, tmp_path: Path, cli) -> None:
+    checkpoint = trained_run / "checkpoints" / "last.pt"
+    out = tmp_path / "grid.png"
+    result = cli("generate", checkpoint, "-n", 10, "--out", out, "--individual", tmp_path / "each", "--seed", 4,
+                 "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    # 10 images of 32x32, 8 columns, 2 px padding: 8*34+2 = 274 wide, 2 rows: 2*34+2 = 70 high.
+    with Image.open(out) as grid:
+        assert grid.size == (274, 70) and grid.mode == "L"
+    files = sorted((tmp_path / "each").iterdir())
+    assert [p.name for p in files] == [f"{i:06d}.png" for i in range(10)]
+    for f in files:
+        with Image.open(f) as img:
+            assert img.size == (32, 32) and img.mode == "L"  # the image itself, without grid padding
+    grid = _pixels(out)
+    for i in (0, 7, 9):  # cell (row, col) of image i starts at 2 + 34 * (row, col)
+        top, left = 2 + 34 * (i // 8), 2 + 34 * (i % 8)
+        assert np.array_equal(grid[top : top + 32, left : left + 32], _pixels(files[i])), i
+    assert grid[:, :2].max() == 0 and grid[:2, :].max() == 0  # black padding
+    assert grid[36:, 2 * 34 :].max() == 0  # the unused cells of the last row stay black
+    assert _pixels(files[0]).std() > 0
+
+
+def test_generate_nrow_and_determinism(trained_run: Path, tmp_path: Path, cli) -> None:
+    checkpoint = trained_run / "checkpoints" / "last.pt"
+    runs = {}
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        result = cli("generate", checkpoint, "-n", 6, "--nrow", 3, "--seed", seed, "--out", tmp_path / f"{name}.png",
+                     "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        runs[name] = _pixels(tmp_path / f"{name}.png")
+    assert runs["a"].shape == (2 * 34 + 2, 3 * 34 + 2)
+    assert np.array_equal(runs["a"], runs["b"])
+    assert not np.array_equal(runs["a"], runs["c"])
+
+
+def test_generate_matches_the_run_samples(trained_run: Path, tmp_path: Path) -> None:
+    """generate() rebuilds G from the checkpoint alone: with the run's fixed noise it redraws final.png."""
+    from gantrain.engine.images import save_grid
+    from gantrain.engine.loop import NUM_FIXED_SAMPLES, generate_images
+    from gantrain.engine.models import sample_noise
+
+    g, cfg = load_generator(trained_run / "checkpoints" / "last.pt", device="cpu")
+    assert not g.training and cfg.model.ngf == 16
+    noise = sample_noise(NUM_FIXED_SAMPLES, cfg.model.nz, cfg.loss.noise, "cpu", torch.Generator().manual_seed(cfg.run.seed))
+    save_grid(generate_images(g, noise), tmp_path / "again.png")
+    assert np.array_equal(_pixels(tmp_path / "again.png"), _pixels(trained_run / "final.png"))
+
+
+def test_make_grid_layout_and_values() -> None:
+    from gantrain.engine.images import make_grid
+
+    images = torch.full((3, 3, 4, 4), -1.0)
+    images[1] = 1.0
+    images[2, 0] = 0.0  # red channel mid-grey, others black
+    grid = make_grid(images, nrow=8, padding=1)  # fewer images than nrow: one row of 3
+    assert grid.shape == (1 * 5 + 1, 3 * 5 + 1, 3) and grid.dtype == np.uint8
+    assert grid[1:5, 1:5].max() == 0
+    assert (grid[1:5, 6:10] == 255).all()
+    assert (grid[1:5, 11:15, 0] == 128).all() and grid[1:5, 11:15, 1:].max() == 0
+    assert grid[0].max() == 0 and grid[:, 5].max() == 0  # padding
+    gray = make_grid(torch.zeros(5, 1, 2, 2).clamp(-5, 5) * 10, nrow=2, padding=0)
+    assert gray.shape == (3 * 2, 2 * 2)  # 5 images in 2 columns: 3 rows, 2-D for one channel

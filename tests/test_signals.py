@@ -1,0 +1,86 @@
+"""Ctrl-C (SIGINT) and SIGTERM during training: a checkpoint, exit code 128 + signal, no traceback, resumable."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gantrain.engine.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+
+
+def _flags(datasets_root: Path, out: Path) -> list[str]:
+    return ["--data-root", str(datasets_root), "--limit", "256", "--batch-size", "32", "--ngf", "8", "--ndf", "8",
+            "--log-every", "1", "--sample-every", "0", "--device", "cpu", "--out", str(out)]
+
+
+def _start_and_signal(datasets_root: Path, out: Path, tmp_path: Path, signum: int) -> subprocess.CompletedProcess:
+    """Starts a long tiny run, waits for its first metrics line, sends ``signum`` and waits for the exit."""
+    env = {k: v for k, v in os.environ.items() if k != "GANTRAIN_DATA"}
+    env["COLUMNS"] = "200"
+    command = [sys.executable, "-m", "gantrain", "run", *_flags(datasets_root, out), "--epochs", "1000",
+               "--max-steps", "100000"]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    try:
+        while not (metrics.is_file() and metrics.read_text().strip()):
+            if proc.poll() is not None:
+                pytest.fail(f"training exited early with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("no metrics line within 120 s")
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.slow
+def test_sigint_saves_a_checkpoint_and_resumes(datasets_root: Path, tmp_path: Path, cli, unwrap) -> None:
+    out = tmp_path / "run"
+    done = _start_and_signal(datasets_root, out, tmp_path, signal.SIGINT)
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "Traceback" not in done.stdout
+    assert "KeyboardInterrupt" not in done.stderr
+
+    last = out / "checkpoints" / "last.pt"
+    assert last.is_file()
+    step = load_checkpoint(last)["step"]
+    assert step >= 1
+    numbered = out / "checkpoints" / f"step_{step:08d}.pt"
+    assert numbered.read_bytes() == last.read_bytes()
+    message = unwrap(done.stderr)
+    assert f"interrupted at step {step}" in message and str(numbered) in message
+
+    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, len(logged) + 1)) and logged[-1] <= step
+
+    result = cli("run", *_flags(datasets_root, out), "--max-steps", step + 3, "--resume", "auto")
+    assert result.exit_code == 0, result.output
+    state = load_checkpoint(last)
+    assert state["step"] == step + 3
+    assert state["opt_g"]["state"][0]["step"] == step + 3
+    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, step + 4))
+    assert (out / "final.png").is_file()
+
+
+@pytest.mark.slow
+def test_sigterm_exits_143_with_a_checkpoint(datasets_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = _start_and_signal(datasets_root, out, tmp_path, signal.SIGTERM)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] >= 1
