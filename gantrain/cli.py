@@ -155,6 +155,7 @@ def bench_command(
     warmup: Annotated[Optional[int], typer.Option(min=1, help="Warm-up steps per configuration (excluded from timing).")] = None,
     windows: Annotated[Optional[int], typer.Option(min=1, help="Timed windows per configuration.")] = None,
     window: Annotated[Optional[int], typer.Option(min=1, help="Steps per timed window.")] = None,
+    repeats: Annotated[Optional[int], typer.Option(min=1, help="Passes over the whole matrix, round-robin; windows are pooled (default 2, 1 with --quick).")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the full report (hardware, versions, configs, figures) here.")] = None,
     markdown: Annotated[Optional[Path], typer.Option(help="Write the results table as Markdown here.")] = None,
 ) -> None:
@@ -165,7 +166,7 @@ def bench_command(
     cfg = override(build_preset(preset), {"batch_size": batch_size, "dataset": dataset, "data_root": data_root,
                                           "limit": limit, "device": device, "num_workers": num_workers})
     bench(cfg, quick=quick, nproc=nproc, peak_override=peak_tflops, json_path=json_path, markdown_path=markdown,
-          console=console, only=only, warmup=warmup, windows=windows, window=window)
+          console=console, only=only, warmup=warmup, windows=windows, window=window, repeats=repeats)
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ DATASETS = REPO_ROOT.parent / "shared" / "datasets"
 
 # The tiny CLI run of the brief: 256 FashionMNIST images, batch 32 (8 steps/epoch), 6 steps, width 16.
 # On the CPU even where a GPU is present, so the images it writes are the same on every machine.
-TINY_RUN_ARGS = ["--limit", "256", "--batch-size", "32", "--max-steps", "6", "--sample-every", "3",
+TINY_RUN_ARGS = ["--amp", "off", "--no-channels-last", "--limit", "256", "--batch-size", "32", "--max-steps", "6", "--sample-every", "3",
                  "--log-every", "2", "--ngf", "16", "--ndf", "16", "--device", "cpu"]
 
 
@@ -69,7 +69,8 @@ def tiny_cfg(tmp_path: Path, datasets_root: Path):
 
     def make(name: str = "run", **overrides) -> Config:
         flat = dict(data_root=str(datasets_root), limit=512, batch_size=32, ngf=16, ndf=16, max_steps=4,
-                    sample_every=0, log_every=1, device="cpu", out=str(tmp_path / name))
+                    sample_every=0, log_every=1, device="cpu", amp="off", channels_last=False,
+                    out=str(tmp_path / name))
         flat.update(overrides)
         return override(preset("fashion32"), flat)
 

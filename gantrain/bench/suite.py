@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ def matrix(device_type: str, nproc: int = 1) -> list[BenchRow]:
     """Baseline, then the engine with one feature added per row; the last row is everything together."""
     amp = "bf16"
     steps = [
-        ("engine (eager fp32, DataLoader)", {"loader": "torch"}),
+        ("engine (eager fp32, DataLoader)", {"loader": "torch", "amp": "off", "channels_last": False, "compile": False}),
         ("+ channels-last", {"channels_last": True}),
         (f"+ amp {amp}", {"amp": amp}),
         ("+ compile", {"compile": True}),
@@ -91,15 +92,37 @@ def run_suite(cfg: Config, *, rows: list[BenchRow], timing: dict, peak_override:
     flops_per_image = step_flops(cfg)
     peaks = peak_tflops(device, peak_override)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    results = []
+    runs: list[list[dict]] = [[] for _ in rows]
+    repeats = timing.get("repeats", 1)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
-        for row in rows:
-            task = bar.add_task(f"bench: {row.name}", total=None)
-            results.append(run_row(row, cfg, timing, env))
-            bar.update(task, description=f"bench: {row.name} [green]done", total=1, completed=1)
+        for rep in range(repeats):  # round-robin, so slow drifts of a shared machine hit every row alike
+            for i, row in enumerate(rows):
+                task = bar.add_task(f"bench: {row.name} (pass {rep + 1}/{repeats})", total=None)
+                runs[i].append(run_row(row, cfg, timing, env))
+                bar.update(task, description=f"bench: {row.name} (pass {rep + 1}/{repeats}) [green]done", total=1,
+                           completed=1)
+    results = [merge_runs(r) for r in runs]
     _add_ratios(results, flops_per_image, peaks)
     return {"system": system_info(), "device": str(device), "preset": cfg.preset, "batch_size": cfg.data.batch_size,
             "flops_per_image": flops_per_image, "peak_tflops": peaks, "timing": timing, "results": results}
+
+
+def merge_runs(runs: list[dict]) -> dict:
+    """Pools the timed windows of repeated runs of one row: median and p10/p90 over all of them."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[0]
+    from gantrain.bench.worker import summarize_windows
+
+    merged = dict(ok[0])
+    windows = [w for r in ok for w in r["window_images_per_s"]]
+    merged.update(summarize_windows(windows))
+    for key in ("step_ms", "data_wait_ms", "compute_ms", "warmup_s"):
+        merged[key] = statistics.mean(r[key] for r in ok)
+    merged["peak_mem_gib"] = max(r["peak_mem_gib"] for r in ok)
+    merged["timed_steps"] = sum(r["timed_steps"] for r in ok)
+    merged["passes"] = len(ok)
+    return merged
 
 
 def _add_ratios(results: list[dict], flops_per_image: float, peaks: dict) -> None:
@@ -107,8 +130,7 @@ def _add_ratios(results: list[dict], flops_per_image: float, peaks: dict) -> Non
     for r in results:
         if "error" in r:
             continue
-        dtype = r.get("config", {}).get("perf", {}).get("amp", "off")
-        peak = peaks["fp32" if dtype == "off" else dtype]
+        peak = peaks["fp32" if r["amp"] == "off" else r["amp"]]
         r["speedup"] = r["images_per_s"] / base if base else None
         r["achieved_tflops"] = r["images_per_s"] * flops_per_image / 1e12
         r["mfu"] = r["achieved_tflops"] / peak if peak else None
@@ -153,16 +175,17 @@ def results_markdown(report: dict) -> str:
 
 def bench(cfg: Config, *, quick: bool, nproc: int, peak_override: float | None, json_path: Path | None,
           markdown_path: Path | None, console: Console, only: list[str] | None = None,
-          warmup: int | None = None, windows: int | None = None, window: int | None = None) -> dict:
+          warmup: int | None = None, windows: int | None = None, window: int | None = None,
+          repeats: int | None = None) -> dict:
     device_type = "cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu"
     rows = matrix(device_type, nproc)
     if only:
         rows = [r for r in rows if any(o.lower() in r.name.lower() for o in only)]
         if not rows:
             raise GantrainError("--only matched no benchmark configuration")
-    defaults = (3, 3, 2) if quick else (5, 8, 5)
+    defaults = (3, 3, 2, 1) if quick else (5, 6, 5, 2)
     timing = {"warmup": warmup or defaults[0], "windows": windows or defaults[1], "window": window or defaults[2],
-              "num_workers": cfg.data.num_workers}
+              "repeats": repeats or defaults[3], "num_workers": cfg.data.num_workers}
     report = run_suite(cfg, rows=rows, timing=timing, peak_override=peak_override, console=console)
     Console().print(results_table(report))
     if json_path:

@@ -49,11 +49,16 @@ def time_loop(next_batch: Callable[[], torch.Tensor], step: Callable[[torch.Tens
         total_s += elapsed
         rates.append(window * images_per_step / elapsed)
     steps = windows * window
-    return {"warmup_s": warmup_s, "warmup_steps": warmup, "timed_steps": steps, "window_images_per_s": rates,
-            "images_per_s": statistics.median(rates), "images_per_s_p10": _quantile(rates, 0.1),
-            "images_per_s_p90": _quantile(rates, 0.9), "step_ms": total_s / steps * 1e3,
+    return {"warmup_s": warmup_s, "warmup_steps": warmup, "timed_steps": steps, **summarize_windows(rates),
+            "step_ms": total_s / steps * 1e3,
             "data_wait_ms": data_s / steps * 1e3, "compute_ms": (total_s - data_s) / steps * 1e3,
             "peak_mem_gib": peak_mem_gib(device)}
+
+
+def summarize_windows(rates: list[float]) -> dict:
+    """Median and p10/p90 images/s over timed windows."""
+    return {"window_images_per_s": rates, "images_per_s": statistics.median(rates),
+            "images_per_s_p10": _quantile(rates, 0.1), "images_per_s_p90": _quantile(rates, 0.9)}
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -80,8 +85,9 @@ def run_baseline(cfg: Config, spec: dict) -> dict:
                          limit=cfg.data.limit, synthetic_size=cfg.data.synthetic_size, seed=cfg.run.seed)
     model = BaselineGAN(cfg, device)
     batches = baseline_batches(images, cfg, spec.get("num_workers", 2), cfg.run.seed)
-    return time_loop(lambda: next(batches), model.step, device, spec["warmup"], spec["windows"], spec["window"],
-                     cfg.data.batch_size)
+    result = time_loop(lambda: next(batches), model.step, device, spec["warmup"], spec["windows"], spec["window"],
+                       cfg.data.batch_size)
+    return {**result, "amp": "off", "loader": "DataLoader"}
 
 
 def run_engine(cfg: Config, spec: dict) -> dict:
@@ -97,6 +103,7 @@ def run_engine(cfg: Config, spec: dict) -> dict:
                            spec["windows"], spec["window"], cfg.data.batch_size * info.world_size)
         result["world_size"] = info.world_size
         result["loader"] = type(trainer.loader).__name__
+        result["amp"] = trainer.policy.amp
         result = result if info.is_main else {}
     shutdown_distributed()
     return result

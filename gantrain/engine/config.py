@@ -23,7 +23,7 @@ from gantrain.engine.errors import ConfigError
 DATASETS = ("fashion-mnist", "mnist", "folder", "synthetic")
 ARCHS = ("dcgan", "dense")
 LOADERS = ("auto", "memory", "torch")
-AMP_MODES = ("off", "bf16", "fp16")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
@@ -165,9 +165,10 @@ class RunConfig:
 
 @dataclass
 class PerfConfig:
-    amp: str = "off"
-    """Mixed precision: off (fp32), bf16 (CPU or CUDA) or fp16 (CUDA, with a GradScaler)."""
-    channels_last: bool = False
+    amp: str = "auto"
+    """Mixed precision: auto (bf16 where the device computes it natively, else fp32), off (fp32), bf16, or fp16
+    (CUDA, with a GradScaler)."""
+    channels_last: bool = True
     """Keep models and every input batch in channels-last memory format."""
     compile: bool = False
     """torch.compile G and D (separately)."""

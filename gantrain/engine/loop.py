@@ -124,6 +124,8 @@ class Trainer:
             log.info("%s: %d images, %d steps/epoch, batch %d x %d processes = %d, %d steps in total",
                      self.cfg.data.dataset, self.loader.num_images, self.loader.steps_per_epoch,
                      self.cfg.data.batch_size, self.dist.world_size, global_batch, self.total_steps)
+            log.info("device %s, %s, %s loader%s", self.device, self.policy.describe(), type(self.loader).__name__,
+                     ", torch.compile" if self.cfg.perf.compile else "")
 
     def _build_models(self) -> None:
         cfg = self.cfg
@@ -372,7 +374,7 @@ def replica_max_abs_diff(modules: list[nn.Module]) -> float:
     """Largest difference of any parameter between DDP ranks (0.0 when the replicas are in sync)."""
     import torch.distributed as tdist
 
-    flat = torch.cat([torch.nn.utils.parameters_to_vector(m.parameters()).float() for m in modules])
+    flat = torch.cat([p.detach().float().reshape(-1) for m in modules for p in m.parameters()])  # channels-last safe
     high, low = flat.clone(), flat.clone()
     tdist.all_reduce(high, op=tdist.ReduceOp.MAX)
     tdist.all_reduce(low, op=tdist.ReduceOp.MIN)
