@@ -194,3 +194,18 @@ def test_label_smoothing_targets(tiny_cfg, quiet_console, smoothing: float, real
     assert torch.allclose(trainer.real_target, torch.full((32,), real))
     assert torch.equal(trainer.fake_target, torch.zeros(32))
     assert torch.equal(trainer.gen_target, torch.ones(32))  # G's targets are never smoothed
+
+
+def test_epoch_callbacks_run_after_each_epoch_and_can_stop(tiny_cfg, quiet_console) -> None:
+    seen = []
+
+    def callback(trainer, epochs_done):
+        seen.append((epochs_done, trainer.step, trainer.last_record["step"]))
+        if epochs_done == 2:
+            trainer.stop_reason = "enough"
+
+    # 512 images / batch 32 = 16 steps per epoch; 5 epochs planned, stopped after 2
+    trainer = Trainer(tiny_cfg(max_steps=0, epochs=5, log_every=4), console=quiet_console, epoch_callbacks=[callback])
+    result = trainer.fit()
+    assert seen == [(1, 16, 16), (2, 32, 32)]
+    assert result.steps == 32 and result.last_checkpoint.name == "step_00000032.pt"

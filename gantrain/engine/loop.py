@@ -16,6 +16,7 @@ import os
 import signal
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,8 +77,13 @@ def frozen(module: nn.Module):
 
 class Trainer:
     def __init__(self, cfg: Config, *, console: Console | None = None, dist_info: DistInfo = DistInfo(),
-                 resume: str | None = None) -> None:
+                 resume: str | None = None, epoch_callbacks: Sequence[Callable[[Trainer, int], None]] = ()) -> None:
+        """``epoch_callbacks`` run after each completed epoch as ``callback(trainer, epochs_done)``; one may set
+        ``trainer.stop_reason`` to end the run cleanly (final checkpoint and outputs still written)."""
         self.console = console or Console(stderr=True)
+        self.epoch_callbacks = list(epoch_callbacks)
+        self.stop_reason: str | None = None
+        self.last_record: dict = {}
         self.dist = dist_info
         self.resume_path = ckpt.find_resume(resume, cfg.run_dir) if resume else None
         resume_state = ckpt.load_checkpoint(self.resume_path) if self.resume_path else None
@@ -186,6 +192,12 @@ class Trainer:
                     raise Interrupted(self.stop_signal, self.save_checkpoint())
                 if self.step % steps_per_epoch == 0 and (epoch + 1) % self.cfg.run.checkpoint_every == 0:
                     self.save_checkpoint()
+                if self.step % steps_per_epoch == 0:
+                    for callback in self.epoch_callbacks:
+                        callback(self, epoch + 1)
+                if self.stop_reason:
+                    log.warning("stopping at step %d: %s", self.step, self.stop_reason)
+                    break
         return self._finish()
 
     def _train_epoch(self, epoch: int, start: int, bar) -> None:
@@ -261,6 +273,7 @@ class Trainer:
         record = {"step": self.step, "epoch": epoch + 1, **{k: round(v, 5) for k, v in stats.items()},
                   "images_per_s": round(images_per_s, 1),
                   **{f"{k}_ms": round(v / steps, 2) for k, v in phases_ms.items()}, "time": time.time()}
+        self.last_record = record
         self.metrics.write(record)
         bar.update(self.task, completed=self.step, epoch=f"{epoch + 1}/{self.cfg.run.epochs}",
                    loss_d=f"{stats['loss_d']:.3f}", loss_g=f"{stats['loss_g']:.3f}", images_per_s=f"{images_per_s:.0f}")
