@@ -42,6 +42,7 @@ def test_ddp_replicas_stay_identical_and_resume_both_ways(datasets_root, tmp_pat
     assert records[-1] == {"step": 6, "ddp_replica_max_abs_diff": 0.0}
     # 512 images / (16 per rank x 2 ranks) = 16 steps per epoch, and the effective batch is reported
     assert "batch 16 x 2 processes = 32" in (out / "train.log").read_text()
+    assert "# effective batch: 16 per process x 2 process(es) = 32" in (out / "config.toml").read_text()
     state = load_checkpoint(out / "checkpoints" / "last.pt")
     assert state["step"] == 6 and state["world_size"] == 2
 

@@ -116,7 +116,9 @@ class Trainer:
             raise ConfigError(f"--out: {self.run_dir} already holds a run; continue it with --resume auto "
                               "or choose another --out")
         (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.toml").write_text(to_toml(self.cfg))
+        world, batch = self.dist.world_size, self.cfg.data.batch_size
+        effective = f"\n# effective batch: {batch} per process x {world} process(es) = {batch * world}\n"
+        (self.run_dir / "config.toml").write_text(to_toml(self.cfg) + effective)
         setup_logging(self.console, self.run_dir / "train.log")
 
     def _build_data(self) -> None:
