@@ -138,6 +138,71 @@ def generate_command(
     console.print(f"wrote {result.grid} ({n} images{', ' + str(len(result.individual)) + ' files in ' + str(individual) if individual else ''})")
 
 
+_CACHE_HELP = "Extractor and real-feature cache (default: $GANTRAIN_CACHE, else $XDG_CACHE_HOME/gantrain/metrics)."
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="A checkpoint written by `gantrain run` (optional with --real-vs-real --dataset).")] = None,
+    n: Annotated[int, typer.Option("-n", "--num", min=100, help="Generated images (with --real-vs-real: images per real half, at most half the test split).")] = 10000,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    real_vs_real: Annotated[bool, typer.Option("--real-vs-real", help="Sanity mode: compare two disjoint halves of the real test split (each metric's floor).")] = False,
+    dataset: Annotated[Optional[str], typer.Option(help="With --real-vs-real: fashion-mnist, mnist or folder:PATH instead of a checkpoint's dataset.")] = None,
+    data_root: Annotated[Optional[str], typer.Option(help="Data folder (default: the checkpoint's, then $GANTRAIN_DATA).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the generator noise and the KID subsets.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    inception_weights: Annotated[Optional[Path], typer.Option(help="torch-fidelity's Inception-v3 weights (weights-inception-2015-12-05-6726825d.pth): also compute the standard FID when torch-fidelity is installed.")] = None,
+    metrics_cache: Annotated[Optional[str], typer.Option(help=_CACHE_HELP)] = None,
+    no_ema: Annotated[bool, typer.Option("--no-ema", help="Use the raw generator even if the checkpoint has an EMA one.")] = False,
+) -> None:
+    """Quality metrics of a checkpoint: FD, KID, precision/recall and classifier score on a domain extractor."""
+    from gantrain.engine.metrics.report import evaluate_checkpoint, evaluate_real, real_config, render, write_json
+
+    if real_vs_real:
+        result = evaluate_real(real_config(checkpoint, dataset, data_root), num_samples=n, seed=seed,
+                               data_root=data_root, cache=metrics_cache, console=console)
+    elif checkpoint is None:
+        raise fail("give a CHECKPOINT to evaluate, or --real-vs-real", 2)
+    else:
+        result = evaluate_checkpoint(checkpoint, num_samples=n, seed=seed, device=device, data_root=data_root,
+                                     cache=metrics_cache, use_ema=not no_ema, inception_weights=inception_weights,
+                                     console=console)
+    for table in render(result):
+        Console().print(table)
+    if json_path:
+        console.print(f"wrote {write_json(result, json_path)}")
+
+
+metrics_app = typer.Typer(no_args_is_help=True, help="Quality-metric tools: the domain feature extractors.")
+app.add_typer(metrics_app, name="metrics")
+
+
+@metrics_app.command("fit-extractor")
+@user_errors
+def fit_extractor_command(
+    dataset: Annotated[str, typer.Option(help="fashion-mnist, mnist, or folder:PATH (unlabelled images: a self-supervised rotation classifier).")] = "fashion-mnist",
+    data_root: Annotated[Optional[str], typer.Option(help="Folder holding FashionMNIST/raw or MNIST/raw (default: $GANTRAIN_DATA, then the download cache).")] = None,
+    channels: Annotated[int, typer.Option(min=1, max=3, help="Channels of a folder dataset: 1 or 3.")] = 3,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Training epochs of the fit (default 3).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Fit again even when the cache holds one for this data.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    metrics_cache: Annotated[Optional[str], typer.Option(help=_CACHE_HELP)] = None,
+) -> None:
+    """Fit a dataset's feature extractor (or find it in the cache) and print its test accuracy."""
+    from gantrain.engine.metrics import ensure_extractor, parse_dataset
+    from gantrain.engine.runtime import pick_device
+
+    spec = parse_dataset(dataset, data_root, channels)
+    extra = {"epochs": epochs} if epochs else {}
+    extractor = ensure_extractor(spec, cache=metrics_cache, device=pick_device(device), console=console, force=force,
+                                 **extra)
+    info = extractor.info
+    how = f"fitted in {info['fit_seconds']:.0f} s" if extractor.fitted_now else "cached"
+    console.print(f"{info['label']} extractor ({how}, {info['epochs']} epochs on {info['train_images']} images): "
+                  f"test {info['task']} accuracy {100 * info['test_accuracy']:.2f}%; {extractor.path}")
+
+
 @app.command("bench")
 @user_errors
 def bench_command(
@@ -158,15 +223,93 @@ def bench_command(
     repeats: Annotated[Optional[int], typer.Option(min=1, help="Passes over the whole matrix, round-robin; windows are pooled (default 2, 1 with --quick).")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the full report (hardware, versions, configs, figures) here.")] = None,
     markdown: Annotated[Optional[Path], typer.Option(help="Write the results table as Markdown here.")] = None,
+    loaders: Annotated[bool, typer.Option("--loaders", help="Time the data loaders instead (memory, torch, DALI) on the image folder --data-root at 64 and 128 px, alone and feeding training; --preset is not used.")] = False,
 ) -> None:
-    """Time the training step: a plain PyTorch loop vs the engine with each feature added."""
+    """Time the training step: a plain PyTorch loop vs the engine with each feature added (or, with --loaders, the data loaders)."""
     from gantrain.bench.suite import bench
     from gantrain.engine.config import override, preset as build_preset
 
+    if loaders:
+        from gantrain.bench.loaders import bench_loaders
+
+        bench_loaders(data_root=data_root, limit=limit, batch_size=batch_size, device=device, num_workers=num_workers,
+                      quick=quick, json_path=json_path, markdown_path=markdown, console=console, only=only,
+                      warmup=warmup, windows=windows, window=window, repeats=repeats)
+        return
     cfg = override(build_preset(preset), {"batch_size": batch_size, "dataset": dataset, "data_root": data_root,
                                           "limit": limit, "device": device, "num_workers": num_workers})
     bench(cfg, quick=quick, nproc=nproc, peak_override=peak_tflops, json_path=json_path, markdown_path=markdown,
           console=console, only=only, warmup=warmup, windows=windows, window=window, repeats=repeats)
+
+
+def tune_flags(func):
+    """Adds one option per :class:`TuneSettings` field (help: its docstring), passed on as ``tune_options``."""
+    from dataclasses import fields
+
+    from gantrain.tune.settings import TuneSettings
+
+    sig = inspect.signature(func, eval_str=True)
+    params = [p for p in sig.parameters.values() if p.name != "tune_options"]
+    docs, names = field_docs(TuneSettings), [f.name for f in fields(TuneSettings)]
+    for f in fields(TuneSettings):
+        flag = "--" + f.name.replace("_", "-")
+        decl = f"{flag}/--no-{f.name.replace('_', '-')}" if isinstance(f.default, bool) else flag
+        option = typer.Option(decl, help=f"{docs[f.name]} (default: {f.default})", rich_help_panel="tune options",
+                              show_default=False)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                        annotation=Annotated[Optional[type(f.default)], option]))
+
+    @functools.wraps(func)
+    def wrapper(**kwargs):
+        return func(**{k: v for k, v in kwargs.items() if k not in names},
+                    tune_options={k: kwargs[k] for k in names if k in kwargs})
+
+    wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    return wrapper
+
+
+@app.command("tune", no_args_is_help=False)
+@config_flags
+@tune_flags
+@user_errors
+def tune_command(
+    preset: Annotated[Optional[str], typer.Option(help="Preset every trial starts from (default fashion32).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="TOML config applied over the preset (any `gantrain run` flag also applies).")] = None,
+    space: Annotated[Optional[Path], typer.Option(help="TOML search space replacing the default (lr_g, lr_d, label_smoothing, beta1); see the README.")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Join a Ray cluster: 'auto' (this node's) or 'ray://head:10001'; default: start Ray on this machine.")] = None,
+    storage: Annotated[Path, typer.Option(help="Folder holding experiments (shared by every node of a cluster).")] = Path("runs/tune"),
+    name: Annotated[Optional[str], typer.Option(help="Experiment folder name under --storage (default: the preset).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted experiment --storage/--name with its saved config, space and settings.")] = False,
+    overrides: dict[str, Any] | None = None,
+    tune_options: dict[str, Any] | None = None,
+) -> None:
+    """Search lr_G, lr_D, label smoothing and beta1 (or any config field) with Ray Tune, minimising FD.
+
+    Each trial is a normal run (every `gantrain run` flag applies) that reports every --eval-every epochs
+    (every epoch when 0)."""
+    from gantrain.tune import require_ray
+
+    require_ray()
+    from gantrain.tune.experiment import ExperimentInterrupted, experiment_folder, run_experiment
+    from gantrain.tune.results import print_outcome
+    from gantrain.tune.settings import settings_from
+
+    cfg = None if resume else resolve(preset, str(config) if config else None, overrides or {})
+    settings = None if resume else settings_from(tune_options or {})
+    ignored = [k for k, v in {**(overrides or {}), **(tune_options or {}), "config": config, "space": space}.items()
+               if v is not None]
+    if resume and ignored:  # the experiment continues exactly as it started
+        console.print(f"warning: --resume uses the experiment's saved config and settings; ignoring "
+                      f"{', '.join('--' + k.replace('_', '-') for k in ignored)}", highlight=False)
+    folder = experiment_folder(storage, name or (cfg.preset if cfg else preset or "fashion32"))
+    outcome = run_experiment(folder, cfg=cfg, settings=settings, space_file=space, resume=resume, address=address,
+                             console=console)
+    print_outcome(outcome, Console())
+    if outcome.interrupted:
+        raise ExperimentInterrupted(f"experiment interrupted; continue it with: gantrain tune --resume "
+                                    f"--storage {storage} --name {folder.path.name}")
+    if outcome.best is None:
+        raise GantrainError(f"no trial reached a finite {outcome.settings.metric}; see {outcome.results_csv}")
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv with gantrain and its test tools. Torch goes in first and pinned: an unpinned torch
-# (or one pulled in by another package) would fetch the CUDA build, several GB.
+# (or one pulled in by another package) would fetch the CUDA build, several GB. EXTRAS adds optional
+# extras, comma-separated: EXTRAS=dali installs NVIDIA DALI (nvidia-dali-cuda120, about 420 MB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}

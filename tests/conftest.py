@@ -153,3 +153,30 @@ def same_tree():
 def _no_gantrain_data_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests name their data explicitly; a $GANTRAIN_DATA of the developer's shell must not leak in."""
     monkeypatch.delenv("GANTRAIN_DATA", raising=False)
+
+
+@pytest.fixture(scope="session")
+def metrics_cache_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The metrics cache of the whole session: pytest's own cache folder when the cacheprovider is on (so
+    a local re-run reuses the fitted extractor; a clean CI clone fits it once), else a session temp dir."""
+    cache = getattr(request.config, "cache", None)
+    return Path(cache.mkdir("gantrain-metrics")) if cache is not None else tmp_path_factory.mktemp("gantrain-metrics")
+
+
+@pytest.fixture(autouse=True)
+def _metrics_cache_env(monkeypatch: pytest.MonkeyPatch, metrics_cache_dir: Path) -> None:
+    """No test reads or writes the developer's ~/.cache/gantrain/metrics."""
+    monkeypatch.setenv("GANTRAIN_CACHE", str(metrics_cache_dir))
+
+
+@pytest.fixture(scope="session")
+def fashion_extractor(metrics_cache_dir: Path, datasets_root: Path):
+    """The FashionMNIST feature extractor, fitted once per session when the cache lacks it (about two CPU
+    minutes); returns it and the console output of the fit (its progress bar)."""
+    from gantrain.engine.metrics import ensure_extractor, parse_dataset
+
+    _require(datasets_root / "FashionMNIST" / "raw", "FashionMNIST IDX files")
+    output = io.StringIO()
+    extractor = ensure_extractor(parse_dataset("fashion-mnist", str(datasets_root)), cache=metrics_cache_dir,
+                                 console=Console(file=output, width=120))
+    return extractor, output.getvalue()

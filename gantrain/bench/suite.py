@@ -187,9 +187,14 @@ def bench(cfg: Config, *, quick: bool, nproc: int, peak_override: float | None, 
     timing = {"warmup": warmup or defaults[0], "windows": windows or defaults[1], "window": window or defaults[2],
               "repeats": repeats or defaults[3], "num_workers": cfg.data.num_workers}
     report = run_suite(cfg, rows=rows, timing=timing, peak_override=peak_override, console=console)
-    Console().print(results_table(report))
+    return publish(report, results_table(report), results_markdown(report), json_path, markdown_path)
+
+
+def publish(report: dict, table: Table, markdown: str, json_path: Path | None, markdown_path: Path | None) -> dict:
+    """Prints the table and writes the JSON report and Markdown table where asked."""
+    Console().print(table)
     if json_path:
         json_path.write_text(json.dumps(report, indent=2))
     if markdown_path:
-        markdown_path.write_text(results_markdown(report))
+        markdown_path.write_text(markdown)
     return report

@@ -113,7 +113,12 @@ def main(argv: list[str] | None = None) -> None:
     spec = json.loads((argv or sys.argv[1:])[0])
     raw = {k: v for k, v in spec["config"].items()}
     cfg = from_dict(raw)
-    result = run_baseline(cfg, spec) if spec["kind"] == "baseline" else run_engine(cfg, spec)
+    if spec["kind"] == "loader":  # gantrain bench --loaders: a loader with no model
+        from gantrain.bench.loaders import run_loader_only
+
+        result = run_loader_only(cfg, spec)
+    else:
+        result = run_baseline(cfg, spec) if spec["kind"] == "baseline" else run_engine(cfg, spec)
     if result:
         print(RESULT_PREFIX + json.dumps({"name": spec["name"], **result}), flush=True)
 

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,17 @@ def save_checkpoint(state: dict[str, Any], folder: Path, step: int, keep: int) -
     for old in numbered_checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
     return numbered
+
+
+def save_best(folder: Path, step: int, state: Callable[[], dict[str, Any]]) -> Path:
+    """``best.pt``: the step's numbered checkpoint (hard-linked, or copied, atomically) when there is one, else
+    ``state()`` written anew. Numbered files are only ever replaced, never rewritten, so the link stays intact."""
+    numbered, best = folder / f"step_{step:08d}.pt", folder / "best.pt"
+    if numbered.is_file():
+        _atomic_link(numbered, best)
+    else:
+        atomic_save({"format": FORMAT, "version": VERSION, **state()}, best)
+    return best
 
 
 def numbered_checkpoints(folder: Path) -> list[Path]:

@@ -22,7 +22,8 @@ from gantrain.engine.errors import ConfigError
 
 DATASETS = ("fashion-mnist", "mnist", "folder", "synthetic")
 ARCHS = ("dcgan", "dense")
-LOADERS = ("auto", "memory", "torch")
+LOADERS = ("auto", "memory", "torch", "dali")
+DALI_DEVICES = ("auto", "cpu", "gpu")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
@@ -52,9 +53,14 @@ class DataConfig:
     strict: bool = False
     """Fail on an unreadable image instead of skipping it."""
     loader: str = "auto"
-    """Data loader: memory (decode once, keep uint8 on the device), torch (DataLoader) or auto (memory when it fits)."""
+    """Data loader: memory (decode once, keep uint8 on the device), torch (DataLoader), dali (NVIDIA DALI pipeline;
+    the dali extra) or auto (DALI for image folders when installed and training on CUDA, else memory when it fits)."""
     num_workers: int = 2
-    """DataLoader worker processes for --loader torch."""
+    """DataLoader worker processes for --loader torch; CPU threads (and Python workers for IDX data) of --loader dali."""
+    hflip: bool = False
+    """Random horizontal flip of training images (a seeded coin per image and epoch, the same in every loader)."""
+    dali_device: str = "auto"
+    """Where --loader dali decodes and resizes: auto (the GPU when training on CUDA), gpu or cpu."""
     synthetic_size: int = 8192
     """Number of images in the synthetic dataset."""
     limit: int = 0
@@ -67,6 +73,8 @@ class DataConfig:
         _check(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
         _check(self.loader in LOADERS, "loader", f"must be one of {', '.join(LOADERS)}, got {self.loader!r}")
         _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        _check(self.dali_device in DALI_DEVICES, "dali_device", f"must be one of {', '.join(DALI_DEVICES)}, "
+               f"got {self.dali_device!r}")
         _check(self.synthetic_size >= 1, "synthetic_size", f"must be at least 1, got {self.synthetic_size}")
         _check(self.limit >= 0, "limit", f"must be >= 0, got {self.limit}")
 
@@ -152,6 +160,13 @@ class RunConfig:
     """Numbered checkpoints to keep besides last.pt."""
     device: str = "auto"
     """auto (CUDA when present), cpu or cuda."""
+    eval_every: int = 0
+    """Evaluate quality metrics every N epochs (0 = off)."""
+    eval_samples: int = 2000
+    """Generated images per evaluation during training (2000 keeps the cost to a few % of an epoch)."""
+    metrics_cache: str = ""
+    """Folder of fitted feature extractors and real-data features (default: $GANTRAIN_CACHE, else
+    $XDG_CACHE_HOME/gantrain/metrics, else ~/.cache/gantrain/metrics)."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
@@ -161,6 +176,8 @@ class RunConfig:
         _check(self.log_every >= 1, "log_every", f"must be at least 1, got {self.log_every}")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be at least 1, got {self.keep_checkpoints}")
         _check(self.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {self.device!r}")
+        _check(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
+        _check(self.eval_samples >= 100, "eval_samples", f"must be at least 100, got {self.eval_samples}")
 
 
 @dataclass
@@ -234,6 +251,9 @@ class Config:
             _check(self.run.device != "cpu", "cuda_graphs", "CUDA graphs need --device cuda")
         if self.dist.sync_bn:
             _check(self.run.device != "cpu", "sync_bn", "SyncBatchNorm needs CUDA (it is not implemented for the CPU)")
+        if self.data.dali_device == "gpu":
+            _check(self.run.device != "cpu", "dali_device", "a GPU pipeline needs CUDA, but --device is cpu; "
+                   "use --dali-device cpu (or auto)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

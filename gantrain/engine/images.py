@@ -57,25 +57,38 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_curves(records: Sequence[dict], keys: Sequence[str], path: Path, title: str, ylabel: str) -> Path | None:
-    """One line per key against the step, from metrics.jsonl records."""
+def plot_curves(records: Sequence[dict], keys: Sequence[str], path: Path, title: str, ylabel: str, *,
+                secondary: Sequence[str] = (), secondary_ylabel: str = "") -> Path | None:
+    """One line per key against the step, from metrics.jsonl records; ``secondary`` keys (values on another
+    scale, e.g. precision next to FD) are drawn dashed against a right-hand axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in records if any(k in r for k in keys)]
+    rows = [r for r in records if any(k in r for k in [*keys, *secondary])]
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for key in keys:
-        points = [(r["step"], r[key]) for r in rows if key in r]
-        if points:
-            ax.plot(*zip(*points), label=key)
+    _plot_keys(ax, rows, keys)
     ax.set(xlabel="step", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    if secondary:
+        right = ax.twinx()
+        _plot_keys(right, rows, secondary, linestyle="--", color_offset=len(keys))
+        right.set_ylabel(secondary_ylabel)
+        more_handles, more_labels = right.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _plot_keys(ax, rows: Sequence[dict], keys: Sequence[str], linestyle: str = "-", color_offset: int = 0) -> None:
+    for i, key in enumerate(keys):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:  # colours continue across the two axes so no two lines share one
+            ax.plot(*zip(*points), label=key, linestyle=linestyle, color=f"C{i + color_offset}")

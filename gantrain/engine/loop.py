@@ -97,6 +97,7 @@ class Trainer:
         self._build_state()
         if resume_state is not None:
             self.load_state(resume_state, self.resume_path)
+        self.tracker = self._build_tracker()
 
     # ----- construction -------------------------------------------------------------------------------
     def _resumed_config(self, cfg: Config, state: dict | None) -> Config:
@@ -123,7 +124,7 @@ class Trainer:
 
     def _build_data(self) -> None:
         shard = Shard(self.dist.rank, self.dist.world_size)
-        self.loader = build_loader(self.cfg.data, self.cfg.run.seed, self.device, shard)
+        self.loader = build_loader(self.cfg.data, self.cfg.run.seed, self.device, shard, policy=self.policy)
         run = self.cfg.run
         by_epochs = run.epochs * self.loader.steps_per_epoch
         self.total_steps = min(by_epochs, run.max_steps) if run.max_steps else by_epochs
@@ -182,6 +183,16 @@ class Trainer:
         self.stats, self.timer = DeviceStats(self.device), PhaseTimer(self.device)
         self.stop_signal: int | None = None
         self.last_checkpoint: Path | None = None
+        self.best_fd: float | None = None
+        self.last_eval: dict = {}  # the latest quality-metrics record (--eval-every), for epoch callbacks
+
+    def _build_tracker(self):
+        """Quality metrics every --eval-every epochs, on rank 0 (the extractor is fitted here when missing)."""
+        if not self.cfg.run.eval_every or not self.dist.is_main:
+            return None
+        from gantrain.engine.metrics.tracking import QualityTracker
+
+        return QualityTracker(self.cfg, self.device, self.console, best_fd=self.best_fd)
 
     # ----- the loop ------------------------------------------------------------------------------------
     def fit(self) -> FitResult:
@@ -192,15 +203,34 @@ class Trainer:
                 self._train_epoch(epoch, start, bar)
                 if self.stop_signal is not None:
                     raise Interrupted(self.stop_signal, self.save_checkpoint())
-                if self.step % steps_per_epoch == 0 and (epoch + 1) % self.cfg.run.checkpoint_every == 0:
-                    self.save_checkpoint()
                 if self.step % steps_per_epoch == 0:
+                    self._end_epoch(epoch + 1, bar)
                     for callback in self.epoch_callbacks:
                         callback(self, epoch + 1)
                 if self.stop_reason:
                     log.warning("stopping at step %d: %s", self.step, self.stop_reason)
                     break
         return self._finish()
+
+    def _end_epoch(self, epochs_done: int, bar) -> None:
+        """In this order: quality metrics, the checkpoint (it stores the best FD), then best.pt when FD improved."""
+        improved = self._evaluate_quality(epochs_done, bar) if self.tracker and self.tracker.due(epochs_done) else False
+        if epochs_done % self.cfg.run.checkpoint_every == 0:
+            self.save_checkpoint()
+        if improved:
+            ckpt.save_best(self.run_dir / "checkpoints", self.step, self.state_dict)
+
+    def _evaluate_quality(self, epochs_done: int, bar) -> bool:
+        generator = self.g_ema if self.g_ema is not None else self.g
+        record, improved = self.tracker.evaluate(generator, self.step, epochs_done)
+        self.best_fd, self.last_eval = self.tracker.best_fd, record
+        self.metrics.write(record)
+        self.tracker.plot(self.run_dir)
+        summary = self.tracker.summary(record)
+        bar.update(self.task, quality=f" | {summary}")
+        log.info("epoch %d: %s (%d samples, %.1f s)%s", epochs_done, summary, record["eval_samples"], record["eval_s"],
+                 ", best so far: checkpoints/best.pt" if improved else "")
+        return improved
 
     def _train_epoch(self, epoch: int, start: int, bar) -> None:
         self.window_start = time.perf_counter(), self.step
@@ -298,6 +328,8 @@ class Trainer:
                  "scaler": self.policy.scaler.state_dict(), "rng": rng, "world_size": self.dist.world_size}
         if self.g_ema is not None:
             state["generator_ema"] = self.g_ema.state_dict()
+        if self.best_fd is not None:
+            state["best_fd"] = self.best_fd
         return state
 
     def load_state(self, state: dict, path: Path | str) -> None:
@@ -310,6 +342,7 @@ class Trainer:
         if state.get("scaler"):
             self.policy.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
+        self.best_fd = state.get("best_fd")
         self._load_rng(state["rng"])
         if self.dist.is_main:
             log.info("resumed from %s at step %d", path, self.step)
@@ -376,7 +409,7 @@ class Trainer:
             if self.dist.is_main else None
         bar = progress_bar(self.console)
         self.task = bar.add_task("train", total=self.total_steps, completed=self.step, epoch="-", loss_d="-",
-                                 loss_g="-", images_per_s="-")
+                                 loss_g="-", images_per_s="-", quality="")
         if not self.dist.is_main:
             yield bar
             return

@@ -1,8 +1,10 @@
-"""Loaders: batches of uint8 images on the training device, the same epochs whatever the loader.
+"""Loaders: batches of images on the training device, the same epochs whatever the loader.
 
-Every loader draws its order from :func:`epoch_batches` (seeded by run seed and epoch, sharded by rank),
-so the loop does not know which loader it has, and a resumed run sees the same batches. Conversion to
-float in [-1, 1] (and channels-last, and the AMP dtype) happens in :mod:`gantrain.engine.precision`.
+Every loader draws its order (and its --hflip coin flips) from :func:`epoch_plan` (seeded by run seed and
+epoch, sharded by rank), so the loop does not know which loader it has, and a resumed run sees the same
+batches. The memory and torch loaders yield uint8; conversion to float in [-1, 1] (and channels-last, and the
+AMP dtype) happens in :mod:`gantrain.engine.precision`. The DALI loader (:mod:`gantrain.engine.data.dali`)
+normalises in its pipeline and yields floats.
 """
 
 from __future__ import annotations
@@ -32,12 +34,21 @@ class Shard:
     world_size: int = 1
 
 
-def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, shard: Shard = Shard()) -> torch.Tensor:
-    """Index batches of one epoch for one rank: (steps, batch_size), int64 on the CPU.
+@dataclass(frozen=True)
+class EpochPlan:
+    """One rank's epoch: the image index of every slot, and which images to mirror, both (steps, batch_size)."""
+
+    indices: torch.Tensor
+    flips: torch.Tensor | None  # bool; None when --hflip is off
+
+
+def epoch_plan(n: int, batch_size: int, epoch: int, seed: int, shard: Shard = Shard(), hflip: bool = False) -> EpochPlan:
+    """Index batches of one epoch for one rank (int64 on the CPU), with a seeded coin flip per image under hflip.
 
     All ranks draw the same permutation; rank r takes every world_size-th index of it, so shards are
     disjoint and together cover the epoch. The tail that does not fill a global batch is dropped (it is
-    different every epoch, so no image is left out for good).
+    different every epoch, so no image is left out for good). The flips are drawn after the permutation,
+    so --hflip leaves the order unchanged.
     """
     global_batch = batch_size * shard.world_size
     steps = n // global_batch
@@ -45,11 +56,26 @@ def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, shard: Shard =
         raise DataError(f"the dataset has {n} images, fewer than one global batch of {global_batch}; lower --batch-size")
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(n, generator=gen)[: steps * global_batch]
-    return perm[shard.rank :: shard.world_size].view(steps, batch_size)
+    flips = torch.rand(steps * global_batch, generator=gen) < 0.5 if hflip else None
+
+    def mine(order: torch.Tensor) -> torch.Tensor:
+        return order[shard.rank :: shard.world_size].view(steps, batch_size)
+
+    return EpochPlan(mine(perm), mine(flips) if flips is not None else None)
+
+
+def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, shard: Shard = Shard()) -> torch.Tensor:
+    """Index batches of one epoch for one rank: (steps, batch_size), int64 on the CPU (see :func:`epoch_plan`)."""
+    return epoch_plan(n, batch_size, epoch, seed, shard).indices
+
+
+def mirror(images: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Images (B, C, H, W) with those where ``flips`` (B,) is true mirrored left-right."""
+    return torch.where(flips.view(-1, 1, 1, 1), images.flip(-1), images)
 
 
 class BatchLoader(Protocol):
-    """What the training loop needs from a loader."""
+    """What the training loop needs from a loader (the DALI one yields floats already in [-1, 1])."""
 
     num_images: int
     steps_per_epoch: int
@@ -62,16 +88,20 @@ class BatchLoader(Protocol):
 class MemoryLoader:
     """The whole dataset as uint8 on the training device; batches are gathered there (no worker round trip)."""
 
-    def __init__(self, images: torch.Tensor, batch_size: int, seed: int, device: torch.device, shard: Shard = Shard()):
+    def __init__(self, images: torch.Tensor, batch_size: int, seed: int, device: torch.device, shard: Shard = Shard(),
+                 hflip: bool = False):
         self.images = images.to(device)
         self.num_images, self.batch_size, self.seed, self.shard = len(images), batch_size, seed, shard
         self.steps_per_epoch = self.num_images // (batch_size * shard.world_size)
+        self.hflip = hflip
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
-        batches = epoch_batches(self.num_images, self.batch_size, epoch, self.seed, self.shard)
-        batches = batches[start_step:].to(self.images.device, non_blocking=True)
-        for index in batches:
-            yield self.images.index_select(0, index)
+        plan = epoch_plan(self.num_images, self.batch_size, epoch, self.seed, self.shard, self.hflip)
+        batches = plan.indices[start_step:].to(self.images.device, non_blocking=True)
+        flips = plan.flips[start_step:].to(self.images.device, non_blocking=True) if plan.flips is not None else None
+        for step, index in enumerate(batches):
+            images = self.images.index_select(0, index)
+            yield images if flips is None else mirror(images, flips[step])
 
 
 class _TensorDataset(Dataset):
@@ -110,33 +140,60 @@ class TorchLoader:
     """A torch DataLoader (worker processes, pinned memory on CUDA) over the same epoch order."""
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, device: torch.device, num_workers: int,
-                 shard: Shard = Shard()):
+                 shard: Shard = Shard(), hflip: bool = False):
         self.dataset, self.batch_size, self.seed, self.shard = dataset, batch_size, seed, shard
-        self.device, self.num_workers = device, num_workers
+        self.device, self.num_workers, self.hflip = device, num_workers, hflip
         self.num_images = len(dataset)  # type: ignore[arg-type]
         self.steps_per_epoch = self.num_images // (batch_size * shard.world_size)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
-        batches = epoch_batches(self.num_images, self.batch_size, epoch, self.seed, self.shard)[start_step:]
+        plan = epoch_plan(self.num_images, self.batch_size, epoch, self.seed, self.shard, self.hflip)
+        batches = plan.indices[start_step:]
+        flips = plan.flips[start_step:] if plan.flips is not None else None
         # Its own generator: DataLoader would otherwise draw the workers' base seed from the global torch RNG,
         # so a resumed run (which starts one more epoch iterator) would end with a different global RNG state.
         seeds = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         loader = DataLoader(self.dataset, batch_sampler=batches.tolist(), num_workers=self.num_workers,
                             pin_memory=self.device.type == "cuda", persistent_workers=False, generator=seeds)
-        for batch in loader:
-            yield batch.to(self.device, non_blocking=True)
+        for step, batch in enumerate(loader):
+            batch = batch.to(self.device, non_blocking=True)
+            yield batch if flips is None else mirror(batch, flips[step].to(self.device, non_blocking=True))
 
 
-def build_loader(data_cfg, seed: int, device: torch.device, shard: Shard = Shard(), progress=None) -> BatchLoader:
-    """The loader named by --loader (auto: device-resident memory whenever the dataset fits)."""
-    kind = data_cfg.loader
+def choose_loader(data_cfg, device: torch.device) -> str:
+    """--loader, with auto resolved for image folders: DALI when it is installed and training runs on CUDA.
+
+    GPU decoding pays there; on the CPU the memory loader (decode once) trains faster than DALI decoding every
+    epoch on the same cores (README, "Data loaders and DALI"). IDX and synthetic data fit in memory, so auto
+    keeps them device-resident.
+    """
+    if data_cfg.loader != "auto" or data_cfg.dataset != "folder" or device.type != "cuda":
+        return data_cfg.loader
+    from gantrain.engine.data.dali import dali_installed
+
+    return "dali" if dali_installed() else "auto"
+
+
+def build_loader(data_cfg, seed: int, device: torch.device, shard: Shard = Shard(), progress=None,
+                 policy=None) -> BatchLoader:
+    """The loader named by --loader (auto: see :func:`choose_loader`, then device-resident memory when it fits).
+
+    ``policy`` (a PrecisionPolicy) lets DALI write batches in the model's layout and dtype; without it DALI gives
+    fp32 NCHW, which ``prepare_batch`` converts.
+    """
+    kind = choose_loader(data_cfg, device)
+    if kind == "dali":
+        from gantrain.engine.data.dali import build_dali_loader
+
+        return build_dali_loader(data_cfg, seed, device, shard, policy, progress)
     if kind == "torch" and data_cfg.dataset == "folder":
         paths = folder_paths(data_cfg.data_root, data_cfg.limit)
         dataset = _FolderDataset(paths, data_cfg.image_size, data_cfg.channels, data_cfg.strict)
-        return TorchLoader(dataset, data_cfg.batch_size, seed, device, data_cfg.num_workers, shard)
+        return TorchLoader(dataset, data_cfg.batch_size, seed, device, data_cfg.num_workers, shard, data_cfg.hflip)
     images = load_images(data_cfg.dataset, data_cfg.data_root, data_cfg.image_size, data_cfg.channels,
                          strict=data_cfg.strict, limit=data_cfg.limit, synthetic_size=data_cfg.synthetic_size,
                          seed=seed, progress=progress)
     if kind == "torch" or (kind == "auto" and images.numel() > MEMORY_LIMIT_BYTES):
-        return TorchLoader(_TensorDataset(images), data_cfg.batch_size, seed, device, data_cfg.num_workers, shard)
-    return MemoryLoader(images, data_cfg.batch_size, seed, device, shard)
+        return TorchLoader(_TensorDataset(images), data_cfg.batch_size, seed, device, data_cfg.num_workers, shard,
+                           data_cfg.hflip)
+    return MemoryLoader(images, data_cfg.batch_size, seed, device, shard, data_cfg.hflip)

@@ -1,0 +1,143 @@
+"""The real data that metrics compare against: which dataset, its train/test splits, and their content hashes.
+
+* fashion-mnist / mnist: the official splits (60000 train, 10000 test), 28-pixel images resized to 32 pixels
+  exactly as the training loader does, so real images look like the ones the GAN learned from.
+* an image folder (e.g. cats): no labels and no official split. The sorted file list is split
+  deterministically: every 5th file is test, the rest train. Images are decoded at 64 pixels.
+
+Hashes are of the files' bytes (plus relative names for folders), computed without decoding, so looking an
+extractor up in the cache costs a read of the files, not a decode.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gantrain.engine.config import Config
+from gantrain.engine.data.download import IDX_DATASETS, ensure_idx_files
+from gantrain.engine.data.sources import data_root, decode_image, list_images, read_idx, resize_uint8
+from gantrain.engine.errors import ConfigError, DataError
+from gantrain.engine.metrics.cache import sha256_files
+
+IDX_SIZE_PX = 32
+FOLDER_SIZE_PX = 64
+FOLDER_TEST_EVERY = 5
+SPLITS = ("train", "test")
+
+FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
+DIGIT_CLASSES = tuple(str(d) for d in range(10))
+ROTATION_CLASSES = ("0deg", "90deg", "180deg", "270deg")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset as the metrics see it: where it is, and the image format its extractor works at."""
+
+    dataset: str
+    """fashion-mnist, mnist or folder."""
+    root: Path
+    """For IDX datasets the folder holding FashionMNIST/raw (or MNIST/raw); for folder the image folder."""
+    channels: int = 1
+    """Image channels the extractor sees (IDX datasets are grayscale)."""
+
+    @property
+    def size_px(self) -> int:
+        return FOLDER_SIZE_PX if self.dataset == "folder" else IDX_SIZE_PX
+
+    @property
+    def task(self) -> str:
+        """classes (supervised, labelled data) or rotation (self-supervised, for unlabelled folders)."""
+        return "rotation" if self.dataset == "folder" else "classes"
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return {"fashion-mnist": FASHION_CLASSES, "mnist": DIGIT_CLASSES}.get(self.dataset, ROTATION_CLASSES)
+
+    @property
+    def label(self) -> str:
+        """A file-name-safe name: fashion-mnist, mnist or folder-<folder name>-<channels>ch."""
+        if self.dataset != "folder":
+            return self.dataset
+        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in self.root.resolve().name)
+        return f"folder-{safe}-{self.channels}ch"
+
+
+@dataclass
+class Split:
+    images: torch.Tensor
+    """uint8 (N, C, S, S) at the spec's size."""
+    labels: torch.Tensor | None
+    """int64 (N,) class labels, or None for an unlabelled folder."""
+
+
+def spec_from_config(cfg: Config) -> DatasetSpec:
+    """The metric dataset of a training config (synthetic data has none)."""
+    dataset = cfg.data.dataset
+    if dataset not in ("fashion-mnist", "mnist", "folder"):
+        raise ConfigError(f"--dataset: quality metrics need fashion-mnist, mnist or folder data, not {dataset}")
+    if dataset == "folder" and cfg.data.data_root is None and not os.environ.get("GANTRAIN_DATA"):
+        raise DataError("an image-folder dataset needs --data-root (the folder holding the images)")
+    return DatasetSpec(dataset, data_root(cfg.data.data_root), 1 if dataset != "folder" else cfg.data.channels)
+
+
+def parse_dataset(text: str, root: str | None = None, channels: int = 3) -> DatasetSpec:
+    """``fashion-mnist``, ``mnist`` or ``folder:PATH`` (the form of ``gantrain metrics fit-extractor --dataset``)."""
+    if channels not in (1, 3):
+        raise ConfigError(f"--channels: must be 1 or 3, got {channels}")
+    if text in IDX_DATASETS:
+        return DatasetSpec(text, data_root(root), 1)
+    if text.startswith("folder:") and len(text) > len("folder:"):
+        return DatasetSpec("folder", Path(text[len("folder:"):]).expanduser(), channels)
+    raise ConfigError(f"--dataset: must be fashion-mnist, mnist or folder:PATH, got {text!r}")
+
+
+def split_sha256(spec: DatasetSpec, split: str) -> str:
+    """Content hash of the files making up ``split``."""
+    if spec.dataset == "folder":
+        return sha256_files(_folder_split_paths(spec.root, split), spec.root)
+    files = ensure_idx_files(spec.dataset, spec.root)
+    prefix = "train" if split == "train" else "t10k"
+    return sha256_files([files[f"{prefix}-images-idx3-ubyte"], files[f"{prefix}-labels-idx1-ubyte"]])
+
+
+def load_split(spec: DatasetSpec, split: str) -> Split:
+    """The images (and labels) of ``split``, decoded and at the spec's size."""
+    if spec.dataset == "folder":
+        return _load_folder_split(spec, split)
+    files = ensure_idx_files(spec.dataset, spec.root)
+    prefix = "train" if split == "train" else "t10k"
+    images = read_idx(files[f"{prefix}-images-idx3-ubyte"])
+    labels = read_idx(files[f"{prefix}-labels-idx1-ubyte"])
+    if len(images) != len(labels):
+        raise DataError(f"{spec.dataset} {split}: {len(images)} images but {len(labels)} labels")
+    resized = resize_uint8(torch.from_numpy(images.copy()).unsqueeze(1), spec.size_px)
+    return Split(resized, torch.from_numpy(labels.astype(np.int64)))
+
+
+def _folder_split_paths(root: Path, split: str) -> list[Path]:
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist (pass --data-root pointing at the images)")
+    paths = list_images(root)
+    if len(paths) < 2 * FOLDER_TEST_EVERY:
+        raise DataError(f"{root} has {len(paths)} images; metrics need at least {2 * FOLDER_TEST_EVERY}")
+    is_test = [(i % FOLDER_TEST_EVERY) == FOLDER_TEST_EVERY - 1 for i in range(len(paths))]
+    return [p for p, test in zip(paths, is_test) if test == (split == "test")]
+
+
+def _load_folder_split(spec: DatasetSpec, split: str) -> Split:
+    paths = _folder_split_paths(spec.root, split)
+    arrays = []
+    for path in paths:
+        try:
+            arrays.append(decode_image(path, spec.size_px, spec.channels))
+        except Exception:  # PIL raises many types for broken files; they are skipped as in training
+            continue
+    if not arrays:
+        raise DataError(f"no readable images in the {split} split of {spec.root}")
+    return Split(torch.from_numpy(np.stack(arrays)), None)
+

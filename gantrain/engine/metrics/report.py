@@ -1,0 +1,171 @@
+"""``gantrain eval`` behind the CLI: evaluate a checkpoint (or real data against itself), show a rich table,
+write JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from gantrain.engine.config import Config, override
+from gantrain.engine.errors import ConfigError
+from gantrain.engine.logging import log
+from gantrain.engine.metrics.evaluate import Evaluator, MetricReport, generated_batches
+from gantrain.engine.metrics.inception import inception_fid, inception_unavailable
+from gantrain.engine.metrics.reference import load_split, parse_dataset
+
+_HIST_BAR_WIDTH = 30
+EXTRACTOR_KEYS = ("label", "task", "test_accuracy", "train_sha256", "epochs")
+_ROWS = (  # key, label, how to read it
+    ("fd", "Fréchet distance (FD)", "lower is better; real-vs-real gives the floor"),
+    ("kid", "KID (mean ± std)", "lower is better; unbiased, ~0 for matching distributions"),
+    ("precision", "precision", "share of generated images on the real manifold (fidelity)"),
+    ("recall", "recall", "share of real images on the generated manifold (diversity)"),
+    ("classifier_score", "classifier score", "exp E[KL(p(y|x) || p(y))]; max = number of classes"),
+)
+
+
+@dataclass
+class EvalResult:
+    """One `gantrain eval`: the metrics and what they were computed from."""
+
+    mode: str
+    """generator or real-vs-real."""
+    report: MetricReport
+    extractor: dict[str, Any]
+    checkpoint: str | None = None
+    step: int | None = None
+    seed: int = 0
+    inception_fid: float | None = None
+    inception_note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        values = self.report.values
+        return {"mode": self.mode, "checkpoint": self.checkpoint, "step": self.step, "seed": self.seed,
+                "dataset": self.extractor["label"], "num_generated": self.report.num_generated,
+                "num_real": self.report.num_real,
+                "metrics": {k: v for k, v in values.items() if not k.startswith("hist_")},
+                "class_histogram": self.report.histogram, "inception_fid": self.inception_fid,
+                "inception_note": self.inception_note, "seconds": round(self.report.seconds, 2),
+                "extractor": {k: self.extractor[k] for k in EXTRACTOR_KEYS}}
+
+
+def evaluate_checkpoint(checkpoint: Path, *, num_samples: int, seed: int = 0, device: str = "auto",
+                        data_root: str | None = None, cache: str | None = None, use_ema: bool = True,
+                        inception_weights: Path | None = None, console: Console | None = None) -> EvalResult:
+    """Metrics of a checkpoint's generator (its EMA copy when present) against the real test split."""
+    from gantrain.engine.generate import load_generator
+
+    generator, cfg = load_generator(checkpoint, device, use_ema)
+    cfg = _eval_config(cfg, data_root, cache)
+    evaluator = Evaluator.for_config(cfg, device=next(generator.parameters()).device, console=console)
+    report = evaluator.evaluate(generator, cfg, num_samples=num_samples, seed=seed)
+    result = EvalResult("generator", report, evaluator.reference.extractor.info, str(checkpoint),
+                        _checkpoint_step(checkpoint), seed)
+    _add_inception(result, evaluator, generator, cfg, inception_weights)
+    return result
+
+
+def evaluate_real(cfg: Config, *, num_samples: int, seed: int = 0, data_root: str | None = None,
+                  cache: str | None = None, device: str = "cpu", console: Console | None = None) -> EvalResult:
+    """The floor: two disjoint halves of the real test split compared with each other."""
+    cfg = _eval_config(cfg, data_root, cache)
+    evaluator = Evaluator.for_config(cfg, device=device, console=console)
+    report = evaluator.real_vs_real(num_samples=num_samples, seed=seed)
+    return EvalResult("real-vs-real", report, evaluator.reference.extractor.info, seed=seed,
+                      inception_note="not computed in --real-vs-real mode")
+
+
+def real_config(checkpoint: Path | None, dataset: str | None, data_root: str | None) -> Config:
+    """The config naming the data of `gantrain eval --real-vs-real`: the checkpoint's, or a preset for --dataset."""
+    from gantrain.engine.config import preset
+    from gantrain.engine.generate import load_generator
+
+    if dataset is None:
+        if checkpoint is None:
+            raise ConfigError("--real-vs-real needs a CHECKPOINT (for its dataset) or --dataset")
+        return load_generator(checkpoint, "cpu")[1]
+    spec = parse_dataset(dataset, data_root)
+    if spec.dataset == "folder":
+        return override(preset("cats64"), {"data_root": str(spec.root), "channels": spec.channels})
+    return override(preset("mnist32" if spec.dataset == "mnist" else "fashion32"), {"data_root": data_root})
+
+
+def _eval_config(cfg: Config, data_root: str | None, cache: str | None) -> Config:
+    # A checkpoint's metrics_cache may name another machine's folder: only the command line or the env decide.
+    return override(cfg, {"data_root": data_root, "metrics_cache": cache or ""})
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    from gantrain.engine.checkpoint import load_checkpoint
+
+    return int(load_checkpoint(path)["step"])
+
+
+def _add_inception(result: EvalResult, evaluator: Evaluator, generator: torch.nn.Module, cfg: Config,
+                   weights: Path | None) -> None:
+    """The standard FID when torch-fidelity and local Inception weights allow; otherwise the reason it is not."""
+    why_not = inception_unavailable(weights)
+    if why_not is not None:
+        result.inception_note = f"skipped: {why_not}"
+        return
+    log.info("computing the Inception FID (Inception-v3 at 299 px: slow on a CPU)")
+    device = next(generator.parameters()).device
+    spec = evaluator.reference.spec
+    try:
+        fake = generated_batches(generator, cfg, spec, result.report.num_generated, result.seed, device)
+        result.inception_fid = inception_fid(fake, load_split(spec, "test").images, weights, device)
+        result.inception_note = f"torch-fidelity Inception-v3 pool features, weights {weights}"
+    except Exception as exc:  # a broken optional dependency must not fail the evaluation
+        result.inception_note = f"skipped: torch-fidelity failed ({type(exc).__name__}: {str(exc)[:160]})"
+
+
+def render(result: EvalResult) -> list[Table]:
+    """The metrics table and the class-histogram table."""
+    return [_metrics_table(result), _histogram_table(result)]
+
+
+def _metrics_table(result: EvalResult) -> Table:
+    values, info = result.report.values, result.extractor
+    what = result.checkpoint if result.mode == "generator" else "real vs real (two halves of the test split)"
+    table = Table(title=f"gantrain eval: {what}", caption=_caption(result), show_lines=False)
+    table.add_column("metric", style="bold", no_wrap=True)
+    table.add_column("value", justify="right", no_wrap=True)
+    table.add_column("reading")
+    for key, label, reading in _ROWS:
+        value = f"{values['kid_mean']:.5f} ± {values['kid_std']:.5f}" if key == "kid" else f"{values[key]:.4f}"
+        table.add_row(label, value, reading)
+    fid = f"{result.inception_fid:.3f}" if result.inception_fid is not None else "-"
+    table.add_row("Inception FID", fid, result.inception_note)
+    table.add_row("extractor", f"{100 * info['test_accuracy']:.2f}%", f"{info['label']} {info['task']} "
+                  f"accuracy on the test split")
+    return table
+
+
+def _caption(result: EvalResult) -> str:
+    step = f"step {result.step}, " if result.step is not None else ""
+    return (f"{step}{result.report.num_generated} generated vs {result.report.num_real} real test images, "
+            f"seed {result.seed}, {result.report.seconds:.1f} s")
+
+
+def _histogram_table(result: EvalResult) -> Table:
+    histogram = result.report.histogram
+    table = Table(title="predicted classes of the generated images (mode collapse shows as spikes and gaps)")
+    table.add_column("class", no_wrap=True)
+    table.add_column("share", justify="right")
+    table.add_column("")
+    largest = max(histogram.values(), default=0.0) or 1.0
+    for name, share in histogram.items():
+        table.add_row(name, f"{100 * share:.1f}%", "█" * round(share / largest * _HIST_BAR_WIDTH))
+    return table
+
+
+def write_json(result: EvalResult, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    return path

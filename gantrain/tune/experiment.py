@@ -1,0 +1,288 @@
+"""Running a ``gantrain tune`` experiment: Ray start-up, the Tuner (new or restored) and its outputs.
+
+The experiment folder is ``<storage>/<name>``: Ray's own state and one folder per trial, plus what gantrain
+writes there, ``base.toml`` (the config every trial starts from), ``space.toml``, ``tune.json`` (the
+settings, so ``--resume`` continues with exactly the same experiment), ``tune.log``, and at the end
+``results.csv``, ``best.toml`` and ``trials.png`` (:mod:`gantrain.tune.results`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from rich.console import Console
+
+from gantrain.engine.config import Config, load_toml, override, to_toml
+from gantrain.engine.data.download import IDX_DATASETS, ensure_idx_files
+from gantrain.engine.data.sources import data_root
+from gantrain.engine.errors import ConfigError, GantrainError
+from gantrain.engine.logging import log, setup_logging
+from gantrain.engine.metrics import evaluate_generator
+from gantrain.engine.models import build_models
+from gantrain.tune.results import Outcome, summarise
+from gantrain.tune.settings import TuneSettings, load_settings
+from gantrain.tune.space import Space, load_space, parse_space
+from gantrain.tune.trainable import report_every, train_trial, trial_epochs
+
+# Environment a trial on another node needs from the driver's shell.
+FORWARDED_ENV = ("GANTRAIN_DATA", "GANTRAIN_CACHE", "XDG_CACHE_HOME")
+LOCAL_OBJECT_STORE_BYTES = 512 * 2**20  # trials pass configs, not data, through Ray's object store
+CHECKPOINTS_KEPT = 2
+PBT_CHECKPOINTS_KEPT = 4  # donors' recent checkpoints must outlive the exploit steps that copy them
+
+
+class ExperimentInterrupted(GantrainError):
+    """Ctrl-C stopped the experiment; Ray saved its state and ``--resume`` continues it."""
+
+    exit_code = 130
+
+
+@dataclass(frozen=True)
+class ExperimentFolder:
+    path: Path
+
+    @property
+    def base_file(self) -> Path:
+        return self.path / "base.toml"
+
+    @property
+    def settings_file(self) -> Path:
+        return self.path / "tune.json"
+
+    @property
+    def space_file(self) -> Path:
+        return self.path / "space.toml"
+
+    def holds_experiment(self) -> bool:
+        return any(self.path.glob("experiment_state-*.json"))
+
+
+def experiment_folder(storage: str | Path, name: str) -> ExperimentFolder:
+    if not name or "/" in name or name in (".", ".."):
+        raise ConfigError(f"--name: must be a plain folder name, got {name!r}")
+    return ExperimentFolder(Path(storage).expanduser().resolve() / name)
+
+
+# ----- preparing a new experiment or reading an interrupted one ---------------------------------------------
+def prepare_base(cfg: Config, settings: TuneSettings) -> Config:
+    """Checks the config can run as trials and pins its data and metrics-cache paths for every trial."""
+    if cfg.dist.ddp:
+        raise ConfigError("--ddp: each trial is one process; spread trials over GPUs and nodes with "
+                          "--gpus-per-trial and --address instead")
+    if cfg.run.device == "cuda" and settings.gpus_per_trial == 0:
+        raise ConfigError("--gpus-per-trial: --device cuda needs GPUs reserved per trial (e.g. 1 or 0.5)")
+    # Trials run in their own working folders (on other nodes too): relative paths would not resolve there.
+    root = cfg.data.data_root or os.environ.get("GANTRAIN_DATA")
+    cache = cfg.run.metrics_cache or os.environ.get("GANTRAIN_CACHE")
+    cfg = override(cfg, {"data_root": _absolute(root), "metrics_cache": _absolute(cache)})
+    if cfg.data.dataset in IDX_DATASETS:
+        ensure_idx_files(cfg.data.dataset, data_root(cfg.data.data_root))  # download once, not once per trial
+    return cfg
+
+
+def _absolute(path: str | None) -> str | None:
+    return str(Path(path).expanduser().resolve()) if path else None
+
+
+def warm_metrics(cfg: Config) -> float:
+    """Fits (or loads) the metrics' feature extractor and real statistics here, once, before trials start
+    (concurrent trials would each fit it); returns the untrained generator's FD, the point trials start from."""
+    log.info("preparing the quality metrics (the feature extractor is fitted once, then cached)")
+    generator, _ = build_models(cfg.model, cfg.data.image_size, cfg.data.channels)
+    metrics = evaluate_generator(generator, cfg, num_samples=cfg.run.eval_samples, device="cpu", seed=0)
+    log.info("untrained generator: fd %.4g (the starting point every trial improves on)", metrics["fd"])
+    return float(metrics["fd"])
+
+
+def create(folder: ExperimentFolder, cfg: Config, settings: TuneSettings, space: Space) -> None:
+    if folder.holds_experiment():
+        raise ConfigError(f"--name: {folder.path} already holds an experiment; continue it with --resume "
+                          "or choose another --name")
+    folder.path.mkdir(parents=True, exist_ok=True)
+    folder.base_file.write_text(to_toml(cfg))
+    folder.settings_file.write_text(settings.to_json())
+    folder.space_file.write_text(space.text)
+
+
+def reopen(folder: ExperimentFolder) -> tuple[Config, TuneSettings, Space]:
+    """The base config, settings and space an interrupted experiment started with."""
+    if not (folder.holds_experiment() and folder.settings_file.is_file()):
+        raise ConfigError(f"--resume: no gantrain tune experiment in {folder.path} (check --storage and --name)")
+    cfg = load_toml(folder.base_file)
+    return cfg, load_settings(folder.settings_file), parse_space(folder.space_file.read_text(), cfg,
+                                                                 str(folder.space_file))
+
+
+# ----- Ray ------------------------------------------------------------------------------------------------
+def start_ray(address: str | None) -> bool:
+    """Joins ``address`` (``auto`` or ``ray://host:port``) or starts Ray on this machine; True if started here."""
+    if ray.is_initialized():
+        return False
+    common: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
+    try:
+        if address:
+            env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+            ray.init(address=address, runtime_env={"env_vars": env}, **common)
+        else:
+            ray.init(address="local", include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                     **common)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise GantrainError(f"--address: cannot start or join Ray at {address or 'this machine'} ({exc})") from None
+    return True
+
+
+def make_trainable(cfg: Config, settings: TuneSettings):
+    bound = tune.with_parameters(train_trial, base=cfg.to_dict(), settings=settings)
+    return tune.with_resources(bound, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
+
+
+def make_scheduler(settings: TuneSettings, space: Space, reports: int):
+    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+
+    if settings.scheduler == "asha":
+        return ASHAScheduler(time_attr="training_iteration", max_t=reports, reduction_factor=settings.reduction_factor,
+                             grace_period=min(settings.grace_period, reports))
+    if settings.scheduler == "pbt":
+        bounds = {d.name: d.bounds for d in space.dimensions if d.bounds is not None}
+        return PopulationBasedTraining(time_attr="training_iteration", hyperparam_mutations=space.pbt_mutations(),
+                                       perturbation_interval=settings.perturbation_interval,
+                                       custom_explore_fn=ClipToSpace(bounds))
+    return None  # FIFO: every trial runs its full budget
+
+
+class ClipToSpace:
+    """PBT multiplies values by 0.8 or 1.2 with no regard for bounds; keep them inside the searched range."""
+
+    def __init__(self, bounds: dict[str, tuple[float, float]]) -> None:
+        self.bounds = bounds
+
+    def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
+        for name, (low, high) in self.bounds.items():
+            if name in config:
+                config[name] = min(max(config[name], low), high)
+        return config
+
+
+def make_searcher(settings: TuneSettings, space: Space, baseline: dict[str, Any] | None):
+    points = [baseline] if baseline else None
+    if space.has_grid and settings.search != "random":
+        raise ConfigError(f"--search: grid dimensions need --search random, not {settings.search}")
+    if settings.search == "random":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        # Ray's max_concurrent_trials applies to Searchers only; the random generator takes its own limit.
+        return BasicVariantGenerator(points_to_evaluate=points, random_state=settings.search_seed,
+                                     max_concurrent=settings.max_concurrent)
+    try:
+        if settings.search == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            return OptunaSearch(points_to_evaluate=points, seed=settings.search_seed)
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        return HyperOptSearch(points_to_evaluate=points, random_state_seed=settings.search_seed)
+    except (AssertionError, ImportError) as exc:
+        raise GantrainError(f"--search {settings.search}: its package is missing ({exc}); "
+                            "pip install 'gantrain[tune]'") from None
+
+
+def trial_dirname(trial) -> str:
+    """Short trial folder names (Ray's default appends every sampled value)."""
+    return f"trial_{trial.trial_id}"
+
+
+class ProgressLog(tune.Callback):
+    """One log line per report and per trial end, in place of Ray's own progress tables."""
+
+    def __init__(self, metric: str) -> None:
+        self.metric = metric
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        note = f"  diverged: {result['diverged']}" if result.get("diverged") else ""
+        log.info("%s epoch %s: %s %s, loss D %s, G %s%s", trial.trial_id, result.get("epoch"), self.metric,
+                 _fmt(result.get(self.metric)), _fmt(result.get("loss_d")), _fmt(result.get("loss_g")), note)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        log.warning("%s failed (%d retries so far); its error is in %s", trial.trial_id, trial.num_failures,
+                    trial.path or "the trial folder")
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        log.info("%s finished", trial.trial_id)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) else "-"
+
+
+def make_tuner(folder: ExperimentFolder, cfg: Config, settings: TuneSettings, space: Space, callbacks: Sequence):
+    reports = math.ceil(trial_epochs(cfg, settings) / report_every(cfg))
+    config = tune.TuneConfig(
+        metric=settings.metric, mode=settings.mode, num_samples=settings.num_samples,
+        scheduler=make_scheduler(settings, space, reports),
+        search_alg=make_searcher(settings, space, space.baseline_point(cfg) if settings.baseline else None),
+        max_concurrent_trials=(settings.max_concurrent or None) if settings.search != "random" else None,
+        trial_dirname_creator=trial_dirname,
+        reuse_actors=True)  # a new trial in a warm worker skips the process start and the torch import
+    pbt = settings.scheduler == "pbt"
+    run = tune.RunConfig(
+        name=folder.path.name, storage_path=str(folder.path.parent), verbose=0,
+        # PBT would otherwise exploit a trial's final report and restart it with no budget left
+        stop={"training_iteration": reports} if pbt else None,
+        failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=PBT_CHECKPOINTS_KEPT if pbt else CHECKPOINTS_KEPT),
+        sync_config=tune.SyncConfig(sync_artifacts=True), callbacks=[ProgressLog(settings.metric), *callbacks])
+    return tune.Tuner(make_trainable(cfg, settings), param_space=space.param_space(), tune_config=config,
+                      run_config=run)
+
+
+# ----- the whole experiment -------------------------------------------------------------------------------
+def run_experiment(folder: ExperimentFolder, *, cfg: Config | None = None, settings: TuneSettings | None = None,
+                   space_file: str | Path | None = None, resume: bool = False, address: str | None = None,
+                   console: Console | None = None, callbacks: Sequence = ()) -> Outcome:
+    """Runs a new experiment (``cfg``, ``settings``, ``space_file``) or continues one (``resume``)."""
+    console = console or Console(stderr=True)
+    if resume:
+        cfg, settings, space = reopen(folder)
+    else:
+        assert cfg is not None and settings is not None
+        cfg = prepare_base(cfg, settings)
+        space = load_space(space_file, cfg)
+        create(folder, cfg, settings, space)
+    setup_logging(console, folder.path / "tune.log")
+    warm_metrics(cfg)
+    started = start_ray(address)
+    try:
+        grid = _fit(folder, cfg, settings, space, resume, callbacks)
+    finally:
+        if started:
+            ray.shutdown()
+    return summarise(grid, cfg, settings, space, folder.path)
+
+
+def _fit(folder: ExperimentFolder, cfg: Config, settings: TuneSettings, space: Space, resume: bool, callbacks):
+    _quiet_ray_warnings()
+    log.info("experiment %s: %d trials, %s scheduler, %s search over %s", folder.path,
+             space.num_trials(settings.num_samples),
+             settings.scheduler, settings.search, ", ".join(d.describe() for d in space.dimensions))
+    if resume:
+        tuner = tune.Tuner.restore(str(folder.path), make_trainable(cfg, settings), resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        tuner = make_tuner(folder, cfg, settings, space, callbacks)
+    return tuner.fit()
+
+
+def _quiet_ray_warnings() -> None:
+    # Every report carries a checkpoint, so Ray's "snapshotting often" advice is noise here; and the progress
+    # lines come from ProgressLog, so Ray's own reporter (which prints even at verbose=0) stays off.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    logging.getLogger("ray").setLevel(logging.WARNING)

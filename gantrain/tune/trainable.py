@@ -1,0 +1,193 @@
+"""One Tune trial: a normal gantrain training run that reports quality metrics and checkpoints to Ray.
+
+The trial builds its config from the experiment's base config and the trial's sampled values, trains with
+the engine's :class:`~gantrain.engine.loop.Trainer`, and after every ``--eval-every`` epochs (every epoch
+when 0) evaluates the generator (FD and the other metrics of
+:func:`gantrain.engine.metrics.evaluate_generator`) and calls ``tune.report`` with the metrics, the losses
+and a checkpoint. That checkpoint is a regular gantrain
+checkpoint file, so ``gantrain generate`` reads it and a restored trial (a retry after an error, ASHA's
+paused trials, or PBT's exploit step copying a donor) resumes G, D and both optimisers from it.
+
+A diverged trial (non-finite weights or losses, or a D loss collapsed to ~0 for ``collapse_patience``
+epochs) reports once more, with ``diverged`` naming why, and ends cleanly: the experiment goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from rich.console import Console
+
+from gantrain.engine import checkpoint as ckpt
+from gantrain.engine.config import Config, from_dict, override
+from gantrain.engine.loop import Trainer
+from gantrain.engine.metrics import METRIC_KEYS, evaluate_generator
+from gantrain.tune.settings import TuneSettings
+
+CHECKPOINT_FILE = "checkpoint.pt"
+RUN_FOLDER = "run"
+QUALITY_KEYS = METRIC_KEYS  # what evaluate_generator returns (besides the class histogram)
+LOSS_KEYS = ("loss_d", "loss_g", "d_real", "d_fake")
+# Trainer checkpoints would duplicate the ones Tune keeps: the trial writes only its final one.
+NO_PERIODIC_CHECKPOINTS = 1_000_000
+
+Report = Callable[[dict[str, Any], Path | None], None]
+
+
+def trial_epochs(base: Config, settings: TuneSettings) -> int:
+    """Epochs each trial trains: --max-epochs, else the config's --epochs."""
+    return settings.max_epochs or base.run.epochs
+
+
+def report_every(cfg: Config) -> int:
+    """Epochs between reports: the run's --eval-every, where 0 (no evaluation in a plain run) means every epoch."""
+    return max(1, cfg.run.eval_every)
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any], settings: TuneSettings, run_dir: Path) -> Config:
+    """The base config with the trial's values, its own folder and device, and the experiment's budget."""
+    cfg = from_dict(base)
+    device = "cuda" if settings.gpus_per_trial > 0 else "cpu"
+    budget = {"epochs": trial_epochs(cfg, settings), "max_steps": 0, "out": str(run_dir), "device": device,
+              "checkpoint_every": NO_PERIODIC_CHECKPOINTS, "keep_checkpoints": 1}
+    return override(cfg, {**{k: _plain(v) for k, v in params.items()}, **budget})
+
+
+def _plain(value: Any) -> Any:
+    """Searchers may sample numpy scalars; the config accepts Python numbers only."""
+    return value.item() if hasattr(value, "item") else value
+
+
+class DivergenceMonitor:
+    """Names why a trial has diverged, or returns None: non-finite weights or losses, or a collapsed D."""
+
+    def __init__(self, collapse_loss: float, patience: int) -> None:
+        self.collapse_loss, self.patience = collapse_loss, patience
+        self.collapsed_epochs = 0
+
+    def check(self, trainer: Trainer) -> str | None:
+        if not all(bool(torch.isfinite(p).all()) for m in (trainer.g, trainer.d) for p in m.parameters()):
+            return "non-finite weights"
+        losses = [trainer.last_record.get(k) for k in ("loss_d", "loss_g")]
+        if any(v is not None and not math.isfinite(v) for v in losses):
+            return "non-finite loss"
+        loss_d = losses[0]
+        self.collapsed_epochs = self.collapsed_epochs + 1 if loss_d is not None and loss_d < self.collapse_loss else 0
+        if self.collapsed_epochs >= self.patience:
+            return f"D loss below {self.collapse_loss:g} for {self.collapsed_epochs} epochs"
+        return None
+
+
+def evaluate(trainer: Trainer, num_samples: int) -> dict[str, float]:
+    """The quality metrics of the sampling generator (the EMA one when on), as a plain run's --eval-every
+    measures it; evaluate_generator leaves the model's mode and BatchNorm statistics as they were."""
+    model = trainer.g_ema if trainer.g_ema is not None else trainer.g
+    metrics = evaluate_generator(model, trainer.cfg, num_samples=num_samples, device=trainer.device, seed=0)
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def worst_metrics(settings: TuneSettings) -> dict[str, float]:
+    """What a trial with non-finite weights reports: no metric can be computed, the objective ranks last."""
+    metrics = {k: math.nan for k in QUALITY_KEYS}
+    metrics[settings.metric] = math.inf if settings.mode == "min" else -math.inf
+    return metrics
+
+
+class EpochReporter:
+    """The Trainer's epoch callback: divergence check, evaluation, checkpoint and report."""
+
+    def __init__(self, settings: TuneSettings, report: Report, cfg: Config) -> None:
+        self.settings, self.report = settings, report
+        self.total_epochs, self.every, self.samples = cfg.run.epochs, report_every(cfg), cfg.run.eval_samples
+        self.monitor = DivergenceMonitor(settings.collapse_loss, settings.collapse_patience)
+
+    def __call__(self, trainer: Trainer, epochs_done: int) -> None:
+        diverged = self.monitor.check(trainer)
+        due = epochs_done % self.every == 0 or epochs_done >= self.total_epochs
+        if not (due or diverged):
+            return
+        finite = diverged not in ("non-finite weights", "non-finite loss")
+        metrics = evaluate(trainer, self.samples) if finite else worst_metrics(self.settings)
+        metrics.update(self._training_metrics(trainer, epochs_done), diverged=diverged or "")
+        if diverged:
+            trainer.stop_reason = f"diverged: {diverged}"
+            self.report(metrics, None)  # nothing worth resuming or copying: no checkpoint
+            return
+        with tempfile.TemporaryDirectory(prefix="gantrain-trial-") as folder:
+            save_trial_checkpoint(trainer, Path(folder))
+            self.report(metrics, Path(folder))  # Tune persists the folder before report returns
+
+    @staticmethod
+    def _training_metrics(trainer: Trainer, epochs_done: int) -> dict[str, float]:
+        record = trainer.last_record
+        values = {k: float(record[k]) for k in (*LOSS_KEYS, "images_per_s") if k in record}
+        return {**values, "epoch": epochs_done, "step": trainer.step}
+
+
+def save_trial_checkpoint(trainer: Trainer, folder: Path) -> Path:
+    """A gantrain checkpoint (the format ``gantrain generate`` and ``--resume`` read) in ``folder``."""
+    path = folder / CHECKPOINT_FILE
+    ckpt.atomic_save({"format": ckpt.FORMAT, "version": ckpt.VERSION, **trainer.state_dict()}, path)
+    return path
+
+
+def apply_hyperparameters(trainer: Trainer) -> None:
+    """After a restore, the optimisers carry the checkpoint's learning rates and betas; PBT may have
+    changed them, so the trial's config wins. (Label smoothing is read from the config at construction.)"""
+    optim = trainer.cfg.optim
+    for opt, lr in ((trainer.opt_g, optim.lr_g), (trainer.opt_d, optim.lr_d)):
+        for group in opt.param_groups:
+            group["lr"] = lr
+            group["betas"] = (optim.beta1, optim.beta2)
+
+
+def run_trial(cfg: Config, settings: TuneSettings, report: Report, resume: Path | None = None) -> str | None:
+    """Trains one trial to the end of its budget (or divergence); returns the reason it stopped early."""
+    torch.set_num_threads(max(1, int(settings.cpus_per_trial)))
+    if resume is None:  # a fresh start in a folder a failed attempt may have used
+        shutil.rmtree(cfg.run_dir / "checkpoints", ignore_errors=True)
+    reporter = EpochReporter(settings, report, cfg)
+    # The reporter evaluates; the Trainer's own --eval-every tracker would evaluate the same generator again
+    # and keep best.pt copies of what Tune already checkpoints.
+    engine_cfg = override(cfg, {"eval_every": 0})
+    with open(os.devnull, "w") as sink:  # the trial's log still goes to <run>/train.log
+        trainer = Trainer(engine_cfg, console=Console(file=sink), resume=str(resume) if resume else None,
+                          epoch_callbacks=[reporter])
+        if resume is not None:
+            apply_hyperparameters(trainer)
+        if trainer.step >= trainer.total_steps:  # restored with its budget spent: report where it stands
+            reporter(trainer, trainer.step // trainer.loader.steps_per_epoch)
+        trainer.fit()
+    # Tune holds the trial's checkpoints; the run folder keeps samples, curves and logs only.
+    shutil.rmtree(cfg.run_dir / "checkpoints", ignore_errors=True)
+    return trainer.stop_reason
+
+
+def train_trial(params: dict[str, Any], *, base: dict[str, Any], settings: TuneSettings) -> None:
+    """The Ray Tune function trainable (bound to ``base`` and ``settings`` with ``tune.with_parameters``)."""
+    from ray import tune
+
+    def report(metrics: dict[str, Any], folder: Path | None) -> None:
+        checkpoint = tune.Checkpoint.from_directory(str(folder)) if folder is not None else None
+        tune.report(metrics, checkpoint=checkpoint)
+
+    cfg = trial_config(base, params, settings, Path(RUN_FOLDER).resolve())
+    with _restored_checkpoint(tune.get_checkpoint()) as resume:
+        run_trial(cfg, settings, report, resume)
+
+
+@contextlib.contextmanager
+def _restored_checkpoint(checkpoint):
+    """The checkpoint file of a restored trial (downloaded when the storage is remote), or None."""
+    if checkpoint is None:
+        yield None
+        return
+    with checkpoint.as_directory() as folder:
+        yield Path(folder) / CHECKPOINT_FILE

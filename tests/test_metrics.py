@@ -1,0 +1,372 @@
+"""Quality metrics: the formulas against references (scipy, known cases), the extractors, evaluation of
+generators and checkpoints, tracking during training, and the CLI.
+
+Tests that need the FashionMNIST extractor share one fit per session (conftest ``fashion_extractor``) and
+are marked slow; every test writes the metrics cache only into the session's cache folder, never ``~``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+
+from gantrain.engine.checkpoint import load_checkpoint
+from gantrain.engine.config import override, preset
+from gantrain.engine.errors import ConfigError
+from gantrain.engine.loop import Trainer
+from gantrain.engine.metrics import METRIC_KEYS, Evaluator, ensure_extractor, evaluate_generator, parse_dataset, stats
+from gantrain.engine.metrics.cache import cache_dir
+from gantrain.engine.metrics.evaluate import compare, extract, load_reference
+from gantrain.engine.metrics.inception import inception_unavailable
+from gantrain.engine.metrics.reference import load_split
+from gantrain.engine.models import build_models
+
+
+def _random_covariance(rng: np.random.Generator, dim: int, rank: int | None = None) -> np.ndarray:
+    factor = rng.standard_normal((dim, rank or 2 * dim))
+    return factor @ factor.T / factor.shape[1]
+
+
+# ----- matrix square root and Fréchet distance -----------------------------------------------------------
+@pytest.mark.parametrize("dim", [2, 16, 128])
+def test_sqrtm_psd_matches_scipy(dim: int) -> None:
+    rng = np.random.default_rng(dim)
+    sigma = _random_covariance(rng, dim)
+    ours = stats.sqrtm_psd(sigma)
+    np.testing.assert_allclose(ours, scipy.linalg.sqrtm(sigma).real, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(ours @ ours, sigma, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("dim, rank", [(8, None), (64, None), (128, None), (32, 10)])
+def test_trace_sqrt_product_matches_scipy(dim: int, rank: int | None) -> None:
+    """tr((S1 S2)^1/2) via two symmetric eigendecompositions equals scipy's general sqrtm of the product,
+    including rank-deficient covariances (fewer samples than dimensions)."""
+    rng = np.random.default_rng(dim + (rank or 0))
+    s1, s2 = _random_covariance(rng, dim, rank), _random_covariance(rng, dim, rank)
+    reference = np.trace(scipy.linalg.sqrtm(s1 @ s2)).real
+    assert stats.trace_sqrt_product(s1, s2) == pytest.approx(reference, rel=1e-6, abs=1e-6)
+
+
+def test_frechet_distance_matches_scipy_formula_and_is_zero_for_itself() -> None:
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((3000, 32)), rng.standard_normal((3000, 32)) * 1.3 + 0.2
+    (mu1, s1), (mu2, s2) = stats.mean_and_covariance(a), stats.mean_and_covariance(b)
+    reference = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+    assert stats.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(reference, rel=1e-6)
+    assert stats.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_frechet_distance_of_gaussians_has_the_closed_form() -> None:
+    """N(0, I) vs N(m, 4I) in d dims: |m|^2 + d (1 + 4 - 2 * 2) = |m|^2 + d."""
+    dim, shift = 10, np.full(10, 0.5)
+    fd = stats.frechet_distance(np.zeros(dim), np.eye(dim), shift, 4 * np.eye(dim))
+    assert fd == pytest.approx(dim * 0.25 + dim)
+
+
+# ----- KID, precision/recall, classifier score -----------------------------------------------------------
+def test_kid_is_unbiased_on_identical_distributions() -> None:
+    """Over many independent pairs of samples of one distribution, KID averages to 0 within its standard error
+    (the biased estimator, with the kernel diagonal, would sit clearly above 0) and goes negative at times."""
+    rng = np.random.default_rng(1)
+    values = [stats.kernel_inception_distance(rng.standard_normal((400, 16)), rng.standard_normal((400, 16)),
+                                              subsets=5, subset_size=200, seed=i)[0] for i in range(30)]
+    standard_error = np.std(values) / np.sqrt(len(values))
+    assert abs(np.mean(values)) < 3 * standard_error
+    assert min(values) < 0 < max(values)
+    shifted = stats.kernel_inception_distance(rng.standard_normal((400, 16)), rng.standard_normal((400, 16)) + 0.3,
+                                              subsets=5, subset_size=200)[0]
+    assert shifted > 20 * standard_error
+
+
+def test_kid_reports_mean_and_spread_over_subsets() -> None:
+    rng = np.random.default_rng(2)
+    mean, std = stats.kernel_inception_distance(rng.standard_normal((500, 8)), rng.standard_normal((500, 8)) + 1,
+                                                subsets=10, subset_size=100)
+    assert mean > 0 and 0 < std < mean
+
+
+def test_precision_recall_identical_and_disjoint_sets() -> None:
+    rng = np.random.default_rng(3)
+    real = rng.standard_normal((300, 8))
+    assert stats.precision_recall(real, real.copy()) == (1.0, 1.0)
+    far = real + 100.0
+    assert stats.precision_recall(real, far) == (0.0, 0.0)
+
+
+def test_precision_recall_separate_fidelity_from_diversity() -> None:
+    """Dropping half of the real modes keeps precision where full coverage has it and halves recall."""
+    rng = np.random.default_rng(4)
+    centres = np.repeat(np.eye(8) * 20, 100, axis=0)  # 8 well separated modes, 100 points each
+    real = centres + rng.standard_normal(centres.shape)
+    full = centres[::2] + rng.standard_normal((400, 8))  # every mode, 50 points each
+    half = centres[:400] + rng.standard_normal((400, 8))  # only the first 4 modes
+    (precision_full, recall_full), (precision_half, recall_half) = (stats.precision_recall(real, full),
+                                                                    stats.precision_recall(real, half))
+    assert precision_half > 0.8 and precision_full > 0.8  # k-NN balls never cover a finite sample's whole mode
+    assert recall_full > 0.8
+    assert 0.35 < recall_half < 0.55 and recall_half < 0.6 * recall_full
+
+
+def test_classifier_score_and_histogram() -> None:
+    confident = torch.eye(10).repeat(50, 1)  # each class equally often, predicted with certainty
+    assert stats.classifier_score(confident) == pytest.approx(10.0, rel=1e-6)
+    collapsed = torch.zeros(500, 10)
+    collapsed[:, 3] = 1
+    assert stats.classifier_score(collapsed) == pytest.approx(1.0, rel=1e-6)
+    assert stats.class_histogram(collapsed)[3] == 1.0
+    np.testing.assert_allclose(stats.class_histogram(confident), 0.1)
+
+
+# ----- configuration, cache location, Inception availability --------------------------------------------
+def test_eval_config_fields_validate() -> None:
+    cfg = override(preset("fashion32"), {"eval_every": 2, "eval_samples": 500})
+    assert (cfg.run.eval_every, cfg.run.eval_samples) == (2, 500)
+    assert preset("fashion32").run.eval_every == 0
+    with pytest.raises(ConfigError, match="--eval-every"):
+        override(preset("fashion32"), {"eval_every": -1})
+    with pytest.raises(ConfigError, match="--eval-samples"):
+        override(preset("fashion32"), {"eval_samples": 10})
+
+
+def test_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("GANTRAIN_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "gantrain" / "metrics"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cache_dir() == Path.home() / ".cache" / "gantrain" / "metrics"
+    monkeypatch.setenv("GANTRAIN_CACHE", str(tmp_path / "env"))
+    assert cache_dir() == tmp_path / "env"
+    assert cache_dir(str(tmp_path / "flag")) == tmp_path / "flag"
+
+
+def test_parse_dataset(tmp_path: Path) -> None:
+    assert parse_dataset("mnist", str(tmp_path)).root == tmp_path
+    folder = parse_dataset(f"folder:{tmp_path}", channels=1)
+    assert (folder.dataset, folder.root, folder.channels, folder.task) == ("folder", tmp_path, 1, "rotation")
+    for bad in ("cifar", "folder:"):
+        with pytest.raises(ConfigError, match="--dataset"):
+            parse_dataset(bad)
+
+
+def test_inception_fid_is_skipped_with_a_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "--inception-weights" in inception_unavailable(None)
+    assert "does not exist" in inception_unavailable(tmp_path / "missing.pth")
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"not really weights")
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # makes `import torch_fidelity` fail
+    assert "not installed" in inception_unavailable(weights)
+
+
+class _FakeInception(torch.nn.Module):
+    """Stands in for torch-fidelity's extractor: checks its input contract, returns 'pool features' (64-d
+    rather than 2048-d, to keep the test's eigendecompositions small)."""
+
+    def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str) -> None:
+        super().__init__()
+        assert (name, features_list) == ("inception-v3-compat", ["2048"])
+        assert Path(feature_extractor_weights_path).is_file()
+        self.projection = torch.randn(3 * 8 * 8, 64, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor]:
+        assert images.dtype == torch.uint8 and images.shape[1] == 3
+        pooled = torch.nn.functional.adaptive_avg_pool2d(images.float(), 8).flatten(1)
+        return (pooled @ self.projection,)
+
+
+def test_inception_fid_wiring_with_a_stand_in_extractor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gantrain's side of the Inception FID (uint8 RGB batches in, 2048-d features, our FD) without the real
+    weights, which cannot be had here: identical image sets give 0, different ones more."""
+    from types import ModuleType
+
+    from gantrain.engine.metrics.inception import inception_fid
+
+    module = ModuleType("torch_fidelity.feature_extractor_inceptionv3")
+    module.FeatureExtractorInceptionV3 = _FakeInception
+    monkeypatch.setitem(sys.modules, "torch_fidelity", ModuleType("torch_fidelity"))
+    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", module)
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"stand-in")
+    assert inception_unavailable(weights) is None
+    real = (torch.rand(64, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    same = real.float().mul(2 / 255).sub(1)  # the generated role takes floats in [-1, 1]
+    assert inception_fid(iter(same.split(16)), real, weights) == pytest.approx(0.0, abs=1e-6)
+    assert inception_fid(iter((same * 0.5).split(16)), real, weights) > 1.0
+
+
+# ----- an image-folder extractor (self-supervised rotation), on a tiny synthetic folder -------------------
+def _write_faces(folder: Path, count: int) -> Path:
+    """Images with an up/down structure (bright top, dark bottom, a random blob) that rotations change."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        image = np.zeros((64, 64, 3), np.uint8)
+        image[:24] = 200
+        y, x = rng.integers(30, 56, size=2)
+        image[y - 4 : y + 4, x - 4 : x + 4] = rng.integers(50, 255, size=3)
+        Image.fromarray(image).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def test_folder_extractor_learns_rotations_and_evaluates(tmp_path: Path, quiet_console) -> None:
+    spec = parse_dataset(f"folder:{_write_faces(tmp_path / 'faces', 25)}", channels=3)
+    extractor = ensure_extractor(spec, cache=tmp_path / "cache", epochs=20, console=quiet_console, quiet=True)
+    assert extractor.fitted_now and extractor.info["task"] == "rotation"
+    assert extractor.info["train_images"] == 20 and extractor.info["test_accuracy"] > 0.5  # chance is 0.25
+    assert not ensure_extractor(spec, cache=tmp_path / "cache", quiet=True).fitted_now
+
+    reference = load_reference(spec, cache=tmp_path / "cache", quiet=True)
+    images = load_split(spec, "test").images
+    features, probs = extract(reference.extractor, iter([images]), len(images), "test", quiet=True)
+    assert features.shape == (5, 128) and probs.shape == (5, 4, 4)  # all four rotations of each image
+    values = compare(features, probs, reference)
+    assert values["fd"] == pytest.approx(0.0, abs=1e-6)
+    assert 1.0 <= values["classifier_score"] <= 4.0
+    assert set(k for k in values if k.startswith("hist_")) == {"hist_0deg", "hist_90deg", "hist_180deg", "hist_270deg"}
+
+
+# ----- the FashionMNIST extractor (one fit per session) -------------------------------------------------
+@pytest.mark.slow
+def test_fashion_extractor_fit_reaches_90_percent(fashion_extractor) -> None:
+    extractor, fit_output = fashion_extractor
+    assert extractor.info["test_accuracy"] >= 0.90
+    assert extractor.info["train_images"] == 60000 and len(extractor.info["train_sha256"]) == 64
+    assert extractor.path.is_file() and extractor.path.parent.name == "extractors"
+    if extractor.fitted_now:  # fitted in this session (not found in the cache): its progress bar was shown
+        assert "fit extractor" in fit_output
+
+
+@pytest.mark.slow
+def test_fd_grows_monotonically_with_noise(fashion_extractor, fashion_raw: Path, datasets_root: Path) -> None:
+    """Real test images in the generated role, corrupted by more and more Gaussian noise: FD rises every time."""
+    extractor, _ = fashion_extractor
+    spec = parse_dataset("fashion-mnist", str(datasets_root))
+    reference = load_reference(spec, cache=extractor.path.parent.parent, quiet=True)
+    clean = load_split(spec, "test").images[:1000].float().mul(2 / 255).sub(1)
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
+    distances = []
+    for sigma in (0.0, 0.05, 0.1, 0.2, 0.4, 0.8):
+        features, _ = reference.extractor((clean + sigma * noise).clamp(-1, 1))
+        mean, covariance = stats.mean_and_covariance(features)
+        distances.append(stats.frechet_distance(mean, covariance, reference.real.mean, reference.real.covariance))
+    assert all(a < b for a, b in zip(distances, distances[1:])), distances
+    assert distances[-1] > 10 * distances[0], distances
+
+
+@pytest.mark.slow
+def test_evaluate_generator_contract(fashion_extractor, tiny_cfg, capsys) -> None:
+    """The tune objective: metric keys, no change to G (mode, BatchNorm statistics), quiet off the main thread."""
+    cfg = tiny_cfg("unused")
+    torch.manual_seed(0)
+    generator, _ = build_models(cfg.model, cfg.data.image_size, cfg.data.channels)
+    generator.train()
+    buffers = {k: v.clone() for k, v in generator.state_dict().items()}
+    found: dict = {}
+    worker = threading.Thread(target=lambda: found.update(evaluate_generator(generator, cfg, num_samples=300)))
+    worker.start()
+    worker.join()
+    assert set(METRIC_KEYS) <= found.keys() and all(np.isfinite(found[k]) for k in METRIC_KEYS)
+    assert found["fd"] > 0 and 0 <= found["precision"] <= 1 and 1 <= found["classifier_score"] <= 10
+    assert generator.training
+    for key, value in generator.state_dict().items():
+        assert torch.equal(value, buffers[key]), key
+    assert "generated features" not in capsys.readouterr().err  # quiet in a worker thread
+    again = evaluate_generator(generator, cfg, num_samples=300, quiet=True)
+    assert again == found  # fixed noise and subsets: the same generator scores the same
+
+
+@pytest.mark.slow
+def test_training_with_eval_every(fashion_extractor, tiny_cfg, quiet_console) -> None:
+    """Metrics every epoch land in metrics.jsonl, metrics.png and best.pt, and leave training bit-identical."""
+    cfg = tiny_cfg("eval", limit=256, max_steps=16, eval_every=1, eval_samples=100)  # batch 32: 2 epochs of 8
+    trainer = Trainer(cfg, console=quiet_console)
+    trainer.fit()
+    run = cfg.run_dir
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"fd"' in line]
+    assert [(r["step"], r["epoch"]) for r in evals] == [(8, 1), (16, 2)]
+    assert all(set(METRIC_KEYS) <= r.keys() and r["eval_samples"] == 100 for r in evals)
+    best = min(evals, key=lambda r: r["fd"])
+    assert evals[-1]["best_fd"] == best["fd"]
+    assert load_checkpoint(run / "checkpoints" / "best.pt")["step"] == best["step"]
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["best_fd"] == pytest.approx(best["fd"], abs=1e-6)
+    assert (run / "metrics.png").is_file()
+    assert trainer.last_eval["step"] == 16
+
+    plain = Trainer(tiny_cfg("plain", limit=256, max_steps=16), console=quiet_console)
+    plain.fit()
+    for key, value in plain.g.state_dict().items():
+        assert torch.equal(value, trainer.g.state_dict()[key]), key
+
+
+@pytest.mark.slow
+def test_best_fd_survives_resume(fashion_extractor, tiny_cfg, quiet_console) -> None:
+    first = Trainer(tiny_cfg("resume", limit=256, max_steps=8, eval_every=1, eval_samples=100), console=quiet_console)
+    first.fit()
+    resumed = Trainer(tiny_cfg("resume", limit=256, max_steps=16, eval_every=1, eval_samples=100),
+                      console=quiet_console, resume="auto")
+    assert resumed.best_fd == first.best_fd and resumed.tracker.best_fd == first.best_fd
+    resumed.fit()
+    evals = [json.loads(line) for line in (first.run_dir / "metrics.jsonl").read_text().splitlines() if '"fd"' in line]
+    assert [r["step"] for r in evals] == [8, 16]
+    assert evals[1]["best_fd"] == min(r["fd"] for r in evals)
+
+
+# ----- the CLI --------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_cli_eval_table_and_json(fashion_extractor, trained_run: Path, cli, unwrap, tmp_path: Path) -> None:
+    out = tmp_path / "eval.json"
+    result = cli("eval", trained_run / "checkpoints" / "last.pt", "-n", "300", "--json", out)
+    assert result.exit_code == 0, result.output
+    text = unwrap(result.output)
+    for label in ("Fréchet distance (FD)", "KID (mean ± std)", "precision", "recall", "classifier score",
+                  "Inception FID", "skipped", "t-shirt"):
+        assert label in text, label
+    report = json.loads(out.read_text())
+    assert report["mode"] == "generator" and report["step"] == 6 and report["num_generated"] == 300
+    assert set(METRIC_KEYS) <= report["metrics"].keys() and report["inception_fid"] is None
+    assert sum(report["class_histogram"].values()) == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_cli_eval_real_vs_real_is_the_floor(fashion_extractor, datasets_root: Path, cli, tmp_path: Path) -> None:
+    out = tmp_path / "floor.json"
+    result = cli("eval", "--real-vs-real", "--dataset", "fashion-mnist", "--data-root", datasets_root, "-n", "1000",
+                 "--json", out)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out.read_text())["metrics"]
+    assert metrics["fd"] < 1.0 and abs(metrics["kid_mean"]) < 0.01
+    assert metrics["precision"] > 0.8 and metrics["recall"] > 0.8  # k-NN balls never cover a finite sample fully
+
+
+def test_cli_eval_errors_are_one_line(cli, tmp_path: Path) -> None:
+    result = cli("eval")
+    assert result.exit_code == 2 and "CHECKPOINT" in result.output and "Traceback" not in result.output
+    result = cli("eval", tmp_path / "missing.pt")
+    assert result.exit_code == 1 and "no checkpoint" in result.output
+    result = cli("metrics", "fit-extractor", "--dataset", "cifar")
+    assert result.exit_code == 2 and "--dataset" in result.output
+
+
+@pytest.mark.slow
+def test_cli_fit_extractor_finds_the_cached_one(fashion_extractor, datasets_root: Path, cli, unwrap) -> None:
+    extractor, _ = fashion_extractor
+    result = cli("metrics", "fit-extractor", "--dataset", "fashion-mnist", "--data-root", datasets_root,
+                 "--metrics-cache", extractor.path.parent.parent)
+    assert result.exit_code == 0, result.output
+    assert "cached" in unwrap(result.output) and "accuracy" in result.output
+
+
+def test_evaluator_needs_real_data_with_an_extractor(tiny_cfg) -> None:
+    with pytest.raises(ConfigError, match="synthetic"):
+        Evaluator.for_config(tiny_cfg("x", dataset="synthetic"))
+
+
+def test_tests_never_use_the_home_cache() -> None:
+    assert cache_dir() != Path.home() / ".cache" / "gantrain" / "metrics"  # conftest points it elsewhere

@@ -1,0 +1,306 @@
+"""`gantrain tune`: the search space and settings, one trial in-process, and tiny Ray experiments.
+
+The Ray experiments share one local Ray instance (2 CPUs, so at most 2 trials at once) started once per
+session, and the session's metrics cache (conftest: the FashionMNIST extractor is fitted once per session,
+or reused from pytest's cache). Trials train 64 FashionMNIST images at batch 16 (4 steps per epoch) with
+8-channel models and evaluate 100 generated images (FD against the real test split).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from gantrain.engine.config import load_toml, override, preset
+from gantrain.engine.errors import ConfigError
+from gantrain.engine.loop import Trainer
+from gantrain.tune.settings import TuneSettings, settings_from
+from gantrain.tune.space import load_space, parse_space
+from gantrain.tune.trainable import DivergenceMonitor, apply_hyperparameters, run_trial, trial_config
+
+TINY = dict(limit=64, batch_size=16, ngf=8, ndf=8, log_every=2, sample_every=0, amp="off", channels_last=False,
+            device="cpu", eval_samples=100)
+TINY_FLAGS = ["--limit", "64", "--batch-size", "16", "--ngf", "8", "--ndf", "8", "--log-every", "2",
+              "--sample-every", "0", "--amp", "off", "--no-channels-last", "--eval-samples", "100",
+              "--cpus-per-trial", "1", "--max-concurrent", "2", "--no-baseline"]
+
+
+def tiny_base(datasets_root: Path, **overrides):
+    return override(preset("fashion32"), {"data_root": str(datasets_root), **TINY, **overrides})
+
+
+# ----- the search space -------------------------------------------------------------------------------------
+def test_default_space_is_the_issue_space(datasets_root: Path) -> None:
+    space = load_space(None, tiny_base(datasets_root))
+    dims = {d.name: (d.kind, d.values) for d in space.dimensions}
+    assert dims == {"lr_g": ("loguniform", (1e-5, 1e-2)), "lr_d": ("loguniform", (1e-5, 1e-2)),
+                    "beta1": ("choice", (0.0, 0.5, 0.9)), "label_smoothing": ("uniform", (0.0, 0.3))}
+    assert space.baseline_point(preset("fashion32")) == {"lr_g": 2e-4, "lr_d": 2e-4, "beta1": 0.5,
+                                                         "label_smoothing": 0.0}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[optimiser]\nlr_g = { uniform = [0.1, 0.2] }", "unknown section [optimiser]"),
+    ("[optim]\nlr_x = { uniform = [0.1, 0.2] }", "optim.lr_x: no such config field"),
+    ("[loss]\nlr_g = { uniform = [0.1, 0.2] }", "loss.lr_g: no such config field"),
+    ("[run]\nepochs = { choice = [1, 2] }", "run.epochs: cannot be searched (set by --max-epochs)"),
+    ("[optim]\nlr_g = { normal = [0.1, 0.2] }", "unknown distribution 'normal'"),
+    ("[optim]\nlr_g = { loguniform = [0.0, 0.2] }", "loguniform needs low > 0"),
+    ("[optim]\nlr_g = { uniform = [0.2, 0.1] }", "needs finite low < high"),
+    ("[model]\nngf = { uniform = [8, 16] }", "uniform is for float fields"),
+    ("[loss]\nlabel_smoothing = { uniform = [0.0, 0.6] }", "--label-smoothing: must be in [0, 0.5), got 0.6"),
+    ("[loss]\nnoise = { choice = [\"normal\", \"cauchy\"] }", "--noise: must be normal or uniform"),
+    ("[optim]\nlr_g = 0.1", "must be one distribution"),
+    ("[optim]\nlr_g = { uniform = [0.1, 0.2", "is not valid TOML"),
+    ("", "searches no field"),
+])
+def test_space_errors_name_the_field(datasets_root: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_space(text, tiny_base(datasets_root), "space.toml")
+    assert message in str(info.value) and str(info.value).startswith("--space:")
+
+
+def test_space_file_can_search_any_field(datasets_root: Path, tmp_path: Path) -> None:
+    path = tmp_path / "space.toml"
+    path.write_text("[model]\nngf = { randint = [8, 16] }\n[data]\nhflip = { choice = [true, false] }\n"
+                    "[optim]\nlr_d = { grid = [1e-3, 2e-3] }\n")
+    space = load_space(path, tiny_base(datasets_root))
+    assert space.names == ["ngf", "hflip", "lr_d"] and space.has_grid
+    assert space.baseline_point(tiny_base(datasets_root)) is None  # grid points are the runs; no extra point
+    with pytest.raises(ConfigError, match="--space: no such file"):
+        load_space(tmp_path / "absent.toml", tiny_base(datasets_root))
+
+
+# ----- settings ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("values, message", [
+    ({"scheduler": "hyperband"}, "--scheduler: must be one of asha, pbt, fifo"),
+    ({"search": "grid"}, "--search: must be one of random, optuna, hyperopt"),
+    ({"scheduler": "pbt", "search": "optuna"}, "--search: pbt explores the space by itself"),
+    ({"gpus_per_trial": 1.5}, "--gpus-per-trial: a trial uses one process"),
+    ({"cpus_per_trial": 0}, "--cpus-per-trial: must be > 0"),
+    ({"num_samples": 0}, "--num-samples: must be at least 1"),
+    ({"reduction_factor": 1.0}, "--reduction-factor: must be > 1"),
+    ({"metric": "is"}, "--metric: must be one of fd"),
+])
+def test_settings_errors_name_the_flag(values: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        settings_from(values)
+
+
+def test_settings_modes() -> None:
+    assert TuneSettings().mode == "min" and settings_from({"metric": "recall"}).mode == "max"
+    assert settings_from({"gpus_per_trial": 0.5, "scheduler": "pbt"}).gpus_per_trial == 0.5
+
+
+def test_cli_errors_are_one_line(cli, datasets_root: Path, tmp_path: Path, unwrap) -> None:
+    space = tmp_path / "space.toml"
+    space.write_text("[loss]\nlabel_smoothing = { uniform = [0.0, 0.7] }\n")
+    result = cli("tune", "--data-root", datasets_root, "--space", space, "--storage", tmp_path)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "--label-smoothing: must be in [0, 0.5), got 0.7" in unwrap(result.stderr)
+    result = cli("tune", "--scheduler", "pbt", "--search", "hyperopt", "--storage", tmp_path)
+    assert result.exit_code == 2 and "pbt explores the space by itself" in unwrap(result.stderr)
+    result = cli("tune", "--resume", "--storage", tmp_path, "--name", "none-here")
+    assert result.exit_code == 2 and "no gantrain tune experiment in" in unwrap(result.stderr)
+
+
+# ----- one trial, in this process -----------------------------------------------------------------------------
+def test_trial_config_applies_values_budget_and_device(datasets_root: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    base = tiny_base(datasets_root, epochs=20, device="auto").to_dict()
+    cfg = trial_config(base, {"lr_g": np.float64(1e-3), "beta1": np.float64(0.0), "ngf": np.int64(12)},
+                       settings_from({"max_epochs": 3}), tmp_path / "run")
+    assert (cfg.optim.lr_g, cfg.optim.beta1, cfg.model.ngf) == (1e-3, 0.0, 12) and type(cfg.model.ngf) is int
+    assert (cfg.run.epochs, cfg.run.device, cfg.run.out) == (3, "cpu", str(tmp_path / "run"))
+    assert trial_config(base, {}, settings_from({"gpus_per_trial": 0.5}), tmp_path).run.device == "cuda"
+
+
+def _reports(datasets_root: Path, tmp_path: Path, settings: TuneSettings, **values):
+    """Runs one trial in-process; returns its reports (metrics, whether a checkpoint came with it)."""
+    reports = []
+    cfg = trial_config(tiny_base(datasets_root).to_dict(), values, settings, tmp_path / "run")
+    run_trial(cfg, settings, lambda metrics, folder: reports.append((metrics, folder is not None)))
+    return reports
+
+
+def test_nan_trial_reports_once_and_stops(datasets_root: Path, tmp_path: Path) -> None:
+    reports = _reports(datasets_root, tmp_path, settings_from({"max_epochs": 3}), lr_d=1e30)
+    assert len(reports) == 1
+    metrics, with_checkpoint = reports[0]
+    assert metrics["diverged"] == "non-finite weights" and metrics["epoch"] == 1 and not with_checkpoint
+    assert metrics["fd"] == math.inf and math.isnan(metrics["kid_mean"])  # the objective ranks it last
+    assert "stopping at step 4: diverged: non-finite weights" in (tmp_path / "run" / "train.log").read_text()
+    assert not (tmp_path / "run" / "checkpoints").exists()  # Tune keeps the checkpoints, not the run folder
+
+
+def test_divergence_monitor() -> None:
+    monitor = DivergenceMonitor(collapse_loss=0.01, patience=3)
+    trainer = SimpleNamespace(g=nn.Linear(2, 2), d=nn.Linear(2, 2), last_record={})
+    verdicts = []
+    for loss_d in (0.5, 0.001, 0.0, 0.7, 0.002, 0.003, 0.0):  # collapsed for 2, recovered, collapsed for 3
+        trainer.last_record = {"loss_d": loss_d, "loss_g": 9.0}
+        verdicts.append(monitor.check(trainer))
+    assert verdicts[:6] == [None] * 6 and verdicts[6] == "D loss below 0.01 for 3 epochs"
+    trainer.last_record = {"loss_d": 0.6, "loss_g": math.inf}
+    assert monitor.check(trainer) == "non-finite loss"
+    with torch.no_grad():
+        trainer.g.weight[0, 0] = math.nan
+    assert monitor.check(trainer) == "non-finite weights"
+
+
+def test_restore_takes_the_trial_values_over_the_checkpoint(datasets_root: Path, tmp_path: Path, quiet_console) -> None:
+    """PBT's exploit: a trial restarts from a donor checkpoint with perturbed lr and label smoothing."""
+    donor = tiny_base(datasets_root, epochs=2, out=str(tmp_path / "donor"))
+    Trainer(donor, console=quiet_console).fit()
+    changed = override(donor, {"lr_g": 3e-3, "lr_d": 1e-4, "label_smoothing": 0.2, "epochs": 3,
+                               "out": str(tmp_path / "trial")})
+    trainer = Trainer(changed, console=quiet_console, resume=str(tmp_path / "donor" / "checkpoints" / "last.pt"))
+    apply_hyperparameters(trainer)
+    assert trainer.step == 8
+    assert [g["lr"] for g in trainer.opt_g.param_groups] == [3e-3]
+    assert [g["lr"] for g in trainer.opt_d.param_groups] == [1e-4]
+    assert torch.all(trainer.real_target == 0.8)
+    assert trainer.opt_g.state  # Adam moments came from the donor
+
+
+# ----- tiny Ray experiments -----------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def ray_session(metrics_cache_dir: Path):
+    """One local Ray for the session. Its workers inherit the environment at start-up: the session's metrics
+    cache, and no auth token written to ~/.ray."""
+    ray = pytest.importorskip("ray")
+    env = {"GANTRAIN_CACHE": str(metrics_cache_dir), "RAY_AUTH_MODE": "disabled"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             object_store_memory=128 * 2**20)
+    yield ray
+    ray.shutdown()
+    for key, value in saved.items():
+        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+
+
+def _rows(folder: Path) -> list[dict]:
+    with (folder / "results.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.slow
+def test_tiny_experiment_ranks_a_sabotaged_lr_last(ray_session, fashion_extractor, cli, datasets_root: Path,
+                                                  tmp_path: Path, unwrap) -> None:
+    space = tmp_path / "space.toml"
+    space.write_text("[optim]\nlr_g = { grid = [5e-4, 1e-3, 2e-3, 1.0] }\n")
+    result = cli("tune", "--data-root", datasets_root, *TINY_FLAGS, "--lr-d", "2e-3", "--space", space,
+                 "--num-samples", "1", "--scheduler", "fifo", "--max-epochs", "3", "--storage", tmp_path,
+                 "--name", "tiny")
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "tiny"
+    assert "top 4 of 4 trials by fd (min)" in unwrap(result.stdout)
+
+    rows = _rows(folder)
+    assert [int(r["rank"]) for r in rows] == [1, 2, 3, 4]
+    assert float(rows[-1]["lr_g"]) == 1.0  # the objective comes from the generator: the sabotaged run is worst
+    assert all(r["status"] in ("done", "diverged") for r in rows) and rows[0]["status"] == "done"
+    fds = [float(r["fd"]) for r in rows]
+    assert fds == sorted(fds) and all(math.isfinite(v) for v in fds)
+
+    best = load_toml(folder / "best.toml")  # a valid config: the best trial's values at the experiment's budget
+    assert best.optim.lr_g == float(rows[0]["lr_g"]) and best.optim.lr_d == 2e-3 and best.run.epochs == 3
+    assert (best.data.limit, best.model.ngf, best.data.data_root) == (64, 8, str(datasets_root))
+    again = cli("run", "--config", folder / "best.toml", "--max-steps", "1", "--out", tmp_path / "again")
+    assert again.exit_code == 0, again.output
+
+    trial = folder / f"trial_{rows[0]['trial']}"
+    assert Path(rows[0]["checkpoint"]).is_file() and Path(rows[0]["checkpoint"]).is_relative_to(trial)
+    assert (trial / "run" / "metrics.jsonl").is_file() and (trial / "run" / "final.png").is_file()
+    assert (folder / "trials.png").is_file() and (folder / "tune.log").is_file()
+
+
+def _interrupt_at_epoch_2(marker: Path):
+    """A Tune callback that presses Ctrl-C once, at a trial's second report (its first checkpoint is then
+    registered with Tune; the one of the report in hand may not be yet)."""
+    from ray import tune
+
+    class Interrupt(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            if result.get("epoch") == 2 and not marker.exists():
+                marker.touch()
+                os.kill(os.getpid(), signal.SIGINT)
+
+    return Interrupt()
+
+
+@pytest.mark.slow
+def test_nan_trial_stops_while_the_other_finishes_across_a_resume(ray_session, fashion_extractor, cli,
+                                                                  datasets_root: Path, tmp_path: Path) -> None:
+    from gantrain.tune.experiment import experiment_folder, run_experiment
+
+    space = tmp_path / "space.toml"
+    space.write_text("[optim]\nlr_d = { grid = [2e-3, 1e30] }\n")
+    settings = settings_from({"num_samples": 1, "scheduler": "fifo", "max_epochs": 4, "max_concurrent": 2,
+                              "baseline": False})
+    folder = experiment_folder(tmp_path, "nan")
+    first = run_experiment(folder, cfg=tiny_base(datasets_root, lr_g=2e-3), settings=settings, space_file=space,
+                           callbacks=[_interrupt_at_epoch_2(tmp_path / "interrupted")])
+    assert first.interrupted and (tmp_path / "interrupted").exists()
+    assert any(r.status == "unfinished" for r in first.rows)
+
+    result = cli("tune", "--resume", "--storage", tmp_path, "--name", "nan")
+    assert result.exit_code == 0, result.output
+    healthy, nan = _rows(folder.path)
+    assert (healthy["lr_d"], healthy["status"], healthy["epoch"]) == ("0.002", "done", "4")
+    assert (nan["status"], nan["note"], nan["epoch"], nan["fd"]) == ("diverged", "non-finite weights", "1", "inf")
+    assert "resumed from" in (folder.path / f"trial_{healthy['trial']}" / "run" / "train.log").read_text()
+
+
+# ----- pieces that need Ray installed but no cluster ------------------------------------------------------------
+def test_schedulers_and_searchers(datasets_root: Path) -> None:
+    pytest.importorskip("ray")
+    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+
+    from gantrain.tune.experiment import ClipToSpace, make_scheduler, make_searcher
+
+    base = tiny_base(datasets_root)
+    space = load_space(None, base)
+    asha = make_scheduler(settings_from({"grace_period": 5}), space, reports=3)
+    assert isinstance(asha, ASHAScheduler) and asha._max_t == 3  # the grace period is capped at the budget
+    pbt = make_scheduler(settings_from({"scheduler": "pbt"}), space, reports=3)
+    assert isinstance(pbt, PopulationBasedTraining)
+    assert set(pbt._hyperparam_mutations) == {"lr_g", "lr_d", "label_smoothing"}  # beta1 is sampled, not perturbed
+    clip = ClipToSpace({d.name: d.bounds for d in space.dimensions if d.bounds})
+    assert clip({"lr_g": 0.5, "lr_d": 1e-9, "label_smoothing": 0.36, "beta1": 0.9}) == \
+        {"lr_g": 1e-2, "lr_d": 1e-5, "label_smoothing": 0.3, "beta1": 0.9}
+    assert make_scheduler(settings_from({"scheduler": "fifo"}), space, reports=3) is None
+    for search in ("random", "optuna", "hyperopt"):
+        assert make_searcher(settings_from({"search": search}), space, space.baseline_point(base)) is not None
+    grid = parse_space("[optim]\nlr_g = { grid = [1e-3, 2e-3] }\n", base, "space.toml")
+    with pytest.raises(ConfigError, match="--search: grid dimensions need --search random"):
+        make_searcher(settings_from({"search": "optuna"}), grid, None)
+
+
+def test_missing_ray_names_the_extra(cli, monkeypatch, unwrap) -> None:
+    import gantrain.tune
+
+    monkeypatch.setattr(gantrain.tune.importlib.util, "find_spec", lambda name: None)
+    result = cli("tune")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "pip install 'gantrain[tune]'" in unwrap(result.stderr)
+
+
+def test_ranking_puts_trials_without_a_finite_objective_last() -> None:
+    from gantrain.tune.results import TrialRow, rank
+
+    rows = [TrialRow("a", {}, {"fd": math.inf}, "diverged"), TrialRow("b", {}, {"fd": 12.0}, "done"),
+            TrialRow("c", {}, {}, "error"), TrialRow("d", {}, {"fd": 9.5}, "stopped")]
+    assert [r.trial_id for r in rank(rows, "fd", "min")] == ["d", "b", "a", "c"]
+    rows = [TrialRow("a", {}, {"recall": 0.2}, "done"), TrialRow("b", {}, {"recall": 0.6}, "done")]
+    assert [(r.trial_id, r.rank) for r in rank(rows, "recall", "max")] == [("b", 1), ("a", 2)]
