@@ -193,8 +193,8 @@ def bench(cfg: Config, *, quick: bool, nproc: int, peak_override: float | None, 
 def publish(report: dict, table: Table, markdown: str, json_path: Path | None, markdown_path: Path | None) -> dict:
     """Prints the table and writes the JSON report and Markdown table where asked."""
     Console().print(table)
-    if json_path:
-        json_path.write_text(json.dumps(report, indent=2))
-    if markdown_path:
-        markdown_path.write_text(markdown)
+    for path, text in ((json_path, json.dumps(report, indent=2)), (markdown_path, markdown)):
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
     return report
