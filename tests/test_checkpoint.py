@@ -93,8 +93,7 @@ def test_truncated_checkpoint(trained_run: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("where", ["start", "end"])
 def test_corrupted_bytes_in_checkpoint(trained_run: Path, tmp_path: Path, where: str) -> None:
-    # Zeroing the zip's local header (start) or its central directory (end) must be caught. (Bytes zeroed inside
-    # a tensor's data are not: torch's zip reader skips CRC checks and the checkpoint stores no digest.)
+    # Zeroing the zip's local header (start) or its central directory (end) must be caught by the zip reader.
     data = bytearray((trained_run / "checkpoints" / "last.pt").read_bytes())
     span = slice(0, 64) if where == "start" else slice(len(data) - 64, len(data))
     data[span] = bytes(64)
@@ -102,6 +101,31 @@ def test_corrupted_bytes_in_checkpoint(trained_run: Path, tmp_path: Path, where:
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="corrupt or not a checkpoint"):
         load_checkpoint(path)
+
+
+def test_damaged_weights_fail_the_stored_checksum(trained_run: Path, tmp_path: Path) -> None:
+    # torch's zip reader skips CRC checks, so bytes zeroed inside a tensor's data load without error; the
+    # digest stored in the checkpoint catches them.
+    source = trained_run / "checkpoints" / "last.pt"
+    weight = load_checkpoint(source)["generator"]
+    tensor = next(t for t in weight.values() if t.numel() >= 256 and t.dtype == torch.float32)
+    needle = tensor.reshape(-1)[:64].numpy().tobytes()
+    data = bytearray(source.read_bytes())
+    at = data.find(needle)
+    assert at > 0 and data.find(needle, at + 1) == -1
+    data[at:at + len(needle)] = bytes(len(needle))
+    path = tmp_path / "damaged.pt"
+    path.write_bytes(bytes(data))
+    assert torch.load(path, map_location="cpu", weights_only=True)["step"] == 6  # torch alone does not notice
+    with pytest.raises(CheckpointError, match="do not match the checksum"):
+        load_checkpoint(path)
+
+
+def test_checkpoints_without_a_digest_still_load(trained_run: Path, tmp_path: Path) -> None:
+    state = torch.load(trained_run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert len(state.pop("digest")) == 64
+    torch.save(state, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt")["step"] == 6
 
 
 @pytest.mark.parametrize("obj", [

@@ -157,6 +157,13 @@ def test_another_seed_gives_other_losses(tiny_cfg, quiet_console) -> None:
 
 
 # ----- samples, targets --------------------------------------------------------------------------------
+def test_progress_gif_without_sample_grids_holds_the_final_grid(tiny_cfg, quiet_console) -> None:
+    run = Trainer(tiny_cfg(max_steps=1, sample_every=10), console=quiet_console).fit().run_dir
+    assert not list((run / "samples").glob("step_*.png"))
+    with Image.open(run / "progress.gif") as gif, Image.open(run / "final.png") as final:
+        assert gif.n_frames == 1 and gif.size == final.size
+
+
 def test_samples_leave_batchnorm_statistics_alone(tiny_cfg, quiet_console) -> None:
     trainer = Trainer(tiny_cfg(max_steps=2), console=quiet_console)
     trainer.fit()

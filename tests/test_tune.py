@@ -9,9 +9,13 @@ or reused from pytest's cache). Trials train 64 FashionMNIST images at batch 16 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -216,8 +220,17 @@ def test_tiny_experiment_ranks_a_sabotaged_lr_last(ray_session, fashion_extracto
     best = load_toml(folder / "best.toml")  # a valid config: the best trial's values at the experiment's budget
     assert best.optim.lr_g == float(rows[0]["lr_g"]) and best.optim.lr_d == 2e-3 and best.run.epochs == 3
     assert (best.data.limit, best.model.ngf, best.data.data_root) == (64, 8, str(datasets_root))
-    again = cli("run", "--config", folder / "best.toml", "--max-steps", "1", "--out", tmp_path / "again")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the trial had (--cpus-per-trial 1): the same summation order, the same numbers
+    try:
+        again = cli("run", "--config", folder / "best.toml", "--out", tmp_path / "again")
+    finally:
+        torch.set_num_threads(threads)
     assert again.exit_code == 0, again.output
+    evals = [json.loads(line) for line in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if "fd" in r]
+    assert [r["epoch"] for r in evals] == [1, 2, 3]
+    assert evals[-1]["fd"] == pytest.approx(float(rows[0]["fd"]), rel=1e-5)  # best.toml reproduces the trial
 
     trial = folder / f"trial_{rows[0]['trial']}"
     assert Path(rows[0]["checkpoint"]).is_file() and Path(rows[0]["checkpoint"]).is_relative_to(trial)
@@ -260,6 +273,46 @@ def test_nan_trial_stops_while_the_other_finishes_across_a_resume(ray_session, f
     assert (healthy["lr_d"], healthy["status"], healthy["epoch"]) == ("0.002", "done", "4")
     assert (nan["status"], nan["note"], nan["epoch"], nan["fd"]) == ("diverged", "non-finite weights", "1", "inf")
     assert "resumed from" in (folder.path / f"trial_{healthy['trial']}" / "run" / "train.log").read_text()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_address_joins_a_running_cluster(fashion_extractor, metrics_cache_dir: Path, datasets_root: Path,
+                                         tmp_path: Path) -> None:
+    # The multi-node path on one node: `ray start --head` makes a cluster, `gantrain tune --address HOST:PORT`
+    # joins it from a fresh process (not the session's in-process Ray), its trials run on the cluster's
+    # workers, and those use the driver's data and metrics cache (made absolute in the trial config), not
+    # the cluster's own default cache.
+    ray_cli = Path(sys.executable).parent / "ray"
+    if not ray_cli.is_file():
+        pytest.skip("the ray command is not installed")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("GANTRAIN_CACHE", "XDG_CACHE_HOME")}
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    # The cluster's own default cache is elsewhere and empty; workers must not fall back on it.
+    cluster_cache = tmp_path / "cluster-cache"
+    cluster_env = {**env, "XDG_CACHE_HOME": str(cluster_cache)}
+    subprocess.run([str(ray_cli), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                    "--object-store-memory=134217728", "--disable-usage-stats"], env=cluster_env, check=True,
+                   capture_output=True, timeout=180)
+    try:
+        command = [sys.executable, "-m", "gantrain", "tune", "--address", f"127.0.0.1:{port}", "--data-root",
+                   str(datasets_root), *TINY_FLAGS, "--num-samples", "2", "--scheduler", "fifo", "--max-epochs",
+                   "2", "--storage", str(tmp_path), "--name", "joined"]
+        done = subprocess.run(command, env={**env, "GANTRAIN_CACHE": str(metrics_cache_dir)}, capture_output=True,
+                              text=True, timeout=600)
+    finally:
+        subprocess.run([str(ray_cli), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = _rows(tmp_path / "joined")
+    assert len(rows) == 2 and all(r["status"] == "done" and r["epoch"] == "2" for r in rows)
+    assert all(math.isfinite(float(r["fd"])) for r in rows)
+    assert not (cluster_cache / "gantrain").exists()
 
 
 # ----- pieces that need Ray installed but no cluster ------------------------------------------------------------

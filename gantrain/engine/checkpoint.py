@@ -2,11 +2,14 @@
 
 A checkpoint is a plain dict of tensors and builtins (loadable with ``weights_only=True``): G, D, the G EMA
 when on, both optimisers, the GradScaler, step and epoch, every RNG state the run draws from, and the
-resolved config.
+resolved config. A SHA-256 of every value in it is stored alongside (``digest``) and checked on load:
+torch's zip reader does not check CRCs, so without it a checkpoint damaged in the middle of its weights
+would load silently.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -22,6 +25,37 @@ from gantrain.engine.errors import CheckpointError
 FORMAT = "gantrain-checkpoint"
 VERSION = 1
 _NUMBERED = re.compile(r"step_(\d+)\.pt$")
+
+
+def state_digest(state: Any) -> str:
+    """SHA-256 over a checkpoint's values in order: tensors by dtype, shape and bytes, the rest by ``repr``."""
+    digest = hashlib.sha256()
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"T{tensor.dtype}{tuple(value.shape)}".encode())
+            digest.update(tensor.view(torch.uint8).numpy())  # the buffer itself, no copy
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                digest.update(f"K{key!r}".encode())
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"L{len(value)}".encode())
+            for item in value:
+                visit(item)
+        else:
+            digest.update(f"V{value!r}".encode())
+
+    visit(state)
+    return digest.hexdigest()
+
+
+def sealed(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with the checkpoint format, version and ``digest`` that :func:`load_checkpoint` checks."""
+    body = {"format": FORMAT, "version": VERSION, **state}
+    body.pop("digest", None)
+    return {**body, "digest": state_digest(body)}
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -52,9 +86,8 @@ def _atomic_link(source: Path, path: Path) -> None:
 
 def save_checkpoint(state: dict[str, Any], folder: Path, step: int, keep: int) -> Path:
     """Saves ``state`` as ``step_NNNNNNNN.pt`` and ``last.pt``; removes numbered ones beyond the last ``keep``."""
-    state = {"format": FORMAT, "version": VERSION, **state}
     numbered = folder / f"step_{step:08d}.pt"
-    atomic_save(state, numbered)
+    atomic_save(sealed(state), numbered)
     _atomic_link(numbered, folder / "last.pt")
     for old in numbered_checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
@@ -68,7 +101,7 @@ def save_best(folder: Path, step: int, state: Callable[[], dict[str, Any]]) -> P
     if numbered.is_file():
         _atomic_link(numbered, best)
     else:
-        atomic_save({"format": FORMAT, "version": VERSION, **state()}, best)
+        atomic_save(sealed(state()), best)
     return best
 
 
@@ -90,6 +123,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a gantrain checkpoint")
     if state.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint version {state.get('version')}, this gantrain reads {VERSION}")
+    stored = state.pop("digest", None)  # absent in checkpoints written before digests were added
+    if stored is not None and stored != state_digest(state):
+        raise CheckpointError(f"{path} is corrupt: its contents do not match the checksum stored in it")
     return state
 
 

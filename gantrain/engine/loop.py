@@ -377,11 +377,17 @@ class Trainer:
         return FitResult(self.step, epochs_done, self.run_dir, self.last_checkpoint)
 
     def write_final_outputs(self) -> None:
-        """The final grid, losses.png (from metrics.jsonl, so resumed runs plot whole) and progress.gif."""
-        save_grid(self.sample(self.fixed_noise), self.run_dir / "final.png")
+        """The final grid, losses.png (from metrics.jsonl, so resumed runs plot whole) and progress.gif.
+
+        The GIF ends on the final grid, so it exists even when the run ended before its first sample grid.
+        """
+        final = save_grid(self.sample(self.fixed_noise), self.run_dir / "final.png")
         records = read_metrics(self.run_dir / "metrics.jsonl")
         plot_curves(records, ["loss_d", "loss_g"], self.run_dir / "losses.png", "GAN losses", "BCE loss")
-        save_gif(sorted((self.run_dir / "samples").glob("step_*.png")), self.run_dir / "progress.gif")
+        frames = sorted((self.run_dir / "samples").glob("step_*.png"))
+        if not frames or frames[-1].name != f"step_{self.step:06d}.png":
+            frames.append(final)
+        save_gif(frames, self.run_dir / "progress.gif")
         log.info("run folder: %s (final.png, losses.png, progress.gif, checkpoints/)", self.run_dir)
 
     # ----- context --------------------------------------------------------------------------------------

@@ -134,7 +134,7 @@ class EpochReporter:
 def save_trial_checkpoint(trainer: Trainer, folder: Path) -> Path:
     """A gantrain checkpoint (the format ``gantrain generate`` and ``--resume`` read) in ``folder``."""
     path = folder / CHECKPOINT_FILE
-    ckpt.atomic_save({"format": ckpt.FORMAT, "version": ckpt.VERSION, **trainer.state_dict()}, path)
+    ckpt.atomic_save(ckpt.sealed(trainer.state_dict()), path)
     return path
 
 
