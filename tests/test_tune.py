@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -281,6 +282,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _wait_for_port(port: int, process: subprocess.Popen, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"ray start exited with code {process.returncode}"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"the Ray head did not listen on port {port} within {timeout_s:.0f} s")
+
+
 @pytest.mark.slow
 def test_address_joins_a_running_cluster(fashion_extractor, metrics_cache_dir: Path, datasets_root: Path,
                                          tmp_path: Path) -> None:
@@ -297,17 +310,26 @@ def test_address_joins_a_running_cluster(fashion_extractor, metrics_cache_dir: P
     # The cluster's own default cache is elsewhere and empty; workers must not fall back on it.
     cluster_cache = tmp_path / "cluster-cache"
     cluster_env = {**env, "XDG_CACHE_HOME": str(cluster_cache)}
-    subprocess.run([str(ray_cli), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-                    "--object-store-memory=134217728", "--disable-usage-stats"], env=cluster_env, check=True,
-                   capture_output=True, timeout=180)
+    # A foreground (--block) head in its own process group, stopped by signalling that group: `ray stop`
+    # would also kill the session's in-process Ray, and this pytest process with it.
+    head = subprocess.Popen([str(ray_cli), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                             "--include-dashboard=false", "--object-store-memory=134217728", "--disable-usage-stats"],
+                            env=cluster_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     try:
+        _wait_for_port(port, head)
         command = [sys.executable, "-m", "gantrain", "tune", "--address", f"127.0.0.1:{port}", "--data-root",
                    str(datasets_root), *TINY_FLAGS, "--num-samples", "2", "--scheduler", "fifo", "--max-epochs",
                    "2", "--storage", str(tmp_path), "--name", "joined"]
         done = subprocess.run(command, env={**env, "GANTRAIN_CACHE": str(metrics_cache_dir)}, capture_output=True,
                               text=True, timeout=600)
     finally:
-        subprocess.run([str(ray_cli), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = _rows(tmp_path / "joined")
     assert len(rows) == 2 and all(r["status"] == "done" and r["epoch"] == "2" for r in rows)
