@@ -58,30 +58,38 @@ def main_callback(
     """gantrain: fast DCGAN training, benchmarking and tuning."""
 
 
+def _option_flags(target: str, specs: list[tuple[str, type, str, str]]):
+    """A decorator adding one keyword option per ``(name, type, help, panel)`` spec to a command's signature
+    (default None: not given; booleans as --x/--no-x), passed on together as a dict in its ``target`` parameter."""
+    names = [spec[0] for spec in specs]
+
+    def decorate(func):
+        sig = inspect.signature(func, eval_str=True)
+        params = [p for p in sig.parameters.values() if p.name != target]
+        for name, typ, doc, panel in specs:
+            flag = "--" + name.replace("_", "-")
+            option = typer.Option(f"{flag}/--no-{flag[2:]}" if typ is bool else flag, help=doc, rich_help_panel=panel,
+                                  show_default=False)
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                            annotation=Annotated[Optional[typ], option]))
+
+        @functools.wraps(func)
+        def wrapper(**kwargs):
+            chosen = {k: kwargs.pop(k) for k in names if k in kwargs}
+            return func(**kwargs, **{target: chosen})
+
+        wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        return wrapper
+
+    return decorate
+
+
 def config_flags(func):
-    """Adds one option per config field (default None = 'keep the preset/TOML value') to ``func``'s signature."""
-    sig = inspect.signature(func, eval_str=True)
-    params = [p for p in sig.parameters.values() if p.name != "overrides"]
-    annotations = {p.name: p.annotation for p in params}
-    for name, (section, typ) in field_index().items():
-        doc = field_docs(SECTION_TYPES[section]).get(name, "")
-        option = typer.Option("--" + name.replace("_", "-"), help=doc, rich_help_panel=f"{section} options",
-                              show_default=False)
-        if typ is bool:
-            option = typer.Option(f"--{name.replace('_', '-')}/--no-{name.replace('_', '-')}", help=doc,
-                                  rich_help_panel=f"{section} options", show_default=False)
-        annotation = Annotated[Optional[typ], option]
-        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))
-        annotations[name] = annotation
-
-    @functools.wraps(func)
-    def wrapper(**kwargs):
-        fixed = {p.name: kwargs.pop(p.name) for p in sig.parameters.values() if p.name != "overrides"}
-        return func(**fixed, overrides=kwargs)
-
-    wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
-    wrapper.__annotations__ = annotations
-    return wrapper
+    """Adds one option per config field (default None = 'keep the preset/TOML value'), passed on as ``overrides``."""
+    specs = [(name, typ, field_docs(SECTION_TYPES[section]).get(name, ""), f"{section} options")
+             for name, (section, typ) in field_index().items()]
+    return _option_flags("overrides", specs)(func)
 
 
 @app.command("run", no_args_is_help=False)
@@ -248,24 +256,10 @@ def tune_flags(func):
 
     from gantrain.tune.settings import TuneSettings
 
-    sig = inspect.signature(func, eval_str=True)
-    params = [p for p in sig.parameters.values() if p.name != "tune_options"]
-    docs, names = field_docs(TuneSettings), [f.name for f in fields(TuneSettings)]
-    for f in fields(TuneSettings):
-        flag = "--" + f.name.replace("_", "-")
-        decl = f"{flag}/--no-{f.name.replace('_', '-')}" if isinstance(f.default, bool) else flag
-        option = typer.Option(decl, help=f"{docs[f.name]} (default: {f.default})", rich_help_panel="tune options",
-                              show_default=False)
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                                        annotation=Annotated[Optional[type(f.default)], option]))
-
-    @functools.wraps(func)
-    def wrapper(**kwargs):
-        return func(**{k: v for k, v in kwargs.items() if k not in names},
-                    tune_options={k: kwargs[k] for k in names if k in kwargs})
-
-    wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
-    return wrapper
+    docs = field_docs(TuneSettings)
+    specs = [(f.name, type(f.default), f"{docs[f.name]} (default: {f.default})", "tune options")
+             for f in fields(TuneSettings)]
+    return _option_flags("tune_options", specs)(func)
 
 
 @app.command("tune", no_args_is_help=False)

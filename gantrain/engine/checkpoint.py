@@ -54,7 +54,6 @@ def state_digest(state: Any) -> str:
 def sealed(state: dict[str, Any]) -> dict[str, Any]:
     """``state`` with the checkpoint format, version and ``digest`` that :func:`load_checkpoint` checks."""
     body = {"format": FORMAT, "version": VERSION, **state}
-    body.pop("digest", None)
     return {**body, "digest": state_digest(body)}
 
 
