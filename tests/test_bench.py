@@ -19,9 +19,9 @@ def test_matrix_adds_one_feature_per_row():
     assert names[0].startswith("baseline") and rows[0].kind == "baseline"
     assert rows[-1].nproc == 2
     all_row = next(r for r in rows if "(all)" in r.name)
-    assert all_row.changes == {"loader": "memory", "channels_last": True, "amp": "bf16", "compile": True}
-    assert rows[1].changes == {"loader": "torch", "amp": "off", "channels_last": False, "compile": False}
-    for before, after in zip(rows[1:5], rows[2:6]):
+    assert all_row.changes == {"loader": "memory", "channels_last": True, "amp": "bf16", "compile": True, "layer_impl": "fast"}
+    assert rows[1].changes == {"loader": "torch", "amp": "off", "channels_last": False, "compile": False, "layer_impl": "aten"}
+    for before, after in zip(rows[1:6], rows[2:7]):
         changed = {k for k in after.changes if after.changes[k] != before.changes.get(k)}
         assert len(changed) == 1 and set(before.changes) <= set(after.changes)
 

@@ -53,6 +53,7 @@ def test_preset_registry_is_exactly_the_five() -> None:
     ({"device": "tpu"}, "--device"),
     ({"amp": "fp8"}, "--amp"),
     ({"ema_decay": 1.0}, "--ema-decay"),
+    ({"layer_impl": "cuda"}, "--layer-impl"),
     ({"arch": "dense", "kernel_size": 4}, "--kernel-size"),
     ({"amp": "fp16", "device": "cpu"}, "--amp"),
     ({"batch_size": "many"}, "--batch-size"),

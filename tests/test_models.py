@@ -11,7 +11,7 @@ from gantrain.engine.models import Discriminator, Generator, build_models, init_
 
 
 def _convs(module: nn.Module, kind: type) -> list[nn.Module]:
-    return [m for m in module.modules() if type(m) is kind]
+    return [m for m in module.modules() if isinstance(m, kind)]
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

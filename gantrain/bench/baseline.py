@@ -45,7 +45,7 @@ class BaselineGAN:
 
     def __init__(self, cfg: Config, device: torch.device):
         torch.manual_seed(cfg.run.seed)
-        g, d = build_models(cfg.model, cfg.data.image_size, cfg.data.channels)
+        g, d = build_models(cfg.model, cfg.data.image_size, cfg.data.channels, impl="aten")  # plain convolutions
         self.g, self.d = g.to(device), nn.Sequential(d, nn.Sigmoid()).to(device)
         betas = (cfg.optim.beta1, cfg.optim.beta2)
         self.opt_g = torch.optim.Adam(self.g.parameters(), lr=cfg.optim.lr_g, betas=betas)

@@ -26,6 +26,7 @@ LOADERS = ("auto", "memory", "torch", "dali")
 DALI_DEVICES = ("auto", "cpu", "gpu")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+LAYER_IMPLS = ("fast", "aten")
 
 
 def _flag(name: str) -> str:
@@ -199,11 +200,17 @@ class PerfConfig:
     """Capture the steps as CUDA graphs (CUDA only; implies --compile-mode reduce-overhead)."""
     compile_cache_dir: str = ""
     """Inductor cache folder for --compile (default: $TORCHINDUCTOR_CACHE_DIR or torch's own)."""
+    layer_impl: str = "fast"
+    """How the DCGAN layers compute: fast (exact rewrites measured faster: the dense ends as matrix products and,
+    on CPU, some gradients of the 4x4 stride-2 convolutions in other forms; see engine/layers.py) or aten
+    (torch's convolutions as they are, the reference)."""
 
     def __post_init__(self) -> None:
         _check(self.amp in AMP_MODES, "amp", f"must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         _check(self.compile_mode in COMPILE_MODES, "compile_mode", f"must be one of {', '.join(COMPILE_MODES)}")
         _check(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        _check(self.layer_impl in LAYER_IMPLS, "layer_impl", f"must be one of {', '.join(LAYER_IMPLS)}, "
+               f"got {self.layer_impl!r}")
 
 
 @dataclass

@@ -139,7 +139,7 @@ class Trainer:
     def _build_models(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
-        g, d = build_models(cfg.model, cfg.data.image_size, cfg.data.channels)
+        g, d = build_models(cfg.model, cfg.data.image_size, cfg.data.channels, cfg.perf.layer_impl)
         self.g, self.d = self.policy.prepare_model(g), self.policy.prepare_model(d)
         self.g_ema = copy.deepcopy(self.g).eval().requires_grad_(False) if cfg.perf.ema_decay > 0 else None
         betas = (cfg.optim.beta1, cfg.optim.beta2)

@@ -21,17 +21,20 @@ import torch
 from torch import nn
 
 from gantrain.engine.config import ModelConfig
+from gantrain.engine.layers import ProjectFromVector, ReduceToVector, StridedConv2d, StridedConvTranspose2d
 
 
-def _up(cin: int, cout: int, kernel: int) -> nn.ConvTranspose2d:
+def _up(cin: int, cout: int, kernel: int, impl: str = "aten") -> nn.ConvTranspose2d:
     """A stride-2 transposed convolution that exactly doubles height and width."""
     if kernel == 4:
-        return nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False)
+        return StridedConvTranspose2d(cin, cout, impl)
     return nn.ConvTranspose2d(cin, cout, 5, 2, 2, output_padding=1, bias=False)
 
 
-def _down(cin: int, cout: int, kernel: int, stride: int = 2) -> nn.Conv2d:
+def _down(cin: int, cout: int, kernel: int, stride: int = 2, impl: str = "aten") -> nn.Conv2d:
     """A convolution that divides height and width by ``stride`` exactly."""
+    if kernel == 4 and stride == 2:
+        return StridedConv2d(cin, cout, impl)
     return nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2 if kernel == 5 else 1, bias=False)
 
 
@@ -42,10 +45,10 @@ def _act(kind: str, slope: float) -> nn.Module:
 class Generator(nn.Module):
     """Maps noise ``z`` of shape (N, nz) to images in [-1, 1] of shape (N, C, S, S)."""
 
-    def __init__(self, cfg: ModelConfig, image_size: int, channels: int) -> None:
+    def __init__(self, cfg: ModelConfig, image_size: int, channels: int, impl: str = "fast") -> None:
         super().__init__()
         self.nz = cfg.nz
-        self.net = _dense_g(cfg, image_size, channels) if cfg.arch == "dense" else _conv_g(cfg, image_size, channels)
+        self.net = _dense_g(cfg, image_size, channels) if cfg.arch == "dense" else _conv_g(cfg, image_size, channels, impl)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)
@@ -54,38 +57,38 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """Maps images (N, C, S, S) to one real/fake logit per image, shape (N,)."""
 
-    def __init__(self, cfg: ModelConfig, image_size: int, channels: int) -> None:
+    def __init__(self, cfg: ModelConfig, image_size: int, channels: int, impl: str = "fast") -> None:
         super().__init__()
-        self.net = _dense_d(cfg, image_size, channels) if cfg.arch == "dense" else _conv_d(cfg, image_size, channels)
+        self.net = _dense_d(cfg, image_size, channels) if cfg.arch == "dense" else _conv_d(cfg, image_size, channels, impl)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).flatten()
 
 
-def _conv_g(cfg: ModelConfig, size: int, channels: int) -> nn.Sequential:
+def _conv_g(cfg: ModelConfig, size: int, channels: int, impl: str) -> nn.Sequential:
     n_up = int(math.log2(size)) - 2  # stride-2 layers from 4x4 to size x size, the last one emits the image
     width = cfg.ngf * 2 ** (n_up - 1)
     layers: list[nn.Module] = [
         nn.Unflatten(1, (cfg.nz, 1, 1)),
-        nn.ConvTranspose2d(cfg.nz, width, 4, 1, 0, bias=False),
+        ProjectFromVector(cfg.nz, width, 4, impl),
         nn.BatchNorm2d(width),
         _act(cfg.g_activation, cfg.leaky_slope),
     ]
     for _ in range(n_up - 1):
-        layers += [_up(width, width // 2, cfg.kernel_size), nn.BatchNorm2d(width // 2), _act(cfg.g_activation, cfg.leaky_slope)]
+        layers += [_up(width, width // 2, cfg.kernel_size, impl), nn.BatchNorm2d(width // 2), _act(cfg.g_activation, cfg.leaky_slope)]
         width //= 2
-    layers += [_up(width, channels, cfg.kernel_size), nn.Tanh()]
+    layers += [_up(width, channels, cfg.kernel_size, impl), nn.Tanh()]
     return nn.Sequential(*layers)
 
 
-def _conv_d(cfg: ModelConfig, size: int, channels: int) -> nn.Sequential:
+def _conv_d(cfg: ModelConfig, size: int, channels: int, impl: str) -> nn.Sequential:
     n_down = int(math.log2(size)) - 2
-    layers: list[nn.Module] = [_down(channels, cfg.ndf, cfg.kernel_size), nn.LeakyReLU(cfg.leaky_slope, inplace=True)]
+    layers: list[nn.Module] = [_down(channels, cfg.ndf, cfg.kernel_size, impl=impl), nn.LeakyReLU(cfg.leaky_slope, inplace=True)]
     width = cfg.ndf
     for _ in range(n_down - 1):
-        layers += [_down(width, width * 2, cfg.kernel_size), nn.BatchNorm2d(width * 2), nn.LeakyReLU(cfg.leaky_slope, inplace=True)]
+        layers += [_down(width, width * 2, cfg.kernel_size, impl=impl), nn.BatchNorm2d(width * 2), nn.LeakyReLU(cfg.leaky_slope, inplace=True)]
         width *= 2
-    layers.append(nn.Conv2d(width, 1, 4, 1, 0, bias=False))
+    layers.append(ReduceToVector(width, 1, 4, impl))
     return nn.Sequential(*layers)
 
 
@@ -126,8 +129,9 @@ def init_weights(module: nn.Module, std: float) -> None:
             nn.init.zeros_(m.bias)
 
 
-def build_models(cfg: ModelConfig, image_size: int, channels: int) -> tuple[Generator, Discriminator]:
-    g, d = Generator(cfg, image_size, channels), Discriminator(cfg, image_size, channels)
+def build_models(cfg: ModelConfig, image_size: int, channels: int, impl: str = "fast") -> tuple[Generator, Discriminator]:
+    """G and D, initialised; ``impl`` picks how the layers of :mod:`gantrain.engine.layers` compute."""
+    g, d = Generator(cfg, image_size, channels, impl), Discriminator(cfg, image_size, channels, impl)
     init_weights(g, cfg.init_std)
     init_weights(d, cfg.init_std)
     return g, d

@@ -1,0 +1,154 @@
+"""The fast layer forms of engine/layers.py against their references: outputs and both gradients agree."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gantrain.engine.config import ModelConfig, preset
+from gantrain.engine.layers import (ProjectFromVector, ReduceToVector, StridedConv2d, StridedConvTranspose2d,
+                                    conv_input_grad, conv_weight_grad)
+from gantrain.engine.models import build_models
+
+CL = torch.channels_last
+
+# (layer class, in, out, input height): each row exercises one rewrite or the plain path
+CASES = [
+    (StridedConv2d, 1, 16, 16),          # input gradient by space-to-depth (D's first layer, grayscale)
+    (StridedConv2d, 3, 8, 16),           # ... and RGB
+    (StridedConv2d, 128, 8, 8),          # weight gradient as a dilated forward convolution
+    (StridedConv2d, 16, 32, 8),          # neither: torch's convolution
+    (StridedConvTranspose2d, 16, 1, 8),  # forward by space-to-depth (G's last layer)
+    (StridedConvTranspose2d, 8, 128, 4),  # weight gradient as a dilated forward convolution
+    (ProjectFromVector, 20, 32, 1),
+    (ReduceToVector, 32, 1, 4),
+]
+
+
+def _layer(cls, cin: int, cout: int, impl: str) -> nn.Module:
+    if cls in (ProjectFromVector, ReduceToVector):
+        return cls(cin, cout, 4, impl)
+    return cls(cin, cout, impl)
+
+
+def _pair(cls, cin, cout, dtype=torch.float32, memory_format=torch.contiguous_format):
+    """The fast layer and its aten reference with the same weights."""
+    fast, ref = _layer(cls, cin, cout, "fast"), _layer(cls, cin, cout, "aten")
+    nn.init.normal_(fast.weight, 0.0, 0.2)
+    ref.load_state_dict(fast.state_dict())
+    return [m.to(dtype=dtype, memory_format=memory_format) for m in (fast, ref)]
+
+
+def _grads(layer: nn.Module, x: torch.Tensor, grad_out_seed: int = 1, amp: bool = False):
+    x = x.detach().clone().requires_grad_(True)
+    layer.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+        y = layer(x)
+    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_out_seed), dtype=torch.float64)
+    y.backward(grad_out.to(y.dtype))
+    return y, x.grad, layer.weight.grad
+
+
+def _input(cin: int, height: int, dtype=torch.float32, memory_format=torch.contiguous_format) -> torch.Tensor:
+    x = torch.randn(3, cin, height, height, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return x.to(dtype=dtype).contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("cls,cin,cout,height", CASES)
+def test_fast_layer_matches_reference_in_float64(cls, cin, cout, height):
+    """In float64 the rewrites agree with torch's convolutions to rounding: they are exact."""
+    fast, ref = _pair(cls, cin, cout, torch.float64)
+    x = _input(cin, height, torch.float64)
+    for got, want in zip(_grads(fast, x), _grads(ref, x)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("cls,cin,cout,height", CASES)
+def test_fast_layer_matches_reference_in_fp32_and_bf16(cls, cin, cout, height, memory_format):
+    """fp32 through oneDNN agrees closely; bf16 autocast agrees within bf16 rounding, in the model's layout."""
+    fast, ref = _pair(cls, cin, cout, memory_format=memory_format)
+    x = _input(cin, height, memory_format=memory_format)
+    for got, want in zip(_grads(fast, x), _grads(ref, x)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    y_fast, *grads_fast = _grads(fast, x, amp=True)
+    y_ref, *grads_ref = _grads(ref, x, amp=True)
+    assert y_fast.dtype == y_ref.dtype == torch.bfloat16
+    for got, want in zip((y_fast, *grads_fast), (y_ref, *grads_ref)):
+        assert got.dtype == want.dtype
+        assert (got.float() - want.float()).norm() <= 0.02 * want.float().norm()
+    if memory_format == CL and cls is not ReduceToVector and y_ref.shape[1] > 1:
+        assert y_fast.is_contiguous(memory_format=CL), "the output keeps the model's memory format"
+
+
+def test_rewrites_run_only_where_they_apply():
+    """The custom autograd functions are in the graph exactly for the rewritten layers, and never for impl=aten."""
+    def fn_name(layer, cin, height):
+        return type(layer(_input(cin, height).requires_grad_(True)).grad_fn).__name__
+
+    assert "StridedConv" in fn_name(StridedConv2d(1, 8, "fast"), 1, 8)
+    assert "StridedConv" in fn_name(StridedConv2d(128, 8, "fast"), 128, 8)
+    assert "StridedConv" not in fn_name(StridedConv2d(16, 8, "fast"), 16, 8)   # between the thresholds
+    assert "StridedConv" not in fn_name(StridedConv2d(1, 8, "aten"), 1, 8)
+    assert "StridedConvTranspose" in fn_name(StridedConvTranspose2d(8, 1, "fast"), 8, 4)
+    assert "Convolution" in fn_name(ProjectFromVector(8, 4, 4, "aten"), 8, 1)
+    assert "Convolution" not in fn_name(ProjectFromVector(8, 4, 4, "fast"), 8, 1)
+
+
+def test_only_the_needed_gradients_are_computed():
+    """D's step needs no input gradient (real images) and G's step no D weight gradient (frozen D)."""
+    fast, ref = _pair(StridedConv2d, 1, 8)
+    x = _input(1, 8)
+    fast(x).sum().backward()
+    assert fast.weight.grad is not None
+    fast.weight.grad = None
+    fast.requires_grad_(False)
+    x = x.requires_grad_(True)
+    fast(x).sum().backward()
+    assert fast.weight.grad is None and x.grad is not None
+    ref.requires_grad_(False)
+    x2 = x.detach().requires_grad_(True)
+    ref(x2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_gradient_helpers_match_autograd_of_conv2d():
+    x = _input(4, 8, torch.float64).requires_grad_(True)
+    w = torch.randn(6, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.nn.functional.conv2d(x, w, stride=2, padding=1)
+    grad_out = torch.randn_like(y)
+    want_x, want_w = torch.autograd.grad(y, (x, w), grad_out)
+    torch.testing.assert_close(conv_input_grad(grad_out, w), want_x)
+    torch.testing.assert_close(conv_weight_grad(x.detach(), grad_out, w), want_w)
+    big = _input(128, 4, torch.float64)
+    w = torch.randn(2, 128, 4, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.nn.functional.conv2d(big, w, stride=2, padding=1)
+    grad_out = torch.randn_like(y)
+    torch.testing.assert_close(conv_weight_grad(big, grad_out, w), torch.autograd.grad(y, w, grad_out)[0])
+
+
+@pytest.mark.parametrize("name", ["fashion32", "cats64"])
+def test_models_with_fast_layers_are_the_reference_models(name):
+    """Same parameters and state-dict keys (checkpoints move between impls) and the same outputs."""
+    cfg = preset(name)
+    cfg.model.ngf = cfg.model.ndf = 16
+    size, channels = cfg.data.image_size, cfg.data.channels
+    torch.manual_seed(0)
+    fast_g, fast_d = build_models(cfg.model, size, channels, "fast")
+    torch.manual_seed(0)
+    ref_g, ref_d = build_models(cfg.model, size, channels, "aten")
+    for fast, ref in ((fast_g, ref_g), (fast_d, ref_d)):
+        assert fast.state_dict().keys() == ref.state_dict().keys()
+        for (key, a), b in zip(fast.state_dict().items(), ref.state_dict().values()):
+            assert torch.equal(a, b), key
+    z = torch.randn(4, cfg.model.nz)
+    with torch.no_grad():
+        torch.testing.assert_close(fast_d(fast_g(z)), ref_d(ref_g(z)), rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_impl_is_refused():
+    with pytest.raises(ValueError, match="impl"):
+        StridedConv2d(1, 8, "cuda")
+    with pytest.raises(ValueError, match="impl"):
+        build_models(ModelConfig(), 32, 1, "triton")
