@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gantrain.bench.baseline import step_flops
-from gantrain.bench.suite import matrix
+from gantrain.bench.hardware import system_info
+from gantrain.bench.suite import _add_ratios, matrix, results_markdown, results_table
 from gantrain.bench.worker import _quantile
 from gantrain.engine.config import preset
 
@@ -24,6 +25,18 @@ def test_matrix_adds_one_feature_per_row():
     for before, after in zip(rows[1:6], rows[2:7]):
         changed = {k for k in after.changes if after.changes[k] != before.changes.get(k)}
         assert len(changed) == 1 and set(before.changes) <= set(after.changes)
+
+
+def test_reports_without_a_baseline_row_print_dashes():
+    """`--only` may leave the baseline out: no speed-up then, and the reports still render."""
+    row = {"name": "all, no compile", "images_per_s": 700.0, "images_per_s_p10": 650.0, "images_per_s_p90": 720.0,
+           "step_ms": 180.0, "data_wait_ms": 0.1, "compute_ms": 179.9, "warmup_s": 1.0, "peak_mem_gib": 0.5, "amp": "bf16"}
+    report = {"system": system_info(), "device": "cpu", "preset": "fashion32", "batch_size": 128, "flops_per_image": 0.41e9,
+              "peak_tflops": {"fp32": 0.2, "bf16": 0.4, "fp16": 0.4, "source": "--peak-tflops"}, "results": [row]}
+    _add_ratios(report["results"], report["flops_per_image"], report["peak_tflops"])
+    assert row["speedup"] is None and row["mfu"] == pytest.approx(700 * 0.41e9 / 0.4e12)
+    assert "| all, no compile | 700 | 650–720 | - | 180.0 |" in results_markdown(report)
+    assert results_table(report).row_count == 1
 
 
 def test_quantiles():

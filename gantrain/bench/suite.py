@@ -138,6 +138,15 @@ def _add_ratios(results: list[dict], flops_per_image: float, peaks: dict) -> Non
         r["mfu"] = r["achieved_tflops"] / peak if peak else None
 
 
+def _speedup(row: dict, sign: str = "×") -> str:
+    """The speed-up over the baseline, or '-' when the run left the baseline out (--only)."""
+    return f"{row['speedup']:.2f}{sign}" if row.get("speedup") else "-"
+
+
+def _mfu(row: dict) -> str:
+    return f"{row['mfu'] * 100:.1f}%" if row.get("mfu") else "-"
+
+
 def results_table(report: dict) -> Table:
     peaks = report["peak_tflops"]
     table = Table(title=f"gantrain bench: {report['preset']}, batch {report['batch_size']}, {report['device']} "
@@ -151,9 +160,9 @@ def results_table(report: dict) -> Table:
             table.add_row(r["name"], "[red]failed", r["error"][:60], *[""] * 7)
             continue
         table.add_row(r["name"], f"{r['images_per_s']:.0f}", f"{r['images_per_s_p10']:.0f}-{r['images_per_s_p90']:.0f}",
-                      f"{r['speedup']:.2f}x" if r.get("speedup") else "-", f"{r['step_ms']:.1f}",
+                      _speedup(r, "x"), f"{r['step_ms']:.1f}",
                       f"{r['data_wait_ms']:.1f}", f"{r['compute_ms']:.1f}", f"{r['warmup_s']:.1f}",
-                      f"{r['mfu'] * 100:.1f}%" if r.get("mfu") else "-", f"{r['peak_mem_gib']:.2f}")
+                      _mfu(r), f"{r['peak_mem_gib']:.2f}")
     return table
 
 
@@ -170,8 +179,8 @@ def results_markdown(report: dict) -> str:
             lines.append(f"| {r['name']} | failed: {r['error'][:80]} | | | | | | | |")
             continue
         lines.append(f"| {r['name']} | {r['images_per_s']:.0f} | {r['images_per_s_p10']:.0f}–{r['images_per_s_p90']:.0f} | "
-                     f"{r['speedup']:.2f}× | {r['step_ms']:.1f} | {r['data_wait_ms']:.1f} | {r['warmup_s']:.1f} | "
-                     f"{r['mfu'] * 100:.1f}% | {r['peak_mem_gib']:.2f} |")
+                     f"{_speedup(r)} | {r['step_ms']:.1f} | {r['data_wait_ms']:.1f} | {r['warmup_s']:.1f} | "
+                     f"{_mfu(r)} | {r['peak_mem_gib']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
