@@ -10,7 +10,7 @@ Measured for fashion32 at batch 128 in bf16 on the 2-core AVX512-BF16 EPYC (oneD
 
 * **The two ends are dense layers.** G's first layer (a 4x4 transposed convolution of a 1x1 map) and D's
   last (a valid 4x4 convolution of a 4x4 map) are matrix products; oneDNN's convolution kernels took
-  8.5 ms and 2.0 ms for their forward + backward, a matrix product 1.8 ms and 0.4 ms (any device).
+  8.5 ms and 2.0 ms for their forward + backward, a matrix product 1.8 ms and 0.4 ms (used on every device).
 * **Input gradients into one or a few channels.** The input gradient of a stride-2 4x4 convolution with
   1-4 input channels (D's first layer in the G step; G's last layer in its forward pass) runs slowly in
   oneDNN (4.3 ms for 1 channel). As a stride-1 2x2 transposed convolution into 4x as many channels followed

@@ -10,7 +10,8 @@ Two families:
   stride-2 transposed convolutions and a 5x5 stride-1 one to the image; D is five 5x5 convolutions
   (strides 2, 2, 2, 1, 2) with BatchNorm and LeakyReLU, flattened into a dense logit.
 
-D always returns raw logits: the loss is BCE-with-logits, which stays correct under autocast.
+D always returns raw logits: the loss is BCE-with-logits, which stays correct under autocast. The dcgan
+layers come from :mod:`gantrain.engine.layers` (``impl="fast"`` computes some of them in faster exact forms).
 """
 
 from __future__ import annotations
