@@ -94,12 +94,12 @@ class ReduceToVector(nn.Conv2d):
 
 
 # ----- stride-2, 4x4, padding-1 convolutions --------------------------------------------------------------
-def _space_to_depth_input_grad(weight: torch.Tensor) -> bool:
-    return weight.shape[1] <= SPACE_TO_DEPTH_MAX_CHANNELS
+def _space_to_depth_input_grad(conv_in_channels: int) -> bool:
+    return conv_in_channels <= SPACE_TO_DEPTH_MAX_CHANNELS
 
 
-def _dilated_weight_grad(x: torch.Tensor) -> bool:
-    return x.shape[1] >= DILATED_WEIGHT_GRAD_MIN_CHANNELS
+def _dilated_weight_grad(conv_in_channels: int) -> bool:
+    return conv_in_channels >= DILATED_WEIGHT_GRAD_MIN_CHANNELS
 
 
 def conv_input_grad(grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -110,7 +110,7 @@ def conv_input_grad(grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
     equals a stride-1 2x2 convolution of its 2x2 pixel-unshuffle, whose input gradient is a 2x2 transposed
     convolution into 4x the channels followed by a pixel shuffle and removing the padding.
     """
-    if not _space_to_depth_input_grad(weight):
+    if not _space_to_depth_input_grad(weight.shape[1]):
         return F.conv_transpose2d(grad_out, weight, stride=2, padding=1)
     c_out, c_in = weight.shape[:2]
     # weight[o, c, 2a + u, 2b + v] -> w2[o, 4c + 2u + v, a, b], the pixel-unshuffle channel order
@@ -125,7 +125,7 @@ def conv_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tens
     From 128 input channels up it runs as one forward convolution: x with batch and channels swapped,
     correlated with the output gradient (also swapped) as a kernel dilated by the stride.
     """
-    if not _dilated_weight_grad(x):
+    if not _dilated_weight_grad(x.shape[1]):
         return _aten_conv_grads(x, grad_out, weight, False, True)[1]
     # (C_in, N, H, W) * (C_out, N, H/2, W/2) dilated by 2, padded by 1 -> (C_in, C_out, 4, 4)
     grad = F.conv2d(x.transpose(0, 1).contiguous(), grad_out.transpose(0, 1).contiguous(), dilation=2, padding=1)
@@ -150,7 +150,8 @@ class _StridedConv(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
         want_x, want_w = ctx.needs_input_grad
-        s2d, dilated = want_x and _space_to_depth_input_grad(weight), want_w and _dilated_weight_grad(x)
+        s2d = want_x and _space_to_depth_input_grad(weight.shape[1])
+        dilated = want_w and _dilated_weight_grad(x.shape[1])
         grad_x = grad_w = None
         if (want_x and not s2d) or (want_w and not dilated):  # what the rewrites leave: one aten call, as autograd's
             grad_x, grad_w = _aten_conv_grads(x, grad_out, weight, want_x and not s2d, want_w and not dilated)
@@ -190,30 +191,37 @@ def _same_dtype(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, to
     return x, weight
 
 
-class StridedConv2d(nn.Conv2d):
+class _Strided:
+    """The forward pass shared by the two strided layers: their autograd function on CPU where one of its
+    rewrites applies (decided by the channels the weight, read as a convolution's, maps from), else torch's."""
+
+    function: type[torch.autograd.Function]
+
+    def _set_impl(self, impl: str, conv_in_channels: int) -> None:
+        self.impl = _check_impl(impl)
+        self.rewritten = _space_to_depth_input_grad(conv_in_channels) or _dilated_weight_grad(conv_in_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.impl == "aten" or not self.rewritten or x.device.type != "cpu":
+            return super().forward(x)  # type: ignore[misc]
+        return self.function.apply(*_same_dtype(x, self.weight))  # type: ignore[attr-defined]
+
+
+class StridedConv2d(_Strided, nn.Conv2d):
     """A 4x4 stride-2 padding-1 convolution that halves height and width (D's downsampling layers)."""
 
+    function = _StridedConv
+
     def __init__(self, in_channels: int, out_channels: int, impl: str = "fast") -> None:
-        super().__init__(in_channels, out_channels, 4, 2, 1, bias=False)
-        self.impl = _check_impl(impl)
-        self.rewritten = (in_channels <= SPACE_TO_DEPTH_MAX_CHANNELS or in_channels >= DILATED_WEIGHT_GRAD_MIN_CHANNELS)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.impl == "aten" or not self.rewritten or x.device.type != "cpu":
-            return super().forward(x)
-        return _StridedConv.apply(*_same_dtype(x, self.weight))
+        nn.Conv2d.__init__(self, in_channels, out_channels, 4, 2, 1, bias=False)
+        self._set_impl(impl, in_channels)
 
 
-class StridedConvTranspose2d(nn.ConvTranspose2d):
+class StridedConvTranspose2d(_Strided, nn.ConvTranspose2d):
     """A 4x4 stride-2 padding-1 transposed convolution that doubles height and width (G's upsampling layers)."""
 
-    def __init__(self, in_channels: int, out_channels: int, impl: str = "fast") -> None:
-        super().__init__(in_channels, out_channels, 4, 2, 1, bias=False)
-        self.impl = _check_impl(impl)
-        # the weight, read as a convolution's, maps out_channels to in_channels
-        self.rewritten = (out_channels <= SPACE_TO_DEPTH_MAX_CHANNELS or out_channels >= DILATED_WEIGHT_GRAD_MIN_CHANNELS)
+    function = _StridedConvTranspose
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.impl == "aten" or not self.rewritten or x.device.type != "cpu":
-            return super().forward(x)
-        return _StridedConvTranspose.apply(*_same_dtype(x, self.weight))
+    def __init__(self, in_channels: int, out_channels: int, impl: str = "fast") -> None:
+        nn.ConvTranspose2d.__init__(self, in_channels, out_channels, 4, 2, 1, bias=False)
+        self._set_impl(impl, out_channels)  # its weight, read as a convolution's, maps out_channels to in_channels
