@@ -15,8 +15,10 @@ from PIL import Image
 
 from gantrain.engine.data import download as dl
 from gantrain.engine.data import Shard, build_loader, epoch_batches, load_idx_split, load_images, read_idx
-from gantrain.engine.data.sources import decode_folder, decode_image, list_images
-from gantrain.engine.errors import DataError
+from gantrain.engine.data.decode import decode_image
+from gantrain.engine.data.discovery import discover_images
+from gantrain.engine.data.sources import decode_folder
+from gantrain.engine.errors import ConfigError, DataError
 
 IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 # Per-class counts of the official MNIST splits (digits 0..9).
@@ -147,7 +149,8 @@ def test_epoch_shards_are_disjoint_and_cover_the_global_batches(world_size: int)
 
 
 def test_epoch_batches_needs_one_global_batch() -> None:
-    with pytest.raises(DataError, match="--batch-size"):
+    with pytest.raises(ConfigError, match=r"--batch-size: the dataset has 40 images, fewer than one global batch "
+                                          r"of 48 \(16 per process x 3 processes\)"):
         epoch_batches(40, 16, 0, 0, Shard(0, 3))
 
 
@@ -209,25 +212,32 @@ def cat_folder(cats_dir: Path, tmp_path: Path) -> Path:
 
 
 def test_decode_folder_skips_and_counts_corrupt_files(cat_folder: Path) -> None:
-    scan = decode_folder(cat_folder, 32, 3, strict=False)
-    assert scan.skipped == 1
-    assert scan.images.shape == (22, 3, 32, 32) and scan.images.dtype == np.uint8
-    names = {p.name for p in scan.paths}
-    assert "0000_corrupt.jpg" not in names
-    assert {"cat.png", "UPPER.JPG"} <= names
-    assert "notes.txt" not in names
-    assert len(list_images(cat_folder)) == 23
+    found = discover_images(cat_folder)
+    assert found.left_out == {"unreadable": [cat_folder / "0000_corrupt.jpg"], "not an image": [cat_folder / "notes.txt"]}
+    images = decode_folder(found, 32, 3, strict=False)
+    assert images.shape == (22, 3, 32, 32) and images.dtype == np.uint8
+    names = {p.name for p in found.paths}
+    assert len(names) == 22 and {"cat.png", "UPPER.JPG"} <= names
 
 
 def test_decode_folder_strict_names_the_bad_file(cat_folder: Path) -> None:
-    with pytest.raises(DataError, match="0000_corrupt.jpg"):
-        decode_folder(cat_folder, 32, 3, strict=True)
+    with pytest.raises(DataError, match="unreadable image .*0000_corrupt.jpg"):
+        discover_images(cat_folder, strict=True)
+    truncated = cat_folder / "more" / "truncated.jpg"  # a valid header, a body cut short: found only by decoding
+    truncated.write_bytes((cat_folder / "more" / "UPPER.JPG").read_bytes()[:1500])
+    (cat_folder / "0000_corrupt.jpg").unlink()
+    found = discover_images(cat_folder, strict=True)
+    assert truncated in found.paths
+    with pytest.raises(DataError, match="unreadable image .*truncated.jpg"):
+        decode_folder(found, 32, 3, strict=True)
+    images = decode_folder(found, 32, 3, strict=False)
+    assert len(images) == 22 and found.left_out["unreadable"] == [truncated] and truncated not in found.paths
 
 
 def test_load_images_from_folder_with_limit(cat_folder: Path) -> None:
     images = load_images("folder", str(cat_folder), 64, 3, limit=5)
-    # The corrupt file sorts first, so 5 paths give 4 images.
-    assert images.shape == (4, 3, 64, 64)
+    # --limit counts images: the corrupt file sorting first is not one of them.
+    assert images.shape == (5, 3, 64, 64)
     gray = load_images("folder", str(cat_folder), 32, 1)
     assert gray.shape == (22, 1, 32, 32)
 
@@ -247,13 +257,18 @@ def test_decode_image_center_crops_non_square(tmp_path: Path) -> None:
 def test_folder_torch_loader_replaces_unreadable_images(cat_folder: Path, tiny_cfg) -> None:
     cfg = tiny_cfg(dataset="folder", data_root=str(cat_folder), channels=3, loader="torch", num_workers=0,
                    batch_size=4, limit=0)
+    truncated = cat_folder / "0001_truncated.jpg"  # passes discovery (its header is fine), fails to decode
+    truncated.write_bytes((cat_folder / "more" / "UPPER.JPG").read_bytes()[:1500])
     loader = build_loader(cfg.data, seed=0, device=torch.device("cpu"))
-    assert loader.num_images == 23 and loader.steps_per_epoch == 5
+    assert loader.num_images == 23 and loader.steps_per_epoch == 5  # 22 good + the truncated one
     batches = list(loader.epoch(0))
     assert len(batches) == 5 and all(b.shape == (4, 3, 32, 32) for b in batches)
     strict = tiny_cfg(dataset="folder", data_root=str(cat_folder), channels=3, loader="torch", num_workers=0,
                       batch_size=23, limit=0, strict=True)
     with pytest.raises(DataError, match="0000_corrupt.jpg"):
+        build_loader(strict.data, seed=0, device=torch.device("cpu"))
+    (cat_folder / "0000_corrupt.jpg").unlink()
+    with pytest.raises(DataError, match="0001_truncated.jpg"):
         list(build_loader(strict.data, seed=0, device=torch.device("cpu")).epoch(0))
 
 
@@ -261,7 +276,7 @@ def test_missing_or_empty_folder(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
         load_images("folder", str(tmp_path / "nope"), 32, 3)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no JPEG/PNG"):
+    with pytest.raises(DataError, match="no images found below .*empty folder"):
         load_images("folder", str(tmp_path / "empty"), 32, 3)
     with pytest.raises(DataError, match="--data-root"):
         load_images("folder", None, 32, 3)

@@ -186,12 +186,12 @@ def bench_loaders(*, data_root: str | None, limit: int | None, batch_size: int |
 
 
 def _report(results: list[dict], overrides: dict, timings: dict, sizes: tuple[int, ...]) -> dict:
-    from gantrain.engine.data.sources import folder_paths
+    from gantrain.engine.data.sources import discover_folder
     from gantrain.engine.runtime import pick_device
 
     cfg = row_config(LoaderRow("memory", sizes[0], "loader"), overrides)
     return {"system": system_info(), "device": str(pick_device(overrides["device"])), "dali": _dali_version(),
-            "data_root": cfg.data.data_root, "num_images": len(folder_paths(cfg.data.data_root, cfg.data.limit)),
+            "data_root": cfg.data.data_root, "num_images": len(discover_folder(cfg.data.data_root, limit=cfg.data.limit).images),
             "sizes": list(sizes), "timing": timings, "results": results,
             "batch_sizes": {str(s): row_config(LoaderRow("memory", s, "loader"), overrides).data.batch_size
                             for s in (64, 128)}}

@@ -41,7 +41,8 @@ def _check(ok: bool, name: str, message: str) -> None:
 @dataclass
 class DataConfig:
     dataset: str = "fashion-mnist"
-    """Dataset: fashion-mnist, mnist, folder (a tree of JPEG/PNG images) or synthetic (random, for benchmarks)."""
+    """Dataset: fashion-mnist, mnist, folder (a tree of images in any format Pillow decodes: JPEG, PNG, WebP, BMP,
+    TIFF, GIF, ...) or synthetic (random, for benchmarks)."""
     data_root: str | None = None
     """For fashion-mnist/mnist the folder holding FashionMNIST/raw or MNIST/raw; for folder the image folder itself.
     Falls back to $GANTRAIN_DATA, then to the download cache."""
@@ -52,7 +53,8 @@ class DataConfig:
     batch_size: int = 128
     """Images per step on each process (the effective batch is this times the number of processes)."""
     strict: bool = False
-    """Fail on an unreadable image instead of skipping it."""
+    """Fail on an image-folder file that looks like an image but cannot be used (unreadable, or a format Pillow
+    cannot decode) instead of leaving it out."""
     loader: str = "auto"
     """Data loader: memory (decode once, keep uint8 on the device), torch (DataLoader), dali (NVIDIA DALI pipeline;
     the dali extra) or auto (DALI for image folders when installed and training on CUDA, else memory when it fits)."""

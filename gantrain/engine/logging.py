@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import logging.handlers
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -18,8 +19,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 log = logging.getLogger("gantrain")
 
 
-def setup_logging(console: Console, log_file: Path | None = None, level: int = logging.INFO) -> None:
-    """Messages go to the rich console and, when given, to a plain log file in the run folder."""
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+PENDING_RECORDS = 100_000  # records held for a log file that does not exist yet (start-up writes a few dozen)
+
+
+def setup_logging(console: Console, log_file: Path | None = None, level: int = logging.INFO, *,
+                  pending: bool = False) -> None:
+    """Messages go to the rich console and, when given, to a plain log file in the run folder.
+
+    ``pending``: no file yet; records are held until :func:`attach_log_file` writes them to it, so a run that is
+    refused during start-up (bad data, an impossible schedule) leaves no file behind, yet a run that starts
+    keeps its start-up lines in train.log.
+    """
     for handler in list(log.handlers):
         log.removeHandler(handler)
         handler.close()
@@ -27,10 +38,23 @@ def setup_logging(console: Console, log_file: Path | None = None, level: int = l
     log.propagate = False
     log.addHandler(RichHandler(console=console, show_path=False, show_time=False, markup=False))
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(log_file)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
+        attach_log_file(log_file)
+    elif pending:
+        log.addHandler(logging.handlers.MemoryHandler(PENDING_RECORDS, flushLevel=logging.CRITICAL + 1, target=None,
+                                                      flushOnClose=False))
+
+
+def attach_log_file(log_file: Path) -> None:
+    """Starts writing the log to ``log_file``, first the records held since ``setup_logging(pending=True)``."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    for held in [h for h in log.handlers if isinstance(h, logging.handlers.MemoryHandler)]:
+        held.setTarget(handler)
+        held.flush()
+        log.removeHandler(held)
+        held.close()
+    log.addHandler(handler)
 
 
 class DeviceStats:

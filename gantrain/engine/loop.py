@@ -31,7 +31,8 @@ from gantrain.engine.config import Config, from_dict, to_toml
 from gantrain.engine.data import Shard, build_loader
 from gantrain.engine.errors import CheckpointError, ConfigError
 from gantrain.engine.images import plot_curves, read_metrics, save_gif, save_grid
-from gantrain.engine.logging import DeviceStats, MetricsWriter, PhaseTimer, log, progress_bar, setup_logging
+from gantrain.engine.logging import (DeviceStats, MetricsWriter, PhaseTimer, attach_log_file, log, progress_bar,
+                                    setup_logging)
 from gantrain.engine.models import Generator, build_models, sample_noise
 from gantrain.engine.precision import PrecisionPolicy
 from gantrain.engine.runtime import DistInfo, configure_cuda, pick_device
@@ -89,10 +90,13 @@ class Trainer:
         resume_state = ckpt.load_checkpoint(self.resume_path) if self.resume_path else None
         self.cfg = self._resumed_config(cfg, resume_state)
         self.run_dir = self.cfg.run_dir
-        self._prepare_run_dir(resume_state is not None)
+        self._check_run_dir(resume_state is not None)
         self.device = pick_device(self.cfg.run.device, self.dist.local_rank)
         self.policy = PrecisionPolicy(self.device, self.cfg.perf.amp, self.cfg.perf.channels_last)
+        # Data and schedule first: a run that cannot take one step is refused before anything is written.
         self._build_data()
+        self._check_schedule(resume_state)
+        self._write_run_dir()
         self._build_models()
         self._build_state()
         if resume_state is not None:
@@ -110,17 +114,31 @@ class Trainer:
                                   f"(preset {state['config'].get('preset')}); pass the same --preset/--config")
         return cfg
 
-    def _prepare_run_dir(self, resuming: bool) -> None:
+    def _check_run_dir(self, resuming: bool) -> None:
+        """Refuses an --out that holds another run; starts the log, held until the run folder is written."""
         if not self.dist.is_main:
             return
         if not resuming and (self.run_dir / "checkpoints" / "last.pt").exists():
             raise ConfigError(f"--out: {self.run_dir} already holds a run; continue it with --resume auto "
                               "or choose another --out")
+        setup_logging(self.console, pending=True)
+
+    def _check_schedule(self, resume_state: dict | None) -> None:
+        """A resumed run with no step left to take is refused (the data check is in ``build_loader``)."""
+        done = int(resume_state["step"]) if resume_state is not None else 0
+        if done >= self.total_steps:
+            flag = "--max-steps" if self.cfg.run.max_steps and self.cfg.run.max_steps <= done else "--epochs"
+            raise ConfigError(f"{flag}: the run in {self.run_dir} already took {done} of its {self.total_steps} "
+                              f"steps; raise {flag} to train on")
+
+    def _write_run_dir(self) -> None:
+        if not self.dist.is_main:
+            return
         (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
         world, batch = self.dist.world_size, self.cfg.data.batch_size
         effective = f"\n# effective batch: {batch} per process x {world} process(es) = {batch * world}\n"
         (self.run_dir / "config.toml").write_text(to_toml(self.cfg) + effective)
-        setup_logging(self.console, self.run_dir / "train.log")
+        attach_log_file(self.run_dir / "train.log")
 
     def _build_data(self) -> None:
         shard = Shard(self.dist.rank, self.dist.world_size)

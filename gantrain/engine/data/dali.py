@@ -34,6 +34,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
+import tempfile
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -44,8 +47,12 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from PIL import Image
+
+from gantrain.engine.data.decode import decode_image, decode_to_viewer, to_channels
+from gantrain.engine.data.discovery import Discovery, ImageFile
 from gantrain.engine.data.loaders import EpochPlan, Shard, epoch_plan
-from gantrain.engine.data.sources import decode_image, folder_paths, load_images
+from gantrain.engine.data.sources import discover_folder, load_images, log_discovery
 from gantrain.engine.errors import ConfigError, DataError
 
 log = logging.getLogger("gantrain")
@@ -134,8 +141,7 @@ class _DALILoader(ABC):
                  device: torch.device, shard: Shard, options: DaliOptions):
         self.dali, self.num_images, self.image_size, self.batch_size = dali, num_images, image_size, batch_size
         self.seed, self.device, self.shard, self.options = seed, device, shard, options
-        self.steps_per_epoch = num_images // (batch_size * shard.world_size)
-        epoch_plan(num_images, batch_size, 0, seed, shard)  # fewer images than one global batch: a clear error now
+        self.steps_per_epoch = num_images // (batch_size * shard.world_size)  # checked by build_loader
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
         for batch in self.labelled(epoch, start_step):
@@ -214,13 +220,52 @@ def dali_reason(message: str) -> str:
 
 
 # ----- image folders -----------------------------------------------------------------------------------
-class DALIFolderLoader(_DALILoader):
-    """A JPEG/PNG tree read by ``fn.readers.file`` and decoded by DALI, a fresh pipeline per epoch."""
+# (Pillow format, modes) DALI's decoders give the same 8-bit pixels for as gantrain's decoder, checked file by
+# file by the image-zoo test. JPEG includes the EXIF orientation, which DALI applies too. Every other file (alpha,
+# palette transparency, CMYK, 32-bit integer or float samples, GIF, animations, other formats) is decoded by
+# gantrain first; DALI then reads that 8-bit PNG through the same resize and crop.
+DALI_NATIVE = {"JPEG": {"L", "RGB"}, "PNG": {"1", "L", "P", "RGB", "I;16"}, "BMP": {"RGB"}, "TIFF": {"RGB", "I;16B"},
+               "WEBP": {"RGB"}}
 
-    def __init__(self, dali: SimpleNamespace, paths: Sequence[Path], channels: int, **common: Any):
-        super().__init__(dali, len(paths), **common)
-        self.paths, self.channels = [str(p) for p in paths], channels
+
+def dali_native(image: ImageFile) -> bool:
+    """Whether DALI decodes ``image`` to the pixels of :func:`~gantrain.engine.data.decode.decode_to_viewer`."""
+    return (image.mode in DALI_NATIVE.get(image.format, ()) and not image.alpha and not image.animated
+            and (image.orientation == 1 or image.format == "JPEG"))
+
+
+class DALIFolderLoader(_DALILoader):
+    """An image folder read by ``fn.readers.file`` and decoded by DALI, a fresh pipeline per epoch.
+
+    Files DALI would decode differently (see :data:`DALI_NATIVE`) are decoded once by gantrain's decoder into
+    8-bit PNGs in a temporary folder (removed with the loader), which DALI reads in their place.
+    """
+
+    def __init__(self, dali: SimpleNamespace, found: Discovery, channels: int, **common: Any):
+        super().__init__(dali, len(found.images), **common)
+        self.paths, self.channels = [str(p) for p in found.paths], channels
         self.unreadable: set[int] = set()
+        self._convert_foreign(found.images)
+
+    def _convert_foreign(self, images: Sequence[ImageFile]) -> None:
+        foreign = [i for i, image in enumerate(images) if not dali_native(image)]
+        if not foreign:
+            return
+        folder = tempfile.mkdtemp(prefix="gantrain-dali-")
+        weakref.finalize(self, shutil.rmtree, folder, True)
+        converted = 0
+        for i in foreign:
+            try:
+                with Image.open(images[i].path) as img:
+                    to_channels(decode_to_viewer(img), self.channels).save(Path(folder) / f"{i:07d}.png")
+            except Exception:  # unreadable past its header: DALI meets the original and it is skipped as usual
+                continue
+            self.paths[i] = str(Path(folder) / f"{i:07d}.png")
+            converted += 1
+        kinds = sorted({f"{images[i].format} {images[i].mode}" + (" with alpha" if images[i].alpha else "")
+                        for i in foreign})
+        log.info("dali: %d of %d images decoded by gantrain first (DALI decodes these differently: %s)", converted,
+                 len(images), ", ".join(kinds[:6]) + (", ..." if len(kinds) > 6 else ""))
 
     def labelled(self, epoch: int, start_step: int = 0) -> Iterator[DaliBatch]:
         plan, step = self.global_order(epoch), start_step
@@ -391,16 +436,18 @@ class DALIArrayLoader(_DALILoader):
 
 # ----- construction -------------------------------------------------------------------------------------
 def build_dali_loader(data_cfg: Any, seed: int, device: torch.device, shard: Shard = Shard(),
-                      policy: Any | None = None, progress=None) -> _DALILoader:
-    """The DALI loader for ``data_cfg``: a folder pipeline for image folders, external_source for the rest."""
+                      policy: Any | None = None, progress=None, found: Discovery | None = None) -> _DALILoader:
+    """The DALI loader for ``data_cfg``: a folder pipeline for image folders (``found``: their discovery, made
+    here when not given), external_source for the rest."""
     dali = import_dali()
     options = DaliOptions(decode_device=pipeline_device(data_cfg.dali_device, device), fmt=BatchFormat.of(policy),
                           hflip=data_cfg.hflip, num_workers=data_cfg.num_workers, strict=data_cfg.strict)
     common = dict(image_size=data_cfg.image_size, batch_size=data_cfg.batch_size, seed=seed, device=device,
                   shard=shard, options=options)
     if data_cfg.dataset == "folder":
-        paths = folder_paths(data_cfg.data_root, data_cfg.limit)
-        return DALIFolderLoader(dali, paths, data_cfg.channels, **common)
+        found = found or discover_folder(data_cfg.data_root, strict=data_cfg.strict, limit=data_cfg.limit)
+        log_discovery(found)
+        return DALIFolderLoader(dali, found, data_cfg.channels, **common)
     load_args = dict(dataset=data_cfg.dataset, root=data_cfg.data_root, size=data_cfg.image_size,
                      channels=data_cfg.channels, strict=data_cfg.strict, limit=data_cfg.limit,
                      synthetic_size=data_cfg.synthetic_size, seed=seed)

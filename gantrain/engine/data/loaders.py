@@ -18,8 +18,9 @@ from typing import Protocol
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from gantrain.engine.data.sources import decode_image, folder_paths, load_images
-from gantrain.engine.errors import DataError
+from gantrain.engine.data.decode import decode_image
+from gantrain.engine.data.sources import decode_folder, discover_folder, load_images, log_discovery
+from gantrain.engine.errors import ConfigError, DataError
 
 log = logging.getLogger("gantrain")
 
@@ -42,6 +43,24 @@ class EpochPlan:
     flips: torch.Tensor | None  # bool; None when --hflip is off
 
 
+def steps_per_epoch(num_images: int, batch_size: int, world_size: int = 1, limit: int = 0) -> int:
+    """floor(N / (batch x world)): the steps of one epoch, the same for every loader.
+
+    Raises :class:`ConfigError` (exit code 2) naming the flag to change when it is 0: fewer images than one
+    global batch can take no step, and a run that cannot take one step must not start.
+    """
+    global_batch = batch_size * world_size
+    steps = num_images // global_batch
+    if steps == 0:
+        per = f"{batch_size} per process x {world_size} processes" if world_size > 1 else "--batch-size"
+        if limit and num_images == limit:
+            raise ConfigError(f"--limit: {limit} leaves {num_images} images, fewer than one global batch of "
+                              f"{global_batch} ({per}); raise --limit or lower --batch-size")
+        raise ConfigError(f"--batch-size: the dataset has {num_images} images, fewer than one global batch of "
+                          f"{global_batch} ({per}); lower --batch-size")
+    return steps
+
+
 def epoch_plan(n: int, batch_size: int, epoch: int, seed: int, shard: Shard = Shard(), hflip: bool = False) -> EpochPlan:
     """Index batches of one epoch for one rank (int64 on the CPU), with a seeded coin flip per image under hflip.
 
@@ -51,9 +70,7 @@ def epoch_plan(n: int, batch_size: int, epoch: int, seed: int, shard: Shard = Sh
     so --hflip leaves the order unchanged.
     """
     global_batch = batch_size * shard.world_size
-    steps = n // global_batch
-    if steps == 0:
-        raise DataError(f"the dataset has {n} images, fewer than one global batch of {global_batch}; lower --batch-size")
+    steps = steps_per_epoch(n, batch_size, shard.world_size)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(n, generator=gen)[: steps * global_batch]
     flips = torch.rand(steps * global_batch, generator=gen) < 0.5 if hflip else None
@@ -92,7 +109,7 @@ class MemoryLoader:
                  hflip: bool = False):
         self.images = images.to(device)
         self.num_images, self.batch_size, self.seed, self.shard = len(images), batch_size, seed, shard
-        self.steps_per_epoch = self.num_images // (batch_size * shard.world_size)
+        self.steps_per_epoch = self.num_images // (batch_size * shard.world_size)  # checked by build_loader
         self.hflip = hflip
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
@@ -144,7 +161,7 @@ class TorchLoader:
         self.dataset, self.batch_size, self.seed, self.shard = dataset, batch_size, seed, shard
         self.device, self.num_workers, self.hflip = device, num_workers, hflip
         self.num_images = len(dataset)  # type: ignore[arg-type]
-        self.steps_per_epoch = self.num_images // (batch_size * shard.world_size)
+        self.steps_per_epoch = self.num_images // (batch_size * shard.world_size)  # checked by build_loader
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
         plan = epoch_plan(self.num_images, self.batch_size, epoch, self.seed, self.shard, self.hflip)
@@ -182,17 +199,29 @@ def build_loader(data_cfg, seed: int, device: torch.device, shard: Shard = Shard
     fp32 NCHW, which ``prepare_batch`` converts.
     """
     kind = choose_loader(data_cfg, device)
+    loader = _build(kind, data_cfg, seed, device, shard, progress, policy)
+    steps_per_epoch(loader.num_images, data_cfg.batch_size, shard.world_size, data_cfg.limit)  # the flag to change
+    return loader
+
+
+def _build(kind: str, data_cfg, seed: int, device: torch.device, shard: Shard, progress, policy) -> BatchLoader:
+    folder = data_cfg.dataset == "folder"
+    found = discover_folder(data_cfg.data_root, strict=data_cfg.strict, limit=data_cfg.limit) if folder else None
     if kind == "dali":
         from gantrain.engine.data.dali import build_dali_loader
 
-        return build_dali_loader(data_cfg, seed, device, shard, policy, progress)
-    if kind == "torch" and data_cfg.dataset == "folder":
-        paths = folder_paths(data_cfg.data_root, data_cfg.limit)
-        dataset = _FolderDataset(paths, data_cfg.image_size, data_cfg.channels, data_cfg.strict)
+        return build_dali_loader(data_cfg, seed, device, shard, policy, progress, found)
+    if kind == "torch" and found is not None:
+        log_discovery(found)
+        dataset = _FolderDataset(found.paths, data_cfg.image_size, data_cfg.channels, data_cfg.strict)
         return TorchLoader(dataset, data_cfg.batch_size, seed, device, data_cfg.num_workers, shard, data_cfg.hflip)
-    images = load_images(data_cfg.dataset, data_cfg.data_root, data_cfg.image_size, data_cfg.channels,
-                         strict=data_cfg.strict, limit=data_cfg.limit, synthetic_size=data_cfg.synthetic_size,
-                         seed=seed, progress=progress)
+    if found is not None:
+        images = torch.from_numpy(decode_folder(found, data_cfg.image_size, data_cfg.channels,
+                                                strict=data_cfg.strict, progress=progress))
+        log_discovery(found)
+    else:
+        images = load_images(data_cfg.dataset, data_cfg.data_root, data_cfg.image_size, data_cfg.channels,
+                             limit=data_cfg.limit, synthetic_size=data_cfg.synthetic_size, seed=seed)
     if kind == "torch" or (kind == "auto" and images.numel() > MEMORY_LIMIT_BYTES):
         return TorchLoader(_TensorDataset(images), data_cfg.batch_size, seed, device, data_cfg.num_workers, shard,
                            data_cfg.hflip)

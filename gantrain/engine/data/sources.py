@@ -1,5 +1,8 @@
 """Where images come from: IDX files (FashionMNIST/MNIST), image folders, synthetic noise.
 
+Image folders are found by :mod:`gantrain.engine.data.discovery` and decoded by
+:mod:`gantrain.engine.data.decode`, the one decode path every loader matches.
+
 Every source ends as a uint8 tensor of shape (N, C, S, S) already at the model size, decoded once; the
 loaders (:mod:`gantrain.engine.data.loaders`) batch it and normalise to [-1, 1] on the device.
 """
@@ -10,20 +13,20 @@ import gzip
 import logging
 import os
 import struct
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gantrain.engine.data.decode import decode_image
+from gantrain.engine.data.discovery import Discovery, discover_images
 from gantrain.engine.data.download import IDX_DATASETS, ensure_idx_files
 from gantrain.engine.errors import DataError
 
 log = logging.getLogger("gantrain")
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC = 2051, 2049
 
 
@@ -76,66 +79,39 @@ def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def list_images(folder: Path) -> list[Path]:
-    """JPEG/PNG files below ``folder`` (recursive), in a stable sorted order."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+def discover_folder(root: str | None, *, strict: bool = False, limit: int = 0) -> Discovery:
+    """The images of the folder ``root`` (else $GANTRAIN_DATA) for every loader; see :func:`discover_images`."""
+    if root is None and not os.environ.get("GANTRAIN_DATA"):
+        raise DataError("an image-folder dataset needs --data-root (the folder holding the images)")
+    return discover_images(data_root(root), strict=strict, limit=limit)
 
 
-def decode_image(path: Path, size: int, channels: int) -> np.ndarray:
-    """Decodes one image, resizes the short side to ``size`` and center-crops: uint8 (C, size, size)."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        img = img.convert("L" if channels == 1 else "RGB")
-        w, h = img.size
-        scale = size / min(w, h)
-        if (w, h) != (size, size):
-            img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-            w, h = img.size
-            left, top = (w - size) // 2, (h - size) // 2
-            img = img.crop((left, top, left + size, top + size))
-        array = np.asarray(img, dtype=np.uint8)
-    # A writable, contiguous copy: PIL's buffer is read-only, which torch.from_numpy warns about.
-    return (array[None] if channels == 1 else array.transpose(2, 0, 1)).copy()  # C order
+def log_discovery(found: Discovery) -> None:
+    """The one line that ends discovery, and one more when decoding converts images (alpha, 16-bit, ...)."""
+    log.info("%s", found.summary())
+    conversions = found.conversion_summary()
+    if conversions:
+        log.info("%s", conversions)
 
 
-@dataclass
-class FolderScan:
-    """The decodable images of a folder, and how many files were skipped as unreadable."""
-
-    images: np.ndarray
-    paths: list[Path]
-    skipped: int
-
-
-def decode_folder(folder: Path, size: int, channels: int, *, strict: bool, limit: int = 0,
-                  progress: Callable[[int, int], None] | None = None) -> FolderScan:
-    paths = _folder_paths(folder, limit)
-    kept, arrays, skipped = [], [], 0
-    for i, path in enumerate(paths):
+def decode_folder(found: Discovery, size: int, channels: int, *, strict: bool,
+                  progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Decodes every discovered image: uint8 (N, C, size, size). A file that fails past its header (a truncated
+    body) moves to the discovery's unreadable files, or under ``strict`` raises :class:`DataError` naming it."""
+    arrays, bad = [], set()
+    for i, image in enumerate(found.images):
         try:
-            arrays.append(decode_image(path, size, channels))
-            kept.append(path)
+            arrays.append(decode_image(image.path, size, channels))
         except Exception as exc:  # PIL raises many types for broken files
             if strict:
-                raise DataError(f"unreadable image {path}: {exc} (drop --strict to skip such files)") from None
-            skipped += 1
+                raise DataError(f"unreadable image {image.path}: {exc} (drop --strict to skip such files)") from None
+            bad.add(image.path)
         if progress:
-            progress(i + 1, len(paths))
+            progress(i + 1, len(found.images))
+    found.drop_unreadable(bad)
     if not arrays:
-        raise DataError(f"no readable images in {folder} ({skipped} unreadable)")
-    if skipped:
-        log.warning("skipped %d unreadable image(s) in %s", skipped, folder)
-    return FolderScan(np.stack(arrays), kept, skipped)
-
-
-def _folder_paths(folder: Path, limit: int) -> list[Path]:
-    if not folder.is_dir():
-        raise DataError(f"image folder {folder} does not exist (pass --data-root pointing at the images)")
-    paths = list_images(folder)
-    if not paths:
-        raise DataError(f"no JPEG/PNG images found below {folder}")
-    return paths[:limit] if limit else paths
+        raise DataError(f"no readable images in {found.root}: {found.left_out_text()}")
+    return np.stack(arrays)
 
 
 def synthetic_images(n: int, size: int, channels: int, seed: int) -> torch.Tensor:
@@ -158,7 +134,8 @@ def data_root(explicit: str | None) -> Path:
 def load_images(dataset: str, root: str | None, size: int, channels: int, *, strict: bool = False, limit: int = 0,
                 synthetic_size: int = 8192, seed: int = 0,
                 progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """The training images of ``dataset`` as uint8 (N, C, size, size) on the CPU."""
+    """The training images of ``dataset`` as uint8 (N, C, size, size) on the CPU (an image folder's discovery
+    is logged in one line)."""
     if dataset == "synthetic":
         return synthetic_images(limit or synthetic_size, size, channels, seed)
     if dataset in IDX_DATASETS:
@@ -167,11 +144,7 @@ def load_images(dataset: str, root: str | None, size: int, channels: int, *, str
         images, _ = load_idx_split(dataset, data_root(root))
         images = torch.from_numpy((images[:limit] if limit else images).copy()).unsqueeze(1)
         return resize_uint8(images, size)
-    if root is None and not os.environ.get("GANTRAIN_DATA"):
-        raise DataError("an image-folder dataset needs --data-root (the folder holding the images)")
-    scan = decode_folder(data_root(root), size, channels, strict=strict, limit=limit, progress=progress)
-    return torch.from_numpy(scan.images)
-
-
-def folder_paths(root: str | None, limit: int = 0) -> Sequence[Path]:
-    return _folder_paths(data_root(root), limit)
+    found = discover_folder(root, strict=strict, limit=limit)
+    images = decode_folder(found, size, channels, strict=strict, progress=progress)
+    log_discovery(found)
+    return torch.from_numpy(images)

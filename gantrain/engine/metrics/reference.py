@@ -2,7 +2,8 @@
 
 * fashion-mnist / mnist: the official splits (60000 train, 10000 test), 28-pixel images resized to 32 pixels
   exactly as the training loader does, so real images look like the ones the GAN learned from.
-* an image folder (e.g. cats): no labels and no official split. The sorted file list is split
+* an image folder (e.g. cats): no labels and no official split. The sorted list of the images training
+  discovers (:mod:`gantrain.engine.data.discovery`) is split
   deterministically: every 5th file is test, the rest train. Images are decoded at 64 pixels.
 
 Hashes are of the files' bytes (plus relative names for folders), computed without decoding, so looking an
@@ -20,7 +21,9 @@ import torch
 
 from gantrain.engine.config import Config
 from gantrain.engine.data.download import IDX_DATASETS, ensure_idx_files
-from gantrain.engine.data.sources import data_root, decode_image, list_images, read_idx, resize_uint8
+from gantrain.engine.data.decode import decode_image
+from gantrain.engine.data.discovery import discover_images
+from gantrain.engine.data.sources import data_root, read_idx, resize_uint8
 from gantrain.engine.errors import ConfigError, DataError
 from gantrain.engine.metrics.cache import sha256_files
 
@@ -120,9 +123,7 @@ def load_split(spec: DatasetSpec, split: str) -> Split:
 
 
 def _folder_split_paths(root: Path, split: str) -> list[Path]:
-    if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist (pass --data-root pointing at the images)")
-    paths = list_images(root)
+    paths = discover_images(root).paths  # the files training discovers, so metrics judge against the same images
     if len(paths) < 2 * FOLDER_TEST_EVERY:
         raise DataError(f"{root} has {len(paths)} images; metrics need at least {2 * FOLDER_TEST_EVERY}")
     is_test = [(i % FOLDER_TEST_EVERY) == FOLDER_TEST_EVERY - 1 for i in range(len(paths))]

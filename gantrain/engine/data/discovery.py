@@ -1,0 +1,234 @@
+"""Which files of a user's image folder are training images, and why every other file was left out.
+
+One discovery feeds every loader (memory, torch, DALI), the metrics extractor and the loader benchmark, so they
+all train on, and count, the same files. The walk follows directory links (a link back into a folder already
+walked is a loop and is not followed again), takes every extension Pillow decodes, reads each candidate's
+header (format, mode, transparency, EXIF orientation, animation; no pixels), and sorts what it found into:
+
+* images, in a stable order (sorted relative paths);
+* left out, by reason: ``not an image`` (an extension that is no image format), ``hidden/system file``
+  (dot files such as ``.DS_Store`` and macOS ``._*`` resource forks, ``Thumbs.db``, ``desktop.ini``, hidden and
+  system folders), ``unsupported format`` (an image format Pillow cannot decode: HEIC, SVG, camera RAW, ...),
+  ``unreadable`` (no header Pillow can parse: empty, damaged, a dangling link, no permission), ``linked twice``
+  (a file reached again through a link: used once).
+
+:meth:`Discovery.summary` is the one log line that ends discovery. With ``strict`` any left-out file that looks
+like an image (unsupported or unreadable) is an error that names it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, features
+
+from gantrain.engine.data.decode import has_alpha, orientation
+from gantrain.engine.errors import DataError
+
+NOT_AN_IMAGE, HIDDEN, UNSUPPORTED, UNREADABLE, LINKED_TWICE = (
+    "not an image", "hidden/system file", "unsupported format", "unreadable", "linked twice")
+REASONS = (UNREADABLE, UNSUPPORTED, NOT_AN_IMAGE, HIDDEN, LINKED_TWICE)  # the order of the summary
+SYSTEM_NAMES = {"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r", "$recycle.bin", "system volume information",
+                "__macosx", "@eadir", "lost+found"}
+# Formats Pillow registers but cannot decode here on its own (stubs that need a handler, vector, save-only).
+PILLOW_NON_DECODERS = {"BUFR", "GRIB", "HDF5", "MPEG", "WMF", "EPS", "PDF", "IPTC", "PALM"}
+# Image extensions Pillow has no decoder for: refused by name rather than called "not an image".
+OTHER_IMAGE_SUFFIXES = {".heic", ".heif", ".hif", ".svg", ".svgz", ".jxl", ".exr", ".hdr", ".raw", ".dng", ".cr2",
+                        ".cr3", ".nef", ".nrw", ".arw", ".orf", ".rw2", ".raf", ".srw", ".pef", ".xcf", ".kra", ".psb",
+                        ".ai", ".eps", ".ps", ".pdf", ".wmf", ".emf", ".avif", ".jp2", ".j2k", ".jpx", ".webp"}
+EXAMPLES = 3  # example paths per reason in the summary line
+
+
+def decodable_suffixes() -> dict[str, str]:
+    """Lower-case file extensions Pillow can decode here, mapped to their format name."""
+    Image.init()
+    optional = {"AVIF": "avif", "WEBP": "webp", "JPEG2000": "jpg_2000"}  # codecs a Pillow build may lack
+    return {suffix: fmt for suffix, fmt in Image.registered_extensions().items()
+            if fmt in Image.OPEN and fmt not in PILLOW_NON_DECODERS
+            and (fmt not in optional or features.check(optional[fmt]))}
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """One training image as its header describes it (no pixels decoded)."""
+
+    path: Path
+    format: str  # Pillow's format name from the content: "JPEG", "PNG", ...
+    mode: str  # Pillow's mode: "RGB", "L", "I;16", "RGBA", "P", ...
+    alpha: bool  # an alpha channel or transparent colour(s)
+    orientation: int  # EXIF orientation, 1 = as stored
+    animated: bool
+
+    def conversions(self) -> list[str]:
+        """What decoding does to this file beyond reading its 8-bit colours, as short labels for the log."""
+        done = []
+        if self.alpha:
+            done.append("with transparency (composited over white)")
+        if self.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            done.append("with 16/32-bit integer samples (scaled to 8 bits)")
+        if self.mode == "F":
+            done.append("with float samples (taken as [0, 1])")
+        if self.mode == "CMYK":
+            done.append("CMYK (converted to RGB)")
+        if self.orientation != 1:
+            done.append("with an EXIF orientation (applied)")
+        if self.animated:
+            done.append("animated (first frame used)")
+        return done
+
+
+@dataclass
+class Discovery:
+    """The images of a folder (sorted), and every file left out, by reason."""
+
+    root: Path
+    images: list[ImageFile]
+    left_out: dict[str, list[Path]] = field(default_factory=dict)
+    loops: int = 0  # directory links not followed because they lead back into the walk
+    limit: int = 0
+
+    @property
+    def paths(self) -> list[Path]:
+        return [image.path for image in self.images]
+
+    def leave_out(self, path: Path, reason: str) -> None:
+        self.left_out.setdefault(reason, []).append(path)
+
+    def drop_unreadable(self, bad: set[Path]) -> None:
+        """Moves images that failed to decode (past a valid header: a truncated body) to ``unreadable``."""
+        if bad:
+            self.images = [image for image in self.images if image.path not in bad]
+            for path in sorted(bad):
+                self.leave_out(path, UNREADABLE)
+
+    def summary(self) -> str:
+        """One line: images found (by format), files left out by reason with examples, links, --limit."""
+        formats = Counter(image.format for image in self.images)
+        by_format = ", ".join(f"{fmt} {n}" for fmt, n in formats.most_common())
+        line = f"folder {self.root}: {len(self.images)} images" + (f" ({by_format})" if by_format else "")
+        if self.limit:
+            line += f", the first {self.limit} used (--limit)"
+        left = sum(len(paths) for paths in self.left_out.values())
+        line += f"; left out {left} file(s): {self.left_out_text()}" if left else "; no file left out"
+        if self.loops:
+            line += f"; {self.loops} directory link(s) into folders already walked not followed (loops)"
+        return line
+
+    def left_out_text(self) -> str:
+        """The left-out files by reason, with a few example paths: 'not an image 2 (a.txt, b.csv); ...'."""
+        parts = []
+        for reason in REASONS:
+            paths = sorted(self.left_out.get(reason, []), key=self._rel)
+            if paths:
+                shown = ", ".join(self._rel(p) for p in paths[:EXAMPLES]) + (", ..." if len(paths) > EXAMPLES else "")
+                parts.append(f"{reason} {len(paths)} ({shown})")
+        return "; ".join(parts)
+
+    def conversion_summary(self) -> str | None:
+        """One line counting the images decoding converts (transparency, 16-bit, CMYK, ...), or None."""
+        counts = Counter(c for image in self.images for c in image.conversions())
+        if not counts:
+            return None
+        return "decoded as a viewer shows them: " + ", ".join(f"{n} {what}" for what, n in counts.items())
+
+    def _rel(self, path: Path) -> str:
+        try:
+            return str(path.relative_to(self.root))
+        except ValueError:
+            return str(path)
+
+
+def discover_images(folder: Path, *, strict: bool = False, limit: int = 0,
+                    progress: Callable[[int, int], None] | None = None) -> Discovery:
+    """The training images below ``folder``; see the module docstring.
+
+    Raises :class:`DataError` when the folder does not exist or holds no image, and under ``strict`` when an
+    image-looking file is unsupported or unreadable (naming it). ``limit`` keeps the first N images.
+    """
+    if not folder.is_dir():
+        raise DataError(f"image folder {folder} does not exist (pass --data-root pointing at the images)")
+    found = Discovery(folder, [], limit=limit)
+    candidates = _walk(folder, found)
+    suffixes = decodable_suffixes()
+    for i, path in enumerate(candidates):
+        suffix = path.suffix.lower()
+        if suffix in suffixes:
+            image = _probe(path, found)
+            if image is not None:
+                found.images.append(image)
+        elif suffix in OTHER_IMAGE_SUFFIXES:
+            found.leave_out(path, UNSUPPORTED)
+        else:
+            found.leave_out(path, NOT_AN_IMAGE)
+        if progress:
+            progress(i + 1, len(candidates))
+    if strict:
+        unreadable, unsupported = found.left_out.get(UNREADABLE, []), found.left_out.get(UNSUPPORTED, [])
+        if unreadable or unsupported:
+            first, reason = (unreadable[0], UNREADABLE) if unreadable else (unsupported[0], UNSUPPORTED)
+            more = len(unreadable) + len(unsupported) - 1
+            raise DataError(f"{reason} image {first}" + (f" and {more} more" if more else "")
+                            + " (drop --strict to leave such files out)")
+    if not found.images:
+        left = found.left_out_text()
+        raise DataError(f"no images found below {folder}" + (f"; left out: {left}" if left else " (an empty folder)"))
+    if limit:
+        found.images = found.images[:limit]
+    return found
+
+
+def _walk(folder: Path, found: Discovery) -> list[Path]:
+    """Every non-hidden file below ``folder``, following directory links once, in sorted order."""
+    files: list[Path] = []
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[tuple[int, int]] = set()
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        here = Path(top)
+        stat = here.stat()
+        if (stat.st_dev, stat.st_ino) in seen_dirs:  # reached again through a link: a loop or a second path
+            found.loops += 1
+            dirs[:] = []
+            continue
+        seen_dirs.add((stat.st_dev, stat.st_ino))
+        for name in sorted(dirs):
+            if _hidden(name):
+                found.leave_out(here / name, HIDDEN)
+        dirs[:] = sorted(d for d in dirs if not _hidden(d))
+        for name in sorted(names):
+            path = here / name
+            if _hidden(name):
+                found.leave_out(path, HIDDEN)
+                continue
+            try:
+                stat = path.stat()
+            except OSError:  # a dangling link, or no permission to look
+                found.leave_out(path, UNREADABLE)
+                continue
+            if (stat.st_dev, stat.st_ino) in seen_files:
+                found.leave_out(path, LINKED_TWICE)
+                continue
+            seen_files.add((stat.st_dev, stat.st_ino))
+            files.append(path)
+    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name.lower() in SYSTEM_NAMES
+
+
+def _probe(path: Path, found: Discovery) -> ImageFile | None:
+    """The header of one candidate, or None after recording why it is left out."""
+    try:
+        with Image.open(path) as img:
+            if img.format in PILLOW_NON_DECODERS:
+                found.leave_out(path, UNSUPPORTED)
+                return None
+            return ImageFile(path, img.format or "?", img.mode, has_alpha(img), orientation(img),
+                             bool(getattr(img, "is_animated", False)))
+    except Exception:  # Pillow raises many types for files it cannot parse
+        found.leave_out(path, UNREADABLE)
+        return None

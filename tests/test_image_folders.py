@@ -1,0 +1,286 @@
+"""Users' image folders: every loader gives the pixels a viewer shows, discovery says what it left out and why,
+and runs that cannot take one step are refused before anything is written.
+
+The pixel references come from ``image_zoo`` (numpy, from the pixels each file was made of), never from a loader.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from image_zoo import SIZE, make_oddities, make_zoo
+from PIL import Image
+
+from gantrain.engine.config import override, preset
+from gantrain.engine.data import build_loader, epoch_plan, load_images
+from gantrain.engine.data.decode import decode_image
+from gantrain.engine.data.discovery import discover_images
+from gantrain.engine.errors import ConfigError, DataError
+from gantrain.engine.metrics.reference import _folder_split_paths
+
+CPU = torch.device("cpu")
+LOADERS = ["memory", "torch", "dali"]
+BT601 = np.array([0.299, 0.587, 0.114])
+
+
+def _needs(kind: str) -> None:
+    if kind == "dali":
+        pytest.importorskip("nvidia.dali", reason="the dali extra (nvidia-dali-cuda120) is not installed")
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("zoo")
+    return folder, {image.name: image for image in make_zoo(folder)}
+
+
+def _reference(expected_rgb: np.ndarray, channels: int, size: int) -> np.ndarray:
+    """The expected (C, size, size) uint8: BT.601 luma for one channel, and the model's resize when it differs."""
+    if channels == 1:
+        picture = Image.fromarray(np.rint(expected_rgb @ BT601).clip(0, 255).astype(np.uint8), "L")
+    else:
+        picture = Image.fromarray(expected_rgb, "RGB")
+    if size != SIZE:
+        picture = picture.resize((size, size), Image.BICUBIC)
+    array = np.asarray(picture).astype(np.int16)
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+def _loader_pixels(folder: Path, kind: str, channels: int, size: int = SIZE) -> dict[str, np.ndarray]:
+    """Every file of ``folder`` as ``kind`` delivers it, by file name: (C, size, size) int16 in 0..255."""
+    paths = discover_images(folder).paths
+    n = len(paths)
+    cfg = override(preset("dcgan64"), dict(data_root=str(folder), image_size=size, channels=channels, batch_size=n,
+                                           num_workers=0, device="cpu", loader=kind))
+    batch = next(iter(build_loader(cfg.data, seed=3, device=CPU).epoch(0)))
+    if batch.dtype != torch.uint8:  # DALI gives [-1, 1] floats
+        batch = (batch.float() * 127.5 + 127.5).round().clamp(0, 255)
+    order = epoch_plan(n, n, 0, 3).indices[0].tolist()  # the slot of every image, the same plan in every loader
+    return {paths[i].name: batch[slot].numpy().astype(np.int16) for slot, i in enumerate(order)}
+
+
+# ----- the zoo: every mode, every loader, against numpy ----------------------------------------------------
+@pytest.mark.parametrize("channels", [3, 1])
+@pytest.mark.parametrize("kind", LOADERS)
+def test_every_loader_gives_the_viewers_pixels_for_every_mode(zoo, kind: str, channels: int) -> None:
+    _needs(kind)
+    folder, images = zoo
+    got = _loader_pixels(folder, kind, channels)
+    assert sorted(got) == sorted(images)  # every zoo file is a training image, none left out
+    worst = {name: int(np.abs(got[name] - _reference(image.expected_rgb, channels, SIZE)).max())
+             for name, image in images.items()}
+    assert max(worst.values()) <= 1, {name: d for name, d in worst.items() if d > 1}
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_loaders_agree_within_one_grey_level_on_every_file(zoo, channels: int) -> None:
+    _needs("dali")
+    kinds = LOADERS
+    folder, _ = zoo
+    by_loader = {kind: _loader_pixels(folder, kind, channels) for kind in kinds}
+    for name in by_loader["memory"]:
+        for kind in kinds[1:]:
+            assert np.abs(by_loader[kind][name] - by_loader["memory"][name]).max() <= 1, (kind, name)
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_after_a_resize_loaders_match_the_reference(zoo, kind: str) -> None:
+    """At 32 px the decoded picture is resized. The memory and torch loaders resize with Pillow's bicubic filter,
+    as the reference does; DALI's cubic resampling differs at sharp synthetic edges (palette blocks, a bilevel
+    checkerboard) by a few levels at single pixels, under one grey level on average."""
+    _needs(kind)
+    folder, images = zoo
+    got = _loader_pixels(folder, kind, 3, size=32)
+    for name, image in images.items():
+        diff = np.abs(got[name] - _reference(image.expected_rgb, 3, 32))
+        if kind == "dali":
+            assert diff.mean() < 1.0 and diff.max() <= 8, (name, diff.mean(), diff.max())
+        else:
+            assert diff.max() <= 1, (name, diff.max())
+
+
+def test_the_issues_ramp_is_a_ramp(zoo) -> None:
+    folder, _ = zoo
+    row = decode_image(folder / "gray16_ramp.png", SIZE, 1)[0, 0]
+    assert row[:4].tolist() == [0, 4, 8, 12] and row[-1] == 255  # was 0, 255, 255, ...: 98 % white
+    assert np.all(np.diff(row.astype(int)) >= 0)
+
+
+def test_transparency_is_white_and_counted_in_the_log(zoo, caplog: pytest.LogCaptureFixture) -> None:
+    folder, _ = zoo
+    with caplog.at_level(logging.INFO, logger="gantrain"):
+        load_images("folder", str(folder), SIZE, 3)
+    lines = [r.getMessage() for r in caplog.records]
+    alpha_files = {"gray_alpha16.png", "gray_alpha.png", "rgba.png", "palette_transparent.png", "palette_alpha4.png",
+                   "alpha.webp", "rgb_transparent_colour.png"}
+    conversions = next(line for line in lines if line.startswith("decoded as a viewer shows them"))
+    assert f"{len(alpha_files)} with transparency (composited over white)" in conversions
+    assert "2 CMYK (converted to RGB)" in conversions and "2 with an EXIF orientation (applied)" in conversions
+    assert "4 with 16/32-bit integer samples (scaled to 8 bits)" in conversions
+    assert "1 with float samples (taken as [0, 1])" in conversions and "1 animated (first frame used)" in conversions
+    rgba = decode_image(folder / "rgba.png", SIZE, 3)
+    assert rgba[:, :16, :16].min() == 255  # fully transparent pixels show the white page, not their hidden colour
+
+
+# ----- discovery ------------------------------------------------------------------------------------------
+def _jpegs(folder: Path, n: int, start: int = 0) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(start, start + n):
+        Image.fromarray(np.full((SIZE, SIZE, 3), i * 7 % 256, np.uint8)).save(folder / f"{i:03d}.jpg")
+
+
+def test_directory_links_are_followed_and_loops_are_not(tmp_path: Path) -> None:
+    root, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    _jpegs(root, 8)
+    _jpegs(elsewhere, 16, start=100)
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "back").symlink_to(root, target_is_directory=True)  # a loop through both folders
+    (root / "again").symlink_to(elsewhere, target_is_directory=True)  # the same folder by a second link
+    (root / "same.jpg").symlink_to(root / "000.jpg")  # the same file twice
+    (root / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    found = discover_images(root)
+    assert len(found.images) == 24  # 8 + 16 through the link, each once
+    assert [p.name for p in found.left_out["linked twice"]] == ["same.jpg"]
+    assert [p.name for p in found.left_out["unreadable"]] == ["dangling.jpg"]
+    assert found.loops == 2  # "again" (a folder already walked) and "linked/back" (the root)
+    summary = found.summary()
+    assert summary.startswith(f"folder {root}: 24 images (JPEG 24)") and "2 directory link(s)" in summary
+
+    only_link = tmp_path / "only-link"
+    only_link.mkdir()
+    _jpegs(tmp_path / "plain", 5)
+    (only_link / "photos").symlink_to(tmp_path / "plain", target_is_directory=True)
+    assert len(discover_images(only_link).images) == 5  # was "no JPEG/PNG images found"
+
+
+def test_every_pillow_format_is_taken_and_the_rest_is_named(tmp_path: Path, zoo) -> None:
+    zoo_folder, images = zoo
+    folder = tmp_path / "mixed"
+    shutil.copytree(zoo_folder, folder)
+    reasons = make_oddities(folder)
+    hidden_dir = folder / ".git"
+    hidden_dir.mkdir()
+    Image.new("RGB", (8, 8)).save(hidden_dir / "inside.png")
+    found = discover_images(folder)
+    assert sorted(p.name for p in found.paths) == sorted(images)
+    assert {Path(p).suffix.lower() for p in found.paths} >= {".webp", ".bmp", ".tif", ".tiff", ".gif", ".png", ".jpg"}
+    for reason, names in reasons.items():
+        expected = set(names) | ({".git"} if reason == "hidden/system file" else set())
+        assert {p.name for p in found.left_out[reason]} == expected, reason
+    summary = found.summary()
+    assert f": {len(images)} images (" in summary
+    assert "left out 10 file(s): unreadable 2 (empty.png, garbage.jpg); unsupported format 2 (IMG_0001.HEIC, " \
+           "drawing.svg); not an image 2 (labels.csv, notes.txt); hidden/system file 4 (.DS_Store, ._rgb.png, .git, " \
+           "...)" in summary
+
+
+def test_strict_refuses_a_left_out_image_by_name(tmp_path: Path) -> None:
+    _jpegs(tmp_path / "a", 4)
+    (tmp_path / "a" / "notes.txt").write_text("fine: not an image")
+    (tmp_path / "a" / ".DS_Store").write_bytes(b"fine: a system file")
+    assert len(discover_images(tmp_path / "a", strict=True).images) == 4
+    (tmp_path / "a" / "IMG_7.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    with pytest.raises(DataError, match=r"unsupported format image .*IMG_7.heic \(drop --strict"):
+        discover_images(tmp_path / "a", strict=True)
+    (tmp_path / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(DataError, match=r"unreadable image .*broken.png and 1 more"):
+        discover_images(tmp_path / "a", strict=True)
+
+
+def test_a_folder_of_non_images_says_what_it_holds(tmp_path: Path) -> None:
+    reasons = make_oddities(tmp_path / "odd")
+    with pytest.raises(DataError, match=r"no images found below .*odd; left out: unreadable 2 .*unsupported format 2"):
+        discover_images(tmp_path / "odd")
+    assert reasons
+
+
+def test_metrics_split_the_same_discovered_images(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    _jpegs(root / "a", 6)
+    _jpegs(tmp_path / "b", 6, start=50)
+    (root / "b").symlink_to(tmp_path / "b", target_is_directory=True)
+    Image.new("RGB", (SIZE, SIZE), (9, 9, 9)).save(root / "extra.webp")
+    (root / "._extra.webp").write_bytes(b"resource fork")
+    train, test = _folder_split_paths(root, "train"), _folder_split_paths(root, "test")
+    assert len(train) + len(test) == 13 and set(train) | set(test) == set(discover_images(root).paths)
+
+
+# ----- impossible schedules -------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", LOADERS)
+def test_too_few_images_for_one_batch_is_one_error_for_every_loader(tmp_path: Path, kind: str) -> None:
+    _needs(kind)
+    _jpegs(tmp_path / "d", 21)
+    cfg = override(preset("dcgan64"), dict(data_root=str(tmp_path / "d"), batch_size=32, loader=kind, device="cpu",
+                                           num_workers=0))
+    with pytest.raises(ConfigError) as info:
+        build_loader(cfg.data, seed=0, device=CPU)
+    assert str(info.value) == ("--batch-size: the dataset has 21 images, fewer than one global batch of 32 "
+                               "(--batch-size); lower --batch-size")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", LOADERS)
+def test_cli_refuses_an_impossible_schedule_before_writing_anything(tmp_path: Path, kind: str, cli, unwrap,
+                                                                     datasets_root: Path) -> None:
+    _needs(kind)
+    _jpegs(tmp_path / "d", 21)
+    out = tmp_path / "run"
+    result = cli("run", "--preset", "dcgan64", "--data-root", str(tmp_path / "d"), "--batch-size", "32", "--loader", kind,
+                 "--device", "cpu", "--out", str(out))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "error: --batch-size: the dataset has 21 images, fewer than one global batch of 32" in unwrap(result.output)
+    assert not out.exists()
+    fashion = cli("run", "--data-root", str(datasets_root), "--limit", "64", "--loader", kind, "--device", "cpu",
+                  "--out", str(out))
+    assert fashion.exit_code == 2 and not out.exists()
+    assert ("error: --limit: 64 leaves 64 images, fewer than one global batch of 128 (--batch-size); raise --limit "
+            "or lower --batch-size") in unwrap(fashion.output)
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_is_refused(tmp_path: Path, cli, unwrap, datasets_root: Path) -> None:
+    out = tmp_path / "run"
+    args = ["run", "--data-root", str(datasets_root), "--limit", "64", "--batch-size", "32", "--ngf", "8", "--ndf", "8",
+            "--max-steps", "2", "--device", "cpu", "--sample-every", "0", "--out", str(out)]
+    assert cli(*args).exit_code == 0
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    again = cli(*args, "--resume", "auto")
+    assert again.exit_code == 2 and "Traceback" not in again.output
+    assert "error: --max-steps: the run in" in unwrap(again.output) and "already took 2 of its 2 steps" in unwrap(again.output)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing rewritten
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", LOADERS)
+def test_the_issues_folder_trains_with_the_ramp_as_a_ramp(tmp_path: Path, kind: str, cli, cats_dir: Path) -> None:
+    """The issue's case: a 16-bit ramp PNG among 16 JPEGs, dcgan64, batch 8, 2 steps, in every loader."""
+    _needs(kind)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for src in sorted(cats_dir.glob("*.jpg"))[:16]:
+        shutil.copy(src, folder / src.name)
+    Image.fromarray(np.linspace(0, 65535, 64)[None].repeat(64, 0).astype(np.uint16)).save(folder / "ramp.png")
+    out = tmp_path / "run"
+    result = cli("run", "--preset", "dcgan64", "--data-root", str(folder), "--batch-size", "8", "--max-steps", "2",
+                 "--loader", kind, "--device", "cpu", "--ngf", "8", "--ndf", "8", "--num-workers", "0",
+                 "--out", str(out))
+    assert result.exit_code == 0, result.output
+    log_text = (out / "train.log").read_text()
+    assert f"folder {folder}: 17 images (JPEG 16, PNG 1); no file left out" in log_text
+    assert "decoded as a viewer shows them: 1 with 16/32-bit integer samples (scaled to 8 bits)" in log_text
+    if kind == "dali":
+        assert "dali: " not in log_text  # 16-bit grayscale PNGs are among those DALI decodes itself
+    ramp = load_images("folder", str(folder), 64, 3)[16]  # ramp.png sorts last
+    assert ramp[:, 0, :4].tolist() == [[0, 4, 8, 12]] * 3
+
+
+def test_hidden_root_folder_is_still_read(tmp_path: Path) -> None:
+    _jpegs(tmp_path / ".cache" / "photos", 3)
+    assert len(discover_images(tmp_path / ".cache" / "photos").images) == 3
+    assert os.path.basename(tmp_path / ".cache").startswith(".")
