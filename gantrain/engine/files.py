@@ -61,8 +61,16 @@ def make_folder(path: Path, flag: str = "") -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise RunIOError(f"{prefix}cannot create the folder {path}: {os_reason(exc)}") from None
+        raise RunIOError(f"{prefix}cannot create the folder {path}: {_mkdir_reason(path, exc)}") from None
     return path
+
+
+def _mkdir_reason(path: Path, exc: OSError) -> str:
+    """Why a folder cannot be made; a file where a folder should be is named (mkdir says only 'File exists')."""
+    for folder in (path, *path.parents):
+        if folder.exists():
+            return os_reason(exc) if folder.is_dir() else f"{folder} is a file, not a folder"
+    return os_reason(exc)
 
 
 # ----- atomic writes ------------------------------------------------------------------------------------
@@ -76,6 +84,9 @@ def atomic_write(path: Path | str, write: Callable[[IO[bytes]], Any]) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunIOError(f"cannot write {path}: {_mkdir_reason(path.parent, exc)}") from None
+    try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
         raise io_error("write", path, exc) from None

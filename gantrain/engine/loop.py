@@ -87,7 +87,6 @@ class Trainer:
         self.stop_reason: str | None = None
         self.last_record: dict = {}
         self.dist = dist_info
-        self.resume_path = ckpt.find_resume(resume, cfg.run_dir) if resume else None
         self.run_dir = cfg.run_dir
         self.lock = RunLock(self.run_dir)
         notes: list[str] = []
@@ -95,6 +94,7 @@ class Trainer:
             make_folder(self.run_dir, "--out")
             self.lock.acquire(notes.append)
         try:
+            self.resume_path = ckpt.find_resume(resume, cfg.run_dir) if resume else None
             resume_state = ckpt.load_checkpoint(self.resume_path) if self.resume_path else None
             self.cfg = self._resumed_config(cfg, resume_state)
             self._prepare_run_dir(resume_state is not None, notes)
