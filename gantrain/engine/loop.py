@@ -232,6 +232,7 @@ class Trainer:
         self.stop_signal: int | None = None
         self.last_checkpoint: Path | None = None
         self.last_finite: tuple[Path, int] | None = None  # the newest checkpoint known finite, and its step
+        self.checkpoint_step: int | None = None  # the step of the last checkpoint written (or refused)
         self.best_fd: float | None = None
         self.last_eval: dict = {}  # the latest quality-metrics record (--eval-every), for epoch callbacks
 
@@ -505,6 +506,7 @@ class Trainer:
         are here at the same step (not so after a signal), so they can agree on the check."""
         if self.step == 0:
             return self.last_checkpoint
+        self.checkpoint_step = self.step  # on every rank: whether _finish saves must not depend on the rank
         bad = self._non_finite_weights(collective)
         if bad:
             if self.cfg.run.nonfinite_patience:
@@ -549,7 +551,7 @@ class Trainer:
         return TrainingDiverged(f"training diverged: {what}; {self._last_finite_text()}{advice}")
 
     def _finish(self) -> FitResult:
-        if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"{self.step:08d}.pt"):
+        if self.checkpoint_step != self.step:
             self.save_checkpoint()
         if self.dist.enabled:
             self.replica_max_abs_diff = replica_max_abs_diff([self.g, self.d])
