@@ -159,7 +159,7 @@ class RunConfig:
     epochs: int = 20
     """Number of passes over the training set."""
     max_steps: int = 0
-    """Stop after this many steps in total (0 = no limit; epochs decide)."""
+    """Stop after this many steps (optimiser updates, whatever the batch) in total (0 = no limit; epochs decide)."""
     seed: int = 0
     """Seed of weights, data order, noise and the fixed sample noise."""
     out: str = ""

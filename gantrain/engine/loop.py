@@ -81,7 +81,12 @@ class Trainer:
     def __init__(self, cfg: Config, *, console: Console | None = None, dist_info: DistInfo = DistInfo(),
                  resume: str | None = None, epoch_callbacks: Sequence[Callable[[Trainer, int], None]] = ()) -> None:
         """``epoch_callbacks`` run after each completed epoch as ``callback(trainer, epochs_done)``; one may set
-        ``trainer.stop_reason`` to end the run cleanly (final checkpoint and outputs still written)."""
+        ``trainer.stop_reason`` to end the run cleanly (final checkpoint and outputs still written).
+
+        Rank 0 takes the run folder's lock here and holds it until :meth:`fit` ends (or :meth:`close`). Raises
+        :class:`RunLocked` (exit 2) when another run holds it, :class:`RunIOError` when the folder cannot be
+        made or written, :class:`CheckpointError` for a resume that cannot continue (a missing, damaged or
+        non-finite checkpoint, or a change of what the weights are built from)."""
         self.console = console or Console(stderr=True)
         self.epoch_callbacks = list(epoch_callbacks)
         self.stop_reason: str | None = None
