@@ -461,7 +461,7 @@ class Trainer:
         self.images_seen = int(state.get("images_seen", self.step * saved_batch))
         start, extra = divmod(images, batch)
         notes = []
-        if start > per_epoch:
+        if images > per_epoch * batch:  # a smaller --limit than when saved, say
             notes.append(f"the checkpoint stood {images} images into epoch {self.epoch + 1}, past this run's "
                          f"epoch of {per_epoch * batch} images: that epoch counts as done")
             start, extra = per_epoch, 0
