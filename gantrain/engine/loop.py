@@ -452,8 +452,8 @@ class Trainer:
         per_epoch, batch = self.loader.steps_per_epoch, self.global_batch
         self.epoch = int(state.get("epoch", 0))
         saved_cfg = state.get("config", {})
-        saved_batch = int(state.get("global_batch") or
-                          saved_cfg.get("data", {}).get("batch_size", self.cfg.data.batch_size) * int(state.get("world_size", 1)))
+        saved_per_process = saved_cfg.get("data", {}).get("batch_size", self.cfg.data.batch_size)
+        saved_batch = int(state.get("global_batch") or saved_per_process * int(state.get("world_size", 1)))
         if "epoch_images" in state:
             images = int(state["epoch_images"])
         else:  # written before the place was stored: step and epoch count steps of the saved layout
