@@ -32,7 +32,8 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def user_errors(func):
-    """Turns :class:`GantrainError` into one printed line and its exit code, never a traceback."""
+    """Turns :class:`GantrainError` (and any stray ``OSError``) into one printed line and its exit code, never a
+    traceback."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -40,6 +41,11 @@ def user_errors(func):
             return func(*args, **kwargs)
         except GantrainError as exc:
             raise fail(str(exc), exc.exit_code) from None
+        except OSError as exc:  # the last net: every I/O failure is one line naming the path and the reason
+            from gantrain.engine.files import os_reason
+
+            where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+            raise fail(f"{where + ': ' if where else ''}{os_reason(exc)}", 1) from None
 
     return wrapper
 

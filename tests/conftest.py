@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
@@ -180,3 +181,107 @@ def fashion_extractor(metrics_cache_dir: Path, datasets_root: Path):
     extractor = ensure_extractor(parse_dataset("fashion-mnist", str(datasets_root)), cache=metrics_cache_dir,
                                  console=Console(file=output, width=120))
     return extractor, output.getvalue()
+
+
+class _FailingFile:
+    """A file opened for writing that raises ``OSError(code)`` once more than ``budget`` bytes went through it,
+    the way a full disk fails a write part-way."""
+
+    def __init__(self, fh, budget: int, code: int, path: str):
+        self._fh, self._left, self._code, self._path = fh, budget, code, path
+
+    def write(self, data):
+        if len(data) > self._left:
+            self._fh.write(data[: self._left])
+            self._left = 0
+            raise OSError(self._code, os.strerror(self._code), self._path)
+        self._left -= len(data)
+        return self._fh.write(data)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._fh.close()
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+
+class IOFaults:
+    """Injects operating-system failures for paths under chosen folders, in this process: a full disk (writes
+    fail after N bytes) or a read-only filesystem (creating files and folders fails). Patches ``open``,
+    ``io.open``, ``os.fdopen``, ``os.open`` and ``os.mkdir``, so pathlib, tempfile, PIL, matplotlib and
+    ``torch.save`` on a file object all meet the fault; reads and other paths pass through."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        import builtins
+        import io as io_module
+
+        self.full: list[tuple[Path, int]] = []
+        self.read_only: list[Path] = []
+        self._open, self._fdopen, self._os_open, self._mkdir = builtins.open, os.fdopen, os.open, os.mkdir
+        monkeypatch.setattr(builtins, "open", self._patched_open)
+        monkeypatch.setattr(io_module, "open", self._patched_open)
+        monkeypatch.setattr(os, "fdopen", self._patched_fdopen)
+        monkeypatch.setattr(os, "open", self._patched_os_open)
+        monkeypatch.setattr(os, "mkdir", self._patched_mkdir)
+
+    def disk_full(self, folder: Path, after_bytes: int = 0) -> None:
+        self.full.append((Path(folder).resolve(), after_bytes))
+
+    def make_read_only(self, folder: Path) -> None:
+        self.read_only.append(Path(folder).resolve())
+
+    @staticmethod
+    def _under(path, folders) -> Path | None:
+        try:
+            resolved = Path(os.fsdecode(path)).resolve()
+        except (TypeError, ValueError):
+            return None
+        return next((f for f in folders if resolved == f or f in resolved.parents), None)
+
+    def _check_read_only(self, path) -> None:
+        if self._under(path, self.read_only) is not None:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
+
+    def _budget(self, path) -> int | None:
+        folder = self._under(path, [f for f, _ in self.full])
+        return None if folder is None else dict(self.full)[folder]
+
+    def _wrap(self, fh, path, mode: str):
+        budget = self._budget(path) if any(c in mode for c in "wax+") else None
+        return fh if budget is None else _FailingFile(fh, budget, errno.ENOSPC, os.fsdecode(path))
+
+    def _patched_open(self, file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, bytes, os.PathLike)) and any(c in mode for c in "wax+"):
+            self._check_read_only(file)
+            return self._wrap(self._open(file, mode, *args, **kwargs), file, mode)
+        return self._open(file, mode, *args, **kwargs)
+
+    def _patched_fdopen(self, fd, mode="r", *args, **kwargs):
+        fh = self._fdopen(fd, mode, *args, **kwargs)
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            return fh
+        return self._wrap(fh, path, mode)
+
+    def _patched_os_open(self, path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            self._check_read_only(path)
+        return self._os_open(path, flags, *args, **kwargs)
+
+    def _patched_mkdir(self, path, *args, **kwargs):
+        if not os.path.lexists(path):  # as on a real read-only mount, an existing folder is EEXIST first
+            self._check_read_only(path)
+        return self._mkdir(path, *args, **kwargs)
+
+
+@pytest.fixture
+def io_faults(monkeypatch: pytest.MonkeyPatch) -> IOFaults:
+    """Fault injection for file writes (see :class:`IOFaults`); Linux only (it names fds through /proc)."""
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc/self/fd")
+    return IOFaults(monkeypatch)

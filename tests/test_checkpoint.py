@@ -14,6 +14,7 @@ from gantrain.engine import checkpoint as ckpt
 from gantrain.engine.checkpoint import (CheckpointError, atomic_save, load_checkpoint, load_module_state,
                                         numbered_checkpoints, save_checkpoint)
 from gantrain.engine.config import ModelConfig
+from gantrain.engine.errors import RunIOError
 from gantrain.engine.generate import generate, load_generator
 from gantrain.engine.models import Generator
 
@@ -30,8 +31,9 @@ def test_atomic_save_keeps_the_old_file_when_save_fails(tmp_path: Path, monkeypa
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt.torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(RunIOError, match="disk full") as info:
         atomic_save({"value": torch.arange(1000)}, path)
+    assert str(info.value) == f"cannot write {path}: disk full"
     monkeypatch.undo()
     assert path.read_bytes() == old_bytes
     assert torch.equal(torch.load(path, weights_only=True)["value"], torch.arange(5))

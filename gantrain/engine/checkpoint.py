@@ -9,11 +9,11 @@ would load silently.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from gantrain.engine.errors import CheckpointError
+from gantrain.engine.files import atomic_write, io_error
 
 FORMAT = "gantrain-checkpoint"
 VERSION = 1
@@ -58,29 +59,28 @@ def sealed(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """Writes ``obj`` so that ``path`` holds either the old file or the complete new one, never a torn write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Writes ``obj`` so that ``path`` holds either the old file or the complete new one, never a torn write.
+
+    Raises :class:`~gantrain.engine.errors.RunIOError` naming ``path`` when the write fails (a full disk, a
+    read-only folder); torch reports those as a bare 'unexpected pos' RuntimeError, which says neither.
+    """
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def _atomic_link(source: Path, path: Path) -> None:
     """Points ``path`` at ``source``'s bytes atomically (hard link, or a copy where links are not allowed)."""
     tmp = path.with_name(f".{path.name}.link.tmp")
-    tmp.unlink(missing_ok=True)
     try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copy2(source, tmp)
-    os.replace(tmp, path)
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copy2(source, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise io_error("write", path, exc) from None
 
 
 def save_checkpoint(state: dict[str, Any], folder: Path, step: int, keep: int) -> Path:
@@ -89,7 +89,10 @@ def save_checkpoint(state: dict[str, Any], folder: Path, step: int, keep: int) -
     atomic_save(sealed(state), numbered)
     _atomic_link(numbered, folder / "last.pt")
     for old in numbered_checkpoints(folder)[:-keep]:
-        old.unlink(missing_ok=True)
+        try:
+            old.unlink(missing_ok=True)
+        except OSError as exc:
+            raise io_error("remove the old checkpoint", old, exc) from None
     return numbered
 
 
@@ -136,6 +139,17 @@ def find_resume(resume: str, run_dir: Path) -> Path:
     if not last.is_file():
         raise CheckpointError(f"--resume auto: no checkpoint in {last.parent} (is --out the run folder?)")
     return last
+
+
+def check_finite(weights: dict[str, torch.Tensor], what: str, path: Path | str) -> None:
+    """Raises :class:`CheckpointError` when any floating-point tensor of ``weights`` (a module state dict)
+    holds NaN or infinity: images or training from such weights would be garbage that looks like a result."""
+    bad = sum(int(torch.count_nonzero(~torch.isfinite(t))) for t in weights.values()
+              if isinstance(t, torch.Tensor) and t.is_floating_point())
+    if bad:
+        total = sum(t.numel() for t in weights.values() if isinstance(t, torch.Tensor) and t.is_floating_point())
+        raise CheckpointError(f"{path}: the {what} holds {bad:,} non-finite values of {total:,} (training had "
+                              "diverged when it was saved); use an earlier checkpoint")
 
 
 def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, path: Path | str) -> None:

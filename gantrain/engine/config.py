@@ -38,6 +38,15 @@ def _check(ok: bool, name: str, message: str) -> None:
         raise ConfigError(f"{_flag(name)}: {message}")
 
 
+def _check_finite(section: Any) -> None:
+    """Every float field of a section is a finite number: range checks written as ``x > 0`` let inf through,
+    and comparisons with NaN are all false."""
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{_flag(f.name)}: must be a finite number, got {value}")
+
+
 @dataclass
 class DataConfig:
     dataset: str = "fashion-mnist"
@@ -70,6 +79,7 @@ class DataConfig:
     """Use only the first N images of the dataset (0 = all); for quick experiments and tests."""
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(self.dataset in DATASETS, "dataset", f"must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
         _check(self.image_size in (32, 64, 128), "image_size", f"must be 32, 64 or 128, got {self.image_size}")
         _check(self.channels in (1, 3), "channels", f"must be 1 or 3, got {self.channels}")
@@ -103,6 +113,7 @@ class ModelConfig:
     """Standard deviation of the N(0, std) weight initialisation."""
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(self.arch in ARCHS, "arch", f"must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         _check(self.nz >= 1, "nz", f"must be at least 1, got {self.nz}")
         _check(self.ngf >= 1 and self.ndf >= 1, "ngf", "--ngf and --ndf must be at least 1")
@@ -124,6 +135,7 @@ class OptimConfig:
     """Adam beta2 for both optimisers."""
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         for name in ("lr_g", "lr_d"):
             value = getattr(self, name)
             _check(math.isfinite(value) and value > 0, name, f"learning rate must be > 0, got {value}")
@@ -139,6 +151,7 @@ class LossConfig:
     """Latent noise distribution: normal (N(0, 1)) or uniform (U(-1, 1))."""
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
         _check(self.noise in ("normal", "uniform"), "noise", f"must be normal or uniform, got {self.noise!r}")
 
@@ -148,7 +161,7 @@ class RunConfig:
     epochs: int = 20
     """Number of passes over the training set."""
     max_steps: int = 0
-    """Stop after this many steps in total (0 = no limit; epochs decide)."""
+    """Stop after this many steps (optimiser updates, whatever the batch) in total (0 = no limit; epochs decide)."""
     seed: int = 0
     """Seed of weights, data order, noise and the fixed sample noise."""
     out: str = ""
@@ -170,8 +183,13 @@ class RunConfig:
     metrics_cache: str = ""
     """Folder of fitted feature extractors and real-data features (default: $GANTRAIN_CACHE, else
     $XDG_CACHE_HOME/gantrain/metrics, else ~/.cache/gantrain/metrics)."""
+    nonfinite_patience: int = 1
+    """Stop the run (exit 1) when the logged losses are NaN or infinite at this many log intervals (of --log-every
+    steps) in a row; 0 = do not stop on losses (for callers that watch divergence themselves, as gantrain tune's
+    trials do). Non-finite weights are never checkpointed."""
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
         _check(self.max_steps >= 0, "max_steps", f"must be >= 0, got {self.max_steps}")
         _check(self.sample_every >= 0, "sample_every", f"must be >= 0, got {self.sample_every}")
@@ -181,6 +199,7 @@ class RunConfig:
         _check(self.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {self.device!r}")
         _check(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         _check(self.eval_samples >= 100, "eval_samples", f"must be at least 100, got {self.eval_samples}")
+        _check(self.nonfinite_patience >= 0, "nonfinite_patience", f"must be >= 0, got {self.nonfinite_patience}")
 
 
 @dataclass
@@ -208,6 +227,7 @@ class PerfConfig:
     (torch's convolutions as they are, the reference)."""
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(self.amp in AMP_MODES, "amp", f"must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         _check(self.compile_mode in COMPILE_MODES, "compile_mode", f"must be one of {', '.join(COMPILE_MODES)}")
         _check(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
@@ -233,6 +253,7 @@ class DistConfig:
     """Use SyncBatchNorm (CUDA only)."""
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(self.nproc >= 1, "nproc", f"must be at least 1, got {self.nproc}")
         _check(self.nnodes >= 1, "nnodes", f"must be at least 1, got {self.nnodes}")
         _check(0 <= self.node_rank < self.nnodes, "node_rank", f"must be in [0, nnodes), got {self.node_rank}")
@@ -372,9 +393,11 @@ def load_toml(path: str | Path, base: Config | None = None) -> Config:
     if not path.is_file():
         raise ConfigError(f"--config: no such file {path}")
     try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"--config: {path} is not valid TOML ({exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path}: {exc.strerror or exc}") from None
     if base is None and "preset" in raw:
         base = preset(raw["preset"])
     return from_dict(raw, base=base, source=str(path))

@@ -19,3 +19,18 @@ class DataError(GantrainError):
 
 class CheckpointError(GantrainError):
     """A checkpoint that is missing, corrupt or does not match the config."""
+
+
+class RunIOError(GantrainError):
+    """A file or folder gantrain could not write or read (disk full, read-only, a file where a folder should
+    be); the message names the path and the operating system's reason."""
+
+
+class RunLocked(GantrainError):
+    """The run folder is in use by another gantrain run."""
+
+    exit_code = 2
+
+
+class TrainingDiverged(GantrainError):
+    """Losses or weights became non-finite; the message names the step and the last finite checkpoint."""

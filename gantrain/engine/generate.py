@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from gantrain.engine.checkpoint import load_checkpoint, load_module_state
+from gantrain.engine.checkpoint import check_finite, load_checkpoint, load_module_state
 from gantrain.engine.config import from_dict
 from gantrain.engine.images import save_grid, save_individual
 from gantrain.engine.loop import generate_images
@@ -22,11 +22,16 @@ class GenerateResult:
 
 
 def load_generator(path: str | Path, device: str = "cpu", use_ema: bool = True) -> tuple[Generator, object]:
-    """The generator of a checkpoint (its EMA copy when present and asked for) and the run's config."""
+    """The generator of a checkpoint (its EMA copy when present and asked for) and the run's config.
+
+    Raises :class:`CheckpointError` when the checkpoint is unreadable, does not match its config, or holds
+    non-finite weights."""
     state = load_checkpoint(path)
     cfg = from_dict({k: v for k, v in state["config"].items()})
     g = Generator(cfg.model, cfg.data.image_size, cfg.data.channels)
-    weights = state.get("generator_ema") if use_ema and "generator_ema" in state else state["generator"]
+    ema = use_ema and "generator_ema" in state
+    weights = state["generator_ema"] if ema else state["generator"]
+    check_finite(weights, "EMA generator" if ema else "generator", path)
     load_module_state(g, weights, "generator", path)
     return g.to(pick_device(device)).eval(), cfg
 

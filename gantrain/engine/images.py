@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from gantrain.engine.files import atomic_write, make_folder, read_json_lines
 
 
 def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> np.ndarray:
@@ -27,14 +28,15 @@ def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> np.ndarr
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, padding: int = 2) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(make_grid(images, nrow, padding)).save(path)
-    return path
+    """Writes the grid of ``images`` (N, C, H, W) in [-1, 1] as a PNG, atomically; raises :class:`RunIOError`
+    naming ``path`` when it cannot be written."""
+    grid = Image.fromarray(make_grid(images, nrow, padding))
+    return atomic_write(path, lambda fh: grid.save(fh, format="PNG"))
 
 
 def save_individual(images: torch.Tensor, folder: Path) -> list[Path]:
     """Each image as its own PNG at its own size (no grid padding): 000000.png, 000001.png, ..."""
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder, "--individual")
     paths = []
     for i, img in enumerate(images):
         paths.append(save_grid(img[None], folder / f"{i:06d}.png", nrow=1, padding=0))
@@ -45,16 +47,23 @@ def save_gif(frames: Sequence[Path], path: Path, ms_per_frame: int = 300) -> Pat
     """The sample grids over time as an animated GIF (the last frame held longer)."""
     if not frames:
         return None
-    images = [Image.open(f).convert("RGB") for f in frames]
+    images = []
+    for frame in frames:
+        with Image.open(frame) as img:
+            images.append(img.convert("RGB"))
     durations = [ms_per_frame] * (len(images) - 1) + [ms_per_frame * 5]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
-    return path
+    return atomic_write(path, lambda fh: images[0].save(fh, format="GIF", save_all=True, append_images=images[1:],
+                                                         duration=durations, loop=0))
 
 
 def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a metrics.jsonl, read tolerantly: damaged lines are skipped and counted in one warning."""
+    found = read_json_lines(path)
+    if found.skipped:
+        from gantrain.engine.logging import log
+
+        log.warning("%s", found.describe_skipped(path))
+    return found.records
 
 
 def plot_curves(records: Sequence[dict], keys: Sequence[str], path: Path, title: str, ylabel: str, *,
@@ -82,13 +91,16 @@ def plot_curves(records: Sequence[dict], keys: Sequence[str], path: Path, title:
         handles, labels = handles + more_handles, labels + more_labels
     ax.legend(handles, labels)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
+    finally:
+        plt.close(fig)
     return path
 
 
 def _plot_keys(ax, rows: Sequence[dict], keys: Sequence[str], linestyle: str = "-", color_offset: int = 0) -> None:
     for i, key in enumerate(keys):
-        points = [(r["step"], r[key]) for r in rows if key in r]
+        # null is how metrics.jsonl writes a non-finite value: a gap in the line
+        points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
         if points:  # colours continue across the two axes so no two lines share one
             ax.plot(*zip(*points), label=key, linestyle=linestyle, color=f"C{i + color_offset}")

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import logging.handlers
+import math
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -15,6 +16,8 @@ import torch
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from gantrain.engine.files import atomic_write_text, io_error, read_json_lines
 
 log = logging.getLogger("gantrain")
 
@@ -124,20 +127,43 @@ class PhaseTimer:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to metrics.jsonl; on resume drops records past the resumed step."""
+    """Appends one JSON object per line to metrics.jsonl; on resume drops records past the resumed step.
+
+    The file stays strict JSON: a NaN or infinite value is written as ``null`` and named, with its kind, under
+    ``"nonfinite"`` (``{"loss_d": null, "nonfinite": {"loss_d": "nan"}}``). On resume the file is read
+    tolerantly (damaged lines dropped, and said so in one log line) and rewritten atomically, so a kill
+    during the rewrite leaves the old history. Raises :class:`RunIOError` when the file cannot be written.
+    """
 
     def __init__(self, path: Path, resume_step: int | None = None) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
-            path.write_text("")
-        elif path.exists():
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            atomic_write_text(path, "")
+            return
+        found = read_json_lines(path)
+        if found.skipped:
+            log.warning("%s", found.describe_skipped(path, "dropping"))
+        kept = [r for r in found.records if r["step"] <= resume_step]
+        if len(kept) < len(found.records):
+            log.info("%s: dropping %d records logged after step %d, where this run resumes", path,
+                     len(found.records) - len(kept), resume_step)
+        atomic_write_text(path, "".join(json_line(r) for r in kept))
 
     def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(json_line(record))
+        except OSError as exc:
+            raise io_error("append to", self.path, exc) from None
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """One strict-JSON line (RFC 8259 has no NaN or Infinity): non-finite floats become null, listed under
+    ``"nonfinite"`` as "nan", "inf" or "-inf"."""
+    bad = {k: repr(v) for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        record = {**{k: (None if k in bad else v) for k, v in record.items()}, "nonfinite": bad}
+    return json.dumps(record, allow_nan=False) + "\n"
 
 
 def progress_bar(console: Console) -> Progress:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import contextlib
+import math
 import os
 import signal
 import time
@@ -27,9 +28,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gantrain.engine import checkpoint as ckpt
-from gantrain.engine.config import Config, from_dict, to_toml
+from gantrain.engine.config import Config, _flag, from_dict, to_toml
 from gantrain.engine.data import Shard, build_loader
-from gantrain.engine.errors import CheckpointError, ConfigError
+from gantrain.engine.errors import CheckpointError, ConfigError, RunIOError, TrainingDiverged
+from gantrain.engine.files import RunLock, atomic_write_text, make_folder, os_reason
 from gantrain.engine.images import plot_curves, read_metrics, save_gif, save_grid
 from gantrain.engine.logging import (DeviceStats, MetricsWriter, PhaseTimer, attach_log_file, log, progress_bar,
                                     setup_logging)
@@ -80,38 +82,69 @@ class Trainer:
     def __init__(self, cfg: Config, *, console: Console | None = None, dist_info: DistInfo = DistInfo(),
                  resume: str | None = None, epoch_callbacks: Sequence[Callable[[Trainer, int], None]] = ()) -> None:
         """``epoch_callbacks`` run after each completed epoch as ``callback(trainer, epochs_done)``; one may set
-        ``trainer.stop_reason`` to end the run cleanly (final checkpoint and outputs still written)."""
+        ``trainer.stop_reason`` to end the run cleanly (final checkpoint and outputs still written).
+
+        Rank 0 takes the run folder's lock here and holds it until :meth:`fit` ends (or :meth:`close`). Raises
+        :class:`RunLocked` (exit 2) when another run holds it, :class:`RunIOError` when the folder cannot be
+        made or written, :class:`CheckpointError` for a resume that cannot continue (a missing, damaged or
+        non-finite checkpoint, or a change of what the weights are built from)."""
         self.console = console or Console(stderr=True)
         self.epoch_callbacks = list(epoch_callbacks)
         self.stop_reason: str | None = None
         self.last_record: dict = {}
         self.dist = dist_info
-        self.resume_path = ckpt.find_resume(resume, cfg.run_dir) if resume else None
-        resume_state = ckpt.load_checkpoint(self.resume_path) if self.resume_path else None
-        self.cfg = self._resumed_config(cfg, resume_state)
-        self.run_dir = self.cfg.run_dir
-        self._check_run_dir(resume_state is not None)
-        self.device = pick_device(self.cfg.run.device, self.dist.local_rank)
-        self.policy = PrecisionPolicy(self.device, self.cfg.perf.amp, self.cfg.perf.channels_last)
-        # Data and schedule first: a run that cannot take one step is refused before anything is written.
-        self._build_data()
-        self._check_schedule(resume_state)
-        self._write_run_dir()
-        self._build_models()
-        self._build_state()
-        if resume_state is not None:
-            self.load_state(resume_state, self.resume_path)
-        self.tracker = self._build_tracker()
+        self.run_dir = cfg.run_dir
+        self.lock = RunLock(self.run_dir)
+        notes: list[str] = []
+        created = not self.run_dir.exists()
+        if self.dist.is_main:  # one owner per run folder; under DDP rank 0 owns it for all ranks
+            make_folder(self.run_dir, "--out")
+            self.lock.acquire(notes.append)
+        try:
+            self.resume_path = ckpt.find_resume(resume, cfg.run_dir) if resume else None
+            resume_state = ckpt.load_checkpoint(self.resume_path) if self.resume_path else None
+            self.cfg = self._resumed_config(cfg, resume_state)
+            self._check_run_dir(resume_state is not None)
+            self.device = pick_device(self.cfg.run.device, self.dist.local_rank)
+            self.policy = PrecisionPolicy(self.device, self.cfg.perf.amp, self.cfg.perf.channels_last)
+            self._build_data()
+            self._build_models()
+            self._build_state()
+            if resume_state is not None:
+                self.load_state(resume_state, self.resume_path)
+            self._plan_schedule()
+            # Only now is the run folder written: a run that cannot take one step (too few images, nothing
+            # left to train) is refused before any file of it exists.
+            self._prepare_run_dir(resume_state is not None, notes)
+            self.tracker = self._build_tracker()
+        except BaseException:
+            self.close()
+            if created and self.dist.is_main:
+                with contextlib.suppress(OSError):
+                    self.run_dir.rmdir()  # only when still empty: the lock file is gone with the lock
+            raise
+
+    def close(self) -> None:
+        """Releases the run folder (its lock); :meth:`fit` does this itself when it ends, however it ends."""
+        self.lock.release()
 
     # ----- construction -------------------------------------------------------------------------------
     def _resumed_config(self, cfg: Config, state: dict | None) -> Config:
-        """A resumed run keeps the checkpoint's model; the run may change schedule and output options."""
+        """On resume the run's config is this one (what the user set is what runs), except what shapes the
+        weights: a change of the model or the image size/channels is refused, naming each setting."""
+        self.resume_changes: list[str] = []
         if state is None:
             return cfg
         saved = from_dict({k: v for k, v in state["config"].items() if k != "preset"})
-        if saved.model != cfg.model or saved.data.image_size != cfg.data.image_size or saved.data.channels != cfg.data.channels:
+        old, new = _flat(saved.to_dict()), _flat(cfg.to_dict())
+        changed = [key for key in new if old.get(key) != new[key]]
+        fixed = [key for key in changed if key.startswith("model.") or key in FIXED_MID_RUN]
+        if fixed:
+            what = ", ".join(f"{_flag(k.split('.')[1])} {old[k]!r} -> {new[k]!r}" for k in fixed)
             raise CheckpointError(f"{self.resume_path}: the checkpoint's model config differs from this run's "
-                                  f"(preset {state['config'].get('preset')}); pass the same --preset/--config")
+                                  f"({what}): these cannot change mid-run; pass the same --preset/--config or "
+                                  "start a new --out")
+        self.resume_changes = [f"{_flag(k.split('.')[1])} {old[k]!r} -> {new[k]!r}" for k in changed]
         return cfg
 
     def _check_run_dir(self, resuming: bool) -> None:
@@ -123,34 +156,50 @@ class Trainer:
                               "or choose another --out")
         setup_logging(self.console, pending=True)
 
-    def _check_schedule(self, resume_state: dict | None) -> None:
-        """A resumed run with no step left to take is refused (the data check is in ``build_loader``)."""
-        done = int(resume_state["step"]) if resume_state is not None else 0
-        if done >= self.total_steps:
-            flag = "--max-steps" if self.cfg.run.max_steps and self.cfg.run.max_steps <= done else "--epochs"
-            raise ConfigError(f"{flag}: the run in {self.run_dir} already took {done} of its {self.total_steps} "
-                              f"steps; raise {flag} to train on")
-
-    def _write_run_dir(self) -> None:
+    def _prepare_run_dir(self, resuming: bool, notes: list[str]) -> None:
         if not self.dist.is_main:
             return
-        (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        stale_grids = [] if resuming else sorted((self.run_dir / "samples").glob("step_*.png"))
+        leftovers = [] if resuming else [n for n in ("metrics.jsonl", "final.png") if (self.run_dir / n).exists()]
+        make_folder(self.run_dir / "samples")
         world, batch = self.dist.world_size, self.cfg.data.batch_size
         effective = f"\n# effective batch: {batch} per process x {world} process(es) = {batch * world}\n"
-        (self.run_dir / "config.toml").write_text(to_toml(self.cfg) + effective)
-        attach_log_file(self.run_dir / "train.log")
+        atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg) + effective)
+        try:
+            attach_log_file(self.run_dir / "train.log")
+        except OSError as exc:
+            raise RunIOError(f"cannot write {self.run_dir / 'train.log'}: {os_reason(exc)}") from None
+        for note in notes:
+            log.warning(note)
+        if stale_grids or leftovers:
+            # an earlier run into this --out saved no checkpoint: nothing to resume, and its grids would
+            # otherwise end up in this run's progress.gif
+            for grid in stale_grids:
+                grid.unlink(missing_ok=True)
+            found = leftovers + ([f"{len(stale_grids)} sample grids"] if stale_grids else [])
+            log.warning("--out: %s holds files of an earlier run that saved no checkpoint (%s); starting afresh, "
+                        "they are replaced", self.run_dir, ", ".join(found))
 
     def _build_data(self) -> None:
         shard = Shard(self.dist.rank, self.dist.world_size)
         self.loader = build_loader(self.cfg.data, self.cfg.run.seed, self.device, shard, policy=self.policy)
-        run = self.cfg.run
-        by_epochs = run.epochs * self.loader.steps_per_epoch
+        self.global_batch = self.cfg.data.batch_size * self.dist.world_size
+
+    def _plan_schedule(self) -> None:
+        """``total_steps``: the step (optimiser update) at which the run ends: the end of epoch --epochs from
+        where the run stands, capped by --max-steps (which counts updates, whatever the batch)."""
+        run, per_epoch = self.cfg.run, self.loader.steps_per_epoch
+        remaining = max(run.epochs * per_epoch - (self.epoch * per_epoch + self.epoch_step), 0)
+        by_epochs = self.step + remaining
         self.total_steps = min(by_epochs, run.max_steps) if run.max_steps else by_epochs
-        global_batch = self.cfg.data.batch_size * self.dist.world_size
+        if self.step >= self.total_steps:  # a resumed run with nothing left to train: zero steps is no run
+            flag = "--max-steps" if run.max_steps and run.max_steps <= self.step else "--epochs"
+            raise ConfigError(f"{flag}: the run in {self.run_dir} already took {self.step} of its {self.total_steps} "
+                              f"steps; raise {flag} to train on")
         if self.dist.is_main:
             log.info("%s: %d images, %d steps/epoch, batch %d x %d processes = %d, %d steps in total",
-                     self.cfg.data.dataset, self.loader.num_images, self.loader.steps_per_epoch,
-                     self.cfg.data.batch_size, self.dist.world_size, global_batch, self.total_steps)
+                     self.cfg.data.dataset, self.loader.num_images, per_epoch, self.cfg.data.batch_size,
+                     self.dist.world_size, self.global_batch, self.total_steps)
             log.info("device %s, %s, %s loader%s", self.device, self.policy.describe(), type(self.loader).__name__,
                      ", torch.compile" if self.cfg.perf.compile else "")
 
@@ -191,7 +240,11 @@ class Trainer:
 
     def _build_state(self) -> None:
         cfg, b = self.cfg, self.cfg.data.batch_size
-        self.step = 0
+        self.step = 0  # optimiser updates so far; the place in the data is (epoch, epoch_step) below
+        self.epoch = 0  # completed epochs
+        self.epoch_step = 0  # steps done in the current epoch, at this run's global batch
+        self.images_seen = 0  # images trained on over the whole run, all processes together
+        self.nonfinite_intervals = 0  # log intervals in a row whose statistics were not finite
         self.noise_gen = torch.Generator(self.device).manual_seed(cfg.run.seed * 7919 + 1 + self.dist.rank)
         fixed_gen = torch.Generator().manual_seed(cfg.run.seed)
         self.fixed_noise = sample_noise(NUM_FIXED_SAMPLES, cfg.model.nz, cfg.loss.noise, "cpu", fixed_gen).to(self.device)
@@ -201,6 +254,8 @@ class Trainer:
         self.stats, self.timer = DeviceStats(self.device), PhaseTimer(self.device)
         self.stop_signal: int | None = None
         self.last_checkpoint: Path | None = None
+        self.last_finite: tuple[Path, int] | None = None  # the newest checkpoint known finite, and its step
+        self.checkpoint_step: int | None = None  # the step of the last checkpoint written (or refused)
         self.best_fd: float | None = None
         self.last_eval: dict = {}  # the latest quality-metrics record (--eval-every), for epoch callbacks
 
@@ -214,28 +269,37 @@ class Trainer:
 
     # ----- the loop ------------------------------------------------------------------------------------
     def fit(self) -> FitResult:
+        """Trains to ``total_steps``; releases the run folder when it ends, however it ends.
+
+        Raises :class:`Interrupted` after SIGINT/SIGTERM, :class:`TrainingDiverged` when losses or weights go
+        non-finite (see --nonfinite-patience), :class:`RunIOError` when a file cannot be written.
+        """
         steps_per_epoch = self.loader.steps_per_epoch
-        with self._signals(), self._progress() as bar:
-            while self.step < self.total_steps:
-                epoch, start = divmod(self.step, steps_per_epoch)
-                self._train_epoch(epoch, start, bar)
-                if self.stop_signal is not None:
-                    raise Interrupted(self.stop_signal, self.save_checkpoint())
-                if self.step % steps_per_epoch == 0:
-                    self._end_epoch(epoch + 1, bar)
-                    for callback in self.epoch_callbacks:
-                        callback(self, epoch + 1)
-                if self.stop_reason:
-                    log.warning("stopping at step %d: %s", self.step, self.stop_reason)
-                    break
-        return self._finish()
+        try:
+            with self._signals(), self._progress() as bar:
+                while self.step < self.total_steps:
+                    if self.epoch_step < steps_per_epoch:
+                        self._train_epoch(self.epoch, self.epoch_step, bar)
+                    if self.stop_signal is not None:
+                        raise Interrupted(self.stop_signal, self.save_checkpoint(collective=False))
+                    if self.epoch_step >= steps_per_epoch:
+                        self.epoch, self.epoch_step = self.epoch + 1, 0
+                        self._end_epoch(self.epoch, bar)
+                        for callback in self.epoch_callbacks:
+                            callback(self, self.epoch)
+                    if self.stop_reason:
+                        log.warning("stopping at step %d: %s", self.step, self.stop_reason)
+                        break
+            return self._finish()
+        finally:
+            self.close()
 
     def _end_epoch(self, epochs_done: int, bar) -> None:
         """In this order: quality metrics, the checkpoint (it stores the best FD), then best.pt when FD improved."""
         improved = self._evaluate_quality(epochs_done, bar) if self.tracker and self.tracker.due(epochs_done) else False
         if epochs_done % self.cfg.run.checkpoint_every == 0:
             self.save_checkpoint()
-        if improved:
+        if improved and not self._non_finite_weights(collective=False):
             ckpt.save_best(self.run_dir / "checkpoints", self.step, self.state_dict)
 
     def _evaluate_quality(self, epochs_done: int, bar) -> bool:
@@ -260,6 +324,8 @@ class Trainer:
                 break
             self.train_step(real)
             self.step += 1
+            self.epoch_step += 1
+            self.images_seen += self.global_batch
             self._after_step(epoch, bar)
 
     def train_step(self, real_uint8: torch.Tensor) -> None:
@@ -318,15 +384,27 @@ class Trainer:
         steps = max(self.step - step0, 1)
         images_per_s = steps * self.cfg.data.batch_size * self.dist.world_size / max(now - t0, 1e-9)
         self.window_start = now, self.step
-        if not self.dist.is_main:
-            return
-        record = {"step": self.step, "epoch": epoch + 1, **{k: round(v, 5) for k, v in stats.items()},
-                  "images_per_s": round(images_per_s, 1),
-                  **{f"{k}_ms": round(v / steps, 2) for k, v in phases_ms.items()}, "time": time.time()}
-        self.last_record = record
-        self.metrics.write(record)
-        bar.update(self.task, completed=self.step, epoch=f"{epoch + 1}/{self.cfg.run.epochs}",
-                   loss_d=f"{stats['loss_d']:.3f}", loss_g=f"{stats['loss_g']:.3f}", images_per_s=f"{images_per_s:.0f}")
+        # The statistics were reduced (and all-reduced under DDP) just now, so checking them costs no extra
+        # host sync, and every rank reaches the same verdict at the same step.
+        bad = [k for k, v in stats.items() if not math.isfinite(v)]
+        if bad and not self.nonfinite_intervals:
+            self.nonfinite_since = step0 + 1
+        self.nonfinite_intervals = self.nonfinite_intervals + 1 if bad else 0
+        if self.dist.is_main:
+            record = {"step": self.step, "epoch": epoch + 1, **{k: round(v, 5) for k, v in stats.items()},
+                      "images_per_s": round(images_per_s, 1),
+                      **{f"{k}_ms": round(v / steps, 2) for k, v in phases_ms.items()}, "time": time.time()}
+            self.last_record = record
+            self.metrics.write(record)
+            bar.update(self.task, completed=self.step, epoch=f"{epoch + 1}/{self.cfg.run.epochs}",
+                       loss_d=f"{stats['loss_d']:.3f}", loss_g=f"{stats['loss_g']:.3f}",
+                       images_per_s=f"{images_per_s:.0f}")
+        patience = self.cfg.run.nonfinite_patience
+        if bad and patience and self.nonfinite_intervals >= patience:
+            values = ", ".join(f"{k} {stats[k]}" for k in bad)
+            raise self._diverged(f"non-finite training statistics ({values}) in {self.nonfinite_intervals} log "
+                                 f"interval(s) in a row, steps {self.nonfinite_since}-{self.step} "
+                                 f"(--nonfinite-patience {patience})")
 
     def sample(self, noise: torch.Tensor) -> torch.Tensor:
         """Images from the EMA generator when on, else G; eval mode, no grad, BatchNorm statistics untouched."""
@@ -340,7 +418,11 @@ class Trainer:
         rng = {"torch": torch.get_rng_state(), "noise": self.noise_gen.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        state = {"step": self.step, "epoch": self.step // self.loader.steps_per_epoch, "config": self.cfg.to_dict(),
+        # The place in the data in images, which any later process layout or batch size can continue from
+        # (epochs draw one permutation of the images whatever the layout; each step takes the next batch of it).
+        state = {"step": self.step, "epoch": self.epoch, "epoch_images": self.epoch_step * self.global_batch,
+                 "images_seen": self.images_seen, "global_batch": self.global_batch,
+                 "num_images": self.loader.num_images, "config": self.cfg.to_dict(),
                  "generator": self.g.state_dict(), "discriminator": self.d.state_dict(),
                  "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
                  "scaler": self.policy.scaler.state_dict(), "rng": rng, "world_size": self.dist.world_size}
@@ -351,19 +433,85 @@ class Trainer:
         return state
 
     def load_state(self, state: dict, path: Path | str) -> None:
+        """Continues from a checkpoint: weights, optimiser state (with this run's hyperparameters), RNG streams
+        and the place in the data. Raises :class:`CheckpointError` for non-finite weights or a place that
+        cannot be found in this run's data."""
+        for key, what in (("generator", "generator"), ("discriminator", "discriminator"),
+                          ("generator_ema", "EMA generator")):
+            if key in state:
+                ckpt.check_finite(state[key], what, path)
         ckpt.load_module_state(self.g, state["generator"], "generator", path)
         ckpt.load_module_state(self.d, state["discriminator"], "discriminator", path)
         if self.g_ema is not None:
             ckpt.load_module_state(self.g_ema, state.get("generator_ema", state["generator"]), "EMA generator", path)
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
+        changed = [*_load_optimizer(self.opt_g, state["opt_g"], "G"), *_load_optimizer(self.opt_d, state["opt_d"], "D")]
         if state.get("scaler"):
             self.policy.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.best_fd = state.get("best_fd")
         self._load_rng(state["rng"])
+        moved = self._restore_position(state, path)
+        self.last_finite = (Path(path), self.step)
         if self.dist.is_main:
-            log.info("resumed from %s at step %d", path, self.step)
+            log.info("resumed from %s at step %d (epoch %d, image %d of this epoch)", path, self.step, self.epoch + 1,
+                     self.epoch_step * self.global_batch)
+            # The config's changes explain the optimiser's; the optimiser's alone show a checkpoint whose
+            # optimiser disagreed with its own config (e.g. one written by a tool that changed the groups).
+            changes = self.resume_changes or [f"optimiser {c}" for c in changed]
+            if changes:
+                log.info("resume: settings changed since the checkpoint, in effect from step %d: %s", self.step + 1,
+                         ", ".join(changes))
+            if moved:
+                log.warning("resume: %s", moved)
+
+    def _restore_position(self, state: dict, path: Path | str) -> str:
+        """Sets (epoch, epoch_step, images_seen) from the checkpoint, in this run's layout; returns a note when
+        the layout changed (another process count, batch size or dataset size), else ''."""
+        per_epoch, batch = self.loader.steps_per_epoch, self.global_batch
+        self.epoch = int(state.get("epoch", 0))
+        saved_cfg = state.get("config", {})
+        saved_per_process = saved_cfg.get("data", {}).get("batch_size", self.cfg.data.batch_size)
+        saved_batch = int(state.get("global_batch") or saved_per_process * int(state.get("world_size", 1)))
+        if "epoch_images" in state:
+            images = int(state["epoch_images"])
+        else:  # written before the place was stored: step and epoch count steps of the saved layout
+            images = self._legacy_epoch_images(state, saved_batch, path)
+        self.images_seen = int(state.get("images_seen", self.step * saved_batch))
+        start, extra = divmod(images, batch)
+        notes = []
+        if images > per_epoch * batch:  # a smaller --limit than when saved, say
+            notes.append(f"the checkpoint stood {images} images into epoch {self.epoch + 1}, past this run's "
+                         f"epoch of {per_epoch * batch} images: that epoch counts as done")
+            start, extra = per_epoch, 0
+        if extra:
+            notes.append(f"the checkpoint stood {images} images into epoch {self.epoch + 1}, not a multiple of this "
+                         f"run's global batch {batch}: continuing from image {start * batch}, so {extra} images of "
+                         "that epoch are trained on twice")
+        self.epoch_step = start
+        saved_num = state.get("num_images")
+        if saved_batch != batch or (saved_num is not None and saved_num != self.loader.num_images):
+            notes.insert(0, f"global batch {saved_batch} -> {batch}"
+                            + (f", images per epoch {saved_num} -> {self.loader.num_images}"
+                               if saved_num is not None and saved_num != self.loader.num_images else "")
+                            + f": continuing at epoch {self.epoch + 1}, step {start} of {per_epoch} "
+                              f"(image {start * batch}), the step count goes on from {self.step}")
+        return "; ".join(notes)
+
+    def _legacy_epoch_images(self, state: dict, saved_batch: int, path: Path | str) -> int:
+        """Images into the current epoch of a checkpoint without ``epoch_images``: its steps in that epoch times
+        its global batch. Past the first epoch that needs its steps per epoch, known only when the images
+        are the same as now."""
+        if self.epoch == 0:
+            return self.step * saved_batch
+        saved_data, data = dict(state.get("config", {}).get("data", {})), self.cfg.to_dict()["data"]
+        same_images = all(saved_data.get(k, data[k]) == data[k] for k in DATASET_KEYS)
+        saved_per_epoch = self.loader.num_images // saved_batch
+        in_epoch = self.step - self.epoch * saved_per_epoch
+        if not same_images or not 0 <= in_epoch <= saved_per_epoch:
+            raise CheckpointError(f"{path}: this checkpoint predates stored data positions and its dataset settings "
+                                  f"differ from this run's ({', '.join(DATASET_KEYS)}), so its place in epoch "
+                                  f"{self.epoch + 1} is unknown; resume with the data settings it was saved with")
+        return in_epoch * saved_batch
 
     def _load_rng(self, rng: dict) -> None:
         torch.set_rng_state(rng["torch"])
@@ -374,14 +522,59 @@ class Trainer:
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
 
-    def save_checkpoint(self) -> Path | None:
-        if self.dist.is_main and self.step > 0:
+    def save_checkpoint(self, collective: bool = True) -> Path | None:
+        """Saves a checkpoint (on rank 0) unless its weights are non-finite: then the run stops with
+        :class:`TrainingDiverged` (or, with --nonfinite-patience 0, goes on without it, with a warning), so a
+        non-finite checkpoint never replaces, nor rotates away, the last finite one. ``collective``: all ranks
+        are here at the same step (not so after a signal), so they can agree on the check."""
+        if self.step == 0:
+            return self.last_checkpoint
+        self.checkpoint_step = self.step  # on every rank: whether _finish saves must not depend on the rank
+        bad = self._non_finite_weights(collective)
+        if bad:
+            if self.cfg.run.nonfinite_patience:
+                raise self._diverged(f"non-finite weights at step {self.step} ({bad})")
+            if self.dist.is_main:
+                log.warning("not saving a checkpoint at step %d: non-finite weights (%s); %s", self.step, bad,
+                            self._last_finite_text())
+            return self.last_checkpoint
+        if self.dist.is_main:
             self.last_checkpoint = ckpt.save_checkpoint(self.state_dict(), self.run_dir / "checkpoints", self.step,
                                                         self.cfg.run.keep_checkpoints)
+            self.last_finite = (self.last_checkpoint, self.step)
         return self.last_checkpoint
 
+    @torch.no_grad()
+    def _non_finite_weights(self, collective: bool) -> str:
+        """'' when every parameter and buffer of G, D (and the EMA G) is finite, else how many are not, per model.
+        One host sync (and under DDP one all-reduce when ``collective``): called at checkpoint time only."""
+        models = [("generator", self.g), ("discriminator", self.d)]
+        if self.g_ema is not None:
+            models.append(("EMA generator", self.g_ema))
+        counts = torch.stack([
+            sum((torch.count_nonzero(~torch.isfinite(t)) for t in [*m.parameters(), *m.buffers()]
+                 if t.is_floating_point()), torch.zeros((), dtype=torch.int64, device=self.device))
+            for _, m in models])
+        if collective and self.dist.enabled:
+            import torch.distributed as tdist
+
+            tdist.all_reduce(counts, op=tdist.ReduceOp.MAX)
+        return ", ".join(f"{n:,} in the {name}" for (name, _), n in zip(models, counts.tolist()) if n)
+
+    def _last_finite_text(self) -> str:
+        if self.last_finite is None:
+            return "no finite checkpoint was written in this run"
+        path, step = self.last_finite
+        return f"the last finite checkpoint is {path} (step {step})"
+
+    def _diverged(self, what: str) -> TrainingDiverged:
+        """The error that ends a diverged run: what went non-finite where, and what to resume from."""
+        advice = ("; lower the learning rates and continue with --resume" if self.last_finite is not None
+                  else "; lower the learning rates and start again")
+        return TrainingDiverged(f"training diverged: {what}; {self._last_finite_text()}{advice}")
+
     def _finish(self) -> FitResult:
-        if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"{self.step:08d}.pt"):
+        if self.checkpoint_step != self.step:
             self.save_checkpoint()
         if self.dist.enabled:
             self.replica_max_abs_diff = replica_max_abs_diff([self.g, self.d])
@@ -391,8 +584,7 @@ class Trainer:
                          self.replica_max_abs_diff)
                 self.metrics.write({"step": self.step, "ddp_replica_max_abs_diff": self.replica_max_abs_diff})
             self.write_final_outputs()
-        epochs_done = self.step // self.loader.steps_per_epoch
-        return FitResult(self.step, epochs_done, self.run_dir, self.last_checkpoint)
+        return FitResult(self.step, self.epoch, self.run_dir, self.last_checkpoint)
 
     def write_final_outputs(self) -> None:
         """The final grid, losses.png (from metrics.jsonl, so resumed runs plot whole) and progress.gif.
@@ -439,6 +631,48 @@ class Trainer:
             return
         with bar:
             yield bar
+
+
+# Settings the weights' shapes depend on (besides every model.* field): refused when they change on resume.
+FIXED_MID_RUN = ("data.image_size", "data.channels")
+# Settings that decide which images an epoch holds (a pre-position checkpoint can be placed only without change).
+DATASET_KEYS = ("dataset", "data_root", "limit", "synthetic_size", "image_size", "channels")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{'optim': {'lr_g': 1e-3}} -> {'optim.lr_g': 1e-3}, without the preset name."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        elif prefix:
+            flat[prefix + key] = value
+    return flat
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, state: dict, name: str) -> list[str]:
+    """Loads an optimiser's state but keeps the hyperparameters this run built it with.
+
+    ``Optimizer.load_state_dict`` replaces every group setting (lr, betas, eps, fused, ...) with the saved
+    ones, so a resumed run would silently train with the old learning rates. Returns the settings whose
+    saved value differed, as 'lr(G) 0.0002 -> 0.001'.
+    """
+    fresh = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+    opt.load_state_dict(state)
+    changed = []
+    for group, settings in zip(opt.param_groups, fresh):
+        for key, value in settings.items():
+            if group.get(key) != value and f"{key}({name})" not in (c.split(" ")[0] for c in changed):
+                changed.append(f"{key}({name}) {group.get(key)!r} -> {value!r}")
+        group.update(settings)
+        # The step counters live where the kernel wants them: on the parameter's device for fused and
+        # capturable Adam, on the CPU otherwise (load_state_dict placed them for the saved settings).
+        on_device = settings.get("fused") or settings.get("capturable")
+        for param in group["params"]:
+            step = opt.state.get(param, {}).get("step")
+            if isinstance(step, torch.Tensor):
+                opt.state[param]["step"] = step.to(param.device if on_device else "cpu", torch.float32)
+    return changed
 
 
 @torch.no_grad()

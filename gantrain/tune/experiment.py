@@ -24,6 +24,7 @@ from gantrain.engine.config import Config, load_toml, override, to_toml
 from gantrain.engine.data.download import IDX_DATASETS, ensure_idx_files
 from gantrain.engine.data.sources import data_root
 from gantrain.engine.errors import ConfigError, GantrainError
+from gantrain.engine.files import atomic_write_text
 from gantrain.engine.logging import log, setup_logging
 from gantrain.engine.metrics import evaluate_generator
 from gantrain.engine.models import build_models
@@ -107,9 +108,9 @@ def create(folder: ExperimentFolder, cfg: Config, settings: TuneSettings, space:
         raise ConfigError(f"--name: {folder.path} already holds an experiment; continue it with --resume "
                           "or choose another --name")
     folder.path.mkdir(parents=True, exist_ok=True)
-    folder.base_file.write_text(to_toml(cfg))
-    folder.settings_file.write_text(settings.to_json())
-    folder.space_file.write_text(space.text)
+    atomic_write_text(folder.base_file, to_toml(cfg))
+    atomic_write_text(folder.settings_file, settings.to_json())
+    atomic_write_text(folder.space_file, space.text)
 
 
 def reopen(folder: ExperimentFolder) -> tuple[Config, TuneSettings, Space]:

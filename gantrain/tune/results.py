@@ -7,6 +7,7 @@ budget gives), best first; trials with no finite objective (errors, NaN divergen
 from __future__ import annotations
 
 import csv
+import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from rich import box
 from rich.table import Table
 
 from gantrain.engine.config import Config, override, to_toml
+from gantrain.engine.files import atomic_write, atomic_write_text
 from gantrain.tune.settings import TuneSettings
 from gantrain.tune.space import Space
 from gantrain.tune.trainable import CHECKPOINT_FILE, LOSS_KEYS, QUALITY_KEYS, report_every, trial_epochs
@@ -145,14 +147,14 @@ def write_csv(outcome: Outcome, path: Path) -> Path:
     names = outcome.space.names
     metric_keys = [*QUALITY_KEYS, *LOSS_KEYS, "epoch", "step"]
     header = ["rank", "trial", "status", "note", "baseline", *names, *metric_keys, "checkpoint"]
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        for row in outcome.rows:
-            writer.writerow([row.rank, row.trial_id, row.status, row.note, row.baseline,
-                             *[row.params.get(n, "") for n in names], *[row.metrics.get(k, "") for k in metric_keys],
-                             row.checkpoint])
-    return path
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(header)
+    for row in outcome.rows:
+        writer.writerow([row.rank, row.trial_id, row.status, row.note, row.baseline,
+                         *[row.params.get(n, "") for n in names], *[row.metrics.get(k, "") for k in metric_keys],
+                         row.checkpoint])
+    return atomic_write_text(path, text.getvalue())
 
 
 def best_config(row: TrialRow, cfg: Config, settings: TuneSettings, folder: Path) -> Config:
@@ -167,8 +169,7 @@ def write_best(row: TrialRow, cfg: Config, settings: TuneSettings, folder: Path)
     value = row.objective(settings.metric)
     header = (f"# best trial {row.trial_id} of gantrain tune experiment {folder.name}: {settings.metric} = {value:.6g} "
               f"after {row.epochs} epochs\n# reproduce it with: gantrain run --config {path}\n")
-    path.write_text(header + to_toml(best_config(row, cfg, settings, folder)))
-    return path
+    return atomic_write_text(path, header + to_toml(best_config(row, cfg, settings, folder)))
 
 
 def plot_trials(rows: list[TrialRow], metric: str, path: Path) -> Path | None:
@@ -191,8 +192,10 @@ def plot_trials(rows: list[TrialRow], metric: str, path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -156,7 +156,7 @@ def run_trial(cfg: Config, settings: TuneSettings, report: Report, resume: Path 
     reporter = EpochReporter(settings, report, cfg)
     # The reporter evaluates; the Trainer's own --eval-every tracker would evaluate the same generator again
     # and keep best.pt copies of what Tune already checkpoints.
-    engine_cfg = override(cfg, {"eval_every": 0})
+    engine_cfg = override(cfg, {"eval_every": 0, "nonfinite_patience": 0})  # the reporter stops diverged trials
     with open(os.devnull, "w") as sink:  # the trial's log still goes to <run>/train.log
         trainer = Trainer(engine_cfg, console=Console(file=sink), resume=str(resume) if resume else None,
                           epoch_callbacks=[reporter])

@@ -4,6 +4,7 @@ write JSON."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from rich.table import Table
 
 from gantrain.engine.config import Config, override
 from gantrain.engine.errors import ConfigError
+from gantrain.engine.files import atomic_write_text
 from gantrain.engine.logging import log
 from gantrain.engine.metrics.evaluate import Evaluator, MetricReport, generated_batches
 from gantrain.engine.metrics.inception import inception_fid, inception_unavailable
@@ -166,6 +168,16 @@ def _histogram_table(result: EvalResult) -> Table:
 
 
 def write_json(result: EvalResult, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
-    return path
+    """The results as strict JSON (a non-finite metric is null), written atomically; raises RunIOError."""
+    return atomic_write_text(path, json.dumps(_strict(result.to_json()), indent=2, allow_nan=False) + "\n")
+
+
+def _strict(value: Any) -> Any:
+    """NaN and infinity (a collapsed generator's FD can be either) as null: RFC 8259 JSON has neither."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
