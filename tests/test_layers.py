@@ -1,4 +1,5 @@
-"""The fast layer forms of engine/layers.py against their references: outputs and both gradients agree."""
+"""The kernels of gantrain/kernels/conv.py (through the layer shells of engine/layers.py) against their references:
+outputs and both gradients agree."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import torch
 from torch import nn
 
 from gantrain.engine.config import ModelConfig, preset
-from gantrain.engine.layers import (ProjectFromVector, ReduceToVector, StridedConv2d, StridedConvTranspose2d,
-                                    conv_input_grad, conv_weight_grad)
+from gantrain.engine.layers import ProjectFromVector, ReduceToVector, StridedConv2d, StridedConvTranspose2d
+from gantrain.kernels import conv
+from gantrain.kernels.conv import conv_input_grad, conv_weight_grad
 from gantrain.engine.models import build_models
 
 CL = torch.channels_last
@@ -152,3 +154,21 @@ def test_unknown_impl_is_refused():
         StridedConv2d(1, 8, "cuda")
     with pytest.raises(ValueError, match="impl"):
         build_models(ModelConfig(), 32, 1, "triton")
+
+
+@pytest.mark.parametrize("fn,weight_shape,height", [
+    (conv.strided_conv2d, (8, 1, 4, 4), 8), (conv.strided_conv_transpose2d, (8, 1, 4, 4), 4),
+    (conv.project_from_vector, (8, 4, 4, 4), 1), (conv.reduce_to_vector, (1, 8, 4, 4), 4)])
+def test_kernel_functions_fall_back_to_the_reference_off_cpu(fn, weight_shape, height):
+    """The gradient rewrites are gated to the CPU, where they were measured faster: on another device (the meta
+    device here, which needs no hardware) the strided kernels run torch's convolution; the dense ends run
+    everywhere. Shapes agree with the reference either way."""
+    cin = weight_shape[1] if fn in (conv.strided_conv2d, conv.reduce_to_vector) else weight_shape[0]
+    x = torch.empty(2, cin, height, height, device="meta", requires_grad=True)
+    w = torch.empty(weight_shape, device="meta")
+    out, ref = fn(x, w, "fast"), fn(x, w, "aten")
+    assert out.shape == ref.shape and out.device.type == "meta"
+    strided = fn in (conv.strided_conv2d, conv.strided_conv_transpose2d)
+    assert ("Convolution" in type(out.grad_fn).__name__) == strided
+    cpu = fn(torch.randn(x.shape, requires_grad=True), torch.randn(weight_shape))
+    assert ("StridedConv" in type(cpu.grad_fn).__name__) == strided  # on the CPU the rewrite runs

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gantrain.engine.errors import ConfigError
+from gantrain.kernels.conv import IMPLS as LAYER_IMPLS
 
 DATASETS = ("fashion-mnist", "mnist", "folder", "synthetic")
 ARCHS = ("dcgan", "dense")
@@ -26,7 +27,6 @@ LOADERS = ("auto", "memory", "torch", "dali")
 DALI_DEVICES = ("auto", "cpu", "gpu")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
-LAYER_IMPLS = ("fast", "aten")
 
 
 def _flag(name: str) -> str:
@@ -223,7 +223,7 @@ class PerfConfig:
     """Inductor cache folder for --compile (default: $TORCHINDUCTOR_CACHE_DIR or torch's own)."""
     layer_impl: str = "fast"
     """How the DCGAN layers compute: fast (exact rewrites measured faster: the dense ends as matrix products and,
-    on CPU, some gradients of the 4x4 stride-2 convolutions in other forms; see engine/layers.py) or aten
+    on CPU, some gradients of the 4x4 stride-2 convolutions in other forms; see gantrain/kernels/conv.py) or aten
     (torch's convolutions as they are, the reference)."""
 
     def __post_init__(self) -> None:

@@ -1,78 +1,30 @@
-"""DCGAN layers computed in the form that is fastest for their shape, each with its plain-PyTorch reference.
+"""The DCGAN layers as ``nn.Module`` shells over :mod:`gantrain.kernels.conv`.
 
-Every layer here keeps the parameters (names, shapes, initialisation) of the ``nn.Conv2d`` or
-``nn.ConvTranspose2d`` it stands for, so checkpoints do not depend on the implementation, and has an
-``impl`` switch: ``"aten"`` runs the convolution itself (the reference the tests compare outputs and
-gradients against, and the fallback behind ``--layer-impl aten``); ``"fast"`` runs the rewrites below.
-The rewrites are exact: they change only the order of summation.
-
-Measured for fashion32 at batch 128 in bf16 on the 2-core AVX512-BF16 EPYC (oneDNN 3.x):
-
-* **The two ends are dense layers.** G's first layer (a 4x4 transposed convolution of a 1x1 map) and D's
-  last (a valid 4x4 convolution of a 4x4 map) are matrix products; oneDNN's convolution kernels took
-  8.5 ms and 2.0 ms for their forward + backward, a matrix product 1.8 ms and 0.4 ms (used on every device).
-* **Input gradients into one or a few channels.** The input gradient of a stride-2 4x4 convolution with
-  1-4 input channels (D's first layer in the G step; G's last layer in its forward pass) runs slowly in
-  oneDNN (4.3 ms for 1 channel). As a stride-1 2x2 transposed convolution into 4x as many channels followed
-  by a pixel shuffle (space-to-depth) it took 1.2 ms. The forward pass and the weight gradient of the same
-  layer are faster as they are, so only the input gradient is rewritten (CPU).
-* **Weight gradients of the wide layers.** oneDNN computes bf16 weight gradients with an older kernel at
-  about half the forward rate. Written as a forward convolution (batch and channels swapped, the output
-  gradient as a kernel dilated by the stride) it ran 9.4 -> 7.0 ms for 128 -> 256 channels at 8 -> 4 pixels
-  and 63 -> 26 ms for 256 -> 512, but slower for 64 input channels (8.3 -> 9.2 ms at 16 -> 8 pixels), so
-  it is used from 128 input channels up (CPU).
+Every layer keeps the parameters (names, shapes, initialisation) of the ``nn.Conv2d`` or ``nn.ConvTranspose2d``
+it stands for, so checkpoints do not depend on the implementation; ``impl`` ("fast", the default, or "aten", the
+reference) picks how :mod:`gantrain.kernels.conv` computes it.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
-from gantrain.engine.config import LAYER_IMPLS
+from gantrain.kernels import conv
+from gantrain.kernels.conv import IMPLS, check_impl
 
-SPACE_TO_DEPTH_MAX_CHANNELS = 4
-"""Input gradients into at most this many channels go through space-to-depth (CPU)."""
-DILATED_WEIGHT_GRAD_MIN_CHANNELS = 128
-"""Weight gradients of convolutions with at least this many input channels run as a forward convolution (CPU)."""
+__all__ = ["IMPLS", "ProjectFromVector", "ReduceToVector", "StridedConv2d", "StridedConvTranspose2d"]
 
 
-def _check_impl(impl: str) -> str:
-    if impl not in LAYER_IMPLS:
-        raise ValueError(f"impl must be one of {', '.join(LAYER_IMPLS)}, got {impl!r}")
-    return impl
-
-
-def _channels_last(t: torch.Tensor) -> bool:
-    """Whether ``t`` is laid out channels-last (and not also plain contiguous, as happens for 1x1 or C=1)."""
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-
-
-def _like(t: torch.Tensor, layout_of: torch.Tensor) -> torch.Tensor:
-    return t.contiguous(memory_format=torch.channels_last if _channels_last(layout_of) else torch.contiguous_format)
-
-
-# ----- the ends: dense layers shaped as convolutions ---------------------------------------------------------
 class ProjectFromVector(nn.ConvTranspose2d):
-    """(N, C_in, 1, 1) -> (N, C_out, k, k): a transposed convolution of a 1x1 map, i.e. ``z @ W``.
-
-    The output is channels-last when the weight is, as the convolution's would be.
-    """
+    """(N, C_in, 1, 1) -> (N, C_out, k, k): a transposed convolution of a 1x1 map, i.e. ``z @ W``."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, impl: str = "fast") -> None:
         super().__init__(in_channels, out_channels, kernel_size, 1, 0, bias=False)
-        self.impl = _check_impl(impl)
+        self.impl = check_impl(impl)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.impl == "aten" or x.shape[-2:] != (1, 1):
-            return super().forward(x)
-        n, k = x.shape[0], self.kernel_size[0]
-        z = x.reshape(n, self.in_channels)
-        if _channels_last(self.weight):
-            out = z @ self.weight.permute(0, 2, 3, 1).reshape(self.in_channels, -1)
-            return out.view(n, k, k, self.out_channels).permute(0, 3, 1, 2)
-        return (z @ self.weight.reshape(self.in_channels, -1)).view(n, self.out_channels, k, k)
+        return conv.project_from_vector(x, self.weight, self.impl)
 
 
 class ReduceToVector(nn.Conv2d):
@@ -80,148 +32,29 @@ class ReduceToVector(nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, impl: str = "fast") -> None:
         super().__init__(in_channels, out_channels, kernel_size, 1, 0, bias=False)
-        self.impl = _check_impl(impl)
+        self.impl = check_impl(impl)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.impl == "aten" or tuple(x.shape[-2:]) != self.kernel_size:
-            return super().forward(x)
-        n = x.shape[0]
-        if _channels_last(x):  # flatten in the order the memory already has: a view, no copy
-            flat, weight = x.permute(0, 2, 3, 1).reshape(n, -1), self.weight.permute(0, 2, 3, 1)
-        else:
-            flat, weight = x.reshape(n, -1), self.weight
-        return F.linear(flat, weight.reshape(self.out_channels, -1)).view(n, self.out_channels, 1, 1)
+        return conv.reduce_to_vector(x, self.weight, self.impl)
 
 
-# ----- stride-2, 4x4, padding-1 convolutions --------------------------------------------------------------
-def _space_to_depth_input_grad(conv_in_channels: int) -> bool:
-    return conv_in_channels <= SPACE_TO_DEPTH_MAX_CHANNELS
-
-
-def _dilated_weight_grad(conv_in_channels: int) -> bool:
-    return conv_in_channels >= DILATED_WEIGHT_GRAD_MIN_CHANNELS
-
-
-def conv_input_grad(grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The input gradient of ``conv2d(x, weight, stride=2, padding=1)`` (4x4 kernel, even sizes), which is also
-    ``conv_transpose2d(grad_out, weight, stride=2, padding=1)``.
-
-    With few input channels it runs as space-to-depth: the stride-2 4x4 convolution of the padded input
-    equals a stride-1 2x2 convolution of its 2x2 pixel-unshuffle, whose input gradient is a 2x2 transposed
-    convolution into 4x the channels followed by a pixel shuffle and removing the padding.
-    """
-    if not _space_to_depth_input_grad(weight.shape[1]):
-        return F.conv_transpose2d(grad_out, weight, stride=2, padding=1)
-    c_out, c_in = weight.shape[:2]
-    # weight[o, c, 2a + u, 2b + v] -> w2[o, 4c + 2u + v, a, b], the pixel-unshuffle channel order
-    w2 = weight.view(c_out, c_in, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(c_out, 4 * c_in, 2, 2)
-    padded = F.pixel_shuffle(F.conv_transpose2d(grad_out, _like(w2, weight)), 2)
-    return padded[:, :, 1:-1, 1:-1]
-
-
-def conv_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The gradient of ``conv2d(x, weight, stride=2, padding=1)`` (4x4 kernel) with respect to ``weight``.
-
-    From 128 input channels up it runs as one forward convolution: x with batch and channels swapped,
-    correlated with the output gradient (also swapped) as a kernel dilated by the stride.
-    """
-    if not _dilated_weight_grad(x.shape[1]):
-        return _aten_conv_grads(x, grad_out, weight, False, True)[1]
-    # (C_in, N, H, W) * (C_out, N, H/2, W/2) dilated by 2, padded by 1 -> (C_in, C_out, 4, 4)
-    grad = F.conv2d(x.transpose(0, 1).contiguous(), grad_out.transpose(0, 1).contiguous(), dilation=2, padding=1)
-    return _like(grad.transpose(0, 1), weight)
-
-
-def _aten_conv_grads(x, grad_out, weight, input_grad: bool, weight_grad: bool):
-    return torch.ops.aten.convolution_backward(grad_out, x, weight, None, [2, 2], [1, 1], [1, 1], False, [0, 0], 1,
-                                               [input_grad, weight_grad, False])[:2]
-
-
-class _StridedConv(torch.autograd.Function):
-    """conv2d(x, w, stride=2, padding=1) with the backward pass of :func:`conv_input_grad`/:func:`conv_weight_grad`."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        return F.conv2d(x, weight, stride=2, padding=1)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        want_x, want_w = ctx.needs_input_grad
-        s2d = want_x and _space_to_depth_input_grad(weight.shape[1])
-        dilated = want_w and _dilated_weight_grad(x.shape[1])
-        grad_x = grad_w = None
-        if (want_x and not s2d) or (want_w and not dilated):  # what the rewrites leave: one aten call, as autograd's
-            grad_x, grad_w = _aten_conv_grads(x, grad_out, weight, want_x and not s2d, want_w and not dilated)
-        if s2d:
-            grad_x = conv_input_grad(grad_out, weight)
-        if dilated:
-            grad_w = conv_weight_grad(x, grad_out, weight)
-        return grad_x, grad_w
-
-
-class _StridedConvTranspose(torch.autograd.Function):
-    """conv_transpose2d(x, w, stride=2, padding=1), which is the input gradient of a convolution, run as one.
-
-    Its input gradient is the convolution's forward pass and its weight gradient the convolution's weight
-    gradient with the roles of input and output gradient swapped.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        return conv_input_grad(x, weight)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        grad_x = F.conv2d(grad_out, weight, stride=2, padding=1) if ctx.needs_input_grad[0] else None
-        grad_w = conv_weight_grad(grad_out, x, weight) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_w
-
-
-def _same_dtype(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cast autocast would make for a convolution (a custom autograd function is opaque to autocast)."""
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        return x.to(dtype), weight.to(dtype)
-    return x, weight
-
-
-class _Strided:
-    """The forward pass shared by the two strided layers: their autograd function on CPU where one of its
-    rewrites applies (decided by the channels the weight, read as a convolution's, maps from), else torch's."""
-
-    function: type[torch.autograd.Function]
-
-    def _set_impl(self, impl: str, conv_in_channels: int) -> None:
-        self.impl = _check_impl(impl)
-        self.rewritten = _space_to_depth_input_grad(conv_in_channels) or _dilated_weight_grad(conv_in_channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.impl == "aten" or not self.rewritten or x.device.type != "cpu":
-            return super().forward(x)  # type: ignore[misc]
-        return self.function.apply(*_same_dtype(x, self.weight))  # type: ignore[attr-defined]
-
-
-class StridedConv2d(_Strided, nn.Conv2d):
+class StridedConv2d(nn.Conv2d):
     """A 4x4 stride-2 padding-1 convolution that halves height and width (D's downsampling layers)."""
 
-    function = _StridedConv
-
     def __init__(self, in_channels: int, out_channels: int, impl: str = "fast") -> None:
-        nn.Conv2d.__init__(self, in_channels, out_channels, 4, 2, 1, bias=False)
-        self._set_impl(impl, in_channels)
+        super().__init__(in_channels, out_channels, 4, 2, 1, bias=False)
+        self.impl = check_impl(impl)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv.strided_conv2d(x, self.weight, self.impl)
 
 
-class StridedConvTranspose2d(_Strided, nn.ConvTranspose2d):
+class StridedConvTranspose2d(nn.ConvTranspose2d):
     """A 4x4 stride-2 padding-1 transposed convolution that doubles height and width (G's upsampling layers)."""
 
-    function = _StridedConvTranspose
-
     def __init__(self, in_channels: int, out_channels: int, impl: str = "fast") -> None:
-        nn.ConvTranspose2d.__init__(self, in_channels, out_channels, 4, 2, 1, bias=False)
-        self._set_impl(impl, out_channels)  # its weight, read as a convolution's, maps out_channels to in_channels
+        super().__init__(in_channels, out_channels, 4, 2, 1, bias=False)
+        self.impl = check_impl(impl)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv.strided_conv_transpose2d(x, self.weight, self.impl)

@@ -25,14 +25,14 @@ from gantrain.engine.config import ModelConfig
 from gantrain.engine.layers import ProjectFromVector, ReduceToVector, StridedConv2d, StridedConvTranspose2d
 
 
-def _up(cin: int, cout: int, kernel: int, impl: str = "aten") -> nn.ConvTranspose2d:
+def _up(cin: int, cout: int, kernel: int, impl: str = "fast") -> nn.ConvTranspose2d:
     """A stride-2 transposed convolution that exactly doubles height and width."""
     if kernel == 4:
         return StridedConvTranspose2d(cin, cout, impl)
     return nn.ConvTranspose2d(cin, cout, 5, 2, 2, output_padding=1, bias=False)
 
 
-def _down(cin: int, cout: int, kernel: int, stride: int = 2, impl: str = "aten") -> nn.Conv2d:
+def _down(cin: int, cout: int, kernel: int, stride: int = 2, impl: str = "fast") -> nn.Conv2d:
     """A convolution that divides height and width by ``stride`` exactly."""
     if kernel == 4 and stride == 2:
         return StridedConv2d(cin, cout, impl)

@@ -1,5 +1,8 @@
-"""Custom kernels. A kernel lands here only with a pure-PyTorch reference in the same file, an ``impl=``
-switch with a fallback, a test of outputs and gradients, and a `gantrain bench` row showing it beats
-torch.compile on the same step. None has cleared that bar yet: on the DCGAN step torch.compile already
-fuses BatchNorm + activation and the bf16 convolutions run in oneDNN/cuDNN.
+"""Custom kernels, each with its pure-PyTorch reference in the same file, an ``impl=`` switch with a fallback
+where it does not apply (shape or device), and a test of outputs and both gradients against the reference
+(``tests/unit/test_kernels.py``). This layer imports nothing else from gantrain.
+
+* :mod:`gantrain.kernels.conv`: the DCGAN convolutions in exact faster forms (the dense ends as matrix
+  products; on CPU, space-to-depth input gradients and dilated-forward weight gradients), measured by the
+  ``+ fast layers`` row of ``gantrain bench``.
 """

@@ -1,0 +1,219 @@
+"""The DCGAN convolution kernels: exact faster forms of torch's convolutions, each beside its reference.
+
+Every public function takes ``impl``: ``"aten"`` runs torch's own convolution, the reference that the tests
+compare outputs and both gradients against; ``"fast"`` (the default) runs the rewrite where it applies and
+falls back to the reference where it does not (another shape, or a device where it was not measured faster:
+the gradient rewrites are CPU-only). The rewrites change only the order of summation. The ``nn.Module``
+shells that hold the weights are in :mod:`gantrain.engine.layers`.
+
+Measured for fashion32 at batch 128 in bf16 on the 2-core AVX512-BF16 EPYC (oneDNN 3.x):
+
+* **The two ends are dense layers.** G's first layer (a 4x4 transposed convolution of a 1x1 map) and D's
+  last (a valid 4x4 convolution of a 4x4 map) are matrix products; oneDNN's convolution kernels took
+  8.5 ms and 2.0 ms for their forward + backward, a matrix product 1.8 ms and 0.4 ms (used on every device).
+* **Input gradients into one or a few channels.** The input gradient of a stride-2 4x4 convolution with
+  1-4 input channels (D's first layer in the G step; G's last layer in its forward pass) runs slowly in
+  oneDNN (4.3 ms for 1 channel). As a stride-1 2x2 transposed convolution into 4x as many channels followed
+  by a pixel shuffle (space-to-depth) it took 1.2 ms. The forward pass and the weight gradient of the same
+  layer are faster as they are, so only the input gradient is rewritten (CPU).
+* **Weight gradients of the wide layers.** oneDNN computes bf16 weight gradients with an older kernel at
+  about half the forward rate. Written as a forward convolution (batch and channels swapped, the output
+  gradient as a kernel dilated by the stride) it ran 9.4 -> 7.0 ms for 128 -> 256 channels at 8 -> 4 pixels
+  and 63 -> 26 ms for 256 -> 512, but slower for 64 input channels (8.3 -> 9.2 ms at 16 -> 8 pixels), so
+  it is used from 128 input channels up (CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+IMPLS = ("fast", "aten")
+"""``fast``: the rewrites where they apply; ``aten``: torch's convolutions as they are (the reference)."""
+SPACE_TO_DEPTH_MAX_CHANNELS = 4
+"""Input gradients into at most this many channels go through space-to-depth (CPU)."""
+DILATED_WEIGHT_GRAD_MIN_CHANNELS = 128
+"""Weight gradients of convolutions with at least this many input channels run as a forward convolution (CPU)."""
+
+
+def check_impl(impl: str) -> str:
+    """``impl`` when it is one of :data:`IMPLS`; raises ValueError otherwise."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    return impl
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    """Whether ``t`` is laid out channels-last (and not also plain contiguous, as happens for 1x1 or C=1)."""
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _like(t: torch.Tensor, layout_of: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last if _channels_last(layout_of) else torch.contiguous_format)
+
+
+# ----- the ends: dense layers shaped as convolutions ---------------------------------------------------------
+def project_from_vector(x: torch.Tensor, weight: torch.Tensor, impl: str = "fast") -> torch.Tensor:
+    """``conv_transpose2d(x, weight)`` for x (N, C_in, 1, 1) and weight (C_in, C_out, k, k) -> (N, C_out, k, k).
+
+    ``fast``: the matrix product ``z @ W`` it is (every device); the output is channels-last when the weight
+    is, as the convolution's would be. Other input sizes take the reference.
+    """
+    if check_impl(impl) == "aten" or x.shape[-2:] != (1, 1):
+        return F.conv_transpose2d(x, weight)
+    n, c_in, c_out, k = x.shape[0], weight.shape[0], weight.shape[1], weight.shape[-1]
+    z = x.reshape(n, c_in)
+    if _channels_last(weight):
+        out = z @ weight.permute(0, 2, 3, 1).reshape(c_in, -1)
+        return out.view(n, k, k, c_out).permute(0, 3, 1, 2)
+    return (z @ weight.reshape(c_in, -1)).view(n, c_out, k, k)
+
+
+def reduce_to_vector(x: torch.Tensor, weight: torch.Tensor, impl: str = "fast") -> torch.Tensor:
+    """``conv2d(x, weight)`` for x (N, C_in, k, k) and weight (C_out, C_in, k, k) -> (N, C_out, 1, 1).
+
+    ``fast``: the dense layer it is (every device). Other input sizes take the reference.
+    """
+    if check_impl(impl) == "aten" or tuple(x.shape[-2:]) != tuple(weight.shape[-2:]):
+        return F.conv2d(x, weight)
+    n, c_out = x.shape[0], weight.shape[0]
+    if _channels_last(x):  # flatten in the order the memory already has: a view, no copy
+        flat, weight = x.permute(0, 2, 3, 1).reshape(n, -1), weight.permute(0, 2, 3, 1)
+    else:
+        flat = x.reshape(n, -1)
+    return F.linear(flat, weight.reshape(c_out, -1)).view(n, c_out, 1, 1)
+
+
+# ----- stride-2, 4x4, padding-1 convolutions --------------------------------------------------------------
+def _space_to_depth_input_grad(conv_in_channels: int) -> bool:
+    return conv_in_channels <= SPACE_TO_DEPTH_MAX_CHANNELS
+
+
+def _dilated_weight_grad(conv_in_channels: int) -> bool:
+    return conv_in_channels >= DILATED_WEIGHT_GRAD_MIN_CHANNELS
+
+
+def conv_input_grad(grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The input gradient of ``conv2d(x, weight, stride=2, padding=1)`` (4x4 kernel, even sizes), which is also
+    ``conv_transpose2d(grad_out, weight, stride=2, padding=1)``.
+
+    With few input channels it runs as space-to-depth: the stride-2 4x4 convolution of the padded input
+    equals a stride-1 2x2 convolution of its 2x2 pixel-unshuffle, whose input gradient is a 2x2 transposed
+    convolution into 4x the channels followed by a pixel shuffle and removing the padding.
+    """
+    if not _space_to_depth_input_grad(weight.shape[1]):
+        return F.conv_transpose2d(grad_out, weight, stride=2, padding=1)
+    c_out, c_in = weight.shape[:2]
+    # weight[o, c, 2a + u, 2b + v] -> w2[o, 4c + 2u + v, a, b], the pixel-unshuffle channel order
+    w2 = weight.view(c_out, c_in, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(c_out, 4 * c_in, 2, 2)
+    padded = F.pixel_shuffle(F.conv_transpose2d(grad_out, _like(w2, weight)), 2)
+    return padded[:, :, 1:-1, 1:-1]
+
+
+def conv_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``conv2d(x, weight, stride=2, padding=1)`` (4x4 kernel) with respect to ``weight``.
+
+    From 128 input channels up it runs as one forward convolution: x with batch and channels swapped,
+    correlated with the output gradient (also swapped) as a kernel dilated by the stride.
+    """
+    if not _dilated_weight_grad(x.shape[1]):
+        return _aten_conv_grads(x, grad_out, weight, False, True)[1]
+    # (C_in, N, H, W) * (C_out, N, H/2, W/2) dilated by 2, padded by 1 -> (C_in, C_out, 4, 4)
+    grad = F.conv2d(x.transpose(0, 1).contiguous(), grad_out.transpose(0, 1).contiguous(), dilation=2, padding=1)
+    return _like(grad.transpose(0, 1), weight)
+
+
+def _aten_conv_grads(x, grad_out, weight, input_grad: bool, weight_grad: bool):
+    return torch.ops.aten.convolution_backward(grad_out, x, weight, None, [2, 2], [1, 1], [1, 1], False, [0, 0], 1,
+                                               [input_grad, weight_grad, False])[:2]
+
+
+class _StridedConv(torch.autograd.Function):
+    """conv2d(x, w, stride=2, padding=1) with the backward pass of :func:`conv_input_grad`/:func:`conv_weight_grad`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return F.conv2d(x, weight, stride=2, padding=1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        want_x, want_w = ctx.needs_input_grad
+        s2d = want_x and _space_to_depth_input_grad(weight.shape[1])
+        dilated = want_w and _dilated_weight_grad(x.shape[1])
+        grad_x = grad_w = None
+        if (want_x and not s2d) or (want_w and not dilated):  # what the rewrites leave: one aten call, as autograd's
+            grad_x, grad_w = _aten_conv_grads(x, grad_out, weight, want_x and not s2d, want_w and not dilated)
+        if s2d:
+            grad_x = conv_input_grad(grad_out, weight)
+        if dilated:
+            grad_w = conv_weight_grad(x, grad_out, weight)
+        return grad_x, grad_w
+
+
+class _StridedConvTranspose(torch.autograd.Function):
+    """conv_transpose2d(x, w, stride=2, padding=1), which is the input gradient of a convolution, run as one.
+
+    Its input gradient is the convolution's forward pass and its weight gradient the convolution's weight
+    gradient with the roles of input and output gradient swapped.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return conv_input_grad(x, weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = F.conv2d(grad_out, weight, stride=2, padding=1) if ctx.needs_input_grad[0] else None
+        grad_w = conv_weight_grad(grad_out, x, weight) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w
+
+
+def _same_dtype(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cast autocast would make for a convolution (a custom autograd function is opaque to autocast)."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return x.to(dtype), weight.to(dtype)
+    return x, weight
+
+
+def _same_dtype(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cast autocast would make for a convolution (a custom autograd function is opaque to autocast)."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return x.to(dtype), weight.to(dtype)
+    return x, weight
+
+
+def rewrites_apply(conv_in_channels: int) -> bool:
+    """Whether a strided layer whose weight, read as a convolution's, maps from ``conv_in_channels`` channels has a
+    gradient rewrite (space-to-depth input gradient, or dilated weight gradient)."""
+    return _space_to_depth_input_grad(conv_in_channels) or _dilated_weight_grad(conv_in_channels)
+
+
+def strided_conv2d(x: torch.Tensor, weight: torch.Tensor, impl: str = "fast") -> torch.Tensor:
+    """``conv2d(x, weight, stride=2, padding=1)``, 4x4 kernel: (N, C_in, H, W) -> (N, C_out, H/2, W/2).
+
+    ``fast`` on CPU, where a rewrite applies: the backward of :func:`conv_input_grad`/:func:`conv_weight_grad`;
+    elsewhere the reference.
+    """
+    if check_impl(impl) == "aten" or x.device.type != "cpu" or not rewrites_apply(weight.shape[1]):
+        return F.conv2d(x, weight, stride=2, padding=1)
+    return _StridedConv.apply(*_same_dtype(x, weight))
+
+
+def strided_conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, impl: str = "fast") -> torch.Tensor:
+    """``conv_transpose2d(x, weight, stride=2, padding=1)``, 4x4 kernel: (N, C_in, H, W) -> (N, C_out, 2H, 2W).
+
+    ``fast`` on CPU, where a rewrite applies (decided by C_out, the channels its weight maps from when read
+    as a convolution's): :class:`_StridedConvTranspose`; elsewhere the reference.
+    """
+    if check_impl(impl) == "aten" or x.device.type != "cpu" or not rewrites_apply(weight.shape[1]):
+        return F.conv_transpose2d(x, weight, stride=2, padding=1)
+    return _StridedConvTranspose.apply(*_same_dtype(x, weight))
