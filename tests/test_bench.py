@@ -9,8 +9,8 @@ import torch
 
 from gantrain.bench.baseline import step_flops
 from gantrain.bench.hardware import system_info
-from gantrain.bench.suite import _add_ratios, matrix, results_markdown, results_table
-from gantrain.bench.worker import _quantile
+from gantrain.bench.suite import _add_ratios, matrix, rendered
+from gantrain.bench.timing import quantile
 from gantrain.engine.config import preset
 
 
@@ -35,14 +35,15 @@ def test_reports_without_a_baseline_row_print_dashes():
               "peak_tflops": {"fp32": 0.2, "bf16": 0.4, "fp16": 0.4, "source": "--peak-tflops"}, "results": [row]}
     _add_ratios(report["results"], report["flops_per_image"], report["peak_tflops"])
     assert row["speedup"] is None and row["mfu"] == pytest.approx(700 * 0.41e9 / 0.4e12)
-    assert "| all, no compile | 700 | 650–720 | - | 180.0 |" in results_markdown(report)
-    assert results_table(report).row_count == 1
+    table, markdown = rendered(report)
+    assert "| all, no compile | 700 | 650–720 | - | 180.0 |" in markdown
+    assert table.row_count == 1
 
 
 def test_quantiles():
     values = [5.0, 1.0, 3.0, 2.0, 4.0]
-    assert _quantile(values, 0.5) == 3.0 and _quantile(values, 0.0) == 1.0 and _quantile(values, 1.0) == 5.0
-    assert _quantile(values, 0.1) == pytest.approx(1.4)
+    assert quantile(values, 0.5) == 3.0 and quantile(values, 0.0) == 1.0 and quantile(values, 1.0) == 5.0
+    assert quantile(values, 0.1) == pytest.approx(1.4)
 
 
 def test_fashion32_step_flops_match_hand_count():

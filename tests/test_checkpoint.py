@@ -227,8 +227,8 @@ def test_generate_nrow_and_determinism(trained_run: Path, tmp_path: Path, cli) -
 def test_generate_matches_the_run_samples(trained_run: Path, tmp_path: Path) -> None:
     """generate() rebuilds G from the checkpoint alone: with the run's fixed noise it redraws final.png."""
     from gantrain.engine.images import save_grid
-    from gantrain.engine.loop import NUM_FIXED_SAMPLES, generate_images
-    from gantrain.engine.models import sample_noise
+    from gantrain.engine.sampling import NUM_FIXED_SAMPLES, generate_images
+    from gantrain.engine.sampling import sample_noise
 
     g, cfg = load_generator(trained_run / "checkpoints" / "last.pt", device="cpu")
     assert not g.training and cfg.model.ngf == 16

@@ -17,7 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from gantrain.engine.config import Config
-from gantrain.engine.models import build_models, sample_noise
+from gantrain.engine.models import build_models
+from gantrain.engine.sampling import sample_noise
 
 
 class ToTensorDataset(Dataset):

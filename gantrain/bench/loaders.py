@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from gantrain.bench.hardware import system_info
-from gantrain.bench.suite import BenchRow, merge_runs, publish, run_row
+from gantrain.bench.report import publish, render
+from gantrain.bench.timing import BenchRow, merge_runs, round_robin, run_row
 from gantrain.engine.config import Config, override, preset
 from gantrain.engine.errors import ConfigError, GantrainError
 
@@ -57,7 +56,7 @@ def row_config(row: LoaderRow, overrides: dict) -> Config:
 
 def run_loader_only(cfg: Config, spec: dict) -> dict:
     """Worker side of a loader-only row: build the loader (timed as setup), then time batches into model format."""
-    from gantrain.bench.worker import _endless, time_loop
+    from gantrain.bench.timing import endless, time_loop
     from gantrain.engine.data import build_loader
     from gantrain.engine.precision import PrecisionPolicy
     from gantrain.engine.runtime import pick_device
@@ -67,7 +66,7 @@ def run_loader_only(cfg: Config, spec: dict) -> dict:
     t0 = time.perf_counter()
     loader = build_loader(cfg.data, cfg.run.seed, device, policy=policy)
     setup_s = time.perf_counter() - t0
-    batches = _endless(loader)
+    batches = endless(loader)
     result = time_loop(lambda: next(batches), policy.prepare_batch, device, spec["warmup"], spec["windows"],
                        spec["window"], cfg.data.batch_size)
     return {**result, "setup_s": setup_s, "loader": type(loader).__name__, "amp": policy.amp}
@@ -84,15 +83,14 @@ def timing_for(kind: str, quick: bool, given: dict) -> dict:
 def run_loader_bench(rows: list[LoaderRow], overrides: dict, timings: dict[str, dict], console: Console) -> list[dict]:
     """Runs every row in a fresh process, round-robin over repeats; windows of repeats are pooled."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    runs: list[list[dict]] = [[] for _ in rows]
-    repeats = max(t["repeats"] for t in timings.values())
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
-        for rep in range(repeats):
-            for i, row in enumerate(rows):
-                task = bar.add_task(f"bench --loaders: {row.name} (pass {rep + 1}/{repeats})", total=None)
-                bench_row = BenchRow(row.name, kind=row.kind, changes={"loader": row.loader})
-                runs[i].append(run_row(bench_row, row_config(row, overrides), timings[row.kind], env))
-                bar.update(task, total=1, completed=1)
+
+    def run_one(i: int) -> dict:
+        row = rows[i]
+        bench_row = BenchRow(row.name, kind=row.kind, changes={"loader": row.loader})
+        return run_row(bench_row, row_config(row, overrides), timings[row.kind], env)
+
+    runs = round_robin([row.name for row in rows], run_one, max(t["repeats"] for t in timings.values()), console,
+                       "bench --loaders")
     return [_merged(row, r) for row, r in zip(rows, runs)]
 
 
@@ -135,24 +133,15 @@ HEADERS = ["size", "loader", "loader only: images/s (p10–p90)", "setup s", "tr
            "train data wait ms", "train step ms"]
 
 
-def results_markdown(report: dict) -> str:
+def rendered(report: dict):
+    """The report's table for the console and as Markdown (one set of rows for both)."""
     s = report["system"]
-    lines = [f"Image folder {report['data_root']} ({report['num_images']}), {report['device']} ({s['gpu'] or s['cpu']}, "
-             f"{s['cpu_cores']} cores), torch {s['torch']}, DALI {report['dali']}, {s['date'][:10]}, commit "
-             f"{str(s['git_commit'])[:12]}. 64 px: cats64 model, batch {report['batch_sizes']['64']}; 128 px: "
-             f"cats128 model, batch {report['batch_sizes']['128']}.", "",
-             "| " + " | ".join(HEADERS) + " |", "|---|---|---:|---:|---:|---:|---:|"]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
-    return "\n".join(lines) + "\n"
-
-
-def results_table(report: dict) -> Table:
-    table = Table(title=f"gantrain bench --loaders: {report['data_root']}, {report['device']}")
-    for header in HEADERS:
-        table.add_column(header, justify="left" if header in ("size", "loader") else "right")
-    for row in table_rows(report):
-        table.add_row(*row)
-    return table
+    caption = (f"Image folder {report['data_root']} ({report['num_images']}), {report['device']} ({s['gpu'] or s['cpu']}, "
+               f"{s['cpu_cores']} cores), torch {s['torch']}, DALI {report['dali']}, {s['date'][:10]}, commit "
+               f"{str(s['git_commit'])[:12]}. 64 px: cats64 model, batch {report['batch_sizes']['64']}; 128 px: "
+               f"cats128 model, batch {report['batch_sizes']['128']}.")
+    return render(f"gantrain bench --loaders: {report['data_root']}, {report['device']}", HEADERS, table_rows(report),
+                  caption, left=2)
 
 
 def _dali_version() -> str | None:
@@ -182,7 +171,7 @@ def bench_loaders(*, data_root: str | None, limit: int | None, batch_size: int |
     timings = {kind: timing_for(kind, quick, given) for kind in ("loader", "engine")}
     results = run_loader_bench(rows, overrides, timings, console)
     report = _report(results, overrides, timings, sizes)
-    return publish(report, results_table(report), results_markdown(report), json_path, markdown_path)
+    return publish(report, *rendered(report), json_path, markdown_path)
 
 
 def _report(results: list[dict], overrides: dict, timings: dict, sizes: tuple[int, ...]) -> dict:

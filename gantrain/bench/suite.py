@@ -7,34 +7,17 @@ baseline and MFU (model FLOPs per image x images/s over the device's peak for th
 
 from __future__ import annotations
 
-import copy
-import json
 import os
-import statistics
-import subprocess
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from gantrain.bench.hardware import peak_tflops, system_info
-from gantrain.bench.worker import RESULT_PREFIX
+from gantrain.bench.report import publish, render
+from gantrain.bench.timing import BenchRow, merge_runs, round_robin, run_row
 from gantrain.engine.config import Config
 from gantrain.engine.errors import GantrainError
-
-
-@dataclass
-class BenchRow:
-    """One configuration of the matrix: a name and the config changes it makes over the engine base."""
-
-    name: str
-    kind: str = "engine"
-    changes: dict = field(default_factory=dict)
-    nproc: int = 1
 
 
 def matrix(device_type: str, nproc: int = 1) -> list[BenchRow]:
@@ -59,32 +42,6 @@ def matrix(device_type: str, nproc: int = 1) -> list[BenchRow]:
     return rows
 
 
-def _apply(cfg: Config, changes: dict) -> Config:
-    from gantrain.engine.config import override
-
-    return override(copy.deepcopy(cfg), changes)
-
-
-def run_row(row: BenchRow, cfg: Config, timing: dict, env: dict) -> dict:
-    cfg = _apply(cfg, row.changes)
-    if row.nproc > 1:
-        cfg = _apply(cfg, {"ddp": True})
-    spec = {"name": row.name, "kind": row.kind, "config": cfg.to_dict(), **timing}
-    module = ["-m", "gantrain.bench.worker", json.dumps(spec)]
-    if row.nproc > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={row.nproc}",
-                   "--master-port=29533", *module]
-        env = {**env, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // row.nproc))}
-    else:
-        command = [sys.executable, *module]
-    proc = subprocess.run(command, capture_output=True, text=True, env=env)
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            return {**json.loads(line[len(RESULT_PREFIX):]), "config": cfg.to_dict(), "changes": row.changes}
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"name": row.name, "error": " | ".join(tail) or f"exit code {proc.returncode}", "changes": row.changes}
-
-
 def run_suite(cfg: Config, *, rows: list[BenchRow], timing: dict, peak_override: float | None,
               console: Console) -> dict:
     from gantrain.bench.baseline import step_flops
@@ -94,37 +51,12 @@ def run_suite(cfg: Config, *, rows: list[BenchRow], timing: dict, peak_override:
     flops_per_image = step_flops(cfg)
     peaks = peak_tflops(device, peak_override)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    runs: list[list[dict]] = [[] for _ in rows]
-    repeats = timing.get("repeats", 1)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
-        for rep in range(repeats):  # round-robin, so slow drifts of a shared machine hit every row alike
-            for i, row in enumerate(rows):
-                task = bar.add_task(f"bench: {row.name} (pass {rep + 1}/{repeats})", total=None)
-                runs[i].append(run_row(row, cfg, timing, env))
-                bar.update(task, description=f"bench: {row.name} (pass {rep + 1}/{repeats}) [green]done", total=1,
-                           completed=1)
+    runs = round_robin([row.name for row in rows], lambda i: run_row(rows[i], cfg, timing, env),
+                       timing.get("repeats", 1), console)
     results = [merge_runs(r) for r in runs]
     _add_ratios(results, flops_per_image, peaks)
     return {"system": system_info(), "device": str(device), "preset": cfg.preset, "batch_size": cfg.data.batch_size,
             "flops_per_image": flops_per_image, "peak_tflops": peaks, "timing": timing, "results": results}
-
-
-def merge_runs(runs: list[dict]) -> dict:
-    """Pools the timed windows of repeated runs of one row: median and p10/p90 over all of them."""
-    ok = [r for r in runs if "error" not in r]
-    if not ok:
-        return runs[0]
-    from gantrain.bench.worker import summarize_windows
-
-    merged = dict(ok[0])
-    windows = [w for r in ok for w in r["window_images_per_s"]]
-    merged.update(summarize_windows(windows))
-    for key in ("step_ms", "data_wait_ms", "compute_ms", "warmup_s"):
-        merged[key] = statistics.mean(r[key] for r in ok)
-    merged["peak_mem_gib"] = max(r["peak_mem_gib"] for r in ok)
-    merged["timed_steps"] = sum(r["timed_steps"] for r in ok)
-    merged["passes"] = len(ok)
-    return merged
 
 
 def _add_ratios(results: list[dict], flops_per_image: float, peaks: dict) -> None:
@@ -147,41 +79,33 @@ def _mfu(row: dict) -> str:
     return f"{row['mfu'] * 100:.1f}%" if row.get("mfu") else "-"
 
 
-def results_table(report: dict) -> Table:
-    peaks = report["peak_tflops"]
-    table = Table(title=f"gantrain bench: {report['preset']}, batch {report['batch_size']}, {report['device']} "
-                        f"({report['flops_per_image'] / 1e9:.3f} GFLOP/image; peak fp32 {peaks['fp32']:.3g}, "
-                        f"bf16 {peaks['bf16']:.3g} TFLOP/s, {peaks['source']})")
-    for column in ("configuration", "images/s", "p10-p90", "speed-up", "step ms", "data wait ms", "compute ms",
-                   "warm-up s", "MFU", "peak mem GiB"):
-        table.add_column(column, justify="left" if column == "configuration" else "right")
+HEADERS = ["configuration", "images/s (median)", "p10–p90", "speed-up", "step ms", "data wait ms", "compute ms",
+           "warm-up s", "MFU", "peak mem GiB"]
+
+
+def _rows(report: dict) -> list[list[str]]:
+    rows = []
     for r in report["results"]:
         if "error" in r:
-            table.add_row(r["name"], "[red]failed", r["error"][:60], *[""] * 7)
+            rows.append([r["name"], "failed", r["error"][:80], *[""] * 7])
             continue
-        table.add_row(r["name"], f"{r['images_per_s']:.0f}", f"{r['images_per_s_p10']:.0f}-{r['images_per_s_p90']:.0f}",
-                      _speedup(r, "x"), f"{r['step_ms']:.1f}",
-                      f"{r['data_wait_ms']:.1f}", f"{r['compute_ms']:.1f}", f"{r['warmup_s']:.1f}",
-                      _mfu(r), f"{r['peak_mem_gib']:.2f}")
-    return table
+        rows.append([r["name"], f"{r['images_per_s']:.0f}", f"{r['images_per_s_p10']:.0f}–{r['images_per_s_p90']:.0f}",
+                     _speedup(r), f"{r['step_ms']:.1f}", f"{r['data_wait_ms']:.1f}", f"{r['compute_ms']:.1f}",
+                     f"{r['warmup_s']:.1f}", _mfu(r), f"{r['peak_mem_gib']:.2f}"])
+    return rows
 
 
-def results_markdown(report: dict) -> str:
+def rendered(report: dict):
+    """The report's table for the console and as Markdown (one set of rows for both)."""
     s, peaks = report["system"], report["peak_tflops"]
-    lines = [f"**{report['preset']}**, batch {report['batch_size']}, {report['device']} ({s['gpu'] or s['cpu']}, "
-             f"{s['cpu_cores']} cores), torch {s['torch']}, {s['date'][:10]}, commit {str(s['git_commit'])[:12]}. "
-             f"Model FLOPs {report['flops_per_image'] / 1e9:.3f} GFLOP/image; peak fp32 {peaks['fp32']:.3g} / "
-             f"bf16 {peaks['bf16']:.3g} TFLOP/s ({peaks['source']}).", "",
-             "| configuration | images/s (median) | p10–p90 | speed-up | step ms | data wait ms | warm-up s | MFU | peak mem GiB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in report["results"]:
-        if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error'][:80]} | | | | | | | |")
-            continue
-        lines.append(f"| {r['name']} | {r['images_per_s']:.0f} | {r['images_per_s_p10']:.0f}–{r['images_per_s_p90']:.0f} | "
-                     f"{_speedup(r)} | {r['step_ms']:.1f} | {r['data_wait_ms']:.1f} | {r['warmup_s']:.1f} | "
-                     f"{_mfu(r)} | {r['peak_mem_gib']:.2f} |")
-    return "\n".join(lines) + "\n"
+    title = (f"gantrain bench: {report['preset']}, batch {report['batch_size']}, {report['device']} "
+             f"({report['flops_per_image'] / 1e9:.3f} GFLOP/image; peak fp32 {peaks['fp32']:.3g}, "
+             f"bf16 {peaks['bf16']:.3g} TFLOP/s, {peaks['source']})")
+    caption = (f"**{report['preset']}**, batch {report['batch_size']}, {report['device']} ({s['gpu'] or s['cpu']}, "
+               f"{s['cpu_cores']} cores), torch {s['torch']}, {s['date'][:10]}, commit {str(s['git_commit'])[:12]}. "
+               f"Model FLOPs {report['flops_per_image'] / 1e9:.3f} GFLOP/image; peak fp32 {peaks['fp32']:.3g} / "
+               f"bf16 {peaks['bf16']:.3g} TFLOP/s ({peaks['source']}).")
+    return render(title, HEADERS, _rows(report), caption)
 
 
 def bench(cfg: Config, *, quick: bool, nproc: int, peak_override: float | None, json_path: Path | None,
@@ -198,14 +122,6 @@ def bench(cfg: Config, *, quick: bool, nproc: int, peak_override: float | None, 
     timing = {"warmup": warmup or defaults[0], "windows": windows or defaults[1], "window": window or defaults[2],
               "repeats": repeats or defaults[3], "num_workers": cfg.data.num_workers}
     report = run_suite(cfg, rows=rows, timing=timing, peak_override=peak_override, console=console)
-    return publish(report, results_table(report), results_markdown(report), json_path, markdown_path)
+    return publish(report, *rendered(report), json_path, markdown_path)
 
 
-def publish(report: dict, table: Table, markdown: str, json_path: Path | None, markdown_path: Path | None) -> dict:
-    """Prints the table and writes the JSON report and Markdown table where asked."""
-    Console().print(table)
-    for path, text in ((json_path, json.dumps(report, indent=2)), (markdown_path, markdown)):
-        if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-    return report

@@ -10,8 +10,8 @@ import torch
 from gantrain.engine.checkpoint import check_finite, load_checkpoint, load_module_state
 from gantrain.engine.config import from_dict
 from gantrain.engine.images import save_grid, save_individual
-from gantrain.engine.loop import generate_images
-from gantrain.engine.models import Generator, sample_noise
+from gantrain.engine.models import Generator
+from gantrain.engine.sampling import generate_images, sample_noise
 from gantrain.engine.runtime import pick_device
 
 

@@ -35,12 +35,10 @@ from gantrain.engine.files import RunLock, atomic_write_text, make_folder, os_re
 from gantrain.engine.images import plot_curves, read_metrics, save_gif, save_grid
 from gantrain.engine.logging import (DeviceStats, MetricsWriter, PhaseTimer, attach_log_file, log, progress_bar,
                                     setup_logging)
-from gantrain.engine.models import Generator, build_models, sample_noise
+from gantrain.engine.models import build_models
 from gantrain.engine.precision import PrecisionPolicy
+from gantrain.engine.sampling import fixed_noise, generate_images, sample_noise
 from gantrain.engine.runtime import DistInfo, configure_cuda, pick_device
-
-NUM_FIXED_SAMPLES = 64
-
 
 class Interrupted(Exception):
     """SIGINT/SIGTERM arrived; a checkpoint was saved. ``exit_code`` is 128 + the signal number."""
@@ -80,9 +78,12 @@ def frozen(module: nn.Module):
 
 class Trainer:
     def __init__(self, cfg: Config, *, console: Console | None = None, dist_info: DistInfo = DistInfo(),
-                 resume: str | None = None, epoch_callbacks: Sequence[Callable[[Trainer, int], None]] = ()) -> None:
+                 resume: str | None = None, epoch_callbacks: Sequence[Callable[[Trainer, int], None]] = (),
+                 finished_ok: bool = False) -> None:
         """``epoch_callbacks`` run after each completed epoch as ``callback(trainer, epochs_done)``; one may set
         ``trainer.stop_reason`` to end the run cleanly (final checkpoint and outputs still written).
+        A resume with no step left to take raises :class:`ConfigError` (exit 2) unless ``finished_ok`` (tune
+        restores trials whose budget is spent to report them).
 
         Rank 0 takes the run folder's lock here and holds it until :meth:`fit` ends (or :meth:`close`). Raises
         :class:`RunLocked` (exit 2) when another run holds it, :class:`RunIOError` when the folder cannot be
@@ -92,7 +93,7 @@ class Trainer:
         self.epoch_callbacks = list(epoch_callbacks)
         self.stop_reason: str | None = None
         self.last_record: dict = {}
-        self.dist = dist_info
+        self.dist, self.finished_ok = dist_info, finished_ok
         self.run_dir = cfg.run_dir
         self.lock = RunLock(self.run_dir)
         notes: list[str] = []
@@ -192,7 +193,7 @@ class Trainer:
         remaining = max(run.epochs * per_epoch - (self.epoch * per_epoch + self.epoch_step), 0)
         by_epochs = self.step + remaining
         self.total_steps = min(by_epochs, run.max_steps) if run.max_steps else by_epochs
-        if self.step >= self.total_steps:  # a resumed run with nothing left to train: zero steps is no run
+        if self.step >= self.total_steps and not self.finished_ok:  # nothing left to train: zero steps is no run
             flag = "--max-steps" if run.max_steps and run.max_steps <= self.step else "--epochs"
             raise ConfigError(f"{flag}: the run in {self.run_dir} already took {self.step} of its {self.total_steps} "
                               f"steps; raise {flag} to train on")
@@ -246,8 +247,7 @@ class Trainer:
         self.images_seen = 0  # images trained on over the whole run, all processes together
         self.nonfinite_intervals = 0  # log intervals in a row whose statistics were not finite
         self.noise_gen = torch.Generator(self.device).manual_seed(cfg.run.seed * 7919 + 1 + self.dist.rank)
-        fixed_gen = torch.Generator().manual_seed(cfg.run.seed)
-        self.fixed_noise = sample_noise(NUM_FIXED_SAMPLES, cfg.model.nz, cfg.loss.noise, "cpu", fixed_gen).to(self.device)
+        self.fixed_noise = fixed_noise(cfg.model.nz, cfg.loss.noise, cfg.run.seed, self.device)
         self.real_target = torch.full((b,), 1.0 - cfg.loss.label_smoothing, device=self.device)
         self.fake_target = torch.zeros(b, device=self.device)
         self.gen_target = torch.ones(b, device=self.device)
@@ -685,16 +685,3 @@ def replica_max_abs_diff(modules: list[nn.Module]) -> float:
     tdist.all_reduce(high, op=tdist.ReduceOp.MAX)
     tdist.all_reduce(low, op=tdist.ReduceOp.MIN)
     return float((high - low).max())  # deliberate sync: once, at the end of the run
-
-
-@torch.no_grad()
-def generate_images(model: Generator, noise: torch.Tensor, policy: PrecisionPolicy | None = None) -> torch.Tensor:
-    """Runs ``model`` in eval mode (BatchNorm uses running statistics and updates none), restoring its mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        with policy.autocast() if policy else contextlib.nullcontext():
-            images = model(noise)
-    finally:
-        model.train(was_training)
-    return images.float()

@@ -136,10 +136,3 @@ def build_models(cfg: ModelConfig, image_size: int, channels: int, impl: str = "
     init_weights(g, cfg.init_std)
     init_weights(d, cfg.init_std)
     return g, d
-
-
-def sample_noise(n: int, nz: int, kind: str, device: torch.device | str, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Latent noise: N(0, 1) or U(-1, 1), drawn from ``generator`` so runs are reproducible."""
-    if kind == "uniform":
-        return torch.rand(n, nz, device=device, generator=generator).mul_(2).sub_(1)
-    return torch.randn(n, nz, device=device, generator=generator)

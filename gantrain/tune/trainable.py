@@ -159,7 +159,7 @@ def run_trial(cfg: Config, settings: TuneSettings, report: Report, resume: Path 
     engine_cfg = override(cfg, {"eval_every": 0, "nonfinite_patience": 0})  # the reporter stops diverged trials
     with open(os.devnull, "w") as sink:  # the trial's log still goes to <run>/train.log
         trainer = Trainer(engine_cfg, console=Console(file=sink), resume=str(resume) if resume else None,
-                          epoch_callbacks=[reporter])
+                          epoch_callbacks=[reporter], finished_ok=True)
         if resume is not None:
             apply_hyperparameters(trainer)
         if trainer.step >= trainer.total_steps:  # restored with its budget spent: report where it stands

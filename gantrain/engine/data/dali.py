@@ -51,7 +51,7 @@ from PIL import Image
 
 from gantrain.engine.data.decode import decode_image, decode_to_viewer, to_channels
 from gantrain.engine.data.discovery import Discovery, ImageFile
-from gantrain.engine.data.loaders import EpochPlan, Shard, epoch_plan
+from gantrain.engine.data.plan import EpochPlan, Shard, epoch_plan
 from gantrain.engine.data.sources import discover_folder, load_images, log_discovery
 from gantrain.engine.errors import ConfigError, DataError
 

@@ -35,7 +35,7 @@ from gantrain.engine.metrics.cache import cache_dir, load_artifact, save_artifac
 from gantrain.engine.metrics.extractor import Extractor, ensure_extractor, task_batch, to_unit_range
 from gantrain.engine.metrics.progress import resolve_quiet, task_bar
 from gantrain.engine.metrics.reference import DatasetSpec, load_split, spec_from_config, split_sha256
-from gantrain.engine.models import sample_noise
+from gantrain.engine.sampling import generate_images, sample_noise
 
 METRIC_KEYS = ("fd", "kid_mean", "kid_std", "precision", "recall", "classifier_score")
 GENERATE_BATCH = 500
@@ -168,8 +168,6 @@ def generated_batches(generator: torch.nn.Module, cfg: Config, spec: DatasetSpec
                       device: torch.device) -> Iterator[torch.Tensor]:
     """Batches of generated images from fixed noise (its own RNG: the caller's streams are not advanced), in
     fp32 whatever the training precision, so tracking during training and `gantrain eval` agree."""
-    from gantrain.engine.loop import generate_images
-
     noise = sample_noise(num_samples, cfg.model.nz, cfg.loss.noise, "cpu", torch.Generator().manual_seed(seed))
     for chunk in noise.split(GENERATE_BATCH):
         yield prepare_generated(generate_images(generator, chunk.to(device)), spec)
