@@ -80,8 +80,8 @@ def test_a_finished_ddp_epoch_resumed_in_one_process_is_not_trained_again(datase
     assert first.returncode == 0, _errors(first)
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 8
     done = _run(datasets_root, out, "--limit", "256", "--epochs", "1", "--max-steps", "0", "--resume", "auto")
-    assert done.returncode == 0, _errors(done)
-    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 8  # finished stays finished
+    assert done.returncode == 2 and "already took 8 of its 8 steps; raise --epochs" in done.stderr  # stays finished
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 8
     more = _run(datasets_root, out, "--limit", "256", "--epochs", "2", "--max-steps", "0", "--resume", "auto")
     assert more.returncode == 0, _errors(more)
     state = load_checkpoint(out / "checkpoints" / "last.pt")

@@ -192,19 +192,24 @@ def test_init_std_inf_in_a_toml_exits_2(cli, tmp_path: Path) -> None:
 
 def _poison_after(monkeypatch: pytest.MonkeyPatch, step: int, poison) -> None:
     """Runs ``poison(trainer)`` right after the optimiser steps of training step ``step`` (1-based)."""
-    original = Trainer.train_step
+    from types import SimpleNamespace
+
+    from gantrain.engine.step import GANStep
+
+    original, calls = GANStep.__call__, []
 
     def train_step(self, real):
         original(self, real)
-        if self.step + 1 == step:
-            poison(self)
+        calls.append(1)
+        if len(calls) == step:
+            poison(SimpleNamespace(gan=self))
 
-    monkeypatch.setattr(Trainer, "train_step", train_step)
+    monkeypatch.setattr(GANStep, "__call__", train_step)
 
 
 def _nan_weight(trainer) -> None:
     with torch.no_grad():
-        next(trainer.g.parameters()).view(-1)[0] = math.nan
+        next(trainer.gan.g.parameters()).view(-1)[0] = math.nan
 
 
 def test_nan_weights_stop_the_run_at_the_step_and_keep_the_last_finite_checkpoint(
@@ -234,7 +239,7 @@ def test_nan_batchnorm_statistics_with_finite_losses_are_never_checkpointed(
     from gantrain.engine.errors import TrainingDiverged
 
     def poison(trainer):  # train-mode BatchNorm ignores running statistics: the losses stay finite
-        bn = next(m for m in trainer.g.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        bn = next(m for m in trainer.gan.g.modules() if isinstance(m, torch.nn.BatchNorm2d))
         bn.running_var[:3] = math.inf
 
     cfg = _tiny(tiny_cfg, limit=64, batch_size=32, max_steps=4, log_every=1)
@@ -249,7 +254,7 @@ def test_nan_batchnorm_statistics_with_finite_losses_are_never_checkpointed(
 def test_nonfinite_patience_counts_log_intervals(tiny_cfg, quiet_console, monkeypatch: pytest.MonkeyPatch,
                                                  patience: int, stops: bool) -> None:
     from gantrain.engine.errors import TrainingDiverged
-    from gantrain.engine.logging import DeviceStats
+    from gantrain.engine.stats import Stats as DeviceStats
 
     original, reads = DeviceStats.read, []
 
@@ -409,7 +414,7 @@ def test_two_processes_one_folder_then_sigkill_leaves_a_stale_lock(datasets_root
 
 # ===== 5. every rewrite is atomic ================================================================================
 def _rewrite_metrics(path: Path) -> None:
-    from gantrain.engine.logging import MetricsWriter
+    from gantrain.engine.runlog import MetricsWriter
 
     MetricsWriter(path, resume_step=1)
 
@@ -532,7 +537,7 @@ def test_disk_full_on_a_real_3mb_tmpfs(cli, datasets_root: Path, tmp_path: Path)
     finally:
         from rich.console import Console
 
-        from gantrain.engine.logging import setup_logging
+        from gantrain.engine.runlog import setup_logging
 
         setup_logging(Console(file=io.StringIO()))  # closes the run's train.log, which keeps the mount busy
         subprocess.run(["umount", str(mount)], check=True)

@@ -37,4 +37,4 @@ def test_cuda_graphs_run(tiny_cfg, quiet_console):
                       console=quiet_console)
     result = trainer.fit()
     assert result.steps == 6
-    assert all(torch.isfinite(p).all() for p in trainer.g.parameters())
+    assert all(torch.isfinite(p).all() for p in trainer.gan.g.parameters())

@@ -302,7 +302,7 @@ def test_training_with_eval_every(fashion_extractor, tiny_cfg, quiet_console) ->
     plain = Trainer(tiny_cfg("plain", limit=256, max_steps=16), console=quiet_console)
     plain.fit()
     for key, value in plain.g.state_dict().items():
-        assert torch.equal(value, trainer.g.state_dict()[key]), key
+        assert torch.equal(value, trainer.gan.g.state_dict()[key]), key
 
 
 @pytest.mark.slow

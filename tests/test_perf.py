@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from gantrain.engine.errors import ConfigError
-from gantrain.engine.loop import Trainer, make_adam
+from gantrain.engine.loop import Trainer
+from gantrain.engine.step import make_adam
 from gantrain.engine.models import build_models
 from gantrain.engine.config import ModelConfig
 from gantrain.engine.precision import PrecisionPolicy
@@ -35,32 +36,32 @@ def test_fp16_needs_cuda_and_scaler_only_for_fp16():
 
 def test_channels_last_trainer(tiny_cfg, quiet_console):
     trainer = Trainer(tiny_cfg(channels_last=True, amp="bf16"), console=quiet_console)
-    conv = next(m for m in trainer.d.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1)
+    conv = next(m for m in trainer.gan.d.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
-    trainer.train_step(next(trainer.loader.epoch(0)))
-    stats = trainer.stats.read()
+    trainer.gan(next(trainer.loader.epoch(0)))
+    stats = trainer.gan.stats.read()
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
 
 
 def test_g_step_computes_no_d_weight_gradients(tiny_cfg, quiet_console):
     trainer = Trainer(tiny_cfg(), console=quiet_console)
     real = trainer.policy.prepare_batch(next(trainer.loader.epoch(0)))
-    fake, *_ = trainer.d_step(real)
-    d_grads = [p.grad.clone() for p in trainer.d.parameters()]
-    trainer.g_step(fake)
-    assert all(torch.equal(a, p.grad) for a, p in zip(d_grads, trainer.d.parameters()))
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.g.parameters())
-    assert all(p.requires_grad for p in trainer.d.parameters()), "D must be unfrozen after the G step"
+    fake, *_ = trainer.gan.d_step(real)
+    d_grads = [p.grad.clone() for p in trainer.gan.d.parameters()]
+    trainer.gan.g_step(fake)
+    assert all(torch.equal(a, p.grad) for a, p in zip(d_grads, trainer.gan.d.parameters()))
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.gan.g.parameters())
+    assert all(p.requires_grad for p in trainer.gan.d.parameters()), "D must be unfrozen after the G step"
 
 
 def test_ema_tracks_generator(tiny_cfg, quiet_console):
     decay = 0.9
     trainer = Trainer(tiny_cfg(ema_decay=decay), console=quiet_console)
-    before = [p.detach().clone() for p in trainer.g_ema.parameters()]
-    trainer.train_step(next(trainer.loader.epoch(0)))
-    for ema, old, new in zip(trainer.g_ema.parameters(), before, trainer.g.parameters()):
+    before = [p.detach().clone() for p in trainer.gan.g_ema.parameters()]
+    trainer.gan(next(trainer.loader.epoch(0)))
+    for ema, old, new in zip(trainer.gan.g_ema.parameters(), before, trainer.gan.g.parameters()):
         torch.testing.assert_close(ema, decay * old + (1 - decay) * new)
-    assert not all(torch.equal(e, g) for e, g in zip(trainer.g_ema.parameters(), trainer.g.parameters()))
+    assert not all(torch.equal(e, g) for e, g in zip(trainer.gan.g_ema.parameters(), trainer.gan.g.parameters()))
     assert "generator_ema" in trainer.state_dict()
 
 
@@ -94,10 +95,10 @@ def test_compiled_training_has_no_recompiles_after_warmup(tiny_cfg, quiet_consol
     trainer = Trainer(tiny_cfg(compile=True, amp="bf16", channels_last=True, batch_size=16), console=quiet_console)
     batches = trainer.loader.epoch(0)
     for _ in range(2):
-        trainer.train_step(next(batches))
+        trainer.gan(next(batches))
     with torch._dynamo.config.patch(error_on_recompile=True):
         for _ in range(3):
-            trainer.train_step(next(batches))
-    stats = trainer.stats.read()
+            trainer.gan(next(batches))
+    stats = trainer.gan.stats.read()
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
     torch._dynamo.reset()

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from gantrain.engine.checkpoint import load_checkpoint
-from gantrain.engine.config import load_toml, resolve
+from gantrain.engine.config import load_toml, override, preset, resolve
 from gantrain.engine.loop import Trainer
 
 METRIC_KEYS = {"step", "epoch", "loss_d", "loss_g", "d_real", "d_fake", "images_per_s"}
@@ -127,17 +127,9 @@ def test_exact_resume(n: int, extra: list, cli, datasets_root: Path, tmp_path: P
 
 
 # ----- golden run --------------------------------------------------------------------------------------
-# Per-step (loss_d, loss_g) of tiny_cfg(seed=1234, max_steps=5): 512 FashionMNIST images, batch 32, ngf/ndf 16,
-# CPU fp32, log every step. Computed once with this engine and hard-coded. They change only when the model,
-# its initialisation, the loop (losses, optimiser, noise stream) or the data order/preprocessing changes; then
-# recompute them deliberately and say why in the commit.
-GOLDEN = [
-    (1, 1.53741, 0.72220),
-    (2, 1.23649, 0.81232),
-    (3, 1.21897, 0.78292),
-    (4, 1.13170, 0.80720),
-    (5, 1.06320, 0.82902),
-]
+# The golden trace is data (tests/golden/fashion32-tiny-seed1234.json says what it is and when it may change).
+GOLDEN = [tuple(row) for row in json.loads((Path(__file__).parent / "golden" / "fashion32-tiny-seed1234.json")
+                                           .read_text())["losses"]]
 
 
 def test_golden_losses(tiny_cfg, quiet_console) -> None:
@@ -167,7 +159,7 @@ def test_progress_gif_without_sample_grids_holds_the_final_grid(tiny_cfg, quiet_
 def test_samples_leave_batchnorm_statistics_alone(tiny_cfg, quiet_console) -> None:
     trainer = Trainer(tiny_cfg(max_steps=2), console=quiet_console)
     trainer.fit()
-    g = trainer.g
+    g = trainer.gan.g
     assert g.training
     before = {name: buf.clone() for name, buf in g.named_buffers()}
     assert any("running_mean" in n and buf.abs().sum() > 0 for n, buf in before.items())  # trained statistics
@@ -197,10 +189,10 @@ def test_samples_use_the_fixed_noise(tiny_cfg, quiet_console) -> None:
 @pytest.mark.parametrize("smoothing, real", [(0.1, 0.9), (0.0, 1.0), (0.25, 0.75)])
 def test_label_smoothing_targets(tiny_cfg, quiet_console, smoothing: float, real: float) -> None:
     trainer = Trainer(tiny_cfg(label_smoothing=smoothing), console=quiet_console)
-    assert trainer.real_target.shape == (32,)
-    assert torch.allclose(trainer.real_target, torch.full((32,), real))
-    assert torch.equal(trainer.fake_target, torch.zeros(32))
-    assert torch.equal(trainer.gen_target, torch.ones(32))  # G's targets are never smoothed
+    assert trainer.gan.real_target.shape == (32,)
+    assert torch.allclose(trainer.gan.real_target, torch.full((32,), real))
+    assert torch.equal(trainer.gan.fake_target, torch.zeros(32))
+    assert torch.equal(trainer.gan.gen_target, torch.ones(32))  # G's targets are never smoothed
 
 
 def test_epoch_callbacks_run_after_each_epoch_and_can_stop(tiny_cfg, quiet_console) -> None:
@@ -216,3 +208,18 @@ def test_epoch_callbacks_run_after_each_epoch_and_can_stop(tiny_cfg, quiet_conso
     result = trainer.fit()
     assert seen == [(1, 16, 16), (2, 32, 32)]
     assert result.steps == 32 and result.last_checkpoint.name == "step_00000032.pt"
+
+
+def test_a_checkpoint_of_gantrain_0_1_0_resumes_exactly(tmp_path, datasets_root, quiet_console) -> None:
+    """A checkpoint written by the code before the component split (tests/golden, step 3 of a 6-step run) loads
+    and continues bit-for-bit: the losses of steps 4-6 are those of the old code's uninterrupted run."""
+    golden = json.loads((Path(__file__).parent / "golden" / "fashion32-tiny-v0.1.0.json").read_text())
+    old = Path(__file__).parent / "golden" / "fashion32-tiny-v0.1.0-step3.pt"
+    cfg = override(preset("fashion32"), dict(data_root=str(datasets_root), limit=256, batch_size=32, ngf=4, ndf=4,
+                                             nz=16, sample_every=0, device="cpu", amp="off", channels_last=False,
+                                             seed=7, log_every=1, max_steps=6, out=str(tmp_path / "run")))
+    result = Trainer(cfg, console=quiet_console, resume=str(old)).fit()
+    got = [(r["step"], r["loss_d"], r["loss_g"]) for r in _metrics(result.run_dir)]
+    assert [g[0] for g in got] == [4, 5, 6]
+    for (step, loss_d, loss_g), (_, want_d, want_g) in zip(got, golden["losses"][3:]):
+        assert loss_d == pytest.approx(want_d, abs=1e-5) and loss_g == pytest.approx(want_g, abs=1e-5), step

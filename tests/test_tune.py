@@ -158,7 +158,7 @@ def test_divergence_monitor() -> None:
     trainer.last_record = {"loss_d": 0.6, "loss_g": math.inf}
     assert monitor.check(trainer) == "non-finite loss"
     with torch.no_grad():
-        trainer.g.weight[0, 0] = math.nan
+        trainer.gan.g.weight[0, 0] = math.nan
     assert monitor.check(trainer) == "non-finite weights"
 
 
@@ -171,10 +171,10 @@ def test_restore_takes_the_trial_values_over_the_checkpoint(datasets_root: Path,
     trainer = Trainer(changed, console=quiet_console, resume=str(tmp_path / "donor" / "checkpoints" / "last.pt"))
     apply_hyperparameters(trainer)
     assert trainer.step == 8
-    assert [g["lr"] for g in trainer.opt_g.param_groups] == [3e-3]
-    assert [g["lr"] for g in trainer.opt_d.param_groups] == [1e-4]
-    assert torch.all(trainer.real_target == 0.8)
-    assert trainer.opt_g.state  # Adam moments came from the donor
+    assert [g["lr"] for g in trainer.gan.opt_g.param_groups] == [3e-3]
+    assert [g["lr"] for g in trainer.gan.opt_d.param_groups] == [1e-4]
+    assert torch.all(trainer.gan.real_target == 0.8)
+    assert trainer.gan.opt_g.state  # Adam moments came from the donor
 
 
 # ----- tiny Ray experiments -----------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 
 import torch
 
@@ -33,22 +32,23 @@ def run_baseline(cfg: Config, spec: dict) -> dict:
 
 
 def run_engine(cfg: Config, spec: dict) -> dict:
-    from gantrain.engine.loop import Trainer
-    from gantrain.engine.runtime import init_distributed, shutdown_distributed
+    """The engine's step (:class:`GANStep`) fed by its loader: nothing else of a run (no folder, log or grids)."""
+    from gantrain.engine.data import Shard, build_loader
+    from gantrain.engine.precision import PrecisionPolicy
+    from gantrain.engine.runtime import init_distributed, pick_device, shutdown_distributed
+    from gantrain.engine.step import GANStep
 
     info = init_distributed(cfg.run.device)
-    with tempfile.TemporaryDirectory(prefix="gantrain-bench-") as tmp:
-        cfg.run.out, cfg.run.sample_every, cfg.run.log_every = tmp, 0, 10**9
-        trainer = Trainer(cfg, dist_info=info)
-        batches = endless(trainer.loader)
-        result = time_loop(lambda: next(batches), trainer.train_step, trainer.device, spec["warmup"],
-                           spec["windows"], spec["window"], cfg.data.batch_size * info.world_size)
-        result["world_size"] = info.world_size
-        result["loader"] = type(trainer.loader).__name__
-        result["amp"] = trainer.policy.amp
-        result = result if info.is_main else {}
+    device = pick_device(cfg.run.device, info.local_rank)
+    policy = PrecisionPolicy(device, cfg.perf.amp, cfg.perf.channels_last)
+    loader = build_loader(cfg.data, cfg.run.seed, device, Shard(info.rank, info.world_size), policy=policy)
+    step = GANStep(cfg, device, policy, info)
+    batches = endless(loader)
+    result = time_loop(lambda: next(batches), step, device, spec["warmup"], spec["windows"], spec["window"],
+                       cfg.data.batch_size * info.world_size)
+    result.update(world_size=info.world_size, loader=type(loader).__name__, amp=policy.amp)
     shutdown_distributed()
-    return result
+    return result if info.is_main else {}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,10 +18,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import logging
+from dataclasses import dataclass
+
 import torch
 
-from gantrain.engine.errors import CheckpointError
+from gantrain.engine.config import Config, from_dict
+from gantrain.engine.config import _flag as flag_name
+from gantrain.engine.errors import CheckpointError, TrainingDiverged
 from gantrain.engine.files import atomic_write, io_error
+
+log = logging.getLogger("gantrain")
 
 FORMAT = "gantrain-checkpoint"
 VERSION = 1
@@ -158,3 +165,151 @@ def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], w
     except RuntimeError as exc:
         first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
         raise CheckpointError(f"{path}: the {what} weights do not match this model config ({first})") from None
+
+
+# ----- what a run stores and restores besides the model (capture and restore of the place in the data) ---------
+# Settings the weights' shapes depend on (besides every model.* field): refused when they change on resume.
+FIXED_MID_RUN = ("data.image_size", "data.channels")
+# Settings that decide which images an epoch holds (a pre-position checkpoint can be placed only without change).
+DATASET_KEYS = ("dataset", "data_root", "limit", "synthetic_size", "image_size", "channels")
+
+
+@dataclass
+class Position:
+    """Where a run stands: optimiser updates (``step``), completed epochs, steps into the current epoch at this
+    run's global batch, and images trained on over the whole run (all processes together)."""
+
+    step: int = 0
+    epoch: int = 0
+    epoch_step: int = 0
+    images_seen: int = 0
+
+    def advance(self, global_batch: int) -> None:
+        self.step, self.epoch_step, self.images_seen = self.step + 1, self.epoch_step + 1, self.images_seen + global_batch
+
+    def state(self, global_batch: int, num_images: int) -> dict[str, int]:
+        """The place in the data in images, which any later process layout or batch size can continue from
+        (epochs draw one permutation of the images whatever the layout; each step takes the next batch of it)."""
+        return {"step": self.step, "epoch": self.epoch, "epoch_images": self.epoch_step * global_batch,
+                "images_seen": self.images_seen, "global_batch": global_batch, "num_images": num_images}
+
+
+def resumed_config(cfg: Config, state: dict | None, path: Path | str | None) -> list[str]:
+    """The settings ``cfg`` changes against the checkpoint's config ('--lr-g 0.0002 -> 0.001'): on resume what the
+    user set is what runs. Raises :class:`CheckpointError` naming each change of what the weights are built from
+    (any model field, the image size or channels), which cannot change mid-run."""
+    if state is None:
+        return []
+    saved = from_dict({k: v for k, v in state["config"].items() if k != "preset"})
+    old, new = flat_config(saved.to_dict()), flat_config(cfg.to_dict())
+    changed = [key for key in new if old.get(key) != new[key]]
+    fixed = [key for key in changed if key.startswith("model.") or key in FIXED_MID_RUN]
+    if fixed:
+        what = ", ".join(f"{flag_name(k.split('.')[1])} {old[k]!r} -> {new[k]!r}" for k in fixed)
+        raise CheckpointError(f"{path}: the checkpoint's model config differs from this run's ({what}): these "
+                              "cannot change mid-run; pass the same --preset/--config or start a new --out")
+    return [f"{flag_name(k.split('.')[1])} {old[k]!r} -> {new[k]!r}" for k in changed]
+
+
+def flat_config(tree: dict, prefix: str = "") -> dict:
+    """{'optim': {'lr_g': 1e-3}} -> {'optim.lr_g': 1e-3}, without the preset name."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        elif prefix:
+            flat[prefix + key] = value
+    return flat
+
+
+def restore_position(state: dict, cfg: Config, per_epoch: int, global_batch: int, num_images: int,
+                     path: Path | str) -> tuple[Position, str]:
+    """The checkpoint's place in this run's layout, and a note when the layout changed (another process count,
+    batch size or dataset size), else ''. Raises :class:`CheckpointError` when an old checkpoint's place
+    cannot be found in this run's data."""
+    pos = Position(step=int(state["step"]), epoch=int(state.get("epoch", 0)))
+    saved_per_process = state.get("config", {}).get("data", {}).get("batch_size", cfg.data.batch_size)
+    saved_batch = int(state.get("global_batch") or saved_per_process * int(state.get("world_size", 1)))
+    if "epoch_images" in state:
+        images = int(state["epoch_images"])
+    else:  # written before the place was stored: step and epoch count steps of the saved layout
+        images = _legacy_epoch_images(state, cfg, pos, saved_batch, num_images, path)
+    pos.images_seen = int(state.get("images_seen", pos.step * saved_batch))
+    start, extra = divmod(images, global_batch)
+    notes = []
+    if images > per_epoch * global_batch:  # a smaller --limit than when saved, say
+        notes.append(f"the checkpoint stood {images} images into epoch {pos.epoch + 1}, past this run's "
+                     f"epoch of {per_epoch * global_batch} images: that epoch counts as done")
+        start, extra = per_epoch, 0
+    if extra:
+        notes.append(f"the checkpoint stood {images} images into epoch {pos.epoch + 1}, not a multiple of this "
+                     f"run's global batch {global_batch}: continuing from image {start * global_batch}, so {extra} "
+                     "images of that epoch are trained on twice")
+    pos.epoch_step = start
+    saved_num = state.get("num_images")
+    if saved_batch != global_batch or (saved_num is not None and saved_num != num_images):
+        notes.insert(0, f"global batch {saved_batch} -> {global_batch}"
+                        + (f", images per epoch {saved_num} -> {num_images}"
+                           if saved_num is not None and saved_num != num_images else "")
+                        + f": continuing at epoch {pos.epoch + 1}, step {start} of {per_epoch} "
+                          f"(image {start * global_batch}), the step count goes on from {pos.step}")
+    return pos, "; ".join(notes)
+
+
+def _legacy_epoch_images(state: dict, cfg: Config, pos: Position, saved_batch: int, num_images: int,
+                         path: Path | str) -> int:
+    """Images into the current epoch of a checkpoint without ``epoch_images``: its steps in that epoch times
+    its global batch. Past the first epoch that needs its steps per epoch, known only when the images
+    are the same as now."""
+    if pos.epoch == 0:
+        return pos.step * saved_batch
+    saved_data, data = dict(state.get("config", {}).get("data", {})), cfg.to_dict()["data"]
+    same_images = all(saved_data.get(k, data[k]) == data[k] for k in DATASET_KEYS)
+    saved_per_epoch = num_images // saved_batch
+    in_epoch = pos.step - pos.epoch * saved_per_epoch
+    if not same_images or not 0 <= in_epoch <= saved_per_epoch:
+        raise CheckpointError(f"{path}: this checkpoint predates stored data positions and its dataset settings "
+                              f"differ from this run's ({', '.join(DATASET_KEYS)}), so its place in epoch "
+                              f"{pos.epoch + 1} is unknown; resume with the data settings it was saved with")
+    return in_epoch * saved_batch
+
+
+class Checkpointer:
+    """Writes the run's checkpoints (rank 0) unless their weights are non-finite, so a non-finite checkpoint never
+    replaces, nor rotates away, the last finite one; remembers the last one written and the last finite one."""
+
+    def __init__(self, folder: Path, keep: int, is_main: bool, patience: int) -> None:
+        self.folder, self.keep, self.is_main, self.patience = folder, keep, is_main, patience
+        self.last: Path | None = None
+        self.last_finite: tuple[Path, int] | None = None  # the newest checkpoint known finite, and its step
+        self.saved_step: int | None = None  # the step of the last checkpoint written (or refused)
+
+    def save(self, step: int, state: Callable[[], dict[str, Any]], non_finite: str) -> Path | None:
+        """Saves ``state()`` at ``step``; ``non_finite`` ('' or what is not finite) decides. Raises
+        :class:`TrainingDiverged` for non-finite weights unless the patience is 0 (then a warning, no file)."""
+        if step == 0:
+            return self.last
+        self.saved_step = step  # on every rank: whether the run's end saves must not depend on the rank
+        if non_finite:
+            if self.patience:
+                raise self.diverged(f"non-finite weights at step {step} ({non_finite})")
+            if self.is_main:
+                log.warning("not saving a checkpoint at step %d: non-finite weights (%s); %s", step, non_finite,
+                            self.last_finite_text())
+            return self.last
+        if self.is_main:
+            self.last = save_checkpoint(state(), self.folder, step, self.keep)
+            self.last_finite = (self.last, step)
+        return self.last
+
+    def last_finite_text(self) -> str:
+        if self.last_finite is None:
+            return "no finite checkpoint was written in this run"
+        path, step = self.last_finite
+        return f"the last finite checkpoint is {path} (step {step})"
+
+    def diverged(self, what: str) -> TrainingDiverged:
+        """The error that ends a diverged run: what went non-finite where, and what to resume from."""
+        advice = ("; lower the learning rates and continue with --resume" if self.last_finite is not None
+                  else "; lower the learning rates and start again")
+        return TrainingDiverged(f"training diverged: {what}; {self.last_finite_text()}{advice}")

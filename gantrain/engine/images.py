@@ -11,11 +11,12 @@ import torch
 from PIL import Image
 
 from gantrain.engine.files import atomic_write, make_folder, read_json_lines
+from gantrain.engine.pixels import to_uint8
 
 
 def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> np.ndarray:
     """Tiles images in [-1, 1] of shape (N, C, H, W) into one uint8 HxWxC (or HxW) array."""
-    images = images.detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    images = to_uint8(images.detach().cpu())
     n, c, h, w = images.shape
     ncol = min(nrow, n)
     nrows = math.ceil(n / ncol)
@@ -60,7 +61,7 @@ def read_metrics(path: Path) -> list[dict]:
     """The records of a metrics.jsonl, read tolerantly: damaged lines are skipped and counted in one warning."""
     found = read_json_lines(path)
     if found.skipped:
-        from gantrain.engine.logging import log
+        from gantrain.engine.runlog import log
 
         log.warning("%s", found.describe_skipped(path))
     return found.records

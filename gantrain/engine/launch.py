@@ -12,7 +12,7 @@ from rich.console import Console
 
 from gantrain.engine.config import Config, to_toml
 from gantrain.engine.errors import GantrainError
-from gantrain.engine.logging import log
+from gantrain.engine.runlog import log
 from gantrain.engine.loop import FitResult, Interrupted, Trainer
 from gantrain.engine.runtime import init_distributed, launched_by_torchrun, shutdown_distributed
 

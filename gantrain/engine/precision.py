@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from gantrain.engine.errors import ConfigError
+from gantrain.engine.pixels import to_unit_
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -69,7 +70,7 @@ class PrecisionPolicy:
         """
         x = images_uint8.to(self.device, non_blocking=True)
         if x.dtype == torch.uint8:
-            x = x.to(dtype=torch.float32, memory_format=self.memory_format).mul_(2.0 / 255.0).sub_(1.0)
+            x = to_unit_(x.to(dtype=torch.float32, memory_format=self.memory_format))
         # else: a loader that normalises itself (DALI) already gave floats in [-1, 1]
         dtype = self.autocast_dtype or torch.float32
         return x.to(dtype=dtype, memory_format=self.memory_format)

@@ -25,7 +25,7 @@ from gantrain.engine.data.download import IDX_DATASETS, ensure_idx_files
 from gantrain.engine.data.sources import data_root
 from gantrain.engine.errors import ConfigError, GantrainError
 from gantrain.engine.files import atomic_write_text
-from gantrain.engine.logging import log, setup_logging
+from gantrain.engine.runlog import log, setup_logging
 from gantrain.engine.metrics import evaluate_generator
 from gantrain.engine.models import build_models
 from gantrain.tune.results import Outcome, summarise

@@ -73,7 +73,7 @@ class DivergenceMonitor:
         self.collapsed_epochs = 0
 
     def check(self, trainer: Trainer) -> str | None:
-        if not all(bool(torch.isfinite(p).all()) for m in (trainer.g, trainer.d) for p in m.parameters()):
+        if not all(bool(torch.isfinite(p).all()) for m in (trainer.gan.g, trainer.gan.d) for p in m.parameters()):
             return "non-finite weights"
         losses = [trainer.last_record.get(k) for k in ("loss_d", "loss_g")]
         if any(v is not None and not math.isfinite(v) for v in losses):
@@ -88,7 +88,7 @@ class DivergenceMonitor:
 def evaluate(trainer: Trainer, num_samples: int) -> dict[str, float]:
     """The quality metrics of the sampling generator (the EMA one when on), as a plain run's --eval-every
     measures it; evaluate_generator leaves the model's mode and BatchNorm statistics as they were."""
-    model = trainer.g_ema if trainer.g_ema is not None else trainer.g
+    model = trainer.gan.generator
     metrics = evaluate_generator(model, trainer.cfg, num_samples=num_samples, device=trainer.device, seed=0)
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
@@ -142,7 +142,7 @@ def apply_hyperparameters(trainer: Trainer) -> None:
     """After a restore, the optimisers carry the checkpoint's learning rates and betas; PBT may have
     changed them, so the trial's config wins. (Label smoothing is read from the config at construction.)"""
     optim = trainer.cfg.optim
-    for opt, lr in ((trainer.opt_g, optim.lr_g), (trainer.opt_d, optim.lr_d)):
+    for opt, lr in ((trainer.gan.opt_g, optim.lr_g), (trainer.gan.opt_d, optim.lr_d)):
         for group in opt.param_groups:
             group["lr"] = lr
             group["betas"] = (optim.beta1, optim.beta2)

@@ -54,13 +54,14 @@ from gantrain.engine.data.discovery import Discovery, ImageFile
 from gantrain.engine.data.plan import EpochPlan, Shard, epoch_plan
 from gantrain.engine.data.sources import discover_folder, load_images, log_discovery
 from gantrain.engine.errors import ConfigError, DataError
+from gantrain.engine.pixels import HALF_RANGE
 
 log = logging.getLogger("gantrain")
 
 INSTALL_HINT = "pip install 'gantrain[dali]' (the nvidia-dali-cuda120 wheel)"
 READER_NAME = "reader"
 PREFETCH_BATCHES = 2  # DALI's prefetch_queue_depth: batches prepared while the model trains on the current one
-PIXEL_HALF_RANGE = 127.5  # (x - 127.5) / 127.5 maps uint8 onto [-1, 1], as PrecisionPolicy.prepare_batch does
+PIXEL_HALF_RANGE = HALF_RANGE  # (x - 127.5) / 127.5 maps uint8 onto [-1, 1], as PrecisionPolicy.prepare_batch does
 # DALI places a crop at round(pos * margin); a hair under 0.5 rounds odd margins down, like decode_image's
 # (w - size) // 2, so DALI and the other loaders crop the same pixels.
 CENTER_CROP_POS = 0.5 - 1e-6

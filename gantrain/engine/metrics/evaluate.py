@@ -35,6 +35,7 @@ from gantrain.engine.metrics.cache import cache_dir, load_artifact, save_artifac
 from gantrain.engine.metrics.extractor import Extractor, ensure_extractor, task_batch, to_unit_range
 from gantrain.engine.metrics.progress import resolve_quiet, task_bar
 from gantrain.engine.metrics.reference import DatasetSpec, load_split, spec_from_config, split_sha256
+from gantrain.engine.pixels import quantize
 from gantrain.engine.sampling import generate_images, sample_noise
 
 METRIC_KEYS = ("fd", "kid_mean", "kid_std", "precision", "recall", "classifier_score")
@@ -135,7 +136,7 @@ def prepare_generated(images: torch.Tensor, spec: DatasetSpec) -> torch.Tensor:
     if images.shape[-1] != spec.size_px or images.shape[-2] != spec.size_px:
         images = F.interpolate(images, size=(spec.size_px, spec.size_px), mode="bilinear", align_corners=False,
                                antialias=True).clamp(-1, 1)
-    return images.add(1).mul(127.5).round().div(127.5).sub(1)
+    return quantize(images)
 
 
 def compare(fake_features: torch.Tensor, fake_probs: torch.Tensor, reference: Reference, *, seed: int = 0,

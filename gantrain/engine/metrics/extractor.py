@@ -30,11 +30,12 @@ from rich.console import Console
 from torch import nn
 
 from gantrain.engine.errors import GantrainError
-from gantrain.engine.logging import log
+from gantrain.engine.runlog import log
 from gantrain.engine.metrics.cache import cache_dir, load_artifact, save_artifact
 from gantrain.engine.metrics.progress import task_bar
 from gantrain.engine.metrics.reference import DatasetSpec, Split, load_split, split_sha256
 from gantrain.engine.precision import native_bf16
+from gantrain.engine.pixels import to_unit
 
 FORMAT = "gantrain-extractor"
 VERSION = 1  # bump when the architecture or the fit recipe changes: old cache files are then ignored
@@ -77,7 +78,7 @@ def _conv_bn_relu(width_in: int, width_out: int) -> list[nn.Module]:
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float [-1, 1], the range generators emit; floats pass through."""
-    return images.float().mul(2.0 / 255.0).sub(1.0) if images.dtype == torch.uint8 else images.float()
+    return to_unit(images)
 
 
 def task_batch(images: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ from rich.table import Table
 from gantrain.engine.config import Config, override
 from gantrain.engine.errors import ConfigError
 from gantrain.engine.files import atomic_write_text
-from gantrain.engine.logging import log
+from gantrain.engine.runlog import log
 from gantrain.engine.metrics.evaluate import Evaluator, MetricReport, generated_batches
 from gantrain.engine.metrics.inception import inception_fid, inception_unavailable
 from gantrain.engine.metrics.reference import load_split, parse_dataset

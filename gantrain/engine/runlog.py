@@ -1,4 +1,4 @@
-"""Run logging: on-device statistics, per-phase timers, metrics.jsonl and the live progress bar."""
+"""Run logging: the console and train.log, metrics.jsonl and the live progress bar (statistics: :mod:`gantrain.engine.stats`)."""
 
 from __future__ import annotations
 
@@ -58,72 +58,6 @@ def attach_log_file(log_file: Path) -> None:
         log.removeHandler(held)
         held.close()
     log.addHandler(handler)
-
-
-class DeviceStats:
-    """Sums step statistics on the device; only :meth:`read` synchronises with the host."""
-
-    KEYS = ("loss_d", "loss_g", "d_real", "d_fake")
-
-    def __init__(self, device: torch.device) -> None:
-        self.sums = torch.zeros(len(self.KEYS), device=device)
-        self.count = 0
-
-    def add(self, *values: torch.Tensor) -> None:
-        self.sums += torch.stack([v.detach().float() for v in values])
-        self.count += 1
-
-    def read(self) -> dict[str, float]:
-        """Means since the last read, then reset. Deliberate host sync: called only at the log interval."""
-        if self.count == 0:
-            return {}
-        sums = self.sums
-        if torch.distributed.is_initialized():  # every rank reads at the same step: average over ranks
-            sums = sums.clone()
-            torch.distributed.all_reduce(sums)
-            sums /= torch.distributed.get_world_size()
-        means = (sums / self.count).tolist()
-        self.sums.zero_()
-        self.count = 0
-        return dict(zip(self.KEYS, means))
-
-
-class PhaseTimer:
-    """Wall time per named phase (data, d_step, g_step), also marked for torch.profiler.
-
-    On CUDA the phases are bracketed by events and resolved only in :meth:`read_ms`, so timing adds no
-    host sync to the hot loop; on the CPU the ops are synchronous and host time is exact.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.host_ms: dict[str, float] = defaultdict(float)
-        self.events: dict[str, list[tuple[Any, Any]]] = defaultdict(list)
-
-    @contextlib.contextmanager
-    def phase(self, name: str):
-        with torch.profiler.record_function(name):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                yield
-                end.record()
-                self.events[name].append((start, end))
-            else:
-                t0 = time.perf_counter()
-                yield
-                self.host_ms[name] += (time.perf_counter() - t0) * 1e3
-
-    def read_ms(self) -> dict[str, float]:
-        """Total milliseconds per phase since the last read, then reset."""
-        totals = dict(self.host_ms)
-        if self.events:
-            torch.cuda.synchronize()  # deliberate: resolve the events at the log interval only
-            for name, pairs in self.events.items():
-                totals[name] = totals.get(name, 0.0) + sum(s.elapsed_time(e) for s, e in pairs)
-        self.host_ms.clear()
-        self.events.clear()
-        return totals
 
 
 class MetricsWriter:

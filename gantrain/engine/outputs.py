@@ -1,0 +1,133 @@
+"""What a run shows and writes besides checkpoints (rank 0): the run folder with config.toml and train.log,
+metrics.jsonl and the live progress bar at the log cadence, the fixed-noise sample grids, and at the end the
+final grid, the loss plot and the progress GIF (cf. torchtitan ``components/metrics.py``).
+
+Records are built from statistics already reduced at log time; nothing here runs per step but :meth:`due`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from gantrain.engine.config import Config, to_toml
+from gantrain.engine.errors import RunIOError
+from gantrain.engine.files import atomic_write_text, make_folder, os_reason
+from gantrain.engine.images import plot_curves, read_metrics, save_gif, save_grid
+from gantrain.engine.runlog import MetricsWriter, attach_log_file, progress_bar
+
+log = logging.getLogger("gantrain")
+
+
+class RunOutputs:
+    """The run folder's files and the console, for one run; every method is a no-op off rank 0."""
+
+    def __init__(self, cfg: Config, console: Console, is_main: bool, world_size: int) -> None:
+        self.cfg, self.console, self.is_main, self.world_size = cfg, console, is_main, world_size
+        self.run_dir = cfg.run_dir
+        self.metrics: MetricsWriter | None = None
+        self.last_record: dict = {}
+
+    def prepare(self, resuming: bool, notes: list[str]) -> None:
+        """Writes config.toml (atomically), starts train.log with the lines held since start-up, and clears the
+        sample grids of an earlier run into this folder that saved no checkpoint. Raises :class:`RunIOError`."""
+        if not self.is_main:
+            return
+        stale_grids = [] if resuming else sorted((self.run_dir / "samples").glob("step_*.png"))
+        leftovers = [] if resuming else [n for n in ("metrics.jsonl", "final.png") if (self.run_dir / n).exists()]
+        make_folder(self.run_dir / "samples")
+        batch = self.cfg.data.batch_size
+        effective = f"\n# effective batch: {batch} per process x {self.world_size} process(es) = {batch * self.world_size}\n"
+        atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg) + effective)
+        try:
+            attach_log_file(self.run_dir / "train.log")
+        except OSError as exc:
+            raise RunIOError(f"cannot write {self.run_dir / 'train.log'}: {os_reason(exc)}") from None
+        for note in notes:
+            log.warning(note)
+        if stale_grids or leftovers:
+            # an earlier run into this --out saved no checkpoint: nothing to resume, and its grids would
+            # otherwise end up in this run's progress.gif
+            for grid in stale_grids:
+                grid.unlink(missing_ok=True)
+            found = leftovers + ([f"{len(stale_grids)} sample grids"] if stale_grids else [])
+            log.warning("--out: %s holds files of an earlier run that saved no checkpoint (%s); starting afresh, "
+                        "they are replaced", self.run_dir, ", ".join(found))
+
+    @contextlib.contextmanager
+    def live(self, step: int, total_steps: int, resuming: bool):
+        """metrics.jsonl (cut back to ``step`` on resume) and the progress bar, for the training loop."""
+        if self.is_main:
+            self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", step if resuming else None)
+        self.bar = progress_bar(self.console)
+        self.task = self.bar.add_task("train", total=total_steps, completed=step, epoch="-", loss_d="-", loss_g="-",
+                                      images_per_s="-", quality="")
+        self.window = time.perf_counter(), step
+        if not self.is_main:
+            yield self
+            return
+        with self.bar:
+            yield self
+
+    def due(self, step: int, total_steps: int) -> tuple[bool, bool]:
+        """(log now, write a sample grid now) after ``step``."""
+        run = self.cfg.run
+        return (step % run.log_every == 0 or step == total_steps,
+                self.is_main and bool(run.sample_every) and step % run.sample_every == 0)
+
+    def start_window(self, step: int) -> None:
+        self.window = time.perf_counter(), step
+
+    def log(self, step: int, epoch: int, stats: dict[str, float], phases_ms: dict[str, float]) -> int:
+        """Writes one record (means since the last log, images/s, ms per phase per step) and updates the bar;
+        returns the first step of the window it covers."""
+        t0, step0 = self.window
+        now = time.perf_counter()
+        steps = max(step - step0, 1)
+        images_per_s = steps * self.cfg.data.batch_size * self.world_size / max(now - t0, 1e-9)
+        self.window = now, step
+        if self.is_main:
+            record = {"step": step, "epoch": epoch + 1, **{k: round(v, 5) for k, v in stats.items()},
+                      "images_per_s": round(images_per_s, 1),
+                      **{f"{k}_ms": round(v / steps, 2) for k, v in phases_ms.items()}, "time": time.time()}
+            self.last_record = record
+            self.write(record)
+            self.bar.update(self.task, completed=step, epoch=f"{epoch + 1}/{self.cfg.run.epochs}",
+                            loss_d=f"{stats['loss_d']:.3f}", loss_g=f"{stats['loss_g']:.3f}",
+                            images_per_s=f"{images_per_s:.0f}")
+        return step0 + 1
+
+    def write(self, record: dict) -> None:
+        """One more line of metrics.jsonl (quality records, the DDP replica check)."""
+        if self.metrics is not None:
+            self.metrics.write(record)
+
+    def show_quality(self, summary: str) -> None:
+        self.bar.update(self.task, quality=f" | {summary}")
+
+    def write_samples(self, images: torch.Tensor, step: int) -> Path | None:
+        """The fixed-noise grid ``samples/step_NNNNNN.png``."""
+        if not self.is_main:
+            return None
+        return save_grid(images, self.run_dir / "samples" / f"step_{step:06d}.png")
+
+    def write_final(self, images: torch.Tensor, step: int) -> None:
+        """The final grid, losses.png (from metrics.jsonl, so resumed runs plot whole) and progress.gif.
+
+        The GIF ends on the final grid, so it exists even when the run ended before its first sample grid.
+        """
+        if not self.is_main:
+            return
+        final = save_grid(images, self.run_dir / "final.png")
+        records = read_metrics(self.run_dir / "metrics.jsonl")
+        plot_curves(records, ["loss_d", "loss_g"], self.run_dir / "losses.png", "GAN losses", "BCE loss")
+        frames = sorted((self.run_dir / "samples").glob("step_*.png"))
+        if not frames or frames[-1].name != f"step_{step:06d}.png":
+            frames.append(final)
+        save_gif(frames, self.run_dir / "progress.gif")
+        log.info("run folder: %s (final.png, losses.png, progress.gif, checkpoints/)", self.run_dir)

@@ -1,0 +1,255 @@
+"""The GAN step as a component: G, D, both optimisers, the precision policy, the targets and the G EMA.
+
+One iteration is two named phases (the objective, outside any loop; cf. stylegan2-ada ``training/loss.py``),
+each timed and marked for the profiler:
+
+* ``d_step``: G makes a batch from fresh noise; D sees the real batch and the detached fakes; BCE-with-logits
+  with one-sided label smoothing on the real targets; D's optimiser steps.
+* ``g_step``: the updated D scores the same fakes against "real" targets; D's parameters are frozen so no D
+  weight-gradients are computed (and under DDP D does not all-reduce); G's optimiser steps.
+
+The Trainer wires this to data, checkpoints and outputs; ``gantrain bench`` times :meth:`GANStep.__call__` alone
+and ``gantrain tune`` reads its generator. Statistics stay on the device (:class:`~gantrain.engine.stats.Stats`)
+and are read at log time only: no host sync in the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from gantrain.engine import checkpoint as ckpt
+from gantrain.engine.config import Config
+from gantrain.engine.errors import ConfigError
+from gantrain.engine.models import build_models
+from gantrain.engine.precision import PrecisionPolicy
+from gantrain.engine.runtime import DistInfo, configure_cuda
+from gantrain.engine.sampling import generate_images, sample_noise
+from gantrain.engine.stats import PhaseTimer, Stats
+
+
+def make_adam(params, lr: float, betas: tuple[float, float], device: torch.device, fused: bool) -> torch.optim.Adam:
+    """Fused Adam where the device supports it, else the multi-tensor (foreach) one."""
+    if fused:
+        try:
+            return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
+        except (RuntimeError, ValueError):
+            pass
+    return torch.optim.Adam(params, lr=lr, betas=betas, foreach=device.type in ("cuda", "cpu"))
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Parameters of ``module`` need no gradient inside the block (the G step needs only input-gradients of D)."""
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        module.requires_grad_(True)
+
+
+class GANStep:
+    """G, D, their optimisers and the GAN objective for one config; ``step(real_uint8)`` trains one iteration.
+
+    ``real_uint8``: a batch (B, C, S, S) of uint8 images (or DALI's floats in [-1, 1]) on ``device``; B must be
+    the config's batch size (the targets are built for it).
+    """
+
+    def __init__(self, cfg: Config, device: torch.device, policy: PrecisionPolicy, dist: DistInfo = DistInfo()):
+        self.cfg, self.device, self.policy, self.dist = cfg, device, policy, dist
+        torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+        g, d = build_models(cfg.model, cfg.data.image_size, cfg.data.channels, cfg.perf.layer_impl)
+        self.g, self.d = policy.prepare_model(g), policy.prepare_model(d)
+        self.g_ema = copy.deepcopy(self.g).eval().requires_grad_(False) if cfg.perf.ema_decay > 0 else None
+        betas = (cfg.optim.beta1, cfg.optim.beta2)
+        self.opt_g = make_adam(self.g.parameters(), cfg.optim.lr_g, betas, device, cfg.perf.fused_adam)
+        self.opt_d = make_adam(self.d.parameters(), cfg.optim.lr_d, betas, device, cfg.perf.fused_adam)
+        self.g_train, self.d_train = self._wrap(self.g), self._wrap(self.d)
+        if device.type == "cuda":
+            configure_cuda()
+        b = cfg.data.batch_size
+        self.noise_gen = torch.Generator(device).manual_seed(cfg.run.seed * 7919 + 1 + dist.rank)
+        self.real_target = torch.full((b,), 1.0 - cfg.loss.label_smoothing, device=device)
+        self.fake_target = torch.zeros(b, device=device)
+        self.gen_target = torch.ones(b, device=device)
+        self.stats, self.timer = Stats(device), PhaseTimer(device)
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """compile, then DDP around it: the DDP(compile(model)) order."""
+        perf = self.cfg.perf
+        if self.dist.enabled and self.cfg.dist.sync_bn:
+            if self.device.type != "cuda":
+                raise ConfigError("--sync-bn: SyncBatchNorm needs CUDA (it is not implemented for the CPU)")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # swaps the BN children in place
+        if perf.compile or perf.cuda_graphs:
+            if perf.compile_cache_dir:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(perf.compile_cache_dir).expanduser())
+            mode = "reduce-overhead" if perf.cuda_graphs else perf.compile_mode
+            model = torch.compile(model, mode=mode, dynamic=False)
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            with warnings.catch_warnings():
+                # D runs twice per step, so buffers must not be re-broadcast in forward; torch 2.13 deprecates
+                # the flag but its replacement (forward_sync_buffers) still syncs at init, which is harmless
+                # here, yet it is not in older torch releases that pyproject admits.
+                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+                model = DDP(model, device_ids=ids, broadcast_buffers=False)
+        return model
+
+    # ----- the phases ---------------------------------------------------------------------------------------
+    def __call__(self, real_uint8: torch.Tensor) -> None:
+        real = self.policy.prepare_batch(real_uint8)
+        with self.timer.phase("d_step"):
+            fake, loss_d, d_real, d_fake = self.d_step(real)
+        with self.timer.phase("g_step"):
+            loss_g = self.g_step(fake)
+        self.policy.end_iteration()
+        if self.g_ema is not None:
+            self.update_ema()
+        self.stats.add(loss_d=loss_d, loss_g=loss_g, d_real=d_real, d_fake=d_fake)
+
+    def d_step(self, real: torch.Tensor):
+        """One D update; returns the fakes, the D loss, mean D(x) and mean D(G(z)) (0-d tensors, no sync)."""
+        z = sample_noise(real.shape[0], self.cfg.model.nz, self.cfg.loss.noise, self.device, self.noise_gen)
+        with self.policy.autocast():
+            fake = self.g_train(z)
+            logits_real = self.d_train(real).float()
+            logits_fake = self.d_train(fake.detach()).float()
+        loss = (F.binary_cross_entropy_with_logits(logits_real, self.real_target)
+                + F.binary_cross_entropy_with_logits(logits_fake, self.fake_target))
+        self.opt_d.zero_grad(set_to_none=True)
+        self.policy.backward_and_step(loss, self.opt_d)
+        return fake, loss.detach(), torch.sigmoid(logits_real).mean().detach(), torch.sigmoid(logits_fake).mean().detach()
+
+    def g_step(self, fake: torch.Tensor) -> torch.Tensor:
+        """One G update against the updated, frozen D; returns the G loss (0-d tensor)."""
+        no_sync = self.d_train.no_sync() if isinstance(self.d_train, DDP) else contextlib.nullcontext()
+        with frozen(self.d), no_sync:
+            with self.policy.autocast():
+                logits = self.d_train(fake).float()
+            loss = F.binary_cross_entropy_with_logits(logits, self.gen_target)
+            self.opt_g.zero_grad(set_to_none=True)
+            self.policy.backward_and_step(loss, self.opt_g)
+        return loss.detach()
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        decay = self.cfg.perf.ema_decay
+        torch._foreach_lerp_(list(self.g_ema.parameters()), list(self.g.parameters()), 1.0 - decay)
+        for ema_buf, buf in zip(self.g_ema.buffers(), self.g.buffers()):
+            ema_buf.copy_(buf)
+
+    # ----- sampling -----------------------------------------------------------------------------------------
+    @property
+    def generator(self) -> nn.Module:
+        """The generator samples and metrics use: the EMA one when on, else G."""
+        return self.g_ema if self.g_ema is not None else self.g
+
+    def sample(self, noise: torch.Tensor) -> torch.Tensor:
+        """Images from :attr:`generator` (float32 in [-1, 1]); eval mode, BatchNorm statistics untouched."""
+        return generate_images(self.generator, noise, self.policy)
+
+    # ----- state --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Weights, optimiser and GradScaler states, and the RNG streams (the checkpoint's model part)."""
+        rng = {"torch": torch.get_rng_state(), "noise": self.noise_gen.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        state = {"generator": self.g.state_dict(), "discriminator": self.d.state_dict(),
+                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+                 "scaler": self.policy.scaler.state_dict(), "rng": rng}
+        if self.g_ema is not None:
+            state["generator_ema"] = self.g_ema.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict, path: Path | str, step: int) -> list[str]:
+        """Loads :meth:`state_dict`'s part of a checkpoint, keeping this config's optimiser hyperparameters.
+
+        Returns the optimiser settings whose saved value differed ('lr(G) 0.0002 -> 0.001'). Raises
+        :class:`CheckpointError` for non-finite or mismatched weights. ``step``: seeds a fresh noise stream
+        when the saved one belongs to another process layout or device.
+        """
+        for key, what in (("generator", "generator"), ("discriminator", "discriminator"),
+                          ("generator_ema", "EMA generator")):
+            if key in state:
+                ckpt.check_finite(state[key], what, path)
+        ckpt.load_module_state(self.g, state["generator"], "generator", path)
+        ckpt.load_module_state(self.d, state["discriminator"], "discriminator", path)
+        if self.g_ema is not None:
+            ckpt.load_module_state(self.g_ema, state.get("generator_ema", state["generator"]), "EMA generator", path)
+        changed = [*load_optimizer(self.opt_g, state["opt_g"], "G"), *load_optimizer(self.opt_d, state["opt_d"], "D")]
+        if state.get("scaler"):
+            self.policy.scaler.load_state_dict(state["scaler"])
+        self._load_rng(state["rng"], step)
+        return changed
+
+    def _load_rng(self, rng: dict, step: int) -> None:
+        torch.set_rng_state(rng["torch"])
+        if self.dist.world_size == 1 and rng["noise"].numel() == self.noise_gen.get_state().numel():
+            self.noise_gen.set_state(rng["noise"])
+        else:  # another world size or device: a fresh, still deterministic, per-rank stream
+            self.noise_gen.manual_seed(self.cfg.run.seed * 7919 + 1 + self.dist.rank + step)
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+    @torch.no_grad()
+    def non_finite_weights(self, collective: bool) -> str:
+        """'' when every parameter and buffer of G, D (and the EMA G) is finite, else how many are not, per model.
+        One host sync (and under DDP one all-reduce when ``collective``): called at checkpoint time only."""
+        models = [("generator", self.g), ("discriminator", self.d)]
+        if self.g_ema is not None:
+            models.append(("EMA generator", self.g_ema))
+        counts = torch.stack([
+            sum((torch.count_nonzero(~torch.isfinite(t)) for t in [*m.parameters(), *m.buffers()]
+                 if t.is_floating_point()), torch.zeros((), dtype=torch.int64, device=self.device))
+            for _, m in models])
+        if collective and self.dist.enabled:
+            import torch.distributed as tdist
+
+            tdist.all_reduce(counts, op=tdist.ReduceOp.MAX)
+        return ", ".join(f"{n:,} in the {name}" for (name, _), n in zip(models, counts.tolist()) if n)
+
+
+def load_optimizer(opt: torch.optim.Optimizer, state: dict, name: str) -> list[str]:
+    """Loads an optimiser's state but keeps the hyperparameters this run built it with.
+
+    ``Optimizer.load_state_dict`` replaces every group setting (lr, betas, eps, fused, ...) with the saved
+    ones, so a resumed run would silently train with the old learning rates. Returns the settings whose
+    saved value differed, as 'lr(G) 0.0002 -> 0.001'.
+    """
+    fresh = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+    opt.load_state_dict(state)
+    changed = []
+    for group, settings in zip(opt.param_groups, fresh):
+        for key, value in settings.items():
+            if group.get(key) != value and f"{key}({name})" not in (c.split(" ")[0] for c in changed):
+                changed.append(f"{key}({name}) {group.get(key)!r} -> {value!r}")
+        group.update(settings)
+        # The step counters live where the kernel wants them: on the parameter's device for fused and
+        # capturable Adam, on the CPU otherwise (load_state_dict placed them for the saved settings).
+        on_device = settings.get("fused") or settings.get("capturable")
+        for param in group["params"]:
+            step = opt.state.get(param, {}).get("step")
+            if isinstance(step, torch.Tensor):
+                opt.state[param]["step"] = step.to(param.device if on_device else "cpu", torch.float32)
+    return changed
+
+
+@torch.no_grad()
+def replica_max_abs_diff(modules: list[nn.Module]) -> float:
+    """Largest difference of any parameter between DDP ranks (0.0 when the replicas are in sync)."""
+    import torch.distributed as tdist
+
+    flat = torch.cat([p.detach().float().reshape(-1) for m in modules for p in m.parameters()])  # channels-last safe
+    high, low = flat.clone(), flat.clone()
+    tdist.all_reduce(high, op=tdist.ReduceOp.MAX)
+    tdist.all_reduce(low, op=tdist.ReduceOp.MIN)
+    return float((high - low).max())  # deliberate sync: once, at the end of the run
