@@ -274,6 +274,27 @@ def _legacy_epoch_images(state: dict, cfg: Config, pos: Position, saved_batch: i
     return in_epoch * saved_batch
 
 
+def restore(state: dict, path: Path | str, gan: Any, cfg: Config, loader: Any, global_batch: int, changes: list[str],
+            is_main: bool) -> tuple[Position, float | None]:
+    """Continues from ``state``: ``gan``'s weights, optimisers (with this run's settings) and RNG streams
+    (:meth:`GANStep.load_state_dict`), and the place in ``loader``'s data; logs what changed. Returns the place and
+    the best FD so far."""
+    changed = gan.load_state_dict(state, path, int(state["step"]))
+    pos, moved = restore_position(state, cfg, loader.steps_per_epoch, global_batch, loader.num_images, path)
+    if is_main:
+        log.info("resumed from %s at step %d (epoch %d, image %d of this epoch)", path, pos.step, pos.epoch + 1,
+                 pos.epoch_step * global_batch)
+        # The config's changes explain the optimiser's; the optimiser's alone show a checkpoint whose
+        # optimiser disagreed with its own config (e.g. one written by a tool that changed the groups).
+        changes = changes or [f"optimiser {c}" for c in changed]
+        if changes:
+            log.info("resume: settings changed since the checkpoint, in effect from step %d: %s", pos.step + 1,
+                     ", ".join(changes))
+        if moved:
+            log.warning("resume: %s", moved)
+    return pos, state.get("best_fd")
+
+
 class Checkpointer:
     """Writes the run's checkpoints (rank 0) unless their weights are non-finite, so a non-finite checkpoint never
     replaces, nor rotates away, the last finite one; remembers the last one written and the last finite one."""

@@ -20,12 +20,13 @@ from rich.console import Console
 from gantrain.engine import checkpoint as ckpt
 from gantrain.engine.config import Config
 from gantrain.engine.data import Shard, build_loader
+from gantrain.engine.data.plan import plan_schedule
 from gantrain.engine.errors import ConfigError
 from gantrain.engine.files import RunLock, make_folder
 from gantrain.engine.outputs import RunOutputs
 from gantrain.engine.precision import PrecisionPolicy
 from gantrain.engine.runlog import log, setup_logging
-from gantrain.engine.runtime import DistInfo, pick_device
+from gantrain.engine.runtime import DistInfo, pick_device, stop_signals
 from gantrain.engine.sampling import fixed_noise
 from gantrain.engine.stats import NonFiniteWatch
 from gantrain.engine.step import GANStep, replica_max_abs_diff
@@ -97,8 +98,16 @@ class Trainer:
                                              cfg.run.nonfinite_patience)
         self.watch, self.stop_signal = NonFiniteWatch(cfg.run.nonfinite_patience), None
         if state is not None:
-            self._restore(state, changes)
-        self._plan_schedule()
+            self.pos, self.best_fd = ckpt.restore(state, self.resume_path, self.gan, self.cfg, self.loader,
+                                                  self.global_batch, changes, self.dist.is_main)
+            self.checkpoints.last_finite = (Path(self.resume_path), self.step)
+        self.total_steps = plan_schedule(self.pos, cfg, self.loader.steps_per_epoch, self.run_dir, self.finished_ok)
+        if self.dist.is_main:
+            log.info("%s: %d images, %d steps/epoch, batch %d x %d processes = %d, %d steps in total",
+                     cfg.data.dataset, self.loader.num_images, self.loader.steps_per_epoch, cfg.data.batch_size,
+                     self.dist.world_size, self.global_batch, self.total_steps)
+            log.info("device %s, %s, %s loader%s", self.device, self.policy.describe(), type(self.loader).__name__,
+                     ", torch.compile" if cfg.perf.compile else "")
         self.outputs = RunOutputs(cfg, self.console, self.dist.is_main, self.dist.world_size)
         self.outputs.prepare(state is not None, notes)  # only now: a run that cannot take a step wrote nothing
         self.tracker = self._build_tracker()
@@ -106,43 +115,6 @@ class Trainer:
     def close(self) -> None:
         """Releases the run folder (its lock); :meth:`fit` does this itself when it ends, however it ends."""
         self.lock.release()
-
-    def _restore(self, state: dict, changes: list[str]) -> None:
-        """Weights, optimisers (with this run's settings), RNG streams and the place in the data."""
-        path = self.resume_path
-        changed = self.gan.load_state_dict(state, path, int(state["step"]))
-        self.pos, moved = ckpt.restore_position(state, self.cfg, self.loader.steps_per_epoch, self.global_batch,
-                                                self.loader.num_images, path)
-        self.best_fd = state.get("best_fd")
-        self.checkpoints.last_finite = (Path(path), self.step)
-        if self.dist.is_main:
-            log.info("resumed from %s at step %d (epoch %d, image %d of this epoch)", path, self.step, self.epoch + 1,
-                     self.epoch_step * self.global_batch)
-            # The config's changes explain the optimiser's; the optimiser's alone show a checkpoint whose
-            # optimiser disagreed with its own config (e.g. one written by a tool that changed the groups).
-            changes = changes or [f"optimiser {c}" for c in changed]
-            if changes:
-                log.info("resume: settings changed since the checkpoint, in effect from step %d: %s", self.step + 1,
-                         ", ".join(changes))
-            if moved:
-                log.warning("resume: %s", moved)
-
-    def _plan_schedule(self) -> None:
-        """``total_steps``: the step (optimiser update) at which the run ends: the end of epoch --epochs from
-        where the run stands, capped by --max-steps (which counts updates, whatever the batch)."""
-        run, per_epoch = self.cfg.run, self.loader.steps_per_epoch
-        remaining = max(run.epochs * per_epoch - (self.epoch * per_epoch + self.epoch_step), 0)
-        self.total_steps = min(self.step + remaining, run.max_steps) if run.max_steps else self.step + remaining
-        if self.step >= self.total_steps and not self.finished_ok:  # nothing left to train: zero steps is no run
-            flag = "--max-steps" if run.max_steps and run.max_steps <= self.step else "--epochs"
-            raise ConfigError(f"{flag}: the run in {self.run_dir} already took {self.step} of its {self.total_steps} "
-                              f"steps; raise {flag} to train on")
-        if self.dist.is_main:
-            log.info("%s: %d images, %d steps/epoch, batch %d x %d processes = %d, %d steps in total",
-                     self.cfg.data.dataset, self.loader.num_images, per_epoch, self.cfg.data.batch_size,
-                     self.dist.world_size, self.global_batch, self.total_steps)
-            log.info("device %s, %s, %s loader%s", self.device, self.policy.describe(), type(self.loader).__name__,
-                     ", torch.compile" if self.cfg.perf.compile else "")
 
     def _build_tracker(self):
         """Quality metrics every --eval-every epochs, on rank 0 (the extractor is fitted here when missing)."""
@@ -161,7 +133,7 @@ class Trainer:
         """
         per_epoch = self.loader.steps_per_epoch
         try:
-            with self._signals(), self.outputs.live(self.step, self.total_steps, self.resume_path is not None):
+            with stop_signals(self._on_signal), self.outputs.live(self.step, self.total_steps, self.resume_path is not None):
                 while self.step < self.total_steps:
                     if self.epoch_step < per_epoch:
                         self._train_epoch()
@@ -252,6 +224,9 @@ class Trainer:
     def write_samples(self) -> Path | None:
         return self.outputs.write_samples(self.gan.sample(self.fixed_noise), self.step)
 
+    def _on_signal(self, signum: int) -> None:
+        self.stop_signal = signum  # the current step ends first; then a checkpoint and Interrupted
+
     @property
     def last_checkpoint(self) -> Path | None:
         return self.checkpoints.last
@@ -271,19 +246,3 @@ class Trainer:
     @property
     def epoch_step(self) -> int:
         return self.pos.epoch_step
-
-    @contextlib.contextmanager
-    def _signals(self):
-        """SIGINT/SIGTERM end the current step, then a checkpoint is saved and :class:`Interrupted` raised."""
-        def handler(signum, _frame):
-            self.stop_signal = signum
-
-        previous = {}
-        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, handler)
-        try:
-            yield
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+from collections.abc import Callable
+
 import datetime
 import os
 from dataclasses import dataclass
@@ -65,3 +69,17 @@ def init_distributed(device_name: str) -> DistInfo:
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def stop_signals(on_signal: Callable[[int], None]):
+    """SIGINT and SIGTERM call ``on_signal(signum)`` inside the block (off the main thread: left alone)."""
+    previous = {}
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, _frame: on_signal(signum))
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -78,3 +78,17 @@ def mirror(images: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     return torch.where(flips.view(-1, 1, 1, 1), images.flip(-1), images)
 
 
+
+
+def plan_schedule(pos, cfg, per_epoch: int, run_dir, finished_ok: bool = False) -> int:
+    """The step (optimiser update) at which the run ends: the end of epoch --epochs from where ``pos`` (a
+    :class:`~gantrain.engine.checkpoint.Position`) stands, capped by --max-steps (which counts updates, whatever
+    the batch). Raises :class:`ConfigError` (exit 2) when no step is left, unless ``finished_ok``."""
+    run = cfg.run
+    remaining = max(run.epochs * per_epoch - (pos.epoch * per_epoch + pos.epoch_step), 0)
+    total = min(pos.step + remaining, run.max_steps) if run.max_steps else pos.step + remaining
+    if pos.step >= total and not finished_ok:  # nothing left to train: zero steps is no run
+        flag = "--max-steps" if run.max_steps and run.max_steps <= pos.step else "--epochs"
+        raise ConfigError(f"{flag}: the run in {run_dir} already took {pos.step} of its {total} steps; raise {flag} "
+                          "to train on")
+    return total
