@@ -39,6 +39,8 @@ def user_errors(func):
         try:
             return func(*args, **kwargs)
         except GantrainError as exc:
+            if getattr(exc, "reported_by_launcher", False):  # a DDP worker: `gantrain run --ddp` says it once
+                raise typer.Exit(exc.exit_code) from None
             raise fail(str(exc), exc.exit_code) from None
 
     return wrapper

@@ -34,7 +34,7 @@ from gantrain.engine.images import plot_curves, read_metrics, save_gif, save_gri
 from gantrain.engine.logging import DeviceStats, MetricsWriter, PhaseTimer, log, progress_bar, setup_logging
 from gantrain.engine.models import Generator, build_models, sample_noise
 from gantrain.engine.precision import PrecisionPolicy
-from gantrain.engine.runtime import DistInfo, configure_cuda, pick_device
+from gantrain.engine.runtime import DistInfo, StopAgreement, configure_cuda, pick_device
 
 NUM_FIXED_SAMPLES = 64
 
@@ -181,7 +181,9 @@ class Trainer:
         self.fake_target = torch.zeros(b, device=self.device)
         self.gen_target = torch.ones(b, device=self.device)
         self.stats, self.timer = DeviceStats(self.device), PhaseTimer(self.device)
-        self.stop_signal: int | None = None
+        self.stop_signal: int | None = None  # the signal this process received
+        self.agreed_stop: int | None = None  # the one every rank acts on, at the same step (StopAgreement)
+        self.stop_agreement = StopAgreement(self.dist.enabled)
         self.last_checkpoint: Path | None = None
         self.best_fd: float | None = None
         self.last_eval: dict = {}  # the latest quality-metrics record (--eval-every), for epoch callbacks
@@ -201,8 +203,9 @@ class Trainer:
             while self.step < self.total_steps:
                 epoch, start = divmod(self.step, steps_per_epoch)
                 self._train_epoch(epoch, start, bar)
-                if self.stop_signal is not None:
-                    raise Interrupted(self.stop_signal, self.save_checkpoint())
+                if self.agreed_stop is not None:
+                    self.stop_agreement.close()
+                    raise Interrupted(self.agreed_stop, self.save_checkpoint())
                 if self.step % steps_per_epoch == 0:
                     self._end_epoch(epoch + 1, bar)
                     for callback in self.epoch_callbacks:
@@ -210,6 +213,7 @@ class Trainer:
                 if self.stop_reason:
                     log.warning("stopping at step %d: %s", self.step, self.stop_reason)
                     break
+        self.stop_agreement.close()
         return self._finish()
 
     def _end_epoch(self, epochs_done: int, bar) -> None:
@@ -235,7 +239,7 @@ class Trainer:
     def _train_epoch(self, epoch: int, start: int, bar) -> None:
         self.window_start = time.perf_counter(), self.step
         batches = self.loader.epoch(epoch, start)
-        while self.step < self.total_steps and self.stop_signal is None:
+        while self.step < self.total_steps and self.agreed_stop is None:
             with self.timer.phase("data"):
                 real = next(batches, None)
             if real is None:
@@ -243,6 +247,7 @@ class Trainer:
             self.train_step(real)
             self.step += 1
             self._after_step(epoch, bar)
+            self.agreed_stop = self.stop_agreement.after_step(self.stop_signal)
 
     def train_step(self, real_uint8: torch.Tensor) -> None:
         real = self.policy.prepare_batch(real_uint8)
@@ -393,7 +398,8 @@ class Trainer:
     # ----- context --------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _signals(self):
-        """SIGINT/SIGTERM end the current step, then a checkpoint is saved and :class:`Interrupted` raised."""
+        """SIGINT/SIGTERM end the current step (under DDP: the step all ranks agree on, one later), then rank 0
+        saves a checkpoint and :class:`Interrupted` is raised on every rank."""
         def handler(signum, _frame):
             self.stop_signal = signum
 
