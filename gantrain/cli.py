@@ -18,7 +18,7 @@ from rich.text import Text
 
 from gantrain import __version__
 from gantrain.engine.config import PRESETS, SECTION_TYPES, field_docs, field_index, resolve
-from gantrain.engine.errors import GantrainError
+from gantrain.engine.errors import ConfigError, GantrainError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="gantrain: fast DCGAN training. Run [bold]gantrain run[/] to train the fashion32 default.")
@@ -286,17 +286,19 @@ def tune_command(
     from gantrain.tune import require_ray
 
     require_ray()
-    from gantrain.tune.experiment import ExperimentInterrupted, experiment_folder, run_experiment
+    from gantrain.tune.experiment import ExperimentInterrupted, experiment_folder, refuse_trial_owned, run_experiment
     from gantrain.tune.results import print_outcome
     from gantrain.tune.settings import settings_from
 
-    cfg = None if resume else resolve(preset, str(config) if config else None, overrides or {})
+    given = [k for k, v in {**(overrides or {}), **(tune_options or {}), "config": config, "space": space}.items()
+             if v is not None]
+    if resume and given:  # the experiment continues exactly as it started
+        raise ConfigError(f"--resume continues the experiment with the config, space and settings it started with; "
+                          f"drop {', '.join('--' + k.replace('_', '-') for k in given)}")
     settings = None if resume else settings_from(tune_options or {})
-    ignored = [k for k, v in {**(overrides or {}), **(tune_options or {}), "config": config, "space": space}.items()
-               if v is not None]
-    if resume and ignored:  # the experiment continues exactly as it started
-        console.print(f"warning: --resume uses the experiment's saved config and settings; ignoring "
-                      f"{', '.join('--' + k.replace('_', '-') for k in ignored)}", highlight=False)
+    if settings is not None:
+        refuse_trial_owned(overrides or {}, settings)
+    cfg = None if resume else resolve(preset, str(config) if config else None, overrides or {})
     folder = experiment_folder(storage, name or (cfg.preset if cfg else preset or "fashion32"))
     outcome = run_experiment(folder, cfg=cfg, settings=settings, space_file=space, resume=resume, address=address,
                              console=console)

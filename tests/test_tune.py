@@ -379,3 +379,68 @@ def test_ranking_puts_trials_without_a_finite_objective_last() -> None:
     assert [r.trial_id for r in rank(rows, "fd", "min")] == ["d", "b", "a", "c"]
     rows = [TrialRow("a", {}, {"recall": 0.2}, "done"), TrialRow("b", {}, {"recall": 0.6}, "done")]
     assert [(r.trial_id, r.rank) for r in rank(rows, "recall", "max")] == [("b", 1), ("a", 2)]
+
+
+# ----- flags and combinations refused before anything starts ---------------------------------------------------
+@pytest.fixture
+def nothing_starts(monkeypatch):
+    """Fails a test the moment an experiment would start (Ray, the metrics fit, the experiment folder)."""
+    import gantrain.tune.experiment as experiment
+
+    def started(*args, **kwargs):
+        raise AssertionError("the experiment started")
+
+    monkeypatch.setattr(experiment, "warm_metrics", started)
+    monkeypatch.setattr(experiment, "create", started)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-steps", "30"], "--max-steps: not a tune option: trials are budgeted in epochs: use --max-epochs, and "
+                            "--limit for shorter epochs"),
+    (["--out", "somewhere"], "--out: not a tune option: each trial writes into <storage>/<name>/trial_<id>/run: "
+                             "choose the folder with --storage and --name"),
+    (["--checkpoint-every", "2"], "--checkpoint-every: not a tune option: a trial checkpoints at every report"),
+    (["--keep-checkpoints", "3"], "--keep-checkpoints: not a tune option"),
+    (["--nproc", "2"], "--nproc: not a tune option: a trial is one process"),
+    (["--master-port", "29999"], "--master-port: not a tune option: a trial is one process"),
+    (["--epochs", "5", "--max-epochs", "2"], "--epochs: --max-epochs sets the trials' budget; give one of the two"),
+    (["--device", "cpu", "--gpus-per-trial", "1"], "--device: --gpus-per-trial 1 puts the trials on cuda; choose the device with --gpus-per-trial"),
+    (["--device", "auto"], "--device: --gpus-per-trial 0 puts the trials on cpu"),
+])
+def test_tune_refuses_run_flags_a_trial_sets_itself(cli, nothing_starts, datasets_root: Path, tmp_path: Path,
+                                                    unwrap, flags: list[str], message: str) -> None:
+    result = cli("tune", "--data-root", datasets_root, *flags, "--storage", tmp_path, "--name", "x")
+    assert result.exit_code == 2, result.output
+    assert unwrap(result.stderr).startswith(f"error: {message}"), result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_tune_refuses_max_steps_from_a_config_file_and_flags_with_resume(cli, nothing_starts, datasets_root: Path,
+                                                                         tmp_path: Path, unwrap) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text("[run]\nmax_steps = 30\n")
+    result = cli("tune", "--data-root", datasets_root, "--config", config, "--storage", tmp_path, "--name", "x")
+    assert result.exit_code == 2 and "--max-steps: the config sets max_steps = 30, but trials are budgeted in " \
+        "epochs: use --max-epochs" in unwrap(result.stderr), result.output
+    # (--epochs acts: it is the budget when --max-epochs is not given)
+    result = cli("tune", "--resume", "--lr-g", "1e-3", "--max-epochs", "3", "--storage", tmp_path, "--name", "x")
+    assert result.exit_code == 2 and unwrap(result.stderr) == (
+        "error: --resume continues the experiment with the config, space and settings it started with; drop "
+        "--lr-g, --max-epochs"), result.output
+
+
+def test_pbt_with_a_grid_is_refused_before_anything_starts(cli, nothing_starts, datasets_root: Path,
+                                                           tmp_path: Path, unwrap) -> None:
+    space = tmp_path / "space.toml"
+    space.write_text("[optim]\nlr_g = { loguniform = [1e-4, 1e-2] }\nlr_d = { grid = [1e-3, 2e-3] }\n")
+    result = cli("tune", "--data-root", datasets_root, "--scheduler", "pbt", "--space", space, "--storage", tmp_path,
+                 "--name", "x")
+    assert result.exit_code == 2, result.output
+    assert unwrap(result.stderr) == ("error: --scheduler pbt: its exploit step copies a better trial's whole config, "
+                                     "so the grid values of lr_d would not be kept; search them with choice = [...] "
+                                     "in --space, or use --scheduler asha or fifo")
+    space.write_text("[optim]\nbeta1 = { choice = [0.0, 0.5] }\n")  # nothing PBT can perturb: also before start
+    result = cli("tune", "--data-root", datasets_root, "--scheduler", "pbt", "--space", space, "--storage", tmp_path,
+                 "--name", "x")
+    assert result.exit_code == 2 and "pbt perturbs lr_g, lr_d, label_smoothing" in unwrap(result.stderr)
+    assert not (tmp_path / "x").exists()

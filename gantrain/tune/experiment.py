@@ -72,11 +72,53 @@ def experiment_folder(storage: str | Path, name: str) -> ExperimentFolder:
 
 
 # ----- preparing a new experiment or reading an interrupted one ---------------------------------------------
+# Run options a trial sets itself: given to `gantrain tune`, each is refused with the option that does the job.
+ONE_PROCESS = "a trial is one process: spread trials with --gpus-per-trial, --max-concurrent and --address"
+TRIAL_OWNED = {
+    "out": "each trial writes into <storage>/<name>/trial_<id>/run: choose the folder with --storage and --name",
+    "max_steps": "trials are budgeted in epochs: use --max-epochs, and --limit for shorter epochs",
+    "checkpoint_every": "a trial checkpoints at every report (every --eval-every epochs, 1 when 0)",
+    "keep_checkpoints": "Tune keeps each trial's newest checkpoints itself",
+    **{name: ONE_PROCESS for name in ("ddp", "nproc", "nnodes", "node_rank", "master_addr", "master_port",
+                                      "sync_bn")},
+}
+
+
+def refuse_trial_owned(flags: dict[str, Any], settings: TuneSettings) -> None:
+    """Every run flag ``gantrain tune`` accepts acts on the trials; those a trial sets itself are refused."""
+    given = {name for name, value in flags.items() if value is not None}
+    for name in TRIAL_OWNED:
+        if name in given:
+            raise ConfigError(f"--{name.replace('_', '-')}: not a tune option: {TRIAL_OWNED[name]}")
+    if "epochs" in given and settings.max_epochs:
+        raise ConfigError("--epochs: --max-epochs sets the trials' budget; give one of the two")
+    device = "cuda" if settings.gpus_per_trial > 0 else "cpu"
+    if flags.get("device") not in (None, device):
+        raise ConfigError(f"--device: --gpus-per-trial {settings.gpus_per_trial:g} puts the trials on {device}; "
+                          "choose the device with --gpus-per-trial")
+
+
+def check_experiment(settings: TuneSettings, space: Space) -> None:
+    """Scheduler, search and space combinations Ray would accept and then fail on mid-experiment."""
+    grid = [d.name for d in space.dimensions if d.kind == "grid"]
+    if grid and settings.search != "random":
+        raise ConfigError(f"--search: grid dimensions need --search random, not {settings.search}")
+    if settings.scheduler == "pbt":
+        if grid:
+            raise ConfigError(f"--scheduler pbt: its exploit step copies a better trial's whole config, so the grid "
+                              f"values of {', '.join(grid)} would not be kept; search them with choice = [...] in "
+                              "--space, or use --scheduler asha or fifo")
+        space.pbt_mutations()  # names the problem when the space searches nothing PBT can perturb
+
+
 def prepare_base(cfg: Config, settings: TuneSettings) -> Config:
     """Checks the config can run as trials and pins its data and metrics-cache paths for every trial."""
     if cfg.dist.ddp:
         raise ConfigError("--ddp: each trial is one process; spread trials over GPUs and nodes with "
                           "--gpus-per-trial and --address instead")
+    if cfg.run.max_steps:  # from a --config file (the flag is refused by refuse_trial_owned)
+        raise ConfigError(f"--max-steps: the config sets max_steps = {cfg.run.max_steps}, but {TRIAL_OWNED['max_steps']}"
+                          "; set it to 0")
     if cfg.run.device == "cuda" and settings.gpus_per_trial == 0:
         raise ConfigError("--gpus-per-trial: --device cuda needs GPUs reserved per trial (e.g. 1 or 0.5)")
     # Trials run in their own working folders (on other nodes too): relative paths would not resolve there.
@@ -173,8 +215,7 @@ class ClipToSpace:
 
 def make_searcher(settings: TuneSettings, space: Space, baseline: dict[str, Any] | None):
     points = [baseline] if baseline else None
-    if space.has_grid and settings.search != "random":
-        raise ConfigError(f"--search: grid dimensions need --search random, not {settings.search}")
+    check_experiment(settings, space)
     if settings.search == "random":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -255,6 +296,7 @@ def run_experiment(folder: ExperimentFolder, *, cfg: Config | None = None, setti
         assert cfg is not None and settings is not None
         cfg = prepare_base(cfg, settings)
         space = load_space(space_file, cfg)
+        check_experiment(settings, space)
         create(folder, cfg, settings, space)
     setup_logging(console, folder.path / "tune.log")
     warm_metrics(cfg)
