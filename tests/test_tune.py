@@ -147,15 +147,41 @@ def test_nan_trial_reports_once_and_stops(datasets_root: Path, tmp_path: Path) -
     assert not (tmp_path / "run" / "checkpoints").exists()  # Tune keeps the checkpoints, not the run folder
 
 
+def test_epoch_losses_and_collapse_do_not_depend_on_the_log_interval(datasets_root: Path, tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    """Epochs shorter than --log-every: each report still carries the epoch's mean losses, and a collapsed D is
+    caught after exactly --collapse-patience epochs (before, both read the last log record: none was written)."""
+    import gantrain.tune.trainable as trainable
+
+    monkeypatch.setattr(trainable, "evaluate", lambda trainer, num_samples: {"fd": 1.0})  # the losses are the point
+    collapsing = settings_from({"max_epochs": 4, "collapse_loss": 100.0, "collapse_patience": 2})
+    reports = []
+    cfg = trial_config(tiny_base(datasets_root, log_every=1000).to_dict(), {}, collapsing, tmp_path / "quiet")
+    run_trial(cfg, collapsing, lambda metrics, folder: reports.append(metrics))
+    assert [r["epoch"] for r in reports] == [1, 2]
+    assert [r["diverged"] for r in reports] == ["", "D loss below 100 for 2 epochs"]
+
+    # the reference: the same training logged at every step; epoch 1's mean of its 4 step records
+    never = settings_from({"max_epochs": 1, "collapse_loss": 0.0})
+    cfg = trial_config(tiny_base(datasets_root, log_every=1).to_dict(), {}, never, tmp_path / "verbose")
+    run_trial(cfg, never, lambda metrics, folder: None)
+    steps = [json.loads(line) for line in (tmp_path / "verbose" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "loss_d" in r and r["epoch"] == 1]
+    assert len(steps) == 4
+    for key in ("loss_d", "loss_g", "d_real", "d_fake"):
+        assert reports[0][key] == pytest.approx(sum(r[key] for r in steps) / 4, abs=1e-4), key
+    assert reports[1]["loss_d"] != pytest.approx(reports[0]["loss_d"], abs=1e-6)  # epoch 2 has its own mean
+
+
 def test_divergence_monitor() -> None:
     monitor = DivergenceMonitor(collapse_loss=0.01, patience=3)
-    trainer = SimpleNamespace(g=nn.Linear(2, 2), d=nn.Linear(2, 2), last_record={})
+    trainer = SimpleNamespace(g=nn.Linear(2, 2), d=nn.Linear(2, 2), epoch_means={})
     verdicts = []
     for loss_d in (0.5, 0.001, 0.0, 0.7, 0.002, 0.003, 0.0):  # collapsed for 2, recovered, collapsed for 3
-        trainer.last_record = {"loss_d": loss_d, "loss_g": 9.0}
+        trainer.epoch_means = {"loss_d": loss_d, "loss_g": 9.0}
         verdicts.append(monitor.check(trainer))
     assert verdicts[:6] == [None] * 6 and verdicts[6] == "D loss below 0.01 for 3 epochs"
-    trainer.last_record = {"loss_d": 0.6, "loss_g": math.inf}
+    trainer.epoch_means = {"loss_d": 0.6, "loss_g": math.inf}
     assert monitor.check(trainer) == "non-finite loss"
     with torch.no_grad():
         trainer.g.weight[0, 0] = math.nan

@@ -41,6 +41,9 @@ class DeviceStats:
     def __init__(self, device: torch.device) -> None:
         self.sums = torch.zeros(len(self.KEYS), device=device)
         self.count = 0
+        # what the log reads took since the last read_epoch (may start negative: see read_epoch)
+        self.epoch_sums = torch.zeros(len(self.KEYS), device=device)
+        self.epoch_count = 0
 
     def add(self, *values: torch.Tensor) -> None:
         self.sums += torch.stack([v.detach().float() for v in values])
@@ -56,8 +59,22 @@ class DeviceStats:
             torch.distributed.all_reduce(sums)
             sums /= torch.distributed.get_world_size()
         means = (sums / self.count).tolist()
+        self.epoch_sums += self.sums
+        self.epoch_count += self.count
         self.sums.zero_()
         self.count = 0
+        return dict(zip(self.KEYS, means))
+
+    def read_epoch(self) -> dict[str, float]:
+        """This process's means over the steps since the last call (an epoch), whatever the log interval; one
+        host sync. The open log window is left as it is, so the next :meth:`read` still covers all its steps."""
+        count = self.epoch_count + self.count
+        if count == 0:
+            return {}
+        means = ((self.epoch_sums + self.sums) / count).tolist()
+        # the open window's steps belong to this epoch: the next epoch starts without them
+        self.epoch_sums = -self.sums.clone()
+        self.epoch_count = -self.count
         return dict(zip(self.KEYS, means))
 
 

@@ -84,6 +84,7 @@ class Trainer:
         self.epoch_callbacks = list(epoch_callbacks)
         self.stop_reason: str | None = None
         self.last_record: dict = {}
+        self.epoch_means: dict = {}  # loss_d, loss_g, d_real, d_fake over the last whole epoch (epoch callbacks)
         self.dist = dist_info
         self.resume_path = ckpt.find_resume(resume, cfg.run_dir) if resume else None
         resume_state = ckpt.load_checkpoint(self.resume_path) if self.resume_path else None
@@ -207,6 +208,7 @@ class Trainer:
                     self.stop_agreement.close()
                     raise Interrupted(self.agreed_stop, self.save_checkpoint())
                 if self.step % steps_per_epoch == 0:
+                    self.epoch_means = self.stats.read_epoch()
                     self._end_epoch(epoch + 1, bar)
                     for callback in self.epoch_callbacks:
                         callback(self, epoch + 1)

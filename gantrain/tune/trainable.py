@@ -75,7 +75,7 @@ class DivergenceMonitor:
     def check(self, trainer: Trainer) -> str | None:
         if not all(bool(torch.isfinite(p).all()) for m in (trainer.g, trainer.d) for p in m.parameters()):
             return "non-finite weights"
-        losses = [trainer.last_record.get(k) for k in ("loss_d", "loss_g")]
+        losses = [trainer.epoch_means.get(k) for k in ("loss_d", "loss_g")]  # the epoch's, not the last log's
         if any(v is not None and not math.isfinite(v) for v in losses):
             return "non-finite loss"
         loss_d = losses[0]
@@ -126,8 +126,9 @@ class EpochReporter:
 
     @staticmethod
     def _training_metrics(trainer: Trainer, epochs_done: int) -> dict[str, float]:
-        record = trainer.last_record
-        values = {k: float(record[k]) for k in (*LOSS_KEYS, "images_per_s") if k in record}
+        values = {k: float(v) for k, v in trainer.epoch_means.items() if k in LOSS_KEYS}
+        if "images_per_s" in trainer.last_record:  # throughput of the last log window
+            values["images_per_s"] = float(trainer.last_record["images_per_s"])
         return {**values, "epoch": epochs_done, "step": trainer.step}
 
 
