@@ -286,7 +286,8 @@ def tune_command(
     from gantrain.tune import require_ray
 
     require_ray()
-    from gantrain.tune.experiment import ExperimentInterrupted, experiment_folder, refuse_trial_owned, run_experiment
+    from gantrain.tune.experiment import (ExperimentInterrupted, experiment_folder, needs_driver_process,
+                                          refuse_trial_owned, run_driver_process, run_experiment)
     from gantrain.tune.results import print_outcome
     from gantrain.tune.settings import settings_from
 
@@ -300,6 +301,8 @@ def tune_command(
         refuse_trial_owned(overrides or {}, settings)
     cfg = None if resume else resolve(preset, str(config) if config else None, overrides or {})
     folder = experiment_folder(storage, name or (cfg.preset if cfg else preset or "fashion32"))
+    if needs_driver_process(address):  # so that killing this command leaves no Ray process behind
+        raise typer.Exit(run_driver_process())
     outcome = run_experiment(folder, cfg=cfg, settings=settings, space_file=space, resume=resume, address=address,
                              console=console)
     print_outcome(outcome, Console())

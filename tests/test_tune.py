@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -470,3 +471,101 @@ def test_pbt_with_a_grid_is_refused_before_anything_starts(cli, nothing_starts, 
                  "--name", "x")
     assert result.exit_code == 2 and "pbt perturbs lr_g, lr_d, label_smoothing" in unwrap(result.stderr)
     assert not (tmp_path / "x").exists()
+
+
+def test_a_restarted_trial_continues_from_its_newest_checkpoint_on_disk(tmp_path: Path) -> None:
+    from gantrain.engine import checkpoint as ckpt
+    from gantrain.tune.trainable import newest_checkpoint
+
+    trial, donor = tmp_path / "trial_a", tmp_path / "trial_b"
+    paths = []
+    for folder, index, step in ((trial, 0, 4), (trial, 1, 8), (trial, 2, 12), (donor, 0, 6)):
+        path = folder / f"checkpoint_{index:06d}" / "checkpoint.pt"
+        ckpt.atomic_save(ckpt.sealed({"step": step}), path)
+        os.utime(path, (1000 + index, 1000 + index))  # written in this order
+        paths.append(path)
+    # the experiment state (saved every so often) knew only the first: the newest on disk wins
+    assert newest_checkpoint(paths[0].parent, trial) == paths[2]
+    assert newest_checkpoint(None, trial) == paths[2]
+    paths[2].write_bytes(paths[2].read_bytes()[:100])  # torn by the kill: the one before it
+    assert newest_checkpoint(paths[0].parent, trial) == paths[1]
+    assert newest_checkpoint(paths[3].parent, trial) == paths[3]  # PBT's exploit: the donor's, as Tune says
+    assert newest_checkpoint(None, tmp_path / "trial_new") is None
+
+
+# ----- a killed driver -------------------------------------------------------------------------------------------
+def _descendants(pid: int) -> list[int]:
+    try:
+        children = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+    return children + [d for child in children for d in _descendants(child)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _newest_checkpoint_step(trial: Path) -> int:
+    from gantrain.engine.checkpoint import load_checkpoint
+
+    newest = max(trial.glob("checkpoint_*/checkpoint.pt"), key=lambda p: p.stat().st_mtime)
+    return load_checkpoint(newest)["step"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_killed_driver_leaves_no_process_and_resume_continues_every_trial(fashion_extractor, metrics_cache_dir: Path,
+                                                                          datasets_root: Path, tmp_path: Path) -> None:
+    """SIGKILL to `gantrain tune` once both trials have two checkpoints on disk: Ray's processes go with it, and
+    --resume continues each trial from its newest checkpoint on disk, with its whole history in its run folder."""
+    env = {**os.environ, "GANTRAIN_CACHE": str(metrics_cache_dir), "RAY_AUTH_MODE": "disabled",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("GANTRAIN_DATA", None)
+    flags = ["--data-root", str(datasets_root), *TINY_FLAGS, "--log-every", "1", "--num-samples", "2",
+             "--scheduler", "fifo", "--max-epochs", "6", "--storage", str(tmp_path), "--name", "killed"]
+    driver = subprocess.Popen([sys.executable, "-m", "gantrain", "tune", *flags], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    folder = tmp_path / "killed"
+    processes: set[int] = set()
+    try:
+        deadline = time.monotonic() + 300
+        while len([t for t in folder.glob("trial_*") if len(list(t.glob("checkpoint_*/checkpoint.pt"))) >= 2]) < 2:
+            assert driver.poll() is None, f"the experiment ended early ({driver.returncode})"
+            assert time.monotonic() < deadline, "no two checkpoints per trial within 300 s"
+            processes.update(_descendants(driver.pid))
+            time.sleep(0.2)
+        processes.update(_descendants(driver.pid))
+        driver.kill()
+        killed = time.monotonic()
+        driver.wait()
+        while any(_alive(p) for p in processes) and time.monotonic() - killed < 120:
+            time.sleep(0.1)
+        left = [p for p in processes if _alive(p)]
+        seconds = time.monotonic() - killed
+    finally:
+        for pid in processes:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    print(f"SIGKILL to the tune driver: its {len(processes)} processes gone after {seconds:.1f} s")
+    assert not left and seconds < 10, f"{len(left)} processes still ran {seconds:.0f} s after the driver was killed"
+
+    trials = sorted(folder.glob("trial_*"))
+    newest = {t.name: _newest_checkpoint_step(t) for t in trials}
+    done = subprocess.run([sys.executable, "-m", "gantrain", "tune", "--resume", "--storage", str(tmp_path), "--name",
+                           "killed"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = _rows(folder)
+    assert len(rows) == 2 and all((r["status"], r["epoch"]) == ("done", "6") for r in rows), rows
+    for trial in trials:
+        run = trial / "run"
+        log = (run / "train.log").read_text()
+        step = newest[trial.name]
+        resumed = rf"resumed from {re.escape(str(trial))}/checkpoint_\d+/checkpoint.pt at step {step}\n"
+        assert re.search(resumed, log), (trial.name, step, log[-2000:])
+        logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in logged if "loss_d" in r] == list(range(1, 25))  # 6 epochs x 4 steps, whole
+        assert (run / "final.png").is_file()

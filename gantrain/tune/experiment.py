@@ -11,6 +11,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +33,7 @@ from gantrain.engine.models import build_models
 from gantrain.tune.results import Outcome, summarise
 from gantrain.tune.settings import TuneSettings, load_settings
 from gantrain.tune.space import Space, load_space, parse_space
-from gantrain.tune.trainable import report_every, train_trial, trial_epochs
+from gantrain.tune.trainable import report_every, train_trial, trial_epochs, trial_folder_name
 
 # Environment a trial on another node needs from the driver's shell.
 FORWARDED_ENV = ("GANTRAIN_DATA", "GANTRAIN_CACHE", "XDG_CACHE_HOME")
@@ -163,6 +166,54 @@ def reopen(folder: ExperimentFolder) -> tuple[Config, TuneSettings, Space]:
                                                                  str(folder.space_file))
 
 
+# ----- the driver process ----------------------------------------------------------------------------------
+DRIVER_ENV = "GANTRAIN_TUNE_DRIVER"
+
+
+def needs_driver_process(address: str | None) -> bool:
+    """True in a `gantrain tune` that would start Ray on this machine and is not yet the driver process."""
+    return address is None and DRIVER_ENV not in os.environ and not ray.is_initialized() \
+        and sys.platform.startswith("linux")
+
+
+def run_driver_process() -> int:
+    """Runs this same ``gantrain tune`` command as a child process, the Ray driver, and returns its exit code.
+
+    Ray's local processes share fate with the driver only through SIGKILL (prctl), and its two agent processes
+    then spend up to 60 s failing to report the raylet's death to the dead GCS: a killed driver left them
+    behind for a minute, and its experiment state as of its last periodic save. Here the command the user
+    started (and may kill) is this thin parent; the driver gets SIGINT from the kernel when the parent dies
+    (PR_SET_PDEATHSIG) and stops the experiment as on Ctrl-C: Tune saves its state and Ray shuts down. The
+    driver runs in a process group of its own, so a Ctrl-C in the terminal reaches it once, through here;
+    SIGINT, SIGTERM and SIGHUP to the parent are all passed on as SIGINT (Tune's graceful stop).
+    """
+    from gantrain.engine.runtime import PR_SET_PDEATHSIG
+    import ctypes
+
+    def in_child() -> None:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGINT, 0, 0, 0)
+
+    child = subprocess.Popen([sys.executable, "-m", "gantrain", *sys.argv[1:]], env={**os.environ, DRIVER_ENV: "1"},
+                             process_group=0, preexec_fn=in_child)
+
+    def forward(signum, frame) -> None:
+        child.send_signal(signal.SIGINT)
+
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, forward) for sig in handled}
+    try:
+        while True:
+            try:
+                code = child.wait()
+                break
+            except InterruptedError:
+                continue
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return code if code >= 0 else 128 - code
+
+
 # ----- Ray ------------------------------------------------------------------------------------------------
 def start_ray(address: str | None) -> bool:
     """Joins ``address`` (``auto`` or ``ray://host:port``) or starts Ray on this machine; True if started here."""
@@ -181,8 +232,8 @@ def start_ray(address: str | None) -> bool:
     return True
 
 
-def make_trainable(cfg: Config, settings: TuneSettings):
-    bound = tune.with_parameters(train_trial, base=cfg.to_dict(), settings=settings)
+def make_trainable(folder: ExperimentFolder, cfg: Config, settings: TuneSettings):
+    bound = tune.with_parameters(train_trial, base=cfg.to_dict(), settings=settings, experiment=str(folder.path))
     return tune.with_resources(bound, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
 
 
@@ -236,8 +287,7 @@ def make_searcher(settings: TuneSettings, space: Space, baseline: dict[str, Any]
 
 
 def trial_dirname(trial) -> str:
-    """Short trial folder names (Ray's default appends every sampled value)."""
-    return f"trial_{trial.trial_id}"
+    return trial_folder_name(trial.trial_id)
 
 
 class ProgressLog(tune.Callback):
@@ -279,8 +329,9 @@ def make_tuner(folder: ExperimentFolder, cfg: Config, settings: TuneSettings, sp
         stop={"training_iteration": reports} if pbt else None,
         failure_config=tune.FailureConfig(max_failures=settings.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=PBT_CHECKPOINTS_KEPT if pbt else CHECKPOINTS_KEPT),
-        sync_config=tune.SyncConfig(sync_artifacts=True), callbacks=[ProgressLog(settings.metric), *callbacks])
-    return tune.Tuner(make_trainable(cfg, settings), param_space=space.param_space(), tune_config=config,
+        # the trials write their run folders into the experiment folder themselves (train_trial)
+        sync_config=tune.SyncConfig(sync_artifacts=False), callbacks=[ProgressLog(settings.metric), *callbacks])
+    return tune.Tuner(make_trainable(folder, cfg, settings), param_space=space.param_space(), tune_config=config,
                       run_config=run)
 
 
@@ -315,7 +366,7 @@ def _fit(folder: ExperimentFolder, cfg: Config, settings: TuneSettings, space: S
              space.num_trials(settings.num_samples),
              settings.scheduler, settings.search, ", ".join(d.describe() for d in space.dimensions))
     if resume:
-        tuner = tune.Tuner.restore(str(folder.path), make_trainable(cfg, settings), resume_unfinished=True,
+        tuner = tune.Tuner.restore(str(folder.path), make_trainable(folder, cfg, settings), resume_unfinished=True,
                                    resume_errored=True)
     else:
         tuner = make_tuner(folder, cfg, settings, space, callbacks)
