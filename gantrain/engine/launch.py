@@ -42,6 +42,19 @@ class RunInterrupted(GantrainError):
     """Raised to the CLI after a signal: the message says where the checkpoint is."""
 
 
+class _EarlyStop(BaseException):
+    """A signal to the launcher before the agent handles signals (a BaseException: rendezvous code catches
+    Exception)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _early_stop(signum, _frame):
+    raise _EarlyStop(signum)
+
+
 def torchrun_args(cfg: Config, config_file: Path, resume: str | None) -> list[str]:
     """torchrun's arguments whose workers run ``gantrain run`` on the resolved config file."""
     d = cfg.dist
@@ -67,13 +80,20 @@ def launch_workers(cfg: Config, resume: str | None) -> None:
         saved_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", STATUS_ENV)}
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # the agent passes its environment on
         os.environ[STATUS_ENV] = tmp
-        # The agent logs each step of its shutdown as warnings; the outcome is said here, in one line.
-        elastic_log = logging.getLogger("torch.distributed.elastic")
-        level = elastic_log.level
-        elastic_log.setLevel(logging.CRITICAL)
+        # The agent logs each step of its shutdown as warnings; the outcome is said here, in one line. Its
+        # module loggers carry levels of their own, so each one is quietened.
+        elastic_logs = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+                        if name.startswith("torch.distributed")]
+        levels = [logger.level for logger in elastic_logs]
+        for logger in elastic_logs:
+            logger.setLevel(logging.CRITICAL)
+        # the agent installs its own handlers when it starts the workers; until then, stop here
+        handlers = {sig: signal.signal(sig, _early_stop) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
             launch_config, entrypoint, args = config_from_args(parse_args(torchrun_args(cfg, config_file, resume)))
             elastic_launch(launch_config, entrypoint)(*args)
+        except _EarlyStop as exc:
+            raise _interrupted(Path(tmp), exc.signum, cfg, "the launcher") from None
         except DistNetworkError as exc:
             raise _network_error(cfg, exc) from None
         except SignalException as exc:
@@ -81,7 +101,10 @@ def launch_workers(cfg: Config, resume: str | None) -> None:
         except ChildFailedError as exc:
             raise _failed(Path(tmp), exc, cfg) from None
         finally:
-            elastic_log.setLevel(level)
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            for logger, level in zip(elastic_logs, levels):
+                logger.setLevel(level)
             for key, value in saved_env.items():
                 os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
@@ -116,11 +139,14 @@ def _failed(status_dir: Path, exc, cfg: Config) -> GantrainError:
     """Workers that stopped on a signal (exit code 128 + N) are an interruption; anything else a failure."""
     codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
     stop_codes = {128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGHUP}
-    if all(code in stop_codes for code in codes.values()):
-        return _interrupted(status_dir, max(codes.values()) - 128, cfg, "the workers")
-    # The agent stops the surviving workers with SIGTERM: a worker that died of anything else is the cause.
-    cause = [(r, c) for r, c in sorted(codes.items()) if c not in stop_codes and c != -signal.SIGTERM]
-    rank, code = (cause or sorted(codes.items()))[0]
+    stopped = [code for code in codes.values() if code in stop_codes]
+    # once one worker has exited, the agent sends SIGTERM to the others: -SIGTERM is its doing, not a fault
+    if stopped and all(code in stop_codes or code == -signal.SIGTERM for code in codes.values()):
+        return _interrupted(status_dir, max(stopped) - 128, cfg, "the workers")
+    # The cause: a worker killed by a signal (other than the agent's SIGTERM), else the first that failed.
+    ranked = sorted(codes.items(), key=lambda rc: (not (rc[1] < 0 and rc[1] != -signal.SIGTERM), rc[0]))
+    cause = [(r, c) for r, c in ranked if c not in stop_codes and c != -signal.SIGTERM]
+    rank, code = (cause or ranked)[0]
     how = f"was killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() \
         else f"exited with code {code}"
     last = cfg.run_dir / "checkpoints" / "last.pt"
@@ -137,6 +163,7 @@ def train(cfg: Config, *, resume: str | None = None, console: Console | None = N
         return None
     if launched_by_torchrun():
         die_with_parent()
+        _stop_before_training()
     info = init_distributed(cfg.run.device)
     try:
         trainer = Trainer(cfg, console=console, dist_info=info, resume=resume)
@@ -144,11 +171,43 @@ def train(cfg: Config, *, resume: str | None = None, console: Console | None = N
             return trainer.fit()
         except Interrupted as exc:
             raise _worker_interrupted(trainer, exc) from None
-        except torch.distributed.DistError as exc:  # a peer died mid-collective: its own line says why
-            raise GantrainError(f"rank {info.rank}: lost the other DDP workers at step {trainer.step} "
-                                f"({str(exc).splitlines()[0][:200]}); no checkpoint of this step") from None
+        except (torch.distributed.DistError, RuntimeError) as exc:
+            if not (info.world_size > 1 and _lost_peer(exc)):
+                raise
+            _ignore_stop_signals()  # the agent's SIGTERM to the survivors must not cut this line short
+            error = GantrainError(f"rank {info.rank}: lost the other DDP workers at step {trainer.step} "
+                                  f"({str(exc).splitlines()[0][:160]}); no checkpoint of this step")
+            error.reported_by_launcher = bool(os.environ.get(STATUS_ENV))  # it names the worker that died
+            raise error from None
     finally:
         shutdown_distributed()
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    """A collective failed because another worker died (gloo/NCCL transport errors), not a bug here."""
+    text = str(exc)
+    return isinstance(exc, torch.distributed.DistError) or any(
+        mark in text for mark in ("Connection closed by peer", "Connection reset by peer", "gloo/transport",
+                                  "NCCL communicator was aborted"))
+
+
+def _ignore_stop_signals() -> None:
+    """A worker on its way out ignores further stop signals: Python resets its handlers to the default
+    (terminate) while it shuts down, and the agent sends SIGTERM to the survivors once one has exited."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _stop_before_training() -> None:
+    """Until the training loop takes over signals (Trainer.fit), a worker told to stop just stops: one line
+    (or none under the launcher, which says it), exit code 128 + N, no KeyboardInterrupt traceback."""
+    def handler(signum, _frame):
+        error = RunInterrupted(f"{signal.Signals(signum).name} before training started; no checkpoint")
+        error.exit_code, error.reported_by_launcher = 128 + signum, bool(os.environ.get(STATUS_ENV))
+        raise error
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
 
 
 def _worker_interrupted(trainer: Trainer, exc: Interrupted) -> RunInterrupted:
@@ -161,6 +220,7 @@ def _worker_interrupted(trainer: Trainer, exc: Interrupted) -> RunInterrupted:
             (Path(status) / STATUS_FILE).write_text(json.dumps(payload))
     else:
         where = "rank 0 saves the checkpoint"
+    _ignore_stop_signals()
     error = RunInterrupted(f"interrupted at step {step}; {where}")
     error.exit_code = exc.exit_code
     error.reported_by_launcher = bool(status)  # the launcher says the closing line for all workers
