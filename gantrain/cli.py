@@ -286,9 +286,8 @@ def tune_command(
     from gantrain.tune import require_ray
 
     require_ray()
-    from gantrain.tune.experiment import (ExperimentInterrupted, experiment_folder, needs_driver_process,
-                                          refuse_trial_owned, run_driver_process, run_experiment)
-    from gantrain.tune.results import print_outcome
+    from gantrain.tune.experiment import (experiment_folder, needs_driver_process, prepare, refuse_trial_owned,
+                                          run_driver_process, run_prepared)
     from gantrain.tune.settings import settings_from
 
     given = [k for k, v in {**(overrides or {}), **(tune_options or {}), "config": config, "space": space}.items()
@@ -301,14 +300,21 @@ def tune_command(
         refuse_trial_owned(overrides or {}, settings)
     cfg = None if resume else resolve(preset, str(config) if config else None, overrides or {})
     folder = experiment_folder(storage, name or (cfg.preset if cfg else preset or "fashion32"))
+    prepare(folder, cfg=cfg, settings=settings, space_file=space, resume=resume)
     if needs_driver_process(address):  # so that killing this command leaves no Ray process behind
-        raise typer.Exit(run_driver_process())
-    outcome = run_experiment(folder, cfg=cfg, settings=settings, space_file=space, resume=resume, address=address,
-                             console=console)
+        raise typer.Exit(run_driver_process(folder, resume, storage))
+    finish_tune(run_prepared(folder, resume=resume, address=address, console=console), storage, folder.path.name)
+
+
+def finish_tune(outcome, storage, name: str) -> None:
+    """The results table, then an interruption or a search without result as one error line."""
+    from gantrain.tune.experiment import ExperimentInterrupted
+    from gantrain.tune.results import print_outcome
+
     print_outcome(outcome, Console())
     if outcome.interrupted:
         raise ExperimentInterrupted(f"experiment interrupted; continue it with: gantrain tune --resume "
-                                    f"--storage {storage} --name {folder.path.name}")
+                                    f"--storage {storage} --name {name}")
     if outcome.best is None:
         raise GantrainError(f"no trial reached a finite {outcome.settings.metric}; see {outcome.results_csv}")
 

@@ -176,8 +176,9 @@ def needs_driver_process(address: str | None) -> bool:
         and sys.platform.startswith("linux")
 
 
-def run_driver_process() -> int:
-    """Runs this same ``gantrain tune`` command as a child process, the Ray driver, and returns its exit code.
+def run_driver_process(folder: ExperimentFolder, resume: bool, storage: str | Path) -> int:
+    """Runs the experiment :func:`prepare` wrote into ``folder`` in a child process, the Ray driver
+    (:mod:`gantrain.tune.driver`), and returns its exit code.
 
     Ray's local processes share fate with the driver only through SIGKILL (prctl), and its two agent processes
     then spend up to 60 s failing to report the raylet's death to the dead GCS: a killed driver left them
@@ -193,8 +194,9 @@ def run_driver_process() -> int:
     def in_child() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGINT, 0, 0, 0)
 
-    child = subprocess.Popen([sys.executable, "-m", "gantrain", *sys.argv[1:]], env={**os.environ, DRIVER_ENV: "1"},
-                             process_group=0, preexec_fn=in_child)
+    command = [sys.executable, "-m", "gantrain.tune.driver", str(folder.path), "resume" if resume else "new",
+               str(storage)]
+    child = subprocess.Popen(command, env={**os.environ, DRIVER_ENV: "1"}, process_group=0, preexec_fn=in_child)
 
     def forward(signum, frame) -> None:
         child.send_signal(signal.SIGINT)
@@ -336,19 +338,35 @@ def make_tuner(folder: ExperimentFolder, cfg: Config, settings: TuneSettings, sp
 
 
 # ----- the whole experiment -------------------------------------------------------------------------------
+def prepare(folder: ExperimentFolder, *, cfg: Config | None = None, settings: TuneSettings | None = None,
+            space_file: str | Path | None = None, resume: bool = False) -> None:
+    """Checks a new experiment (``cfg``, ``settings``, ``space_file``) and writes its folder, or checks that
+    ``folder`` holds one to continue (``resume``): every refusal comes before Ray or any trial starts."""
+    if resume:
+        reopen(folder)
+        return
+    assert cfg is not None and settings is not None
+    cfg = prepare_base(cfg, settings)
+    space = load_space(space_file, cfg)
+    check_experiment(settings, space)
+    create(folder, cfg, settings, space)
+
+
 def run_experiment(folder: ExperimentFolder, *, cfg: Config | None = None, settings: TuneSettings | None = None,
                    space_file: str | Path | None = None, resume: bool = False, address: str | None = None,
                    console: Console | None = None, callbacks: Sequence = ()) -> Outcome:
     """Runs a new experiment (``cfg``, ``settings``, ``space_file``) or continues one (``resume``)."""
+    prepare(folder, cfg=cfg, settings=settings, space_file=space_file, resume=resume)
+    return run_prepared(folder, resume=resume, address=address, console=console, callbacks=callbacks)
+
+
+def run_prepared(folder: ExperimentFolder, *, resume: bool, address: str | None = None,
+                 console: Console | None = None, callbacks: Sequence = ()) -> Outcome:
+    """Runs the experiment :func:`prepare` wrote into ``folder`` (its base config, settings and space)."""
     console = console or Console(stderr=True)
-    if resume:
-        cfg, settings, space = reopen(folder)
-    else:
-        assert cfg is not None and settings is not None
-        cfg = prepare_base(cfg, settings)
-        space = load_space(space_file, cfg)
-        check_experiment(settings, space)
-        create(folder, cfg, settings, space)
+    cfg = load_toml(folder.base_file)
+    settings = load_settings(folder.settings_file)
+    space = parse_space(folder.space_file.read_text(), cfg, str(folder.space_file))
     setup_logging(console, folder.path / "tune.log")
     warm_metrics(cfg)
     started = start_ray(address)
