@@ -128,7 +128,12 @@ def _interrupted(status_dir: Path, signum: int, cfg: Config, who: str) -> RunInt
     if status is None:  # no worker got as far as its training loop
         error = RunInterrupted(f"{name} to {who} before training started; no checkpoint")
     else:
-        where = f"checkpoint saved to {status['checkpoint']}" if status["checkpoint"] else "no checkpoint (no step done)"
+        if status.get("rank", 0) != 0:  # another node: rank 0 saved on the master node
+            where = "rank 0 saved the checkpoint on the master node"
+        elif status["checkpoint"]:
+            where = f"checkpoint saved to {status['checkpoint']}"
+        else:
+            where = "no checkpoint (no step done)"
         error = RunInterrupted(f"{name} to {who}: all {cfg.dist.nproc * cfg.dist.nnodes} workers stopped at step "
                                f"{status['step']}; {where}; continue with --resume auto")
     error.exit_code = 128 + signum
@@ -215,11 +220,12 @@ def _worker_interrupted(trainer: Trainer, exc: Interrupted) -> RunInterrupted:
     if trainer.dist.is_main:
         where = f"checkpoint saved to {exc.checkpoint}" if exc.checkpoint else "no checkpoint (no step done)"
         log.warning("interrupted at step %d: %s; continue with --resume auto", step, where)
-        if status:
-            payload = {"step": step, "checkpoint": str(exc.checkpoint) if exc.checkpoint else None}
-            (Path(status) / STATUS_FILE).write_text(json.dumps(payload))
     else:
         where = "rank 0 saves the checkpoint"
+    if status and trainer.dist.local_rank == 0:  # for this node's launcher, which says the closing line
+        payload = {"step": step, "rank": trainer.dist.rank,
+                   "checkpoint": str(exc.checkpoint) if exc.checkpoint else None}
+        (Path(status) / STATUS_FILE).write_text(json.dumps(payload))
     _ignore_stop_signals()
     error = RunInterrupted(f"interrupted at step {step}; {where}")
     error.exit_code = exc.exit_code
