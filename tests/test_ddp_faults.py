@@ -79,7 +79,7 @@ class Job:
     """A long tiny DDP run started in its own session; ``workers`` are the launcher's two children."""
 
     def __init__(self, datasets_root: Path, tmp_path: Path) -> None:
-        self.out, self.all = tmp_path / "run", []
+        self.out, self.all, self.datasets_root = tmp_path / "run", [], datasets_root
         self.proc = subprocess.Popen(_command(datasets_root, self.out, _free_port(), "--epochs", "1000"),
                                      cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, start_new_session=True)
@@ -175,6 +175,14 @@ def test_sigterm_to_the_workers_20ms_apart_agrees_on_one_step(start_job) -> None
     assert errors == [f"error: SIGTERM to the workers: all 2 workers stopped at step {step}; checkpoint saved to "
                       f"{job.out / 'checkpoints' / f'step_{step:08d}.pt'}; continue with --resume auto"]
     print(f"SIGTERM to both workers 20 ms apart: all gone after {seconds:.2f} s")
+
+    # the agreed-step checkpoint resumes under DDP, and metrics.jsonl continues without a gap
+    again = subprocess.run(_command(job.datasets_root, job.out, _free_port(), "--max-steps", str(step + 2),
+                                    "--resume", "auto"), env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert job.checkpoint_step() == step + 2
+    records = [json.loads(line) for line in (job.out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss_d" in r] == list(range(1, step + 3))
 
 
 def test_sigkill_to_the_launcher_leaves_no_worker(start_job) -> None:
