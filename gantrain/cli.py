@@ -18,7 +18,7 @@ from rich.text import Text
 
 from gantrain import __version__
 from gantrain.engine.config import PRESETS, SECTION_TYPES, field_docs, field_index, resolve
-from gantrain.engine.errors import GantrainError
+from gantrain.engine.errors import ConfigError, GantrainError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="gantrain: fast DCGAN training. Run [bold]gantrain run[/] to train the fashion32 default.")
@@ -40,6 +40,8 @@ def user_errors(func):
         try:
             return func(*args, **kwargs)
         except GantrainError as exc:
+            if getattr(exc, "reported_by_launcher", False):  # a DDP worker: `gantrain run --ddp` says it once
+                raise typer.Exit(exc.exit_code) from None
             raise fail(str(exc), exc.exit_code) from None
         except OSError as exc:  # the last net: every I/O failure is one line naming the path and the reason
             from gantrain.engine.files import os_reason
@@ -290,24 +292,35 @@ def tune_command(
     from gantrain.tune import require_ray
 
     require_ray()
-    from gantrain.tune.experiment import ExperimentInterrupted, experiment_folder, run_experiment
-    from gantrain.tune.results import print_outcome
+    from gantrain.tune.experiment import (experiment_folder, needs_driver_process, prepare, refuse_trial_owned,
+                                          run_driver_process, run_prepared)
     from gantrain.tune.settings import settings_from
 
-    cfg = None if resume else resolve(preset, str(config) if config else None, overrides or {})
+    given = [k for k, v in {**(overrides or {}), **(tune_options or {}), "config": config, "space": space}.items()
+             if v is not None]
+    if resume and given:  # the experiment continues exactly as it started
+        raise ConfigError(f"--resume continues the experiment with the config, space and settings it started with; "
+                          f"drop {', '.join('--' + k.replace('_', '-') for k in given)}")
     settings = None if resume else settings_from(tune_options or {})
-    ignored = [k for k, v in {**(overrides or {}), **(tune_options or {}), "config": config, "space": space}.items()
-               if v is not None]
-    if resume and ignored:  # the experiment continues exactly as it started
-        console.print(f"warning: --resume uses the experiment's saved config and settings; ignoring "
-                      f"{', '.join('--' + k.replace('_', '-') for k in ignored)}", highlight=False)
+    if settings is not None:
+        refuse_trial_owned(overrides or {}, settings)
+    cfg = None if resume else resolve(preset, str(config) if config else None, overrides or {})
     folder = experiment_folder(storage, name or (cfg.preset if cfg else preset or "fashion32"))
-    outcome = run_experiment(folder, cfg=cfg, settings=settings, space_file=space, resume=resume, address=address,
-                             console=console)
+    prepare(folder, cfg=cfg, settings=settings, space_file=space, resume=resume)
+    if needs_driver_process(address):  # so that killing this command leaves no Ray process behind
+        raise typer.Exit(run_driver_process(folder, resume, storage))
+    finish_tune(run_prepared(folder, resume=resume, address=address, console=console), storage, folder.path.name)
+
+
+def finish_tune(outcome, storage, name: str) -> None:
+    """The results table, then an interruption or a search without result as one error line."""
+    from gantrain.tune.experiment import ExperimentInterrupted
+    from gantrain.tune.results import print_outcome
+
     print_outcome(outcome, Console())
     if outcome.interrupted:
         raise ExperimentInterrupted(f"experiment interrupted; continue it with: gantrain tune --resume "
-                                    f"--storage {storage} --name {folder.path.name}")
+                                    f"--storage {storage} --name {name}")
     if outcome.best is None:
         raise GantrainError(f"no trial reached a finite {outcome.settings.metric}; see {outcome.results_csv}")
 

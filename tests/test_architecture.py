@@ -22,7 +22,7 @@ LAYERS = [
     ("gantrain.engine.loop",),
     ("gantrain.engine.launch",),
     ("gantrain.bench", "gantrain.tune"),
-    ("gantrain.cli", "gantrain.__main__"),
+    ("gantrain.cli", "gantrain.__main__", "gantrain.tune.driver"),  # entry points of processes
 ]
 
 

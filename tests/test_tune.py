@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -147,15 +148,41 @@ def test_nan_trial_reports_once_and_stops(datasets_root: Path, tmp_path: Path) -
     assert not (tmp_path / "run" / "checkpoints").exists()  # Tune keeps the checkpoints, not the run folder
 
 
+def test_epoch_losses_and_collapse_do_not_depend_on_the_log_interval(datasets_root: Path, tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    """Epochs shorter than --log-every: each report still carries the epoch's mean losses, and a collapsed D is
+    caught after exactly --collapse-patience epochs (before, both read the last log record: none was written)."""
+    import gantrain.tune.trainable as trainable
+
+    monkeypatch.setattr(trainable, "evaluate", lambda trainer, num_samples: {"fd": 1.0})  # the losses are the point
+    collapsing = settings_from({"max_epochs": 4, "collapse_loss": 100.0, "collapse_patience": 2})
+    reports = []
+    cfg = trial_config(tiny_base(datasets_root, log_every=1000).to_dict(), {}, collapsing, tmp_path / "quiet")
+    run_trial(cfg, collapsing, lambda metrics, folder: reports.append(metrics))
+    assert [r["epoch"] for r in reports] == [1, 2]
+    assert [r["diverged"] for r in reports] == ["", "D loss below 100 for 2 epochs"]
+
+    # the reference: the same training logged at every step; epoch 1's mean of its 4 step records
+    never = settings_from({"max_epochs": 1, "collapse_loss": 0.0})
+    cfg = trial_config(tiny_base(datasets_root, log_every=1).to_dict(), {}, never, tmp_path / "verbose")
+    run_trial(cfg, never, lambda metrics, folder: None)
+    steps = [json.loads(line) for line in (tmp_path / "verbose" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "loss_d" in r and r["epoch"] == 1]
+    assert len(steps) == 4
+    for key in ("loss_d", "loss_g", "d_real", "d_fake"):
+        assert reports[0][key] == pytest.approx(sum(r[key] for r in steps) / 4, abs=1e-4), key
+    assert reports[1]["loss_d"] != pytest.approx(reports[0]["loss_d"], abs=1e-6)  # epoch 2 has its own mean
+
+
 def test_divergence_monitor() -> None:
     monitor = DivergenceMonitor(collapse_loss=0.01, patience=3)
-    trainer = SimpleNamespace(g=nn.Linear(2, 2), d=nn.Linear(2, 2), last_record={})
+    trainer = SimpleNamespace(g=nn.Linear(2, 2), d=nn.Linear(2, 2), epoch_means={})
     verdicts = []
     for loss_d in (0.5, 0.001, 0.0, 0.7, 0.002, 0.003, 0.0):  # collapsed for 2, recovered, collapsed for 3
-        trainer.last_record = {"loss_d": loss_d, "loss_g": 9.0}
+        trainer.epoch_means = {"loss_d": loss_d, "loss_g": 9.0}
         verdicts.append(monitor.check(trainer))
     assert verdicts[:6] == [None] * 6 and verdicts[6] == "D loss below 0.01 for 3 epochs"
-    trainer.last_record = {"loss_d": 0.6, "loss_g": math.inf}
+    trainer.epoch_means = {"loss_d": 0.6, "loss_g": math.inf}
     assert monitor.check(trainer) == "non-finite loss"
     with torch.no_grad():
         trainer.gan.g.weight[0, 0] = math.nan
@@ -379,3 +406,166 @@ def test_ranking_puts_trials_without_a_finite_objective_last() -> None:
     assert [r.trial_id for r in rank(rows, "fd", "min")] == ["d", "b", "a", "c"]
     rows = [TrialRow("a", {}, {"recall": 0.2}, "done"), TrialRow("b", {}, {"recall": 0.6}, "done")]
     assert [(r.trial_id, r.rank) for r in rank(rows, "recall", "max")] == [("b", 1), ("a", 2)]
+
+
+# ----- flags and combinations refused before anything starts ---------------------------------------------------
+@pytest.fixture
+def nothing_starts(monkeypatch):
+    """Fails a test the moment an experiment would start (Ray, the metrics fit, the experiment folder)."""
+    import gantrain.tune.experiment as experiment
+
+    def started(*args, **kwargs):
+        raise AssertionError("the experiment started")
+
+    monkeypatch.setattr(experiment, "warm_metrics", started)
+    monkeypatch.setattr(experiment, "create", started)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-steps", "30"], "--max-steps: not a tune option: trials are budgeted in epochs: use --max-epochs, and "
+                            "--limit for shorter epochs"),
+    (["--out", "somewhere"], "--out: not a tune option: each trial writes into <storage>/<name>/trial_<id>/run: "
+                             "choose the folder with --storage and --name"),
+    (["--checkpoint-every", "2"], "--checkpoint-every: not a tune option: a trial checkpoints at every report"),
+    (["--keep-checkpoints", "3"], "--keep-checkpoints: not a tune option"),
+    (["--nproc", "2"], "--nproc: not a tune option: a trial is one process"),
+    (["--master-port", "29999"], "--master-port: not a tune option: a trial is one process"),
+    (["--epochs", "5", "--max-epochs", "2"], "--epochs: --max-epochs sets the trials' budget; give one of the two"),
+    (["--device", "cpu", "--gpus-per-trial", "1"], "--device: --gpus-per-trial 1 puts the trials on cuda; choose the device with --gpus-per-trial"),
+    (["--device", "auto"], "--device: --gpus-per-trial 0 puts the trials on cpu"),
+])
+def test_tune_refuses_run_flags_a_trial_sets_itself(cli, nothing_starts, datasets_root: Path, tmp_path: Path,
+                                                    unwrap, flags: list[str], message: str) -> None:
+    result = cli("tune", "--data-root", datasets_root, *flags, "--storage", tmp_path, "--name", "x")
+    assert result.exit_code == 2, result.output
+    assert unwrap(result.stderr).startswith(f"error: {message}"), result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_tune_refuses_max_steps_from_a_config_file_and_flags_with_resume(cli, nothing_starts, datasets_root: Path,
+                                                                         tmp_path: Path, unwrap) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text("[run]\nmax_steps = 30\n")
+    result = cli("tune", "--data-root", datasets_root, "--config", config, "--storage", tmp_path, "--name", "x")
+    assert result.exit_code == 2 and "--max-steps: the config sets max_steps = 30, but trials are budgeted in " \
+        "epochs: use --max-epochs" in unwrap(result.stderr), result.output
+    # (--epochs acts: it is the budget when --max-epochs is not given)
+    result = cli("tune", "--resume", "--lr-g", "1e-3", "--max-epochs", "3", "--storage", tmp_path, "--name", "x")
+    assert result.exit_code == 2 and unwrap(result.stderr) == (
+        "error: --resume continues the experiment with the config, space and settings it started with; drop "
+        "--lr-g, --max-epochs"), result.output
+
+
+def test_pbt_with_a_grid_is_refused_before_anything_starts(cli, nothing_starts, datasets_root: Path,
+                                                           tmp_path: Path, unwrap) -> None:
+    space = tmp_path / "space.toml"
+    space.write_text("[optim]\nlr_g = { loguniform = [1e-4, 1e-2] }\nlr_d = { grid = [1e-3, 2e-3] }\n")
+    result = cli("tune", "--data-root", datasets_root, "--scheduler", "pbt", "--space", space, "--storage", tmp_path,
+                 "--name", "x")
+    assert result.exit_code == 2, result.output
+    assert unwrap(result.stderr) == ("error: --scheduler pbt: its exploit step copies a better trial's whole config, "
+                                     "so the grid values of lr_d would not be kept; search them with choice = [...] "
+                                     "in --space, or use --scheduler asha or fifo")
+    space.write_text("[optim]\nbeta1 = { choice = [0.0, 0.5] }\n")  # nothing PBT can perturb: also before start
+    result = cli("tune", "--data-root", datasets_root, "--scheduler", "pbt", "--space", space, "--storage", tmp_path,
+                 "--name", "x")
+    assert result.exit_code == 2 and "pbt perturbs lr_g, lr_d, label_smoothing" in unwrap(result.stderr)
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_restarted_trial_continues_from_its_newest_checkpoint_on_disk(tmp_path: Path) -> None:
+    from gantrain.engine import checkpoint as ckpt
+    from gantrain.tune.trainable import newest_checkpoint
+
+    trial, donor = tmp_path / "trial_a", tmp_path / "trial_b"
+    paths = []
+    for folder, index, step in ((trial, 0, 4), (trial, 1, 8), (trial, 2, 12), (donor, 0, 6)):
+        path = folder / f"checkpoint_{index:06d}" / "checkpoint.pt"
+        ckpt.atomic_save(ckpt.sealed({"step": step}), path)
+        os.utime(path, (1000 + index, 1000 + index))  # written in this order
+        paths.append(path)
+    # the experiment state (saved every so often) knew only the first: the newest on disk wins
+    assert newest_checkpoint(paths[0].parent, trial) == paths[2]
+    assert newest_checkpoint(None, trial) == paths[2]
+    paths[2].write_bytes(paths[2].read_bytes()[:100])  # torn by the kill: the one before it
+    assert newest_checkpoint(paths[0].parent, trial) == paths[1]
+    assert newest_checkpoint(paths[3].parent, trial) == paths[3]  # PBT's exploit: the donor's, as Tune says
+    assert newest_checkpoint(None, tmp_path / "trial_new") is None
+
+
+# ----- a killed driver -------------------------------------------------------------------------------------------
+def _descendants(pid: int) -> list[int]:
+    try:
+        children = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+    return children + [d for child in children for d in _descendants(child)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _newest_checkpoint_step(trial: Path) -> int:
+    from gantrain.engine.checkpoint import load_checkpoint
+
+    newest = max(trial.glob("checkpoint_*/checkpoint.pt"), key=lambda p: p.stat().st_mtime)
+    return load_checkpoint(newest)["step"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_killed_driver_leaves_no_process_and_resume_continues_every_trial(fashion_extractor, metrics_cache_dir: Path,
+                                                                          datasets_root: Path, tmp_path: Path) -> None:
+    """SIGKILL to `gantrain tune` once both trials have two checkpoints on disk: Ray's processes go with it, and
+    --resume continues each trial from its newest checkpoint on disk, with its whole history in its run folder."""
+    env = {**os.environ, "GANTRAIN_CACHE": str(metrics_cache_dir), "RAY_AUTH_MODE": "disabled",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("GANTRAIN_DATA", None)
+    flags = ["--data-root", str(datasets_root), *TINY_FLAGS, "--log-every", "1", "--num-samples", "2",
+             "--scheduler", "fifo", "--max-epochs", "6", "--storage", str(tmp_path), "--name", "killed"]
+    driver = subprocess.Popen([sys.executable, "-m", "gantrain", "tune", *flags], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    folder = tmp_path / "killed"
+    processes: set[int] = set()
+    try:
+        deadline = time.monotonic() + 300
+        while len([t for t in folder.glob("trial_*") if len(list(t.glob("checkpoint_*/checkpoint.pt"))) >= 2]) < 2:
+            assert driver.poll() is None, f"the experiment ended early ({driver.returncode})"
+            assert time.monotonic() < deadline, "no two checkpoints per trial within 300 s"
+            processes.update(_descendants(driver.pid))
+            time.sleep(0.2)
+        processes.update(_descendants(driver.pid))
+        driver.kill()
+        killed = time.monotonic()
+        driver.wait()
+        while any(_alive(p) for p in processes) and time.monotonic() - killed < 120:
+            time.sleep(0.1)
+        left = [p for p in processes if _alive(p)]
+        seconds = time.monotonic() - killed
+    finally:
+        for pid in processes:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    print(f"SIGKILL to the tune driver: its {len(processes)} processes gone after {seconds:.1f} s")
+    assert not left and seconds < 10, f"{len(left)} processes still ran {seconds:.0f} s after the driver was killed"
+
+    trials = sorted(folder.glob("trial_*"))
+    newest = {t.name: _newest_checkpoint_step(t) for t in trials}
+    done = subprocess.run([sys.executable, "-m", "gantrain", "tune", "--resume", "--storage", str(tmp_path), "--name",
+                           "killed"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = _rows(folder)
+    assert len(rows) == 2 and all((r["status"], r["epoch"]) == ("done", "6") for r in rows), rows
+    for trial in trials:
+        run = trial / "run"
+        log = (run / "train.log").read_text()
+        step = newest[trial.name]
+        resumed = rf"resumed from {re.escape(str(trial))}/checkpoint_\d+/checkpoint.pt at step {step}\n"
+        assert re.search(resumed, log), (trial.name, step, log[-2000:])
+        logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in logged if "loss_d" in r] == list(range(1, 25))  # 6 epochs x 4 steps, whole
+        assert (run / "final.png").is_file()

@@ -1,45 +1,164 @@
-"""Starting a training run: in this process, or as N processes under torch's elastic launcher (torchrun)."""
+"""Starting a training run: in this process, or as N worker processes under torch's elastic agent.
+
+``gantrain run --ddp`` runs the agent of ``torchrun`` (``torch.distributed.run``) *in this process* rather than
+as a child: the agent's own signal handling then covers the whole job. SIGINT/SIGTERM/SIGHUP to the launcher
+reach the agent, which forwards the signal to every worker and waits for them (``--shutdown-timeout``) before
+the launcher returns; the workers agree on a common stop step, rank 0 saves a checkpoint, and the launcher
+prints one line. Rendezvous errors (a port in use) arrive as exceptions here and become one ``error:`` line
+instead of torchrun's traceback. SIGKILL cannot be caught: each worker asks the kernel for SIGTERM when its
+parent (the agent) dies (:func:`gantrain.engine.runtime.die_with_parent`), so no worker outlives a killed
+launcher, and each still stops at an agreed step with a checkpoint.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
-import subprocess
+import signal
 import sys
 import tempfile
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from gantrain.engine.config import Config, to_toml
-from gantrain.engine.errors import GantrainError
+from gantrain.engine.errors import ConfigError, GantrainError
 from gantrain.engine.runlog import log
 from gantrain.engine.loop import FitResult, Interrupted, Trainer
-from gantrain.engine.runtime import init_distributed, launched_by_torchrun, shutdown_distributed
+from gantrain.engine.runtime import die_with_parent, init_distributed, launched_by_torchrun, shutdown_distributed
+
+# Set by the launcher for its workers: the folder where rank 0 leaves the outcome of an interrupted run, so the
+# launcher, not each worker, says the one closing line.
+STATUS_ENV = "GANTRAIN_LAUNCH_STATUS"
+STATUS_FILE = "interrupted.json"
+# Rank 0 may be mid-evaluation when a signal arrives; the stop waits for the next step boundary, then the
+# checkpoint. The agent sends SIGKILL only after this long.
+SHUTDOWN_TIMEOUT_S = 300
 
 
 class RunInterrupted(GantrainError):
     """Raised to the CLI after a signal: the message says where the checkpoint is."""
 
 
-def torchrun_command(cfg: Config, config_file: Path, resume: str | None) -> list[str]:
-    """The torchrun invocation whose workers run ``gantrain run`` on the resolved config file."""
+class _EarlyStop(BaseException):
+    """A signal to the launcher before the agent handles signals (a BaseException: rendezvous code catches
+    Exception)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _early_stop(signum, _frame):
+    raise _EarlyStop(signum)
+
+
+def torchrun_args(cfg: Config, config_file: Path, resume: str | None) -> list[str]:
+    """torchrun's arguments whose workers run ``gantrain run`` on the resolved config file."""
     d = cfg.dist
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={d.nproc}", f"--nnodes={d.nnodes}",
-               f"--node-rank={d.node_rank}", f"--master-addr={d.master_addr}", f"--master-port={d.master_port}",
-               "-m", "gantrain", "run", "--config", str(config_file)]
-    return command + (["--resume", resume] if resume else [])
+    args = [f"--nproc-per-node={d.nproc}", f"--nnodes={d.nnodes}", f"--node-rank={d.node_rank}",
+            f"--master-addr={d.master_addr}", f"--master-port={d.master_port}",
+            f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}", "-m", "gantrain", "run", "--config", str(config_file)]
+    return args + (["--resume", resume] if resume else [])
 
 
 def launch_workers(cfg: Config, resume: str | None) -> None:
-    """Runs torchrun and waits; each worker reads the whole resolved config, so no flag is parsed twice."""
+    """Runs torchrun's elastic agent here and waits for the workers; each reads the whole resolved config, so
+    no flag is parsed twice."""
+    from torch.distributed import DistNetworkError
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+    from torch.distributed.run import config_from_args, parse_args
+
     with tempfile.TemporaryDirectory(prefix="gantrain-launch-") as tmp:
         config_file = Path(tmp) / "config.toml"
         config_file.write_text(to_toml(cfg))
         threads = max(1, (os.cpu_count() or 1) // cfg.dist.nproc)
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
-        code = subprocess.call(torchrun_command(cfg, config_file, resume), env=env)
-    if code != 0:
-        raise GantrainError(f"distributed run failed (torchrun exit code {code}); the workers' errors are above")
+        saved_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", STATUS_ENV)}
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # the agent passes its environment on
+        os.environ[STATUS_ENV] = tmp
+        # The agent logs each step of its shutdown as warnings; the outcome is said here, in one line. Its
+        # module loggers carry levels of their own, so each one is quietened.
+        elastic_logs = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+                        if name.startswith("torch.distributed")]
+        levels = [logger.level for logger in elastic_logs]
+        for logger in elastic_logs:
+            logger.setLevel(logging.CRITICAL)
+        # the agent installs its own handlers when it starts the workers; until then, stop here
+        handlers = {sig: signal.signal(sig, _early_stop) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            launch_config, entrypoint, args = config_from_args(parse_args(torchrun_args(cfg, config_file, resume)))
+            elastic_launch(launch_config, entrypoint)(*args)
+        except _EarlyStop as exc:
+            raise _interrupted(Path(tmp), exc.signum, cfg, "the launcher") from None
+        except DistNetworkError as exc:
+            raise _network_error(cfg, exc) from None
+        except SignalException as exc:
+            raise _interrupted(Path(tmp), int(exc.sigval), cfg, "the launcher") from None
+        except ChildFailedError as exc:
+            raise _failed(Path(tmp), exc, cfg) from None
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            for logger, level in zip(elastic_logs, levels):
+                logger.setLevel(level)
+            for key, value in saved_env.items():
+                os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+def _network_error(cfg: Config, exc: Exception) -> GantrainError:
+    d = cfg.dist
+    if "EADDRINUSE" in str(exc) or "address already in use" in str(exc).lower():
+        return ConfigError(f"--master-port: port {d.master_port} on {d.master_addr} is already in use (another "
+                           "DDP run?); choose a free one with --master-port")
+    return GantrainError(f"--master-addr/--master-port: the workers' rendezvous at {d.master_addr}:{d.master_port} "
+                         f"failed: {str(exc).splitlines()[0]}")
+
+
+def _interrupted(status_dir: Path, signum: int, cfg: Config, who: str) -> RunInterrupted:
+    """One line for a run the workers stopped together; rank 0 left the step and checkpoint in the status file."""
+    name = signal.Signals(signum).name
+    try:
+        status = json.loads((status_dir / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        status = None
+    if status is None:  # no worker got as far as its training loop
+        error = RunInterrupted(f"{name} to {who} before training started; no checkpoint")
+    else:
+        if status.get("rank", 0) != 0:  # another node: rank 0 saved on the master node
+            where = "rank 0 saved the checkpoint on the master node"
+        elif status["checkpoint"]:
+            where = f"checkpoint saved to {status['checkpoint']}"
+        else:
+            where = "no checkpoint (no step done)"
+        error = RunInterrupted(f"{name} to {who}: all {cfg.dist.nproc * cfg.dist.nnodes} workers stopped at step "
+                               f"{status['step']}; {where}; continue with --resume auto")
+    error.exit_code = 128 + signum
+    return error
+
+
+def _failed(status_dir: Path, exc, cfg: Config) -> GantrainError:
+    """Workers that stopped on a signal (exit code 128 + N) are an interruption; anything else a failure."""
+    codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
+    stop_codes = {128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGHUP}
+    stopped = [code for code in codes.values() if code in stop_codes]
+    # once one worker has exited, the agent sends SIGTERM to the others: -SIGTERM is its doing, not a fault
+    if stopped and all(code in stop_codes or code == -signal.SIGTERM for code in codes.values()):
+        return _interrupted(status_dir, max(stopped) - 128, cfg, "the workers")
+    # The cause: a worker killed by a signal (other than the agent's SIGTERM), else the first that failed.
+    ranked = sorted(codes.items(), key=lambda rc: (not (rc[1] < 0 and rc[1] != -signal.SIGTERM), rc[0]))
+    cause = [(r, c) for r, c in ranked if c not in stop_codes and c != -signal.SIGTERM]
+    rank, code = (cause or ranked)[0]
+    how = f"was killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() \
+        else f"exited with code {code}"
+    last = cfg.run_dir / "checkpoints" / "last.pt"
+    newest = f"continue from the newest periodic checkpoint with --resume auto ({last})" if last.is_file() \
+        else "no checkpoint was saved yet"
+    return GantrainError(f"DDP worker rank {rank} {how} (its own message, if any, is above); the launcher stopped "
+                         f"the others; no checkpoint of this step: {newest}")
 
 
 def train(cfg: Config, *, resume: str | None = None, console: Console | None = None) -> FitResult | None:
@@ -47,16 +166,68 @@ def train(cfg: Config, *, resume: str | None = None, console: Console | None = N
     if cfg.dist.ddp and not launched_by_torchrun():
         launch_workers(cfg, resume)
         return None
+    if launched_by_torchrun():
+        die_with_parent()
+        _stop_before_training()
     info = init_distributed(cfg.run.device)
     try:
         trainer = Trainer(cfg, console=console, dist_info=info, resume=resume)
         try:
             return trainer.fit()
         except Interrupted as exc:
-            where = f"checkpoint saved to {exc.checkpoint}" if exc.checkpoint else "no checkpoint (no step done)"
-            log.warning("interrupted at step %d: %s; continue with --resume auto", trainer.step, where)
-            error = RunInterrupted(f"interrupted at step {trainer.step}; {where}")
-            error.exit_code = exc.exit_code
+            raise _worker_interrupted(trainer, exc) from None
+        except (torch.distributed.DistError, RuntimeError) as exc:
+            if not (info.world_size > 1 and _lost_peer(exc)):
+                raise
+            _ignore_stop_signals()  # the agent's SIGTERM to the survivors must not cut this line short
+            error = GantrainError(f"rank {info.rank}: lost the other DDP workers at step {trainer.step} "
+                                  f"({str(exc).splitlines()[0][:160]}); no checkpoint of this step")
+            error.reported_by_launcher = bool(os.environ.get(STATUS_ENV))  # it names the worker that died
             raise error from None
     finally:
         shutdown_distributed()
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    """A collective failed because another worker died (gloo/NCCL transport errors), not a bug here."""
+    text = str(exc)
+    return isinstance(exc, torch.distributed.DistError) or any(
+        mark in text for mark in ("Connection closed by peer", "Connection reset by peer", "gloo/transport",
+                                  "NCCL communicator was aborted"))
+
+
+def _ignore_stop_signals() -> None:
+    """A worker on its way out ignores further stop signals: Python resets its handlers to the default
+    (terminate) while it shuts down, and the agent sends SIGTERM to the survivors once one has exited."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _stop_before_training() -> None:
+    """Until the training loop takes over signals (Trainer.fit), a worker told to stop just stops: one line
+    (or none under the launcher, which says it), exit code 128 + N, no KeyboardInterrupt traceback."""
+    def handler(signum, _frame):
+        error = RunInterrupted(f"{signal.Signals(signum).name} before training started; no checkpoint")
+        error.exit_code, error.reported_by_launcher = 128 + signum, bool(os.environ.get(STATUS_ENV))
+        raise error
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+
+
+def _worker_interrupted(trainer: Trainer, exc: Interrupted) -> RunInterrupted:
+    step, status = trainer.step, os.environ.get(STATUS_ENV)
+    if trainer.dist.is_main:
+        where = f"checkpoint saved to {exc.checkpoint}" if exc.checkpoint else "no checkpoint (no step done)"
+        log.warning("interrupted at step %d: %s; continue with --resume auto", step, where)
+    else:
+        where = "rank 0 saves the checkpoint"
+    if status and trainer.dist.local_rank == 0:  # for this node's launcher, which says the closing line
+        payload = {"step": step, "rank": trainer.dist.rank,
+                   "checkpoint": str(exc.checkpoint) if exc.checkpoint else None}
+        (Path(status) / STATUS_FILE).write_text(json.dumps(payload))
+    _ignore_stop_signals()
+    error = RunInterrupted(f"interrupted at step {step}; {where}")
+    error.exit_code = exc.exit_code
+    error.reported_by_launcher = bool(status)  # the launcher says the closing line for all workers
+    return error

@@ -26,7 +26,7 @@ from gantrain.engine.files import RunLock, make_folder
 from gantrain.engine.outputs import RunOutputs
 from gantrain.engine.precision import PrecisionPolicy
 from gantrain.engine.runlog import log, setup_logging
-from gantrain.engine.runtime import DistInfo, pick_device, stop_signals
+from gantrain.engine.runtime import DistInfo, StopAgreement, pick_device, stop_signals
 from gantrain.engine.sampling import fixed_noise
 from gantrain.engine.stats import NonFiniteWatch
 from gantrain.engine.step import GANStep, replica_max_abs_diff
@@ -62,6 +62,7 @@ class Trainer:
         folder cannot be written, :class:`CheckpointError` for a resume that cannot continue."""
         self.console, self.dist, self.finished_ok = console or Console(stderr=True), dist_info, finished_ok
         self.epoch_callbacks, self.stop_reason, self.last_eval = list(epoch_callbacks), None, {}
+        self.epoch_means: dict = {}  # loss_d, loss_g, d_real, d_fake over the last whole epoch (epoch callbacks)
         self.run_dir, self.lock, notes = cfg.run_dir, RunLock(cfg.run_dir), []
         created = not self.run_dir.exists()
         if self.dist.is_main:  # one owner per run folder; under DDP rank 0 owns it for all ranks
@@ -96,7 +97,9 @@ class Trainer:
         self.pos, self.best_fd = ckpt.Position(), None
         self.checkpoints = ckpt.Checkpointer(self.run_dir / "checkpoints", cfg.run.keep_checkpoints, self.dist.is_main,
                                              cfg.run.nonfinite_patience)
-        self.watch, self.stop_signal = NonFiniteWatch(cfg.run.nonfinite_patience), None
+        self.watch, self.stop_signal = NonFiniteWatch(cfg.run.nonfinite_patience), None  # the signal this process got
+        self.agreed_stop: int | None = None  # the one every rank acts on, at the same step (StopAgreement)
+        self.stop_agreement = StopAgreement(self.dist.enabled)
         if state is not None:
             self.pos, self.best_fd = ckpt.restore(state, self.resume_path, self.gan, self.cfg, self.loader,
                                                   self.global_batch, changes, self.dist.is_main)
@@ -137,14 +140,17 @@ class Trainer:
                 while self.step < self.total_steps:
                     if self.epoch_step < per_epoch:
                         self._train_epoch()
-                    if self.stop_signal is not None:
-                        raise Interrupted(self.stop_signal, self.save_checkpoint(collective=False))
+                    if self.agreed_stop is not None:  # every rank is at the same step: rank 0 saves
+                        self.stop_agreement.close()
+                        raise Interrupted(self.agreed_stop, self.save_checkpoint())
                     if self.epoch_step >= per_epoch:
                         self.pos.epoch, self.pos.epoch_step = self.epoch + 1, 0
+                        self.epoch_means = self.gan.stats.read_epoch()
                         self._end_epoch(self.epoch)
                     if self.stop_reason:
                         log.warning("stopping at step %d: %s", self.step, self.stop_reason)
                         break
+            self.stop_agreement.close()
             return self._finish()
         finally:
             self.close()
@@ -152,7 +158,7 @@ class Trainer:
     def _train_epoch(self) -> None:
         self.outputs.start_window(self.step)
         batches = self.loader.epoch(self.epoch, self.epoch_step)
-        while self.step < self.total_steps and self.stop_signal is None:
+        while self.step < self.total_steps and self.agreed_stop is None:
             with self.gan.timer.phase("data"):
                 real = next(batches, None)
             if real is None:
@@ -164,6 +170,7 @@ class Trainer:
                 self._log()
             if sample_now:
                 self.write_samples()
+            self.agreed_stop = self.stop_agreement.after_step(self.stop_signal)
 
     def _log(self) -> None:
         stats = self.gan.stats.read()
@@ -225,7 +232,7 @@ class Trainer:
         return self.outputs.write_samples(self.gan.sample(self.fixed_noise), self.step)
 
     def _on_signal(self, signum: int) -> None:
-        self.stop_signal = signum  # the current step ends first; then a checkpoint and Interrupted
+        self.stop_signal = signum  # the step all ranks agree on (one later under DDP) ends, rank 0 saves, Interrupted
 
     @property
     def last_checkpoint(self) -> Path | None:

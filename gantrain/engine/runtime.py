@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-import signal
-from collections.abc import Callable
-
+import ctypes
 import datetime
 import os
+import signal
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from gantrain.engine.errors import ConfigError
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -83,3 +86,60 @@ def stop_signals(on_signal: Callable[[int], None]):
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def die_with_parent(signum: int = signal.SIGTERM) -> None:
+    """Asks the kernel to send ``signum`` to this process when its parent (torchrun's agent) dies.
+
+    The agent starts each worker in a session of its own, so a SIGKILL to the agent (which it cannot forward)
+    would leave the workers training as orphans; with this they stop as on a SIGTERM: at an agreed step, with
+    a checkpoint. Linux only (prctl); elsewhere a no-op.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+        return  # an unusual kernel: training still works, only without this guarantee
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signum)
+
+
+class StopAgreement:
+    """Makes every DDP rank stop at the same step boundary, whichever rank a signal reached and when.
+
+    Ranks that stop at different steps leave the others blocked in a collective with a closed peer (gloo:
+    "Connection closed by peer", no checkpoint). Each step, every rank starts a non-blocking MAX all-reduce
+    of its local stop flag (the signal number, or 0) and waits for it only at the *next* step boundary; by
+    then it has long completed, so the agreement costs no wait and, since the flag lives on the CPU in a
+    gloo group of its own, no device synchronisation (under NCCL a device flag would need a host sync to be
+    read). All ranks read the same reduced value after the same step, so all stop one step after the first
+    signal anywhere. Without DDP the local flag is the decision, at once.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.group = dist.new_group(backend="gloo") if enabled else None
+        self.flag = torch.zeros(1, dtype=torch.int32)
+        self.pending = None
+
+    def after_step(self, local_signal: int | None) -> int | None:
+        """The agreed stop signal after this step (None: go on)."""
+        if not self.enabled:
+            return local_signal
+        agreed = self._collect()
+        self.flag.fill_(local_signal or 0)
+        self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        return agreed
+
+    def close(self) -> None:
+        """Completes the reduction in flight (before the process group goes away)."""
+        if self.enabled:
+            self._collect()
+
+    def _collect(self) -> int | None:
+        if self.pending is None:
+            return None
+        self.pending.wait()
+        self.pending = None
+        return int(self.flag.item()) or None

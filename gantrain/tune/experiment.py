@@ -11,6 +11,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +34,7 @@ from gantrain.engine.models import build_models
 from gantrain.tune.results import Outcome, summarise
 from gantrain.tune.settings import TuneSettings, load_settings
 from gantrain.tune.space import Space, load_space, parse_space
-from gantrain.tune.trainable import report_every, train_trial, trial_epochs
+from gantrain.tune.trainable import report_every, train_trial, trial_epochs, trial_folder_name
 
 # Environment a trial on another node needs from the driver's shell.
 FORWARDED_ENV = ("GANTRAIN_DATA", "GANTRAIN_CACHE", "XDG_CACHE_HOME")
@@ -73,11 +76,53 @@ def experiment_folder(storage: str | Path, name: str) -> ExperimentFolder:
 
 
 # ----- preparing a new experiment or reading an interrupted one ---------------------------------------------
+# Run options a trial sets itself: given to `gantrain tune`, each is refused with the option that does the job.
+ONE_PROCESS = "a trial is one process: spread trials with --gpus-per-trial, --max-concurrent and --address"
+TRIAL_OWNED = {
+    "out": "each trial writes into <storage>/<name>/trial_<id>/run: choose the folder with --storage and --name",
+    "max_steps": "trials are budgeted in epochs: use --max-epochs, and --limit for shorter epochs",
+    "checkpoint_every": "a trial checkpoints at every report (every --eval-every epochs, 1 when 0)",
+    "keep_checkpoints": "Tune keeps each trial's newest checkpoints itself",
+    **{name: ONE_PROCESS for name in ("ddp", "nproc", "nnodes", "node_rank", "master_addr", "master_port",
+                                      "sync_bn")},
+}
+
+
+def refuse_trial_owned(flags: dict[str, Any], settings: TuneSettings) -> None:
+    """Every run flag ``gantrain tune`` accepts acts on the trials; those a trial sets itself are refused."""
+    given = {name for name, value in flags.items() if value is not None}
+    for name in TRIAL_OWNED:
+        if name in given:
+            raise ConfigError(f"--{name.replace('_', '-')}: not a tune option: {TRIAL_OWNED[name]}")
+    if "epochs" in given and settings.max_epochs:
+        raise ConfigError("--epochs: --max-epochs sets the trials' budget; give one of the two")
+    device = "cuda" if settings.gpus_per_trial > 0 else "cpu"
+    if flags.get("device") not in (None, device):
+        raise ConfigError(f"--device: --gpus-per-trial {settings.gpus_per_trial:g} puts the trials on {device}; "
+                          "choose the device with --gpus-per-trial")
+
+
+def check_experiment(settings: TuneSettings, space: Space) -> None:
+    """Scheduler, search and space combinations Ray would accept and then fail on mid-experiment."""
+    grid = [d.name for d in space.dimensions if d.kind == "grid"]
+    if grid and settings.search != "random":
+        raise ConfigError(f"--search: grid dimensions need --search random, not {settings.search}")
+    if settings.scheduler == "pbt":
+        if grid:
+            raise ConfigError(f"--scheduler pbt: its exploit step copies a better trial's whole config, so the grid "
+                              f"values of {', '.join(grid)} would not be kept; search them with choice = [...] in "
+                              "--space, or use --scheduler asha or fifo")
+        space.pbt_mutations()  # names the problem when the space searches nothing PBT can perturb
+
+
 def prepare_base(cfg: Config, settings: TuneSettings) -> Config:
     """Checks the config can run as trials and pins its data and metrics-cache paths for every trial."""
     if cfg.dist.ddp:
         raise ConfigError("--ddp: each trial is one process; spread trials over GPUs and nodes with "
                           "--gpus-per-trial and --address instead")
+    if cfg.run.max_steps:  # from a --config file (the flag is refused by refuse_trial_owned)
+        raise ConfigError(f"--max-steps: the config sets max_steps = {cfg.run.max_steps}, but {TRIAL_OWNED['max_steps']}"
+                          "; set it to 0")
     if cfg.run.device == "cuda" and settings.gpus_per_trial == 0:
         raise ConfigError("--gpus-per-trial: --device cuda needs GPUs reserved per trial (e.g. 1 or 0.5)")
     # Trials run in their own working folders (on other nodes too): relative paths would not resolve there.
@@ -122,6 +167,56 @@ def reopen(folder: ExperimentFolder) -> tuple[Config, TuneSettings, Space]:
                                                                  str(folder.space_file))
 
 
+# ----- the driver process ----------------------------------------------------------------------------------
+DRIVER_ENV = "GANTRAIN_TUNE_DRIVER"
+
+
+def needs_driver_process(address: str | None) -> bool:
+    """True in a `gantrain tune` that would start Ray on this machine and is not yet the driver process."""
+    return address is None and DRIVER_ENV not in os.environ and not ray.is_initialized() \
+        and sys.platform.startswith("linux")
+
+
+def run_driver_process(folder: ExperimentFolder, resume: bool, storage: str | Path) -> int:
+    """Runs the experiment :func:`prepare` wrote into ``folder`` in a child process, the Ray driver
+    (:mod:`gantrain.tune.driver`), and returns its exit code.
+
+    Ray's local processes share fate with the driver only through SIGKILL (prctl), and its two agent processes
+    then spend up to 60 s failing to report the raylet's death to the dead GCS: a killed driver left them
+    behind for a minute, and its experiment state as of its last periodic save. Here the command the user
+    started (and may kill) is this thin parent; the driver gets SIGINT from the kernel when the parent dies
+    (PR_SET_PDEATHSIG) and stops the experiment as on Ctrl-C: Tune saves its state and Ray shuts down. The
+    driver runs in a process group of its own, so a Ctrl-C in the terminal reaches it once, through here;
+    SIGINT, SIGTERM and SIGHUP to the parent are all passed on as SIGINT (Tune's graceful stop).
+    """
+    from gantrain.engine.runtime import PR_SET_PDEATHSIG
+    import ctypes
+
+    def in_child() -> None:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGINT, 0, 0, 0)
+
+    command = [sys.executable, "-m", "gantrain.tune.driver", str(folder.path), "resume" if resume else "new",
+               str(storage)]
+    child = subprocess.Popen(command, env={**os.environ, DRIVER_ENV: "1"}, process_group=0, preexec_fn=in_child)
+
+    def forward(signum, frame) -> None:
+        child.send_signal(signal.SIGINT)
+
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, forward) for sig in handled}
+    try:
+        while True:
+            try:
+                code = child.wait()
+                break
+            except InterruptedError:
+                continue
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return code if code >= 0 else 128 - code
+
+
 # ----- Ray ------------------------------------------------------------------------------------------------
 def start_ray(address: str | None) -> bool:
     """Joins ``address`` (``auto`` or ``ray://host:port``) or starts Ray on this machine; True if started here."""
@@ -140,8 +235,8 @@ def start_ray(address: str | None) -> bool:
     return True
 
 
-def make_trainable(cfg: Config, settings: TuneSettings):
-    bound = tune.with_parameters(train_trial, base=cfg.to_dict(), settings=settings)
+def make_trainable(folder: ExperimentFolder, cfg: Config, settings: TuneSettings):
+    bound = tune.with_parameters(train_trial, base=cfg.to_dict(), settings=settings, experiment=str(folder.path))
     return tune.with_resources(bound, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
 
 
@@ -174,8 +269,7 @@ class ClipToSpace:
 
 def make_searcher(settings: TuneSettings, space: Space, baseline: dict[str, Any] | None):
     points = [baseline] if baseline else None
-    if space.has_grid and settings.search != "random":
-        raise ConfigError(f"--search: grid dimensions need --search random, not {settings.search}")
+    check_experiment(settings, space)
     if settings.search == "random":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -196,8 +290,7 @@ def make_searcher(settings: TuneSettings, space: Space, baseline: dict[str, Any]
 
 
 def trial_dirname(trial) -> str:
-    """Short trial folder names (Ray's default appends every sampled value)."""
-    return f"trial_{trial.trial_id}"
+    return trial_folder_name(trial.trial_id)
 
 
 class ProgressLog(tune.Callback):
@@ -239,24 +332,42 @@ def make_tuner(folder: ExperimentFolder, cfg: Config, settings: TuneSettings, sp
         stop={"training_iteration": reports} if pbt else None,
         failure_config=tune.FailureConfig(max_failures=settings.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=PBT_CHECKPOINTS_KEPT if pbt else CHECKPOINTS_KEPT),
-        sync_config=tune.SyncConfig(sync_artifacts=True), callbacks=[ProgressLog(settings.metric), *callbacks])
-    return tune.Tuner(make_trainable(cfg, settings), param_space=space.param_space(), tune_config=config,
+        # the trials write their run folders into the experiment folder themselves (train_trial)
+        sync_config=tune.SyncConfig(sync_artifacts=False), callbacks=[ProgressLog(settings.metric), *callbacks])
+    return tune.Tuner(make_trainable(folder, cfg, settings), param_space=space.param_space(), tune_config=config,
                       run_config=run)
 
 
 # ----- the whole experiment -------------------------------------------------------------------------------
+def prepare(folder: ExperimentFolder, *, cfg: Config | None = None, settings: TuneSettings | None = None,
+            space_file: str | Path | None = None, resume: bool = False) -> None:
+    """Checks a new experiment (``cfg``, ``settings``, ``space_file``) and writes its folder, or checks that
+    ``folder`` holds one to continue (``resume``): every refusal comes before Ray or any trial starts."""
+    if resume:
+        reopen(folder)
+        return
+    assert cfg is not None and settings is not None
+    cfg = prepare_base(cfg, settings)
+    space = load_space(space_file, cfg)
+    check_experiment(settings, space)
+    create(folder, cfg, settings, space)
+
+
 def run_experiment(folder: ExperimentFolder, *, cfg: Config | None = None, settings: TuneSettings | None = None,
                    space_file: str | Path | None = None, resume: bool = False, address: str | None = None,
                    console: Console | None = None, callbacks: Sequence = ()) -> Outcome:
     """Runs a new experiment (``cfg``, ``settings``, ``space_file``) or continues one (``resume``)."""
+    prepare(folder, cfg=cfg, settings=settings, space_file=space_file, resume=resume)
+    return run_prepared(folder, resume=resume, address=address, console=console, callbacks=callbacks)
+
+
+def run_prepared(folder: ExperimentFolder, *, resume: bool, address: str | None = None,
+                 console: Console | None = None, callbacks: Sequence = ()) -> Outcome:
+    """Runs the experiment :func:`prepare` wrote into ``folder`` (its base config, settings and space)."""
     console = console or Console(stderr=True)
-    if resume:
-        cfg, settings, space = reopen(folder)
-    else:
-        assert cfg is not None and settings is not None
-        cfg = prepare_base(cfg, settings)
-        space = load_space(space_file, cfg)
-        create(folder, cfg, settings, space)
+    cfg = load_toml(folder.base_file)
+    settings = load_settings(folder.settings_file)
+    space = parse_space(folder.space_file.read_text(), cfg, str(folder.space_file))
     setup_logging(console, folder.path / "tune.log")
     warm_metrics(cfg)
     started = start_ray(address)
@@ -274,7 +385,7 @@ def _fit(folder: ExperimentFolder, cfg: Config, settings: TuneSettings, space: S
              space.num_trials(settings.num_samples),
              settings.scheduler, settings.search, ", ".join(d.describe() for d in space.dimensions))
     if resume:
-        tuner = tune.Tuner.restore(str(folder.path), make_trainable(cfg, settings), resume_unfinished=True,
+        tuner = tune.Tuner.restore(str(folder.path), make_trainable(folder, cfg, settings), resume_unfinished=True,
                                    resume_errored=True)
     else:
         tuner = make_tuner(folder, cfg, settings, space, callbacks)

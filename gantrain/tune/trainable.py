@@ -14,7 +14,6 @@ epochs) reports once more, with ``diverged`` naming why, and ends cleanly: the e
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
@@ -27,6 +26,7 @@ from rich.console import Console
 
 from gantrain.engine import checkpoint as ckpt
 from gantrain.engine.config import Config, from_dict, override
+from gantrain.engine.runlog import log
 from gantrain.engine.loop import Trainer
 from gantrain.engine.metrics import METRIC_KEYS, evaluate_generator
 from gantrain.tune.settings import TuneSettings
@@ -75,7 +75,7 @@ class DivergenceMonitor:
     def check(self, trainer: Trainer) -> str | None:
         if not all(bool(torch.isfinite(p).all()) for m in (trainer.gan.g, trainer.gan.d) for p in m.parameters()):
             return "non-finite weights"
-        losses = [trainer.last_record.get(k) for k in ("loss_d", "loss_g")]
+        losses = [trainer.epoch_means.get(k) for k in ("loss_d", "loss_g")]  # the epoch's, not the last log's
         if any(v is not None and not math.isfinite(v) for v in losses):
             return "non-finite loss"
         loss_d = losses[0]
@@ -126,8 +126,9 @@ class EpochReporter:
 
     @staticmethod
     def _training_metrics(trainer: Trainer, epochs_done: int) -> dict[str, float]:
-        record = trainer.last_record
-        values = {k: float(record[k]) for k in (*LOSS_KEYS, "images_per_s") if k in record}
+        values = {k: float(v) for k, v in trainer.epoch_means.items() if k in LOSS_KEYS}
+        if "images_per_s" in trainer.last_record:  # throughput of the last log window
+            values["images_per_s"] = float(trainer.last_record["images_per_s"])
         return {**values, "epoch": epochs_done, "step": trainer.step}
 
 
@@ -170,24 +171,51 @@ def run_trial(cfg: Config, settings: TuneSettings, report: Report, resume: Path 
     return trainer.stop_reason
 
 
-def train_trial(params: dict[str, Any], *, base: dict[str, Any], settings: TuneSettings) -> None:
-    """The Ray Tune function trainable (bound to ``base`` and ``settings`` with ``tune.with_parameters``)."""
+def trial_folder_name(trial_id: str) -> str:
+    """Short trial folder names (Ray's default appends every sampled value)."""
+    return f"trial_{trial_id}"
+
+
+def train_trial(params: dict[str, Any], *, base: dict[str, Any], settings: TuneSettings, experiment: str) -> None:
+    """The Ray Tune function trainable (bound to ``base``, ``settings`` and the experiment folder with
+    ``tune.with_parameters``).
+
+    The run folder is ``<experiment>/trial_<id>/run`` itself, not one in Ray's temporary working folder that
+    Ray copies over at each report: the storage is a (shared) filesystem, so the trial writes its samples,
+    metrics.jsonl and train.log where they stay, and a resumed trial continues the same files.
+    """
     from ray import tune
 
     def report(metrics: dict[str, Any], folder: Path | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(str(folder)) if folder is not None else None
         tune.report(metrics, checkpoint=checkpoint)
 
-    cfg = trial_config(base, params, settings, Path(RUN_FOLDER).resolve())
-    with _restored_checkpoint(tune.get_checkpoint()) as resume:
-        run_trial(cfg, settings, report, resume)
+    trial_dir = Path(experiment) / trial_folder_name(tune.get_context().get_trial_id())
+    cfg = trial_config(base, params, settings, trial_dir / RUN_FOLDER)
+    given = tune.get_checkpoint()
+    resume = newest_checkpoint(Path(given.path) if given is not None else None, trial_dir)
+    run_trial(cfg, settings, report, resume)
 
 
-@contextlib.contextmanager
-def _restored_checkpoint(checkpoint):
-    """The checkpoint file of a restored trial (downloaded when the storage is remote), or None."""
-    if checkpoint is None:
-        yield None
-        return
-    with checkpoint.as_directory() as folder:
-        yield Path(folder) / CHECKPOINT_FILE
+def newest_checkpoint(given: Path | None, trial_dir: Path) -> Path | None:
+    """The checkpoint file a (re)started trial continues from.
+
+    Ray hands over the checkpoint its experiment state recorded; a driver killed outright records the state
+    only every so often, so a trial's newer checkpoints may be on disk but not in it (before, such trials
+    restarted from an older one, or from scratch). The newest complete checkpoint written in the trial's own
+    folder is where it really was. A checkpoint from another trial's folder is PBT's exploit step copying a
+    donor: that one is the decision to follow.
+    """
+    if given is not None and given.resolve().parent != trial_dir.resolve():
+        return given / CHECKPOINT_FILE
+    own = sorted(trial_dir.glob(f"checkpoint_*/{CHECKPOINT_FILE}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in own:
+        try:
+            ckpt.load_checkpoint(path)  # a copy torn by the kill is skipped for the one before it
+        except ckpt.CheckpointError as exc:
+            log.warning("skipping %s", exc)
+            continue
+        if given is None or path.parent.resolve() != given.resolve():
+            log.info("resuming from %s, newer than the experiment state's %s", path, given or "none")
+        return path
+    return given / CHECKPOINT_FILE if given is not None else None

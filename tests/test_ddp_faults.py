@@ -1,0 +1,208 @@
+"""Faults around a `gantrain run --ddp` job (2 gloo workers on the CPU): a port in use, signals to the launcher
+or to the workers, a launcher killed outright, a crashed worker. Each ends with every process gone, one line
+saying what happened, and (for signals) one checkpoint at the step all ranks stopped at."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gantrain.engine.checkpoint import load_checkpoint
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux signals")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _command(datasets_root: Path, out: Path, port: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "gantrain", "run", "--data-root", str(datasets_root), "--limit", "256",
+            "--batch-size", "16", "--ngf", "16", "--ndf", "16", "--log-every", "1", "--sample-every", "0",
+            "--device", "cpu", "--out", str(out), "--ddp", "--nproc", "2", "--master-port", str(port), *extra]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "GANTRAIN_DATA"}
+    env["COLUMNS"] = "250"  # one rich line per message, so substring checks see it whole
+    return env
+
+
+def _descendants(pid: int) -> list[int]:
+    try:
+        children = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+    return children + [d for child in children for d in _descendants(child)]
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+    except OSError:
+        return False
+    return "--config" in args and "torch.distributed.run" not in args  # (before: torchrun was a child too)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _wait_gone(pids: list[int], timeout_s: float) -> float:
+    """Seconds until none of ``pids`` runs (zombies count as gone); fails after ``timeout_s``."""
+    start = time.monotonic()
+    while any(_alive(p) for p in pids):
+        if time.monotonic() - start > timeout_s:
+            for p in pids:
+                if _alive(p):
+                    os.kill(p, signal.SIGKILL)
+            pytest.fail(f"processes {[p for p in pids if _alive(p)]} still ran {timeout_s:.0f} s later")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+class Job:
+    """A long tiny DDP run started in its own session; ``workers`` are the launcher's two children."""
+
+    def __init__(self, datasets_root: Path, tmp_path: Path) -> None:
+        self.out, self.all, self.datasets_root = tmp_path / "run", [], datasets_root
+        self.proc = subprocess.Popen(_command(datasets_root, self.out, _free_port(), "--epochs", "1000"),
+                                     cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, start_new_session=True)
+        deadline = time.monotonic() + 120
+        metrics = self.out / "metrics.jsonl"
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+            if self.proc.poll() is not None:
+                pytest.fail(f"training exited early with {self.proc.returncode}: {self.proc.stderr.read()[-3000:]}")
+            assert time.monotonic() < deadline, "no metrics within 120 s"
+            time.sleep(0.05)
+        self.all = [self.proc.pid, *_descendants(self.proc.pid)]
+        self.workers = [p for p in self.all if _is_worker(p)]
+        assert len(self.workers) == 2, self.workers
+
+    def kill_leftovers(self) -> None:
+        for pid in {*self.all, *_descendants(self.proc.pid)}:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+    def finish(self, timeout_s: float = 120) -> tuple[int | None, str, float]:
+        """Waits until the launcher and both workers are gone: (launcher exit code, stderr, seconds)."""
+        try:
+            seconds = _wait_gone(self.all, timeout_s)
+            _, stderr = self.proc.communicate(timeout=timeout_s)
+        finally:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.communicate()
+        return self.proc.returncode, stderr, seconds
+
+    def checkpoint_step(self) -> int:
+        return load_checkpoint(self.out / "checkpoints" / "last.pt")["step"]
+
+
+@pytest.fixture
+def start_job(datasets_root: Path, tmp_path: Path):
+    """Starts the job; whatever happens in the test, none of its processes outlives it."""
+    jobs: list[Job] = []
+
+    def start() -> Job:
+        job = Job.__new__(Job)
+        jobs.append(job)
+        job.__init__(datasets_root, tmp_path)
+        return job
+
+    yield start
+    for job in jobs:
+        job.kill_leftovers()
+        if job.proc.poll() is None:
+            job.proc.kill()
+            job.proc.communicate()
+
+
+def test_port_in_use_is_one_line_naming_the_flag(datasets_root: Path, tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run(_command(datasets_root, tmp_path / "run", port, "--max-steps", "2"), env=_env(),
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip() == (f"error: --master-port: port {port} on 127.0.0.1 is already in use (another DDP "
+                                   "run?); choose a free one with --master-port")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_the_launcher_stops_every_worker_with_one_checkpoint(start_job, signum: int) -> None:
+    job = start_job()
+    os.kill(job.proc.pid, signum)
+    code, stderr, seconds = job.finish()
+    assert code == 128 + signum, stderr[-3000:]
+    assert "Traceback" not in stderr
+    step = job.checkpoint_step()
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {signal.Signals(signum).name} to the launcher: all 2 workers stopped at step {step}; "
+                      f"checkpoint saved to {job.out / 'checkpoints' / f'step_{step:08d}.pt'}; continue with "
+                      "--resume auto"], stderr[-3000:]
+    logged = [json.loads(line)["step"] for line in (job.out / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1] == step  # --log-every 1: rank 0 logged every step up to the common stop step
+    print(f"{signal.Signals(signum).name} to the launcher: all gone after {seconds:.2f} s")
+
+
+def test_sigterm_to_the_workers_20ms_apart_agrees_on_one_step(start_job) -> None:
+    job = start_job()
+    os.kill(job.workers[1], signal.SIGTERM)  # rank 1 first: before, rank 0 then died in a collective
+    time.sleep(0.02)
+    os.kill(job.workers[0], signal.SIGTERM)
+    code, stderr, seconds = job.finish()
+    assert code == 143, stderr[-3000:]
+    assert "Traceback" not in stderr and "Connection closed" not in stderr
+    step = job.checkpoint_step()
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: SIGTERM to the workers: all 2 workers stopped at step {step}; checkpoint saved to "
+                      f"{job.out / 'checkpoints' / f'step_{step:08d}.pt'}; continue with --resume auto"]
+    print(f"SIGTERM to both workers 20 ms apart: all gone after {seconds:.2f} s")
+
+    # the agreed-step checkpoint resumes under DDP, and metrics.jsonl continues without a gap
+    again = subprocess.run(_command(job.datasets_root, job.out, _free_port(), "--max-steps", str(step + 2),
+                                    "--resume", "auto"), env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert job.checkpoint_step() == step + 2
+    records = [json.loads(line) for line in (job.out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss_d" in r] == list(range(1, step + 3))
+
+
+def test_sigkill_to_the_launcher_leaves_no_worker(start_job) -> None:
+    job = start_job()
+    os.kill(job.proc.pid, signal.SIGKILL)
+    code, _, seconds = job.finish(timeout_s=60)
+    assert code == -signal.SIGKILL
+    # the workers got SIGTERM from the kernel when their parent died: they still stopped together and saved
+    assert job.checkpoint_step() >= 2
+    print(f"SIGKILL to the launcher: workers gone after {seconds:.2f} s")
+
+
+def test_a_crashed_worker_stops_the_job_with_one_line(start_job) -> None:
+    job = start_job()
+    os.kill(job.workers[1], signal.SIGKILL)
+    code, stderr, seconds = job.finish()
+    assert code == 1, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert errors == [("error: DDP worker rank 1 was killed by SIGKILL (its own message, if any, is above); the "
+                          "launcher stopped the others; no checkpoint of this step: no checkpoint was saved yet")], \
+        stderr[-3000:]
+    assert "Traceback" not in stderr
+    print(f"SIGKILL to worker rank 1: all gone after {seconds:.2f} s; stderr:\n{stderr[-2000:]}")
