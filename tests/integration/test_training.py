@@ -128,7 +128,7 @@ def test_exact_resume(n: int, extra: list, cli, datasets_root: Path, tmp_path: P
 
 # ----- golden run --------------------------------------------------------------------------------------
 # The golden trace is data (tests/golden/fashion32-tiny-seed1234.json says what it is and when it may change).
-GOLDEN = [tuple(row) for row in json.loads((Path(__file__).parent / "golden" / "fashion32-tiny-seed1234.json")
+GOLDEN = [tuple(row) for row in json.loads((Path(__file__).parents[1] / "golden" / "fashion32-tiny-seed1234.json")
                                            .read_text())["losses"]]
 
 
@@ -213,8 +213,8 @@ def test_epoch_callbacks_run_after_each_epoch_and_can_stop(tiny_cfg, quiet_conso
 def test_a_checkpoint_of_gantrain_0_1_0_resumes_exactly(tmp_path, datasets_root, quiet_console) -> None:
     """A checkpoint written by the code before the component split (tests/golden, step 3 of a 6-step run) loads
     and continues bit-for-bit: the losses of steps 4-6 are those of the old code's uninterrupted run."""
-    golden = json.loads((Path(__file__).parent / "golden" / "fashion32-tiny-v0.1.0.json").read_text())
-    old = Path(__file__).parent / "golden" / "fashion32-tiny-v0.1.0-step3.pt"
+    golden = json.loads((Path(__file__).parents[1] / "golden" / "fashion32-tiny-v0.1.0.json").read_text())
+    old = Path(__file__).parents[1] / "golden" / "fashion32-tiny-v0.1.0-step3.pt"
     cfg = override(preset("fashion32"), dict(data_root=str(datasets_root), limit=256, batch_size=32, ngf=4, ndf=4,
                                              nz=16, sample_every=0, device="cpu", amp="off", channels_last=False,
                                              seed=7, log_every=1, max_steps=6, out=str(tmp_path / "run")))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "gantrain"
+PACKAGE = Path(__file__).resolve().parents[2] / "gantrain"
 
 # Lowest first. A module may import its own layer and the ones below (without a circle), never one above.
 LAYERS = [
