@@ -224,6 +224,14 @@ def test_too_few_images_for_one_batch_is_one_error_for_every_loader(tmp_path: Pa
                                "(--batch-size); lower --batch-size")
 
 
+def test_limit_is_said_in_the_summary(tmp_path: Path) -> None:
+    _jpegs(tmp_path / "d", 10)
+    found = discover_images(tmp_path / "d", limit=4)
+    assert [p.name for p in found.paths] == ["000.jpg", "001.jpg", "002.jpg", "003.jpg"]  # the same first N always
+    assert found.summary() == f"folder {tmp_path / 'd'}: 4 images (JPEG 4), the first of 10 found (--limit 4); no file left out"
+    assert "--limit" not in discover_images(tmp_path / "d", limit=40).summary()
+
+
 def test_hidden_root_folder_is_still_read(tmp_path: Path) -> None:
     _jpegs(tmp_path / ".cache" / "photos", 3)
     assert len(discover_images(tmp_path / ".cache" / "photos").images) == 3

@@ -90,6 +90,7 @@ class Discovery:
     left_out: dict[str, list[Path]] = field(default_factory=dict)
     loops: int = 0  # directory links not followed because they lead back into the walk
     limit: int = 0
+    found: int = 0  # images found before --limit
 
     @property
     def paths(self) -> list[Path]:
@@ -102,6 +103,7 @@ class Discovery:
         """Moves images that failed to decode (past a valid header: a truncated body) to ``unreadable``."""
         if bad:
             self.images = [image for image in self.images if image.path not in bad]
+            self.found -= len(bad)
             for path in sorted(bad):
                 self.leave_out(path, UNREADABLE)
 
@@ -110,8 +112,8 @@ class Discovery:
         formats = Counter(image.format for image in self.images)
         by_format = ", ".join(f"{fmt} {n}" for fmt, n in formats.most_common())
         line = f"folder {self.root}: {len(self.images)} images" + (f" ({by_format})" if by_format else "")
-        if self.limit:
-            line += f", the first {self.limit} used (--limit)"
+        if self.limit and self.found > len(self.images):
+            line += f", the first of {self.found} found (--limit {self.limit})"
         left = sum(len(paths) for paths in self.left_out.values())
         line += f"; left out {left} file(s): {self.left_out_text()}" if left else "; no file left out"
         if self.loops:
@@ -176,6 +178,7 @@ def discover_images(folder: Path, *, strict: bool = False, limit: int = 0,
     if not found.images:
         left = found.left_out_text()
         raise DataError(f"no images found below {folder}" + (f"; left out: {left}" if left else " (an empty folder)"))
+    found.found = len(found.images)
     if limit:
         found.images = found.images[:limit]
     return found
