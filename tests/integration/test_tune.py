@@ -234,7 +234,7 @@ def test_tiny_experiment_ranks_a_sabotaged_lr_last(ray_session, fashion_extracto
     # BatchNorm after every convolution makes G's layers scale-invariant, and that trial had the best FD (131
     # against 156-168). 256 images (16 steps an epoch, 48 in all) move the sound trials' FD clearly below the
     # untrained generator's, so the ranking is the objective's, not the noise of 100-sample FDs.
-    space.write_text("[optim]\nlr_g = { grid = [1e-3, 2e-3, 4e-3, 1e-7] }\n")
+    space.write_text("[optim]\nlr_g = { grid = [2e-3, 3e-3, 4e-3, 1e-7] }\n")
     result = cli("tune", "--data-root", datasets_root, *TINY_FLAGS, "--limit", "256", "--lr-d", "2e-3", "--space", space,
                  "--num-samples", "1", "--scheduler", "fifo", "--max-epochs", "3", "--storage", tmp_path,
                  "--name", "tiny")
