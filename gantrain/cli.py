@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -20,7 +21,27 @@ from gantrain import __version__
 from gantrain.engine.config import PRESETS, SECTION_TYPES, field_docs, field_index, resolve
 from gantrain.engine.errors import GantrainError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+
+def _flags_as_flags(params: list) -> list:
+    """Flags (``--quick``, ``--amp/--no-amp``, ``--help``) get an empty placeholder: typer shows ``<bool>``
+    for them otherwise, as if they took a value."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class FlagCommand(typer.core.TyperCommand):
+    def get_params(self, ctx):
+        return _flags_as_flags(super().get_params(ctx))
+
+
+class FlagGroup(typer.core.TyperGroup):
+    def get_params(self, ctx):
+        return _flags_as_flags(super().get_params(ctx))
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich", cls=FlagGroup,
                   help="gantrain: fast DCGAN training. Run [bold]gantrain run[/] to train the fashion32 default.")
 console = Console(stderr=True)
 
@@ -98,7 +119,7 @@ def config_flags(func):
     return _option_flags("overrides", specs)(func)
 
 
-@app.command("run", no_args_is_help=False)
+@app.command("run", no_args_is_help=False, cls=FlagCommand)
 @config_flags
 @user_errors
 def run_command(
@@ -114,7 +135,7 @@ def run_command(
     train(cfg, resume=resume, console=console)
 
 
-@app.command("presets")
+@app.command("presets", cls=FlagCommand)
 def presets_command() -> None:
     """List the presets and their key values."""
     from gantrain.engine.config import preset as build_preset
@@ -132,7 +153,7 @@ def presets_command() -> None:
     Console().print(table)
 
 
-@app.command("generate")
+@app.command("generate", cls=FlagCommand)
 @user_errors
 def generate_command(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `gantrain run` (e.g. runs/fashion32/checkpoints/last.pt).")],
@@ -155,7 +176,7 @@ def generate_command(
 _CACHE_HELP = "Extractor and real-feature cache (default: $GANTRAIN_CACHE, else $XDG_CACHE_HOME/gantrain/metrics)."
 
 
-@app.command("eval")
+@app.command("eval", cls=FlagCommand)
 @user_errors
 def eval_command(
     checkpoint: Annotated[Optional[Path], typer.Argument(help="A checkpoint written by `gantrain run` (optional with --real-vs-real --dataset).")] = None,
@@ -188,11 +209,11 @@ def eval_command(
         console.print(f"wrote {write_json(result, json_path)}")
 
 
-metrics_app = typer.Typer(no_args_is_help=True, help="Quality-metric tools: the domain feature extractors.")
+metrics_app = typer.Typer(no_args_is_help=True, cls=FlagGroup, help="Quality-metric tools: the domain feature extractors.")
 app.add_typer(metrics_app, name="metrics")
 
 
-@metrics_app.command("fit-extractor")
+@metrics_app.command("fit-extractor", cls=FlagCommand)
 @user_errors
 def fit_extractor_command(
     dataset: Annotated[str, typer.Option(help="fashion-mnist, mnist, or folder:PATH (unlabelled images: a self-supervised rotation classifier).")] = "fashion-mnist",
@@ -217,7 +238,7 @@ def fit_extractor_command(
                   f"test {info['task']} accuracy {100 * info['test_accuracy']:.2f}%; {extractor.path}")
 
 
-@app.command("bench")
+@app.command("bench", cls=FlagCommand)
 @user_errors
 def bench_command(
     preset: Annotated[str, typer.Option(help="Model preset: fashion32, mnist32, cats64, cats128 or dcgan64.")] = "fashion32",
@@ -268,7 +289,7 @@ def tune_flags(func):
     return _option_flags("tune_options", specs)(func)
 
 
-@app.command("tune", no_args_is_help=False)
+@app.command("tune", no_args_is_help=False, cls=FlagCommand)
 @config_flags
 @tune_flags
 @user_errors

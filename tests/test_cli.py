@@ -155,3 +155,34 @@ def test_error_with_markup_like_text_is_no_traceback(cli, tmp_path: Path) -> Non
     assert result.exit_code == 1
     assert isinstance(result.exception, SystemExit)
     assert "[/]" in result.stderr
+
+
+def _all_command_paths() -> list[list[str]]:
+    """Every help screen of the app: the top level, each command and each sub-group's commands."""
+    import typer.main
+
+    from gantrain.cli import app
+
+    paths, todo = [], [([], typer.main.get_command(app))]
+    while todo:
+        path, command = todo.pop()
+        paths.append(path)
+        for name, sub in getattr(command, "commands", {}).items():
+            todo.append(([*path, name], sub))
+    return paths
+
+
+@pytest.mark.parametrize("path", _all_command_paths(), ids=lambda p: " ".join(p) or "gantrain")
+def test_flags_show_no_value_placeholder(cli, path: list[str]) -> None:
+    """A flag takes no value, so its help row must not show one (typer's default shows `<bool>`)."""
+    out = cli(*path, "--help").stdout
+    assert "--help" in out
+    assert "<bool>" not in out
+    help_row = next(line for line in out.splitlines() if "--help" in line)
+    assert re.search(r"--help\s+Show this message", help_row), help_row
+
+
+def test_flags_still_parse_after_the_placeholder_change(cli, unwrap) -> None:
+    # --no-strict and --hflip are parsed as flags: an unknown --preset fails after them, not on them
+    result = cli("run", "--no-strict", "--hflip", "--preset", "nope")
+    assert result.exit_code == 2 and "--preset" in unwrap(result.output)
