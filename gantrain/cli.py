@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from gantrain import __version__
-from gantrain.engine.config import PRESETS, SECTION_TYPES, field_docs, field_index, resolve
+from gantrain.engine.config import LIST_FIELDS, PRESETS, SECTION_TYPES, field_docs, field_index, resolve
 from gantrain.engine.errors import GantrainError
 
 
@@ -96,13 +96,15 @@ def _option_flags(target: str, specs: list[tuple[str, type, str, str]]):
         for name, typ, doc, panel in specs:
             flag = "--" + name.replace("_", "-")
             option = typer.Option(f"{flag}/--no-{flag[2:]}" if typ is bool else flag, help=doc, rich_help_panel=panel,
-                                  show_default=False)
+                                  show_default=False, metavar="<names>" if typ == list[str] else None)
             params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
                                             annotation=Annotated[Optional[typ], option]))
 
         @functools.wraps(func)
         def wrapper(**kwargs):
             chosen = {k: kwargs.pop(k) for k in names if k in kwargs}
+            # a repeatable comma-list flag arrives as a list: one comma list, or None when not given
+            chosen = {k: (",".join(v) or None) if isinstance(v, list) else v for k, v in chosen.items()}
             return func(**kwargs, **{target: chosen})
 
         wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
@@ -114,8 +116,8 @@ def _option_flags(target: str, specs: list[tuple[str, type, str, str]]):
 
 def config_flags(func):
     """Adds one option per config field (default None = 'keep the preset/TOML value'), passed on as ``overrides``."""
-    specs = [(name, typ, field_docs(SECTION_TYPES[section]).get(name, ""), f"{section} options")
-             for name, (section, typ) in field_index().items()]
+    specs = [(name, list[str] if name in LIST_FIELDS else typ, field_docs(SECTION_TYPES[section]).get(name, ""),
+              f"{section} options") for name, (section, typ) in field_index().items()]
     return _option_flags("overrides", specs)(func)
 
 
@@ -187,7 +189,7 @@ def eval_command(
     data_root: Annotated[Optional[str], typer.Option(help="Data folder (default: the checkpoint's, then $GANTRAIN_DATA).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the generator noise and the KID subsets.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    inception_weights: Annotated[Optional[Path], typer.Option(help="torch-fidelity's Inception-v3 weights (weights-inception-2015-12-05-6726825d.pth): also compute the standard FID when torch-fidelity is installed.")] = None,
+    inception: Annotated[bool, typer.Option("--inception", help="Also the standard FID and KID in Inception-v3 features (the fid extra; no download; about 0.3 s per image on a CPU).")] = False,
     metrics_cache: Annotated[Optional[str], typer.Option(help=_CACHE_HELP)] = None,
     no_ema: Annotated[bool, typer.Option("--no-ema", help="Use the raw generator even if the checkpoint has an EMA one.")] = False,
 ) -> None:
@@ -196,12 +198,12 @@ def eval_command(
 
     if real_vs_real:
         result = evaluate_real(real_config(checkpoint, dataset, data_root), num_samples=n, seed=seed,
-                               data_root=data_root, cache=metrics_cache, console=console)
+                               data_root=data_root, cache=metrics_cache, console=console, inception=inception)
     elif checkpoint is None:
         raise fail("give a CHECKPOINT to evaluate, or --real-vs-real", 2)
     else:
         result = evaluate_checkpoint(checkpoint, num_samples=n, seed=seed, device=device, data_root=data_root,
-                                     cache=metrics_cache, use_ema=not no_ema, inception_weights=inception_weights,
+                                     cache=metrics_cache, use_ema=not no_ema, inception=inception,
                                      console=console)
     for table in render(result):
         Console().print(table)
@@ -236,6 +238,12 @@ def fit_extractor_command(
     how = f"fitted in {info['fit_seconds']:.0f} s" if extractor.fitted_now else "cached"
     console.print(f"{info['label']} extractor ({how}, {info['epochs']} epochs on {info['train_images']} images): "
                   f"test {info['task']} accuracy {100 * info['test_accuracy']:.2f}%; {extractor.path}")
+    from gantrain.engine.metrics.extractor import ExtractorNearChance, check_usable
+
+    try:
+        check_usable(extractor)
+    except ExtractorNearChance as exc:
+        raise fail(str(exc), exc.exit_code) from None
 
 
 @app.command("bench", cls=FlagCommand)

@@ -10,7 +10,8 @@ size, and compared with the real **test** split (never seen by the extractor's f
 
 * ``fd``: Fréchet distance of feature Gaussians (all test images as the reference);
 * ``kid_mean``/``kid_std``: KID over 50 random subsets of up to 1000 images per set;
-* ``precision``/``recall``: k=3 nearest-neighbour manifolds, with as many real as generated images;
+* ``precision``/``recall``/``density``/``coverage``: k=3 nearest-neighbour manifolds, with as many real as
+  generated images;
 * ``classifier_score``: the Inception-score formula on the extractor's class probabilities;
 * ``hist_<class>``: the share of generated images predicted as each class (mode collapse shows here).
 """
@@ -30,14 +31,14 @@ from rich.console import Console
 
 from gantrain.engine.config import Config
 from gantrain.engine.errors import ConfigError
-from gantrain.engine.metrics import stats
+from gantrain.engine.metrics import inception, stats
 from gantrain.engine.metrics.cache import cache_dir, load_artifact, save_artifact
-from gantrain.engine.metrics.extractor import Extractor, ensure_extractor, task_batch, to_unit_range
+from gantrain.engine.metrics.extractor import Extractor, check_usable, ensure_extractor, task_batch, to_unit_range
 from gantrain.engine.metrics.progress import resolve_quiet, task_bar
 from gantrain.engine.metrics.reference import DatasetSpec, load_split, spec_from_config, split_sha256
 from gantrain.engine.models import sample_noise
 
-METRIC_KEYS = ("fd", "kid_mean", "kid_std", "precision", "recall", "classifier_score")
+METRIC_KEYS = ("fd", "kid_mean", "kid_std", "precision", "recall", "density", "coverage", "classifier_score")
 GENERATE_BATCH = 500
 FEATURE_BATCH = 1000
 KID_SUBSETS = 50
@@ -81,8 +82,11 @@ class Reference:
 
 def load_reference(spec: DatasetSpec, *, cache: str | Path | None = None, device: torch.device | str = "cpu",
                    console: Console | None = None, quiet: bool = False) -> Reference:
-    """The extractor (fitted when missing) and the test split's features (computed once, then cached)."""
+    """The extractor (fitted when missing) and the test split's features (computed once, then cached).
+
+    Raises :class:`ExtractorNearChance` when the extractor's held-out accuracy is near chance."""
     extractor = ensure_extractor(spec, cache=cache, device=device, console=console, quiet=quiet)
+    check_usable(extractor)
     real = real_features(extractor, spec, "test", cache=cache, console=console, quiet=quiet)
     return Reference(spec, extractor, real)
 
@@ -145,9 +149,9 @@ def compare(fake_features: torch.Tensor, fake_probs: torch.Tensor, reference: Re
     mean, covariance = stats.mean_and_covariance(fake_features)
     kid_mean, kid_std = stats.kernel_inception_distance(fake_features, real.features, subsets=KID_SUBSETS,
                                                         subset_size=KID_SUBSET_SIZE, seed=seed)
-    precision, recall = stats.precision_recall(_pr_subset(real.features, len(fake_features)), fake_features)
+    manifold = stats.manifold_metrics(_pr_subset(real.features, len(fake_features)), fake_features)
     values = {"fd": stats.frechet_distance(mean, covariance, real.mean, real.covariance),
-              "kid_mean": kid_mean, "kid_std": kid_std, "precision": precision, "recall": recall,
+              "kid_mean": kid_mean, "kid_std": kid_std, **manifold,
               "classifier_score": stats.classifier_score(fake_probs.reshape(-1, fake_probs.shape[-1]))}
     upright = fake_probs[:, 0] if fake_probs.dim() == 3 else fake_probs
     names = reference.extractor.info["class_names"]
@@ -200,13 +204,19 @@ class Evaluator:
         return MetricReport(values, num_samples, len(self.reference.real.features),
                             seconds=time.perf_counter() - started)
 
-    def real_vs_real(self, *, num_samples: int = 10000, seed: int = 0) -> MetricReport:
-        """The floor: two disjoint random halves of the real test split, one in the generated role."""
-        started = time.perf_counter()
+    def real_halves(self, num_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two disjoint random halves of the real test split, uint8 (n, C, S, S) each, n = min(num_samples,
+        half the split); the same halves for the same seed."""
         images = load_split(self.reference.spec, "test").images
         half = min(num_samples, len(images) // 2)
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-        fake_images, real_images = images[order[:half]], images[order[half : 2 * half]]
+        return images[order[:half]], images[order[half : 2 * half]]
+
+    def real_vs_real(self, *, num_samples: int = 10000, seed: int = 0) -> MetricReport:
+        """The floor: two disjoint random halves of the real test split, one in the generated role."""
+        started = time.perf_counter()
+        fake_images, real_images = self.real_halves(num_samples, seed)
+        half = len(fake_images)
         extractor = self.reference.extractor
         fake_features, fake_probs = extract(extractor, iter(fake_images.split(FEATURE_BATCH)), half, "real half A",
                                             console=self.console, quiet=self.quiet)
@@ -225,8 +235,9 @@ def evaluate_generator(generator: torch.nn.Module, cfg: Config, *, num_samples: 
                        seed: int = 0, quiet: bool | None = None) -> dict[str, float]:
     """Quality metrics of ``generator`` for ``cfg``'s dataset: the objective ``gantrain tune`` optimises.
 
-    Returns at least ``fd``, ``kid_mean``, ``kid_std``, ``precision``, ``recall`` and ``classifier_score``
-    (plus ``hist_<class>`` shares). Fits the extractor and caches real statistics on first use; keeps them
+    Returns at least ``fd``, ``kid_mean``, ``kid_std``, ``precision``, ``recall``, ``density``, ``coverage``
+    and ``classifier_score`` (plus ``hist_<class>`` shares; with ``--eval-metrics inception`` also
+    ``inception_fid``, ``inception_kid_mean``/``_std`` and ``inception_s_per_1000``). Fits the extractor and caches real statistics on first use; keeps them
     in memory for later calls. No progress bars when ``quiet`` is true, or (by default) off the main thread
     or inside a Ray worker. The generator is evaluated in eval mode and left in the mode it had.
     """
@@ -236,7 +247,11 @@ def evaluate_generator(generator: torch.nn.Module, cfg: Config, *, num_samples: 
     original_device = next(generator.parameters()).device
     generator.to(device)
     try:
-        return evaluator.evaluate(generator, cfg, num_samples=num_samples, seed=seed).values
+        values = evaluator.evaluate(generator, cfg, num_samples=num_samples, seed=seed).values
+        if inception.requested(cfg.run.eval_metrics):
+            values.update(inception.generator_scores(generator, cfg, evaluator.reference.spec, num_samples=num_samples,
+                                                     seed=seed, cache=cfg.run.metrics_cache or None))
+        return values
     finally:
         generator.to(original_device)
 
