@@ -185,3 +185,38 @@ def test_real_inception_fid_is_zero_for_itself_and_grows_with_noise(datasets_roo
     noisy = (images[order].float() + torch.randn(60, 1, 32, 32, generator=torch.Generator().manual_seed(2)) * 60)
     noisy_features = net(noisy.clamp(0, 255).to(torch.uint8))
     assert inc.inception_scores(noisy_features, real)["inception_fid"] > 50
+
+
+def test_training_with_eval_metrics_inception_records_it(stand_in_package: Path, fashion_extractor, tiny_cfg,
+                                                          quiet_console) -> None:
+    """--eval-metrics inception: each --eval-every record holds the Inception FID/KID next to the domain FD,
+    computed on the same generated images (the same noise) as the domain metrics."""
+    from gantrain.engine.loop import Trainer
+    from gantrain.engine.metrics import evaluate_generator
+
+    cfg = tiny_cfg("incep", limit=256, max_steps=8, eval_every=1, eval_samples=100, eval_metrics="inception")
+    Trainer(cfg, console=quiet_console).fit()
+    records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "fd" in r]
+    assert len(evals) == 1 and evals[0]["step"] == 8
+    assert evals[0]["inception_fid"] > 0 and "inception_kid_mean" in evals[0] and evals[0]["inception_s_per_1000"] > 0
+    # the tuner's entry point gives the same value for the same generator
+    from gantrain.engine.generate import load_generator
+
+    generator, _ = load_generator(cfg.run_dir / "checkpoints" / "last.pt", "cpu")
+    values = evaluate_generator(generator, cfg, num_samples=100, seed=cfg.run.seed, quiet=True)
+    assert values["inception_fid"] == pytest.approx(evals[0]["inception_fid"], rel=1e-5)
+
+
+def test_eval_metrics_validates_and_refuses_without_the_extra(tiny_cfg, quiet_console,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from gantrain.engine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--eval-metrics"):
+        tiny_cfg("x", eval_metrics="inceptoin")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    from gantrain.engine.metrics.tracking import QualityTracker
+
+    monkeypatch.setattr("gantrain.engine.metrics.tracking.Evaluator.for_config", lambda *a, **k: None)
+    with pytest.raises(inc.InceptionUnavailable, match=r"gantrain\[fid\]"):
+        QualityTracker(tiny_cfg("y", eval_every=1, eval_metrics="inception"), torch.device("cpu"), quiet_console)

@@ -279,12 +279,13 @@ def test_cli_eval_table_and_json(fashion_extractor, trained_run: Path, cli, unwr
     result = cli("eval", trained_run / "checkpoints" / "last.pt", "-n", "300", "--json", out)
     assert result.exit_code == 0, result.output
     text = unwrap(result.output)
-    for label in ("Fréchet distance (FD)", "KID (mean ± std)", "precision", "recall", "classifier score",
-                  "Inception FID", "skipped", "t-shirt"):
+    for label in ("Fréchet distance (FD)", "KID (mean ± std)", "precision", "recall", "density", "coverage",
+                  "classifier score", "Inception FID", "not requested (--inception)", "t-shirt"):
         assert label in text, label
     report = json.loads(out.read_text())
     assert report["mode"] == "generator" and report["step"] == 6 and report["num_generated"] == 300
     assert set(METRIC_KEYS) <= report["metrics"].keys() and report["inception_fid"] is None
+    assert report["inception"] is None and "--inception" in report["inception_note"]
     assert sum(report["class_histogram"].values()) == pytest.approx(1.0)
 
 

@@ -117,6 +117,7 @@ class Trainer:
             # left to train) is refused before any file of it exists.
             self._prepare_run_dir(resume_state is not None, notes)
             self.tracker = self._build_tracker()
+            self.trackers = self._build_trackers()
         except BaseException:
             self.close()
             if created and self.dist.is_main:
@@ -125,8 +126,14 @@ class Trainer:
             raise
 
     def close(self) -> None:
-        """Releases the run folder (its lock); :meth:`fit` does this itself when it ends, however it ends."""
-        self.lock.release()
+        """Releases the run folder (its lock) and closes the experiment trackers (marked unfinished unless
+        :meth:`fit` finished them); :meth:`fit` does this itself when it ends, however it ends."""
+        trackers = getattr(self, "trackers", None)
+        try:
+            if trackers:
+                trackers.finish({**self.last_record, **self.last_eval}, ok=False)
+        finally:
+            self.lock.release()
 
     # ----- construction -------------------------------------------------------------------------------
     def _resumed_config(self, cfg: Config, state: dict | None) -> Config:
@@ -154,6 +161,9 @@ class Trainer:
         if not resuming and (self.run_dir / "checkpoints" / "last.pt").exists():
             raise ConfigError(f"--out: {self.run_dir} already holds a run; continue it with --resume auto "
                               "or choose another --out")
+        from gantrain.engine.trackers import check_loggers, parse_loggers
+
+        check_loggers(parse_loggers(self.cfg.run.logger))  # a missing extra is refused before any file is written
         setup_logging(self.console, pending=True)
 
     def _prepare_run_dir(self, resuming: bool, notes: list[str]) -> None:
@@ -267,6 +277,14 @@ class Trainer:
 
         return QualityTracker(self.cfg, self.device, self.console, best_fd=self.best_fd)
 
+    def _build_trackers(self):
+        """TensorBoard / W&B / MLflow (--logger) on rank 0, fed from the metrics.jsonl records; the config first."""
+        from gantrain.engine.trackers import Trackers
+
+        if not self.dist.is_main:
+            return None
+        return Trackers(self.cfg, self.run_dir, resume_step=self.step if self.resume_path else None)
+
     # ----- the loop ------------------------------------------------------------------------------------
     def fit(self) -> FitResult:
         """Trains to ``total_steps``; releases the run folder when it ends, however it ends.
@@ -307,6 +325,8 @@ class Trainer:
         record, improved = self.tracker.evaluate(generator, self.step, epochs_done)
         self.best_fd, self.last_eval = self.tracker.best_fd, record
         self.metrics.write(record)
+        if self.trackers:
+            self.trackers.record(record)
         self.tracker.plot(self.run_dir)
         summary = self.tracker.summary(record)
         bar.update(self.task, quality=f" | {summary}")
@@ -396,6 +416,8 @@ class Trainer:
                       **{f"{k}_ms": round(v / steps, 2) for k, v in phases_ms.items()}, "time": time.time()}
             self.last_record = record
             self.metrics.write(record)
+            if self.trackers:
+                self.trackers.record(record)
             bar.update(self.task, completed=self.step, epoch=f"{epoch + 1}/{self.cfg.run.epochs}",
                        loss_d=f"{stats['loss_d']:.3f}", loss_g=f"{stats['loss_g']:.3f}",
                        images_per_s=f"{images_per_s:.0f}")
@@ -412,7 +434,10 @@ class Trainer:
         return generate_images(model, noise, self.policy)
 
     def write_samples(self) -> Path:
-        return save_grid(self.sample(self.fixed_noise), self.run_dir / "samples" / f"step_{self.step:06d}.png")
+        path = save_grid(self.sample(self.fixed_noise), self.run_dir / "samples" / f"step_{self.step:06d}.png")
+        if self.trackers:
+            self.trackers.image(self.step, path)
+        return path
 
     def state_dict(self) -> dict:
         rng = {"torch": torch.get_rng_state(), "noise": self.noise_gen.get_state()}
@@ -584,6 +609,10 @@ class Trainer:
                          self.replica_max_abs_diff)
                 self.metrics.write({"step": self.step, "ddp_replica_max_abs_diff": self.replica_max_abs_diff})
             self.write_final_outputs()
+            if self.trackers:
+                if not (self.run_dir / "samples" / f"step_{self.step:06d}.png").exists():
+                    self.trackers.image(self.step, self.run_dir / "final.png")
+                self.trackers.finish({**self.last_record, **self.last_eval}, ok=True)
         return FitResult(self.step, self.epoch, self.run_dir, self.last_checkpoint)
 
     def write_final_outputs(self) -> None:

@@ -29,13 +29,13 @@ class QualityTracker:
 
     def __init__(self, cfg: Config, device: torch.device, console: Console, best_fd: float | None = None) -> None:
         self.cfg = cfg
+        self.inception = inception.requested(cfg.run.eval_metrics)
+        if self.inception:  # refused here, at start, not at the first evaluation an epoch later
+            inception.load_inception(device)
         # Built before the training bar goes live: fitting the extractor shows its own progress bar here.
         self.evaluator = Evaluator.for_config(cfg, device=device, console=console, quiet=False)
         self.evaluator.quiet = True  # inside the loop the training bar is the one live display
         self.best_fd = best_fd
-        self.inception = inception.requested(cfg.run.eval_metrics)
-        if self.inception:  # refused here, at start, not at the first evaluation an epoch later
-            inception.load_inception(device)
 
     def due(self, epochs_done: int) -> bool:
         every = self.cfg.run.eval_every
