@@ -128,12 +128,13 @@ class _Tracker:
 class TensorBoardTracker(_Tracker):
     name = "tensorboard"
 
-    def __init__(self, folder: Path, first_step: int, resumed: bool) -> None:
+    def __init__(self, folder: Path, first_step: int) -> None:
         _require("tensorboard", "tensorboard")
         module = _require("torch.utils.tensorboard", "tensorboard")
         # purge_step: TensorBoard discards events of earlier files at and after it, i.e. what an interrupted
-        # process logged past the checkpoint this run resumes from
-        self.writer = module.SummaryWriter(str(folder), purge_step=first_step if resumed else None)
+        # process logged past the checkpoint this run resumes from; for a fresh run (step 1) whatever an earlier
+        # run without a checkpoint left in the folder (a tune trial's failed attempt, say)
+        self.writer = module.SummaryWriter(str(folder), purge_step=first_step)
         self.folder = folder
 
     def config(self, hparams: dict[str, Any]) -> None:
@@ -281,7 +282,7 @@ class Trackers:
             run_id = saved.get("run_id") if resume_step is not None else None
             try:
                 if name == "tensorboard":
-                    tracker: _Tracker = TensorBoardTracker(run_dir / "tb", first_step, resume_step is not None)
+                    tracker: _Tracker = TensorBoardTracker(run_dir / "tb", first_step)
                 elif name == "wandb":
                     tracker = WandbTracker(run_dir, run_id, hparams)
                 else:
