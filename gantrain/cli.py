@@ -128,12 +128,19 @@ def run_command(
     preset: Annotated[Optional[str], typer.Option(help="Preset to start from (see `gantrain presets`).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="TOML config (e.g. a run's config.toml) applied over the preset.")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Continue a run: 'auto' (the --out folder's last.pt) or a checkpoint path.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config (and where each value came from: preset, file, flag) and the schedule, then exit without training or touching the run folder.")] = False,
     overrides: dict[str, Any] | None = None,
 ) -> None:
     """Train a DCGAN. Bare `gantrain run` trains the fashion32 preset."""
+    cfg = resolve(preset, str(config) if config else None, overrides or {})
+    if dry_run:
+        from gantrain.engine import dryrun
+
+        sources = dryrun.value_sources(preset, str(config) if config else None, overrides or {})
+        dryrun.show(cfg, sources, dryrun.plan(cfg), Console(), resume)
+        return
     from gantrain.engine.launch import train
 
-    cfg = resolve(preset, str(config) if config else None, overrides or {})
     train(cfg, resume=resume, console=console)
 
 
