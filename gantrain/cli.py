@@ -165,7 +165,7 @@ def presets_command() -> None:
 @app.command("generate", cls=FlagCommand)
 @user_errors
 def generate_command(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `gantrain run` (e.g. runs/fashion32/checkpoints/last.pt).")],
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `gantrain run` (e.g. runs/fashion32/checkpoints/last.pt), or a generator written by `gantrain export`.")],
     n: Annotated[int, typer.Option("-n", "--num", min=1, help="Number of images.")] = 64,
     out: Annotated[Path, typer.Option(help="Output grid PNG.")] = Path("grid.png"),
     seed: Annotated[int, typer.Option(help="Seed of the noise.")] = 0,
@@ -180,6 +180,21 @@ def generate_command(
     result = generate(checkpoint, n=n, out=out, seed=seed, individual=individual, nrow=nrow, device=device,
                       use_ema=not no_ema)
     console.print(f"wrote {result.grid} ({n} images{', ' + str(len(result.individual)) + ' files in ' + str(individual) if individual else ''})")
+
+
+@app.command("export", cls=FlagCommand)
+@user_errors
+def export_command(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `gantrain run`.")],
+    out: Annotated[Path, typer.Option(help="Output file (safetensors): the generator's weights and its config as metadata.")] = Path("generator.safetensors"),
+    no_ema: Annotated[bool, typer.Option("--no-ema", help="Export the raw generator even if the checkpoint has an EMA one.")] = False,
+) -> None:
+    """Export a checkpoint's generator (its EMA copy when present) as one safetensors file for sharing;
+    `gantrain generate` and `gantrain eval` read it like a checkpoint."""
+    from gantrain.engine.export import export_generator
+
+    path, which = export_generator(checkpoint, out, use_ema=not no_ema)
+    console.print(f"wrote {path} ({'EMA' if which == 'ema' else 'raw'} generator, {path.stat().st_size / 1e6:.1f} MB)")
 
 
 _CACHE_HELP = "Extractor and real-feature cache (default: $GANTRAIN_CACHE, else $XDG_CACHE_HOME/gantrain/metrics)."

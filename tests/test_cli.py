@@ -7,12 +7,12 @@ and truncates its output to the console width, so the width is pinned to keep th
 from __future__ import annotations
 
 import re
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 import gantrain
-from dataclasses import fields
 
 from gantrain.engine.config import PRESETS, SECTION_TYPES
 

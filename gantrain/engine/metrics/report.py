@@ -136,8 +136,9 @@ def _eval_config(cfg: Config, data_root: str | None, cache: str | None) -> Confi
 
 def _checkpoint_step(path: Path) -> int | None:
     from gantrain.engine.checkpoint import load_checkpoint
+    from gantrain.engine.export import export_step, is_export
 
-    return int(load_checkpoint(path)["step"])
+    return export_step(path) if is_export(path) else int(load_checkpoint(path)["step"])
 
 
 def _add_inception(result: EvalResult, spec, fake_batches, num_generated: int, cache: str | None, seed: int,
