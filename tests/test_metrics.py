@@ -370,3 +370,5 @@ def test_near_chance_extractor_is_refused_for_scores(tmp_path: Path, cli, unwrap
                  "--metrics-cache", tmp_path / "cache")
     assert result.exit_code == 1 and result.output.startswith("error:")
     assert "near chance" in unwrap(result.output) and "Traceback" not in result.output
+    fit = cli("metrics", "fit-extractor", "--dataset", f"folder:{folder}", "--metrics-cache", tmp_path / "cache")
+    assert fit.exit_code == 1 and "near chance" in unwrap(fit.output) and "accuracy" in unwrap(fit.output)
