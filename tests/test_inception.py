@@ -220,3 +220,14 @@ def test_eval_metrics_validates_and_refuses_without_the_extra(tiny_cfg, quiet_co
     monkeypatch.setattr("gantrain.engine.metrics.tracking.Evaluator.for_config", lambda *a, **k: None)
     with pytest.raises(inc.InceptionUnavailable, match=r"gantrain\[fid\]"):
         QualityTracker(tiny_cfg("y", eval_every=1, eval_metrics="inception"), torch.device("cpu"), quiet_console)
+
+
+def test_cli_real_vs_real_with_inception(stand_in_package: Path, fashion_extractor, datasets_root: Path, cli,
+                                         tmp_path: Path) -> None:
+    out = tmp_path / "rr.json"
+    result = cli("eval", "--real-vs-real", "--dataset", "fashion-mnist", "--data-root", datasets_root, "-n", "100",
+                 "--inception", "--json", out)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["mode"] == "real-vs-real" and data["inception"]["num_real"] == 100
+    assert data["inception"]["inception_fid"] >= 0 and "real half A" in data["inception_note"]

@@ -79,7 +79,6 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-@torch.jit.script
 def tf1_resize_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
     """TensorFlow 1 ``resize_bilinear`` (align_corners=False, no half-pixel centres) of float (N, C, H, W) to
     (N, C, size, size): the sampling grid starts at the first pixel's corner, as NVIDIA's emulation does."""
