@@ -132,6 +132,8 @@ class Trainer:
         try:
             if trackers:
                 trackers.finish({**self.last_record, **self.last_eval}, ok=False)
+        except Exception as exc:  # closing after a failure must not hide that failure
+            log.warning("closing the --logger trackers failed: %s: %s", type(exc).__name__, exc)
         finally:
             self.lock.release()
 
