@@ -12,15 +12,36 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from gantrain import __version__
-from gantrain.engine.config import PRESETS, SECTION_TYPES, field_docs, field_index, resolve
+from gantrain.engine.config import LIST_FIELDS, PRESETS, SECTION_TYPES, field_docs, field_index, resolve
 from gantrain.engine.errors import ConfigError, GantrainError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+
+def _flags_as_flags(params: list) -> list:
+    """Flags (``--quick``, ``--amp/--no-amp``, ``--help``) get an empty placeholder: typer shows ``<bool>``
+    for them otherwise, as if they took a value."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class FlagCommand(typer.core.TyperCommand):
+    def get_params(self, ctx):
+        return _flags_as_flags(super().get_params(ctx))
+
+
+class FlagGroup(typer.core.TyperGroup):
+    def get_params(self, ctx):
+        return _flags_as_flags(super().get_params(ctx))
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich", cls=FlagGroup,
                   help="gantrain: fast DCGAN training. Run [bold]gantrain run[/] to train the fashion32 default.")
 console = Console(stderr=True)
 
@@ -77,13 +98,15 @@ def _option_flags(target: str, specs: list[tuple[str, type, str, str]]):
         for name, typ, doc, panel in specs:
             flag = "--" + name.replace("_", "-")
             option = typer.Option(f"{flag}/--no-{flag[2:]}" if typ is bool else flag, help=doc, rich_help_panel=panel,
-                                  show_default=False)
+                                  show_default=False, metavar="<names>" if typ == list[str] else None)
             params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
                                             annotation=Annotated[Optional[typ], option]))
 
         @functools.wraps(func)
         def wrapper(**kwargs):
             chosen = {k: kwargs.pop(k) for k in names if k in kwargs}
+            # a repeatable comma-list flag arrives as a list: one comma list, or None when not given
+            chosen = {k: (",".join(v) or None) if isinstance(v, list) else v for k, v in chosen.items()}
             return func(**kwargs, **{target: chosen})
 
         wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
@@ -95,28 +118,35 @@ def _option_flags(target: str, specs: list[tuple[str, type, str, str]]):
 
 def config_flags(func):
     """Adds one option per config field (default None = 'keep the preset/TOML value'), passed on as ``overrides``."""
-    specs = [(name, typ, field_docs(SECTION_TYPES[section]).get(name, ""), f"{section} options")
-             for name, (section, typ) in field_index().items()]
+    specs = [(name, list[str] if name in LIST_FIELDS else typ, field_docs(SECTION_TYPES[section]).get(name, ""),
+              f"{section} options") for name, (section, typ) in field_index().items()]
     return _option_flags("overrides", specs)(func)
 
 
-@app.command("run", no_args_is_help=False)
+@app.command("run", no_args_is_help=False, cls=FlagCommand)
 @config_flags
 @user_errors
 def run_command(
     preset: Annotated[Optional[str], typer.Option(help="Preset to start from (see `gantrain presets`).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="TOML config (e.g. a run's config.toml) applied over the preset.")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Continue a run: 'auto' (the --out folder's last.pt) or a checkpoint path.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config (and where each value came from: preset, file, flag) and the schedule, then exit without training or touching the run folder.")] = False,
     overrides: dict[str, Any] | None = None,
 ) -> None:
     """Train a DCGAN. Bare `gantrain run` trains the fashion32 preset."""
+    cfg = resolve(preset, str(config) if config else None, overrides or {})
+    if dry_run:
+        from gantrain.engine import dryrun
+
+        sources = dryrun.value_sources(preset, str(config) if config else None, overrides or {})
+        dryrun.show(cfg, sources, dryrun.plan(cfg), Console(), resume)
+        return
     from gantrain.engine.launch import train
 
-    cfg = resolve(preset, str(config) if config else None, overrides or {})
     train(cfg, resume=resume, console=console)
 
 
-@app.command("presets")
+@app.command("presets", cls=FlagCommand)
 def presets_command() -> None:
     """List the presets and their key values."""
     from gantrain.engine.config import preset as build_preset
@@ -134,10 +164,10 @@ def presets_command() -> None:
     Console().print(table)
 
 
-@app.command("generate")
+@app.command("generate", cls=FlagCommand)
 @user_errors
 def generate_command(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `gantrain run` (e.g. runs/fashion32/checkpoints/last.pt).")],
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `gantrain run` (e.g. runs/fashion32/checkpoints/last.pt), or a generator written by `gantrain export`.")],
     n: Annotated[int, typer.Option("-n", "--num", min=1, help="Number of images.")] = 64,
     out: Annotated[Path, typer.Option(help="Output grid PNG.")] = Path("grid.png"),
     seed: Annotated[int, typer.Option(help="Seed of the noise.")] = 0,
@@ -154,10 +184,25 @@ def generate_command(
     console.print(f"wrote {result.grid} ({n} images{', ' + str(len(result.individual)) + ' files in ' + str(individual) if individual else ''})")
 
 
+@app.command("export", cls=FlagCommand)
+@user_errors
+def export_command(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `gantrain run`.")],
+    out: Annotated[Path, typer.Option(help="Output file (safetensors): the generator's weights and its config as metadata.")] = Path("generator.safetensors"),
+    no_ema: Annotated[bool, typer.Option("--no-ema", help="Export the raw generator even if the checkpoint has an EMA one.")] = False,
+) -> None:
+    """Export a checkpoint's generator (its EMA copy when present) as one safetensors file for sharing;
+    `gantrain generate` and `gantrain eval` read it like a checkpoint."""
+    from gantrain.engine.export import export_generator
+
+    path, which = export_generator(checkpoint, out, use_ema=not no_ema)
+    console.print(f"wrote {path} ({'EMA' if which == 'ema' else 'raw'} generator, {path.stat().st_size / 1e6:.1f} MB)")
+
+
 _CACHE_HELP = "Extractor and real-feature cache (default: $GANTRAIN_CACHE, else $XDG_CACHE_HOME/gantrain/metrics)."
 
 
-@app.command("eval")
+@app.command("eval", cls=FlagCommand)
 @user_errors
 def eval_command(
     checkpoint: Annotated[Optional[Path], typer.Argument(help="A checkpoint written by `gantrain run` (optional with --real-vs-real --dataset).")] = None,
@@ -168,7 +213,7 @@ def eval_command(
     data_root: Annotated[Optional[str], typer.Option(help="Data folder (default: the checkpoint's, then $GANTRAIN_DATA).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the generator noise and the KID subsets.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    inception_weights: Annotated[Optional[Path], typer.Option(help="torch-fidelity's Inception-v3 weights (weights-inception-2015-12-05-6726825d.pth): also compute the standard FID when torch-fidelity is installed.")] = None,
+    inception: Annotated[bool, typer.Option("--inception", help="Also the standard FID and KID in Inception-v3 features (the fid extra; no download; about 0.3 s per image on a CPU).")] = False,
     metrics_cache: Annotated[Optional[str], typer.Option(help=_CACHE_HELP)] = None,
     no_ema: Annotated[bool, typer.Option("--no-ema", help="Use the raw generator even if the checkpoint has an EMA one.")] = False,
 ) -> None:
@@ -177,12 +222,12 @@ def eval_command(
 
     if real_vs_real:
         result = evaluate_real(real_config(checkpoint, dataset, data_root), num_samples=n, seed=seed,
-                               data_root=data_root, cache=metrics_cache, console=console)
+                               data_root=data_root, cache=metrics_cache, console=console, inception=inception)
     elif checkpoint is None:
         raise fail("give a CHECKPOINT to evaluate, or --real-vs-real", 2)
     else:
         result = evaluate_checkpoint(checkpoint, num_samples=n, seed=seed, device=device, data_root=data_root,
-                                     cache=metrics_cache, use_ema=not no_ema, inception_weights=inception_weights,
+                                     cache=metrics_cache, use_ema=not no_ema, inception=inception,
                                      console=console)
     for table in render(result):
         Console().print(table)
@@ -190,11 +235,11 @@ def eval_command(
         console.print(f"wrote {write_json(result, json_path)}")
 
 
-metrics_app = typer.Typer(no_args_is_help=True, help="Quality-metric tools: the domain feature extractors.")
+metrics_app = typer.Typer(no_args_is_help=True, cls=FlagGroup, help="Quality-metric tools: the domain feature extractors.")
 app.add_typer(metrics_app, name="metrics")
 
 
-@metrics_app.command("fit-extractor")
+@metrics_app.command("fit-extractor", cls=FlagCommand)
 @user_errors
 def fit_extractor_command(
     dataset: Annotated[str, typer.Option(help="fashion-mnist, mnist, or folder:PATH (unlabelled images: a self-supervised rotation classifier).")] = "fashion-mnist",
@@ -217,9 +262,15 @@ def fit_extractor_command(
     how = f"fitted in {info['fit_seconds']:.0f} s" if extractor.fitted_now else "cached"
     console.print(f"{info['label']} extractor ({how}, {info['epochs']} epochs on {info['train_images']} images): "
                   f"test {info['task']} accuracy {100 * info['test_accuracy']:.2f}%; {extractor.path}")
+    from gantrain.engine.metrics.extractor import ExtractorNearChance, check_usable
+
+    try:
+        check_usable(extractor)
+    except ExtractorNearChance as exc:
+        raise fail(str(exc), exc.exit_code) from None
 
 
-@app.command("bench")
+@app.command("bench", cls=FlagCommand)
 @user_errors
 def bench_command(
     preset: Annotated[str, typer.Option(help="Model preset: fashion32, mnist32, cats64, cats128 or dcgan64.")] = "fashion32",
@@ -270,7 +321,7 @@ def tune_flags(func):
     return _option_flags("tune_options", specs)(func)
 
 
-@app.command("tune", no_args_is_help=False)
+@app.command("tune", no_args_is_help=False, cls=FlagCommand)
 @config_flags
 @tune_flags
 @user_errors

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import sys
 
-import torch
 
 from gantrain.bench.timing import RESULT_PREFIX, endless, time_loop
 from gantrain.engine.config import Config, from_dict

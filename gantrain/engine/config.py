@@ -27,6 +27,10 @@ LOADERS = ("auto", "memory", "torch", "dali")
 DALI_DEVICES = ("auto", "cpu", "gpu")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+EVAL_METRICS = ("inception",)
+LOGGERS = ("tensorboard", "wandb", "mlflow")
+# Comma-list fields: on the command line their flag may also be repeated (--logger tensorboard --logger wandb).
+LIST_FIELDS = ("logger", "eval_metrics")
 
 
 def _flag(name: str) -> str:
@@ -183,6 +187,14 @@ class RunConfig:
     metrics_cache: str = ""
     """Folder of fitted feature extractors and real-data features (default: $GANTRAIN_CACHE, else
     $XDG_CACHE_HOME/gantrain/metrics, else ~/.cache/gantrain/metrics)."""
+    logger: str = "none"
+    """Experiment trackers fed from metrics.jsonl's records: none, or a comma list (or repeated flag) of tensorboard
+    (events in <run>/tb), wandb (offline unless WANDB_MODE says otherwise) and mlflow (a file store in <run>/mlruns
+    unless MLFLOW_TRACKING_URI is set); each needs the extra of its name installed."""
+    eval_metrics: str = ""
+    """Extra metrics at each --eval-every evaluation and in tune trials, a comma list: inception (the standard
+    FID and KID in Inception-v3 features; the fid extra; about 0.3 s per image on a CPU, so off by default).
+    Empty: the domain-extractor metrics only."""
     nonfinite_patience: int = 1
     """Stop the run (exit 1) when the logged losses are NaN or infinite at this many log intervals (of --log-every
     steps) in a row; 0 = do not stop on losses (for callers that watch divergence themselves, as gantrain tune's
@@ -199,6 +211,12 @@ class RunConfig:
         _check(self.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {self.device!r}")
         _check(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         _check(self.eval_samples >= 100, "eval_samples", f"must be at least 100, got {self.eval_samples}")
+        loggers = [n.strip() for n in self.logger.split(",") if n.strip()]
+        bad = [n for n in loggers if n not in LOGGERS] if loggers != ["none"] else []
+        _check(not bad, "logger", f"must be none or a comma list of {', '.join(LOGGERS)}, got {bad[0]!r}" if bad else "")
+        unknown = [m for m in self.eval_metrics.split(",") if m.strip() and m.strip() not in EVAL_METRICS]
+        _check(not unknown, "eval_metrics", f"must be a comma list of {', '.join(EVAL_METRICS)}, got {unknown[0]!r}"
+               if unknown else "")
         _check(self.nonfinite_patience >= 0, "nonfinite_patience", f"must be >= 0, got {self.nonfinite_patience}")
 
 

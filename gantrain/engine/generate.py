@@ -25,7 +25,12 @@ def load_generator(path: str | Path, device: str = "cpu", use_ema: bool = True) 
     """The generator of a checkpoint (its EMA copy when present and asked for) and the run's config.
 
     Raises :class:`CheckpointError` when the checkpoint is unreadable, does not match its config, or holds
-    non-finite weights."""
+    non-finite weights. ``path`` may also be a file written by `gantrain export` (its one set of weights)."""
+    from gantrain.engine.export import is_export, load_export
+
+    if is_export(path):
+        g, cfg = load_export(path)
+        return g.to(pick_device(device)).eval(), cfg
     state = load_checkpoint(path)
     cfg = from_dict({k: v for k, v in state["config"].items()})
     g = Generator(cfg.model, cfg.data.image_size, cfg.data.channels)

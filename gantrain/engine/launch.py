@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import tempfile
 from pathlib import Path
 

@@ -85,6 +85,7 @@ class Trainer:
             if state is None and (self.run_dir / "checkpoints" / "last.pt").exists():
                 raise ConfigError(f"--out: {self.run_dir} already holds a run; continue it with --resume auto "
                                   "or choose another --out")
+            RunOutputs.check(cfg)
             setup_logging(self.console, pending=True)  # held until the run folder is written
         self.cfg = cfg
         self.device = pick_device(cfg.run.device, self.dist.local_rank)
@@ -112,12 +113,17 @@ class Trainer:
             log.info("device %s, %s, %s loader%s", self.device, self.policy.describe(), type(self.loader).__name__,
                      ", torch.compile" if cfg.perf.compile else "")
         self.outputs = RunOutputs(cfg, self.console, self.dist.is_main, self.dist.world_size)
-        self.outputs.prepare(state is not None, notes)  # only now: a run that cannot take a step wrote nothing
+        self.outputs.prepare(state is not None, notes, self.step)  # only now: a run with no step wrote nothing
         self.tracker = self._build_tracker()
 
     def close(self) -> None:
-        """Releases the run folder (its lock); :meth:`fit` does this itself when it ends, however it ends."""
-        self.lock.release()
+        """Closes the --logger trackers (unfinished unless :meth:`fit` finished them) and releases the run folder
+        (its lock); :meth:`fit` does this itself when it ends, however it ends."""
+        try:
+            if hasattr(self, "outputs"):
+                self.outputs.close()
+        finally:
+            self.lock.release()
 
     def _build_tracker(self):
         """Quality metrics every --eval-every epochs, on rank 0 (the extractor is fitted here when missing)."""

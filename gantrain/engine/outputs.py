@@ -20,6 +20,7 @@ from gantrain.engine.errors import RunIOError
 from gantrain.engine.files import atomic_write_text, make_folder, os_reason
 from gantrain.engine.images import plot_curves, read_metrics, save_gif, save_grid
 from gantrain.engine.runlog import MetricsWriter, attach_log_file, progress_bar
+from gantrain.engine.trackers import Trackers, check_loggers, parse_loggers
 
 log = logging.getLogger("gantrain")
 
@@ -31,11 +32,19 @@ class RunOutputs:
         self.cfg, self.console, self.is_main, self.world_size = cfg, console, is_main, world_size
         self.run_dir = cfg.run_dir
         self.metrics: MetricsWriter | None = None
+        self.trackers: Trackers | None = None
         self.last_record: dict = {}
+        self.last_eval: dict = {}
 
-    def prepare(self, resuming: bool, notes: list[str]) -> None:
-        """Writes config.toml (atomically), starts train.log with the lines held since start-up, and clears the
-        sample grids of an earlier run into this folder that saved no checkpoint. Raises :class:`RunIOError`."""
+    @staticmethod
+    def check(cfg: Config) -> None:
+        """Refuses, before anything is written, what the outputs cannot do (a --logger whose extra is missing)."""
+        check_loggers(parse_loggers(cfg.run.logger))
+
+    def prepare(self, resuming: bool, notes: list[str], step: int = 0) -> None:
+        """Writes config.toml (atomically), starts train.log with the lines held since start-up, clears the
+        sample grids of an earlier run into this folder that saved no checkpoint, and opens the --logger
+        trackers (continuing their runs from ``step`` on resume). Raises :class:`RunIOError`."""
         if not self.is_main:
             return
         stale_grids = [] if resuming else sorted((self.run_dir / "samples").glob("step_*.png"))
@@ -58,6 +67,7 @@ class RunOutputs:
             found = leftovers + ([f"{len(stale_grids)} sample grids"] if stale_grids else [])
             log.warning("--out: %s holds files of an earlier run that saved no checkpoint (%s); starting afresh, "
                         "they are replaced", self.run_dir, ", ".join(found))
+        self.trackers = Trackers(self.cfg, self.run_dir, resume_step=step if resuming else None)
 
     @contextlib.contextmanager
     def live(self, step: int, total_steps: int, resuming: bool):
@@ -103,9 +113,13 @@ class RunOutputs:
         return step0 + 1
 
     def write(self, record: dict) -> None:
-        """One more line of metrics.jsonl (quality records, the DDP replica check)."""
+        """One more line of metrics.jsonl (the source of truth), and the same record to the --logger trackers."""
         if self.metrics is not None:
             self.metrics.write(record)
+        if self.trackers is not None:
+            self.trackers.record(record)
+        if "fd" in record:
+            self.last_eval = record
 
     def show_quality(self, summary: str) -> None:
         self.bar.update(self.task, quality=f" | {summary}")
@@ -114,7 +128,10 @@ class RunOutputs:
         """The fixed-noise grid ``samples/step_NNNNNN.png``."""
         if not self.is_main:
             return None
-        return save_grid(images, self.run_dir / "samples" / f"step_{step:06d}.png")
+        path = save_grid(images, self.run_dir / "samples" / f"step_{step:06d}.png")
+        if self.trackers is not None:
+            self.trackers.image(step, path)
+        return path
 
     def write_final(self, images: torch.Tensor, step: int) -> None:
         """The final grid, losses.png (from metrics.jsonl, so resumed runs plot whole) and progress.gif.
@@ -131,3 +148,19 @@ class RunOutputs:
             frames.append(final)
         save_gif(frames, self.run_dir / "progress.gif")
         log.info("run folder: %s (final.png, losses.png, progress.gif, checkpoints/)", self.run_dir)
+        if self.trackers is not None:
+            if not (self.run_dir / "samples" / f"step_{step:06d}.png").exists():
+                self.trackers.image(step, final)
+            self.trackers.finish({**self.last_record, **self.last_eval}, ok=True)
+            self.trackers = None
+
+    def close(self) -> None:
+        """Closes the --logger trackers of a run that did not finish (marked unfinished); a failure to close is
+        one warning, never a replacement of the run's own error."""
+        trackers, self.trackers = self.trackers, None
+        if trackers is None:
+            return
+        try:
+            trackers.finish({**self.last_record, **self.last_eval}, ok=False)
+        except Exception as exc:  # closing after a failure must not hide that failure
+            log.warning("closing the --logger trackers failed: %s: %s", type(exc).__name__, exc)

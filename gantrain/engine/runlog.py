@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import logging.handlers
 import math
-import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn

@@ -19,7 +19,8 @@ from gantrain.engine.errors import ConfigError
 SCHEDULERS = ("asha", "pbt", "fifo")
 SEARCHES = ("random", "optuna", "hyperopt")
 # The objective's direction: distances shrink as samples improve, the others grow.
-METRIC_MODES = {"fd": "min", "kid_mean": "min", "precision": "max", "recall": "max", "classifier_score": "max"}
+METRIC_MODES = {"fd": "min", "kid_mean": "min", "precision": "max", "recall": "max", "coverage": "max",
+                "classifier_score": "max"}
 
 
 def _check(ok: bool, flag: str, message: str) -> None:
@@ -36,7 +37,7 @@ class TuneSettings:
     search: str = "random"
     """Search algorithm: random, optuna (TPE) or hyperopt (TPE); pbt explores by itself and needs random."""
     metric: str = "fd"
-    """Objective: fd (Frechet distance, minimised), kid_mean, precision, recall or classifier_score."""
+    """Objective: fd (Frechet distance, minimised), kid_mean, precision, recall, coverage or classifier_score."""
     max_epochs: int = 0
     """Epochs per trial, the budget the schedulers work within (0 = the config's --epochs)."""
     gpus_per_trial: float = 0.0

@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -115,6 +116,8 @@ class EpochReporter:
             return
         finite = diverged not in ("non-finite weights", "non-finite loss")
         metrics = evaluate(trainer, self.samples) if finite else worst_metrics(self.settings)
+        if finite:
+            self._record(trainer, epochs_done, metrics)
         metrics.update(self._training_metrics(trainer, epochs_done), diverged=diverged or "")
         if diverged:
             trainer.stop_reason = f"diverged: {diverged}"
@@ -123,6 +126,15 @@ class EpochReporter:
         with tempfile.TemporaryDirectory(prefix="gantrain-trial-") as folder:
             save_trial_checkpoint(trainer, Path(folder))
             self.report(metrics, Path(folder))  # Tune persists the folder before report returns
+
+    def _record(self, trainer: Trainer, epochs_done: int, metrics: dict[str, float]) -> None:
+        """The evaluation as a plain run's --eval-every writes it: into the trial's metrics.jsonl and its
+        --logger trackers, so `tensorboard --logdir <experiment>` compares the trials' quality curves."""
+        record = {"step": trainer.step, "epoch": epochs_done, **{k: round(v, 6) for k, v in metrics.items()},
+                  "eval_samples": self.samples, "time": time.time()}
+        trainer.metrics.write(record)
+        if trainer.trackers:
+            trainer.trackers.record(record)
 
     @staticmethod
     def _training_metrics(trainer: Trainer, epochs_done: int) -> dict[str, float]:

@@ -7,12 +7,14 @@ and truncates its output to the console width, so the width is pinned to keep th
 from __future__ import annotations
 
 import re
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 import gantrain
-from gantrain.engine.config import PRESETS
+
+from gantrain.engine.config import PRESETS, SECTION_TYPES
 
 
 def test_version(cli) -> None:
@@ -155,3 +157,83 @@ def test_error_with_markup_like_text_is_no_traceback(cli, tmp_path: Path) -> Non
     assert result.exit_code == 1
     assert isinstance(result.exception, SystemExit)
     assert "[/]" in result.stderr
+
+
+def _all_command_paths() -> list[list[str]]:
+    """Every help screen of the app: the top level, each command and each sub-group's commands."""
+    import typer.main
+
+    from gantrain.cli import app
+
+    paths, todo = [], [([], typer.main.get_command(app))]
+    while todo:
+        path, command = todo.pop()
+        paths.append(path)
+        for name, sub in getattr(command, "commands", {}).items():
+            todo.append(([*path, name], sub))
+    return paths
+
+
+@pytest.mark.parametrize("path", _all_command_paths(), ids=lambda p: " ".join(p) or "gantrain")
+def test_flags_show_no_value_placeholder(cli, path: list[str]) -> None:
+    """A flag takes no value, so its help row must not show one (typer's default shows `<bool>`)."""
+    out = cli(*path, "--help").stdout
+    assert "--help" in out
+    assert "<bool>" not in out
+    help_row = next(line for line in out.splitlines() if "--help" in line)
+    assert re.search(r"--help\s+Show this message", help_row), help_row
+
+
+def test_flags_still_parse_after_the_placeholder_change(cli, unwrap) -> None:
+    # --no-strict and --hflip are parsed as flags: an unknown --preset fails after them, not on them
+    result = cli("run", "--no-strict", "--hflip", "--preset", "nope")
+    assert result.exit_code == 2 and "--preset" in unwrap(result.output)
+
+
+# ----- gantrain run --dry-run ------------------------------------------------------------------------------
+def _dry_rows(stdout: str) -> dict[str, tuple[str, str]]:
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        if len(cells) == 3 and "." in cells[0]:
+            rows[cells[0]] = (cells[1], cells[2])
+    return rows
+
+
+def test_dry_run_prints_sources_and_schedule_and_touches_nothing(cli, datasets_root: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    toml = tmp_path / "c.toml"
+    toml.write_text("[optim]\nlr_d = 0.0005\n")
+    out = tmp_path / "never"
+    result = cli("run", "--dry-run", "--preset", "mnist32", "--config", toml, "--data-root", datasets_root,
+                 "--lr-g", "1e-3", "--limit", "1000", "--batch-size", "100", "--epochs", "3", "--out", out)
+    assert result.exit_code == 0, result.output
+    rows = _dry_rows(result.stdout)
+    assert rows["optim.lr_g"] == ("0.001", "flag --lr-g")
+    assert rows["optim.lr_d"][0] == "0.0005" and rows["optim.lr_d"][1].startswith("file ")
+    assert rows["data.dataset"] == ("'mnist'", "preset mnist32")
+    assert rows["model.nz"] == ("100", "default")
+    assert len(rows) == sum(len(fields(cls)) for cls in SECTION_TYPES.values())  # every config field
+    # 1000 images // 100 per step = 10 steps per epoch, 3 epochs = 30 steps, worked out by hand
+    text = result.stdout
+    assert "images: 1000 (mnist train split" in text and "steps per epoch: 10" in text
+    assert "total steps: 30 over 3 epoch(s)" in text and "effective batch: 100 per process x 1 process(es) = 100" in text
+    assert not out.exists()
+
+
+def test_dry_run_schedule_under_ddp_and_max_steps(cli, datasets_root: Path, tmp_path: Path) -> None:
+    result = cli("run", "--dry-run", "--data-root", datasets_root, "--limit", "1000", "--batch-size", "100",
+                 "--ddp", "--nproc", "2", "--max-steps", "7", "--out", tmp_path / "never")
+    assert result.exit_code == 0, result.output
+    text = re.sub(r"\s+", " ", result.stdout)
+    # 1000 // (100 x 2) = 5 steps per epoch; 20 epochs = 100 steps, capped at 7
+    assert "effective batch: 100 per process x 2 process(es) = 200" in text and "steps per epoch: 5" in text
+    assert "total steps: 7 over 20 epoch(s) (capped by --max-steps 7)" in text
+    assert not (tmp_path / "never").exists()
+
+
+def test_dry_run_refuses_a_schedule_without_a_step(cli, unwrap, datasets_root: Path, tmp_path: Path) -> None:
+    result = cli("run", "--dry-run", "--data-root", datasets_root, "--limit", "50", "--batch-size", "64",
+                 "--out", tmp_path / "never")
+    assert result.exit_code == 2 and "--limit" in unwrap(result.output) and "Traceback" not in result.output

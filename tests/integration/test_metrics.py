@@ -8,7 +8,6 @@ are marked slow; every test writes the metrics cache only into the session's cac
 from __future__ import annotations
 
 import json
-import sys
 import threading
 from pathlib import Path
 
@@ -25,7 +24,6 @@ from gantrain.engine.loop import Trainer
 from gantrain.engine.metrics import METRIC_KEYS, Evaluator, ensure_extractor, evaluate_generator, parse_dataset, stats
 from gantrain.engine.metrics.cache import cache_dir
 from gantrain.engine.metrics.evaluate import compare, extract, load_reference
-from gantrain.engine.metrics.inception import inception_unavailable
 from gantrain.engine.metrics.reference import load_split
 from gantrain.engine.models import build_models
 
@@ -156,51 +154,6 @@ def test_parse_dataset(tmp_path: Path) -> None:
             parse_dataset(bad)
 
 
-def test_inception_fid_is_skipped_with_a_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert "--inception-weights" in inception_unavailable(None)
-    assert "does not exist" in inception_unavailable(tmp_path / "missing.pth")
-    weights = tmp_path / "weights.pth"
-    weights.write_bytes(b"not really weights")
-    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # makes `import torch_fidelity` fail
-    assert "not installed" in inception_unavailable(weights)
-
-
-class _FakeInception(torch.nn.Module):
-    """Stands in for torch-fidelity's extractor: checks its input contract, returns 'pool features' (64-d
-    rather than 2048-d, to keep the test's eigendecompositions small)."""
-
-    def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str) -> None:
-        super().__init__()
-        assert (name, features_list) == ("inception-v3-compat", ["2048"])
-        assert Path(feature_extractor_weights_path).is_file()
-        self.projection = torch.randn(3 * 8 * 8, 64, generator=torch.Generator().manual_seed(0))
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor]:
-        assert images.dtype == torch.uint8 and images.shape[1] == 3
-        pooled = torch.nn.functional.adaptive_avg_pool2d(images.float(), 8).flatten(1)
-        return (pooled @ self.projection,)
-
-
-def test_inception_fid_wiring_with_a_stand_in_extractor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """gantrain's side of the Inception FID (uint8 RGB batches in, 2048-d features, our FD) without the real
-    weights, which cannot be had here: identical image sets give 0, different ones more."""
-    from types import ModuleType
-
-    from gantrain.engine.metrics.inception import inception_fid
-
-    module = ModuleType("torch_fidelity.feature_extractor_inceptionv3")
-    module.FeatureExtractorInceptionV3 = _FakeInception
-    monkeypatch.setitem(sys.modules, "torch_fidelity", ModuleType("torch_fidelity"))
-    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", module)
-    weights = tmp_path / "weights.pth"
-    weights.write_bytes(b"stand-in")
-    assert inception_unavailable(weights) is None
-    real = (torch.rand(64, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
-    same = real.float().mul(2 / 255).sub(1)  # the generated role takes floats in [-1, 1]
-    assert inception_fid(iter(same.split(16)), real, weights) == pytest.approx(0.0, abs=1e-6)
-    assert inception_fid(iter((same * 0.5).split(16)), real, weights) > 1.0
-
-
 # ----- an image-folder extractor (self-supervised rotation), on a tiny synthetic folder -------------------
 def _write_faces(folder: Path, count: int) -> Path:
     """Images with an up/down structure (bright top, dark bottom, a random blob) that rotations change."""
@@ -301,7 +254,7 @@ def test_training_with_eval_every(fashion_extractor, tiny_cfg, quiet_console) ->
 
     plain = Trainer(tiny_cfg("plain", limit=256, max_steps=16), console=quiet_console)
     plain.fit()
-    for key, value in plain.g.state_dict().items():
+    for key, value in plain.gan.g.state_dict().items():
         assert torch.equal(value, trainer.gan.g.state_dict()[key]), key
 
 
@@ -325,12 +278,13 @@ def test_cli_eval_table_and_json(fashion_extractor, trained_run: Path, cli, unwr
     result = cli("eval", trained_run / "checkpoints" / "last.pt", "-n", "300", "--json", out)
     assert result.exit_code == 0, result.output
     text = unwrap(result.output)
-    for label in ("Fréchet distance (FD)", "KID (mean ± std)", "precision", "recall", "classifier score",
-                  "Inception FID", "skipped", "t-shirt"):
+    for label in ("Fréchet distance (FD)", "KID (mean ± std)", "precision", "recall", "density", "coverage",
+                  "classifier score", "Inception FID", "not requested (--inception)", "t-shirt"):
         assert label in text, label
     report = json.loads(out.read_text())
     assert report["mode"] == "generator" and report["step"] == 6 and report["num_generated"] == 300
     assert set(METRIC_KEYS) <= report["metrics"].keys() and report["inception_fid"] is None
+    assert report["inception"] is None and "--inception" in report["inception_note"]
     assert sum(report["class_histogram"].values()) == pytest.approx(1.0)
 
 
@@ -370,3 +324,50 @@ def test_evaluator_needs_real_data_with_an_extractor(tiny_cfg) -> None:
 
 def test_tests_never_use_the_home_cache() -> None:
     assert cache_dir() != Path.home() / ".cache" / "gantrain" / "metrics"  # conftest points it elsewhere
+
+
+# ----- an extractor near chance is not used for scores ----------------------------------------------------
+def test_check_usable_thresholds_worked_out_by_hand(tmp_path: Path) -> None:
+    from gantrain.engine.metrics.extractor import Extractor, ExtractorNearChance, check_usable
+
+    def extractor(accuracy: float, classes: int, targets: int) -> Extractor:
+        info = {"test_accuracy": accuracy, "class_names": [str(i) for i in range(classes)], "test_targets": targets,
+                "label": "folder-x-3ch", "task": "rotation"}
+        return Extractor(None, info, tmp_path / "x.pt")
+
+    # 4 rotations, 20 held-out targets: chance 0.25, 3 standard errors = 3 * sqrt(0.25 * 0.75 / 20) = 0.2905
+    check_usable(extractor(0.55, 4, 20))
+    with pytest.raises(ExtractorNearChance, match=r"25\.0% rotation accuracy on 20 held-out targets, near chance"):
+        check_usable(extractor(0.25, 4, 20))
+    with pytest.raises(ExtractorNearChance, match=r"54\.0% needed"):  # 0.25 + 0.2905 = 0.5405
+        check_usable(extractor(0.54, 4, 20))
+    # 10 classes, 10000 targets: the 10-point margin decides (3 standard errors are 0.009): 0.2 needed
+    check_usable(extractor(0.2, 10, 10000))
+    with pytest.raises(ExtractorNearChance, match="--metrics-cache"):
+        check_usable(extractor(0.19, 10, 10000))
+
+
+def _write_noise(folder: Path, count: int) -> Path:
+    """Images of pure noise: no up or down, so no rotation classifier can beat chance on them."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def test_near_chance_extractor_is_refused_for_scores(tmp_path: Path, cli, unwrap) -> None:
+    from gantrain.engine.metrics.extractor import ExtractorNearChance
+
+    folder = _write_noise(tmp_path / "noise", 30)
+    spec = parse_dataset(f"folder:{folder}", channels=3)
+    extractor = ensure_extractor(spec, cache=tmp_path / "cache", epochs=2, quiet=True)
+    assert extractor.info["test_targets"] == 24 and extractor.info["test_accuracy"] < 0.55
+    with pytest.raises(ExtractorNearChance):
+        load_reference(spec, cache=tmp_path / "cache", quiet=True)
+    result = cli("eval", "--real-vs-real", "--dataset", f"folder:{folder}", "-n", "100",
+                 "--metrics-cache", tmp_path / "cache")
+    assert result.exit_code == 1 and result.output.startswith("error:")
+    assert "near chance" in unwrap(result.output) and "Traceback" not in result.output
+    fit = cli("metrics", "fit-extractor", "--dataset", f"folder:{folder}", "--metrics-cache", tmp_path / "cache")
+    assert fit.exit_code == 1 and "near chance" in unwrap(fit.output) and "accuracy" in unwrap(fit.output)

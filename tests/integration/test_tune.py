@@ -270,6 +270,43 @@ def test_tiny_experiment_ranks_a_sabotaged_lr_last(ray_session, fashion_extracto
     assert (folder / "trials.png").is_file() and (folder / "tune.log").is_file()
 
 
+@pytest.mark.slow
+def test_trials_log_like_runs_and_compare_in_one_tensorboard(ray_session, fashion_extractor, cli, datasets_root: Path,
+                                                             tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    space = tmp_path / "space.toml"
+    space.write_text("[optim]\nlr_g = { grid = [5e-4, 2e-3] }\n")
+    result = cli("tune", "--data-root", datasets_root, *TINY_FLAGS, "--space", space, "--num-samples", "1",
+                 "--scheduler", "fifo", "--max-epochs", "2", "--storage", tmp_path, "--name", "tb",
+                 "--logger", "tensorboard")
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "tb"
+    rows = _rows(folder)
+    assert len(rows) == 2 and (folder / "results.csv").is_file()
+
+    # --logger tensorboard: every trial's run logs as a plain run does, and one TensorBoard over the experiment
+    # folder shows them side by side, each quality curve equal to its trial's metrics.jsonl
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    multiplexer = EventMultiplexer(size_guidance={"scalars": 0})
+    multiplexer.AddRunsFromDirectory(str(folder))
+    multiplexer.Reload()
+    # Ray Tune writes its own event files in each trial folder; gantrain's are the trials' run/tb folders
+    runs = {Path(name).parts[0]: name for name in multiplexer.Runs() if Path(name).parts[1:] == ("run", "tb")}
+    assert set(runs) == {f"trial_{r['trial']}" for r in rows}
+    for row in rows:
+        run_folder = folder / f"trial_{row['trial']}" / "run"
+        truth = [json.loads(line) for line in (run_folder / "metrics.jsonl").read_text().splitlines()]
+        fd_truth = [(r["step"], r["fd"]) for r in truth if "fd" in r]
+        tags = multiplexer.GetAccumulator(runs[f"trial_{row['trial']}"]).Tags()["scalars"]
+        found = [(e.step, e.value) for e in multiplexer.Scalars(runs[f"trial_{row['trial']}"], "quality/fd")] \
+            if "quality/fd" in tags else []
+        assert [s for s, _ in found] == [s for s, _ in fd_truth]
+        assert [v for _, v in found] == pytest.approx([v for _, v in fd_truth], rel=1e-6)
+        assert fd_truth or row["status"] == "diverged"
+        assert "train/loss_d" in tags
+
+
 def _interrupt_at_epoch_2(marker: Path):
     """A Tune callback that presses Ctrl-C once, at a trial's second report (its first checkpoint is then
     registered with Tune; the one of the report in hand may not be yet)."""

@@ -10,7 +10,8 @@ size, and compared with the real **test** split (never seen by the extractor's f
 
 * ``fd``: Fréchet distance of feature Gaussians (all test images as the reference);
 * ``kid_mean``/``kid_std``: KID over 50 random subsets of up to 1000 images per set;
-* ``precision``/``recall``: k=3 nearest-neighbour manifolds, with as many real as generated images;
+* ``precision``/``recall``/``density``/``coverage``: k=3 nearest-neighbour manifolds, with as many real as
+  generated images;
 * ``classifier_score``: the Inception-score formula on the extractor's class probabilities;
 * ``hist_<class>``: the share of generated images predicted as each class (mode collapse shows here).
 """
@@ -25,24 +26,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 
 from gantrain.engine.config import Config
-from gantrain.engine.errors import ConfigError
-from gantrain.engine.metrics import stats
+from gantrain.engine.metrics import inception, stats
+from gantrain.engine.metrics.generated import (KID_SUBSET_SIZE, KID_SUBSETS, generated_batches)
 from gantrain.engine.metrics.cache import cache_dir, load_artifact, save_artifact
-from gantrain.engine.metrics.extractor import Extractor, ensure_extractor, task_batch, to_unit_range
+from gantrain.engine.metrics.extractor import Extractor, check_usable, ensure_extractor, task_batch, to_unit_range
 from gantrain.engine.metrics.progress import resolve_quiet, task_bar
 from gantrain.engine.metrics.reference import DatasetSpec, load_split, spec_from_config, split_sha256
-from gantrain.engine.pixels import quantize
-from gantrain.engine.sampling import generate_images, sample_noise
 
-METRIC_KEYS = ("fd", "kid_mean", "kid_std", "precision", "recall", "classifier_score")
-GENERATE_BATCH = 500
+METRIC_KEYS = ("fd", "kid_mean", "kid_std", "precision", "recall", "density", "coverage", "classifier_score")
 FEATURE_BATCH = 1000
-KID_SUBSETS = 50
-KID_SUBSET_SIZE = 1000
 PR_REAL_SEED = 12345  # fixes which real images form the precision/recall reference, so runs compare
 
 
@@ -82,8 +77,11 @@ class Reference:
 
 def load_reference(spec: DatasetSpec, *, cache: str | Path | None = None, device: torch.device | str = "cpu",
                    console: Console | None = None, quiet: bool = False) -> Reference:
-    """The extractor (fitted when missing) and the test split's features (computed once, then cached)."""
+    """The extractor (fitted when missing) and the test split's features (computed once, then cached).
+
+    Raises :class:`ExtractorNearChance` when the extractor's held-out accuracy is near chance."""
     extractor = ensure_extractor(spec, cache=cache, device=device, console=console, quiet=quiet)
+    check_usable(extractor)
     real = real_features(extractor, spec, "test", cache=cache, console=console, quiet=quiet)
     return Reference(spec, extractor, real)
 
@@ -126,19 +124,6 @@ def _task_probabilities(extractor: Extractor, images: torch.Tensor, upright: tor
     return logits.float().softmax(dim=1).view(4, len(images), -1).transpose(0, 1)
 
 
-def prepare_generated(images: torch.Tensor, spec: DatasetSpec) -> torch.Tensor:
-    """Generator output in [-1, 1] at the extractor's size, then on 8-bit levels: real images are resized and
-    then stored as uint8, and the extractor must not tell generated from real by sub-level detail."""
-    if images.shape[1] != spec.channels:
-        raise ConfigError(f"--channels: the generator makes {images.shape[1]}-channel images, the {spec.label} "
-                          f"extractor reads {spec.channels}")
-    images = images.float().clamp(-1, 1)
-    if images.shape[-1] != spec.size_px or images.shape[-2] != spec.size_px:
-        images = F.interpolate(images, size=(spec.size_px, spec.size_px), mode="bilinear", align_corners=False,
-                               antialias=True).clamp(-1, 1)
-    return quantize(images)
-
-
 def compare(fake_features: torch.Tensor, fake_probs: torch.Tensor, reference: Reference, *, seed: int = 0,
             real: RealFeatures | None = None) -> dict[str, float]:
     """All metrics of generated features against the reference's real features (or ``real``)."""
@@ -146,9 +131,9 @@ def compare(fake_features: torch.Tensor, fake_probs: torch.Tensor, reference: Re
     mean, covariance = stats.mean_and_covariance(fake_features)
     kid_mean, kid_std = stats.kernel_inception_distance(fake_features, real.features, subsets=KID_SUBSETS,
                                                         subset_size=KID_SUBSET_SIZE, seed=seed)
-    precision, recall = stats.precision_recall(_pr_subset(real.features, len(fake_features)), fake_features)
+    manifold = stats.manifold_metrics(_pr_subset(real.features, len(fake_features)), fake_features)
     values = {"fd": stats.frechet_distance(mean, covariance, real.mean, real.covariance),
-              "kid_mean": kid_mean, "kid_std": kid_std, "precision": precision, "recall": recall,
+              "kid_mean": kid_mean, "kid_std": kid_std, **manifold,
               "classifier_score": stats.classifier_score(fake_probs.reshape(-1, fake_probs.shape[-1]))}
     upright = fake_probs[:, 0] if fake_probs.dim() == 3 else fake_probs
     names = reference.extractor.info["class_names"]
@@ -162,16 +147,6 @@ def _pr_subset(real_features: torch.Tensor, count: int) -> torch.Tensor:
         return real_features
     order = torch.randperm(len(real_features), generator=torch.Generator().manual_seed(PR_REAL_SEED))
     return real_features[order[:count]]
-
-
-@torch.no_grad()
-def generated_batches(generator: torch.nn.Module, cfg: Config, spec: DatasetSpec, num_samples: int, seed: int,
-                      device: torch.device) -> Iterator[torch.Tensor]:
-    """Batches of generated images from fixed noise (its own RNG: the caller's streams are not advanced), in
-    fp32 whatever the training precision, so tracking during training and `gantrain eval` agree."""
-    noise = sample_noise(num_samples, cfg.model.nz, cfg.loss.noise, "cpu", torch.Generator().manual_seed(seed))
-    for chunk in noise.split(GENERATE_BATCH):
-        yield prepare_generated(generate_images(generator, chunk.to(device)), spec)
 
 
 class Evaluator:
@@ -199,13 +174,19 @@ class Evaluator:
         return MetricReport(values, num_samples, len(self.reference.real.features),
                             seconds=time.perf_counter() - started)
 
-    def real_vs_real(self, *, num_samples: int = 10000, seed: int = 0) -> MetricReport:
-        """The floor: two disjoint random halves of the real test split, one in the generated role."""
-        started = time.perf_counter()
+    def real_halves(self, num_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two disjoint random halves of the real test split, uint8 (n, C, S, S) each, n = min(num_samples,
+        half the split); the same halves for the same seed."""
         images = load_split(self.reference.spec, "test").images
         half = min(num_samples, len(images) // 2)
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-        fake_images, real_images = images[order[:half]], images[order[half : 2 * half]]
+        return images[order[:half]], images[order[half : 2 * half]]
+
+    def real_vs_real(self, *, num_samples: int = 10000, seed: int = 0) -> MetricReport:
+        """The floor: two disjoint random halves of the real test split, one in the generated role."""
+        started = time.perf_counter()
+        fake_images, real_images = self.real_halves(num_samples, seed)
+        half = len(fake_images)
         extractor = self.reference.extractor
         fake_features, fake_probs = extract(extractor, iter(fake_images.split(FEATURE_BATCH)), half, "real half A",
                                             console=self.console, quiet=self.quiet)
@@ -224,8 +205,9 @@ def evaluate_generator(generator: torch.nn.Module, cfg: Config, *, num_samples: 
                        seed: int = 0, quiet: bool | None = None) -> dict[str, float]:
     """Quality metrics of ``generator`` for ``cfg``'s dataset: the objective ``gantrain tune`` optimises.
 
-    Returns at least ``fd``, ``kid_mean``, ``kid_std``, ``precision``, ``recall`` and ``classifier_score``
-    (plus ``hist_<class>`` shares). Fits the extractor and caches real statistics on first use; keeps them
+    Returns at least ``fd``, ``kid_mean``, ``kid_std``, ``precision``, ``recall``, ``density``, ``coverage``
+    and ``classifier_score`` (plus ``hist_<class>`` shares; with ``--eval-metrics inception`` also
+    ``inception_fid``, ``inception_kid_mean``/``_std`` and ``inception_s_per_1000``). Fits the extractor and caches real statistics on first use; keeps them
     in memory for later calls. No progress bars when ``quiet`` is true, or (by default) off the main thread
     or inside a Ray worker. The generator is evaluated in eval mode and left in the mode it had.
     """
@@ -235,7 +217,11 @@ def evaluate_generator(generator: torch.nn.Module, cfg: Config, *, num_samples: 
     original_device = next(generator.parameters()).device
     generator.to(device)
     try:
-        return evaluator.evaluate(generator, cfg, num_samples=num_samples, seed=seed).values
+        values = evaluator.evaluate(generator, cfg, num_samples=num_samples, seed=seed).values
+        if inception.requested(cfg.run.eval_metrics):
+            values.update(inception.generator_scores(generator, cfg, evaluator.reference.spec, num_samples=num_samples,
+                                                     seed=seed, cache=cfg.run.metrics_cache or None))
+        return values
     finally:
         generator.to(original_device)
 

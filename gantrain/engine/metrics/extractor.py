@@ -37,6 +37,12 @@ from gantrain.engine.metrics.reference import DatasetSpec, Split, load_split, sp
 from gantrain.engine.precision import native_bf16
 from gantrain.engine.pixels import to_unit
 
+
+
+class ExtractorNearChance(GantrainError):
+    """A feature extractor whose held-out accuracy is near chance: its features carry no information."""
+
+
 FORMAT = "gantrain-extractor"
 VERSION = 1  # bump when the architecture or the fit recipe changes: old cache files are then ignored
 FEATURE_DIM = 128
@@ -138,6 +144,34 @@ def ensure_extractor(spec: DatasetSpec, *, cache: str | Path | None = None, devi
     return extractor
 
 
+# An extractor must beat chance by this many binomial standard errors of its test accuracy, and by this margin:
+# one that does not has learnt nothing (a rotation classifier fitted on a tiny folder reaches 25%, chance for
+# four rotations) and its "features" would score generators by noise.
+CHANCE_SIGMAS = 3.0
+CHANCE_MARGIN = 0.10
+
+
+def check_usable(extractor: Extractor) -> None:
+    """Raises :class:`ExtractorNearChance` when the extractor's held-out accuracy is not clearly above chance
+    (1 / number of classes): by at least 10 points and 3 binomial standard errors of its test-split size."""
+    info = extractor.info
+    classes = len(info["class_names"])
+    chance = 1.0 / classes
+    accuracy = float(info["test_accuracy"])
+    targets = int(info.get("test_targets") or 0)
+    needed = chance + CHANCE_MARGIN
+    if targets:
+        needed = max(needed, chance + CHANCE_SIGMAS * math.sqrt(chance * (1 - chance) / targets))
+    if accuracy < needed:
+        size = f" on {targets} held-out targets" if targets else ""
+        raise ExtractorNearChance(
+            f"the {info['label']} feature extractor ({extractor.path}) reached {100 * accuracy:.1f}% {info['task']} "
+            f"accuracy{size}, near chance ({100 * chance:.0f}% for {classes} classes; at least {100 * needed:.1f}% "
+            f"needed): its features would score noise, so no metrics are computed; fit it on more images "
+            f"(`gantrain metrics fit-extractor --force`), point --metrics-cache at a cache holding a better one, "
+            f"or use a labelled dataset's extractor")
+
+
 def _valid_state(state: dict | None, train_sha256: str) -> dict | None:
     if state is None or state.get("format") != FORMAT or state.get("version") != VERSION:
         return None
@@ -170,7 +204,8 @@ def fit_state(spec: DatasetSpec, train_sha256: str, *, epochs: int = FIT_EPOCHS,
     return {"format": FORMAT, "version": VERSION, "dataset": spec.dataset, "label": spec.label, "task": spec.task,
             "channels": spec.channels, "size_px": spec.size_px, "class_names": list(spec.class_names),
             "train_sha256": train_sha256, "test_sha256": split_sha256(spec, "test"), "train_images": len(train.images),
-            "test_accuracy": accuracy, "epochs": epochs, "fit_seconds": round(seconds, 1),
+            "test_accuracy": accuracy, "test_targets": len(test.images) * (4 if spec.task == "rotation" else 1),
+            "epochs": epochs, "fit_seconds": round(seconds, 1),
             "weights": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
 
 

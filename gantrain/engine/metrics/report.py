@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from gantrain.engine.errors import ConfigError
 from gantrain.engine.files import atomic_write_text
 from gantrain.engine.runlog import log
 from gantrain.engine.metrics.evaluate import Evaluator, MetricReport, generated_batches
-from gantrain.engine.metrics.inception import inception_fid, inception_unavailable
+from gantrain.engine.metrics import inception as inc
 from gantrain.engine.metrics.reference import load_split, parse_dataset
 
 _HIST_BAR_WIDTH = 30
@@ -28,6 +29,8 @@ _ROWS = (  # key, label, how to read it
     ("kid", "KID (mean ± std)", "lower is better; unbiased, ~0 for matching distributions"),
     ("precision", "precision", "share of generated images on the real manifold (fidelity)"),
     ("recall", "recall", "share of real images on the generated manifold (diversity)"),
+    ("density", "density", "real neighbourhoods per generated image / k; ~1 when matched (fidelity)"),
+    ("coverage", "coverage", "share of real neighbourhoods holding a generated image (falls with dropped modes)"),
     ("classifier_score", "classifier score", "exp E[KL(p(y|x) || p(y))]; max = number of classes"),
 )
 
@@ -43,8 +46,14 @@ class EvalResult:
     checkpoint: str | None = None
     step: int | None = None
     seed: int = 0
-    inception_fid: float | None = None
-    inception_note: str = ""
+    inception: dict[str, Any] | None = None
+    """With --inception: inception_fid, inception_kid_mean/std, num_real, seconds_per_1000 and the network's
+    provenance (package, file, SHA-256)."""
+    inception_note: str = "not requested (--inception)"
+
+    @property
+    def inception_fid(self) -> float | None:
+        return self.inception["inception_fid"] if self.inception else None
 
     def to_json(self) -> dict[str, Any]:
         values = self.report.values
@@ -53,34 +62,56 @@ class EvalResult:
                 "num_real": self.report.num_real,
                 "metrics": {k: v for k, v in values.items() if not k.startswith("hist_")},
                 "class_histogram": self.report.histogram, "inception_fid": self.inception_fid,
-                "inception_note": self.inception_note, "seconds": round(self.report.seconds, 2),
+                "inception": self.inception, "inception_note": self.inception_note, "seconds": round(self.report.seconds, 2),
                 "extractor": {k: self.extractor[k] for k in EXTRACTOR_KEYS}}
 
 
 def evaluate_checkpoint(checkpoint: Path, *, num_samples: int, seed: int = 0, device: str = "auto",
                         data_root: str | None = None, cache: str | None = None, use_ema: bool = True,
-                        inception_weights: Path | None = None, console: Console | None = None) -> EvalResult:
-    """Metrics of a checkpoint's generator (its EMA copy when present) against the real test split."""
+                        inception: bool = False, console: Console | None = None) -> EvalResult:
+    """Metrics of a checkpoint's generator (its EMA copy when present) against the real test split; with
+    ``inception`` also the standard FID/KID (raises :class:`InceptionUnavailable` without the fid extra, before
+    any work)."""
     from gantrain.engine.generate import load_generator
 
+    if inception:
+        inc.network_file()  # refuse at once, not after minutes of domain metrics
     generator, cfg = load_generator(checkpoint, device, use_ema)
     cfg = _eval_config(cfg, data_root, cache)
     evaluator = Evaluator.for_config(cfg, device=next(generator.parameters()).device, console=console)
     report = evaluator.evaluate(generator, cfg, num_samples=num_samples, seed=seed)
     result = EvalResult("generator", report, evaluator.reference.extractor.info, str(checkpoint),
                         _checkpoint_step(checkpoint), seed)
-    _add_inception(result, evaluator, generator, cfg, inception_weights)
+    if inception:
+        device_ = next(generator.parameters()).device
+        fake = generated_batches(generator, cfg, evaluator.reference.spec, num_samples, seed, device_)
+        _add_inception(result, evaluator.reference.spec, fake, num_samples, cache, seed, device_)
     return result
 
 
 def evaluate_real(cfg: Config, *, num_samples: int, seed: int = 0, data_root: str | None = None,
-                  cache: str | None = None, device: str = "cpu", console: Console | None = None) -> EvalResult:
-    """The floor: two disjoint halves of the real test split compared with each other."""
+                  cache: str | None = None, device: str = "cpu", console: Console | None = None,
+                  inception: bool = False) -> EvalResult:
+    """The floor: two disjoint halves of the real test split compared with each other (with ``inception``
+    also in Inception features: the floor of the standard FID at this sample size)."""
+    if inception:
+        inc.network_file()
     cfg = _eval_config(cfg, data_root, cache)
     evaluator = Evaluator.for_config(cfg, device=device, console=console)
     report = evaluator.real_vs_real(num_samples=num_samples, seed=seed)
-    return EvalResult("real-vs-real", report, evaluator.reference.extractor.info, seed=seed,
-                      inception_note="not computed in --real-vs-real mode")
+    result = EvalResult("real-vs-real", report, evaluator.reference.extractor.info, seed=seed)
+    if inception:
+        net = inc.load_inception(device)
+        half_a, half_b = evaluator.real_halves(report.num_generated, seed)
+        started = time.perf_counter()
+        fake, _ = inc.extract_features(net, half_a.split(inc.BATCH * 10))
+        real, _ = inc.extract_features(net, half_b.split(inc.BATCH * 10))
+        seconds = time.perf_counter() - started
+        result.inception = {**inc.inception_scores(fake, real, seed=seed), "num_real": len(real),
+                            "seconds_per_1000": round(1000 * seconds / (len(fake) + len(real)), 1),
+                            "network": net.provenance}
+        result.inception_note = "real half A vs real half B, Inception-v3 pool features"
+    return result
 
 
 def real_config(checkpoint: Path | None, dataset: str | None, data_root: str | None) -> Config:
@@ -105,26 +136,27 @@ def _eval_config(cfg: Config, data_root: str | None, cache: str | None) -> Confi
 
 def _checkpoint_step(path: Path) -> int | None:
     from gantrain.engine.checkpoint import load_checkpoint
+    from gantrain.engine.export import export_step, is_export
 
-    return int(load_checkpoint(path)["step"])
+    return export_step(path) if is_export(path) else int(load_checkpoint(path)["step"])
 
 
-def _add_inception(result: EvalResult, evaluator: Evaluator, generator: torch.nn.Module, cfg: Config,
-                   weights: Path | None) -> None:
-    """The standard FID when torch-fidelity and local Inception weights allow; otherwise the reason it is not."""
-    why_not = inception_unavailable(weights)
-    if why_not is not None:
-        result.inception_note = f"skipped: {why_not}"
-        return
+def _add_inception(result: EvalResult, spec, fake_batches, num_generated: int, cache: str | None, seed: int,
+                   device: torch.device) -> None:
+    """The standard FID/KID of the generated images against as many real test images (at most the split)."""
+    net = inc.load_inception(device)
     log.info("computing the Inception FID (Inception-v3 at 299 px: slow on a CPU)")
-    device = next(generator.parameters()).device
-    spec = evaluator.reference.spec
-    try:
-        fake = generated_batches(generator, cfg, spec, result.report.num_generated, result.seed, device)
-        result.inception_fid = inception_fid(fake, load_split(spec, "test").images, weights, device)
-        result.inception_note = f"torch-fidelity Inception-v3 pool features, weights {weights}"
-    except Exception as exc:  # a broken optional dependency must not fail the evaluation
-        result.inception_note = f"skipped: torch-fidelity failed ({type(exc).__name__}: {str(exc)[:160]})"
+    started = time.perf_counter()
+    fake, _ = inc.extract_features(net, fake_batches)
+    seconds = time.perf_counter() - started
+    real = inc.real_inception_features(net, spec, min(num_generated, _test_size(spec)), cache=cache)
+    result.inception = {**inc.inception_scores(fake, real, seed=seed), "num_real": len(real),
+                        "seconds_per_1000": round(1000 * seconds / max(len(fake), 1), 1), "network": net.provenance}
+    result.inception_note = f"{len(fake)} generated vs {len(real)} real test images, Inception-v3 pool features"
+
+
+def _test_size(spec) -> int:
+    return len(load_split(spec, "test").images)
 
 
 def render(result: EvalResult) -> list[Table]:
@@ -142,8 +174,12 @@ def _metrics_table(result: EvalResult) -> Table:
     for key, label, reading in _ROWS:
         value = f"{values['kid_mean']:.5f} ± {values['kid_std']:.5f}" if key == "kid" else f"{values[key]:.4f}"
         table.add_row(label, value, reading)
-    fid = f"{result.inception_fid:.3f}" if result.inception_fid is not None else "-"
-    table.add_row("Inception FID", fid, result.inception_note)
+    if result.inception:
+        table.add_row("Inception FID", f"{result.inception['inception_fid']:.3f}", result.inception_note)
+        table.add_row("Inception KID", f"{result.inception['inception_kid_mean']:.5f} ± "
+                      f"{result.inception['inception_kid_std']:.5f}", "the standard KID (Inception features)")
+    else:
+        table.add_row("Inception FID", "-", result.inception_note)
     table.add_row("extractor", f"{100 * info['test_accuracy']:.2f}%", f"{info['label']} {info['task']} "
                   f"accuracy on the test split")
     return table

@@ -10,6 +10,11 @@
 * Improved precision and recall (Kynkäänniemi et al. 2019): each set's manifold is the union of balls reaching
   each point's k-th nearest neighbour; precision is the share of generated points inside the real manifold,
   recall the share of real points inside the generated one.
+* Density and coverage (Naeem et al. 2020, "Reliable fidelity and diversity metrics for generative models"):
+  density counts how many real balls hold each generated point (divided by k; ~1 when the sets match, above
+  1 where generated points crowd into dense real regions); coverage is the share of real points whose own ball
+  holds at least one generated point, so a dropped mode lowers it even when recall, inflated by outlying
+  generated points with huge balls, does not notice.
 * Classifier score: the Inception-score formula ``exp(E_x KL(p(y|x) || p(y)))`` on a domain classifier.
 """
 
@@ -83,11 +88,31 @@ def _mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> float:
 def precision_recall(real: np.ndarray | torch.Tensor, fake: np.ndarray | torch.Tensor,
                      k: int = PR_NEIGHBOURS) -> tuple[float, float]:
     """Improved precision (fake inside the real manifold) and recall (real inside the fake manifold)."""
+    values = manifold_metrics(real, fake, k)
+    return values["precision"], values["recall"]
+
+
+def manifold_metrics(real: np.ndarray | torch.Tensor, fake: np.ndarray | torch.Tensor,
+                     k: int = PR_NEIGHBOURS) -> dict[str, float]:
+    """precision, recall (Kynkäänniemi et al. 2019), density and coverage (Naeem et al. 2020) of features
+    real (N, D) and fake (M, D), with k-th-nearest-neighbour balls (a point on a ball's surface is inside).
+
+    Raises ValueError when a set has k points or fewer."""
     r, f = _as_tensor64(real), _as_tensor64(fake)
     if min(len(r), len(f)) <= k:
         raise ValueError(f"precision/recall with k={k} need more than {k} samples per set")
     radii_real, radii_fake = _knn_radii(r, k), _knn_radii(f, k)
-    return _coverage(f, r, radii_real), _coverage(r, f, radii_fake)
+    inside_real = torch.zeros(len(f), dtype=torch.bool)  # fake point i lies in some real ball
+    balls_per_fake = torch.zeros(len(f), dtype=torch.float64)  # how many real balls hold fake point i
+    covered = torch.zeros(len(r), dtype=torch.bool)  # real ball j holds some fake point
+    for start in range(0, len(f), _DISTANCE_ROWS):
+        rows = f[start : start + _DISTANCE_ROWS]
+        within = torch.cdist(rows, r) <= radii_real  # (rows, N)
+        inside_real[start : start + len(rows)] = within.any(dim=1)
+        balls_per_fake[start : start + len(rows)] = within.sum(dim=1).double()
+        covered |= within.any(dim=0)
+    return {"precision": float(inside_real.double().mean()), "recall": _coverage(r, f, radii_fake),
+            "density": float(balls_per_fake.sum() / (k * len(f))), "coverage": float(covered.double().mean())}
 
 
 def _knn_radii(points: torch.Tensor, k: int) -> torch.Tensor:

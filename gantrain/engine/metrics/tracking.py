@@ -17,10 +17,11 @@ from rich.console import Console
 
 from gantrain.engine.config import Config
 from gantrain.engine.images import plot_curves, read_metrics
+from gantrain.engine.metrics import inception
 from gantrain.engine.metrics.evaluate import METRIC_KEYS, Evaluator
 
 PLOT_PRIMARY = ("fd",)
-PLOT_SECONDARY = ("precision", "recall", "kid_mean")
+PLOT_SECONDARY = ("precision", "recall", "coverage", "kid_mean")
 
 
 class QualityTracker:
@@ -28,6 +29,9 @@ class QualityTracker:
 
     def __init__(self, cfg: Config, device: torch.device, console: Console, best_fd: float | None = None) -> None:
         self.cfg = cfg
+        self.inception = inception.requested(cfg.run.eval_metrics)
+        if self.inception:  # refused here, at start, not at the first evaluation an epoch later
+            inception.load_inception(device)
         # Built before the training bar goes live: fitting the extractor shows its own progress bar here.
         self.evaluator = Evaluator.for_config(cfg, device=device, console=console, quiet=False)
         self.evaluator.quiet = True  # inside the loop the training bar is the one live display
@@ -40,29 +44,36 @@ class QualityTracker:
     def evaluate(self, generator: torch.nn.Module, step: int, epochs_done: int) -> tuple[dict, bool]:
         """The metrics.jsonl record of one evaluation, and whether its FD is the best so far."""
         run = self.cfg.run
+        started = time.perf_counter()
         # The run seed fixes the evaluation noise: every evaluation of a run sees the same latents.
         report = self.evaluator.evaluate(generator, self.cfg, num_samples=run.eval_samples, seed=run.seed)
         fd = report.values["fd"]
         improved = self.best_fd is None or fd < self.best_fd
         if improved:
             self.best_fd = fd
-        record = {"step": step, "epoch": epochs_done, **{k: round(v, 6) for k, v in report.values.items()},
+        values = dict(report.values)
+        if self.inception:
+            values.update(inception.generator_scores(generator, self.cfg, self.evaluator.reference.spec,
+                                                     num_samples=run.eval_samples, seed=run.seed,
+                                                     cache=self.cfg.run.metrics_cache or None))
+        record = {"step": step, "epoch": epochs_done, **{k: round(v, 6) for k, v in values.items()},
                   "best_fd": round(self.best_fd, 6), "eval_samples": run.eval_samples,
-                  "eval_s": round(report.seconds, 2), "time": time.time()}
+                  "eval_s": round(time.perf_counter() - started, 2), "time": time.time()}
         return record, improved
 
     @staticmethod
     def summary(record: dict) -> str:
         """Short text for the progress bar and the log."""
-        return (f"FD {record['fd']:.2f} KID {record['kid_mean']:.4f} P {record['precision']:.2f} "
-                f"R {record['recall']:.2f} CS {record['classifier_score']:.2f}")
+        text = (f"FD {record['fd']:.2f} KID {record['kid_mean']:.4f} P {record['precision']:.2f} "
+                f"R {record['recall']:.2f} C {record['coverage']:.2f} CS {record['classifier_score']:.2f}")
+        return text + (f" Inception FID {record['inception_fid']:.1f}" if "inception_fid" in record else "")
 
     @staticmethod
     def plot(run_dir: Path) -> Path | None:
-        """metrics.png: FD (left axis) and precision, recall, KID (right axis) against the step."""
+        """metrics.png: FD (left axis) and precision, recall, coverage, KID (right axis) against the step."""
         records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "fd" in r]
         return plot_curves(records, PLOT_PRIMARY, run_dir / "metrics.png", "Quality metrics (domain extractor)",
-                           "Fréchet distance", secondary=PLOT_SECONDARY, secondary_ylabel="precision, recall, KID")
+                           "Fréchet distance", secondary=PLOT_SECONDARY, secondary_ylabel="precision, recall, coverage, KID")
 
 
 __all__ = ["METRIC_KEYS", "QualityTracker"]

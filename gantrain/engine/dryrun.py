@@ -1,0 +1,143 @@
+"""``gantrain run --dry-run``: the resolved config, where each value came from, and the schedule, without
+training and without touching the run folder (nothing is created, locked or downloaded)."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from gantrain.engine.config import SECTION_TYPES, Config, _flag, preset
+from gantrain.engine.data.download import IDX_DATASETS, raw_folder
+from gantrain.engine.errors import ConfigError
+
+
+def value_sources(preset_name: str | None, config_file: str | None, flags: dict[str, Any]) -> dict[str, str]:
+    """``{'optim.lr_g': 'flag --lr-g', 'run.epochs': 'preset fashion32', 'data.hflip': 'default', ...}``: which
+    of the three layers `gantrain run` stacks (preset, then --config TOML, then flags) set each field last."""
+    name = preset_name or "fashion32"
+    if config_file and not preset_name:
+        raw_preset = _read_toml(config_file).get("preset")
+        name = raw_preset if isinstance(raw_preset, str) else name
+    base, defaults = preset(name).to_dict(), Config().to_dict()
+    raw = _read_toml(config_file) if config_file else {}
+    sources: dict[str, str] = {}
+    for section, cls in SECTION_TYPES.items():
+        for f in fields(cls):
+            key = f"{section}.{f.name}"
+            if flags.get(f.name) is not None:
+                sources[key] = f"flag {_flag(f.name)}"
+            elif isinstance(raw.get(section), dict) and f.name in raw[section]:
+                sources[key] = f"file {config_file}"
+            elif base[section][f.name] != defaults[section][f.name]:
+                sources[key] = f"preset {name}"
+            else:
+                sources[key] = "default"
+    return sources
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):  # resolve() already refused a bad file
+        return {}
+
+
+@dataclass
+class Schedule:
+    """What a run of this config would do, from a count of the images (nothing decoded)."""
+
+    images: int | None
+    """Training images after --limit; None when they cannot be counted without a download."""
+    images_note: str
+    world_size: int
+    batch_size: int
+    steps_per_epoch: int | None
+    total_steps: int | None
+
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+
+def count_images(cfg: Config) -> tuple[int | None, str]:
+    """The training images (after --limit) and how they were counted; (None, why) when unknown."""
+    data = cfg.data
+    if data.dataset == "synthetic":
+        count, how = data.synthetic_size, "synthetic"
+    elif data.dataset in IDX_DATASETS:
+        from gantrain.engine.data.sources import data_root
+
+        folder = raw_folder(data.dataset, data_root(data.data_root))
+        path = next((p for p in (folder / "train-images-idx3-ubyte", folder / "train-images-idx3-ubyte.gz")
+                     if p.exists()), None)
+        if path is None:
+            return None, f"{data.dataset} is not in {folder} yet (a real run downloads it)"
+        count, how = _idx_count(path), f"{data.dataset} train split ({path})"
+    else:
+        from gantrain.engine.data.sources import discover_folder
+
+        found = discover_folder(data.data_root, strict=data.strict)
+        count, how = len(found.paths), f"image files found in {found.root} (unreadable ones are left out when decoded)"
+    if data.limit and data.limit < count:
+        return data.limit, f"{how}, first {data.limit} (--limit)"
+    return count, how
+
+
+def _idx_count(path: Path) -> int:
+    """The item count in an IDX header (bytes 4-8, big-endian), without reading the images."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        header = fh.read(8)
+    if len(header) < 8:
+        raise ConfigError(f"{path}: not an IDX file (too short)")
+    return struct.unpack(">I", header[4:8])[0]
+
+
+def plan(cfg: Config) -> Schedule:
+    """The schedule of a fresh run of ``cfg`` (a resumed one continues from its checkpoint's step)."""
+    world = cfg.dist.nproc * cfg.dist.nnodes if cfg.dist.ddp else 1
+    images, note = count_images(cfg)
+    if images is None:
+        return Schedule(None, note, world, cfg.data.batch_size, None, None)
+    from gantrain.engine.data.plan import steps_per_epoch
+
+    per_epoch = steps_per_epoch(images, cfg.data.batch_size, world, cfg.data.limit)  # refuses 0 steps, naming the flag
+    total = cfg.run.epochs * per_epoch
+    if cfg.run.max_steps:
+        total = min(total, cfg.run.max_steps)
+    return Schedule(images, note, world, cfg.data.batch_size, per_epoch, total)
+
+
+def show(cfg: Config, sources: dict[str, str], schedule: Schedule, console: Console, resume: str | None) -> None:
+    """The config table (field, value, source) and the schedule, to ``console``."""
+    table = Table(title=f"gantrain run --dry-run: preset {cfg.preset}, run folder {cfg.run_dir} (not touched)")
+    table.add_column("field", style="bold", no_wrap=True)
+    table.add_column("value")
+    table.add_column("from", no_wrap=True)
+    values = cfg.to_dict()
+    for key, source in sources.items():
+        section, name = key.split(".")
+        value = values[section][name]
+        table.add_row(key, "" if value is None else repr(value) if isinstance(value, str) else str(value),
+                      source, style=None if source == "default" else "cyan")
+    console.print(table)
+    lines = [f"images: {schedule.images if schedule.images is not None else 'unknown'} ({schedule.images_note})",
+             f"effective batch: {schedule.batch_size} per process x {schedule.world_size} process(es) = "
+             f"{schedule.effective_batch}"]
+    if schedule.steps_per_epoch is not None:
+        capped = f" (capped by --max-steps {cfg.run.max_steps})" if cfg.run.max_steps and \
+            schedule.total_steps < cfg.run.epochs * schedule.steps_per_epoch else ""
+        lines += [f"steps per epoch: {schedule.steps_per_epoch}",
+                  f"total steps: {schedule.total_steps} over {cfg.run.epochs} epoch(s){capped}",
+                  f"images trained on: {schedule.total_steps * schedule.effective_batch}"]
+    if resume:
+        lines.append(f"--resume {resume}: a resumed run goes on from its checkpoint's step towards these totals")
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=True)

@@ -1,0 +1,42 @@
+"""What the metrics take from a generator: batches of images from fixed noise, put on the real images' footing
+(the extractor's size, 8-bit levels), and the protocol constants both feature spaces (domain, Inception) use."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from gantrain.engine.config import Config
+from gantrain.engine.errors import ConfigError
+from gantrain.engine.metrics.reference import DatasetSpec
+from gantrain.engine.pixels import quantize
+from gantrain.engine.sampling import generate_images, sample_noise
+
+GENERATE_BATCH = 500
+KID_SUBSETS = 50
+KID_SUBSET_SIZE = 1000
+
+
+def prepare_generated(images: torch.Tensor, spec: DatasetSpec) -> torch.Tensor:
+    """Generator output in [-1, 1] at the extractor's size, then on 8-bit levels: real images are resized and
+    then stored as uint8, and the extractor must not tell generated from real by sub-level detail."""
+    if images.shape[1] != spec.channels:
+        raise ConfigError(f"--channels: the generator makes {images.shape[1]}-channel images, the {spec.label} "
+                          f"extractor reads {spec.channels}")
+    images = images.float().clamp(-1, 1)
+    if images.shape[-1] != spec.size_px or images.shape[-2] != spec.size_px:
+        images = F.interpolate(images, size=(spec.size_px, spec.size_px), mode="bilinear", align_corners=False,
+                               antialias=True).clamp(-1, 1)
+    return quantize(images)
+
+
+@torch.no_grad()
+def generated_batches(generator: torch.nn.Module, cfg: Config, spec: DatasetSpec, num_samples: int, seed: int,
+                      device: torch.device) -> Iterator[torch.Tensor]:
+    """Batches of generated images from fixed noise (its own RNG: the caller's streams are not advanced), in
+    fp32 whatever the training precision, so tracking during training and `gantrain eval` agree."""
+    noise = sample_noise(num_samples, cfg.model.nz, cfg.loss.noise, "cpu", torch.Generator().manual_seed(seed))
+    for chunk in noise.split(GENERATE_BATCH):
+        yield prepare_generated(generate_images(generator, chunk.to(device)), spec)
