@@ -20,7 +20,7 @@ LAYERS = [
      "gantrain.engine.images", "gantrain.engine.checkpoint", "gantrain.engine.pixels"),
     ("gantrain.engine.step", "gantrain.engine.outputs", "gantrain.engine.metrics", "gantrain.engine.generate"),
     ("gantrain.engine.loop",),
-    ("gantrain.engine.launch",),
+    ("gantrain.engine.launch", "gantrain.engine.raytrain"),
     ("gantrain.bench", "gantrain.tune"),
     ("gantrain.cli", "gantrain.__main__", "gantrain.tune.driver"),  # entry points of processes
 ]

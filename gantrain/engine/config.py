@@ -262,6 +262,19 @@ class DistConfig:
     the same on every node, node ranks are then assigned by the rendezvous."""
     rdzv_id: str = "gantrain"
     """Job id of the c10d rendezvous: the same on every node of one job, another for a concurrent job."""
+    ray: bool = False
+    """Train as --ray-workers DDP workers of a Ray Train TorchTrainer, on the Ray cluster at --ray-address (or a
+    local one)."""
+    ray_address: str = ""
+    """With --ray: auto (the cluster this machine belongs to), ray://HOST:10001, or empty for a local Ray."""
+    ray_workers: int = 2
+    """With --ray: DDP workers (Ray Train's ScalingConfig num_workers)."""
+    gpus_per_worker: float = 0.0
+    """With --ray: GPUs per worker (0: CPU workers with gloo)."""
+    cpus_per_worker: float = 1.0
+    """With --ray: CPUs per worker."""
+    ray_storage: str = ""
+    """With --ray: Ray Train's storage path for its checkpoints (default: <out>/ray); shared by all nodes."""
     max_restarts: int = 3
     """With --ddp: times torchrun's elastic agent restarts the worker group after a worker fails; every rank
     resumes from the run's last.pt (0 = a failure ends the run)."""
@@ -275,6 +288,10 @@ class DistConfig:
         _check(0 <= self.node_rank < self.nnodes, "node_rank", f"must be in [0, nnodes), got {self.node_rank}")
         _check(0 < self.master_port < 65536, "master_port", f"must be a TCP port, got {self.master_port}")
         _check(self.max_restarts >= 0, "max_restarts", f"must be >= 0, got {self.max_restarts}")
+        _check(not (self.ray and self.ddp), "ray", "--ray runs DDP workers itself; leave out --ddp")
+        _check(self.ray_workers >= 1, "ray_workers", f"must be at least 1, got {self.ray_workers}")
+        _check(self.gpus_per_worker >= 0, "gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
+        _check(self.cpus_per_worker > 0, "cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
         if self.rdzv_endpoint:
             host, _, port = self.rdzv_endpoint.rpartition(":")
             _check(bool(host) and port.isdigit() and 0 < int(port) < 65536, "rdzv_endpoint",

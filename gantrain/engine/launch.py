@@ -241,6 +241,11 @@ def _failed(status_dir: Path, exc, cfg: Config) -> GantrainError:
 
 def train(cfg: Config, *, resume: str | None = None, console: Console | None = None) -> FitResult | None:
     """Trains ``cfg``. With --ddp outside torchrun, launches the workers and waits for them."""
+    if cfg.dist.ray and not launched_by_torchrun():
+        from gantrain.engine.raytrain import train_on_ray
+
+        train_on_ray(cfg, resume, console)
+        return None
     if cfg.dist.ddp and not launched_by_torchrun():
         launch_workers(cfg, resume, console)
         return None

@@ -60,6 +60,8 @@ def launched_by_torchrun() -> bool:
 
 def init_distributed(device_name: str) -> DistInfo:
     """Joins the process group torchrun set up: NCCL on CUDA, gloo on the CPU."""
+    if dist.is_initialized():  # Ray Train's workers: it set up the process group
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     if not launched_by_torchrun():
         return DistInfo()
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
