@@ -174,6 +174,10 @@ class RunConfig:
     """Write the fixed-noise sample grid every N steps (0 = only at the end)."""
     checkpoint_every: int = 1
     """Write a checkpoint every N epochs (and always at the end)."""
+    checkpoint_every_steps: int = 0
+    """Also write a checkpoint every N steps (0 = off): what a restarted DDP worker group resumes from."""
+    checkpoint_every_minutes: float = 0.0
+    """Also write a checkpoint when this many minutes passed since the last one (0 = off)."""
     log_every: int = 50
     """Log losses and images/s every N steps."""
     keep_checkpoints: int = 3
@@ -206,6 +210,10 @@ class RunConfig:
         _check(self.max_steps >= 0, "max_steps", f"must be >= 0, got {self.max_steps}")
         _check(self.sample_every >= 0, "sample_every", f"must be >= 0, got {self.sample_every}")
         _check(self.checkpoint_every >= 1, "checkpoint_every", f"must be at least 1, got {self.checkpoint_every}")
+        _check(self.checkpoint_every_steps >= 0, "checkpoint_every_steps",
+               f"must be >= 0, got {self.checkpoint_every_steps}")
+        _check(self.checkpoint_every_minutes >= 0, "checkpoint_every_minutes",
+               f"must be >= 0, got {self.checkpoint_every_minutes}")
         _check(self.log_every >= 1, "log_every", f"must be at least 1, got {self.log_every}")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be at least 1, got {self.keep_checkpoints}")
         _check(self.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {self.device!r}")
@@ -267,6 +275,27 @@ class DistConfig:
     """Address of the rank-0 node."""
     master_port: int = 29500
     """Port of the rank-0 node."""
+    rdzv_endpoint: str = ""
+    """HOST:PORT of a c10d rendezvous (torchrun's --rdzv-backend c10d) instead of --master-addr/--master-port;
+    the same on every node, node ranks are then assigned by the rendezvous."""
+    rdzv_id: str = "gantrain"
+    """Job id of the c10d rendezvous: the same on every node of one job, another for a concurrent job."""
+    ray: bool = False
+    """Train as --ray-workers DDP workers of a Ray Train TorchTrainer, on the Ray cluster at --ray-address (or a
+    local one)."""
+    ray_address: str = ""
+    """With --ray: auto (the cluster this machine belongs to), ray://HOST:10001, or empty for a local Ray."""
+    ray_workers: int = 2
+    """With --ray: DDP workers (Ray Train's ScalingConfig num_workers)."""
+    gpus_per_worker: float = 0.0
+    """With --ray: GPUs per worker (0: CPU workers with gloo)."""
+    cpus_per_worker: float = 1.0
+    """With --ray: CPUs per worker."""
+    ray_storage: str = ""
+    """With --ray: Ray Train's storage path for its checkpoints (default: <out>/ray); shared by all nodes."""
+    max_restarts: int = 3
+    """With --ddp: times torchrun's elastic agent restarts the worker group after a worker fails; every rank
+    resumes from the run's last.pt (0 = a failure ends the run)."""
     sync_bn: bool = False
     """Use SyncBatchNorm (CUDA only)."""
 
@@ -276,6 +305,17 @@ class DistConfig:
         _check(self.nnodes >= 1, "nnodes", f"must be at least 1, got {self.nnodes}")
         _check(0 <= self.node_rank < self.nnodes, "node_rank", f"must be in [0, nnodes), got {self.node_rank}")
         _check(0 < self.master_port < 65536, "master_port", f"must be a TCP port, got {self.master_port}")
+        _check(self.max_restarts >= 0, "max_restarts", f"must be >= 0, got {self.max_restarts}")
+        _check(not (self.ray and self.ddp), "ray", "--ray runs DDP workers itself; leave out --ddp")
+        _check(self.ray_workers >= 1, "ray_workers", f"must be at least 1, got {self.ray_workers}")
+        _check(self.gpus_per_worker >= 0, "gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
+        _check(self.cpus_per_worker > 0, "cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        if self.rdzv_endpoint:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            _check(bool(host) and port.isdigit() and 0 < int(port) < 65536, "rdzv_endpoint",
+                   f"must be HOST:PORT, got {self.rdzv_endpoint!r}")
+        _check(bool(self.rdzv_id) and all(c.isalnum() or c in "-_." for c in self.rdzv_id), "rdzv_id",
+               f"must be letters, digits, '-', '_' or '.', got {self.rdzv_id!r}")
 
 
 @dataclass

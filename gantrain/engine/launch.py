@@ -8,6 +8,13 @@ prints one line. Rendezvous errors (a port in use) arrive as exceptions here and
 instead of torchrun's traceback. SIGKILL cannot be caught: each worker asks the kernel for SIGTERM when its
 parent (the agent) dies (:func:`gantrain.engine.runtime.die_with_parent`), so no worker outlives a killed
 launcher, and each still stops at an agreed step with a checkpoint.
+
+A worker that dies (killed, crashed, its node lost) is the agent's to handle too: with ``--max-restarts N`` it
+stops the others and starts the worker group again, up to N times; each restarted worker sees
+``TORCHELASTIC_RESTART_COUNT`` > 0 and resumes from the ``last.pt`` this launch wrote (resume is exact, so the
+run ends with the weights an unbroken run would have). The agent's own records of the failure and the restart
+become one line here, and rank 0 says in train.log which restart it is and the step it resumed from. With the
+restarts used up the agent stops every worker and the launcher says why in one ``error:`` line.
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ import json
 import logging
 import os
 import signal
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -24,7 +33,7 @@ from rich.console import Console
 
 from gantrain.engine.config import Config, to_toml
 from gantrain.engine.errors import ConfigError, GantrainError
-from gantrain.engine.runlog import log
+from gantrain.engine.runlog import log, setup_logging
 from gantrain.engine.loop import FitResult, Interrupted, Trainer
 from gantrain.engine.runtime import die_with_parent, init_distributed, launched_by_torchrun, shutdown_distributed
 
@@ -32,6 +41,11 @@ from gantrain.engine.runtime import die_with_parent, init_distributed, launched_
 # launcher, not each worker, says the one closing line.
 STATUS_ENV = "GANTRAIN_LAUNCH_STATUS"
 STATUS_FILE = "interrupted.json"
+# What the launcher knows of the last worker failure it restarted after, for rank 0's line in train.log.
+RESTART_FILE = "restart.json"
+# The launch's start (time.time()): a restarted worker resumes from a last.pt written since, not an older one.
+STARTED_ENV = "GANTRAIN_LAUNCH_STARTED"
+AGENT_LOGGERS = ("torch.distributed.elastic.multiprocessing.api", "torch.distributed.elastic.agent.server.api")
 # Rank 0 may be mid-evaluation when a signal arrives; the stop waits for the next step boundary, then the
 # checkpoint. The agent sends SIGKILL only after this long.
 SHUTDOWN_TIMEOUT_S = 300
@@ -57,13 +71,54 @@ def _early_stop(signum, _frame):
 def torchrun_args(cfg: Config, config_file: Path, resume: str | None) -> list[str]:
     """torchrun's arguments whose workers run ``gantrain run`` on the resolved config file."""
     d = cfg.dist
-    args = [f"--nproc-per-node={d.nproc}", f"--nnodes={d.nnodes}", f"--node-rank={d.node_rank}",
-            f"--master-addr={d.master_addr}", f"--master-port={d.master_port}",
+    if d.rdzv_endpoint:  # the rendezvous assigns node ranks; its host runs the store (the first to bind it)
+        where = ["--rdzv-backend=c10d", f"--rdzv-endpoint={d.rdzv_endpoint}", f"--rdzv-id={d.rdzv_id}"]
+    else:
+        where = [f"--node-rank={d.node_rank}", f"--master-addr={d.master_addr}", f"--master-port={d.master_port}"]
+    args = [f"--nproc-per-node={d.nproc}", f"--nnodes={d.nnodes}", *where, f"--max-restarts={d.max_restarts}",
             f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}", "-m", "gantrain", "run", "--config", str(config_file)]
     return args + (["--resume", resume] if resume else [])
 
 
-def launch_workers(cfg: Config, resume: str | None) -> None:
+class _AgentEvents(logging.Handler):
+    """Turns the agent's records of a failed worker and of a worker-group restart into one gantrain line (and
+    the restart file rank 0 reads); the agent's other records are dropped (the outcome is said elsewhere)."""
+
+    def __init__(self, cfg: Config, status_dir: Path) -> None:
+        super().__init__(logging.INFO)
+        self.cfg, self.status_dir, self.failure = cfg, status_dir, None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = str(record.msg)
+            if text.startswith("failed (exitcode") and record.args:
+                self.failure = (int(record.args[0]), int(record.args[1]), int(record.args[2]))
+            elif "will restart worker group" in text and record.args:
+                _, _, left, most = record.args
+                self._restarting(int(most) - int(left) + 1, int(most))
+        except Exception:  # noqa: BLE001 - a record of another shape must never break the agent's loop
+            self.handleError(record)
+
+    def _restarting(self, restart: int, most: int) -> None:
+        what = "a worker failed"
+        if self.failure is not None:
+            code, local_rank, pid = self.failure
+            d = self.cfg.dist
+            who = (f"local rank {local_rank} on {socket.gethostname()}" if d.rdzv_endpoint
+                   else f"rank {d.node_rank * d.nproc + local_rank}")
+            what = f"DDP worker {who} (pid {pid}) {_how(code)}"
+        self.failure = None
+        (self.status_dir / RESTART_FILE).write_text(json.dumps({"restart": restart, "of": most, "what": what}))
+        log.warning("%s; restarting the worker group (restart %d of %d, --max-restarts); every rank resumes "
+                    "from the run's last.pt", what, restart, most)
+
+
+def _how(code: int) -> str:
+    return (f"was killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals()
+            else f"exited with code {code}")
+
+
+def launch_workers(cfg: Config, resume: str | None, console: Console | None = None) -> None:
     """Runs torchrun's elastic agent here and waits for the workers; each reads the whole resolved config, so
     no flag is parsed twice."""
     from torch.distributed import DistNetworkError
@@ -76,9 +131,12 @@ def launch_workers(cfg: Config, resume: str | None) -> None:
         config_file = Path(tmp) / "config.toml"
         config_file.write_text(to_toml(cfg))
         threads = max(1, (os.cpu_count() or 1) // cfg.dist.nproc)
-        saved_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", STATUS_ENV)}
+        saved_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", STATUS_ENV, STARTED_ENV)}
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # the agent passes its environment on
         os.environ[STATUS_ENV] = tmp
+        os.environ[STARTED_ENV] = repr(time.time())
+        if not log.handlers:
+            setup_logging(console or Console(stderr=True))
         # The agent logs each step of its shutdown as warnings; the outcome is said here, in one line. Its
         # module loggers carry levels of their own, so each one is quietened.
         elastic_logs = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
@@ -86,11 +144,22 @@ def launch_workers(cfg: Config, resume: str | None) -> None:
         levels = [logger.level for logger in elastic_logs]
         for logger in elastic_logs:
             logger.setLevel(logging.CRITICAL)
+        events, agent_logs = _AgentEvents(cfg, Path(tmp)), [logging.getLogger(name) for name in AGENT_LOGGERS]
+        propagate = [logger.propagate for logger in agent_logs]
+        for logger in agent_logs:  # their records reach only the handler that turns two of them into a line
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+            logger.addHandler(events)
         # the agent installs its own handlers when it starts the workers; until then, stop here
         handlers = {sig: signal.signal(sig, _early_stop) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
             launch_config, entrypoint, args = config_from_args(parse_args(torchrun_args(cfg, config_file, resume)))
             elastic_launch(launch_config, entrypoint)(*args)
+            # Workers stopped by a signal (to them, not to the launcher) exit 0, or the agent would restart them;
+            # rank 0 (local rank 0 elsewhere) left the signal and the step here.
+            stopped = _status(Path(tmp))
+            if stopped is not None:
+                raise _interrupted(Path(tmp), int(stopped["signal"]), cfg, "the workers")
         except _EarlyStop as exc:
             raise _interrupted(Path(tmp), exc.signum, cfg, "the launcher") from None
         except DistNetworkError as exc:
@@ -102,6 +171,9 @@ def launch_workers(cfg: Config, resume: str | None) -> None:
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
+            for logger, flag in zip(agent_logs, propagate):
+                logger.removeHandler(events)
+                logger.propagate = flag
             for logger, level in zip(elastic_logs, levels):
                 logger.setLevel(level)
             for key, value in saved_env.items():
@@ -110,6 +182,9 @@ def launch_workers(cfg: Config, resume: str | None) -> None:
 
 def _network_error(cfg: Config, exc: Exception) -> GantrainError:
     d = cfg.dist
+    if d.rdzv_endpoint:
+        return GantrainError(f"--rdzv-endpoint: the c10d rendezvous at {d.rdzv_endpoint} failed: "
+                             f"{str(exc).splitlines()[0]}")
     if "EADDRINUSE" in str(exc) or "address already in use" in str(exc).lower():
         return ConfigError(f"--master-port: port {d.master_port} on {d.master_addr} is already in use (another "
                            "DDP run?); choose a free one with --master-port")
@@ -120,10 +195,7 @@ def _network_error(cfg: Config, exc: Exception) -> GantrainError:
 def _interrupted(status_dir: Path, signum: int, cfg: Config, who: str) -> RunInterrupted:
     """One line for a run the workers stopped together; rank 0 left the step and checkpoint in the status file."""
     name = signal.Signals(signum).name
-    try:
-        status = json.loads((status_dir / STATUS_FILE).read_text())
-    except (OSError, ValueError):
-        status = None
+    status = _status(status_dir)
     if status is None:  # no worker got as far as its training loop
         error = RunInterrupted(f"{name} to {who} before training started; no checkpoint")
     else:
@@ -139,6 +211,13 @@ def _interrupted(status_dir: Path, signum: int, cfg: Config, who: str) -> RunInt
     return error
 
 
+def _status(status_dir: Path) -> dict | None:
+    try:
+        return json.loads((status_dir / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _failed(status_dir: Path, exc, cfg: Config) -> GantrainError:
     """Workers that stopped on a signal (exit code 128 + N) are an interruption; anything else a failure."""
     codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
@@ -151,26 +230,35 @@ def _failed(status_dir: Path, exc, cfg: Config) -> GantrainError:
     ranked = sorted(codes.items(), key=lambda rc: (not (rc[1] < 0 and rc[1] != -signal.SIGTERM), rc[0]))
     cause = [(r, c) for r, c in ranked if c not in stop_codes and c != -signal.SIGTERM]
     rank, code = (cause or ranked)[0]
-    how = f"was killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() \
-        else f"exited with code {code}"
     last = cfg.run_dir / "checkpoints" / "last.pt"
     newest = f"continue from the newest periodic checkpoint with --resume auto ({last})" if last.is_file() \
         else "no checkpoint was saved yet"
-    return GantrainError(f"DDP worker rank {rank} {how} (its own message, if any, is above); the launcher stopped "
-                         f"the others; no checkpoint of this step: {newest}")
+    used = f" after {cfg.dist.max_restarts} restart(s), all that --max-restarts allows" if cfg.dist.max_restarts else ""
+    return GantrainError(f"DDP worker rank {rank} {_how(code)}{used} (its own message, if any, is above); the "
+                         f"launcher stopped the others; no checkpoint of this step: {newest}")
 
 
 def train(cfg: Config, *, resume: str | None = None, console: Console | None = None) -> FitResult | None:
     """Trains ``cfg``. With --ddp outside torchrun, launches the workers and waits for them."""
-    if cfg.dist.ddp and not launched_by_torchrun():
-        launch_workers(cfg, resume)
+    if cfg.dist.ray and not launched_by_torchrun():
+        from gantrain.engine.raytrain import train_on_ray
+
+        train_on_ray(cfg, resume, console)
         return None
+    if cfg.dist.ddp and not launched_by_torchrun():
+        launch_workers(cfg, resume, console)
+        return None
+    restart = 0
     if launched_by_torchrun():
         die_with_parent()
         _stop_before_training()
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        resume = _restart_resume(cfg, resume, restart)
     info = init_distributed(cfg.run.device)
     try:
         trainer = Trainer(cfg, console=console, dist_info=info, resume=resume)
+        if restart and info.is_main:
+            _log_restart(trainer, restart)
         try:
             return trainer.fit()
         except Interrupted as exc:
@@ -185,6 +273,28 @@ def train(cfg: Config, *, resume: str | None = None, console: Console | None = N
             raise error from None
     finally:
         shutdown_distributed()
+
+
+def _restart_resume(cfg: Config, resume: str | None, restart: int) -> str | None:
+    """What a worker of restart ``restart`` resumes from: the last.pt this launch wrote, else what the launch
+    was asked to start from (a restart before the first checkpoint starts that again; exact all the same)."""
+    last = cfg.run_dir / "checkpoints" / "last.pt"
+    started = float(os.environ.get(STARTED_ENV, "inf"))
+    if restart and last.is_file() and last.stat().st_mtime >= started:
+        return str(last)
+    return resume
+
+
+def _log_restart(trainer: Trainer, restart: int) -> None:
+    status = os.environ.get(STATUS_ENV)
+    try:
+        what = json.loads((Path(status) / RESTART_FILE).read_text())["what"] if status else None
+    except (OSError, ValueError, KeyError):
+        what = None
+    where = (f"resumed from {trainer.resume_path} at step {trainer.step}" if trainer.resume_path
+             else "no checkpoint of this launch yet: started again from step 0")
+    log.warning("restart %d of %d (--max-restarts) after %s: %s", restart, trainer.cfg.dist.max_restarts,
+                what or "a worker failed (on another node)", where)
 
 
 def _lost_peer(exc: BaseException) -> bool:
@@ -222,11 +332,13 @@ def _worker_interrupted(trainer: Trainer, exc: Interrupted) -> RunInterrupted:
     else:
         where = "rank 0 saves the checkpoint"
     if status and trainer.dist.local_rank == 0:  # for this node's launcher, which says the closing line
-        payload = {"step": step, "rank": trainer.dist.rank,
+        payload = {"step": step, "rank": trainer.dist.rank, "signal": exc.exit_code - 128,
                    "checkpoint": str(exc.checkpoint) if exc.checkpoint else None}
         (Path(status) / STATUS_FILE).write_text(json.dumps(payload))
     _ignore_stop_signals()
     error = RunInterrupted(f"interrupted at step {step}; {where}")
-    error.exit_code = exc.exit_code
+    # Under the launcher a stop all ranks agreed on is a success to the elastic agent, which would otherwise
+    # restart the workers (--max-restarts); the launcher reads the status file and exits with 128 + N.
+    error.exit_code = 0 if status else exc.exit_code
     error.reported_by_launcher = bool(status)  # the launcher says the closing line for all workers
     return error

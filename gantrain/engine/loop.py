@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from gantrain.engine import checkpoint as ckpt
 from gantrain.engine.config import Config
 from gantrain.engine.data import Shard, build_loader
 from gantrain.engine.data.plan import plan_schedule
-from gantrain.engine.errors import ConfigError
+from gantrain.engine.errors import CheckpointError, ConfigError
 from gantrain.engine.files import RunLock, make_folder
 from gantrain.engine.outputs import RunOutputs
 from gantrain.engine.precision import PrecisionPolicy
@@ -105,6 +107,11 @@ class Trainer:
             self.pos, self.best_fd = ckpt.restore(state, self.resume_path, self.gan, self.cfg, self.loader,
                                                   self.global_batch, changes, self.dist.is_main)
             self.checkpoints.last_finite = (Path(self.resume_path), self.step)
+        low, high = self.stop_agreement.steps_agree(self.step)
+        if low != high:  # ranks with other weights and optimiser states would train on, silently apart
+            raise CheckpointError(f"the DDP ranks resumed from different steps ({low} to {high}): every node must "
+                                  f"see the same {self.run_dir / 'checkpoints'} (a shared filesystem) to resume")
+        self.save_pending, self.last_save_time, self.ranks_rng = False, time.monotonic(), None
         self.total_steps = plan_schedule(self.pos, cfg, self.loader.steps_per_epoch, self.run_dir, self.finished_ok)
         if self.dist.is_main:
             log.info("%s: %d images, %d steps/epoch, batch %d x %d processes = %d, %d steps in total",
@@ -162,6 +169,7 @@ class Trainer:
             self.close()
 
     def _train_epoch(self) -> None:
+        per_epoch = self.loader.steps_per_epoch
         self.outputs.start_window(self.step)
         batches = self.loader.epoch(self.epoch, self.epoch_step)
         while self.step < self.total_steps and self.agreed_stop is None:
@@ -176,7 +184,12 @@ class Trainer:
                 self._log()
             if sample_now:
                 self.write_samples()
-            self.agreed_stop = self.stop_agreement.after_step(self.stop_signal)
+            self.agreed_stop, save_now = self.stop_agreement.after_step(self.stop_signal, self._minutes_due())
+            if self.agreed_stop is None and (save_now or self._steps_due()):  # a stop saves anyway
+                if self.epoch_step < per_epoch:
+                    self.save_checkpoint()
+                else:  # the epoch's end saves it, after the epoch's metrics, as an epoch checkpoint
+                    self.save_pending = True
 
     def _log(self) -> None:
         stats = self.gan.stats.read()
@@ -188,12 +201,21 @@ class Trainer:
     def _end_epoch(self, epochs_done: int) -> None:
         """Quality metrics, the checkpoint (it stores the best FD), best.pt when FD improved, the callbacks."""
         improved = self.tracker is not None and self.tracker.due(epochs_done) and self._evaluate_quality(epochs_done)
-        if epochs_done % self.cfg.run.checkpoint_every == 0:
+        if epochs_done % self.cfg.run.checkpoint_every == 0 or self.save_pending:
             self.save_checkpoint()
         if improved and not self.gan.non_finite_weights(collective=False):
             ckpt.save_best(self.run_dir / "checkpoints", self.step, self.state_dict)
         for callback in self.epoch_callbacks:
             callback(self, epochs_done)
+
+    def _steps_due(self) -> bool:
+        every = self.cfg.run.checkpoint_every_steps
+        return bool(every) and self.step % every == 0
+
+    def _minutes_due(self) -> bool:
+        """This rank's clock; the ranks agree on the step to save at (StopAgreement)."""
+        minutes = self.cfg.run.checkpoint_every_minutes
+        return bool(minutes) and time.monotonic() - self.last_save_time >= 60 * minutes
 
     def _evaluate_quality(self, epochs_done: int) -> bool:
         record, improved = self.tracker.evaluate(self.gan.generator, self.step, epochs_done)
@@ -226,12 +248,21 @@ class Trainer:
                  "config": self.cfg.to_dict(), "world_size": self.dist.world_size}
         if self.best_fd is not None:
             state["best_fd"] = self.best_fd
+        if self.ranks_rng is not None and self.ranks_rng[0] == self.step:
+            state["rng"] = {**state["rng"], "ranks": self.ranks_rng[1]}
         return state
 
     def save_checkpoint(self, collective: bool = True) -> Path | None:
         """A checkpoint now (rank 0), refused for non-finite weights (see :class:`Checkpointer`). ``collective``:
         all ranks are here at the same step (not so after a signal), so they can agree on the check."""
         non_finite = self.gan.non_finite_weights(collective) if self.step else ""
+        if collective and self.dist.enabled and self.step:
+            # Each rank draws its own noise: rank 0's checkpoint holds every rank's streams, so that a resume
+            # (a restarted worker group's, say) continues exactly where each rank stood.
+            states: list = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(states, self.gan.rng_state(), group=self.stop_agreement.group)
+            self.ranks_rng = (self.step, states)
+        self.save_pending, self.last_save_time = False, time.monotonic()
         return self.checkpoints.save(self.step, self.state_dict, non_finite)
 
     def write_samples(self) -> Path | None:

@@ -60,12 +60,25 @@ def launched_by_torchrun() -> bool:
 
 def init_distributed(device_name: str) -> DistInfo:
     """Joins the process group torchrun set up: NCCL on CUDA, gloo on the CPU."""
+    if dist.is_initialized():  # Ray Train's workers: it set up the process group
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     if not launched_by_torchrun():
         return DistInfo()
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=10))
+        backend, timeout = "nccl" if use_cuda else "gloo", datetime.timedelta(minutes=10)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torch's static rendezvous gives every restart of the worker group the same agent store, unprefixed:
+            # a new rank could read the failed attempt's keys (a dead rank's gloo address: "Connection refused"
+            # until the restarts are used up). A prefix per attempt keeps each attempt's keys its own.
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                                  timeout=timeout)
+            dist.init_process_group(backend, store=dist.PrefixStore(f"gantrain/attempt_{attempt}", store), rank=rank,
+                                    world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     return DistInfo(rank, world, local)
 
 
@@ -106,29 +119,31 @@ def die_with_parent(signum: int = signal.SIGTERM) -> None:
 
 
 class StopAgreement:
-    """Makes every DDP rank stop at the same step boundary, whichever rank a signal reached and when.
+    """Makes every DDP rank stop, and save a time-based checkpoint, at the same step boundary, whichever rank
+    a signal (or its clock) reached and when.
 
     Ranks that stop at different steps leave the others blocked in a collective with a closed peer (gloo:
     "Connection closed by peer", no checkpoint). Each step, every rank starts a non-blocking MAX all-reduce
-    of its local stop flag (the signal number, or 0) and waits for it only at the *next* step boundary; by
-    then it has long completed, so the agreement costs no wait and, since the flag lives on the CPU in a
-    gloo group of its own, no device synchronisation (under NCCL a device flag would need a host sync to be
-    read). All ranks read the same reduced value after the same step, so all stop one step after the first
-    signal anywhere. Without DDP the local flag is the decision, at once.
+    of its local flags (the signal number or 0; 1 when its clock says a checkpoint is due) and waits for it
+    only at the *next* step boundary; by then it has long completed, so the agreement costs no wait and,
+    since the flags live on the CPU in a gloo group of its own, no device synchronisation (under NCCL a
+    device flag would need a host sync to be read). All ranks read the same reduced values after the same
+    step, so all act one step after the first signal (or due checkpoint) anywhere. Without DDP the local
+    flags are the decision, at once.
     """
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.group = dist.new_group(backend="gloo") if enabled else None
-        self.flag = torch.zeros(1, dtype=torch.int32)
+        self.flag = torch.zeros(2, dtype=torch.int32)
         self.pending = None
 
-    def after_step(self, local_signal: int | None) -> int | None:
-        """The agreed stop signal after this step (None: go on)."""
+    def after_step(self, local_signal: int | None, save_due: bool = False) -> tuple[int | None, bool]:
+        """The agreed (stop signal or None, whether to checkpoint now) after this step."""
         if not self.enabled:
-            return local_signal
+            return local_signal, save_due
         agreed = self._collect()
-        self.flag.fill_(local_signal or 0)
+        self.flag[0], self.flag[1] = local_signal or 0, int(save_due)
         self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         return agreed
 
@@ -137,9 +152,17 @@ class StopAgreement:
         if self.enabled:
             self._collect()
 
-    def _collect(self) -> int | None:
+    def steps_agree(self, step: int) -> tuple[int, int]:
+        """(lowest, highest) ``step`` over the ranks: where each resumed from must be one place."""
+        if not self.enabled:
+            return step, step
+        both = torch.tensor([step, -step], dtype=torch.int64)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
+        return -int(both[1]), int(both[0])
+
+    def _collect(self) -> tuple[int | None, bool]:
         if self.pending is None:
-            return None
+            return None, False
         self.pending.wait()
         self.pending = None
-        return int(self.flag.item()) or None
+        return int(self.flag[0]) or None, bool(self.flag[1])

@@ -158,11 +158,16 @@ class GANStep:
         return generate_images(self.generator, noise, self.policy)
 
     # ----- state --------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """Weights, optimiser and GradScaler states, and the RNG streams (the checkpoint's model part)."""
+    def rng_state(self) -> dict:
+        """This process's RNG streams (each DDP rank draws its own noise)."""
         rng = {"torch": torch.get_rng_state(), "noise": self.noise_gen.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def state_dict(self) -> dict:
+        """Weights, optimiser and GradScaler states, and the RNG streams (the checkpoint's model part)."""
+        rng = self.rng_state()
         state = {"generator": self.g.state_dict(), "discriminator": self.d.state_dict(),
                  "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
                  "scaler": self.policy.scaler.state_dict(), "rng": rng}
@@ -192,6 +197,15 @@ class GANStep:
         return changed
 
     def _load_rng(self, rng: dict, step: int) -> None:
+        ranks = rng.get("ranks")  # every DDP rank's streams: this rank continues its own, exactly
+        if ranks is not None and len(ranks) == self.dist.world_size > 1 \
+                and ranks[self.dist.rank]["noise"].numel() == self.noise_gen.get_state().numel():
+            own = ranks[self.dist.rank]
+            torch.set_rng_state(own["torch"])
+            self.noise_gen.set_state(own["noise"])
+            if "cuda" in own and self.device.type == "cuda":
+                torch.cuda.set_rng_state(own["cuda"], self.device)
+            return
         torch.set_rng_state(rng["torch"])
         if self.dist.world_size == 1 and rng["noise"].numel() == self.noise_gen.get_state().numel():
             self.noise_gen.set_state(rng["noise"])

@@ -77,14 +77,20 @@ def experiment_folder(storage: str | Path, name: str) -> ExperimentFolder:
 
 # ----- preparing a new experiment or reading an interrupted one ---------------------------------------------
 # Run options a trial sets itself: given to `gantrain tune`, each is refused with the option that does the job.
-ONE_PROCESS = "a trial is one process: spread trials with --gpus-per-trial, --max-concurrent and --address"
+ONE_PROCESS = ("a trial is one process, or --workers-per-trial DDP workers under Ray Train: spread trials with "
+               "--gpus-per-trial, --max-concurrent and --address")
 TRIAL_OWNED = {
     "out": "each trial writes into <storage>/<name>/trial_<id>/run: choose the folder with --storage and --name",
     "max_steps": "trials are budgeted in epochs: use --max-epochs, and --limit for shorter epochs",
     "checkpoint_every": "a trial checkpoints at every report (every --eval-every epochs, 1 when 0)",
     "keep_checkpoints": "Tune keeps each trial's newest checkpoints itself",
     **{name: ONE_PROCESS for name in ("ddp", "nproc", "nnodes", "node_rank", "master_addr", "master_port",
-                                      "sync_bn")},
+                                      "sync_bn", "rdzv_endpoint", "rdzv_id", "max_restarts")},
+    **{name: "a trial of several DDP workers is --workers-per-trial N (Ray Train under Tune), on the cluster of "
+             "--address" for name in ("ray", "ray_address", "ray_workers", "gpus_per_worker", "cpus_per_worker",
+                                      "ray_storage")},
+    "checkpoint_every_steps": "a trial checkpoints at every report (every --eval-every epochs, 1 when 0)",
+    "checkpoint_every_minutes": "a trial checkpoints at every report (every --eval-every epochs, 1 when 0)",
 }
 
 
@@ -235,8 +241,14 @@ def start_ray(address: str | None) -> bool:
     return True
 
 
+# A multi-worker trial only drives its TorchTrainer (Tune refuses a trial of no resources at all).
+TRIAL_DRIVER_CPUS = 0.01
+
+
 def make_trainable(folder: ExperimentFolder, cfg: Config, settings: TuneSettings):
     bound = tune.with_parameters(train_trial, base=cfg.to_dict(), settings=settings, experiment=str(folder.path))
+    if settings.workers_per_trial > 1:  # the trial only drives its TorchTrainer, whose workers reserve their own
+        return tune.with_resources(bound, {"cpu": TRIAL_DRIVER_CPUS})
     return tune.with_resources(bound, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
 
 

@@ -44,6 +44,9 @@ class TuneSettings:
     """GPUs reserved per trial; fractions share one GPU (0.5 = two trials per GPU); 0 trains on the CPU."""
     cpus_per_trial: float = 1.0
     """CPU cores reserved per trial (also its torch thread count)."""
+    workers_per_trial: int = 1
+    """DDP workers per trial: above 1 each trial is a Ray Train TorchTrainer job of this many workers, each with
+    --gpus-per-trial GPUs and --cpus-per-trial CPUs (asha and fifo; pbt needs one-process trials)."""
     max_concurrent: int = 0
     """Trials running at once at most (0 = as many as the cluster's resources allow)."""
     max_failures: int = 2
@@ -76,6 +79,9 @@ class TuneSettings:
                "pbt explores the space by itself: use --search random with --scheduler pbt")
         self._check_counts()
         self._check_resources()
+        _check(self.workers_per_trial >= 1, "workers-per-trial", f"must be at least 1, got {self.workers_per_trial}")
+        _check(self.workers_per_trial == 1 or self.scheduler != "pbt", "workers-per-trial",
+               "pbt copies one-process trials' checkpoints between trials: use --scheduler asha or fifo")
 
     def _check_counts(self) -> None:
         for flag, value, low in (("max-epochs", self.max_epochs, 0), ("max-concurrent", self.max_concurrent, 0),

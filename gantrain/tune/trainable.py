@@ -205,8 +205,78 @@ def train_trial(params: dict[str, Any], *, base: dict[str, Any], settings: TuneS
     trial_dir = Path(experiment) / trial_folder_name(tune.get_context().get_trial_id())
     cfg = trial_config(base, params, settings, trial_dir / RUN_FOLDER)
     given = tune.get_checkpoint()
+    if settings.workers_per_trial > 1:
+        # a restarted trial continues from the newest checkpoint its Train job kept (Tune holds only paths)
+        run_trial_on_workers(cfg, settings, trial_dir, newest_checkpoint(None, trial_dir / TRAIN_FOLDER))
+        return
     resume = newest_checkpoint(Path(given.path) if given is not None else None, trial_dir)
     run_trial(cfg, settings, report, resume)
+
+
+TRAIN_FOLDER = "train"  # a multi-worker trial's Ray Train storage, inside the trial folder
+
+
+def run_trial_on_workers(cfg: Config, settings: TuneSettings, trial_dir: Path, resume: Path | None) -> None:
+    """The trial as a Ray Train DDP job (Tune drives the TorchTrainer): its rank 0 reports to Train, and Train's
+    TuneReportCallback passes the reports on to this trial."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    resources = {"CPU": settings.cpus_per_trial, **({"GPU": settings.gpus_per_trial} if settings.gpus_per_trial else {})}
+    job = TorchTrainer(ddp_trial_worker,
+                       train_loop_config={"cfg": cfg.to_dict(), "settings": settings,
+                                          "resume": str(resume) if resume else None},
+                       scaling_config=ScalingConfig(num_workers=settings.workers_per_trial,
+                                                    use_gpu=settings.gpus_per_trial > 0,
+                                                    resources_per_worker=resources),
+                       run_config=RunConfig(name=TRAIN_FOLDER, storage_path=str(trial_dir),
+                                            callbacks=[TuneReportCallback()]))
+    job.fit()
+
+
+def ddp_trial_worker(config: dict[str, Any]) -> None:
+    """One DDP worker of a multi-worker trial: :func:`run_trial`'s work on Ray Train's process group."""
+    import contextlib
+
+    import ray.train
+    import torch.distributed as dist
+
+    from gantrain.engine.runtime import DistInfo
+
+    cfg, settings = from_dict(config["cfg"]), config["settings"]
+    ctx = ray.train.get_context()
+    info = DistInfo(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
+    torch.set_num_threads(max(1, int(settings.cpus_per_trial)))
+
+    def report(metrics: dict[str, Any], folder: Path | None) -> None:
+        attach = folder is not None and info.is_main  # the replicas are identical: rank 0's checkpoint
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if attach else None)
+
+    reporter = EpochReporter(settings, report, cfg)
+    own_check = reporter.monitor.check
+
+    def agreed_check(trainer: Trainer) -> str | None:
+        # each rank's epoch losses are its own shard's: rank 0 decides, or the ranks would stop at other epochs
+        verdict = [own_check(trainer)]
+        dist.broadcast_object_list(verdict, src=0, group=trainer.stop_agreement.group)
+        return verdict[0]
+
+    reporter.monitor.check = agreed_check
+    resume = config["resume"]
+    if resume is None and info.is_main:
+        shutil.rmtree(cfg.run_dir / "checkpoints", ignore_errors=True)
+    engine_cfg = override(cfg, {"eval_every": 0, "nonfinite_patience": 0})
+    with open(os.devnull, "w") as sink, contextlib.ExitStack():
+        trainer = Trainer(engine_cfg, console=Console(file=sink), dist_info=info, resume=resume,
+                          epoch_callbacks=[reporter], finished_ok=True)
+        if resume is not None:
+            apply_hyperparameters(trainer)
+        if trainer.step >= trainer.total_steps:
+            reporter(trainer, trainer.step // trainer.loader.steps_per_epoch)
+        trainer.fit()
+    if info.is_main:
+        shutil.rmtree(cfg.run_dir / "checkpoints", ignore_errors=True)
 
 
 def newest_checkpoint(given: Path | None, trial_dir: Path) -> Path | None:

@@ -78,9 +78,9 @@ def _wait_gone(pids: list[int], timeout_s: float) -> float:
 class Job:
     """A long tiny DDP run started in its own session; ``workers`` are the launcher's two children."""
 
-    def __init__(self, datasets_root: Path, tmp_path: Path) -> None:
+    def __init__(self, datasets_root: Path, tmp_path: Path, *extra: str) -> None:
         self.out, self.all, self.datasets_root = tmp_path / "run", [], datasets_root
-        self.proc = subprocess.Popen(_command(datasets_root, self.out, _free_port(), "--epochs", "1000"),
+        self.proc = subprocess.Popen(_command(datasets_root, self.out, _free_port(), "--epochs", "1000", *extra),
                                      cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, start_new_session=True)
         deadline = time.monotonic() + 120
@@ -119,10 +119,10 @@ def start_job(datasets_root: Path, tmp_path: Path):
     """Starts the job; whatever happens in the test, none of its processes outlives it."""
     jobs: list[Job] = []
 
-    def start() -> Job:
+    def start(*extra: str) -> Job:
         job = Job.__new__(Job)
         jobs.append(job)
-        job.__init__(datasets_root, tmp_path)
+        job.__init__(datasets_root, tmp_path, *extra)
         return job
 
     yield start
@@ -196,7 +196,7 @@ def test_sigkill_to_the_launcher_leaves_no_worker(start_job) -> None:
 
 
 def test_a_crashed_worker_stops_the_job_with_one_line(start_job) -> None:
-    job = start_job()
+    job = start_job("--max-restarts", "0")  # the default restarts it (tests/test_ddp_elastic.py)
     os.kill(job.workers[1], signal.SIGKILL)
     code, stderr, seconds = job.finish()
     assert code == 1, stderr[-3000:]

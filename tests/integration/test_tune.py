@@ -25,6 +25,7 @@ import pytest
 import torch
 from torch import nn
 
+from gantrain.engine.checkpoint import load_checkpoint
 from gantrain.engine.config import load_toml, override, preset
 from gantrain.engine.errors import ConfigError
 from gantrain.engine.loop import Trainer
@@ -176,7 +177,7 @@ def test_epoch_losses_and_collapse_do_not_depend_on_the_log_interval(datasets_ro
 
 def test_divergence_monitor() -> None:
     monitor = DivergenceMonitor(collapse_loss=0.01, patience=3)
-    trainer = SimpleNamespace(g=nn.Linear(2, 2), d=nn.Linear(2, 2), epoch_means={})
+    trainer = SimpleNamespace(gan=SimpleNamespace(g=nn.Linear(2, 2), d=nn.Linear(2, 2)), epoch_means={})
     verdicts = []
     for loss_d in (0.5, 0.001, 0.0, 0.7, 0.002, 0.003, 0.0):  # collapsed for 2, recovered, collapsed for 3
         trainer.epoch_means = {"loss_d": loss_d, "loss_g": 9.0}
@@ -610,3 +611,28 @@ def test_killed_driver_leaves_no_process_and_resume_continues_every_trial(fashio
         logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in logged if "loss_d" in r] == list(range(1, 25))  # 6 epochs x 4 steps, whole
         assert (run / "final.png").is_file()
+
+
+@pytest.mark.slow
+def test_two_trials_of_two_ddp_workers_each(ray_session, fashion_extractor, cli, datasets_root: Path,
+                                            tmp_path: Path) -> None:
+    """--workers-per-trial 2: each trial is a Ray Train TorchTrainer job of 2 gloo workers driven by Tune."""
+    space = tmp_path / "space.toml"
+    space.write_text("[optim]\nlr_g = { grid = [1e-3, 2e-3] }\n")
+    # one trial at a time: its 2 workers of 0.9 CPU and the trial's driver (0.01 CPU) fill the 2 CPUs
+    flags = [*TINY_FLAGS[:-5], "--cpus-per-trial", "0.9", "--no-baseline"]
+    result = cli("tune", "--data-root", datasets_root, *flags, "--max-concurrent", "1", "--workers-per-trial", "2",
+                 "--space", space, "--num-samples", "1", "--scheduler", "fifo", "--max-epochs", "2", "--storage",
+                 tmp_path, "--name", "ddp")
+    assert result.exit_code == 0, result.output
+    rows = _rows(tmp_path / "ddp")
+    assert len(rows) == 2 and all(r["status"] == "done" for r in rows), rows
+    assert all(math.isfinite(float(r["fd"])) for r in rows)
+    for row in rows:
+        run = tmp_path / "ddp" / f"trial_{row['trial']}" / "run"
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        # 64 images / (16 x 2 workers) = 2 steps per epoch, 2 epochs; the replicas stayed identical
+        assert records[-1] == {"step": 4, "ddp_replica_max_abs_diff": 0.0}
+        assert "batch 16 x 2 processes = 32" in (run / "train.log").read_text()
+        kept = sorted((run.parent / "train").glob("checkpoint_*/checkpoint.pt"))
+        assert kept and load_checkpoint(kept[-1])["world_size"] == 2

@@ -21,7 +21,7 @@ LAYERS = [
      "gantrain.engine.trackers", "gantrain.engine.dryrun", "gantrain.engine.export"),
     ("gantrain.engine.step", "gantrain.engine.outputs", "gantrain.engine.metrics", "gantrain.engine.generate"),
     ("gantrain.engine.loop",),
-    ("gantrain.engine.launch",),
+    ("gantrain.engine.launch", "gantrain.engine.raytrain"),
     ("gantrain.bench", "gantrain.tune"),
     ("gantrain.cli", "gantrain.__main__", "gantrain.tune.driver"),  # entry points of processes
 ]

@@ -1,0 +1,102 @@
+"""``gantrain run --ray``: the same Trainer as N DDP workers of a Ray Train ``TorchTrainer``.
+
+Ray Train starts the workers (on the cluster at ``--ray-address``, or a local Ray), sets up their process group
+(gloo on CPU, NCCL with ``--gpus-per-worker``) and restarts them after a failure (``FailureConfig``,
+``--max-restarts`` times) from the newest checkpoint reported to it. Rank 0 writes the run folder (``--out``,
+the same files as a torchrun run) and, at each epoch end, reports ``last.pt`` to Ray Train, which keeps it under
+``--ray-storage``; every worker reads ``--data-root`` on its own node (the same path everywhere, or a shared
+filesystem).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+
+from gantrain.engine.config import Config, from_dict
+from gantrain.engine.errors import GantrainError
+from gantrain.engine.loop import Trainer
+from gantrain.engine.runtime import DistInfo
+
+
+def ray_worker(config: dict) -> None:
+    """One DDP worker: builds the Trainer on Ray's process group and reports each epoch (rank 0: with last.pt)."""
+    import ray.train
+
+    cfg = from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    info = DistInfo(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
+    restored, resume = ray.train.get_checkpoint(), config["resume"]
+    with contextlib.ExitStack() as stack:
+        if restored is not None:  # a restart after a failure: the newest checkpoint Ray Train kept
+            resume = str(Path(stack.enter_context(restored.as_directory())) / "last.pt")
+        trainer = Trainer(cfg, console=Console(stderr=True), dist_info=info, resume=resume,
+                          epoch_callbacks=[_report])
+    trainer.fit()
+
+
+def _report(trainer: Trainer, epochs_done: int) -> None:
+    """Every rank reports (Ray Train wants the same number of reports from each); rank 0 adds the checkpoint
+    saved at this epoch end, as a folder holding a hard link to it (no copy until Ray persists it)."""
+    import ray.train
+
+    metrics = {"epoch": epochs_done, "step": trainer.step, **trainer.epoch_means}
+    saved = trainer.checkpoints.saved_step == trainer.step and trainer.last_checkpoint is not None
+    if not (trainer.dist.is_main and saved):
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="gantrain-ray-") as folder:
+        try:
+            os.link(trainer.last_checkpoint, Path(folder) / "last.pt")
+        except OSError:
+            import shutil
+
+            shutil.copy2(trainer.last_checkpoint, Path(folder) / "last.pt")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def train_on_ray(cfg: Config, resume: str | None, console: Console | None = None) -> None:
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    d = cfg.dist
+    # Workers run in other folders (and on other nodes): every path they read or write is made absolute here.
+    cfg.run.out = str(cfg.run_dir.resolve())
+    if cfg.data.data_root:
+        cfg.data.data_root = str(Path(cfg.data.data_root).resolve())
+    resume = str(Path(resume).resolve()) if resume and resume != "auto" else resume
+    storage = d.ray_storage or str(Path(cfg.run.out) / "ray")
+    started = False
+    if not ray.is_initialized():
+        try:
+            if d.ray_address:
+                ray.init(address=d.ray_address, log_to_driver=True)
+            else:
+                ray.init(address="local", include_dashboard=False, log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise GantrainError(f"--ray-address: cannot start or join Ray at {d.ray_address or 'this machine'} "
+                                f"({str(exc).splitlines()[0]})") from None
+        started = True
+    try:
+        resources = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.gpus_per_worker else {})}
+        trainer = TorchTrainer(
+            ray_worker, train_loop_config={"cfg": cfg.to_dict(), "resume": resume},
+            scaling_config=ScalingConfig(num_workers=d.ray_workers, use_gpu=d.gpus_per_worker > 0,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(name="train", storage_path=storage,
+                                 failure_config=FailureConfig(max_failures=d.max_restarts)))
+        try:
+            result = trainer.fit()
+        except Exception as exc:  # TrainingFailedError (Ray Train 2): the workers' own error is above
+            raise GantrainError(f"--ray: the Ray Train run failed after {d.max_restarts} restart(s) allowed: "
+                                f"{str(exc).strip().splitlines()[0][:300]}") from None
+        if getattr(result, "error", None) is not None:
+            raise GantrainError(f"--ray: the Ray Train run failed: {str(result.error).strip().splitlines()[0][:300]}")
+    finally:
+        if started:
+            ray.shutdown()

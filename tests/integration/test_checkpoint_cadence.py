@@ -1,0 +1,34 @@
+"""--checkpoint-every-steps and --checkpoint-every-minutes (what a restarted DDP worker group resumes from),
+in one process; the DDP side is exercised by tests/test_ddp_elastic.py. Extra saves must not change training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gantrain.engine.checkpoint import load_checkpoint, numbered_checkpoints
+from gantrain.engine.loop import Trainer
+
+pytestmark = pytest.mark.slow
+
+
+def _steps(run) -> list[int]:
+    return [int(p.stem.split("_")[1]) for p in numbered_checkpoints(run / "checkpoints")]
+
+
+def test_step_and_minute_cadences_save_where_due_and_change_nothing(tiny_cfg, quiet_console):
+    # 512 images / 32 = 16 steps per epoch; 20 steps cross one epoch end (step 16, the per-epoch save)
+    every3 = Trainer(tiny_cfg("steps", max_steps=20, checkpoint_every_steps=3, keep_checkpoints=100),
+                     console=quiet_console)
+    every3.fit()
+    assert _steps(every3.run_dir) == [3, 6, 9, 12, 15, 16, 18, 20]
+    # a minute cadence shorter than a step: due after every step
+    clock = Trainer(tiny_cfg("minutes", max_steps=5, checkpoint_every_minutes=1e-9, keep_checkpoints=100),
+                    console=quiet_console)
+    clock.fit()
+    assert _steps(clock.run_dir) == [1, 2, 3, 4, 5]
+    plain = Trainer(tiny_cfg("plain", max_steps=20), console=quiet_console)
+    plain.fit()
+    assert _steps(plain.run_dir) == [16, 20]
+    a, b = load_checkpoint(every3.run_dir / "checkpoints" / "last.pt"), load_checkpoint(plain.run_dir / "checkpoints" / "last.pt")
+    assert all(torch.equal(a["generator"][k], b["generator"][k]) for k in a["generator"])
