@@ -132,9 +132,7 @@ class EpochReporter:
         --logger trackers, so `tensorboard --logdir <experiment>` compares the trials' quality curves."""
         record = {"step": trainer.step, "epoch": epochs_done, **{k: round(v, 6) for k, v in metrics.items()},
                   "eval_samples": self.samples, "time": time.time()}
-        trainer.metrics.write(record)
-        if trainer.trackers:
-            trainer.trackers.record(record)
+        trainer.outputs.write(record)  # metrics.jsonl and the --logger trackers
 
     @staticmethod
     def _training_metrics(trainer: Trainer, epochs_done: int) -> dict[str, float]:
