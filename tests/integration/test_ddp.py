@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from processes import free_port
 import torch
 
 from gantrain.engine.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(datasets_root: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -41,7 +35,7 @@ def _records(out: Path) -> list[dict]:
 
 def test_ddp_replicas_stay_identical_and_resume_both_ways(datasets_root, tmp_path):
     out = tmp_path / "ddp"
-    ddp = ["--ddp", "--nproc", "2", "--master-port", str(_free_port())]
+    ddp = ["--ddp", "--nproc", "2", "--master-port", str(free_port())]
     first = _run(datasets_root, out, "--max-steps", "6", *ddp)
     assert first.returncode == 0, _errors(first)
     records = _records(out)
@@ -61,7 +55,7 @@ def test_ddp_replicas_stay_identical_and_resume_both_ways(datasets_root, tmp_pat
     assert "global batch 32 -> 16: continuing at epoch 1, step 12 of 32" in (out / "train.log").read_text()
 
     # Two processes again: image 240 is 7.5 global batches of 32, so step 7 (16 images again), then 3 more.
-    again = _run(datasets_root, out, "--max-steps", "12", "--resume", "auto", *ddp[:-1], str(_free_port()))
+    again = _run(datasets_root, out, "--max-steps", "12", "--resume", "auto", *ddp[:-1], str(free_port()))
     assert again.returncode == 0, _errors(again)
     final = load_checkpoint(out / "checkpoints" / "last.pt")
     assert final["step"] == 12 and final["world_size"] == 2
@@ -76,7 +70,7 @@ def test_a_finished_ddp_epoch_resumed_in_one_process_is_not_trained_again(datase
     """The issue's case: 256 images at batch 16 x 2 processes is 8 steps per epoch; in one process it is 16."""
     out = tmp_path / "ddp"
     first = _run(datasets_root, out, "--limit", "256", "--epochs", "1", "--max-steps", "0", "--ddp", "--nproc", "2",
-                 "--master-port", str(_free_port()))
+                 "--master-port", str(free_port()))
     assert first.returncode == 0, _errors(first)
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 8
     done = _run(datasets_root, out, "--limit", "256", "--epochs", "1", "--max-steps", "0", "--resume", "auto")

@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from processes import descendants, free_port
 import torch
 
 from gantrain.engine.checkpoint import load_checkpoint
@@ -23,18 +23,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("
 STEPS = 120
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _command(datasets_root: Path, out: Path, *extra: str) -> list[str]:
     # fp32, NCHW: resume is exact there, so a recovered run must match an unbroken one bit for bit
     return [sys.executable, "-m", "gantrain", "run", "--data-root", str(datasets_root), "--limit", "256",
             "--batch-size", "16", "--ngf", "8", "--ndf", "8", "--log-every", "1", "--sample-every", "0",
             "--device", "cpu", "--amp", "off", "--no-channels-last", "--out", str(out), "--ddp", "--nproc", "2",
-            "--master-port", str(_free_port()), "--max-steps", str(STEPS), "--checkpoint-every", "1000",
+            "--master-port", str(free_port()), "--max-steps", str(STEPS), "--checkpoint-every", "1000",
             "--checkpoint-every-steps", "5", *extra]
 
 
@@ -94,19 +88,11 @@ def popen():
 
     yield start
     for proc in procs:
-        for pid in _descendants(proc.pid):  # workers run in sessions of their own
+        for pid in descendants(proc.pid):  # workers run in sessions of their own
             os.kill(pid, signal.SIGKILL)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-
-
-def _descendants(pid: int) -> list[int]:
-    try:
-        children = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-    return children + [d for child in children for d in _descendants(child)]
 
 
 def _weights(out: Path) -> dict:
@@ -139,7 +125,7 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_with_the_unbroken_runs_we
     assert lines and lines[0].startswith("WARNING  DDP worker rank 1 (pid ") and \
         "was killed by SIGKILL; restarting the worker group (restart 1 of 3, --max-restarts)" in lines[0], stderr
     assert "Traceback" not in stderr
-    assert f"after DDP worker rank 1 (pid " in log.read_text() and f"resumed from {out / 'checkpoints' / 'last.pt'} " \
+    assert "after DDP worker rank 1 (pid " in log.read_text() and f"resumed from {out / 'checkpoints' / 'last.pt'} " \
         f"at step {resumed}" in log.read_text()
     # the records after the resumed step were logged again, once each
     assert _logged_steps(out) == list(range(1, STEPS + 1))
@@ -166,7 +152,7 @@ def test_with_the_restarts_used_up_every_process_exits_within_seconds_with_one_l
     assert proc.returncode == 1, stderr[-3000:]
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, stderr[-3000:]
-    assert errors[0].startswith(f"error: DDP worker rank 1 was killed by SIGKILL after 1 restart(s), all that "
+    assert errors[0].startswith("error: DDP worker rank 1 was killed by SIGKILL after 1 restart(s), all that "
                                 "--max-restarts allows"), errors
     assert "Traceback" not in stderr
     for pid in (victim, survivor):

@@ -14,16 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import alive, descendants, free_port
 
 from gantrain.engine.checkpoint import load_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux signals")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _command(datasets_root: Path, out: Path, port: int, *extra: str) -> list[str]:
@@ -38,14 +33,6 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _descendants(pid: int) -> list[int]:
-    try:
-        children = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-    return children + [d for child in children for d in _descendants(child)]
-
-
 def _is_worker(pid: int) -> bool:
     try:
         args = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
@@ -54,23 +41,15 @@ def _is_worker(pid: int) -> bool:
     return "--config" in args and "torch.distributed.run" not in args  # (before: torchrun was a child too)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def _wait_gone(pids: list[int], timeout_s: float) -> float:
     """Seconds until none of ``pids`` runs (zombies count as gone); fails after ``timeout_s``."""
     start = time.monotonic()
-    while any(_alive(p) for p in pids):
+    while any(alive(p) for p in pids):
         if time.monotonic() - start > timeout_s:
             for p in pids:
-                if _alive(p):
+                if alive(p):
                     os.kill(p, signal.SIGKILL)
-            pytest.fail(f"processes {[p for p in pids if _alive(p)]} still ran {timeout_s:.0f} s later")
+            pytest.fail(f"processes {[p for p in pids if alive(p)]} still ran {timeout_s:.0f} s later")
         time.sleep(0.02)
     return time.monotonic() - start
 
@@ -80,7 +59,7 @@ class Job:
 
     def __init__(self, datasets_root: Path, tmp_path: Path, *extra: str) -> None:
         self.out, self.all, self.datasets_root = tmp_path / "run", [], datasets_root
-        self.proc = subprocess.Popen(_command(datasets_root, self.out, _free_port(), "--epochs", "1000", *extra),
+        self.proc = subprocess.Popen(_command(datasets_root, self.out, free_port(), "--epochs", "1000", *extra),
                                      cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, start_new_session=True)
         deadline = time.monotonic() + 120
@@ -90,13 +69,13 @@ class Job:
                 pytest.fail(f"training exited early with {self.proc.returncode}: {self.proc.stderr.read()[-3000:]}")
             assert time.monotonic() < deadline, "no metrics within 120 s"
             time.sleep(0.05)
-        self.all = [self.proc.pid, *_descendants(self.proc.pid)]
+        self.all = [self.proc.pid, *descendants(self.proc.pid)]
         self.workers = [p for p in self.all if _is_worker(p)]
         assert len(self.workers) == 2, self.workers
 
     def kill_leftovers(self) -> None:
-        for pid in {*self.all, *_descendants(self.proc.pid)}:
-            if _alive(pid):
+        for pid in {*self.all, *descendants(self.proc.pid)}:
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
     def finish(self, timeout_s: float = 120) -> tuple[int | None, str, float]:
@@ -177,7 +156,7 @@ def test_sigterm_to_the_workers_20ms_apart_agrees_on_one_step(start_job) -> None
     print(f"SIGTERM to both workers 20 ms apart: all gone after {seconds:.2f} s")
 
     # the agreed-step checkpoint resumes under DDP, and metrics.jsonl continues without a gap
-    again = subprocess.run(_command(job.datasets_root, job.out, _free_port(), "--max-steps", str(step + 2),
+    again = subprocess.run(_command(job.datasets_root, job.out, free_port(), "--max-steps", str(step + 2),
                                     "--resume", "auto"), env=_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert job.checkpoint_step() == step + 2

@@ -6,23 +6,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from processes import free_port
 import torch
 
 from gantrain.engine.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _node(datasets_root: Path, out: Path, *where: str) -> list[str]:
@@ -66,14 +60,14 @@ def _check_one_run(out: Path, done: list[subprocess.CompletedProcess]) -> None:
 
 
 def test_two_nodes_through_the_static_master_address(datasets_root, tmp_path):
-    out, port = tmp_path / "run", str(_free_port())
+    out, port = tmp_path / "run", str(free_port())
     done = _two_nodes(_node(datasets_root, out, "--node-rank", "0", "--master-port", port),
                       _node(datasets_root, out, "--node-rank", "1", "--master-port", port))
     _check_one_run(out, done)
 
 
 def test_two_nodes_through_a_c10d_rendezvous(datasets_root, tmp_path):
-    out, endpoint = tmp_path / "run", f"127.0.0.1:{_free_port()}"
+    out, endpoint = tmp_path / "run", f"127.0.0.1:{free_port()}"
     done = _two_nodes(_node(datasets_root, out, "--rdzv-endpoint", endpoint, "--rdzv-id", "pair"),
                       _node(datasets_root, out, "--rdzv-endpoint", endpoint, "--rdzv-id", "pair"))
     _check_one_run(out, done)

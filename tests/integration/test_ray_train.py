@@ -6,24 +6,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from processes import free_port
 import torch
 
 from gantrain.engine.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("ray.train.torch")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(datasets_root: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -57,13 +51,13 @@ def test_ray_train_run_matches_torchrun_and_its_checkpoint_resumes_anywhere(data
     assert len(reported) == 1 and load_checkpoint(reported[0])["step"] == 8
 
     reference = tmp_path / "torchrun"
-    torchrun = _run(datasets_root, reference, "--ddp", "--nproc", "2", "--master-port", str(_free_port()),
+    torchrun = _run(datasets_root, reference, "--ddp", "--nproc", "2", "--master-port", str(free_port()),
                     "--max-steps", "12")
     assert torchrun.returncode == 0, torchrun.stderr[-3000:]
     got, want = _weights(out / "checkpoints" / "last.pt"), _weights(reference / "checkpoints" / "last.pt")
     assert [k for k in want if not torch.equal(got[k], want[k])] == []
 
-    again = _run(datasets_root, out, "--ddp", "--nproc", "2", "--master-port", str(_free_port()), "--max-steps", "14",
+    again = _run(datasets_root, out, "--ddp", "--nproc", "2", "--master-port", str(free_port()), "--max-steps", "14",
                  "--resume", "auto")
     assert again.returncode == 0, again.stderr[-3000:]
     alone = _run(datasets_root, out, "--max-steps", "16", "--resume", "auto")

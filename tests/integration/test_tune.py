@@ -22,6 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from processes import alive, descendants, free_port
 import torch
 from torch import nn
 
@@ -345,12 +346,6 @@ def test_nan_trial_stops_while_the_other_finishes_across_a_resume(ray_session, f
     assert "resumed from" in (folder.path / f"trial_{healthy['trial']}" / "run" / "train.log").read_text()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _wait_for_port(port: int, process: subprocess.Popen, timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -373,7 +368,7 @@ def test_address_joins_a_running_cluster(fashion_extractor, metrics_cache_dir: P
     ray_cli = Path(sys.executable).parent / "ray"
     if not ray_cli.is_file():
         pytest.skip("the ray command is not installed")
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("GANTRAIN_CACHE", "XDG_CACHE_HOME")}
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     # The cluster's own default cache is elsewhere and empty; workers must not fall back on it.
@@ -536,19 +531,6 @@ def test_a_restarted_trial_continues_from_its_newest_checkpoint_on_disk(tmp_path
 
 
 # ----- a killed driver -------------------------------------------------------------------------------------------
-def _descendants(pid: int) -> list[int]:
-    try:
-        children = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-    return children + [d for child in children for d in _descendants(child)]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _newest_checkpoint_step(trial: Path) -> int:
@@ -578,19 +560,19 @@ def test_killed_driver_leaves_no_process_and_resume_continues_every_trial(fashio
         while len([t for t in folder.glob("trial_*") if len(list(t.glob("checkpoint_*/checkpoint.pt"))) >= 2]) < 2:
             assert driver.poll() is None, f"the experiment ended early ({driver.returncode})"
             assert time.monotonic() < deadline, "no two checkpoints per trial within 300 s"
-            processes.update(_descendants(driver.pid))
+            processes.update(descendants(driver.pid))
             time.sleep(0.2)
-        processes.update(_descendants(driver.pid))
+        processes.update(descendants(driver.pid))
         driver.kill()
         killed = time.monotonic()
         driver.wait()
-        while any(_alive(p) for p in processes) and time.monotonic() - killed < 120:
+        while any(alive(p) for p in processes) and time.monotonic() - killed < 120:
             time.sleep(0.1)
-        left = [p for p in processes if _alive(p)]
+        left = [p for p in processes if alive(p)]
         seconds = time.monotonic() - killed
     finally:
         for pid in processes:
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
     print(f"SIGKILL to the tune driver: its {len(processes)} processes gone after {seconds:.1f} s")
     assert not left and seconds < 10, f"{len(left)} processes still ran {seconds:.0f} s after the driver was killed"
