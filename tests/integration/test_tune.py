@@ -588,7 +588,8 @@ def test_killed_driver_leaves_no_process_and_resume_continues_every_trial(fashio
         run = trial / "run"
         log = (run / "train.log").read_text()
         step = newest[trial.name]
-        resumed = rf"resumed from {re.escape(str(trial))}/checkpoint_\d+/checkpoint.pt at step {step}\n"
+        resumed = (rf"resumed from {re.escape(str(trial))}/checkpoint_\d+/checkpoint.pt at step {step} "
+                   r"\(epoch \d+, image \d+ of this epoch\)\n")
         assert re.search(resumed, log), (trial.name, step, log[-2000:])
         logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in logged if "loss_d" in r] == list(range(1, 25))  # 6 epochs x 4 steps, whole
