@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from gantrain import __version__
-from gantrain.engine.config import LIST_FIELDS, PRESETS, SECTION_TYPES, field_docs, field_index, resolve
+from gantrain.engine.config import LIST_FIELDS, PRESETS, RECOMMENDED, SECTION_TYPES, field_docs, field_index, resolve
 from gantrain.engine.errors import ConfigError, GantrainError
 
 
@@ -160,8 +160,15 @@ def presets_command() -> None:
         values = (f"{c.data.dataset} {c.data.image_size}x{c.data.image_size}x{c.data.channels}, {c.model.arch}, "
                   f"batch {c.data.batch_size}, lr_g {c.optim.lr_g:g}, lr_d {c.optim.lr_d:g}, "
                   f"smoothing {c.loss.label_smoothing:g}, {c.loss.noise} noise, {c.run.epochs} epochs")
+        values += f", G EMA {c.perf.ema_decay:g}" if c.perf.ema_decay else ""
+        values += f", FD every {c.run.eval_every} epoch(s)" if c.run.eval_every else ""
+        values += ", final samples from best.pt" if c.run.samples_from_best else ""
         table.add_row(name, values, description)
     Console().print(table)
+    for plain, better in RECOMMENDED.items():
+        Console().print(f"recommended for {plain}'s data: {better} (its recipe reached good samples soonest in "
+                        f"`gantrain bench --to-quality`; README, \"Time to quality\"); {plain} stays the tutorial's "
+                        "recipe, the reference to compare with", soft_wrap=True)
 
 
 @app.command("generate", cls=FlagCommand)
@@ -291,11 +298,34 @@ def bench_command(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the full report (hardware, versions, configs, figures) here.")] = None,
     markdown: Annotated[Optional[Path], typer.Option(help="Write the results table as Markdown here.")] = None,
     loaders: Annotated[bool, typer.Option("--loaders", help="Time the data loaders instead (memory, torch, DALI) on the image folder --data-root at 64 and 128 px, alone and feeding training; --preset is not used.")] = False,
+    to_quality: Annotated[bool, typer.Option("--to-quality", help="Time to quality instead: train each --contender from scratch and report the training time until its FD first reaches each --targets value (see the README).")] = False,
+    contender: Annotated[Optional[list[str]], typer.Option(help="--to-quality: 'tutorial' (the plain loop on --preset's recipe) or 'PRESET [field=value ...]' (repeatable; default: tutorial, --preset and its recommended recipe).")] = None,
+    targets: Annotated[str, typer.Option(help="--to-quality: FD targets, comma-separated.")] = "20,10,5,3",
+    seeds: Annotated[int, typer.Option(min=1, help="--to-quality: seeds per contender (median and spread over them).")] = 1,
+    baseline_seeds: Annotated[Optional[int], typer.Option(min=1, help="--to-quality: seeds of the tutorial loop (default: --seeds), when its run time forbids as many.")] = None,
+    budget_epochs: Annotated[Optional[float], typer.Option(min=0.01, help="--to-quality: training epochs of every contender (default: the preset's epochs; 1 with --quick).")] = None,
+    eval_every_epochs: Annotated[Optional[float], typer.Option(min=0.01, help="--to-quality: evaluate FD every this many epochs of images seen (default 0.25; 0.5 with --quick).")] = None,
+    eval_samples: Annotated[Optional[int], typer.Option(min=100, help="--to-quality: generated images per FD (default 2000; 100 with --quick).")] = None,
+    out: Annotated[Path, typer.Option(help="--to-quality: folder for to_quality.json, .md and .png.")] = Path("runs/to-quality"),
 ) -> None:
-    """Time the training step: a plain PyTorch loop vs the engine with each feature added (or, with --loaders, the data loaders)."""
+    """Time the training step: a plain PyTorch loop vs the engine with each feature added (or, with --loaders, the data loaders; with --to-quality, the time until samples reach an FD)."""
     from gantrain.bench.suite import bench
     from gantrain.engine.config import override, preset as build_preset
 
+    if to_quality:
+        from gantrain.bench import to_quality as tq
+
+        common = {"batch_size": batch_size, "dataset": dataset, "data_root": data_root, "limit": limit,
+                  "device": device, **(tq.QUICK_CHANGES if quick else {})}
+        common = {k: v for k, v in common.items() if v is not None}
+        base = override(build_preset(preset), common)
+        contenders = [tq.parse_contender(c, base, common) for c in contender or tq.default_contenders(preset)]
+        tq.bench_to_quality(base, contenders, seeds=seeds, baseline_seeds=baseline_seeds,
+                            targets=parse_targets(targets), out=out, console=console, num_workers=num_workers,
+                            budget_epochs=budget_epochs or (1.0 if quick else float(base.run.epochs)),
+                            eval_every_epochs=eval_every_epochs or (0.5 if quick else 0.25),
+                            eval_samples=eval_samples or (100 if quick else 2000))
+        return
     if loaders:
         from gantrain.bench.loaders import bench_loaders
 
@@ -307,6 +337,17 @@ def bench_command(
                                           "limit": limit, "device": device, "num_workers": num_workers})
     bench(cfg, quick=quick, nproc=nproc, peak_override=peak_tflops, json_path=json_path, markdown_path=markdown,
           console=console, only=only, warmup=warmup, windows=windows, window=window, repeats=repeats)
+
+
+def parse_targets(text: str) -> list[float]:
+    """``20,10,5,3`` -> [20.0, 10.0, 5.0, 3.0]; a one-line error for anything else."""
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"--targets: expected numbers separated by commas, got {text!r}") from None
+    if not values or any(not v >= 0 for v in values):
+        raise ConfigError(f"--targets: expected non-negative numbers, got {text!r}")
+    return sorted(values, reverse=True)
 
 
 def tune_flags(func):

@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> None:
         from gantrain.bench.loaders import run_loader_only
 
         result = run_loader_only(cfg, spec)
+    elif spec["kind"] == "to_quality":  # gantrain bench --to-quality: one contender and seed
+        from gantrain.bench.to_quality import train_to_quality
+
+        result = train_to_quality(cfg, spec)
     else:
         result = run_baseline(cfg, spec) if spec["kind"] == "baseline" else run_engine(cfg, spec)
     if result:

@@ -157,6 +157,14 @@ class GANStep:
         """Images from :attr:`generator` (float32 in [-1, 1]); eval mode, BatchNorm statistics untouched."""
         return generate_images(self.generator, noise, self.policy)
 
+    def sample_from(self, state: dict, noise: torch.Tensor, path: Path | str) -> torch.Tensor:
+        """Images from the generator of checkpoint ``state`` (its EMA one when present and this run keeps one),
+        loaded into a copy: this step's own weights stay as they are."""
+        generator = copy.deepcopy(self.generator)
+        key = "generator_ema" if self.g_ema is not None and "generator_ema" in state else "generator"
+        ckpt.load_module_state(generator, state[key], "generator", path)
+        return generate_images(generator, noise, self.policy)
+
     # ----- state --------------------------------------------------------------------------------------------
     def rng_state(self) -> dict:
         """This process's RNG streams (each DDP rank draws its own noise)."""

@@ -72,3 +72,43 @@ def test_bench_quick_writes_reports(cli, tmp_path, datasets_root):
     assert report["results"][0]["speedup"] == pytest.approx(1.0)
     assert report["results"][1]["config"]["perf"]["amp"] == "bf16"
     assert "| baseline (tutorial loop) |" in md_path.read_text()
+
+
+@pytest.mark.slow
+def test_to_quality_quick_mechanics(cli, tmp_path, datasets_root, fashion_extractor):
+    """`--to-quality --quick` (tiny models, 256 images): one target every run reaches, one none can, times that
+    only grow, a tutorial loop on fewer seeds, and the three report files."""
+    out = tmp_path / "tq"
+    result = cli("bench", "--to-quality", "--quick", "--data-root", str(datasets_root), "--seeds", "2",
+                 "--baseline-seeds", "1", "--targets", "0.001,1e9", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "to_quality.json").read_text())
+    assert report["targets"] == [1e9, 0.001] and report["eval_samples"] == 100 and report["budget_epochs"] == 1.0
+    assert [c["name"] for c in report["contenders"]] == ["tutorial", "fashion32", "fashion32-tuned"]
+    assert [len(c["runs"]) for c in report["contenders"]] == [1, 2, 2]
+    for c in report["contenders"]:
+        assert c["config"]["model"]["ngf"] == 8 and c["config"]["data"]["limit"] == 256
+        for run in c["runs"]:
+            assert "error" not in run, run
+            pts = run["points"]
+            assert [p["images"] for p in pts] == [128, 256]  # every 0.5 epoch of 256 images
+            assert all(b["train_s"] > a["train_s"] > 0 for a, b in zip(pts, pts[1:]))
+            assert all(p["eval_s"] > 0 and p["fd"] > 0 for p in pts)
+        s = c["summary"]
+        assert s["reach_s"]["1000000000.0"]["n"] == len(c["runs"])  # reached at the first evaluation
+        assert s["reach_s"]["1000000000.0"]["median"] == pytest.approx(
+            sorted(r["points"][0]["train_s"] for r in c["runs"])[len(c["runs"]) // 2]
+            if len(c["runs"]) % 2 else sum(r["points"][0]["train_s"] for r in c["runs"]) / 2)
+        assert s["reach_s"]["0.001"] == {"median": None, "min": None, "max": None, "n": 0, "of": len(c["runs"])}
+    assert report["headline"]["tutorial"] == "tutorial"
+    assert (out / "to_quality.png").stat().st_size > 1000
+    assert "not reached (0/2)" in (out / "to_quality.md").read_text()
+
+
+def test_to_quality_refuses_bad_options(cli, tmp_path):
+    for args, message in ((["--targets", "ten"], "--targets: expected numbers"),
+                          (["--contender", "nope"], "neither 'tutorial' nor a preset"),
+                          (["--contender", "fashion32", "--contender", "mnist32"], "same dataset")):
+        result = cli("bench", "--to-quality", "--out", str(tmp_path / "x"), *args)
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output

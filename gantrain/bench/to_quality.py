@@ -1,0 +1,376 @@
+"""``gantrain bench --to-quality``: minutes of training until the samples are good, contender by contender.
+
+Each contender (the tutorial loop, a preset, a preset with changes) trains from scratch in its own fresh process
+(:mod:`gantrain.bench.worker`) for a budget of epochs, and every ``eval_every_epochs`` of images seen the clock
+stops while the domain Fréchet distance (FD, Heusel et al. 2017, in the dataset's own feature extractor, the
+metric of ``gantrain eval``) of ``eval_samples`` images from a fixed noise is measured. The report gives, per
+contender, the training wall-clock time and images until the FD first reaches each target, the best and the
+final FD, with the median and spread over seeds, the time to reach the tutorial loop's final FD (the headline
+"x sooner"), JSON and Markdown, and ``to_quality.png`` (FD against training seconds for every run).
+
+Training time counts everything but evaluation: building the models and the loader (data decoding included),
+every step, torch.compile when on. Evaluation time is reported apart.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from gantrain.bench.hardware import system_info
+from gantrain.bench.report import render
+from gantrain.bench.timing import RESULT_PREFIX, endless
+from gantrain.engine.config import PRESETS, RECOMMENDED, Config, override, preset
+from gantrain.engine.errors import ConfigError
+from gantrain.engine.files import atomic_write, atomic_write_text, make_folder
+
+TUTORIAL = "tutorial"
+DEFAULT_TARGETS = (20.0, 10.0, 5.0, 3.0)
+QUICK_CHANGES = {"ngf": 8, "ndf": 8, "limit": 256, "batch_size": 32}
+
+
+@dataclass
+class Contender:
+    """One line of the comparison: ``kind`` "baseline" (the tutorial loop) or "engine" (gantrain's step)."""
+
+    name: str
+    kind: str
+    cfg: Config
+
+
+# ----- in the worker process ------------------------------------------------------------------------------
+def train_to_quality(cfg: Config, spec: dict) -> dict:
+    """Trains one contender for ``spec["budget_epochs"]`` and evaluates FD every ``spec["eval_every_epochs"]``.
+
+    Returns ``{"points": [{"images", "epochs", "train_s", "eval_s", "fd"}, ...], "setup_s", "num_images",
+    "images_per_s"}``; ``train_s`` is cumulative training wall-clock seconds (setup included, evaluation not).
+    A non-finite FD (a diverged run) ends the run early with ``"diverged": true``.
+    """
+    from gantrain.engine.metrics.evaluate import Evaluator
+    from gantrain.engine.runtime import pick_device
+
+    device = pick_device(cfg.run.device)
+    evaluator = Evaluator.for_config(cfg, device=device, quiet=True)  # fitted and cached by the parent
+    started = time.perf_counter()
+    build = _build_baseline if spec["contender"] == "baseline" else _build_engine
+    step, next_batch, generator, num_images, per_step = build(cfg, device, spec)
+    setup_s = time.perf_counter() - started
+    budget, every = spec["budget_epochs"] * num_images, spec["eval_every_epochs"] * num_images
+    points, images, train_s, next_eval, diverged = [], 0, setup_s, every, False
+    clock = time.perf_counter()
+    while images < budget and not diverged:
+        step(next_batch())
+        images += per_step
+        if images >= next_eval or images >= budget:
+            _sync(device)
+            train_s += time.perf_counter() - clock
+            e0 = time.perf_counter()
+            fd = evaluator.evaluate(generator(), cfg, num_samples=spec["eval_samples"], seed=spec["eval_seed"]).values["fd"]
+            diverged = not math.isfinite(fd)
+            points.append({"images": images, "epochs": round(images / num_images, 4), "train_s": round(train_s, 3),
+                           "eval_s": round(time.perf_counter() - e0, 3), "fd": fd if not diverged else None})
+            while next_eval <= images:
+                next_eval += every
+            clock = time.perf_counter()
+    return {"points": points, "setup_s": round(setup_s, 3), "num_images": num_images, "diverged": diverged,
+            "images_per_s": images / train_s if train_s else None}
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the training time must include the queued GPU work
+
+
+def _build_baseline(cfg: Config, device, spec: dict):
+    from gantrain.bench.baseline import BaselineGAN, baseline_batches
+    from gantrain.engine.data.sources import load_images
+
+    images = load_images(cfg.data.dataset, cfg.data.data_root, cfg.data.image_size, cfg.data.channels,
+                         limit=cfg.data.limit, synthetic_size=cfg.data.synthetic_size, seed=cfg.run.seed)
+    model = BaselineGAN(cfg, device)
+    batches = baseline_batches(images, cfg, spec.get("num_workers", 2), cfg.run.seed)
+    num_images = len(images) - len(images) % cfg.data.batch_size  # drop_last, as the loop sees them
+    return model.step, lambda: next(batches), lambda: model.g, num_images, cfg.data.batch_size
+
+
+def _build_engine(cfg: Config, device, spec: dict):
+    from gantrain.engine.data import Shard, build_loader
+    from gantrain.engine.precision import PrecisionPolicy
+    from gantrain.engine.step import GANStep
+
+    policy = PrecisionPolicy(device, cfg.perf.amp, cfg.perf.channels_last)
+    loader = build_loader(cfg.data, cfg.run.seed, device, Shard(0, 1), policy=policy)
+    gan = GANStep(cfg, device, policy)
+    batches = endless(loader)
+    num_images = loader.steps_per_epoch * cfg.data.batch_size
+    return gan, lambda: next(batches), lambda: gan.generator, num_images, cfg.data.batch_size
+
+
+# ----- summaries (pure functions of the points) ------------------------------------------------------------
+def first_reach(points: Sequence[dict], target: float) -> dict | None:
+    """The first evaluation whose FD is at or below ``target`` (``{"train_s", "images", "fd"}``), else None."""
+    for p in points:
+        if p["fd"] is not None and p["fd"] <= target:
+            return {"train_s": p["train_s"], "images": p["images"], "fd": p["fd"]}
+    return None
+
+
+def run_summary(run: dict, targets: Sequence[float]) -> dict:
+    """One seed's figures: time and images to each target, best and final FD, evaluation seconds."""
+    points = run["points"]
+    finite = [p["fd"] for p in points if p["fd"] is not None]
+    return {"seed": run["seed"], "reach": {str(t): first_reach(points, t) for t in targets},
+            "best_fd": min(finite) if finite else None, "final_fd": points[-1]["fd"] if points else None,
+            "train_s": points[-1]["train_s"] if points else None, "eval_s": sum(p["eval_s"] for p in points),
+            "images_per_s": run.get("images_per_s"), "diverged": run.get("diverged", False)}
+
+
+def spread(values: Sequence[float | None]) -> dict:
+    """Median, min and max; a missing value (target not reached, run failed) counts as +inf, so the median is
+    finite only when more than half of the seeds got there."""
+    numbers = [math.inf if v is None else v for v in values]
+    if not numbers:
+        return {"median": None, "min": None, "max": None, "n": 0, "of": 0}
+    median = statistics.median(numbers)
+    finite = [v for v in numbers if math.isfinite(v)]
+    return {"median": median if math.isfinite(median) else None, "min": min(finite) if finite else None,
+            "max": max(numbers) if math.isfinite(max(numbers)) else None, "n": len(finite), "of": len(numbers)}
+
+
+def contender_summary(runs: Sequence[dict], targets: Sequence[float]) -> dict:
+    per_seed = [run_summary(r, targets) for r in runs if "error" not in r]
+    return {"seeds": [s["seed"] for s in per_seed], "per_seed": per_seed,
+            "reach_s": {str(t): spread([(s["reach"][str(t)] or {}).get("train_s") for s in per_seed]) for t in targets},
+            "reach_images": {str(t): spread([(s["reach"][str(t)] or {}).get("images") for s in per_seed])
+                             for t in targets},
+            "best_fd": spread([s["best_fd"] for s in per_seed]), "final_fd": spread([s["final_fd"] for s in per_seed]),
+            "images_per_s": spread([s["images_per_s"] for s in per_seed]),
+            "eval_s": sum(s["eval_s"] for s in per_seed), "failed": sum(1 for r in runs if "error" in r)}
+
+
+def headline(contenders: list[dict]) -> dict | None:
+    """The tutorial loop's final FD (median over its seeds) and, per contender, the median training time to
+    first reach it and the ratio to the tutorial loop's own time to it ("x sooner")."""
+    tutorial = next((c for c in contenders if c["kind"] == "baseline" and c["summary"]["final_fd"]["median"]), None)
+    if tutorial is None:
+        return None
+    target = tutorial["summary"]["final_fd"]["median"]
+    times = {c["name"]: spread([(first_reach(r["points"], target) or {}).get("train_s")
+                                for r in c["runs"] if "error" not in r]) for c in contenders}
+    base = times[tutorial["name"]]["median"]
+    return {"target_fd": target, "tutorial": tutorial["name"],
+            "contenders": {name: {**t, "sooner": base / t["median"] if base and t["median"] else None}
+                           for name, t in times.items()}}
+
+
+# ----- the parent: contenders, runs, report ------------------------------------------------------------------
+def parse_contender(text: str, base: Config, common: dict) -> Contender:
+    """``tutorial`` (the plain loop on ``base``'s recipe) or ``PRESET [field=value ...]`` (gantrain's step)."""
+    words = text.split()
+    if not words:
+        raise ConfigError("--contender: empty")
+    head, pairs = words[0], words[1:]
+    if head == TUTORIAL:
+        cfg, kind = copy.deepcopy(base), "baseline"
+    elif head in PRESETS:
+        cfg, kind = preset(head), "engine"
+    else:
+        raise ConfigError(f"--contender: {head!r} is neither '{TUTORIAL}' nor a preset ({', '.join(PRESETS)})")
+    changes = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--contender {text!r}: {pair!r} is not FIELD=VALUE")
+        changes[key.replace("-", "_")] = _value(value)
+    try:
+        cfg = override(override(cfg, common), changes)
+    except ConfigError as exc:
+        raise ConfigError(f"--contender {text!r}: {exc}") from None
+    return Contender(text, kind, cfg)
+
+
+def _value(text: str):
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def default_contenders(preset_name: str) -> list[str]:
+    """The tutorial loop, the preset as it is, and its recommended recipe when there is one."""
+    names = [TUTORIAL, preset_name]
+    if preset_name in RECOMMENDED and RECOMMENDED[preset_name] in PRESETS:
+        names.append(RECOMMENDED[preset_name])
+    return names
+
+
+def run_contender(contender: Contender, seed: int, spec: dict, env: dict) -> dict:
+    """One contender and seed in a fresh process: its points, or ``{"seed", "error"}`` with the last lines."""
+    cfg = override(copy.deepcopy(contender.cfg), {"seed": seed})
+    full = {**spec, "kind": "to_quality", "name": contender.name, "contender": contender.kind,
+            "config": cfg.to_dict()}
+    proc = subprocess.run([sys.executable, "-m", "gantrain.bench.worker", json.dumps(full)], capture_output=True,
+                          text=True, env=env, check=False)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            result = json.loads(line[len(RESULT_PREFIX):])
+            result.pop("name", None)
+            return {"seed": seed, **result}
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"seed": seed, "error": " | ".join(tail) or f"exit code {proc.returncode}"}
+
+
+def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: int, baseline_seeds: int | None,
+                     targets: Sequence[float], budget_epochs: float, eval_every_epochs: float, eval_samples: int,
+                     out: Path, console: Console, num_workers: int = 2,
+                     run_one: Callable[[Contender, int, dict, dict], dict] = run_contender) -> dict:
+    """Runs every contender for every seed (round-robin by seed, so a drift of a shared machine hits all alike),
+    writes ``to_quality.json`` after each run (a long measurement keeps what it has), then the Markdown table and
+    ``to_quality.png`` into ``out``. Raises :class:`ConfigError` when the contenders train on different data (their
+    FDs would not compare)."""
+    import os
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from gantrain.engine.metrics.evaluate import Evaluator
+    from gantrain.engine.metrics.reference import spec_from_config
+    from gantrain.engine.runtime import pick_device
+
+    if len({spec_from_config(c.cfg) for c in contenders}) > 1:
+        raise ConfigError("--contender: every contender must train on the same dataset, image size and channels "
+                          "(their FDs are measured against one reference)")
+    make_folder(out, "--out")
+    device = pick_device(base.run.device)
+    Evaluator.for_config(contenders[0].cfg, device=device, console=console)  # fit/cache once, before any clock
+    spec = {"budget_epochs": budget_epochs, "eval_every_epochs": eval_every_epochs, "eval_samples": eval_samples,
+            "eval_seed": 0, "num_workers": num_workers}
+    report = {"system": system_info(), "device": str(device), "preset": base.preset, "targets": list(targets),
+              "seeds": seeds, "baseline_seeds": baseline_seeds or seeds, **spec,
+              "contenders": [{"name": c.name, "kind": c.kind, "config": c.cfg.to_dict(), "runs": []}
+                             for c in contenders]}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    jobs = [(s, i) for s in range(seeds) for i, c in enumerate(contenders)
+            if c.kind != "baseline" or s < (baseline_seeds or seeds)]
+    started = time.perf_counter()
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} runs"),
+                  TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("to quality", total=len(jobs))
+        for seed_index, i in jobs:
+            seed = base.run.seed + seed_index
+            bar.update(task, description=f"to quality: {contenders[i].name}, seed {seed}")
+            report["contenders"][i]["runs"].append(run_one(contenders[i], seed, spec, env))
+            report["wall_s"] = round(time.perf_counter() - started, 1)
+            atomic_write_text(out / "to_quality.json", json.dumps(report, indent=2))
+            bar.advance(task)
+    return finish_report(report, out, console)
+
+
+def finish_report(report: dict, out: Path, console: Console) -> dict:
+    """Adds the summaries and the headline, writes JSON, Markdown and the plot, prints the table."""
+    for c in report["contenders"]:
+        c["summary"] = contender_summary(c["runs"], report["targets"])
+    report["headline"] = headline(report["contenders"])
+    table, markdown = rendered(report)
+    atomic_write_text(out / "to_quality.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "to_quality.md", markdown)
+    plot(report, out / "to_quality.png")
+    console.print(table)
+    for c in report["contenders"]:
+        for run in c["runs"]:
+            if "error" in run:
+                console.print(f"[red]{c['name']}, seed {run['seed']} failed:[/red] {run['error']}", soft_wrap=True)
+    console.print(f"report: {out / 'to_quality.json'}, {out / 'to_quality.md'}, {out / 'to_quality.png'}",
+                  soft_wrap=True)
+    return report
+
+
+def _seconds(s: dict) -> str:
+    if s["median"] is None:
+        return f"not reached ({s['n']}/{s['of']})" if s["of"] else "-"
+    text = f"{s['median']:.0f} s"
+    if s["of"] > 1:
+        high = f"{s['max']:.0f}" if s["max"] is not None else "∞"
+        text += f" ({s['min']:.0f}–{high}, {s['n']}/{s['of']})"
+    return text
+
+
+def _fd(s: dict) -> str:
+    if s["median"] is None:
+        return "-"
+    text = f"{s['median']:.2f}"
+    return text + (f" ({s['min']:.2f}–{s['max']:.2f})" if s["of"] > 1 and s["max"] is not None else "")
+
+
+def rendered(report: dict):
+    """The console table and the Markdown table (one set of rows for both)."""
+    targets, head = report["targets"], report.get("headline")
+    headers = ["contender", "seeds", "images/s", *[f"to FD ≤ {t:g}" for t in targets]]
+    if head:
+        headers += [f"to tutorial's final FD {head['target_fd']:.2f}", "× sooner"]
+    headers += ["best FD", "final FD", "final FD per seed", "eval s"]
+    rows = []
+    for c in report["contenders"]:
+        s = c["summary"]
+        row = [c["name"], str(len(s["seeds"])), f"{s['images_per_s']['median']:.0f}" if s["images_per_s"]["median"] else "-",
+               *[_seconds(s["reach_s"][str(t)]) for t in targets]]
+        if head:
+            h = head["contenders"][c["name"]]
+            row += [_seconds(h), f"{h['sooner']:.1f}×" if h["sooner"] else "-"]
+        row += [_fd(s["best_fd"]), _fd(s["final_fd"]),
+                ", ".join("-" if p["final_fd"] is None else f"{p['final_fd']:.2f}" for p in s["per_seed"]),
+                f"{s['eval_s']:.0f}"]
+        rows.append(row)
+    sysinfo = report["system"]
+    caption = (f"**Time to quality, {report['preset']}** on {report['device']} ({sysinfo['gpu'] or sysinfo['cpu']}, "
+               f"{sysinfo['cpu_cores']} cores), torch {sysinfo['torch']}, {sysinfo['date'][:10]}, commit "
+               f"{str(sysinfo['git_commit'])[:12]}: {report['budget_epochs']:g} epochs each, domain FD of "
+               f"{report['eval_samples']} samples every {report['eval_every_epochs']:g} epochs; times are training "
+               f"wall-clock seconds (setup included, evaluation excluded), median (min–max, seeds that got there/"
+               f"seeds) over seeds; measurement wall time {report.get('wall_s', 0) / 60:.1f} min.")
+    return render(f"gantrain bench --to-quality: {report['preset']}", headers, rows, caption)
+
+
+def plot(report: dict, path: Path) -> Path:
+    """FD against training seconds, one colour per contender, one line per seed, targets dashed, log FD axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for i, c in enumerate(report["contenders"]):
+        for j, run in enumerate(r for r in c["runs"] if "error" not in r):
+            points = [(p["train_s"], p["fd"]) for p in run["points"] if p["fd"] is not None and p["fd"] > 0]
+            if points:
+                ax.plot(*zip(*points), color=f"C{i}", alpha=0.85, linewidth=1.4,
+                        label=c["name"] if j == 0 else None)
+    for t in report["targets"]:
+        if t > 0:
+            ax.axhline(t, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set(xlabel="training wall-clock seconds (evaluation excluded)", ylabel=f"FD ({report['eval_samples']} samples)",
+           title=f"Time to quality: {report['preset']}, {report['device']}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
+    finally:
+        plt.close(fig)
+    return path

@@ -1,0 +1,116 @@
+"""`gantrain bench --to-quality`: the summaries from evaluation points (values worked out by hand), contender
+parsing, and the report files written from a hand-made report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from gantrain.bench import to_quality as tq
+from gantrain.bench.hardware import system_info
+from gantrain.engine.config import preset
+from gantrain.engine.errors import ConfigError
+
+
+def points(*pairs, every=1000):
+    """Evaluation points: (train_s, fd) pairs, ``every`` images apart; each evaluation took 2 s."""
+    return [{"images": every * (i + 1), "epochs": 0.25 * (i + 1), "train_s": t, "eval_s": 2.0, "fd": fd}
+            for i, (t, fd) in enumerate(pairs)]
+
+
+def test_first_reach_is_the_first_evaluation_at_or_below_the_target():
+    run = points((10, 50.0), (20, 12.0), (30, 9.0), (40, 11.0), (50, 4.0))
+    assert tq.first_reach(run, 10) == {"train_s": 30, "images": 3000, "fd": 9.0}
+    assert tq.first_reach(run, 12.0) == {"train_s": 20, "images": 2000, "fd": 12.0}  # "reaches" includes equal
+    assert tq.first_reach(run, 3) is None
+    assert tq.first_reach(points((10, None), (20, 5.0)), 100) == {"train_s": 20, "images": 2000, "fd": 5.0}
+
+
+def test_spread_counts_a_missed_target_as_infinite():
+    assert tq.spread([30.0, 10.0, 20.0]) == {"median": 20.0, "min": 10.0, "max": 30.0, "n": 3, "of": 3}
+    # two of three got there: the median (the middle of 10, 30, inf) is 30, the maximum is unknown
+    assert tq.spread([10.0, None, 30.0]) == {"median": 30.0, "min": 10.0, "max": None, "n": 2, "of": 3}
+    # one of three: no finite median
+    assert tq.spread([None, 7.0, None])["median"] is None
+    assert tq.spread([])["of"] == 0
+    assert tq.spread([4.0, 8.0])["median"] == 6.0
+
+
+def test_contender_summary_by_hand():
+    runs = [{"seed": 0, "images_per_s": 100.0, "points": points((10, 30.0), (20, 8.0), (30, 6.0))},
+            {"seed": 1, "images_per_s": 120.0, "points": points((12, 25.0), (24, 14.0), (36, 4.0))},
+            {"seed": 2, "error": "boom"}]
+    s = tq.contender_summary(runs, [20, 10, 5])
+    assert s["seeds"] == [0, 1] and s["failed"] == 1
+    assert s["reach_s"]["20"]["median"] == 22.0  # 20 (seed 0's 30.0 at 10 s is above 20) and 24
+    assert s["reach_s"]["10"] == {"median": 28.0, "min": 20, "max": 36, "n": 2, "of": 2}
+    assert s["reach_images"]["10"]["median"] == 2500.0  # 2000 and 3000 images
+    assert s["reach_s"]["5"] == {"median": None, "min": 36, "max": None, "n": 1, "of": 2}
+    assert s["best_fd"]["median"] == 5.0 and s["final_fd"] == {"median": 5.0, "min": 4.0, "max": 6.0, "n": 2, "of": 2}
+    assert s["eval_s"] == 12.0 and s["images_per_s"]["median"] == 110.0
+
+
+def test_headline_is_the_time_to_the_tutorial_loops_final_fd():
+    tutorial = {"name": "tutorial", "kind": "baseline",
+                "runs": [{"seed": 0, "points": points((100, 20.0), (200, 9.0), (300, 6.0), (400, 7.0))}]}
+    fast = {"name": "fashion32-tuned", "kind": "engine",
+            "runs": [{"seed": 0, "points": points((10, 8.0), (20, 5.0))},
+                     {"seed": 1, "points": points((10, 9.0), (20, 6.5))},
+                     {"seed": 2, "points": points((10, 12.0), (20, 7.5))}]}
+    contenders = [tutorial, fast]
+    for c in contenders:
+        c["summary"] = tq.contender_summary(c["runs"], [10])
+    head = tq.headline(contenders)
+    assert head["target_fd"] == 7.0  # the tutorial loop's final FD; it first reached it at 300 s
+    assert head["contenders"]["tutorial"]["median"] == 300 and head["contenders"]["tutorial"]["sooner"] == 1.0
+    # the seeds reach 7.0 at 10, 20 and never: median 20 s, 15x sooner
+    assert head["contenders"]["fashion32-tuned"]["median"] == 20
+    assert head["contenders"]["fashion32-tuned"]["sooner"] == pytest.approx(15.0)
+    assert tq.headline([fast]) is None
+
+
+def test_contenders_parse_presets_and_changes():
+    base = preset("fashion32")
+    common = {"limit": 512}
+    tutorial = tq.parse_contender("tutorial", base, common)
+    assert tutorial.kind == "baseline" and tutorial.cfg.data.limit == 512 and tutorial.cfg.optim.lr_g == 2e-4
+    tuned = tq.parse_contender("fashion32-tuned ema-decay=0.99 eval_every=0", base, common)
+    assert tuned.kind == "engine" and tuned.cfg.perf.ema_decay == 0.99 and tuned.cfg.optim.lr_g == 1.5e-3
+    assert tuned.cfg.data.limit == 512 and tuned.name == "fashion32-tuned ema-decay=0.99 eval_every=0"
+    for text, message in (("nonsense", "neither 'tutorial' nor a preset"), ("fashion32 lr_g", "not FIELD=VALUE"),
+                          ("fashion32 no_such=1", "unknown config field"), ("", "empty"),
+                          ("fashion32 ema_decay=2", "ema_decay")):
+        with pytest.raises(ConfigError, match=message):
+            tq.parse_contender(text, base, common)
+    assert tq.default_contenders("fashion32") == ["tutorial", "fashion32", "fashion32-tuned"]
+    assert tq.default_contenders("cats64") == ["tutorial", "cats64"]
+
+
+def test_the_report_files(tmp_path):
+    runs = [{"seed": 0, "images_per_s": 300.0, "setup_s": 1.0, "points": points((100, 30.0), (200, 9.0))}]
+    fast = [{"seed": s, "images_per_s": 700.0, "setup_s": 1.0, "points": points((20, 12.0), (40, 4.0 + s))}
+            for s in (0, 1, 2)]
+    report = {"system": system_info(), "device": "cpu", "preset": "fashion32", "targets": [20.0, 5.0], "seeds": 3,
+              "baseline_seeds": 1, "budget_epochs": 0.5, "eval_every_epochs": 0.25, "eval_samples": 2000,
+              "wall_s": 600.0,
+              "contenders": [{"name": "tutorial", "kind": "baseline", "config": {}, "runs": runs},
+                             {"name": "fashion32", "kind": "engine", "config": {},
+                              "runs": [*fast, {"seed": 3, "error": "killed"}]}]}
+    from rich.console import Console
+
+    with open(tmp_path / "console.txt", "w") as fh:
+        tq.finish_report(report, tmp_path, Console(file=fh, width=200))
+    markdown = (tmp_path / "to_quality.md").read_text()
+    assert "| contender | seeds | images/s | to FD ≤ 20 | to FD ≤ 5 | to tutorial's final FD 9.00 | × sooner |" in markdown
+    assert "| tutorial | 1 | 300 | 200 s | not reached (0/1) | 200 s | 1.0× | 9.00 | 9.00 | 9.00 | 4 |" in markdown
+    # 3 seeds reach 9.0 at 40 s: 5x sooner; FD <= 5: seeds 0 and 1 (4.0, 5.0) at 40 s, seed 2 never
+    assert "| fashion32 | 3 | 700 | 20 s (20–20, 3/3) | 40 s (40–∞, 2/3) | 40 s (40–40, 3/3) | 5.0× |" in markdown
+    assert "4.00, 5.00, 6.00" in markdown
+    saved = json.loads((tmp_path / "to_quality.json").read_text())
+    assert saved["headline"]["contenders"]["fashion32"]["sooner"] == 5.0
+    assert saved["contenders"][1]["summary"]["failed"] == 1
+    assert (tmp_path / "to_quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "fashion32, seed 3 failed: killed" in (tmp_path / "console.txt").read_text()
+    assert not math.isnan(saved["contenders"][0]["summary"]["best_fd"]["median"])
