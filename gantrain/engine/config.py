@@ -29,8 +29,9 @@ AMP_MODES = ("auto", "off", "bf16", "fp16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 EVAL_METRICS = ("inception",)
 LOGGERS = ("tensorboard", "wandb", "mlflow")
+DIFFAUG_OPS = ("color", "translation", "cutout")  # gantrain/engine/diffaug.py implements them
 # Comma-list fields: on the command line their flag may also be repeated (--logger tensorboard --logger wandb).
-LIST_FIELDS = ("logger", "eval_metrics")
+LIST_FIELDS = ("logger", "eval_metrics", "diffaug")
 
 
 def _flag(name: str) -> str:
@@ -153,11 +154,25 @@ class LossConfig:
     """One-sided label smoothing: real labels of the D loss become 1 - s (0.1 gives 0.9)."""
     noise: str = "normal"
     """Latent noise distribution: normal (N(0, 1)) or uniform (U(-1, 1))."""
+    diffaug: str = ""
+    """Differentiable augmentation (DiffAugment, Zhao et al. 2020) of every image D sees, real and generated, in
+    the D and the G step: a comma list (or repeated flag) of color (brightness, saturation, contrast), translation
+    (up to 1/8 of the size) and cutout (a square of half the size), applied in the order given; empty (or none) =
+    off. For small datasets (a few thousand images), where D tends to overfit; G's samples are never augmented."""
 
     def __post_init__(self) -> None:
         _check_finite(self)
         _check(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
         _check(self.noise in ("normal", "uniform"), "noise", f"must be normal or uniform, got {self.noise!r}")
+        _check(isinstance(self.diffaug, str), "diffaug", f"must be a comma list, got {self.diffaug!r}")
+        ops = [op.strip() for op in self.diffaug.split(",") if op.strip()]
+        ops = [] if ops == ["none"] else ops
+        unknown = [op for op in ops if op not in DIFFAUG_OPS]
+        _check(not unknown, "diffaug", f"unknown op {unknown[0]!r}: must be empty (off) or a comma list of "
+               f"{', '.join(DIFFAUG_OPS)}" if unknown else "")
+        twice = [op for i, op in enumerate(ops) if op in ops[:i]]
+        _check(not twice, "diffaug", f"{twice[0]!r} is listed twice" if twice else "")
+        self.diffaug = ",".join(ops)  # one spelling per policy: config.toml, checkpoints and resume compare it
 
 
 @dataclass

@@ -8,6 +8,10 @@ each timed and marked for the profiler:
 * ``g_step``: the updated D scores the same fakes against "real" targets; D's parameters are frozen so no D
   weight-gradients are computed (and under DDP D does not all-reduce); G's optimiser steps.
 
+With ``--diffaug`` every batch D sees (real and fake in ``d_step``, the fakes again in ``g_step``) goes through
+:func:`~gantrain.engine.diffaug.diff_augment` first, each time with fresh parameters from the noise stream; G's
+images themselves (what ``d_step`` returns, samples, metrics) are never augmented. Off, nothing is drawn.
+
 The Trainer wires this to data, checkpoints and outputs; ``gantrain bench`` times :meth:`GANStep.__call__` alone
 and ``gantrain tune`` reads its generator. Statistics stay on the device (:class:`~gantrain.engine.stats.Stats`)
 and are read at log time only: no host sync in the step.
@@ -28,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gantrain.engine import checkpoint as ckpt
 from gantrain.engine.config import Config
+from gantrain.engine.diffaug import diff_augment, parse_policy
 from gantrain.engine.errors import ConfigError
 from gantrain.engine.models import build_models
 from gantrain.engine.precision import PrecisionPolicy
@@ -77,6 +82,7 @@ class GANStep:
             configure_cuda()
         b = cfg.data.batch_size
         self.noise_gen = torch.Generator(device).manual_seed(cfg.run.seed * 7919 + 1 + dist.rank)
+        self.diffaug = parse_policy(cfg.loss.diffaug)  # () when off
         self.real_target = torch.full((b,), 1.0 - cfg.loss.label_smoothing, device=device)
         self.fake_target = torch.zeros(b, device=device)
         self.gen_target = torch.ones(b, device=device)
@@ -121,8 +127,8 @@ class GANStep:
         z = sample_noise(real.shape[0], self.cfg.model.nz, self.cfg.loss.noise, self.device, self.noise_gen)
         with self.policy.autocast():
             fake = self.g_train(z)
-            logits_real = self.d_train(real).float()
-            logits_fake = self.d_train(fake.detach()).float()
+            logits_real = self.d_train(self.augment(real)).float()
+            logits_fake = self.d_train(self.augment(fake.detach())).float()
         loss = (F.binary_cross_entropy_with_logits(logits_real, self.real_target)
                 + F.binary_cross_entropy_with_logits(logits_fake, self.fake_target))
         self.opt_d.zero_grad(set_to_none=True)
@@ -134,11 +140,19 @@ class GANStep:
         no_sync = self.d_train.no_sync() if isinstance(self.d_train, DDP) else contextlib.nullcontext()
         with frozen(self.d), no_sync:
             with self.policy.autocast():
-                logits = self.d_train(fake).float()
+                logits = self.d_train(self.augment(fake)).float()
             loss = F.binary_cross_entropy_with_logits(logits, self.gen_target)
             self.opt_g.zero_grad(set_to_none=True)
             self.policy.backward_and_step(loss, self.opt_g)
         return loss.detach()
+
+    def augment(self, images: torch.Tensor) -> torch.Tensor:
+        """D's view of a batch: DiffAugment with fresh parameters from the noise stream (on the device, saved in
+        checkpoints, so runs and resumes stay exact), differentiable so G's gradient passes; ``images`` itself
+        when ``--diffaug`` is off."""
+        if not self.diffaug:
+            return images
+        return diff_augment(images, self.diffaug, self.noise_gen)
 
     @torch.no_grad()
     def update_ema(self) -> None:

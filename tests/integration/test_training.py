@@ -96,6 +96,8 @@ RESUME_CASES = [
     pytest.param(4, [], id="at-epoch-boundary"),       # resume exactly at the start of epoch 2
     pytest.param(3, ["--loader", "torch", "--num-workers", 0], id="torch-loader"),
     pytest.param(3, ["--ema-decay", 0.9, "--label-smoothing", 0.1, "--noise", "uniform"], id="ema-smoothing"),
+    # DiffAugment draws its parameters from the step's noise stream, which the checkpoint carries
+    pytest.param(3, ["--diffaug", "color,translation,cutout"], id="diffaug"),
 ]
 
 

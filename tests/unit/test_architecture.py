@@ -18,7 +18,7 @@ LAYERS = [
     ("gantrain.engine.data", "gantrain.engine.layers", "gantrain.engine.models", "gantrain.engine.precision",
      "gantrain.engine.runtime", "gantrain.engine.sampling", "gantrain.engine.stats", "gantrain.engine.runlog",
      "gantrain.engine.images", "gantrain.engine.checkpoint", "gantrain.engine.pixels",
-     "gantrain.engine.trackers", "gantrain.engine.dryrun", "gantrain.engine.export"),
+     "gantrain.engine.trackers", "gantrain.engine.dryrun", "gantrain.engine.export", "gantrain.engine.diffaug"),
     ("gantrain.engine.step", "gantrain.engine.outputs", "gantrain.engine.metrics", "gantrain.engine.generate"),
     ("gantrain.engine.loop",),
     ("gantrain.engine.launch", "gantrain.engine.raytrain"),
