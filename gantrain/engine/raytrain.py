@@ -2,10 +2,12 @@
 
 Ray Train starts the workers (on the cluster at ``--ray-address``, or a local Ray), sets up their process group
 (gloo on CPU, NCCL with ``--gpus-per-worker``) and restarts them after a failure (``FailureConfig``,
-``--max-restarts`` times) from the newest checkpoint reported to it. Rank 0 writes the run folder (``--out``,
-the same files as a torchrun run) and, at each epoch end, reports ``last.pt`` to Ray Train, which keeps it under
-``--ray-storage``; every worker reads ``--data-root`` on its own node (the same path everywhere, or a shared
-filesystem).
+``--max-restarts`` times) from the newest checkpoint reported to it, else from the ``last.pt`` this launch wrote
+(Ray Train takes in a report only when it next polls the workers, every 2 s, so a failure just after an epoch
+end can leave it none); rank 0 then says in train.log that Ray Train restarted the workers and the step it
+resumes from. Rank 0 writes the run folder (``--out``, the same files as a torchrun run) and, at each epoch end,
+reports ``last.pt`` to Ray Train, which keeps it under ``--ray-storage``; every worker reads ``--data-root`` on
+its own node (the same path everywhere, or a shared filesystem).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -20,6 +23,7 @@ from rich.console import Console
 from gantrain.engine.config import Config, from_dict
 from gantrain.engine.errors import GantrainError
 from gantrain.engine.loop import Trainer
+from gantrain.engine.runlog import log
 from gantrain.engine.runtime import DistInfo
 
 
@@ -31,11 +35,19 @@ def ray_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     info = DistInfo(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
     restored, resume = ray.train.get_checkpoint(), config["resume"]
+    # A checkpoint that an earlier attempt of this launch saved: Ray Train restarted the workers after a failure.
+    last = cfg.run_dir / "checkpoints" / "last.pt"
+    restart = last.is_file() and last.stat().st_mtime >= config["started"]
     with contextlib.ExitStack() as stack:
-        if restored is not None:  # a restart after a failure: the newest checkpoint Ray Train kept
+        if restored is not None:  # the newest checkpoint Ray Train kept (a restart, or an earlier --ray launch's)
             resume = str(Path(stack.enter_context(restored.as_directory())) / "last.pt")
+        elif restart:  # a failure before Ray Train took in any report of this launch
+            resume = str(last)
         trainer = Trainer(cfg, console=Console(stderr=True), dist_info=info, resume=resume,
                           epoch_callbacks=[_report])
+    if restart and info.is_main:
+        log.warning("Ray Train restarted the workers after a failure (--max-restarts %d); resuming from step %d "
+                    "(checkpoint %s)", cfg.dist.max_restarts, trainer.step, trainer.resume_path)
     trainer.fit()
 
 
@@ -85,7 +97,7 @@ def train_on_ray(cfg: Config, resume: str | None, console: Console | None = None
     try:
         resources = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.gpus_per_worker else {})}
         trainer = TorchTrainer(
-            ray_worker, train_loop_config={"cfg": cfg.to_dict(), "resume": resume},
+            ray_worker, train_loop_config={"cfg": cfg.to_dict(), "resume": resume, "started": time.time()},
             scaling_config=ScalingConfig(num_workers=d.ray_workers, use_gpu=d.gpus_per_worker > 0,
                                          resources_per_worker=resources),
             run_config=RunConfig(name="train", storage_path=storage,
@@ -93,10 +105,22 @@ def train_on_ray(cfg: Config, resume: str | None, console: Console | None = None
         try:
             result = trainer.fit()
         except Exception as exc:  # TrainingFailedError (Ray Train 2): the workers' own error is above
-            raise GantrainError(f"--ray: the Ray Train run failed after {d.max_restarts} restart(s) allowed: "
-                                f"{str(exc).strip().splitlines()[0][:300]}") from None
+            raise GantrainError(f"--ray: the Ray Train run failed after {d.max_restarts} restart(s) allowed "
+                                f"(--max-restarts): {_failures(exc)}") from None
         if getattr(result, "error", None) is not None:
             raise GantrainError(f"--ray: the Ray Train run failed: {str(result.error).strip().splitlines()[0][:300]}")
     finally:
         if started:
             ray.shutdown()
+
+
+def _failures(exc: BaseException) -> str:
+    """The failed workers' ranks and first lines (a WorkerGroupError's own first line only says that workers
+    failed; a worker whose process died is a failed health check whose cause is the actor's death)."""
+    def first(error: BaseException) -> str:
+        lines = str(error).strip().splitlines()
+        return (lines[0] if lines else type(error).__name__)[:160]
+
+    failures = getattr(exc, "worker_failures", None) or {}
+    return "; ".join(f"worker rank {rank}: {first(getattr(error, 'health_check_failure', None) or error)}"
+                     for rank, error in sorted(failures.items())) or first(exc)
