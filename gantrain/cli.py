@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import signal
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -19,7 +20,7 @@ from rich.text import Text
 
 from gantrain import __version__
 from gantrain.engine.config import LIST_FIELDS, PRESETS, SECTION_TYPES, field_docs, field_index, resolve
-from gantrain.engine.errors import ConfigError, GantrainError
+from gantrain.engine.errors import ConfigError, GantrainError, Interrupted
 
 
 def _flags_as_flags(params: list) -> list:
@@ -365,13 +366,12 @@ def tune_command(
 
 def finish_tune(outcome, storage, name: str) -> None:
     """The results table, then an interruption or a search without result as one error line."""
-    from gantrain.tune.experiment import ExperimentInterrupted
     from gantrain.tune.results import print_outcome
 
     print_outcome(outcome, Console())
-    if outcome.interrupted:
-        raise ExperimentInterrupted(f"experiment interrupted; continue it with: gantrain tune --resume "
-                                    f"--storage {storage} --name {name}")
+    if outcome.interrupted:  # Ray stops on SIGINT (the driver process forwards any stop signal as one)
+        raise Interrupted(signal.SIGINT, f"experiment interrupted; continue it with: gantrain tune --resume "
+                                         f"--storage {storage} --name {name}")
     if outcome.best is None:
         raise GantrainError(f"no trial reached a finite {outcome.settings.metric}; see {outcome.results_csv}")
 

@@ -10,7 +10,6 @@ the epoch callbacks.
 from __future__ import annotations
 
 import contextlib
-import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from gantrain.engine import checkpoint as ckpt
 from gantrain.engine.config import Config
 from gantrain.engine.data import Shard, build_loader
 from gantrain.engine.data.plan import plan_schedule
-from gantrain.engine.errors import CheckpointError, ConfigError
+from gantrain.engine.errors import CheckpointError, ConfigError, Interrupted
 from gantrain.engine.files import RunLock, make_folder
 from gantrain.engine.outputs import RunOutputs
 from gantrain.engine.precision import PrecisionPolicy
@@ -32,14 +31,6 @@ from gantrain.engine.runtime import DistInfo, StopAgreement, pick_device, stop_s
 from gantrain.engine.sampling import fixed_noise
 from gantrain.engine.stats import NonFiniteWatch
 from gantrain.engine.step import GANStep, replica_max_abs_diff
-
-
-class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived; a checkpoint was saved. ``exit_code`` is 128 + the signal number."""
-
-    def __init__(self, signum: int, checkpoint: Path | None):
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
-        self.exit_code, self.checkpoint = 128 + signum, checkpoint
 
 
 @dataclass
@@ -155,7 +146,7 @@ class Trainer:
                         self._train_epoch()
                     if self.agreed_stop is not None:  # every rank is at the same step: rank 0 saves
                         self.stop_agreement.close()
-                        raise Interrupted(self.agreed_stop, self.save_checkpoint())
+                        raise Interrupted(self.agreed_stop, checkpoint=self.save_checkpoint(), step=self.step)
                     if self.epoch_step >= per_epoch:
                         self.pos.epoch, self.pos.epoch_step = self.epoch + 1, 0
                         self.epoch_means = self.gan.stats.read_epoch()

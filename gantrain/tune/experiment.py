@@ -43,12 +43,6 @@ CHECKPOINTS_KEPT = 2
 PBT_CHECKPOINTS_KEPT = 4  # donors' recent checkpoints must outlive the exploit steps that copy them
 
 
-class ExperimentInterrupted(GantrainError):
-    """Ctrl-C stopped the experiment; Ray saved its state and ``--resume`` continues it."""
-
-    exit_code = 130
-
-
 @dataclass(frozen=True)
 class ExperimentFolder:
     path: Path
