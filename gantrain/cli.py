@@ -252,10 +252,11 @@ def fit_extractor_command(
     metrics_cache: Annotated[Optional[str], typer.Option(help=_CACHE_HELP)] = None,
 ) -> None:
     """Fit a dataset's feature extractor (or find it in the cache) and print its test accuracy."""
+    from gantrain.engine.config import env_data_root
     from gantrain.engine.metrics import ensure_extractor, parse_dataset
     from gantrain.engine.runtime import pick_device
 
-    spec = parse_dataset(dataset, data_root, channels)
+    spec = parse_dataset(dataset, data_root or env_data_root(), channels)
     extra = {"epochs": epochs} if epochs else {}
     extractor = ensure_extractor(spec, cache=metrics_cache, device=pick_device(device), console=console, force=force,
                                  **extra)
@@ -295,7 +296,7 @@ def bench_command(
 ) -> None:
     """Time the training step: a plain PyTorch loop vs the engine with each feature added (or, with --loaders, the data loaders)."""
     from gantrain.bench.suite import bench
-    from gantrain.engine.config import override, preset as build_preset
+    from gantrain.engine.config import override, preset as build_preset, with_env_defaults
 
     if loaders:
         from gantrain.bench.loaders import bench_loaders
@@ -304,8 +305,9 @@ def bench_command(
                       quick=quick, json_path=json_path, markdown_path=markdown, console=console, only=only,
                       warmup=warmup, windows=windows, window=window, repeats=repeats)
         return
-    cfg = override(build_preset(preset), {"batch_size": batch_size, "dataset": dataset, "data_root": data_root,
-                                          "limit": limit, "device": device, "num_workers": num_workers})
+    cfg = with_env_defaults(override(build_preset(preset), {"batch_size": batch_size, "dataset": dataset,
+                                                            "data_root": data_root, "limit": limit, "device": device,
+                                                            "num_workers": num_workers}))
     bench(cfg, quick=quick, nproc=nproc, peak_override=peak_tflops, json_path=json_path, markdown_path=markdown,
           console=console, only=only, warmup=warmup, windows=windows, window=window, repeats=repeats)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from gantrain.engine.config import Config, from_dict
+from gantrain.engine.config import Config, env_data_root, from_dict, with_env_defaults
 from gantrain.engine.config import _flag as flag_name
 from gantrain.engine.errors import CheckpointError, TrainingDiverged
 from gantrain.engine.files import atomic_write, io_error
@@ -208,7 +208,9 @@ def resumed_config(cfg: Config, state: dict | None, path: Path | str | None) -> 
     (any model field, the image size or channels), which cannot change mid-run."""
     if state is None:
         return []
-    saved = from_dict({k: v for k, v in state["config"].items() if k != "preset"})
+    # A checkpoint written before $GANTRAIN_DATA was resolved into the config holds no data root for it: read
+    # such a root as the variable, as this run's config does, so the same data is no change.
+    saved = with_env_defaults(from_dict({k: v for k, v in state["config"].items() if k != "preset"}))
     old, new = flat_config(saved.to_dict()), flat_config(cfg.to_dict())
     changed = [key for key in new if old.get(key) != new[key]]
     fixed = [key for key in changed if key.startswith("model.") or key in FIXED_MID_RUN]
@@ -272,6 +274,8 @@ def _legacy_epoch_images(state: dict, cfg: Config, pos: Position, saved_batch: i
     if pos.epoch == 0:
         return pos.step * saved_batch
     saved_data, data = dict(state.get("config", {}).get("data", {})), cfg.to_dict()["data"]
+    if "data_root" in saved_data and not saved_data["data_root"]:  # unset: $GANTRAIN_DATA (see resumed_config)
+        saved_data["data_root"] = env_data_root() or saved_data["data_root"]
     same_images = all(saved_data.get(k, data[k]) == data[k] for k in DATASET_KEYS)
     saved_per_epoch = num_images // saved_batch
     in_epoch = pos.step - pos.epoch * saved_per_epoch

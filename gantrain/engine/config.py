@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import inspect
 import math
+import os
 import textwrap
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -31,6 +32,7 @@ EVAL_METRICS = ("inception",)
 LOGGERS = ("tensorboard", "wandb", "mlflow")
 # Comma-list fields: on the command line their flag may also be repeated (--logger tensorboard --logger wandb).
 LIST_FIELDS = ("logger", "eval_metrics")
+DATA_ROOT_ENV = "GANTRAIN_DATA"  # the default of --data-root, read by env_data_root() alone
 
 
 def _flag(name: str) -> str:
@@ -58,7 +60,7 @@ class DataConfig:
     TIFF, GIF, ...) or synthetic (random, for benchmarks)."""
     data_root: str | None = None
     """For fashion-mnist/mnist the folder holding FashionMNIST/raw or MNIST/raw; for folder the image folder itself.
-    Falls back to $GANTRAIN_DATA, then to the download cache."""
+    Falls back to $GANTRAIN_DATA (taken into the resolved config), then to the download cache."""
     image_size: int = 32
     """Side of the square training images in pixels (32, 64 or 128)."""
     channels: int = 1
@@ -547,8 +549,23 @@ def preset(name: str) -> Config:
 
 
 def resolve(preset_name: str | None, config_file: str | None, flags: dict[str, Any]) -> Config:
-    """Preset, then the TOML file, then CLI flags: the order in which later sources win."""
+    """Preset, then the TOML file, then CLI flags: the order in which later sources win; then the environment
+    fills what none of them set (:func:`with_env_defaults`)."""
     cfg = preset(preset_name) if preset_name else None
     if config_file:
         cfg = load_toml(config_file, base=cfg)
-    return override(cfg or preset("fashion32"), flags)
+    return with_env_defaults(override(cfg or preset("fashion32"), flags))
+
+
+def env_data_root() -> str | None:
+    """$GANTRAIN_DATA, or None: the one place gantrain reads it."""
+    return os.environ.get(DATA_ROOT_ENV) or None
+
+
+def with_env_defaults(cfg: Config) -> Config:
+    """``cfg`` with an unset --data-root taken from $GANTRAIN_DATA. Resolved once, here, the folder travels in the
+    config: to the loaders and the metrics, into config.toml and every checkpoint, to DDP workers (the config
+    file) and to tune's trials on other nodes (base.toml), whatever their environment holds."""
+    if cfg.data.data_root:
+        return cfg
+    return override(cfg, {"data_root": env_data_root()})

@@ -182,6 +182,20 @@ def test_resume_with_a_different_model_exits_1(trained_copy: Path, datasets_root
     assert load_checkpoint(trained_copy / "checkpoints" / "last.pt")["step"] == 6
 
 
+def test_resume_reads_an_unset_data_root_as_gantrain_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint whose run took its data from $GANTRAIN_DATA before the variable was resolved into the config
+    holds no data root: resumed under the same variable, the data is no change; another root is one."""
+    from gantrain.engine.config import preset, resolve
+
+    old = {"config": preset("fashion32").to_dict()}  # data_root None
+    monkeypatch.setenv("GANTRAIN_DATA", "/env/data")
+    assert ckpt.resumed_config(resolve(None, None, {}), old, "old.pt") == []
+    assert ckpt.resumed_config(resolve(None, None, {"data_root": "/x"}), old, "old.pt") == [
+        "--data-root '/env/data' -> '/x'"]
+    monkeypatch.delenv("GANTRAIN_DATA")
+    assert ckpt.resumed_config(resolve(None, None, {}), old, "old.pt") == []
+
+
 # ----- generate ----------------------------------------------------------------------------------------
 def _pixels(path: Path) -> np.ndarray:
     with Image.open(path) as img:
