@@ -26,7 +26,8 @@ DATASETS = ("fashion-mnist", "mnist", "folder", "synthetic")
 ARCHS = ("dcgan", "dense")
 LOADERS = ("auto", "memory", "torch", "dali")
 DALI_DEVICES = ("auto", "cpu", "gpu")
-AMP_MODES = ("auto", "off", "bf16", "fp16")
+AMP_MODES = ("auto", "off", "bf16", "fp16")  # what --amp accepts; precision.resolve_amp says what each means
+FP16_NEEDS_CUDA = "fp16 needs CUDA; use --amp bf16 on CPU"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 EVAL_METRICS = ("inception",)
 LOGGERS = ("tensorboard", "wandb", "mlflow")
@@ -336,7 +337,7 @@ class Config:
         if self.model.arch == "dense":
             _check(self.model.kernel_size == 5, "kernel_size", "the dense architecture uses 5x5 kernels")
         if self.perf.amp == "fp16":
-            _check(self.run.device != "cpu", "amp", "fp16 needs CUDA; use --amp bf16 on CPU")
+            _check(self.run.device != "cpu", "amp", FP16_NEEDS_CUDA)  # at once; --device auto: resolve_amp
         if self.perf.cuda_graphs:
             _check(self.run.device != "cpu", "cuda_graphs", "CUDA graphs need --device cuda")
         if self.dist.sync_bn:

@@ -188,6 +188,21 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
+def test_amp_modes_are_resolved_in_one_place() -> None:
+    import torch
+
+    from gantrain.engine import precision
+
+    cpu = torch.device("cpu")
+    assert precision.resolve_amp("auto", cpu) == ("bf16" if precision.native_bf16(cpu) else "off")
+    assert [precision.resolve_amp(m, cpu) for m in ("off", "bf16")] == ["off", "bf16"]
+    with pytest.raises(ConfigError, match="--amp: fp16 needs CUDA; use --amp bf16 on CPU"):
+        precision.resolve_amp("fp16", cpu)
+    policy = precision.PrecisionPolicy(cpu, "auto")
+    assert (policy.requested, policy.amp) == ("auto", precision.resolve_amp("auto", cpu))
+    assert [precision.compute_name(m) for m in ("off", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+
+
 def test_from_dict_rejects_non_tables_and_unknown_flags() -> None:
     with pytest.raises(ConfigError, match=r"\[data\] must be a table"):
         from_dict({"data": 3})
