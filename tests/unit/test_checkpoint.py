@@ -71,17 +71,6 @@ def test_keep_checkpoints_prunes_older_numbered_files(tmp_path: Path, keep: int)
     assert last["step"] == 100 and last["format"] == "gantrain-checkpoint" and last["version"] == 1
 
 
-def test_training_keeps_the_last_k_epoch_checkpoints(tiny_cfg, quiet_console) -> None:
-    from gantrain.engine.loop import Trainer
-
-    # 64 images / batch 32 = 2 steps per epoch; 5 epochs with a checkpoint each, keep 2.
-    cfg = tiny_cfg(limit=64, max_steps=0, epochs=5, keep_checkpoints=2, checkpoint_every=1, log_every=5)
-    result = Trainer(cfg, console=quiet_console).fit()
-    folder = result.run_dir / "checkpoints"
-    assert [p.name for p in numbered_checkpoints(folder)] == ["step_00000008.pt", "step_00000010.pt"]
-    assert load_checkpoint(folder / "last.pt")["step"] == 10
-
-
 # ----- broken and foreign files ------------------------------------------------------------------------
 def test_truncated_checkpoint(trained_run: Path, tmp_path: Path) -> None:
     data = (trained_run / "checkpoints" / "last.pt").read_bytes()
