@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import signal
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -19,7 +20,7 @@ from rich.text import Text
 
 from gantrain import __version__
 from gantrain.engine.config import LIST_FIELDS, PRESETS, RECOMMENDED, SECTION_TYPES, field_docs, field_index, resolve
-from gantrain.engine.errors import ConfigError, GantrainError
+from gantrain.engine.errors import ConfigError, GantrainError, Interrupted
 
 
 def _flags_as_flags(params: list) -> list:
@@ -258,10 +259,11 @@ def fit_extractor_command(
     metrics_cache: Annotated[Optional[str], typer.Option(help=_CACHE_HELP)] = None,
 ) -> None:
     """Fit a dataset's feature extractor (or find it in the cache) and print its test accuracy."""
+    from gantrain.engine.config import env_data_root
     from gantrain.engine.metrics import ensure_extractor, parse_dataset
     from gantrain.engine.runtime import pick_device
 
-    spec = parse_dataset(dataset, data_root, channels)
+    spec = parse_dataset(dataset, data_root or env_data_root(), channels)
     extra = {"epochs": epochs} if epochs else {}
     extractor = ensure_extractor(spec, cache=metrics_cache, device=pick_device(device), console=console, force=force,
                                  **extra)
@@ -310,7 +312,7 @@ def bench_command(
 ) -> None:
     """Time the training step: a plain PyTorch loop vs the engine with each feature added (or, with --loaders, the data loaders; with --to-quality, the time until samples reach an FD)."""
     from gantrain.bench.suite import bench
-    from gantrain.engine.config import override, preset as build_preset
+    from gantrain.engine.config import override, preset as build_preset, with_env_defaults
 
     if to_quality:
         from gantrain.bench import to_quality as tq
@@ -318,7 +320,7 @@ def bench_command(
         common = {"batch_size": batch_size, "dataset": dataset, "data_root": data_root, "limit": limit,
                   "device": device, **(tq.QUICK_CHANGES if quick else {})}
         common = {k: v for k, v in common.items() if v is not None}
-        base = override(build_preset(preset), common)
+        base = with_env_defaults(override(build_preset(preset), common))
         contenders = [tq.parse_contender(c, base, common) for c in contender or tq.default_contenders(preset)]
         tq.bench_to_quality(base, contenders, seeds=seeds, baseline_seeds=baseline_seeds,
                             targets=parse_targets(targets), out=out, console=console, num_workers=num_workers,
@@ -333,8 +335,9 @@ def bench_command(
                       quick=quick, json_path=json_path, markdown_path=markdown, console=console, only=only,
                       warmup=warmup, windows=windows, window=window, repeats=repeats)
         return
-    cfg = override(build_preset(preset), {"batch_size": batch_size, "dataset": dataset, "data_root": data_root,
-                                          "limit": limit, "device": device, "num_workers": num_workers})
+    cfg = with_env_defaults(override(build_preset(preset), {"batch_size": batch_size, "dataset": dataset,
+                                                            "data_root": data_root, "limit": limit, "device": device,
+                                                            "num_workers": num_workers}))
     bench(cfg, quick=quick, nproc=nproc, peak_override=peak_tflops, json_path=json_path, markdown_path=markdown,
           console=console, only=only, warmup=warmup, windows=windows, window=window, repeats=repeats)
 
@@ -406,13 +409,12 @@ def tune_command(
 
 def finish_tune(outcome, storage, name: str) -> None:
     """The results table, then an interruption or a search without result as one error line."""
-    from gantrain.tune.experiment import ExperimentInterrupted
     from gantrain.tune.results import print_outcome
 
     print_outcome(outcome, Console())
-    if outcome.interrupted:
-        raise ExperimentInterrupted(f"experiment interrupted; continue it with: gantrain tune --resume "
-                                    f"--storage {storage} --name {name}")
+    if outcome.interrupted:  # Ray stops on SIGINT (the driver process forwards any stop signal as one)
+        raise Interrupted(signal.SIGINT, f"experiment interrupted; continue it with: gantrain tune --resume "
+                                         f"--storage {storage} --name {name}")
     if outcome.best is None:
         raise GantrainError(f"no trial reached a finite {outcome.settings.metric}; see {outcome.results_csv}")
 

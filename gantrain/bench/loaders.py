@@ -21,7 +21,7 @@ from rich.console import Console
 from gantrain.bench.hardware import system_info
 from gantrain.bench.report import publish, render
 from gantrain.bench.timing import BenchRow, merge_runs, round_robin, run_row
-from gantrain.engine.config import Config, override, preset
+from gantrain.engine.config import Config, env_data_root, override, preset
 from gantrain.engine.errors import ConfigError, GantrainError
 
 LOADERS = ("memory", "torch", "dali")
@@ -161,7 +161,8 @@ def bench_loaders(*, data_root: str | None, limit: int | None, batch_size: int |
                   quick: bool, json_path: Path | None, markdown_path: Path | None, console: Console,
                   only: list[str] | None = None, sizes: tuple[int, ...] = (64, 128), **given: int | None) -> dict:
     """``gantrain bench --loaders``: every row in its own process, then the table, JSON and Markdown."""
-    if not data_root and not os.environ.get("GANTRAIN_DATA"):
+    data_root = data_root or env_data_root()
+    if not data_root:
         raise ConfigError("--data-root: bench --loaders needs an image folder (e.g. ../shared/datasets/cats)")
     rows = [r for r in loader_rows(sizes) if not only or any(o.lower() in r.name.lower() for o in only)]
     if not rows:

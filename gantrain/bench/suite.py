@@ -18,6 +18,7 @@ from gantrain.bench.report import publish, render
 from gantrain.bench.timing import BenchRow, merge_runs, round_robin, run_row
 from gantrain.engine.config import Config
 from gantrain.engine.errors import GantrainError
+from gantrain.engine.precision import compute_name
 
 
 def matrix(device_type: str, nproc: int = 1) -> list[BenchRow]:
@@ -64,7 +65,7 @@ def _add_ratios(results: list[dict], flops_per_image: float, peaks: dict) -> Non
     for r in results:
         if "error" in r:
             continue
-        peak = peaks["fp32" if r["amp"] == "off" else r["amp"]]
+        peak = peaks[compute_name(r["amp"])]  # the worker reports the resolved mode
         r["speedup"] = r["images_per_s"] / base if base else None
         r["achieved_tflops"] = r["images_per_s"] * flops_per_image / 1e12
         r["mfu"] = r["achieved_tflops"] / peak if peak else None

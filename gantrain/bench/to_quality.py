@@ -30,7 +30,7 @@ from rich.console import Console
 from gantrain.bench.hardware import system_info
 from gantrain.bench.report import render
 from gantrain.bench.timing import RESULT_PREFIX, endless
-from gantrain.engine.config import PRESETS, RECOMMENDED, Config, override, preset
+from gantrain.engine.config import PRESETS, RECOMMENDED, Config, override, preset, with_env_defaults
 from gantrain.engine.errors import ConfigError
 from gantrain.engine.files import atomic_write, atomic_write_text, make_folder
 
@@ -195,7 +195,7 @@ def parse_contender(text: str, base: Config, common: dict) -> Contender:
             raise ConfigError(f"--contender {text!r}: {pair!r} is not FIELD=VALUE")
         changes[key.replace("-", "_")] = _value(value)
     try:
-        cfg = override(override(cfg, common), changes)
+        cfg = with_env_defaults(override(override(cfg, common), changes))
     except ConfigError as exc:
         raise ConfigError(f"--contender {text!r}: {exc}") from None
     return Contender(text, kind, cfg)

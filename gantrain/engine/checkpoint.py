@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import logging
-from dataclasses import dataclass
-
 import torch
 
-from gantrain.engine.config import Config, from_dict
+from gantrain.engine.config import Config, env_data_root, from_dict, with_env_defaults
 from gantrain.engine.config import _flag as flag_name
 from gantrain.engine.errors import CheckpointError, TrainingDiverged
 from gantrain.engine.files import atomic_write, io_error
@@ -138,6 +138,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def open_resume(cfg: Config, resume: str | None) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
+    """What ``--resume`` continues from: the checkpoint's path, its state, and the settings ``cfg`` changes against
+    it (see :func:`resumed_config`); (None, None, []) for a new run. Raises :class:`CheckpointError`."""
+    path = find_resume(resume, cfg.run_dir) if resume else None
+    state = load_checkpoint(path) if path else None
+    return path, state, resumed_config(cfg, state, path)
+
+
 def find_resume(resume: str, run_dir: Path) -> Path:
     """``--resume auto`` means the run folder's ``last.pt``; anything else is a path."""
     if resume != "auto":
@@ -200,7 +208,9 @@ def resumed_config(cfg: Config, state: dict | None, path: Path | str | None) -> 
     (any model field, the image size or channels), which cannot change mid-run."""
     if state is None:
         return []
-    saved = from_dict({k: v for k, v in state["config"].items() if k != "preset"})
+    # A checkpoint written before $GANTRAIN_DATA was resolved into the config holds no data root for it: read
+    # such a root as the variable, as this run's config does, so the same data is no change.
+    saved = with_env_defaults(from_dict({k: v for k, v in state["config"].items() if k != "preset"}))
     old, new = flat_config(saved.to_dict()), flat_config(cfg.to_dict())
     changed = [key for key in new if old.get(key) != new[key]]
     fixed = [key for key in changed if key.startswith("model.") or key in FIXED_MID_RUN]
@@ -264,6 +274,8 @@ def _legacy_epoch_images(state: dict, cfg: Config, pos: Position, saved_batch: i
     if pos.epoch == 0:
         return pos.step * saved_batch
     saved_data, data = dict(state.get("config", {}).get("data", {})), cfg.to_dict()["data"]
+    if "data_root" in saved_data and not saved_data["data_root"]:  # unset: $GANTRAIN_DATA (see resumed_config)
+        saved_data["data_root"] = env_data_root() or saved_data["data_root"]
     same_images = all(saved_data.get(k, data[k]) == data[k] for k in DATASET_KEYS)
     saved_per_epoch = num_images // saved_batch
     in_epoch = pos.step - pos.epoch * saved_per_epoch
@@ -296,30 +308,94 @@ def restore(state: dict, path: Path | str, gan: Any, cfg: Config, loader: Any, g
 
 
 class Checkpointer:
-    """Writes the run's checkpoints (rank 0) unless their weights are non-finite, so a non-finite checkpoint never
-    replaces, nor rotates away, the last finite one; remembers the last one written and the last finite one."""
+    """What a run's checkpoints hold and when one is due; writes them (rank 0) unless their weights are non-finite,
+    so a non-finite checkpoint never replaces, nor rotates away, the last finite one; remembers the last one
+    written and the last finite one.
 
-    def __init__(self, folder: Path, keep: int, is_main: bool, patience: int) -> None:
-        self.folder, self.keep, self.is_main, self.patience = folder, keep, is_main, patience
+    Due every --checkpoint-every epochs, every --checkpoint-every-steps steps and every --checkpoint-every-minutes
+    of this rank's clock (the DDP ranks agree on the step through :class:`~gantrain.engine.runtime.StopAgreement`).
+    """
+
+    def __init__(self, cfg: Config, is_main: bool = True, world_size: int = 1, group: Any = None) -> None:
+        self.cfg, self.folder, self.is_main, self.world_size = cfg, cfg.run_dir / "checkpoints", is_main, world_size
+        self.group = group  # the DDP process group that gathers every rank's RNG streams; None in one process
         self.last: Path | None = None
         self.last_finite: tuple[Path, int] | None = None  # the newest checkpoint known finite, and its step
         self.saved_step: int | None = None  # the step of the last checkpoint written (or refused)
+        self.pending = False  # a save that came due at an epoch's last step, made at the epoch's end
+        self.last_save_time = time.monotonic()
+        self.ranks_rng: tuple[int, list] | None = None  # (step, every rank's RNG streams) for that step's checkpoint
 
-    def save(self, step: int, state: Callable[[], dict[str, Any]], non_finite: str) -> Path | None:
-        """Saves ``state()`` at ``step``; ``non_finite`` ('' or what is not finite) decides. Raises
-        :class:`TrainingDiverged` for non-finite weights unless the patience is 0 (then a warning, no file)."""
+    def start_from(self, state: dict | None, path: Path | None, gan: Any, loader: Any, global_batch: int,
+                   changes: list[str]) -> tuple[Position, float | None]:
+        """Where the run starts and its best FD so far: step 0 and none for a new run, else the checkpoint
+        ``state`` restored (:func:`restore`), which is then the last finite checkpoint."""
+        if state is None:
+            return Position(), None
+        pos, best_fd = restore(state, path, gan, self.cfg, loader, global_batch, changes, self.is_main)
+        self.last_finite = (Path(path), pos.step)
+        return pos, best_fd
+
+    def minutes_due(self) -> bool:
+        """This rank's clock; the ranks agree on the step to save at (StopAgreement)."""
+        minutes = self.cfg.run.checkpoint_every_minutes
+        return bool(minutes) and time.monotonic() - self.last_save_time >= 60 * minutes
+
+    def due_after_step(self, step: int, agreed: bool, epoch_ended: bool) -> bool:
+        """Whether to save right after ``step``: the ranks ``agreed`` on a save (the minute cadence), or
+        --checkpoint-every-steps is due. At an epoch's last step the save waits for the epoch's end instead
+        (:meth:`due_at_epoch_end`), to come after the epoch's metrics as an epoch checkpoint."""
+        every = self.cfg.run.checkpoint_every_steps
+        if not (agreed or (every and step % every == 0)):
+            return False
+        if epoch_ended:
+            self.pending = True
+        return not epoch_ended
+
+    def due_at_epoch_end(self, epochs_done: int) -> bool:
+        return epochs_done % self.cfg.run.checkpoint_every == 0 or self.pending
+
+    def state(self, gan_state: dict[str, Any], position: dict[str, int], best_fd: float | None) -> dict[str, Any]:
+        """The checkpoint: the GAN step's state, the place in the data (:meth:`Position.state`), the config, the
+        best FD, and every rank's RNG streams when they were gathered at this step."""
+        state = {**gan_state, **position, "config": self.cfg.to_dict(), "world_size": self.world_size}
+        if best_fd is not None:
+            state["best_fd"] = best_fd
+        if self.ranks_rng is not None and self.ranks_rng[0] == position["step"]:
+            state["rng"] = {**state["rng"], "ranks": self.ranks_rng[1]}
+        return state
+
+    def gather_rng(self, step: int, rng_state: Callable[[], dict]) -> None:
+        """Under DDP each rank draws its own noise: rank 0's checkpoint holds every rank's streams, so that a
+        resume (a restarted worker group's, say) continues exactly where each rank stood. A collective: every
+        rank calls it at the same step."""
+        if self.group is None:
+            return
+        states: list = [None] * self.world_size
+        torch.distributed.all_gather_object(states, rng_state(), group=self.group)
+        self.ranks_rng = (step, states)
+
+    def save(self, step: int, state: Callable[[], dict[str, Any]], gan: Any, collective: bool = True) -> Path | None:
+        """Saves ``state()`` at ``step`` unless ``gan``'s weights are non-finite: then raises
+        :class:`TrainingDiverged`, or with a patience of 0 warns and writes no file. ``collective``: all ranks are
+        here at the same step, so they agree on the check and rank 0's checkpoint holds every rank's noise
+        streams (:meth:`gather_rng`)."""
+        non_finite = gan.non_finite_weights(collective) if step else ""
+        if collective and step:
+            self.gather_rng(step, gan.rng_state)
+        self.pending, self.last_save_time = False, time.monotonic()
         if step == 0:
             return self.last
         self.saved_step = step  # on every rank: whether the run's end saves must not depend on the rank
         if non_finite:
-            if self.patience:
+            if self.cfg.run.nonfinite_patience:
                 raise self.diverged(f"non-finite weights at step {step} ({non_finite})")
             if self.is_main:
                 log.warning("not saving a checkpoint at step %d: non-finite weights (%s); %s", step, non_finite,
                             self.last_finite_text())
             return self.last
         if self.is_main:
-            self.last = save_checkpoint(state(), self.folder, step, self.keep)
+            self.last = save_checkpoint(state(), self.folder, step, self.cfg.run.keep_checkpoints)
             self.last_finite = (self.last, step)
         return self.last
 

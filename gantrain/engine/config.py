@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import inspect
 import math
+import os
 import textwrap
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -25,13 +26,15 @@ DATASETS = ("fashion-mnist", "mnist", "folder", "synthetic")
 ARCHS = ("dcgan", "dense")
 LOADERS = ("auto", "memory", "torch", "dali")
 DALI_DEVICES = ("auto", "cpu", "gpu")
-AMP_MODES = ("auto", "off", "bf16", "fp16")
+AMP_MODES = ("auto", "off", "bf16", "fp16")  # what --amp accepts; precision.resolve_amp says what each means
+FP16_NEEDS_CUDA = "fp16 needs CUDA; use --amp bf16 on CPU"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 EVAL_METRICS = ("inception",)
 LOGGERS = ("tensorboard", "wandb", "mlflow")
 DIFFAUG_OPS = ("color", "translation", "cutout")  # gantrain/engine/diffaug.py implements them
 # Comma-list fields: on the command line their flag may also be repeated (--logger tensorboard --logger wandb).
 LIST_FIELDS = ("logger", "eval_metrics", "diffaug")
+DATA_ROOT_ENV = "GANTRAIN_DATA"  # the default of --data-root, read by env_data_root() alone
 
 
 def _flag(name: str) -> str:
@@ -59,7 +62,7 @@ class DataConfig:
     TIFF, GIF, ...) or synthetic (random, for benchmarks)."""
     data_root: str | None = None
     """For fashion-mnist/mnist the folder holding FashionMNIST/raw or MNIST/raw; for folder the image folder itself.
-    Falls back to $GANTRAIN_DATA, then to the download cache."""
+    Falls back to $GANTRAIN_DATA (taken into the resolved config), then to the download cache."""
     image_size: int = 32
     """Side of the square training images in pixels (32, 64 or 128)."""
     channels: int = 1
@@ -352,7 +355,7 @@ class Config:
         if self.model.arch == "dense":
             _check(self.model.kernel_size == 5, "kernel_size", "the dense architecture uses 5x5 kernels")
         if self.perf.amp == "fp16":
-            _check(self.run.device != "cpu", "amp", "fp16 needs CUDA; use --amp bf16 on CPU")
+            _check(self.run.device != "cpu", "amp", FP16_NEEDS_CUDA)  # at once; --device auto: resolve_amp
         if self.perf.cuda_graphs:
             _check(self.run.device != "cpu", "cuda_graphs", "CUDA graphs need --device cuda")
         if self.dist.sync_bn:
@@ -581,8 +584,23 @@ def preset(name: str) -> Config:
 
 
 def resolve(preset_name: str | None, config_file: str | None, flags: dict[str, Any]) -> Config:
-    """Preset, then the TOML file, then CLI flags: the order in which later sources win."""
+    """Preset, then the TOML file, then CLI flags: the order in which later sources win; then the environment
+    fills what none of them set (:func:`with_env_defaults`)."""
     cfg = preset(preset_name) if preset_name else None
     if config_file:
         cfg = load_toml(config_file, base=cfg)
-    return override(cfg or preset("fashion32"), flags)
+    return with_env_defaults(override(cfg or preset("fashion32"), flags))
+
+
+def env_data_root() -> str | None:
+    """$GANTRAIN_DATA, or None: the one place gantrain reads it."""
+    return os.environ.get(DATA_ROOT_ENV) or None
+
+
+def with_env_defaults(cfg: Config) -> Config:
+    """``cfg`` with an unset --data-root taken from $GANTRAIN_DATA. Resolved once, here, the folder travels in the
+    config: to the loaders and the metrics, into config.toml and every checkpoint, to DDP workers (the config
+    file) and to tune's trials on other nodes (base.toml), whatever their environment holds."""
+    if cfg.data.data_root:
+        return cfg
+    return override(cfg, {"data_root": env_data_root()})

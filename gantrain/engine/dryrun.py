@@ -13,14 +13,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from gantrain.engine.config import SECTION_TYPES, Config, _flag, preset
+from gantrain.engine.config import DATA_ROOT_ENV, SECTION_TYPES, Config, _flag, env_data_root, preset
 from gantrain.engine.data.download import IDX_DATASETS, raw_folder
 from gantrain.engine.errors import ConfigError
 
 
 def value_sources(preset_name: str | None, config_file: str | None, flags: dict[str, Any]) -> dict[str, str]:
     """``{'optim.lr_g': 'flag --lr-g', 'run.epochs': 'preset fashion32', 'data.hflip': 'default', ...}``: which
-    of the three layers `gantrain run` stacks (preset, then --config TOML, then flags) set each field last."""
+    of the three layers `gantrain run` stacks (preset, then --config TOML, then flags) set each field last, or
+    the environment ($GANTRAIN_DATA for a data root none of them set)."""
     name = preset_name or "fashion32"
     if config_file and not preset_name:
         raw_preset = _read_toml(config_file).get("preset")
@@ -39,6 +40,9 @@ def value_sources(preset_name: str | None, config_file: str | None, flags: dict[
                 sources[key] = f"preset {name}"
             else:
                 sources[key] = "default"
+    file_root = raw["data"].get("data_root") if isinstance(raw.get("data"), dict) else None
+    if not (flags.get("data_root") or file_root or base["data"]["data_root"]) and env_data_root():
+        sources["data.data_root"] = f"env ${DATA_ROOT_ENV}"  # what with_env_defaults fills in
     return sources
 
 

@@ -195,6 +195,21 @@ class RunLock:
     def __init__(self, folder: Path) -> None:
         self.folder, self.path = folder, folder / LOCK_FILE
         self._fh: IO[bytes] | None = None
+        self.created = False  # whether :meth:`take` made the folder
+
+    def take(self, warn: Callable[[str], None]) -> None:
+        """Creates the folder (``--out``) when missing and takes its lock (see :meth:`acquire`)."""
+        self.created = not self.folder.exists()
+        make_folder(self.folder, "--out")
+        self.acquire(warn)
+
+    def abandon(self) -> None:
+        """Releases the lock of a run that failed to start, and removes the folder :meth:`take` made while it is
+        still empty (the lock file goes with the lock): a run that took no step leaves nothing behind."""
+        self.release()
+        if self.created:
+            with _suppress_os_error():
+                self.folder.rmdir()
 
     @property
     def held(self) -> bool:

@@ -32,9 +32,9 @@ import torch
 from rich.console import Console
 
 from gantrain.engine.config import Config, to_toml
-from gantrain.engine.errors import ConfigError, GantrainError
+from gantrain.engine.errors import ConfigError, GantrainError, Interrupted
 from gantrain.engine.runlog import log, setup_logging
-from gantrain.engine.loop import FitResult, Interrupted, Trainer
+from gantrain.engine.loop import FitResult, Trainer
 from gantrain.engine.runtime import die_with_parent, init_distributed, launched_by_torchrun, shutdown_distributed
 
 # Set by the launcher for its workers: the folder where rank 0 leaves the outcome of an interrupted run, so the
@@ -49,10 +49,6 @@ AGENT_LOGGERS = ("torch.distributed.elastic.multiprocessing.api", "torch.distrib
 # Rank 0 may be mid-evaluation when a signal arrives; the stop waits for the next step boundary, then the
 # checkpoint. The agent sends SIGKILL only after this long.
 SHUTDOWN_TIMEOUT_S = 300
-
-
-class RunInterrupted(GantrainError):
-    """Raised to the CLI after a signal: the message says where the checkpoint is."""
 
 
 class _EarlyStop(BaseException):
@@ -192,23 +188,21 @@ def _network_error(cfg: Config, exc: Exception) -> GantrainError:
                          f"failed: {str(exc).splitlines()[0]}")
 
 
-def _interrupted(status_dir: Path, signum: int, cfg: Config, who: str) -> RunInterrupted:
+def _interrupted(status_dir: Path, signum: int, cfg: Config, who: str) -> Interrupted:
     """One line for a run the workers stopped together; rank 0 left the step and checkpoint in the status file."""
     name = signal.Signals(signum).name
     status = _status(status_dir)
     if status is None:  # no worker got as far as its training loop
-        error = RunInterrupted(f"{name} to {who} before training started; no checkpoint")
+        return Interrupted(signum, f"{name} to {who} before training started; no checkpoint")
+    if status.get("rank", 0) != 0:  # another node: rank 0 saved on the master node
+        where = "rank 0 saved the checkpoint on the master node"
+    elif status["checkpoint"]:
+        where = f"checkpoint saved to {status['checkpoint']}"
     else:
-        if status.get("rank", 0) != 0:  # another node: rank 0 saved on the master node
-            where = "rank 0 saved the checkpoint on the master node"
-        elif status["checkpoint"]:
-            where = f"checkpoint saved to {status['checkpoint']}"
-        else:
-            where = "no checkpoint (no step done)"
-        error = RunInterrupted(f"{name} to {who}: all {cfg.dist.nproc * cfg.dist.nnodes} workers stopped at step "
-                               f"{status['step']}; {where}; continue with --resume auto")
-    error.exit_code = 128 + signum
-    return error
+        where = "no checkpoint (no step done)"
+    return Interrupted(signum, f"{name} to {who}: all {cfg.dist.nproc * cfg.dist.nnodes} workers stopped at step "
+                               f"{status['step']}; {where}; continue with --resume auto",
+                       checkpoint=Path(status["checkpoint"]) if status["checkpoint"] else None, step=status["step"])
 
 
 def _status(status_dir: Path) -> dict | None:
@@ -262,6 +256,8 @@ def train(cfg: Config, *, resume: str | None = None, console: Console | None = N
         try:
             return trainer.fit()
         except Interrupted as exc:
+            if exc.step is None:  # a stop signal after the loop ended (_stop_before_training's handler): as it is
+                raise
             raise _worker_interrupted(trainer, exc) from None
         except (torch.distributed.DistError, RuntimeError) as exc:
             if not (info.world_size > 1 and _lost_peer(exc)):
@@ -316,29 +312,29 @@ def _stop_before_training() -> None:
     """Until the training loop takes over signals (Trainer.fit), a worker told to stop just stops: one line
     (or none under the launcher, which says it), exit code 128 + N, no KeyboardInterrupt traceback."""
     def handler(signum, _frame):
-        error = RunInterrupted(f"{signal.Signals(signum).name} before training started; no checkpoint")
-        error.exit_code, error.reported_by_launcher = 128 + signum, bool(os.environ.get(STATUS_ENV))
+        error = Interrupted(signum, f"{signal.Signals(signum).name} before training started; no checkpoint")
+        error.reported_by_launcher = bool(os.environ.get(STATUS_ENV))
         raise error
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, handler)
 
 
-def _worker_interrupted(trainer: Trainer, exc: Interrupted) -> RunInterrupted:
-    step, status = trainer.step, os.environ.get(STATUS_ENV)
+def _worker_interrupted(trainer: Trainer, exc: Interrupted) -> Interrupted:
+    """The Trainer's :class:`Interrupted` as the line for the user (or, under the launcher, for the launcher)."""
+    step, status = exc.step, os.environ.get(STATUS_ENV)
     if trainer.dist.is_main:
         where = f"checkpoint saved to {exc.checkpoint}" if exc.checkpoint else "no checkpoint (no step done)"
         log.warning("interrupted at step %d: %s; continue with --resume auto", step, where)
     else:
         where = "rank 0 saves the checkpoint"
     if status and trainer.dist.local_rank == 0:  # for this node's launcher, which says the closing line
-        payload = {"step": step, "rank": trainer.dist.rank, "signal": exc.exit_code - 128,
+        payload = {"step": step, "rank": trainer.dist.rank, "signal": exc.signum,
                    "checkpoint": str(exc.checkpoint) if exc.checkpoint else None}
         (Path(status) / STATUS_FILE).write_text(json.dumps(payload))
     _ignore_stop_signals()
-    error = RunInterrupted(f"interrupted at step {step}; {where}")
-    # Under the launcher a stop all ranks agreed on is a success to the elastic agent, which would otherwise
-    # restart the workers (--max-restarts); the launcher reads the status file and exits with 128 + N.
-    error.exit_code = 0 if status else exc.exit_code
+    error = Interrupted(exc.signum, f"interrupted at step {step}; {where}", checkpoint=exc.checkpoint, step=step)
+    if status:  # a stop all ranks agreed on is a success to the elastic agent, which would otherwise restart
+        error.exit_code = 0  # the workers (--max-restarts); the launcher reads the status file, exits with 128 + N
     error.reported_by_launcher = bool(status)  # the launcher says the closing line for all workers
     return error

@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 
 from gantrain.engine.config import Config, to_toml
-from gantrain.engine.errors import RunIOError
+from gantrain.engine.errors import ConfigError, RunIOError
 from gantrain.engine.files import atomic_write_text, make_folder, os_reason
 from gantrain.engine.images import plot_curves, read_metrics, save_gif, save_grid
 from gantrain.engine.runlog import MetricsWriter, attach_log_file, progress_bar
@@ -37,9 +37,23 @@ class RunOutputs:
         self.last_eval: dict = {}
 
     @staticmethod
-    def check(cfg: Config) -> None:
-        """Refuses, before anything is written, what the outputs cannot do (a --logger whose extra is missing)."""
+    def check(cfg: Config, resuming: bool) -> None:
+        """Refuses, before anything is written, what the outputs cannot do: a new run into a folder that holds
+        one (its checkpoints/last.pt), a --logger whose extra is missing."""
+        if not resuming and (cfg.run_dir / "checkpoints" / "last.pt").exists():
+            raise ConfigError(f"--out: {cfg.run_dir} already holds a run; continue it with --resume auto "
+                              "or choose another --out")
         check_loggers(parse_loggers(cfg.run.logger))
+
+    def describe(self, loader, total_steps: int, device: torch.device, precision: str) -> None:
+        """The run's first lines in the log: the data and the schedule, then the device and how it computes."""
+        if not self.is_main:
+            return
+        data, world = self.cfg.data, self.world_size
+        log.info("%s: %d images, %d steps/epoch, batch %d x %d processes = %d, %d steps in total", data.dataset,
+                 loader.num_images, loader.steps_per_epoch, data.batch_size, world, data.batch_size * world, total_steps)
+        log.info("device %s, %s, %s loader%s", device, precision, type(loader).__name__,
+                 ", torch.compile" if self.cfg.perf.compile else "")
 
     def prepare(self, resuming: bool, notes: list[str], step: int = 0) -> None:
         """Writes config.toml (atomically), starts train.log with the lines held since start-up, clears the
@@ -120,6 +134,13 @@ class RunOutputs:
             self.trackers.record(record)
         if "fd" in record:
             self.last_eval = record
+
+    def write_replica_diff(self, step: int, diff: float) -> None:
+        """The end of a DDP run: how far the replicas' parameters drifted apart (0 when DDP kept them identical)."""
+        if not self.is_main:
+            return
+        log.info("DDP: parameters of the %d replicas differ by at most %g", self.world_size, diff)
+        self.write({"step": step, "ddp_replica_max_abs_diff": diff})
 
     def show_quality(self, summary: str) -> None:
         self.bar.update(self.task, quality=f" | {summary}")

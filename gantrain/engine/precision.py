@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from gantrain.engine.config import FP16_NEEDS_CUDA
 from gantrain.engine.errors import ConfigError
 from gantrain.engine.pixels import to_unit_
 
@@ -27,18 +28,32 @@ def native_bf16(device: torch.device) -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
+def resolve_amp(mode: str, device: torch.device) -> str:
+    """What an --amp mode means on ``device``: 'off' (fp32), 'bf16' or 'fp16'. ``auto`` is bf16 where the device
+    computes it natively (:func:`native_bf16`), else off. Raises :class:`ConfigError` for fp16 off CUDA.
+
+    The one reading of the mode: the policy, the extractor's fit and ``gantrain bench`` take its answer."""
+    if mode == "auto":
+        mode = "bf16" if native_bf16(device) else "off"
+    if mode == "fp16" and device.type != "cuda":
+        raise ConfigError(f"--amp: {FP16_NEEDS_CUDA}")
+    return mode
+
+
+def compute_name(amp: str) -> str:
+    """'fp32', 'bf16' or 'fp16': what a resolved mode computes in (the keys of the bench's peak FLOP/s)."""
+    return "fp32" if amp == "off" else amp
+
+
 @dataclass
 class PrecisionPolicy:
     device: torch.device
     amp: str = "off"
+    """The --amp mode; once built, the resolved one (:func:`resolve_amp`), with the one asked for in ``requested``."""
     channels_last: bool = False
 
     def __post_init__(self) -> None:
-        self.requested = self.amp
-        if self.amp == "auto":
-            self.amp = "bf16" if native_bf16(self.device) else "off"
-        if self.amp == "fp16" and self.device.type != "cuda":
-            raise ConfigError("--amp: fp16 needs CUDA; use --amp bf16 on CPU")
+        self.requested, self.amp = self.amp, resolve_amp(self.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
 
     def describe(self) -> str:

@@ -10,11 +10,12 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from gantrain.engine.errors import ConfigError
+from gantrain.engine.errors import CheckpointError, ConfigError
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -137,13 +138,18 @@ class StopAgreement:
         self.group = dist.new_group(backend="gloo") if enabled else None
         self.flag = torch.zeros(2, dtype=torch.int32)
         self.pending = None
+        self.local_signal: int | None = None  # the stop signal this process got (:meth:`on_signal`)
 
-    def after_step(self, local_signal: int | None, save_due: bool = False) -> tuple[int | None, bool]:
+    def on_signal(self, signum: int) -> None:
+        """A stop signal to this process (the callback of :func:`stop_signals`): acted on at an agreed step."""
+        self.local_signal = signum
+
+    def after_step(self, save_due: bool = False) -> tuple[int | None, bool]:
         """The agreed (stop signal or None, whether to checkpoint now) after this step."""
         if not self.enabled:
-            return local_signal, save_due
+            return self.local_signal, save_due
         agreed = self._collect()
-        self.flag[0], self.flag[1] = local_signal or 0, int(save_due)
+        self.flag[0], self.flag[1] = self.local_signal or 0, int(save_due)
         self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         return agreed
 
@@ -159,6 +165,14 @@ class StopAgreement:
         both = torch.tensor([step, -step], dtype=torch.int64)
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
         return -int(both[1]), int(both[0])
+
+    def require_same_step(self, step: int, checkpoints: Path) -> None:
+        """Raises :class:`CheckpointError` when the ranks resumed from different steps: ranks with other weights
+        and optimiser states would train on, silently apart."""
+        low, high = self.steps_agree(step)
+        if low != high:
+            raise CheckpointError(f"the DDP ranks resumed from different steps ({low} to {high}): every node must "
+                                  f"see the same {checkpoints} (a shared filesystem) to resume")
 
     def _collect(self) -> tuple[int | None, bool]:
         if self.pending is None:

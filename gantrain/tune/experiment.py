@@ -36,17 +36,12 @@ from gantrain.tune.settings import TuneSettings, load_settings
 from gantrain.tune.space import Space, load_space, parse_space
 from gantrain.tune.trainable import report_every, train_trial, trial_epochs, trial_folder_name
 
-# Environment a trial on another node needs from the driver's shell.
-FORWARDED_ENV = ("GANTRAIN_DATA", "GANTRAIN_CACHE", "XDG_CACHE_HOME")
+# Environment a trial on another node needs from the driver's shell ($GANTRAIN_DATA needs no forwarding: it is
+# in the resolved config, which base.toml pins as an absolute path for every trial).
+FORWARDED_ENV = ("GANTRAIN_CACHE", "XDG_CACHE_HOME")
 LOCAL_OBJECT_STORE_BYTES = 512 * 2**20  # trials pass configs, not data, through Ray's object store
 CHECKPOINTS_KEPT = 2
 PBT_CHECKPOINTS_KEPT = 4  # donors' recent checkpoints must outlive the exploit steps that copy them
-
-
-class ExperimentInterrupted(GantrainError):
-    """Ctrl-C stopped the experiment; Ray saved its state and ``--resume`` continues it."""
-
-    exit_code = 130
 
 
 @dataclass(frozen=True)
@@ -132,9 +127,8 @@ def prepare_base(cfg: Config, settings: TuneSettings) -> Config:
     if cfg.run.device == "cuda" and settings.gpus_per_trial == 0:
         raise ConfigError("--gpus-per-trial: --device cuda needs GPUs reserved per trial (e.g. 1 or 0.5)")
     # Trials run in their own working folders (on other nodes too): relative paths would not resolve there.
-    root = cfg.data.data_root or os.environ.get("GANTRAIN_DATA")
     cache = cfg.run.metrics_cache or os.environ.get("GANTRAIN_CACHE")
-    cfg = override(cfg, {"data_root": _absolute(root), "metrics_cache": _absolute(cache)})
+    cfg = override(cfg, {"data_root": _absolute(cfg.data.data_root), "metrics_cache": _absolute(cache)})
     if cfg.data.dataset in IDX_DATASETS:
         ensure_idx_files(cfg.data.dataset, data_root(cfg.data.data_root))  # download once, not once per trial
     return cfg

@@ -1,5 +1,6 @@
 """--checkpoint-every-steps and --checkpoint-every-minutes (what a restarted DDP worker group resumes from),
-in one process; the DDP side is exercised by tests/test_ddp_elastic.py. Extra saves must not change training."""
+in one process; the DDP side is exercised by tests/integration/test_ddp_elastic.py. Extra saves must not change
+training. And --checkpoint-every with --keep-checkpoints over several epochs."""
 
 from __future__ import annotations
 
@@ -32,3 +33,14 @@ def test_step_and_minute_cadences_save_where_due_and_change_nothing(tiny_cfg, qu
     assert _steps(plain.run_dir) == [16, 20]
     a, b = load_checkpoint(every3.run_dir / "checkpoints" / "last.pt"), load_checkpoint(plain.run_dir / "checkpoints" / "last.pt")
     assert all(torch.equal(a["generator"][k], b["generator"][k]) for k in a["generator"])
+
+
+def test_training_keeps_the_last_k_epoch_checkpoints(tiny_cfg, quiet_console) -> None:
+    from gantrain.engine.loop import Trainer
+
+    # 64 images / batch 32 = 2 steps per epoch; 5 epochs with a checkpoint each, keep 2.
+    cfg = tiny_cfg(limit=64, max_steps=0, epochs=5, keep_checkpoints=2, checkpoint_every=1, log_every=5)
+    result = Trainer(cfg, console=quiet_console).fit()
+    folder = result.run_dir / "checkpoints"
+    assert [p.name for p in numbered_checkpoints(folder)] == ["step_00000008.pt", "step_00000010.pt"]
+    assert load_checkpoint(folder / "last.pt")["step"] == 10

@@ -71,17 +71,6 @@ def test_keep_checkpoints_prunes_older_numbered_files(tmp_path: Path, keep: int)
     assert last["step"] == 100 and last["format"] == "gantrain-checkpoint" and last["version"] == 1
 
 
-def test_training_keeps_the_last_k_epoch_checkpoints(tiny_cfg, quiet_console) -> None:
-    from gantrain.engine.loop import Trainer
-
-    # 64 images / batch 32 = 2 steps per epoch; 5 epochs with a checkpoint each, keep 2.
-    cfg = tiny_cfg(limit=64, max_steps=0, epochs=5, keep_checkpoints=2, checkpoint_every=1, log_every=5)
-    result = Trainer(cfg, console=quiet_console).fit()
-    folder = result.run_dir / "checkpoints"
-    assert [p.name for p in numbered_checkpoints(folder)] == ["step_00000008.pt", "step_00000010.pt"]
-    assert load_checkpoint(folder / "last.pt")["step"] == 10
-
-
 # ----- broken and foreign files ------------------------------------------------------------------------
 def test_truncated_checkpoint(trained_run: Path, tmp_path: Path) -> None:
     data = (trained_run / "checkpoints" / "last.pt").read_bytes()
@@ -180,6 +169,20 @@ def test_resume_with_a_different_model_exits_1(trained_copy: Path, datasets_root
     assert "model config differs" in unwrap(result.stderr)
     assert "Traceback" not in result.output
     assert load_checkpoint(trained_copy / "checkpoints" / "last.pt")["step"] == 6
+
+
+def test_resume_reads_an_unset_data_root_as_gantrain_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint whose run took its data from $GANTRAIN_DATA before the variable was resolved into the config
+    holds no data root: resumed under the same variable, the data is no change; another root is one."""
+    from gantrain.engine.config import preset, resolve
+
+    old = {"config": preset("fashion32").to_dict()}  # data_root None
+    monkeypatch.setenv("GANTRAIN_DATA", "/env/data")
+    assert ckpt.resumed_config(resolve(None, None, {}), old, "old.pt") == []
+    assert ckpt.resumed_config(resolve(None, None, {"data_root": "/x"}), old, "old.pt") == [
+        "--data-root '/env/data' -> '/x'"]
+    monkeypatch.delenv("GANTRAIN_DATA")
+    assert ckpt.resumed_config(resolve(None, None, {}), old, "old.pt") == []
 
 
 # ----- generate ----------------------------------------------------------------------------------------

@@ -177,6 +177,44 @@ def test_resolve_precedence_preset_then_toml_then_flags(tmp_path: Path) -> None:
     assert resolve(None, None, {}) == preset("fashion32")
 
 
+def test_gantrain_data_fills_an_unset_data_root_once_at_resolve(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from gantrain.engine.dryrun import value_sources
+
+    monkeypatch.setenv("GANTRAIN_DATA", "/env/data")
+    assert resolve(None, None, {}).data.data_root == "/env/data"
+    assert value_sources(None, None, {})["data.data_root"] == "env $GANTRAIN_DATA"
+    assert resolve(None, None, {"data_root": "/flag"}).data.data_root == "/flag"  # a flag, a file or a preset wins
+    rooted = tmp_path / "rooted.toml"
+    rooted.write_text('[data]\ndata_root = "/file"\n')
+    assert resolve(None, str(rooted), {}).data.data_root == "/file"
+    assert value_sources(None, str(rooted), {})["data.data_root"] == f"file {rooted}"
+    # written into config.toml, so the config file a DDP worker or a later run reads names the same folder
+    assert load_toml(_write(tmp_path / "c.toml", to_toml(resolve(None, None, {})))).data.data_root == "/env/data"
+    monkeypatch.delenv("GANTRAIN_DATA")
+    assert resolve(None, None, {}).data.data_root is None
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_amp_modes_are_resolved_in_one_place() -> None:
+    import torch
+
+    from gantrain.engine import precision
+
+    cpu = torch.device("cpu")
+    assert precision.resolve_amp("auto", cpu) == ("bf16" if precision.native_bf16(cpu) else "off")
+    assert [precision.resolve_amp(m, cpu) for m in ("off", "bf16")] == ["off", "bf16"]
+    with pytest.raises(ConfigError, match="--amp: fp16 needs CUDA; use --amp bf16 on CPU"):
+        precision.resolve_amp("fp16", cpu)
+    policy = precision.PrecisionPolicy(cpu, "auto")
+    assert (policy.requested, policy.amp) == ("auto", precision.resolve_amp("auto", cpu))
+    assert [precision.compute_name(m) for m in ("off", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+
+
 def test_from_dict_rejects_non_tables_and_unknown_flags() -> None:
     with pytest.raises(ConfigError, match=r"\[data\] must be a table"):
         from_dict({"data": 3})

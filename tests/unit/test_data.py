@@ -110,8 +110,11 @@ def test_load_images_accepts_the_raw_folder_and_rejects_rgb(fashion_raw: Path) -
 
 def test_data_root_falls_back_to_gantrain_data(datasets_root: Path, monkeypatch: pytest.MonkeyPatch,
                                                tmp_path: Path) -> None:
+    from gantrain.engine.config import resolve
+
     monkeypatch.setenv("GANTRAIN_DATA", str(datasets_root))
-    images = load_images("fashion-mnist", None, 32, 1, limit=4)
+    cfg = resolve(None, None, {})  # the variable is read here, into the config, and nowhere else
+    images = load_images(cfg.data.dataset, cfg.data.data_root, 32, 1, limit=4)
     assert images.shape == (4, 1, 32, 32)
     monkeypatch.delenv("GANTRAIN_DATA")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

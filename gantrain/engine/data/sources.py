@@ -80,8 +80,8 @@ def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def discover_folder(root: str | None, *, strict: bool = False, limit: int = 0) -> Discovery:
-    """The images of the folder ``root`` (else $GANTRAIN_DATA) for every loader; see :func:`discover_images`."""
-    if root is None and not os.environ.get("GANTRAIN_DATA"):
+    """The images of the folder ``root`` (the resolved --data-root) for every loader; see :func:`discover_images`."""
+    if root is None:
         raise DataError("an image-folder dataset needs --data-root (the folder holding the images)")
     return discover_images(data_root(root), strict=strict, limit=limit)
 
@@ -122,11 +122,10 @@ def synthetic_images(n: int, size: int, channels: int, seed: int) -> torch.Tenso
 
 
 def data_root(explicit: str | None) -> Path:
-    """--data-root, else $GANTRAIN_DATA, else the per-user download cache."""
+    """--data-root (in a resolved config $GANTRAIN_DATA already fills it when unset), else the per-user download
+    cache."""
     if explicit:
         return Path(explicit).expanduser()
-    if os.environ.get("GANTRAIN_DATA"):
-        return Path(os.environ["GANTRAIN_DATA"]).expanduser()
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return cache / "gantrain" / "datasets"
 

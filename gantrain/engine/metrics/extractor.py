@@ -34,7 +34,7 @@ from gantrain.engine.runlog import log
 from gantrain.engine.metrics.cache import cache_dir, load_artifact, save_artifact
 from gantrain.engine.metrics.progress import task_bar
 from gantrain.engine.metrics.reference import DatasetSpec, Split, load_split, split_sha256
-from gantrain.engine.precision import native_bf16
+from gantrain.engine.precision import resolve_amp
 from gantrain.engine.pixels import to_unit
 
 
@@ -212,7 +212,7 @@ def fit_state(spec: DatasetSpec, train_sha256: str, *, epochs: int = FIT_EPOCHS,
 def _train(net: FeatureNet, train: Split, *, epochs: int, seed: int, console: Console | None, quiet: bool) -> None:
     """AdamW with a one-cycle schedule: the fastest route to a usable classifier in a few epochs."""
     device = next(net.parameters()).device
-    bf16 = native_bf16(device)
+    bf16 = resolve_amp("auto", device) == "bf16"  # the fit always runs as --amp auto would
     images_per_batch = FIT_BATCH if train.labels is not None else FIT_BATCH // 4  # rotation: 4 inputs per image
     steps_per_epoch = max(len(train.images) // images_per_batch, 1)
     optimizer = torch.optim.AdamW(net.parameters(), lr=FIT_LR, weight_decay=FIT_WEIGHT_DECAY)

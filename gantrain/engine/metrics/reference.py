@@ -12,7 +12,6 @@ extractor up in the cache costs a read of the files, not a decode.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,7 +82,7 @@ def spec_from_config(cfg: Config) -> DatasetSpec:
     dataset = cfg.data.dataset
     if dataset not in ("fashion-mnist", "mnist", "folder"):
         raise ConfigError(f"--dataset: quality metrics need fashion-mnist, mnist or folder data, not {dataset}")
-    if dataset == "folder" and cfg.data.data_root is None and not os.environ.get("GANTRAIN_DATA"):
+    if dataset == "folder" and cfg.data.data_root is None:
         raise DataError("an image-folder dataset needs --data-root (the folder holding the images)")
     return DatasetSpec(dataset, data_root(cfg.data.data_root), 1 if dataset != "folder" else cfg.data.channels)
 

@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from gantrain.engine.config import Config, override
+from gantrain.engine.config import Config, override, with_env_defaults
 from gantrain.engine.errors import ConfigError
 from gantrain.engine.files import atomic_write_text
 from gantrain.engine.runlog import log
@@ -130,8 +130,9 @@ def real_config(checkpoint: Path | None, dataset: str | None, data_root: str | N
 
 
 def _eval_config(cfg: Config, data_root: str | None, cache: str | None) -> Config:
-    # A checkpoint's metrics_cache may name another machine's folder: only the command line or the env decide.
-    return override(cfg, {"data_root": data_root, "metrics_cache": cache or ""})
+    """The data root: --data-root, else the checkpoint's, else $GANTRAIN_DATA. A checkpoint's metrics_cache may
+    name another machine's folder: only the command line or the env decide."""
+    return with_env_defaults(override(cfg, {"data_root": data_root, "metrics_cache": cache or ""}))
 
 
 def _checkpoint_step(path: Path) -> int | None:

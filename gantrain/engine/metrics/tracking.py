@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from rich.console import Console
@@ -19,9 +20,21 @@ from gantrain.engine.config import Config
 from gantrain.engine.images import plot_curves, read_metrics
 from gantrain.engine.metrics import inception
 from gantrain.engine.metrics.evaluate import METRIC_KEYS, Evaluator
+from gantrain.engine.runlog import log
 
 PLOT_PRIMARY = ("fd",)
 PLOT_SECONDARY = ("precision", "recall", "coverage", "kid_mean")
+
+
+class Outputs(Protocol):
+    """Where an evaluation shows (a run's :class:`~gantrain.engine.outputs.RunOutputs`; metrics import no trainer
+    part)."""
+
+    run_dir: Path
+
+    def write(self, record: dict) -> None: ...
+
+    def show_quality(self, summary: str) -> None: ...
 
 
 class QualityTracker:
@@ -36,6 +49,7 @@ class QualityTracker:
         self.evaluator = Evaluator.for_config(cfg, device=device, console=console, quiet=False)
         self.evaluator.quiet = True  # inside the loop the training bar is the one live display
         self.best_fd = best_fd
+        self.last_record: dict = {}  # the last evaluation's metrics.jsonl record
 
     def due(self, epochs_done: int) -> bool:
         every = self.cfg.run.eval_every
@@ -60,6 +74,20 @@ class QualityTracker:
                   "best_fd": round(self.best_fd, 6), "eval_samples": run.eval_samples,
                   "eval_s": round(time.perf_counter() - started, 2), "time": time.time()}
         return record, improved
+
+    def evaluate_epoch(self, generator: torch.nn.Module, step: int, epochs_done: int, outputs: Outputs) -> bool:
+        """One evaluation at an epoch end, everywhere it shows: metrics.jsonl and the --logger trackers (through
+        ``outputs``), metrics.png, the progress bar and a line in the log. Returns whether the FD is the best so
+        far."""
+        record, improved = self.evaluate(generator, step, epochs_done)
+        self.last_record = record
+        outputs.write(record)
+        self.plot(outputs.run_dir)
+        summary = self.summary(record)
+        outputs.show_quality(summary)
+        log.info("epoch %d: %s (%d samples, %.1f s)%s", epochs_done, summary, record["eval_samples"], record["eval_s"],
+                 ", best so far: checkpoints/best.pt" if improved else "")
+        return improved
 
     @staticmethod
     def summary(record: dict) -> str:
