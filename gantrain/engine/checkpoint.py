@@ -336,6 +336,20 @@ class Checkpointer:
         self.last_finite = (Path(path), pos.step)
         return pos, best_fd
 
+    def final_samples(self, gan: Any, noise: torch.Tensor, step: int) -> torch.Tensor:
+        """The run's end-of-run samples: the last step's, or with --samples-from-best those of best.pt's generator
+        (the lowest FD; ``gan.sample_from``), said in the log."""
+        best = self.folder / "best.pt"
+        if not self.cfg.run.samples_from_best:
+            return gan.sample(noise)
+        if not best.is_file():
+            log.info("--samples-from-best: no best.pt (no evaluation ran), final samples from the last step")
+            return gan.sample(noise)
+        state = load_checkpoint(best)
+        log.info("final samples from checkpoints/best.pt (step %d, FD %.4g) rather than the last step (%d)",
+                 state["step"], state.get("best_fd", float("nan")), step)
+        return gan.sample_from(state, noise, best)
+
     def minutes_due(self) -> bool:
         """This rank's clock; the ranks agree on the step to save at (StopAgreement)."""
         minutes = self.cfg.run.checkpoint_every_minutes

@@ -563,8 +563,7 @@ def _cats128() -> Config:
 
 PRESETS = {
     "fashion32": (_fashion32, "DCGAN on FashionMNIST at 32x32 (the PyTorch tutorial)"),
-    "fashion32-tuned": (_fashion32_tuned, "fashion32 with the recipe measured fastest to good samples "
-                        "(recommended; see `gantrain bench --to-quality`)"),
+    "fashion32-tuned": (_fashion32_tuned, "Recommended: fashion32 with the recipe fastest to good samples"),
     "mnist32": (_mnist32, "The same DCGAN on MNIST digits"),
     "cats64": (_cats64, "Classic 64x64 DCGAN on a cat-face folder"),
     "cats128": (_cats128, "Dense-first 128x128 DCGAN on cat faces (the cat tutorial)"),

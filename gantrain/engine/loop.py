@@ -181,21 +181,8 @@ class Trainer:
         if self.dist.enabled:  # a collective: every rank takes part
             self.outputs.write_replica_diff(self.step, replica_max_abs_diff([self.gan.g, self.gan.d]))
         if self.dist.is_main:
-            self.outputs.write_final(self._final_samples(), self.step)
+            self.outputs.write_final(self.checkpoints.final_samples(self.gan, self.fixed_noise, self.step), self.step)
         return FitResult(self.step, self.epoch, self.run_dir, self.last_checkpoint)
-
-    def _final_samples(self) -> torch.Tensor:
-        """The last step's samples, or with --samples-from-best those of best.pt (the lowest FD), said in the log."""
-        best = self.run_dir / "checkpoints" / "best.pt"
-        if not self.cfg.run.samples_from_best:
-            return self.gan.sample(self.fixed_noise)
-        if not best.is_file():
-            log.info("--samples-from-best: no best.pt (no evaluation ran), final samples from the last step")
-            return self.gan.sample(self.fixed_noise)
-        state = ckpt.load_checkpoint(best)
-        log.info("final samples from checkpoints/best.pt (step %d, FD %.4g) rather than the last step (%d)",
-                 state["step"], state.get("best_fd", float("nan")), self.step)
-        return self.gan.sample_from(state, self.fixed_noise, best)
 
     # ----- state and samples ----------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -60,7 +60,7 @@ def _preset_rows(stdout: str) -> list[str]:
     return [line.split("│")[1].strip() for line in stdout.splitlines() if line.startswith("│") and line.split("│")[1].strip()]
 
 
-def test_presets_lists_all_five_on_a_wide_terminal(cli, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_presets_lists_them_all_on_a_wide_terminal(cli, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "200")
     result = cli("presets")
     assert result.exit_code == 0
@@ -70,10 +70,10 @@ def test_presets_lists_all_five_on_a_wide_terminal(cli, monkeypatch: pytest.Monk
     assert values == "folder 128x128x3, dense, batch 64, lr_g 0.0002, lr_d 5e-05, smoothing 0.1, uniform noise, 215 epochs"
 
 
-def test_presets_lists_all_five_at_80_columns(cli) -> None:
+def test_presets_lists_them_all_at_80_columns(cli) -> None:
     result = cli("presets")
     assert result.exit_code == 0
-    assert _preset_rows(result.stdout)[:5] == list(PRESETS)
+    assert _preset_rows(result.stdout)[:len(PRESETS)] == list(PRESETS)
 
 
 INVALID = [
@@ -101,7 +101,7 @@ ONE_LINE = [
     (["--label-smoothing", "0.5"], "error: --label-smoothing: must be in [0, 0.5), got 0.5"),
     (["--image-size", "48"], "error: --image-size: must be 32, 64 or 128, got 48"),
     (["--preset", "nope"],
-     "error: --preset: unknown preset 'nope' (known: fashion32, mnist32, cats64, cats128, dcgan64)"),
+     "error: --preset: unknown preset 'nope' (known: fashion32, fashion32-tuned, mnist32, cats64, cats128, dcgan64)"),
 ]
 
 
