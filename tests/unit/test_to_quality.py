@@ -114,3 +114,27 @@ def test_the_report_files(tmp_path):
     assert (tmp_path / "to_quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "fashion32, seed 3 failed: killed" in (tmp_path / "console.txt").read_text()
     assert not math.isnan(saved["contenders"][0]["summary"]["best_fd"]["median"])
+
+
+def test_the_console_table_fits_80_columns():
+    import io
+
+    from rich.console import Console
+
+    runs = [{"seed": s, "images_per_s": 415.0, "points": points((145, 11.7), (290, 4.6), (434, 2.99))}
+            for s in (0, 1, 2)]
+    report = {"system": system_info(), "device": "cpu", "preset": "fashion32", "targets": [20.0, 10.0, 5.0, 3.0],
+              "budget_epochs": 3, "eval_every_epochs": 0.25, "eval_samples": 2000,
+              "contenders": [{"name": "tutorial", "kind": "baseline", "runs": [{**runs[0], "seed": 0}]},
+                             {"name": "fashion32-tuned", "kind": "engine", "runs": runs}]}
+    for c in report["contenders"]:
+        c["summary"] = tq.contender_summary(c["runs"], report["targets"])
+    report["headline"] = tq.headline(report["contenders"])
+    table, _ = tq.rendered(report)
+    out = io.StringIO()
+    Console(file=out, width=80).print(table)
+    lines = out.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in out.getvalue()
+    row = next(line for line in lines if "fashion32-tuned (3)" in line)
+    # FD 11.7 at 145 s (<= 20, not <= 10), 4.6 at 290 s, 2.99 at 434 s; the tutorial's final FD is 2.99 too
+    assert row.split()[1:] == ["(3)", "145", "s", "290", "s", "290", "s", "434", "s", "434", "s", "1.0", "2.99"]
