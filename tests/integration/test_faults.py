@@ -375,7 +375,7 @@ def test_an_earlier_run_without_a_checkpoint_is_replaced_with_a_warning(tiny_cfg
 def _long_run(datasets_root: Path, out: Path, cwd: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "GANTRAIN_DATA"}
     command = [sys.executable, "-m", "gantrain", "run", *map(str, _flags(datasets_root, out, limit=256)),
-               "--epochs", "1000", "--max-steps", "100000"]
+               "--epochs", "1000", "--max-steps", "100000", "--checkpoint-every", "1000"]  # no checkpoint before the kill
     proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
@@ -404,7 +404,7 @@ def test_two_processes_one_folder_then_sigkill_leaves_a_stale_lock(datasets_root
             proc.kill()
             proc.communicate()
     assert json.loads((out / ".gantrain.lock").read_text())["pid"] == proc.pid  # left behind by SIGKILL
-    # SIGKILL lands before the first checkpoint (epoch 1000 is far): nothing to resume, a fresh run takes over.
+    # SIGKILL lands before the first checkpoint (the 1000th epoch's): nothing to resume, a fresh run takes over.
     assert not (out / "checkpoints").exists()
     again = cli("run", *_flags(datasets_root, out, limit=256), "--max-steps", 2)
     assert again.exit_code == 0, again.output
