@@ -33,7 +33,8 @@ from gantrain.bench.report import render
 from gantrain.bench.timing import RESULT_PREFIX, endless
 from gantrain.engine.config import PRESETS, RECOMMENDED, Config, override, preset, with_env_defaults
 from gantrain.engine.errors import ConfigError
-from gantrain.engine.files import atomic_write, atomic_write_text, make_folder
+from gantrain.engine.files import atomic_write_text, make_folder
+from gantrain.engine.images import save_figure
 
 TUTORIAL = "tutorial"
 DEFAULT_TARGETS = (20.0, 10.0, 5.0, 3.0)
@@ -397,9 +398,4 @@ def plot(report: dict, path: Path) -> Path:
            title=f"Time to quality: {report['preset']}, {report['device']}")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    fig.tight_layout()
-    try:
-        atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)

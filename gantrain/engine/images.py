@@ -91,6 +91,13 @@ def plot_curves(records: Sequence[dict], keys: Sequence[str], path: Path, title:
         more_handles, more_labels = right.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels
     ax.legend(handles, labels)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Writes a matplotlib figure as a PNG atomically (tight layout, 100 dpi) and closes it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     try:
         atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))

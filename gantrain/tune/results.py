@@ -17,7 +17,8 @@ from rich import box
 from rich.table import Table
 
 from gantrain.engine.config import Config, override, to_toml
-from gantrain.engine.files import atomic_write, atomic_write_text
+from gantrain.engine.files import atomic_write_text
+from gantrain.engine.images import save_figure
 from gantrain.tune.settings import TuneSettings
 from gantrain.tune.space import Space
 from gantrain.tune.trainable import CHECKPOINT_FILE, LOSS_KEYS, QUALITY_KEYS, report_every, trial_epochs
@@ -191,12 +192,7 @@ def plot_trials(rows: list[TrialRow], metric: str, path: Path) -> Path | None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    try:
-        atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _line_style(row: TrialRow) -> dict[str, Any]:
