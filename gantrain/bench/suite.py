@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 from rich.console import Console
 
 from gantrain.bench.hardware import peak_tflops, system_info
@@ -18,17 +17,21 @@ from gantrain.bench.report import publish, render
 from gantrain.bench.timing import BenchRow, merge_runs, round_robin, run_row
 from gantrain.engine.config import Config
 from gantrain.engine.errors import GantrainError
-from gantrain.engine.precision import compute_name
+from gantrain.engine.precision import compute_name, resolve_amp
 
 
-def matrix(device_type: str, nproc: int = 1) -> list[BenchRow]:
-    """Baseline, then the engine with one feature added per row; the last row is everything together."""
-    amp = "bf16"
+def matrix(amp: str, nproc: int = 1) -> list[BenchRow]:
+    """Baseline, then the engine with one feature added per row; the last rows are everything together.
+
+    ``amp``: what ``--amp auto`` resolves to on the device (:func:`resolve_amp`). The rows add AMP only where the
+    default uses it; where bf16 is not faster (``amp`` "off": a CPU without fast bf16), one more row shows the
+    default with bf16 forced, so the table says what it would cost.
+    """
     steps = [
         ("engine (eager fp32, DataLoader)", {"loader": "torch", "amp": "off", "channels_last": False, "compile": False,
                                              "layer_impl": "aten"}),
         ("+ channels-last", {"channels_last": True}),
-        (f"+ amp {amp}", {"amp": amp}),
+        *([(f"+ amp {amp}", {"amp": amp})] if amp != "off" else []),
         ("+ fast layers", {"layer_impl": "fast"}),
         ("+ compile", {"compile": True}),
         ("+ device-resident data (all)", {"loader": "memory"}),
@@ -37,9 +40,12 @@ def matrix(device_type: str, nproc: int = 1) -> list[BenchRow]:
     for name, change in steps:
         acc = {**acc, **change}
         rows.append(BenchRow(name, changes=dict(acc)))
-    rows.append(BenchRow("all, no compile", changes={**acc, "compile": False}))
-    if nproc > 1:  # the default configuration, which leaves compile off (it does not pay here, see the README)
-        rows.append(BenchRow(f"all, no compile + DDP x{nproc}", changes={**acc, "compile": False}, nproc=nproc))
+    default = {**acc, "compile": False}  # the default configuration, which leaves compile off (see the README)
+    rows.append(BenchRow("all, no compile", changes=default))
+    if amp == "off":
+        rows.append(BenchRow("+ amp bf16 (not the default here)", changes={**default, "amp": "bf16"}))
+    if nproc > 1:
+        rows.append(BenchRow(f"all, no compile + DDP x{nproc}", changes=default, nproc=nproc))
     return rows
 
 
@@ -113,8 +119,9 @@ def bench(cfg: Config, *, quick: bool, nproc: int, peak_override: float | None, 
           markdown_path: Path | None, console: Console, only: list[str] | None = None,
           warmup: int | None = None, windows: int | None = None, window: int | None = None,
           repeats: int | None = None) -> dict:
-    device_type = "cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu"
-    rows = matrix(device_type, nproc)
+    from gantrain.engine.runtime import pick_device
+
+    rows = matrix(resolve_amp("auto", pick_device(cfg.run.device)), nproc)
     if only:
         rows = [r for r in rows if any(o.lower() in r.name.lower() for o in only)]
         if not rows:

@@ -18,14 +18,32 @@ from gantrain.engine.pixels import to_unit_
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 is fast here: a CUDA GPU with bf16 (Ampere or newer), or a CPU with AVX512-BF16 or AMX.
+def cpu_vendor() -> str:
+    """The CPU vendor string ("AuthenticAMD", "GenuineIntel", ...) from /proc/cpuinfo; "" where it is not there."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
-    Measured on a 2-core AVX512-BF16 EPYC: the fashion32 step runs ~1.7x faster in bf16 than in fp32.
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 computes faster than fp32 here: a CUDA GPU with bf16 (Ampere or newer); a CPU with AMX; an AMD
+    CPU with AVX512-BF16 (Zen 4 and later).
+
+    AVX512-BF16 alone does not make bf16 fast: the same 4096x4096 matmul probe (``gantrain bench``) measured bf16 at
+    2.2x fp32 on a 2-core Zen 4 EPYC (0.39 vs 0.17 TFLOP/s; the fashion32 step ~1.7x faster in bf16) but at 0.5x
+    fp32 on a 2-core Intel Xeon with AVX512-BF16 and no AMX exposed (0.16 vs 0.31 TFLOP/s), where oneDNN's bf16
+    weight-gradient convolutions also ran slower than its fp32 ones.
     """
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    if torch.cpu._is_amx_tile_supported():
+        return True
+    return bool(torch.cpu._is_avx512_bf16_supported()) and cpu_vendor() == "AuthenticAMD"
 
 
 def resolve_amp(mode: str, device: torch.device) -> str:
@@ -58,7 +76,9 @@ class PrecisionPolicy:
 
     def describe(self) -> str:
         amp = "fp32" if self.amp == "off" else f"{self.amp} autocast"
-        how = " (auto)" if self.requested == "auto" else ""
+        how = ""
+        if self.requested == "auto":
+            how = " (auto)" if self.amp != "off" or self.device.type != "cpu" else " (auto: bf16 is not faster on this CPU)"
         return f"{amp}{how}, {'channels-last' if self.channels_last else 'NCHW'}"
 
     @property

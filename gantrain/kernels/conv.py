@@ -2,8 +2,8 @@
 
 Every public function takes ``impl``: ``"aten"`` runs torch's own convolution, the reference that the tests
 compare outputs and both gradients against; ``"fast"`` (the default) runs the rewrite where it applies and
-falls back to the reference where it does not (another shape, or a device where it was not measured faster:
-the gradient rewrites are CPU-only). The rewrites change only the order of summation. The ``nn.Module``
+falls back to the reference where it does not (another shape, or a device or dtype where it was not measured
+faster: the gradient rewrites are CPU-only, the weight-gradient one bf16-only). The rewrites change only the order of summation. The ``nn.Module``
 shells that hold the weights are in :mod:`gantrain.engine.layers`.
 
 Measured for fashion32 at batch 128 in bf16 on the 2-core AVX512-BF16 EPYC (oneDNN 3.x):
@@ -16,11 +16,13 @@ Measured for fashion32 at batch 128 in bf16 on the 2-core AVX512-BF16 EPYC (oneD
   oneDNN (4.3 ms for 1 channel). As a stride-1 2x2 transposed convolution into 4x as many channels followed
   by a pixel shuffle (space-to-depth) it took 1.2 ms. The forward pass and the weight gradient of the same
   layer are faster as they are, so only the input gradient is rewritten (CPU).
-* **Weight gradients of the wide layers.** oneDNN computes bf16 weight gradients with an older kernel at
-  about half the forward rate. Written as a forward convolution (batch and channels swapped, the output
-  gradient as a kernel dilated by the stride) it ran 9.4 -> 7.0 ms for 128 -> 256 channels at 8 -> 4 pixels
-  and 63 -> 26 ms for 256 -> 512, but slower for 64 input channels (8.3 -> 9.2 ms at 16 -> 8 pixels), so
-  it is used from 128 input channels up (CPU).
+* **Weight gradients of the wide layers, in bf16.** oneDNN computes bf16 weight gradients with an older
+  kernel at about half the forward rate. Written as a forward convolution (batch and channels swapped, the
+  output gradient as a kernel dilated by the stride) it ran 9.4 -> 7.0 ms for 128 -> 256 channels at 8 -> 4
+  pixels and 63 -> 26 ms for 256 -> 512, but slower for 64 input channels (8.3 -> 9.2 ms at 16 -> 8
+  pixels), so it is used from 128 input channels up (CPU, bf16). In fp32 oneDNN's own weight gradient is
+  the faster one (fwd + bwd of D's 128 -> 256 layer on a 2-core Intel Xeon: 26.3 ms as it is, 30.7 ms
+  rewritten; bf16 there: 38.4 -> 35.8 ms), so fp32 keeps it.
 """
 
 from __future__ import annotations
@@ -90,8 +92,8 @@ def _space_to_depth_input_grad(conv_in_channels: int) -> bool:
     return conv_in_channels <= SPACE_TO_DEPTH_MAX_CHANNELS
 
 
-def _dilated_weight_grad(conv_in_channels: int) -> bool:
-    return conv_in_channels >= DILATED_WEIGHT_GRAD_MIN_CHANNELS
+def _dilated_weight_grad(conv_in_channels: int, dtype: torch.dtype) -> bool:
+    return conv_in_channels >= DILATED_WEIGHT_GRAD_MIN_CHANNELS and dtype == torch.bfloat16
 
 
 def conv_input_grad(grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -114,11 +116,17 @@ def conv_input_grad(grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
 def conv_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The gradient of ``conv2d(x, weight, stride=2, padding=1)`` (4x4 kernel) with respect to ``weight``.
 
-    From 128 input channels up it runs as one forward convolution: x with batch and channels swapped,
-    correlated with the output gradient (also swapped) as a kernel dilated by the stride.
+    In bf16 from 128 input channels up: :func:`dilated_weight_grad`; otherwise torch's.
     """
-    if not _dilated_weight_grad(x.shape[1]):
+    if not _dilated_weight_grad(x.shape[1], x.dtype):
         return _aten_conv_grads(x, grad_out, weight, False, True)[1]
+    return dilated_weight_grad(x, grad_out, weight)
+
+
+def dilated_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """:func:`conv_weight_grad` as one forward convolution: x (N, C_in, H, W) with batch and channels swapped,
+    correlated with the output gradient (N, C_out, H/2, W/2), also swapped, as a kernel dilated by the stride.
+    Returns (C_out, C_in, 4, 4) in ``weight``'s memory format; any dtype, any size."""
     # (C_in, N, H, W) * (C_out, N, H/2, W/2) dilated by 2, padded by 1 -> (C_in, C_out, 4, 4)
     grad = F.conv2d(x.transpose(0, 1).contiguous(), grad_out.transpose(0, 1).contiguous(), dilation=2, padding=1)
     return _like(grad.transpose(0, 1), weight)
@@ -143,14 +151,14 @@ class _StridedConv(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         want_x, want_w = ctx.needs_input_grad
         s2d = want_x and _space_to_depth_input_grad(weight.shape[1])
-        dilated = want_w and _dilated_weight_grad(x.shape[1])
+        dilated = want_w and _dilated_weight_grad(x.shape[1], x.dtype)
         grad_x = grad_w = None
         if (want_x and not s2d) or (want_w and not dilated):  # what the rewrites leave: one aten call, as autograd's
             grad_x, grad_w = _aten_conv_grads(x, grad_out, weight, want_x and not s2d, want_w and not dilated)
         if s2d:
             grad_x = conv_input_grad(grad_out, weight)
         if dilated:
-            grad_w = conv_weight_grad(x, grad_out, weight)
+            grad_w = dilated_weight_grad(x, grad_out, weight)
         return grad_x, grad_w
 
 
@@ -183,18 +191,15 @@ def _same_dtype(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, to
     return x, weight
 
 
-def _same_dtype(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cast autocast would make for a convolution (a custom autograd function is opaque to autocast)."""
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        return x.to(dtype), weight.to(dtype)
-    return x, weight
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a convolution of ``x`` computes in: autocast's where it is on (see :func:`_same_dtype`)."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
-def rewrites_apply(conv_in_channels: int) -> bool:
+def rewrites_apply(conv_in_channels: int, dtype: torch.dtype) -> bool:
     """Whether a strided layer whose weight, read as a convolution's, maps from ``conv_in_channels`` channels has a
-    gradient rewrite (space-to-depth input gradient, or dilated weight gradient)."""
-    return _space_to_depth_input_grad(conv_in_channels) or _dilated_weight_grad(conv_in_channels)
+    gradient rewrite in ``dtype`` (space-to-depth input gradient, or dilated weight gradient)."""
+    return _space_to_depth_input_grad(conv_in_channels) or _dilated_weight_grad(conv_in_channels, dtype)
 
 
 def strided_conv2d(x: torch.Tensor, weight: torch.Tensor, impl: str = "fast") -> torch.Tensor:
@@ -203,7 +208,7 @@ def strided_conv2d(x: torch.Tensor, weight: torch.Tensor, impl: str = "fast") ->
     ``fast`` on CPU, where a rewrite applies: the backward of :func:`conv_input_grad`/:func:`conv_weight_grad`;
     elsewhere the reference.
     """
-    if check_impl(impl) == "aten" or x.device.type != "cpu" or not rewrites_apply(weight.shape[1]):
+    if check_impl(impl) == "aten" or x.device.type != "cpu" or not rewrites_apply(weight.shape[1], _compute_dtype(x)):
         return F.conv2d(x, weight, stride=2, padding=1)
     return _StridedConv.apply(*_same_dtype(x, weight))
 
@@ -214,6 +219,6 @@ def strided_conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, impl: str = 
     ``fast`` on CPU, where a rewrite applies (decided by C_out, the channels its weight maps from when read
     as a convolution's): :class:`_StridedConvTranspose`; elsewhere the reference.
     """
-    if check_impl(impl) == "aten" or x.device.type != "cpu" or not rewrites_apply(weight.shape[1]):
+    if check_impl(impl) == "aten" or x.device.type != "cpu" or not rewrites_apply(weight.shape[1], _compute_dtype(x)):
         return F.conv_transpose2d(x, weight, stride=2, padding=1)
     return _StridedConvTranspose.apply(*_same_dtype(x, weight))

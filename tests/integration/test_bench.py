@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -12,19 +13,26 @@ from gantrain.bench.hardware import system_info
 from gantrain.bench.suite import _add_ratios, matrix, rendered
 from gantrain.bench.timing import quantile
 from gantrain.engine.config import preset
+from gantrain.engine.precision import resolve_amp
 
 
-def test_matrix_adds_one_feature_per_row():
-    rows = matrix("cpu", nproc=2)
+@pytest.mark.parametrize("amp", ["bf16", "off"])
+def test_matrix_adds_one_feature_per_row(amp):
+    rows = matrix(amp, nproc=2)
     names = [r.name for r in rows]
     assert names[0].startswith("baseline") and rows[0].kind == "baseline"
-    assert rows[-1].nproc == 2
+    assert rows[-1].nproc == 2 and rows[-1].changes["amp"] == amp
     all_row = next(r for r in rows if "(all)" in r.name)
-    assert all_row.changes == {"loader": "memory", "channels_last": True, "amp": "bf16", "compile": True, "layer_impl": "fast"}
+    assert all_row.changes == {"loader": "memory", "channels_last": True, "amp": amp, "compile": True, "layer_impl": "fast"}
     assert rows[1].changes == {"loader": "torch", "amp": "off", "channels_last": False, "compile": False, "layer_impl": "aten"}
-    for before, after in zip(rows[1:6], rows[2:7]):
+    cumulative = [r for r in rows[1:] if not r.name.startswith("all") and "not the default" not in r.name]
+    assert len(cumulative) == (6 if amp == "bf16" else 5)
+    for before, after in itertools.pairwise(cumulative):
         changed = {k for k in after.changes if after.changes[k] != before.changes.get(k)}
         assert len(changed) == 1 and set(before.changes) <= set(after.changes)
+    forced = [r for r in rows if "not the default" in r.name]
+    # where the default leaves bf16 off, one row still shows it, the default otherwise
+    assert [r.changes for r in forced] == ([] if amp == "bf16" else [{**all_row.changes, "compile": False, "amp": "bf16"}])
 
 
 def test_reports_without_a_baseline_row_print_dashes():
@@ -70,7 +78,7 @@ def test_bench_quick_writes_reports(cli, tmp_path, datasets_root):
         assert r["step_ms"] == pytest.approx(r["data_wait_ms"] + r["compute_ms"])
         assert 0 < r["mfu"] and r["config"]["data"]["batch_size"] == 32
     assert report["results"][0]["speedup"] == pytest.approx(1.0)
-    assert report["results"][1]["config"]["perf"]["amp"] == "bf16"
+    assert report["results"][1]["config"]["perf"]["amp"] == resolve_amp("auto", torch.device("cpu"))
     assert "| baseline (tutorial loop) |" in md_path.read_text()
 
 
@@ -92,7 +100,7 @@ def test_to_quality_quick_mechanics(cli, tmp_path, datasets_root, fashion_extrac
             assert "error" not in run, run
             pts = run["points"]
             assert [p["images"] for p in pts] == [128, 256]  # every 0.5 epoch of 256 images
-            assert all(b["train_s"] > a["train_s"] > 0 for a, b in zip(pts, pts[1:]))
+            assert all(b["train_s"] > a["train_s"] > 0 for a, b in itertools.pairwise(pts))
             assert all(p["eval_s"] > 0 and p["fd"] > 0 for p in pts)
         s = c["summary"]
         assert s["reach_s"]["1000000000.0"]["n"] == len(c["runs"])  # reached at the first evaluation

@@ -215,6 +215,39 @@ def test_amp_modes_are_resolved_in_one_place() -> None:
     assert [precision.compute_name(m) for m in ("off", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
 
 
+@pytest.mark.parametrize(("amx", "avx512_bf16", "vendor", "fast"), [
+    (True, True, "GenuineIntel", True),     # AMX: Sapphire Rapids and later with the tiles exposed
+    (False, True, "AuthenticAMD", True),    # Zen 4: bf16 matmul measured 2.2x fp32
+    (False, True, "GenuineIntel", False),   # AVX512-BF16 without AMX: measured 0.5x fp32
+    (False, False, "AuthenticAMD", False),  # no bf16 instructions
+    (False, True, "", False),               # vendor unknown: not assumed fast
+])
+def test_auto_amp_picks_bf16_only_on_cpus_where_it_is_faster(monkeypatch, amx, avx512_bf16, vendor, fast) -> None:
+    import torch
+
+    from gantrain.engine import precision
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(precision, "cpu_vendor", lambda: vendor)
+    cpu = torch.device("cpu")
+    assert precision.resolve_amp("auto", cpu) == ("bf16" if fast else "off")
+    described = precision.PrecisionPolicy(cpu, "auto").describe()
+    assert described == ("bf16 autocast (auto), NCHW" if fast else "fp32 (auto: bf16 is not faster on this CPU), NCHW")
+    assert precision.PrecisionPolicy(cpu, "bf16").describe() == "bf16 autocast, NCHW"  # asked for: always honoured
+
+
+def test_cpu_vendor_reads_proc_cpuinfo() -> None:
+    from gantrain.engine.precision import cpu_vendor
+
+    info = Path("/proc/cpuinfo")
+    expected = ""
+    if info.exists():
+        expected = next((ln.split(":", 1)[1].strip() for ln in info.read_text().splitlines()
+                         if ln.startswith("vendor_id")), "")
+    assert cpu_vendor() == expected
+
+
 def test_from_dict_rejects_non_tables_and_unknown_flags() -> None:
     with pytest.raises(ConfigError, match=r"\[data\] must be a table"):
         from_dict({"data": 3})

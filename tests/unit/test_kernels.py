@@ -9,9 +9,9 @@ from torch import nn
 
 from gantrain.engine.config import ModelConfig, preset
 from gantrain.engine.layers import ProjectFromVector, ReduceToVector, StridedConv2d, StridedConvTranspose2d
-from gantrain.kernels import conv
-from gantrain.kernels.conv import conv_input_grad, conv_weight_grad
 from gantrain.engine.models import build_models
+from gantrain.kernels import conv
+from gantrain.kernels.conv import conv_input_grad, conv_weight_grad, dilated_weight_grad
 
 CL = torch.channels_last
 
@@ -19,10 +19,10 @@ CL = torch.channels_last
 CASES = [
     (StridedConv2d, 1, 16, 16),          # input gradient by space-to-depth (D's first layer, grayscale)
     (StridedConv2d, 3, 8, 16),           # ... and RGB
-    (StridedConv2d, 128, 8, 8),          # weight gradient as a dilated forward convolution
+    (StridedConv2d, 128, 8, 8),          # weight gradient as a dilated forward convolution (bf16 only)
     (StridedConv2d, 16, 32, 8),          # neither: torch's convolution
     (StridedConvTranspose2d, 16, 1, 8),  # forward by space-to-depth (G's last layer)
-    (StridedConvTranspose2d, 8, 128, 4),  # weight gradient as a dilated forward convolution
+    (StridedConvTranspose2d, 8, 128, 4),  # weight gradient as a dilated forward convolution (bf16 only)
     (ProjectFromVector, 20, 32, 1),
     (ReduceToVector, 32, 1, 4),
 ]
@@ -89,8 +89,15 @@ def test_rewrites_run_only_where_they_apply():
     def fn_name(layer, cin, height):
         return type(layer(_input(cin, height).requires_grad_(True)).grad_fn).__name__
 
+    def fn_name_bf16(layer, cin, height):
+        with torch.autocast("cpu", torch.bfloat16):
+            return fn_name(layer, cin, height)
+
     assert "StridedConv" in fn_name(StridedConv2d(1, 8, "fast"), 1, 8)
-    assert "StridedConv" in fn_name(StridedConv2d(128, 8, "fast"), 128, 8)
+    assert "StridedConv" in fn_name_bf16(StridedConv2d(128, 8, "fast"), 128, 8)
+    assert "StridedConv" not in fn_name(StridedConv2d(128, 8, "fast"), 128, 8)   # fp32: oneDNN's is faster
+    assert "StridedConvTranspose" in fn_name_bf16(StridedConvTranspose2d(8, 128, "fast"), 8, 4)
+    assert "StridedConvTranspose" not in fn_name(StridedConvTranspose2d(8, 128, "fast"), 8, 4)
     assert "StridedConv" not in fn_name(StridedConv2d(16, 8, "fast"), 16, 8)   # between the thresholds
     assert "StridedConv" not in fn_name(StridedConv2d(1, 8, "aten"), 1, 8)
     assert "StridedConvTranspose" in fn_name(StridedConvTranspose2d(8, 1, "fast"), 8, 4)
@@ -127,7 +134,15 @@ def test_gradient_helpers_match_autograd_of_conv2d():
     w = torch.randn(2, 128, 4, 4, dtype=torch.float64, requires_grad=True)
     y = torch.nn.functional.conv2d(big, w, stride=2, padding=1)
     grad_out = torch.randn_like(y)
-    torch.testing.assert_close(conv_weight_grad(big, grad_out, w), torch.autograd.grad(y, w, grad_out)[0])
+    want_w = torch.autograd.grad(y, w, grad_out)[0]
+    torch.testing.assert_close(conv_weight_grad(big, grad_out, w), want_w)
+    torch.testing.assert_close(dilated_weight_grad(big, grad_out, w), want_w)  # the rewrite, exact in float64
+    for c_in, height in ((4, 8), (64, 16), (3, 6)):  # any size: the dispatch only decides where it runs
+        x = _input(c_in, height, torch.float64)
+        w = torch.randn(5, c_in, 4, 4, dtype=torch.float64, requires_grad=True)
+        y = torch.nn.functional.conv2d(x, w, stride=2, padding=1)
+        grad_out = torch.randn_like(y)
+        torch.testing.assert_close(dilated_weight_grad(x, grad_out, w), torch.autograd.grad(y, w, grad_out)[0])
 
 
 @pytest.mark.parametrize("name", ["fashion32", "cats64"])
