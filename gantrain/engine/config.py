@@ -252,8 +252,8 @@ class RunConfig:
 @dataclass
 class PerfConfig:
     amp: str = "auto"
-    """Mixed precision: auto (bf16 where the device computes it natively, else fp32), off (fp32), bf16, or fp16
-    (CUDA, with a GradScaler)."""
+    """Mixed precision: auto (bf16 where it computes faster than fp32: Ampere+ GPUs, CPUs with AMX, AMD CPUs with
+    AVX512-BF16; else fp32), off (fp32), bf16, or fp16 (CUDA, with a GradScaler)."""
     channels_last: bool = True
     """Keep models and every input batch in channels-last memory format."""
     compile: bool = False

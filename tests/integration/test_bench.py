@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 
 import pytest
 import torch
+from rich.console import Console
 
 from gantrain.bench.baseline import step_flops
 from gantrain.bench.hardware import system_info
@@ -46,6 +48,26 @@ def test_reports_without_a_baseline_row_print_dashes():
     table, markdown = rendered(report)
     assert "| all, no compile | 700 | 650–720 | - | 180.0 |" in markdown
     assert table.row_count == 1
+
+
+def test_console_table_fits_80_columns_and_markdown_keeps_every_column():
+    names = [r.name for r in matrix("off", nproc=2)] + [r.name for r in matrix("bf16", nproc=2)]
+    rows = [{"name": n, "images_per_s": 1234.5, "images_per_s_p10": 1000.0, "images_per_s_p90": 1999.0,
+             "step_ms": 1234.5, "data_wait_ms": 12.3, "compute_ms": 1222.2, "warmup_s": 41.0, "peak_mem_gib": 12.25,
+             "amp": "bf16"} for n in dict.fromkeys(names)]
+    report = {"system": system_info(), "device": "cpu", "preset": "fashion32", "batch_size": 128,
+              "flops_per_image": 0.41e9, "peak_tflops": {"fp32": 0.2, "bf16": 0.1, "fp16": 0.1, "source": "x"},
+              "results": rows}
+    _add_ratios(report["results"], report["flops_per_image"], report["peak_tflops"])
+    table, markdown = rendered(report)
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(table)
+    text = console.export_text()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    for name in dict.fromkeys(names):
+        assert name in text and f"| {name} | 1234 | 1000–1999 |" in markdown
+    assert "506.1%" in text  # 1234.5 img/s x 0.41 GFLOP over 0.1 TFLOP/s = 5.061: the widest MFU still fits
+    assert "| 12.3 | 1222.2 | 41.0 |" in markdown and "12.25 |" in markdown  # the columns the console leaves out
 
 
 def test_quantiles():
