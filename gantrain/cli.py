@@ -309,6 +309,7 @@ def bench_command(
     eval_every_epochs: Annotated[Optional[float], typer.Option(min=0.01, help="--to-quality: evaluate FD every this many epochs of images seen (default 0.25; 0.5 with --quick).")] = None,
     eval_samples: Annotated[Optional[int], typer.Option(min=100, help="--to-quality: generated images per FD (default 2000; 100 with --quick).")] = None,
     out: Annotated[Path, typer.Option(help="--to-quality: folder for to_quality.json, .md and .png.")] = Path("runs/to-quality"),
+    stop_when_reached: Annotated[bool, typer.Option("--stop-when-reached", help="--to-quality: the tutorial loop runs first; every other run stops at its first FD at or below the tutorial's final FD (its best and final FD then cover only that time).")] = False,
 ) -> None:
     """Time the training step: a plain PyTorch loop vs the engine with each feature added (or, with --loaders, the data loaders; with --to-quality, the time until samples reach an FD)."""
     from gantrain.bench.suite import bench
@@ -326,7 +327,7 @@ def bench_command(
                             targets=parse_targets(targets), out=out, console=console, num_workers=num_workers,
                             budget_epochs=budget_epochs or (1.0 if quick else float(base.run.epochs)),
                             eval_every_epochs=eval_every_epochs or (0.5 if quick else 0.25),
-                            eval_samples=eval_samples or (100 if quick else 2000))
+                            eval_samples=eval_samples or (100 if quick else 2000), stop_when_reached=stop_when_reached)
         return
     if loaders:
         from gantrain.bench.loaders import bench_loaders

@@ -55,8 +55,9 @@ def train_to_quality(cfg: Config, spec: dict) -> dict:
     """Trains one contender for ``spec["budget_epochs"]`` and evaluates FD every ``spec["eval_every_epochs"]``.
 
     Returns ``{"points": [{"images", "epochs", "train_s", "eval_s", "fd"}, ...], "setup_s", "num_images",
-    "images_per_s"}``; ``train_s`` is cumulative training wall-clock seconds (setup included, evaluation not).
-    A non-finite FD (a diverged run) ends the run early with ``"diverged": true``.
+    "images_per_s", "diverged", "stopped"}``; ``train_s`` is cumulative training wall-clock seconds (setup
+    included, evaluation not). A non-finite FD (a diverged run) ends the run early with ``"diverged": true``; an
+    FD at or below ``spec["stop_fd"]`` (when given) with ``"stopped": true``.
     """
     from gantrain.engine.metrics.evaluate import Evaluator
     from gantrain.engine.runtime import pick_device
@@ -68,9 +69,10 @@ def train_to_quality(cfg: Config, spec: dict) -> dict:
     step, next_batch, generator, num_images, per_step = build(cfg, device, spec)
     setup_s = time.perf_counter() - started
     budget, every = spec["budget_epochs"] * num_images, spec["eval_every_epochs"] * num_images
-    points, images, train_s, next_eval, diverged = [], 0, setup_s, every, False
+    points, images, train_s, next_eval, diverged, stopped = [], 0, setup_s, every, False, False
+    stop_fd = spec.get("stop_fd")
     clock = time.perf_counter()
-    while images < budget and not diverged:
+    while images < budget and not diverged and not stopped:
         step(next_batch())
         images += per_step
         if images >= next_eval or images >= budget:
@@ -79,13 +81,14 @@ def train_to_quality(cfg: Config, spec: dict) -> dict:
             e0 = time.perf_counter()
             fd = evaluator.evaluate(generator(), cfg, num_samples=spec["eval_samples"], seed=spec["eval_seed"]).values["fd"]
             diverged = not math.isfinite(fd)
+            stopped = not diverged and stop_fd is not None and fd <= stop_fd
             points.append({"images": images, "epochs": round(images / num_images, 4), "train_s": round(train_s, 3),
                            "eval_s": round(time.perf_counter() - e0, 3), "fd": fd if not diverged else None})
             while next_eval <= images:
                 next_eval += every
             clock = time.perf_counter()
     return {"points": points, "setup_s": round(setup_s, 3), "num_images": num_images, "diverged": diverged,
-            "images_per_s": images / train_s if train_s else None}
+            "stopped": stopped, "images_per_s": images / train_s if train_s else None}
 
 
 def _sync(device) -> None:
@@ -136,7 +139,8 @@ def run_summary(run: dict, targets: Sequence[float]) -> dict:
     return {"seed": run["seed"], "reach": {str(t): first_reach(points, t) for t in targets},
             "best_fd": min(finite) if finite else None, "final_fd": points[-1]["fd"] if points else None,
             "train_s": points[-1]["train_s"] if points else None, "eval_s": sum(p["eval_s"] for p in points),
-            "images_per_s": run.get("images_per_s"), "diverged": run.get("diverged", False)}
+            "images_per_s": run.get("images_per_s"), "diverged": run.get("diverged", False),
+            "stopped": run.get("stopped", False)}
 
 
 def spread(values: Sequence[float | None]) -> dict:
@@ -240,12 +244,17 @@ def run_contender(contender: Contender, seed: int, spec: dict, env: dict) -> dic
 
 def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: int, baseline_seeds: int | None,
                      targets: Sequence[float], budget_epochs: float, eval_every_epochs: float, eval_samples: int,
-                     out: Path, console: Console, num_workers: int = 2,
+                     out: Path, console: Console, num_workers: int = 2, stop_when_reached: bool = False,
                      run_one: Callable[[Contender, int, dict, dict], dict] = run_contender) -> dict:
     """Runs every contender for every seed (round-robin by seed, so a drift of a shared machine hits all alike),
     writes ``to_quality.json`` after each run (a long measurement keeps what it has), then the Markdown table and
-    ``to_quality.png`` into ``out``. Raises :class:`ConfigError` when the contenders train on different data (their
-    FDs would not compare)."""
+    ``to_quality.png`` into ``out``.
+
+    ``stop_when_reached``: the tutorial loop's runs go first, and every other run stops at its first FD at or
+    below their final FD (median over the tutorial's seeds): the headline's time without the rest of the budget.
+
+    Raises :class:`ConfigError` when the contenders train on different data (their FDs would not compare), or
+    for ``stop_when_reached`` without a tutorial contender."""
     import os
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -257,18 +266,23 @@ def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: in
     if len({spec_from_config(c.cfg) for c in contenders}) > 1:
         raise ConfigError("--contender: every contender must train on the same dataset, image size and channels "
                           "(their FDs are measured against one reference)")
+    if stop_when_reached and not any(c.kind == "baseline" for c in contenders):
+        raise ConfigError(f"--stop-when-reached: stops at the tutorial loop's final FD, so it needs the "
+                          f"'{TUTORIAL}' contender")
     make_folder(out, "--out")
     device = pick_device(base.run.device)
     Evaluator.for_config(contenders[0].cfg, device=device, console=console)  # fit/cache once, before any clock
     spec = {"budget_epochs": budget_epochs, "eval_every_epochs": eval_every_epochs, "eval_samples": eval_samples,
             "eval_seed": 0, "num_workers": num_workers}
     report = {"system": system_info(), "device": str(device), "preset": base.preset, "targets": list(targets),
-              "seeds": seeds, "baseline_seeds": baseline_seeds or seeds, **spec,
+              "seeds": seeds, "baseline_seeds": baseline_seeds or seeds, "stop_when_reached": stop_when_reached, **spec,
               "contenders": [{"name": c.name, "kind": c.kind, "config": c.cfg.to_dict(), "runs": []}
                              for c in contenders]}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     jobs = [(s, i) for s in range(seeds) for i, c in enumerate(contenders)
             if c.kind != "baseline" or s < (baseline_seeds or seeds)]
+    if stop_when_reached:  # the stop FD must be known before the others start
+        jobs.sort(key=lambda job: contenders[job[1]].kind != "baseline")
     started = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} runs"),
                   TimeElapsedColumn(), console=console) as bar:
@@ -276,11 +290,22 @@ def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: in
         for seed_index, i in jobs:
             seed = base.run.seed + seed_index
             bar.update(task, description=f"to quality: {contenders[i].name}, seed {seed}")
-            report["contenders"][i]["runs"].append(run_one(contenders[i], seed, spec, env))
+            run_spec = spec
+            if stop_when_reached and contenders[i].kind != "baseline":
+                run_spec = {**spec, "stop_fd": _tutorial_final_fd(report)}
+                report["stop_fd"] = run_spec["stop_fd"]
+            report["contenders"][i]["runs"].append(run_one(contenders[i], seed, run_spec, env))
             report["wall_s"] = round(time.perf_counter() - started, 1)
             atomic_write_text(out / "to_quality.json", json.dumps(report, indent=2))
             bar.advance(task)
     return finish_report(report, out, console)
+
+
+def _tutorial_final_fd(report: dict) -> float | None:
+    """The median final FD of the tutorial loop's finished runs (None when every one failed or diverged)."""
+    finals = [r["points"][-1]["fd"] for c in report["contenders"] if c["kind"] == "baseline" for r in c["runs"]
+              if "error" not in r and r["points"] and r["points"][-1]["fd"] is not None]
+    return statistics.median(finals) if finals else None
 
 
 def finish_report(report: dict, out: Path, console: Console) -> dict:
@@ -335,7 +360,8 @@ def rendered(report: dict):
             h = head["contenders"][c["name"]]
             row += [_seconds(h), f"{h['sooner']:.1f}×" if h["sooner"] else "-"]
         row += [_fd(s["best_fd"]), _fd(s["final_fd"]),
-                ", ".join("-" if p["final_fd"] is None else f"{p['final_fd']:.2f}" for p in s["per_seed"]),
+                ", ".join("-" if p["final_fd"] is None else f"{p['final_fd']:.2f}" + ("†" if p["stopped"] else "")
+                          for p in s["per_seed"]),
                 f"{s['eval_s']:.0f}"]
         rows.append(row)
     sysinfo = report["system"]
@@ -345,6 +371,11 @@ def rendered(report: dict):
                f"{report['eval_samples']} samples every {report['eval_every_epochs']:g} epochs; times are training "
                f"wall-clock seconds (setup included, evaluation excluded), median (min–max, seeds that got there/"
                f"seeds) over seeds; measurement wall time {report.get('wall_s', 0) / 60:.1f} min.")
+    if report.get("stop_when_reached"):
+        stop = report.get("stop_fd")
+        caption += (f" --stop-when-reached: runs marked † stopped at their first FD ≤ the tutorial loop's final FD "
+                    f"{stop:.2f}, so their best and final FD cover only that time." if stop is not None else
+                    " --stop-when-reached: no tutorial run finished, so every run used the whole budget.")
     title = f"gantrain bench --to-quality: {report['preset']}"
     _, markdown = render(title, headers, rows, caption)
     table, _ = render(title, *_compact(report), "")

@@ -135,6 +135,30 @@ def test_to_quality_quick_mechanics(cli, tmp_path, datasets_root, fashion_extrac
     assert "not reached (0/2)" in (out / "to_quality.md").read_text()
 
 
+@pytest.mark.slow
+def test_to_quality_stop_when_reached_ends_runs_at_the_tutorial_final_fd(cli, tmp_path, datasets_root,
+                                                                          fashion_extractor):
+    """The worker's loop: a gantrain run ends at its first FD at or below the tutorial loop's final FD, or runs
+    its whole budget when it never gets there (the tiny models may go either way; both are checked)."""
+    out = tmp_path / "tq"
+    result = cli("bench", "--to-quality", "--quick", "--data-root", str(datasets_root), "--contender", "fashion32",
+                 "--contender", "tutorial", "--eval-every-epochs", "0.25", "--stop-when-reached", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "to_quality.json").read_text())
+    tutorial = report["contenders"][1]["runs"][0]
+    assert len(tutorial["points"]) == 4 and not tutorial["stopped"]  # the tutorial runs its budget
+    assert report["stop_fd"] == tutorial["points"][-1]["fd"]
+    run = report["contenders"][0]["runs"][0]
+    fds = [p["fd"] for p in run["points"]]
+    assert all(fd > report["stop_fd"] for fd in fds[:-1])  # no earlier evaluation was at or below it
+    if run["stopped"]:
+        assert fds[-1] <= report["stop_fd"] and len(fds) <= 4
+    else:
+        assert len(fds) == 4 and fds[-1] > report["stop_fd"]
+    result = cli("bench", "--to-quality", "--contender", "fashion32", "--stop-when-reached", "--out", str(tmp_path / "x"))
+    assert result.exit_code == 2 and "needs the 'tutorial' contender" in result.output
+
+
 def test_to_quality_refuses_bad_options(cli, tmp_path):
     for args, message in ((["--targets", "ten"], "--targets: expected numbers"),
                           (["--contender", "nope"], "neither 'tutorial' nor a preset"),

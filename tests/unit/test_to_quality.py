@@ -138,3 +138,49 @@ def test_the_console_table_fits_80_columns():
     row = next(line for line in lines if "fashion32-tuned (3)" in line)
     # FD 11.7 at 145 s (<= 20, not <= 10), 4.6 at 290 s, 2.99 at 434 s; the tutorial's final FD is 2.99 too
     assert row.split()[1:] == ["(3)", "145", "s", "290", "s", "290", "s", "434", "s", "434", "s", "1.0", "2.99"]
+
+
+def test_stop_when_reached_runs_the_tutorial_first_and_passes_its_final_fd(tmp_path, monkeypatch):
+    """The stub stands for the worker: it records the order and the stop FD each run was given, and stops an
+    engine run at its first FD at or below it, as the worker's loop does."""
+    from rich.console import Console
+
+    from gantrain.engine.metrics import evaluate
+
+    monkeypatch.setattr(evaluate.Evaluator, "for_config", classmethod(lambda cls, *a, **k: None))
+    base = preset("fashion32")
+    contenders = [tq.Contender("fashion32-tuned", "engine", base), tq.Contender("tutorial", "baseline", base)]
+    tutorial_finals = {0: 6.0, 1: 4.0}  # median 5.0
+    calls = []
+
+    def run_one(contender, seed, spec, env):
+        calls.append((contender.name, seed, spec.get("stop_fd")))
+        if contender.kind == "baseline":
+            return {"seed": seed, "images_per_s": 400.0, "points": points((100, 9.0), (200, tutorial_finals[seed]))}
+        fds = [7.0, 4.5, 3.0]  # stops at 4.5, the first <= 5.0
+        kept = fds[:next(i for i, fd in enumerate(fds) if fd <= spec["stop_fd"]) + 1]
+        return {"seed": seed, "images_per_s": 600.0, "stopped": True,
+                "points": points(*[(30.0 * (i + 1), fd) for i, fd in enumerate(kept)])}
+
+    with open(tmp_path / "console.txt", "w") as fh:
+        report = tq.bench_to_quality(base, contenders, seeds=2, baseline_seeds=2, targets=[5.0], budget_epochs=1,
+                                     eval_every_epochs=0.25, eval_samples=100, out=tmp_path / "tq",
+                                     console=Console(file=fh, width=200), stop_when_reached=True, run_one=run_one)
+    assert calls == [("tutorial", 0, None), ("tutorial", 1, None),
+                     ("fashion32-tuned", 0, 5.0), ("fashion32-tuned", 1, 5.0)]
+    tuned = report["contenders"][0]["summary"]
+    assert tuned["final_fd"]["median"] == 4.5 and [p["stopped"] for p in tuned["per_seed"]] == [True, True]
+    assert report["headline"]["contenders"]["fashion32-tuned"]["median"] == 60.0  # 4.5 <= 5.0 at 60 s
+    markdown = (tmp_path / "tq" / "to_quality.md").read_text()
+    assert "4.50†, 4.50†" in markdown and "stopped at their first FD ≤ the tutorial loop's final FD 5.00" in markdown
+
+
+def test_stop_when_reached_needs_the_tutorial(tmp_path):
+    from rich.console import Console
+
+    base = preset("fashion32")
+    with pytest.raises(ConfigError, match="--stop-when-reached: .* needs the 'tutorial' contender"):
+        tq.bench_to_quality(base, [tq.Contender("fashion32", "engine", base)], seeds=1, baseline_seeds=None,
+                            targets=[5.0], budget_epochs=1, eval_every_epochs=0.25, eval_samples=100,
+                            out=tmp_path / "tq", console=Console(), stop_when_reached=True)
+    assert not (tmp_path / "tq").exists()  # refused before anything was made
