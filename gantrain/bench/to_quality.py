@@ -81,7 +81,7 @@ def train_to_quality(cfg: Config, spec: dict) -> dict:
             e0 = time.perf_counter()
             fd = evaluator.evaluate(generator(), cfg, num_samples=spec["eval_samples"], seed=spec["eval_seed"]).values["fd"]
             diverged = not math.isfinite(fd)
-            stopped = not diverged and stop_fd is not None and fd <= stop_fd
+            stopped = not diverged and stop_fd is not None and fd <= stop_fd and images < budget
             points.append({"images": images, "epochs": round(images / num_images, 4), "train_s": round(train_s, 3),
                            "eval_s": round(time.perf_counter() - e0, 3), "fd": fd if not diverged else None})
             while next_eval <= images:
@@ -302,10 +302,11 @@ def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: in
 
 
 def _tutorial_final_fd(report: dict) -> float | None:
-    """The median final FD of the tutorial loop's finished runs (None when every one failed or diverged)."""
-    finals = [r["points"][-1]["fd"] for c in report["contenders"] if c["kind"] == "baseline" for r in c["runs"]
-              if "error" not in r and r["points"] and r["points"][-1]["fd"] is not None]
-    return statistics.median(finals) if finals else None
+    """The tutorial loop's final FD as the headline takes it: the median over its runs so far (a diverged run counts
+    as +inf, a failed one not at all); None when that median is not finite."""
+    finals = [r["points"][-1]["fd"] if r["points"] else None for c in report["contenders"] if c["kind"] == "baseline"
+              for r in c["runs"] if "error" not in r]
+    return spread(finals)["median"]
 
 
 def finish_report(report: dict, out: Path, console: Console) -> dict:
@@ -374,7 +375,8 @@ def rendered(report: dict):
     if report.get("stop_when_reached"):
         stop = report.get("stop_fd")
         caption += (f" --stop-when-reached: runs marked † stopped at their first FD ≤ the tutorial loop's final FD "
-                    f"{stop:.2f}, so their best and final FD cover only that time." if stop is not None else
+                    f"{stop:.2f}, so their best and final FD, and the targets below it, cover only that time."
+                    if stop is not None else
                     " --stop-when-reached: no tutorial run finished, so every run used the whole budget.")
     title = f"gantrain bench --to-quality: {report['preset']}"
     _, markdown = render(title, headers, rows, caption)

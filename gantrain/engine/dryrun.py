@@ -119,6 +119,15 @@ def plan(cfg: Config) -> Schedule:
     return Schedule(images, note, world, cfg.data.batch_size, per_epoch, total)
 
 
+def _precision(cfg: Config) -> str:
+    """What --amp and --channels-last come to on the device this run would use (``auto`` resolved)."""
+    from gantrain.engine.precision import PrecisionPolicy
+    from gantrain.engine.runtime import pick_device
+
+    device = pick_device(cfg.run.device)
+    return f"{PrecisionPolicy(device, cfg.perf.amp, cfg.perf.channels_last).describe()} on {device.type}"
+
+
 def show(cfg: Config, sources: dict[str, str], schedule: Schedule, console: Console, resume: str | None) -> None:
     """The config table (field, value, source) and the schedule, to ``console``."""
     table = Table(title=f"gantrain run --dry-run: preset {cfg.preset}, run folder {cfg.run_dir} (not touched)")
@@ -141,6 +150,7 @@ def show(cfg: Config, sources: dict[str, str], schedule: Schedule, console: Cons
         lines += [f"steps per epoch: {schedule.steps_per_epoch}",
                   f"total steps: {schedule.total_steps} over {cfg.run.epochs} epoch(s){capped}",
                   f"images trained on: {schedule.total_steps * schedule.effective_batch}"]
+    lines.append(f"precision: {_precision(cfg)}")
     if resume:
         lines.append(f"--resume {resume}: a resumed run goes on from its checkpoint's step towards these totals")
     for line in lines:

@@ -11,10 +11,12 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import torch
 
 import gantrain
 
 from gantrain.engine.config import PRESETS, SECTION_TYPES
+from gantrain.engine.precision import resolve_amp
 
 
 def test_version(cli) -> None:
@@ -207,7 +209,8 @@ def test_dry_run_prints_sources_and_schedule_and_touches_nothing(cli, datasets_r
     toml.write_text("[optim]\nlr_d = 0.0005\n")
     out = tmp_path / "never"
     result = cli("run", "--dry-run", "--preset", "mnist32", "--config", toml, "--data-root", datasets_root,
-                 "--lr-g", "1e-3", "--limit", "1000", "--batch-size", "100", "--epochs", "3", "--out", out)
+                 "--lr-g", "1e-3", "--limit", "1000", "--batch-size", "100", "--epochs", "3", "--out", out,
+                 "--device", "cpu")
     assert result.exit_code == 0, result.output
     rows = _dry_rows(result.stdout)
     assert rows["optim.lr_g"] == ("0.001", "flag --lr-g")
@@ -219,6 +222,9 @@ def test_dry_run_prints_sources_and_schedule_and_touches_nothing(cli, datasets_r
     text = result.stdout
     assert "images: 1000 (mnist train split" in text and "steps per epoch: 10" in text
     assert "total steps: 30 over 3 epoch(s)" in text and "effective batch: 100 per process x 1 process(es) = 100" in text
+    amp = resolve_amp("auto", torch.device("cpu"))
+    want = "bf16 autocast (auto)" if amp == "bf16" else "fp32 (auto: bf16 is not faster on this CPU)"
+    assert f"precision: {want}, channels-last on cpu" in text
     assert not out.exists()
 
 

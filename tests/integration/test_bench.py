@@ -85,7 +85,7 @@ def test_fashion32_step_flops_match_hand_count():
 def test_bench_quick_writes_reports(cli, tmp_path, datasets_root):
     json_path, md_path = tmp_path / "new" / "bench.json", tmp_path / "bench.md"
     result = cli("bench", "--quick", "--data-root", str(datasets_root), "--limit", "1024", "--batch-size", "32",
-                  "--only", "baseline", "--only", "all, no compile", "--peak-tflops", "0.2", "--windows", "2",
+                  "--only", "baseline", "--only", "all, no compile", "--peak-tflops", "0.2", "--windows", "2", "--device", "cpu",
                   "--json", str(json_path), "--markdown", str(md_path))
     assert result.exit_code == 0, result.output
     report = json.loads(json_path.read_text())
