@@ -21,12 +21,12 @@ from gantrain.engine.errors import GantrainError
 from gantrain.engine.precision import compute_name, resolve_amp
 
 
-def matrix(amp: str, nproc: int = 1) -> list[BenchRow]:
+def matrix(amp: str, nproc: int = 1, device_type: str = "cpu") -> list[BenchRow]:
     """Baseline, then the engine with one feature added per row; the last rows are everything together.
 
     ``amp``: what ``--amp auto`` resolves to on the device (:func:`resolve_amp`). The rows add AMP only where the
-    default uses it; where bf16 is not faster (``amp`` "off": a CPU without fast bf16), one more row shows the
-    default with bf16 forced, so the table says what it would cost.
+    default uses it; on a CPU where bf16 is not faster (``amp`` "off"), one more row shows the default with bf16
+    forced, so the table says what it would cost (a GPU without fast bf16 gets no such row).
     """
     steps = [
         ("engine (eager fp32, DataLoader)", {"loader": "torch", "amp": "off", "channels_last": False, "compile": False,
@@ -43,7 +43,7 @@ def matrix(amp: str, nproc: int = 1) -> list[BenchRow]:
         rows.append(BenchRow(name, changes=dict(acc)))
     default = {**acc, "compile": False}  # the default configuration, which leaves compile off (see the README)
     rows.append(BenchRow("all, no compile", changes=default))
-    if amp == "off":
+    if amp == "off" and device_type == "cpu":
         rows.append(BenchRow("+ amp bf16 (not the default here)", changes={**default, "amp": "bf16"}))
     if nproc > 1:
         rows.append(BenchRow(f"all, no compile + DDP x{nproc}", changes=default, nproc=nproc))
@@ -120,9 +120,12 @@ def rendered(report: dict):
                f"bf16 {peaks['bf16']:.3g} TFLOP/s ({peaks['source']}).")
     rows = _rows(report)
     _, markdown = render(title, HEADERS, rows, caption)
-    table, _ = render(title, CONSOLE_HEADERS, [[r[i] for i in CONSOLE_COLUMNS] for r in rows], "")
+    failed = [r for r in report["results"] if "error" in r]
+    console_rows = [[r[i] for i in CONSOLE_COLUMNS] if r[1] != "failed" else [r[0], "failed", *[""] * 4] for r in rows]
+    table, _ = render(title, CONSOLE_HEADERS, console_rows, "")
     table.box, table.pad_edge, table.padding = box.SIMPLE_HEAD, False, (0, 1, 0, 0)
-    table.caption = "every column (data wait, warm-up, memory): --markdown or --json"
+    table.caption = "\n".join([*(f"{r['name']} failed: {r['error']}" for r in failed),
+                               "every column (data wait, warm-up, memory): --markdown or --json"])
     for column in table.columns:
         column.no_wrap = True  # 80 columns hold it
     return table, markdown
@@ -134,7 +137,8 @@ def bench(cfg: Config, *, quick: bool, nproc: int, peak_override: float | None, 
           repeats: int | None = None) -> dict:
     from gantrain.engine.runtime import pick_device
 
-    rows = matrix(resolve_amp("auto", pick_device(cfg.run.device)), nproc)
+    device = pick_device(cfg.run.device)
+    rows = matrix(resolve_amp("auto", device), nproc, device.type)
     if only:
         rows = [r for r in rows if any(o.lower() in r.name.lower() for o in only)]
         if not rows:

@@ -129,7 +129,9 @@ def _precision(cfg: Config) -> str:
 
 
 def show(cfg: Config, sources: dict[str, str], schedule: Schedule, console: Console, resume: str | None) -> None:
-    """The config table (field, value, source) and the schedule, to ``console``."""
+    """The config table (field, value, source) and the schedule, to ``console``. Raises :class:`ConfigError`, before
+    printing anything, when the device or precision cannot be had here (``--device cuda`` without CUDA, fp16 on CPU)."""
+    precision = _precision(cfg)
     table = Table(title=f"gantrain run --dry-run: preset {cfg.preset}, run folder {cfg.run_dir} (not touched)")
     table.add_column("field", style="bold", no_wrap=True)
     table.add_column("value")
@@ -150,7 +152,7 @@ def show(cfg: Config, sources: dict[str, str], schedule: Schedule, console: Cons
         lines += [f"steps per epoch: {schedule.steps_per_epoch}",
                   f"total steps: {schedule.total_steps} over {cfg.run.epochs} epoch(s){capped}",
                   f"images trained on: {schedule.total_steps * schedule.effective_batch}"]
-    lines.append(f"precision: {_precision(cfg)}")
+    lines.append(f"precision: {precision}")
     if resume:
         lines.append(f"--resume {resume}: a resumed run goes on from its checkpoint's step towards these totals")
     for line in lines:

@@ -86,6 +86,7 @@ class Trainer:
         self.pos, self.best_fd = self.checkpoints.start_from(state, self.resume_path, self.gan, self.loader,
                                                              self.global_batch, changes)
         self.stop_agreement.require_same_step(self.step, self.checkpoints.folder)
+        self.stop_agreement.require_same_precision(self.policy.amp, self.policy.requested)
         self.total_steps = plan_schedule(self.pos, cfg, self.loader.steps_per_epoch, self.run_dir, self.finished_ok)
         self.outputs = RunOutputs(cfg, self.console, self.dist.is_main, self.dist.world_size)
         self.outputs.describe(self.loader, self.total_steps, self.device, self.policy.describe())

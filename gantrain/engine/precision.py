@@ -6,6 +6,7 @@ Models and every input batch go channels-last together; losses are computed in f
 from __future__ import annotations
 
 import contextlib
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -18,16 +19,19 @@ from gantrain.engine.pixels import to_unit_
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def cpu_vendor() -> str:
-    """The CPU vendor string ("AuthenticAMD", "GenuineIntel", ...) from /proc/cpuinfo; "" where it is not there."""
+def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU vendor string ("AuthenticAMD", "GenuineIntel", ...): the ``vendor_id`` line of ``cpuinfo`` (Linux),
+    else the vendor named at the end of :func:`platform.processor` (Windows: "AMD64 Family 25 ..., AuthenticAMD");
+    "" when neither says."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.startswith("vendor_id"):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return ""
+    tail = platform.processor().rsplit(",", 1)[-1].strip()
+    return tail if tail in ("AuthenticAMD", "GenuineIntel") else ""
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -36,7 +40,7 @@ def native_bf16(device: torch.device) -> bool:
 
     AVX512-BF16 alone does not make bf16 fast: the same 4096x4096 matmul probe (``gantrain bench``) measured bf16 at
     2.2x fp32 on a 2-core Zen 4 EPYC (0.39 vs 0.17 TFLOP/s; the fashion32 step ~1.7x faster in bf16) but at 0.5x
-    fp32 on a 2-core Intel Xeon with AVX512-BF16 and no AMX exposed (0.16 vs 0.31 TFLOP/s), where oneDNN's bf16
+    fp32 on a 2-core Intel Xeon with AVX512-BF16 and no AMX exposed (0.16 vs 0.31-0.32 TFLOP/s in two runs), where oneDNN's bf16
     weight-gradient convolutions also ran slower than its fp32 ones.
     """
     if device.type == "cuda":

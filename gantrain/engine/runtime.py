@@ -159,12 +159,24 @@ class StopAgreement:
             self._collect()
 
     def steps_agree(self, step: int) -> tuple[int, int]:
-        """(lowest, highest) ``step`` over the ranks: where each resumed from must be one place."""
+        """(lowest, highest) ``step`` over the ranks: where each resumed from must be one place (any integer that
+        every rank must hold alike, e.g. the index of its resolved precision)."""
         if not self.enabled:
             return step, step
         both = torch.tensor([step, -step], dtype=torch.int64)
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
         return -int(both[1]), int(both[0])
+
+    def require_same_precision(self, amp: str, requested: str) -> None:
+        """Raises :class:`ConfigError` when the ranks resolved ``--amp`` to different precisions (``auto`` on nodes
+        with different CPUs or GPUs): replicas computing in bf16 and fp32 would drift apart silently."""
+        modes = ("off", "bf16", "fp16")
+        low, high = self.steps_agree(modes.index(amp))
+        if low != high:
+            names = {"off": "fp32", "bf16": "bf16", "fp16": "fp16"}
+            raise ConfigError(f"--amp {requested}: the DDP ranks compute in different precisions ({names[modes[low]]} on "
+                              f"some, {names[modes[high]]} on others: nodes with different CPUs or GPUs); pass --amp off "
+                              "or --amp bf16 so all ranks compute alike")
 
     def require_same_step(self, step: int, checkpoints: Path) -> None:
         """Raises :class:`CheckpointError` when the ranks resumed from different steps: ranks with other weights

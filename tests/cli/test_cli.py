@@ -228,6 +228,16 @@ def test_dry_run_prints_sources_and_schedule_and_touches_nothing(cli, datasets_r
     assert not out.exists()
 
 
+def test_dry_run_refuses_an_impossible_precision_before_printing(cli, unwrap, datasets_root: Path,
+                                                                   tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is possible here")
+    result = cli("run", "--dry-run", "--data-root", datasets_root, "--amp", "fp16", "--device", "auto",
+                 "--out", tmp_path / "never")
+    assert result.exit_code == 2, result.output
+    assert "fp16 needs CUDA" in unwrap(result.output) and "│" not in result.output and "Traceback" not in result.output
+
+
 def test_dry_run_schedule_under_ddp_and_max_steps(cli, datasets_root: Path, tmp_path: Path) -> None:
     result = cli("run", "--dry-run", "--data-root", datasets_root, "--limit", "1000", "--batch-size", "100",
                  "--ddp", "--nproc", "2", "--max-steps", "7", "--out", tmp_path / "never")

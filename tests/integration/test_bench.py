@@ -32,6 +32,7 @@ def test_matrix_adds_one_feature_per_row(amp):
     for before, after in itertools.pairwise(cumulative):
         changed = {k for k in after.changes if after.changes[k] != before.changes.get(k)}
         assert len(changed) == 1 and set(before.changes) <= set(after.changes)
+    assert not [r for r in matrix(amp, nproc=2, device_type="cuda") if "not the default" in r.name]  # CPU only
     forced = [r for r in rows if "not the default" in r.name]
     # where the default leaves bf16 off, one row still shows it, the default otherwise
     assert [r.changes for r in forced] == ([] if amp == "bf16" else [{**all_row.changes, "compile": False, "amp": "bf16"}])
@@ -68,6 +69,13 @@ def test_console_table_fits_80_columns_and_markdown_keeps_every_column():
         assert name in text and f"| {name} | 1234 | 1000–1999 |" in markdown
     assert "506.1%" in text  # 1234.5 img/s x 0.41 GFLOP over 0.1 TFLOP/s = 5.061: the widest MFU still fits
     assert "| 12.3 | 1222.2 | 41.0 |" in markdown and "12.25 |" in markdown  # the columns the console leaves out
+    report["results"][1] = {"name": rows[1]["name"], "error": "RuntimeError: oneDNN went away " + "x" * 150}
+    table, markdown = rendered(report)
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(table)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "failed: RuntimeError: oneDNN went away" in text and text.count("x") >= 150  # the whole error, wrapped
 
 
 def test_quantiles():

@@ -80,3 +80,25 @@ def test_a_finished_ddp_epoch_resumed_in_one_process_is_not_trained_again(datase
     assert more.returncode == 0, _errors(more)
     state = load_checkpoint(out / "checkpoints" / "last.pt")
     assert (state["step"], state["epoch"], state["images_seen"]) == (8 + 16, 2, 2 * 256)
+
+
+def test_ranks_that_resolve_amp_auto_differently_are_refused(datasets_root, tmp_path):
+    """Nodes with different CPUs can resolve --amp auto differently (bf16 on one, fp32 on another); replicas in
+    two precisions would drift apart silently, so the run stops at start-up with one line on every rank."""
+    script = tmp_path / "mixed.py"
+    script.write_text("import os\n"
+                      "from gantrain.engine import precision\n"
+                      "precision.native_bf16 = lambda device: os.environ['RANK'] == '1'  # as on a second CPU type\n"
+                      "from gantrain.cli import main\n"
+                      "main()\n")
+    out = tmp_path / "mixed"
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+            str(script), "run", "--data-root", str(datasets_root), "--limit", "256", "--batch-size", "16", "--ngf", "8",
+            "--ndf", "8", "--max-steps", "2", "--sample-every", "0", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    line = ("error: --amp auto: the DDP ranks compute in different precisions (fp32 on some, bf16 on others: nodes "
+            "with different CPUs or GPUs); pass --amp off or --amp bf16 so all ranks compute alike")
+    said = " ".join((proc.stdout + proc.stderr).split())  # rich wraps at the pipe's 80 columns
+    assert said.count(line) == 2, _errors(proc)  # each rank says it (torchrun then reports the failed workers)
+    assert not (out / "checkpoints" / "last.pt").exists()

@@ -237,15 +237,19 @@ def test_auto_amp_picks_bf16_only_on_cpus_where_it_is_faster(monkeypatch, amx, a
     assert precision.PrecisionPolicy(cpu, "bf16").describe() == "bf16 autocast, NCHW"  # asked for: always honoured
 
 
-def test_cpu_vendor_reads_proc_cpuinfo() -> None:
-    from gantrain.engine.precision import cpu_vendor
+def test_cpu_vendor_from_cpuinfo_or_platform(tmp_path, monkeypatch) -> None:
+    from gantrain.engine import precision
 
-    info = Path("/proc/cpuinfo")
-    expected = ""
-    if info.exists():
-        expected = next((ln.split(":", 1)[1].strip() for ln in info.read_text().splitlines()
-                         if ln.startswith("vendor_id")), "")
-    assert cpu_vendor() == expected
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")
+    assert precision.cpu_vendor(str(info)) == "AuthenticAMD"
+    info.write_text("processor\t: 0\nmodel name\t: something\n")  # no vendor line: ask platform
+    monkeypatch.setattr(precision.platform, "processor", lambda: "AMD64 Family 25 Model 97 Stepping 2, AuthenticAMD")
+    assert precision.cpu_vendor(str(info)) == "AuthenticAMD"
+    monkeypatch.setattr(precision.platform, "processor", lambda: "Intel64 Family 6 Model 143 Stepping 8, GenuineIntel")
+    assert precision.cpu_vendor(str(tmp_path / "absent")) == "GenuineIntel"
+    monkeypatch.setattr(precision.platform, "processor", lambda: "arm")
+    assert precision.cpu_vendor(str(tmp_path / "absent")) == ""
 
 
 def test_from_dict_rejects_non_tables_and_unknown_flags() -> None:

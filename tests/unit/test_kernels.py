@@ -105,6 +105,24 @@ def test_rewrites_run_only_where_they_apply():
     assert "Convolution" not in fn_name(ProjectFromVector(8, 4, 4, "fast"), 8, 1)
 
 
+@pytest.mark.parametrize("cls,cin,cout,height", [c for c in CASES if 128 in c[1:3]])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
+def test_dilated_weight_grad_through_the_layer_is_exact_in_float64(monkeypatch, cls, cin, cout, height, memory_format):
+    """The dilated branch runs only in bf16 in use; forced on here, it must match torch in float64 through the
+    autograd Function (layout included), so bf16's 2 % tolerance is not its only check."""
+    monkeypatch.setattr(conv, "_dilated_weight_grad", lambda channels, dtype: channels >= 128)
+    fast, ref = _pair(cls, cin, cout, torch.float64, memory_format)
+    x = _input(cin, height, torch.float64, memory_format)
+    calls = []
+    real = conv.dilated_weight_grad
+    monkeypatch.setattr(conv, "dilated_weight_grad", lambda *a: calls.append(1) or real(*a))
+    (y, gx, gw), (y_ref, gx_ref, gw_ref) = _grads(fast, x), _grads(ref, x)
+    assert calls == [1], "the weight gradient went through the rewrite"
+    for got, want in ((y, y_ref), (gx, gx_ref), (gw, gw_ref)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert gw.is_contiguous(memory_format=memory_format)
+
+
 def test_only_the_needed_gradients_are_computed():
     """D's step needs no input gradient (real images) and G's step no D weight gradient (frozen D)."""
     fast, ref = _pair(StridedConv2d, 1, 8)
