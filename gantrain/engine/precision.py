@@ -52,7 +52,7 @@ def native_bf16(device: torch.device) -> bool:
 
 def resolve_amp(mode: str, device: torch.device) -> str:
     """What an --amp mode means on ``device``: 'off' (fp32), 'bf16' or 'fp16'. ``auto`` is bf16 where the device
-    computes it natively (:func:`native_bf16`), else off. Raises :class:`ConfigError` for fp16 off CUDA.
+    computes it faster than fp32 (:func:`native_bf16`), else off. Raises :class:`ConfigError` for fp16 off CUDA.
 
     The one reading of the mode: the policy, the extractor's fit and ``gantrain bench`` take its answer."""
     if mode == "auto":
