@@ -6,6 +6,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -25,6 +26,18 @@ def render(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]], ca
     lines = [caption, "", "| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return table, "\n".join(lines) + "\n"
+
+
+def console_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]], caption: str,
+                  left: int = 1) -> Table:
+    """A narrow rich table for an 80-column terminal: a rule under the header only, one space between columns,
+    no cell wrapping (a wrapped figure reads as two), ``caption`` under it. For the reports whose full table is
+    wider than a terminal; their Markdown and JSON keep every column."""
+    table, _ = render(title, headers, rows, "", left)
+    table.box, table.pad_edge, table.padding, table.caption = box.SIMPLE_HEAD, False, (0, 1, 0, 0), caption
+    for column in table.columns:
+        column.no_wrap = True
+    return table
 
 
 def publish(report: dict, table: Table, markdown: str, json_path: Path | None, markdown_path: Path | None) -> dict:

@@ -10,11 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from rich import box
 from rich.console import Console
 
 from gantrain.bench.hardware import peak_tflops, system_info
-from gantrain.bench.report import publish, render
+from gantrain.bench.report import console_table, publish, render
 from gantrain.bench.timing import BenchRow, merge_runs, round_robin, run_row
 from gantrain.engine.config import Config
 from gantrain.engine.errors import GantrainError
@@ -122,13 +121,9 @@ def rendered(report: dict):
     _, markdown = render(title, HEADERS, rows, caption)
     failed = [r for r in report["results"] if "error" in r]
     console_rows = [[r[i] for i in CONSOLE_COLUMNS] if r[1] != "failed" else [r[0], "failed", *[""] * 4] for r in rows]
-    table, _ = render(title, CONSOLE_HEADERS, console_rows, "")
-    table.box, table.pad_edge, table.padding = box.SIMPLE_HEAD, False, (0, 1, 0, 0)
-    table.caption = "\n".join([*(f"{r['name']} failed: {r['error']}" for r in failed),
-                               "every column (data wait, warm-up, memory): --markdown or --json"])
-    for column in table.columns:
-        column.no_wrap = True  # 80 columns hold it
-    return table, markdown
+    caption = "\n".join([*(f"{r['name']} failed: {r['error']}" for r in failed),
+                         "every column (data wait, warm-up, memory): --markdown or --json"])
+    return console_table(title, CONSOLE_HEADERS, console_rows, caption), markdown
 
 
 def bench(cfg: Config, *, quick: bool, nproc: int, peak_override: float | None, json_path: Path | None,

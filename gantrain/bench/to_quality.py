@@ -25,11 +25,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich import box
 from rich.console import Console
 
 from gantrain.bench.hardware import system_info
-from gantrain.bench.report import render
+from gantrain.bench.report import console_table, render
 from gantrain.bench.timing import RESULT_PREFIX, endless
 from gantrain.engine.config import PRESETS, RECOMMENDED, Config, override, preset, with_env_defaults
 from gantrain.engine.errors import ConfigError
@@ -380,11 +379,8 @@ def rendered(report: dict):
                     " --stop-when-reached: no tutorial run finished, so every run used the whole budget.")
     title = f"gantrain bench --to-quality: {report['preset']}"
     _, markdown = render(title, headers, rows, caption)
-    table, _ = render(title, *_compact(report), "")
-    table.box, table.caption = box.SIMPLE_HEAD, ("training seconds until the FD first reaches each value, median over "
-                                                 "seeds; * the tutorial loop's final FD; final: the last FD")
-    for column in table.columns:
-        column.no_wrap = True  # 80 columns hold it
+    table = console_table(title, *_compact(report), "training seconds until the FD first reaches each value, median "
+                          "over seeds; * the tutorial loop's final FD; final: the last FD")
     return table, markdown
 
 
