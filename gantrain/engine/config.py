@@ -523,10 +523,8 @@ def _fashion32() -> Config:
 def _fashion32_tuned() -> Config:
     """fashion32 with the recipe chosen by ``gantrain bench --to-quality`` (README, "Time to quality"): the learning
     rates and one-sided smoothing of the 16-trial ASHA search (README, "The real search"), a generator EMA, an
-    evaluation every epoch (best.pt) and the end-of-run samples from the best evaluation. Batch 32 instead of 128:
-    four times the updates per image for 13% fewer images per second on the 2-core CPU, which reached FD 3.1 in
-    half the training time of batch 128 there (README, "Time to quality")."""
-    return Config(preset="fashion32-tuned", data=DataConfig(batch_size=32), optim=OptimConfig(lr_g=1.5e-3, lr_d=4e-4),
+    evaluation every epoch (best.pt) and the end-of-run samples from the best evaluation."""
+    return Config(preset="fashion32-tuned", optim=OptimConfig(lr_g=1.5e-3, lr_d=4e-4),
                   loss=LossConfig(label_smoothing=0.25), run=RunConfig(eval_every=1, samples_from_best=True),
                   perf=PerfConfig(ema_decay=0.99))
 
