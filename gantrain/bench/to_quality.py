@@ -379,8 +379,9 @@ def rendered(report: dict):
                     " --stop-when-reached: no tutorial run finished, so every run used the whole budget.")
     title = f"gantrain bench --to-quality: {report['preset']}"
     _, markdown = render(title, headers, rows, caption)
-    table = console_table(title, *_compact(report), "training seconds until the FD first reaches each value, median "
-                          "over seeds; * the tutorial loop's final FD; final: the last FD")
+    legend = "training seconds until the FD first reaches each value, median over seeds; "
+    legend += "* the tutorial loop's final FD; final: the last FD" if head else "final: the last FD"
+    table = console_table(title, *_compact(report), legend)
     return table, markdown
 
 

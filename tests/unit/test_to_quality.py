@@ -184,3 +184,24 @@ def test_stop_when_reached_needs_the_tutorial(tmp_path):
                             targets=[5.0], budget_epochs=1, eval_every_epochs=0.25, eval_samples=100,
                             out=tmp_path / "tq", console=Console(), stop_when_reached=True)
     assert not (tmp_path / "tq").exists()  # refused before anything was made
+
+
+def test_the_console_legend_names_the_tutorial_target_only_when_there_is_one():
+    """Without the tutorial contender there is no headline column, so the legend must not explain its '*'."""
+    import io
+
+    from rich.console import Console
+
+    runs = [{"seed": 0, "images_per_s": 590.0, "points": points((100, 12.0), (250, 3.6))}]
+    report = {"system": system_info(), "device": "cpu", "preset": "fashion32", "targets": [20.0, 10.0],
+              "budget_epochs": 2.5, "eval_every_epochs": 0.25, "eval_samples": 2000,
+              "contenders": [{"name": "fashion32-tuned", "kind": "engine", "runs": runs}]}
+    report["contenders"][0]["summary"] = tq.contender_summary(runs, report["targets"])
+    report["headline"] = tq.headline(report["contenders"])
+    assert report["headline"] is None
+    out = io.StringIO()
+    Console(file=out, width=80).print(tq.rendered(report)[0])
+    text = out.getvalue()
+    assert "tutorial" not in text and "*" not in text and "final: the last FD" in text
+    assert next(line for line in text.splitlines() if "fashion32-tuned (1)" in line).split()[2:] == \
+        ["100", "s", "250", "s", "3.60"]  # FD 12 <= 20 at 100 s, 3.6 <= 10 at 250 s
