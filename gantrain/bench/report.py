@@ -13,19 +13,29 @@ from rich.table import Table
 from gantrain.engine.files import atomic_write_text
 
 
-def render(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]], caption: str,
-           left: int = 1) -> tuple[Table, str]:
-    """The same rows as a rich table (console) and a Markdown table under ``caption``; the first ``left``
-    columns are text (left-aligned), the rest figures."""
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]], caption: str, left: int = 1) -> str:
+    """``rows`` as a Markdown table under ``caption``; the first ``left`` columns are text (left-aligned), the
+    rest figures (right-aligned)."""
+    align = ["---"] * left + ["---:"] * (len(headers) - left)
+    lines = [caption, "", "| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def rich_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> Table:
+    """``rows`` as a rich table, aligned as :func:`markdown_table` aligns them."""
     table = Table(title=title)
     for i, header in enumerate(headers):
         table.add_column(header, justify="left" if i < left else "right")
     for row in rows:
         table.add_row(*row)
-    align = ["---"] * left + ["---:"] * (len(headers) - left)
-    lines = [caption, "", "| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return table, "\n".join(lines) + "\n"
+    return table
+
+
+def render(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]], caption: str,
+           left: int = 1) -> tuple[Table, str]:
+    """The same rows as a rich table (console) and a Markdown table under ``caption``."""
+    return rich_table(title, headers, rows, left), markdown_table(headers, rows, caption, left)
 
 
 def console_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]], caption: str,
@@ -33,7 +43,7 @@ def console_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[st
     """A narrow rich table for an 80-column terminal: a rule under the header only, one space between columns,
     no cell wrapping (a wrapped figure reads as two), ``caption`` under it. For the reports whose full table is
     wider than a terminal; their Markdown and JSON keep every column."""
-    table, _ = render(title, headers, rows, "", left)
+    table = rich_table(title, headers, rows, left)
     table.box, table.pad_edge, table.padding, table.caption = box.SIMPLE_HEAD, False, (0, 1, 0, 0), caption
     for column in table.columns:
         column.no_wrap = True

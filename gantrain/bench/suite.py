@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 
 from gantrain.bench.hardware import peak_tflops, system_info
-from gantrain.bench.report import console_table, publish, render
+from gantrain.bench.report import console_table, markdown_table, publish
 from gantrain.bench.timing import BenchRow, merge_runs, round_robin, run_row
 from gantrain.engine.config import Config
 from gantrain.engine.errors import GantrainError
@@ -118,7 +118,7 @@ def rendered(report: dict):
                f"Model FLOPs {report['flops_per_image'] / 1e9:.3f} GFLOP/image; peak fp32 {peaks['fp32']:.3g} / "
                f"bf16 {peaks['bf16']:.3g} TFLOP/s ({peaks['source']}).")
     rows = _rows(report)
-    _, markdown = render(title, HEADERS, rows, caption)
+    markdown = markdown_table(HEADERS, rows, caption)
     failed = [r for r in report["results"] if "error" in r]
     console_rows = [[r[i] for i in CONSOLE_COLUMNS] if r[1] != "failed" else [r[0], "failed", *[""] * 4] for r in rows]
     caption = "\n".join([*(f"{r['name']} failed: {r['error']}" for r in failed),

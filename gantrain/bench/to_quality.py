@@ -28,7 +28,7 @@ from pathlib import Path
 from rich.console import Console
 
 from gantrain.bench.hardware import system_info
-from gantrain.bench.report import console_table, render
+from gantrain.bench.report import console_table, markdown_table
 from gantrain.bench.timing import RESULT_PREFIX, endless
 from gantrain.engine.config import PRESETS, RECOMMENDED, Config, override, preset, with_env_defaults
 from gantrain.engine.errors import ConfigError
@@ -378,11 +378,9 @@ def rendered(report: dict):
                     if stop is not None else
                     " --stop-when-reached: no tutorial run finished, so every run used the whole budget.")
     title = f"gantrain bench --to-quality: {report['preset']}"
-    _, markdown = render(title, headers, rows, caption)
-    legend = "training seconds until the FD first reaches each value, median over seeds; "
-    legend += "* the tutorial loop's final FD; final: the last FD" if head else "final: the last FD"
-    table = console_table(title, *_compact(report), legend)
-    return table, markdown
+    legend = ("training seconds until the FD first reaches each value, median over seeds; "
+              + ("* the tutorial loop's final FD; " if head else "") + "final: the last FD")
+    return console_table(title, *_compact(report), legend), markdown_table(headers, rows, caption)
 
 
 def _compact(report: dict) -> tuple[list[str], list[list[str]]]:

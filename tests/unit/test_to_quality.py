@@ -116,25 +116,37 @@ def test_the_report_files(tmp_path):
     assert not math.isnan(saved["contenders"][0]["summary"]["best_fd"]["median"])
 
 
-def test_the_console_table_fits_80_columns():
+def summarised(contenders: list[dict], targets: list[float], budget_epochs: float) -> dict:
+    """A finished report as ``bench_to_quality`` makes it, from hand-made runs."""
+    report = {"system": system_info(), "device": "cpu", "preset": "fashion32", "targets": targets,
+              "budget_epochs": budget_epochs, "eval_every_epochs": 0.25, "eval_samples": 2000,
+              "contenders": contenders}
+    for c in contenders:
+        c["summary"] = tq.contender_summary(c["runs"], targets)
+    report["headline"] = tq.headline(contenders)
+    return report
+
+
+def console_text(report: dict) -> str:
+    """The report's console table as an 80-column terminal shows it."""
     import io
 
     from rich.console import Console
 
+    out = io.StringIO()
+    Console(file=out, width=80).print(tq.rendered(report)[0])
+    return out.getvalue()
+
+
+def test_the_console_table_fits_80_columns():
     runs = [{"seed": s, "images_per_s": 415.0, "points": points((145, 11.7), (290, 4.6), (434, 2.99))}
             for s in (0, 1, 2)]
-    report = {"system": system_info(), "device": "cpu", "preset": "fashion32", "targets": [20.0, 10.0, 5.0, 3.0],
-              "budget_epochs": 3, "eval_every_epochs": 0.25, "eval_samples": 2000,
-              "contenders": [{"name": "tutorial", "kind": "baseline", "runs": [{**runs[0], "seed": 0}]},
-                             {"name": "fashion32-tuned", "kind": "engine", "runs": runs}]}
-    for c in report["contenders"]:
-        c["summary"] = tq.contender_summary(c["runs"], report["targets"])
-    report["headline"] = tq.headline(report["contenders"])
-    table, _ = tq.rendered(report)
-    out = io.StringIO()
-    Console(file=out, width=80).print(table)
-    lines = out.getvalue().splitlines()
-    assert max(len(line) for line in lines) <= 80 and "…" not in out.getvalue()
+    report = summarised([{"name": "tutorial", "kind": "baseline", "runs": [{**runs[0], "seed": 0}]},
+                         {"name": "fashion32-tuned", "kind": "engine", "runs": runs}], [20.0, 10.0, 5.0, 3.0], 3)
+    text = console_text(report)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in text
+    assert "* the tutorial loop's final FD" in text
     row = next(line for line in lines if "fashion32-tuned (3)" in line)
     # FD 11.7 at 145 s (<= 20, not <= 10), 4.6 at 290 s, 2.99 at 434 s; the tutorial's final FD is 2.99 too
     assert row.split()[1:] == ["(3)", "145", "s", "290", "s", "290", "s", "434", "s", "434", "s", "1.0", "2.99"]
@@ -188,20 +200,10 @@ def test_stop_when_reached_needs_the_tutorial(tmp_path):
 
 def test_the_console_legend_names_the_tutorial_target_only_when_there_is_one():
     """Without the tutorial contender there is no headline column, so the legend must not explain its '*'."""
-    import io
-
-    from rich.console import Console
-
     runs = [{"seed": 0, "images_per_s": 590.0, "points": points((100, 12.0), (250, 3.6))}]
-    report = {"system": system_info(), "device": "cpu", "preset": "fashion32", "targets": [20.0, 10.0],
-              "budget_epochs": 2.5, "eval_every_epochs": 0.25, "eval_samples": 2000,
-              "contenders": [{"name": "fashion32-tuned", "kind": "engine", "runs": runs}]}
-    report["contenders"][0]["summary"] = tq.contender_summary(runs, report["targets"])
-    report["headline"] = tq.headline(report["contenders"])
+    report = summarised([{"name": "fashion32-tuned", "kind": "engine", "runs": runs}], [20.0, 10.0], 2.5)
     assert report["headline"] is None
-    out = io.StringIO()
-    Console(file=out, width=80).print(tq.rendered(report)[0])
-    text = out.getvalue()
+    text = console_text(report)
     assert "tutorial" not in text and "*" not in text and "final: the last FD" in text
     assert next(line for line in text.splitlines() if "fashion32-tuned (1)" in line).split()[2:] == \
         ["100", "s", "250", "s", "3.60"]  # FD 12 <= 20 at 100 s, 3.6 <= 10 at 250 s
