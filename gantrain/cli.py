@@ -164,12 +164,13 @@ def presets_command() -> None:
         values += f", G EMA {c.perf.ema_decay:g}" if c.perf.ema_decay else ""
         values += f", FD every {c.run.eval_every} epoch(s)" if c.run.eval_every else ""
         values += ", final samples from best.pt" if c.run.samples_from_best else ""
+        values += f", DiffAugment {c.loss.diffaug}" if c.loss.diffaug else ""
         table.add_row(name, values, description)
     Console().print(table)
     for plain, better in RECOMMENDED.items():
         measured = RECOMMENDED_MEASURED.get(better, "its recipe reached good samples soonest")
         Console().print(f"recommended for {plain}'s data: {better}: {measured} (`gantrain bench --to-quality`; README, "
-                        f"\"Time to quality\"); {plain} stays the tutorial's recipe, the reference to compare with",
+                        f"\"Time to quality\"); {plain} stays as published, the reference to compare with",
                         soft_wrap=True)
 
 
@@ -283,7 +284,7 @@ def fit_extractor_command(
 @app.command("bench", cls=FlagCommand)
 @user_errors
 def bench_command(
-    preset: Annotated[str, typer.Option(help="Model preset: fashion32, mnist32, cats64, cats128 or dcgan64.")] = "fashion32",
+    preset: Annotated[str, typer.Option(help="Model preset (see `gantrain presets`).")] = "fashion32",
     batch_size: Annotated[Optional[int], typer.Option(help="Images per step (default: the preset's).")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="Dataset override, e.g. synthetic.")] = None,
     data_root: Annotated[Optional[str], typer.Option(help="Data folder (as for `gantrain run`).")] = None,

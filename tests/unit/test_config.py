@@ -16,6 +16,7 @@ EXPECTED_PRESETS = {
     "fashion32-tuned": ("fashion-mnist", 32, 1, "dcgan", 4, 128, 1.5e-3, 4e-4, 0.25, "normal"),
     "mnist32": ("mnist", 32, 1, "dcgan", 4, 128, 2e-4, 2e-4, 0.0, "normal"),
     "cats64": ("folder", 64, 3, "dcgan", 4, 128, 2e-4, 2e-4, 0.0, "normal"),
+    "cats64-diffaug": ("folder", 64, 3, "dcgan", 4, 128, 2e-4, 2e-4, 0.0, "normal"),
     "dcgan64": ("folder", 64, 3, "dcgan", 4, 128, 2e-4, 2e-4, 0.0, "normal"),
     "cats128": ("folder", 128, 3, "dense", 5, 64, 2e-4, 5e-5, 0.1, "uniform"),
 }
@@ -45,6 +46,15 @@ def test_the_tuned_recipe_differs_from_the_tutorial_only_where_it_says() -> None
     assert changed == {("optim", "lr_g"), ("optim", "lr_d"), ("loss", "label_smoothing"), ("perf", "ema_decay"),
                        ("run", "eval_every"), ("run", "samples_from_best")}
     assert preset("fashion32").perf.ema_decay == 0 and not preset("fashion32").run.samples_from_best
+
+
+def test_the_diffaug_recipe_differs_from_cats64_only_in_diffaug() -> None:
+    """cats64-diffaug was measured against cats64 with nothing else changed; the preset must be that contender."""
+    recipe, plain = preset("cats64-diffaug").to_dict(), preset("cats64").to_dict()
+    changed = {(section, key) for section in plain if isinstance(plain[section], dict)
+               for key in plain[section] if plain[section][key] != recipe[section][key]}
+    assert changed == {("loss", "diffaug")}
+    assert recipe["loss"]["diffaug"] == "color,translation,cutout" and plain["loss"]["diffaug"] == ""
 
 
 @pytest.mark.parametrize("flat, flag", [

@@ -85,7 +85,8 @@ def test_contenders_parse_presets_and_changes():
         with pytest.raises(ConfigError, match=message):
             tq.parse_contender(text, base, common)
     assert tq.default_contenders("fashion32") == ["tutorial", "fashion32", "fashion32-tuned"]
-    assert tq.default_contenders("cats64") == ["tutorial", "cats64"]
+    assert tq.default_contenders("cats64") == ["tutorial", "cats64", "cats64-diffaug"]
+    assert tq.default_contenders("dcgan64") == ["tutorial", "dcgan64"]  # nothing measured for it
 
 
 def test_the_report_files(tmp_path):
