@@ -141,6 +141,12 @@ def bench(cfg: Config, *, quick: bool, nproc: int, peak_override: float | None, 
     defaults = (3, 3, 2, 1) if quick else (5, 6, 5, 2)
     timing = {"warmup": warmup or defaults[0], "windows": windows or defaults[1], "window": window or defaults[2],
               "repeats": repeats or defaults[3], "num_workers": cfg.data.num_workers}
+    from gantrain.bench.baseline import plain_loop_omits
+
+    omitted = plain_loop_omits(cfg)
+    if omitted and any(r.kind == "baseline" for r in rows):
+        console.print(f"baseline: the tutorial loop has no {', '.join(omitted)}; the engine rows have them, so "
+                      f"their ratios include what that costs", soft_wrap=True)
     report = run_suite(cfg, rows=rows, timing=timing, peak_override=peak_override, console=console)
     return publish(report, *rendered(report), json_path, markdown_path)
 

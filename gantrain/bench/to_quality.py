@@ -258,6 +258,7 @@ def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: in
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from gantrain.bench.baseline import plain_loop_omits
     from gantrain.engine.metrics.evaluate import Evaluator
     from gantrain.engine.metrics.reference import spec_from_config
     from gantrain.engine.runtime import pick_device
@@ -269,6 +270,11 @@ def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: in
         raise ConfigError(f"--stop-when-reached: stops at the tutorial loop's final FD, so it needs the "
                           f"'{TUTORIAL}' contender")
     make_folder(out, "--out")
+    for c in contenders:
+        omitted = plain_loop_omits(c.cfg) if c.kind == "baseline" else []
+        if omitted:
+            console.print(f"{c.name}: the plain loop has no {', '.join(omitted)}; it trains the rest of "
+                          f"{base.preset}'s recipe", soft_wrap=True)
     device = pick_device(base.run.device)
     Evaluator.for_config(contenders[0].cfg, device=device, console=console)  # fit/cache once, before any clock
     spec = {"budget_epochs": budget_epochs, "eval_every_epochs": eval_every_epochs, "eval_samples": eval_samples,

@@ -582,7 +582,8 @@ PRESETS = {
 
 
 # The recipe each preset's users are pointed to where one was measured better (`gantrain presets`, `gantrain bench
-# --to-quality`); the plain preset stays the tutorial's recipe, the reference users compare with.
+# --to-quality`); the plain preset stays as published (the tutorial's or the classic DCGAN's recipe), the reference
+# users compare with.
 RECOMMENDED = {"fashion32": "fashion32-tuned", "cats64": "cats64-diffaug"}
 RECOMMENDED_MEASURED = {
     "fashion32-tuned": "reached the tutorial loop's 20-epoch FD (2.37) after 461 s of training (409-467 s, 3 seeds) "

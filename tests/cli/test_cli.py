@@ -86,7 +86,6 @@ def test_presets_lists_them_all_at_80_columns(cli) -> None:
             "10.29 against cats64's 25.65 and 22.32") in said
 
 
-
 INVALID = [
     (["--lr-g", "0"], "--lr-g"),
     (["--lr-d", "-1"], "--lr-d"),

@@ -10,11 +10,11 @@ import pytest
 import torch
 from rich.console import Console
 
-from gantrain.bench.baseline import step_flops
+from gantrain.bench.baseline import plain_loop_omits, step_flops
 from gantrain.bench.hardware import system_info
 from gantrain.bench.suite import _add_ratios, matrix, rendered
 from gantrain.bench.timing import quantile
-from gantrain.engine.config import preset
+from gantrain.engine.config import override, preset
 from gantrain.engine.precision import resolve_amp
 
 
@@ -174,3 +174,32 @@ def test_to_quality_refuses_bad_options(cli, tmp_path):
         result = cli("bench", "--to-quality", "--out", str(tmp_path / "x"), *args)
         assert result.exit_code == 2, result.output
         assert message in result.output and "Traceback" not in result.output
+
+
+def test_the_plain_loop_names_what_it_does_not_do():
+    assert plain_loop_omits(preset("fashion32")) == [] and plain_loop_omits(preset("cats64")) == []
+    assert plain_loop_omits(preset("fashion32-tuned")) == ["generator EMA 0.99"]
+    assert plain_loop_omits(override(preset("cats64-diffaug"), {"hflip": True, "ema_decay": 0.999})) == \
+        ["generator EMA 0.999", "DiffAugment color,translation,cutout", "horizontal flips"]
+
+
+def test_bench_says_when_the_baseline_lacks_what_the_engine_rows_apply(monkeypatch):
+    """The speed bench of cats64-diffaug: the engine rows augment, the tutorial loop does not; one line says so
+    before any timing (the timing itself is stubbed out)."""
+    from gantrain.bench import suite
+
+    class Timed(Exception):
+        pass
+
+    def no_timing(*args, **kwargs):
+        raise Timed
+
+    monkeypatch.setattr(suite, "run_suite", no_timing)
+    for name, expected in (("cats64-diffaug", ["baseline: the tutorial loop has no DiffAugment color,translation,"
+                                               "cutout; the engine rows have them, so their ratios include what "
+                                               "that costs"]), ("cats64", [])):
+        out = io.StringIO()
+        with pytest.raises(Timed):
+            suite.bench(preset(name), quick=True, nproc=1, peak_override=None, json_path=None, markdown_path=None,
+                        console=Console(file=out, width=300))
+        assert [line for line in out.getvalue().splitlines() if "tutorial loop has no" in line] == expected

@@ -208,3 +208,27 @@ def test_the_console_legend_names_the_tutorial_target_only_when_there_is_one():
     assert "tutorial" not in text and "*" not in text and "final: the last FD" in text
     assert next(line for line in text.splitlines() if "fashion32-tuned (1)" in line).split()[2:] == \
         ["100", "s", "250", "s", "3.60"]  # FD 12 <= 20 at 100 s, 3.6 <= 10 at 250 s
+
+
+def test_a_tutorial_contender_says_which_settings_the_plain_loop_lacks(tmp_path, monkeypatch):
+    """--preset fashion32-tuned makes the tutorial contender the plain loop on that recipe, without its EMA: one
+    line says so; gantrain's own contenders (which apply it) get no such line."""
+    from rich.console import Console
+
+    from gantrain.engine.metrics import evaluate
+
+    monkeypatch.setattr(evaluate.Evaluator, "for_config", classmethod(lambda cls, *a, **k: None))
+    base = preset("fashion32-tuned")
+    contenders = [tq.parse_contender("tutorial", base, {}), tq.parse_contender("fashion32-tuned", base, {})]
+
+    def run_one(contender, seed, spec, env):
+        return {"seed": seed, "images_per_s": 500.0, "points": points((100, 4.0))}
+
+    out = tmp_path / "console.txt"
+    with open(out, "w") as fh:
+        tq.bench_to_quality(base, contenders, seeds=1, baseline_seeds=None, targets=[5.0], budget_epochs=1,
+                            eval_every_epochs=1, eval_samples=100, out=tmp_path / "tq",
+                            console=Console(file=fh, width=300), run_one=run_one)
+    lines = [line for line in out.read_text().splitlines() if "the plain loop has no" in line]
+    assert lines == ["tutorial: the plain loop has no generator EMA 0.99; it trains the rest of fashion32-tuned's "
+                     "recipe"]
