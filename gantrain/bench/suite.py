@@ -130,6 +130,7 @@ def bench(cfg: Config, *, quick: bool, nproc: int, peak_override: float | None, 
           markdown_path: Path | None, console: Console, only: list[str] | None = None,
           warmup: int | None = None, windows: int | None = None, window: int | None = None,
           repeats: int | None = None) -> dict:
+    from gantrain.bench.baseline import plain_loop_omits
     from gantrain.engine.runtime import pick_device
 
     device = pick_device(cfg.run.device)
@@ -141,8 +142,6 @@ def bench(cfg: Config, *, quick: bool, nproc: int, peak_override: float | None, 
     defaults = (3, 3, 2, 1) if quick else (5, 6, 5, 2)
     timing = {"warmup": warmup or defaults[0], "windows": windows or defaults[1], "window": window or defaults[2],
               "repeats": repeats or defaults[3], "num_workers": cfg.data.num_workers}
-    from gantrain.bench.baseline import plain_loop_omits
-
     omitted = plain_loop_omits(cfg)
     if omitted and any(r.kind == "baseline" for r in rows):
         console.print(f"baseline: the tutorial loop has no {', '.join(omitted)}; the engine rows have them, so "
