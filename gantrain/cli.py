@@ -312,6 +312,7 @@ def bench_command(
     eval_samples: Annotated[Optional[int], typer.Option(min=100, help="--to-quality: generated images per FD (default 2000; 100 with --quick).")] = None,
     out: Annotated[Path, typer.Option(help="--to-quality: folder for to_quality.json, .md and .png.")] = Path("runs/to-quality"),
     stop_when_reached: Annotated[bool, typer.Option("--stop-when-reached", help="--to-quality: the tutorial loop runs first; every other run stops at its first FD at or below the tutorial's final FD (its best and final FD then cover only that time).")] = False,
+    baseline_from: Annotated[Optional[Path], typer.Option("--baseline-from", help="--to-quality: take the tutorial loop's runs from this earlier to_quality.json instead of training the loop again (refused unless it measured the same recipe, budget, evaluation and hardware).")] = None,
 ) -> None:
     """Time the training step: a plain PyTorch loop vs the engine with each feature added (or, with --loaders, the data loaders; with --to-quality, the time until samples reach an FD)."""
     from gantrain.bench.suite import bench
@@ -329,7 +330,8 @@ def bench_command(
                             targets=parse_targets(targets), out=out, console=console, num_workers=num_workers,
                             budget_epochs=budget_epochs or (1.0 if quick else float(base.run.epochs)),
                             eval_every_epochs=eval_every_epochs or (0.5 if quick else 0.25),
-                            eval_samples=eval_samples or (100 if quick else 2000), stop_when_reached=stop_when_reached)
+                            eval_samples=eval_samples or (100 if quick else 2000), stop_when_reached=stop_when_reached,
+                            baseline_from=baseline_from)
         return
     if loaders:
         from gantrain.bench.loaders import bench_loaders

@@ -244,6 +244,7 @@ def run_contender(contender: Contender, seed: int, spec: dict, env: dict) -> dic
 def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: int, baseline_seeds: int | None,
                      targets: Sequence[float], budget_epochs: float, eval_every_epochs: float, eval_samples: int,
                      out: Path, console: Console, num_workers: int = 2, stop_when_reached: bool = False,
+                     baseline_from: Path | None = None,
                      run_one: Callable[[Contender, int, dict, dict], dict] = run_contender) -> dict:
     """Runs every contender for every seed (round-robin by seed, so a drift of a shared machine hits all alike),
     writes ``to_quality.json`` after each run (a long measurement keeps what it has), then the Markdown table and
@@ -252,8 +253,12 @@ def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: in
     ``stop_when_reached``: the tutorial loop's runs go first, and every other run stops at its first FD at or
     below their final FD (median over the tutorial's seeds): the headline's time without the rest of the budget.
 
-    Raises :class:`ConfigError` when the contenders train on different data (their FDs would not compare), or
-    for ``stop_when_reached`` without a tutorial contender."""
+    ``baseline_from``: an earlier ``to_quality.json`` whose tutorial-loop runs are taken instead of training the
+    loop again (see :func:`reused_baseline_runs`); ``baseline_seeds`` then picks its first N runs (default all).
+
+    Raises :class:`ConfigError` when the contenders train on different data (their FDs would not compare), for
+    ``stop_when_reached`` or ``baseline_from`` without a tutorial contender, or when ``baseline_from`` cannot
+    stand in for this run's tutorial loop."""
     import os
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -269,6 +274,17 @@ def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: in
     if stop_when_reached and not any(c.kind == "baseline" for c in contenders):
         raise ConfigError(f"--stop-when-reached: stops at the tutorial loop's final FD, so it needs the "
                           f"'{TUTORIAL}' contender")
+    spec = {"budget_epochs": budget_epochs, "eval_every_epochs": eval_every_epochs, "eval_samples": eval_samples,
+            "eval_seed": 0, "num_workers": num_workers}
+    system = system_info()
+    reused = {}  # contender index -> (runs, where they came from)
+    if baseline_from is not None:
+        tutorials = [i for i, c in enumerate(contenders) if c.kind == "baseline"]
+        if not tutorials:
+            raise ConfigError(f"--baseline-from: gives the tutorial loop's runs, so it needs the '{TUTORIAL}' "
+                              "contender")
+        reused[tutorials[0]] = reused_baseline_runs(baseline_from, contenders[tutorials[0]].cfg, spec, system,
+                                                    baseline_seeds)
     make_folder(out, "--out")
     for c in contenders:
         omitted = plain_loop_omits(c.cfg) if c.kind == "baseline" else []
@@ -277,15 +293,19 @@ def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: in
                           f"{base.preset}'s recipe", soft_wrap=True)
     device = pick_device(base.run.device)
     Evaluator.for_config(contenders[0].cfg, device=device, console=console)  # fit/cache once, before any clock
-    spec = {"budget_epochs": budget_epochs, "eval_every_epochs": eval_every_epochs, "eval_samples": eval_samples,
-            "eval_seed": 0, "num_workers": num_workers}
-    report = {"system": system_info(), "device": str(device), "preset": base.preset, "targets": list(targets),
+    report = {"system": system, "device": str(device), "preset": base.preset, "targets": list(targets),
               "seeds": seeds, "baseline_seeds": baseline_seeds or seeds, "stop_when_reached": stop_when_reached, **spec,
               "contenders": [{"name": c.name, "kind": c.kind, "config": c.cfg.to_dict(), "runs": []}
                              for c in contenders]}
+    for i, (runs, source) in reused.items():
+        report["contenders"][i].update(runs=runs, reused_from=source)
+        report["baseline_seeds"] = len(runs)
+        console.print(f"{contenders[i].name}: {len(runs)} run(s) taken from {source['path']} (measured "
+                      f"{source['date'][:10]}, commit {str(source['git_commit'])[:12]}), not trained again",
+                      soft_wrap=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     jobs = [(s, i) for s in range(seeds) for i, c in enumerate(contenders)
-            if c.kind != "baseline" or s < (baseline_seeds or seeds)]
+            if i not in reused and (c.kind != "baseline" or s < (baseline_seeds or seeds))]
     if stop_when_reached:  # the stop FD must be known before the others start
         jobs.sort(key=lambda job: contenders[job[1]].kind != "baseline")
     started = time.perf_counter()
@@ -304,6 +324,58 @@ def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: in
             atomic_write_text(out / "to_quality.json", json.dumps(report, indent=2))
             bar.advance(task)
     return finish_report(report, out, console)
+
+
+#: The parts of the tutorial contender's config that decide what it trains (data_root may be spelt differently).
+_RECIPE_SECTIONS = ("data", "model", "optim", "loss")
+#: What an earlier measurement must share with this one for its training times to compare.
+_SPEC_KEYS = ("budget_epochs", "eval_every_epochs", "eval_samples", "eval_seed", "num_workers")
+_HARDWARE_KEYS = ("cpu", "cpu_cores", "torch_threads", "gpu", "gpu_count", "torch")
+
+
+def reused_baseline_runs(path: Path, tutorial: Config, spec: dict, system: dict,
+                         baseline_seeds: int | None = None) -> tuple[list[dict], dict]:
+    """The tutorial loop's runs of an earlier ``to_quality.json`` (``--baseline-from``), for a measurement that
+    would train the same loop again: ``(runs, {"path", "date", "git_commit"})``.
+
+    The earlier runs stand in only when they are what this run would measure: the same recipe (``tutorial``'s
+    data, model, optimiser and loss settings and seed; the data folder's spelling may differ), the same budget
+    and evaluation settings (``spec``) and the same hardware and torch (``system``, as :func:`system_info`
+    gives it), since the headline divides their wall-clock times by this run's. ``baseline_seeds`` takes the
+    first N of its runs (default: all).
+
+    Raises :class:`ConfigError` naming what differs, or when the file cannot be read, is not a to-quality report
+    or holds no finished tutorial-loop run (or fewer than ``baseline_seeds``)."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+        contender = next(c for c in earlier["contenders"] if c["kind"] == "baseline")
+        runs = [r for r in contender["runs"] if "error" not in r]
+        config, their_spec, their_system = contender["config"], {k: earlier[k] for k in _SPEC_KEYS}, earlier["system"]
+    except OSError as exc:
+        raise ConfigError(f"--baseline-from: cannot read {path}: {exc.strerror or exc}") from None
+    except (ValueError, KeyError, TypeError, AttributeError, StopIteration):
+        raise ConfigError(f"--baseline-from: {path} is not a to_quality.json with a tutorial-loop run") from None
+    if not runs:
+        raise ConfigError(f"--baseline-from: {path} holds no finished tutorial-loop run")
+    if baseline_seeds is not None:
+        if len(runs) < baseline_seeds:
+            raise ConfigError(f"--baseline-from: {path} holds {len(runs)} tutorial-loop run(s), --baseline-seeds "
+                              f"asks for {baseline_seeds}")
+        runs = runs[:baseline_seeds]
+    ours = tutorial.to_dict()
+    differences = [f"{section}.{key} {config.get(section, {}).get(key)!r} (here {value!r})"
+                   for section in _RECIPE_SECTIONS for key, value in ours[section].items()
+                   if key != "data_root" and config.get(section, {}).get(key) != value]
+    if config.get("run", {}).get("seed") != ours["run"]["seed"]:
+        differences.append(f"run.seed {config.get('run', {}).get('seed')!r} (here {ours['run']['seed']!r})")
+    differences += [f"{key} {their_spec[key]!r} (here {spec[key]!r})" for key in _SPEC_KEYS
+                    if their_spec[key] != spec[key]]
+    differences += [f"{key} {their_system.get(key)!r} (here {system.get(key)!r})" for key in _HARDWARE_KEYS
+                    if their_system.get(key) != system.get(key)]
+    if differences:
+        raise ConfigError(f"--baseline-from: {path} measured another tutorial loop than this run would: "
+                          + "; ".join(differences))
+    return runs, {"path": str(path), "date": str(their_system.get("date")), "git_commit": their_system.get("git_commit")}
 
 
 def _tutorial_final_fd(report: dict) -> float | None:
@@ -383,6 +455,11 @@ def rendered(report: dict):
                     f"{stop:.2f}, so their best and final FD, and the targets below it, cover only that time."
                     if stop is not None else
                     " --stop-when-reached: no tutorial run finished, so every run used the whole budget.")
+    for c in report["contenders"]:
+        if c.get("reused_from"):
+            source = c["reused_from"]
+            caption += (f" The {c['name']} runs were taken from {source['path']} (measured {source['date'][:10]}, "
+                        f"commit {str(source['git_commit'])[:12]}; --baseline-from), not trained again.")
     title = f"gantrain bench --to-quality: {report['preset']}"
     legend = ("training seconds until the FD first reaches each value, median over seeds; "
               + ("* the tutorial loop's final FD; " if head else "") + "final: the last FD")

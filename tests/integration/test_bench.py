@@ -170,7 +170,10 @@ def test_to_quality_stop_when_reached_ends_runs_at_the_tutorial_final_fd(cli, tm
 def test_to_quality_refuses_bad_options(cli, tmp_path):
     for args, message in ((["--targets", "ten"], "--targets: expected numbers"),
                           (["--contender", "nope"], "neither 'tutorial' nor a preset"),
-                          (["--contender", "fashion32", "--contender", "mnist32"], "same dataset")):
+                          (["--contender", "fashion32", "--contender", "mnist32"], "same dataset"),
+                          (["--baseline-from", str(tmp_path / "none.json")], "--baseline-from: cannot read"),
+                          (["--contender", "fashion32", "--baseline-from", str(tmp_path / "none.json")],
+                           "needs the 'tutorial' contender")):
         result = cli("bench", "--to-quality", "--out", str(tmp_path / "x"), *args)
         assert result.exit_code == 2, result.output
         assert message in result.output and "Traceback" not in result.output

@@ -10,7 +10,7 @@ import pytest
 
 from gantrain.bench import to_quality as tq
 from gantrain.bench.hardware import system_info
-from gantrain.engine.config import preset
+from gantrain.engine.config import override, preset
 from gantrain.engine.errors import ConfigError
 
 
@@ -232,3 +232,103 @@ def test_a_tutorial_contender_says_which_settings_the_plain_loop_lacks(tmp_path,
     lines = [line for line in out.read_text().splitlines() if "the plain loop has no" in line]
     assert lines == ["tutorial: the plain loop has no generator EMA 0.99; it trains the rest of fashion32-tuned's "
                      "recipe"]
+
+
+def earlier_report(tmp_path, base, *, finals=(6.0, 4.0), system=None, name="earlier.json", **spec_changes):
+    """A to_quality.json as an earlier measurement wrote it: the tutorial loop on ``base``'s recipe, two seeds."""
+    spec = {"budget_epochs": 1, "eval_every_epochs": 0.25, "eval_samples": 100, "eval_seed": 0, "num_workers": 2,
+            **spec_changes}
+    runs = [{"seed": s, "images_per_s": 400.0, "points": points((100, 9.0), (150, 4.8), (200, fd))}
+            for s, fd in enumerate(finals)]
+    report = {"system": {**system_info(), "date": "2026-11-01T00:00:00+00:00", "git_commit": "abc123", **(system or {})},
+              **spec, "contenders": [{"name": "tutorial", "kind": "baseline", "config": base.to_dict(), "runs": runs}]}
+    path = tmp_path / name
+    path.write_text(json.dumps(report))
+    return path
+
+
+def test_baseline_from_takes_the_tutorial_runs_of_an_earlier_report(tmp_path, monkeypatch):
+    """With --baseline-from the tutorial loop is not trained: its runs come from the file, the stop FD and the
+    headline are worked out from them (median final FD of 6 and 4 is 5; the loop first reaches 5 at 200 s, the
+    engine at 60 s: 3.33x), one line and the caption say where they came from."""
+    from rich.console import Console
+
+    from gantrain.engine.metrics import evaluate
+
+    monkeypatch.setattr(evaluate.Evaluator, "for_config", classmethod(lambda cls, *a, **k: None))
+    base = preset("fashion32")
+    path = earlier_report(tmp_path, override(base, {"data_root": "elsewhere/datasets"}))  # spelling may differ
+    contenders = [tq.Contender("tutorial", "baseline", base), tq.Contender("fashion32-tuned", "engine", base)]
+    calls = []
+
+    def run_one(contender, seed, spec, env):
+        calls.append((contender.name, seed, spec.get("stop_fd")))
+        return {"seed": seed, "images_per_s": 600.0, "stopped": True, "points": points((30.0, 7.0), (60.0, 4.5))}
+
+    with open(tmp_path / "console.txt", "w") as fh:
+        report = tq.bench_to_quality(base, contenders, seeds=2, baseline_seeds=None, targets=[5.0], budget_epochs=1,
+                                     eval_every_epochs=0.25, eval_samples=100, out=tmp_path / "tq",
+                                     console=Console(file=fh, width=300), stop_when_reached=True,
+                                     baseline_from=path, run_one=run_one)
+    assert calls == [("fashion32-tuned", 0, 5.0), ("fashion32-tuned", 1, 5.0)]
+    tutorial = report["contenders"][0]
+    assert [r["seed"] for r in tutorial["runs"]] == [0, 1] and report["baseline_seeds"] == 2
+    assert tutorial["reused_from"] == {"path": str(path), "date": "2026-11-01T00:00:00+00:00", "git_commit": "abc123"}
+    assert report["headline"]["contenders"]["fashion32-tuned"]["sooner"] == pytest.approx(150 / 60)
+    assert f"tutorial: 2 run(s) taken from {path} (measured 2026-11-01, commit abc123), not trained again" in \
+        (tmp_path / "console.txt").read_text()
+    assert "taken from" in (tmp_path / "tq" / "to_quality.md").read_text()
+    saved = json.loads((tmp_path / "tq" / "to_quality.json").read_text())
+    assert saved["contenders"][0]["runs"] == tutorial["runs"]
+    # --baseline-seeds 1 takes the first run only: the loop's final FD is then 6
+    report = tq.bench_to_quality(base, contenders, seeds=1, baseline_seeds=1, targets=[5.0], budget_epochs=1,
+                                 eval_every_epochs=0.25, eval_samples=100, out=tmp_path / "tq1", console=Console(
+                                     file=open(tmp_path / "c1.txt", "w")), baseline_from=path, run_one=run_one)
+    assert len(report["contenders"][0]["runs"]) == 1 and report["headline"]["target_fd"] == 6.0
+
+
+@pytest.mark.parametrize(("earlier", "message"), [
+    ({"recipe": {"lr_g": 1e-3}}, r"optim\.lr_g 0\.001 \(here 0\.0002\)"),
+    ({"recipe": {"batch_size": 64}}, r"data\.batch_size 64 \(here 128\)"),
+    ({"recipe": {"seed": 7}}, r"run\.seed 7 \(here 0\)"),
+    ({"spec": {"eval_every_epochs": 1.0}}, r"eval_every_epochs 1\.0 \(here 0\.25\)"),
+    ({"spec": {"budget_epochs": 20}}, r"budget_epochs 20 \(here 1\)"),
+    ({"system": {"cpu": "Another CPU"}}, r"cpu 'Another CPU' \(here "),
+    ({"system": {"torch_threads": 97}}, r"torch_threads 97 \(here "),
+])
+def test_baseline_from_refuses_runs_that_are_not_this_measurements_tutorial_loop(tmp_path, earlier, message):
+    """Another recipe, seed, evaluation grid, budget or machine would make the headline divide incomparable times:
+    refused before any folder is made, naming what differs."""
+    from rich.console import Console
+
+    base = preset("fashion32")
+    path = earlier_report(tmp_path, override(base, earlier.get("recipe", {})), system=earlier.get("system"),
+                          **earlier.get("spec", {}))
+    with pytest.raises(ConfigError, match=r"--baseline-from: .* measured another tutorial loop than this run would: "
+                                          + message):
+        tq.bench_to_quality(base, [tq.Contender("tutorial", "baseline", base)], seeds=1, baseline_seeds=None,
+                            targets=[5.0], budget_epochs=1, eval_every_epochs=0.25, eval_samples=100,
+                            out=tmp_path / "tq", console=Console(), baseline_from=path)
+    assert not (tmp_path / "tq").exists()
+
+
+def test_baseline_from_refuses_unreadable_or_foreign_files(tmp_path):
+    from rich.console import Console
+
+    base = preset("fashion32")
+    tutorial = tq.Contender("tutorial", "baseline", base)
+    (tmp_path / "speed.json").write_text(json.dumps({"results": []}))  # a speed bench report
+    (tmp_path / "broken.json").write_text("{not json")
+    empty = earlier_report(tmp_path, base, finals=(), name="empty.json")
+    cases = [(tmp_path / "missing.json", [tutorial], None, "cannot read .*missing.json"),
+             (tmp_path / "speed.json", [tutorial], None, "is not a to_quality.json with a tutorial-loop run"),
+             (tmp_path / "broken.json", [tutorial], None, "is not a to_quality.json with a tutorial-loop run"),
+             (empty, [tutorial], None, "holds no finished tutorial-loop run"),
+             (earlier_report(tmp_path, base), [tutorial], 3,
+              "holds 2 tutorial-loop run.s., --baseline-seeds asks for 3"),
+             (empty, [tq.Contender("fashion32", "engine", base)], None, "needs the 'tutorial' contender")]
+    for path, contenders, baseline_seeds, message in cases:
+        with pytest.raises(ConfigError, match=f"--baseline-from: (.* )?{message}"):
+            tq.bench_to_quality(base, contenders, seeds=1, baseline_seeds=baseline_seeds, targets=[5.0],
+                                budget_epochs=1, eval_every_epochs=0.25, eval_samples=100, out=tmp_path / "tq",
+                                console=Console(), baseline_from=path)
