@@ -3,6 +3,7 @@ parsing, and the report files written from a hand-made report."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 
@@ -282,8 +283,8 @@ def test_baseline_from_takes_the_tutorial_runs_of_an_earlier_report(tmp_path, mo
     assert saved["contenders"][0]["runs"] == tutorial["runs"]
     # --baseline-seeds 1 takes the first run only: the loop's final FD is then 6
     report = tq.bench_to_quality(base, contenders, seeds=1, baseline_seeds=1, targets=[5.0], budget_epochs=1,
-                                 eval_every_epochs=0.25, eval_samples=100, out=tmp_path / "tq1", console=Console(
-                                     file=open(tmp_path / "c1.txt", "w")), baseline_from=path, run_one=run_one)
+                                 eval_every_epochs=0.25, eval_samples=100, out=tmp_path / "tq1", console=Console(file=io.StringIO()),
+                                 baseline_from=path, run_one=run_one)
     assert len(report["contenders"][0]["runs"]) == 1 and report["headline"]["target_fd"] == 6.0
 
 
