@@ -150,7 +150,7 @@ def run_command(
 @app.command("presets", cls=FlagCommand)
 def presets_command() -> None:
     """List the presets and their key values."""
-    from gantrain.engine.config import preset as build_preset
+    from gantrain.engine.config import ModelConfig, preset as build_preset
 
     table = Table(title="gantrain presets", show_lines=True)
     table.add_column("preset", no_wrap=True, style="bold")
@@ -158,7 +158,9 @@ def presets_command() -> None:
     table.add_column("description")
     for name, (_, description) in PRESETS.items():
         c = build_preset(name)
-        values = (f"{c.data.dataset} {c.data.image_size}x{c.data.image_size}x{c.data.channels}, {c.model.arch}, "
+        width = (f" (ngf {c.model.ngf}, ndf {c.model.ndf})" if (c.model.ngf, c.model.ndf) != (ModelConfig.ngf, ModelConfig.ndf)
+                 else "")
+        values = (f"{c.data.dataset} {c.data.image_size}x{c.data.image_size}x{c.data.channels}, {c.model.arch}{width}, "
                   f"batch {c.data.batch_size}, lr_g {c.optim.lr_g:g}, lr_d {c.optim.lr_d:g}, "
                   f"smoothing {c.loss.label_smoothing:g}, {c.loss.noise} noise, {c.run.epochs} epochs")
         values += f", G EMA {c.perf.ema_decay:g}" if c.perf.ema_decay else ""

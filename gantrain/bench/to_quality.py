@@ -375,7 +375,8 @@ def reused_baseline_runs(path: Path, tutorial: Config, spec: dict, system: dict,
     if differences:
         raise ConfigError(f"--baseline-from: {path} measured another tutorial loop than this run would: "
                           + "; ".join(differences))
-    return runs, {"path": str(path), "date": str(their_system.get("date")), "git_commit": their_system.get("git_commit")}
+    source = {"path": str(path), "date": str(their_system.get("date")), "git_commit": their_system.get("git_commit")}
+    return runs, source
 
 
 def _tutorial_final_fd(report: dict) -> float | None:

@@ -13,7 +13,7 @@ from gantrain.engine.errors import ConfigError
 EXPECTED_PRESETS = {
     # name: (dataset, image size, channels, arch, kernel, batch, lr_g, lr_d, smoothing, noise)
     "fashion32": ("fashion-mnist", 32, 1, "dcgan", 4, 128, 2e-4, 2e-4, 0.0, "normal"),
-    "fashion32-tuned": ("fashion-mnist", 32, 1, "dcgan", 4, 128, 1.5e-3, 4e-4, 0.25, "normal"),
+    "fashion32-tuned": ("fashion-mnist", 32, 1, "dcgan", 4, 64, 1.5e-3, 4e-4, 0.25, "normal"),
     "mnist32": ("mnist", 32, 1, "dcgan", 4, 128, 2e-4, 2e-4, 0.0, "normal"),
     "cats64": ("folder", 64, 3, "dcgan", 4, 128, 2e-4, 2e-4, 0.0, "normal"),
     "cats64-diffaug": ("folder", 64, 3, "dcgan", 4, 128, 2e-4, 2e-4, 0.0, "normal"),
@@ -38,13 +38,14 @@ def test_preset_registry_is_exactly_these() -> None:
 
 
 def test_the_tuned_recipe_differs_from_the_tutorial_only_where_it_says() -> None:
-    """fashion32-tuned: the search's lrs and smoothing, EMA, FD every epoch, final samples from best.pt; the rest
-    (model, data, budget, engine settings) is fashion32's, so the two compare at equal cost per step."""
+    """fashion32-tuned: the search's lrs and smoothing, D half as wide at batch 64, EMA, FD every epoch, final
+    samples from best.pt; the rest (G, data, budget, engine settings) is fashion32's."""
     tuned, plain = preset("fashion32-tuned").to_dict(), preset("fashion32").to_dict()
     changed = {(section, key) for section in plain if isinstance(plain[section], dict)
                for key in plain[section] if plain[section][key] != tuned[section][key]}
     assert changed == {("optim", "lr_g"), ("optim", "lr_d"), ("loss", "label_smoothing"), ("perf", "ema_decay"),
-                       ("run", "eval_every"), ("run", "samples_from_best")}
+                       ("run", "eval_every"), ("run", "samples_from_best"), ("model", "ndf"), ("data", "batch_size")}
+    assert (tuned["model"]["ngf"], tuned["model"]["ndf"], tuned["data"]["batch_size"]) == (64, 32, 64)
     assert preset("fashion32").perf.ema_decay == 0 and not preset("fashion32").run.samples_from_best
 
 
