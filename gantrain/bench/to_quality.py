@@ -351,6 +351,9 @@ def reused_baseline_runs(path: Path, tutorial: Config, spec: dict, system: dict,
         contender = next(c for c in earlier["contenders"] if c["kind"] == "baseline")
         runs = [r for r in contender["runs"] if "error" not in r]
         config, their_spec, their_system = contender["config"], {k: earlier[k] for k in _SPEC_KEYS}, earlier["system"]
+        if not all(isinstance(part, dict) for part in (config, their_system, *(config[k] for k in _RECIPE_SECTIONS),
+                                                       config["run"])):
+            raise TypeError("a section is not a table")
     except OSError as exc:
         raise ConfigError(f"--baseline-from: cannot read {path}: {exc.strerror or exc}") from None
     except (ValueError, KeyError, TypeError, AttributeError, StopIteration):

@@ -320,10 +320,14 @@ def test_baseline_from_refuses_unreadable_or_foreign_files(tmp_path):
     tutorial = tq.Contender("tutorial", "baseline", base)
     (tmp_path / "speed.json").write_text(json.dumps({"results": []}))  # a speed bench report
     (tmp_path / "broken.json").write_text("{not json")
+    odd = json.loads(earlier_report(tmp_path, base, name="odd.json").read_text())
+    odd["system"], odd["contenders"][0]["config"]["optim"] = "a CPU", [0.1]  # hand-edited into other shapes
+    (tmp_path / "odd.json").write_text(json.dumps(odd))
     empty = earlier_report(tmp_path, base, finals=(), name="empty.json")
     cases = [(tmp_path / "missing.json", [tutorial], None, "cannot read .*missing.json"),
              (tmp_path / "speed.json", [tutorial], None, "is not a to_quality.json with a tutorial-loop run"),
              (tmp_path / "broken.json", [tutorial], None, "is not a to_quality.json with a tutorial-loop run"),
+             (tmp_path / "odd.json", [tutorial], None, "is not a to_quality.json with a tutorial-loop run"),
              (empty, [tutorial], None, "holds no finished tutorial-loop run"),
              (earlier_report(tmp_path, base), [tutorial], 3,
               "holds 2 tutorial-loop run.s., --baseline-seeds asks for 3"),
