@@ -300,9 +300,8 @@ def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: in
     for i, (runs, source) in reused.items():
         report["contenders"][i].update(runs=runs, reused_from=source)
         report["baseline_seeds"] = len(runs)
-        console.print(f"{contenders[i].name}: {len(runs)} run(s) taken from {source['path']} (measured "
-                      f"{source['date'][:10]}, commit {str(source['git_commit'])[:12]}), not trained again",
-                      soft_wrap=True)
+        console.print(f"{contenders[i].name}: {len(runs)} run(s) taken from {_described(source)}, not trained "
+                      "again", soft_wrap=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     jobs = [(s, i) for s in range(seeds) for i, c in enumerate(contenders)
             if i not in reused and (c.kind != "baseline" or s < (baseline_seeds or seeds))]
@@ -328,8 +327,8 @@ def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: in
 
 #: The parts of the tutorial contender's config that decide what it trains (data_root may be spelt differently).
 _RECIPE_SECTIONS = ("data", "model", "optim", "loss")
-#: What an earlier measurement must share with this one for its training times to compare.
-_SPEC_KEYS = ("budget_epochs", "eval_every_epochs", "eval_samples", "eval_seed", "num_workers")
+#: What an earlier measurement must share with this one (besides every key of the run spec) for its training
+#: times to compare.
 _HARDWARE_KEYS = ("cpu", "cpu_cores", "torch_threads", "gpu", "gpu_count", "torch")
 
 
@@ -350,7 +349,7 @@ def reused_baseline_runs(path: Path, tutorial: Config, spec: dict, system: dict,
         earlier = json.loads(Path(path).read_text())
         contender = next(c for c in earlier["contenders"] if c["kind"] == "baseline")
         runs = [r for r in contender["runs"] if "error" not in r]
-        config, their_spec, their_system = contender["config"], {k: earlier[k] for k in _SPEC_KEYS}, earlier["system"]
+        config, their_spec, their_system = contender["config"], {k: earlier[k] for k in spec}, earlier["system"]
         if not all(isinstance(part, dict) for part in (config, their_system, *(config[k] for k in _RECIPE_SECTIONS),
                                                        config["run"])):
             raise TypeError("a section is not a table")
@@ -371,7 +370,7 @@ def reused_baseline_runs(path: Path, tutorial: Config, spec: dict, system: dict,
                    if key != "data_root" and config.get(section, {}).get(key) != value]
     if config.get("run", {}).get("seed") != ours["run"]["seed"]:
         differences.append(f"run.seed {config.get('run', {}).get('seed')!r} (here {ours['run']['seed']!r})")
-    differences += [f"{key} {their_spec[key]!r} (here {spec[key]!r})" for key in _SPEC_KEYS
+    differences += [f"{key} {their_spec[key]!r} (here {spec[key]!r})" for key in spec
                     if their_spec[key] != spec[key]]
     differences += [f"{key} {their_system.get(key)!r} (here {system.get(key)!r})" for key in _HARDWARE_KEYS
                     if their_system.get(key) != system.get(key)]
@@ -380,6 +379,11 @@ def reused_baseline_runs(path: Path, tutorial: Config, spec: dict, system: dict,
                           + "; ".join(differences))
     source = {"path": str(path), "date": str(their_system.get("date")), "git_commit": their_system.get("git_commit")}
     return runs, source
+
+
+def _described(source: dict) -> str:
+    """Where reused runs came from, in words: ``PATH (measured DATE, commit SHA)``."""
+    return f"{source['path']} (measured {source['date'][:10]}, commit {str(source['git_commit'])[:12]})"
 
 
 def _tutorial_final_fd(report: dict) -> float | None:
@@ -461,9 +465,7 @@ def rendered(report: dict):
                     " --stop-when-reached: no tutorial run finished, so every run used the whole budget.")
     for c in report["contenders"]:
         if c.get("reused_from"):
-            source = c["reused_from"]
-            caption += (f" The {c['name']} runs were taken from {source['path']} (measured {source['date'][:10]}, "
-                        f"commit {str(source['git_commit'])[:12]}; --baseline-from), not trained again.")
+            caption += f" The {c['name']} runs were taken from {_described(c['reused_from'])} by --baseline-from."
     title = f"gantrain bench --to-quality: {report['preset']}"
     legend = ("training seconds until the FD first reaches each value, median over seeds; "
               + ("* the tutorial loop's final FD; " if head else "") + "final: the last FD")
