@@ -158,12 +158,13 @@ def presets_command() -> None:
     table.add_column("description")
     for name, (_, description) in PRESETS.items():
         c = build_preset(name)
-        width = (f" (ngf {c.model.ngf}, ndf {c.model.ndf})" if (c.model.ngf, c.model.ndf) != (ModelConfig.ngf, ModelConfig.ndf)
-                 else "")
+        widths = (c.model.ngf, c.model.ndf)
+        width = f" (ngf {widths[0]}, ndf {widths[1]})" if widths != (ModelConfig.ngf, ModelConfig.ndf) else ""
         values = (f"{c.data.dataset} {c.data.image_size}x{c.data.image_size}x{c.data.channels}, {c.model.arch}{width}, "
                   f"batch {c.data.batch_size}, lr_g {c.optim.lr_g:g}, lr_d {c.optim.lr_d:g}, "
                   f"smoothing {c.loss.label_smoothing:g}, {c.loss.noise} noise, {c.run.epochs} epochs")
         values += f", G EMA {c.perf.ema_decay:g}" if c.perf.ema_decay else ""
+        values += " (standing BN statistics)" if c.perf.ema_decay and c.perf.ema_bn == "standing" else ""
         values += f", FD every {c.run.eval_every} epoch(s)" if c.run.eval_every else ""
         values += ", final samples from best.pt" if c.run.samples_from_best else ""
         values += f", DiffAugment {c.loss.diffaug}" if c.loss.diffaug else ""

@@ -13,6 +13,8 @@ from torch import nn
 
 NUM_FIXED_SAMPLES = 64
 """Images in the fixed-noise sample grid (8 x 8)."""
+STANDING_STATS_SAMPLES = 2048
+"""Noise vectors behind standing BatchNorm statistics (:func:`standing_bn_stats_`)."""
 
 
 def sample_noise(n: int, nz: int, kind: str, device: torch.device | str, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -42,3 +44,30 @@ def generate_images(model: nn.Module, noise: torch.Tensor, policy=None) -> torch
     finally:
         model.train(was_training)
     return images.float()
+
+
+@torch.no_grad()
+def standing_bn_stats_(model: nn.Module, nz: int, kind: str, batch_size: int, seed: int, policy=None,
+                       num_samples: int = STANDING_STATS_SAMPLES) -> nn.Module:
+    """Recomputes ``model``'s BatchNorm running statistics, in place, for its current weights; returns ``model``.
+
+    ``model`` runs in train mode on ``num_samples // batch_size`` (at least 1) batches of ``batch_size`` noise
+    vectors (``nz`` wide, ``kind`` as :func:`sample_noise`) drawn on the CPU from ``seed`` alone, under
+    ``policy``'s autocast when given; each BatchNorm's running mean and variance become the plain averages of its
+    per-batch means and unbiased variances (``torch.optim.swa_utils.update_bn``, momentum ``None``), and its
+    momentum and the model's train/eval mode are restored. The result depends on the weights, ``seed`` and the
+    batch size only.
+
+    Why: an EMA generator's weights average many steps of G, but G's own running statistics follow G's latest
+    weights; BigGAN's "standing statistics" (Brock et al. 2019, arXiv:1809.11096, appendix C) and SWA's BatchNorm
+    pass (Izmailov et al. 2018, arXiv:1803.05407, section 3.2) recompute them for the averaged weights.
+    """
+    from torch.optim.swa_utils import update_bn
+
+    device = next(model.parameters()).device
+    noise = torch.Generator().manual_seed(seed)
+    batches = (sample_noise(batch_size, nz, kind, "cpu", noise).to(device)
+               for _ in range(max(1, num_samples // batch_size)))
+    with policy.autocast() if policy else contextlib.nullcontext():
+        update_bn(batches, model)
+    return model

@@ -37,7 +37,7 @@ from gantrain.engine.errors import ConfigError
 from gantrain.engine.models import build_models
 from gantrain.engine.precision import PrecisionPolicy
 from gantrain.engine.runtime import DistInfo, configure_cuda
-from gantrain.engine.sampling import generate_images, sample_noise
+from gantrain.engine.sampling import generate_images, sample_noise, standing_bn_stats_
 from gantrain.engine.stats import PhaseTimer, Stats
 
 
@@ -74,6 +74,8 @@ class GANStep:
         g, d = build_models(cfg.model, cfg.data.image_size, cfg.data.channels, cfg.perf.layer_impl)
         self.g, self.d = policy.prepare_model(g), policy.prepare_model(d)
         self.g_ema = copy.deepcopy(self.g).eval().requires_grad_(False) if cfg.perf.ema_decay > 0 else None
+        self.standing_stats = self.g_ema is not None and cfg.perf.ema_bn == "standing"
+        self._ema_stats_stale = False  # standing statistics: recomputed when the EMA G is next used
         betas = (cfg.optim.beta1, cfg.optim.beta2)
         self.opt_g = make_adam(self.g.parameters(), cfg.optim.lr_g, betas, device, cfg.perf.fused_adam)
         self.opt_d = make_adam(self.d.parameters(), cfg.optim.lr_d, betas, device, cfg.perf.fused_adam)
@@ -158,14 +160,27 @@ class GANStep:
     def update_ema(self) -> None:
         decay = self.cfg.perf.ema_decay
         torch._foreach_lerp_(list(self.g_ema.parameters()), list(self.g.parameters()), 1.0 - decay)
+        if self.standing_stats:
+            self._ema_stats_stale = True  # computed when used, not every step
+            return
         for ema_buf, buf in zip(self.g_ema.buffers(), self.g.buffers()):
             ema_buf.copy_(buf)
 
     # ----- sampling -----------------------------------------------------------------------------------------
     @property
     def generator(self) -> nn.Module:
-        """The generator samples and metrics use: the EMA one when on, else G."""
-        return self.g_ema if self.g_ema is not None else self.g
+        """The generator samples, metrics and checkpoints use: the EMA one when on, else G. With ``--ema-bn
+        standing`` the EMA one's BatchNorm statistics are first recomputed for its weights if it changed since
+        (:func:`~gantrain.engine.sampling.standing_bn_stats_`; G's forward on 2,048 noise vectors, no sync with
+        other ranks, nothing drawn from the training noise stream)."""
+        if self.g_ema is None:
+            return self.g
+        if self._ema_stats_stale:
+            model = self.cfg.model
+            standing_bn_stats_(self.g_ema, model.nz, self.cfg.loss.noise, self.cfg.data.batch_size,
+                               self.cfg.run.seed, self.policy)
+            self._ema_stats_stale = False
+        return self.g_ema
 
     def sample(self, noise: torch.Tensor) -> torch.Tensor:
         """Images from :attr:`generator` (float32 in [-1, 1]); eval mode, BatchNorm statistics untouched."""
@@ -194,7 +209,7 @@ class GANStep:
                  "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
                  "scaler": self.policy.scaler.state_dict(), "rng": rng}
         if self.g_ema is not None:
-            state["generator_ema"] = self.g_ema.state_dict()
+            state["generator_ema"] = self.generator.state_dict()  # its standing statistics when on
         return state
 
     def load_state_dict(self, state: dict, path: Path | str, step: int) -> list[str]:
@@ -212,6 +227,7 @@ class GANStep:
         ckpt.load_module_state(self.d, state["discriminator"], "discriminator", path)
         if self.g_ema is not None:
             ckpt.load_module_state(self.g_ema, state.get("generator_ema", state["generator"]), "EMA generator", path)
+            self._ema_stats_stale = self.standing_stats  # the saved statistics may be G's (another --ema-bn)
         changed = [*load_optimizer(self.opt_g, state["opt_g"], "G"), *load_optimizer(self.opt_d, state["opt_d"], "D")]
         if state.get("scaler"):
             self.policy.scaler.load_state_dict(state["scaler"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -63,6 +65,71 @@ def test_ema_tracks_generator(tiny_cfg, quiet_console):
         torch.testing.assert_close(ema, decay * old + (1 - decay) * new)
     assert not all(torch.equal(e, g) for e, g in zip(trainer.gan.g_ema.parameters(), trainer.gan.g.parameters()))
     assert "generator_ema" in trainer.state_dict()
+
+
+def _bn_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [t for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            for t in (m.running_mean, m.running_var)]
+
+
+def _update_bn_reference(g_ema: torch.nn.Module, cfg) -> torch.nn.Module:
+    """torch's own update_bn on a copy of the EMA generator, fed the documented noise: 2,048 N(0, 1) vectors in
+    batches of the training batch size, drawn on the CPU from the run's seed."""
+    from torch.optim.swa_utils import update_bn
+
+    ref = copy.deepcopy(g_ema)
+    noise = torch.Generator().manual_seed(cfg.run.seed)
+    batch = cfg.data.batch_size
+    update_bn([torch.randn(batch, cfg.model.nz, generator=noise) for _ in range(2048 // batch)], ref)
+    return ref
+
+
+def test_standing_ema_statistics(tiny_cfg, quiet_console, monkeypatch):
+    """--ema-bn standing: G and D train exactly as with copied statistics; the EMA G's BatchNorm statistics are
+    recomputed for its weights when it is used after a change (not every step), match torch's update_bn, and are
+    what checkpoints store."""
+    import gantrain.engine.step as step_module
+
+    cfg_copy, cfg_standing = tiny_cfg("copy", ema_decay=0.9), tiny_cfg("standing", ema_decay=0.9, ema_bn="standing")
+    copied, standing = Trainer(cfg_copy, console=quiet_console), Trainer(cfg_standing, console=quiet_console)
+    calls, real = [], step_module.standing_bn_stats_
+    monkeypatch.setattr(step_module, "standing_bn_stats_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    batches_copy, batches_standing = copied.loader.epoch(0), standing.loader.epoch(0)
+    for i in range(3):
+        copied.gan(next(batches_copy))
+        standing.gan(next(batches_standing))
+        standing.gan.generator  # a recompute between steps must not touch training
+        assert len(calls) == i + 1
+    standing.gan.generator
+    assert len(calls) == 3, "no recompute while the EMA weights are unchanged"
+    for name in ("g", "d", "g_ema"):
+        ours, theirs = getattr(copied.gan, name).parameters(), getattr(standing.gan, name).parameters()
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs)), name
+    assert torch.equal(copied.gan.noise_gen.get_state(), standing.gan.noise_gen.get_state())
+
+    assert all(torch.equal(a, b) for a, b in zip(_bn_buffers(copied.gan.g_ema), _bn_buffers(copied.gan.g)))
+    reference = _update_bn_reference(standing.gan.g_ema, cfg_standing)
+    for ours, theirs, g_own in zip(_bn_buffers(standing.gan.generator), _bn_buffers(reference),
+                                   _bn_buffers(standing.gan.g)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(ours, g_own), "G's own running statistics, not the EMA weights' ones"
+    assert not standing.gan.generator.training
+
+    saved = standing.gan.state_dict()["generator_ema"]
+    for key, value in reference.state_dict().items():
+        if "running" in key:
+            torch.testing.assert_close(saved[key], value, rtol=1e-5, atol=1e-6)
+    # A checkpoint of --ema-bn copy resumed with standing: its EMA statistics are recomputed, not kept.
+    resumed = Trainer(tiny_cfg("resumed", ema_decay=0.9, ema_bn="standing"), console=quiet_console)
+    resumed.gan.load_state_dict(copied.gan.state_dict(), "copy.pt", step=3)
+    expected = _update_bn_reference(copied.gan.g_ema, cfg_standing)
+    for ours, theirs in zip(_bn_buffers(resumed.gan.generator), _bn_buffers(expected)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_ema_bn_mode_is_checked(tiny_cfg):
+    with pytest.raises(ConfigError, match="--ema-bn: must be one of copy, standing"):
+        tiny_cfg(ema_bn="running")
 
 
 def test_adam_is_fused_or_foreach():
