@@ -267,8 +267,8 @@ class PerfConfig:
     """Keep an exponential moving average of G with this decay (0 = off); used for samples and generate."""
     ema_bn: str = "copy"
     """BatchNorm statistics of the EMA generator (with --ema-decay > 0): copy (G's running statistics, copied
-    every step) or standing (recomputed for the EMA weights from 2,048 noise vectors whenever the EMA generator is
-    used: evaluation, samples, checkpoints; BigGAN's standing statistics)."""
+    every step) or standing (recomputed for the EMA weights from 2,048 noise vectors of their own when the EMA
+    generator is next used after a step: evaluation, samples, checkpoints; BigGAN's standing statistics)."""
     cuda_graphs: bool = False
     """Capture the steps as CUDA graphs (CUDA only; implies --compile-mode reduce-overhead)."""
     compile_cache_dir: str = ""

@@ -14,7 +14,10 @@ from torch import nn
 NUM_FIXED_SAMPLES = 64
 """Images in the fixed-noise sample grid (8 x 8)."""
 STANDING_STATS_SAMPLES = 2048
-"""Noise vectors behind standing BatchNorm statistics (:func:`standing_bn_stats_`)."""
+"""Noise vectors behind standing BatchNorm statistics (:func:`standing_bn_stats_`), rounded down to whole batches."""
+STANDING_STATS_SEED_OFFSET = 1_000_003
+"""Added to the run's seed for the standing-statistics noise, so that it is not the noise of the sample grid or of
+the metrics (both drawn from a seed itself): the statistics never see the latents they are judged on."""
 
 
 def sample_noise(n: int, nz: int, kind: str, device: torch.device | str, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -55,8 +58,8 @@ def standing_bn_stats_(model: nn.Module, nz: int, kind: str, batch_size: int, se
     vectors (``nz`` wide, ``kind`` as :func:`sample_noise`) drawn on the CPU from ``seed`` alone, under
     ``policy``'s autocast when given; each BatchNorm's running mean and variance become the plain averages of its
     per-batch means and unbiased variances (``torch.optim.swa_utils.update_bn``, momentum ``None``), and its
-    momentum and the model's train/eval mode are restored. The result depends on the weights, ``seed`` and the
-    batch size only.
+    momentum and the model's train/eval mode are restored. No other random stream is drawn from: the result is a
+    function of the weights and the arguments.
 
     Why: an EMA generator's weights average many steps of G, but G's own running statistics follow G's latest
     weights; BigGAN's "standing statistics" (Brock et al. 2019, arXiv:1809.11096, appendix C) and SWA's BatchNorm

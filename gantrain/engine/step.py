@@ -12,6 +12,10 @@ With ``--diffaug`` every batch D sees (real and fake in ``d_step``, the fakes ag
 :func:`~gantrain.engine.diffaug.diff_augment` first, each time with fresh parameters from the noise stream; G's
 images themselves (what ``d_step`` returns, samples, metrics) are never augmented. Off, nothing is drawn.
 
+With ``--ema-decay`` an EMA copy of G's weights is updated after every iteration; samples, metrics and checkpoints
+use it (:attr:`GANStep.generator`), with G's BatchNorm statistics copied each step or, with ``--ema-bn standing``,
+statistics recomputed for the EMA weights when it is next used.
+
 The Trainer wires this to data, checkpoints and outputs; ``gantrain bench`` times :meth:`GANStep.__call__` alone
 and ``gantrain tune`` reads its generator. Statistics stay on the device (:class:`~gantrain.engine.stats.Stats`)
 and are read at log time only: no host sync in the step.
@@ -37,7 +41,7 @@ from gantrain.engine.errors import ConfigError
 from gantrain.engine.models import build_models
 from gantrain.engine.precision import PrecisionPolicy
 from gantrain.engine.runtime import DistInfo, configure_cuda
-from gantrain.engine.sampling import generate_images, sample_noise, standing_bn_stats_
+from gantrain.engine.sampling import STANDING_STATS_SEED_OFFSET, generate_images, sample_noise, standing_bn_stats_
 from gantrain.engine.stats import PhaseTimer, Stats
 
 
@@ -75,7 +79,7 @@ class GANStep:
         self.g, self.d = policy.prepare_model(g), policy.prepare_model(d)
         self.g_ema = copy.deepcopy(self.g).eval().requires_grad_(False) if cfg.perf.ema_decay > 0 else None
         self.standing_stats = self.g_ema is not None and cfg.perf.ema_bn == "standing"
-        self._ema_stats_stale = False  # standing statistics: recomputed when the EMA G is next used
+        self._ema_stats_stale = self.standing_stats  # recomputed when the EMA G is next used
         betas = (cfg.optim.beta1, cfg.optim.beta2)
         self.opt_g = make_adam(self.g.parameters(), cfg.optim.lr_g, betas, device, cfg.perf.fused_adam)
         self.opt_d = make_adam(self.d.parameters(), cfg.optim.lr_d, betas, device, cfg.perf.fused_adam)
@@ -171,16 +175,18 @@ class GANStep:
     def generator(self) -> nn.Module:
         """The generator samples, metrics and checkpoints use: the EMA one when on, else G. With ``--ema-bn
         standing`` the EMA one's BatchNorm statistics are first recomputed for its weights if it changed since
-        (:func:`~gantrain.engine.sampling.standing_bn_stats_`; G's forward on 2,048 noise vectors, no sync with
-        other ranks, nothing drawn from the training noise stream)."""
+        (:func:`~gantrain.engine.sampling.standing_bn_stats_`: the EMA generator's forward on 2,048 noise vectors
+        of their own seed, no sync with other ranks, nothing drawn from the training noise stream)."""
         if self.g_ema is None:
             return self.g
         if self._ema_stats_stale:
-            model = self.cfg.model
-            standing_bn_stats_(self.g_ema, model.nz, self.cfg.loss.noise, self.cfg.data.batch_size,
-                               self.cfg.run.seed, self.policy)
+            self._standing_stats_(self.g_ema)
             self._ema_stats_stale = False
         return self.g_ema
+
+    def _standing_stats_(self, generator: nn.Module) -> None:
+        standing_bn_stats_(generator, self.cfg.model.nz, self.cfg.loss.noise, self.cfg.data.batch_size,
+                           self.cfg.run.seed + STANDING_STATS_SEED_OFFSET, self.policy)
 
     def sample(self, noise: torch.Tensor) -> torch.Tensor:
         """Images from :attr:`generator` (float32 in [-1, 1]); eval mode, BatchNorm statistics untouched."""
@@ -189,9 +195,11 @@ class GANStep:
     def sample_from(self, state: dict, noise: torch.Tensor, path: Path | str) -> torch.Tensor:
         """Images from the generator of checkpoint ``state`` (its EMA one when present and this run keeps one),
         loaded into a copy: this step's own weights stay as they are."""
-        generator = copy.deepcopy(self.generator)
+        generator = copy.deepcopy(self.g_ema if self.g_ema is not None else self.g)
         key = "generator_ema" if self.g_ema is not None and "generator_ema" in state else "generator"
         ckpt.load_module_state(generator, state[key], "generator", path)
+        if self.standing_stats:  # the checkpoint may hold G's copied statistics (written with --ema-bn copy)
+            self._standing_stats_(generator)
         return generate_images(generator, noise, self.policy)
 
     # ----- state --------------------------------------------------------------------------------------------
@@ -258,7 +266,7 @@ class GANStep:
         One host sync (and under DDP one all-reduce when ``collective``): called at checkpoint time only."""
         models = [("generator", self.g), ("discriminator", self.d)]
         if self.g_ema is not None:
-            models.append(("EMA generator", self.g_ema))
+            models.append(("EMA generator", self.generator))  # with the statistics a checkpoint would store
         counts = torch.stack([
             sum((torch.count_nonzero(~torch.isfinite(t)) for t in [*m.parameters(), *m.buffers()]
                  if t.is_floating_point()), torch.zeros((), dtype=torch.int64, device=self.device))

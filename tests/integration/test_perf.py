@@ -72,13 +72,13 @@ def _bn_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
             for t in (m.running_mean, m.running_var)]
 
 
-def _update_bn_reference(g_ema: torch.nn.Module, cfg) -> torch.nn.Module:
+def _update_bn_reference(g_ema: torch.nn.Module, cfg, offset: int = 1_000_003) -> torch.nn.Module:
     """torch's own update_bn on a copy of the EMA generator, fed the documented noise: 2,048 N(0, 1) vectors in
-    batches of the training batch size, drawn on the CPU from the run's seed."""
+    batches of the training batch size, drawn on the CPU from the run's seed + 1,000,003."""
     from torch.optim.swa_utils import update_bn
 
     ref = copy.deepcopy(g_ema)
-    noise = torch.Generator().manual_seed(cfg.run.seed)
+    noise = torch.Generator().manual_seed(cfg.run.seed + offset)
     batch = cfg.data.batch_size
     update_bn([torch.randn(batch, cfg.model.nz, generator=noise) for _ in range(2048 // batch)], ref)
     return ref
@@ -98,6 +98,8 @@ def test_standing_ema_statistics(tiny_cfg, quiet_console, monkeypatch):
     for i in range(3):
         copied.gan(next(batches_copy))
         standing.gan(next(batches_standing))
+        if i == 2:  # what a checkpoint stores, taken before anything else asked for the generator
+            saved = standing.gan.state_dict()["generator_ema"]
         standing.gan.generator  # a recompute between steps must not touch training
         assert len(calls) == i + 1
     standing.gan.generator
@@ -114,8 +116,10 @@ def test_standing_ema_statistics(tiny_cfg, quiet_console, monkeypatch):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
         assert not torch.allclose(ours, g_own), "G's own running statistics, not the EMA weights' ones"
     assert not standing.gan.generator.training
+    # Its own noise, not the run seed's (the sample grid's and the metrics' latents): other statistics.
+    in_sample = _update_bn_reference(standing.gan.g_ema, cfg_standing, offset=0)
+    assert not torch.allclose(_bn_buffers(in_sample)[0], _bn_buffers(reference)[0])
 
-    saved = standing.gan.state_dict()["generator_ema"]
     for key, value in reference.state_dict().items():
         if "running" in key:
             torch.testing.assert_close(saved[key], value, rtol=1e-5, atol=1e-6)
@@ -124,6 +128,19 @@ def test_standing_ema_statistics(tiny_cfg, quiet_console, monkeypatch):
     resumed.gan.load_state_dict(copied.gan.state_dict(), "copy.pt", step=3)
     expected = _update_bn_reference(copied.gan.g_ema, cfg_standing)
     for ours, theirs in zip(_bn_buffers(resumed.gan.generator), _bn_buffers(expected)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    # The same for images from such a checkpoint (the end-of-run samples from best.pt).
+    noise = torch.randn(8, cfg_standing.model.nz, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        torch.testing.assert_close(standing.gan.sample_from(copied.gan.state_dict(), noise, "copy.pt"),
+                                   expected.eval()(noise), rtol=1e-5, atol=1e-5)
+
+
+def test_standing_statistics_before_the_first_step(tiny_cfg, quiet_console):
+    """A fresh run's EMA generator (as G at initialisation) already has statistics of its own weights."""
+    trainer = Trainer(tiny_cfg(ema_decay=0.9, ema_bn="standing"), console=quiet_console)
+    expected = _update_bn_reference(trainer.gan.g, trainer.cfg)
+    for ours, theirs in zip(_bn_buffers(trainer.gan.generator), _bn_buffers(expected)):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
