@@ -596,8 +596,8 @@ PRESETS = {
 # users compare with.
 RECOMMENDED = {"fashion32": "fashion32-tuned", "cats64": "cats64-diffaug"}
 RECOMMENDED_MEASURED = {
-    "fashion32-tuned": "reached the tutorial loop's 20-epoch FD (2.37) after 162 s of training (142-419 s, 3 seeds) "
-                       "against the loop's own 1366 s, 8.4x sooner, and ended 20 epochs at FD 1.66, 1.84 and 1.84 "
+    "fashion32-tuned": "reached the tutorial loop's 20-epoch FD (2.37) after 154 s of training (130-155 s, 3 seeds) "
+                       "against the loop's own 1366 s, 8.9x sooner, and ended 20 epochs at FD 1.63, 1.71 and 1.88 "
                        "against the loop's 2.37, 2.85 and 3.83 on the same seeds, on a 2-core CPU",
     "cats64-diffaug": "ended 6 epochs (~10 min of training) at FD 2.31 and 10.29 against cats64's 25.65 and 22.32 "
                       "(2 seeds each, the cat-face folder's rotation-feature FD), at 91 against 96 images/s, on a "

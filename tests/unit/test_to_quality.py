@@ -231,8 +231,8 @@ def test_a_tutorial_contender_says_which_settings_the_plain_loop_lacks(tmp_path,
                             eval_every_epochs=1, eval_samples=100, out=tmp_path / "tq",
                             console=Console(file=fh, width=300), run_one=run_one)
     lines = [line for line in out.read_text().splitlines() if "the plain loop has no" in line]
-    assert lines == ["tutorial: the plain loop has no generator EMA 0.99; it trains the rest of fashion32-tuned's "
-                     "recipe"]
+    assert lines == ["tutorial: the plain loop has no generator EMA 0.99 (standing BN statistics); it trains the "
+                     "rest of fashion32-tuned's recipe"]
 
 
 def earlier_report(tmp_path, base, *, finals=(6.0, 4.0), system=None, name="earlier.json", **spec_changes):
