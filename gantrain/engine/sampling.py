@@ -62,8 +62,8 @@ def standing_bn_stats_(model: nn.Module, nz: int, kind: str, batch_size: int, se
     function of the weights and the arguments.
 
     Why: an EMA generator's weights average many steps of G, but G's own running statistics follow G's latest
-    weights; BigGAN's "standing statistics" (Brock et al. 2019, arXiv:1809.11096, appendix C) and SWA's BatchNorm
-    pass (Izmailov et al. 2018, arXiv:1803.05407, section 3.2) recompute them for the averaged weights.
+    weights; BigGAN's "standing statistics" (Brock et al. 2019, arXiv:1809.11096) and SWA's BatchNorm pass
+    (Izmailov et al. 2018, arXiv:1803.05407) recompute them for the averaged weights.
     """
     from torch.optim.swa_utils import update_bn
 
