@@ -163,8 +163,7 @@ def presets_command() -> None:
         values = (f"{c.data.dataset} {c.data.image_size}x{c.data.image_size}x{c.data.channels}, {c.model.arch}{width}, "
                   f"batch {c.data.batch_size}, lr_g {c.optim.lr_g:g}, lr_d {c.optim.lr_d:g}, "
                   f"smoothing {c.loss.label_smoothing:g}, {c.loss.noise} noise, {c.run.epochs} epochs")
-        values += f", G EMA {c.perf.ema_decay:g}" if c.perf.ema_decay else ""
-        values += " (standing BN statistics)" if c.perf.ema_decay and c.perf.ema_bn == "standing" else ""
+        values += f", G {c.perf.ema_words()}" if c.perf.ema_decay else ""
         values += f", FD every {c.run.eval_every} epoch(s)" if c.run.eval_every else ""
         values += ", final samples from best.pt" if c.run.samples_from_best else ""
         values += f", DiffAugment {c.loss.diffaug}" if c.loss.diffaug else ""

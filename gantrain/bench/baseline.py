@@ -24,8 +24,7 @@ from gantrain.engine.sampling import sample_noise
 def plain_loop_omits(cfg: Config) -> list[str]:
     """The settings of ``cfg`` this loop does not implement, in words (it trains the recipe without them): the
     bench says so in one line, since gantrain's step does apply them."""
-    ema = f"generator EMA {cfg.perf.ema_decay:g}" + (" (standing BN statistics)" if cfg.perf.ema_bn == "standing" else "")
-    return [text for applies, text in ((cfg.perf.ema_decay > 0, ema),
+    return [text for applies, text in ((cfg.perf.ema_decay > 0, f"generator {cfg.perf.ema_words()}"),
                                        (bool(cfg.loss.diffaug), f"DiffAugment {cfg.loss.diffaug}"),
                                        (cfg.data.hflip, "horizontal flips")) if applies]
 

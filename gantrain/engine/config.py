@@ -287,6 +287,12 @@ class PerfConfig:
         _check(self.layer_impl in LAYER_IMPLS, "layer_impl", f"must be one of {', '.join(LAYER_IMPLS)}, "
                f"got {self.layer_impl!r}")
 
+    def ema_words(self) -> str:
+        """The generator EMA in words ('EMA 0.99 (standing BN statistics)'), or '' when off."""
+        if not self.ema_decay:
+            return ""
+        return f"EMA {self.ema_decay:g}" + (" (standing BN statistics)" if self.ema_bn == "standing" else "")
+
 
 @dataclass
 class DistConfig:

@@ -7,7 +7,6 @@ are marked slow; every test writes the metrics cache only into the session's cac
 
 from __future__ import annotations
 
-import copy
 import json
 import threading
 from pathlib import Path
@@ -27,6 +26,7 @@ from gantrain.engine.metrics.cache import cache_dir
 from gantrain.engine.metrics.evaluate import compare, extract, load_reference
 from gantrain.engine.metrics.reference import load_split
 from gantrain.engine.models import build_models
+from standing_reference import update_bn_reference
 
 
 def _random_covariance(rng: np.random.Generator, dim: int, rank: int | None = None) -> np.ndarray:
@@ -263,19 +263,13 @@ def test_training_with_eval_every(fashion_extractor, tiny_cfg, quiet_console) ->
 def test_training_with_standing_ema_statistics(fashion_extractor, tiny_cfg, quiet_console) -> None:
     """--ema-bn standing through a whole run: the evaluated generator, best.pt and last.pt hold statistics
     recomputed for their own EMA weights (torch's update_bn on the documented noise), not G's."""
-    from torch.optim.swa_utils import update_bn
-
     cfg = tiny_cfg("standing", limit=256, max_steps=16, eval_every=1, eval_samples=100, ema_decay=0.9,
                    ema_bn="standing", samples_from_best=True)
     trainer = Trainer(cfg, console=quiet_console)
     trainer.fit()
-    noise = torch.Generator().manual_seed(cfg.run.seed + 1_000_003)
-    batches = [torch.randn(32, cfg.model.nz, generator=noise) for _ in range(2048 // 32)]
     for name in ("best.pt", "last.pt"):
         state = load_checkpoint(cfg.run_dir / "checkpoints" / name)
-        reference = copy.deepcopy(trainer.gan.g_ema)
-        reference.load_state_dict(state["generator_ema"])
-        update_bn(batches, reference)
+        reference = update_bn_reference(trainer.gan.g_ema, cfg, state=state["generator_ema"])
         for key, value in reference.state_dict().items():
             if "running" in key:
                 torch.testing.assert_close(state["generator_ema"][key], value, rtol=1e-5, atol=1e-6)

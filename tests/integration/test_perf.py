@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -13,6 +11,7 @@ from gantrain.engine.step import make_adam
 from gantrain.engine.models import build_models
 from gantrain.engine.config import ModelConfig
 from gantrain.engine.precision import PrecisionPolicy
+from standing_reference import bn_buffers, update_bn_reference
 
 CPU = torch.device("cpu")
 
@@ -67,23 +66,6 @@ def test_ema_tracks_generator(tiny_cfg, quiet_console):
     assert "generator_ema" in trainer.state_dict()
 
 
-def _bn_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
-    return [t for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-            for t in (m.running_mean, m.running_var)]
-
-
-def _update_bn_reference(g_ema: torch.nn.Module, cfg, offset: int = 1_000_003) -> torch.nn.Module:
-    """torch's own update_bn on a copy of the EMA generator, fed the documented noise: 2,048 N(0, 1) vectors in
-    batches of the training batch size, drawn on the CPU from the run's seed + 1,000,003."""
-    from torch.optim.swa_utils import update_bn
-
-    ref = copy.deepcopy(g_ema)
-    noise = torch.Generator().manual_seed(cfg.run.seed + offset)
-    batch = cfg.data.batch_size
-    update_bn([torch.randn(batch, cfg.model.nz, generator=noise) for _ in range(2048 // batch)], ref)
-    return ref
-
-
 def test_standing_ema_statistics(tiny_cfg, quiet_console, monkeypatch):
     """--ema-bn standing: G and D train exactly as with copied statistics; the EMA G's BatchNorm statistics are
     recomputed for its weights when it is used after a change (not every step), match torch's update_bn, and are
@@ -109,16 +91,16 @@ def test_standing_ema_statistics(tiny_cfg, quiet_console, monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(ours, theirs)), name
     assert torch.equal(copied.gan.noise_gen.get_state(), standing.gan.noise_gen.get_state())
 
-    assert all(torch.equal(a, b) for a, b in zip(_bn_buffers(copied.gan.g_ema), _bn_buffers(copied.gan.g)))
-    reference = _update_bn_reference(standing.gan.g_ema, cfg_standing)
-    for ours, theirs, g_own in zip(_bn_buffers(standing.gan.generator), _bn_buffers(reference),
-                                   _bn_buffers(standing.gan.g)):
+    assert all(torch.equal(a, b) for a, b in zip(bn_buffers(copied.gan.g_ema), bn_buffers(copied.gan.g)))
+    reference = update_bn_reference(standing.gan.g_ema, cfg_standing)
+    for ours, theirs, g_own in zip(bn_buffers(standing.gan.generator), bn_buffers(reference),
+                                   bn_buffers(standing.gan.g)):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
         assert not torch.allclose(ours, g_own), "G's own running statistics, not the EMA weights' ones"
     assert not standing.gan.generator.training
     # Its own noise, not the run seed's (the sample grid's and the metrics' latents): other statistics.
-    in_sample = _update_bn_reference(standing.gan.g_ema, cfg_standing, offset=0)
-    assert not torch.allclose(_bn_buffers(in_sample)[0], _bn_buffers(reference)[0])
+    in_sample = update_bn_reference(standing.gan.g_ema, cfg_standing, offset=0)
+    assert not torch.allclose(bn_buffers(in_sample)[0], bn_buffers(reference)[0])
 
     for key, value in reference.state_dict().items():
         if "running" in key:
@@ -126,8 +108,8 @@ def test_standing_ema_statistics(tiny_cfg, quiet_console, monkeypatch):
     # A checkpoint of --ema-bn copy resumed with standing: its EMA statistics are recomputed, not kept.
     resumed = Trainer(tiny_cfg("resumed", ema_decay=0.9, ema_bn="standing"), console=quiet_console)
     resumed.gan.load_state_dict(copied.gan.state_dict(), "copy.pt", step=3)
-    expected = _update_bn_reference(copied.gan.g_ema, cfg_standing)
-    for ours, theirs in zip(_bn_buffers(resumed.gan.generator), _bn_buffers(expected)):
+    expected = update_bn_reference(copied.gan.g_ema, cfg_standing)
+    for ours, theirs in zip(bn_buffers(resumed.gan.generator), bn_buffers(expected)):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     # The same for images from such a checkpoint (the end-of-run samples from best.pt).
     noise = torch.randn(8, cfg_standing.model.nz, generator=torch.Generator().manual_seed(9))
@@ -139,8 +121,8 @@ def test_standing_ema_statistics(tiny_cfg, quiet_console, monkeypatch):
 def test_standing_statistics_before_the_first_step(tiny_cfg, quiet_console):
     """A fresh run's EMA generator (as G at initialisation) already has statistics of its own weights."""
     trainer = Trainer(tiny_cfg(ema_decay=0.9, ema_bn="standing"), console=quiet_console)
-    expected = _update_bn_reference(trainer.gan.g, trainer.cfg)
-    for ours, theirs in zip(_bn_buffers(trainer.gan.generator), _bn_buffers(expected)):
+    expected = update_bn_reference(trainer.gan.g, trainer.cfg)
+    for ours, theirs in zip(bn_buffers(trainer.gan.generator), bn_buffers(expected)):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
