@@ -285,16 +285,20 @@ def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: in
                               "contender")
         reused[tutorials[0]] = reused_baseline_runs(baseline_from, contenders[tutorials[0]].cfg, spec, system,
                                                     baseline_seeds)
+    device = pick_device(base.run.device)
+    # fitted (or found in the cache) once, before any clock; every worker loads this very file
+    extractor = extractor_record(Evaluator.for_config(contenders[0].cfg, device=device, console=console))
+    if baseline_from is not None:
+        same_extractor(baseline_from, extractor, console)
     make_folder(out, "--out")
     for c in contenders:
         omitted = plain_loop_omits(c.cfg) if c.kind == "baseline" else []
         if omitted:
             console.print(f"{c.name}: the plain loop has no {', '.join(omitted)}; it trains the rest of "
                           f"{base.preset}'s recipe", soft_wrap=True)
-    device = pick_device(base.run.device)
-    Evaluator.for_config(contenders[0].cfg, device=device, console=console)  # fit/cache once, before any clock
     report = {"system": system, "device": str(device), "preset": base.preset, "targets": list(targets),
               "seeds": seeds, "baseline_seeds": baseline_seeds or seeds, "stop_when_reached": stop_when_reached, **spec,
+              "extractor": extractor,
               "contenders": [{"name": c.name, "kind": c.kind, "config": c.cfg.to_dict(), "runs": []}
                              for c in contenders]}
     for i, (runs, source) in reused.items():
@@ -381,6 +385,32 @@ def reused_baseline_runs(path: Path, tutorial: Config, spec: dict, system: dict,
     return runs, source
 
 
+def extractor_record(evaluator) -> dict:
+    """What identifies the FD's feature extractor in a report: its label, task, held-out accuracy and the SHA-256
+    of its weights (:attr:`~gantrain.engine.metrics.extractor.Extractor.weights_sha256`)."""
+    info = evaluator.reference.extractor.info
+    return {key: info[key] for key in ("label", "task", "test_accuracy", "weights_sha256")}
+
+
+def same_extractor(path: Path, extractor: dict, console: Console) -> None:
+    """Checks that ``--baseline-from``'s FDs were measured by this run's extractor: FDs of two extractors (a
+    refit, another machine's fit) are distances in two feature spaces and do not compare.
+
+    Raises :class:`ConfigError` when the earlier report names other weights; a report written before gantrain
+    recorded them is taken as it is, and one console line says so."""
+    earlier = json.loads(Path(path).read_text()).get("extractor")
+    if not isinstance(earlier, dict) or not earlier.get("weights_sha256"):
+        console.print(f"--baseline-from: {path} does not record its feature extractor (written before gantrain "
+                      f"recorded it); its FDs are taken as measured by this one ({extractor['label']}, weights "
+                      f"{extractor['weights_sha256'][:12]})", soft_wrap=True)
+        return
+    if earlier["weights_sha256"] != extractor["weights_sha256"]:
+        raise ConfigError(f"--baseline-from: {path} was scored by another feature extractor (weights "
+                          f"{str(earlier['weights_sha256'])[:12]}, here {extractor['weights_sha256'][:12]}: refitted "
+                          f"or fitted elsewhere), so its FDs do not compare with this run's; run the tutorial loop "
+                          f"again, or set $GANTRAIN_CACHE to the metrics cache holding that extractor")
+
+
 def _described(source: dict) -> str:
     """Where reused runs came from, in words: ``PATH (measured DATE, commit SHA)``."""
     return f"{source['path']} (measured {source['date'][:10]}, commit {str(source['git_commit'])[:12]})"
@@ -411,6 +441,14 @@ def finish_report(report: dict, out: Path, console: Console) -> dict:
     console.print(f"report: {out / 'to_quality.json'}, {out / 'to_quality.md'}, {out / 'to_quality.png'}",
                   soft_wrap=True)
     return report
+
+
+def _scored_by(report: dict) -> str:
+    extractor = report.get("extractor")  # absent in reports written before it was recorded
+    if not extractor:
+        return ""
+    return (f" (extractor {extractor['label']} {extractor['task']}, {100 * extractor['test_accuracy']:.2f}% held-out "
+            f"accuracy, weights {extractor['weights_sha256'][:12]})")
 
 
 def _seconds(s: dict) -> str:
@@ -454,7 +492,8 @@ def rendered(report: dict):
     caption = (f"**Time to quality, {report['preset']}** on {report['device']} ({sysinfo['gpu'] or sysinfo['cpu']}, "
                f"{sysinfo['cpu_cores']} cores), torch {sysinfo['torch']}, {sysinfo['date'][:10]}, commit "
                f"{str(sysinfo['git_commit'])[:12]}: {report['budget_epochs']:g} epochs each, domain FD of "
-               f"{report['eval_samples']} samples every {report['eval_every_epochs']:g} epochs; times are training "
+               f"{report['eval_samples']} samples every {report['eval_every_epochs']:g} epochs{_scored_by(report)}; "
+               f"times are training "
                f"wall-clock seconds (setup included, evaluation excluded), median (min–max, seeds that got there/"
                f"seeds) over seeds; measurement wall time {report.get('wall_s', 0) / 60:.1f} min.")
     if report.get("stop_when_reached"):

@@ -446,7 +446,8 @@ def _rewrite_eval_json(path: Path) -> None:
     from gantrain.engine.metrics.evaluate import MetricReport
     from gantrain.engine.metrics.report import EvalResult, write_json
 
-    info = {"label": "x", "task": "classes", "test_accuracy": 0.9, "train_sha256": "0" * 64, "epochs": 1}
+    info = {"label": "x", "task": "classes", "test_accuracy": 0.9, "train_sha256": "0" * 64, "epochs": 1,
+            "weights_sha256": "1" * 64}
     write_json(EvalResult("generator", MetricReport({"fd": 1.0}, 100, 100), info), path)
 
 

@@ -186,6 +186,36 @@ def test_folder_extractor_learns_rotations_and_evaluates(tmp_path: Path, quiet_c
     assert set(k for k in values if k.startswith("hist_")) == {"hist_0deg", "hist_90deg", "hist_180deg", "hist_270deg"}
 
 
+def test_real_features_follow_the_extractor_weights(tmp_path: Path) -> None:
+    """A refit (--force, other --epochs) or an edited cache file puts other weights under the same cache name; the
+    real features must then be those of the new weights, computed here directly with the new network, never the
+    cached ones of the old weights (which would make every FD a distance between two feature spaces)."""
+    spec = parse_dataset(f"folder:{_write_faces(tmp_path / 'faces', 25)}", channels=3)
+    cache = tmp_path / "cache"
+    first = ensure_extractor(spec, cache=cache, epochs=20, quiet=True)
+    old_real = load_reference(spec, cache=cache, quiet=True).real.features
+    refit = ensure_extractor(spec, cache=cache, epochs=25, force=True, quiet=True)
+    assert refit.path == first.path and refit.weights_sha256 != first.weights_sha256
+    images = load_split(spec, "test").images
+    for extractor in (refit, ensure_extractor(spec, cache=cache, quiet=True)):  # as fitted, and as loaded again
+        assert extractor.weights_sha256 == refit.weights_sha256
+    direct = refit.net.features_and_logits(images.float() / 127.5 - 1.0)[0].float()
+    new_real = load_reference(spec, cache=cache, quiet=True).real.features
+    torch.testing.assert_close(new_real, direct, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(new_real, old_real, atol=1e-3)
+    assert len(list((cache / "real").glob("*.pt"))) == 2  # one per weights
+
+    state = torch.load(refit.path, weights_only=True)  # one weight changed by hand in the cache file
+    name = next(k for k, v in state["weights"].items() if v.is_floating_point())
+    state["weights"][name] = state["weights"][name] + 0.5
+    torch.save(state, refit.path)
+    edited = ensure_extractor(spec, cache=cache, quiet=True)
+    assert not edited.fitted_now and edited.weights_sha256 not in (first.weights_sha256, refit.weights_sha256)
+    edited_real = load_reference(spec, cache=cache, quiet=True).real.features
+    torch.testing.assert_close(edited_real, edited.net.features_and_logits(images.float() / 127.5 - 1.0)[0].float(),
+                               rtol=1e-5, atol=1e-5)
+
+
 # ----- the FashionMNIST extractor (one fit per session) -------------------------------------------------
 @pytest.mark.slow
 def test_fashion_extractor_fit_reaches_90_percent(fashion_extractor) -> None:
@@ -303,6 +333,7 @@ def test_cli_eval_table_and_json(fashion_extractor, trained_run: Path, cli, unwr
     assert report["mode"] == "generator" and report["step"] == 6 and report["num_generated"] == 300
     assert set(METRIC_KEYS) <= report["metrics"].keys() and report["inception_fid"] is None
     assert report["inception"] is None and "--inception" in report["inception_note"]
+    assert report["extractor"]["weights_sha256"] == fashion_extractor[0].weights_sha256  # which weights scored it
     assert sum(report["class_histogram"].values()) == pytest.approx(1.0)
 
 

@@ -15,6 +15,20 @@ from gantrain.engine.config import override, preset
 from gantrain.engine.errors import ConfigError
 
 
+EXTRACTOR = {"label": "fashion-mnist", "task": "class", "test_accuracy": 0.9086, "weights_sha256": "a" * 64}
+
+
+def stub_extractor(monkeypatch, weights_sha256="a" * 64):
+    """The bench's Evaluator without a fit: an extractor known only by its info (``EXTRACTOR``, these weights)."""
+    from types import SimpleNamespace
+
+    from gantrain.engine.metrics import evaluate
+
+    info = {**EXTRACTOR, "weights_sha256": weights_sha256, "epochs": 3}
+    evaluator = SimpleNamespace(reference=SimpleNamespace(extractor=SimpleNamespace(info=info)))
+    monkeypatch.setattr(evaluate.Evaluator, "for_config", classmethod(lambda cls, *a, **k: evaluator))
+
+
 def points(*pairs, every=1000):
     """Evaluation points: (train_s, fd) pairs, ``every`` images apart; each evaluation took 2 s."""
     return [{"images": every * (i + 1), "epochs": 0.25 * (i + 1), "train_s": t, "eval_s": 2.0, "fd": fd}
@@ -159,9 +173,7 @@ def test_stop_when_reached_runs_the_tutorial_first_and_passes_its_final_fd(tmp_p
     engine run at its first FD at or below it, as the worker's loop does."""
     from rich.console import Console
 
-    from gantrain.engine.metrics import evaluate
-
-    monkeypatch.setattr(evaluate.Evaluator, "for_config", classmethod(lambda cls, *a, **k: None))
+    stub_extractor(monkeypatch)
     base = preset("fashion32")
     contenders = [tq.Contender("fashion32-tuned", "engine", base), tq.Contender("tutorial", "baseline", base)]
     tutorial_finals = {0: 6.0, 1: 4.0}  # median 5.0
@@ -216,9 +228,7 @@ def test_a_tutorial_contender_says_which_settings_the_plain_loop_lacks(tmp_path,
     line says so; gantrain's own contenders (which apply it) get no such line."""
     from rich.console import Console
 
-    from gantrain.engine.metrics import evaluate
-
-    monkeypatch.setattr(evaluate.Evaluator, "for_config", classmethod(lambda cls, *a, **k: None))
+    stub_extractor(monkeypatch)
     base = preset("fashion32-tuned")
     contenders = [tq.parse_contender("tutorial", base, {}), tq.parse_contender("fashion32-tuned", base, {})]
 
@@ -235,7 +245,8 @@ def test_a_tutorial_contender_says_which_settings_the_plain_loop_lacks(tmp_path,
                      "rest of fashion32-tuned's recipe"]
 
 
-def earlier_report(tmp_path, base, *, finals=(6.0, 4.0), system=None, name="earlier.json", **spec_changes):
+def earlier_report(tmp_path, base, *, finals=(6.0, 4.0), system=None, name="earlier.json", extractor=EXTRACTOR,
+                   **spec_changes):
     """A to_quality.json as an earlier measurement wrote it: the tutorial loop on ``base``'s recipe, two seeds."""
     spec = {"budget_epochs": 1, "eval_every_epochs": 0.25, "eval_samples": 100, "eval_seed": 0, "num_workers": 2,
             **spec_changes}
@@ -243,6 +254,8 @@ def earlier_report(tmp_path, base, *, finals=(6.0, 4.0), system=None, name="earl
             for s, fd in enumerate(finals)]
     report = {"system": {**system_info(), "date": "2026-11-01T00:00:00+00:00", "git_commit": "abc123", **(system or {})},
               **spec, "contenders": [{"name": "tutorial", "kind": "baseline", "config": base.to_dict(), "runs": runs}]}
+    if extractor is not None:
+        report["extractor"] = extractor
     path = tmp_path / name
     path.write_text(json.dumps(report))
     return path
@@ -254,9 +267,7 @@ def test_baseline_from_takes_the_tutorial_runs_of_an_earlier_report(tmp_path, mo
     engine at 60 s: 3.33x), one line and the caption say where they came from."""
     from rich.console import Console
 
-    from gantrain.engine.metrics import evaluate
-
-    monkeypatch.setattr(evaluate.Evaluator, "for_config", classmethod(lambda cls, *a, **k: None))
+    stub_extractor(monkeypatch)
     base = preset("fashion32")
     path = earlier_report(tmp_path, override(base, {"data_root": "elsewhere/datasets"}))  # spelling may differ
     contenders = [tq.Contender("tutorial", "baseline", base), tq.Contender("fashion32-tuned", "engine", base)]
@@ -337,3 +348,58 @@ def test_baseline_from_refuses_unreadable_or_foreign_files(tmp_path):
             tq.bench_to_quality(base, contenders, seeds=1, baseline_seeds=baseline_seeds, targets=[5.0],
                                 budget_epochs=1, eval_every_epochs=0.25, eval_samples=100, out=tmp_path / "tq",
                                 console=Console(), baseline_from=path)
+
+
+def test_the_report_names_the_extractor_that_scored_it(tmp_path, monkeypatch):
+    """Every FD is a distance in one extractor's feature space: the JSON records which (label, task, held-out
+    accuracy, weights SHA-256) and the Markdown caption names it."""
+    from rich.console import Console
+
+    stub_extractor(monkeypatch, weights_sha256="0123456789ab" + "c" * 52)
+    base = preset("fashion32")
+
+    def run_one(contender, seed, spec, env):
+        return {"seed": seed, "images_per_s": 500.0, "points": points((100, 4.0))}
+
+    report = tq.bench_to_quality(base, [tq.Contender("fashion32", "engine", base)], seeds=1, baseline_seeds=None,
+                                 targets=[5.0], budget_epochs=1, eval_every_epochs=1, eval_samples=100,
+                                 out=tmp_path / "tq", console=Console(file=io.StringIO()), run_one=run_one)
+    expected = {**EXTRACTOR, "weights_sha256": "0123456789ab" + "c" * 52}
+    assert report["extractor"] == expected
+    assert json.loads((tmp_path / "tq" / "to_quality.json").read_text())["extractor"] == expected
+    assert ("(extractor fashion-mnist class, 90.86% held-out accuracy, weights 0123456789ab)"
+            in (tmp_path / "tq" / "to_quality.md").read_text())
+
+
+def test_baseline_from_needs_the_same_extractor(tmp_path, monkeypatch):
+    """FDs from another extractor's weights (a refit, another machine's fit) do not compare: refused before any
+    folder is made, naming both; the same weights pass silently; a report from before the weights were recorded
+    passes with one line saying its FDs are taken as this extractor's."""
+    from rich.console import Console
+
+    base = preset("fashion32")
+    contenders = [tq.Contender("tutorial", "baseline", base), tq.Contender("fashion32-tuned", "engine", base)]
+
+    def run_one(contender, seed, spec, env):
+        return {"seed": seed, "images_per_s": 600.0, "points": points((30.0, 7.0), (60.0, 4.5))}
+
+    def bench(path, out):
+        text = io.StringIO()
+        tq.bench_to_quality(base, contenders, seeds=1, baseline_seeds=None, targets=[5.0], budget_epochs=1,
+                            eval_every_epochs=0.25, eval_samples=100, out=tmp_path / out,
+                            console=Console(file=text, width=400), baseline_from=path, run_one=run_one)
+        return text.getvalue()
+
+    stub_extractor(monkeypatch, weights_sha256="b" * 64)
+    other = earlier_report(tmp_path, base, name="other.json")  # scored by weights "aaa…"
+    with pytest.raises(ConfigError, match=r"--baseline-from: .*other\.json was scored by another feature extractor "
+                                          r"\(weights aaaaaaaaaaaa, here bbbbbbbbbbbb: refitted or fitted elsewhere\)"):
+        bench(other, "refused")
+    assert not (tmp_path / "refused").exists()
+
+    same = earlier_report(tmp_path, base, name="same.json", extractor={**EXTRACTOR, "weights_sha256": "b" * 64})
+    assert "feature extractor" not in bench(same, "same")
+    legacy = earlier_report(tmp_path, base, name="legacy.json", extractor=None)
+    lines = [line for line in bench(legacy, "legacy").splitlines() if "feature extractor" in line]
+    assert lines == [f"--baseline-from: {legacy} does not record its feature extractor (written before gantrain "
+                     "recorded it); its FDs are taken as measured by this one (fashion-mnist, weights bbbbbbbbbbbb)"]

@@ -13,7 +13,8 @@ the FID authors advise, for MNIST-like data, a classifier trained on that data i
   the four rotations of each image.
 
 Features are the 128 global-average-pooled activations before the linear head, in fp32, eval mode.
-Extractors are cached under ``<cache>/extractors/<dataset>-<train-data sha256>-v<version>.pt``.
+Extractors are cached under ``<cache>/extractors/<dataset>-<train-data sha256>-v<version>.pt``; the real
+features they give are cached per extractor weights (:attr:`Extractor.key`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
+from gantrain.engine.checkpoint import state_digest
 from gantrain.engine.errors import GantrainError
 from gantrain.engine.runlog import log
 from gantrain.engine.metrics.cache import cache_dir, load_artifact, save_artifact
@@ -108,8 +110,17 @@ class Extractor:
 
     @property
     def key(self) -> str:
-        """Identifies the extractor (dataset, training data hash, version): names its cached real features."""
-        return self.path.stem
+        """Identifies the extractor (dataset, training data hash, version, weights): names its cached real
+        features. The weights are part of it because a refit (``--force``, other ``--epochs``, another machine's
+        fit) writes the same cache file with other weights, and real features of the old weights would then be
+        compared with generated features of the new ones."""
+        return f"{self.path.stem}-w{self.weights_sha256[:16]}"
+
+    @property
+    def weights_sha256(self) -> str:
+        """SHA-256 of the weights (:func:`~gantrain.engine.checkpoint.state_digest`): two extractors score alike
+        exactly when this is equal."""
+        return self.info["weights_sha256"]
 
     @property
     def device(self) -> torch.device:
@@ -182,7 +193,8 @@ def _from_state(state: dict, path: Path, device: torch.device | str) -> Extracto
     net = FeatureNet(state["channels"], state["size_px"], len(state["class_names"]))
     net.load_state_dict(state["weights"])
     net = net.to(device).eval().requires_grad_(False)
-    info = {k: v for k, v in state.items() if k != "weights"}
+    # Hashed on every load, not stored: a cache file edited or refitted by an older gantrain cannot carry a stale one.
+    info = {**{k: v for k, v in state.items() if k != "weights"}, "weights_sha256": state_digest(state["weights"])}
     return Extractor(net, info, path)
 
 

@@ -23,7 +23,7 @@ from gantrain.engine.metrics import inception as inc
 from gantrain.engine.metrics.reference import load_split, parse_dataset
 
 _HIST_BAR_WIDTH = 30
-EXTRACTOR_KEYS = ("label", "task", "test_accuracy", "train_sha256", "epochs")
+EXTRACTOR_KEYS = ("label", "task", "test_accuracy", "train_sha256", "epochs", "weights_sha256")
 _ROWS = (  # key, label, how to read it
     ("fd", "Fréchet distance (FD)", "lower is better; real-vs-real gives the floor"),
     ("kid", "KID (mean ± std)", "lower is better; unbiased, ~0 for matching distributions"),
