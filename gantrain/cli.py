@@ -150,7 +150,7 @@ def run_command(
 @app.command("presets", cls=FlagCommand)
 def presets_command() -> None:
     """List the presets and their key values."""
-    from gantrain.engine.config import ModelConfig, OptimConfig, preset as build_preset
+    from gantrain.engine.config import ModelConfig, preset as build_preset
 
     table = Table(title="gantrain presets", show_lines=True)
     table.add_column("preset", no_wrap=True, style="bold")
@@ -163,8 +163,6 @@ def presets_command() -> None:
         values = (f"{c.data.dataset} {c.data.image_size}x{c.data.image_size}x{c.data.channels}, {c.model.arch}{width}, "
                   f"batch {c.data.batch_size}, lr_g {c.optim.lr_g:g}, lr_d {c.optim.lr_d:g}, "
                   f"smoothing {c.loss.label_smoothing:g}, {c.loss.noise} noise, {c.run.epochs} epochs")
-        betas = (c.optim.beta1, c.optim.beta2)
-        values += f", Adam betas ({betas[0]:g}, {betas[1]:g})" if betas != (OptimConfig.beta1, OptimConfig.beta2) else ""
         values += f", G {c.perf.ema_words()}" if c.perf.ema_decay else ""
         values += f", FD every {c.run.eval_every} epoch(s)" if c.run.eval_every else ""
         values += ", final samples from best.pt" if c.run.samples_from_best else ""
