@@ -369,12 +369,16 @@ class Checkpointer:
     def due_at_epoch_end(self, epochs_done: int) -> bool:
         return epochs_done % self.cfg.run.checkpoint_every == 0 or self.pending
 
-    def state(self, gan_state: dict[str, Any], position: dict[str, int], best_fd: float | None) -> dict[str, Any]:
+    def state(self, gan_state: dict[str, Any], position: dict[str, int], best_fd: float | None,
+              best_measured_by: dict | None = None) -> dict[str, Any]:
         """The checkpoint: the GAN step's state, the place in the data (:meth:`Position.state`), the config, the
-        best FD, and every rank's RNG streams when they were gathered at this step."""
+        best FD and how it was measured (:attr:`QualityTracker.measured_by`), and every rank's RNG streams when
+        they were gathered at this step."""
         state = {**gan_state, **position, "config": self.cfg.to_dict(), "world_size": self.world_size}
         if best_fd is not None:
             state["best_fd"] = best_fd
+            if best_measured_by is not None:
+                state["best_fd_measured_by"] = best_measured_by
         if self.ranks_rng is not None and self.ranks_rng[0] == position["step"]:
             state["rng"] = {**state["rng"], "ranks": self.ranks_rng[1]}
         return state

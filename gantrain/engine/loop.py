@@ -85,6 +85,7 @@ class Trainer:
         self.checkpoints = ckpt.Checkpointer(cfg, self.dist.is_main, self.dist.world_size, self.stop_agreement.group)
         self.pos, self.best_fd = self.checkpoints.start_from(state, self.resume_path, self.gan, self.loader,
                                                              self.global_batch, changes)
+        self.best_measured_by = (state or {}).get("best_fd_measured_by")  # how best_fd was measured
         self.stop_agreement.require_same_step(self.step, self.checkpoints.folder)
         self.stop_agreement.require_same_precision(self.policy.amp, self.policy.requested)
         self.total_steps = plan_schedule(self.pos, cfg, self.loader.steps_per_epoch, self.run_dir, self.finished_ok)
@@ -95,7 +96,10 @@ class Trainer:
         if cfg.run.eval_every and self.dist.is_main:  # rank 0 evaluates; the extractor is fitted here when missing
             from gantrain.engine.metrics.tracking import QualityTracker
 
-            self.tracker = QualityTracker(cfg, self.device, self.console, best_fd=self.best_fd)
+            self.tracker = QualityTracker(cfg, self.device, self.console, best_fd=self.best_fd,
+                                          best_measured_by=self.best_measured_by,
+                                          best_path=self.checkpoints.folder / "best.pt")
+            self.best_fd, self.best_measured_by = self.tracker.best_fd, self.tracker.measured_by
 
     def close(self) -> None:
         """Closes the --logger trackers (unfinished unless :meth:`fit` finished them) and releases the run folder
@@ -189,7 +193,7 @@ class Trainer:
     def state_dict(self) -> dict:
         """The checkpoint: the GAN step's state, the place in the data, the config, the best FD."""
         return self.checkpoints.state(self.gan.state_dict(), self.pos.state(self.global_batch, self.loader.num_images),
-                                      self.best_fd)
+                                      self.best_fd, self.best_measured_by)
 
     def save_checkpoint(self, collective: bool = True) -> Path | None:
         """A checkpoint now (rank 0), refused for non-finite weights: see :meth:`Checkpointer.save`."""

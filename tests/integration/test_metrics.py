@@ -319,6 +319,61 @@ def test_best_fd_survives_resume(fashion_extractor, tiny_cfg, quiet_console) -> 
     assert evals[1]["best_fd"] == min(r["fd"] for r in evals)
 
 
+@pytest.mark.slow
+def test_a_resume_that_measures_otherwise_measures_best_pt_again(fashion_extractor, tiny_cfg, quiet_console) -> None:
+    """best.pt's FD of 100 samples does not compare with FDs of 300 (the FD's bias falls with the sample count):
+    a resume with --eval-samples 300 measures best.pt again with 300 (the reference below: best.pt's generator
+    loaded and evaluated directly), says so in one line, and later evaluations must beat that. A resume as
+    measured before keeps the stored FD; a checkpoint from before the measurement was stored is measured again."""
+    from gantrain.engine.checkpoint import atomic_save, sealed
+    from gantrain.engine.generate import load_generator
+
+    first = Trainer(tiny_cfg("m", limit=256, max_steps=8, eval_every=1, eval_samples=100), console=quiet_console)
+    first.fit()
+    checkpoints = first.run_dir / "checkpoints"
+    measured_by = {"extractor_weights_sha256": fashion_extractor[0].weights_sha256, "eval_samples": 100,
+                   "eval_seed": 0}
+    assert load_checkpoint(checkpoints / "last.pt")["best_fd_measured_by"] == measured_by
+
+    same = Trainer(tiny_cfg("m", limit=256, max_steps=16, eval_every=1, eval_samples=100), console=quiet_console,
+                   resume="auto")
+    assert same.tracker.best_fd == first.best_fd  # the same measurement: kept as stored
+    same.close()
+
+    cfg = tiny_cfg("m", limit=256, max_steps=16, eval_every=1, eval_samples=300)
+    resumed = Trainer(cfg, console=quiet_console, resume="auto")
+    generator, _ = load_generator(checkpoints / "best.pt")
+    expected = Evaluator.for_config(cfg, quiet=True).evaluate(generator, cfg, num_samples=300, seed=0).values["fd"]
+    assert resumed.tracker.best_fd == pytest.approx(expected, rel=1e-6) and expected != first.best_fd
+    resumed.fit()
+    log_text = (first.run_dir / "train.log").read_text()
+    assert (f"resume: best.pt's FD {first.best_fd:.4g} was measured with --eval-samples 100 (now 300); measured "
+            f"again as this run measures: FD {expected:.4g}") in log_text
+    last = [json.loads(line) for line in (first.run_dir / "metrics.jsonl").read_text().splitlines() if '"fd"' in line][-1]
+    assert last["step"] == 16 and last["best_fd"] == pytest.approx(min(expected, last["fd"]), abs=1e-6)
+    assert load_checkpoint(checkpoints / "last.pt")["best_fd_measured_by"] == {**measured_by, "eval_samples": 300}
+
+    state = load_checkpoint(checkpoints / "last.pt")  # as a checkpoint from before the measurement was stored
+    del state["best_fd_measured_by"]
+    atomic_save(sealed({k: v for k, v in state.items() if k not in ("format", "version", "digest")}),
+                checkpoints / "last.pt")
+    legacy = Trainer(tiny_cfg("m", limit=256, max_steps=24, eval_every=1, eval_samples=300), console=quiet_console,
+                     resume="auto")
+    best_now = load_generator(checkpoints / "best.pt")[0]
+    assert legacy.tracker.best_fd == pytest.approx(
+        Evaluator.for_config(cfg, quiet=True).evaluate(best_now, cfg, num_samples=300, seed=0).values["fd"], rel=1e-6)
+    legacy.fit()
+    assert "was measured by a checkpoint that does not record how" in (first.run_dir / "train.log").read_text()
+
+    (checkpoints / "best.pt").unlink()  # nothing to measure again: the next evaluation starts afresh
+    gone = Trainer(tiny_cfg("m", limit=256, max_steps=32, eval_every=1, eval_samples=200), console=quiet_console,
+                   resume="auto")
+    assert gone.tracker.best_fd is None
+    gone.close()
+    assert ("was measured with --eval-samples 300 (now 200), and best.pt cannot be measured again (there is no "
+            "best.pt): the next evaluation starts the comparison afresh") in (first.run_dir / "train.log").read_text()
+
+
 # ----- the CLI --------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_cli_eval_table_and_json(fashion_extractor, trained_run: Path, cli, unwrap, tmp_path: Path) -> None:

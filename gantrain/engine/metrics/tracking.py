@@ -4,7 +4,9 @@ At the end of every N-th epoch (rank 0 only) the generator (its EMA copy when on
 images from a fixed noise in eval mode, so BatchNorm statistics are untouched, and no RNG stream of the
 run is advanced: a run with evaluation trains exactly as one without. The metrics go to metrics.jsonl and
 the progress bar; the checkpoint with the lowest FD so far is kept as ``checkpoints/best.pt``; the best FD
-is stored in every checkpoint so a resumed run keeps comparing against it.
+is stored in every checkpoint, with how it was measured (the extractor's weights, the sample count, the noise
+seed), so a resumed run keeps comparing against it. A resume that measures otherwise (another --eval-samples or
+--seed, a refitted extractor) first measures best.pt again its own way: FDs of two measurements do not compare.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from rich.console import Console
 
 from gantrain.engine.config import Config
+from gantrain.engine.errors import CheckpointError
 from gantrain.engine.images import plot_curves, read_metrics
 from gantrain.engine.metrics import inception
 from gantrain.engine.metrics.evaluate import METRIC_KEYS, Evaluator
@@ -40,16 +43,53 @@ class Outputs(Protocol):
 class QualityTracker:
     """Evaluates at epoch ends and remembers the best FD."""
 
-    def __init__(self, cfg: Config, device: torch.device, console: Console, best_fd: float | None = None) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: Config, device: torch.device, console: Console, best_fd: float | None = None,
+                 best_measured_by: dict | None = None, best_path: Path | None = None) -> None:
+        """``best_fd``: a resumed run's best FD so far, measured as ``best_measured_by`` says (None: by a checkpoint
+        from before that was stored); when that is not how this run measures, ``best_path`` (best.pt) is measured
+        again (:meth:`_measure_best_again`)."""
+        self.cfg, self.device = cfg, device
         self.inception = inception.requested(cfg.run.eval_metrics)
         if self.inception:  # refused here, at start, not at the first evaluation an epoch later
             inception.load_inception(device)
         # Built before the training bar goes live: fitting the extractor shows its own progress bar here.
         self.evaluator = Evaluator.for_config(cfg, device=device, console=console, quiet=False)
         self.evaluator.quiet = True  # inside the loop the training bar is the one live display
+        self.measured_by = {"extractor_weights_sha256": self.evaluator.reference.extractor.weights_sha256,
+                            "eval_samples": cfg.run.eval_samples, "eval_seed": cfg.run.seed}
+        """How this run measures FD; stored in checkpoints beside the best FD."""
         self.best_fd = best_fd
+        if best_fd is not None and best_measured_by != self.measured_by:
+            self.best_fd = self._measure_best_again(best_fd, best_measured_by, best_path)
         self.last_record: dict = {}  # the last evaluation's metrics.jsonl record
+
+    def _measure_best_again(self, best_fd: float, measured_by: dict | None, best_path: Path | None) -> float | None:
+        """best.pt's FD as this run measures it (its EMA generator when this run keeps one), said in one log line;
+        None, also said, when there is no best.pt: the next evaluation then becomes the best."""
+        if measured_by is None:
+            how = "by a checkpoint that does not record how (written before gantrain stored it)"
+        else:
+            names = {"extractor_weights_sha256": "extractor weights", "eval_samples": "--eval-samples",
+                     "eval_seed": "seed"}
+            how = "with " + ", ".join(
+                f"{names.get(key, key)} {_short(measured_by.get(key))} (now {_short(value)})"
+                for key, value in self.measured_by.items() if measured_by.get(key) != value)
+        from gantrain.engine.generate import load_generator
+
+        try:
+            if best_path is None or not best_path.is_file():
+                raise CheckpointError("there is no best.pt")
+            generator, _ = load_generator(best_path, "cpu", use_ema=self.cfg.perf.ema_decay > 0)
+        except CheckpointError as exc:
+            log.warning("resume: the best FD so far (%.4g) was measured %s, and best.pt cannot be measured again "
+                        "(%s): the next evaluation starts the comparison afresh", best_fd, how, exc)
+            return None
+        generator = generator.to(self.device)
+        run = self.cfg.run
+        fd = self.evaluator.evaluate(generator, self.cfg, num_samples=run.eval_samples, seed=run.seed).values["fd"]
+        log.info("resume: best.pt's FD %.4g was measured %s; measured again as this run measures: FD %.4g", best_fd,
+                 how, fd)
+        return fd
 
     def due(self, epochs_done: int) -> bool:
         every = self.cfg.run.eval_every
@@ -102,6 +142,11 @@ class QualityTracker:
         records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "fd" in r]
         return plot_curves(records, PLOT_PRIMARY, run_dir / "metrics.png", "Quality metrics (domain extractor)",
                            "Fréchet distance", secondary=PLOT_SECONDARY, secondary_ylabel="precision, recall, coverage, KID")
+
+
+def _short(value) -> str:
+    """A hash cut to 12 characters; other values as they are."""
+    return value[:12] if isinstance(value, str) and len(value) == 64 else str(value)
 
 
 __all__ = ["METRIC_KEYS", "QualityTracker"]
