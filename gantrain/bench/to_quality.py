@@ -63,6 +63,10 @@ def train_to_quality(cfg: Config, spec: dict) -> dict:
 
     device = pick_device(cfg.run.device)
     evaluator = Evaluator.for_config(cfg, device=device, quiet=True)  # fitted and cached by the parent
+    expected, here = spec.get("extractor_weights_sha256"), evaluator.reference.extractor.info["weights_sha256"]
+    if expected and here != expected:  # the report names the parent's extractor: every FD must be its
+        raise ConfigError(f"this worker's feature extractor (weights {here[:12]}) is not the one the report names "
+                          f"({expected[:12]}): the metrics cache changed during the measurement")
     started = time.perf_counter()
     build = _build_baseline if spec["contender"] == "baseline" else _build_engine
     step, next_batch, generator, num_images, per_step = build(cfg, device, spec)
@@ -307,6 +311,7 @@ def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: in
         console.print(f"{contenders[i].name}: {len(runs)} run(s) taken from {_described(source)}, not trained "
                       "again", soft_wrap=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    worker_spec = {**spec, "extractor_weights_sha256": extractor["weights_sha256"]}  # checked by every worker
     jobs = [(s, i) for s in range(seeds) for i, c in enumerate(contenders)
             if i not in reused and (c.kind != "baseline" or s < (baseline_seeds or seeds))]
     if stop_when_reached:  # the stop FD must be known before the others start
@@ -318,9 +323,9 @@ def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: in
         for seed_index, i in jobs:
             seed = base.run.seed + seed_index
             bar.update(task, description=f"to quality: {contenders[i].name}, seed {seed}")
-            run_spec = spec
+            run_spec = worker_spec
             if stop_when_reached and contenders[i].kind != "baseline":
-                run_spec = {**spec, "stop_fd": _tutorial_final_fd(report)}
+                run_spec = {**worker_spec, "stop_fd": _tutorial_final_fd(report)}
                 report["stop_fd"] = run_spec["stop_fd"]
             report["contenders"][i]["runs"].append(run_one(contenders[i], seed, run_spec, env))
             report["wall_s"] = round(time.perf_counter() - started, 1)

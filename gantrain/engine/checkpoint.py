@@ -336,9 +336,10 @@ class Checkpointer:
         self.last_finite = (Path(path), pos.step)
         return pos, best_fd
 
-    def final_samples(self, gan: Any, noise: torch.Tensor, step: int) -> torch.Tensor:
+    def final_samples(self, gan: Any, noise: torch.Tensor, step: int, best_fd: float | None = None) -> torch.Tensor:
         """The run's end-of-run samples: the last step's, or with --samples-from-best those of best.pt's generator
-        (the lowest FD; ``gan.sample_from``), said in the log."""
+        (the lowest FD; ``gan.sample_from``), said in the log with ``best_fd`` (the run's best FD as it measures
+        now; best.pt's own stored one when None)."""
         best = self.folder / "best.pt"
         if not self.cfg.run.samples_from_best:
             return gan.sample(noise)
@@ -347,7 +348,7 @@ class Checkpointer:
             return gan.sample(noise)
         state = load_checkpoint(best)
         log.info("final samples from checkpoints/best.pt (step %d, FD %.4g) rather than the last step (%d)",
-                 state["step"], state.get("best_fd", float("nan")), step)
+                 state["step"], best_fd if best_fd is not None else state.get("best_fd", float("nan")), step)
         return gan.sample_from(state, noise, best)
 
     def minutes_due(self) -> bool:

@@ -186,12 +186,14 @@ class Trainer:
         if self.dist.enabled:  # a collective: every rank takes part
             self.outputs.write_replica_diff(self.step, replica_max_abs_diff([self.gan.g, self.gan.d]))
         if self.dist.is_main:
-            self.outputs.write_final(self.checkpoints.final_samples(self.gan, self.fixed_noise, self.step), self.step)
+            self.outputs.write_final(self.checkpoints.final_samples(self.gan, self.fixed_noise, self.step, self.best_fd),
+                                     self.step)
         return FitResult(self.step, self.epoch, self.run_dir, self.last_checkpoint)
 
     # ----- state and samples ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The checkpoint: the GAN step's state, the place in the data, the config, the best FD."""
+        """The checkpoint: the GAN step's state, the place in the data, the config, the best FD and how it was
+        measured."""
         return self.checkpoints.state(self.gan.state_dict(), self.pos.state(self.global_batch, self.loader.num_images),
                                       self.best_fd, self.best_measured_by)
 

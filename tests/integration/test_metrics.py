@@ -337,11 +337,15 @@ def test_a_resume_that_measures_otherwise_measures_best_pt_again(fashion_extract
 
     same = Trainer(tiny_cfg("m", limit=256, max_steps=16, eval_every=1, eval_samples=100), console=quiet_console,
                    resume="auto")
-    assert same.tracker.best_fd == first.best_fd  # the same measurement: kept as stored
+    assert same.tracker.best_fd == first.best_fd  # the same measurement: kept as stored, not measured again
+    rng_as_resumed = torch.get_rng_state()  # the global RNG stream once a resume is built, nothing measured again
     same.close()
+    assert "resume: best.pt's FD" not in (first.run_dir / "train.log").read_text()
 
     cfg = tiny_cfg("m", limit=256, max_steps=16, eval_every=1, eval_samples=300)
     resumed = Trainer(cfg, console=quiet_console, resume="auto")
+    # measuring best.pt again builds a network, but draws nothing from the run's RNG stream
+    assert torch.equal(torch.get_rng_state(), rng_as_resumed)
     generator, _ = load_generator(checkpoints / "best.pt")
     expected = Evaluator.for_config(cfg, quiet=True).evaluate(generator, cfg, num_samples=300, seed=0).values["fd"]
     assert resumed.tracker.best_fd == pytest.approx(expected, rel=1e-6) and expected != first.best_fd
@@ -370,6 +374,12 @@ def test_a_resume_that_measures_otherwise_measures_best_pt_again(fashion_extract
                    resume="auto")
     assert gone.tracker.best_fd is None
     gone.close()
+    same_but_gone = Trainer(tiny_cfg("m", limit=256, max_steps=32, eval_every=1, eval_samples=300),
+                            console=quiet_console, resume="auto")  # measured as stored, yet best.pt is gone
+    assert same_but_gone.tracker.best_fd is None
+    same_but_gone.close()
+    assert ("was measured as this run measures, and best.pt cannot be measured again (there is no best.pt)"
+            in (first.run_dir / "train.log").read_text())
     assert ("was measured with --eval-samples 300 (now 200), and best.pt cannot be measured again (there is no "
             "best.pt): the next evaluation starts the comparison afresh") in (first.run_dir / "train.log").read_text()
 

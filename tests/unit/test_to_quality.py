@@ -358,7 +358,10 @@ def test_the_report_names_the_extractor_that_scored_it(tmp_path, monkeypatch):
     stub_extractor(monkeypatch, weights_sha256="0123456789ab" + "c" * 52)
     base = preset("fashion32")
 
+    specs = []
+
     def run_one(contender, seed, spec, env):
+        specs.append(spec)
         return {"seed": seed, "images_per_s": 500.0, "points": points((100, 4.0))}
 
     report = tq.bench_to_quality(base, [tq.Contender("fashion32", "engine", base)], seeds=1, baseline_seeds=None,
@@ -369,6 +372,18 @@ def test_the_report_names_the_extractor_that_scored_it(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "tq" / "to_quality.json").read_text())["extractor"] == expected
     assert ("(extractor fashion-mnist class, 90.86% held-out accuracy, weights 0123456789ab)"
             in (tmp_path / "tq" / "to_quality.md").read_text())
+    assert [spec["extractor_weights_sha256"] for spec in specs] == [expected["weights_sha256"]]  # workers check it
+
+
+def test_a_worker_scored_by_other_weights_refuses_to_train(monkeypatch):
+    """A worker whose extractor is not the one the report names (the cache changed mid-measurement) fails its
+    run before training, rather than file FDs of other weights under the report's extractor."""
+    stub_extractor(monkeypatch, weights_sha256="c" * 64)
+    spec = {"contender": "engine", "budget_epochs": 1, "eval_every_epochs": 1, "eval_samples": 10, "eval_seed": 0,
+            "extractor_weights_sha256": "d" * 64}
+    with pytest.raises(ConfigError, match=r"feature extractor \(weights cccccccccccc\) is not the one the report "
+                                          r"names \(dddddddddddd\)"):
+        tq.train_to_quality(preset("fashion32"), spec)
 
 
 def test_baseline_from_needs_the_same_extractor(tmp_path, monkeypatch):

@@ -59,7 +59,8 @@ class QualityTracker:
                             "eval_samples": cfg.run.eval_samples, "eval_seed": cfg.run.seed}
         """How this run measures FD; stored in checkpoints beside the best FD."""
         self.best_fd = best_fd
-        if best_fd is not None and best_measured_by != self.measured_by:
+        best_pt_missing = best_path is None or not best_path.is_file()
+        if best_fd is not None and (best_measured_by != self.measured_by or best_pt_missing):
             self.best_fd = self._measure_best_again(best_fd, best_measured_by, best_path)
         self.last_record: dict = {}  # the last evaluation's metrics.jsonl record
 
@@ -68,6 +69,8 @@ class QualityTracker:
         None, also said, when there is no best.pt: the next evaluation then becomes the best."""
         if measured_by is None:
             how = "by a checkpoint that does not record how (written before gantrain stored it)"
+        elif measured_by == self.measured_by:
+            how = "as this run measures"
         else:
             names = {"extractor_weights_sha256": "extractor weights", "eval_samples": "--eval-samples",
                      "eval_seed": "seed"}
@@ -79,7 +82,8 @@ class QualityTracker:
         try:
             if best_path is None or not best_path.is_file():
                 raise CheckpointError("there is no best.pt")
-            generator, _ = load_generator(best_path, "cpu", use_ema=self.cfg.perf.ema_decay > 0)
+            with torch.random.fork_rng(devices=[]):  # building the network draws; the run's RNG stays untouched
+                generator, _ = load_generator(best_path, "cpu", use_ema=self.cfg.perf.ema_decay > 0)
         except CheckpointError as exc:
             log.warning("resume: the best FD so far (%.4g) was measured %s, and best.pt cannot be measured again "
                         "(%s): the next evaluation starts the comparison afresh", best_fd, how, exc)
