@@ -59,14 +59,15 @@ class QualityTracker:
                             "eval_samples": cfg.run.eval_samples, "eval_seed": cfg.run.seed}
         """How this run measures FD; stored in checkpoints beside the best FD."""
         self.best_fd = best_fd
-        best_pt_missing = best_path is None or not best_path.is_file()
-        if best_fd is not None and (best_measured_by != self.measured_by or best_pt_missing):
-            self.best_fd = self._measure_best_again(best_fd, best_measured_by, best_path)
+        best_pt = best_path if best_path is not None and best_path.is_file() else None
+        if best_fd is not None and (best_measured_by != self.measured_by or best_pt is None):
+            self.best_fd = self._measure_best_again(best_fd, best_measured_by, best_pt)
         self.last_record: dict = {}  # the last evaluation's metrics.jsonl record
 
-    def _measure_best_again(self, best_fd: float, measured_by: dict | None, best_path: Path | None) -> float | None:
+    def _measure_best_again(self, best_fd: float, measured_by: dict | None, best_pt: Path | None) -> float | None:
         """best.pt's FD as this run measures it (its EMA generator when this run keeps one), said in one log line;
-        None, also said, when there is no best.pt: the next evaluation then becomes the best."""
+        None, also said, when there is no best.pt (``best_pt`` None) or it cannot be read: the next evaluation then
+        becomes the best."""
         if measured_by is None:
             how = "by a checkpoint that does not record how (written before gantrain stored it)"
         elif measured_by == self.measured_by:
@@ -80,10 +81,10 @@ class QualityTracker:
         from gantrain.engine.generate import load_generator
 
         try:
-            if best_path is None or not best_path.is_file():
+            if best_pt is None:
                 raise CheckpointError("there is no best.pt")
             with torch.random.fork_rng(devices=[]):  # building the network draws; the run's RNG stays untouched
-                generator, _ = load_generator(best_path, "cpu", use_ema=self.cfg.perf.ema_decay > 0)
+                generator, _ = load_generator(best_pt, "cpu", use_ema=self.cfg.perf.ema_decay > 0)
         except CheckpointError as exc:
             log.warning("resume: the best FD so far (%.4g) was measured %s, and best.pt cannot be measured again "
                         "(%s): the next evaluation starts the comparison afresh", best_fd, how, exc)
