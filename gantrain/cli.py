@@ -150,7 +150,7 @@ def run_command(
 @app.command("presets", cls=FlagCommand)
 def presets_command() -> None:
     """List the presets and their key values."""
-    from gantrain.engine.config import ModelConfig, preset as build_preset
+    from gantrain.engine.config import ModelConfig, OptimConfig, preset as build_preset
 
     table = Table(title="gantrain presets", show_lines=True)
     table.add_column("preset", no_wrap=True, style="bold")
@@ -167,6 +167,11 @@ def presets_command() -> None:
         values += f", FD every {c.run.eval_every} epoch(s)" if c.run.eval_every else ""
         values += ", final samples from best.pt" if c.run.samples_from_best else ""
         values += f", DiffAugment {c.loss.diffaug}" if c.loss.diffaug else ""
+        betas = (c.optim.beta1, c.optim.beta2)
+        values += f", Adam betas ({betas[0]:g}, {betas[1]:g})" if betas != (OptimConfig.beta1, OptimConfig.beta2) else ""
+        if c.optim.lr_decay != "none":
+            values += f", {c.optim.lr_decay} lr decay"
+            values += f" after {c.optim.lr_decay_start:.0%} of the run" if c.optim.lr_decay_start else ""
         table.add_row(name, values, description)
     Console().print(table)
     for plain, better in RECOMMENDED.items():

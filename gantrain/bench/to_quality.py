@@ -15,6 +15,7 @@ every step, torch.compile when on. Evaluation time is reported apart.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import statistics
@@ -115,6 +116,7 @@ def _build_baseline(cfg: Config, device, spec: dict):
 
 def _build_engine(cfg: Config, device, spec: dict):
     from gantrain.engine.data import Shard, build_loader
+    from gantrain.engine.lr_schedule import LRDecay
     from gantrain.engine.precision import PrecisionPolicy
     from gantrain.engine.step import GANStep
 
@@ -123,7 +125,15 @@ def _build_engine(cfg: Config, device, spec: dict):
     gan = GANStep(cfg, device, policy)
     batches = endless(loader)
     num_images = loader.steps_per_epoch * cfg.data.batch_size
-    return gan, lambda: next(batches), lambda: gan.generator, num_images, cfg.data.batch_size
+    # --lr-decay spans the budget, as a run of --epochs budget_epochs would
+    decay = LRDecay(cfg.optim, gan.learning_rates(), math.ceil(spec["budget_epochs"] * loader.steps_per_epoch))
+    steps = itertools.count()
+
+    def step(batch) -> None:
+        decay.apply(next(steps))
+        gan(batch)
+
+    return step, lambda: next(batches), lambda: gan.generator, num_images, cfg.data.batch_size
 
 
 # ----- summaries (pure functions of the points) ------------------------------------------------------------

@@ -24,6 +24,7 @@ from gantrain.kernels.conv import IMPLS as LAYER_IMPLS
 
 DATASETS = ("fashion-mnist", "mnist", "folder", "synthetic")
 ARCHS = ("dcgan", "dense")
+LR_DECAYS = ("none", "linear", "cosine")  # gantrain/engine/lr_schedule.py implements them
 LOADERS = ("auto", "memory", "torch", "dali")
 DALI_DEVICES = ("auto", "cpu", "gpu")
 AMP_MODES = ("auto", "off", "bf16", "fp16")  # what --amp accepts; precision.resolve_amp says what each means
@@ -142,6 +143,11 @@ class OptimConfig:
     """Adam beta1 for both optimisers."""
     beta2: float = 0.999
     """Adam beta2 for both optimisers."""
+    lr_decay: str = "none"
+    """Learning-rate schedule of both optimisers over the run's steps: none (constant), linear (to 0 at the end,
+    as pix2pix) or cosine (half a cosine to 0, SGDR without restarts)."""
+    lr_decay_start: float = 0.0
+    """Fraction of the run's steps trained at the full rate before --lr-decay begins (pix2pix: 0.5)."""
 
     def __post_init__(self) -> None:
         _check_finite(self)
@@ -150,6 +156,8 @@ class OptimConfig:
             _check(math.isfinite(value) and value > 0, name, f"learning rate must be > 0, got {value}")
         _check(0 <= self.beta1 < 1, "beta1", f"must be in [0, 1), got {self.beta1}")
         _check(0 <= self.beta2 < 1, "beta2", f"must be in [0, 1), got {self.beta2}")
+        _check(self.lr_decay in LR_DECAYS, "lr_decay", f"must be one of {', '.join(LR_DECAYS)}, got {self.lr_decay!r}")
+        _check(0 <= self.lr_decay_start < 1, "lr_decay_start", f"must be in [0, 1), got {self.lr_decay_start}")
 
 
 @dataclass

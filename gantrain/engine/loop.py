@@ -21,6 +21,7 @@ from gantrain.engine.data import Shard, build_loader
 from gantrain.engine.data.plan import plan_schedule
 from gantrain.engine.errors import Interrupted
 from gantrain.engine.files import RunLock
+from gantrain.engine.lr_schedule import LRDecay
 from gantrain.engine.outputs import RunOutputs
 from gantrain.engine.precision import PrecisionPolicy
 from gantrain.engine.runlog import log, setup_logging
@@ -92,6 +93,9 @@ class Trainer:
         self.outputs = RunOutputs(cfg, self.console, self.dist.is_main, self.dist.world_size)
         self.outputs.describe(self.loader, self.total_steps, self.device, self.policy.describe())
         self.outputs.prepare(state is not None, notes, self.step)  # only now: a run with no step wrote nothing
+        self.lr_decay = LRDecay(cfg.optim, self.gan.learning_rates(), self.total_steps)
+        if self.lr_decay.active and self.dist.is_main:
+            log.info("%s", self.lr_decay.describe(self.step))
         self.tracker = None
         if cfg.run.eval_every and self.dist.is_main:  # rank 0 evaluates; the extractor is fitted here when missing
             from gantrain.engine.metrics.tracking import QualityTracker
@@ -148,6 +152,7 @@ class Trainer:
                 real = next(batches, None)
             if real is None:
                 break
+            self.lr_decay.apply(self.step)
             self.gan(real)
             self.pos.advance(self.global_batch)
             log_now, sample_now = self.outputs.due(self.step, self.total_steps)
@@ -162,7 +167,7 @@ class Trainer:
 
     def _log(self) -> None:
         stats = self.gan.stats.read()
-        first = self.outputs.log(self.step, self.epoch, stats, self.gan.timer.read_ms())
+        first = self.outputs.log(self.step, self.epoch, stats, self.gan.timer.read_ms(), self.lr_decay.rates())
         diverged = self.watch.check(stats, first, self.step)
         if diverged:
             raise self.checkpoints.diverged(diverged)

@@ -107,9 +107,11 @@ class RunOutputs:
     def start_window(self, step: int) -> None:
         self.window = time.perf_counter(), step
 
-    def log(self, step: int, epoch: int, stats: dict[str, float], phases_ms: dict[str, float]) -> int:
-        """Writes one record (means since the last log, images/s, ms per phase per step) and updates the bar;
-        returns the first step of the window it covers."""
+    def log(self, step: int, epoch: int, stats: dict[str, float], phases_ms: dict[str, float],
+            rates: dict[str, float] | None = None) -> int:
+        """Writes one record (means since the last log, images/s, ms per phase per step, and ``rates``, the
+        learning rates of the last update when --lr-decay changes them) and updates the bar; returns the first
+        step of the window it covers."""
         t0, step0 = self.window
         now = time.perf_counter()
         steps = max(step - step0, 1)
@@ -118,7 +120,8 @@ class RunOutputs:
         if self.is_main:
             record = {"step": step, "epoch": epoch + 1, **{k: round(v, 5) for k, v in stats.items()},
                       "images_per_s": round(images_per_s, 1),
-                      **{f"{k}_ms": round(v / steps, 2) for k, v in phases_ms.items()}, "time": time.time()}
+                      **{f"{k}_ms": round(v / steps, 2) for k, v in phases_ms.items()}, **(rates or {}),
+                      "time": time.time()}
             self.last_record = record
             self.write(record)
             self.bar.update(self.task, completed=step, epoch=f"{epoch + 1}/{self.cfg.run.epochs}",

@@ -212,6 +212,38 @@ def test_epoch_callbacks_run_after_each_epoch_and_can_stop(tiny_cfg, quiet_conso
     assert result.steps == 32 and result.last_checkpoint.name == "step_00000032.pt"
 
 
+def test_lr_decay_by_step_survives_a_resume(tiny_cfg, quiet_console, same_tree) -> None:
+    """--lr-decay linear over a 2-epoch run (128 images, batch 32: 8 updates): the rate of every update is logged
+    as worked out by hand, the optimisers train with it, and a run stopped after epoch 1 and resumed continues the
+    decay where it stood (the schedule is a function of the step): the same weights and logs as the straight run."""
+    flat = dict(limit=128, max_steps=0, epochs=2, lr_decay="linear", lr_decay_start=0.25, lr_g=1e-3, lr_d=4e-4)
+    straight = Trainer(tiny_cfg("straight", **flat), console=quiet_console)
+    straight.fit()
+    # updates 0-1 at the full rate (0.25 of 8), then 1 - i/6 for i = 0..5; the record of step s shows update s - 1
+    factors = [1, 1, 1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6]
+    records = _metrics(straight.run_dir)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert [r["lr_g"] for r in records] == pytest.approx([1e-3 * f for f in factors], rel=1e-3)
+    assert [r["lr_d"] for r in records] == pytest.approx([4e-4 * f for f in factors], rel=1e-3)
+    assert straight.gan.opt_g.param_groups[0]["lr"] == pytest.approx(1e-3 / 6)
+    assert "learning rates decay (linear) from step 2 towards 0 at the run's last step 8" in (
+        straight.run_dir / "train.log").read_text()
+
+    def stop_after_one(trainer, epochs_done):
+        trainer.stop_reason = "split here"
+
+    first = Trainer(tiny_cfg("split", **flat), console=quiet_console, epoch_callbacks=[stop_after_one])
+    assert first.fit().steps == 4
+    second = Trainer(tiny_cfg("split", **flat), console=quiet_console, resume="auto")
+    second.fit()
+    assert "at step 4: lr_g 0.000667, lr_d 0.000267" in (second.run_dir / "train.log").read_text()
+    a = load_checkpoint(straight.run_dir / "checkpoints" / "last.pt")
+    b = load_checkpoint(second.run_dir / "checkpoints" / "last.pt")
+    for key in ("generator", "discriminator", "opt_g", "opt_d"):
+        same_tree(a[key], b[key], key)
+    assert [r["lr_g"] for r in _metrics(second.run_dir)] == [r["lr_g"] for r in records]
+
+
 def test_a_checkpoint_of_gantrain_0_1_0_resumes_exactly(tmp_path, datasets_root, quiet_console) -> None:
     """A checkpoint written by the code before the component split (tests/golden, step 3 of a 6-step run) loads
     and continues bit-for-bit: the losses of steps 4-6 are those of the old code's uninterrupted run."""

@@ -418,3 +418,28 @@ def test_baseline_from_needs_the_same_extractor(tmp_path, monkeypatch):
     lines = [line for line in bench(legacy, "legacy").splitlines() if "feature extractor" in line]
     assert lines == [f"--baseline-from: {legacy} does not record its feature extractor (written before gantrain "
                      "recorded it); its FDs are taken as measured by this one (fashion-mnist, weights bbbbbbbbbbbb)"]
+
+
+def test_engine_contender_decays_its_rates_over_the_budget(monkeypatch, datasets_root):
+    """A contender with --lr-decay decays over the bench's budget (not its config's --epochs), one update at a
+    time, as a run of --epochs budget would: 256 images / batch 32 = 8 updates per epoch, budget 1.5 epochs = 12."""
+    from gantrain.engine import lr_schedule
+
+    seen = []
+
+    class Recording(lr_schedule.LRDecay):
+        def apply(self, step):
+            super().apply(step)
+            seen.append((step, self.total_steps, self.optimizers[0][1].param_groups[0]["lr"]))
+
+    monkeypatch.setattr(lr_schedule, "LRDecay", Recording)
+    cfg = override(preset("fashion32"), {"data_root": str(datasets_root), "limit": 256, "batch_size": 32, "ngf": 8,
+                                         "ndf": 8, "epochs": 20, "lr_decay": "linear", "lr_g": 1e-3,
+                                         "device": "cpu", "amp": "off"})
+    step, next_batch, _, num_images, per_step = tq._build_engine(cfg, __import__("torch").device("cpu"),
+                                                                 {"budget_epochs": 1.5, "num_workers": 0})
+    assert (num_images, per_step) == (256, 32)
+    for _ in range(3):
+        step(next_batch())
+    assert seen == [(0, 12, pytest.approx(1e-3)), (1, 12, pytest.approx(1e-3 * 11 / 12)),
+                    (2, 12, pytest.approx(1e-3 * 10 / 12))]
