@@ -39,16 +39,19 @@ def test_preset_registry_is_exactly_these() -> None:
 
 def test_the_tuned_recipe_differs_from_the_tutorial_only_where_it_says() -> None:
     """fashion32-tuned: the search's lrs and smoothing, D half as wide at batch 64, EMA with standing BatchNorm
-    statistics, FD every epoch, final samples from best.pt; the rest (G, data, budget, engine settings) is
+    statistics, Adam betas (0, 0.99) with a linear lr decay, FD every epoch, final samples from best.pt; the rest (G, data, budget, engine settings) is
     fashion32's."""
     tuned, plain = preset("fashion32-tuned").to_dict(), preset("fashion32").to_dict()
     changed = {(section, key) for section in plain if isinstance(plain[section], dict)
                for key in plain[section] if plain[section][key] != tuned[section][key]}
-    assert changed == {("optim", "lr_g"), ("optim", "lr_d"), ("loss", "label_smoothing"), ("perf", "ema_decay"),
+    assert changed == {("optim", "lr_g"), ("optim", "lr_d"), ("optim", "beta1"), ("optim", "beta2"),
+                       ("optim", "lr_decay"), ("loss", "label_smoothing"), ("perf", "ema_decay"),
                        ("perf", "ema_bn"), ("run", "eval_every"), ("run", "samples_from_best"), ("model", "ndf"),
                        ("data", "batch_size")}
     assert (tuned["perf"]["ema_decay"], tuned["perf"]["ema_bn"], plain["perf"]["ema_bn"]) == (0.99, "standing", "copy")
     assert (tuned["model"]["ngf"], tuned["model"]["ndf"], tuned["data"]["batch_size"]) == (64, 32, 64)
+    assert (tuned["optim"]["beta1"], tuned["optim"]["beta2"], tuned["optim"]["lr_decay"]) == (0.0, 0.99, "linear")
+    assert tuned["optim"]["lr_decay_start"] == plain["optim"]["lr_decay_start"] == 0.0
     assert preset("fashion32").perf.ema_decay == 0 and not preset("fashion32").run.samples_from_best
 
 
