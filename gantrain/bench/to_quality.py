@@ -384,9 +384,12 @@ def reused_baseline_runs(path: Path, tutorial: Config, spec: dict, system: dict,
                               f"asks for {baseline_seeds}")
         runs = runs[:baseline_seeds]
     ours = tutorial.to_dict()
-    differences = [f"{section}.{key} {config.get(section, {}).get(key)!r} (here {value!r})"
+    # a field the earlier report lacks came later: the code that wrote it behaved as the field's default does
+    defaults = Config().to_dict()
+    theirs = {section: {**defaults[section], **config.get(section, {})} for section in _RECIPE_SECTIONS}
+    differences = [f"{section}.{key} {theirs[section].get(key)!r} (here {value!r})"
                    for section in _RECIPE_SECTIONS for key, value in ours[section].items()
-                   if key != "data_root" and config.get(section, {}).get(key) != value]
+                   if key != "data_root" and theirs[section].get(key) != value]
     if config.get("run", {}).get("seed") != ours["run"]["seed"]:
         differences.append(f"run.seed {config.get('run', {}).get('seed')!r} (here {ours['run']['seed']!r})")
     differences += [f"{key} {their_spec[key]!r} (here {spec[key]!r})" for key in spec

@@ -324,6 +324,35 @@ def test_baseline_from_refuses_runs_that_are_not_this_measurements_tutorial_loop
     assert not (tmp_path / "tq").exists()
 
 
+def test_baseline_from_reads_a_field_an_older_report_lacks_as_its_default(tmp_path, monkeypatch):
+    """A report written before a field existed (here --lr-decay) measured that field's default: it stands in for
+    a tutorial loop at the default, and is refused, naming the field, for one that sets it otherwise."""
+    from rich.console import Console
+
+    stub_extractor(monkeypatch)
+    base = preset("fashion32")
+    path = earlier_report(tmp_path, base)
+    old = json.loads(path.read_text())
+    for key in ("lr_decay", "lr_decay_start"):
+        del old["contenders"][0]["config"]["optim"][key]
+    path.write_text(json.dumps(old))
+
+    def run_one(contender, seed, spec, env):
+        raise AssertionError("the tutorial loop is not trained again")
+
+    report = tq.bench_to_quality(base, [tq.Contender("tutorial", "baseline", base)], seeds=1, baseline_seeds=None,
+                                 targets=[5.0], budget_epochs=1, eval_every_epochs=0.25, eval_samples=100,
+                                 out=tmp_path / "tq", console=Console(file=io.StringIO()), baseline_from=path,
+                                 run_one=run_one)
+    assert len(report["contenders"][0]["runs"]) == 2
+    decaying = override(base, {"lr_decay": "cosine"})
+    with pytest.raises(ConfigError, match=r"optim\.lr_decay 'none' \(here 'cosine'\)"):
+        tq.bench_to_quality(decaying, [tq.Contender("tutorial", "baseline", decaying)], seeds=1, baseline_seeds=None,
+                            targets=[5.0], budget_epochs=1, eval_every_epochs=0.25, eval_samples=100,
+                            out=tmp_path / "tq2", console=Console(file=io.StringIO()), baseline_from=path,
+                            run_one=run_one)
+
+
 def test_baseline_from_refuses_unreadable_or_foreign_files(tmp_path):
     from rich.console import Console
 
