@@ -26,7 +26,6 @@ def plain_loop_omits(cfg: Config) -> list[str]:
     bench says so in one line, since gantrain's step does apply them."""
     return [text for applies, text in ((cfg.perf.ema_decay > 0, f"generator {cfg.perf.ema_words()}"),
                                        (bool(cfg.loss.diffaug), f"DiffAugment {cfg.loss.diffaug}"),
-                                       (cfg.optim.lr_decay != "none", f"the {cfg.optim.lr_decay} learning-rate decay"),
                                        (cfg.data.hflip, "horizontal flips")) if applies]
 
 

@@ -298,6 +298,8 @@ def restore(state: dict, path: Path | str, gan: Any, cfg: Config, loader: Any, g
                  pos.epoch_step * global_batch)
         # The config's changes explain the optimiser's; the optimiser's alone show a checkpoint whose
         # optimiser disagreed with its own config (e.g. one written by a tool that changed the groups).
+        if state.get("config", {}).get("optim", {}).get("lr_decay", "none") != "none":
+            changed = [c for c in changed if not c.startswith("lr(")]  # decayed rates, not another setting
         changes = changes or [f"optimiser {c}" for c in changed]
         if changes:
             log.info("resume: settings changed since the checkpoint, in effect from step %d: %s", pos.step + 1,

@@ -158,6 +158,8 @@ class OptimConfig:
         _check(0 <= self.beta2 < 1, "beta2", f"must be in [0, 1), got {self.beta2}")
         _check(self.lr_decay in LR_DECAYS, "lr_decay", f"must be one of {', '.join(LR_DECAYS)}, got {self.lr_decay!r}")
         _check(0 <= self.lr_decay_start < 1, "lr_decay_start", f"must be in [0, 1), got {self.lr_decay_start}")
+        _check(self.lr_decay != "none" or self.lr_decay_start == 0, "lr_decay_start",
+               f"{self.lr_decay_start} has no effect without --lr-decay linear or cosine")
 
 
 @dataclass

@@ -96,6 +96,11 @@ class Trainer:
         self.lr_decay = LRDecay(cfg.optim, self.gan.learning_rates(), self.total_steps)
         if self.lr_decay.active and self.dist.is_main:
             log.info("%s", self.lr_decay.describe(self.step))
+            planned = (state or {}).get("planned_steps")
+            if planned and planned != self.total_steps:
+                log.warning("--lr-decay: this resume ends the run at step %d, not at %d as planned when checkpointed; "
+                            "the decay is computed on the new length, so at step %d the rates jump: %s",
+                            self.total_steps, planned, self.step, self.lr_decay.describe_jump(self.step, planned))
         self.tracker = None
         if cfg.run.eval_every and self.dist.is_main:  # rank 0 evaluates; the extractor is fitted here when missing
             from gantrain.engine.metrics.tracking import QualityTracker
@@ -198,9 +203,10 @@ class Trainer:
     # ----- state and samples ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The checkpoint: the GAN step's state, the place in the data, the config, the best FD and how it was
-        measured."""
-        return self.checkpoints.state(self.gan.state_dict(), self.pos.state(self.global_batch, self.loader.num_images),
-                                      self.best_fd, self.best_measured_by)
+        measured, and the step the run was planned to end at (a resume tells a new length from it)."""
+        return {**self.checkpoints.state(self.gan.state_dict(), self.pos.state(self.global_batch,
+                                                                                self.loader.num_images),
+                                         self.best_fd, self.best_measured_by), "planned_steps": self.total_steps}
 
     def save_checkpoint(self, collective: bool = True) -> Path | None:
         """A checkpoint now (rank 0), refused for non-finite weights: see :meth:`Checkpointer.save`."""

@@ -1,9 +1,11 @@
 """Learning-rate decay over a run (``--lr-decay``, ``--lr-decay-start``): both optimisers' rates by step.
 
 The rate is a function of (step, the run's last step) alone, not a scheduler's state: a resumed run continues the
-schedule from its step with nothing more in the checkpoint, every DDP rank computes the same rate, and a resume
-that changes the run's length (``--epochs``, ``--max-steps``) stretches the rest of the decay over the new length
-(the Trainer says so in its start-up line). Setting a Python float on a param group is no host sync.
+schedule from its step, and every DDP rank computes the same rate. A resume that changes the run's length in
+steps (``--epochs``, ``--max-steps``, another batch size or process count) computes the rate on the new length,
+so it jumps there (half-way through a linear decay over 10 epochs, resumed with ``--epochs 20``: from 0.5 to 0.75
+of the base rate); the Trainer warns in one line, giving both rates. Setting a Python float on a param group is no
+host sync.
 """
 
 from __future__ import annotations
@@ -73,6 +75,12 @@ class LRDecay:
         if not self.active:
             return {}
         return {name: float(f"{base * self.factor:.4g}") for name, _, base in self.optimizers}
+
+    def describe_jump(self, step: int, old_total_steps: int) -> str:
+        """'lr_g 0.00075 (was 0.0005), lr_d ...': the rates at ``step`` on this run's length and on ``old_total_steps``."""
+        now = decay_factor(self.kind, self.start, step, self.total_steps)
+        was = decay_factor(self.kind, self.start, step, old_total_steps)
+        return ", ".join(f"{name} {base * now:.3g} (was {base * was:.3g})" for name, _, base in self.optimizers)
 
     def describe(self, step: int) -> str:
         """One line: the decay, where it starts and ends, and the rates at ``step``."""

@@ -236,12 +236,33 @@ def test_lr_decay_by_step_survives_a_resume(tiny_cfg, quiet_console, same_tree) 
     assert first.fit().steps == 4
     second = Trainer(tiny_cfg("split", **flat), console=quiet_console, resume="auto")
     second.fit()
-    assert "at step 4: lr_g 0.000667, lr_d 0.000267" in (second.run_dir / "train.log").read_text()
+    log = (second.run_dir / "train.log").read_text()
+    assert "at step 4: lr_g 0.000667, lr_d 0.000267" in log
+    assert "settings changed" not in log and "--lr-decay: this resume" not in log  # the decayed rates are no change
     a = load_checkpoint(straight.run_dir / "checkpoints" / "last.pt")
     b = load_checkpoint(second.run_dir / "checkpoints" / "last.pt")
     for key in ("generator", "discriminator", "opt_g", "opt_d"):
         same_tree(a[key], b[key], key)
     assert [r["lr_g"] for r in _metrics(second.run_dir)] == [r["lr_g"] for r in records]
+
+
+def test_a_resume_that_changes_the_runs_length_says_the_rates_jump(tiny_cfg, quiet_console) -> None:
+    """Linear decay over 8 updates, stopped after 4 and resumed with --epochs 4 (16 updates): the rate of update
+    4 goes from 1 - 4/8 to 1 - 4/16 of lr_g 1e-3, and one warning says so with both values."""
+    flat = dict(limit=128, max_steps=0, epochs=2, lr_decay="linear", lr_g=1e-3, lr_d=4e-4)
+
+    def stop_after_one(trainer, epochs_done):
+        trainer.stop_reason = "split here"
+
+    Trainer(tiny_cfg("run", **flat), console=quiet_console, epoch_callbacks=[stop_after_one]).fit()
+    longer = Trainer(tiny_cfg("run", **{**flat, "epochs": 4}), console=quiet_console, resume="auto")
+    longer.fit()
+    log = (longer.run_dir / "train.log").read_text()
+    assert ("--lr-decay: this resume ends the run at step 16, not at 8 as planned when checkpointed; the decay is "
+            "computed on the new length, so at step 4 the rates jump: lr_g 0.00075 (was 0.0005), lr_d 0.0003 "
+            "(was 0.0002)") in log
+    assert [r["lr_g"] for r in _metrics(longer.run_dir)][3:6] == pytest.approx([1e-3 * 5 / 8, 1e-3 * 12 / 16,
+                                                                                1e-3 * 11 / 16])
 
 
 def test_a_checkpoint_of_gantrain_0_1_0_resumes_exactly(tmp_path, datasets_root, quiet_console) -> None:

@@ -81,6 +81,13 @@ def test_no_decay_leaves_the_rates_alone() -> None:
     assert not decay.active and opt.param_groups[0]["lr"] == 3e-4 and decay.rates() == {}
 
 
+def test_describe_jump_gives_both_lengths_rates() -> None:
+    opt = torch.optim.Adam([nn.Parameter(torch.zeros(1))])
+    decay = LRDecay(OptimConfig(lr_decay="linear"), [("lr_g", opt, 1e-3)], 2000)
+    # step 500 of a linear decay: 0.75 of the rate over 2,000 steps, 0.5 over the 1,000 first planned
+    assert decay.describe_jump(500, 1000) == "lr_g 0.00075 (was 0.0005)"
+
+
 def test_describe_names_the_decay_and_the_rates_now() -> None:
     opt_g, opt_d = (torch.optim.Adam([nn.Parameter(torch.zeros(1))]) for _ in range(2))
     decay = LRDecay(OptimConfig(lr_decay="cosine", lr_decay_start=0.5), [("lr_g", opt_g, 2e-3), ("lr_d", opt_d, 4e-4)],
@@ -90,9 +97,13 @@ def test_describe_names_the_decay_and_the_rates_now() -> None:
     assert line.endswith("at step 750: lr_g 0.001, lr_d 0.0002")
 
 
-@pytest.mark.parametrize("flat, flag", [({"lr_decay": "exponential"}, "--lr-decay"), ({"lr_decay_start": 1.0}, "--lr-decay-start"),
-                                        ({"lr_decay_start": -0.1}, "--lr-decay-start"),
-                                        ({"lr_decay_start": math.nan}, "--lr-decay-start")])
+@pytest.mark.parametrize("flat, flag", [
+    ({"lr_decay": "exponential"}, "--lr-decay: must be one of none, linear, cosine"),
+    ({"lr_decay": "linear", "lr_decay_start": 1.0}, "--lr-decay-start: must be in"),
+    ({"lr_decay": "cosine", "lr_decay_start": -0.1}, "--lr-decay-start: must be in"),
+    ({"lr_decay": "linear", "lr_decay_start": math.nan}, "--lr-decay-start"),
+    ({"lr_decay_start": 0.5}, "--lr-decay-start: 0.5 has no effect without --lr-decay linear or cosine"),
+])
 def test_config_refuses_bad_decays(flat: dict, flag: str) -> None:
     with pytest.raises(ConfigError, match=flag):
         override(preset("fashion32"), flat)

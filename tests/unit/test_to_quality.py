@@ -224,8 +224,8 @@ def test_the_console_legend_names_the_tutorial_target_only_when_there_is_one():
 
 
 def test_a_tutorial_contender_says_which_settings_the_plain_loop_lacks(tmp_path, monkeypatch):
-    """--preset fashion32-tuned makes the tutorial contender the plain loop on that recipe, without its EMA and lr
-    decay: one line says so; gantrain's own contenders (which apply it) get no such line."""
+    """--preset fashion32-tuned makes the tutorial contender the plain loop on that recipe, without its EMA (its
+    learning-rate decay it applies, see the next tests): one line says so; gantrain's own contenders (which apply it) get no such line."""
     from rich.console import Console
 
     stub_extractor(monkeypatch)
@@ -241,8 +241,8 @@ def test_a_tutorial_contender_says_which_settings_the_plain_loop_lacks(tmp_path,
                             eval_every_epochs=1, eval_samples=100, out=tmp_path / "tq",
                             console=Console(file=fh, width=300), run_one=run_one)
     lines = [line for line in out.read_text().splitlines() if "the plain loop has no" in line]
-    assert lines == ["tutorial: the plain loop has no generator EMA 0.99 (standing BN statistics), the linear "
-                     "learning-rate decay; it trains the rest of fashion32-tuned's recipe"]
+    assert lines == ["tutorial: the plain loop has no generator EMA 0.99 (standing BN statistics); it trains the "
+                     "rest of fashion32-tuned's recipe"]
 
 
 def earlier_report(tmp_path, base, *, finals=(6.0, 4.0), system=None, name="earlier.json", extractor=EXTRACTOR,
@@ -449,9 +449,11 @@ def test_baseline_from_needs_the_same_extractor(tmp_path, monkeypatch):
                      "recorded it); its FDs are taken as measured by this one (fashion-mnist, weights bbbbbbbbbbbb)"]
 
 
-def test_engine_contender_decays_its_rates_over_the_budget(monkeypatch, datasets_root):
-    """A contender with --lr-decay decays over the bench's budget (not its config's --epochs), one update at a
-    time, as a run of --epochs budget would: 256 images / batch 32 = 8 updates per epoch, budget 1.5 epochs = 12."""
+@pytest.mark.parametrize("build", ["_build_engine", "_build_baseline"])
+def test_contenders_decay_their_rates_over_the_budget(build, monkeypatch, datasets_root):
+    """gantrain's step and the plain loop alike, with --lr-decay, decay over the bench's budget (not the config's
+    --epochs), one update at a time, as a run of --epochs budget would: 256 images / batch 32 = 8 updates per
+    epoch, budget 1.5 epochs = 12; G's optimiser trains at the rate worked out by hand."""
     from gantrain.engine import lr_schedule
 
     seen = []
@@ -465,8 +467,8 @@ def test_engine_contender_decays_its_rates_over_the_budget(monkeypatch, datasets
     cfg = override(preset("fashion32"), {"data_root": str(datasets_root), "limit": 256, "batch_size": 32, "ngf": 8,
                                          "ndf": 8, "epochs": 20, "lr_decay": "linear", "lr_g": 1e-3,
                                          "device": "cpu", "amp": "off"})
-    step, next_batch, _, num_images, per_step = tq._build_engine(cfg, __import__("torch").device("cpu"),
-                                                                 {"budget_epochs": 1.5, "num_workers": 0})
+    step, next_batch, _, num_images, per_step = getattr(tq, build)(cfg, __import__("torch").device("cpu"),
+                                                                   {"budget_epochs": 1.5, "num_workers": 0})
     assert (num_images, per_step) == (256, 32)
     for _ in range(3):
         step(next_batch())
