@@ -489,24 +489,35 @@ def override(cfg: Config, flat: dict[str, Any]) -> Config:
     return from_dict(nested, base=cfg)
 
 
+RESOLVED_HEADER = "# gantrain resolved config"  # the first line of every config.toml gantrain writes
+
+
 def load_toml(path: str | Path, base: Config | None = None) -> Config:
+    """The config of a TOML file: its fields over ``base``, else over its ``preset``'s (a partial file), else over
+    the field defaults for a resolved config gantrain wrote (:func:`to_toml`), whose missing fields came later.
+    Raises :class:`ConfigError` for a missing, unreadable or invalid file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config: no such file {path}")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        raw = tomllib.loads(text)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"--config: {path} is not valid TOML ({exc})") from None
     except OSError as exc:
         raise ConfigError(f"--config: cannot read {path}: {exc.strerror or exc}") from None
     if base is None and "preset" in raw:
         base = preset(raw["preset"])
+        if text.startswith(RESOLVED_HEADER):
+            # Every field of its day is in a file gantrain wrote; one it lacks was added since, and the run it
+            # records trained with that field's default, not with what the preset holds today.
+            base = Config(preset=base.preset)
     return from_dict(raw, base=base, source=str(path))
 
 
 def to_toml(cfg: Config) -> str:
     """Writes the resolved config as commented TOML (readable by :func:`load_toml`)."""
-    lines = ["# gantrain resolved config: load it again with `gantrain run --config <this file>`",
+    lines = [f"{RESOLVED_HEADER}: load it again with `gantrain run --config <this file>`",
              f"preset = {_toml_value(cfg.preset)}", ""]
     for section, cls in SECTION_TYPES.items():
         docs = field_docs(cls)

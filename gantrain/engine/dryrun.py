@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from gantrain.engine.config import DATA_ROOT_ENV, SECTION_TYPES, Config, _flag, env_data_root, preset
+from gantrain.engine.config import DATA_ROOT_ENV, RESOLVED_HEADER, SECTION_TYPES, Config, _flag, env_data_root, preset
 from gantrain.engine.data.download import IDX_DATASETS, raw_folder
 from gantrain.engine.errors import ConfigError
 
@@ -27,6 +27,8 @@ def value_sources(preset_name: str | None, config_file: str | None, flags: dict[
         raw_preset = _read_toml(config_file).get("preset")
         name = raw_preset if isinstance(raw_preset, str) else name
     base, defaults = preset(name).to_dict(), Config().to_dict()
+    if config_file and not preset_name and _written_by_gantrain(config_file):
+        base = defaults  # what such a file lacks takes the field's default (config.load_toml)
     raw = _read_toml(config_file) if config_file else {}
     sources: dict[str, str] = {}
     for section, cls in SECTION_TYPES.items():
@@ -44,6 +46,13 @@ def value_sources(preset_name: str | None, config_file: str | None, flags: dict[
     if not (flags.get("data_root") or file_root or base["data"]["data_root"]) and env_data_root():
         sources["data.data_root"] = f"env ${DATA_ROOT_ENV}"  # what with_env_defaults fills in
     return sources
+
+
+def _written_by_gantrain(path: str) -> bool:
+    try:
+        return Path(path).read_text(encoding="utf-8").startswith(RESOLVED_HEADER)
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _read_toml(path: str) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from gantrain.engine.config import (PRESETS, Config, from_dict, load_toml, override, preset, resolve, to_toml)
+from gantrain.engine.dryrun import value_sources
 from gantrain.engine.errors import ConfigError
 
 EXPECTED_PRESETS = {
@@ -176,6 +177,26 @@ def test_round_trip_with_overrides_on_top(tmp_path: Path) -> None:
     assert cfg.optim.lr_g == 1e-3               # the file's value survives
     assert cfg.optim.lr_d == 2e-4               # None means "not given"
     assert cfg.run.out == "runs/a"
+
+
+def test_a_config_toml_written_before_a_field_existed_keeps_that_fields_default(tmp_path: Path) -> None:
+    """A config.toml gantrain wrote before --lr-decay existed, of a fashion32-tuned run (then betas (0.5, 0.999),
+    constant rates): loaded today it must not take the preset's new decay, the run it records had none; a
+    partial file of the user's still takes the preset's values for what it leaves out."""
+    old_run = override(preset("fashion32-tuned"), {"beta1": 0.5, "beta2": 0.999, "lr_decay": "none"})
+    lines = [line for line in to_toml(old_run).splitlines() if not line.startswith(("lr_decay", "lr_decay_start"))]
+    written = tmp_path / "config.toml"
+    written.write_text("\n".join(lines))
+    cfg = resolve(None, str(written), {})
+    assert (cfg.optim.lr_decay, cfg.optim.lr_decay_start, cfg.optim.beta1) == ("none", 0.0, 0.5)
+    assert cfg.preset == "fashion32-tuned" and cfg.model.ndf == 32 and cfg.perf.ema_bn == "standing"  # the file's
+    sources = value_sources(None, str(written), {})  # --dry-run says where each value came from
+    assert (sources["optim.lr_decay"], sources["optim.beta1"]) == ("default", f"file {written}")
+    partial = tmp_path / "partial.toml"
+    partial.write_text('preset = "fashion32-tuned"\n[optim]\nlr_g = 0.001\n')
+    mine = resolve(None, str(partial), {})
+    assert (mine.optim.lr_g, mine.optim.lr_decay, mine.optim.beta1) == (0.001, "linear", 0.0)  # the preset's today
+    assert value_sources(None, str(partial), {})["optim.lr_decay"] == "preset fashion32-tuned"
 
 
 def test_resolve_precedence_preset_then_toml_then_flags(tmp_path: Path) -> None:
