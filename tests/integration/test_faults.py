@@ -162,7 +162,7 @@ def test_old_checkpoints_without_the_place_still_resume(tiny_cfg, quiet_console,
 
 
 # ===== 3. non-finite training stops, keeps the last finite checkpoint, says which ==============================
-FLOAT_FIELDS = {"leaky_slope", "init_std", "lr_g", "lr_d", "beta1", "beta2", "label_smoothing", "ema_decay",
+FLOAT_FIELDS = {"leaky_slope", "init_std", "lr_g", "lr_d", "beta1", "beta2", "lr_decay_start", "label_smoothing", "ema_decay",
                 "checkpoint_every_minutes", "gpus_per_worker", "cpus_per_worker"}
 
 
