@@ -111,8 +111,7 @@ def _build_baseline(cfg: Config, device, spec: dict):
     model = BaselineGAN(cfg, device)
     batches = baseline_batches(images, cfg, spec.get("num_workers", 2), cfg.run.seed)
     num_images = len(images) - len(images) % cfg.data.batch_size  # drop_last, as the loop sees them
-    optimizers = [("lr_g", model.opt_g, cfg.optim.lr_g), ("lr_d", model.opt_d, cfg.optim.lr_d)]
-    step = _decaying(model.step, cfg, optimizers, spec, num_images // cfg.data.batch_size)
+    step = _decaying(model.step, cfg, model.opt_g, model.opt_d, spec, num_images // cfg.data.batch_size)
     return step, lambda: next(batches), lambda: model.g, num_images, cfg.data.batch_size
 
 
@@ -126,16 +125,16 @@ def _build_engine(cfg: Config, device, spec: dict):
     gan = GANStep(cfg, device, policy)
     batches = endless(loader)
     num_images = loader.steps_per_epoch * cfg.data.batch_size
-    step = _decaying(gan, cfg, gan.learning_rates(), spec, loader.steps_per_epoch)
+    step = _decaying(gan, cfg, gan.opt_g, gan.opt_d, spec, loader.steps_per_epoch)
     return step, lambda: next(batches), lambda: gan.generator, num_images, cfg.data.batch_size
 
 
-def _decaying(train_step: Callable, cfg: Config, optimizers: list, spec: dict, steps_per_epoch: int) -> Callable:
+def _decaying(train_step: Callable, cfg: Config, opt_g, opt_d, spec: dict, steps_per_epoch: int) -> Callable:
     """``train_step`` with --lr-decay's rate set before each update, the decay spanning the budget as a run of
     ``--epochs budget_epochs`` would (so a short budget decays to 0 sooner than the recipe's own --epochs)."""
     from gantrain.engine.lr_schedule import LRDecay
 
-    decay = LRDecay(cfg.optim, optimizers, math.ceil(spec["budget_epochs"] * steps_per_epoch))
+    decay = LRDecay.of_gan(cfg.optim, opt_g, opt_d, math.ceil(spec["budget_epochs"] * steps_per_epoch))
     if not decay.active:
         return train_step
     steps = itertools.count()

@@ -507,12 +507,18 @@ def load_toml(path: str | Path, base: Config | None = None) -> Config:
     except OSError as exc:
         raise ConfigError(f"--config: cannot read {path}: {exc.strerror or exc}") from None
     if base is None and "preset" in raw:
-        base = preset(raw["preset"])
-        if text.startswith(RESOLVED_HEADER):
-            # Every field of its day is in a file gantrain wrote; one it lacks was added since, and the run it
-            # records trained with that field's default, not with what the preset holds today.
-            base = Config(preset=base.preset)
+        base = toml_base(raw["preset"], text)
     return from_dict(raw, base=base, source=str(path))
+
+
+def toml_base(preset_name: str, text: str) -> Config:
+    """What a TOML file with ``preset = preset_name`` (and no --preset) lays its fields over: that preset for a
+    partial file; the field defaults for a resolved config gantrain wrote (``text`` begins with
+    :data:`RESOLVED_HEADER`), since every field of its day is in it and one it lacks was added since: the run it
+    records trained with that field's default, not with what the preset holds today. Raises :class:`ConfigError`
+    for an unknown preset."""
+    base = preset(preset_name)
+    return Config(preset=base.preset) if text.startswith(RESOLVED_HEADER) else base
 
 
 def to_toml(cfg: Config) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from gantrain.engine.config import DATA_ROOT_ENV, RESOLVED_HEADER, SECTION_TYPES, Config, _flag, env_data_root, preset
+from gantrain.engine.config import DATA_ROOT_ENV, SECTION_TYPES, Config, _flag, env_data_root, preset, toml_base
 from gantrain.engine.data.download import IDX_DATASETS, raw_folder
 from gantrain.engine.errors import ConfigError
 
@@ -23,13 +23,13 @@ def value_sources(preset_name: str | None, config_file: str | None, flags: dict[
     of the three layers `gantrain run` stacks (preset, then --config TOML, then flags) set each field last, or
     the environment ($GANTRAIN_DATA for a data root none of them set)."""
     name = preset_name or "fashion32"
-    if config_file and not preset_name:
-        raw_preset = _read_toml(config_file).get("preset")
-        name = raw_preset if isinstance(raw_preset, str) else name
-    base, defaults = preset(name).to_dict(), Config().to_dict()
-    if config_file and not preset_name and _written_by_gantrain(config_file):
-        base = defaults  # what such a file lacks takes the field's default (config.load_toml)
-    raw = _read_toml(config_file) if config_file else {}
+    text = _read_text(config_file) if config_file else ""
+    raw = _parse_toml(text)
+    base_cfg = preset(name)
+    if config_file and not preset_name and isinstance(raw.get("preset"), str):
+        name = raw["preset"]
+        base_cfg = toml_base(name, text)  # the base config.load_toml lays the file over
+    base, defaults = base_cfg.to_dict(), Config().to_dict()
     sources: dict[str, str] = {}
     for section, cls in SECTION_TYPES.items():
         for f in fields(cls):
@@ -48,17 +48,17 @@ def value_sources(preset_name: str | None, config_file: str | None, flags: dict[
     return sources
 
 
-def _written_by_gantrain(path: str) -> bool:
+def _read_text(path: str) -> str:
     try:
-        return Path(path).read_text(encoding="utf-8").startswith(RESOLVED_HEADER)
-    except (OSError, UnicodeDecodeError):
-        return False
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):  # resolve() already refused a bad file
+        return ""
 
 
-def _read_toml(path: str) -> dict[str, Any]:
+def _parse_toml(text: str) -> dict[str, Any]:
     try:
-        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):  # resolve() already refused a bad file
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError:  # resolve() already refused a bad file
         return {}
 
 

@@ -93,7 +93,7 @@ class Trainer:
         self.outputs = RunOutputs(cfg, self.console, self.dist.is_main, self.dist.world_size)
         self.outputs.describe(self.loader, self.total_steps, self.device, self.policy.describe())
         self.outputs.prepare(state is not None, notes, self.step)  # only now: a run with no step wrote nothing
-        self.lr_decay = LRDecay(cfg.optim, self.gan.learning_rates(), self.total_steps)
+        self.lr_decay = LRDecay.of_gan(cfg.optim, self.gan.opt_g, self.gan.opt_d, self.total_steps)
         if self.lr_decay.active and self.dist.is_main:
             log.info("%s", self.lr_decay.describe(self.step))
             planned = (state or {}).get("planned_steps")

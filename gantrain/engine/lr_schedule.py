@@ -56,6 +56,13 @@ class LRDecay:
         self.optimizers = list(optimizers)
         self.factor = 1.0
 
+    @classmethod
+    def of_gan(cls, optim: OptimConfig, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
+               total_steps: int) -> LRDecay:
+        """The decay of a GAN's two optimisers from the config's rates (``lr_g``, ``lr_d``): what the Trainer and
+        both to-quality contenders (gantrain's step, the plain loop) build."""
+        return cls(optim, [("lr_g", opt_g, optim.lr_g), ("lr_d", opt_d, optim.lr_d)], total_steps)
+
     @property
     def active(self) -> bool:
         return self.kind != "none"

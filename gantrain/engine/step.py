@@ -94,11 +94,6 @@ class GANStep:
         self.gen_target = torch.ones(b, device=device)
         self.stats, self.timer = Stats(device), PhaseTimer(device)
 
-    def learning_rates(self) -> list[tuple[str, torch.optim.Optimizer, float]]:
-        """(name, optimiser, the config's rate) of G and D: what :class:`~gantrain.engine.lr_schedule.LRDecay`
-        scales."""
-        return [("lr_g", self.opt_g, self.cfg.optim.lr_g), ("lr_d", self.opt_d, self.cfg.optim.lr_d)]
-
     def _wrap(self, model: nn.Module) -> nn.Module:
         """compile, then DDP around it: the DDP(compile(model)) order."""
         perf = self.cfg.perf
