@@ -66,7 +66,7 @@ def user_errors(func):
                 raise typer.Exit(exc.exit_code) from None
             raise fail(str(exc), exc.exit_code) from None
         except OSError as exc:  # the last net: every I/O failure is one line naming the path and the reason
-            from gantrain.engine.files import os_reason
+            from gantrain.engine.state.files import os_reason
 
             where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
             raise fail(f"{where + ': ' if where else ''}{os_reason(exc)}", 1) from None
@@ -137,12 +137,12 @@ def run_command(
     """Train a DCGAN. Bare `gantrain run` trains the fashion32 preset."""
     cfg = resolve(preset, str(config) if config else None, overrides or {})
     if dry_run:
-        from gantrain.engine import dryrun
+        from gantrain.engine.train import dryrun
 
         sources = dryrun.value_sources(preset, str(config) if config else None, overrides or {})
         dryrun.show(cfg, sources, dryrun.plan(cfg), Console(), resume)
         return
-    from gantrain.engine.launch import train
+    from gantrain.engine.dist.launch import train
 
     train(cfg, resume=resume, console=console)
 
@@ -194,7 +194,7 @@ def generate_command(
     no_ema: Annotated[bool, typer.Option("--no-ema", help="Use the raw generator even if the checkpoint has an EMA one.")] = False,
 ) -> None:
     """Generate images from a saved generator, without the dataset."""
-    from gantrain.engine.generate import generate
+    from gantrain.engine.outputs.generate import generate
 
     result = generate(checkpoint, n=n, out=out, seed=seed, individual=individual, nrow=nrow, device=device,
                       use_ema=not no_ema)
@@ -210,7 +210,7 @@ def export_command(
 ) -> None:
     """Export a checkpoint's generator (its EMA copy when present) as one safetensors file for sharing;
     `gantrain generate` and `gantrain eval` read it like a checkpoint."""
-    from gantrain.engine.export import export_generator
+    from gantrain.engine.outputs.export import export_generator
 
     path, which = export_generator(checkpoint, out, use_ema=not no_ema)
     console.print(f"wrote {path} ({'EMA' if which == 'ema' else 'raw'} generator, {path.stat().st_size / 1e6:.1f} MB)")
@@ -270,7 +270,7 @@ def fit_extractor_command(
     """Fit a dataset's feature extractor (or find it in the cache) and print its test accuracy."""
     from gantrain.engine.config import env_data_root
     from gantrain.engine.metrics import ensure_extractor, parse_dataset
-    from gantrain.engine.runtime import pick_device
+    from gantrain.engine.dist.runtime import pick_device
 
     spec = parse_dataset(dataset, data_root or env_data_root(), channels)
     extra = {"epochs": epochs} if epochs else {}

@@ -16,9 +16,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from gantrain.engine.config import Config
-from gantrain.engine.models import build_models
-from gantrain.engine.sampling import sample_noise
+from gantrain.engine import Config, build_models, sample_noise
 
 
 def plain_loop_omits(cfg: Config) -> list[str]:

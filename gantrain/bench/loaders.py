@@ -21,8 +21,7 @@ from rich.console import Console
 from gantrain.bench.hardware import system_info
 from gantrain.bench.report import publish, render
 from gantrain.bench.timing import BenchRow, merge_runs, round_robin, run_row
-from gantrain.engine.config import Config, env_data_root, override, preset
-from gantrain.engine.errors import ConfigError, GantrainError
+from gantrain.engine import Config, ConfigError, GantrainError, env_data_root, override, preset
 
 LOADERS = ("memory", "torch", "dali")
 PRESET_BY_SIZE = {64: "cats64", 128: "cats128"}
@@ -57,9 +56,9 @@ def row_config(row: LoaderRow, overrides: dict) -> Config:
 def run_loader_only(cfg: Config, spec: dict) -> dict:
     """Worker side of a loader-only row: build the loader (timed as setup), then time batches into model format."""
     from gantrain.bench.timing import endless, time_loop
-    from gantrain.engine.data import build_loader
-    from gantrain.engine.precision import PrecisionPolicy
-    from gantrain.engine.runtime import pick_device
+    from gantrain.engine import build_loader
+    from gantrain.engine import PrecisionPolicy
+    from gantrain.engine import pick_device
 
     device = pick_device(cfg.run.device)
     policy = PrecisionPolicy(device, cfg.perf.amp, cfg.perf.channels_last)
@@ -145,7 +144,7 @@ def rendered(report: dict):
 
 
 def _dali_version() -> str | None:
-    from gantrain.engine.data.dali import dali_installed
+    from gantrain.engine import dali_installed
 
     if not dali_installed():
         return None
@@ -176,8 +175,8 @@ def bench_loaders(*, data_root: str | None, limit: int | None, batch_size: int |
 
 
 def _report(results: list[dict], overrides: dict, timings: dict, sizes: tuple[int, ...]) -> dict:
-    from gantrain.engine.data.sources import discover_folder
-    from gantrain.engine.runtime import pick_device
+    from gantrain.engine import discover_folder
+    from gantrain.engine import pick_device
 
     cfg = row_config(LoaderRow("memory", sizes[0], "loader"), overrides)
     return {"system": system_info(), "device": str(pick_device(overrides["device"])), "dali": _dali_version(),

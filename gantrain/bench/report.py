@@ -10,7 +10,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from gantrain.engine.files import atomic_write_text
+from gantrain.engine import atomic_write_text
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]], caption: str, left: int = 1) -> str:

@@ -15,9 +15,7 @@ from rich.console import Console
 from gantrain.bench.hardware import peak_tflops, system_info
 from gantrain.bench.report import console_table, markdown_table, publish
 from gantrain.bench.timing import BenchRow, merge_runs, round_robin, run_row
-from gantrain.engine.config import Config
-from gantrain.engine.errors import GantrainError
-from gantrain.engine.precision import compute_name, resolve_amp
+from gantrain.engine import Config, GantrainError, compute_name, resolve_amp
 
 
 def matrix(amp: str, nproc: int = 1, device_type: str = "cpu") -> list[BenchRow]:
@@ -52,7 +50,7 @@ def matrix(amp: str, nproc: int = 1, device_type: str = "cpu") -> list[BenchRow]
 def run_suite(cfg: Config, *, rows: list[BenchRow], timing: dict, peak_override: float | None,
               console: Console) -> dict:
     from gantrain.bench.baseline import step_flops
-    from gantrain.engine.runtime import pick_device
+    from gantrain.engine import pick_device
 
     device = pick_device(cfg.run.device)
     flops_per_image = step_flops(cfg)
@@ -131,7 +129,7 @@ def bench(cfg: Config, *, quick: bool, nproc: int, peak_override: float | None, 
           warmup: int | None = None, windows: int | None = None, window: int | None = None,
           repeats: int | None = None) -> dict:
     from gantrain.bench.baseline import plain_loop_omits
-    from gantrain.engine.runtime import pick_device
+    from gantrain.engine import pick_device
 
     device = pick_device(cfg.run.device)
     rows = matrix(resolve_amp("auto", device), nproc, device.type)

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from gantrain.bench.hardware import peak_mem_gib
-from gantrain.engine.config import Config, override
+from gantrain.engine import Config, override
 
 RESULT_PREFIX = "BENCH_RESULT "
 

@@ -31,10 +31,10 @@ from rich.console import Console
 from gantrain.bench.hardware import system_info
 from gantrain.bench.report import console_table, markdown_table
 from gantrain.bench.timing import RESULT_PREFIX, endless
-from gantrain.engine.config import PRESETS, RECOMMENDED, Config, override, preset, with_env_defaults
-from gantrain.engine.errors import ConfigError
-from gantrain.engine.files import atomic_write_text, make_folder
-from gantrain.engine.images import save_figure
+from gantrain.engine import (
+    Config, ConfigError, PRESETS, RECOMMENDED, atomic_write_text, make_folder, override, preset, save_figure,
+    with_env_defaults
+)
 
 TUTORIAL = "tutorial"
 DEFAULT_TARGETS = (20.0, 10.0, 5.0, 3.0)
@@ -59,8 +59,8 @@ def train_to_quality(cfg: Config, spec: dict) -> dict:
     included, evaluation not). A non-finite FD (a diverged run) ends the run early with ``"diverged": true``; an
     FD at or below ``spec["stop_fd"]`` (when given) with ``"stopped": true``.
     """
-    from gantrain.engine.metrics.evaluate import Evaluator
-    from gantrain.engine.runtime import pick_device
+    from gantrain.engine import Evaluator
+    from gantrain.engine import pick_device
 
     device = pick_device(cfg.run.device)
     evaluator = Evaluator.for_config(cfg, device=device, quiet=True)  # fitted and cached by the parent
@@ -104,7 +104,7 @@ def _sync(device) -> None:
 
 def _build_baseline(cfg: Config, device, spec: dict):
     from gantrain.bench.baseline import BaselineGAN, baseline_batches
-    from gantrain.engine.data.sources import load_images
+    from gantrain.engine import load_images
 
     images = load_images(cfg.data.dataset, cfg.data.data_root, cfg.data.image_size, cfg.data.channels,
                          limit=cfg.data.limit, synthetic_size=cfg.data.synthetic_size, seed=cfg.run.seed)
@@ -116,9 +116,9 @@ def _build_baseline(cfg: Config, device, spec: dict):
 
 
 def _build_engine(cfg: Config, device, spec: dict):
-    from gantrain.engine.data import Shard, build_loader
-    from gantrain.engine.precision import PrecisionPolicy
-    from gantrain.engine.step import GANStep
+    from gantrain.engine import Shard, build_loader
+    from gantrain.engine import PrecisionPolicy
+    from gantrain.engine import GANStep
 
     policy = PrecisionPolicy(device, cfg.perf.amp, cfg.perf.channels_last)
     loader = build_loader(cfg.data, cfg.run.seed, device, Shard(0, 1), policy=policy)
@@ -132,7 +132,7 @@ def _build_engine(cfg: Config, device, spec: dict):
 def _decaying(train_step: Callable, cfg: Config, opt_g, opt_d, spec: dict, steps_per_epoch: int) -> Callable:
     """``train_step`` with --lr-decay's rate set before each update, the decay spanning the budget as a run of
     ``--epochs budget_epochs`` would (so a short budget decays to 0 sooner than the recipe's own --epochs)."""
-    from gantrain.engine.lr_schedule import LRDecay
+    from gantrain.engine import LRDecay
 
     decay = LRDecay.of_gan(cfg.optim, opt_g, opt_d, math.ceil(spec["budget_epochs"] * steps_per_epoch))
     if not decay.active:
@@ -288,9 +288,9 @@ def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: in
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from gantrain.bench.baseline import plain_loop_omits
-    from gantrain.engine.metrics.evaluate import Evaluator
-    from gantrain.engine.metrics.reference import spec_from_config
-    from gantrain.engine.runtime import pick_device
+    from gantrain.engine import Evaluator
+    from gantrain.engine import spec_from_config
+    from gantrain.engine import pick_device
 
     if len({spec_from_config(c.cfg) for c in contenders}) > 1:
         raise ConfigError("--contender: every contender must train on the same dataset, image size and channels "

@@ -13,12 +13,12 @@ import sys
 
 
 from gantrain.bench.timing import RESULT_PREFIX, endless, time_loop
-from gantrain.engine.config import Config, from_dict
+from gantrain.engine import Config, from_dict
 
 def run_baseline(cfg: Config, spec: dict) -> dict:
     from gantrain.bench.baseline import BaselineGAN, baseline_batches
-    from gantrain.engine.data.sources import load_images
-    from gantrain.engine.runtime import pick_device
+    from gantrain.engine import load_images
+    from gantrain.engine import pick_device
 
     device = pick_device(cfg.run.device)
     images = load_images(cfg.data.dataset, cfg.data.data_root, cfg.data.image_size, cfg.data.channels,
@@ -32,10 +32,10 @@ def run_baseline(cfg: Config, spec: dict) -> dict:
 
 def run_engine(cfg: Config, spec: dict) -> dict:
     """The engine's step (:class:`GANStep`) fed by its loader: nothing else of a run (no folder, log or grids)."""
-    from gantrain.engine.data import Shard, build_loader
-    from gantrain.engine.precision import PrecisionPolicy
-    from gantrain.engine.runtime import init_distributed, pick_device, shutdown_distributed
-    from gantrain.engine.step import GANStep
+    from gantrain.engine import Shard, build_loader
+    from gantrain.engine import PrecisionPolicy
+    from gantrain.engine import init_distributed, pick_device, shutdown_distributed
+    from gantrain.engine import GANStep
 
     info = init_distributed(cfg.run.device)
     device = pick_device(cfg.run.device, info.local_rank)

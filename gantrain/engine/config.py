@@ -24,16 +24,16 @@ from gantrain.kernels.conv import IMPLS as LAYER_IMPLS
 
 DATASETS = ("fashion-mnist", "mnist", "folder", "synthetic")
 ARCHS = ("dcgan", "dense")
-LR_DECAYS = ("none", "linear", "cosine")  # gantrain/engine/lr_schedule.py implements them
+LR_DECAYS = ("none", "linear", "cosine")  # gantrain/engine/gan/lr_schedule.py implements them
 LOADERS = ("auto", "memory", "torch", "dali")
 DALI_DEVICES = ("auto", "cpu", "gpu")
 AMP_MODES = ("auto", "off", "bf16", "fp16")  # what --amp accepts; precision.resolve_amp says what each means
 FP16_NEEDS_CUDA = "fp16 needs CUDA; use --amp bf16 on CPU"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
-EMA_BN_MODES = ("copy", "standing")  # gantrain/engine/step.py: GANStep.generator
+EMA_BN_MODES = ("copy", "standing")  # gantrain/engine/gan/step.py: GANStep.generator
 EVAL_METRICS = ("inception",)
 LOGGERS = ("tensorboard", "wandb", "mlflow")
-DIFFAUG_OPS = ("color", "translation", "cutout")  # gantrain/engine/diffaug.py implements them
+DIFFAUG_OPS = ("color", "translation", "cutout")  # gantrain/engine/gan/diffaug.py implements them
 # Comma-list fields: on the command line their flag may also be repeated (--logger tensorboard --logger wandb).
 LIST_FIELDS = ("logger", "eval_metrics", "diffaug")
 DATA_ROOT_ENV = "GANTRAIN_DATA"  # the default of --data-root, read by env_data_root() alone

@@ -4,7 +4,7 @@ Every public function takes ``impl``: ``"aten"`` runs torch's own convolution, t
 compare outputs and both gradients against; ``"fast"`` (the default) runs the rewrite where it applies and
 falls back to the reference where it does not (another shape, or a device or dtype where it was not measured
 faster: the gradient rewrites are CPU-only, the weight-gradient one bf16-only). The rewrites change only the order of summation. The ``nn.Module``
-shells that hold the weights are in :mod:`gantrain.engine.layers`.
+shells that hold the weights are in :mod:`gantrain.engine.gan.layers`.
 
 Measured for fashion32 at batch 128 in bf16 on the 2-core AVX512-BF16 EPYC (oneDNN 3.x):
 

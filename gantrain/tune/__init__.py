@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from gantrain.engine.errors import GantrainError
+from gantrain.engine import GantrainError
 
 
 def require_ray() -> None:

@@ -11,7 +11,7 @@ from rich.console import Console
 
 def main(argv: list[str]) -> int:
     from gantrain.cli import fail, finish_tune
-    from gantrain.engine.errors import GantrainError
+    from gantrain.engine import GantrainError
     from gantrain.tune.experiment import ExperimentFolder, run_prepared
 
     folder, mode, storage = argv

@@ -23,14 +23,10 @@ import ray
 from ray import tune
 from rich.console import Console
 
-from gantrain.engine.config import Config, load_toml, override, to_toml
-from gantrain.engine.data.download import IDX_DATASETS, ensure_idx_files
-from gantrain.engine.data.sources import data_root
-from gantrain.engine.errors import ConfigError, GantrainError
-from gantrain.engine.files import atomic_write_text
-from gantrain.engine.runlog import log, setup_logging
-from gantrain.engine.metrics import evaluate_generator
-from gantrain.engine.models import build_models
+from gantrain.engine import (
+    Config, ConfigError, GantrainError, IDX_DATASETS, atomic_write_text, build_models, data_root, ensure_idx_files,
+    evaluate_generator, load_toml, log, override, setup_logging, to_toml
+)
 from gantrain.tune.results import Outcome, summarise
 from gantrain.tune.settings import TuneSettings, load_settings
 from gantrain.tune.space import Space, load_space, parse_space
@@ -189,7 +185,7 @@ def run_driver_process(folder: ExperimentFolder, resume: bool, storage: str | Pa
     driver runs in a process group of its own, so a Ctrl-C in the terminal reaches it once, through here;
     SIGINT, SIGTERM and SIGHUP to the parent are all passed on as SIGINT (Tune's graceful stop).
     """
-    from gantrain.engine.runtime import PR_SET_PDEATHSIG
+    from gantrain.engine import PR_SET_PDEATHSIG
     import ctypes
 
     def in_child() -> None:

@@ -16,9 +16,7 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
-from gantrain.engine.config import Config, override, to_toml
-from gantrain.engine.files import atomic_write_text
-from gantrain.engine.images import save_figure
+from gantrain.engine import Config, atomic_write_text, override, save_figure, to_toml
 from gantrain.tune.settings import TuneSettings
 from gantrain.tune.space import Space
 from gantrain.tune.trainable import CHECKPOINT_FILE, LOSS_KEYS, QUALITY_KEYS, report_every, trial_epochs

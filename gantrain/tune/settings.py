@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gantrain.engine.errors import ConfigError
+from gantrain.engine import ConfigError
 
 SCHEDULERS = ("asha", "pbt", "fifo")
 SEARCHES = ("random", "optuna", "hyperopt")

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gantrain.engine.config import SECTION_TYPES, Config, field_index, override
-from gantrain.engine.errors import ConfigError
+from gantrain.engine import Config, ConfigError, SECTION_TYPES, field_index, override
 
 KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
 # PBT changes these mid-run: the restored optimisers and loss targets take new values without a restart.

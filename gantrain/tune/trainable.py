@@ -1,7 +1,7 @@
 """One Tune trial: a normal gantrain training run that reports quality metrics and checkpoints to Ray.
 
 The trial builds its config from the experiment's base config and the trial's sampled values, trains with
-the engine's :class:`~gantrain.engine.loop.Trainer`, and after every ``--eval-every`` epochs (every epoch
+the engine's :class:`~gantrain.engine.train.loop.Trainer`, and after every ``--eval-every`` epochs (every epoch
 when 0) evaluates the generator (FD and the other metrics of
 :func:`gantrain.engine.metrics.evaluate_generator`) and calls ``tune.report`` with the metrics, the losses
 and a checkpoint. That checkpoint is a regular gantrain
@@ -25,11 +25,10 @@ from typing import Any, Callable
 import torch
 from rich.console import Console
 
-from gantrain.engine import checkpoint as ckpt
-from gantrain.engine.config import Config, from_dict, override
-from gantrain.engine.runlog import log
-from gantrain.engine.loop import Trainer
-from gantrain.engine.metrics import METRIC_KEYS, evaluate_generator
+from gantrain.engine import (
+    CheckpointError, Config, METRIC_KEYS, RunDir, Trainer, atomic_save, evaluate_generator, from_dict, load_checkpoint, log,
+    override, sealed
+)
 from gantrain.tune.settings import TuneSettings
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -145,7 +144,7 @@ class EpochReporter:
 def save_trial_checkpoint(trainer: Trainer, folder: Path) -> Path:
     """A gantrain checkpoint (the format ``gantrain generate`` and ``--resume`` read) in ``folder``."""
     path = folder / CHECKPOINT_FILE
-    ckpt.atomic_save(ckpt.sealed(trainer.state_dict()), path)
+    atomic_save(sealed(trainer.state_dict()), path)
     return path
 
 
@@ -163,7 +162,7 @@ def run_trial(cfg: Config, settings: TuneSettings, report: Report, resume: Path 
     """Trains one trial to the end of its budget (or divergence); returns the reason it stopped early."""
     torch.set_num_threads(max(1, int(settings.cpus_per_trial)))
     if resume is None:  # a fresh start in a folder a failed attempt may have used
-        shutil.rmtree(cfg.run_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(RunDir(cfg.run_dir).checkpoints, ignore_errors=True)
     reporter = EpochReporter(settings, report, cfg)
     # The reporter evaluates; the Trainer's own --eval-every tracker would evaluate the same generator again
     # and keep best.pt copies of what Tune already checkpoints.
@@ -177,7 +176,7 @@ def run_trial(cfg: Config, settings: TuneSettings, report: Report, resume: Path 
             reporter(trainer, trainer.step // trainer.loader.steps_per_epoch)
         trainer.fit()
     # Tune holds the trial's checkpoints; the run folder keeps samples, curves and logs only.
-    shutil.rmtree(cfg.run_dir / "checkpoints", ignore_errors=True)
+    shutil.rmtree(RunDir(cfg.run_dir).checkpoints, ignore_errors=True)
     return trainer.stop_reason
 
 
@@ -240,7 +239,7 @@ def ddp_trial_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from gantrain.engine.runtime import DistInfo
+    from gantrain.engine import DistInfo
 
     cfg, settings = from_dict(config["cfg"]), config["settings"]
     ctx = ray.train.get_context()
@@ -263,7 +262,7 @@ def ddp_trial_worker(config: dict[str, Any]) -> None:
     reporter.monitor.check = agreed_check
     resume = config["resume"]
     if resume is None and info.is_main:
-        shutil.rmtree(cfg.run_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(RunDir(cfg.run_dir).checkpoints, ignore_errors=True)
     engine_cfg = override(cfg, {"eval_every": 0, "nonfinite_patience": 0})
     with open(os.devnull, "w") as sink, contextlib.ExitStack():
         trainer = Trainer(engine_cfg, console=Console(file=sink), dist_info=info, resume=resume,
@@ -274,7 +273,7 @@ def ddp_trial_worker(config: dict[str, Any]) -> None:
             reporter(trainer, trainer.step // trainer.loader.steps_per_epoch)
         trainer.fit()
     if info.is_main:
-        shutil.rmtree(cfg.run_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(RunDir(cfg.run_dir).checkpoints, ignore_errors=True)
 
 
 def newest_checkpoint(given: Path | None, trial_dir: Path) -> Path | None:
@@ -291,8 +290,8 @@ def newest_checkpoint(given: Path | None, trial_dir: Path) -> Path | None:
     own = sorted(trial_dir.glob(f"checkpoint_*/{CHECKPOINT_FILE}"), key=lambda p: p.stat().st_mtime, reverse=True)
     for path in own:
         try:
-            ckpt.load_checkpoint(path)  # a copy torn by the kill is skipped for the one before it
-        except ckpt.CheckpointError as exc:
+            load_checkpoint(path)  # a copy torn by the kill is skipped for the one before it
+        except CheckpointError as exc:
             log.warning("skipping %s", exc)
             continue
         if given is None or path.parent.resolve() != given.resolve():

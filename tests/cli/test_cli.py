@@ -16,7 +16,7 @@ import torch
 import gantrain
 
 from gantrain.engine.config import PRESETS, SECTION_TYPES
-from gantrain.engine.precision import resolve_amp
+from gantrain.engine.gan.precision import resolve_amp
 
 
 def test_version(cli) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gantrain.engine.checkpoint import load_checkpoint
+from gantrain.engine.state.checkpoint import load_checkpoint
 
 st = pytest.importorskip("safetensors")
 from safetensors import safe_open  # noqa: E402
@@ -44,7 +44,7 @@ def test_export_holds_the_generator_and_its_config(trained_run: Path, cli, tmp_p
 
 
 def test_export_prefers_the_ema_generator(tiny_cfg, quiet_console, cli, tmp_path: Path) -> None:
-    from gantrain.engine.loop import Trainer
+    from gantrain.engine.train.loop import Trainer
 
     cfg = tiny_cfg("ema", max_steps=3, ema_decay=0.9)
     Trainer(cfg, console=quiet_console).fit()

@@ -15,7 +15,7 @@ from gantrain.bench.hardware import system_info
 from gantrain.bench.suite import _add_ratios, matrix, rendered
 from gantrain.bench.timing import quantile
 from gantrain.engine.config import override, preset
-from gantrain.engine.precision import resolve_amp
+from gantrain.engine.gan.precision import resolve_amp
 
 
 @pytest.mark.parametrize("amp", ["bf16", "off"])

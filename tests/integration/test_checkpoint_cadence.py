@@ -7,14 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gantrain.engine.checkpoint import load_checkpoint, numbered_checkpoints
-from gantrain.engine.loop import Trainer
+from gantrain.engine.state.checkpoint import load_checkpoint
+from gantrain.engine.state.rundir import RunDir
+from gantrain.engine.train.loop import Trainer
 
 pytestmark = pytest.mark.slow
 
 
 def _steps(run) -> list[int]:
-    return [int(p.stem.split("_")[1]) for p in numbered_checkpoints(run / "checkpoints")]
+    return [int(p.stem.split("_")[1]) for p in RunDir(run).numbered_checkpoints()]
 
 
 def test_step_and_minute_cadences_save_where_due_and_change_nothing(tiny_cfg, quiet_console):
@@ -36,11 +37,11 @@ def test_step_and_minute_cadences_save_where_due_and_change_nothing(tiny_cfg, qu
 
 
 def test_training_keeps_the_last_k_epoch_checkpoints(tiny_cfg, quiet_console) -> None:
-    from gantrain.engine.loop import Trainer
+    from gantrain.engine.train.loop import Trainer
 
     # 64 images / batch 32 = 2 steps per epoch; 5 epochs with a checkpoint each, keep 2.
     cfg = tiny_cfg(limit=64, max_steps=0, epochs=5, keep_checkpoints=2, checkpoint_every=1, log_every=5)
     result = Trainer(cfg, console=quiet_console).fit()
     folder = result.run_dir / "checkpoints"
-    assert [p.name for p in numbered_checkpoints(folder)] == ["step_00000008.pt", "step_00000010.pt"]
+    assert [p.name for p in RunDir(result.run_dir).numbered_checkpoints()] == ["step_00000008.pt", "step_00000010.pt"]
     assert load_checkpoint(folder / "last.pt")["step"] == 10

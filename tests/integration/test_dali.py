@@ -24,7 +24,7 @@ from gantrain.engine.data import Shard, build_loader, epoch_plan
 from gantrain.engine.data.dali import DALIArrayLoader, DALIFolderLoader, dali_installed, pipeline_device, rank_major
 from gantrain.engine.data.loaders import choose_loader
 from gantrain.engine.errors import ConfigError, DataError
-from gantrain.engine.precision import PrecisionPolicy
+from gantrain.engine.gan.precision import PrecisionPolicy
 
 CPU = torch.device("cpu")
 GREY_LEVEL = 1 / 127.5  # one uint8 step in [-1, 1]

@@ -11,7 +11,7 @@ import pytest
 from processes import free_port
 import torch
 
-from gantrain.engine.checkpoint import load_checkpoint
+from gantrain.engine.state.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +87,7 @@ def test_ranks_that_resolve_amp_auto_differently_are_refused(datasets_root, tmp_
     two precisions would drift apart silently, so the run stops at start-up with one line on every rank."""
     script = tmp_path / "mixed.py"
     script.write_text("import os\n"
-                      "from gantrain.engine import precision\n"
+                      "from gantrain.engine.gan import precision\n"
                       "precision.native_bf16 = lambda device: os.environ['RANK'] == '1'  # as on a second CPU type\n"
                       "from gantrain.cli import main\n"
                       "main()\n")

@@ -16,7 +16,7 @@ import pytest
 from processes import descendants, free_port
 import torch
 
-from gantrain.engine.checkpoint import load_checkpoint
+from gantrain.engine.state.checkpoint import load_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux signals")]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from processes import alive, descendants, free_port
 
-from gantrain.engine.checkpoint import load_checkpoint
+from gantrain.engine.state.checkpoint import load_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux signals")]
 

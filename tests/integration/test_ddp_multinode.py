@@ -14,7 +14,7 @@ import pytest
 from processes import free_port
 import torch
 
-from gantrain.engine.checkpoint import load_checkpoint
+from gantrain.engine.state.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gantrain.engine.checkpoint import load_checkpoint
+from gantrain.engine.state.checkpoint import load_checkpoint
 from gantrain.engine.config import load_toml
 
 pytestmark = pytest.mark.slow

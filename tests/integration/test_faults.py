@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gantrain.engine.checkpoint import load_checkpoint
+from gantrain.engine.state.checkpoint import load_checkpoint
 from gantrain.engine.errors import ConfigError
-from gantrain.engine.loop import Trainer
+from gantrain.engine.train.loop import Trainer
 
 
 def _flags(datasets_root: Path, out: Path, *, limit: int = 64, batch: int = 32) -> list:
@@ -195,7 +195,7 @@ def _poison_after(monkeypatch: pytest.MonkeyPatch, step: int, poison) -> None:
     """Runs ``poison(trainer)`` right after the optimiser steps of training step ``step`` (1-based)."""
     from types import SimpleNamespace
 
-    from gantrain.engine.step import GANStep
+    from gantrain.engine.gan.step import GANStep
 
     original, calls = GANStep.__call__, []
 
@@ -255,7 +255,7 @@ def test_nan_batchnorm_statistics_with_finite_losses_are_never_checkpointed(
 def test_nonfinite_patience_counts_log_intervals(tiny_cfg, quiet_console, monkeypatch: pytest.MonkeyPatch,
                                                  patience: int, stops: bool) -> None:
     from gantrain.engine.errors import TrainingDiverged
-    from gantrain.engine.stats import Stats as DeviceStats
+    from gantrain.engine.train.stats import Stats as DeviceStats
 
     original, reads = DeviceStats.read, []
 
@@ -300,7 +300,7 @@ def test_a_diverging_cli_run_exits_1_with_strict_json(cli, datasets_root: Path, 
 def _poisoned_checkpoint(source: Path, target: Path, key: str) -> tuple[Path, int]:
     """``source`` with one value of its ``key`` weights set to NaN (an EMA copy of G made first when ``key`` is
     generator_ema), sealed again as gantrain seals checkpoints; returns it and the float values in ``key``."""
-    from gantrain.engine.checkpoint import sealed
+    from gantrain.engine.state.checkpoint import sealed
 
     state = load_checkpoint(source)
     if key == "generator_ema":
@@ -415,13 +415,13 @@ def test_two_processes_one_folder_then_sigkill_leaves_a_stale_lock(datasets_root
 
 # ===== 5. every rewrite is atomic ================================================================================
 def _rewrite_metrics(path: Path) -> None:
-    from gantrain.engine.runlog import MetricsWriter
+    from gantrain.engine.outputs.runlog import MetricsWriter
 
     MetricsWriter(path, resume_step=1)
 
 
 def _rewrite_grid(path: Path) -> None:
-    from gantrain.engine.images import save_grid
+    from gantrain.engine.outputs.images import save_grid
 
     save_grid(torch.zeros(4, 1, 8, 8), path)
 
@@ -429,7 +429,7 @@ def _rewrite_grid(path: Path) -> None:
 def _rewrite_gif(path: Path) -> None:
     from PIL import Image
 
-    from gantrain.engine.images import save_gif
+    from gantrain.engine.outputs.images import save_gif
 
     frame = path.parent.parent / "frame.png"
     Image.new("L", (64, 64)).save(frame)
@@ -437,7 +437,7 @@ def _rewrite_gif(path: Path) -> None:
 
 
 def _rewrite_plot(path: Path) -> None:
-    from gantrain.engine.images import plot_curves
+    from gantrain.engine.outputs.images import plot_curves
 
     plot_curves([{"step": s, "loss_d": 1.0 / s} for s in range(1, 50)], ["loss_d"], path, "t", "y")
 
@@ -539,7 +539,7 @@ def test_disk_full_on_a_real_3mb_tmpfs(cli, datasets_root: Path, tmp_path: Path)
     finally:
         from rich.console import Console
 
-        from gantrain.engine.runlog import setup_logging
+        from gantrain.engine.outputs.runlog import setup_logging
 
         setup_logging(Console(file=io.StringIO()))  # closes the run's train.log, which keeps the mount busy
         subprocess.run(["umount", str(mount)], check=True)
@@ -593,7 +593,7 @@ DAMAGED = [
 
 
 def test_read_metrics_skips_damaged_lines_and_counts_them(tmp_path: Path, caplog) -> None:
-    from gantrain.engine.images import read_metrics
+    from gantrain.engine.outputs.images import read_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_bytes(b"".join(line for line, _ in DAMAGED))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gantrain.engine.checkpoint import load_checkpoint
-from gantrain.engine.loop import Trainer
+from gantrain.engine.state.checkpoint import load_checkpoint
+from gantrain.engine.train.loop import Trainer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -82,7 +82,7 @@ def test_training_with_eval_metrics_inception_records_it(stand_in_package: Path,
                                                           quiet_console) -> None:
     """--eval-metrics inception: each --eval-every record holds the Inception FID/KID next to the domain FD,
     computed on the same generated images (the same noise) as the domain metrics."""
-    from gantrain.engine.loop import Trainer
+    from gantrain.engine.train.loop import Trainer
     from gantrain.engine.metrics import evaluate_generator
 
     cfg = tiny_cfg("incep", limit=256, max_steps=8, eval_every=1, eval_samples=100, eval_metrics="inception")
@@ -92,7 +92,7 @@ def test_training_with_eval_metrics_inception_records_it(stand_in_package: Path,
     assert len(evals) == 1 and evals[0]["step"] == 8
     assert evals[0]["inception_fid"] > 0 and "inception_kid_mean" in evals[0] and evals[0]["inception_s_per_1000"] > 0
     # the tuner's entry point gives the same value for the same generator
-    from gantrain.engine.generate import load_generator
+    from gantrain.engine.outputs.generate import load_generator
 
     generator, _ = load_generator(cfg.run_dir / "checkpoints" / "last.pt", "cpu")
     values = evaluate_generator(generator, cfg, num_samples=100, seed=cfg.run.seed, quiet=True)

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from gantrain.engine.errors import ConfigError
-from gantrain.engine.loop import Trainer
-from gantrain.engine.step import make_adam
-from gantrain.engine.models import build_models
+from gantrain.engine.train.loop import Trainer
+from gantrain.engine.gan.step import make_adam
+from gantrain.engine.gan.models import build_models
 from gantrain.engine.config import ModelConfig
-from gantrain.engine.precision import PrecisionPolicy
+from gantrain.engine.gan.precision import PrecisionPolicy
 from standing_reference import bn_buffers, update_bn_reference
 
 CPU = torch.device("cpu")
@@ -70,7 +70,7 @@ def test_standing_ema_statistics(tiny_cfg, quiet_console, monkeypatch):
     """--ema-bn standing: G and D train exactly as with copied statistics; the EMA G's BatchNorm statistics are
     recomputed for its weights when it is used after a change (not every step), match torch's update_bn, and are
     what checkpoints store."""
-    import gantrain.engine.step as step_module
+    import gantrain.engine.gan.step as step_module
 
     cfg_copy, cfg_standing = tiny_cfg("copy", ema_decay=0.9), tiny_cfg("standing", ema_decay=0.9, ema_bn="standing")
     copied, standing = Trainer(cfg_copy, console=quiet_console), Trainer(cfg_standing, console=quiet_console)

@@ -18,7 +18,7 @@ import pytest
 from processes import alive, descendants, free_port
 import torch
 
-from gantrain.engine.checkpoint import load_checkpoint
+from gantrain.engine.state.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("ray.train.torch")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gantrain.engine.errors import ConfigError
-from gantrain.engine.trackers import parse_loggers, scalars, tag
+from gantrain.engine.outputs.trackers import parse_loggers, scalars, tag
 
 # The tiny run: 256 images, batch 32 -> 8 steps per epoch; losses every 2 steps, a grid every 4.
 RUN_ARGS = ["--amp", "off", "--no-channels-last", "--limit", "256", "--batch-size", "32", "--log-every", "2",
@@ -164,8 +164,8 @@ def test_resume_after_a_crash_has_no_duplicated_or_missing_steps(tiny_cfg, quiet
     """A run dies at step 11, after logging step 10 but with its last checkpoint at step 8 (the epoch end):
     the resumed run trains 9-16 again. TensorBoard purges the dead process's step 10; W&B and MLflow, which
     cannot delete, keep it and the resumed run logs from step 12 on (said in one log line)."""
-    from gantrain.engine.loop import Trainer
-    from gantrain.engine.step import GANStep
+    from gantrain.engine.train.loop import Trainer
+    from gantrain.engine.gan.step import GANStep
 
     cfg = tiny_cfg("crash", limit=256, max_steps=16, log_every=2, sample_every=0, logger="tensorboard,wandb,mlflow")
     trainer = Trainer(cfg, console=quiet_console)
@@ -185,7 +185,7 @@ def test_resume_after_a_crash_has_no_duplicated_or_missing_steps(tiny_cfg, quiet
     assert json.loads((run / "trackers.json").read_text())["mlflow"]["last_step"] == 10
 
     records: list[str] = []
-    monkeypatch.setattr("gantrain.engine.trackers.log.warning", lambda msg, *a: records.append(msg % a))
+    monkeypatch.setattr("gantrain.engine.outputs.trackers.log.warning", lambda msg, *a: records.append(msg % a))
     Trainer(cfg, console=quiet_console, resume="auto").fit()
     assert any("keeps steps 9-10" in r for r in records), records
 
@@ -205,7 +205,7 @@ def test_resume_after_a_crash_has_no_duplicated_or_missing_steps(tiny_cfg, quiet
 def test_tensorboard_logger_in_a_tiny_run(tiny_cfg, quiet_console) -> None:
     """The CI-cheap check: TensorBoard alone, scalars equal to metrics.jsonl, the final grid as an image."""
     pytest.importorskip("tensorboard")
-    from gantrain.engine.loop import Trainer
+    from gantrain.engine.train.loop import Trainer
 
     cfg = tiny_cfg("tb", max_steps=4, log_every=1, logger="tensorboard")
     Trainer(cfg, console=quiet_console).fit()
@@ -216,7 +216,7 @@ def test_tensorboard_logger_in_a_tiny_run(tiny_cfg, quiet_console) -> None:
 
 
 def test_no_logger_writes_no_tracker_files(tiny_cfg, quiet_console) -> None:
-    from gantrain.engine.loop import Trainer
+    from gantrain.engine.train.loop import Trainer
 
     cfg = tiny_cfg("plain", max_steps=2)
     assert cfg.run.logger == "none"

@@ -26,10 +26,10 @@ from processes import alive, descendants, free_port
 import torch
 from torch import nn
 
-from gantrain.engine.checkpoint import load_checkpoint
+from gantrain.engine.state.checkpoint import load_checkpoint
 from gantrain.engine.config import load_toml, override, preset
 from gantrain.engine.errors import ConfigError
-from gantrain.engine.loop import Trainer
+from gantrain.engine.train.loop import Trainer
 from gantrain.tune.settings import TuneSettings, settings_from
 from gantrain.tune.space import load_space, parse_space
 from gantrain.tune.trainable import DivergenceMonitor, apply_hyperparameters, run_trial, trial_config
@@ -511,7 +511,7 @@ def test_pbt_with_a_grid_is_refused_before_anything_starts(cli, nothing_starts, 
 
 
 def test_a_restarted_trial_continues_from_its_newest_checkpoint_on_disk(tmp_path: Path) -> None:
-    from gantrain.engine import checkpoint as ckpt
+    from gantrain.engine.state import checkpoint as ckpt
     from gantrain.tune.trainable import newest_checkpoint
 
     trial, donor = tmp_path / "trial_a", tmp_path / "trial_b"
@@ -534,7 +534,7 @@ def test_a_restarted_trial_continues_from_its_newest_checkpoint_on_disk(tmp_path
 
 
 def _newest_checkpoint_step(trial: Path) -> int:
-    from gantrain.engine.checkpoint import load_checkpoint
+    from gantrain.engine.state.checkpoint import load_checkpoint
 
     newest = max(trial.glob("checkpoint_*/checkpoint.pt"), key=lambda p: p.stat().st_mtime)
     return load_checkpoint(newest)["step"]

@@ -8,21 +8,25 @@ from pathlib import Path
 
 import pytest
 
+from gantrain.engine import API
+
 PACKAGE = Path(__file__).resolve().parents[2] / "gantrain"
 
 # Lowest first. A module may import its own layer and the ones below (without a circle), never one above.
+# A package's __init__ (e.g. gantrain.engine.gan) holds no imports and sits in layer 0 through "gantrain".
 LAYERS = [
     ("gantrain", "gantrain.kernels"),
-    ("gantrain.engine.errors", "gantrain.engine.files"),
+    ("gantrain.engine.errors", "gantrain.engine.state.files", "gantrain.engine.state.rundir"),
     ("gantrain.engine.config",),
-    ("gantrain.engine.data", "gantrain.engine.layers", "gantrain.engine.models", "gantrain.engine.precision",
-     "gantrain.engine.runtime", "gantrain.engine.sampling", "gantrain.engine.stats", "gantrain.engine.runlog",
-     "gantrain.engine.images", "gantrain.engine.checkpoint", "gantrain.engine.pixels",
-     "gantrain.engine.trackers", "gantrain.engine.dryrun", "gantrain.engine.export", "gantrain.engine.diffaug",
-     "gantrain.engine.lr_schedule"),
-    ("gantrain.engine.step", "gantrain.engine.outputs", "gantrain.engine.metrics", "gantrain.engine.generate"),
-    ("gantrain.engine.loop",),
-    ("gantrain.engine.launch", "gantrain.engine.raytrain"),
+    ("gantrain.engine.data", "gantrain.engine.gan.layers", "gantrain.engine.gan.models", "gantrain.engine.gan.precision",
+     "gantrain.engine.dist.runtime", "gantrain.engine.gan.sampling", "gantrain.engine.train.stats",
+     "gantrain.engine.outputs.runlog", "gantrain.engine.outputs.images", "gantrain.engine.state.schema",
+     "gantrain.engine.state.checkpoint", "gantrain.engine.outputs.trackers", "gantrain.engine.train.dryrun",
+     "gantrain.engine.outputs.export", "gantrain.engine.gan.diffaug", "gantrain.engine.gan.lr_schedule"),
+    ("gantrain.engine.gan.step", "gantrain.engine.outputs.writer", "gantrain.engine.metrics",
+     "gantrain.engine.outputs.generate"),
+    ("gantrain.engine.train.loop",),
+    ("gantrain.engine.dist.launch", "gantrain.engine.dist.raytrain"),
     ("gantrain.bench", "gantrain.tune"),
     ("gantrain.cli", "gantrain.__main__", "gantrain.tune.driver"),  # entry points of processes
 ]
@@ -56,6 +60,8 @@ def _imports(modules: dict[str, Path]) -> dict[str, set[str]]:
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gantrain"):
                 for alias in node.names:
                     full = f"{node.module}.{alias.name}"
+                    if node.module == "gantrain.engine" and alias.name in API:  # the public API: its module
+                        full = f"gantrain.engine.{API[alias.name]}"
                     targets.add(full if full in modules else node.module)
             elif isinstance(node, ast.Import):
                 targets |= {a.name for a in node.names if a.name.startswith("gantrain")}
@@ -109,10 +115,40 @@ def test_kernels_and_metrics_stay_below_the_trainer() -> None:
     assert {t for m, ts in edges.items() if m.startswith("gantrain.kernels") for t in ts
             if not t.startswith("gantrain.kernels")} == set()
     assert {t for m, ts in edges.items() if m.startswith("gantrain.engine.metrics") for t in ts
-            if t in ("gantrain.engine.loop", "gantrain.engine.step", "gantrain.engine.outputs")} == set()
+            if t in ("gantrain.engine.train.loop", "gantrain.engine.gan.step", "gantrain.engine.outputs.writer")} == set()
 
 
 def test_the_checker_sees_a_circle_and_an_upward_import() -> None:
     """The checks can fail: a made-up circle and an upward arrow are found."""
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]
-    assert _layer("gantrain.engine.loop") > _layer("gantrain.engine.metrics.evaluate")
+    assert _layer("gantrain.engine.train.loop") > _layer("gantrain.engine.metrics.evaluate")
+
+
+def test_bench_and_tune_use_the_engines_public_api() -> None:
+    """bench/ and tune/ import the engine through ``gantrain.engine``'s API alone, not its modules."""
+    inner = []
+    for name, path in _modules().items():
+        if name.startswith(("gantrain.bench", "gantrain.tune")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gantrain.engine."):
+                    inner.append(f"{name}: from {node.module} import ...")
+                elif isinstance(node, ast.ImportFrom) and node.module == "gantrain.engine":
+                    inner += [f"{name}: {a.name} is not in the API" for a in node.names if a.name not in API]
+    assert inner == []
+
+
+def test_every_api_name_resolves_to_its_module() -> None:
+    import importlib
+
+    import gantrain.engine as engine
+
+    for name, module in API.items():
+        assert getattr(engine, name) is getattr(importlib.import_module(f"gantrain.engine.{module}"), name)
+
+
+def test_engine_is_laid_out_by_role() -> None:
+    """Only the config tree, the errors and the API sit directly under engine/; the rest is in a role package."""
+    direct = sorted(p.name for p in (PACKAGE / "engine").glob("*.py"))
+    assert direct == ["__init__.py", "config.py", "errors.py"]
+    roles = sorted(p.name for p in (PACKAGE / "engine").iterdir() if (p / "__init__.py").is_file())
+    assert roles == ["data", "dist", "gan", "metrics", "outputs", "state", "train"]

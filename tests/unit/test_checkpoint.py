@@ -10,13 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from gantrain.engine import checkpoint as ckpt
-from gantrain.engine.checkpoint import (CheckpointError, atomic_save, load_checkpoint, load_module_state,
-                                        numbered_checkpoints, save_checkpoint)
+from gantrain.engine.state import checkpoint as ckpt
+from gantrain.engine.state.checkpoint import (CheckpointError, atomic_save, load_checkpoint, load_module_state,
+                                              save_checkpoint)
+from gantrain.engine.state.rundir import RunDir
 from gantrain.engine.config import ModelConfig
 from gantrain.engine.errors import RunIOError
-from gantrain.engine.generate import generate, load_generator
-from gantrain.engine.models import Generator
+from gantrain.engine.outputs.generate import generate, load_generator
+from gantrain.engine.gan.models import Generator
 
 
 # ----- atomic writes and pruning -----------------------------------------------------------------------
@@ -61,11 +62,12 @@ def test_atomic_save_replaces_and_creates_folders(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("keep", [1, 2, 3])
 def test_keep_checkpoints_prunes_older_numbered_files(tmp_path: Path, keep: int) -> None:
-    folder = tmp_path / "checkpoints"
+    files = RunDir(tmp_path)
+    folder = files.checkpoints
     for step in (5, 10, 15, 20, 100):  # 100 sorts before 15 as text: pruning must sort numerically
-        save_checkpoint({"step": step}, folder, step, keep)
+        save_checkpoint({"step": step}, files, step, keep)
     kept = [5, 10, 15, 20, 100][-keep:]
-    assert [p.name for p in numbered_checkpoints(folder)] == [f"step_{s:08d}.pt" for s in kept]
+    assert [p.name for p in files.numbered_checkpoints()] == [f"step_{s:08d}.pt" for s in kept]
     assert sorted(p.name for p in folder.iterdir()) == sorted(["last.pt"] + [f"step_{s:08d}.pt" for s in kept])
     last = load_checkpoint(folder / "last.pt")
     assert last["step"] == 100 and last["format"] == "gantrain-checkpoint" and last["version"] == 1
@@ -229,9 +231,9 @@ def test_generate_nrow_and_determinism(trained_run: Path, tmp_path: Path, cli) -
 
 def test_generate_matches_the_run_samples(trained_run: Path, tmp_path: Path) -> None:
     """generate() rebuilds G from the checkpoint alone: with the run's fixed noise it redraws final.png."""
-    from gantrain.engine.images import save_grid
-    from gantrain.engine.sampling import NUM_FIXED_SAMPLES, generate_images
-    from gantrain.engine.sampling import sample_noise
+    from gantrain.engine.outputs.images import save_grid
+    from gantrain.engine.gan.sampling import NUM_FIXED_SAMPLES, generate_images
+    from gantrain.engine.gan.sampling import sample_noise
 
     g, cfg = load_generator(trained_run / "checkpoints" / "last.pt", device="cpu")
     assert not g.training and cfg.model.ngf == 16
@@ -241,7 +243,7 @@ def test_generate_matches_the_run_samples(trained_run: Path, tmp_path: Path) -> 
 
 
 def test_make_grid_layout_and_values() -> None:
-    from gantrain.engine.images import make_grid
+    from gantrain.engine.outputs.images import make_grid
 
     images = torch.full((3, 3, 4, 4), -1.0)
     images[1] = 1.0

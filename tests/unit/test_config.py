@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gantrain.engine.config import (PRESETS, Config, from_dict, load_toml, override, preset, resolve, to_toml)
-from gantrain.engine.dryrun import value_sources
+from gantrain.engine.train.dryrun import value_sources
 from gantrain.engine.errors import ConfigError
 
 EXPECTED_PRESETS = {
@@ -217,7 +217,7 @@ def test_resolve_precedence_preset_then_toml_then_flags(tmp_path: Path) -> None:
 
 def test_gantrain_data_fills_an_unset_data_root_once_at_resolve(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from gantrain.engine.dryrun import value_sources
+    from gantrain.engine.train.dryrun import value_sources
 
     monkeypatch.setenv("GANTRAIN_DATA", "/env/data")
     assert resolve(None, None, {}).data.data_root == "/env/data"
@@ -241,7 +241,7 @@ def _write(path: Path, text: str) -> Path:
 def test_amp_modes_are_resolved_in_one_place() -> None:
     import torch
 
-    from gantrain.engine import precision
+    from gantrain.engine.gan import precision
 
     cpu = torch.device("cpu")
     assert precision.resolve_amp("auto", cpu) == ("bf16" if precision.native_bf16(cpu) else "off")
@@ -263,7 +263,7 @@ def test_amp_modes_are_resolved_in_one_place() -> None:
 def test_auto_amp_picks_bf16_only_on_cpus_where_it_is_faster(monkeypatch, amx, avx512_bf16, vendor, fast) -> None:
     import torch
 
-    from gantrain.engine import precision
+    from gantrain.engine.gan import precision
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
@@ -276,7 +276,7 @@ def test_auto_amp_picks_bf16_only_on_cpus_where_it_is_faster(monkeypatch, amx, a
 
 
 def test_cpu_vendor_from_cpuinfo_or_platform(tmp_path, monkeypatch) -> None:
-    from gantrain.engine import precision
+    from gantrain.engine.gan import precision
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")

@@ -1,4 +1,4 @@
-"""DiffAugment (gantrain/engine/diffaug.py): each op against a numpy reference fed the same drawn parameters,
+"""DiffAugment (gantrain/engine/gan/diffaug.py): each op against a numpy reference fed the same drawn parameters,
 gradients, determinism, ranges, dtypes and memory formats, the config field and its wiring into GANStep."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from gantrain.engine import diffaug as da
-from gantrain.engine.checkpoint import resumed_config
+from gantrain.engine.gan import diffaug as da
+from gantrain.engine.state.checkpoint import resumed_config
 from gantrain.engine.config import (
     DIFFAUG_OPS,
     LossConfig,
@@ -329,8 +329,8 @@ def test_repeated_flag_and_dry_run(cli, unwrap) -> None:
 
 # ----- the step --------------------------------------------------------------------------------------------------
 def _gan(diffaug: str, amp: str = "off", channels_last: bool = False):
-    from gantrain.engine.precision import PrecisionPolicy
-    from gantrain.engine.step import GANStep
+    from gantrain.engine.gan.precision import PrecisionPolicy
+    from gantrain.engine.gan.step import GANStep
 
     cfg = override(preset("fashion32"), {"batch_size": 4, "ngf": 8, "ndf": 8, "device": "cpu", "amp": amp,
                                          "channels_last": channels_last, "diffaug": diffaug, "seed": 5})
@@ -343,8 +343,8 @@ def _batch() -> torch.Tensor:
 
 
 def test_step_off_draws_only_the_noise(monkeypatch) -> None:
-    from gantrain.engine import step as step_module
-    from gantrain.engine.sampling import sample_noise
+    from gantrain.engine.gan import step as step_module
+    from gantrain.engine.gan.sampling import sample_noise
 
     calls = []
     monkeypatch.setattr(step_module, "diff_augment", lambda *a: calls.append(a) or a[0])
@@ -356,7 +356,7 @@ def test_step_off_draws_only_the_noise(monkeypatch) -> None:
 
 
 def test_step_on_augments_every_d_input_with_fresh_draws(monkeypatch) -> None:
-    from gantrain.engine import step as step_module
+    from gantrain.engine.gan import step as step_module
 
     seen = []
     real_diff_augment = step_module.diff_augment

@@ -1,4 +1,4 @@
-"""The kernels of gantrain/kernels/conv.py (through the layer shells of engine/layers.py) against their references:
+"""The kernels of gantrain/kernels/conv.py (through the layer shells of engine/gan/layers.py) against their references:
 outputs and both gradients agree."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from gantrain.engine.config import ModelConfig, preset
-from gantrain.engine.layers import ProjectFromVector, ReduceToVector, StridedConv2d, StridedConvTranspose2d
-from gantrain.engine.models import build_models
+from gantrain.engine.gan.layers import ProjectFromVector, ReduceToVector, StridedConv2d, StridedConvTranspose2d
+from gantrain.engine.gan.models import build_models
 from gantrain.kernels import conv
 from gantrain.kernels.conv import conv_input_grad, conv_weight_grad, dilated_weight_grad
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from gantrain.engine.config import ConfigError, OptimConfig, override, preset
-from gantrain.engine.lr_schedule import LRDecay, decay_factor
+from gantrain.engine.gan.lr_schedule import LRDecay, decay_factor
 
 
 def _torch_rates(kind: str, span: int, begin: int, total: int, base: float = 1.0) -> list[float]:

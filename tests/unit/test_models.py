@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from gantrain.engine.config import PRESETS, ModelConfig, preset
-from gantrain.engine.models import Discriminator, Generator, build_models, init_weights
-from gantrain.engine.sampling import sample_noise
+from gantrain.engine.gan.models import Discriminator, Generator, build_models, init_weights
+from gantrain.engine.gan.sampling import sample_noise
 
 
 def _convs(module: nn.Module, kind: type) -> list[nn.Module]:

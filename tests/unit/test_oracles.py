@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from gantrain.engine.metrics import stats
+from gantrain.engine.metrics import formulas
 
 torchmetrics = pytest.importorskip("torchmetrics", reason="the dev extra's torchmetrics is not installed")
 
@@ -43,7 +43,7 @@ def test_fd_matches_torchmetrics_fid(dim: int) -> None:
     metric.update(torch.from_numpy(real), real=True)
     metric.update(torch.from_numpy(fake), real=False)
     expected = float(metric.compute())
-    ours = stats.frechet_distance(*stats.mean_and_covariance(fake), *stats.mean_and_covariance(real))
+    ours = formulas.frechet_distance(*formulas.mean_and_covariance(fake), *formulas.mean_and_covariance(real))
     assert expected > 1.0
     assert ours == pytest.approx(expected, rel=1e-7)
 
@@ -57,7 +57,7 @@ def test_kid_matches_torchmetrics_on_whole_sets() -> None:
     metric.update(torch.from_numpy(real), real=True)
     metric.update(torch.from_numpy(fake), real=False)
     expected_mean, expected_std = (float(v) for v in metric.compute())
-    mean, std = stats.kernel_inception_distance(fake, real, subsets=1, subset_size=400)
+    mean, std = formulas.kernel_inception_distance(fake, real, subsets=1, subset_size=400)
     assert expected_mean > 0.01
     assert mean == pytest.approx(expected_mean, rel=1e-9) and std == expected_std == 0.0
 
@@ -71,7 +71,7 @@ def test_kid_subset_average_agrees_with_torchmetrics_statistically() -> None:
     metric.update(torch.from_numpy(real), real=True)
     metric.update(torch.from_numpy(fake), real=False)
     expected_mean, expected_std = (float(v) for v in metric.compute())
-    mean, std = stats.kernel_inception_distance(fake, real, subsets=100, subset_size=200)
+    mean, std = formulas.kernel_inception_distance(fake, real, subsets=100, subset_size=200)
     # both average 100 subset estimates: their means differ by a few standard errors at most
     assert abs(mean - expected_mean) < 4 * expected_std / np.sqrt(100) * np.sqrt(2)
     assert std == pytest.approx(expected_std, rel=0.3)
@@ -84,7 +84,7 @@ def test_classifier_score_matches_torchmetrics_inception_score() -> None:
     metric = InceptionScore(feature=_Passthrough(10), splits=1)
     metric.update(logits)
     expected, _ = metric.compute()
-    ours = stats.classifier_score(logits.softmax(dim=1))
+    ours = formulas.classifier_score(logits.softmax(dim=1))
     assert 1.5 < float(expected) < 10
     assert ours == pytest.approx(float(expected), rel=1e-9)
 
@@ -98,7 +98,7 @@ def test_precision_recall_density_coverage_match_prdc(k: int) -> None:
     real = rng.normal(0, 1, (500, 12))
     fake = np.concatenate([rng.normal(0, 1, (200, 12)), rng.normal(0.8, 1.5, (200, 12))])  # half matches
     expected = prdc.compute_prdc(real_features=real, fake_features=fake, nearest_k=k)
-    ours = stats.manifold_metrics(real, fake, k)
+    ours = formulas.manifold_metrics(real, fake, k)
     assert set(ours) == set(expected)
     for key in expected:
         assert ours[key] == pytest.approx(float(expected[key]), abs=1e-12), key
@@ -111,7 +111,7 @@ def test_coverage_catches_a_dropped_mode_that_recall_misses() -> None:
     rng = np.random.default_rng(0)
     real = np.concatenate([rng.normal(0, 1, (300, 4)), rng.normal(20, 1, (300, 4))])
     fake = np.concatenate([rng.normal(0, 1, (290, 4)), rng.uniform(-40, 60, (10, 4))])
-    values = stats.manifold_metrics(real, fake, 3)
+    values = formulas.manifold_metrics(real, fake, 3)
     reference = prdc.compute_prdc(real_features=real, fake_features=fake, nearest_k=3)
     assert values["coverage"] == pytest.approx(float(reference["coverage"]), abs=1e-12)
     assert values["recall"] > 0.9

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from gantrain.engine.sampling import standing_bn_stats_
+from gantrain.engine.gan.sampling import standing_bn_stats_
 
 NZ, BATCH, SEED, EPS = 6, 16, 3, 1e-5
 

@@ -454,7 +454,7 @@ def test_contenders_decay_their_rates_over_the_budget(build, monkeypatch, datase
     """gantrain's step and the plain loop alike, with --lr-decay, decay over the bench's budget (not the config's
     --epochs), one update at a time, as a run of --epochs budget would: 256 images / batch 32 = 8 updates per
     epoch, budget 1.5 epochs = 12; G's optimiser trains at the rate worked out by hand."""
-    from gantrain.engine import lr_schedule
+    from gantrain.engine.gan import lr_schedule
 
     seen = []
 

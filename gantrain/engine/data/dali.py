@@ -54,7 +54,7 @@ from gantrain.engine.data.discovery import Discovery, ImageFile
 from gantrain.engine.data.plan import EpochPlan, Shard, epoch_plan
 from gantrain.engine.data.sources import discover_folder, load_images, log_discovery
 from gantrain.engine.errors import ConfigError, DataError
-from gantrain.engine.pixels import HALF_RANGE
+from gantrain.engine.data.pixels import HALF_RANGE
 
 log = logging.getLogger("gantrain")
 
@@ -108,7 +108,7 @@ class BatchFormat:
 
     @classmethod
     def of(cls, policy: Any | None) -> BatchFormat:
-        """From a :class:`~gantrain.engine.precision.PrecisionPolicy` (None: fp32 NCHW, which every policy accepts)."""
+        """From a :class:`~gantrain.engine.gan.precision.PrecisionPolicy` (None: fp32 NCHW, which every policy accepts)."""
         if policy is None:
             return cls()
         # DALI has no bfloat16: under bf16 it gives fp32 and prepare_batch casts on the device.

@@ -3,7 +3,7 @@
 Every loader draws its order (and its --hflip coin flips) from :func:`epoch_plan` (seeded by run seed and
 epoch, sharded by rank), so the loop does not know which loader it has, and a resumed run sees the same
 batches. The memory and torch loaders yield uint8; conversion to float in [-1, 1] (and channels-last, and the
-AMP dtype) happens in :mod:`gantrain.engine.precision`. The DALI loader (:mod:`gantrain.engine.data.dali`)
+AMP dtype) happens in :mod:`gantrain.engine.gan.precision`. The DALI loader (:mod:`gantrain.engine.data.dali`)
 normalises in its pipeline and yields floats.
 """
 

@@ -82,7 +82,7 @@ def mirror(images: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
 
 def plan_schedule(pos, cfg, per_epoch: int, run_dir, finished_ok: bool = False) -> int:
     """The step (optimiser update) at which the run ends: the end of epoch --epochs from where ``pos`` (a
-    :class:`~gantrain.engine.checkpoint.Position`) stands, capped by --max-steps (which counts updates, whatever
+    :class:`~gantrain.engine.state.checkpoint.Position`) stands, capped by --max-steps (which counts updates, whatever
     the batch). Raises :class:`ConfigError` (exit 2) when no step is left, unless ``finished_ok``."""
     run = cfg.run
     remaining = max(run.epochs * per_epoch - (pos.epoch * per_epoch + pos.epoch_step), 0)

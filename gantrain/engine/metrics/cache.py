@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from gantrain.engine.checkpoint import atomic_save
+from gantrain.engine.state.checkpoint import atomic_save
 
 CACHE_ENV = "GANTRAIN_CACHE"
 _READ_BLOCK_BYTES = 1 << 20

@@ -29,7 +29,7 @@ import torch
 from rich.console import Console
 
 from gantrain.engine.config import Config
-from gantrain.engine.metrics import inception, stats
+from gantrain.engine.metrics import formulas, inception
 from gantrain.engine.metrics.generated import (KID_SUBSET_SIZE, KID_SUBSETS, generated_batches)
 from gantrain.engine.metrics.cache import cache_dir, load_artifact, save_artifact
 from gantrain.engine.metrics.extractor import Extractor, check_usable, ensure_extractor, task_batch, to_unit_range
@@ -95,7 +95,7 @@ def real_features(extractor: Extractor, spec: DatasetSpec, split: str, *, cache:
         images = load_split(spec, split).images
         features, _ = extract(extractor, iter(images.split(FEATURE_BATCH)), len(images),
                               f"{split} features", console=console, quiet=quiet)
-        mean, covariance = stats.mean_and_covariance(features)
+        mean, covariance = formulas.mean_and_covariance(features)
         state = {"features": features, "mean": torch.from_numpy(mean), "covariance": torch.from_numpy(covariance)}
         save_artifact(state, path)
     return RealFeatures(state["features"], state["mean"].numpy(), state["covariance"].numpy())
@@ -128,16 +128,16 @@ def compare(fake_features: torch.Tensor, fake_probs: torch.Tensor, reference: Re
             real: RealFeatures | None = None) -> dict[str, float]:
     """All metrics of generated features against the reference's real features (or ``real``)."""
     real = real or reference.real
-    mean, covariance = stats.mean_and_covariance(fake_features)
-    kid_mean, kid_std = stats.kernel_inception_distance(fake_features, real.features, subsets=KID_SUBSETS,
+    mean, covariance = formulas.mean_and_covariance(fake_features)
+    kid_mean, kid_std = formulas.kernel_inception_distance(fake_features, real.features, subsets=KID_SUBSETS,
                                                         subset_size=KID_SUBSET_SIZE, seed=seed)
-    manifold = stats.manifold_metrics(_pr_subset(real.features, len(fake_features)), fake_features)
-    values = {"fd": stats.frechet_distance(mean, covariance, real.mean, real.covariance),
+    manifold = formulas.manifold_metrics(_pr_subset(real.features, len(fake_features)), fake_features)
+    values = {"fd": formulas.frechet_distance(mean, covariance, real.mean, real.covariance),
               "kid_mean": kid_mean, "kid_std": kid_std, **manifold,
-              "classifier_score": stats.classifier_score(fake_probs.reshape(-1, fake_probs.shape[-1]))}
+              "classifier_score": formulas.classifier_score(fake_probs.reshape(-1, fake_probs.shape[-1]))}
     upright = fake_probs[:, 0] if fake_probs.dim() == 3 else fake_probs
     names = reference.extractor.info["class_names"]
-    values.update({f"hist_{name}": float(share) for name, share in zip(names, stats.class_histogram(upright))})
+    values.update({f"hist_{name}": float(share) for name, share in zip(names, formulas.class_histogram(upright))})
     return values
 
 
@@ -192,7 +192,7 @@ class Evaluator:
                                             console=self.console, quiet=self.quiet)
         real_features_b, _ = extract(extractor, iter(real_images.split(FEATURE_BATCH)), half, "real half B",
                                      console=self.console, quiet=self.quiet)
-        real = RealFeatures(real_features_b, *stats.mean_and_covariance(real_features_b))
+        real = RealFeatures(real_features_b, *formulas.mean_and_covariance(real_features_b))
         values = compare(fake_features, fake_probs, self.reference, seed=seed, real=real)
         return MetricReport(values, half, half, seconds=time.perf_counter() - started)
 

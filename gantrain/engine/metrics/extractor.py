@@ -30,14 +30,14 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
-from gantrain.engine.checkpoint import state_digest
+from gantrain.engine.state.checkpoint import state_digest
 from gantrain.engine.errors import GantrainError
-from gantrain.engine.runlog import log
+from gantrain.engine.outputs.runlog import log
 from gantrain.engine.metrics.cache import cache_dir, load_artifact, save_artifact
 from gantrain.engine.metrics.progress import task_bar
 from gantrain.engine.metrics.reference import DatasetSpec, Split, load_split, split_sha256
-from gantrain.engine.precision import resolve_amp
-from gantrain.engine.pixels import to_unit
+from gantrain.engine.gan.precision import resolve_amp
+from gantrain.engine.data.pixels import to_unit
 
 
 
@@ -118,7 +118,7 @@ class Extractor:
 
     @property
     def weights_sha256(self) -> str:
-        """SHA-256 of the weights (:func:`~gantrain.engine.checkpoint.state_digest`): two extractors score alike
+        """SHA-256 of the weights (:func:`~gantrain.engine.state.checkpoint.state_digest`): two extractors score alike
         exactly when this is equal."""
         return self.info["weights_sha256"]
 

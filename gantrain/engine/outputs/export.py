@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from gantrain import __version__
-from gantrain.engine.checkpoint import check_finite, load_checkpoint, load_module_state
+from gantrain.engine.state.checkpoint import check_finite, load_checkpoint, load_module_state
 from gantrain.engine.config import from_dict
 from gantrain.engine.errors import CheckpointError, GantrainError
-from gantrain.engine.files import atomic_write
+from gantrain.engine.state.files import atomic_write
 
 FORMAT = "gantrain-generator"
 FORMAT_VERSION = "1"
@@ -67,7 +67,7 @@ def load_export(path: str | Path):
     for a file that is not a gantrain generator export or whose weights do not fit its config."""
     from safetensors import safe_open
 
-    from gantrain.engine.models import Generator
+    from gantrain.engine.gan.models import Generator
 
     _safetensors()
     try:

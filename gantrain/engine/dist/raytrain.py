@@ -22,9 +22,14 @@ from rich.console import Console
 
 from gantrain.engine.config import Config, from_dict
 from gantrain.engine.errors import GantrainError
-from gantrain.engine.loop import Trainer
-from gantrain.engine.runlog import log
-from gantrain.engine.runtime import DistInfo
+from gantrain.engine.train.loop import Trainer
+from gantrain.engine.outputs.runlog import log
+from gantrain.engine.dist.runtime import DistInfo
+from gantrain.engine.state.rundir import RunDir
+
+
+#: The file a Ray Train checkpoint folder holds: the run's last.pt, under the same name.
+RAY_CHECKPOINT_FILE = RunDir(Path(".")).last.name
 
 
 def ray_worker(config: dict) -> None:
@@ -36,11 +41,11 @@ def ray_worker(config: dict) -> None:
     info = DistInfo(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
     restored, resume = ray.train.get_checkpoint(), config["resume"]
     # A checkpoint that an earlier attempt of this launch saved: Ray Train restarted the workers after a failure.
-    last = cfg.run_dir / "checkpoints" / "last.pt"
+    last = RunDir(cfg.run_dir).last
     restart = last.is_file() and last.stat().st_mtime >= config["started"]
     with contextlib.ExitStack() as stack:
         if restored is not None:  # the newest checkpoint Ray Train kept (a restart, or an earlier --ray launch's)
-            resume = str(Path(stack.enter_context(restored.as_directory())) / "last.pt")
+            resume = str(Path(stack.enter_context(restored.as_directory())) / RAY_CHECKPOINT_FILE)
         elif restart:  # a failure before Ray Train took in any report of this launch
             resume = str(last)
         trainer = Trainer(cfg, console=Console(stderr=True), dist_info=info, resume=resume,
@@ -63,11 +68,11 @@ def _report(trainer: Trainer, epochs_done: int) -> None:
         return
     with tempfile.TemporaryDirectory(prefix="gantrain-ray-") as folder:
         try:
-            os.link(trainer.last_checkpoint, Path(folder) / "last.pt")
+            os.link(trainer.last_checkpoint, Path(folder) / RAY_CHECKPOINT_FILE)
         except OSError:
             import shutil
 
-            shutil.copy2(trainer.last_checkpoint, Path(folder) / "last.pt")
+            shutil.copy2(trainer.last_checkpoint, Path(folder) / RAY_CHECKPOINT_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 

@@ -37,11 +37,11 @@ import numpy as np
 
 from gantrain.engine.config import Config
 from gantrain.engine.errors import ConfigError, GantrainError
-from gantrain.engine.files import atomic_write_text
-from gantrain.engine.runlog import log
+from gantrain.engine.state.files import atomic_write_text
+from gantrain.engine.state.rundir import RunDir
+from gantrain.engine.outputs.runlog import log
 
 LOGGERS = ("tensorboard", "wandb", "mlflow")
-STATE_FILE = "trackers.json"
 SAMPLES_TAG = "samples/fixed_noise"
 _SKIP = {"step", "time", "nonfinite", "eval_samples"}
 QUALITY_KEYS = ("fd", "kid_mean", "kid_std", "precision", "recall", "density", "coverage", "classifier_score",
@@ -173,7 +173,7 @@ class WandbTracker(_Tracker):
         mode = os.environ.get("WANDB_MODE") or "offline"
         if not os.environ.get("WANDB_MODE"):
             log.info("W&B: logging offline to %s (no key needed; set WANDB_MODE=online to log live, or upload "
-                     "later with `wandb sync`)", run_dir / "wandb")
+                     "later with `wandb sync`)", RunDir(run_dir).wandb)
         settings = wandb.Settings(console="off", x_disable_stats=True, disable_git=True, save_code=False, silent=True)
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "gantrain", dir=str(run_dir), id=run_id,
                               resume="allow" if run_id else None, name=run_dir.name, mode=mode, config=hparams,
@@ -206,7 +206,7 @@ class MlflowTracker(_Tracker):
 
         for name in ("mlflow", "alembic"):  # their INFO lines (database set-up) would break the progress bar
             logging.getLogger(name).setLevel(logging.WARNING)
-        self.uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
+        self.uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{RunDir(run_dir.resolve()).mlflow_db}"
         self.client = MlflowClient(tracking_uri=self.uri)
         if run_id is not None:
             self.run_id = run_id
@@ -217,7 +217,7 @@ class MlflowTracker(_Tracker):
             found = self.client.get_experiment_by_name(name)
             experiment = found.experiment_id if found else self.client.create_experiment(
                 name, artifact_location=None if os.environ.get("MLFLOW_TRACKING_URI")
-                else (run_dir.resolve() / "mlartifacts").as_uri())
+                else RunDir(run_dir.resolve()).mlflow_artifacts.as_uri())
             self.run_id = self.client.create_run(experiment, run_name=run_dir.name).info.run_id
             self.params = {}
 
@@ -244,7 +244,7 @@ class MlflowTracker(_Tracker):
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
 
     def image(self, step: int, path: Path) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path="samples")
+        self.client.log_artifact(self.run_id, str(path), artifact_path=RunDir(Path(".")).samples.name)  # as in the run folder
 
     def finish(self, final: dict[str, float], ok: bool) -> None:
         self.client.set_terminated(self.run_id, "FINISHED" if ok else "KILLED")
@@ -263,7 +263,7 @@ class Trackers:
         self.finished = False
         if not self.names:
             return
-        self.state_path = run_dir / STATE_FILE
+        self.state_path = RunDir(run_dir).trackers
         state = self._read_state() if resume_step is not None else {}
         self.last_step: dict[str, int] = {}
         # Steps an earlier (crashed) process already logged past the resumed checkpoint, per tracker that cannot
@@ -282,7 +282,7 @@ class Trackers:
             run_id = saved.get("run_id") if resume_step is not None else None
             try:
                 if name == "tensorboard":
-                    tracker: _Tracker = TensorBoardTracker(run_dir / "tb", first_step)
+                    tracker: _Tracker = TensorBoardTracker(RunDir(run_dir).tensorboard, first_step)
                 elif name == "wandb":
                     tracker = WandbTracker(run_dir, run_id, hparams)
                 else:

@@ -14,7 +14,7 @@ from torch import nn
 
 from gantrain.engine.config import FP16_NEEDS_CUDA
 from gantrain.engine.errors import ConfigError
-from gantrain.engine.pixels import to_unit_
+from gantrain.engine.data.pixels import to_unit_
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

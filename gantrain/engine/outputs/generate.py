@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from gantrain.engine.checkpoint import check_finite, load_checkpoint, load_module_state
+from gantrain.engine.state.checkpoint import check_finite, load_checkpoint, load_module_state
 from gantrain.engine.config import from_dict
-from gantrain.engine.images import save_grid, save_individual
-from gantrain.engine.models import Generator
-from gantrain.engine.sampling import generate_images, sample_noise
-from gantrain.engine.runtime import pick_device
+from gantrain.engine.outputs.images import save_grid, save_individual
+from gantrain.engine.gan.models import Generator
+from gantrain.engine.gan.sampling import generate_images, sample_noise
+from gantrain.engine.dist.runtime import pick_device
 
 
 @dataclass
@@ -26,7 +26,7 @@ def load_generator(path: str | Path, device: str = "cpu", use_ema: bool = True) 
 
     Raises :class:`CheckpointError` when the checkpoint is unreadable, does not match its config, or holds
     non-finite weights. ``path`` may also be a file written by `gantrain export` (its one set of weights)."""
-    from gantrain.engine.export import is_export, load_export
+    from gantrain.engine.outputs.export import is_export, load_export
 
     if is_export(path):
         g, cfg = load_export(path)

@@ -11,7 +11,7 @@ Two families:
   (strides 2, 2, 2, 1, 2) with BatchNorm and LeakyReLU, flattened into a dense logit.
 
 D always returns raw logits: the loss is BCE-with-logits, which stays correct under autocast. The dcgan
-layers come from :mod:`gantrain.engine.layers` (``impl="fast"`` computes some of them in faster exact forms).
+layers come from :mod:`gantrain.engine.gan.layers` (``impl="fast"`` computes some of them in faster exact forms).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from gantrain.engine.config import ModelConfig
-from gantrain.engine.layers import ProjectFromVector, ReduceToVector, StridedConv2d, StridedConvTranspose2d
+from gantrain.engine.gan.layers import ProjectFromVector, ReduceToVector, StridedConv2d, StridedConvTranspose2d
 
 
 def _up(cin: int, cout: int, kernel: int, impl: str = "fast") -> nn.ConvTranspose2d:
@@ -131,7 +131,7 @@ def init_weights(module: nn.Module, std: float) -> None:
 
 
 def build_models(cfg: ModelConfig, image_size: int, channels: int, impl: str = "fast") -> tuple[Generator, Discriminator]:
-    """G and D, initialised; ``impl`` picks how the layers of :mod:`gantrain.engine.layers` compute."""
+    """G and D, initialised; ``impl`` picks how the layers of :mod:`gantrain.engine.gan.layers` compute."""
     g, d = Generator(cfg, image_size, channels, impl), Discriminator(cfg, image_size, channels, impl)
     init_weights(g, cfg.init_std)
     init_weights(d, cfg.init_std)

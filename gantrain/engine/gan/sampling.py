@@ -38,7 +38,7 @@ def fixed_noise(nz: int, kind: str, seed: int, device: torch.device | str, n: in
 def generate_images(model: nn.Module, noise: torch.Tensor, policy=None) -> torch.Tensor:
     """``model(noise)`` as float32 images (N, C, S, S) in [-1, 1], in eval mode (BatchNorm uses its running
     statistics and updates none), restoring the model's mode; under ``policy``'s autocast when given (a
-    :class:`~gantrain.engine.precision.PrecisionPolicy`)."""
+    :class:`~gantrain.engine.gan.precision.PrecisionPolicy`)."""
     was_training = model.training
     model.eval()
     try:

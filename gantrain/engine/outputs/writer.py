@@ -17,10 +17,11 @@ from rich.console import Console
 
 from gantrain.engine.config import Config, to_toml
 from gantrain.engine.errors import ConfigError, RunIOError
-from gantrain.engine.files import atomic_write_text, make_folder, os_reason
-from gantrain.engine.images import plot_curves, read_metrics, save_gif, save_grid
-from gantrain.engine.runlog import MetricsWriter, attach_log_file, progress_bar
-from gantrain.engine.trackers import Trackers, check_loggers, parse_loggers
+from gantrain.engine.state.files import atomic_write_text, make_folder, os_reason
+from gantrain.engine.state.rundir import RunDir
+from gantrain.engine.outputs.images import plot_curves, read_metrics, save_gif, save_grid
+from gantrain.engine.outputs.runlog import MetricsWriter, attach_log_file, progress_bar
+from gantrain.engine.outputs.trackers import Trackers, check_loggers, parse_loggers
 
 log = logging.getLogger("gantrain")
 
@@ -30,7 +31,7 @@ class RunOutputs:
 
     def __init__(self, cfg: Config, console: Console, is_main: bool, world_size: int) -> None:
         self.cfg, self.console, self.is_main, self.world_size = cfg, console, is_main, world_size
-        self.run_dir = cfg.run_dir
+        self.run_dir, self.files = cfg.run_dir, RunDir(cfg.run_dir)
         self.metrics: MetricsWriter | None = None
         self.trackers: Trackers | None = None
         self.last_record: dict = {}
@@ -40,7 +41,7 @@ class RunOutputs:
     def check(cfg: Config, resuming: bool) -> None:
         """Refuses, before anything is written, what the outputs cannot do: a new run into a folder that holds
         one (its checkpoints/last.pt), a --logger whose extra is missing."""
-        if not resuming and (cfg.run_dir / "checkpoints" / "last.pt").exists():
+        if not resuming and RunDir(cfg.run_dir).last.exists():
             raise ConfigError(f"--out: {cfg.run_dir} already holds a run; continue it with --resume auto "
                               "or choose another --out")
         check_loggers(parse_loggers(cfg.run.logger))
@@ -61,16 +62,16 @@ class RunOutputs:
         trackers (continuing their runs from ``step`` on resume). Raises :class:`RunIOError`."""
         if not self.is_main:
             return
-        stale_grids = [] if resuming else sorted((self.run_dir / "samples").glob("step_*.png"))
-        leftovers = [] if resuming else [n for n in ("metrics.jsonl", "final.png") if (self.run_dir / n).exists()]
-        make_folder(self.run_dir / "samples")
+        stale_grids = [] if resuming else self.files.sample_grids()
+        leftovers = [] if resuming else [p.name for p in (self.files.metrics, self.files.final_grid) if p.exists()]
+        make_folder(self.files.samples)
         batch = self.cfg.data.batch_size
         effective = f"\n# effective batch: {batch} per process x {self.world_size} process(es) = {batch * self.world_size}\n"
-        atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg) + effective)
+        atomic_write_text(self.files.config, to_toml(self.cfg) + effective)
         try:
-            attach_log_file(self.run_dir / "train.log")
+            attach_log_file(self.files.log)
         except OSError as exc:
-            raise RunIOError(f"cannot write {self.run_dir / 'train.log'}: {os_reason(exc)}") from None
+            raise RunIOError(f"cannot write {self.files.log}: {os_reason(exc)}") from None
         for note in notes:
             log.warning(note)
         if stale_grids or leftovers:
@@ -87,7 +88,7 @@ class RunOutputs:
     def live(self, step: int, total_steps: int, resuming: bool):
         """metrics.jsonl (cut back to ``step`` on resume) and the progress bar, for the training loop."""
         if self.is_main:
-            self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", step if resuming else None)
+            self.metrics = MetricsWriter(self.files.metrics, step if resuming else None)
         self.bar = progress_bar(self.console)
         self.task = self.bar.add_task("train", total=total_steps, completed=step, epoch="-", loss_d="-", loss_g="-",
                                       images_per_s="-", quality="")
@@ -152,7 +153,7 @@ class RunOutputs:
         """The fixed-noise grid ``samples/step_NNNNNN.png``."""
         if not self.is_main:
             return None
-        path = save_grid(images, self.run_dir / "samples" / f"step_{step:06d}.png")
+        path = save_grid(images, self.files.sample_grid(step))
         if self.trackers is not None:
             self.trackers.image(step, path)
         return path
@@ -164,16 +165,16 @@ class RunOutputs:
         """
         if not self.is_main:
             return
-        final = save_grid(images, self.run_dir / "final.png")
-        records = read_metrics(self.run_dir / "metrics.jsonl")
-        plot_curves(records, ["loss_d", "loss_g"], self.run_dir / "losses.png", "GAN losses", "BCE loss")
-        frames = sorted((self.run_dir / "samples").glob("step_*.png"))
-        if not frames or frames[-1].name != f"step_{step:06d}.png":
+        final = save_grid(images, self.files.final_grid)
+        records = read_metrics(self.files.metrics)
+        plot_curves(records, ["loss_d", "loss_g"], self.files.losses_plot, "GAN losses", "BCE loss")
+        frames = self.files.sample_grids()
+        if not frames or frames[-1] != self.files.sample_grid(step):
             frames.append(final)
-        save_gif(frames, self.run_dir / "progress.gif")
+        save_gif(frames, self.files.gif)
         log.info("run folder: %s (final.png, losses.png, progress.gif, checkpoints/)", self.run_dir)
         if self.trackers is not None:
-            if not (self.run_dir / "samples" / f"step_{step:06d}.png").exists():
+            if not self.files.sample_grid(step).exists():
                 self.trackers.image(step, final)
             self.trackers.finish({**self.last_record, **self.last_eval}, ok=True)
             self.trackers = None

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gantrain.engine.files import atomic_write, make_folder, read_json_lines
-from gantrain.engine.pixels import to_uint8
+from gantrain.engine.state.files import atomic_write, make_folder, read_json_lines
+from gantrain.engine.data.pixels import to_uint8
 
 
 def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> np.ndarray:
@@ -61,7 +61,7 @@ def read_metrics(path: Path) -> list[dict]:
     """The records of a metrics.jsonl, read tolerantly: damaged lines are skipped and counted in one warning."""
     found = read_json_lines(path)
     if found.skipped:
-        from gantrain.engine.runlog import log
+        from gantrain.engine.outputs.runlog import log
 
         log.warning("%s", found.describe_skipped(path))
     return found.records

@@ -9,7 +9,7 @@ each timed and marked for the profiler:
   weight-gradients are computed (and under DDP D does not all-reduce); G's optimiser steps.
 
 With ``--diffaug`` every batch D sees (real and fake in ``d_step``, the fakes again in ``g_step``) goes through
-:func:`~gantrain.engine.diffaug.diff_augment` first, each time with fresh parameters from the noise stream; G's
+:func:`~gantrain.engine.gan.diffaug.diff_augment` first, each time with fresh parameters from the noise stream; G's
 images themselves (what ``d_step`` returns, samples, metrics) are never augmented. Off, nothing is drawn.
 
 With ``--ema-decay`` an EMA copy of G's weights is updated after every iteration; samples, metrics and checkpoints
@@ -17,7 +17,7 @@ use it (:attr:`GANStep.generator`), with G's BatchNorm statistics copied each st
 statistics recomputed for the EMA weights when it is next used.
 
 The Trainer wires this to data, checkpoints and outputs; ``gantrain bench`` times :meth:`GANStep.__call__` alone
-and ``gantrain tune`` reads its generator. Statistics stay on the device (:class:`~gantrain.engine.stats.Stats`)
+and ``gantrain tune`` reads its generator. Statistics stay on the device (:class:`~gantrain.engine.train.stats.Stats`)
 and are read at log time only: no host sync in the step.
 """
 
@@ -34,15 +34,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gantrain.engine import checkpoint as ckpt
+from gantrain.engine.state import checkpoint as ckpt
 from gantrain.engine.config import Config
-from gantrain.engine.diffaug import diff_augment, parse_policy
+from gantrain.engine.gan.diffaug import diff_augment, parse_policy
 from gantrain.engine.errors import ConfigError
-from gantrain.engine.models import build_models
-from gantrain.engine.precision import PrecisionPolicy
-from gantrain.engine.runtime import DistInfo, configure_cuda
-from gantrain.engine.sampling import STANDING_STATS_SEED_OFFSET, generate_images, sample_noise, standing_bn_stats_
-from gantrain.engine.stats import PhaseTimer, Stats
+from gantrain.engine.gan.models import build_models
+from gantrain.engine.gan.precision import PrecisionPolicy
+from gantrain.engine.dist.runtime import DistInfo, configure_cuda
+from gantrain.engine.gan.sampling import STANDING_STATS_SEED_OFFSET, generate_images, sample_noise, standing_bn_stats_
+from gantrain.engine.train.stats import PhaseTimer, Stats
 
 
 def make_adam(params, lr: float, betas: tuple[float, float], device: torch.device, fused: bool) -> torch.optim.Adam:
@@ -175,7 +175,7 @@ class GANStep:
     def generator(self) -> nn.Module:
         """The generator samples, metrics and checkpoints use: the EMA one when on, else G. With ``--ema-bn
         standing`` the EMA one's BatchNorm statistics are first recomputed for its weights if it changed since
-        (:func:`~gantrain.engine.sampling.standing_bn_stats_`: the EMA generator's forward on 2,048 noise vectors
+        (:func:`~gantrain.engine.gan.sampling.standing_bn_stats_`: the EMA generator's forward on 2,048 noise vectors
         of their own seed, no sync with other ranks, nothing drawn from the training noise stream)."""
         if self.g_ema is None:
             return self.g

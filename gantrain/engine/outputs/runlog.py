@@ -1,4 +1,4 @@
-"""Run logging: the console and train.log, metrics.jsonl and the live progress bar (statistics: :mod:`gantrain.engine.stats`)."""
+"""Run logging: the console and train.log, metrics.jsonl and the live progress bar (statistics: :mod:`gantrain.engine.train.stats`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from gantrain.engine.files import atomic_write_text, io_error, read_json_lines
+from gantrain.engine.state.files import atomic_write_text, io_error, read_json_lines
 
 log = logging.getLogger("gantrain")
 

@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -26,13 +25,13 @@ import torch
 from gantrain.engine.config import Config, env_data_root, from_dict, with_env_defaults
 from gantrain.engine.config import _flag as flag_name
 from gantrain.engine.errors import CheckpointError, TrainingDiverged
-from gantrain.engine.files import atomic_write, io_error
+from gantrain.engine.state.files import atomic_write, io_error
+from gantrain.engine.state.rundir import RunDir
 
 log = logging.getLogger("gantrain")
 
 FORMAT = "gantrain-checkpoint"
 VERSION = 1
-_NUMBERED = re.compile(r"step_(\d+)\.pt$")
 
 
 def state_digest(state: Any) -> str:
@@ -90,12 +89,12 @@ def _atomic_link(source: Path, path: Path) -> None:
         raise io_error("write", path, exc) from None
 
 
-def save_checkpoint(state: dict[str, Any], folder: Path, step: int, keep: int) -> Path:
+def save_checkpoint(state: dict[str, Any], files: RunDir, step: int, keep: int) -> Path:
     """Saves ``state`` as ``step_NNNNNNNN.pt`` and ``last.pt``; removes numbered ones beyond the last ``keep``."""
-    numbered = folder / f"step_{step:08d}.pt"
+    numbered = files.numbered(step)
     atomic_save(sealed(state), numbered)
-    _atomic_link(numbered, folder / "last.pt")
-    for old in numbered_checkpoints(folder)[:-keep]:
+    _atomic_link(numbered, files.last)
+    for old in files.numbered_checkpoints()[:-keep]:
         try:
             old.unlink(missing_ok=True)
         except OSError as exc:
@@ -103,20 +102,15 @@ def save_checkpoint(state: dict[str, Any], folder: Path, step: int, keep: int) -
     return numbered
 
 
-def save_best(folder: Path, step: int, state: Callable[[], dict[str, Any]]) -> Path:
+def save_best(files: RunDir, step: int, state: Callable[[], dict[str, Any]]) -> Path:
     """``best.pt``: the step's numbered checkpoint (hard-linked, or copied, atomically) when there is one, else
     ``state()`` written anew. Numbered files are only ever replaced, never rewritten, so the link stays intact."""
-    numbered, best = folder / f"step_{step:08d}.pt", folder / "best.pt"
+    numbered, best = files.numbered(step), files.best
     if numbered.is_file():
         _atomic_link(numbered, best)
     else:
         atomic_save(sealed(state()), best)
     return best
-
-
-def numbered_checkpoints(folder: Path) -> list[Path]:
-    found = [p for p in folder.glob("step_*.pt") if _NUMBERED.search(p.name)]
-    return sorted(found, key=lambda p: int(_NUMBERED.search(p.name).group(1)))  # type: ignore[union-attr]
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -150,7 +144,7 @@ def find_resume(resume: str, run_dir: Path) -> Path:
     """``--resume auto`` means the run folder's ``last.pt``; anything else is a path."""
     if resume != "auto":
         return Path(resume)
-    last = run_dir / "checkpoints" / "last.pt"
+    last = RunDir(run_dir).last
     if not last.is_file():
         raise CheckpointError(f"--resume auto: no checkpoint in {last.parent} (is --out the run folder?)")
     return last
@@ -315,11 +309,11 @@ class Checkpointer:
     written and the last finite one.
 
     Due every --checkpoint-every epochs, every --checkpoint-every-steps steps and every --checkpoint-every-minutes
-    of this rank's clock (the DDP ranks agree on the step through :class:`~gantrain.engine.runtime.StopAgreement`).
+    of this rank's clock (the DDP ranks agree on the step through :class:`~gantrain.engine.dist.runtime.StopAgreement`).
     """
 
     def __init__(self, cfg: Config, is_main: bool = True, world_size: int = 1, group: Any = None) -> None:
-        self.cfg, self.folder, self.is_main, self.world_size = cfg, cfg.run_dir / "checkpoints", is_main, world_size
+        self.cfg, self.files, self.is_main, self.world_size = cfg, RunDir(cfg.run_dir), is_main, world_size
         self.group = group  # the DDP process group that gathers every rank's RNG streams; None in one process
         self.last: Path | None = None
         self.last_finite: tuple[Path, int] | None = None  # the newest checkpoint known finite, and its step
@@ -342,7 +336,7 @@ class Checkpointer:
         """The run's end-of-run samples: the last step's, or with --samples-from-best those of best.pt's generator
         (the lowest FD; ``gan.sample_from``), said in the log with ``best_fd`` (the run's best FD as it measures
         now; best.pt's own stored one when None)."""
-        best = self.folder / "best.pt"
+        best = self.files.best
         if not self.cfg.run.samples_from_best:
             return gan.sample(noise)
         if not best.is_file():
@@ -416,7 +410,7 @@ class Checkpointer:
                             self.last_finite_text())
             return self.last
         if self.is_main:
-            self.last = save_checkpoint(state(), self.folder, step, self.cfg.run.keep_checkpoints)
+            self.last = save_checkpoint(state(), self.files, step, self.cfg.run.keep_checkpoints)
             self.last_finite = (self.last, step)
         return self.last
 

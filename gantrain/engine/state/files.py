@@ -19,14 +19,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from gantrain.engine.errors import RunIOError, RunLocked
+from gantrain.engine.state.rundir import RunDir
 
 try:
     import fcntl
 except ImportError:  # Windows: no flock; the lock degrades to a warning
     fcntl = None  # type: ignore[assignment]
-
-LOCK_FILE = ".gantrain.lock"
-
 
 # ----- I/O errors ---------------------------------------------------------------------------------------
 def os_reason(exc: OSError) -> str:
@@ -193,7 +191,7 @@ class RunLock:
     """
 
     def __init__(self, folder: Path) -> None:
-        self.folder, self.path = folder, folder / LOCK_FILE
+        self.folder, self.path = folder, RunDir(folder).lock
         self._fh: IO[bytes] | None = None
         self.created = False  # whether :meth:`take` made the folder
 

@@ -6,7 +6,7 @@ reach the agent, which forwards the signal to every worker and waits for them (`
 the launcher returns; the workers agree on a common stop step, rank 0 saves a checkpoint, and the launcher
 prints one line. Rendezvous errors (a port in use) arrive as exceptions here and become one ``error:`` line
 instead of torchrun's traceback. SIGKILL cannot be caught: each worker asks the kernel for SIGTERM when its
-parent (the agent) dies (:func:`gantrain.engine.runtime.die_with_parent`), so no worker outlives a killed
+parent (the agent) dies (:func:`gantrain.engine.dist.runtime.die_with_parent`), so no worker outlives a killed
 launcher, and each still stops at an agreed step with a checkpoint.
 
 A worker that dies (killed, crashed, its node lost) is the agent's to handle too: with ``--max-restarts N`` it
@@ -33,9 +33,10 @@ from rich.console import Console
 
 from gantrain.engine.config import Config, to_toml
 from gantrain.engine.errors import ConfigError, GantrainError, Interrupted
-from gantrain.engine.runlog import log, setup_logging
-from gantrain.engine.loop import FitResult, Trainer
-from gantrain.engine.runtime import die_with_parent, init_distributed, launched_by_torchrun, shutdown_distributed
+from gantrain.engine.outputs.runlog import log, setup_logging
+from gantrain.engine.state.rundir import RunDir
+from gantrain.engine.train.loop import FitResult, Trainer
+from gantrain.engine.dist.runtime import die_with_parent, init_distributed, launched_by_torchrun, shutdown_distributed
 
 # Set by the launcher for its workers: the folder where rank 0 leaves the outcome of an interrupted run, so the
 # launcher, not each worker, says the one closing line.
@@ -124,7 +125,7 @@ def launch_workers(cfg: Config, resume: str | None, console: Console | None = No
     from torch.distributed.run import config_from_args, parse_args
 
     with tempfile.TemporaryDirectory(prefix="gantrain-launch-") as tmp:
-        config_file = Path(tmp) / "config.toml"
+        config_file = RunDir(Path(tmp)).config
         config_file.write_text(to_toml(cfg))
         threads = max(1, (os.cpu_count() or 1) // cfg.dist.nproc)
         saved_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", STATUS_ENV, STARTED_ENV)}
@@ -224,7 +225,7 @@ def _failed(status_dir: Path, exc, cfg: Config) -> GantrainError:
     ranked = sorted(codes.items(), key=lambda rc: (not (rc[1] < 0 and rc[1] != -signal.SIGTERM), rc[0]))
     cause = [(r, c) for r, c in ranked if c not in stop_codes and c != -signal.SIGTERM]
     rank, code = (cause or ranked)[0]
-    last = cfg.run_dir / "checkpoints" / "last.pt"
+    last = RunDir(cfg.run_dir).last
     newest = f"continue from the newest periodic checkpoint with --resume auto ({last})" if last.is_file() \
         else "no checkpoint was saved yet"
     used = f" after {cfg.dist.max_restarts} restart(s), all that --max-restarts allows" if cfg.dist.max_restarts else ""
@@ -235,7 +236,7 @@ def _failed(status_dir: Path, exc, cfg: Config) -> GantrainError:
 def train(cfg: Config, *, resume: str | None = None, console: Console | None = None) -> FitResult | None:
     """Trains ``cfg``. With --ddp outside torchrun, launches the workers and waits for them."""
     if cfg.dist.ray and not launched_by_torchrun():
-        from gantrain.engine.raytrain import train_on_ray
+        from gantrain.engine.dist.raytrain import train_on_ray
 
         train_on_ray(cfg, resume, console)
         return None
@@ -274,7 +275,7 @@ def train(cfg: Config, *, resume: str | None = None, console: Console | None = N
 def _restart_resume(cfg: Config, resume: str | None, restart: int) -> str | None:
     """What a worker of restart ``restart`` resumes from: the last.pt this launch wrote, else what the launch
     was asked to start from (a restart before the first checkpoint starts that again; exact all the same)."""
-    last = cfg.run_dir / "checkpoints" / "last.pt"
+    last = RunDir(cfg.run_dir).last
     started = float(os.environ.get(STARTED_ENV, "inf"))
     if restart and last.is_file() and last.stat().st_mtime >= started:
         return str(last)

@@ -1,8 +1,8 @@
 """The Trainer: wires the components of a run and runs its epochs; ``Trainer.fit`` reads as the table of contents.
 
-What each component owns (docs/architecture.md): :class:`~gantrain.engine.step.GANStep` the models, optimisers and
-the objective; :mod:`gantrain.engine.data` the batches; :class:`~gantrain.engine.checkpoint.Checkpointer` what a
-checkpoint holds and when one is due, :class:`~gantrain.engine.checkpoint.Position` where the run stands;
+What each component owns (docs/architecture.md): :class:`~gantrain.engine.gan.step.GANStep` the models, optimisers and
+the objective; :mod:`gantrain.engine.data` the batches; :class:`~gantrain.engine.state.checkpoint.Checkpointer` what a
+checkpoint holds and when one is due, :class:`~gantrain.engine.state.checkpoint.Position` where the run stands;
 :class:`RunOutputs` the run folder, log, metrics and grids; the quality tracker the metrics. The Trainer holds the
 signals and the epoch callbacks.
 """
@@ -15,20 +15,20 @@ from pathlib import Path
 
 from rich.console import Console
 
-from gantrain.engine import checkpoint as ckpt
+from gantrain.engine.state import checkpoint as ckpt
 from gantrain.engine.config import Config
 from gantrain.engine.data import Shard, build_loader
 from gantrain.engine.data.plan import plan_schedule
 from gantrain.engine.errors import Interrupted
-from gantrain.engine.files import RunLock
-from gantrain.engine.lr_schedule import LRDecay
-from gantrain.engine.outputs import RunOutputs
-from gantrain.engine.precision import PrecisionPolicy
-from gantrain.engine.runlog import log, setup_logging
-from gantrain.engine.runtime import DistInfo, StopAgreement, pick_device, stop_signals
-from gantrain.engine.sampling import fixed_noise
-from gantrain.engine.stats import NonFiniteWatch
-from gantrain.engine.step import GANStep, replica_max_abs_diff
+from gantrain.engine.state.files import RunLock
+from gantrain.engine.gan.lr_schedule import LRDecay
+from gantrain.engine.outputs.writer import RunOutputs
+from gantrain.engine.gan.precision import PrecisionPolicy
+from gantrain.engine.outputs.runlog import log, setup_logging
+from gantrain.engine.dist.runtime import DistInfo, StopAgreement, pick_device, stop_signals
+from gantrain.engine.gan.sampling import fixed_noise
+from gantrain.engine.train.stats import NonFiniteWatch
+from gantrain.engine.gan.step import GANStep, replica_max_abs_diff
 
 
 def _position(name: str) -> property:
@@ -87,7 +87,7 @@ class Trainer:
         self.pos, self.best_fd = self.checkpoints.start_from(state, self.resume_path, self.gan, self.loader,
                                                              self.global_batch, changes)
         self.best_measured_by = (state or {}).get("best_fd_measured_by")  # how best_fd was measured
-        self.stop_agreement.require_same_step(self.step, self.checkpoints.folder)
+        self.stop_agreement.require_same_step(self.step, self.checkpoints.files.checkpoints)
         self.stop_agreement.require_same_precision(self.policy.amp, self.policy.requested)
         self.total_steps = plan_schedule(self.pos, cfg, self.loader.steps_per_epoch, self.run_dir, self.finished_ok)
         self.outputs = RunOutputs(cfg, self.console, self.dist.is_main, self.dist.world_size)
@@ -107,7 +107,7 @@ class Trainer:
 
             self.tracker = QualityTracker(cfg, self.device, self.console, best_fd=self.best_fd,
                                           best_measured_by=self.best_measured_by,
-                                          best_path=self.checkpoints.folder / "best.pt")
+                                          best_path=self.checkpoints.files.best)
             self.best_fd, self.best_measured_by = self.tracker.best_fd, self.tracker.measured_by
 
     def close(self) -> None:
@@ -186,7 +186,7 @@ class Trainer:
         if self.checkpoints.due_at_epoch_end(epochs_done):
             self.save_checkpoint()
         if improved and not self.gan.non_finite_weights(collective=False):
-            ckpt.save_best(self.checkpoints.folder, self.step, self.state_dict)
+            ckpt.save_best(self.checkpoints.files, self.step, self.state_dict)
         for callback in self.epoch_callbacks:
             callback(self, epochs_done)
 
