@@ -359,7 +359,7 @@ def test_a_resume_that_measures_otherwise_measures_best_pt_again(fashion_extract
 
     state = load_checkpoint(checkpoints / "last.pt")  # as a checkpoint from before the measurement was stored
     del state["best_fd_measured_by"]
-    atomic_save(sealed({k: v for k, v in state.items() if k not in ("format", "version", "digest")}),
+    atomic_save(sealed({k: v for k, v in state.items() if k not in ("format", "version", "digest")}, version=1),
                 checkpoints / "last.pt")
     legacy = Trainer(tiny_cfg("m", limit=256, max_steps=24, eval_every=1, eval_samples=300), console=quiet_console,
                      resume="auto")

@@ -265,11 +265,14 @@ def test_a_resume_that_changes_the_runs_length_says_the_rates_jump(tiny_cfg, qui
                                                                                 1e-3 * 11 / 16])
 
 
-def test_a_checkpoint_of_gantrain_0_1_0_resumes_exactly(tmp_path, datasets_root, quiet_console) -> None:
-    """A checkpoint written by the code before the component split (tests/golden, step 3 of a 6-step run) loads
-    and continues bit-for-bit: the losses of steps 4-6 are those of the old code's uninterrupted run."""
+@pytest.mark.parametrize("golden_checkpoint", ["fashion32-tiny-v0.1.0-step3.pt", "fashion32-tiny-v2-step3.pt"])
+def test_golden_checkpoints_of_every_schema_version_resume_exactly(tmp_path, datasets_root, quiet_console,
+                                                                  golden_checkpoint) -> None:
+    """Checkpoints of each schema version (tests/golden: version 1, written by gantrain 0.1.0 before the component
+    split, and version 2; step 3 of a 6-step run) load through the schema's upgrade and continue bit-for-bit: the
+    losses of steps 4-6 are those of the old code's uninterrupted run."""
     golden = json.loads((Path(__file__).parents[1] / "golden" / "fashion32-tiny-v0.1.0.json").read_text())
-    old = Path(__file__).parents[1] / "golden" / "fashion32-tiny-v0.1.0-step3.pt"
+    old = Path(__file__).parents[1] / "golden" / golden_checkpoint
     cfg = override(preset("fashion32"), dict(data_root=str(datasets_root), limit=256, batch_size=32, ngf=4, ndf=4,
                                              nz=16, sample_every=0, device="cpu", amp="off", channels_last=False,
                                              seed=7, log_every=1, max_steps=6, out=str(tmp_path / "run")))

@@ -514,11 +514,13 @@ def test_a_restarted_trial_continues_from_its_newest_checkpoint_on_disk(tmp_path
     from gantrain.engine.state import checkpoint as ckpt
     from gantrain.tune.trainable import newest_checkpoint
 
+    from checkpoints import placeholder_state
+
     trial, donor = tmp_path / "trial_a", tmp_path / "trial_b"
     paths = []
     for folder, index, step in ((trial, 0, 4), (trial, 1, 8), (trial, 2, 12), (donor, 0, 6)):
         path = folder / f"checkpoint_{index:06d}" / "checkpoint.pt"
-        ckpt.atomic_save(ckpt.sealed({"step": step}), path)
+        ckpt.atomic_save(ckpt.sealed(placeholder_state(step)), path)
         os.utime(path, (1000 + index, 1000 + index))  # written in this order
         paths.append(path)
     # the experiment state (saved every so often) knew only the first: the newest on disk wins

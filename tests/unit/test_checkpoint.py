@@ -10,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from checkpoints import placeholder_state
+
 from gantrain.engine.state import checkpoint as ckpt
 from gantrain.engine.state.checkpoint import (CheckpointError, atomic_save, load_checkpoint, load_module_state,
                                               save_checkpoint)
@@ -65,12 +67,12 @@ def test_keep_checkpoints_prunes_older_numbered_files(tmp_path: Path, keep: int)
     files = RunDir(tmp_path)
     folder = files.checkpoints
     for step in (5, 10, 15, 20, 100):  # 100 sorts before 15 as text: pruning must sort numerically
-        save_checkpoint({"step": step}, files, step, keep)
+        save_checkpoint(placeholder_state(step), files, step, keep)
     kept = [5, 10, 15, 20, 100][-keep:]
     assert [p.name for p in files.numbered_checkpoints()] == [f"step_{s:08d}.pt" for s in kept]
     assert sorted(p.name for p in folder.iterdir()) == sorted(["last.pt"] + [f"step_{s:08d}.pt" for s in kept])
     last = load_checkpoint(folder / "last.pt")
-    assert last["step"] == 100 and last["format"] == "gantrain-checkpoint" and last["version"] == 1
+    assert last["step"] == 100 and last["format"] == "gantrain-checkpoint" and last["version"] == 2
 
 
 # ----- broken and foreign files ------------------------------------------------------------------------

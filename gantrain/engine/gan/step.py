@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gantrain.engine.state import checkpoint as ckpt
+from gantrain.engine.state.schema import generator_weights
 from gantrain.engine.config import Config
 from gantrain.engine.gan.diffaug import diff_augment, parse_policy
 from gantrain.engine.errors import ConfigError
@@ -196,8 +197,7 @@ class GANStep:
         """Images from the generator of checkpoint ``state`` (its EMA one when present and this run keeps one),
         loaded into a copy: this step's own weights stay as they are."""
         generator = copy.deepcopy(self.g_ema if self.g_ema is not None else self.g)
-        key = "generator_ema" if self.g_ema is not None and "generator_ema" in state else "generator"
-        ckpt.load_module_state(generator, state[key], "generator", path)
+        ckpt.load_module_state(generator, generator_weights(state, self.g_ema is not None)[0], "generator", path)
         if self.standing_stats:  # the checkpoint may hold G's copied statistics (written with --ema-bn copy)
             self._standing_stats_(generator)
         return generate_images(generator, noise, self.policy)
@@ -237,7 +237,7 @@ class GANStep:
             ckpt.load_module_state(self.g_ema, state.get("generator_ema", state["generator"]), "EMA generator", path)
             self._ema_stats_stale = self.standing_stats  # the saved statistics may be G's (another --ema-bn)
         changed = [*load_optimizer(self.opt_g, state["opt_g"], "G"), *load_optimizer(self.opt_d, state["opt_d"], "D")]
-        if state.get("scaler"):
+        if state["scaler"]:
             self.policy.scaler.load_state_dict(state["scaler"])
         self._load_rng(state["rng"], step)
         return changed

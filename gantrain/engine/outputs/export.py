@@ -16,6 +16,7 @@ import torch
 
 from gantrain import __version__
 from gantrain.engine.state.checkpoint import check_finite, load_checkpoint, load_module_state
+from gantrain.engine.state.schema import generator_weights
 from gantrain.engine.config import from_dict
 from gantrain.engine.errors import CheckpointError, GantrainError
 from gantrain.engine.state.files import atomic_write
@@ -40,9 +41,9 @@ def export_generator(checkpoint: str | Path, out: str | Path, use_ema: bool = Tr
     unreadable checkpoint or non-finite weights, :class:`RunIOError` when ``out`` cannot be written."""
     st = _safetensors()
     state = load_checkpoint(checkpoint)
-    ema = use_ema and "generator_ema" in state
-    weights = state["generator_ema"] if ema else state["generator"]
-    check_finite(weights, "EMA generator" if ema else "generator", checkpoint)
+    weights, what = generator_weights(state, use_ema)
+    ema = what == "EMA generator"
+    check_finite(weights, what, checkpoint)
     # safetensors stores dense row-major tensors: channels-last weights are made contiguous (same values)
     tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items() if isinstance(v, torch.Tensor)}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(state["config"]),

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from gantrain.engine.state.checkpoint import check_finite, load_checkpoint, load_module_state
+from gantrain.engine.state.schema import generator_weights
 from gantrain.engine.config import from_dict
 from gantrain.engine.outputs.images import save_grid, save_individual
 from gantrain.engine.gan.models import Generator
@@ -34,9 +35,8 @@ def load_generator(path: str | Path, device: str = "cpu", use_ema: bool = True) 
     state = load_checkpoint(path)
     cfg = from_dict({k: v for k, v in state["config"].items()})
     g = Generator(cfg.model, cfg.data.image_size, cfg.data.channels)
-    ema = use_ema and "generator_ema" in state
-    weights = state["generator_ema"] if ema else state["generator"]
-    check_finite(weights, "EMA generator" if ema else "generator", path)
+    weights, what = generator_weights(state, use_ema)
+    check_finite(weights, what, path)
     load_module_state(g, weights, "generator", path)
     return g.to(pick_device(device)).eval(), cfg
 

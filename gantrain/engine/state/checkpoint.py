@@ -27,11 +27,10 @@ from gantrain.engine.config import _flag as flag_name
 from gantrain.engine.errors import CheckpointError, TrainingDiverged
 from gantrain.engine.state.files import atomic_write, io_error
 from gantrain.engine.state.rundir import RunDir
+from gantrain.engine.state.schema import FORMAT, VERSION, assemble, upgrade
 
 log = logging.getLogger("gantrain")
 
-FORMAT = "gantrain-checkpoint"
-VERSION = 1
 
 
 def state_digest(state: Any) -> str:
@@ -58,9 +57,9 @@ def state_digest(state: Any) -> str:
     return digest.hexdigest()
 
 
-def sealed(state: dict[str, Any]) -> dict[str, Any]:
-    """``state`` with the checkpoint format, version and ``digest`` that :func:`load_checkpoint` checks."""
-    body = {"format": FORMAT, "version": VERSION, **state}
+def sealed(state: dict[str, Any], version: int = VERSION) -> dict[str, Any]:
+    """``state`` with the checkpoint format, ``version`` and ``digest`` that :func:`load_checkpoint` checks."""
+    body = {"format": FORMAT, "version": version, **state}
     return {**body, "digest": state_digest(body)}
 
 
@@ -114,7 +113,8 @@ def save_best(files: RunDir, step: int, state: Callable[[], dict[str, Any]]) -> 
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Loads and checks a checkpoint on the CPU; any problem is a :class:`CheckpointError` naming the file."""
+    """Loads and checks a checkpoint on the CPU, upgraded to the current schema version
+    (:func:`~gantrain.engine.state.schema.upgrade`); any problem is a :class:`CheckpointError` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
@@ -124,12 +124,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is corrupt or not a checkpoint ({type(exc).__name__}: {str(exc)[:120]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a gantrain checkpoint")
-    if state.get("version") != VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {state.get('version')}, this gantrain reads {VERSION}")
     stored = state.pop("digest", None)  # absent in checkpoints written before digests were added
     if stored is not None and stored != state_digest(state):
         raise CheckpointError(f"{path} is corrupt: its contents do not match the checksum stored in it")
-    return state
+    return upgrade(state, path)
 
 
 def open_resume(cfg: Config, resume: str | None) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
@@ -231,14 +229,13 @@ def restore_position(state: dict, cfg: Config, per_epoch: int, global_batch: int
     """The checkpoint's place in this run's layout, and a note when the layout changed (another process count,
     batch size or dataset size), else ''. Raises :class:`CheckpointError` when an old checkpoint's place
     cannot be found in this run's data."""
-    pos = Position(step=int(state["step"]), epoch=int(state.get("epoch", 0)))
-    saved_per_process = state.get("config", {}).get("data", {}).get("batch_size", cfg.data.batch_size)
-    saved_batch = int(state.get("global_batch") or saved_per_process * int(state.get("world_size", 1)))
-    if "epoch_images" in state:
+    pos = Position(step=int(state["step"]), epoch=int(state["epoch"]))
+    saved_batch = int(state["global_batch"] or cfg.data.batch_size * int(state["world_size"]))
+    if state["epoch_images"] is not None:
         images = int(state["epoch_images"])
     else:  # written before the place was stored: step and epoch count steps of the saved layout
         images = _legacy_epoch_images(state, cfg, pos, saved_batch, num_images, path)
-    pos.images_seen = int(state.get("images_seen", pos.step * saved_batch))
+    pos.images_seen = int(state["images_seen"] if state["images_seen"] is not None else pos.step * saved_batch)
     start, extra = divmod(images, global_batch)
     notes = []
     if images > per_epoch * global_batch:  # a smaller --limit than when saved, say
@@ -250,7 +247,7 @@ def restore_position(state: dict, cfg: Config, per_epoch: int, global_batch: int
                      f"run's global batch {global_batch}: continuing from image {start * global_batch}, so {extra} "
                      "images of that epoch are trained on twice")
     pos.epoch_step = start
-    saved_num = state.get("num_images")
+    saved_num = state["num_images"]
     if saved_batch != global_batch or (saved_num is not None and saved_num != num_images):
         notes.insert(0, f"global batch {saved_batch} -> {global_batch}"
                         + (f", images per epoch {saved_num} -> {num_images}"
@@ -267,7 +264,7 @@ def _legacy_epoch_images(state: dict, cfg: Config, pos: Position, saved_batch: i
     are the same as now."""
     if pos.epoch == 0:
         return pos.step * saved_batch
-    saved_data, data = dict(state.get("config", {}).get("data", {})), cfg.to_dict()["data"]
+    saved_data, data = dict(state["config"].get("data", {})), cfg.to_dict()["data"]
     if "data_root" in saved_data and not saved_data["data_root"]:  # unset: $GANTRAIN_DATA (see resumed_config)
         saved_data["data_root"] = env_data_root() or saved_data["data_root"]
     same_images = all(saved_data.get(k, data[k]) == data[k] for k in DATASET_KEYS)
@@ -292,7 +289,7 @@ def restore(state: dict, path: Path | str, gan: Any, cfg: Config, loader: Any, g
                  pos.epoch_step * global_batch)
         # The config's changes explain the optimiser's; the optimiser's alone show a checkpoint whose
         # optimiser disagreed with its own config (e.g. one written by a tool that changed the groups).
-        if state.get("config", {}).get("optim", {}).get("lr_decay", "none") != "none":
+        if state["config"].get("optim", {}).get("lr_decay", "none") != "none":
             changed = [c for c in changed if not c.startswith("lr(")]  # decayed rates, not another setting
         changes = changes or [f"optimiser {c}" for c in changed]
         if changes:
@@ -300,7 +297,7 @@ def restore(state: dict, path: Path | str, gan: Any, cfg: Config, loader: Any, g
                      ", ".join(changes))
         if moved:
             log.warning("resume: %s", moved)
-    return pos, state.get("best_fd")
+    return pos, state["best_fd"]
 
 
 class Checkpointer:
@@ -344,7 +341,7 @@ class Checkpointer:
             return gan.sample(noise)
         state = load_checkpoint(best)
         log.info("final samples from checkpoints/best.pt (step %d, FD %.4g) rather than the last step (%d)",
-                 state["step"], best_fd if best_fd is not None else state.get("best_fd", float("nan")), step)
+                 state["step"], best_fd if best_fd is not None else state["best_fd"] or float("nan"), step)
         return gan.sample_from(state, noise, best)
 
     def minutes_due(self) -> bool:
@@ -367,18 +364,16 @@ class Checkpointer:
         return epochs_done % self.cfg.run.checkpoint_every == 0 or self.pending
 
     def state(self, gan_state: dict[str, Any], position: dict[str, int], best_fd: float | None,
-              best_measured_by: dict | None = None) -> dict[str, Any]:
-        """The checkpoint: the GAN step's state, the place in the data (:meth:`Position.state`), the config, the
-        best FD and how it was measured (:attr:`QualityTracker.measured_by`), and every rank's RNG streams when
-        they were gathered at this step."""
-        state = {**gan_state, **position, "config": self.cfg.to_dict(), "world_size": self.world_size}
-        if best_fd is not None:
-            state["best_fd"] = best_fd
-            if best_measured_by is not None:
-                state["best_fd_measured_by"] = best_measured_by
+              best_measured_by: dict | None, planned_steps: int) -> dict[str, Any]:
+        """The checkpoint (:mod:`~gantrain.engine.state.schema`): the GAN step's state with every rank's RNG
+        streams when they were gathered at this step, the place in the data (:meth:`Position.state`), the config,
+        the process count and the planned last step, the best FD and how it was measured
+        (:attr:`QualityTracker.measured_by`)."""
         if self.ranks_rng is not None and self.ranks_rng[0] == position["step"]:
-            state["rng"] = {**state["rng"], "ranks": self.ranks_rng[1]}
-        return state
+            gan_state = {**gan_state, "rng": {**gan_state["rng"], "ranks": self.ranks_rng[1]}}
+        return assemble(gan=gan_state, position=position,
+                        run={"config": self.cfg.to_dict(), "world_size": self.world_size, "planned_steps": planned_steps},
+                        quality={"best_fd": best_fd, "best_fd_measured_by": best_measured_by if best_fd is not None else None})
 
     def gather_rng(self, step: int, rng_state: Callable[[], dict]) -> None:
         """Under DDP each rank draws its own noise: rank 0's checkpoint holds every rank's streams, so that a

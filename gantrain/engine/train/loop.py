@@ -86,7 +86,7 @@ class Trainer:
         self.checkpoints = ckpt.Checkpointer(cfg, self.dist.is_main, self.dist.world_size, self.stop_agreement.group)
         self.pos, self.best_fd = self.checkpoints.start_from(state, self.resume_path, self.gan, self.loader,
                                                              self.global_batch, changes)
-        self.best_measured_by = (state or {}).get("best_fd_measured_by")  # how best_fd was measured
+        self.best_measured_by = state["best_fd_measured_by"] if state else None  # how best_fd was measured
         self.stop_agreement.require_same_step(self.step, self.checkpoints.files.checkpoints)
         self.stop_agreement.require_same_precision(self.policy.amp, self.policy.requested)
         self.total_steps = plan_schedule(self.pos, cfg, self.loader.steps_per_epoch, self.run_dir, self.finished_ok)
@@ -96,7 +96,7 @@ class Trainer:
         self.lr_decay = LRDecay.of_gan(cfg.optim, self.gan.opt_g, self.gan.opt_d, self.total_steps)
         if self.lr_decay.active and self.dist.is_main:
             log.info("%s", self.lr_decay.describe(self.step))
-            planned = (state or {}).get("planned_steps")
+            planned = state["planned_steps"] if state else None
             if planned and planned != self.total_steps:
                 log.warning("--lr-decay: this resume ends the run at step %d, not at %d as planned when checkpointed; "
                             "the decay is computed on the new length, so at step %d the rates jump: %s",
@@ -204,9 +204,8 @@ class Trainer:
     def state_dict(self) -> dict:
         """The checkpoint: the GAN step's state, the place in the data, the config, the best FD and how it was
         measured, and the step the run was planned to end at (a resume tells a new length from it)."""
-        return {**self.checkpoints.state(self.gan.state_dict(), self.pos.state(self.global_batch,
-                                                                                self.loader.num_images),
-                                         self.best_fd, self.best_measured_by), "planned_steps": self.total_steps}
+        return self.checkpoints.state(self.gan.state_dict(), self.pos.state(self.global_batch, self.loader.num_images),
+                                      self.best_fd, self.best_measured_by, self.total_steps)
 
     def save_checkpoint(self, collective: bool = True) -> Path | None:
         """A checkpoint now (rank 0), refused for non-finite weights: see :meth:`Checkpointer.save`."""
