@@ -163,10 +163,10 @@ def presets_command() -> None:
         values = (f"{c.data.dataset} {c.data.image_size}x{c.data.image_size}x{c.data.channels}, {c.model.arch}{width}, "
                   f"batch {c.data.batch_size}, lr_g {c.optim.lr_g:g}, lr_d {c.optim.lr_d:g}, "
                   f"smoothing {c.loss.label_smoothing:g}, {c.loss.noise} noise, {c.run.epochs} epochs")
-        values += f", G {c.perf.ema_words()}" if c.perf.ema_decay else ""
-        values += f", FD every {c.run.eval_every} epoch(s)" if c.run.eval_every else ""
-        values += ", final samples from best.pt" if c.run.samples_from_best else ""
-        values += f", DiffAugment {c.loss.diffaug}" if c.loss.diffaug else ""
+        values += f", G {c.gan.ema_words()}" if c.gan.ema_decay else ""
+        values += f", FD every {c.eval.eval_every} epoch(s)" if c.eval.eval_every else ""
+        values += ", final samples from best.pt" if c.eval.samples_from_best else ""
+        values += f", DiffAugment {c.gan.diffaug}" if c.gan.diffaug else ""
         betas = (c.optim.beta1, c.optim.beta2)
         values += f", Adam betas ({betas[0]:g}, {betas[1]:g})" if betas != (OptimConfig.beta1, OptimConfig.beta2) else ""
         if c.optim.lr_decay != "none":

@@ -22,8 +22,8 @@ from gantrain.engine import Config, build_models, sample_noise
 def plain_loop_omits(cfg: Config) -> list[str]:
     """The settings of ``cfg`` this loop does not implement, in words (it trains the recipe without them): the
     bench says so in one line, since gantrain's step does apply them."""
-    return [text for applies, text in ((cfg.perf.ema_decay > 0, f"generator {cfg.perf.ema_words()}"),
-                                       (bool(cfg.loss.diffaug), f"DiffAugment {cfg.loss.diffaug}"),
+    return [text for applies, text in ((cfg.gan.ema_decay > 0, f"generator {cfg.gan.ema_words()}"),
+                                       (bool(cfg.gan.diffaug), f"DiffAugment {cfg.gan.diffaug}"),
                                        (cfg.data.hflip, "horizontal flips")) if applies]
 
 
@@ -87,6 +87,18 @@ def baseline_batches(images_uint8: torch.Tensor, cfg: Config, num_workers: int, 
                         generator=torch.Generator().manual_seed(seed), persistent_workers=num_workers > 0)
     while True:
         yield from loader
+
+
+def build_baseline(cfg: Config, device: torch.device, num_workers: int) -> tuple[BaselineGAN, Iterator[torch.Tensor], int]:
+    """The tutorial loop's model and endless batches for ``cfg``'s data, and the images of one of its epochs
+    (``drop_last``: whole batches only): what the speed rows time and the to-quality bench trains."""
+    from gantrain.engine import load_images
+
+    images = load_images(cfg.data.dataset, cfg.data.data_root, cfg.data.image_size, cfg.data.channels,
+                         limit=cfg.data.limit, synthetic_size=cfg.data.synthetic_size, seed=cfg.run.seed)
+    model = BaselineGAN(cfg, device)
+    batches = baseline_batches(images, cfg, num_workers, cfg.run.seed)
+    return model, batches, len(images) - len(images) % cfg.data.batch_size
 
 
 def step_flops(cfg: Config, batch: int = 8) -> float:

@@ -15,7 +15,6 @@ every step, torch.compile when on. Evaluation time is reported apart.
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import math
 import statistics
@@ -30,11 +29,9 @@ from rich.console import Console
 
 from gantrain.bench.hardware import system_info
 from gantrain.bench.report import console_table, markdown_table
-from gantrain.bench.timing import RESULT_PREFIX, endless
-from gantrain.engine import (
-    Config, ConfigError, PRESETS, RECOMMENDED, atomic_write_text, make_folder, override, preset, save_figure,
-    with_env_defaults
-)
+from gantrain.bench.timing import RESULT_PREFIX
+from gantrain.engine import (Config, ConfigError, PRESETS, RECOMMENDED, atomic_write_text, current_layout,
+                             make_folder, override, preset, save_figure, with_env_defaults)
 
 TUTORIAL = "tutorial"
 DEFAULT_TARGETS = (20.0, 10.0, 5.0, 3.0)
@@ -52,15 +49,16 @@ class Contender:
 
 # ----- in the worker process ------------------------------------------------------------------------------
 def train_to_quality(cfg: Config, spec: dict) -> dict:
-    """Trains one contender for ``spec["budget_epochs"]`` and evaluates FD every ``spec["eval_every_epochs"]``.
+    """Trains one contender for ``spec["budget_epochs"]`` and evaluates FD every ``spec["eval_every_epochs"]``:
+    gantrain's contenders through the :class:`~gantrain.engine.train.loop.Trainer` (a :class:`QualityClock` as its
+    after-step hook), the tutorial loop through its own plain loop.
 
     Returns ``{"points": [{"images", "epochs", "train_s", "eval_s", "fd"}, ...], "setup_s", "num_images",
     "images_per_s", "diverged", "stopped"}``; ``train_s`` is cumulative training wall-clock seconds (setup
     included, evaluation not). A non-finite FD (a diverged run) ends the run early with ``"diverged": true``; an
     FD at or below ``spec["stop_fd"]`` (when given) with ``"stopped": true``.
     """
-    from gantrain.engine import Evaluator
-    from gantrain.engine import pick_device
+    from gantrain.engine import Evaluator, pick_device
 
     device = pick_device(cfg.run.device)
     evaluator = Evaluator.for_config(cfg, device=device, quiet=True)  # fitted and cached by the parent
@@ -68,31 +66,74 @@ def train_to_quality(cfg: Config, spec: dict) -> dict:
     if expected and here != expected:  # the report names the parent's extractor: every FD must be its
         raise ConfigError(f"this worker's feature extractor (weights {here[:12]}) is not the one the report names "
                           f"({expected[:12]}): the metrics cache changed during the measurement")
-    started = time.perf_counter()
-    build = _build_baseline if spec["contender"] == "baseline" else _build_engine
-    step, next_batch, generator, num_images, per_step = build(cfg, device, spec)
-    setup_s = time.perf_counter() - started
-    budget, every = spec["budget_epochs"] * num_images, spec["eval_every_epochs"] * num_images
-    points, images, train_s, next_eval, diverged, stopped = [], 0, setup_s, every, False, False
-    stop_fd = spec.get("stop_fd")
-    clock = time.perf_counter()
-    while images < budget and not diverged and not stopped:
-        step(next_batch())
-        images += per_step
-        if images >= next_eval or images >= budget:
-            _sync(device)
-            train_s += time.perf_counter() - clock
-            e0 = time.perf_counter()
-            fd = evaluator.evaluate(generator(), cfg, num_samples=spec["eval_samples"], seed=spec["eval_seed"]).values["fd"]
-            diverged = not math.isfinite(fd)
-            stopped = not diverged and stop_fd is not None and fd <= stop_fd and images < budget
-            points.append({"images": images, "epochs": round(images / num_images, 4), "train_s": round(train_s, 3),
-                           "eval_s": round(time.perf_counter() - e0, 3), "fd": fd if not diverged else None})
-            while next_eval <= images:
-                next_eval += every
-            clock = time.perf_counter()
-    return {"points": points, "setup_s": round(setup_s, 3), "num_images": num_images, "diverged": diverged,
-            "stopped": stopped, "images_per_s": images / train_s if train_s else None}
+    train = _train_baseline if spec["contender"] == "baseline" else _train_engine
+    return train(cfg, device, spec, QualityClock(evaluator, cfg, spec, device)).result()
+
+
+class QualityClock:
+    """The measurement of one contender: training seconds (setup included, evaluation not) and an FD every
+    ``eval_every_epochs`` of images and at the end of the budget. :meth:`after_images` is the contender's
+    after-step call; its clock stops while it evaluates."""
+
+    def __init__(self, evaluator, cfg: Config, spec: dict, device) -> None:
+        self.evaluator, self.cfg, self.spec, self.device = evaluator, cfg, spec, device
+        self.started = time.perf_counter()
+        self.points: list[dict] = []
+        self.images = 0
+        self.diverged = self.stopped = False
+
+    def start(self, num_images: int) -> None:
+        """Setup is done (models, loader, the data decoded): the training clock runs from here."""
+        self.num_images = num_images
+        self.budget = self.spec["budget_epochs"] * num_images
+        self.every = self.spec["eval_every_epochs"] * num_images
+        self.next_eval = self.every
+        self.setup_s = self.train_s = time.perf_counter() - self.started
+        self.clock = time.perf_counter()
+
+    @property
+    def steps(self) -> int:
+        """Optimiser steps in the budget: it ends at the first step whose images reach it."""
+        return math.ceil(self.spec["budget_epochs"] * self.num_images / self.cfg.data.batch_size)
+
+    def after_images(self, images: int, generator) -> str | None:
+        """After a step that brought the images seen to ``images``: evaluates when due; returns why the
+        contender stops (the budget spent, a diverged run, ``stop_fd`` reached), else None."""
+        self.images = images
+        if images < self.next_eval and images < self.budget:
+            return None
+        _sync(self.device)
+        self.train_s += time.perf_counter() - self.clock
+        e0 = time.perf_counter()
+        fd = self.evaluator.evaluate(generator, self.cfg, num_samples=self.spec["eval_samples"],
+                                     seed=self.spec["eval_seed"]).values["fd"]
+        self.diverged = not math.isfinite(fd)
+        stop_fd = self.spec.get("stop_fd")
+        self.stopped = not self.diverged and stop_fd is not None and fd <= stop_fd and images < self.budget
+        self.points.append({"images": images, "epochs": round(images / self.num_images, 4),
+                            "train_s": round(self.train_s, 3), "eval_s": round(time.perf_counter() - e0, 3),
+                            "fd": fd if not self.diverged else None})
+        while self.next_eval <= images:
+            self.next_eval += self.every
+        self.clock = time.perf_counter()
+        if self.diverged or self.stopped or images >= self.budget:
+            return "diverged" if self.diverged else "reached --stop-fd" if self.stopped else "budget spent"
+        return None
+
+    def result(self) -> dict:
+        return {"points": self.points, "setup_s": round(self.setup_s, 3), "num_images": self.num_images,
+                "diverged": self.diverged, "stopped": self.stopped,
+                "images_per_s": self.images / self.train_s if self.train_s else None}
+
+
+class _ClockHook:
+    """The clock as the Trainer's after-step hook: the Trainer's own count of images seen."""
+
+    def __init__(self, clock: QualityClock) -> None:
+        self.clock = clock
+
+    def after_step(self, trainer) -> str | None:
+        return self.clock.after_images(trainer.pos.images_seen, trainer.gan.generator)
 
 
 def _sync(device) -> None:
@@ -102,48 +143,61 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)  # the training time must include the queued GPU work
 
 
-def _build_baseline(cfg: Config, device, spec: dict):
-    from gantrain.bench.baseline import BaselineGAN, baseline_batches
-    from gantrain.engine import load_images
+def engine_run_config(cfg: Config, spec: dict, out: Path) -> tuple[Config, int]:
+    """A gantrain contender as a run of the Trainer in ``out``: --epochs and --max-steps span the budget (so
+    --lr-decay decays over it, as a run of --epochs budget would); one log record and one checkpoint, at the end;
+    no sample grids, no --eval-every (the clock evaluates), no --logger; divergence is the clock's to see. Returns
+    the run's config and the steps of one epoch it was planned with."""
+    from gantrain.engine import count_images, steps_per_epoch
 
-    images = load_images(cfg.data.dataset, cfg.data.data_root, cfg.data.image_size, cfg.data.channels,
-                         limit=cfg.data.limit, synthetic_size=cfg.data.synthetic_size, seed=cfg.run.seed)
-    model = BaselineGAN(cfg, device)
-    batches = baseline_batches(images, cfg, spec.get("num_workers", 2), cfg.run.seed)
-    num_images = len(images) - len(images) % cfg.data.batch_size  # drop_last, as the loop sees them
-    step = _decaying(model.step, cfg, model.opt_g, model.opt_d, spec, num_images // cfg.data.batch_size)
-    return step, lambda: next(batches), lambda: model.g, num_images, cfg.data.batch_size
-
-
-def _build_engine(cfg: Config, device, spec: dict):
-    from gantrain.engine import Shard, build_loader
-    from gantrain.engine import PrecisionPolicy
-    from gantrain.engine import GANStep
-
-    policy = PrecisionPolicy(device, cfg.perf.amp, cfg.perf.channels_last)
-    loader = build_loader(cfg.data, cfg.run.seed, device, Shard(0, 1), policy=policy)
-    gan = GANStep(cfg, device, policy)
-    batches = endless(loader)
-    num_images = loader.steps_per_epoch * cfg.data.batch_size
-    step = _decaying(gan, cfg, gan.opt_g, gan.opt_d, spec, loader.steps_per_epoch)
-    return step, lambda: next(batches), lambda: gan.generator, num_images, cfg.data.batch_size
+    images, _ = count_images(cfg)
+    if images is None:
+        raise ConfigError(f"--to-quality: cannot count the images of {cfg.data.dataset} before training")
+    per_epoch = steps_per_epoch(images, cfg.data.batch_size, 1, cfg.data.limit)
+    steps = math.ceil(spec["budget_epochs"] * per_epoch)
+    return override(cfg, {"out": str(out), "epochs": math.ceil(spec["budget_epochs"]), "max_steps": steps,
+                          "log_every": steps, "sample_every": 0, "eval_every": 0, "logger": "none",
+                          "checkpoint_every": math.ceil(spec["budget_epochs"]), "checkpoint_every_steps": 0,
+                          "checkpoint_every_minutes": 0, "keep_checkpoints": 1, "nonfinite_patience": 0,
+                          "samples_from_best": False}), per_epoch
 
 
-def _decaying(train_step: Callable, cfg: Config, opt_g, opt_d, spec: dict, steps_per_epoch: int) -> Callable:
-    """``train_step`` with --lr-decay's rate set before each update, the decay spanning the budget as a run of
-    ``--epochs budget_epochs`` would (so a short budget decays to 0 sooner than the recipe's own --epochs)."""
+def _train_engine(cfg: Config, device, spec: dict, clock: QualityClock) -> QualityClock:
+    """gantrain's step through the Trainer, in a run folder of its own that the measurement discards."""
+    import io
+    import tempfile
+
+    from rich.console import Console
+
+    from gantrain.engine import Trainer
+
+    with tempfile.TemporaryDirectory(prefix="gantrain-to-quality-") as folder:
+        run_cfg, per_epoch = engine_run_config(cfg, spec, Path(folder) / "run")
+        trainer = Trainer(run_cfg, console=Console(file=io.StringIO()), hooks=[_ClockHook(clock)])
+        if trainer.loader.steps_per_epoch != per_epoch:  # files counted that did not decode: another schedule
+            raise ConfigError(f"--to-quality: {cfg.data.data_root} decodes to {trainer.loader.steps_per_epoch} steps "
+                              f"per epoch, not the {per_epoch} its files promise; remove the unreadable images")
+        clock.start(per_epoch * cfg.data.batch_size)
+        trainer.fit()
+    return clock
+
+
+def _train_baseline(cfg: Config, device, spec: dict, clock: QualityClock) -> QualityClock:
+    """The tutorial's plain loop (:mod:`gantrain.bench.baseline`), with --lr-decay over the budget when the recipe
+    has one, as a plain loop with a torch scheduler would."""
+    from gantrain.bench.baseline import build_baseline
     from gantrain.engine import LRDecay
 
-    decay = LRDecay.of_gan(cfg.optim, opt_g, opt_d, math.ceil(spec["budget_epochs"] * steps_per_epoch))
-    if not decay.active:
-        return train_step
-    steps = itertools.count()
-
-    def step(batch) -> None:
-        decay.apply(next(steps))
-        train_step(batch)
-
-    return step
+    model, batches, num_images = build_baseline(cfg, device, spec.get("num_workers", 2))
+    clock.start(num_images)
+    decay = LRDecay.of_gan(cfg.optim, model.opt_g, model.opt_d, clock.steps)
+    images, step, reason = 0, 0, None
+    while reason is None:
+        decay.apply(step)
+        model.step(next(batches))
+        images, step = images + cfg.data.batch_size, step + 1
+        reason = clock.after_images(images, model.g)
+    return clock
 
 
 # ----- summaries (pure functions of the points) ------------------------------------------------------------
@@ -355,7 +409,7 @@ def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: in
 
 
 #: The parts of the tutorial contender's config that decide what it trains (data_root may be spelt differently).
-_RECIPE_SECTIONS = ("data", "model", "optim", "loss")
+_RECIPE_SECTIONS = ("data", "model", "optim", "loss", "gan")
 #: What an earlier measurement must share with this one (besides every key of the run spec) for its training
 #: times to compare.
 _HARDWARE_KEYS = ("cpu", "cpu_cores", "torch_threads", "gpu", "gpu_count", "torch")
@@ -379,8 +433,11 @@ def reused_baseline_runs(path: Path, tutorial: Config, spec: dict, system: dict,
         contender = next(c for c in earlier["contenders"] if c["kind"] == "baseline")
         runs = [r for r in contender["runs"] if "error" not in r]
         config, their_spec, their_system = contender["config"], {k: earlier[k] for k in spec}, earlier["system"]
-        if not all(isinstance(part, dict) for part in (config, their_system, *(config[k] for k in _RECIPE_SECTIONS),
-                                                       config["run"])):
+        if not all(isinstance(part, dict) for part in (config, their_system, *(config[k] for k in _RECIPE_SECTIONS
+                                                                               if k in config), config["run"])):
+            raise TypeError("a section is not a table")
+        config = current_layout(config)  # a report of an older layout: its fields where they live now
+        if not all(isinstance(config[k], dict) for k in _RECIPE_SECTIONS if k in config):
             raise TypeError("a section is not a table")
     except OSError as exc:
         raise ConfigError(f"--baseline-from: cannot read {path}: {exc.strerror or exc}") from None

@@ -16,15 +16,12 @@ from gantrain.bench.timing import RESULT_PREFIX, endless, time_loop
 from gantrain.engine import Config, from_dict
 
 def run_baseline(cfg: Config, spec: dict) -> dict:
-    from gantrain.bench.baseline import BaselineGAN, baseline_batches
-    from gantrain.engine import load_images
+    """The tutorial's plain loop (:mod:`gantrain.bench.baseline`) fed by its DataLoader."""
+    from gantrain.bench.baseline import build_baseline
     from gantrain.engine import pick_device
 
     device = pick_device(cfg.run.device)
-    images = load_images(cfg.data.dataset, cfg.data.data_root, cfg.data.image_size, cfg.data.channels,
-                         limit=cfg.data.limit, synthetic_size=cfg.data.synthetic_size, seed=cfg.run.seed)
-    model = BaselineGAN(cfg, device)
-    batches = baseline_batches(images, cfg, spec.get("num_workers", 2), cfg.run.seed)
+    model, batches, _ = build_baseline(cfg, device, spec.get("num_workers", 2))
     result = time_loop(lambda: next(batches), model.step, device, spec["warmup"], spec["windows"], spec["window"],
                        cfg.data.batch_size)
     return {**result, "amp": "off", "loader": "DataLoader"}

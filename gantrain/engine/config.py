@@ -168,6 +168,21 @@ class LossConfig:
     """One-sided label smoothing: real labels of the D loss become 1 - s (0.1 gives 0.9)."""
     noise: str = "normal"
     """Latent noise distribution: normal (N(0, 1)) or uniform (U(-1, 1))."""
+
+    def __post_init__(self) -> None:
+        _check_finite(self)
+        _check(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        _check(self.noise in ("normal", "uniform"), "noise", f"must be normal or uniform, got {self.noise!r}")
+
+
+@dataclass
+class GanConfig:
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of G with this decay (0 = off); used for samples and generate."""
+    ema_bn: str = "copy"
+    """BatchNorm statistics of the EMA generator (with --ema-decay > 0): copy (G's running statistics, copied
+    every step) or standing (recomputed for the EMA weights from 2,048 noise vectors of their own when the EMA
+    generator is next used after a step: evaluation, samples, checkpoints; BigGAN's standing statistics)."""
     diffaug: str = ""
     """Differentiable augmentation (DiffAugment, Zhao et al. 2020) of every image D sees, real and generated, in
     the D and the G step: a comma list (or repeated flag) of color (brightness, saturation, contrast), translation
@@ -176,8 +191,8 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         _check_finite(self)
-        _check(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
-        _check(self.noise in ("normal", "uniform"), "noise", f"must be normal or uniform, got {self.noise!r}")
+        _check(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        _check(self.ema_bn in EMA_BN_MODES, "ema_bn", f"must be one of {', '.join(EMA_BN_MODES)}, got {self.ema_bn!r}")
         _check(isinstance(self.diffaug, str), "diffaug", f"must be a comma list, got {self.diffaug!r}")
         ops = [op.strip() for op in self.diffaug.split(",") if op.strip()]
         ops = [] if ops == ["none"] else ops
@@ -187,6 +202,12 @@ class LossConfig:
         twice = [op for i, op in enumerate(ops) if op in ops[:i]]
         _check(not twice, "diffaug", f"{twice[0]!r} is listed twice" if twice else "")
         self.diffaug = ",".join(ops)  # one spelling per policy: config.toml, checkpoints and resume compare it
+
+    def ema_words(self) -> str:
+        """The generator EMA in words ('EMA 0.99 (standing BN statistics)'), or '' when off."""
+        if not self.ema_decay:
+            return ""
+        return f"EMA {self.ema_decay:g}" + (" (standing BN statistics)" if self.ema_bn == "standing" else "")
 
 
 @dataclass
@@ -199,20 +220,65 @@ class RunConfig:
     """Seed of weights, data order, noise and the fixed sample noise."""
     out: str = ""
     """Run folder (default: runs/<preset>)."""
-    sample_every: int = 500
-    """Write the fixed-noise sample grid every N steps (0 = only at the end)."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu or cuda."""
+    nonfinite_patience: int = 1
+    """Stop the run (exit 1) when the logged losses are NaN or infinite at this many log intervals (of --log-every
+    steps) in a row; 0 = do not stop on losses (for callers that watch divergence themselves, as gantrain tune's
+    trials do). Non-finite weights are never checkpointed."""
+
+    def __post_init__(self) -> None:
+        _check_finite(self)
+        _check(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
+        _check(self.max_steps >= 0, "max_steps", f"must be >= 0, got {self.max_steps}")
+        _check(self.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {self.device!r}")
+        _check(self.nonfinite_patience >= 0, "nonfinite_patience", f"must be >= 0, got {self.nonfinite_patience}")
+
+
+@dataclass
+class CheckpointConfig:
     checkpoint_every: int = 1
     """Write a checkpoint every N epochs (and always at the end)."""
     checkpoint_every_steps: int = 0
     """Also write a checkpoint every N steps (0 = off): what a restarted DDP worker group resumes from."""
     checkpoint_every_minutes: float = 0.0
     """Also write a checkpoint when this many minutes passed since the last one (0 = off)."""
-    log_every: int = 50
-    """Log losses and images/s every N steps."""
     keep_checkpoints: int = 3
     """Numbered checkpoints to keep besides last.pt."""
-    device: str = "auto"
-    """auto (CUDA when present), cpu or cuda."""
+
+    def __post_init__(self) -> None:
+        _check_finite(self)
+        _check(self.checkpoint_every >= 1, "checkpoint_every", f"must be at least 1, got {self.checkpoint_every}")
+        _check(self.checkpoint_every_steps >= 0, "checkpoint_every_steps",
+               f"must be >= 0, got {self.checkpoint_every_steps}")
+        _check(self.checkpoint_every_minutes >= 0, "checkpoint_every_minutes",
+               f"must be >= 0, got {self.checkpoint_every_minutes}")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be at least 1, got {self.keep_checkpoints}")
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 50
+    """Log losses and images/s every N steps."""
+    sample_every: int = 500
+    """Write the fixed-noise sample grid every N steps (0 = only at the end)."""
+    logger: str = "none"
+    """Experiment trackers fed from metrics.jsonl's records: none, or a comma list (or repeated flag) of tensorboard
+    (events in <run>/tb), wandb (offline unless WANDB_MODE says otherwise) and mlflow (<run>/mlflow.db with
+    artifacts in <run>/mlartifacts, unless MLFLOW_TRACKING_URI is set); each needs the extra of its name
+    installed."""
+
+    def __post_init__(self) -> None:
+        _check_finite(self)
+        _check(self.log_every >= 1, "log_every", f"must be at least 1, got {self.log_every}")
+        _check(self.sample_every >= 0, "sample_every", f"must be >= 0, got {self.sample_every}")
+        loggers = [n.strip() for n in self.logger.split(",") if n.strip()]
+        bad = [n for n in loggers if n not in LOGGERS] if loggers != ["none"] else []
+        _check(not bad, "logger", f"must be none or a comma list of {', '.join(LOGGERS)}, got {bad[0]!r}" if bad else "")
+
+
+@dataclass
+class EvalConfig:
     eval_every: int = 0
     """Evaluate quality metrics every N epochs (0 = off)."""
     eval_samples: int = 2000
@@ -223,41 +289,18 @@ class RunConfig:
     metrics_cache: str = ""
     """Folder of fitted feature extractors and real-data features (default: $GANTRAIN_CACHE, else
     $XDG_CACHE_HOME/gantrain/metrics, else ~/.cache/gantrain/metrics)."""
-    logger: str = "none"
-    """Experiment trackers fed from metrics.jsonl's records: none, or a comma list (or repeated flag) of tensorboard
-    (events in <run>/tb), wandb (offline unless WANDB_MODE says otherwise) and mlflow (a file store in <run>/mlruns
-    unless MLFLOW_TRACKING_URI is set); each needs the extra of its name installed."""
     eval_metrics: str = ""
     """Extra metrics at each --eval-every evaluation and in tune trials, a comma list: inception (the standard
     FID and KID in Inception-v3 features; the fid extra; about 0.3 s per image on a CPU, so off by default).
     Empty: the domain-extractor metrics only."""
-    nonfinite_patience: int = 1
-    """Stop the run (exit 1) when the logged losses are NaN or infinite at this many log intervals (of --log-every
-    steps) in a row; 0 = do not stop on losses (for callers that watch divergence themselves, as gantrain tune's
-    trials do). Non-finite weights are never checkpointed."""
 
     def __post_init__(self) -> None:
         _check_finite(self)
-        _check(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
-        _check(self.max_steps >= 0, "max_steps", f"must be >= 0, got {self.max_steps}")
-        _check(self.sample_every >= 0, "sample_every", f"must be >= 0, got {self.sample_every}")
-        _check(self.checkpoint_every >= 1, "checkpoint_every", f"must be at least 1, got {self.checkpoint_every}")
-        _check(self.checkpoint_every_steps >= 0, "checkpoint_every_steps",
-               f"must be >= 0, got {self.checkpoint_every_steps}")
-        _check(self.checkpoint_every_minutes >= 0, "checkpoint_every_minutes",
-               f"must be >= 0, got {self.checkpoint_every_minutes}")
-        _check(self.log_every >= 1, "log_every", f"must be at least 1, got {self.log_every}")
-        _check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be at least 1, got {self.keep_checkpoints}")
-        _check(self.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {self.device!r}")
         _check(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         _check(self.eval_samples >= 100, "eval_samples", f"must be at least 100, got {self.eval_samples}")
-        loggers = [n.strip() for n in self.logger.split(",") if n.strip()]
-        bad = [n for n in loggers if n not in LOGGERS] if loggers != ["none"] else []
-        _check(not bad, "logger", f"must be none or a comma list of {', '.join(LOGGERS)}, got {bad[0]!r}" if bad else "")
         unknown = [m for m in self.eval_metrics.split(",") if m.strip() and m.strip() not in EVAL_METRICS]
         _check(not unknown, "eval_metrics", f"must be a comma list of {', '.join(EVAL_METRICS)}, got {unknown[0]!r}"
                if unknown else "")
-        _check(self.nonfinite_patience >= 0, "nonfinite_patience", f"must be >= 0, got {self.nonfinite_patience}")
 
 
 @dataclass
@@ -273,12 +316,6 @@ class PerfConfig:
     """torch.compile mode: default, reduce-overhead or max-autotune."""
     fused_adam: bool = True
     """Use the fused Adam kernel where the device has one, else the multi-tensor (foreach) one."""
-    ema_decay: float = 0.0
-    """Keep an exponential moving average of G with this decay (0 = off); used for samples and generate."""
-    ema_bn: str = "copy"
-    """BatchNorm statistics of the EMA generator (with --ema-decay > 0): copy (G's running statistics, copied
-    every step) or standing (recomputed for the EMA weights from 2,048 noise vectors of their own when the EMA
-    generator is next used after a step: evaluation, samples, checkpoints; BigGAN's standing statistics)."""
     cuda_graphs: bool = False
     """Capture the steps as CUDA graphs (CUDA only; implies --compile-mode reduce-overhead)."""
     compile_cache_dir: str = ""
@@ -292,16 +329,8 @@ class PerfConfig:
         _check_finite(self)
         _check(self.amp in AMP_MODES, "amp", f"must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         _check(self.compile_mode in COMPILE_MODES, "compile_mode", f"must be one of {', '.join(COMPILE_MODES)}")
-        _check(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
-        _check(self.ema_bn in EMA_BN_MODES, "ema_bn", f"must be one of {', '.join(EMA_BN_MODES)}, got {self.ema_bn!r}")
         _check(self.layer_impl in LAYER_IMPLS, "layer_impl", f"must be one of {', '.join(LAYER_IMPLS)}, "
                f"got {self.layer_impl!r}")
-
-    def ema_words(self) -> str:
-        """The generator EMA in words ('EMA 0.99 (standing BN statistics)'), or '' when off."""
-        if not self.ema_decay:
-            return ""
-        return f"EMA {self.ema_decay:g}" + (" (standing BN statistics)" if self.ema_bn == "standing" else "")
 
 
 @dataclass
@@ -369,7 +398,11 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    gan: GanConfig = field(default_factory=GanConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
@@ -395,9 +428,33 @@ class Config:
 
 
 SECTION_TYPES: dict[str, type] = {
-    "data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "loss": LossConfig,
-    "run": RunConfig, "perf": PerfConfig, "dist": DistConfig,
+    "data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "loss": LossConfig, "gan": GanConfig,
+    "run": RunConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig, "eval": EvalConfig,
+    "perf": PerfConfig, "dist": DistConfig,
 }
+#: Fields that moved to another section (config.toml files and checkpoints written before still load):
+#: (old section, field) -> section.
+MOVED_FIELDS: dict[tuple[str, str], str] = {
+    **{("run", name): "checkpoint" for name in ("checkpoint_every", "checkpoint_every_steps",
+                                                "checkpoint_every_minutes", "keep_checkpoints")},
+    **{("run", name): "logging" for name in ("log_every", "sample_every", "logger")},
+    **{("run", name): "eval" for name in ("eval_every", "eval_samples", "samples_from_best", "metrics_cache",
+                                          "eval_metrics")},
+    ("perf", "ema_decay"): "gan", ("perf", "ema_bn"): "gan", ("loss", "diffaug"): "gan",
+}
+
+
+def current_layout(raw: dict[str, Any]) -> dict[str, Any]:
+    """A nested config dict (a TOML file, a checkpoint's or a report's config) with every field of
+    :data:`MOVED_FIELDS` in the section it lives in now; anything else is left as it is."""
+    moved: dict[str, Any] = {key: dict(value) if isinstance(value, dict) else value for key, value in raw.items()}
+    for (old, name), new in MOVED_FIELDS.items():
+        section = moved.get(old)
+        if isinstance(section, dict) and name in section:
+            target = moved.setdefault(new, {})
+            if isinstance(target, dict):
+                target.setdefault(name, section.pop(name))
+    return moved
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -433,7 +490,7 @@ def _python_type(hint: Any) -> type:
 def from_dict(raw: dict[str, Any], *, base: Config | None = None, source: str = "config") -> Config:
     """Builds a validated config: ``base`` (or the defaults) overlaid with the nested dict ``raw``."""
     merged = (base or Config()).to_dict()
-    for key, value in raw.items():
+    for key, value in current_layout(raw).items():
         if key == "preset":
             merged["preset"] = value
             continue
@@ -570,8 +627,8 @@ def _fashion32_tuned() -> Config:
     (best.pt) and the end-of-run samples from the best evaluation."""
     return Config(preset="fashion32-tuned", data=DataConfig(batch_size=64), model=ModelConfig(ndf=32),
                   optim=OptimConfig(lr_g=1.5e-3, lr_d=4e-4, beta1=0.0, beta2=0.99, lr_decay="linear"),
-                  loss=LossConfig(label_smoothing=0.25), run=RunConfig(eval_every=1, samples_from_best=True),
-                  perf=PerfConfig(ema_decay=0.99, ema_bn="standing"))
+                  loss=LossConfig(label_smoothing=0.25), gan=GanConfig(ema_decay=0.99, ema_bn="standing"),
+                  eval=EvalConfig(eval_every=1, samples_from_best=True))
 
 
 def _mnist32() -> Config:
@@ -590,7 +647,8 @@ def _dcgan64() -> Config:
 def _cats64() -> Config:
     cfg = _dcgan64()
     cfg.preset = "cats64"
-    cfg.run = RunConfig(epochs=50, checkpoint_every=5)
+    cfg.run = RunConfig(epochs=50)
+    cfg.checkpoint = CheckpointConfig(checkpoint_every=5)
     return cfg
 
 
@@ -599,7 +657,7 @@ def _cats64_diffaug() -> Config:
     the one change to cats64 measured by ``gantrain bench --to-quality`` (README, "DiffAugment on cats64")."""
     cfg = _cats64()
     cfg.preset = "cats64-diffaug"
-    cfg.loss = LossConfig(diffaug="color,translation,cutout")
+    cfg.gan = GanConfig(diffaug="color,translation,cutout")
     return cfg
 
 
@@ -611,7 +669,9 @@ def _cats128() -> Config:
         model=ModelConfig(arch="dense", kernel_size=5, g_activation="leaky", leaky_slope=0.2),
         optim=OptimConfig(lr_g=2e-4, lr_d=5e-5, beta1=0.5),
         loss=LossConfig(label_smoothing=0.1, noise="uniform"),
-        run=RunConfig(epochs=215, checkpoint_every=5, sample_every=10),
+        run=RunConfig(epochs=215),
+        checkpoint=CheckpointConfig(checkpoint_every=5),
+        logging=LoggingConfig(sample_every=10),
     )
 
 

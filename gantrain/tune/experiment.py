@@ -23,10 +23,9 @@ import ray
 from ray import tune
 from rich.console import Console
 
-from gantrain.engine import (
-    Config, ConfigError, GantrainError, IDX_DATASETS, atomic_write_text, build_models, data_root, ensure_idx_files,
-    evaluate_generator, load_toml, log, override, setup_logging, to_toml
-)
+from gantrain.engine import (Config, ConfigError, GantrainError, IDX_DATASETS, atomic_write_text, build_models,
+                             data_root, ensure_idx_files, evaluate_generator, load_toml, log, override, setup_logging,
+                             to_toml)
 from gantrain.tune.results import Outcome, summarise
 from gantrain.tune.settings import TuneSettings, load_settings
 from gantrain.tune.space import Space, load_space, parse_space
@@ -123,7 +122,7 @@ def prepare_base(cfg: Config, settings: TuneSettings) -> Config:
     if cfg.run.device == "cuda" and settings.gpus_per_trial == 0:
         raise ConfigError("--gpus-per-trial: --device cuda needs GPUs reserved per trial (e.g. 1 or 0.5)")
     # Trials run in their own working folders (on other nodes too): relative paths would not resolve there.
-    cache = cfg.run.metrics_cache or os.environ.get("GANTRAIN_CACHE")
+    cache = cfg.eval.metrics_cache or os.environ.get("GANTRAIN_CACHE")
     cfg = override(cfg, {"data_root": _absolute(cfg.data.data_root), "metrics_cache": _absolute(cache)})
     if cfg.data.dataset in IDX_DATASETS:
         ensure_idx_files(cfg.data.dataset, data_root(cfg.data.data_root))  # download once, not once per trial
@@ -139,7 +138,7 @@ def warm_metrics(cfg: Config) -> float:
     (concurrent trials would each fit it); returns the untrained generator's FD, the point trials start from."""
     log.info("preparing the quality metrics (the feature extractor is fitted once, then cached)")
     generator, _ = build_models(cfg.model, cfg.data.image_size, cfg.data.channels)
-    metrics = evaluate_generator(generator, cfg, num_samples=cfg.run.eval_samples, device="cpu", seed=0)
+    metrics = evaluate_generator(generator, cfg, num_samples=cfg.eval.eval_samples, device="cpu", seed=0)
     log.info("untrained generator: fd %.4g (the starting point every trial improves on)", metrics["fd"])
     return float(metrics["fd"])
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gantrain.engine import Config, ConfigError, SECTION_TYPES, field_index, override
+from gantrain.engine import Config, ConfigError, SECTION_TYPES, current_layout, field_index, override
 
 KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
 # PBT changes these mid-run: the restored optimisers and loss targets take new values without a restart.
@@ -147,12 +147,14 @@ def parse_space(text: str, base: Config, source: str) -> Space:
 
 
 def _sections(raw: dict[str, Any], source: str) -> list[tuple[str, dict]]:
+    """The space's tables, each field in the section it lives in now (a space written for an older layout,
+    ``[loss] diffaug = ...``, still reads)."""
     for key, value in raw.items():
         if key not in SECTION_TYPES:
             raise ConfigError(f"--space: {source}: unknown section [{key}] (known: {', '.join(SECTION_TYPES)})")
         if not isinstance(value, dict):
             raise ConfigError(f"--space: {source}: [{key}] must be a table of field = {{ kind = [...] }}")
-    return list(raw.items())
+    return [(key, value) for key, value in current_layout(raw).items() if value]
 
 
 def _dimension(section: str, name: str, spec: Any, source: str) -> Dimension:

@@ -25,10 +25,8 @@ from typing import Any, Callable
 import torch
 from rich.console import Console
 
-from gantrain.engine import (
-    CheckpointError, Config, METRIC_KEYS, RunDir, Trainer, atomic_save, evaluate_generator, from_dict, load_checkpoint, log,
-    override, sealed
-)
+from gantrain.engine import (CheckpointError, Config, DistInfo, METRIC_KEYS, RunDir, Trainer, atomic_save,
+                             evaluate_generator, from_dict, load_checkpoint, log, override, sealed)
 from gantrain.tune.settings import TuneSettings
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -48,7 +46,7 @@ def trial_epochs(base: Config, settings: TuneSettings) -> int:
 
 def report_every(cfg: Config) -> int:
     """Epochs between reports: the run's --eval-every, where 0 (no evaluation in a plain run) means every epoch."""
-    return max(1, cfg.run.eval_every)
+    return max(1, cfg.eval.eval_every)
 
 
 def trial_config(base: dict[str, Any], params: dict[str, Any], settings: TuneSettings, run_dir: Path) -> Config:
@@ -105,26 +103,27 @@ class EpochReporter:
 
     def __init__(self, settings: TuneSettings, report: Report, cfg: Config) -> None:
         self.settings, self.report = settings, report
-        self.total_epochs, self.every, self.samples = cfg.run.epochs, report_every(cfg), cfg.run.eval_samples
+        self.total_epochs, self.every, self.samples = cfg.run.epochs, report_every(cfg), cfg.eval.eval_samples
         self.monitor = DivergenceMonitor(settings.collapse_loss, settings.collapse_patience)
 
-    def __call__(self, trainer: Trainer, epochs_done: int) -> None:
+    def after_epoch(self, trainer: Trainer, epochs_done: int) -> str | None:
+        """Reports when due (or diverged); returns why the trial stops early: its divergence."""
         diverged = self.monitor.check(trainer)
         due = epochs_done % self.every == 0 or epochs_done >= self.total_epochs
         if not (due or diverged):
-            return
+            return None
         finite = diverged not in ("non-finite weights", "non-finite loss")
         metrics = evaluate(trainer, self.samples) if finite else worst_metrics(self.settings)
         if finite:
             self._record(trainer, epochs_done, metrics)
         metrics.update(self._training_metrics(trainer, epochs_done), diverged=diverged or "")
         if diverged:
-            trainer.stop_reason = f"diverged: {diverged}"
             self.report(metrics, None)  # nothing worth resuming or copying: no checkpoint
-            return
+            return f"diverged: {diverged}"
         with tempfile.TemporaryDirectory(prefix="gantrain-trial-") as folder:
             save_trial_checkpoint(trainer, Path(folder))
             self.report(metrics, Path(folder))  # Tune persists the folder before report returns
+        return None
 
     def _record(self, trainer: Trainer, epochs_done: int, metrics: dict[str, float]) -> None:
         """The evaluation as a plain run's --eval-every writes it: into the trial's metrics.jsonl and its
@@ -158,26 +157,46 @@ def apply_hyperparameters(trainer: Trainer) -> None:
             group["betas"] = (optim.beta1, optim.beta2)
 
 
-def run_trial(cfg: Config, settings: TuneSettings, report: Report, resume: Path | None = None) -> str | None:
-    """Trains one trial to the end of its budget (or divergence); returns the reason it stopped early."""
+def run_trial(cfg: Config, settings: TuneSettings, report: Report, resume: Path | str | None = None,
+              info: DistInfo = DistInfo()) -> str | None:
+    """Trains one trial to the end of its budget (or divergence) in this process, which is the whole trial or,
+    under a multi-worker trial, its rank ``info.rank``; returns the reason it stopped early.
+
+    Every rank calls ``report`` at the same epochs (Ray Train wants as many reports from each); rank 0 alone
+    owns the run folder (clears a failed attempt's checkpoints, removes them at the end: Tune holds them)."""
     torch.set_num_threads(max(1, int(settings.cpus_per_trial)))
-    if resume is None:  # a fresh start in a folder a failed attempt may have used
+    if resume is None and info.is_main:  # a fresh start in a folder a failed attempt may have used
         shutil.rmtree(RunDir(cfg.run_dir).checkpoints, ignore_errors=True)
     reporter = EpochReporter(settings, report, cfg)
+    if info.enabled:
+        reporter.monitor.check = _rank0_decides(reporter.monitor.check)
     # The reporter evaluates; the Trainer's own --eval-every tracker would evaluate the same generator again
     # and keep best.pt copies of what Tune already checkpoints.
     engine_cfg = override(cfg, {"eval_every": 0, "nonfinite_patience": 0})  # the reporter stops diverged trials
     with open(os.devnull, "w") as sink:  # the trial's log still goes to <run>/train.log
-        trainer = Trainer(engine_cfg, console=Console(file=sink), resume=str(resume) if resume else None,
-                          epoch_callbacks=[reporter], finished_ok=True)
+        trainer = Trainer(engine_cfg, console=Console(file=sink), dist_info=info,
+                          resume=str(resume) if resume else None, hooks=[reporter], finished_ok=True)
         if resume is not None:
             apply_hyperparameters(trainer)
         if trainer.step >= trainer.total_steps:  # restored with its budget spent: report where it stands
-            reporter(trainer, trainer.step // trainer.loader.steps_per_epoch)
+            reporter.after_epoch(trainer, trainer.step // trainer.loader.steps_per_epoch)
         trainer.fit()
-    # Tune holds the trial's checkpoints; the run folder keeps samples, curves and logs only.
-    shutil.rmtree(RunDir(cfg.run_dir).checkpoints, ignore_errors=True)
+    if info.is_main:  # Tune holds the trial's checkpoints; the run folder keeps samples, curves and logs only
+        shutil.rmtree(RunDir(cfg.run_dir).checkpoints, ignore_errors=True)
     return trainer.stop_reason
+
+
+def _rank0_decides(check: Callable[[Trainer], str | None]) -> Callable[[Trainer], str | None]:
+    """Each rank's epoch losses are its own shard's: rank 0's verdict for all, or the ranks would stop at
+    other epochs."""
+    import torch.distributed as dist
+
+    def agreed(trainer: Trainer) -> str | None:
+        verdict = [check(trainer)]
+        dist.broadcast_object_list(verdict, src=0, group=trainer.stop_agreement.group)
+        return verdict[0]
+
+    return agreed
 
 
 def trial_folder_name(trial_id: str) -> str:
@@ -233,47 +252,17 @@ def run_trial_on_workers(cfg: Config, settings: TuneSettings, trial_dir: Path, r
 
 
 def ddp_trial_worker(config: dict[str, Any]) -> None:
-    """One DDP worker of a multi-worker trial: :func:`run_trial`'s work on Ray Train's process group."""
-    import contextlib
-
+    """One DDP worker of a multi-worker trial: :func:`run_trial` on Ray Train's process group."""
     import ray.train
-    import torch.distributed as dist
 
-    from gantrain.engine import DistInfo
-
-    cfg, settings = from_dict(config["cfg"]), config["settings"]
     ctx = ray.train.get_context()
     info = DistInfo(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
-    torch.set_num_threads(max(1, int(settings.cpus_per_trial)))
 
     def report(metrics: dict[str, Any], folder: Path | None) -> None:
         attach = folder is not None and info.is_main  # the replicas are identical: rank 0's checkpoint
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if attach else None)
 
-    reporter = EpochReporter(settings, report, cfg)
-    own_check = reporter.monitor.check
-
-    def agreed_check(trainer: Trainer) -> str | None:
-        # each rank's epoch losses are its own shard's: rank 0 decides, or the ranks would stop at other epochs
-        verdict = [own_check(trainer)]
-        dist.broadcast_object_list(verdict, src=0, group=trainer.stop_agreement.group)
-        return verdict[0]
-
-    reporter.monitor.check = agreed_check
-    resume = config["resume"]
-    if resume is None and info.is_main:
-        shutil.rmtree(RunDir(cfg.run_dir).checkpoints, ignore_errors=True)
-    engine_cfg = override(cfg, {"eval_every": 0, "nonfinite_patience": 0})
-    with open(os.devnull, "w") as sink, contextlib.ExitStack():
-        trainer = Trainer(engine_cfg, console=Console(file=sink), dist_info=info, resume=resume,
-                          epoch_callbacks=[reporter], finished_ok=True)
-        if resume is not None:
-            apply_hyperparameters(trainer)
-        if trainer.step >= trainer.total_steps:
-            reporter(trainer, trainer.step // trainer.loader.steps_per_epoch)
-        trainer.fit()
-    if info.is_main:
-        shutil.rmtree(RunDir(cfg.run_dir).checkpoints, ignore_errors=True)
+    run_trial(from_dict(config["cfg"]), config["settings"], report, config["resume"], info)
 
 
 def newest_checkpoint(given: Path | None, trial_dir: Path) -> Path | None:

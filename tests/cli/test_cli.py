@@ -52,7 +52,7 @@ def test_run_help_lists_the_config_flags(cli) -> None:
 def test_run_help_panels_name_the_sections(cli) -> None:
     out = cli("run", "--help").stdout
     titles = re.findall(r"╭─ (.*?) ─", out)
-    sections = ("data", "model", "optim", "loss", "run", "perf", "dist")
+    sections = ("data", "model", "optim", "loss", "gan", "run", "checkpoint", "logging", "eval", "perf", "dist")
     assert len(titles) == 1 + len(sections)  # the command's own options, then one panel per config section
     for section, title in zip(sections, titles[1:]):
         assert re.fullmatch(rf"\[?{section}\]?( options)?", title), title

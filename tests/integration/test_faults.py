@@ -137,10 +137,15 @@ def test_a_place_between_batches_rounds_back_and_says_so(tiny_cfg, quiet_console
 
 
 def _as_old_checkpoint(path: Path, target: Path) -> Path:
-    """``path`` as gantrain wrote checkpoints before the place in images was stored (and before digests)."""
+    """``path`` as gantrain wrote checkpoints before the place in images was stored (and before digests): schema
+    version 1, without the keys added since and without the ones whose value was unknown."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("epoch_images", "images_seen", "global_batch", "num_images", "digest"):
+    for key in ("epoch_images", "images_seen", "global_batch", "num_images", "digest", "planned_steps"):
         state.pop(key)
+    for key in ("best_fd", "best_fd_measured_by"):
+        if state[key] is None:
+            del state[key]
+    state["version"] = 1
     torch.save(state, target)
     return target
 

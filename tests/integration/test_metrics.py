@@ -127,8 +127,8 @@ def test_classifier_score_and_histogram() -> None:
 # ----- configuration, cache location, Inception availability --------------------------------------------
 def test_eval_config_fields_validate() -> None:
     cfg = override(preset("fashion32"), {"eval_every": 2, "eval_samples": 500})
-    assert (cfg.run.eval_every, cfg.run.eval_samples) == (2, 500)
-    assert preset("fashion32").run.eval_every == 0
+    assert (cfg.eval.eval_every, cfg.eval.eval_samples) == (2, 500)
+    assert preset("fashion32").eval.eval_every == 0
     with pytest.raises(ConfigError, match="--eval-every"):
         override(preset("fashion32"), {"eval_every": -1})
     with pytest.raises(ConfigError, match="--eval-samples"):

@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
+from extras import marks
 from processes import alive, descendants, free_port
 import torch
 
 from gantrain.engine.state.checkpoint import load_checkpoint
 
-pytestmark = pytest.mark.slow
-pytest.importorskip("ray.train.torch")
+pytestmark = [pytest.mark.slow, marks("tune")]
 
 
 def _run(datasets_root: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from extras import needs
 from gantrain.engine.errors import ConfigError
 from gantrain.engine.outputs.trackers import parse_loggers, scalars, tag
 
@@ -46,6 +47,7 @@ def test_unknown_logger_is_a_config_error(cli, unwrap, tmp_path: Path) -> None:
 
 def test_missing_extra_is_one_line_and_leaves_no_run_folder(cli, unwrap, datasets_root: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    needs("tensorboard")  # present, before the absent one
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now fails as when it is not installed
     out = tmp_path / "run"
     result = cli("run", "--data-root", datasets_root, *RUN_ARGS, "--max-steps", "2", "--logger", "tensorboard",
@@ -106,6 +108,7 @@ def assert_curve(found: list[tuple[int, float]], expected: list[tuple[int, float
 @pytest.mark.slow
 def test_three_trackers_with_eval_and_one_resume_show_one_curve(fashion_extractor, datasets_root: Path, cli,
                                                                 tmp_path: Path) -> None:
+    needs("tensorboard", "wandb", "mlflow")
     out = tmp_path / "run"
     common = ["--data-root", datasets_root, *RUN_ARGS, "--eval-every", "1", "--eval-samples", "100",
               "--logger", "tensorboard,wandb,mlflow", "--out", out]
@@ -164,6 +167,7 @@ def test_resume_after_a_crash_has_no_duplicated_or_missing_steps(tiny_cfg, quiet
     """A run dies at step 11, after logging step 10 but with its last checkpoint at step 8 (the epoch end):
     the resumed run trains 9-16 again. TensorBoard purges the dead process's step 10; W&B and MLflow, which
     cannot delete, keep it and the resumed run logs from step 12 on (said in one log line)."""
+    needs("tensorboard", "wandb", "mlflow")
     from gantrain.engine.train.loop import Trainer
     from gantrain.engine.gan.step import GANStep
 
@@ -204,7 +208,7 @@ def test_resume_after_a_crash_has_no_duplicated_or_missing_steps(tiny_cfg, quiet
 
 def test_tensorboard_logger_in_a_tiny_run(tiny_cfg, quiet_console) -> None:
     """The CI-cheap check: TensorBoard alone, scalars equal to metrics.jsonl, the final grid as an image."""
-    pytest.importorskip("tensorboard")
+    needs("tensorboard")
     from gantrain.engine.train.loop import Trainer
 
     cfg = tiny_cfg("tb", max_steps=4, log_every=1, logger="tensorboard")
@@ -219,6 +223,6 @@ def test_no_logger_writes_no_tracker_files(tiny_cfg, quiet_console) -> None:
     from gantrain.engine.train.loop import Trainer
 
     cfg = tiny_cfg("plain", max_steps=2)
-    assert cfg.run.logger == "none"
+    assert cfg.logging.logger == "none"
     Trainer(cfg, console=quiet_console).fit()
     assert not any((cfg.run_dir / name).exists() for name in ("tb", "wandb", "mlflow.db", "trackers.json"))

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from extras import needs
 from processes import alive, descendants, free_port
 import torch
 from torch import nn
@@ -109,6 +110,7 @@ def test_settings_modes() -> None:
 
 
 def test_cli_errors_are_one_line(cli, datasets_root: Path, tmp_path: Path, unwrap) -> None:
+    needs("tune")
     space = tmp_path / "space.toml"
     space.write_text("[loss]\nlabel_smoothing = { uniform = [0.0, 0.7] }\n")
     result = cli("tune", "--data-root", datasets_root, "--space", space, "--storage", tmp_path)
@@ -211,7 +213,8 @@ def test_restore_takes_the_trial_values_over_the_checkpoint(datasets_root: Path,
 def ray_session(metrics_cache_dir: Path):
     """One local Ray for the session. Its workers inherit the environment at start-up: the session's metrics
     cache, and no auth token written to ~/.ray."""
-    ray = pytest.importorskip("ray")
+    needs("tune")
+    import ray
     env = {"GANTRAIN_CACHE": str(metrics_cache_dir), "RAY_AUTH_MODE": "disabled"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -275,7 +278,7 @@ def test_tiny_experiment_ranks_a_sabotaged_lr_last(ray_session, fashion_extracto
 @pytest.mark.slow
 def test_trials_log_like_runs_and_compare_in_one_tensorboard(ray_session, fashion_extractor, cli, datasets_root: Path,
                                                              tmp_path: Path) -> None:
-    pytest.importorskip("tensorboard")
+    needs("tensorboard")
     space = tmp_path / "space.toml"
     space.write_text("[optim]\nlr_g = { grid = [5e-4, 2e-3] }\n")
     result = cli("tune", "--data-root", datasets_root, *TINY_FLAGS, "--space", space, "--num-samples", "1",
@@ -361,6 +364,7 @@ def _wait_for_port(port: int, process: subprocess.Popen, timeout_s: float = 120.
 @pytest.mark.slow
 def test_address_joins_a_running_cluster(fashion_extractor, metrics_cache_dir: Path, datasets_root: Path,
                                          tmp_path: Path) -> None:
+    needs("tune")
     # The multi-node path on one node: `ray start --head` makes a cluster, `gantrain tune --address HOST:PORT`
     # joins it from a fresh process (not the session's in-process Ray), its trials run on the cluster's
     # workers, and those use the driver's data and metrics cache (made absolute in the trial config), not
@@ -403,7 +407,7 @@ def test_address_joins_a_running_cluster(fashion_extractor, metrics_cache_dir: P
 
 # ----- pieces that need Ray installed but no cluster ------------------------------------------------------------
 def test_schedulers_and_searchers(datasets_root: Path) -> None:
-    pytest.importorskip("ray")
+    needs("tune")
     from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
 
     from gantrain.tune.experiment import ClipToSpace, make_scheduler, make_searcher
@@ -449,6 +453,7 @@ def test_ranking_puts_trials_without_a_finite_objective_last() -> None:
 @pytest.fixture
 def nothing_starts(monkeypatch):
     """Fails a test the moment an experiment would start (Ray, the metrics fit, the experiment folder)."""
+    needs("tune")
     import gantrain.tune.experiment as experiment
 
     def started(*args, **kwargs):
@@ -548,6 +553,7 @@ def test_killed_driver_leaves_no_process_and_resume_continues_every_trial(fashio
                                                                           datasets_root: Path, tmp_path: Path) -> None:
     """SIGKILL to `gantrain tune` once both trials have two checkpoints on disk: Ray's processes go with it, and
     --resume continues each trial from its newest checkpoint on disk, with its whole history in its run folder."""
+    needs("tune")
     env = {**os.environ, "GANTRAIN_CACHE": str(metrics_cache_dir), "RAY_AUTH_MODE": "disabled",
            "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("GANTRAIN_DATA", None)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gantrain.engine.config import (PRESETS, Config, from_dict, load_toml, override, preset, resolve, to_toml)
+from gantrain.engine.config import (PRESETS, Config, current_layout, field_index, from_dict, load_toml, override, preset,
+                                    resolve, to_toml)
 from gantrain.engine.train.dryrun import value_sources
 from gantrain.engine.errors import ConfigError
 
@@ -46,14 +47,14 @@ def test_the_tuned_recipe_differs_from_the_tutorial_only_where_it_says() -> None
     changed = {(section, key) for section in plain if isinstance(plain[section], dict)
                for key in plain[section] if plain[section][key] != tuned[section][key]}
     assert changed == {("optim", "lr_g"), ("optim", "lr_d"), ("optim", "beta1"), ("optim", "beta2"),
-                       ("optim", "lr_decay"), ("loss", "label_smoothing"), ("perf", "ema_decay"),
-                       ("perf", "ema_bn"), ("run", "eval_every"), ("run", "samples_from_best"), ("model", "ndf"),
+                       ("optim", "lr_decay"), ("loss", "label_smoothing"), ("gan", "ema_decay"),
+                       ("gan", "ema_bn"), ("eval", "eval_every"), ("eval", "samples_from_best"), ("model", "ndf"),
                        ("data", "batch_size")}
-    assert (tuned["perf"]["ema_decay"], tuned["perf"]["ema_bn"], plain["perf"]["ema_bn"]) == (0.99, "standing", "copy")
+    assert (tuned["gan"]["ema_decay"], tuned["gan"]["ema_bn"], plain["gan"]["ema_bn"]) == (0.99, "standing", "copy")
     assert (tuned["model"]["ngf"], tuned["model"]["ndf"], tuned["data"]["batch_size"]) == (64, 32, 64)
     assert (tuned["optim"]["beta1"], tuned["optim"]["beta2"], tuned["optim"]["lr_decay"]) == (0.0, 0.99, "linear")
     assert tuned["optim"]["lr_decay_start"] == plain["optim"]["lr_decay_start"] == 0.0
-    assert preset("fashion32").perf.ema_decay == 0 and not preset("fashion32").run.samples_from_best
+    assert preset("fashion32").gan.ema_decay == 0 and not preset("fashion32").eval.samples_from_best
 
 
 def test_the_diffaug_recipe_differs_from_cats64_only_in_diffaug() -> None:
@@ -61,8 +62,8 @@ def test_the_diffaug_recipe_differs_from_cats64_only_in_diffaug() -> None:
     recipe, plain = preset("cats64-diffaug").to_dict(), preset("cats64").to_dict()
     changed = {(section, key) for section in plain if isinstance(plain[section], dict)
                for key in plain[section] if plain[section][key] != recipe[section][key]}
-    assert changed == {("loss", "diffaug")}
-    assert recipe["loss"]["diffaug"] == "color,translation,cutout" and plain["loss"]["diffaug"] == ""
+    assert changed == {("gan", "diffaug")}
+    assert recipe["gan"]["diffaug"] == "color,translation,cutout" and plain["gan"]["diffaug"] == ""
 
 
 @pytest.mark.parametrize("flat, flag", [
@@ -163,7 +164,8 @@ def test_toml_documents_fields_and_unset_values() -> None:
     assert 'preset = "fashion32"' in text
     assert "lr_g = 0.0002  # Adam learning rate of the generator." in text
     assert "# data_root is unset" in text
-    for section in ("[data]", "[model]", "[optim]", "[loss]", "[run]", "[perf]", "[dist]"):
+    for section in ("[data]", "[model]", "[optim]", "[loss]", "[gan]", "[run]", "[checkpoint]", "[logging]", "[eval]",
+                    "[perf]", "[dist]"):
         assert section in text
 
 
@@ -189,7 +191,7 @@ def test_a_config_toml_written_before_a_field_existed_keeps_that_fields_default(
     written.write_text("\n".join(lines))
     cfg = resolve(None, str(written), {})
     assert (cfg.optim.lr_decay, cfg.optim.lr_decay_start, cfg.optim.beta1) == ("none", 0.0, 0.5)
-    assert cfg.preset == "fashion32-tuned" and cfg.model.ndf == 32 and cfg.perf.ema_bn == "standing"  # the file's
+    assert cfg.preset == "fashion32-tuned" and cfg.model.ndf == 32 and cfg.gan.ema_bn == "standing"  # the file's
     sources = value_sources(None, str(written), {})  # --dry-run says where each value came from
     assert (sources["optim.lr_decay"], sources["optim.beta1"]) == ("default", f"file {written}")
     partial = tmp_path / "partial.toml"
@@ -295,3 +297,47 @@ def test_from_dict_rejects_non_tables_and_unknown_flags() -> None:
         from_dict({"data": 3})
     with pytest.raises(ConfigError, match="unknown config field 'batchsize'"):
         override(preset("fashion32"), {"batchsize": 3})
+
+
+# ----- sections by component; files of the layout before ---------------------------------------------------------
+def test_each_component_has_its_own_section() -> None:
+    """The checkpoint cadence, logging, evaluation and the GAN's EMA and DiffAugment each have a section of their
+    own; every field is in exactly one section and keeps its flag."""
+    index = field_index()
+    assert {name: index[name][0] for name in ("checkpoint_every", "keep_checkpoints", "log_every", "sample_every",
+                                              "logger", "eval_every", "eval_samples", "samples_from_best",
+                                              "metrics_cache", "eval_metrics", "ema_decay", "ema_bn", "diffaug",
+                                              "epochs", "seed", "amp")} == {
+        "checkpoint_every": "checkpoint", "keep_checkpoints": "checkpoint", "log_every": "logging",
+        "sample_every": "logging", "logger": "logging", "eval_every": "eval", "eval_samples": "eval",
+        "samples_from_best": "eval", "metrics_cache": "eval", "eval_metrics": "eval", "ema_decay": "gan",
+        "ema_bn": "gan", "diffaug": "gan", "epochs": "run", "seed": "run", "amp": "perf"}
+
+
+def test_a_config_toml_of_the_layout_before_loads_every_value(tmp_path) -> None:
+    """tests/golden holds a config.toml written by gantrain before the sections by component ([run] held the
+    checkpoint, logging and evaluation fields, [perf] the EMA, [loss] DiffAugment): it loads to the config it
+    recorded, each value in its section of today, and written again it loads to the same."""
+    old = Path(__file__).parents[1] / "golden" / "config-before-sections-fashion32-tuned.toml"
+    text = old.read_text()
+    assert "[run]\n" in text and "eval_every = 1" in text and "[gan]" not in text and "[eval]" not in text
+    expected = override(preset("fashion32-tuned"), {"diffaug": "color,cutout", "checkpoint_every_steps": 7,
+                                                    "log_every": 5, "logger": "tensorboard", "out": "runs/old"})
+    loaded = load_toml(old)
+    assert loaded == expected
+    assert (loaded.eval.eval_every, loaded.gan.ema_decay, loaded.gan.diffaug, loaded.checkpoint.checkpoint_every_steps,
+            loaded.logging.logger) == (1, 0.99, "color,cutout", 7, "tensorboard")
+    again = tmp_path / "config.toml"
+    again.write_text(to_toml(loaded))
+    assert load_toml(again) == expected and "[eval]\n" in again.read_text()
+
+
+def test_current_layout_moves_only_what_moved() -> None:
+    raw = {"preset": "cats64", "run": {"epochs": 3, "eval_every": 2}, "perf": {"amp": "off", "ema_bn": "standing"},
+           "loss": {"noise": "uniform", "diffaug": "color"}, "eval": {"eval_samples": 500}}
+    assert current_layout(raw) == {"preset": "cats64", "run": {"epochs": 3}, "perf": {"amp": "off"},
+                                   "loss": {"noise": "uniform"}, "eval": {"eval_samples": 500, "eval_every": 2},
+                                   "gan": {"ema_bn": "standing", "diffaug": "color"}}
+    assert raw["run"] == {"epochs": 3, "eval_every": 2}  # the caller's dict is left as it was
+    with pytest.raises(ConfigError, match="unknown field run.amp"):  # a field in a wrong section is still an error
+        from_dict({"run": {"amp": "off"}})

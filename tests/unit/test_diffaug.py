@@ -11,7 +11,7 @@ from gantrain.engine.gan import diffaug as da
 from gantrain.engine.state.checkpoint import resumed_config
 from gantrain.engine.config import (
     DIFFAUG_OPS,
-    LossConfig,
+    GanConfig,
     from_dict,
     load_toml,
     override,
@@ -267,8 +267,8 @@ def test_module_and_config_agree_on_the_op_names() -> None:
                                            ("translation,color", "translation,color"),
                                            ("color,translation,cutout", "color,translation,cutout")])
 def test_config_normalises_the_policy(given: str, stored: str) -> None:
-    assert LossConfig(diffaug=given).diffaug == stored
-    assert override(preset("fashion32"), {"diffaug": given}).loss.diffaug == stored
+    assert GanConfig(diffaug=given).diffaug == stored
+    assert override(preset("fashion32"), {"diffaug": given}).gan.diffaug == stored
 
 
 @pytest.mark.parametrize("given, message", [
@@ -288,7 +288,7 @@ def test_config_round_trips_through_toml(tmp_path) -> None:
     path.write_text(to_toml(cfg))
     assert 'diffaug = "color,translation,cutout"' in path.read_text()
     assert load_toml(path) == cfg
-    assert from_dict({"loss": {"diffaug": "cutout"}}).loss.diffaug == "cutout"
+    assert from_dict({"loss": {"diffaug": "cutout"}}).gan.diffaug == "cutout"
 
 
 def test_resume_reports_a_changed_policy_like_other_loss_settings() -> None:
@@ -297,7 +297,7 @@ def test_resume_reports_a_changed_policy_like_other_loss_settings() -> None:
     state = {"config": saved.to_dict()}
     assert resumed_config(now, state, "last.pt") == ["--diffaug 'color' -> 'color,translation,cutout'"]
     old = saved.to_dict()
-    del old["loss"]["diffaug"]  # a checkpoint written before the field: off
+    del old["gan"]  # a checkpoint written before the field (and its section): off
     assert resumed_config(override(preset("fashion32"), {"label_smoothing": 0.1}), {"config": old}, "x") == []
 
 
@@ -317,7 +317,7 @@ def test_tune_exposes_and_searches_the_policy(cli, unwrap) -> None:
     assert "--diffaug" in cli("tune", "--help").stdout
     space = parse_space('[loss]\ndiffaug = { choice = ["", "color,translation,cutout"] }\n', preset("cats64"), "s")
     assert space.dimensions[0].values == ("", "color,translation,cutout")
-    with pytest.raises(ConfigError, match="loss.diffaug = 'zoom': --diffaug: unknown op 'zoom'"):
+    with pytest.raises(ConfigError, match="gan.diffaug = 'zoom': --diffaug: unknown op 'zoom'"):
         parse_space('[loss]\ndiffaug = { choice = ["zoom"] }\n', preset("cats64"), "s")
 
 

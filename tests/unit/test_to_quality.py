@@ -92,7 +92,7 @@ def test_contenders_parse_presets_and_changes():
     tutorial = tq.parse_contender("tutorial", base, common)
     assert tutorial.kind == "baseline" and tutorial.cfg.data.limit == 512 and tutorial.cfg.optim.lr_g == 2e-4
     tuned = tq.parse_contender("fashion32-tuned ema-decay=0.99 eval_every=0", base, common)
-    assert tuned.kind == "engine" and tuned.cfg.perf.ema_decay == 0.99 and tuned.cfg.optim.lr_g == 1.5e-3
+    assert tuned.kind == "engine" and tuned.cfg.gan.ema_decay == 0.99 and tuned.cfg.optim.lr_g == 1.5e-3
     assert tuned.cfg.data.limit == 512 and tuned.name == "fashion32-tuned ema-decay=0.99 eval_every=0"
     for text, message in (("nonsense", "neither 'tutorial' nor a preset"), ("fashion32 lr_g", "not FIELD=VALUE"),
                           ("fashion32 no_such=1", "unknown config field"), ("", "empty"),
@@ -449,28 +449,113 @@ def test_baseline_from_needs_the_same_extractor(tmp_path, monkeypatch):
                      "recorded it); its FDs are taken as measured by this one (fashion-mnist, weights bbbbbbbbbbbb)"]
 
 
-@pytest.mark.parametrize("build", ["_build_engine", "_build_baseline"])
-def test_contenders_decay_their_rates_over_the_budget(build, monkeypatch, datasets_root):
-    """gantrain's step and the plain loop alike, with --lr-decay, decay over the bench's budget (not the config's
+class _Recording:
+    """LRDecay recording every update's (step, total steps, G's rate)."""
+
+    @staticmethod
+    def patch(monkeypatch):
+        import gantrain.engine as engine
+        from gantrain.engine.gan import lr_schedule
+        from gantrain.engine.train import loop
+
+        seen = []
+
+        class Recording(lr_schedule.LRDecay):
+            def apply(self, step):
+                super().apply(step)
+                seen.append((step, self.total_steps, self.optimizers[0][1].param_groups[0]["lr"]))
+
+        for module in (lr_schedule, loop, engine):
+            monkeypatch.setattr(module, "LRDecay", Recording)
+        return seen
+
+
+DECAY_BY_HAND = [(0, 12, pytest.approx(1e-3)), (1, 12, pytest.approx(1e-3 * 11 / 12)),
+                 (2, 12, pytest.approx(1e-3 * 10 / 12))]
+
+
+def _decay_cfg(datasets_root):
+    return override(preset("fashion32"), {"data_root": str(datasets_root), "limit": 256, "batch_size": 32, "ngf": 8,
+                                          "ndf": 8, "epochs": 20, "lr_decay": "linear", "lr_g": 1e-3,
+                                          "device": "cpu", "amp": "off"})
+
+
+def test_the_engine_contender_decays_its_rates_over_the_budget(monkeypatch, datasets_root, tmp_path):
+    """gantrain's step (through the Trainer) with --lr-decay decays over the bench's budget (not the config's
     --epochs), one update at a time, as a run of --epochs budget would: 256 images / batch 32 = 8 updates per
     epoch, budget 1.5 epochs = 12; G's optimiser trains at the rate worked out by hand."""
-    from gantrain.engine.gan import lr_schedule
+    from gantrain.engine.train.loop import Trainer
 
-    seen = []
+    seen = _Recording.patch(monkeypatch)
+    run_cfg, per_epoch = tq.engine_run_config(_decay_cfg(datasets_root), {"budget_epochs": 1.5}, tmp_path / "run")
+    assert per_epoch == 8 and (run_cfg.run.epochs, run_cfg.run.max_steps, run_cfg.logging.log_every) == (2, 12, 12)
 
-    class Recording(lr_schedule.LRDecay):
-        def apply(self, step):
-            super().apply(step)
-            seen.append((step, self.total_steps, self.optimizers[0][1].param_groups[0]["lr"]))
+    class StopAfterThree:
+        def after_step(self, trainer):
+            return "three" if trainer.step == 3 else None
 
-    monkeypatch.setattr(lr_schedule, "LRDecay", Recording)
-    cfg = override(preset("fashion32"), {"data_root": str(datasets_root), "limit": 256, "batch_size": 32, "ngf": 8,
-                                         "ndf": 8, "epochs": 20, "lr_decay": "linear", "lr_g": 1e-3,
-                                         "device": "cpu", "amp": "off"})
-    step, next_batch, _, num_images, per_step = getattr(tq, build)(cfg, __import__("torch").device("cpu"),
-                                                                   {"budget_epochs": 1.5, "num_workers": 0})
-    assert (num_images, per_step) == (256, 32)
-    for _ in range(3):
-        step(next_batch())
-    assert seen == [(0, 12, pytest.approx(1e-3)), (1, 12, pytest.approx(1e-3 * 11 / 12)),
-                    (2, 12, pytest.approx(1e-3 * 10 / 12))]
+    trainer = Trainer(run_cfg, console=__import__("rich.console").console.Console(file=io.StringIO()),
+                      hooks=[StopAfterThree()])
+    assert trainer.total_steps == 12
+    trainer.fit()
+    assert seen == DECAY_BY_HAND and trainer.stop_reason == "three"
+
+
+def test_the_tutorial_contender_decays_its_rates_over_the_budget(monkeypatch, datasets_root):
+    """The plain loop alike (a torch scheduler's rates over the budget): 8 updates per epoch, 12 in 1.5 epochs."""
+    seen = _Recording.patch(monkeypatch)
+
+    class Clock:
+        def start(self, num_images):
+            self.num_images, self.calls = num_images, []
+
+        steps = 12
+
+        def after_images(self, images, generator):
+            self.calls.append(images)
+            return "three" if len(self.calls) == 3 else None
+
+    clock = tq._train_baseline(_decay_cfg(datasets_root), __import__("torch").device("cpu"),
+                               {"budget_epochs": 1.5, "num_workers": 0}, Clock())
+    assert clock.num_images == 256 and clock.calls == [32, 64, 96]
+    assert seen == DECAY_BY_HAND
+
+
+def test_the_clock_evaluates_on_its_image_cadence_and_at_the_budgets_end(monkeypatch):
+    """Budget 2.5 epochs of 100 images, an FD every 0.75 epoch: evaluations at the first step reaching 75, 150,
+    225 images and at 250 (the end), each once even when a step jumps past two marks; the training seconds
+    exclude the evaluations; a stop FD ends the run early, a non-finite FD as diverged."""
+    import types
+
+    fds = iter([9.0, 7.0, 5.0, 3.0])
+    evaluations = []
+
+    def evaluate(generator, cfg, num_samples, seed):
+        evaluations.append((num_samples, seed))
+        return types.SimpleNamespace(values={"fd": next(fds)})
+
+    evaluator = types.SimpleNamespace(evaluate=evaluate)
+    cfg = override(preset("fashion32"), {"batch_size": 40})
+    spec = {"budget_epochs": 2.5, "eval_every_epochs": 0.75, "eval_samples": 500, "eval_seed": 3}
+    clock = tq.QualityClock(evaluator, cfg, spec, __import__("torch").device("cpu"))
+    clock.start(100)
+    assert clock.steps == 7  # ceil(250 / 40)
+    reasons = [clock.after_images(images, None) for images in (40, 80, 120, 160, 200, 240, 280)]
+    assert reasons == [None, None, None, None, None, None, "budget spent"]
+    assert [p["images"] for p in clock.points] == [80, 160, 240, 280]
+    assert [p["epochs"] for p in clock.points] == [0.8, 1.6, 2.4, 2.8]
+    assert evaluations == [(500, 3)] * 4
+    assert all(p["train_s"] <= q["train_s"] for p, q in zip(clock.points, clock.points[1:]))
+    result = clock.result()
+    assert result["num_images"] == 100 and not result["diverged"] and not result["stopped"]
+
+    clock = tq.QualityClock(types.SimpleNamespace(evaluate=lambda *a, **k: types.SimpleNamespace(
+        values={"fd": 4.0})), cfg, {**spec, "stop_fd": 4.5}, __import__("torch").device("cpu"))
+    clock.start(100)
+    assert [clock.after_images(i, None) for i in (40, 80)] == [None, "reached --stop-fd"]
+    assert clock.result()["stopped"]
+    clock = tq.QualityClock(types.SimpleNamespace(evaluate=lambda *a, **k: types.SimpleNamespace(
+        values={"fd": math.nan})), cfg, spec, __import__("torch").device("cpu"))
+    clock.start(100)
+    assert [clock.after_images(i, None) for i in (40, 80)] == [None, "diverged"]
+    assert clock.result()["diverged"] and clock.points[-1]["fd"] is None

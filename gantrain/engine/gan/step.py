@@ -78,8 +78,8 @@ class GANStep:
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         g, d = build_models(cfg.model, cfg.data.image_size, cfg.data.channels, cfg.perf.layer_impl)
         self.g, self.d = policy.prepare_model(g), policy.prepare_model(d)
-        self.g_ema = copy.deepcopy(self.g).eval().requires_grad_(False) if cfg.perf.ema_decay > 0 else None
-        self.standing_stats = self.g_ema is not None and cfg.perf.ema_bn == "standing"
+        self.g_ema = copy.deepcopy(self.g).eval().requires_grad_(False) if cfg.gan.ema_decay > 0 else None
+        self.standing_stats = self.g_ema is not None and cfg.gan.ema_bn == "standing"
         self._ema_stats_stale = self.standing_stats  # recomputed when the EMA G is next used
         betas = (cfg.optim.beta1, cfg.optim.beta2)
         self.opt_g = make_adam(self.g.parameters(), cfg.optim.lr_g, betas, device, cfg.perf.fused_adam)
@@ -89,7 +89,7 @@ class GANStep:
             configure_cuda()
         b = cfg.data.batch_size
         self.noise_gen = torch.Generator(device).manual_seed(cfg.run.seed * 7919 + 1 + dist.rank)
-        self.diffaug = parse_policy(cfg.loss.diffaug)  # () when off
+        self.diffaug = parse_policy(cfg.gan.diffaug)  # () when off
         self.real_target = torch.full((b,), 1.0 - cfg.loss.label_smoothing, device=device)
         self.fake_target = torch.zeros(b, device=device)
         self.gen_target = torch.ones(b, device=device)
@@ -163,7 +163,7 @@ class GANStep:
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        decay = self.cfg.perf.ema_decay
+        decay = self.cfg.gan.ema_decay
         torch._foreach_lerp_(list(self.g_ema.parameters()), list(self.g.parameters()), 1.0 - decay)
         if self.standing_stats:
             self._ema_stats_stale = True  # computed when used, not every step

@@ -1,6 +1,6 @@
 """The metrics cache: fitted feature extractors and real-data features, keyed by content hashes.
 
-Location: ``--metrics-cache`` (config field ``run.metrics_cache``), else ``$GANTRAIN_CACHE``, else
+Location: ``--metrics-cache`` (config field ``eval.metrics_cache``), else ``$GANTRAIN_CACHE``, else
 ``$XDG_CACHE_HOME/gantrain/metrics``, else ``~/.cache/gantrain/metrics``. Files are written atomically, so
 two processes filling the cache at once leave complete files; a corrupt or foreign file is treated as absent.
 """

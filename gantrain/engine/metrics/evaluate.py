@@ -158,7 +158,7 @@ class Evaluator:
     @classmethod
     def for_config(cls, cfg: Config, *, device: torch.device | str = "cpu", console: Console | None = None,
                    quiet: bool = False, cache: str | Path | None = None) -> Evaluator:
-        reference = load_reference(spec_from_config(cfg), cache=cache or cfg.run.metrics_cache or None,
+        reference = load_reference(spec_from_config(cfg), cache=cache or cfg.eval.metrics_cache or None,
                                    device=device, console=console, quiet=quiet)
         return cls(reference, console=console, quiet=quiet)
 
@@ -218,9 +218,9 @@ def evaluate_generator(generator: torch.nn.Module, cfg: Config, *, num_samples: 
     generator.to(device)
     try:
         values = evaluator.evaluate(generator, cfg, num_samples=num_samples, seed=seed).values
-        if inception.requested(cfg.run.eval_metrics):
+        if inception.requested(cfg.eval.eval_metrics):
             values.update(inception.generator_scores(generator, cfg, evaluator.reference.spec, num_samples=num_samples,
-                                                     seed=seed, cache=cfg.run.metrics_cache or None))
+                                                     seed=seed, cache=cfg.eval.metrics_cache or None))
         return values
     finally:
         generator.to(original_device)
@@ -228,7 +228,7 @@ def evaluate_generator(generator: torch.nn.Module, cfg: Config, *, num_samples: 
 
 def _shared_evaluator(cfg: Config, device: torch.device, quiet: bool) -> Evaluator:
     spec = spec_from_config(cfg)
-    key = (spec, str(cache_dir(cfg.run.metrics_cache or None)), str(device))
+    key = (spec, str(cache_dir(cfg.eval.metrics_cache or None)), str(device))
     with _EVALUATORS_LOCK:  # tune may call from several threads: fit the extractor once
         if key not in _EVALUATORS:
             _EVALUATORS[key] = Evaluator.for_config(cfg, device=device, quiet=quiet)

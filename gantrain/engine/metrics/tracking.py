@@ -50,14 +50,14 @@ class QualityTracker:
         from before that was stored); when that is not how this run measures, ``best_path`` (best.pt) is measured
         again (:meth:`_measure_best_again`)."""
         self.cfg, self.device = cfg, device
-        self.inception = inception.requested(cfg.run.eval_metrics)
+        self.inception = inception.requested(cfg.eval.eval_metrics)
         if self.inception:  # refused here, at start, not at the first evaluation an epoch later
             inception.load_inception(device)
         # Built before the training bar goes live: fitting the extractor shows its own progress bar here.
         self.evaluator = Evaluator.for_config(cfg, device=device, console=console, quiet=False)
         self.evaluator.quiet = True  # inside the loop the training bar is the one live display
         self.measured_by = {"extractor_weights_sha256": self.evaluator.reference.extractor.weights_sha256,
-                            "eval_samples": cfg.run.eval_samples, "eval_seed": cfg.run.seed}
+                            "eval_samples": cfg.eval.eval_samples, "eval_seed": cfg.run.seed}
         """How this run measures FD; stored in checkpoints beside the best FD."""
         self.best_fd = best_fd
         best_pt = best_path if best_path is not None and best_path.is_file() else None
@@ -85,28 +85,28 @@ class QualityTracker:
             if best_pt is None:
                 raise CheckpointError("there is no best.pt")
             with torch.random.fork_rng(devices=[]):  # building the network draws; the run's RNG stays untouched
-                generator, _ = load_generator(best_pt, "cpu", use_ema=self.cfg.perf.ema_decay > 0)
+                generator, _ = load_generator(best_pt, "cpu", use_ema=self.cfg.gan.ema_decay > 0)
         except CheckpointError as exc:
             log.warning("resume: the best FD so far (%.4g) was measured %s, and best.pt cannot be measured again "
                         "(%s): the next evaluation starts the comparison afresh", best_fd, how, exc)
             return None
         generator = generator.to(self.device)
-        run = self.cfg.run
-        fd = self.evaluator.evaluate(generator, self.cfg, num_samples=run.eval_samples, seed=run.seed).values["fd"]
+        fd = self.evaluator.evaluate(generator, self.cfg, num_samples=self.cfg.eval.eval_samples,
+                                     seed=self.cfg.run.seed).values["fd"]
         log.info("resume: best.pt's FD %.4g was measured %s; measured again as this run measures: FD %.4g", best_fd,
                  how, fd)
         return fd
 
     def due(self, epochs_done: int) -> bool:
-        every = self.cfg.run.eval_every
+        every = self.cfg.eval.eval_every
         return every > 0 and epochs_done % every == 0
 
     def evaluate(self, generator: torch.nn.Module, step: int, epochs_done: int) -> tuple[dict, bool]:
         """The metrics.jsonl record of one evaluation, and whether its FD is the best so far."""
-        run = self.cfg.run
+        samples, seed = self.cfg.eval.eval_samples, self.cfg.run.seed
         started = time.perf_counter()
         # The run seed fixes the evaluation noise: every evaluation of a run sees the same latents.
-        report = self.evaluator.evaluate(generator, self.cfg, num_samples=run.eval_samples, seed=run.seed)
+        report = self.evaluator.evaluate(generator, self.cfg, num_samples=samples, seed=seed)
         fd = report.values["fd"]
         improved = self.best_fd is None or fd < self.best_fd
         if improved:
@@ -114,10 +114,10 @@ class QualityTracker:
         values = dict(report.values)
         if self.inception:
             values.update(inception.generator_scores(generator, self.cfg, self.evaluator.reference.spec,
-                                                     num_samples=run.eval_samples, seed=run.seed,
-                                                     cache=self.cfg.run.metrics_cache or None))
+                                                     num_samples=samples, seed=seed,
+                                                     cache=self.cfg.eval.metrics_cache or None))
         record = {"step": step, "epoch": epochs_done, **{k: round(v, 6) for k, v in values.items()},
-                  "best_fd": round(self.best_fd, 6), "eval_samples": run.eval_samples,
+                  "best_fd": round(self.best_fd, 6), "eval_samples": samples,
                   "eval_s": round(time.perf_counter() - started, 2), "time": time.time()}
         return record, improved
 

@@ -257,7 +257,7 @@ class Trackers:
     :class:`ConfigError` for an unknown --logger name."""
 
     def __init__(self, cfg: Config, run_dir: Path, *, resume_step: int | None = None) -> None:
-        self.names = parse_loggers(cfg.run.logger)
+        self.names = parse_loggers(cfg.logging.logger)
         self.run_dir = run_dir
         self.trackers: list[_Tracker] = []
         self.finished = False

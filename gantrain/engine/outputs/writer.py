@@ -44,7 +44,7 @@ class RunOutputs:
         if not resuming and RunDir(cfg.run_dir).last.exists():
             raise ConfigError(f"--out: {cfg.run_dir} already holds a run; continue it with --resume auto "
                               "or choose another --out")
-        check_loggers(parse_loggers(cfg.run.logger))
+        check_loggers(parse_loggers(cfg.logging.logger))
 
     def describe(self, loader, total_steps: int, device: torch.device, precision: str) -> None:
         """The run's first lines in the log: the data and the schedule, then the device and how it computes."""
@@ -101,9 +101,9 @@ class RunOutputs:
 
     def due(self, step: int, total_steps: int) -> tuple[bool, bool]:
         """(log now, write a sample grid now) after ``step``."""
-        run = self.cfg.run
-        return (step % run.log_every == 0 or step == total_steps,
-                self.is_main and bool(run.sample_every) and step % run.sample_every == 0)
+        logging = self.cfg.logging
+        return (step % logging.log_every == 0 or step == total_steps,
+                self.is_main and bool(logging.sample_every) and step % logging.sample_every == 0)
 
     def start_window(self, step: int) -> None:
         self.window = time.perf_counter(), step

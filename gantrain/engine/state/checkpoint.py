@@ -334,7 +334,7 @@ class Checkpointer:
         (the lowest FD; ``gan.sample_from``), said in the log with ``best_fd`` (the run's best FD as it measures
         now; best.pt's own stored one when None)."""
         best = self.files.best
-        if not self.cfg.run.samples_from_best:
+        if not self.cfg.eval.samples_from_best:
             return gan.sample(noise)
         if not best.is_file():
             log.info("--samples-from-best: no best.pt (no evaluation ran), final samples from the last step")
@@ -346,14 +346,14 @@ class Checkpointer:
 
     def minutes_due(self) -> bool:
         """This rank's clock; the ranks agree on the step to save at (StopAgreement)."""
-        minutes = self.cfg.run.checkpoint_every_minutes
+        minutes = self.cfg.checkpoint.checkpoint_every_minutes
         return bool(minutes) and time.monotonic() - self.last_save_time >= 60 * minutes
 
     def due_after_step(self, step: int, agreed: bool, epoch_ended: bool) -> bool:
         """Whether to save right after ``step``: the ranks ``agreed`` on a save (the minute cadence), or
         --checkpoint-every-steps is due. At an epoch's last step the save waits for the epoch's end instead
         (:meth:`due_at_epoch_end`), to come after the epoch's metrics as an epoch checkpoint."""
-        every = self.cfg.run.checkpoint_every_steps
+        every = self.cfg.checkpoint.checkpoint_every_steps
         if not (agreed or (every and step % every == 0)):
             return False
         if epoch_ended:
@@ -361,7 +361,7 @@ class Checkpointer:
         return not epoch_ended
 
     def due_at_epoch_end(self, epochs_done: int) -> bool:
-        return epochs_done % self.cfg.run.checkpoint_every == 0 or self.pending
+        return epochs_done % self.cfg.checkpoint.checkpoint_every == 0 or self.pending
 
     def state(self, gan_state: dict[str, Any], position: dict[str, int], best_fd: float | None,
               best_measured_by: dict | None, planned_steps: int) -> dict[str, Any]:
@@ -405,7 +405,7 @@ class Checkpointer:
                             self.last_finite_text())
             return self.last
         if self.is_main:
-            self.last = save_checkpoint(state(), self.files, step, self.cfg.run.keep_checkpoints)
+            self.last = save_checkpoint(state(), self.files, step, self.cfg.checkpoint.keep_checkpoints)
             self.last_finite = (self.last, step)
         return self.last
 

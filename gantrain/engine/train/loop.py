@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from rich.console import Console
 
@@ -35,6 +36,18 @@ def _position(name: str) -> property:
     return property(lambda trainer: getattr(trainer.pos, name), doc=f"``trainer.pos.{name}`` (read-only)")
 
 
+class Hook(Protocol):
+    """What a caller adds to a run (bench --to-quality, tune, Ray Train): any of these methods, each optional, on
+    every rank. A returned string ends the run cleanly with that reason (the final checkpoint and outputs are still
+    written); under DDP every rank must return the same (decide on rank 0 and broadcast)."""
+
+    def after_step(self, trainer: Trainer) -> str | None:
+        """After each optimiser step, its log, samples and checkpoint: ``trainer.pos`` says where the run is."""
+
+    def after_epoch(self, trainer: Trainer, epochs_done: int) -> str | None:
+        """After each whole epoch, its evaluation and checkpoint."""
+
+
 @dataclass
 class FitResult:
     steps: int
@@ -45,10 +58,11 @@ class FitResult:
 
 class Trainer:
     def __init__(self, cfg: Config, *, console: Console | None = None, dist_info: DistInfo = DistInfo(),
-                 resume: str | None = None, epoch_callbacks: Sequence[Callable[[Trainer, int], None]] = (),
+                 resume: str | None = None, hooks: Sequence[Hook] = (),
+                 epoch_callbacks: Sequence[Callable[[Trainer, int], str | None]] = (),
                  finished_ok: bool = False) -> None:
-        """``epoch_callbacks`` run after each completed epoch as ``callback(trainer, epochs_done)``; one may set
-        ``trainer.stop_reason`` to end the run cleanly (final checkpoint and outputs still written).
+        """``hooks`` (:class:`Hook`) take part after each step and each epoch; ``epoch_callbacks`` are after-epoch
+        hooks as plain functions ``callback(trainer, epochs_done)``. A hook ends the run by returning a reason.
 
         Rank 0 takes the run folder's lock here and holds it until :meth:`fit` ends (or :meth:`close`); nothing is
         written before the run is known to take a step. Raises :class:`RunLocked` (exit 2) when another run holds
@@ -56,7 +70,9 @@ class Trainer:
         nothing left, unless ``finished_ok``, which tune's restored trials use), :class:`RunIOError` when the
         folder cannot be written, :class:`CheckpointError` for a resume that cannot continue."""
         self.console, self.dist, self.finished_ok = console or Console(stderr=True), dist_info, finished_ok
-        self.epoch_callbacks, self.stop_reason = list(epoch_callbacks), None
+        self.step_hooks = [hook.after_step for hook in hooks if hasattr(hook, "after_step")]
+        self.epoch_hooks = [*(hook.after_epoch for hook in hooks if hasattr(hook, "after_epoch")), *epoch_callbacks]
+        self.stop_reason: str | None = None  # why the run ends before its last step (a hook's reason)
         self.epoch_means: dict = {}  # loss_d, loss_g, d_real, d_fake over the last whole epoch (epoch callbacks)
         self.run_dir, self.lock, notes = cfg.run_dir, RunLock(cfg.run_dir), []
         if self.dist.is_main:  # one owner per run folder; under DDP rank 0 owns it for all ranks
@@ -102,7 +118,7 @@ class Trainer:
                             "the decay is computed on the new length, so at step %d the rates jump: %s",
                             self.total_steps, planned, self.step, self.lr_decay.describe_jump(self.step, planned))
         self.tracker = None
-        if cfg.run.eval_every and self.dist.is_main:  # rank 0 evaluates; the extractor is fitted here when missing
+        if cfg.eval.eval_every and self.dist.is_main:  # rank 0 evaluates; the extractor is fitted here when missing
             from gantrain.engine.metrics.tracking import QualityTracker
 
             self.tracker = QualityTracker(cfg, self.device, self.console, best_fd=self.best_fd,
@@ -152,7 +168,7 @@ class Trainer:
     def _train_epoch(self) -> None:
         self.outputs.start_window(self.step)
         batches = self.loader.epoch(self.epoch, self.epoch_step)
-        while self.step < self.total_steps and self.agreed_stop is None:
+        while self.step < self.total_steps and self.agreed_stop is None and not self.stop_reason:
             with self.gan.timer.phase("data"):
                 real = next(batches, None)
             if real is None:
@@ -169,6 +185,8 @@ class Trainer:
             epoch_ended = self.epoch_step >= self.loader.steps_per_epoch
             if self.agreed_stop is None and self.checkpoints.due_after_step(self.step, save_now, epoch_ended):
                 self.save_checkpoint()  # (a stop saves anyway)
+            for hook in self.step_hooks:
+                self.stop_reason = hook(self) or self.stop_reason
 
     def _log(self) -> None:
         stats = self.gan.stats.read()
@@ -187,8 +205,8 @@ class Trainer:
             self.save_checkpoint()
         if improved and not self.gan.non_finite_weights(collective=False):
             ckpt.save_best(self.checkpoints.files, self.step, self.state_dict)
-        for callback in self.epoch_callbacks:
-            callback(self, epochs_done)
+        for hook in self.epoch_hooks:
+            self.stop_reason = hook(self, epochs_done) or self.stop_reason
 
     def _finish(self) -> FitResult:
         if self.checkpoints.saved_step != self.step:
