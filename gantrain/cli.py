@@ -19,7 +19,8 @@ from rich.table import Table
 from rich.text import Text
 
 from gantrain import __version__
-from gantrain.engine.config import LIST_FIELDS, PRESETS, RECOMMENDED, RECOMMENDED_MEASURED, SECTION_TYPES, field_docs, field_index, resolve
+from gantrain.engine.config import (LIST_FIELDS, PRESETS, RECOMMENDED, SECTION_TYPES, field_docs, field_index,
+                                    recommended_measured, resolve)
 from gantrain.engine.errors import ConfigError, GantrainError, Interrupted
 
 
@@ -175,7 +176,7 @@ def presets_command() -> None:
         table.add_row(name, values, description)
     Console().print(table)
     for plain, better in RECOMMENDED.items():
-        measured = RECOMMENDED_MEASURED.get(better, "its recipe reached good samples soonest")
+        measured = recommended_measured().get(better, "its recipe reached good samples soonest")
         Console().print(f"recommended for {plain}'s data: {better}: {measured} (`gantrain bench --to-quality`; README, "
                         f"\"Time to quality\"); {plain} stays as published, the reference to compare with",
                         soft_wrap=True)

@@ -690,16 +690,16 @@ PRESETS = {
 # --to-quality`); the plain preset stays as published (the tutorial's or the classic DCGAN's recipe), the reference
 # users compare with.
 RECOMMENDED = {"fashion32": "fashion32-tuned", "cats64": "cats64-diffaug"}
-RECOMMENDED_MEASURED = {
-    "fashion32-tuned": "reached the tutorial loop's 20-epoch FD (2.37) after 103 s of training (88-104 s, 3 seeds) "
-                       "against the loop's own 1366 s, 13.3x sooner, went on to FD 1.24-1.36 by epoch 3 (best.pt), "
-                       "and ended 20 epochs at FD 2.20, 2.35 and 2.55 against the loop's 2.37, 2.85 and 3.83 on the "
-                       "same seeds, on a 2-core CPU",
-    "cats64-diffaug": "ended 6 epochs (~10 min of training) at FD 2.31 and 10.29 against cats64's 25.65 and 22.32 "
-                      "(2 seeds each, the cat-face folder's rotation-feature FD), at 91 against 96 images/s, on a "
-                      "2-core CPU",
-}
-"""What the recommended recipe measured in `gantrain bench --to-quality` (README, "Time to quality")."""
+
+
+def recommended_measured() -> dict[str, str]:
+    """What each recommended recipe measured in ``gantrain bench --to-quality``, in words, by preset: read from the
+    package's ``resources/measured.json`` (figures live in data, not in code; their JSON: docs/results/)."""
+    import json
+    from importlib import resources
+
+    data = json.loads(resources.files("gantrain.resources").joinpath("measured.json").read_text(encoding="utf-8"))
+    return {name: entry["text"] for name, entry in data["recommended"].items()}
 
 
 def preset(name: str) -> Config:

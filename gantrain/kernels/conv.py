@@ -6,23 +6,15 @@ falls back to the reference where it does not (another shape, or a device or dty
 faster: the gradient rewrites are CPU-only, the weight-gradient one bf16-only). The rewrites change only the order of summation. The ``nn.Module``
 shells that hold the weights are in :mod:`gantrain.engine.gan.layers`.
 
-Measured for fashion32 at batch 128 in bf16 on the 2-core AVX512-BF16 EPYC (oneDNN 3.x):
+The rewrites, each used where it was measured faster (docs/results/kernels-conv.md has the figures):
 
-* **The two ends are dense layers.** G's first layer (a 4x4 transposed convolution of a 1x1 map) and D's
-  last (a valid 4x4 convolution of a 4x4 map) are matrix products; oneDNN's convolution kernels took
-  8.5 ms and 2.0 ms for their forward + backward, a matrix product 1.8 ms and 0.4 ms (used on every device).
-* **Input gradients into one or a few channels.** The input gradient of a stride-2 4x4 convolution with
-  1-4 input channels (D's first layer in the G step; G's last layer in its forward pass) runs slowly in
-  oneDNN (4.3 ms for 1 channel). As a stride-1 2x2 transposed convolution into 4x as many channels followed
-  by a pixel shuffle (space-to-depth) it took 1.2 ms. The forward pass and the weight gradient of the same
-  layer are faster as they are, so only the input gradient is rewritten (CPU).
-* **Weight gradients of the wide layers, in bf16.** oneDNN computes bf16 weight gradients with an older
-  kernel at about half the forward rate. Written as a forward convolution (batch and channels swapped, the
-  output gradient as a kernel dilated by the stride) it ran 9.4 -> 7.0 ms for 128 -> 256 channels at 8 -> 4
-  pixels and 63 -> 26 ms for 256 -> 512, but slower for 64 input channels (8.3 -> 9.2 ms at 16 -> 8
-  pixels), so it is used from 128 input channels up (CPU, bf16). In fp32 oneDNN's own weight gradient is
-  the faster one (fwd + bwd of D's 128 -> 256 layer on a 2-core Intel Xeon: 26.3 ms as it is, 30.7 ms
-  rewritten; bf16 there: 38.4 -> 35.8 ms), so fp32 keeps it.
+* **The two ends are dense layers**: G's first layer (a 4x4 transposed convolution of a 1x1 map) and D's last
+  (a valid 4x4 convolution of a 4x4 map) as matrix products, on every device.
+* **Input gradients into one to four channels** (:data:`SPACE_TO_DEPTH_MAX_CHANNELS`) of a stride-2 4x4
+  convolution as a stride-1 2x2 transposed convolution into 4x the channels and a pixel shuffle (CPU).
+* **Weight gradients of the wide layers in bf16** (from :data:`DILATED_WEIGHT_GRAD_MIN_CHANNELS` input channels)
+  as a forward convolution, batch and channels swapped, the output gradient a kernel dilated by the stride
+  (CPU, bf16 only: in fp32 oneDNN's own is faster).
 """
 
 from __future__ import annotations

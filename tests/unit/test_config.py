@@ -341,3 +341,19 @@ def test_current_layout_moves_only_what_moved() -> None:
     assert raw["run"] == {"epochs": 3, "eval_every": 2}  # the caller's dict is left as it was
     with pytest.raises(ConfigError, match="unknown field run.amp"):  # a field in a wrong section is still an error
         from_dict({"run": {"amp": "off"}})
+
+
+def test_the_measured_figures_of_each_recommended_recipe_come_from_data_with_their_source() -> None:
+    """`gantrain presets` prints what each recommended recipe measured: from the package's data file, each entry
+    naming the report (docs/results/) it was taken from, for every recipe a preset points to."""
+    import json
+    from importlib import resources
+
+    from gantrain.engine.config import RECOMMENDED, recommended_measured
+
+    data = json.loads(resources.files("gantrain.resources").joinpath("measured.json").read_text())
+    assert set(data["recommended"]) == set(RECOMMENDED.values()) == set(recommended_measured())
+    root = Path(__file__).parents[2]
+    for name, entry in data["recommended"].items():
+        report = json.loads((root / entry["source"]).read_text())
+        assert entry["contender"] in {c["name"] for c in report["contenders"]}, (name, entry["source"])

@@ -38,10 +38,8 @@ def native_bf16(device: torch.device) -> bool:
     """Whether bf16 computes faster than fp32 here: a CUDA GPU with bf16 (Ampere or newer); a CPU with AMX; an AMD
     CPU with AVX512-BF16 (Zen 4 and later).
 
-    AVX512-BF16 alone does not make bf16 fast: the same 4096x4096 matmul probe (``gantrain bench``) measured bf16 at
-    2.2x fp32 on a 2-core Zen 4 EPYC (0.39 vs 0.17 TFLOP/s; the fashion32 step ~1.7x faster in bf16) but at 0.5x
-    fp32 on a 2-core Intel Xeon with AVX512-BF16 and no AMX exposed (0.16 vs 0.31-0.32 TFLOP/s in two runs), where oneDNN's bf16
-    weight-gradient convolutions also ran slower than its fp32 ones.
+    AVX512-BF16 alone is not enough: on an Intel CPU without AMX bf16 measured slower than fp32
+    (docs/results/bf16-probe.md).
     """
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)

@@ -1,0 +1,1 @@
+"""Data files the package ships (measured figures the CLI prints)."""
