@@ -236,3 +236,27 @@ def test_hidden_root_folder_is_still_read(tmp_path: Path) -> None:
     _jpegs(tmp_path / ".cache" / "photos", 3)
     assert len(discover_images(tmp_path / ".cache" / "photos").images) == 3
     assert os.path.basename(tmp_path / ".cache").startswith(".")
+
+
+def test_decode_or_skip_is_the_one_guard_for_broken_images(tmp_path) -> None:
+    """A readable file decodes as decode_image does; a truncated body, random bytes and an empty file each give
+    (None, Pillow's reason) instead of one of Pillow's many exception types."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from gantrain.engine.data.decode import decode_image, decode_or_skip
+
+    good = tmp_path / "good.png"
+    Image.fromarray(np.arange(64 * 48, dtype=np.uint8).reshape(48, 64)).save(good)
+    array, why = decode_or_skip(good, 16, 1)
+    assert why == "" and np.array_equal(array, decode_image(good, 16, 1))
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 7, np.uint8)).save(buffer, "JPEG")
+    broken = {"truncated.jpg": buffer.getvalue()[: len(buffer.getvalue()) // 2], "noise.png": bytes(range(256)) * 4,
+              "empty.png": b""}
+    for name, data in broken.items():
+        (tmp_path / name).write_bytes(data)
+        array, why = decode_or_skip(tmp_path / name, 16, 3)
+        assert array is None and why, name

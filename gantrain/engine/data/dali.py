@@ -49,7 +49,7 @@ import torch
 
 from PIL import Image
 
-from gantrain.engine.data.decode import decode_image, decode_to_viewer, to_channels
+from gantrain.engine.data.decode import decode_or_skip, decode_to_viewer, to_channels
 from gantrain.engine.data.discovery import Discovery, ImageFile
 from gantrain.engine.data.plan import EpochPlan, Shard, epoch_plan
 from gantrain.engine.data.sources import discover_folder, load_images, log_discovery
@@ -335,9 +335,7 @@ class DALIFolderLoader(_DALILoader):
 def first_unreadable(paths: Sequence[str], channels: int) -> str | None:
     """The first of ``paths`` that PIL cannot decode (for DALI errors that do not name their file)."""
     for path in dict.fromkeys(paths):
-        try:
-            decode_image(Path(path), 8, channels)
-        except Exception:  # PIL raises many types for broken files
+        if decode_or_skip(Path(path), 8, channels)[0] is None:
             return path
     return None
 

@@ -95,6 +95,16 @@ def decode_image(path: Path, size: int, channels: int) -> np.ndarray:
     return (array[None] if channels == 1 else array.transpose(2, 0, 1)).copy()  # C order
 
 
+def decode_or_skip(path: Path, size: int, channels: int) -> tuple[np.ndarray | None, str]:
+    """``(decode_image(path, size, channels), "")``, or ``(None, why)`` for a file Pillow cannot decode (a
+    truncated body, a corrupt stream). The one place that catches Pillow's many exception types for a broken
+    image: each caller skips such a file, or under --strict refuses it naming ``why``."""
+    try:
+        return decode_image(path, size, channels), ""
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        return None, str(exc) or type(exc).__name__
+
+
 def resize_and_crop(img: Image.Image, size: int) -> Image.Image:
     """The short side to ``size`` (bicubic), then the centre ``size`` x ``size`` (odd margins round down)."""
     w, h = img.size

@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from gantrain.engine.data.decode import decode_image
+from gantrain.engine.data.decode import decode_or_skip
 from gantrain.engine.data.plan import Shard, epoch_plan, mirror, steps_per_epoch
 from gantrain.engine.data.sources import decode_folder, discover_folder, load_images, log_discovery
 from gantrain.engine.errors import DataError
@@ -80,12 +80,12 @@ class _FolderDataset(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         for offset in range(len(self.paths)):
             path = self.paths[(i + offset) % len(self.paths)]
-            try:
-                return torch.from_numpy(decode_image(path, self.size, self.channels))
-            except Exception as exc:  # PIL raises many types for broken files
-                if self.strict:
-                    raise DataError(f"unreadable image {path}: {exc}") from None
-                log.warning("skipping unreadable image %s", path)
+            array, why = decode_or_skip(path, self.size, self.channels)
+            if array is not None:
+                return torch.from_numpy(array)
+            if self.strict:
+                raise DataError(f"unreadable image {path}: {why}")
+            log.warning("skipping unreadable image %s", path)
         raise DataError("no readable images in the folder")
 
 

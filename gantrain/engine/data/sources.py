@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gantrain.engine.data.decode import decode_image
+from gantrain.engine.data.decode import decode_or_skip
 from gantrain.engine.data.discovery import Discovery, discover_images
 from gantrain.engine.data.download import IDX_DATASETS, ensure_idx_files
 from gantrain.engine.errors import DataError
@@ -100,11 +100,12 @@ def decode_folder(found: Discovery, size: int, channels: int, *, strict: bool,
     body) moves to the discovery's unreadable files, or under ``strict`` raises :class:`DataError` naming it."""
     arrays, bad = [], set()
     for i, image in enumerate(found.images):
-        try:
-            arrays.append(decode_image(image.path, size, channels))
-        except Exception as exc:  # PIL raises many types for broken files
-            if strict:
-                raise DataError(f"unreadable image {image.path}: {exc} (drop --strict to skip such files)") from None
+        array, why = decode_or_skip(image.path, size, channels)
+        if array is not None:
+            arrays.append(array)
+        elif strict:
+            raise DataError(f"unreadable image {image.path}: {why} (drop --strict to skip such files)")
+        else:
             bad.add(image.path)
         if progress:
             progress(i + 1, len(found.images))

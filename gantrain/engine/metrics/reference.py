@@ -20,7 +20,7 @@ import torch
 
 from gantrain.engine.config import Config
 from gantrain.engine.data.download import IDX_DATASETS, ensure_idx_files
-from gantrain.engine.data.decode import decode_image
+from gantrain.engine.data.decode import decode_or_skip
 from gantrain.engine.data.discovery import discover_images
 from gantrain.engine.data.sources import data_root, read_idx, resize_uint8
 from gantrain.engine.errors import ConfigError, DataError
@@ -133,10 +133,9 @@ def _load_folder_split(spec: DatasetSpec, split: str) -> Split:
     paths = _folder_split_paths(spec.root, split)
     arrays = []
     for path in paths:
-        try:
-            arrays.append(decode_image(path, spec.size_px, spec.channels))
-        except Exception:  # PIL raises many types for broken files; they are skipped as in training
-            continue
+        array, _ = decode_or_skip(path, spec.size_px, spec.channels)  # broken files are skipped as in training
+        if array is not None:
+            arrays.append(array)
     if not arrays:
         raise DataError(f"no readable images in the {split} split of {spec.root}")
     return Split(torch.from_numpy(np.stack(arrays)), None)
