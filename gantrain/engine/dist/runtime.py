@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from gantrain.engine.config import PerfConfig
 from gantrain.engine.errors import CheckpointError, ConfigError
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -30,11 +31,16 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def configure_cuda() -> None:
-    """Fast paths that do not change results beyond TF32 rounding: cuDNN autotuning and TF32 matmul/conv."""
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+def configure_runtime(perf: PerfConfig, device: torch.device) -> None:
+    """Every process-wide setting a run makes, in one place: on CUDA the fast paths that change results by no more
+    than TF32 rounding (cuDNN autotuning, TF32 matmuls and convolutions); with --compile and --compile-cache-dir,
+    Inductor's cache folder ($TORCHINDUCTOR_CACHE_DIR)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if (perf.compile or perf.cuda_graphs) and perf.compile_cache_dir:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(perf.compile_cache_dir).expanduser())
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import warnings
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from gantrain.engine.gan.diffaug import diff_augment, parse_policy
 from gantrain.engine.errors import ConfigError
 from gantrain.engine.gan.models import build_models
 from gantrain.engine.gan.precision import PrecisionPolicy
-from gantrain.engine.dist.runtime import DistInfo, configure_cuda
+from gantrain.engine.dist.runtime import DistInfo, configure_runtime
 from gantrain.engine.gan.sampling import STANDING_STATS_SEED_OFFSET, generate_images, sample_noise, standing_bn_stats_
 from gantrain.engine.train.stats import PhaseTimer, Stats
 
@@ -75,6 +74,7 @@ class GANStep:
 
     def __init__(self, cfg: Config, device: torch.device, policy: PrecisionPolicy, dist: DistInfo = DistInfo()):
         self.cfg, self.device, self.policy, self.dist = cfg, device, policy, dist
+        configure_runtime(cfg.perf, device)
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         g, d = build_models(cfg.model, cfg.data.image_size, cfg.data.channels, cfg.perf.layer_impl)
         self.g, self.d = policy.prepare_model(g), policy.prepare_model(d)
@@ -85,8 +85,6 @@ class GANStep:
         self.opt_g = make_adam(self.g.parameters(), cfg.optim.lr_g, betas, device, cfg.perf.fused_adam)
         self.opt_d = make_adam(self.d.parameters(), cfg.optim.lr_d, betas, device, cfg.perf.fused_adam)
         self.g_train, self.d_train = self._wrap(self.g), self._wrap(self.d)
-        if device.type == "cuda":
-            configure_cuda()
         b = cfg.data.batch_size
         self.noise_gen = torch.Generator(device).manual_seed(cfg.run.seed * 7919 + 1 + dist.rank)
         self.diffaug = parse_policy(cfg.gan.diffaug)  # () when off
@@ -103,8 +101,6 @@ class GANStep:
                 raise ConfigError("--sync-bn: SyncBatchNorm needs CUDA (it is not implemented for the CPU)")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # swaps the BN children in place
         if perf.compile or perf.cuda_graphs:
-            if perf.compile_cache_dir:
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(perf.compile_cache_dir).expanduser())
             mode = "reduce-overhead" if perf.cuda_graphs else perf.compile_mode
             model = torch.compile(model, mode=mode, dynamic=False)
         if self.dist.enabled:
