@@ -10,7 +10,7 @@ GPUs (its replicas must agree). It writes ``<out>/report.json``: the machine, ea
 seconds, figures and the last lines of its output; the script exits 1 when any step failed.
 
 ``--dry-run`` runs nothing: it writes the same report with every step planned (status "planned"), so the plan
-is checked (tests/test_gpu_check.py: every command's flags exist) on machines without a GPU. Nothing here has
+is checked (tests/cli/test_gpu_check.py: every command's flags exist) on machines without a GPU. Nothing here has
 been run on a GPU by its author; the first real run is the check of the check.
 """
 

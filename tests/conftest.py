@@ -289,7 +289,7 @@ def io_faults(monkeypatch: pytest.MonkeyPatch) -> IOFaults:
     return IOFaults(monkeypatch)
 
 
-# ----- a stand-in for the fid extra (tests/unit/test_inception.py, tests/integration/test_inception_fid.py) -----
+# ----- a stand-in for the fid extra (tests/unit/engine/metrics/test_inception.py, tests/integration/test_inception_fid.py) -----
 BROKEN_IMPORT = "raise RuntimeError('operator torchvision::nms does not exist')\n"
 
 

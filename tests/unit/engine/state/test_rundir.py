@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from paths import REPO
 from gantrain.engine.state.rundir import RunDir
 
 
@@ -16,7 +17,7 @@ def test_every_file_is_where_the_readme_draws_it(tmp_path: Path) -> None:
              files.losses_plot: "losses.png", files.metrics_plot: "metrics.png", files.gif: "progress.gif",
              files.trackers: "trackers.json", files.tensorboard: "tb", files.mlflow_db: "mlflow.db"}
     assert {str(p.relative_to(tmp_path)): name for p, name in drawn.items()} == {n: n for n in drawn.values()}
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    readme = (REPO / "README.md").read_text()
     for name in drawn.values():
         assert Path(name).name in readme, name
 

@@ -7,6 +7,8 @@ import io
 from pathlib import Path
 
 import pytest
+
+from paths import GOLDEN
 import torch
 from rich.console import Console
 
@@ -17,7 +19,6 @@ from gantrain.engine.state.checkpoint import atomic_save, load_checkpoint, seale
 from gantrain.engine.state.schema import ENVELOPE, KEYS, OPTIONAL, REQUIRED, VERSION, assemble, upgrade
 from gantrain.engine.train.loop import Trainer
 
-GOLDEN = Path(__file__).parents[1] / "golden"
 
 
 def test_the_gantrain_0_1_0_checkpoint_upgrades_to_every_key() -> None:

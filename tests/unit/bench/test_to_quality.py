@@ -465,7 +465,7 @@ class _Recording:
                 super().apply(step)
                 seen.append((step, self.total_steps, self.optimizers[0][1].param_groups[0]["lr"]))
 
-        for module in (lr_schedule, loop, engine):
+        for module in (engine, lr_schedule, loop):  # the API first: it reads its value from lr_schedule
             monkeypatch.setattr(module, "LRDecay", Recording)
         return seen
 
