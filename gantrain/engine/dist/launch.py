@@ -34,6 +34,7 @@ from rich.console import Console
 from gantrain.engine.config import Config, to_toml
 from gantrain.engine.errors import ConfigError, GantrainError, Interrupted
 from gantrain.engine.outputs.runlog import log, setup_logging
+from gantrain.engine.state.checkpoint import restart_resume
 from gantrain.engine.state.rundir import RunDir
 from gantrain.engine.train.loop import FitResult, Trainer
 from gantrain.engine.dist.runtime import die_with_parent, init_distributed, launched_by_torchrun, shutdown_distributed
@@ -275,11 +276,9 @@ def train(cfg: Config, *, resume: str | None = None, console: Console | None = N
 def _restart_resume(cfg: Config, resume: str | None, restart: int) -> str | None:
     """What a worker of restart ``restart`` resumes from: the last.pt this launch wrote, else what the launch
     was asked to start from (a restart before the first checkpoint starts that again; exact all the same)."""
-    last = RunDir(cfg.run_dir).last
-    started = float(os.environ.get(STARTED_ENV, "inf"))
-    if restart and last.is_file() and last.stat().st_mtime >= started:
-        return str(last)
-    return resume
+    if not restart:
+        return resume
+    return restart_resume(RunDir(cfg.run_dir), resume, float(os.environ.get(STARTED_ENV, "inf")))
 
 
 def _log_restart(trainer: Trainer, restart: int) -> None:

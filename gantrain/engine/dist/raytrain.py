@@ -25,6 +25,7 @@ from gantrain.engine.errors import GantrainError
 from gantrain.engine.train.loop import Trainer
 from gantrain.engine.outputs.runlog import log
 from gantrain.engine.dist.runtime import DistInfo
+from gantrain.engine.state.checkpoint import restart_resume
 from gantrain.engine.state.rundir import RunDir
 
 
@@ -41,13 +42,13 @@ def ray_worker(config: dict) -> None:
     info = DistInfo(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
     restored, resume = ray.train.get_checkpoint(), config["resume"]
     # A checkpoint that an earlier attempt of this launch saved: Ray Train restarted the workers after a failure.
-    last = RunDir(cfg.run_dir).last
-    restart = last.is_file() and last.stat().st_mtime >= config["started"]
+    on_disk = restart_resume(RunDir(cfg.run_dir), None, config["started"])
+    restart = on_disk is not None
     with contextlib.ExitStack() as stack:
         if restored is not None:  # the newest checkpoint Ray Train kept (a restart, or an earlier --ray launch's)
             resume = str(Path(stack.enter_context(restored.as_directory())) / RAY_CHECKPOINT_FILE)
         elif restart:  # a failure before Ray Train took in any report of this launch
-            resume = str(last)
+            resume = on_disk
         trainer = Trainer(cfg, console=Console(stderr=True), dist_info=info, resume=resume,
                           epoch_callbacks=[_report])
     if restart and info.is_main:

@@ -148,6 +148,17 @@ def find_resume(resume: str, run_dir: Path) -> Path:
     return last
 
 
+def restart_resume(files: RunDir, asked: str | None, started: float) -> str | None:
+    """The one rule for what a restarted worker (torchrun's elastic agent, Ray Train) resumes from: the run's
+    last.pt when this launch wrote it (modified at or after ``started``, the launch's ``time.time()``), else what
+    the launch was asked to start from (``asked``: a restart before the first checkpoint starts that again, which
+    is exact all the same). An older last.pt is a previous launch's: resuming from it would repeat steps."""
+    last = files.last
+    if last.is_file() and last.stat().st_mtime >= started:
+        return str(last)
+    return asked
+
+
 def check_finite(weights: dict[str, torch.Tensor], what: str, path: Path | str) -> None:
     """Raises :class:`CheckpointError` when any floating-point tensor of ``weights`` (a module state dict)
     holds NaN or infinity: images or training from such weights would be garbage that looks like a result."""

@@ -258,3 +258,21 @@ def test_make_grid_layout_and_values() -> None:
     assert grid[0].max() == 0 and grid[:, 5].max() == 0  # padding
     gray = make_grid(torch.zeros(5, 1, 2, 2).clamp(-5, 5) * 10, nrow=2, padding=0)
     assert gray.shape == (3 * 2, 2 * 2)  # 5 images in 2 columns: 3 rows, 2-D for one channel
+
+
+def test_a_restarted_worker_resumes_from_this_launchs_last_checkpoint_only(tmp_path: Path) -> None:
+    """The one restart rule (torchrun's agent and Ray Train alike): last.pt written at or after the launch's start
+    is where the workers stood; an older one is a previous launch's, so the launch's own --resume stands."""
+    import os
+
+    from gantrain.engine.state.checkpoint import restart_resume
+
+    files = RunDir(tmp_path)
+    assert restart_resume(files, None, 1000.0) is None and restart_resume(files, "x.pt", 1000.0) == "x.pt"
+    files.checkpoints.mkdir()
+    files.last.write_bytes(b"")
+    os.utime(files.last, (999.0, 999.0))  # before this launch
+    assert restart_resume(files, "asked.pt", 1000.0) == "asked.pt"
+    os.utime(files.last, (1000.0, 1000.0))  # written by this launch
+    assert restart_resume(files, "asked.pt", 1000.0) == str(files.last)
+    assert restart_resume(files, None, 1000.0) == str(files.last)
