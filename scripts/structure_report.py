@@ -48,19 +48,28 @@ def _key_uses(tree: ast.AST) -> set[str]:
     return {k for k in keys if isinstance(k, str)}
 
 
+TRAIN_CALLS = {"step", "gan", "train_step"}  # a training step: GANStep (self.gan(real)), a plain loop's model.step
+
+
 def _batch_loops(tree: ast.AST) -> list[int]:
-    """Lines of loops whose body calls ``<x>.epoch(...)`` (a loader's batches) or iterates over one."""
+    """Lines of the innermost loops over batches that train: a loop whose body calls a training step
+    (:data:`TRAIN_CALLS`, by name or attribute) directly, not inside a nested function."""
     lines = []
     for node in ast.walk(tree):
         if not isinstance(node, (ast.For, ast.While)):
             continue
-        parts = [node.iter] if isinstance(node, ast.For) else []
-        parts += node.body
-        for part in parts:
-            if any(isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "epoch"
-                   for n in ast.walk(part)):
-                lines.append(node.lineno)
-                break
+        stack = list(node.body)
+        while stack:
+            n = stack.pop()
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef, ast.For, ast.While)):
+                continue
+            if isinstance(n, ast.Call):
+                f = n.func
+                name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+                if name in TRAIN_CALLS:
+                    lines.append(node.lineno)
+                    break
+            stack.extend(ast.iter_child_nodes(n))
     return lines
 
 
