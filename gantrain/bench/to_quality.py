@@ -157,7 +157,7 @@ def engine_run_config(cfg: Config, spec: dict, out: Path) -> tuple[Config, int]:
     steps = math.ceil(spec["budget_epochs"] * per_epoch)
     return override(cfg, {"out": str(out), "epochs": math.ceil(spec["budget_epochs"]), "max_steps": steps,
                           "log_every": steps, "sample_every": 0, "eval_every": 0, "logger": "none",
-                          "checkpoint_every": math.ceil(spec["budget_epochs"]), "checkpoint_every_steps": 0,
+                          "checkpoint_every": 0, "checkpoint_every_steps": 0,
                           "checkpoint_every_minutes": 0, "keep_checkpoints": 1, "nonfinite_patience": 0,
                           "samples_from_best": False}), per_epoch
 

@@ -238,7 +238,7 @@ class RunConfig:
 @dataclass
 class CheckpointConfig:
     checkpoint_every: int = 1
-    """Write a checkpoint every N epochs (and always at the end)."""
+    """Write a checkpoint every N epochs (0 = only the final one; a checkpoint is always written at the end)."""
     checkpoint_every_steps: int = 0
     """Also write a checkpoint every N steps (0 = off): what a restarted DDP worker group resumes from."""
     checkpoint_every_minutes: float = 0.0
@@ -248,7 +248,7 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         _check_finite(self)
-        _check(self.checkpoint_every >= 1, "checkpoint_every", f"must be at least 1, got {self.checkpoint_every}")
+        _check(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         _check(self.checkpoint_every_steps >= 0, "checkpoint_every_steps",
                f"must be >= 0, got {self.checkpoint_every_steps}")
         _check(self.checkpoint_every_minutes >= 0, "checkpoint_every_minutes",

@@ -33,8 +33,6 @@ CHECKPOINT_FILE = "checkpoint.pt"
 RUN_FOLDER = "run"
 QUALITY_KEYS = METRIC_KEYS  # what evaluate_generator returns (besides the class histogram)
 LOSS_KEYS = ("loss_d", "loss_g", "d_real", "d_fake")
-# Trainer checkpoints would duplicate the ones Tune keeps: the trial writes only its final one.
-NO_PERIODIC_CHECKPOINTS = 1_000_000
 
 Report = Callable[[dict[str, Any], Path | None], None]
 
@@ -54,7 +52,7 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], settings: TuneSet
     cfg = from_dict(base)
     device = "cuda" if settings.gpus_per_trial > 0 else "cpu"
     budget = {"epochs": trial_epochs(cfg, settings), "max_steps": 0, "out": str(run_dir), "device": device,
-              "checkpoint_every": NO_PERIODIC_CHECKPOINTS, "keep_checkpoints": 1}
+              "checkpoint_every": 0, "keep_checkpoints": 1}  # Tune keeps the checkpoints
     return override(cfg, {**{k: _plain(v) for k, v in params.items()}, **budget})
 
 

@@ -372,7 +372,8 @@ class Checkpointer:
         return not epoch_ended
 
     def due_at_epoch_end(self, epochs_done: int) -> bool:
-        return epochs_done % self.cfg.checkpoint.checkpoint_every == 0 or self.pending
+        every = self.cfg.checkpoint.checkpoint_every
+        return bool(every) and epochs_done % every == 0 or self.pending
 
     def state(self, gan_state: dict[str, Any], position: dict[str, int], best_fd: float | None,
               best_measured_by: dict | None, planned_steps: int) -> dict[str, Any]:

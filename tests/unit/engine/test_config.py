@@ -70,6 +70,7 @@ def test_the_diffaug_recipe_differs_from_cats64_only_in_diffaug() -> None:
 
 @pytest.mark.parametrize("flat, flag", [
     ({"lr_g": 0.0}, "--lr-g"),
+    ({"checkpoint_every": -1}, "--checkpoint-every"),
     ({"lr_g": -1e-4}, "--lr-g"),
     ({"lr_d": 0.0}, "--lr-d"),
     ({"lr_d": math.nan}, "--lr-d"),

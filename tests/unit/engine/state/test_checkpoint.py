@@ -276,3 +276,24 @@ def test_a_restarted_worker_resumes_from_this_launchs_last_checkpoint_only(tmp_p
     os.utime(files.last, (1000.0, 1000.0))  # written by this launch
     assert restart_resume(files, "asked.pt", 1000.0) == str(files.last)
     assert restart_resume(files, None, 1000.0) == str(files.last)
+
+
+@pytest.mark.parametrize("every, expected", [(0, [12]), (2, [8, 12]), (1, [4, 8, 12])])
+def test_checkpoint_every_epochs_and_0_for_the_final_one_only(tmp_path: Path, every: int, expected: list) -> None:
+    """--checkpoint-every N saves at every Nth epoch end and at the end; 0 saves the final checkpoint alone (what
+    tune's trials and the to-quality bench use: their checkpoints are kept elsewhere or not at all). 128 synthetic
+    images, batch 32: 4 steps per epoch, 3 epochs."""
+    import io
+
+    from rich.console import Console
+
+    from gantrain.engine.config import override, preset
+    from gantrain.engine.train.loop import Trainer
+
+    cfg = override(preset("fashion32"), dict(dataset="synthetic", synthetic_size=128, batch_size=32, ngf=4, ndf=4,
+                                             nz=8, epochs=3, sample_every=0, log_every=4, device="cpu", amp="off",
+                                             channels_last=False, checkpoint_every=every, keep_checkpoints=10,
+                                             out=str(tmp_path / "run")))
+    result = Trainer(cfg, console=Console(file=io.StringIO())).fit()
+    assert [int(p.stem.split("_")[1]) for p in RunDir(result.run_dir).numbered_checkpoints()] == expected
+    assert load_checkpoint(RunDir(result.run_dir).last)["step"] == 12
