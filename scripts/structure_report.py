@@ -77,11 +77,17 @@ def report(root: Path) -> dict:
     pkg = root / "gantrain"
     modules = sorted(pkg.rglob("*.py"))
     lines, classes, broad, run_files, ckpt_keys, loops = {}, {}, 0, [], [], []
+    doc_bytes = src_bytes = 0
     for path in modules:
         rel = str(path.relative_to(root))
         text = path.read_text()
         tree = ast.parse(text)
         lines[rel] = len(text.splitlines())
+        src_bytes += len(text.encode())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node, clean=False)
+                doc_bytes += len(doc.encode()) if doc else 0
         for node in ast.walk(tree):
             if isinstance(node, ast.ClassDef):
                 classes[f"{rel}:{node.name}"] = node.end_lineno - node.lineno + 1
@@ -106,6 +112,7 @@ def report(root: Path) -> dict:
     return {"package_lines": sum(lines.values()), "modules": len(lines),
             "modules_directly_under_engine": len(direct), "largest_module": list(largest_module),
             "largest_class": list(largest_class), "broad_except": broad,
+            "docstring_share": round(doc_bytes / src_bytes, 3),
             "modules_spelling_run_files": run_files, "modules_spelling_checkpoint_keys": ckpt_keys,
             "loops_over_batches": loops, "test_modules_needing_shared": shared}
 
