@@ -270,8 +270,8 @@ def fit_extractor_command(
 ) -> None:
     """Fit a dataset's feature extractor (or find it in the cache) and print its test accuracy."""
     from gantrain.engine.config import env_data_root
-    from gantrain.engine.metrics import ensure_extractor, parse_dataset
     from gantrain.engine.dist.runtime import pick_device
+    from gantrain.engine.metrics import ensure_extractor, parse_dataset
 
     spec = parse_dataset(dataset, data_root or env_data_root(), channels)
     extra = {"epochs": epochs} if epochs else {}

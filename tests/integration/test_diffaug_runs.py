@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gantrain.engine.state.checkpoint import load_checkpoint
 from gantrain.engine.config import load_toml
+from gantrain.engine.state.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -82,8 +82,8 @@ def test_training_with_eval_metrics_inception_records_it(stand_in_package: Path,
                                                           quiet_console) -> None:
     """--eval-metrics inception: each --eval-every record holds the Inception FID/KID next to the domain FD,
     computed on the same generated images (the same noise) as the domain metrics."""
-    from gantrain.engine.train.loop import Trainer
     from gantrain.engine.metrics import evaluate_generator
+    from gantrain.engine.train.loop import Trainer
 
     cfg = tiny_cfg("incep", limit=256, max_steps=8, eval_every=1, eval_samples=100, eval_metrics="inception")
     Trainer(cfg, console=quiet_console).fit()

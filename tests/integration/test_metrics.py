@@ -17,15 +17,15 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from gantrain.engine.state.checkpoint import load_checkpoint
 from gantrain.engine.config import override, preset
 from gantrain.engine.errors import ConfigError
-from gantrain.engine.train.loop import Trainer
+from gantrain.engine.gan.models import build_models
 from gantrain.engine.metrics import METRIC_KEYS, Evaluator, ensure_extractor, evaluate_generator, parse_dataset, formulas as stats
 from gantrain.engine.metrics.cache import cache_dir
 from gantrain.engine.metrics.evaluate import compare, extract, load_reference
 from gantrain.engine.metrics.reference import load_split
-from gantrain.engine.gan.models import build_models
+from gantrain.engine.state.checkpoint import load_checkpoint
+from gantrain.engine.train.loop import Trainer
 from standing_reference import update_bn_reference
 
 
@@ -325,8 +325,8 @@ def test_a_resume_that_measures_otherwise_measures_best_pt_again(fashion_extract
     a resume with --eval-samples 300 measures best.pt again with 300 (the reference below: best.pt's generator
     loaded and evaluated directly), says so in one line, and later evaluations must beat that. A resume as
     measured before keeps the stored FD; a checkpoint from before the measurement was stored is measured again."""
-    from gantrain.engine.state.checkpoint import atomic_save, sealed
     from gantrain.engine.outputs.generate import load_generator
+    from gantrain.engine.state.checkpoint import atomic_save, sealed
 
     first = Trainer(tiny_cfg("m", limit=256, max_steps=8, eval_every=1, eval_samples=100), console=quiet_console)
     first.fit()
@@ -491,8 +491,8 @@ def test_near_chance_extractor_is_refused_for_scores(tmp_path: Path, cli, unwrap
 def test_samples_from_best(fashion_extractor, tiny_cfg, quiet_console, tmp_path: Path) -> None:
     """--samples-from-best: final.png shows best.pt's (EMA) generator on the fixed noise, not the last step's, and
     says so in the log; the weights trained are untouched."""
-    from gantrain.engine.outputs.images import save_grid
     from gantrain.engine.gan.sampling import fixed_noise
+    from gantrain.engine.outputs.images import save_grid
 
     cfg = tiny_cfg("best", limit=256, max_steps=24, eval_every=1, eval_samples=100, samples_from_best=True,
                    ema_decay=0.9)

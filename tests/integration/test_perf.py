@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gantrain.engine.errors import ConfigError
-from gantrain.engine.train.loop import Trainer
-from gantrain.engine.gan.step import make_adam
-from gantrain.engine.gan.models import build_models
 from gantrain.engine.config import ModelConfig
+from gantrain.engine.errors import ConfigError
+from gantrain.engine.gan.models import build_models
 from gantrain.engine.gan.precision import PrecisionPolicy
+from gantrain.engine.gan.step import make_adam
+from gantrain.engine.train.loop import Trainer
 from standing_reference import bn_buffers, update_bn_reference
 
 CPU = torch.device("cpu")

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from faults import one_error_line, tiny, tiny_flags
-from gantrain.engine.state.checkpoint import load_checkpoint
 from gantrain.engine.errors import ConfigError
+from gantrain.engine.state.checkpoint import load_checkpoint
 from gantrain.engine.train.loop import Trainer
 
 

@@ -168,8 +168,8 @@ def test_resume_after_a_crash_has_no_duplicated_or_missing_steps(tiny_cfg, quiet
     the resumed run trains 9-16 again. TensorBoard purges the dead process's step 10; W&B and MLflow, which
     cannot delete, keep it and the resumed run logs from step 12 on (said in one log line)."""
     needs("tensorboard", "wandb", "mlflow")
-    from gantrain.engine.train.loop import Trainer
     from gantrain.engine.gan.step import GANStep
+    from gantrain.engine.train.loop import Trainer
 
     cfg = tiny_cfg("crash", limit=256, max_steps=16, log_every=2, sample_every=0, logger="tensorboard,wandb,mlflow")
     trainer = Trainer(cfg, console=quiet_console)

@@ -12,8 +12,8 @@ from paths import GOLDEN
 import torch
 from PIL import Image
 
-from gantrain.engine.state.checkpoint import load_checkpoint
 from gantrain.engine.config import load_toml, override, preset, resolve
+from gantrain.engine.state.checkpoint import load_checkpoint
 from gantrain.engine.train.loop import Trainer
 
 METRIC_KEYS = {"step", "epoch", "loss_d", "loss_g", "d_real", "d_fake", "images_per_s"}

@@ -27,9 +27,9 @@ from processes import alive, descendants, free_port
 import torch
 from torch import nn
 
-from gantrain.engine.state.checkpoint import load_checkpoint
 from gantrain.engine.config import load_toml, override, preset
 from gantrain.engine.errors import ConfigError
+from gantrain.engine.state.checkpoint import load_checkpoint
 from gantrain.engine.train.loop import Trainer
 from gantrain.tune.settings import TuneSettings, settings_from
 from gantrain.tune.space import load_space, parse_space

@@ -51,10 +51,10 @@ from PIL import Image
 
 from gantrain.engine.data.decode import decode_or_skip, decode_to_viewer, to_channels
 from gantrain.engine.data.discovery import Discovery, ImageFile
+from gantrain.engine.data.pixels import HALF_RANGE
 from gantrain.engine.data.plan import EpochPlan, Shard, epoch_plan
 from gantrain.engine.data.sources import discover_folder, load_images, log_discovery
 from gantrain.engine.errors import ConfigError, DataError
-from gantrain.engine.data.pixels import HALF_RANGE
 
 log = logging.getLogger("gantrain")
 

@@ -32,12 +32,12 @@ import torch
 from rich.console import Console
 
 from gantrain.engine.config import Config, to_toml
+from gantrain.engine.dist.runtime import die_with_parent, init_distributed, launched_by_torchrun, shutdown_distributed
 from gantrain.engine.errors import ConfigError, GantrainError, Interrupted
 from gantrain.engine.outputs.runlog import log, setup_logging
 from gantrain.engine.state.checkpoint import restart_resume
 from gantrain.engine.state.rundir import RunDir
 from gantrain.engine.train.loop import FitResult, Trainer
-from gantrain.engine.dist.runtime import die_with_parent, init_distributed, launched_by_torchrun, shutdown_distributed
 
 # Set by the launcher for its workers: the folder where rank 0 leaves the outcome of an interrupted run, so the
 # launcher, not each worker, says the one closing line.

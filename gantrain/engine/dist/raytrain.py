@@ -21,12 +21,12 @@ from pathlib import Path
 from rich.console import Console
 
 from gantrain.engine.config import Config, from_dict
-from gantrain.engine.errors import GantrainError
-from gantrain.engine.train.loop import Trainer
-from gantrain.engine.outputs.runlog import log
 from gantrain.engine.dist.runtime import DistInfo
+from gantrain.engine.errors import GantrainError
+from gantrain.engine.outputs.runlog import log
 from gantrain.engine.state.checkpoint import restart_resume
 from gantrain.engine.state.rundir import RunDir
+from gantrain.engine.train.loop import Trainer
 
 
 #: The file a Ray Train checkpoint folder holds: the run's last.pt, under the same name.

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from gantrain.engine.config import FP16_NEEDS_CUDA
-from gantrain.engine.errors import ConfigError
 from gantrain.engine.data.pixels import to_unit_
+from gantrain.engine.errors import ConfigError
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

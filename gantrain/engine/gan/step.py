@@ -33,15 +33,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gantrain.engine.state import checkpoint as ckpt
-from gantrain.engine.state.schema import generator_weights
 from gantrain.engine.config import Config
-from gantrain.engine.gan.diffaug import diff_augment, parse_policy
+from gantrain.engine.dist.runtime import DistInfo, configure_runtime
 from gantrain.engine.errors import ConfigError
+from gantrain.engine.gan.diffaug import diff_augment, parse_policy
 from gantrain.engine.gan.models import build_models
 from gantrain.engine.gan.precision import PrecisionPolicy
-from gantrain.engine.dist.runtime import DistInfo, configure_runtime
 from gantrain.engine.gan.sampling import STANDING_STATS_SEED_OFFSET, generate_images, sample_noise, standing_bn_stats_
+from gantrain.engine.state import checkpoint as ckpt
+from gantrain.engine.state.schema import generator_weights
 from gantrain.engine.train.stats import PhaseTimer, Stats
 
 

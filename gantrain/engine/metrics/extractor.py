@@ -30,14 +30,14 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
-from gantrain.engine.state.checkpoint import state_digest
+from gantrain.engine.data.pixels import to_unit
 from gantrain.engine.errors import GantrainError
-from gantrain.engine.outputs.runlog import log
+from gantrain.engine.gan.precision import resolve_amp
 from gantrain.engine.metrics.cache import cache_dir, load_artifact, save_artifact
 from gantrain.engine.metrics.progress import task_bar
 from gantrain.engine.metrics.reference import DatasetSpec, Split, load_split, split_sha256
-from gantrain.engine.gan.precision import resolve_amp
-from gantrain.engine.data.pixels import to_unit
+from gantrain.engine.outputs.runlog import log
+from gantrain.engine.state.checkpoint import state_digest
 
 
 

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from gantrain.engine.config import Config
-from gantrain.engine.errors import ConfigError
-from gantrain.engine.metrics.reference import DatasetSpec
 from gantrain.engine.data.pixels import quantize
+from gantrain.engine.errors import ConfigError
 from gantrain.engine.gan.sampling import generate_images, sample_noise
+from gantrain.engine.metrics.reference import DatasetSpec
 
 GENERATE_BATCH = 500
 KID_SUBSETS = 50

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from gantrain.engine.config import Config
-from gantrain.engine.data.download import IDX_DATASETS, ensure_idx_files
 from gantrain.engine.data.decode import decode_or_skip
 from gantrain.engine.data.discovery import discover_images
+from gantrain.engine.data.download import IDX_DATASETS, ensure_idx_files
 from gantrain.engine.data.sources import data_root, read_idx, resize_uint8
 from gantrain.engine.errors import ConfigError, DataError
 from gantrain.engine.metrics.cache import sha256_files

@@ -16,11 +16,11 @@ from rich.table import Table
 
 from gantrain.engine.config import Config, override, with_env_defaults
 from gantrain.engine.errors import ConfigError
-from gantrain.engine.state.files import atomic_write_text
-from gantrain.engine.outputs.runlog import log
-from gantrain.engine.metrics.evaluate import Evaluator, MetricReport, generated_batches
 from gantrain.engine.metrics import inception as inc
+from gantrain.engine.metrics.evaluate import Evaluator, MetricReport, generated_batches
 from gantrain.engine.metrics.reference import load_split, parse_dataset
+from gantrain.engine.outputs.runlog import log
+from gantrain.engine.state.files import atomic_write_text
 
 _HIST_BAR_WIDTH = 30
 EXTRACTOR_KEYS = ("label", "task", "test_accuracy", "train_sha256", "epochs", "weights_sha256")
@@ -136,8 +136,8 @@ def _eval_config(cfg: Config, data_root: str | None, cache: str | None) -> Confi
 
 
 def _checkpoint_step(path: Path) -> int | None:
-    from gantrain.engine.state.checkpoint import load_checkpoint
     from gantrain.engine.outputs.export import export_step, is_export
+    from gantrain.engine.state.checkpoint import load_checkpoint
 
     return export_step(path) if is_export(path) else int(load_checkpoint(path)["step"])
 

@@ -20,9 +20,9 @@ from rich.console import Console
 
 from gantrain.engine.config import Config
 from gantrain.engine.errors import CheckpointError
-from gantrain.engine.outputs.images import plot_curves, read_metrics
 from gantrain.engine.metrics import inception
 from gantrain.engine.metrics.evaluate import METRIC_KEYS, Evaluator
+from gantrain.engine.outputs.images import plot_curves, read_metrics
 from gantrain.engine.outputs.runlog import log
 from gantrain.engine.state.rundir import RunDir
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from gantrain import __version__
-from gantrain.engine.state.checkpoint import check_finite, load_checkpoint, load_module_state
-from gantrain.engine.state.schema import generator_weights
 from gantrain.engine.config import from_dict
 from gantrain.engine.errors import CheckpointError, GantrainError
+from gantrain.engine.state.checkpoint import check_finite, load_checkpoint, load_module_state
 from gantrain.engine.state.files import atomic_write
+from gantrain.engine.state.schema import generator_weights
 
 FORMAT = "gantrain-generator"
 FORMAT_VERSION = "1"

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import torch
 
-from gantrain.engine.state.checkpoint import check_finite, load_checkpoint, load_module_state
-from gantrain.engine.state.schema import generator_weights
 from gantrain.engine.config import from_dict
-from gantrain.engine.outputs.images import save_grid, save_individual
+from gantrain.engine.dist.runtime import pick_device
 from gantrain.engine.gan.models import Generator
 from gantrain.engine.gan.sampling import generate_images, sample_noise
-from gantrain.engine.dist.runtime import pick_device
+from gantrain.engine.outputs.images import save_grid, save_individual
+from gantrain.engine.state.checkpoint import check_finite, load_checkpoint, load_module_state
+from gantrain.engine.state.schema import generator_weights
 
 
 @dataclass

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gantrain.engine.state.files import atomic_write, make_folder, read_json_lines
 from gantrain.engine.data.pixels import to_uint8
+from gantrain.engine.state.files import atomic_write, make_folder, read_json_lines
 
 
 def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> np.ndarray:

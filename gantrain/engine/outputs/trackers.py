@@ -37,9 +37,9 @@ import numpy as np
 
 from gantrain.engine.config import Config
 from gantrain.engine.errors import ConfigError, GantrainError
+from gantrain.engine.outputs.runlog import log
 from gantrain.engine.state.files import atomic_write_text
 from gantrain.engine.state.rundir import RunDir
-from gantrain.engine.outputs.runlog import log
 
 LOGGERS = ("tensorboard", "wandb", "mlflow")
 SAMPLES_TAG = "samples/fixed_noise"

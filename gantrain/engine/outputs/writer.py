@@ -17,11 +17,11 @@ from rich.console import Console
 
 from gantrain.engine.config import Config, to_toml
 from gantrain.engine.errors import ConfigError, RunIOError
-from gantrain.engine.state.files import atomic_write_text, make_folder, os_reason
-from gantrain.engine.state.rundir import RunDir
 from gantrain.engine.outputs.images import plot_curves, read_metrics, save_gif, save_grid
 from gantrain.engine.outputs.runlog import MetricsWriter, attach_log_file, progress_bar
 from gantrain.engine.outputs.trackers import Trackers, check_loggers, parse_loggers
+from gantrain.engine.state.files import atomic_write_text, make_folder, os_reason
+from gantrain.engine.state.rundir import RunDir
 
 log = logging.getLogger("gantrain")
 

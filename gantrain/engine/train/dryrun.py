@@ -130,8 +130,8 @@ def plan(cfg: Config) -> Schedule:
 
 def _precision(cfg: Config) -> str:
     """What --amp and --channels-last come to on the device this run would use (``auto`` resolved)."""
-    from gantrain.engine.gan.precision import PrecisionPolicy
     from gantrain.engine.dist.runtime import pick_device
+    from gantrain.engine.gan.precision import PrecisionPolicy
 
     device = pick_device(cfg.run.device)
     return f"{PrecisionPolicy(device, cfg.perf.amp, cfg.perf.channels_last).describe()} on {device.type}"

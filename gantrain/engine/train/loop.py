@@ -4,7 +4,7 @@ What each component owns (docs/architecture.md): :class:`~gantrain.engine.gan.st
 the objective; :mod:`gantrain.engine.data` the batches; :class:`~gantrain.engine.state.checkpoint.Checkpointer` what a
 checkpoint holds and when one is due, :class:`~gantrain.engine.state.checkpoint.Position` where the run stands;
 :class:`RunOutputs` the run folder, log, metrics and grids; the quality tracker the metrics. The Trainer holds the
-signals and the epoch callbacks.
+signals and calls the hooks (tune, Ray Train and the to-quality bench take part through them).
 """
 
 from __future__ import annotations
@@ -16,20 +16,20 @@ from typing import Protocol
 
 from rich.console import Console
 
-from gantrain.engine.state import checkpoint as ckpt
 from gantrain.engine.config import Config
 from gantrain.engine.data import Shard, build_loader
 from gantrain.engine.data.plan import plan_schedule
-from gantrain.engine.errors import Interrupted
-from gantrain.engine.state.files import RunLock
-from gantrain.engine.gan.lr_schedule import LRDecay
-from gantrain.engine.outputs.writer import RunOutputs
-from gantrain.engine.gan.precision import PrecisionPolicy
-from gantrain.engine.outputs.runlog import log, setup_logging
 from gantrain.engine.dist.runtime import DistInfo, StopAgreement, pick_device, stop_signals
+from gantrain.engine.errors import Interrupted
+from gantrain.engine.gan.lr_schedule import LRDecay
+from gantrain.engine.gan.precision import PrecisionPolicy
 from gantrain.engine.gan.sampling import fixed_noise
-from gantrain.engine.train.stats import NonFiniteWatch
 from gantrain.engine.gan.step import GANStep, replica_max_abs_diff
+from gantrain.engine.outputs.runlog import log, setup_logging
+from gantrain.engine.outputs.writer import RunOutputs
+from gantrain.engine.state import checkpoint as ckpt
+from gantrain.engine.state.files import RunLock
+from gantrain.engine.train.stats import NonFiniteWatch
 
 
 def _position(name: str) -> property:

@@ -11,8 +11,8 @@ from paths import GOLDEN, REPO
 
 from gantrain.engine.config import (PRESETS, Config, current_layout, field_index, from_dict, load_toml, override, preset,
                                     resolve, to_toml)
-from gantrain.engine.train.dryrun import value_sources
 from gantrain.engine.errors import ConfigError
+from gantrain.engine.train.dryrun import value_sources
 
 EXPECTED_PRESETS = {
     # name: (dataset, image size, channels, arch, kernel, batch, lr_g, lr_d, smoothing, noise)

@@ -15,11 +15,11 @@ from checkpoints import placeholder_state
 from gantrain.engine.state import checkpoint as ckpt
 from gantrain.engine.state.checkpoint import (CheckpointError, atomic_save, load_checkpoint, load_module_state,
                                               save_checkpoint)
-from gantrain.engine.state.rundir import RunDir
 from gantrain.engine.config import ModelConfig
 from gantrain.engine.errors import RunIOError
-from gantrain.engine.outputs.generate import generate, load_generator
 from gantrain.engine.gan.models import Generator
+from gantrain.engine.outputs.generate import generate, load_generator
+from gantrain.engine.state.rundir import RunDir
 
 
 # ----- atomic writes and pruning -----------------------------------------------------------------------
@@ -233,9 +233,9 @@ def test_generate_nrow_and_determinism(trained_run: Path, tmp_path: Path, cli) -
 
 def test_generate_matches_the_run_samples(trained_run: Path, tmp_path: Path) -> None:
     """generate() rebuilds G from the checkpoint alone: with the run's fixed noise it redraws final.png."""
-    from gantrain.engine.outputs.images import save_grid
     from gantrain.engine.gan.sampling import NUM_FIXED_SAMPLES, generate_images
     from gantrain.engine.gan.sampling import sample_noise
+    from gantrain.engine.outputs.images import save_grid
 
     g, cfg = load_generator(trained_run / "checkpoints" / "last.pt", device="cpu")
     assert not g.training and cfg.model.ngf == 16
