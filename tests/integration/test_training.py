@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from paths import GOLDEN
+from paths import GOLDEN as GOLDEN_DIR
 import torch
 from PIL import Image
 
@@ -132,7 +132,7 @@ def test_exact_resume(n: int, extra: list, cli, datasets_root: Path, tmp_path: P
 
 # ----- golden run --------------------------------------------------------------------------------------
 # The golden trace is data (tests/golden/fashion32-tiny-seed1234.json says what it is and when it may change).
-GOLDEN = [tuple(row) for row in json.loads((GOLDEN / "fashion32-tiny-seed1234.json")
+GOLDEN = [tuple(row) for row in json.loads((GOLDEN_DIR / "fashion32-tiny-seed1234.json")
                                            .read_text())["losses"]]
 
 
@@ -273,8 +273,8 @@ def test_golden_checkpoints_of_every_schema_version_resume_exactly(tmp_path, dat
     """Checkpoints of each schema version (tests/golden: version 1, written by gantrain 0.1.0 before the component
     split, and version 2; step 3 of a 6-step run) load through the schema's upgrade and continue bit-for-bit: the
     losses of steps 4-6 are those of the old code's uninterrupted run."""
-    golden = json.loads((GOLDEN / "fashion32-tiny-v0.1.0.json").read_text())
-    old = GOLDEN / golden_checkpoint
+    golden = json.loads((GOLDEN_DIR / "fashion32-tiny-v0.1.0.json").read_text())
+    old = GOLDEN_DIR / golden_checkpoint
     cfg = override(preset("fashion32"), dict(data_root=str(datasets_root), limit=256, batch_size=32, ngf=4, ndf=4,
                                              nz=16, sample_every=0, device="cpu", amp="off", channels_last=False,
                                              seed=7, log_every=1, max_steps=6, out=str(tmp_path / "run")))
