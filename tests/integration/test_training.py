@@ -204,14 +204,41 @@ def test_epoch_callbacks_run_after_each_epoch_and_can_stop(tiny_cfg, quiet_conso
 
     def callback(trainer, epochs_done):
         seen.append((epochs_done, trainer.step, trainer.last_record["step"]))
-        if epochs_done == 2:
-            trainer.stop_reason = "enough"
+        return "enough" if epochs_done == 2 else None
 
     # 512 images / batch 32 = 16 steps per epoch; 5 epochs planned, stopped after 2
     trainer = Trainer(tiny_cfg(max_steps=0, epochs=5, log_every=4), console=quiet_console, epoch_callbacks=[callback])
     result = trainer.fit()
     assert seen == [(1, 16, 16), (2, 32, 32)]
     assert result.steps == 32 and result.last_checkpoint.name == "step_00000032.pt"
+    assert trainer.stop_reason == "enough"
+
+
+def test_after_step_hooks_see_the_runs_clock_and_can_stop_mid_epoch(tmp_path, quiet_console) -> None:
+    """An after-step hook runs after each step's log, samples and checkpoint, with the step and images seen as the
+    run counts them (160 synthetic images, batch 32: 5 steps per epoch); its reason ends the run at that step,
+    mid-epoch, with the final checkpoint of that step; after-epoch hooks run at whole epochs only."""
+    from gantrain.engine.config import override, preset
+
+    seen, epochs = [], []
+
+    class Hook:
+        def after_step(self, trainer):
+            seen.append((trainer.step, trainer.epoch, trainer.pos.images_seen))
+            return "measured enough" if trainer.step == 7 else None
+
+        def after_epoch(self, trainer, epochs_done):
+            epochs.append((epochs_done, trainer.step))
+
+    cfg = override(preset("fashion32"), dict(dataset="synthetic", synthetic_size=160, batch_size=32, ngf=4, ndf=4,
+                                             nz=8, epochs=4, sample_every=0, log_every=2, device="cpu", amp="off",
+                                             channels_last=False, out=str(tmp_path / "run")))
+    trainer = Trainer(cfg, console=quiet_console, hooks=[Hook()])
+    result = trainer.fit()
+    assert seen == [(s, (s - 1) // 5, 32 * s) for s in range(1, 8)]
+    assert epochs == [(1, 5)] and result.steps == 7 and trainer.stop_reason == "measured enough"
+    assert result.last_checkpoint.name == "step_00000007.pt"
+    assert load_checkpoint(result.last_checkpoint)["epoch_images"] == 64  # 2 steps into the second epoch
 
 
 def test_lr_decay_by_step_survives_a_resume(tiny_cfg, quiet_console, same_tree) -> None:
@@ -232,7 +259,7 @@ def test_lr_decay_by_step_survives_a_resume(tiny_cfg, quiet_console, same_tree) 
         straight.run_dir / "train.log").read_text()
 
     def stop_after_one(trainer, epochs_done):
-        trainer.stop_reason = "split here"
+        return "split here"
 
     first = Trainer(tiny_cfg("split", **flat), console=quiet_console, epoch_callbacks=[stop_after_one])
     assert first.fit().steps == 4
@@ -254,7 +281,7 @@ def test_a_resume_that_changes_the_runs_length_says_the_rates_jump(tiny_cfg, qui
     flat = dict(limit=128, max_steps=0, epochs=2, lr_decay="linear", lr_g=1e-3, lr_d=4e-4)
 
     def stop_after_one(trainer, epochs_done):
-        trainer.stop_reason = "split here"
+        return "split here"
 
     Trainer(tiny_cfg("run", **flat), console=quiet_console, epoch_callbacks=[stop_after_one]).fit()
     longer = Trainer(tiny_cfg("run", **{**flat, "epochs": 4}), console=quiet_console, resume="auto")
