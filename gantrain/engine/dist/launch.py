@@ -32,6 +32,7 @@ import torch
 from rich.console import Console
 
 from gantrain.engine.config import Config, to_toml
+from gantrain.engine.dist.preflight import preflight
 from gantrain.engine.dist.runtime import die_with_parent, init_distributed, launched_by_torchrun, shutdown_distributed
 from gantrain.engine.errors import ConfigError, GantrainError, Interrupted
 from gantrain.engine.outputs.runlog import log, setup_logging
@@ -239,9 +240,12 @@ def train(cfg: Config, *, resume: str | None = None, console: Console | None = N
     if cfg.dist.ray and not launched_by_torchrun():
         from gantrain.engine.dist.raytrain import train_on_ray
 
+        if not cfg.dist.ray_address:  # a local Ray: its workers see what this process sees
+            preflight(cfg, resume)
         train_on_ray(cfg, resume, console)
         return None
     if cfg.dist.ddp and not launched_by_torchrun():
+        preflight(cfg, resume)  # what no restart cures is refused here, once, before any worker starts
         launch_workers(cfg, resume, console)
         return None
     restart = 0

@@ -1,0 +1,50 @@
+"""The refusals of a multi-process run (``--ddp``, a local ``--ray``) made in the launcher, before any worker starts.
+
+A refusal that is a property of the config, the data or the checkpoint would meet every worker again after every
+restart: the elastic agent would restart the group ``--max-restarts`` times and the user would read the same error
+once per worker per attempt. :func:`preflight` asks the same questions a single process asks (the same functions,
+so the same ``error:`` line and exit code) in the launcher itself, in a second or two.
+"""
+
+from __future__ import annotations
+
+from gantrain.engine.config import Config
+from gantrain.engine.data.plan import plan_schedule, steps_per_epoch
+from gantrain.engine.dist.runtime import pick_device
+from gantrain.engine.errors import ConfigError
+from gantrain.engine.outputs.writer import RunOutputs
+from gantrain.engine.state.checkpoint import Position, open_resume, restore_position
+from gantrain.engine.state.files import RunLock
+from gantrain.engine.train.dryrun import count_images
+
+
+def world_size(cfg: Config) -> int:
+    """The processes a launch starts: --nproc x --nnodes under --ddp, --ray-workers under --ray, else 1."""
+    if cfg.dist.ray:
+        return cfg.dist.ray_workers
+    return cfg.dist.nproc * cfg.dist.nnodes if cfg.dist.ddp else 1
+
+
+def preflight(cfg: Config, resume: str | None) -> None:
+    """Raises what the run's first worker would raise for a reason no restart cures, else returns: SyncBatchNorm
+    off CUDA (:class:`ConfigError`); a checkpoint to resume that is missing, damaged or built for another model
+    (:class:`CheckpointError`); a new run into a folder that holds one, or a --logger whose extra is missing; the
+    folder in use by another run (:class:`RunLocked`); fewer images than one global batch, or a resumed run with no
+    step left (:class:`ConfigError`). Data the launcher cannot see (an IDX dataset not downloaded yet) is left to
+    the workers."""
+    if cfg.dist.sync_bn and pick_device(cfg.run.device).type != "cuda":
+        raise ConfigError("--sync-bn: SyncBatchNorm needs CUDA (it is not implemented for the CPU)")
+    resume_path, state, _ = open_resume(cfg, resume)
+    RunOutputs.check(cfg, resuming=state is not None)
+    lock = RunLock(cfg.run_dir)
+    lock.take(lambda _note: None)  # RunLocked when a live run owns the folder; the worker takes it again
+    lock.abandon()
+    images, _ = count_images(cfg)
+    if images is None:
+        return
+    world = world_size(cfg)
+    per_epoch = steps_per_epoch(images, cfg.data.batch_size, world, cfg.data.limit)
+    global_batch = cfg.data.batch_size * world
+    pos = Position() if state is None else restore_position(state, cfg, per_epoch, global_batch, images,
+                                                             resume_path)[0]
+    plan_schedule(pos, cfg, per_epoch, cfg.run_dir)
