@@ -23,7 +23,7 @@ def plain_loop_omits(cfg: Config) -> list[str]:
     """The settings of ``cfg`` this loop does not implement, in words (it trains the recipe without them): the
     bench says so in one line, since gantrain's step does apply them."""
     return [text for applies, text in ((cfg.gan.ema_decay > 0, f"generator {cfg.gan.ema_words()}"),
-                                       (bool(cfg.gan.diffaug), f"DiffAugment {cfg.gan.diffaug}"),
+                                       (bool(cfg.gan.diffaug), f"DiffAugment {','.join(cfg.gan.diffaug)}"),
                                        (cfg.data.hflip, "horizontal flips")) if applies]
 
 

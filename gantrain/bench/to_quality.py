@@ -30,7 +30,7 @@ from rich.console import Console
 from gantrain.bench.hardware import system_info
 from gantrain.bench.report import console_table, markdown_table
 from gantrain.bench.timing import RESULT_PREFIX
-from gantrain.engine import (Config, ConfigError, PRESETS, RECOMMENDED, atomic_write_text, current_layout,
+from gantrain.engine import (Config, ConfigError, PRESETS, RECOMMENDED, atomic_write_text, current_layout, from_dict,
                              make_folder, override, preset, save_figure, with_env_defaults)
 
 TUTORIAL = "tutorial"
@@ -451,9 +451,12 @@ def reused_baseline_runs(path: Path, tutorial: Config, spec: dict, system: dict,
                               f"asks for {baseline_seeds}")
         runs = runs[:baseline_seeds]
     ours = tutorial.to_dict()
-    # a field the earlier report lacks came later: the code that wrote it behaved as the field's default does
-    defaults = Config().to_dict()
-    theirs = {section: {**defaults[section], **config.get(section, {})} for section in _RECIPE_SECTIONS}
+    # a field the earlier report lacks came later: the code that wrote it behaved as the field's default does; and
+    # a value an older report spelt otherwise (a comma list for a list field) reads as it would today
+    try:
+        theirs = from_dict({section: config.get(section, {}) for section in _RECIPE_SECTIONS}).to_dict()
+    except ConfigError as exc:
+        raise ConfigError(f"--baseline-from: {path}: its tutorial loop's config does not load ({exc})") from None
     differences = [f"{section}.{key} {theirs[section].get(key)!r} (here {value!r})"
                    for section in _RECIPE_SECTIONS for key, value in ours[section].items()
                    if key != "data_root" and theirs[section].get(key) != value]

@@ -48,6 +48,21 @@ def _check(ok: bool, name: str, message: str) -> None:
         raise ConfigError(f"{_flag(name)}: {message}")
 
 
+def _names(value: Any, name: str) -> tuple[str, ...]:
+    """A list field's value as a tuple of names, from a comma list (``"color, cutout"``: a flag or an older file),
+    a list of names (a TOML array, a repeated flag), or ``"none"``/empty for none. Raises :class:`ConfigError`."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+        raise ConfigError(f"{_flag(name)}: must be a list of names (or a comma list), got {value!r}")
+    names = tuple(part.strip() for item in items for part in item.split(",") if part.strip())
+    return () if names == ("none",) else names
+
+
+def shown(value: Any) -> Any:
+    """A config value as a person reads it: a list field as its comma list ('color,cutout'), others as they are."""
+    return ",".join(value) if isinstance(value, (tuple, list)) else value
+
+
 def _check_finite(section: Any) -> None:
     """Every float field of a section is a finite number: range checks written as ``x > 0`` let inf through,
     and comparisons with NaN are all false."""
@@ -183,7 +198,7 @@ class GanConfig:
     """BatchNorm statistics of the EMA generator (with --ema-decay > 0): copy (G's running statistics, copied
     every step) or standing (recomputed for the EMA weights from 2,048 noise vectors of their own when the EMA
     generator is next used after a step: evaluation, samples, checkpoints; BigGAN's standing statistics)."""
-    diffaug: str = ""
+    diffaug: tuple[str, ...] = ()
     """Differentiable augmentation (DiffAugment, Zhao et al. 2020) of every image D sees, real and generated, in
     the D and the G step: a comma list (or repeated flag) of color (brightness, saturation, contrast), translation
     (up to 1/8 of the size) and cutout (a square of half the size), applied in the order given; empty (or none) =
@@ -193,15 +208,13 @@ class GanConfig:
         _check_finite(self)
         _check(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         _check(self.ema_bn in EMA_BN_MODES, "ema_bn", f"must be one of {', '.join(EMA_BN_MODES)}, got {self.ema_bn!r}")
-        _check(isinstance(self.diffaug, str), "diffaug", f"must be a comma list, got {self.diffaug!r}")
-        ops = [op.strip() for op in self.diffaug.split(",") if op.strip()]
-        ops = [] if ops == ["none"] else ops
+        ops = list(_names(self.diffaug, "diffaug"))
         unknown = [op for op in ops if op not in DIFFAUG_OPS]
         _check(not unknown, "diffaug", f"unknown op {unknown[0]!r}: must be empty (off) or a comma list of "
                f"{', '.join(DIFFAUG_OPS)}" if unknown else "")
         twice = [op for i, op in enumerate(ops) if op in ops[:i]]
         _check(not twice, "diffaug", f"{twice[0]!r} is listed twice" if twice else "")
-        self.diffaug = ",".join(ops)  # one spelling per policy: config.toml, checkpoints and resume compare it
+        self.diffaug = tuple(ops)  # one spelling per policy: config.toml, checkpoints and resume compare it
 
     def ema_words(self) -> str:
         """The generator EMA in words ('EMA 0.99 (standing BN statistics)'), or '' when off."""
@@ -262,7 +275,7 @@ class LoggingConfig:
     """Log losses and images/s every N steps."""
     sample_every: int = 500
     """Write the fixed-noise sample grid every N steps (0 = only at the end)."""
-    logger: str = "none"
+    logger: tuple[str, ...] = ()
     """Experiment trackers fed from metrics.jsonl's records: none, or a comma list (or repeated flag) of tensorboard
     (events in <run>/tb), wandb (offline unless WANDB_MODE says otherwise) and mlflow (<run>/mlflow.db with
     artifacts in <run>/mlartifacts, unless MLFLOW_TRACKING_URI is set); each needs the extra of its name
@@ -272,8 +285,8 @@ class LoggingConfig:
         _check_finite(self)
         _check(self.log_every >= 1, "log_every", f"must be at least 1, got {self.log_every}")
         _check(self.sample_every >= 0, "sample_every", f"must be >= 0, got {self.sample_every}")
-        loggers = [n.strip() for n in self.logger.split(",") if n.strip()]
-        bad = [n for n in loggers if n not in LOGGERS] if loggers != ["none"] else []
+        self.logger = _names(self.logger, "logger")
+        bad = [n for n in self.logger if n not in LOGGERS]
         _check(not bad, "logger", f"must be none or a comma list of {', '.join(LOGGERS)}, got {bad[0]!r}" if bad else "")
 
 
@@ -289,7 +302,7 @@ class EvalConfig:
     metrics_cache: str = ""
     """Folder of fitted feature extractors and real-data features (default: $GANTRAIN_CACHE, else
     $XDG_CACHE_HOME/gantrain/metrics, else ~/.cache/gantrain/metrics)."""
-    eval_metrics: str = ""
+    eval_metrics: tuple[str, ...] = ()
     """Extra metrics at each --eval-every evaluation and in tune trials, a comma list: inception (the standard
     FID and KID in Inception-v3 features; the fid extra; about 0.3 s per image on a CPU, so off by default).
     Empty: the domain-extractor metrics only."""
@@ -298,7 +311,8 @@ class EvalConfig:
         _check_finite(self)
         _check(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         _check(self.eval_samples >= 100, "eval_samples", f"must be at least 100, got {self.eval_samples}")
-        unknown = [m for m in self.eval_metrics.split(",") if m.strip() and m.strip() not in EVAL_METRICS]
+        self.eval_metrics = _names(self.eval_metrics, "eval_metrics")
+        unknown = [m for m in self.eval_metrics if m not in EVAL_METRICS]
         _check(not unknown, "eval_metrics", f"must be a comma list of {', '.join(EVAL_METRICS)}, got {unknown[0]!r}"
                if unknown else "")
 
@@ -420,7 +434,9 @@ class Config:
                    "use --dali-device cpu (or auto)")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as JSON/TOML-native data (a list field as a list), as checkpoints and reports store it."""
+        return {key: {name: list(v) if isinstance(v, tuple) else v for name, v in value.items()}
+                if isinstance(value, dict) else value for key, value in dataclasses.asdict(self).items()}
 
     @property
     def run_dir(self) -> Path:
@@ -481,7 +497,7 @@ def field_index() -> dict[str, tuple[str, type]]:
 
 def _python_type(hint: Any) -> type:
     text = hint if isinstance(hint, str) else getattr(hint, "__name__", str(hint))
-    for name, typ in (("bool", bool), ("int", int), ("float", float)):
+    for name, typ in (("bool", bool), ("int", int), ("float", float), ("tuple", tuple)):
         if text.startswith(name):
             return typ
     return str
@@ -515,6 +531,8 @@ def _coerce(value: Any, typ: type, name: str) -> Any:
         return None
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is tuple:
+        return _names(value, name)
     if typ is str and not isinstance(value, str):
         raise ConfigError(f"{_flag(name)}: must be a string, got {value!r}")
     if typ is bool and not isinstance(value, bool):
@@ -595,6 +613,8 @@ def to_toml(cfg: Config) -> str:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):

@@ -35,8 +35,8 @@ def test_fashion_run_with_diffaug_is_finite_and_differs_from_the_plain_run(cli, 
     for r in records:
         assert math.isfinite(r["loss_d"]) and math.isfinite(r["loss_g"])
         assert 0 < r["d_real"] < 1 and 0 < r["d_fake"] < 1
-    assert load_toml(out / "config.toml").gan.diffaug == "color,translation,cutout"
-    assert load_checkpoint(out / "checkpoints" / "last.pt")["config"]["gan"]["diffaug"] == "color,translation,cutout"
+    assert load_toml(out / "config.toml").gan.diffaug == ("color", "translation", "cutout")
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["config"]["gan"]["diffaug"] == ["color", "translation", "cutout"]
     # the same run without --diffaug (conftest's trained_run, same seed and data): D saw other images
     plain = _metrics(trained_run)
     assert [r["loss_d"] for r in records] != [r["loss_d"] for r in plain]
@@ -65,5 +65,5 @@ def test_resume_with_another_policy_logs_the_change(cli, datasets_root: Path, tm
     log = (out / "train.log").read_text()
     assert "settings changed since the checkpoint, in effect from step 3" in log
     assert "--diffaug 'color' -> 'color,translation,cutout'" in log
-    assert load_checkpoint(out / "checkpoints" / "last.pt")["config"]["gan"]["diffaug"] == "color,translation,cutout"
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["config"]["gan"]["diffaug"] == ["color", "translation", "cutout"]
     assert all(math.isfinite(r["loss_d"]) for r in _metrics(out))

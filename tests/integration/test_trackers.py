@@ -223,6 +223,6 @@ def test_no_logger_writes_no_tracker_files(tiny_cfg, quiet_console) -> None:
     from gantrain.engine.train.loop import Trainer
 
     cfg = tiny_cfg("plain", max_steps=2)
-    assert cfg.logging.logger == "none"
+    assert cfg.logging.logger == ()
     Trainer(cfg, console=quiet_console).fit()
     assert not any((cfg.run_dir / name).exists() for name in ("tb", "wandb", "mlflow.db", "trackers.json"))

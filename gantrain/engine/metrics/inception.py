@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,6 +221,7 @@ def generator_scores(generator: torch.nn.Module, cfg, spec, *, num_samples: int,
     return {**inception_scores(fake, real, seed=seed), "inception_s_per_1000": round(1000 * seconds / len(fake), 1)}
 
 
-def requested(eval_metrics: str) -> bool:
-    """Whether a config's ``--eval-metrics`` asks for the Inception metrics."""
-    return "inception" in [m.strip() for m in eval_metrics.split(",")]
+def requested(eval_metrics: str | Sequence[str]) -> bool:
+    """Whether a config's ``--eval-metrics`` (its names, or a comma list) asks for the Inception metrics."""
+    items = eval_metrics.split(",") if isinstance(eval_metrics, str) else eval_metrics
+    return "inception" in [m.strip() for m in items]

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from gantrain.engine.config import Config
+from gantrain.engine.config import Config, shown
 from gantrain.engine.errors import ConfigError, GantrainError
 from gantrain.engine.outputs.runlog import log
 from gantrain.engine.state.files import atomic_write_text
@@ -58,9 +58,11 @@ class MissingExtra(GantrainError):
     """A --logger whose package is not installed (or cannot be imported)."""
 
 
-def parse_loggers(text: str) -> list[str]:
-    """``"tensorboard, wandb"`` -> ["tensorboard", "wandb"]; ``none`` or empty -> []. Raises ConfigError."""
-    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+def parse_loggers(loggers: str | Sequence[str]) -> list[str]:
+    """``"tensorboard, wandb"`` (or the names as a sequence) -> ["tensorboard", "wandb"]; ``none`` or empty -> [].
+    Raises ConfigError."""
+    items = loggers.split(",") if isinstance(loggers, str) else list(loggers)
+    names = [n.strip().lower() for n in items if n.strip()]
     if names == ["none"]:
         return []
     bad = [n for n in names if n not in LOGGERS]
@@ -101,7 +103,7 @@ def flat_config(cfg: Config) -> dict[str, Any]:
     flat: dict[str, Any] = {"preset": cfg.preset}
     for section, values in cfg.to_dict().items():
         if isinstance(values, dict):
-            flat.update({f"{section}.{k}": ("" if v is None else v) for k, v in values.items()})
+            flat.update({f"{section}.{k}": ("" if v is None else shown(v)) for k, v in values.items()})
     return flat
 
 

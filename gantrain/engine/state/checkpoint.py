@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from gantrain.engine.config import Config, env_data_root, from_dict, with_env_defaults
+from gantrain.engine.config import Config, env_data_root, from_dict, shown, with_env_defaults
 from gantrain.engine.config import _flag as flag_name
 from gantrain.engine.errors import CheckpointError, TrainingDiverged
 from gantrain.engine.state.files import atomic_write, io_error
@@ -218,10 +218,10 @@ def resumed_config(cfg: Config, state: dict | None, path: Path | str | None) -> 
     changed = [key for key in new if old.get(key) != new[key]]
     fixed = [key for key in changed if key.startswith("model.") or key in FIXED_MID_RUN]
     if fixed:
-        what = ", ".join(f"{flag_name(k.split('.')[1])} {old[k]!r} -> {new[k]!r}" for k in fixed)
+        what = ", ".join(f"{flag_name(k.split('.')[1])} {shown(old[k])!r} -> {shown(new[k])!r}" for k in fixed)
         raise CheckpointError(f"{path}: the checkpoint's model config differs from this run's ({what}): these "
                               "cannot change mid-run; pass the same --preset/--config or start a new --out")
-    return [f"{flag_name(k.split('.')[1])} {old[k]!r} -> {new[k]!r}" for k in changed]
+    return [f"{flag_name(k.split('.')[1])} {shown(old[k])!r} -> {shown(new[k])!r}" for k in changed]
 
 
 def flat_config(tree: dict, prefix: str = "") -> dict:

@@ -13,7 +13,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from gantrain.engine.config import DATA_ROOT_ENV, SECTION_TYPES, Config, _flag, env_data_root, preset, toml_base
+from gantrain.engine.config import (DATA_ROOT_ENV, SECTION_TYPES, Config, _flag, env_data_root, preset, shown,
+                                    toml_base)
 from gantrain.engine.data.download import IDX_DATASETS, raw_folder
 from gantrain.engine.errors import ConfigError
 
@@ -149,8 +150,8 @@ def show(cfg: Config, sources: dict[str, str], schedule: Schedule, console: Cons
     for key, source in sources.items():
         section, name = key.split(".")
         value = values[section][name]
-        table.add_row(key, "" if value is None else repr(value) if isinstance(value, str) else str(value),
-                      source, style=None if source == "default" else "cyan")
+        text = "" if value is None else repr(shown(value)) if isinstance(value, (str, list)) else str(value)
+        table.add_row(key, text, source, style=None if source == "default" else "cyan")
     console.print(table)
     lines = [f"images: {schedule.images if schedule.images is not None else 'unknown'} ({schedule.images_note})",
              f"effective batch: {schedule.batch_size} per process x {schedule.world_size} process(es) = "

@@ -65,7 +65,7 @@ def test_the_diffaug_recipe_differs_from_cats64_only_in_diffaug() -> None:
     changed = {(section, key) for section in plain if isinstance(plain[section], dict)
                for key in plain[section] if plain[section][key] != recipe[section][key]}
     assert changed == {("gan", "diffaug")}
-    assert recipe["gan"]["diffaug"] == "color,translation,cutout" and plain["gan"]["diffaug"] == ""
+    assert recipe["gan"]["diffaug"] == ["color", "translation", "cutout"] and plain["gan"]["diffaug"] == []
 
 
 @pytest.mark.parametrize("flat, flag", [
@@ -329,7 +329,7 @@ def test_a_config_toml_of_the_layout_before_loads_every_value(tmp_path) -> None:
     loaded = load_toml(old)
     assert loaded == expected
     assert (loaded.eval.eval_every, loaded.gan.ema_decay, loaded.gan.diffaug, loaded.checkpoint.checkpoint_every_steps,
-            loaded.logging.logger) == (1, 0.99, "color,cutout", 7, "tensorboard")
+            loaded.logging.logger) == (1, 0.99, ("color", "cutout"), 7, ("tensorboard",))
     again = tmp_path / "config.toml"
     again.write_text(to_toml(loaded))
     assert load_toml(again) == expected and "[eval]\n" in again.read_text()
@@ -360,3 +360,35 @@ def test_the_measured_figures_of_each_recommended_recipe_come_from_data_with_the
     for name, entry in data["recommended"].items():
         report = json.loads((root / entry["source"]).read_text())
         assert entry["contender"] in {c["name"] for c in report["contenders"]}, (name, entry["source"])
+
+
+def test_list_fields_are_lists_in_toml_and_checkpoints(tmp_path) -> None:
+    """--logger, --eval-metrics and --diffaug hold lists: TOML arrays in config.toml, lists in a checkpoint's config;
+    a comma list (a flag, a file written before) and a repeated flag give the same value."""
+    from gantrain.engine.config import LIST_FIELDS
+
+    assert set(LIST_FIELDS) == {name for name, (_, typ) in field_index().items() if typ is tuple}
+    cfg = override(preset("cats64"), {"logger": "tensorboard, wandb", "eval_metrics": "inception",
+                                      "diffaug": ["color", "cutout"]})
+    assert (cfg.logging.logger, cfg.eval.eval_metrics, cfg.gan.diffaug) == (("tensorboard", "wandb"), ("inception",),
+                                                                           ("color", "cutout"))
+    text = to_toml(cfg)
+    assert 'logger = ["tensorboard", "wandb"]' in text and 'diffaug = ["color", "cutout"]' in text
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    assert load_toml(path) == cfg and cfg.to_dict()["logging"]["logger"] == ["tensorboard", "wandb"]
+    older = tmp_path / "older.toml"
+    older.write_text('preset = "cats64"\n[run]\nlogger = "tensorboard,wandb"\neval_metrics = "inception"\n'
+                     '[loss]\ndiffaug = "color,cutout"\n')
+    assert load_toml(older) == cfg
+    assert override(preset("fashion32"), {"logger": "none"}).logging.logger == ()
+    with pytest.raises(ConfigError, match="--logger: must be a list of names"):
+        from_dict({"logging": {"logger": 3}})
+
+
+def test_repeated_and_comma_list_flags_give_one_value(cli, tmp_path) -> None:
+    one = cli("run", "--logger", "tensorboard", "--logger", "mlflow", "--diffaug", "color,cutout", "--dry-run")
+    other = cli("run", "--logger", "tensorboard,mlflow", "--diffaug", "color", "--diffaug", "cutout", "--dry-run")
+    assert one.exit_code == other.exit_code == 0, one.output
+    assert "'tensorboard,mlflow'" in one.stdout and "'color,cutout'" in one.stdout
+    assert one.stdout == other.stdout
