@@ -25,6 +25,10 @@ for _name in ("COLUMNS", "FORCE_COLOR"):
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATASETS = REPO_ROOT.parent / "shared" / "datasets"
+# The first 1024 training and 512 test images of FashionMNIST, as IDX files in the repository: what the plumbing
+# tests read (a --limit of at most 1024 takes the first images) is the same with or without ../shared.
+FIRST_1024 = REPO_ROOT / "tests" / "data" / "fashion-mnist-first-1024"
+FIRST_1024_IMAGES = 1024
 
 # The tiny CLI run of the brief: 256 FashionMNIST images, batch 32 (8 steps/epoch), 6 steps, width 16.
 # On the CPU even where a GPU is present, so the images it writes are the same on every machine.
@@ -43,6 +47,14 @@ def _require(path: Path, what: str) -> Path:
 def datasets_root() -> Path:
     """The folder holding FashionMNIST/raw, MNIST/raw and cats/ (read-only: never write into it)."""
     return _require(DATASETS, "shared datasets folder")
+
+
+@pytest.fixture(scope="session")
+def train_root() -> Path:
+    """A --data-root holding FashionMNIST for plumbing tests that read at most its first 1024 training images:
+    ../shared/datasets when present, else the repository's copy of those images (tests/data), so such tests run
+    on a machine without the offline datasets instead of skipping."""
+    return DATASETS if (DATASETS / "FashionMNIST" / "raw").exists() else FIRST_1024
 
 
 @pytest.fixture(scope="session")
@@ -67,11 +79,16 @@ def quiet_console() -> Console:
 
 
 @pytest.fixture
-def tiny_cfg(tmp_path: Path, datasets_root: Path):
-    """Factory of small fashion32 configs (512 images, batch 32, width 16, CPU) with a run folder in tmp_path."""
+def tiny_cfg(tmp_path: Path, train_root: Path):
+    """Factory of small fashion32 configs (512 images, batch 32, width 16, CPU) with a run folder in tmp_path; a
+    --limit above 1024 (or 0) needs ../shared/datasets and skips without it."""
 
     def make(name: str = "run", **overrides) -> Config:
-        flat = dict(data_root=str(datasets_root), limit=512, batch_size=32, ngf=16, ndf=16, max_steps=4,
+        limit = overrides.get("limit", 512)
+        other_data = overrides.get("dataset", "fashion-mnist") != "fashion-mnist" or "data_root" in overrides
+        if train_root == FIRST_1024 and not other_data and not 0 < limit <= FIRST_1024_IMAGES:
+            _require(DATASETS, "shared datasets folder (--limit above the repository's 1024 images)")
+        flat = dict(data_root=str(train_root), limit=512, batch_size=32, ngf=16, ndf=16, max_steps=4,
                     sample_every=0, log_every=1, device="cpu", amp="off", channels_last=False,
                     out=str(tmp_path / name))
         flat.update(overrides)
@@ -109,13 +126,13 @@ def unwrap():
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory: pytest.TempPathFactory, datasets_root: Path) -> Path:
+def trained_run(tmp_path_factory: pytest.TempPathFactory, train_root: Path) -> Path:
     """One tiny CLI training run shared (read-only) by several tests; copy it before changing anything."""
     from gantrain.cli import app
 
     out = tmp_path_factory.mktemp("trained") / "run"
     env = {"COLUMNS": "80"}
-    result = CliRunner().invoke(app, ["run", "--data-root", str(datasets_root), *TINY_RUN_ARGS, "--out", str(out)],
+    result = CliRunner().invoke(app, ["run", "--data-root", str(train_root), *TINY_RUN_ARGS, "--out", str(out)],
                                 env=env)
     assert result.exit_code == 0, result.output
     return out

@@ -20,16 +20,18 @@ def installed(extra: str) -> bool:
         return False
 
 
+def _reason(missing: list[str]) -> str:
+    return f"needs the {', '.join(missing)} extra{'s' if len(missing) > 1 else ''} (pip install -e '.[{','.join(missing)}]')"
+
+
 def needs(*extras: str) -> None:
     """Skips the calling test unless every extra in ``extras`` is installed."""
     missing = [extra for extra in extras if not installed(extra)]
     if missing:
-        pytest.skip(f"needs the {', '.join(missing)} extra{'s' if len(missing) > 1 else ''} "
-                    f"(pip install -e '.[{','.join(missing)}]')")
+        pytest.skip(_reason(missing))
 
 
 def marks(*extras: str) -> pytest.MarkDecorator:
     """The same as a mark, for a whole module (``pytestmark``) or a parametrized case."""
     missing = [extra for extra in extras if not installed(extra)]
-    return pytest.mark.skipif(bool(missing), reason=f"needs the {', '.join(missing)} extra(s) "
-                                                     f"(pip install -e '.[{','.join(missing)}]')")
+    return pytest.mark.skipif(bool(missing), reason=_reason(missing))

@@ -238,18 +238,18 @@ def test_dry_run_prints_sources_and_schedule_and_touches_nothing(cli, datasets_r
     assert not out.exists()
 
 
-def test_dry_run_refuses_an_impossible_precision_before_printing(cli, unwrap, datasets_root: Path,
+def test_dry_run_refuses_an_impossible_precision_before_printing(cli, unwrap, train_root: Path,
                                                                    tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("fp16 is possible here")
-    result = cli("run", "--dry-run", "--data-root", datasets_root, "--amp", "fp16", "--device", "auto",
+    result = cli("run", "--dry-run", "--data-root", train_root, "--amp", "fp16", "--device", "auto",
                  "--out", tmp_path / "never")
     assert result.exit_code == 2, result.output
     assert "fp16 needs CUDA" in unwrap(result.output) and "│" not in result.output and "Traceback" not in result.output
 
 
-def test_dry_run_schedule_under_ddp_and_max_steps(cli, datasets_root: Path, tmp_path: Path) -> None:
-    result = cli("run", "--dry-run", "--data-root", datasets_root, "--limit", "1000", "--batch-size", "100",
+def test_dry_run_schedule_under_ddp_and_max_steps(cli, train_root: Path, tmp_path: Path) -> None:
+    result = cli("run", "--dry-run", "--data-root", train_root, "--limit", "1000", "--batch-size", "100",
                  "--ddp", "--nproc", "2", "--max-steps", "7", "--out", tmp_path / "never")
     assert result.exit_code == 0, result.output
     text = re.sub(r"\s+", " ", result.stdout)
@@ -259,7 +259,7 @@ def test_dry_run_schedule_under_ddp_and_max_steps(cli, datasets_root: Path, tmp_
     assert not (tmp_path / "never").exists()
 
 
-def test_dry_run_refuses_a_schedule_without_a_step(cli, unwrap, datasets_root: Path, tmp_path: Path) -> None:
-    result = cli("run", "--dry-run", "--data-root", datasets_root, "--limit", "50", "--batch-size", "64",
+def test_dry_run_refuses_a_schedule_without_a_step(cli, unwrap, train_root: Path, tmp_path: Path) -> None:
+    result = cli("run", "--dry-run", "--data-root", train_root, "--limit", "50", "--batch-size", "64",
                  "--out", tmp_path / "never")
     assert result.exit_code == 2 and "--limit" in unwrap(result.output) and "Traceback" not in result.output

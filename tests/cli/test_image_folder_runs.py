@@ -30,7 +30,7 @@ def _jpegs(folder: Path, n: int, start: int = 0) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", LOADERS)
 def test_cli_refuses_an_impossible_schedule_before_writing_anything(tmp_path: Path, kind: str, cli, unwrap,
-                                                                     datasets_root: Path) -> None:
+                                                                     train_root: Path) -> None:
     _needs(kind)
     _jpegs(tmp_path / "d", 21)
     out = tmp_path / "run"
@@ -39,7 +39,7 @@ def test_cli_refuses_an_impossible_schedule_before_writing_anything(tmp_path: Pa
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "error: --batch-size: the dataset has 21 images, fewer than one global batch of 32" in unwrap(result.output)
     assert not out.exists()
-    fashion = cli("run", "--data-root", str(datasets_root), "--limit", "64", "--loader", kind, "--device", "cpu",
+    fashion = cli("run", "--data-root", str(train_root), "--limit", "64", "--loader", kind, "--device", "cpu",
                   "--out", str(out))
     assert fashion.exit_code == 2 and not out.exists()
     assert ("error: --limit: 64 leaves 64 images, fewer than one global batch of 128 (--batch-size); raise --limit "
@@ -47,9 +47,9 @@ def test_cli_refuses_an_impossible_schedule_before_writing_anything(tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_resuming_a_finished_run_is_refused(tmp_path: Path, cli, unwrap, datasets_root: Path) -> None:
+def test_resuming_a_finished_run_is_refused(tmp_path: Path, cli, unwrap, train_root: Path) -> None:
     out = tmp_path / "run"
-    args = ["run", "--data-root", str(datasets_root), "--limit", "64", "--batch-size", "32", "--ngf", "8", "--ndf", "8",
+    args = ["run", "--data-root", str(train_root), "--limit", "64", "--batch-size", "32", "--ngf", "8", "--ndf", "8",
             "--max-steps", "2", "--device", "cpu", "--sample-every", "0", "--out", str(out)]
     assert cli(*args).exit_code == 0
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}

@@ -90,9 +90,9 @@ def test_fashion32_step_flops_match_hand_count():
 
 
 @pytest.mark.slow
-def test_bench_quick_writes_reports(cli, tmp_path, datasets_root):
+def test_bench_quick_writes_reports(cli, tmp_path, train_root):
     json_path, md_path = tmp_path / "new" / "bench.json", tmp_path / "bench.md"
-    result = cli("bench", "--quick", "--data-root", str(datasets_root), "--limit", "1024", "--batch-size", "32",
+    result = cli("bench", "--quick", "--data-root", str(train_root), "--limit", "1024", "--batch-size", "32",
                   "--only", "baseline", "--only", "all, no compile", "--peak-tflops", "0.2", "--windows", "2", "--device", "cpu",
                   "--json", str(json_path), "--markdown", str(md_path))
     assert result.exit_code == 0, result.output
@@ -113,11 +113,11 @@ def test_bench_quick_writes_reports(cli, tmp_path, datasets_root):
 
 
 @pytest.mark.slow
-def test_to_quality_quick_mechanics(cli, tmp_path, datasets_root, fashion_extractor):
+def test_to_quality_quick_mechanics(cli, tmp_path, train_root, fashion_extractor):
     """`--to-quality --quick` (tiny models, 256 images): one target every run reaches, one none can, times that
     only grow, a tutorial loop on fewer seeds, and the three report files."""
     out = tmp_path / "tq"
-    result = cli("bench", "--to-quality", "--quick", "--data-root", str(datasets_root), "--seeds", "2",
+    result = cli("bench", "--to-quality", "--quick", "--data-root", str(train_root), "--seeds", "2",
                  "--baseline-seeds", "1", "--targets", "0.001,1e9", "--out", str(out))
     assert result.exit_code == 0, result.output
     report = json.loads((out / "to_quality.json").read_text())
@@ -144,12 +144,12 @@ def test_to_quality_quick_mechanics(cli, tmp_path, datasets_root, fashion_extrac
 
 
 @pytest.mark.slow
-def test_to_quality_stop_when_reached_ends_runs_at_the_tutorial_final_fd(cli, tmp_path, datasets_root,
+def test_to_quality_stop_when_reached_ends_runs_at_the_tutorial_final_fd(cli, tmp_path, train_root,
                                                                           fashion_extractor):
     """The worker's loop: a gantrain run ends at its first FD at or below the tutorial loop's final FD, or runs
     its whole budget when it never gets there (the tiny models may go either way; both are checked)."""
     out = tmp_path / "tq"
-    result = cli("bench", "--to-quality", "--quick", "--data-root", str(datasets_root), "--contender", "fashion32",
+    result = cli("bench", "--to-quality", "--quick", "--data-root", str(train_root), "--contender", "fashion32",
                  "--contender", "tutorial", "--eval-every-epochs", "0.25", "--stop-when-reached", "--out", str(out))
     assert result.exit_code == 0, result.output
     report = json.loads((out / "to_quality.json").read_text())

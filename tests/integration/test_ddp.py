@@ -16,8 +16,8 @@ from gantrain.engine.state.checkpoint import load_checkpoint
 pytestmark = pytest.mark.slow
 
 
-def _run(datasets_root: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "gantrain", "run", "--data-root", str(datasets_root), "--limit", "512",
+def _run(train_root: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "gantrain", "run", "--data-root", str(train_root), "--limit", "512",
             "--batch-size", "16", "--ngf", "8", "--ndf", "8", "--log-every", "2", "--sample-every", "0",
             "--device", "cpu", "--out", str(out), *extra]
     return subprocess.run(args, capture_output=True, text=True, timeout=300)
@@ -33,10 +33,10 @@ def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_ddp_replicas_stay_identical_and_resume_both_ways(datasets_root, tmp_path):
+def test_ddp_replicas_stay_identical_and_resume_both_ways(train_root, tmp_path):
     out = tmp_path / "ddp"
     ddp = ["--ddp", "--nproc", "2", "--master-port", str(free_port())]
-    first = _run(datasets_root, out, "--max-steps", "6", *ddp)
+    first = _run(train_root, out, "--max-steps", "6", *ddp)
     assert first.returncode == 0, _errors(first)
     records = _records(out)
     assert records[-1] == {"step": 6, "ddp_replica_max_abs_diff": 0.0}
@@ -48,14 +48,14 @@ def test_ddp_replicas_stay_identical_and_resume_both_ways(datasets_root, tmp_pat
     assert (state["epoch_images"], state["global_batch"]) == (6 * 32, 32)
 
     # One process, batch 16: the 192 images are step 12 of 32 in this layout; 3 more steps reach image 240.
-    single = _run(datasets_root, out, "--max-steps", "9", "--resume", "auto")
+    single = _run(train_root, out, "--max-steps", "9", "--resume", "auto")
     assert single.returncode == 0, _errors(single)
     state = load_checkpoint(out / "checkpoints" / "last.pt")
     assert (state["world_size"], state["step"], state["epoch_images"], state["images_seen"]) == (1, 9, 240, 240)
     assert "global batch 32 -> 16: continuing at epoch 1, step 12 of 32" in (out / "train.log").read_text()
 
     # Two processes again: image 240 is 7.5 global batches of 32, so step 7 (16 images again), then 3 more.
-    again = _run(datasets_root, out, "--max-steps", "12", "--resume", "auto", *ddp[:-1], str(free_port()))
+    again = _run(train_root, out, "--max-steps", "12", "--resume", "auto", *ddp[:-1], str(free_port()))
     assert again.returncode == 0, _errors(again)
     final = load_checkpoint(out / "checkpoints" / "last.pt")
     assert final["step"] == 12 and final["world_size"] == 2
@@ -66,23 +66,23 @@ def test_ddp_replicas_stay_identical_and_resume_both_ways(datasets_root, tmp_pat
     assert len(changed) > len(state["generator"]) // 2, "the resumed runs did not train G"
 
 
-def test_a_finished_ddp_epoch_resumed_in_one_process_is_not_trained_again(datasets_root, tmp_path):
+def test_a_finished_ddp_epoch_resumed_in_one_process_is_not_trained_again(train_root, tmp_path):
     """The issue's case: 256 images at batch 16 x 2 processes is 8 steps per epoch; in one process it is 16."""
     out = tmp_path / "ddp"
-    first = _run(datasets_root, out, "--limit", "256", "--epochs", "1", "--max-steps", "0", "--ddp", "--nproc", "2",
+    first = _run(train_root, out, "--limit", "256", "--epochs", "1", "--max-steps", "0", "--ddp", "--nproc", "2",
                  "--master-port", str(free_port()))
     assert first.returncode == 0, _errors(first)
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 8
-    done = _run(datasets_root, out, "--limit", "256", "--epochs", "1", "--max-steps", "0", "--resume", "auto")
+    done = _run(train_root, out, "--limit", "256", "--epochs", "1", "--max-steps", "0", "--resume", "auto")
     assert done.returncode == 2 and "already took 8 of its 8 steps; raise --epochs" in done.stderr  # stays finished
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 8
-    more = _run(datasets_root, out, "--limit", "256", "--epochs", "2", "--max-steps", "0", "--resume", "auto")
+    more = _run(train_root, out, "--limit", "256", "--epochs", "2", "--max-steps", "0", "--resume", "auto")
     assert more.returncode == 0, _errors(more)
     state = load_checkpoint(out / "checkpoints" / "last.pt")
     assert (state["step"], state["epoch"], state["images_seen"]) == (8 + 16, 2, 2 * 256)
 
 
-def test_ranks_that_resolve_amp_auto_differently_are_refused(datasets_root, tmp_path):
+def test_ranks_that_resolve_amp_auto_differently_are_refused(train_root, tmp_path):
     """Nodes with different CPUs can resolve --amp auto differently (bf16 on one, fp32 on another); replicas in
     two precisions would drift apart silently, so the run stops at start-up with one line on every rank."""
     script = tmp_path / "mixed.py"
@@ -93,7 +93,7 @@ def test_ranks_that_resolve_amp_auto_differently_are_refused(datasets_root, tmp_
                       "main()\n")
     out = tmp_path / "mixed"
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-            str(script), "run", "--data-root", str(datasets_root), "--limit", "256", "--batch-size", "16", "--ngf", "8",
+            str(script), "run", "--data-root", str(train_root), "--limit", "256", "--batch-size", "16", "--ngf", "8",
             "--ndf", "8", "--max-steps", "2", "--sample-every", "0", "--device", "cpu", "--out", str(out)]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0

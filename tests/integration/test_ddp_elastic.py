@@ -23,9 +23,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("
 STEPS = 120
 
 
-def _command(datasets_root: Path, out: Path, *extra: str) -> list[str]:
+def _command(train_root: Path, out: Path, *extra: str) -> list[str]:
     # fp32, NCHW: resume is exact there, so a recovered run must match an unbroken one bit for bit
-    return [sys.executable, "-m", "gantrain", "run", "--data-root", str(datasets_root), "--limit", "256",
+    return [sys.executable, "-m", "gantrain", "run", "--data-root", str(train_root), "--limit", "256",
             "--batch-size", "16", "--ngf", "8", "--ndf", "8", "--log-every", "1", "--sample-every", "0",
             "--device", "cpu", "--amp", "off", "--no-channels-last", "--out", str(out), "--ddp", "--nproc", "2",
             "--master-port", str(free_port()), "--max-steps", str(STEPS), "--checkpoint-every", "1000",
@@ -100,14 +100,14 @@ def _weights(out: Path) -> dict:
     return {f"{part}.{name}": t for part in ("generator", "discriminator") for name, t in state[part].items()}
 
 
-def test_a_killed_worker_is_restarted_and_the_run_ends_with_the_unbroken_runs_weights(datasets_root, tmp_path,
+def test_a_killed_worker_is_restarted_and_the_run_ends_with_the_unbroken_runs_weights(train_root, tmp_path,
                                                                                       popen):
-    reference = subprocess.run(_command(datasets_root, tmp_path / "ref"), env=_env(), capture_output=True, text=True,
+    reference = subprocess.run(_command(train_root, tmp_path / "ref"), env=_env(), capture_output=True, text=True,
                                timeout=300)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     out = tmp_path / "killed"
-    proc = popen(_command(datasets_root, out))
+    proc = popen(_command(train_root, out))
     # past the checkpoint of step 5, well before the end: the restart must resume from a checkpoint, not step 0
     _wait(lambda: len(_logged_steps(out)) >= 7, proc, 120, "step 7")
     os.kill(_worker(proc.pid, 1), signal.SIGKILL)
@@ -136,9 +136,9 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_with_the_unbroken_runs_we
     print(f"killed rank 1 after step >= 7: training again {recovery_s:.1f} s later (from step {resumed})")
 
 
-def test_with_the_restarts_used_up_every_process_exits_within_seconds_with_one_line(datasets_root, tmp_path, popen):
+def test_with_the_restarts_used_up_every_process_exits_within_seconds_with_one_line(train_root, tmp_path, popen):
     out = tmp_path / "run"
-    proc = popen(_command(datasets_root, out, "--max-restarts", "1", "--max-steps", "100000"))
+    proc = popen(_command(train_root, out, "--max-restarts", "1", "--max-steps", "100000"))
     _wait(lambda: len(_logged_steps(out)) >= 2, proc, 120, "step 2")
     os.kill(_worker(proc.pid, 0), signal.SIGKILL)
     _wait(lambda: (out / "train.log").is_file() and "restart 1 of 1" in (out / "train.log").read_text(), proc, 120,

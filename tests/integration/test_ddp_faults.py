@@ -21,8 +21,8 @@ from gantrain.engine.state.checkpoint import load_checkpoint
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux signals")]
 
 
-def _command(datasets_root: Path, out: Path, port: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "gantrain", "run", "--data-root", str(datasets_root), "--limit", "256",
+def _command(train_root: Path, out: Path, port: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "gantrain", "run", "--data-root", str(train_root), "--limit", "256",
             "--batch-size", "16", "--ngf", "16", "--ndf", "16", "--log-every", "1", "--sample-every", "0",
             "--device", "cpu", "--out", str(out), "--ddp", "--nproc", "2", "--master-port", str(port), *extra]
 
@@ -57,9 +57,9 @@ def _wait_gone(pids: list[int], timeout_s: float) -> float:
 class Job:
     """A long tiny DDP run started in its own session; ``workers`` are the launcher's two children."""
 
-    def __init__(self, datasets_root: Path, tmp_path: Path, *extra: str) -> None:
-        self.out, self.all, self.datasets_root = tmp_path / "run", [], datasets_root
-        self.proc = subprocess.Popen(_command(datasets_root, self.out, free_port(), "--epochs", "1000", *extra),
+    def __init__(self, train_root: Path, tmp_path: Path, *extra: str) -> None:
+        self.out, self.all, self.train_root = tmp_path / "run", [], train_root
+        self.proc = subprocess.Popen(_command(train_root, self.out, free_port(), "--epochs", "1000", *extra),
                                      cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, start_new_session=True)
         deadline = time.monotonic() + 120
@@ -94,14 +94,14 @@ class Job:
 
 
 @pytest.fixture
-def start_job(datasets_root: Path, tmp_path: Path):
+def start_job(train_root: Path, tmp_path: Path):
     """Starts the job; whatever happens in the test, none of its processes outlives it."""
     jobs: list[Job] = []
 
     def start(*extra: str) -> Job:
         job = Job.__new__(Job)
         jobs.append(job)
-        job.__init__(datasets_root, tmp_path, *extra)
+        job.__init__(train_root, tmp_path, *extra)
         return job
 
     yield start
@@ -112,12 +112,12 @@ def start_job(datasets_root: Path, tmp_path: Path):
             job.proc.communicate()
 
 
-def test_port_in_use_is_one_line_naming_the_flag(datasets_root: Path, tmp_path: Path) -> None:
+def test_port_in_use_is_one_line_naming_the_flag(train_root: Path, tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        done = subprocess.run(_command(datasets_root, tmp_path / "run", port, "--max-steps", "2"), env=_env(),
+        done = subprocess.run(_command(train_root, tmp_path / "run", port, "--max-steps", "2"), env=_env(),
                               capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.strip() == (f"error: --master-port: port {port} on 127.0.0.1 is already in use (another DDP "
@@ -156,7 +156,7 @@ def test_sigterm_to_the_workers_20ms_apart_agrees_on_one_step(start_job) -> None
     print(f"SIGTERM to both workers 20 ms apart: all gone after {seconds:.2f} s")
 
     # the agreed-step checkpoint resumes under DDP, and metrics.jsonl continues without a gap
-    again = subprocess.run(_command(job.datasets_root, job.out, free_port(), "--max-steps", str(step + 2),
+    again = subprocess.run(_command(job.train_root, job.out, free_port(), "--max-steps", str(step + 2),
                                     "--resume", "auto"), env=_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert job.checkpoint_step() == step + 2

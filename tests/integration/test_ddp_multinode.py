@@ -19,8 +19,8 @@ from gantrain.engine.state.checkpoint import load_checkpoint
 pytestmark = pytest.mark.slow
 
 
-def _node(datasets_root: Path, out: Path, *where: str) -> list[str]:
-    return [sys.executable, "-m", "gantrain", "run", "--data-root", str(datasets_root), "--limit", "256",
+def _node(train_root: Path, out: Path, *where: str) -> list[str]:
+    return [sys.executable, "-m", "gantrain", "run", "--data-root", str(train_root), "--limit", "256",
             "--batch-size", "16", "--ngf", "8", "--ndf", "8", "--log-every", "1", "--sample-every", "0",
             "--device", "cpu", "--amp", "off", "--no-channels-last", "--out", str(out), "--max-steps", "6",
             "--ddp", "--nnodes", "2", "--nproc", "1", *where]
@@ -59,15 +59,15 @@ def _check_one_run(out: Path, done: list[subprocess.CompletedProcess]) -> None:
         ["config.toml", "final.png", "losses.png", "metrics.jsonl", "progress.gif", "train.log"]
 
 
-def test_two_nodes_through_the_static_master_address(datasets_root, tmp_path):
+def test_two_nodes_through_the_static_master_address(train_root, tmp_path):
     out, port = tmp_path / "run", str(free_port())
-    done = _two_nodes(_node(datasets_root, out, "--node-rank", "0", "--master-port", port),
-                      _node(datasets_root, out, "--node-rank", "1", "--master-port", port))
+    done = _two_nodes(_node(train_root, out, "--node-rank", "0", "--master-port", port),
+                      _node(train_root, out, "--node-rank", "1", "--master-port", port))
     _check_one_run(out, done)
 
 
-def test_two_nodes_through_a_c10d_rendezvous(datasets_root, tmp_path):
+def test_two_nodes_through_a_c10d_rendezvous(train_root, tmp_path):
     out, endpoint = tmp_path / "run", f"127.0.0.1:{free_port()}"
-    done = _two_nodes(_node(datasets_root, out, "--rdzv-endpoint", endpoint, "--rdzv-id", "pair"),
-                      _node(datasets_root, out, "--rdzv-endpoint", endpoint, "--rdzv-id", "pair"))
+    done = _two_nodes(_node(train_root, out, "--rdzv-endpoint", endpoint, "--rdzv-id", "pair"),
+                      _node(train_root, out, "--rdzv-endpoint", endpoint, "--rdzv-id", "pair"))
     _check_one_run(out, done)

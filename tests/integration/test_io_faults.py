@@ -75,11 +75,11 @@ def test_a_rewrite_cut_short_leaves_the_old_file(name: str, tmp_path: Path, io_f
     assert sorted(p.name for p in folder.iterdir()) == [name]  # no temporary file left
 
 
-def test_a_resume_whose_config_rewrite_fails_keeps_config_and_history(trained_copy: Path, datasets_root: Path,
+def test_a_resume_whose_config_rewrite_fails_keeps_config_and_history(trained_copy: Path, train_root: Path,
                                                                       cli, io_faults) -> None:
     config, metrics = (trained_copy / "config.toml").read_bytes(), (trained_copy / "metrics.jsonl").read_bytes()
     io_faults.disk_full(trained_copy, after_bytes=500)  # the lock file fits; config.toml (several KB) does not
-    result = cli("run", "--data-root", datasets_root, "--limit", 256, "--batch-size", 32, "--ngf", 16, "--ndf", 16,
+    result = cli("run", "--data-root", train_root, "--limit", 256, "--batch-size", 32, "--ngf", 16, "--ndf", 16,
                  "--max-steps", 8, "--out", trained_copy, "--resume", "auto")
     assert result.exit_code == 1
     assert one_error_line(result) == (f"error: cannot write {trained_copy / 'config.toml'}: No space left on "
@@ -89,33 +89,33 @@ def test_a_resume_whose_config_rewrite_fails_keeps_config_and_history(trained_co
 
 
 # ===== I/O failures: one line naming the path and the cause ===================================================
-def test_out_that_is_a_file_or_under_a_file(cli, datasets_root: Path, tmp_path: Path) -> None:
+def test_out_that_is_a_file_or_under_a_file(cli, train_root: Path, tmp_path: Path) -> None:
     a_file = tmp_path / "taken"
     a_file.write_text("not a folder\n")
-    result = cli("run", *tiny_flags(datasets_root, a_file), "--max-steps", 1)
+    result = cli("run", *tiny_flags(train_root, a_file), "--max-steps", 1)
     assert result.exit_code == 1
     assert one_error_line(result) == f"error: --out: {a_file} is a file, not a folder"
-    under = cli("run", *tiny_flags(datasets_root, a_file / "run"), "--max-steps", 1)
+    under = cli("run", *tiny_flags(train_root, a_file / "run"), "--max-steps", 1)
     assert under.exit_code == 1
     assert one_error_line(under) == (f"error: --out: cannot create the folder {a_file / 'run'}: {a_file} is a "
                                       "file, not a folder")
     assert a_file.read_text() == "not a folder\n"
 
 
-def test_out_on_a_read_only_filesystem(cli, unwrap, datasets_root: Path, tmp_path: Path, io_faults) -> None:
+def test_out_on_a_read_only_filesystem(cli, unwrap, train_root: Path, tmp_path: Path, io_faults) -> None:
     io_faults.make_read_only(tmp_path / "ro")
-    result = cli("run", *tiny_flags(datasets_root, tmp_path / "ro" / "run"), "--max-steps", 1)
+    result = cli("run", *tiny_flags(train_root, tmp_path / "ro" / "run"), "--max-steps", 1)
     assert result.exit_code == 1
     assert "Read-only file system (EROFS)" in one_error_line(result)
     assert str(tmp_path / "ro") in unwrap(result.stderr)
 
 
-def test_disk_full_during_a_checkpoint_keeps_the_previous_one(trained_copy: Path, datasets_root: Path, cli,
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(trained_copy: Path, train_root: Path, cli,
                                                               io_faults) -> None:
     folder = trained_copy / "checkpoints"
     before = (folder / "last.pt").read_bytes()
     io_faults.disk_full(folder, after_bytes=4096)
-    result = cli("run", "--data-root", datasets_root, "--limit", 256, "--batch-size", 32, "--ngf", 16, "--ndf", 16,
+    result = cli("run", "--data-root", train_root, "--limit", 256, "--batch-size", 32, "--ngf", 16, "--ndf", 16,
                  "--max-steps", 8, "--log-every", 2, "--out", trained_copy, "--resume", "auto")
     assert result.exit_code == 1
     assert one_error_line(result) == (f"error: cannot write {folder / 'step_00000008.pt'}: No space left on device "
@@ -128,14 +128,14 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(trained_copy: Path
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0, reason="mounts a tmpfs: Linux, as root")
-def test_disk_full_on_a_real_3mb_tmpfs(cli, datasets_root: Path, tmp_path: Path) -> None:
+def test_disk_full_on_a_real_3mb_tmpfs(cli, train_root: Path, tmp_path: Path) -> None:
     mount = tmp_path / "small"
     mount.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here")
     try:
         out = mount / "run"  # ngf/ndf 64: G and D with Adam state are ~40 MB, far over 3 MB
-        result = cli("run", "--data-root", datasets_root, "--limit", 64, "--batch-size", 32, "--max-steps", 1,
+        result = cli("run", "--data-root", train_root, "--limit", 64, "--batch-size", 32, "--max-steps", 1,
                      "--sample-every", 0, "--device", "cpu", "--out", out)
         assert result.exit_code == 1
         assert one_error_line(result) == (f"error: cannot write {out / 'checkpoints' / 'step_00000001.pt'}: No "
@@ -208,9 +208,9 @@ def test_read_metrics_skips_damaged_lines_and_counts_them(tmp_path: Path, caplog
     assert read_metrics(tmp_path / "absent.jsonl") == []
 
 
-def test_resume_over_a_damaged_history(trained_copy: Path, datasets_root: Path, cli) -> None:
+def test_resume_over_a_damaged_history(trained_copy: Path, train_root: Path, cli) -> None:
     (trained_copy / "metrics.jsonl").write_bytes(b"".join(line for line, _ in DAMAGED))
-    result = cli("run", "--data-root", datasets_root, "--limit", 256, "--batch-size", 32, "--ngf", 16, "--ndf", 16,
+    result = cli("run", "--data-root", train_root, "--limit", 256, "--batch-size", 32, "--ngf", 16, "--ndf", 16,
                  "--max-steps", 8, "--log-every", 2, "--sample-every", 0, "--out", trained_copy, "--resume", "auto")
     assert result.exit_code == 0, result.output
     records = strict_records(trained_copy / "metrics.jsonl")

@@ -228,10 +228,10 @@ def test_fashion_extractor_fit_reaches_90_percent(fashion_extractor) -> None:
 
 
 @pytest.mark.slow
-def test_fd_grows_monotonically_with_noise(fashion_extractor, fashion_raw: Path, datasets_root: Path) -> None:
+def test_fd_grows_monotonically_with_noise(fashion_extractor, fashion_raw: Path, train_root: Path) -> None:
     """Real test images in the generated role, corrupted by more and more Gaussian noise: FD rises every time."""
     extractor, _ = fashion_extractor
-    spec = parse_dataset("fashion-mnist", str(datasets_root))
+    spec = parse_dataset("fashion-mnist", str(train_root))
     reference = load_reference(spec, cache=extractor.path.parent.parent, quiet=True)
     clean = load_split(spec, "test").images[:1000].float().mul(2 / 255).sub(1)
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
@@ -403,9 +403,9 @@ def test_cli_eval_table_and_json(fashion_extractor, trained_run: Path, cli, unwr
 
 
 @pytest.mark.slow
-def test_cli_eval_real_vs_real_is_the_floor(fashion_extractor, datasets_root: Path, cli, tmp_path: Path) -> None:
+def test_cli_eval_real_vs_real_is_the_floor(fashion_extractor, train_root: Path, cli, tmp_path: Path) -> None:
     out = tmp_path / "floor.json"
-    result = cli("eval", "--real-vs-real", "--dataset", "fashion-mnist", "--data-root", datasets_root, "-n", "1000",
+    result = cli("eval", "--real-vs-real", "--dataset", "fashion-mnist", "--data-root", train_root, "-n", "1000",
                  "--json", out)
     assert result.exit_code == 0, result.output
     metrics = json.loads(out.read_text())["metrics"]
@@ -423,9 +423,9 @@ def test_cli_eval_errors_are_one_line(cli, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_cli_fit_extractor_finds_the_cached_one(fashion_extractor, datasets_root: Path, cli, unwrap) -> None:
+def test_cli_fit_extractor_finds_the_cached_one(fashion_extractor, train_root: Path, cli, unwrap) -> None:
     extractor, _ = fashion_extractor
-    result = cli("metrics", "fit-extractor", "--dataset", "fashion-mnist", "--data-root", datasets_root,
+    result = cli("metrics", "fit-extractor", "--dataset", "fashion-mnist", "--data-root", train_root,
                  "--metrics-cache", extractor.path.parent.parent)
     assert result.exit_code == 0, result.output
     assert "cached" in unwrap(result.output) and "accuracy" in result.output

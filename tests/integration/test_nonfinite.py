@@ -139,9 +139,9 @@ def test_patience_0_goes_on_but_writes_no_nonfinite_checkpoint(tiny_cfg, quiet_c
     assert "not saving a checkpoint at step 4: non-finite weights" in (cfg.run_dir / "train.log").read_text()
 
 
-def test_a_diverging_cli_run_exits_1_with_strict_json(cli, datasets_root: Path, tmp_path: Path) -> None:
+def test_a_diverging_cli_run_exits_1_with_strict_json(cli, train_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    result = cli("run", *tiny_flags(datasets_root, out), "--max-steps", 4, "--lr-g", 1e30, "--lr-d", 1e30)
+    result = cli("run", *tiny_flags(train_root, out), "--max-steps", 4, "--lr-g", 1e30, "--lr-d", 1e30)
     assert result.exit_code == 1
     line = one_error_line(result)
     assert line.startswith("error: training diverged: non-finite") and "no finite checkpoint" in line
@@ -177,9 +177,9 @@ def test_generate_and_eval_refuse_nonfinite_weights(trained_run: Path, tmp_path:
     assert evaluate.exit_code == 1 and "non-finite values" in one_error_line(evaluate)
 
 
-def test_resume_refuses_a_nonfinite_checkpoint(trained_copy: Path, datasets_root: Path, cli, tmp_path: Path) -> None:
+def test_resume_refuses_a_nonfinite_checkpoint(trained_copy: Path, train_root: Path, cli, tmp_path: Path) -> None:
     path, _ = _poisoned_checkpoint(trained_copy / "checkpoints" / "last.pt", tmp_path / "nan.pt", "generator")
-    result = cli("run", "--data-root", datasets_root, "--limit", 256, "--batch-size", 32, "--ngf", 16, "--ndf", 16,
+    result = cli("run", "--data-root", train_root, "--limit", 256, "--batch-size", 32, "--ngf", 16, "--ndf", 16,
                  "--max-steps", 8, "--out", trained_copy, "--resume", path)
     assert result.exit_code == 1 and "non-finite values" in one_error_line(result)
 

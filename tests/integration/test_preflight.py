@@ -49,12 +49,12 @@ def _as_one_process(args: tuple, *drop: str) -> list:
 
 
 @pytest.mark.parametrize("launch", [DDP, ["--ray", "--ray-workers", "2"]], ids=["ddp", "ray"])
-def test_a_dataset_smaller_than_one_global_batch(cli, no_workers, datasets_root: Path, tmp_path: Path,
+def test_a_dataset_smaller_than_one_global_batch(cli, no_workers, train_root: Path, tmp_path: Path,
                                                  launch: list) -> None:
     """The case of the issue: 40 images, 32 per process x 2 processes = 64: no step can be taken."""
     out = tmp_path / "run"
     args = ("--preset", "fashion32", "--ngf", 8, "--ndf", 8, "--device", "cpu", *launch, "--limit", 40,
-            "--batch-size", 32, "--max-steps", 2, "--data-root", datasets_root, "--out", out)
+            "--batch-size", 32, "--max-steps", 2, "--data-root", train_root, "--out", out)
     code, line, seconds = _refused(cli, *args)
     assert code == 2 and seconds < 15
     assert line == ("error: --limit: 40 leaves 40 images, fewer than one global batch of 64 (32 per process x 2 "
@@ -62,9 +62,9 @@ def test_a_dataset_smaller_than_one_global_batch(cli, no_workers, datasets_root:
     assert not out.exists()
 
 
-def test_a_ddp_resume_with_another_model(cli, no_workers, trained_copy: Path, datasets_root: Path, unwrap) -> None:
+def test_a_ddp_resume_with_another_model(cli, no_workers, trained_copy: Path, train_root: Path, unwrap) -> None:
     """--ngf 8 against a checkpoint of --ngf 16: refused naming the setting, with one process's exit code."""
-    args = ("--data-root", datasets_root, *TINY_RUN_ARGS, "--max-steps", 12, "--ngf", 8, *DDP, "--out", trained_copy,
+    args = ("--data-root", train_root, *TINY_RUN_ARGS, "--max-steps", 12, "--ngf", 8, *DDP, "--out", trained_copy,
             "--resume", "auto")
     code, line, seconds = _refused(cli, *args)
     one = cli("run", *_as_one_process(args, "--ddp", "--nproc"))
@@ -72,19 +72,19 @@ def test_a_ddp_resume_with_another_model(cli, no_workers, trained_copy: Path, da
     assert "--ngf 16 -> 8" in line and line == one_error_line(one)
 
 
-def test_a_finished_run_resumed_under_ddp(cli, no_workers, trained_copy: Path, datasets_root: Path) -> None:
-    args = ("--data-root", datasets_root, *TINY_RUN_ARGS, *DDP, "--out", trained_copy, "--resume", "auto")
+def test_a_finished_run_resumed_under_ddp(cli, no_workers, trained_copy: Path, train_root: Path) -> None:
+    args = ("--data-root", train_root, *TINY_RUN_ARGS, *DDP, "--out", trained_copy, "--resume", "auto")
     code, line, _ = _refused(cli, *args)
     assert code == 2 and line.startswith("error: --max-steps: the run in") and "already took 6 of its 6 steps" in line
 
 
-def test_a_new_ddp_run_into_a_folder_that_holds_one(cli, no_workers, trained_copy: Path, datasets_root: Path) -> None:
-    args = ("--data-root", datasets_root, *TINY_RUN_ARGS, *DDP, "--out", trained_copy)
+def test_a_new_ddp_run_into_a_folder_that_holds_one(cli, no_workers, trained_copy: Path, train_root: Path) -> None:
+    args = ("--data-root", train_root, *TINY_RUN_ARGS, *DDP, "--out", trained_copy)
     code, line, _ = _refused(cli, *args)
     assert code == 2 and "already holds a run; continue it with --resume auto" in line
 
 
-def test_a_folder_in_use_by_a_live_run(cli, no_workers, datasets_root: Path, tmp_path: Path) -> None:
+def test_a_folder_in_use_by_a_live_run(cli, no_workers, train_root: Path, tmp_path: Path) -> None:
     """Another process owns the folder: refused naming its owner, and its lock is left as it was."""
     from gantrain.engine.state.files import RunLock
 
@@ -92,7 +92,7 @@ def test_a_folder_in_use_by_a_live_run(cli, no_workers, datasets_root: Path, tmp
     owner = RunLock(out)
     owner.take(lambda _: None)
     try:
-        code, line, _ = _refused(cli, "--data-root", datasets_root, *TINY_RUN_ARGS, *DDP, "--out", out)
+        code, line, _ = _refused(cli, "--data-root", train_root, *TINY_RUN_ARGS, *DDP, "--out", out)
         assert code == 2 and "is in use by another gantrain run" in line
         assert owner.held and owner.path.exists()
     finally:
@@ -100,34 +100,34 @@ def test_a_folder_in_use_by_a_live_run(cli, no_workers, datasets_root: Path, tmp
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="--device auto picks CUDA here")
-def test_sync_bn_with_the_default_device_on_a_cpu_machine(cli, no_workers, datasets_root: Path,
+def test_sync_bn_with_the_default_device_on_a_cpu_machine(cli, no_workers, train_root: Path,
                                                           tmp_path: Path) -> None:
     """The issue's case: --sync-bn with --device auto on a CPU-only machine took 3 restarts and 8 error lines."""
-    args = ["--data-root", datasets_root, *TINY_RUN_ARGS, "--sync-bn", *DDP, "--out", tmp_path / "r"]
+    args = ["--data-root", train_root, *TINY_RUN_ARGS, "--sync-bn", *DDP, "--out", tmp_path / "r"]
     args.remove("--device"), args.remove("cpu")
     code, line, seconds = _refused(cli, *args)
     assert code == 2 and seconds < 15
     assert line == "error: --sync-bn: SyncBatchNorm needs CUDA (it is not implemented for the CPU)"
 
 
-def test_a_damaged_checkpoint_to_resume(cli, no_workers, trained_copy: Path, datasets_root: Path) -> None:
+def test_a_damaged_checkpoint_to_resume(cli, no_workers, trained_copy: Path, train_root: Path) -> None:
     last = trained_copy / "checkpoints" / "last.pt"
     data = bytearray(last.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shutil.copy(last, trained_copy / "kept.pt")
     last.write_bytes(bytes(data))
-    code, line, _ = _refused(cli, "--data-root", datasets_root, *TINY_RUN_ARGS, "--max-steps", 12, *DDP,
+    code, line, _ = _refused(cli, "--data-root", train_root, *TINY_RUN_ARGS, "--max-steps", 12, *DDP,
                              "--out", trained_copy, "--resume", "auto")
     assert code == 1 and "last.pt" in line and ("corrupt" in line or "checksum" in line)
 
 
-def test_a_launch_that_can_run_gets_past_the_preflight(cli, monkeypatch, datasets_root: Path, tmp_path: Path) -> None:
+def test_a_launch_that_can_run_gets_past_the_preflight(cli, monkeypatch, train_root: Path, tmp_path: Path) -> None:
     """The checks let a sound launch through to the workers and leave no folder or lock behind them."""
     from gantrain.engine.dist import launch
 
     calls = []
     monkeypatch.setattr(launch, "launch_workers", lambda cfg, resume, console: calls.append((cfg.run_dir, resume)))
     out = tmp_path / "fresh"
-    result = cli("run", "--data-root", datasets_root, *TINY_RUN_ARGS, *DDP, "--out", out)
+    result = cli("run", "--data-root", train_root, *TINY_RUN_ARGS, *DDP, "--out", out)
     assert result.exit_code == 0, result.output
     assert calls == [(out, None)] and not out.exists()

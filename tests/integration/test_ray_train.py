@@ -24,10 +24,10 @@ from gantrain.engine.state.checkpoint import load_checkpoint
 pytestmark = [pytest.mark.slow, marks("tune")]
 
 
-def _run(datasets_root: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+def _run(train_root: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "GANTRAIN_DATA"}
     env["RAY_AUTH_MODE"] = "disabled"
-    args = [sys.executable, "-m", "gantrain", "run", "--data-root", str(datasets_root), "--limit", "256",
+    args = [sys.executable, "-m", "gantrain", "run", "--data-root", str(train_root), "--limit", "256",
             "--batch-size", "16", "--ngf", "8", "--ndf", "8", "--log-every", "1", "--sample-every", "0",
             "--device", "cpu", "--amp", "off", "--no-channels-last", "--out", str(out), *extra]
     return subprocess.run(args, capture_output=True, text=True, timeout=400, env=env)
@@ -38,9 +38,9 @@ def _weights(path: Path) -> dict:
     return {f"{part}.{name}": t for part in ("generator", "discriminator") for name, t in state[part].items()}
 
 
-def test_ray_train_run_matches_torchrun_and_its_checkpoint_resumes_anywhere(datasets_root, tmp_path):
+def test_ray_train_run_matches_torchrun_and_its_checkpoint_resumes_anywhere(train_root, tmp_path):
     out = tmp_path / "ray"
-    ray = _run(datasets_root, out, "--ray", "--ray-workers", "2", "--max-steps", "12")
+    ray = _run(train_root, out, "--ray", "--ray-workers", "2", "--max-steps", "12")
     assert ray.returncode == 0, ray.stderr[-4000:]
     for name in ("config.toml", "metrics.jsonl", "train.log", "final.png", "losses.png", "progress.gif"):
         assert (out / name).is_file(), name
@@ -55,16 +55,16 @@ def test_ray_train_run_matches_torchrun_and_its_checkpoint_resumes_anywhere(data
     assert len(reported) == 1 and load_checkpoint(reported[0])["step"] == 8
 
     reference = tmp_path / "torchrun"
-    torchrun = _run(datasets_root, reference, "--ddp", "--nproc", "2", "--master-port", str(free_port()),
+    torchrun = _run(train_root, reference, "--ddp", "--nproc", "2", "--master-port", str(free_port()),
                     "--max-steps", "12")
     assert torchrun.returncode == 0, torchrun.stderr[-3000:]
     got, want = _weights(out / "checkpoints" / "last.pt"), _weights(reference / "checkpoints" / "last.pt")
     assert [k for k in want if not torch.equal(got[k], want[k])] == []
 
-    again = _run(datasets_root, out, "--ddp", "--nproc", "2", "--master-port", str(free_port()), "--max-steps", "14",
+    again = _run(train_root, out, "--ddp", "--nproc", "2", "--master-port", str(free_port()), "--max-steps", "14",
                  "--resume", "auto")
     assert again.returncode == 0, again.stderr[-3000:]
-    alone = _run(datasets_root, out, "--max-steps", "16", "--resume", "auto")
+    alone = _run(train_root, out, "--max-steps", "16", "--resume", "auto")
     assert alone.returncode == 0, alone.stderr[-3000:]
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 16
     grid = subprocess.run([sys.executable, "-m", "gantrain", "generate", str(out / "checkpoints" / "last.pt"), "--out",
@@ -73,8 +73,8 @@ def test_ray_train_run_matches_torchrun_and_its_checkpoint_resumes_anywhere(data
     assert grid.returncode == 0 and (tmp_path / "grid.png").is_file(), grid.stderr[-2000:]
 
 
-def test_ray_and_ddp_together_are_refused_in_one_line(datasets_root, tmp_path):
-    done = _run(datasets_root, tmp_path / "x", "--ray", "--ddp", "--max-steps", "2")
+def test_ray_and_ddp_together_are_refused_in_one_line(train_root, tmp_path):
+    done = _run(train_root, tmp_path / "x", "--ray", "--ddp", "--max-steps", "2")
     assert done.returncode == 2 and done.stderr.strip() == "error: --ray: --ray runs DDP workers itself; leave out --ddp"
 
 
@@ -91,8 +91,8 @@ def _ray_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _ray_command(datasets_root: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "gantrain", "run", "--data-root", str(datasets_root), "--limit", "256",
+def _ray_command(train_root: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "gantrain", "run", "--data-root", str(train_root), "--limit", "256",
             "--batch-size", "16", "--ngf", "8", "--ndf", "8", "--log-every", "1", "--sample-every", "0",
             "--device", "cpu", "--amp", "off", "--no-channels-last", "--out", str(out), "--ray", "--ray-workers", "2",
             *extra]
@@ -182,10 +182,10 @@ def ray_run(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def unbroken(datasets_root, tmp_path_factory) -> Path:
+def unbroken(train_root, tmp_path_factory) -> Path:
     """The reference: the same run of STEPS steps under torchrun, which nobody killed."""
     out = tmp_path_factory.mktemp("unbroken") / "run"
-    done = _run(datasets_root, out, "--ddp", "--nproc", "2", "--master-port", str(free_port()), "--max-steps",
+    done = _run(train_root, out, "--ddp", "--nproc", "2", "--master-port", str(free_port()), "--max-steps",
                 str(STEPS))
     assert done.returncode == 0, done.stderr[-3000:]
     return out
@@ -217,7 +217,7 @@ RESTART = re.compile(r"Ray Train restarted the workers after a failure \(--max-r
 
 
 @pytest.mark.parametrize("taken_in", [True, False], ids=["ray-has-a-checkpoint", "ray-has-none-yet"])
-def test_a_killed_ray_worker_is_restarted_and_the_run_ends_with_the_unbroken_runs_weights(datasets_root, tmp_path,
+def test_a_killed_ray_worker_is_restarted_and_the_run_ends_with_the_unbroken_runs_weights(train_root, tmp_path,
                                                                                         unbroken, ray_run, taken_in):
     """Rank 1 is SIGKILLed past the first epoch end. ray-has-a-checkpoint: after Ray Train took in a checkpoint
     (it polls the workers every 2 s); the workers restart from it. ray-has-none-yet: Ray Train's controller is
@@ -225,7 +225,7 @@ def test_a_killed_ray_worker_is_restarted_and_the_run_ends_with_the_unbroken_run
     workers restart from the last.pt rank 0 saved at the epoch end before the kill (before they did, they
     started from scratch and rank 0 refused the run folder: 'already holds a run')."""
     out = tmp_path / "run"
-    run = ray_run(_ray_command(datasets_root, out, "--max-steps", str(STEPS), "--max-restarts", "1"))
+    run = ray_run(_ray_command(train_root, out, "--max-steps", str(STEPS), "--max-restarts", "1"))
     run.wait(lambda: len(run.train_workers()) == 2 and _logged_steps(out), 300, "training")
     rank0 = json.loads((out / ".gantrain.lock").read_text())["pid"]  # rank 0 holds the run folder
     [rank1] = [pid for pid in run.train_workers() if pid != rank0]
@@ -285,9 +285,9 @@ def test_a_killed_ray_worker_is_restarted_and_the_run_ends_with_the_unbroken_run
           f"step {resumed} {recovery_s:.1f} s later")
 
 
-def test_with_no_restarts_allowed_a_killed_ray_worker_ends_the_run_with_one_line(datasets_root, tmp_path, ray_run):
+def test_with_no_restarts_allowed_a_killed_ray_worker_ends_the_run_with_one_line(train_root, tmp_path, ray_run):
     out = tmp_path / "run"
-    run = ray_run(_ray_command(datasets_root, out, "--max-steps", "100000", "--max-restarts", "0"))
+    run = ray_run(_ray_command(train_root, out, "--max-steps", "100000", "--max-restarts", "0"))
     run.wait(lambda: len(run.train_workers()) == 2 and len(_logged_steps(out)) >= 2, 300, "step 2")
     rank0 = json.loads((out / ".gantrain.lock").read_text())["pid"]
     [rank1] = [pid for pid in run.train_workers() if pid != rank0]

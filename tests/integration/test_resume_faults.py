@@ -21,10 +21,10 @@ from gantrain.engine.train.loop import Trainer
 _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def test_resume_runs_the_new_learning_rates_betas_and_adam_kind(cli, datasets_root: Path, tmp_path: Path) -> None:
+def test_resume_runs_the_new_learning_rates_betas_and_adam_kind(cli, train_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    assert cli("run", *tiny_flags(datasets_root, out), "--max-steps", 2).exit_code == 0
-    resumed = cli("run", *tiny_flags(datasets_root, out), "--max-steps", 3, "--lr-g", 1e-3, "--lr-d", 1e-3,
+    assert cli("run", *tiny_flags(train_root, out), "--max-steps", 2).exit_code == 0
+    resumed = cli("run", *tiny_flags(train_root, out), "--max-steps", 3, "--lr-g", 1e-3, "--lr-d", 1e-3,
                   "--beta1", 0.9, "--no-fused-adam", "--resume", "auto")
     assert resumed.exit_code == 0, resumed.output
     before = load_checkpoint(out / "checkpoints" / "step_00000002.pt")
@@ -51,9 +51,9 @@ def test_resume_runs_the_new_learning_rates_betas_and_adam_kind(cli, datasets_ro
         assert change in log, change
 
 
-def test_resume_refuses_what_cannot_change_naming_it(trained_copy: Path, datasets_root: Path, cli) -> None:
+def test_resume_refuses_what_cannot_change_naming_it(trained_copy: Path, train_root: Path, cli) -> None:
     before = (trained_copy / "checkpoints" / "last.pt").read_bytes()
-    result = cli("run", "--data-root", datasets_root, "--limit", 256, "--batch-size", 32, "--ngf", 16, "--ndf", 12,
+    result = cli("run", "--data-root", train_root, "--limit", 256, "--batch-size", 32, "--ngf", 16, "--ndf", 12,
                  "--image-size", 64, "--max-steps", 8, "--out", trained_copy, "--resume", "auto")
     assert result.exit_code == 1
     line = one_error_line(result)

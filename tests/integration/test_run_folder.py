@@ -18,7 +18,7 @@ from gantrain.engine.train.loop import Trainer
 
 
 # ===== one owner per run folder ================================================================================
-def test_a_second_run_into_a_busy_folder_exits_2(tiny_cfg, quiet_console, cli, unwrap, datasets_root: Path) -> None:
+def test_a_second_run_into_a_busy_folder_exits_2(tiny_cfg, quiet_console, cli, unwrap, train_root: Path) -> None:
     cfg = tiny(tiny_cfg, limit=64, batch_size=32, max_steps=2)
     owner = Trainer(cfg, console=quiet_console)  # holds the folder until fit() ends or close()
     try:
@@ -26,7 +26,7 @@ def test_a_second_run_into_a_busy_folder_exits_2(tiny_cfg, quiet_console, cli, u
         assert lock["pid"] == os.getpid()
         contents = {p: p.read_bytes() for p in cfg.run_dir.rglob("*") if p.is_file()}
         for extra in ([], ["--resume", "auto"]):
-            result = cli("run", *tiny_flags(datasets_root, cfg.run_dir), "--max-steps", 2, *extra)
+            result = cli("run", *tiny_flags(train_root, cfg.run_dir), "--max-steps", 2, *extra)
             assert result.exit_code == 2, result.output
             line = unwrap(one_error_line(result))
             assert f"--out: {cfg.run_dir} is in use by another gantrain run (pid {os.getpid()} on" in line
@@ -34,7 +34,7 @@ def test_a_second_run_into_a_busy_folder_exits_2(tiny_cfg, quiet_console, cli, u
     finally:
         owner.close()
     assert not (cfg.run_dir / ".gantrain.lock").exists()
-    assert cli("run", *tiny_flags(datasets_root, cfg.run_dir), "--max-steps", 2).exit_code == 0
+    assert cli("run", *tiny_flags(train_root, cfg.run_dir), "--max-steps", 2).exit_code == 0
 
 
 def test_a_stale_lock_is_taken_over_and_said(tiny_cfg, quiet_console) -> None:
@@ -58,9 +58,9 @@ def test_an_earlier_run_without_a_checkpoint_is_replaced_with_a_warning(tiny_cfg
     assert not (cfg.run_dir / "samples" / "step_000500.png").exists()  # it would have been a frame of progress.gif
 
 
-def _long_run(datasets_root: Path, out: Path, cwd: Path) -> subprocess.Popen:
+def _long_run(train_root: Path, out: Path, cwd: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "GANTRAIN_DATA"}
-    command = [sys.executable, "-m", "gantrain", "run", *map(str, tiny_flags(datasets_root, out, limit=256)),
+    command = [sys.executable, "-m", "gantrain", "run", *map(str, tiny_flags(train_root, out, limit=256)),
                "--epochs", "1000", "--max-steps", "100000", "--checkpoint-every", "1000"]  # no checkpoint before the kill
     proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -75,12 +75,12 @@ def _long_run(datasets_root: Path, out: Path, cwd: Path) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_two_processes_one_folder_then_sigkill_leaves_a_stale_lock(datasets_root: Path, tmp_path: Path, cli,
+def test_two_processes_one_folder_then_sigkill_leaves_a_stale_lock(train_root: Path, tmp_path: Path, cli,
                                                                    unwrap) -> None:
     out = tmp_path / "run"
-    proc = _long_run(datasets_root, out, tmp_path)
+    proc = _long_run(train_root, out, tmp_path)
     try:
-        second = cli("run", *tiny_flags(datasets_root, out, limit=256), "--max-steps", 2)
+        second = cli("run", *tiny_flags(train_root, out, limit=256), "--max-steps", 2)
         assert second.exit_code == 2
         assert f"is in use by another gantrain run (pid {proc.pid} on" in unwrap(one_error_line(second))
         proc.send_signal(signal.SIGKILL)
@@ -92,7 +92,7 @@ def test_two_processes_one_folder_then_sigkill_leaves_a_stale_lock(datasets_root
     assert json.loads((out / ".gantrain.lock").read_text())["pid"] == proc.pid  # left behind by SIGKILL
     # SIGKILL lands before the first checkpoint (the 1000th epoch's): nothing to resume, a fresh run takes over.
     assert not (out / "checkpoints").exists()
-    again = cli("run", *tiny_flags(datasets_root, out, limit=256), "--max-steps", 2)
+    again = cli("run", *tiny_flags(train_root, out, limit=256), "--max-steps", 2)
     assert again.exit_code == 0, again.output
     log = (out / "train.log").read_text()
     assert f"took over a stale lock (pid {proc.pid} on" in log and "saved no checkpoint (metrics.jsonl)" in log

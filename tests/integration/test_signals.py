@@ -17,16 +17,16 @@ from gantrain.engine.state.checkpoint import load_checkpoint
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 
-def _flags(datasets_root: Path, out: Path) -> list[str]:
-    return ["--data-root", str(datasets_root), "--limit", "256", "--batch-size", "32", "--ngf", "8", "--ndf", "8",
+def _flags(train_root: Path, out: Path) -> list[str]:
+    return ["--data-root", str(train_root), "--limit", "256", "--batch-size", "32", "--ngf", "8", "--ndf", "8",
             "--log-every", "1", "--sample-every", "0", "--device", "cpu", "--out", str(out)]
 
 
-def _start_and_signal(datasets_root: Path, out: Path, tmp_path: Path, signum: int) -> subprocess.CompletedProcess:
+def _start_and_signal(train_root: Path, out: Path, tmp_path: Path, signum: int) -> subprocess.CompletedProcess:
     """Starts a long tiny run, waits for its first metrics line, sends ``signum`` and waits for the exit."""
     env = {k: v for k, v in os.environ.items() if k != "GANTRAIN_DATA"}
     env["COLUMNS"] = "200"
-    command = [sys.executable, "-m", "gantrain", "run", *_flags(datasets_root, out), "--epochs", "1000",
+    command = [sys.executable, "-m", "gantrain", "run", *_flags(train_root, out), "--epochs", "1000",
                "--max-steps", "100000"]
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
@@ -48,9 +48,9 @@ def _start_and_signal(datasets_root: Path, out: Path, tmp_path: Path, signum: in
 
 
 @pytest.mark.slow
-def test_sigint_saves_a_checkpoint_and_resumes(datasets_root: Path, tmp_path: Path, cli, unwrap) -> None:
+def test_sigint_saves_a_checkpoint_and_resumes(train_root: Path, tmp_path: Path, cli, unwrap) -> None:
     out = tmp_path / "run"
-    done = _start_and_signal(datasets_root, out, tmp_path, signal.SIGINT)
+    done = _start_and_signal(train_root, out, tmp_path, signal.SIGINT)
     assert done.returncode == 130, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and "Traceback" not in done.stdout
     assert "KeyboardInterrupt" not in done.stderr
@@ -67,7 +67,7 @@ def test_sigint_saves_a_checkpoint_and_resumes(datasets_root: Path, tmp_path: Pa
     logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(1, len(logged) + 1)) and logged[-1] <= step
 
-    result = cli("run", *_flags(datasets_root, out), "--max-steps", step + 3, "--resume", "auto")
+    result = cli("run", *_flags(train_root, out), "--max-steps", step + 3, "--resume", "auto")
     assert result.exit_code == 0, result.output
     state = load_checkpoint(last)
     assert state["step"] == step + 3
@@ -78,9 +78,9 @@ def test_sigint_saves_a_checkpoint_and_resumes(datasets_root: Path, tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_sigterm_exits_143_with_a_checkpoint(datasets_root: Path, tmp_path: Path) -> None:
+def test_sigterm_exits_143_with_a_checkpoint(train_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    done = _start_and_signal(datasets_root, out, tmp_path, signal.SIGTERM)
+    done = _start_and_signal(train_root, out, tmp_path, signal.SIGTERM)
     assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] >= 1

@@ -45,12 +45,12 @@ def test_unknown_logger_is_a_config_error(cli, unwrap, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--logger" in unwrap(result.output) and "Traceback" not in result.output
 
 
-def test_missing_extra_is_one_line_and_leaves_no_run_folder(cli, unwrap, datasets_root: Path, tmp_path: Path,
+def test_missing_extra_is_one_line_and_leaves_no_run_folder(cli, unwrap, train_root: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     needs("tensorboard")  # present, before the absent one
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now fails as when it is not installed
     out = tmp_path / "run"
-    result = cli("run", "--data-root", datasets_root, *RUN_ARGS, "--max-steps", "2", "--logger", "tensorboard",
+    result = cli("run", "--data-root", train_root, *RUN_ARGS, "--max-steps", "2", "--logger", "tensorboard",
                  "--logger", "wandb", "--out", out)
     assert result.exit_code == 1, result.output
     assert result.output.startswith("error:") and "Traceback" not in result.output
@@ -106,11 +106,11 @@ def assert_curve(found: list[tuple[int, float]], expected: list[tuple[int, float
 
 
 @pytest.mark.slow
-def test_three_trackers_with_eval_and_one_resume_show_one_curve(fashion_extractor, datasets_root: Path, cli,
+def test_three_trackers_with_eval_and_one_resume_show_one_curve(fashion_extractor, train_root: Path, cli,
                                                                 tmp_path: Path) -> None:
     needs("tensorboard", "wandb", "mlflow")
     out = tmp_path / "run"
-    common = ["--data-root", datasets_root, *RUN_ARGS, "--eval-every", "1", "--eval-samples", "100",
+    common = ["--data-root", train_root, *RUN_ARGS, "--eval-every", "1", "--eval-samples", "100",
               "--logger", "tensorboard,wandb,mlflow", "--out", out]
     first = cli("run", *common, "--max-steps", "8")
     assert first.exit_code == 0, first.output

@@ -57,10 +57,10 @@ def test_run_folder_outputs(trained_run: Path) -> None:
     assert (run / "checkpoints" / "last.pt").read_bytes() == (run / "checkpoints" / "step_00000006.pt").read_bytes()
 
 
-def test_written_config_loads_with_config_flag(trained_run: Path, datasets_root: Path, cli, tmp_path: Path) -> None:
+def test_written_config_loads_with_config_flag(trained_run: Path, train_root: Path, cli, tmp_path: Path) -> None:
     cfg = load_toml(trained_run / "config.toml")
     assert (cfg.data.limit, cfg.data.batch_size, cfg.run.max_steps, cfg.model.ngf, cfg.model.ndf) == (256, 32, 6, 16, 16)
-    assert cfg.data.data_root == str(datasets_root) and cfg.run.out == str(trained_run)
+    assert cfg.data.data_root == str(train_root) and cfg.run.out == str(trained_run)
     assert resolve(None, str(trained_run / "config.toml"), {}) == cfg
     out = tmp_path / "again"
     result = cli("run", "--config", trained_run / "config.toml", "--out", out, "--max-steps", 2, "--sample-every", 0)
@@ -71,10 +71,10 @@ def test_written_config_loads_with_config_flag(trained_run: Path, datasets_root:
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 2
 
 
-def test_rerun_into_the_same_out_without_resume_exits_2(trained_copy: Path, datasets_root: Path, cli, unwrap) -> None:
+def test_rerun_into_the_same_out_without_resume_exits_2(trained_copy: Path, train_root: Path, cli, unwrap) -> None:
     before = (trained_copy / "checkpoints" / "last.pt").read_bytes()
     metrics_before = (trained_copy / "metrics.jsonl").read_text()
-    result = cli("run", "--data-root", datasets_root, "--limit", 256, "--batch-size", 32, "--max-steps", 6,
+    result = cli("run", "--data-root", train_root, "--limit", 256, "--batch-size", 32, "--max-steps", 6,
                  "--ngf", 16, "--ndf", 16, "--out", trained_copy)
     assert result.exit_code == 2
     message = unwrap(result.stderr)
@@ -84,8 +84,8 @@ def test_rerun_into_the_same_out_without_resume_exits_2(trained_copy: Path, data
     assert (trained_copy / "metrics.jsonl").read_text() == metrics_before
 
 
-def test_resume_auto_without_a_checkpoint_exits_1(cli, unwrap, datasets_root: Path, tmp_path: Path) -> None:
-    result = cli("run", "--data-root", datasets_root, "--limit", 64, "--out", tmp_path / "fresh", "--resume", "auto")
+def test_resume_auto_without_a_checkpoint_exits_1(cli, unwrap, train_root: Path, tmp_path: Path) -> None:
+    result = cli("run", "--data-root", train_root, "--limit", 64, "--out", tmp_path / "fresh", "--resume", "auto")
     assert result.exit_code == 1
     assert "--resume auto: no checkpoint" in unwrap(result.stderr)
 
@@ -104,8 +104,8 @@ RESUME_CASES = [
 
 
 @pytest.mark.parametrize("n, extra", RESUME_CASES)
-def test_exact_resume(n: int, extra: list, cli, datasets_root: Path, tmp_path: Path, same_tree) -> None:
-    common = ["--data-root", datasets_root, "--limit", 128, "--batch-size", 32, "--ngf", 16, "--ndf", 16,
+def test_exact_resume(n: int, extra: list, cli, train_root: Path, tmp_path: Path, same_tree) -> None:
+    common = ["--data-root", train_root, "--limit", 128, "--batch-size", 32, "--ngf", 16, "--ndf", 16,
               "--log-every", 1, "--sample-every", 0, "--device", "cpu", "--seed", 3, *extra]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert cli("run", *common, "--max-steps", 2 * n, "--out", straight).exit_code == 0
@@ -295,14 +295,14 @@ def test_a_resume_that_changes_the_runs_length_says_the_rates_jump(tiny_cfg, qui
 
 
 @pytest.mark.parametrize("golden_checkpoint", ["fashion32-tiny-v0.1.0-step3.pt", "fashion32-tiny-v2-step3.pt"])
-def test_golden_checkpoints_of_every_schema_version_resume_exactly(tmp_path, datasets_root, quiet_console,
+def test_golden_checkpoints_of_every_schema_version_resume_exactly(tmp_path, train_root, quiet_console,
                                                                   golden_checkpoint) -> None:
     """Checkpoints of each schema version (tests/golden: version 1, written by gantrain 0.1.0 before the component
     split, and version 2; step 3 of a 6-step run) load through the schema's upgrade and continue bit-for-bit: the
     losses of steps 4-6 are those of the old code's uninterrupted run."""
     golden = json.loads((GOLDEN_DIR / "fashion32-tiny-v0.1.0.json").read_text())
     old = GOLDEN_DIR / golden_checkpoint
-    cfg = override(preset("fashion32"), dict(data_root=str(datasets_root), limit=256, batch_size=32, ngf=4, ndf=4,
+    cfg = override(preset("fashion32"), dict(data_root=str(train_root), limit=256, batch_size=32, ngf=4, ndf=4,
                                              nz=16, sample_every=0, device="cpu", amp="off", channels_last=False,
                                              seed=7, log_every=1, max_steps=6, out=str(tmp_path / "run")))
     result = Trainer(cfg, console=quiet_console, resume=str(old)).fit()

@@ -42,13 +42,13 @@ TINY_FLAGS = ["--limit", "64", "--batch-size", "16", "--ngf", "8", "--ndf", "8",
               "--cpus-per-trial", "1", "--max-concurrent", "2", "--no-baseline"]
 
 
-def tiny_base(datasets_root: Path, **overrides):
-    return override(preset("fashion32"), {"data_root": str(datasets_root), **TINY, **overrides})
+def tiny_base(train_root: Path, **overrides):
+    return override(preset("fashion32"), {"data_root": str(train_root), **TINY, **overrides})
 
 
 # ----- the search space -------------------------------------------------------------------------------------
-def test_default_space_is_the_issue_space(datasets_root: Path) -> None:
-    space = load_space(None, tiny_base(datasets_root))
+def test_default_space_is_the_issue_space(train_root: Path) -> None:
+    space = load_space(None, tiny_base(train_root))
     dims = {d.name: (d.kind, d.values) for d in space.dimensions}
     assert dims == {"lr_g": ("loguniform", (1e-5, 1e-2)), "lr_d": ("loguniform", (1e-5, 1e-2)),
                     "beta1": ("choice", (0.0, 0.5, 0.9)), "label_smoothing": ("uniform", (0.0, 0.3))}
@@ -71,21 +71,21 @@ def test_default_space_is_the_issue_space(datasets_root: Path) -> None:
     ("[optim]\nlr_g = { uniform = [0.1, 0.2", "is not valid TOML"),
     ("", "searches no field"),
 ])
-def test_space_errors_name_the_field(datasets_root: Path, text: str, message: str) -> None:
+def test_space_errors_name_the_field(train_root: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
-        parse_space(text, tiny_base(datasets_root), "space.toml")
+        parse_space(text, tiny_base(train_root), "space.toml")
     assert message in str(info.value) and str(info.value).startswith("--space:")
 
 
-def test_space_file_can_search_any_field(datasets_root: Path, tmp_path: Path) -> None:
+def test_space_file_can_search_any_field(train_root: Path, tmp_path: Path) -> None:
     path = tmp_path / "space.toml"
     path.write_text("[model]\nngf = { randint = [8, 16] }\n[data]\nhflip = { choice = [true, false] }\n"
                     "[optim]\nlr_d = { grid = [1e-3, 2e-3] }\n")
-    space = load_space(path, tiny_base(datasets_root))
+    space = load_space(path, tiny_base(train_root))
     assert space.names == ["ngf", "hflip", "lr_d"] and space.has_grid
-    assert space.baseline_point(tiny_base(datasets_root)) is None  # grid points are the runs; no extra point
+    assert space.baseline_point(tiny_base(train_root)) is None  # grid points are the runs; no extra point
     with pytest.raises(ConfigError, match="--space: no such file"):
-        load_space(tmp_path / "absent.toml", tiny_base(datasets_root))
+        load_space(tmp_path / "absent.toml", tiny_base(train_root))
 
 
 # ----- settings ----------------------------------------------------------------------------------------------
@@ -109,11 +109,11 @@ def test_settings_modes() -> None:
     assert settings_from({"gpus_per_trial": 0.5, "scheduler": "pbt"}).gpus_per_trial == 0.5
 
 
-def test_cli_errors_are_one_line(cli, datasets_root: Path, tmp_path: Path, unwrap) -> None:
+def test_cli_errors_are_one_line(cli, train_root: Path, tmp_path: Path, unwrap) -> None:
     needs("tune")
     space = tmp_path / "space.toml"
     space.write_text("[loss]\nlabel_smoothing = { uniform = [0.0, 0.7] }\n")
-    result = cli("tune", "--data-root", datasets_root, "--space", space, "--storage", tmp_path)
+    result = cli("tune", "--data-root", train_root, "--space", space, "--storage", tmp_path)
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "--label-smoothing: must be in [0, 0.5), got 0.7" in unwrap(result.stderr)
     result = cli("tune", "--scheduler", "pbt", "--search", "hyperopt", "--storage", tmp_path)
@@ -123,10 +123,10 @@ def test_cli_errors_are_one_line(cli, datasets_root: Path, tmp_path: Path, unwra
 
 
 # ----- one trial, in this process -----------------------------------------------------------------------------
-def test_trial_config_applies_values_budget_and_device(datasets_root: Path, tmp_path: Path) -> None:
+def test_trial_config_applies_values_budget_and_device(train_root: Path, tmp_path: Path) -> None:
     import numpy as np
 
-    base = tiny_base(datasets_root, epochs=20, device="auto").to_dict()
+    base = tiny_base(train_root, epochs=20, device="auto").to_dict()
     cfg = trial_config(base, {"lr_g": np.float64(1e-3), "beta1": np.float64(0.0), "ngf": np.int64(12)},
                        settings_from({"max_epochs": 3}), tmp_path / "run")
     assert (cfg.optim.lr_g, cfg.optim.beta1, cfg.model.ngf) == (1e-3, 0.0, 12) and type(cfg.model.ngf) is int
@@ -134,16 +134,16 @@ def test_trial_config_applies_values_budget_and_device(datasets_root: Path, tmp_
     assert trial_config(base, {}, settings_from({"gpus_per_trial": 0.5}), tmp_path).run.device == "cuda"
 
 
-def _reports(datasets_root: Path, tmp_path: Path, settings: TuneSettings, **values):
+def _reports(train_root: Path, tmp_path: Path, settings: TuneSettings, **values):
     """Runs one trial in-process; returns its reports (metrics, whether a checkpoint came with it)."""
     reports = []
-    cfg = trial_config(tiny_base(datasets_root).to_dict(), values, settings, tmp_path / "run")
+    cfg = trial_config(tiny_base(train_root).to_dict(), values, settings, tmp_path / "run")
     run_trial(cfg, settings, lambda metrics, folder: reports.append((metrics, folder is not None)))
     return reports
 
 
-def test_nan_trial_reports_once_and_stops(datasets_root: Path, tmp_path: Path) -> None:
-    reports = _reports(datasets_root, tmp_path, settings_from({"max_epochs": 3}), lr_d=1e30)
+def test_nan_trial_reports_once_and_stops(train_root: Path, tmp_path: Path) -> None:
+    reports = _reports(train_root, tmp_path, settings_from({"max_epochs": 3}), lr_d=1e30)
     assert len(reports) == 1
     metrics, with_checkpoint = reports[0]
     assert metrics["diverged"] == "non-finite weights" and metrics["epoch"] == 1 and not with_checkpoint
@@ -152,7 +152,7 @@ def test_nan_trial_reports_once_and_stops(datasets_root: Path, tmp_path: Path) -
     assert not (tmp_path / "run" / "checkpoints").exists()  # Tune keeps the checkpoints, not the run folder
 
 
-def test_epoch_losses_and_collapse_do_not_depend_on_the_log_interval(datasets_root: Path, tmp_path: Path,
+def test_epoch_losses_and_collapse_do_not_depend_on_the_log_interval(train_root: Path, tmp_path: Path,
                                                                      monkeypatch) -> None:
     """Epochs shorter than --log-every: each report still carries the epoch's mean losses, and a collapsed D is
     caught after exactly --collapse-patience epochs (before, both read the last log record: none was written)."""
@@ -161,14 +161,14 @@ def test_epoch_losses_and_collapse_do_not_depend_on_the_log_interval(datasets_ro
     monkeypatch.setattr(trainable, "evaluate", lambda trainer, num_samples: {"fd": 1.0})  # the losses are the point
     collapsing = settings_from({"max_epochs": 4, "collapse_loss": 100.0, "collapse_patience": 2})
     reports = []
-    cfg = trial_config(tiny_base(datasets_root, log_every=1000).to_dict(), {}, collapsing, tmp_path / "quiet")
+    cfg = trial_config(tiny_base(train_root, log_every=1000).to_dict(), {}, collapsing, tmp_path / "quiet")
     run_trial(cfg, collapsing, lambda metrics, folder: reports.append(metrics))
     assert [r["epoch"] for r in reports] == [1, 2]
     assert [r["diverged"] for r in reports] == ["", "D loss below 100 for 2 epochs"]
 
     # the reference: the same training logged at every step; epoch 1's mean of its 4 step records
     never = settings_from({"max_epochs": 1, "collapse_loss": 0.0})
-    cfg = trial_config(tiny_base(datasets_root, log_every=1).to_dict(), {}, never, tmp_path / "verbose")
+    cfg = trial_config(tiny_base(train_root, log_every=1).to_dict(), {}, never, tmp_path / "verbose")
     run_trial(cfg, never, lambda metrics, folder: None)
     steps = [json.loads(line) for line in (tmp_path / "verbose" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "loss_d" in r and r["epoch"] == 1]
@@ -193,9 +193,9 @@ def test_divergence_monitor() -> None:
     assert monitor.check(trainer) == "non-finite weights"
 
 
-def test_restore_takes_the_trial_values_over_the_checkpoint(datasets_root: Path, tmp_path: Path, quiet_console) -> None:
+def test_restore_takes_the_trial_values_over_the_checkpoint(train_root: Path, tmp_path: Path, quiet_console) -> None:
     """PBT's exploit: a trial restarts from a donor checkpoint with perturbed lr and label smoothing."""
-    donor = tiny_base(datasets_root, epochs=2, out=str(tmp_path / "donor"))
+    donor = tiny_base(train_root, epochs=2, out=str(tmp_path / "donor"))
     Trainer(donor, console=quiet_console).fit()
     changed = override(donor, {"lr_g": 3e-3, "lr_d": 1e-4, "label_smoothing": 0.2, "epochs": 3,
                                "out": str(tmp_path / "trial")})
@@ -232,7 +232,7 @@ def _rows(folder: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_tiny_experiment_ranks_a_sabotaged_lr_last(ray_session, fashion_extractor, cli, datasets_root: Path,
+def test_tiny_experiment_ranks_a_sabotaged_lr_last(ray_session, fashion_extractor, cli, train_root: Path,
                                                   tmp_path: Path, unwrap) -> None:
     space = tmp_path / "space.toml"
     # The sabotage is a generator that cannot learn (lr 1e-7). A huge lr (1.0, tried before) is no sabotage here:
@@ -240,7 +240,7 @@ def test_tiny_experiment_ranks_a_sabotaged_lr_last(ray_session, fashion_extracto
     # against 156-168). 256 images (16 steps an epoch, 48 in all) move the sound trials' FD clearly below the
     # untrained generator's, so the ranking is the objective's, not the noise of 100-sample FDs.
     space.write_text("[optim]\nlr_g = { grid = [2e-3, 3e-3, 4e-3, 1e-7] }\n")
-    result = cli("tune", "--data-root", datasets_root, *TINY_FLAGS, "--limit", "256", "--lr-d", "2e-3", "--space", space,
+    result = cli("tune", "--data-root", train_root, *TINY_FLAGS, "--limit", "256", "--lr-d", "2e-3", "--space", space,
                  "--num-samples", "1", "--scheduler", "fifo", "--max-epochs", "3", "--storage", tmp_path,
                  "--name", "tiny")
     assert result.exit_code == 0, result.output
@@ -256,7 +256,7 @@ def test_tiny_experiment_ranks_a_sabotaged_lr_last(ray_session, fashion_extracto
 
     best = load_toml(folder / "best.toml")  # a valid config: the best trial's values at the experiment's budget
     assert best.optim.lr_g == float(rows[0]["lr_g"]) and best.optim.lr_d == 2e-3 and best.run.epochs == 3
-    assert (best.data.limit, best.model.ngf, best.data.data_root) == (256, 8, str(datasets_root))
+    assert (best.data.limit, best.model.ngf, best.data.data_root) == (256, 8, str(train_root))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the trial had (--cpus-per-trial 1): the same summation order, the same numbers
     try:
@@ -276,12 +276,12 @@ def test_tiny_experiment_ranks_a_sabotaged_lr_last(ray_session, fashion_extracto
 
 
 @pytest.mark.slow
-def test_trials_log_like_runs_and_compare_in_one_tensorboard(ray_session, fashion_extractor, cli, datasets_root: Path,
+def test_trials_log_like_runs_and_compare_in_one_tensorboard(ray_session, fashion_extractor, cli, train_root: Path,
                                                              tmp_path: Path) -> None:
     needs("tensorboard")
     space = tmp_path / "space.toml"
     space.write_text("[optim]\nlr_g = { grid = [5e-4, 2e-3] }\n")
-    result = cli("tune", "--data-root", datasets_root, *TINY_FLAGS, "--space", space, "--num-samples", "1",
+    result = cli("tune", "--data-root", train_root, *TINY_FLAGS, "--space", space, "--num-samples", "1",
                  "--scheduler", "fifo", "--max-epochs", "2", "--storage", tmp_path, "--name", "tb",
                  "--logger", "tensorboard")
     assert result.exit_code == 0, result.output
@@ -328,7 +328,7 @@ def _interrupt_at_epoch_2(marker: Path):
 
 @pytest.mark.slow
 def test_nan_trial_stops_while_the_other_finishes_across_a_resume(ray_session, fashion_extractor, cli,
-                                                                  datasets_root: Path, tmp_path: Path) -> None:
+                                                                  train_root: Path, tmp_path: Path) -> None:
     from gantrain.tune.experiment import experiment_folder, run_experiment
 
     space = tmp_path / "space.toml"
@@ -336,7 +336,7 @@ def test_nan_trial_stops_while_the_other_finishes_across_a_resume(ray_session, f
     settings = settings_from({"num_samples": 1, "scheduler": "fifo", "max_epochs": 4, "max_concurrent": 2,
                               "baseline": False})
     folder = experiment_folder(tmp_path, "nan")
-    first = run_experiment(folder, cfg=tiny_base(datasets_root, lr_g=2e-3), settings=settings, space_file=space,
+    first = run_experiment(folder, cfg=tiny_base(train_root, lr_g=2e-3), settings=settings, space_file=space,
                            callbacks=[_interrupt_at_epoch_2(tmp_path / "interrupted")])
     assert first.interrupted and (tmp_path / "interrupted").exists()
     assert any(r.status == "unfinished" for r in first.rows)
@@ -362,7 +362,7 @@ def _wait_for_port(port: int, process: subprocess.Popen, timeout_s: float = 120.
 
 
 @pytest.mark.slow
-def test_address_joins_a_running_cluster(fashion_extractor, metrics_cache_dir: Path, datasets_root: Path,
+def test_address_joins_a_running_cluster(fashion_extractor, metrics_cache_dir: Path, train_root: Path,
                                          tmp_path: Path) -> None:
     needs("tune")
     # The multi-node path on one node: `ray start --head` makes a cluster, `gantrain tune --address HOST:PORT`
@@ -387,7 +387,7 @@ def test_address_joins_a_running_cluster(fashion_extractor, metrics_cache_dir: P
     try:
         _wait_for_port(port, head)
         command = [sys.executable, "-m", "gantrain", "tune", "--address", f"127.0.0.1:{port}", "--data-root",
-                   str(datasets_root), *TINY_FLAGS, "--num-samples", "2", "--scheduler", "fifo", "--max-epochs",
+                   str(train_root), *TINY_FLAGS, "--num-samples", "2", "--scheduler", "fifo", "--max-epochs",
                    "2", "--storage", str(tmp_path), "--name", "joined"]
         done = subprocess.run(command, env={**env, "GANTRAIN_CACHE": str(metrics_cache_dir)}, capture_output=True,
                               text=True, timeout=600)
@@ -406,13 +406,13 @@ def test_address_joins_a_running_cluster(fashion_extractor, metrics_cache_dir: P
 
 
 # ----- pieces that need Ray installed but no cluster ------------------------------------------------------------
-def test_schedulers_and_searchers(datasets_root: Path) -> None:
+def test_schedulers_and_searchers(train_root: Path) -> None:
     needs("tune")
     from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
 
     from gantrain.tune.experiment import ClipToSpace, make_scheduler, make_searcher
 
-    base = tiny_base(datasets_root)
+    base = tiny_base(train_root)
     space = load_space(None, base)
     asha = make_scheduler(settings_from({"grace_period": 5}), space, reports=3)
     assert isinstance(asha, ASHAScheduler) and asha._max_t == 3  # the grace period is capped at the budget
@@ -476,19 +476,19 @@ def nothing_starts(monkeypatch):
     (["--device", "cpu", "--gpus-per-trial", "1"], "--device: --gpus-per-trial 1 puts the trials on cuda; choose the device with --gpus-per-trial"),
     (["--device", "auto"], "--device: --gpus-per-trial 0 puts the trials on cpu"),
 ])
-def test_tune_refuses_run_flags_a_trial_sets_itself(cli, nothing_starts, datasets_root: Path, tmp_path: Path,
+def test_tune_refuses_run_flags_a_trial_sets_itself(cli, nothing_starts, train_root: Path, tmp_path: Path,
                                                     unwrap, flags: list[str], message: str) -> None:
-    result = cli("tune", "--data-root", datasets_root, *flags, "--storage", tmp_path, "--name", "x")
+    result = cli("tune", "--data-root", train_root, *flags, "--storage", tmp_path, "--name", "x")
     assert result.exit_code == 2, result.output
     assert unwrap(result.stderr).startswith(f"error: {message}"), result.stderr
     assert not (tmp_path / "x").exists()
 
 
-def test_tune_refuses_max_steps_from_a_config_file_and_flags_with_resume(cli, nothing_starts, datasets_root: Path,
+def test_tune_refuses_max_steps_from_a_config_file_and_flags_with_resume(cli, nothing_starts, train_root: Path,
                                                                          tmp_path: Path, unwrap) -> None:
     config = tmp_path / "run.toml"
     config.write_text("[run]\nmax_steps = 30\n")
-    result = cli("tune", "--data-root", datasets_root, "--config", config, "--storage", tmp_path, "--name", "x")
+    result = cli("tune", "--data-root", train_root, "--config", config, "--storage", tmp_path, "--name", "x")
     assert result.exit_code == 2 and "--max-steps: the config sets max_steps = 30, but trials are budgeted in " \
         "epochs: use --max-epochs" in unwrap(result.stderr), result.output
     # (--epochs acts: it is the budget when --max-epochs is not given)
@@ -498,18 +498,18 @@ def test_tune_refuses_max_steps_from_a_config_file_and_flags_with_resume(cli, no
         "--lr-g, --max-epochs"), result.output
 
 
-def test_pbt_with_a_grid_is_refused_before_anything_starts(cli, nothing_starts, datasets_root: Path,
+def test_pbt_with_a_grid_is_refused_before_anything_starts(cli, nothing_starts, train_root: Path,
                                                            tmp_path: Path, unwrap) -> None:
     space = tmp_path / "space.toml"
     space.write_text("[optim]\nlr_g = { loguniform = [1e-4, 1e-2] }\nlr_d = { grid = [1e-3, 2e-3] }\n")
-    result = cli("tune", "--data-root", datasets_root, "--scheduler", "pbt", "--space", space, "--storage", tmp_path,
+    result = cli("tune", "--data-root", train_root, "--scheduler", "pbt", "--space", space, "--storage", tmp_path,
                  "--name", "x")
     assert result.exit_code == 2, result.output
     assert unwrap(result.stderr) == ("error: --scheduler pbt: its exploit step copies a better trial's whole config, "
                                      "so the grid values of lr_d would not be kept; search them with choice = [...] "
                                      "in --space, or use --scheduler asha or fifo")
     space.write_text("[optim]\nbeta1 = { choice = [0.0, 0.5] }\n")  # nothing PBT can perturb: also before start
-    result = cli("tune", "--data-root", datasets_root, "--scheduler", "pbt", "--space", space, "--storage", tmp_path,
+    result = cli("tune", "--data-root", train_root, "--scheduler", "pbt", "--space", space, "--storage", tmp_path,
                  "--name", "x")
     assert result.exit_code == 2 and "pbt perturbs lr_g, lr_d, label_smoothing" in unwrap(result.stderr)
     assert not (tmp_path / "x").exists()
@@ -550,14 +550,14 @@ def _newest_checkpoint_step(trial: Path) -> int:
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
 def test_killed_driver_leaves_no_process_and_resume_continues_every_trial(fashion_extractor, metrics_cache_dir: Path,
-                                                                          datasets_root: Path, tmp_path: Path) -> None:
+                                                                          train_root: Path, tmp_path: Path) -> None:
     """SIGKILL to `gantrain tune` once both trials have two checkpoints on disk: Ray's processes go with it, and
     --resume continues each trial from its newest checkpoint on disk, with its whole history in its run folder."""
     needs("tune")
     env = {**os.environ, "GANTRAIN_CACHE": str(metrics_cache_dir), "RAY_AUTH_MODE": "disabled",
            "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("GANTRAIN_DATA", None)
-    flags = ["--data-root", str(datasets_root), *TINY_FLAGS, "--log-every", "1", "--num-samples", "2",
+    flags = ["--data-root", str(train_root), *TINY_FLAGS, "--log-every", "1", "--num-samples", "2",
              "--scheduler", "fifo", "--max-epochs", "6", "--storage", str(tmp_path), "--name", "killed"]
     driver = subprocess.Popen([sys.executable, "-m", "gantrain", "tune", *flags], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
@@ -605,14 +605,14 @@ def test_killed_driver_leaves_no_process_and_resume_continues_every_trial(fashio
 
 
 @pytest.mark.slow
-def test_two_trials_of_two_ddp_workers_each(ray_session, fashion_extractor, cli, datasets_root: Path,
+def test_two_trials_of_two_ddp_workers_each(ray_session, fashion_extractor, cli, train_root: Path,
                                             tmp_path: Path) -> None:
     """--workers-per-trial 2: each trial is a Ray Train TorchTrainer job of 2 gloo workers driven by Tune."""
     space = tmp_path / "space.toml"
     space.write_text("[optim]\nlr_g = { grid = [1e-3, 2e-3] }\n")
     # one trial at a time: its 2 workers of 0.9 CPU and the trial's driver (0.01 CPU) fill the 2 CPUs
     flags = [*TINY_FLAGS[:-5], "--cpus-per-trial", "0.9", "--no-baseline"]
-    result = cli("tune", "--data-root", datasets_root, *flags, "--max-concurrent", "1", "--workers-per-trial", "2",
+    result = cli("tune", "--data-root", train_root, *flags, "--max-concurrent", "1", "--workers-per-trial", "2",
                  "--space", space, "--num-samples", "1", "--scheduler", "fifo", "--max-epochs", "2", "--storage",
                  tmp_path, "--name", "ddp")
     assert result.exit_code == 0, result.output

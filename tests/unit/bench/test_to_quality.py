@@ -474,20 +474,20 @@ DECAY_BY_HAND = [(0, 12, pytest.approx(1e-3)), (1, 12, pytest.approx(1e-3 * 11 /
                  (2, 12, pytest.approx(1e-3 * 10 / 12))]
 
 
-def _decay_cfg(datasets_root):
-    return override(preset("fashion32"), {"data_root": str(datasets_root), "limit": 256, "batch_size": 32, "ngf": 8,
+def _decay_cfg(train_root):
+    return override(preset("fashion32"), {"data_root": str(train_root), "limit": 256, "batch_size": 32, "ngf": 8,
                                           "ndf": 8, "epochs": 20, "lr_decay": "linear", "lr_g": 1e-3,
                                           "device": "cpu", "amp": "off"})
 
 
-def test_the_engine_contender_decays_its_rates_over_the_budget(monkeypatch, datasets_root, tmp_path):
+def test_the_engine_contender_decays_its_rates_over_the_budget(monkeypatch, train_root, tmp_path):
     """gantrain's step (through the Trainer) with --lr-decay decays over the bench's budget (not the config's
     --epochs), one update at a time, as a run of --epochs budget would: 256 images / batch 32 = 8 updates per
     epoch, budget 1.5 epochs = 12; G's optimiser trains at the rate worked out by hand."""
     from gantrain.engine.train.loop import Trainer
 
     seen = _Recording.patch(monkeypatch)
-    run_cfg, per_epoch = tq.engine_run_config(_decay_cfg(datasets_root), {"budget_epochs": 1.5}, tmp_path / "run")
+    run_cfg, per_epoch = tq.engine_run_config(_decay_cfg(train_root), {"budget_epochs": 1.5}, tmp_path / "run")
     assert per_epoch == 8 and (run_cfg.run.epochs, run_cfg.run.max_steps, run_cfg.logging.log_every) == (2, 12, 12)
 
     class StopAfterThree:
@@ -501,7 +501,7 @@ def test_the_engine_contender_decays_its_rates_over_the_budget(monkeypatch, data
     assert seen == DECAY_BY_HAND and trainer.stop_reason == "three"
 
 
-def test_the_tutorial_contender_decays_its_rates_over_the_budget(monkeypatch, datasets_root):
+def test_the_tutorial_contender_decays_its_rates_over_the_budget(monkeypatch, train_root):
     """The plain loop alike (a torch scheduler's rates over the budget): 8 updates per epoch, 12 in 1.5 epochs."""
     seen = _Recording.patch(monkeypatch)
 
@@ -515,7 +515,7 @@ def test_the_tutorial_contender_decays_its_rates_over_the_budget(monkeypatch, da
             self.calls.append(images)
             return "three" if len(self.calls) == 3 else None
 
-    clock = tq._train_baseline(_decay_cfg(datasets_root), __import__("torch").device("cpu"),
+    clock = tq._train_baseline(_decay_cfg(train_root), __import__("torch").device("cpu"),
                                {"budget_epochs": 1.5, "num_workers": 0}, Clock())
     assert clock.num_images == 256 and clock.calls == [32, 64, 96]
     assert seen == DECAY_BY_HAND

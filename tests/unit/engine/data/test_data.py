@@ -91,11 +91,11 @@ def test_truncated_and_fake_gzip_raise_data_error(fashion_raw: Path, tmp_path: P
         read_idx(fake)
 
 
-def test_load_images_resizes_fashion_to_32(datasets_root: Path) -> None:
-    images = load_images("fashion-mnist", str(datasets_root), 32, 1, limit=512)
+def test_load_images_resizes_fashion_to_32(train_root: Path) -> None:
+    images = load_images("fashion-mnist", str(train_root), 32, 1, limit=512)
     assert images.shape == (512, 1, 32, 32) and images.dtype == torch.uint8
     assert int(images.min()) == 0 and int(images.max()) == 255
-    original = read_idx(datasets_root / "FashionMNIST" / "raw" / "train-images-idx3-ubyte.gz")[:512]
+    original = read_idx(train_root / "FashionMNIST" / "raw" / "train-images-idx3-ubyte.gz")[:512]
     # Resizing keeps each image's brightness: means agree within a couple of grey levels.
     diff = images.float().mean(dim=(1, 2, 3)) - torch.from_numpy(original.astype(np.float32)).mean(dim=(1, 2))
     assert diff.abs().max() < 3.0
@@ -108,11 +108,11 @@ def test_load_images_accepts_the_raw_folder_and_rejects_rgb(fashion_raw: Path) -
         load_images("fashion-mnist", str(fashion_raw), 32, 3, limit=8)
 
 
-def test_data_root_falls_back_to_gantrain_data(datasets_root: Path, monkeypatch: pytest.MonkeyPatch,
+def test_data_root_falls_back_to_gantrain_data(train_root: Path, monkeypatch: pytest.MonkeyPatch,
                                                tmp_path: Path) -> None:
     from gantrain.engine.config import resolve
 
-    monkeypatch.setenv("GANTRAIN_DATA", str(datasets_root))
+    monkeypatch.setenv("GANTRAIN_DATA", str(train_root))
     cfg = resolve(None, None, {})  # the variable is read here, into the config, and nowhere else
     images = load_images(cfg.data.dataset, cfg.data.data_root, 32, 1, limit=4)
     assert images.shape == (4, 1, 32, 32)

@@ -166,8 +166,8 @@ def test_generate_with_a_lying_config(trained_run: Path, tmp_path: Path) -> None
         generate(path, n=2, out=tmp_path / "g.png", device="cpu")
 
 
-def test_resume_with_a_different_model_exits_1(trained_copy: Path, datasets_root: Path, cli, unwrap) -> None:
-    result = cli("run", "--data-root", datasets_root, "--limit", 256, "--batch-size", 32, "--max-steps", 8,
+def test_resume_with_a_different_model_exits_1(trained_copy: Path, train_root: Path, cli, unwrap) -> None:
+    result = cli("run", "--data-root", train_root, "--limit", 256, "--batch-size", 32, "--max-steps", 8,
                  "--ngf", 8, "--ndf", 16, "--out", trained_copy, "--resume", "auto")
     assert result.exit_code == 1
     assert "model config differs" in unwrap(result.stderr)
