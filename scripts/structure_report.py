@@ -18,7 +18,7 @@ RUN_FILES = {"last.pt", "best.pt", "checkpoints", "samples", "config.toml", "tra
              "final.png", "losses.png", "metrics.png", "progress.gif", "trackers.json", "tb", "mlflow.db",
              ".gantrain.lock", "replicas.json"}
 # Fixtures (tests/conftest.py) that skip without ../shared/datasets.
-SHARED_FIXTURES = r"\b(datasets_root|fashion_raw|mnist_raw|cats_dir|tiny_cfg|trained_run|trained_copy|DATASETS)\b"
+SHARED_FIXTURES = r"\b(datasets_root|fashion_raw|mnist_raw|cats_dir|fashion_extractor|DATASETS)\b"
 # Top-level keys of a checkpoint that no other record uses.
 CKPT_KEYS = {"generator", "discriminator", "generator_ema", "opt_g", "opt_d", "scaler", "epoch_images",
              "images_seen", "global_batch", "num_images", "world_size", "best_fd", "best_fd_measured_by",
