@@ -311,6 +311,17 @@ def restore(state: dict, path: Path | str, gan: Any, cfg: Config, loader: Any, g
     return pos, state["best_fd"]
 
 
+@dataclass
+class Start:
+    """What a run starts from: its place, and from a checkpoint the best FD so far, how that FD was measured
+    (:attr:`QualityTracker.measured_by`) and the step the run was planned to end at (None: not known)."""
+
+    pos: Position
+    best_fd: float | None = None
+    best_measured_by: dict | None = None
+    planned_steps: int | None = None
+
+
 class Checkpointer:
     """What a run's checkpoints hold and when one is due; writes them (rank 0) unless their weights are non-finite,
     so a non-finite checkpoint never replaces, nor rotates away, the last finite one; remembers the last one
@@ -331,14 +342,14 @@ class Checkpointer:
         self.ranks_rng: tuple[int, list] | None = None  # (step, every rank's RNG streams) for that step's checkpoint
 
     def start_from(self, state: dict | None, path: Path | None, gan: Any, loader: Any, global_batch: int,
-                   changes: list[str]) -> tuple[Position, float | None]:
-        """Where the run starts and its best FD so far: step 0 and none for a new run, else the checkpoint
-        ``state`` restored (:func:`restore`), which is then the last finite checkpoint."""
+                   changes: list[str]) -> Start:
+        """Where the run starts: step 0 and nothing known for a new run, else the checkpoint ``state`` restored
+        (:func:`restore`), which is then the last finite checkpoint."""
         if state is None:
-            return Position(), None
+            return Start(Position())
         pos, best_fd = restore(state, path, gan, self.cfg, loader, global_batch, changes, self.is_main)
         self.last_finite = (Path(path), pos.step)
-        return pos, best_fd
+        return Start(pos, best_fd, state["best_fd_measured_by"], state["planned_steps"])
 
     def final_samples(self, gan: Any, noise: torch.Tensor, step: int, best_fd: float | None = None) -> torch.Tensor:
         """The run's end-of-run samples: the last step's, or with --samples-from-best those of best.pt's generator

@@ -100,9 +100,8 @@ class Trainer:
         self.stop_agreement = StopAgreement(self.dist.enabled)
         self.agreed_stop: int | None = None  # the stop signal every rank acts on, at the same step
         self.checkpoints = ckpt.Checkpointer(cfg, self.dist.is_main, self.dist.world_size, self.stop_agreement.group)
-        self.pos, self.best_fd = self.checkpoints.start_from(state, self.resume_path, self.gan, self.loader,
-                                                             self.global_batch, changes)
-        self.best_measured_by = state["best_fd_measured_by"] if state else None  # how best_fd was measured
+        start = self.checkpoints.start_from(state, self.resume_path, self.gan, self.loader, self.global_batch, changes)
+        self.pos, self.best_fd, self.best_measured_by = start.pos, start.best_fd, start.best_measured_by
         self.stop_agreement.require_same_step(self.step, self.checkpoints.files.checkpoints)
         self.stop_agreement.require_same_precision(self.policy.amp, self.policy.requested)
         self.total_steps = plan_schedule(self.pos, cfg, self.loader.steps_per_epoch, self.run_dir, self.finished_ok)
@@ -112,7 +111,7 @@ class Trainer:
         self.lr_decay = LRDecay.of_gan(cfg.optim, self.gan.opt_g, self.gan.opt_d, self.total_steps)
         if self.lr_decay.active and self.dist.is_main:
             log.info("%s", self.lr_decay.describe(self.step))
-            planned = state["planned_steps"] if state else None
+            planned = start.planned_steps
             if planned and planned != self.total_steps:
                 log.warning("--lr-decay: this resume ends the run at step %d, not at %d as planned when checkpointed; "
                             "the decay is computed on the new length, so at step %d the rates jump: %s",
