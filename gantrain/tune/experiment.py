@@ -138,7 +138,7 @@ def warm_metrics(cfg: Config) -> float:
     (concurrent trials would each fit it); returns the untrained generator's FD, the point trials start from."""
     log.info("preparing the quality metrics (the feature extractor is fitted once, then cached)")
     generator, _ = build_models(cfg.model, cfg.data.image_size, cfg.data.channels)
-    metrics = evaluate_generator(generator, cfg, num_samples=cfg.eval.eval_samples, device="cpu", seed=0)
+    metrics = evaluate_generator(generator, cfg, num_samples=cfg.eval.eval_samples, device="cpu", seed=cfg.run.seed)
     log.info("untrained generator: fd %.4g (the starting point every trial improves on)", metrics["fd"])
     return float(metrics["fd"])
 

@@ -83,9 +83,11 @@ class DivergenceMonitor:
 
 def evaluate(trainer: Trainer, num_samples: int) -> dict[str, float]:
     """The quality metrics of the sampling generator (the EMA one when on), as a plain run's --eval-every
-    measures it; evaluate_generator leaves the model's mode and BatchNorm statistics as they were."""
+    measures it: the same noise (the run's seed), so `gantrain run --config best.toml` logs the FD its trial
+    reported; evaluate_generator leaves the model's mode and BatchNorm statistics as they were."""
     model = trainer.gan.generator
-    metrics = evaluate_generator(model, trainer.cfg, num_samples=num_samples, device=trainer.device, seed=0)
+    metrics = evaluate_generator(model, trainer.cfg, num_samples=num_samples, device=trainer.device,
+                                 seed=trainer.cfg.run.seed)
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 

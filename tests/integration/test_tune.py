@@ -627,3 +627,22 @@ def test_two_trials_of_two_ddp_workers_each(ray_session, fashion_extractor, cli,
         assert "batch 16 x 2 processes = 32" in (run / "train.log").read_text()
         kept = sorted((run.parent / "train").glob("checkpoint_*/checkpoint.pt"))
         assert kept and load_checkpoint(kept[-1])["world_size"] == 2
+
+
+def test_a_trial_measures_with_the_runs_noise_seed(monkeypatch) -> None:
+    """A trial evaluates its generator with the run's seed, as `gantrain run --eval-every` does, so rerunning the
+    best trial's config logs the FD the trial reported (it used seed 0 whatever the run's seed)."""
+    from gantrain.tune import trainable
+
+    calls = []
+
+    def fake_evaluate(model, cfg, *, num_samples, device, seed):
+        calls.append((num_samples, seed))
+        return {"fd": 1.5, "kid_mean": 0.1, "hist_0": 0.5}
+
+    monkeypatch.setattr(trainable, "evaluate_generator", fake_evaluate)
+    for seed in (0, 7):
+        trainer = SimpleNamespace(gan=SimpleNamespace(generator=nn.Linear(1, 1)), device=torch.device("cpu"),
+                                  cfg=override(preset("fashion32"), {"seed": seed}))
+        assert trainable.evaluate(trainer, 300) == {"fd": 1.5, "kid_mean": 0.1, "hist_0": 0.5}
+    assert calls == [(300, 0), (300, 7)]
