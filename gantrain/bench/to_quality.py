@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,16 +97,17 @@ class QualityClock:
         """Optimiser steps in the budget: it ends at the first step whose images reach it."""
         return math.ceil(self.spec["budget_epochs"] * self.num_images / self.cfg.data.batch_size)
 
-    def after_images(self, images: int, generator) -> str | None:
-        """After a step that brought the images seen to ``images``: evaluates when due; returns why the
-        contender stops (the budget spent, a diverged run, ``stop_fd`` reached), else None."""
+    def after_images(self, images: int, generator: Callable[[], Any]) -> str | None:
+        """After a step that brought the images seen to ``images``: evaluates ``generator()`` when due (called only
+        then: an EMA generator with standing statistics recomputes them when asked for); returns why the contender
+        stops (the budget spent, a diverged run, ``stop_fd`` reached), else None."""
         self.images = images
         if images < self.next_eval and images < self.budget:
             return None
         _sync(self.device)
         self.train_s += time.perf_counter() - self.clock
         e0 = time.perf_counter()
-        fd = self.evaluator.evaluate(generator, self.cfg, num_samples=self.spec["eval_samples"],
+        fd = self.evaluator.evaluate(generator(), self.cfg, num_samples=self.spec["eval_samples"],
                                      seed=self.spec["eval_seed"]).values["fd"]
         self.diverged = not math.isfinite(fd)
         stop_fd = self.spec.get("stop_fd")
@@ -133,7 +135,7 @@ class _ClockHook:
         self.clock = clock
 
     def after_step(self, trainer) -> str | None:
-        return self.clock.after_images(trainer.pos.images_seen, trainer.gan.generator)
+        return self.clock.after_images(trainer.pos.images_seen, lambda: trainer.gan.generator)
 
 
 def _sync(device) -> None:
@@ -143,23 +145,20 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)  # the training time must include the queued GPU work
 
 
-def engine_run_config(cfg: Config, spec: dict, out: Path) -> tuple[Config, int]:
-    """A gantrain contender as a run of the Trainer in ``out``: --epochs and --max-steps span the budget (so
-    --lr-decay decays over it, as a run of --epochs budget would); one log record and one checkpoint, at the end;
-    no sample grids, no --eval-every (the clock evaluates), no --logger; divergence is the clock's to see. Returns
-    the run's config and the steps of one epoch it was planned with."""
-    from gantrain.engine import count_images, steps_per_epoch
+def engine_run_config(cfg: Config, spec: dict, out: Path) -> Config:
+    """A gantrain contender as a run of the Trainer in ``out``, over whole epochs enough for the budget (the
+    Trainer's ``last_step`` cuts it to the budget's steps, so --lr-decay decays over the budget as a run of
+    --epochs budget would); its log as the recipe has it; one checkpoint, at the end; no sample grids, no
+    --eval-every (the clock evaluates), no --logger; divergence is the clock's to see."""
+    return override(cfg, {"out": str(out), "epochs": math.ceil(spec["budget_epochs"]), "max_steps": 0,
+                          "sample_every": 0, "eval_every": 0, "logger": "none",
+                          "checkpoint_every": 0, "checkpoint_every_steps": 0, "checkpoint_every_minutes": 0,
+                          "keep_checkpoints": 1, "nonfinite_patience": 0, "samples_from_best": False})
 
-    images, _ = count_images(cfg)
-    if images is None:
-        raise ConfigError(f"--to-quality: cannot count the images of {cfg.data.dataset} before training")
-    per_epoch = steps_per_epoch(images, cfg.data.batch_size, 1, cfg.data.limit)
-    steps = math.ceil(spec["budget_epochs"] * per_epoch)
-    return override(cfg, {"out": str(out), "epochs": math.ceil(spec["budget_epochs"]), "max_steps": steps,
-                          "log_every": steps, "sample_every": 0, "eval_every": 0, "logger": "none",
-                          "checkpoint_every": 0, "checkpoint_every_steps": 0,
-                          "checkpoint_every_minutes": 0, "keep_checkpoints": 1, "nonfinite_patience": 0,
-                          "samples_from_best": False}), per_epoch
+
+def budget_steps(spec: dict, steps_per_epoch: int) -> int:
+    """The optimiser steps of a budget of ``spec["budget_epochs"]`` (a fraction of an epoch rounds up)."""
+    return math.ceil(spec["budget_epochs"] * steps_per_epoch)
 
 
 def _train_engine(cfg: Config, device, spec: dict, clock: QualityClock) -> QualityClock:
@@ -172,12 +171,9 @@ def _train_engine(cfg: Config, device, spec: dict, clock: QualityClock) -> Quali
     from gantrain.engine import Trainer
 
     with tempfile.TemporaryDirectory(prefix="gantrain-to-quality-") as folder:
-        run_cfg, per_epoch = engine_run_config(cfg, spec, Path(folder) / "run")
-        trainer = Trainer(run_cfg, console=Console(file=io.StringIO()), hooks=[_ClockHook(clock)])
-        if trainer.loader.steps_per_epoch != per_epoch:  # files counted that did not decode: another schedule
-            raise ConfigError(f"--to-quality: {cfg.data.data_root} decodes to {trainer.loader.steps_per_epoch} steps "
-                              f"per epoch, not the {per_epoch} its files promise; remove the unreadable images")
-        clock.start(per_epoch * cfg.data.batch_size)
+        trainer = Trainer(engine_run_config(cfg, spec, Path(folder) / "run"), console=Console(file=io.StringIO()),
+                          hooks=[_ClockHook(clock)], last_step=lambda per_epoch: budget_steps(spec, per_epoch))
+        clock.start(trainer.loader.steps_per_epoch * cfg.data.batch_size)
         trainer.fit()
     return clock
 
@@ -196,7 +192,7 @@ def _train_baseline(cfg: Config, device, spec: dict, clock: QualityClock) -> Qua
         decay.apply(step)
         model.step(next(batches))
         images, step = images + cfg.data.batch_size, step + 1
-        reason = clock.after_images(images, model.g)
+        reason = clock.after_images(images, lambda: model.g)
     return clock
 
 

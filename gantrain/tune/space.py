@@ -78,11 +78,21 @@ class Dimension:
 
     def contains(self, value: Any) -> bool:
         if self.kind in ("choice", "grid"):
-            return value in self.values
+            return any(_same(value, candidate, self.name) for candidate in self.values)
         return self.values[0] <= value <= self.values[1]
 
     def describe(self) -> str:
         return f"{self.name} {self.kind}{list(self.values)}"
+
+
+def _same(value: Any, candidate: Any, name: str) -> bool:
+    """Whether a config value is a space's candidate: a list field's comma list, list and tuple alike."""
+    if isinstance(value, tuple):
+        try:
+            return override(Config(), {name: candidate}).to_dict() == override(Config(), {name: value}).to_dict()
+        except ConfigError:
+            return False
+    return value == candidate
 
 
 @dataclass(frozen=True)
@@ -119,7 +129,9 @@ class Space:
         point = {d.name: getattr(getattr(cfg, index[d.name][0]), d.name) for d in self.dimensions}
         if self.has_grid or not all(d.contains(point[d.name]) for d in self.dimensions):
             return None
-        return point
+        # a list field as the space spells it (Ray hands trials the space's values, JSON-friendly)
+        return {d.name: next(c for c in d.values if _same(point[d.name], c, d.name)) if d.kind == "choice"
+                else point[d.name] for d in self.dimensions}
 
 
 def load_space(path: str | Path | None, base: Config) -> Space:

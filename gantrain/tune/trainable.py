@@ -179,7 +179,7 @@ def run_trial(cfg: Config, settings: TuneSettings, report: Report, resume: Path 
         if resume is not None:
             apply_hyperparameters(trainer)
         if trainer.step >= trainer.total_steps:  # restored with its budget spent: report where it stands
-            reporter.after_epoch(trainer, trainer.step // trainer.loader.steps_per_epoch)
+            trainer.stop_reason = reporter.after_epoch(trainer, trainer.step // trainer.loader.steps_per_epoch)
         trainer.fit()
     if info.is_main:  # Tune holds the trial's checkpoints; the run folder keeps samples, curves and logs only
         shutil.rmtree(RunDir(cfg.run_dir).checkpoints, ignore_errors=True)

@@ -131,3 +131,18 @@ def test_a_launch_that_can_run_gets_past_the_preflight(cli, monkeypatch, train_r
     result = cli("run", "--data-root", train_root, *TINY_RUN_ARGS, *DDP, "--out", out)
     assert result.exit_code == 0, result.output
     assert calls == [(out, None)] and not out.exists()
+
+
+def test_what_only_the_workers_can_decide_is_left_to_them(cli, monkeypatch, trained_copy: Path,
+                                                          train_root: Path) -> None:
+    """A local --ray relaunch into a run folder continues from Ray Train's own checkpoint (no --resume needed), and
+    on a multi-node --ddp launch the run folder is rank 0's, perhaps on another node: neither is refused here."""
+    from gantrain.engine.dist import launch, raytrain
+
+    calls = []
+    monkeypatch.setattr(raytrain, "train_on_ray", lambda cfg, resume, console: calls.append("ray"))
+    monkeypatch.setattr(launch, "launch_workers", lambda cfg, resume, console: calls.append("ddp"))
+    flags = ["--data-root", train_root, *TINY_RUN_ARGS, "--max-steps", 12, "--out", trained_copy]
+    assert cli("run", *flags, "--ray", "--ray-workers", 2).exit_code == 0
+    assert cli("run", *flags, *DDP, "--nnodes", 2, "--node-rank", 1).exit_code == 0
+    assert calls == ["ray", "ddp"]

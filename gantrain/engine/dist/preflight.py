@@ -28,17 +28,20 @@ def world_size(cfg: Config) -> int:
 def preflight(cfg: Config, resume: str | None) -> None:
     """Raises what the run's first worker would raise for a reason no restart cures, else returns: SyncBatchNorm
     off CUDA (:class:`ConfigError`); a checkpoint to resume that is missing, damaged or built for another model
-    (:class:`CheckpointError`); a new run into a folder that holds one, or a --logger whose extra is missing; the
-    folder in use by another run (:class:`RunLocked`); fewer images than one global batch, or a resumed run with no
-    step left (:class:`ConfigError`). Data the launcher cannot see (an IDX dataset not downloaded yet) is left to
-    the workers."""
+    (:class:`CheckpointError`); on a one-node launch, a new run into a folder that holds one (not under --ray,
+    which continues from Ray Train's checkpoint), a --logger whose extra is missing, the folder in use by another
+    run (:class:`RunLocked`); fewer images than one global batch, or a resumed run with no step left
+    (:class:`ConfigError`). Data the launcher cannot see (an IDX dataset not downloaded yet) is left to the
+    workers; so is everything about the run folder on a multi-node launch (rank 0's node may be another)."""
     if cfg.dist.sync_bn and pick_device(cfg.run.device).type != "cuda":
         raise ConfigError("--sync-bn: SyncBatchNorm needs CUDA (it is not implemented for the CPU)")
     resume_path, state, _ = open_resume(cfg, resume)
-    RunOutputs.check(cfg, resuming=state is not None)
-    lock = RunLock(cfg.run_dir)
-    lock.take(lambda _note: None)  # RunLocked when a live run owns the folder; the worker takes it again
-    lock.abandon()
+    if cfg.dist.nnodes == 1:  # the run folder's owner (rank 0) is on this node
+        # under --ray a relaunch continues from the checkpoint Ray Train kept, as if resumed
+        RunOutputs.check(cfg, resuming=state is not None or cfg.dist.ray)
+        lock = RunLock(cfg.run_dir)
+        lock.take(lambda _note: None)  # RunLocked when a live run owns the folder; the worker takes it again
+        lock.abandon()
     images, _ = count_images(cfg)
     if images is None:
         return

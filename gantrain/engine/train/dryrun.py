@@ -13,8 +13,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from gantrain.engine.config import (DATA_ROOT_ENV, SECTION_TYPES, Config, _flag, env_data_root, preset, shown,
-                                    toml_base)
+from gantrain.engine.config import (DATA_ROOT_ENV, SECTION_TYPES, Config, _flag, current_layout, env_data_root,
+                                    preset, shown, toml_base)
 from gantrain.engine.data.download import IDX_DATASETS, raw_folder
 from gantrain.engine.errors import ConfigError
 
@@ -25,7 +25,7 @@ def value_sources(preset_name: str | None, config_file: str | None, flags: dict[
     the environment ($GANTRAIN_DATA for a data root none of them set)."""
     name = preset_name or "fashion32"
     text = _read_text(config_file) if config_file else ""
-    raw = _parse_toml(text)
+    raw = current_layout(_parse_toml(text))  # a file of an older layout: its fields where they live now
     base_cfg = preset(name)
     if config_file and not preset_name and isinstance(raw.get("preset"), str):
         name = raw["preset"]

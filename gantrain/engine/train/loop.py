@@ -60,9 +60,11 @@ class Trainer:
     def __init__(self, cfg: Config, *, console: Console | None = None, dist_info: DistInfo = DistInfo(),
                  resume: str | None = None, hooks: Sequence[Hook] = (),
                  epoch_callbacks: Sequence[Callable[[Trainer, int], str | None]] = (),
-                 finished_ok: bool = False) -> None:
+                 finished_ok: bool = False, last_step: Callable[[int], int] | None = None) -> None:
         """``hooks`` (:class:`Hook`) take part after each step and each epoch; ``epoch_callbacks`` are after-epoch
         hooks as plain functions ``callback(trainer, epochs_done)``. A hook ends the run by returning a reason.
+        ``last_step``: the run ends at ``last_step(steps per epoch)`` when that comes before --epochs and
+        --max-steps (bench --to-quality: a budget of a fraction of epochs); --lr-decay spans it.
 
         Rank 0 takes the run folder's lock here and holds it until :meth:`fit` ends (or :meth:`close`); nothing is
         written before the run is known to take a step. Raises :class:`RunLocked` (exit 2) when another run holds
@@ -70,6 +72,7 @@ class Trainer:
         nothing left, unless ``finished_ok``, which tune's restored trials use), :class:`RunIOError` when the
         folder cannot be written, :class:`CheckpointError` for a resume that cannot continue."""
         self.console, self.dist, self.finished_ok = console or Console(stderr=True), dist_info, finished_ok
+        self.last_step = last_step
         self.step_hooks = [hook.after_step for hook in hooks if hasattr(hook, "after_step")]
         self.epoch_hooks = [*(hook.after_epoch for hook in hooks if hasattr(hook, "after_epoch")), *epoch_callbacks]
         self.stop_reason: str | None = None  # why the run ends before its last step (a hook's reason)
@@ -105,6 +108,8 @@ class Trainer:
         self.stop_agreement.require_same_step(self.step, self.checkpoints.files.checkpoints)
         self.stop_agreement.require_same_precision(self.policy.amp, self.policy.requested)
         self.total_steps = plan_schedule(self.pos, cfg, self.loader.steps_per_epoch, self.run_dir, self.finished_ok)
+        if self.last_step is not None:
+            self.total_steps = min(self.total_steps, self.last_step(self.loader.steps_per_epoch))
         self.outputs = RunOutputs(cfg, self.console, self.dist.is_main, self.dist.world_size)
         self.outputs.describe(self.loader, self.total_steps, self.device, self.policy.describe())
         self.outputs.prepare(state is not None, notes, self.step)  # only now: a run with no step wrote nothing

@@ -487,16 +487,17 @@ def test_the_engine_contender_decays_its_rates_over_the_budget(monkeypatch, trai
     from gantrain.engine.train.loop import Trainer
 
     seen = _Recording.patch(monkeypatch)
-    run_cfg, per_epoch = tq.engine_run_config(_decay_cfg(train_root), {"budget_epochs": 1.5}, tmp_path / "run")
-    assert per_epoch == 8 and (run_cfg.run.epochs, run_cfg.run.max_steps, run_cfg.logging.log_every) == (2, 12, 12)
+    spec = {"budget_epochs": 1.5}
+    run_cfg = tq.engine_run_config(_decay_cfg(train_root), spec, tmp_path / "run")
+    assert (run_cfg.run.epochs, run_cfg.run.max_steps, run_cfg.checkpoint.checkpoint_every) == (2, 0, 0)
 
     class StopAfterThree:
         def after_step(self, trainer):
             return "three" if trainer.step == 3 else None
 
     trainer = Trainer(run_cfg, console=__import__("rich.console").console.Console(file=io.StringIO()),
-                      hooks=[StopAfterThree()])
-    assert trainer.total_steps == 12
+                      hooks=[StopAfterThree()], last_step=lambda per_epoch: tq.budget_steps(spec, per_epoch))
+    assert trainer.loader.steps_per_epoch == 8 and trainer.total_steps == 12
     trainer.fit()
     assert seen == DECAY_BY_HAND and trainer.stop_reason == "three"
 
@@ -540,9 +541,16 @@ def test_the_clock_evaluates_on_its_image_cadence_and_at_the_budgets_end(monkeyp
     clock = tq.QualityClock(evaluator, cfg, spec, __import__("torch").device("cpu"))
     clock.start(100)
     assert clock.steps == 7  # ceil(250 / 40)
-    reasons = [clock.after_images(images, None) for images in (40, 80, 120, 160, 200, 240, 280)]
+    asked = []
+
+    def generator():
+        asked.append(clock.images)
+        return None
+
+    reasons = [clock.after_images(images, generator) for images in (40, 80, 120, 160, 200, 240, 280)]
     assert reasons == [None, None, None, None, None, None, "budget spent"]
     assert [p["images"] for p in clock.points] == [80, 160, 240, 280]
+    assert asked == [80, 160, 240, 280]  # the generator only when evaluating (standing BN statistics cost a pass)
     assert [p["epochs"] for p in clock.points] == [0.8, 1.6, 2.4, 2.8]
     assert evaluations == [(500, 3)] * 4
     assert all(p["train_s"] <= q["train_s"] for p, q in zip(clock.points, clock.points[1:]))
@@ -552,10 +560,10 @@ def test_the_clock_evaluates_on_its_image_cadence_and_at_the_budgets_end(monkeyp
     clock = tq.QualityClock(types.SimpleNamespace(evaluate=lambda *a, **k: types.SimpleNamespace(
         values={"fd": 4.0})), cfg, {**spec, "stop_fd": 4.5}, __import__("torch").device("cpu"))
     clock.start(100)
-    assert [clock.after_images(i, None) for i in (40, 80)] == [None, "reached --stop-fd"]
+    assert [clock.after_images(i, lambda: None) for i in (40, 80)] == [None, "reached --stop-fd"]
     assert clock.result()["stopped"]
     clock = tq.QualityClock(types.SimpleNamespace(evaluate=lambda *a, **k: types.SimpleNamespace(
         values={"fd": math.nan})), cfg, spec, __import__("torch").device("cpu"))
     clock.start(100)
-    assert [clock.after_images(i, None) for i in (40, 80)] == [None, "diverged"]
+    assert [clock.after_images(i, lambda: None) for i in (40, 80)] == [None, "diverged"]
     assert clock.result()["diverged"] and clock.points[-1]["fd"] is None

@@ -392,3 +392,12 @@ def test_repeated_and_comma_list_flags_give_one_value(cli, tmp_path) -> None:
     assert one.exit_code == other.exit_code == 0, one.output
     assert "'tensorboard,mlflow'" in one.stdout and "'color,cutout'" in one.stdout
     assert one.stdout == other.stdout
+
+
+def test_dry_run_names_the_file_for_the_fields_of_an_older_layout() -> None:
+    """--dry-run's sources read a config.toml of the layout before as load_toml does: [run] eval_every and
+    [perf] ema_decay come from the file, under their sections of today."""
+    sources = value_sources(None, str(GOLDEN / "config-before-sections-fashion32-tuned.toml"), {})
+    file = f"file {GOLDEN / 'config-before-sections-fashion32-tuned.toml'}"
+    assert sources["gan.ema_decay"] == sources["eval.eval_every"] == sources["gan.diffaug"] == file
+    assert sources["checkpoint.checkpoint_every_steps"] == sources["logging.logger"] == file

@@ -399,3 +399,18 @@ def test_step_with_bf16_channels_last() -> None:
     gan = _gan("color,translation,cutout", amp="bf16", channels_last=True)
     gan(_batch())
     assert all(torch.isfinite(p).all() for p in gan.d.parameters())
+
+
+def test_tunes_baseline_trial_includes_a_searched_policy() -> None:
+    """The baseline trial (the config's own values) is kept when the space searches --diffaug, in the space's own
+    spelling, whether the space lists comma strings or arrays."""
+    from gantrain.tune.space import parse_space
+
+    for space_text in ('[gan]\ndiffaug = { choice = ["", "color,translation,cutout"] }\n',
+                       '[gan]\ndiffaug = { choice = [[], ["color", "translation", "cutout"]] }\n'):
+        space = parse_space(space_text, preset("cats64"), "s")
+        values = [v for v in space.dimensions[0].values]
+        assert space.baseline_point(preset("cats64")) == {"diffaug": values[0]}
+        assert space.baseline_point(preset("cats64-diffaug")) == {"diffaug": values[1]}
+    narrow = parse_space('[gan]\ndiffaug = { choice = ["color"] }\n', preset("cats64"), "s")
+    assert narrow.baseline_point(preset("cats64")) is None  # its policy is not in the space
