@@ -88,8 +88,9 @@ class Dimension:
 def _same(value: Any, candidate: Any, name: str) -> bool:
     """Whether a config value is a space's candidate: a list field's comma list, list and tuple alike."""
     if isinstance(value, tuple):
-        try:
-            return override(Config(), {name: candidate}).to_dict() == override(Config(), {name: value}).to_dict()
+        index = field_index()
+        try:  # the candidate read as the config reads that field
+            return getattr(getattr(override(Config(), {name: candidate}), index[name][0]), name) == value
         except ConfigError:
             return False
     return value == candidate
