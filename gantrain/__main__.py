@@ -1,13 +1,29 @@
+"""``python -m gantrain`` and the ``gantrain`` command: the CLI, with a stop signal during its imports (a few
+seconds: torch, rich, typer) answered by one line and exit code 128 + N instead of a KeyboardInterrupt traceback."""
+
 import os
 import signal
 import sys
 
-if os.environ.get("GANTRAIN_LAUNCH_STATUS"):  # launch.STATUS_ENV, not imported: that takes seconds
-    # A worker of `gantrain run --ddp` told to stop while still importing: exit quietly with 128 + N (the
-    # launcher says the line); gantrain.engine.dist.launch and the training loop take the signals over later.
-    for _sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(_sig, lambda signum, _frame: sys.exit(128 + signum))
+STATUS_ENV = "GANTRAIN_LAUNCH_STATUS"  # gantrain.engine.dist.worker.STATUS_ENV, not imported: that takes seconds
 
-from gantrain.cli import main  # noqa: E402
 
-main()
+def _stopped_while_starting(signum, _frame):
+    if not os.environ.get(STATUS_ENV):  # a DDP worker says nothing: its launcher says the one line
+        sys.stderr.write(f"error: {signal.Signals(signum).name} while gantrain was starting; nothing was done\n")
+    sys.exit(128 + signum)
+
+
+def main() -> None:
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, _stopped_while_starting) for sig in handled}
+    from gantrain.cli import main as cli_main
+
+    if not os.environ.get(STATUS_ENV):  # a worker keeps it until the launch code takes the signals over
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()

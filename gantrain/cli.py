@@ -42,6 +42,14 @@ class FlagGroup(typer.core.TyperGroup):
     def get_params(self, ctx):
         return _flags_as_flags(super().get_params(ctx))
 
+    def invoke(self, ctx):
+        """A Ctrl-C that no command handles itself (training, tune and bench do) is one line and exit 130, not
+        click's "Aborted!" with exit 1."""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise fail("interrupted by SIGINT (Ctrl-C)", 128 + signal.SIGINT) from None
+
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich", cls=FlagGroup,
                   help="gantrain: fast DCGAN training. Run [bold]gantrain run[/] to train the fashion32 default.")
@@ -63,8 +71,6 @@ def user_errors(func):
         try:
             return func(*args, **kwargs)
         except GantrainError as exc:
-            if getattr(exc, "reported_by_launcher", False):  # a DDP worker: `gantrain run --ddp` says it once
-                raise typer.Exit(exc.exit_code) from None
             raise fail(str(exc), exc.exit_code) from None
         except OSError as exc:  # the last net: every I/O failure is one line naming the path and the reason
             from gantrain.engine.state.files import os_reason

@@ -27,6 +27,7 @@ API: dict[str, str] = {
     **dict.fromkeys(("data_root", "discover_folder", "load_images"), "data.sources"),
     **dict.fromkeys(("DistInfo", "PR_SET_PDEATHSIG", "init_distributed", "pick_device", "shutdown_distributed"),
                     "dist.runtime"),
+    **dict.fromkeys(("refuse_unplaceable",), "dist.raytrain"),
     **dict.fromkeys(("CheckpointError", "ConfigError", "GantrainError", "Interrupted"), "errors"),
     **dict.fromkeys(("LRDecay",), "gan.lr_schedule"),
     **dict.fromkeys(("build_models",), "gan.models"),

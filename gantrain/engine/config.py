@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gantrain.engine.errors import ConfigError
+from gantrain.engine.state.rundir import RunDir
 from gantrain.kernels.conv import IMPLS as LAYER_IMPLS
 
 DATASETS = ("fashion-mnist", "mnist", "folder", "synthetic")
@@ -734,7 +735,29 @@ def resolve(preset_name: str | None, config_file: str | None, flags: dict[str, A
     cfg = preset(preset_name) if preset_name else None
     if config_file:
         cfg = load_toml(config_file, base=cfg)
+        if flags.get("out") is None:
+            _refuse_a_moved_run_folder(Path(config_file), cfg)
     return with_env_defaults(override(cfg or preset("fashion32"), flags))
+
+
+def _refuse_a_moved_run_folder(config_file: Path, cfg: Config) -> None:
+    """Raises :class:`ConfigError` for a run folder's config.toml whose recorded ``out`` is another folder (a
+    copied or moved run folder): loaded as it is, the run would write into the recorded folder, not the one the
+    user pointed at. Other config files (tune's best.toml, a file of one's own) name their ``out`` freely."""
+    files = RunDir(config_file.parent)
+    if os.environ.get("GANTRAIN_LAUNCH_STATUS"):  # a DDP worker reads its launcher's copy, out as resolved there
+        return
+    if config_file.name != files.config.name or not (files.checkpoints.is_dir() or files.metrics.is_file()):
+        return
+    recorded, here = Path(cfg.run.out).expanduser(), config_file.parent
+    try:
+        same = recorded.resolve() == here.resolve()
+    except OSError:
+        same = False
+    if not same:
+        raise ConfigError(f"--config {config_file}: this run folder's config records out = {recorded}, not the "
+                          f"folder it sits in ({here}: copied or moved?); pass --out {here} to use this folder, or "
+                          f"--out {recorded} for the recorded one")
 
 
 def env_data_root() -> str | None:

@@ -24,8 +24,8 @@ from ray import tune
 from rich.console import Console
 
 from gantrain.engine import (Config, ConfigError, GantrainError, IDX_DATASETS, atomic_write_text, build_models,
-                             data_root, ensure_idx_files, evaluate_generator, load_toml, log, override, setup_logging,
-                             to_toml)
+                             data_root, ensure_idx_files, evaluate_generator, load_toml, log, override,
+                             refuse_unplaceable, setup_logging, to_toml)
 from gantrain.tune.results import Outcome, summarise
 from gantrain.tune.settings import TuneSettings, load_settings
 from gantrain.tune.space import Space, load_space, parse_space
@@ -234,6 +234,18 @@ def start_ray(address: str | None) -> bool:
 TRIAL_DRIVER_CPUS = 0.01
 
 
+def refuse_unplaceable_trials(settings: TuneSettings, cluster: dict[str, float]) -> None:
+    """Raises :class:`ConfigError` when one trial's resources exceed the cluster's (``ray.cluster_resources()``)."""
+    per_worker = {"CPU": settings.cpus_per_trial, "GPU": settings.gpus_per_trial}
+    if settings.workers_per_trial > 1:
+        refuse_unplaceable(per_worker, settings.workers_per_trial, cluster, "--workers-per-trial x --cpus-per-trial"
+                           + (" / --gpus-per-trial" if settings.gpus_per_trial else ""),
+                           extra={"CPU": TRIAL_DRIVER_CPUS}, extra_for="the trial's driver")
+    else:
+        refuse_unplaceable(per_worker, 1, cluster, "--cpus-per-trial / --gpus-per-trial" if settings.gpus_per_trial
+                           else "--cpus-per-trial")
+
+
 def make_trainable(folder: ExperimentFolder, cfg: Config, settings: TuneSettings):
     bound = tune.with_parameters(train_trial, base=cfg.to_dict(), settings=settings, experiment=str(folder.path))
     if settings.workers_per_trial > 1:  # the trial only drives its TorchTrainer, whose workers reserve their own
@@ -373,6 +385,8 @@ def run_prepared(folder: ExperimentFolder, *, resume: bool, address: str | None 
     warm_metrics(cfg)
     started = start_ray(address)
     try:
+        if not address:  # a local Ray never grows: a trial larger than it would wait forever
+            refuse_unplaceable_trials(settings, ray.cluster_resources())
         grid = _fit(folder, cfg, settings, space, resume, callbacks)
     finally:
         if started:

@@ -159,14 +159,14 @@ def test_generate_on_a_non_checkpoint_exits_1(cli, unwrap, tmp_path: Path) -> No
 def test_error_messages_keep_square_brackets(cli, unwrap, tmp_path: Path) -> None:
     folder = tmp_path / "[cats]"
     result = cli("run", "--dataset", "folder", "--channels", "3", "--data-root", folder, "--out", tmp_path / "run")
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a wrong --data-root is a wrong setting (before: 1, though the README said 2)
     assert f"image folder {folder} does not exist" in unwrap(result.stderr)
 
 
 def test_error_with_markup_like_text_is_no_traceback(cli, tmp_path: Path) -> None:
     folder = tmp_path / "a[/]b"
     result = cli("run", "--dataset", "folder", "--channels", "3", "--data-root", folder, "--out", tmp_path / "run")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert isinstance(result.exception, SystemExit)
     assert "[/]" in result.stderr
 

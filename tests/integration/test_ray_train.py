@@ -313,3 +313,41 @@ def test_with_no_restarts_allowed_a_killed_ray_worker_ends_the_run_with_one_line
     assert exit_s < 60, f"{exit_s:.1f} s from the kill to the exit"
     print(f"restarts used up: the command exited {exit_s:.1f} s after the kill, all {len(run.seen)} processes of "
           f"the run gone {gone_s:.1f} s after the kill\n{errors[0]}")
+
+
+# ----- what can never run is refused, not waited for ------------------------------------------------------------
+def test_more_workers_than_the_local_ray_has_cpus_is_refused_in_one_line(train_root, tmp_path):
+    """Before: Ray Train retried the start without limit ("max allowed: inf") and two Ctrl-Cs were ignored."""
+    started = time.monotonic()
+    workers = (os.cpu_count() or 1) + 1  # a local Ray has as many CPUs as the machine
+    done = _run(train_root, tmp_path / "x", "--ray", "--ray-workers", str(workers), "--cpus-per-worker", "1",
+                "--max-steps", "2")
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2, done.stderr
+    assert len(errors) == 1 and f"{workers} x 1 CPU = {workers} CPU, but this Ray cluster has" in errors[0], done.stderr
+    assert time.monotonic() - started < 120
+
+
+def test_a_refusal_inside_the_ray_workers_is_said_once_and_not_restarted(tmp_path):
+    """The IDX files are the workers' to find (the pre-flight leaves a dataset that may be downloaded alone): each
+    worker refuses, reports it, and returns, so Ray Train restarts nothing; the driver says it as one process."""
+    empty = tmp_path / "data"
+    empty.mkdir()
+    done = _run(empty, tmp_path / "x", "--ray", "--ray-workers", "2", "--max-restarts", "2", "--max-steps", "2")
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert len(errors) == 1 and "fashion-mnist is not on this machine" in errors[0], done.stderr[-3000:]
+    assert "[FailurePolicy] RETRY" not in done.stderr and "restarted the workers" not in done.stderr, \
+        done.stderr[-3000:]
+
+
+def test_a_relative_storage_path_is_made_absolute(train_root, tmp_path):
+    """Before: rc 1, the cause ("URI has empty scheme") hidden behind "after 3 restart(s)"."""
+    env = {k: v for k, v in os.environ.items() if k != "GANTRAIN_DATA"}
+    env["RAY_AUTH_MODE"] = "disabled"
+    args = [sys.executable, "-m", "gantrain", "run", "--data-root", str(train_root), "--limit", "64", "--batch-size",
+            "16", "--ngf", "8", "--ndf", "8", "--sample-every", "0", "--device", "cpu", "--amp", "off", "--out", "run",
+            "--ray", "--ray-workers", "2", "--ray-storage", "rel", "--max-steps", "2"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "rel" / "train").is_dir() and (tmp_path / "run" / "checkpoints" / "last.pt").is_file()

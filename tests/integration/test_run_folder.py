@@ -99,3 +99,105 @@ def test_two_processes_one_folder_then_sigkill_leaves_a_stale_lock(train_root: P
     assert [r["step"] for r in strict_records(out / "metrics.jsonl")] == [1, 2]
 
 
+
+
+# ===== what a killed write leaves ==============================================================================
+def test_a_resumed_run_removes_the_temporary_files_a_kill_left(trained_copy: Path, cli, train_root: Path) -> None:
+    """Before: `.step_*.pt.*.tmp`, `.metrics.jsonl.*.tmp`, `.final.png.*.tmp` stayed forever. Only names of the
+    atomic writer's own pattern go, in the folders it writes; a user's files of similar names stay."""
+    leftovers = [trained_copy / "checkpoints" / ".step_4.pt.k2x_9a0b.tmp", trained_copy / ".metrics.jsonl.abcdefgh.tmp",
+                 trained_copy / "samples" / ".step_000003.png.0123abcd.tmp"]
+    kept = [trained_copy / "notes.tmp", trained_copy / ".hidden.tmp", trained_copy / ".a.b.toolongname.tmp",
+            trained_copy / "extra" / ".step_4.pt.k2x_9a0b.tmp"]  # (a folder gantrain does not write)
+    for path in leftovers + kept:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"x" * 1000)
+    result = cli("run", "--config", trained_copy / "config.toml", "--out", trained_copy, "--data-root", train_root,
+                 "--resume", "auto", "--max-steps", 8)
+    assert result.exit_code == 0, result.output
+    assert not [p for p in leftovers if p.exists()], result.output
+    assert all(p.exists() for p in kept)
+    lines = [line for line in (trained_copy / "train.log").read_text().splitlines() if "temporary file" in line]
+    assert len(lines) == 1 and "removed 3 temporary file(s)" in lines[0], lines
+
+
+def test_leftovers_are_only_the_atomic_writers_own(tmp_path: Path) -> None:
+    from gantrain.engine.state.files import atomic_write_text, remove_leftovers
+
+    target = tmp_path / "a.json"
+    real = []
+
+    def fail(fh):  # a write cut short the way a kill would: the temporary file stays, the target is never made
+        real.extend(tmp_path.glob(".a.json.*"))
+        raise KeyboardInterrupt
+
+    from gantrain.engine.state.files import atomic_write
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, fail)
+    assert not real[0].exists()  # atomic_write itself removes it when it can; a SIGKILL leaves it, as here:
+    real[0].write_bytes(b"partial")
+    atomic_write_text(tmp_path / "b.json", "{}")
+    (tmp_path / "user.tmp").write_text("mine")
+    assert remove_leftovers([tmp_path, tmp_path / "missing"]) == [real[0]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "user.tmp"]
+
+
+# ===== a copied run folder =====================================================================================
+def _tree(folder: Path) -> dict:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_copied_run_folders_config_does_not_redirect_the_run(trained_run: Path, tmp_path: Path, cli, unwrap,
+                                                                train_root: Path) -> None:
+    """Before: `run --config copy/config.toml --resume auto` rewrote the ORIGINAL folder (10 files) and left the
+    copy untouched; the only sign was a path in the log."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_run, copy)
+    original, copied = _tree(trained_run), _tree(copy)
+    for extra in (["--resume", "auto"], []):
+        result = cli("run", "--config", copy / "config.toml", "--data-root", train_root, "--max-steps", 8, *extra)
+        assert result.exit_code == 2, result.output
+        line = unwrap(one_error_line(result))
+        assert f"records out = {trained_run}, not the folder it sits in ({copy}" in line, line
+        assert f"--out {copy}" in line and f"--out {trained_run}" in line
+    assert _tree(trained_run) == original and _tree(copy) == copied  # neither folder touched
+    result = cli("run", "--config", copy / "config.toml", "--out", copy, "--data-root", train_root, "--max-steps", 8,
+                 "--resume", "auto")
+    assert result.exit_code == 0, result.output
+    assert _tree(trained_run) == original
+    assert json.loads((copy / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 8
+
+
+def test_a_config_file_outside_a_run_folder_names_its_out_freely(trained_run: Path, tmp_path: Path) -> None:
+    from gantrain.engine.config import resolve
+
+    mine = tmp_path / "config.toml"  # a config.toml of one's own, in a folder that is no run folder
+    mine.write_text((trained_run / "config.toml").read_text())
+    assert resolve(None, str(mine), {}).run.out == str(trained_run)
+    best = tmp_path / "best.toml"
+    best.write_text((trained_run / "config.toml").read_text())
+    assert resolve(None, str(best), {}).run.out == str(trained_run)
+    assert resolve(None, str(trained_run / "config.toml"), {}).run.out == str(trained_run)  # its own folder
+
+
+def test_a_lock_copied_from_a_live_run_is_not_called_a_killed_run(tiny_cfg, quiet_console) -> None:
+    """Before: a copy of a live run's folder carried its lock record, and the copy's first run called it stale
+    ("killed?") although that run was alive."""
+    import socket
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        cfg = tiny(tiny_cfg, limit=64, batch_size=32, max_steps=1)
+        cfg.run_dir.mkdir(parents=True)
+        (cfg.run_dir / ".gantrain.lock").write_text(json.dumps({"pid": live.pid, "host": socket.gethostname(),
+                                                                 "started": "then"}) + "\n")
+        Trainer(cfg, console=quiet_console).fit()
+        text = (cfg.run_dir / "train.log").read_text()
+        assert f"pid {live.pid} still runs but holds no lock on this folder: the folder was copied from a live run" \
+            in text
+        assert "killed?" not in text
+    finally:
+        live.kill()
+        live.wait()

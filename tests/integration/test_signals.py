@@ -84,3 +84,59 @@ def test_sigterm_exits_143_with_a_checkpoint(train_root: Path, tmp_path: Path) -
     assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] >= 1
+
+
+def _gantrain_script() -> Path:
+    """The installed `gantrain` command beside this Python (the console script of pyproject.toml)."""
+    return Path(sys.executable).with_name("gantrain")
+
+
+def _loaded(pid: int, library: str) -> bool:
+    try:
+        return library in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("after_s", [0.0, 0.4])
+@pytest.mark.parametrize("how", ["module", "script"])
+def test_ctrl_c_while_gantrain_is_starting_is_one_line(tmp_path: Path, after_s: float, how: str) -> None:
+    """Before: a 28-39-line KeyboardInterrupt traceback from inside an import. The signal is sent once torch's
+    library is loading (or ``after_s`` later), so it lands inside gantrain's imports, however busy the machine."""
+    if how == "script" and not _gantrain_script().exists():
+        pytest.skip("gantrain is not installed as a command beside this Python")
+    start = [sys.executable, "-m", "gantrain"] if how == "module" else [str(_gantrain_script())]
+    env = {k: v for k, v in os.environ.items() if k not in ("GANTRAIN_DATA", "GANTRAIN_LAUNCH_STATUS")}
+    proc = subprocess.Popen([*start, "presets"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not _loaded(proc.pid, "libtorch"):
+        assert proc.poll() is None and time.monotonic() < deadline, "torch was never loaded"
+        time.sleep(0.002)
+    time.sleep(after_s)
+    if proc.poll() is not None:
+        pytest.skip(f"gantrain finished within {after_s} s of loading torch: no import left to interrupt")
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    # during the imports, or (on a fast machine, 0.4 s later) in the command: one line either way
+    assert len(lines) == 1 and lines[0] in ("error: SIGINT while gantrain was starting; nothing was done",
+                                            "error: interrupted by SIGINT (Ctrl-C)"), stderr
+
+
+def test_ctrl_c_in_a_command_without_its_own_handling_is_one_line(cli, monkeypatch) -> None:
+    """After the imports: a KeyboardInterrupt a command does not handle is one line and 130, not click's
+    "Aborted!" with exit 1."""
+    from gantrain.engine.config import ModelConfig
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("gantrain.engine.config.preset", interrupted)
+    result = cli("presets")
+    assert result.exit_code == 130, result.output
+    assert [line for line in result.stderr.splitlines() if line.strip()] == ["error: interrupted by SIGINT (Ctrl-C)"]
+    assert ModelConfig  # (imported before the patch)

@@ -646,3 +646,30 @@ def test_a_trial_measures_with_the_runs_noise_seed(monkeypatch) -> None:
                                   cfg=override(preset("fashion32"), {"seed": seed}))
         assert trainable.evaluate(trainer, 300) == {"fd": 1.5, "kid_mean": 0.1, "hist_0": 0.5}
     assert calls == [(300, 0), (300, 7)]
+
+
+# ----- trials that can never be placed ---------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, message", [
+    (["--cpus-per-trial", str(4 * (os.cpu_count() or 1))],
+     f"--cpus-per-trial: 1 x {4 * (os.cpu_count() or 1)} CPU = {4 * (os.cpu_count() or 1)} CPU, but this Ray cluster"),
+    (["--gpus-per-trial", "1"], "1 x 1 GPU = 1 GPU, but this Ray cluster has 0 GPU"),
+    (["--workers-per-trial", "2", "--cpus-per-trial", str(os.cpu_count())],
+     f"2 x {os.cpu_count()} CPU + 0.01 CPU for the trial's driver"),
+])
+def test_a_trial_larger_than_the_local_ray_is_refused_not_waited_for(train_root: Path, tmp_path: Path, flags,
+                                                                       message) -> None:
+    """Before: each of these waited forever (the last without printing anything)."""
+    needs("tune")
+    if "--gpus-per-trial" in flags and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "COLUMNS": "300"}
+    env.pop("GANTRAIN_DATA", None)
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "gantrain", "tune", "--data-root", str(train_root), *TINY_FLAGS,
+                           "--num-samples", "1", "--max-epochs", "1", "--storage", str(tmp_path), *flags],
+                          env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert len(errors) == 1 and message in errors[0], done.stderr[-3000:]
+    assert time.monotonic() - started < 120

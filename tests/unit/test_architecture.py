@@ -26,6 +26,7 @@ LAYERS = [
     ("gantrain.engine.gan.step", "gantrain.engine.outputs.writer", "gantrain.engine.metrics",
      "gantrain.engine.outputs.generate"),
     ("gantrain.engine.train.loop",),
+    ("gantrain.engine.dist.worker",),
     ("gantrain.engine.dist.launch", "gantrain.engine.dist.raytrain", "gantrain.engine.dist.preflight"),
     ("gantrain.bench", "gantrain.tune"),
     ("gantrain.cli", "gantrain.__main__", "gantrain.tune.driver"),  # entry points of processes

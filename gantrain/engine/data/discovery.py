@@ -27,7 +27,7 @@ from pathlib import Path
 from PIL import Image, features
 
 from gantrain.engine.data.decode import has_alpha, orientation
-from gantrain.engine.errors import DataError
+from gantrain.engine.errors import DataError, DataNotFound
 
 NOT_AN_IMAGE, HIDDEN, UNSUPPORTED, UNREADABLE, LINKED_TWICE = (
     "not an image", "hidden/system file", "unsupported format", "unreadable", "linked twice")
@@ -152,7 +152,7 @@ def discover_images(folder: Path, *, strict: bool = False, limit: int = 0,
     image-looking file is unsupported or unreadable (naming it). ``limit`` keeps the first N images.
     """
     if not folder.is_dir():
-        raise DataError(f"image folder {folder} does not exist (pass --data-root pointing at the images)")
+        raise DataNotFound(f"image folder {folder} does not exist (pass --data-root pointing at the images)")
     found = Discovery(folder, [], limit=limit)
     candidates = _walk(folder, found)
     suffixes = decodable_suffixes()
@@ -177,7 +177,7 @@ def discover_images(folder: Path, *, strict: bool = False, limit: int = 0,
                             + " (drop --strict to leave such files out)")
     if not found.images:
         left = found.left_out_text()
-        raise DataError(f"no images found below {folder}" + (f"; left out: {left}" if left else " (an empty folder)"))
+        raise DataNotFound(f"no images found below {folder}" + (f"; left out: {left}" if left else " (an empty folder)"))
     found.found = len(found.images)
     if limit:
         found.images = found.images[:limit]

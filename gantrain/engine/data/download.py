@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from gantrain.engine.errors import DataError
+from gantrain.engine.errors import DataNotFound
 
 IDX_DATASETS: dict[str, dict] = {
     "fashion-mnist": {
@@ -83,13 +83,13 @@ def download(dataset: str, filename: str, md5: str, folder: Path) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DataError(_missing_message(dataset, folder, f"cannot create {folder}: {exc}")) from None
+        raise DataNotFound(_missing_message(dataset, folder, f"cannot create {folder}: {exc}")) from None
     for mirror in IDX_DATASETS[dataset]["mirrors"]:
         try:
             return _fetch(mirror + filename, md5, folder / filename)
         except (OSError, ValueError) as exc:
             errors.append(f"{mirror}: {exc}")
-    raise DataError(_missing_message(dataset, folder, "; ".join(errors)))
+    raise DataNotFound(_missing_message(dataset, folder, "; ".join(errors)))
 
 
 def _missing_message(dataset: str, folder: Path, why: str) -> str:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from gantrain.engine.data.decode import decode_or_skip
 from gantrain.engine.data.discovery import Discovery, discover_images
 from gantrain.engine.data.download import IDX_DATASETS, ensure_idx_files
-from gantrain.engine.errors import DataError
+from gantrain.engine.errors import DataError, DataNotFound
 
 log = logging.getLogger("gantrain")
 
@@ -82,7 +82,7 @@ def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
 def discover_folder(root: str | None, *, strict: bool = False, limit: int = 0) -> Discovery:
     """The images of the folder ``root`` (the resolved --data-root) for every loader; see :func:`discover_images`."""
     if root is None:
-        raise DataError("an image-folder dataset needs --data-root (the folder holding the images)")
+        raise DataNotFound("an image-folder dataset needs --data-root (the folder holding the images)")
     return discover_images(data_root(root), strict=strict, limit=limit)
 
 

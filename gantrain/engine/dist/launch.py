@@ -28,22 +28,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from rich.console import Console
 
 from gantrain.engine.config import Config, to_toml
 from gantrain.engine.dist.preflight import preflight
 from gantrain.engine.dist.runtime import die_with_parent, init_distributed, launched_by_torchrun, shutdown_distributed
+from gantrain.engine.dist.worker import STATUS_ENV, WorkerRecord, first_refusal, folder_record, worker_main
 from gantrain.engine.errors import ConfigError, GantrainError, Interrupted
 from gantrain.engine.outputs.runlog import log, setup_logging
 from gantrain.engine.state.checkpoint import restart_resume
 from gantrain.engine.state.rundir import RunDir
 from gantrain.engine.train.loop import FitResult, Trainer
 
-# Set by the launcher for its workers: the folder where rank 0 leaves the outcome of an interrupted run, so the
-# launcher, not each worker, says the one closing line.
-STATUS_ENV = "GANTRAIN_LAUNCH_STATUS"
-STATUS_FILE = "interrupted.json"
 # What the launcher knows of the last worker failure it restarted after, for rank 0's line in train.log.
 RESTART_FILE = "restart.json"
 # The launch's start (time.time()): a restarted worker resumes from a last.pt written since, not an older one.
@@ -74,8 +70,10 @@ def torchrun_args(cfg: Config, config_file: Path, resume: str | None) -> list[st
         where = ["--rdzv-backend=c10d", f"--rdzv-endpoint={d.rdzv_endpoint}", f"--rdzv-id={d.rdzv_id}"]
     else:
         where = [f"--node-rank={d.node_rank}", f"--master-addr={d.master_addr}", f"--master-port={d.master_port}"]
+    # the agent's own log folders go into the launch's temporary folder (else $TMPDIR/torchelastic_*, left behind)
     args = [f"--nproc-per-node={d.nproc}", f"--nnodes={d.nnodes}", *where, f"--max-restarts={d.max_restarts}",
-            f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}", "-m", "gantrain", "run", "--config", str(config_file)]
+            f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}", f"--log-dir={config_file.parent / 'elastic'}",
+            "-m", "gantrain", "run", "--config", str(config_file)]
     return args + (["--resume", resume] if resume else [])
 
 
@@ -154,11 +152,15 @@ def launch_workers(cfg: Config, resume: str | None, console: Console | None = No
         try:
             launch_config, entrypoint, args = config_from_args(parse_args(torchrun_args(cfg, config_file, resume)))
             elastic_launch(launch_config, entrypoint)(*args)
-            # Workers stopped by a signal (to them, not to the launcher) exit 0, or the agent would restart them;
-            # rank 0 (local rank 0 elsewhere) left the signal and the step here.
-            stopped = _status(Path(tmp))
-            if stopped is not None:
-                raise _interrupted(Path(tmp), int(stopped["signal"]), cfg, "the workers")
+            # A worker that refused (what no restart cures) or stopped on a signal (to it, not to the launcher)
+            # exits 0, or the agent would restart the group; its record says the rest.
+            records = WorkerRecord.read_all(Path(tmp))
+            refused = first_refusal(records)
+            if refused is not None:
+                raise refused.error()
+            stopped = [r for r in records if r.outcome == "stopped" and r.step is not None]
+            if stopped:
+                raise _interrupted(Path(tmp), int(stopped[0].signal), cfg, "the workers")
         except _EarlyStop as exc:
             raise _interrupted(Path(tmp), exc.signum, cfg, "the launcher") from None
         except DistNetworkError as exc:
@@ -192,27 +194,21 @@ def _network_error(cfg: Config, exc: Exception) -> GantrainError:
 
 
 def _interrupted(status_dir: Path, signum: int, cfg: Config, who: str) -> Interrupted:
-    """One line for a run the workers stopped together; rank 0 left the step and checkpoint in the status file."""
+    """One line for a run the workers stopped together; their records hold the step and rank 0's checkpoint."""
     name = signal.Signals(signum).name
-    status = _status(status_dir)
-    if status is None:  # no worker got as far as its training loop
+    stopped = [r for r in WorkerRecord.read_all(status_dir) if r.outcome == "stopped" and r.step is not None]
+    if not stopped:  # no worker got as far as its training loop
         return Interrupted(signum, f"{name} to {who} before training started; no checkpoint")
-    if status.get("rank", 0) != 0:  # another node: rank 0 saved on the master node
+    first = stopped[0]  # the lowest rank of this node
+    if first.rank != 0:  # another node: rank 0 saved on the master node
         where = "rank 0 saved the checkpoint on the master node"
-    elif status["checkpoint"]:
-        where = f"checkpoint saved to {status['checkpoint']}"
+    elif first.checkpoint:
+        where = f"checkpoint saved to {first.checkpoint}"
     else:
         where = "no checkpoint (no step done)"
     return Interrupted(signum, f"{name} to {who}: all {cfg.dist.nproc * cfg.dist.nnodes} workers stopped at step "
-                               f"{status['step']}; {where}; continue with --resume auto",
-                       checkpoint=Path(status["checkpoint"]) if status["checkpoint"] else None, step=status["step"])
-
-
-def _status(status_dir: Path) -> dict | None:
-    try:
-        return json.loads((status_dir / STATUS_FILE).read_text())
-    except (OSError, ValueError):
-        return None
+                               f"{first.step}; {where}; continue with --resume auto",
+                       checkpoint=Path(first.checkpoint) if first.checkpoint else None, step=first.step)
 
 
 def _failed(status_dir: Path, exc, cfg: Config) -> GantrainError:
@@ -248,31 +244,48 @@ def train(cfg: Config, *, resume: str | None = None, console: Console | None = N
         preflight(cfg, resume)  # what no restart cures is refused here, once, before any worker starts
         launch_workers(cfg, resume, console)
         return None
-    restart = 0
+    return _run_here(cfg, resume, console)
+
+
+def _run_here(cfg: Config, resume: str | None, console: Console | None) -> FitResult | None:
+    """The whole run in this process, or one worker of torchrun (``gantrain run --ddp``'s agent, or torchrun by
+    hand): :func:`worker_main` on its process group. Under gantrain's launcher a worker says nothing of how it
+    ended (the launcher reads its record and says one line for all) and exits 0 for what a restart cannot change
+    (a refusal; a stop every rank agreed on), so the agent does not restart the group; by hand, each worker says
+    its own line."""
+    status, restart = None, 0
     if launched_by_torchrun():
         die_with_parent()
         _stop_before_training()
+        status = os.environ.get(STATUS_ENV)
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         resume = _restart_resume(cfg, resume, restart)
     info = init_distributed(cfg.run.device)
+    ended: list[WorkerRecord] = []
+
+    def record(rec: WorkerRecord) -> None:
+        ended.append(rec)
+        folder_record(status)(rec)
+
     try:
-        trainer = Trainer(cfg, console=console, dist_info=info, resume=resume)
-        if restart and info.is_main:
-            _log_restart(trainer, restart)
-        try:
-            return trainer.fit()
-        except Interrupted as exc:
-            if exc.step is None:  # a stop signal after the loop ended (_stop_before_training's handler): as it is
+        return worker_main(cfg, info, resume=resume, console=console, record=record,
+                           restart_note=(lambda trainer: _log_restart(trainer, restart)) if restart else None)
+    except Interrupted as exc:
+        if not status:  # one process, or torchrun by hand: this process says its line
+            if exc.step is None:
                 raise
-            raise _worker_interrupted(trainer, exc) from None
-        except (torch.distributed.DistError, RuntimeError) as exc:
-            if not (info.world_size > 1 and _lost_peer(exc)):
-                raise
-            _ignore_stop_signals()  # the agent's SIGTERM to the survivors must not cut this line short
-            error = GantrainError(f"rank {info.rank}: lost the other DDP workers at step {trainer.step} "
-                                  f"({str(exc).splitlines()[0][:160]}); no checkpoint of this step")
-            error.reported_by_launcher = bool(os.environ.get(STATUS_ENV))  # it names the worker that died
-            raise error from None
+            where = ("rank 0 saves the checkpoint" if not info.is_main else
+                     f"checkpoint saved to {exc.checkpoint}" if exc.checkpoint else "no checkpoint (no step done)")
+            raise Interrupted(exc.signum, f"interrupted at step {exc.step}; {where}", checkpoint=exc.checkpoint,
+                              step=exc.step) from None
+        _ignore_stop_signals()  # on its way out: the agent's SIGTERM to the others must not cut this short
+        raise SystemExit(0 if exc.step is not None else exc.exit_code) from None
+    except GantrainError as exc:
+        if not status:
+            raise
+        _ignore_stop_signals()
+        refused = bool(ended) and ended[-1].outcome == "refused"
+        raise SystemExit(0 if refused else exc.exit_code) from None
     finally:
         shutdown_distributed()
 
@@ -297,14 +310,6 @@ def _log_restart(trainer: Trainer, restart: int) -> None:
                 what or "a worker failed (on another node)", where)
 
 
-def _lost_peer(exc: BaseException) -> bool:
-    """A collective failed because another worker died (gloo/NCCL transport errors), not a bug here."""
-    text = str(exc)
-    return isinstance(exc, torch.distributed.DistError) or any(
-        mark in text for mark in ("Connection closed by peer", "Connection reset by peer", "gloo/transport",
-                                  "NCCL communicator was aborted"))
-
-
 def _ignore_stop_signals() -> None:
     """A worker on its way out ignores further stop signals: Python resets its handlers to the default
     (terminate) while it shuts down, and the agent sends SIGTERM to the survivors once one has exited."""
@@ -316,29 +321,7 @@ def _stop_before_training() -> None:
     """Until the training loop takes over signals (Trainer.fit), a worker told to stop just stops: one line
     (or none under the launcher, which says it), exit code 128 + N, no KeyboardInterrupt traceback."""
     def handler(signum, _frame):
-        error = Interrupted(signum, f"{signal.Signals(signum).name} before training started; no checkpoint")
-        error.reported_by_launcher = bool(os.environ.get(STATUS_ENV))
-        raise error
+        raise Interrupted(signum, f"{signal.Signals(signum).name} before training started; no checkpoint")
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, handler)
-
-
-def _worker_interrupted(trainer: Trainer, exc: Interrupted) -> Interrupted:
-    """The Trainer's :class:`Interrupted` as the line for the user (or, under the launcher, for the launcher)."""
-    step, status = exc.step, os.environ.get(STATUS_ENV)
-    if trainer.dist.is_main:
-        where = f"checkpoint saved to {exc.checkpoint}" if exc.checkpoint else "no checkpoint (no step done)"
-        log.warning("interrupted at step %d: %s; continue with --resume auto", step, where)
-    else:
-        where = "rank 0 saves the checkpoint"
-    if status and trainer.dist.local_rank == 0:  # for this node's launcher, which says the closing line
-        payload = {"step": step, "rank": trainer.dist.rank, "signal": exc.signum,
-                   "checkpoint": str(exc.checkpoint) if exc.checkpoint else None}
-        (Path(status) / STATUS_FILE).write_text(json.dumps(payload))
-    _ignore_stop_signals()
-    error = Interrupted(exc.signum, f"interrupted at step {step}; {where}", checkpoint=exc.checkpoint, step=step)
-    if status:  # a stop all ranks agreed on is a success to the elastic agent, which would otherwise restart
-        error.exit_code = 0  # the workers (--max-restarts); the launcher reads the status file, exits with 128 + N
-    error.reported_by_launcher = bool(status)  # the launcher says the closing line for all workers
-    return error

@@ -37,11 +37,11 @@ def preflight(cfg: Config, resume: str | None) -> None:
         raise ConfigError("--sync-bn: SyncBatchNorm needs CUDA (it is not implemented for the CPU)")
     resume_path, state, _ = open_resume(cfg, resume)
     if cfg.dist.nnodes == 1:  # the run folder's owner (rank 0) is on this node
-        # under --ray a relaunch continues from the checkpoint Ray Train kept, as if resumed
-        RunOutputs.check(cfg, resuming=state is not None or cfg.dist.ray)
-        lock = RunLock(cfg.run_dir)
+        lock = RunLock(cfg.run_dir)  # first, as the Trainer does: a folder in use is that, whatever it holds
         lock.take(lambda _note: None)  # RunLocked when a live run owns the folder; the worker takes it again
         lock.abandon()
+        # under --ray a relaunch continues from the checkpoint Ray Train kept, as if resumed
+        RunOutputs.check(cfg, resuming=state is not None or cfg.dist.ray)
     images, _ = count_images(cfg)
     if images is None:
         return

@@ -13,16 +13,19 @@ its own node (the same path everywhere, or a shared filesystem).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
 
 from gantrain.engine.config import Config, from_dict
 from gantrain.engine.dist.runtime import DistInfo
-from gantrain.engine.errors import GantrainError
+from gantrain.engine.dist.worker import WorkerRecord, first_refusal, worker_main
+from gantrain.engine.errors import ConfigError, GantrainError
 from gantrain.engine.outputs.runlog import log
 from gantrain.engine.state.checkpoint import restart_resume
 from gantrain.engine.state.rundir import RunDir
@@ -49,12 +52,26 @@ def ray_worker(config: dict) -> None:
             resume = str(Path(stack.enter_context(restored.as_directory())) / RAY_CHECKPOINT_FILE)
         elif restart:  # a failure before Ray Train took in any report of this launch
             resume = on_disk
-        trainer = Trainer(cfg, console=Console(stderr=True), dist_info=info, resume=resume,
-                          epoch_callbacks=[_report])
-    if restart and info.is_main:
-        log.warning("Ray Train restarted the workers after a failure (--max-restarts %d); resuming from step %d "
-                    "(checkpoint %s)", cfg.dist.max_restarts, trainer.step, trainer.resume_path)
-    trainer.fit()
+        note = (lambda trainer: log.warning(
+            "Ray Train restarted the workers after a failure (--max-restarts %d); resuming from step %d (checkpoint "
+            "%s)", cfg.dist.max_restarts, trainer.step, trainer.resume_path)) if restart else None
+        ended: list[WorkerRecord] = []
+        try:
+            worker_main(cfg, info, resume=resume, console=Console(stderr=True), hooks=[_EpochReport()],
+                        restart_note=note, record=ended.append)
+        except GantrainError:
+            if not (ended and ended[-1].outcome == "refused"):  # a failure: Ray Train restarts the group
+                raise
+            # Ray Train restarts a group whose worker raised; every rank refused alike, so each hands its record
+            # to the driver (a queue: other nodes share no folder with it) and returns: the driver refuses once.
+            config["outcomes"].put(json.dumps(asdict(ended[-1])))
+
+
+class _EpochReport:
+    """The Trainer's after-epoch hook under Ray Train."""
+
+    def after_epoch(self, trainer: Trainer, epochs_done: int) -> None:
+        _report(trainer, epochs_done)
 
 
 def _report(trainer: Trainer, epochs_done: int) -> None:
@@ -88,7 +105,7 @@ def train_on_ray(cfg: Config, resume: str | None, console: Console | None = None
     if cfg.data.data_root:
         cfg.data.data_root = str(Path(cfg.data.data_root).resolve())
     resume = str(Path(resume).resolve()) if resume and resume != "auto" else resume
-    storage = d.ray_storage or str(Path(cfg.run.out) / "ray")
+    storage = _storage_path(d.ray_storage) or str(Path(cfg.run.out) / "ray")
     started = False
     if not ray.is_initialized():
         try:
@@ -102,22 +119,69 @@ def train_on_ray(cfg: Config, resume: str | None, console: Console | None = None
         started = True
     try:
         resources = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.gpus_per_worker else {})}
+        if not d.ray_address:  # a local Ray never grows: a request larger than it would wait forever
+            refuse_unplaceable(resources, d.ray_workers, ray.cluster_resources(), "--ray-workers x --cpus-per-worker"
+                               + (" / --gpus-per-worker" if d.gpus_per_worker else ""))
+        from ray.util.queue import Queue
+
+        outcomes = Queue(actor_options={"num_cpus": 0})  # the workers' refusals (WorkerRecord as JSON)
         trainer = TorchTrainer(
-            ray_worker, train_loop_config={"cfg": cfg.to_dict(), "resume": resume, "started": time.time()},
+            ray_worker, train_loop_config={"cfg": cfg.to_dict(), "resume": resume, "started": time.time(),
+                                           "outcomes": outcomes},
             scaling_config=ScalingConfig(num_workers=d.ray_workers, use_gpu=d.gpus_per_worker > 0,
                                          resources_per_worker=resources),
             run_config=RunConfig(name="train", storage_path=storage,
-                                 failure_config=FailureConfig(max_failures=d.max_restarts)))
+                                 failure_config=_failure_config(FailureConfig, d.max_restarts)))
         try:
             result = trainer.fit()
         except Exception as exc:  # TrainingFailedError (Ray Train 2): the workers' own error is above
-            raise GantrainError(f"--ray: the Ray Train run failed after {d.max_restarts} restart(s) allowed "
-                                f"(--max-restarts): {_failures(exc)}") from None
+            workers = bool(getattr(exc, "worker_failures", None))
+            after = f" after {d.max_restarts} restart(s) allowed (--max-restarts)" if workers else ""
+            raise GantrainError(f"--ray: the Ray Train run failed{after}: {_failures(exc)}") from None
+        records = [WorkerRecord(**json.loads(outcomes.get_nowait())) for _ in range(outcomes.qsize())]
+        refused = first_refusal(sorted(records, key=lambda r: r.rank))
+        if refused is not None:  # a worker's refusal (what no restart cures): as one process would say it
+            raise refused.error()
         if getattr(result, "error", None) is not None:
             raise GantrainError(f"--ray: the Ray Train run failed: {str(result.error).strip().splitlines()[0][:300]}")
     finally:
+        if "outcomes" in locals():
+            outcomes.shutdown()
         if started:
             ray.shutdown()
+
+
+def _storage_path(storage: str) -> str:
+    """--ray-storage as Ray Train takes it: a URI (``s3://...``) as it is, a local path made absolute (Ray refuses
+    a relative one with "URI has empty scheme"; --out and --data-root are made absolute alike)."""
+    if not storage or "://" in storage:
+        return storage
+    return str(Path(storage).expanduser().resolve())
+
+
+def _failure_config(failure_config: type, max_restarts: int):
+    """Ray Train's FailureConfig: --max-restarts worker-group failures, and a bounded number of failed starts of
+    the worker group (Ray Train 2 retries those without limit by default: "max allowed: inf")."""
+    try:
+        return failure_config(max_failures=max_restarts, controller_failure_limit=max_restarts)
+    except TypeError:  # a Ray Train without that field
+        return failure_config(max_failures=max_restarts)
+
+
+def refuse_unplaceable(per_worker: dict[str, float], workers: int, cluster: dict[str, float], flags: str,
+                       extra: dict[str, float] | None = None, extra_for: str = "") -> None:
+    """Raises :class:`ConfigError` when ``workers`` x ``per_worker`` resources (plus ``extra``, what ``extra_for``
+    takes besides) exceed the ``cluster``'s totals (``ray.cluster_resources()``), naming what was asked and what
+    exists: Ray would wait forever for a request that can never fit. Only for a cluster that cannot grow (a local
+    Ray)."""
+    extra = extra or {}
+    for name, amount in per_worker.items():
+        asked, there = amount * workers + extra.get(name, 0.0), cluster.get(name, 0.0)
+        if amount > 0 and asked > there + 1e-9:
+            parts = f"{workers} x {amount:g} {name}" + (f" + {extra[name]:g} {name} for {extra_for}"
+                                                          if extra.get(name) else "")
+            raise ConfigError(f"{flags}: {parts} = {asked:g} {name}, but this Ray cluster has {there:g} {name}; "
+                              "ask for less")
 
 
 def _failures(exc: BaseException) -> str:

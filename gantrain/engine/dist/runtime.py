@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from gantrain.engine.config import PerfConfig
-from gantrain.engine.errors import CheckpointError, ConfigError
+from gantrain.engine.errors import CheckpointError, ConfigError, GantrainError, rebuild
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -158,6 +158,33 @@ class StopAgreement:
         self.flag[0], self.flag[1] = self.local_signal or 0, int(save_due)
         self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         return agreed
+
+    @contextlib.contextmanager
+    def refusals(self):
+        """Runs the block, then raises on every rank the refusal (a :class:`GantrainError`) that any rank met in
+        it (the lowest rank's; its class, message and exit code), else goes on. For checks that some ranks make
+        and others do not (rank 0 owns the run folder): a rank that refused alone would leave the others waiting
+        in their next collective until gloo's timeout, and a worker cannot tell the launcher that its refusal is
+        final unless every rank agrees. The block must hold no collective. Other exceptions pass (a crash)."""
+        error = None
+        try:
+            yield
+        except GantrainError as exc:
+            if not self.enabled:
+                raise
+            error = exc
+        if not self.enabled:
+            return
+        every: list = [None] * dist.get_world_size(self.group)
+        mine = None if error is None else (type(error).__name__, str(error), error.exit_code, error.final)
+        try:
+            dist.all_gather_object(every, mine, group=self.group)
+        finally:
+            if error is not None:
+                raise error
+        first = next((refusal for refusal in every if refusal is not None), None)
+        if first is not None:
+            raise rebuild(*first)
 
     def close(self) -> None:
         """Completes the reduction in flight (before the process group goes away)."""

@@ -7,6 +7,7 @@ generator module and noise, never a Trainer.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -28,10 +29,33 @@ def sample_noise(n: int, nz: int, kind: str, device: torch.device | str, generat
     return torch.randn(n, nz, device=device, generator=generator)
 
 
+NOISE_BLOCK = 256
+"""Rows of noise drawn at a time by :func:`indexed_noise` (256 x nz values: a multiple of 16 for every nz)."""
+
+
+def indexed_noise(indices: int | Sequence[int], nz: int, kind: str, seed: int,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """The noise vectors (len(indices), nz) of ``seed`` at ``indices`` (an int n: 0..n-1): row i is image i of
+    seed s, whatever else is drawn, so ``-n 1`` and ``-n 64`` share image 0 and ``--seeds 100`` is image 100.
+
+    Why blocks: torch's CPU ``randn`` transforms its uniform draws 16 values at a time and redraws a tail that is
+    not a multiple of 16, so ``randn(1, nz)`` is not the first row of ``randn(64, nz)``. The noise of ``seed`` is
+    therefore drawn in whole blocks of :data:`NOISE_BLOCK` rows from one CPU generator seeded with ``seed``;
+    the first n rows equal ``randn(n, nz)`` (as drawn before) whenever n x nz is a multiple of 16."""
+    rows = torch.arange(indices) if isinstance(indices, int) else torch.as_tensor(list(indices), dtype=torch.long)
+    if rows.numel() == 0:
+        return torch.empty(0, nz, device=device)
+    if int(rows.min()) < 0:
+        raise ValueError(f"noise indices must be >= 0, got {int(rows.min())}")
+    gen = torch.Generator().manual_seed(seed)
+    blocks = [sample_noise(NOISE_BLOCK, nz, kind, "cpu", gen) for _ in range(int(rows.max()) // NOISE_BLOCK + 1)]
+    return torch.cat(blocks)[rows].to(device)
+
+
 def fixed_noise(nz: int, kind: str, seed: int, device: torch.device | str, n: int = NUM_FIXED_SAMPLES) -> torch.Tensor:
-    """The run's fixed sample noise (n, nz): drawn on the CPU from ``seed`` alone, so every device, process
-    layout and resumed run draws the same grid."""
-    return sample_noise(n, nz, kind, "cpu", torch.Generator().manual_seed(seed)).to(device)
+    """The run's fixed sample noise (n, nz): rows 0..n-1 of ``seed`` (:func:`indexed_noise`), drawn on the CPU,
+    so every device, process layout and resumed run draws the same grid."""
+    return indexed_noise(n, nz, kind, seed, device)
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from gantrain.engine.config import Config
 from gantrain.engine.data.pixels import quantize
 from gantrain.engine.errors import ConfigError
-from gantrain.engine.gan.sampling import generate_images, sample_noise
+from gantrain.engine.gan.sampling import generate_images, indexed_noise
 from gantrain.engine.metrics.reference import DatasetSpec
 
 GENERATE_BATCH = 500
@@ -37,6 +37,6 @@ def generated_batches(generator: torch.nn.Module, cfg: Config, spec: DatasetSpec
                       device: torch.device) -> Iterator[torch.Tensor]:
     """Batches of generated images from fixed noise (its own RNG: the caller's streams are not advanced), in
     fp32 whatever the training precision, so tracking during training and `gantrain eval` agree."""
-    noise = sample_noise(num_samples, cfg.model.nz, cfg.loss.noise, "cpu", torch.Generator().manual_seed(seed))
+    noise = indexed_noise(num_samples, cfg.model.nz, cfg.loss.noise, seed)  # image i of seed s, whatever n
     for chunk in noise.split(GENERATE_BATCH):
         yield prepare_generated(generate_images(generator, chunk.to(device)), spec)

@@ -23,7 +23,7 @@ from gantrain.engine.data.decode import decode_or_skip
 from gantrain.engine.data.discovery import discover_images
 from gantrain.engine.data.download import IDX_DATASETS, ensure_idx_files
 from gantrain.engine.data.sources import data_root, read_idx, resize_uint8
-from gantrain.engine.errors import ConfigError, DataError
+from gantrain.engine.errors import ConfigError, DataError, DataNotFound
 from gantrain.engine.metrics.cache import sha256_files
 
 IDX_SIZE_PX = 32
@@ -83,7 +83,7 @@ def spec_from_config(cfg: Config) -> DatasetSpec:
     if dataset not in ("fashion-mnist", "mnist", "folder"):
         raise ConfigError(f"--dataset: quality metrics need fashion-mnist, mnist or folder data, not {dataset}")
     if dataset == "folder" and cfg.data.data_root is None:
-        raise DataError("an image-folder dataset needs --data-root (the folder holding the images)")
+        raise DataNotFound("an image-folder dataset needs --data-root (the folder holding the images)")
     return DatasetSpec(dataset, data_root(cfg.data.data_root), 1 if dataset != "folder" else cfg.data.channels)
 
 

@@ -10,7 +10,7 @@ import torch
 from gantrain.engine.config import from_dict
 from gantrain.engine.dist.runtime import pick_device
 from gantrain.engine.gan.models import Generator
-from gantrain.engine.gan.sampling import generate_images, sample_noise
+from gantrain.engine.gan.sampling import generate_images, indexed_noise
 from gantrain.engine.outputs.images import save_grid, save_individual
 from gantrain.engine.state.checkpoint import check_finite, load_checkpoint, load_module_state
 from gantrain.engine.state.schema import generator_weights
@@ -44,8 +44,7 @@ def load_generator(path: str | Path, device: str = "cpu", use_ema: bool = True) 
 def generate(checkpoint: str | Path, *, n: int = 64, out: Path = Path("grid.png"), seed: int = 0,
              individual: Path | None = None, nrow: int = 8, device: str = "auto", use_ema: bool = True) -> GenerateResult:
     g, cfg = load_generator(checkpoint, device, use_ema)
-    gen = torch.Generator().manual_seed(seed)
-    noise = sample_noise(n, cfg.model.nz, cfg.loss.noise, "cpu", gen).to(next(g.parameters()).device)
+    noise = indexed_noise(n, cfg.model.nz, cfg.loss.noise, seed, next(g.parameters()).device)
     images = torch.cat([generate_images(g, chunk) for chunk in noise.split(256)])
     result = GenerateResult(save_grid(images, Path(out), nrow))
     if individual is not None:

@@ -51,7 +51,10 @@ HPARAM_METRICS = ("train/loss_d", "train/loss_g", "quality/fd", "quality/precisi
 
 
 class TrackerError(GantrainError):
-    """A tracker that could not start or write (its library's own error, in one line)."""
+    """A tracker that could not start or write (its library's own error, in one line); often its server out of
+    reach for a while, so not ``final``: a multi-process launch may restart for it."""
+
+    final = False
 
 
 class MissingExtra(GantrainError):

@@ -362,8 +362,12 @@ class Checkpointer:
             log.info("--samples-from-best: no best.pt (no evaluation ran), final samples from the last step")
             return gan.sample(noise)
         state = load_checkpoint(best)
-        log.info("final samples from checkpoints/best.pt (step %d, FD %.4g) rather than the last step (%d)",
-                 state["step"], best_fd if best_fd is not None else state["best_fd"] or float("nan"), step)
+        fd = best_fd if best_fd is not None else state["best_fd"] or float("nan")
+        if state["step"] == step:
+            log.info("final samples from the last step (%d), which is also best.pt's (FD %.4g)", step, fd)
+        else:
+            log.info("final samples from checkpoints/best.pt (step %d, FD %.4g) rather than the last step (%d)",
+                     state["step"], fd, step)
         return gan.sample_from(state, noise, best)
 
     def minutes_due(self) -> bool:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -85,7 +86,7 @@ def atomic_write(path: Path | str, write: Callable[[IO[bytes]], Any]) -> Path:
     except OSError as exc:
         raise RunIOError(f"cannot write {path}: {_mkdir_reason(path.parent, exc)}") from None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     except OSError as exc:
         raise io_error("write", path, exc) from None
     try:
@@ -103,6 +104,30 @@ def atomic_write(path: Path | str, write: Callable[[IO[bytes]], Any]) -> Path:
         raise
     _fsync_folder(path.parent)
     return path
+
+
+TEMP_SUFFIX = ".tmp"
+# What atomic_write's temporary files are called: "." + the file's name + "." + mkstemp's 8 characters + ".tmp".
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def remove_leftovers(folders: Iterable[Path]) -> list[Path]:
+    """Removes the temporary files :func:`atomic_write` left in ``folders`` (not below them) when its process was
+    killed mid-write (a rename never happened, so nothing refers to them); returns what it removed. Only names of
+    that exact pattern are touched. The caller must own the folders (hold the run's lock): another live writer's
+    temporary file has the same name."""
+    removed = []
+    for folder in folders:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if _TEMP_NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
+                with _suppress_os_error():
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
 
 
 def atomic_write_text(path: Path | str, text: str) -> Path:
@@ -201,6 +226,18 @@ class RunLock:
         make_folder(self.folder, "--out")
         self.acquire(warn)
 
+    def remove_leftovers(self, note: Callable[[str], None]) -> None:
+        """With the lock held: removes the temporary files of atomic writes that a killed run left in the run
+        folder, its checkpoints/ and samples/ (:func:`remove_leftovers`), and says so in one ``note``."""
+        if not self.held:
+            return
+        files = RunDir(self.folder)
+        removed = remove_leftovers([files.root, files.checkpoints, files.samples])
+        if removed:
+            names = ", ".join(str(p.relative_to(self.folder)) for p in removed[:3])
+            note(f"removed {len(removed)} temporary file(s) that an interrupted write left behind ({names}"
+                 f"{', ...' if len(removed) > 3 else ''})")
+
     def abandon(self) -> None:
         """Releases the lock of a run that failed to start, and removes the folder :meth:`take` made while it is
         still empty (the lock file goes with the lock): a run that took no step leaves nothing behind."""
@@ -256,8 +293,7 @@ class RunLock:
             raise io_error("write the lock file", self.path, exc) from None
         self._fh = fh
         if stale:
-            warn(f"{self.folder}: took over a stale lock ({_describe_owner(stale)}): that run ended without "
-                 "releasing it (killed?)")
+            warn(f"{self.folder}: took over a stale lock ({_describe_owner(stale)}): {_why_stale(stale)}")
 
     def release(self) -> None:
         """Removes the lock file and drops the lock (the order matters: see :meth:`acquire`)."""
@@ -277,6 +313,24 @@ def _read_owner(fh: IO[bytes]) -> dict[str, Any]:
     except (OSError, ValueError):
         return {"damaged": True}
     return owner if isinstance(owner, dict) else {"damaged": True}
+
+
+def _why_stale(owner: dict[str, Any]) -> str:
+    """Why a lock file nobody holds names an owner: its run was killed, unless that process still runs here (then
+    the file came with a copy of a live run's folder, or the pid was reused)."""
+    pid = owner.get("pid")
+    if owner.get("host") == socket.gethostname() and isinstance(pid, int) and pid != os.getpid():
+        try:
+            os.kill(pid, 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        except OSError:  # it exists but is another user's
+            alive = True
+        if alive:
+            return (f"pid {pid} still runs but holds no lock on this folder: the folder was copied from a live run "
+                    "(or the pid was reused)")
+    return "that run ended without releasing it (killed?)"
 
 
 def _describe_owner(owner: dict[str, Any]) -> str:

@@ -78,8 +78,7 @@ class Trainer:
         self.stop_reason: str | None = None  # why the run ends before its last step (a hook's reason)
         self.epoch_means: dict = {}  # loss_d, loss_g, d_real, d_fake over the last whole epoch (epoch callbacks)
         self.run_dir, self.lock, notes = cfg.run_dir, RunLock(cfg.run_dir), []
-        if self.dist.is_main:  # one owner per run folder; under DDP rank 0 owns it for all ranks
-            self.lock.take(notes.append)
+        self.stop_agreement = StopAgreement(self.dist.enabled)  # first: its group carries the agreements below
         try:
             self._build(cfg, resume, notes)
         except BaseException:
@@ -88,19 +87,24 @@ class Trainer:
             raise
 
     def _build(self, cfg: Config, resume: str | None, notes: list[str]) -> None:
-        self.resume_path, state, changes = ckpt.open_resume(cfg, resume)
-        if self.dist.is_main:
-            RunOutputs.check(cfg, resuming=state is not None)
-            setup_logging(self.console, pending=True)  # held until the run folder is written
-        self.cfg, self.device = cfg, pick_device(cfg.run.device, self.dist.local_rank)
-        self.policy = PrecisionPolicy(self.device, cfg.perf.amp, cfg.perf.channels_last)
-        self.loader = build_loader(cfg.data, cfg.run.seed, self.device, Shard(self.dist.rank, self.dist.world_size),
-                                   policy=self.policy)
+        # What may refuse on some ranks only (rank 0 owns the run folder; each node reads its own data) comes
+        # before the first collective, and every rank raises what any rank refused: none is left waiting.
+        with self.stop_agreement.refusals():
+            if self.dist.is_main:  # one owner per run folder; under DDP rank 0 owns it for all ranks
+                self.lock.take(notes.append)
+                self.lock.remove_leftovers(notes.append)  # what a killed run's atomic writes left
+            self.resume_path, state, changes = ckpt.open_resume(cfg, resume)
+            if self.dist.is_main:
+                RunOutputs.check(cfg, resuming=state is not None)
+                setup_logging(self.console, pending=True)  # held until the run folder is written
+            self.cfg, self.device = cfg, pick_device(cfg.run.device, self.dist.local_rank)
+            self.policy = PrecisionPolicy(self.device, cfg.perf.amp, cfg.perf.channels_last)
+            self.loader = build_loader(cfg.data, cfg.run.seed, self.device,
+                                       Shard(self.dist.rank, self.dist.world_size), policy=self.policy)
         self.global_batch = cfg.data.batch_size * self.dist.world_size
         self.gan = GANStep(cfg, self.device, self.policy, self.dist)
         self.fixed_noise = fixed_noise(cfg.model.nz, cfg.loss.noise, cfg.run.seed, self.device)
         self.watch = NonFiniteWatch(cfg.run.nonfinite_patience)
-        self.stop_agreement = StopAgreement(self.dist.enabled)
         self.agreed_stop: int | None = None  # the stop signal every rank acts on, at the same step
         self.checkpoints = ckpt.Checkpointer(cfg, self.dist.is_main, self.dist.world_size, self.stop_agreement.group)
         start = self.checkpoints.start_from(state, self.resume_path, self.gan, self.loader, self.global_batch, changes)
@@ -110,17 +114,10 @@ class Trainer:
         self.total_steps = plan_schedule(self.pos, cfg, self.loader.steps_per_epoch, self.run_dir, self.finished_ok)
         if self.last_step is not None:
             self.total_steps = min(self.total_steps, self.last_step(self.loader.steps_per_epoch))
-        self.outputs = RunOutputs(cfg, self.console, self.dist.is_main, self.dist.world_size)
-        self.outputs.describe(self.loader, self.total_steps, self.device, self.policy.describe())
-        self.outputs.prepare(state is not None, notes, self.step)  # only now: a run with no step wrote nothing
-        self.lr_decay = LRDecay.of_gan(cfg.optim, self.gan.opt_g, self.gan.opt_d, self.total_steps)
-        if self.lr_decay.active and self.dist.is_main:
-            log.info("%s", self.lr_decay.describe(self.step))
-            planned = start.planned_steps
-            if planned and planned != self.total_steps:
-                log.warning("--lr-decay: this resume ends the run at step %d, not at %d as planned when checkpointed; "
-                            "the decay is computed on the new length, so at step %d the rates jump: %s",
-                            self.total_steps, planned, self.step, self.lr_decay.describe_jump(self.step, planned))
+        with self.stop_agreement.refusals():  # rank 0's files and evaluation, as above
+            self._build_outputs(cfg, state is not None, notes, start)
+
+    def _build_outputs(self, cfg: Config, resuming: bool, notes: list[str], start: ckpt.Start) -> None:
         self.tracker = None
         if cfg.eval.eval_every and self.dist.is_main:  # rank 0 evaluates; the extractor is fitted here when missing
             from gantrain.engine.metrics.tracking import QualityTracker
@@ -129,6 +126,17 @@ class Trainer:
                                           best_measured_by=self.best_measured_by,
                                           best_path=self.checkpoints.files.best)
             self.best_fd, self.best_measured_by = self.tracker.best_fd, self.tracker.measured_by
+        self.outputs = RunOutputs(cfg, self.console, self.dist.is_main, self.dist.world_size)
+        self.outputs.describe(self.loader, self.total_steps, self.device, self.policy.describe())
+        self.outputs.prepare(resuming, notes, self.step)  # only now: a run that cannot start wrote nothing
+        self.lr_decay = LRDecay.of_gan(cfg.optim, self.gan.opt_g, self.gan.opt_d, self.total_steps)
+        if self.lr_decay.active and self.dist.is_main:
+            log.info("%s", self.lr_decay.describe(self.step))
+            planned = start.planned_steps
+            if planned and planned != self.total_steps:
+                log.warning("--lr-decay: this resume ends the run at step %d, not at %d as planned when checkpointed; "
+                            "the decay is computed on the new length, so at step %d the rates jump: %s",
+                            self.total_steps, planned, self.step, self.lr_decay.describe_jump(self.step, planned))
 
     def close(self) -> None:
         """Closes the --logger trackers (unfinished unless :meth:`fit` finished them) and releases the run folder

@@ -297,3 +297,15 @@ def test_checkpoint_every_epochs_and_0_for_the_final_one_only(tmp_path: Path, ev
     result = Trainer(cfg, console=Console(file=io.StringIO())).fit()
     assert [int(p.stem.split("_")[1]) for p in RunDir(result.run_dir).numbered_checkpoints()] == expected
     assert load_checkpoint(RunDir(result.run_dir).last)["step"] == 12
+
+
+def test_generate_image_i_does_not_depend_on_n(trained_run: Path, tmp_path: Path, cli) -> None:
+    """Before: -n 1 and -n 64 with --seed 0 gave different image 0 (max difference 255)."""
+    checkpoint = trained_run / "checkpoints" / "last.pt"
+    for n in (1, 3, 70):
+        result = cli("generate", checkpoint, "-n", n, "--seed", 0, "--out", tmp_path / f"{n}.png", "--individual",
+                     tmp_path / f"each{n}", "--device", "cpu")
+        assert result.exit_code == 0, result.output
+    for i, n in ((0, 1), (0, 3), (2, 3)):
+        name = f"{i:06d}.png"
+        assert np.array_equal(_pixels(tmp_path / f"each{n}" / name), _pixels(tmp_path / "each70" / name)), (i, n)
