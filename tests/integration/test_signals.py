@@ -140,3 +140,51 @@ def test_ctrl_c_in_a_command_without_its_own_handling_is_one_line(cli, monkeypat
     assert result.exit_code == 130, result.output
     assert [line for line in result.stderr.splitlines() if line.strip()] == ["error: interrupted by SIGINT (Ctrl-C)"]
     assert ModelConfig  # (imported before the patch)
+
+
+_STOP_DURING_FINAL = """
+import os, signal, sys
+from gantrain.engine.outputs.writer import RunOutputs
+
+original = RunOutputs.write_final
+
+def write_final(self, images, step):
+    os.kill(os.getpid(), signal.SIGTERM)  # a stop signal just as the end of the run is being written
+    return original(self, images, step)
+
+RunOutputs.write_final = write_final
+from gantrain.cli import main
+sys.argv = ["gantrain", "run", *sys.argv[1:]]
+main()
+"""
+
+
+def test_sigterm_while_the_final_outputs_are_written_finishes_them(train_root: Path, tmp_path: Path) -> None:
+    """Before: the process died without a word, none of final.png, losses.png, progress.gif was written, and
+    `--resume auto` called the run complete, so they never were."""
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "GANTRAIN_DATA"}
+    env["COLUMNS"] = "200"
+    done = subprocess.run([sys.executable, "-c", _STOP_DURING_FINAL, *_flags(train_root, out), "--max-steps", "4"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert all((out / name).is_file() for name in ("final.png", "losses.png", "progress.gif")), done.stderr
+    assert "SIGTERM came at the end of the run: its final outputs were written first" in done.stderr
+
+
+def test_a_finished_run_whose_end_was_cut_short_writes_what_is_missing(train_root: Path, tmp_path: Path, cli,
+                                                                       unwrap) -> None:
+    out = tmp_path / "run"
+    assert cli("run", *_flags(train_root, out), "--max-steps", "4").exit_code == 0
+    again = cli("run", *_flags(train_root, out), "--max-steps", "4", "--resume", "auto")
+    assert again.exit_code == 2 and "already took 4 of its 4 steps" in unwrap(again.stderr)  # complete: refused
+    checkpoint = (out / "checkpoints" / "last.pt").read_bytes()
+    for name in ("final.png", "progress.gif"):
+        (out / name).unlink()
+    result = cli("run", *_flags(train_root, out), "--max-steps", "4", "--resume", "auto")
+    assert result.exit_code == 0, result.output
+    assert (out / "final.png").is_file() and (out / "progress.gif").is_file()
+    assert "its end was cut short: writing the missing final.png, progress.gif" in unwrap(result.stderr)
+    assert (out / "checkpoints" / "last.pt").read_bytes() == checkpoint  # no step, no new checkpoint
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 4

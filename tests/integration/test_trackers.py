@@ -226,3 +226,28 @@ def test_no_logger_writes_no_tracker_files(tiny_cfg, quiet_console) -> None:
     assert cfg.logging.logger == ()
     Trainer(cfg, console=quiet_console).fit()
     assert not any((cfg.run_dir / name).exists() for name in ("tb", "wandb", "mlflow.db", "trackers.json"))
+
+
+def test_an_mlflow_run_resumed_without_its_tracking_uri_continues_in_its_store(tiny_cfg, quiet_console, tmp_path,
+                                                                               monkeypatch) -> None:
+    """Before: a run started with $MLFLOW_TRACKING_URI and resumed without it failed with "Run with id=... not
+    found" and left an empty mlflow.db, although trackers.json recorded the URI."""
+    needs("mlflow")
+    from gantrain.engine.train.loop import Trainer
+
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
+    cfg = tiny_cfg("mlflow-uri", max_steps=2, log_every=1, logger="mlflow")
+    Trainer(cfg, console=quiet_console).fit()
+    first = json.loads((cfg.run_dir / "trackers.json").read_text())["mlflow"]
+    assert first["tracking_uri"] == elsewhere
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    from gantrain.engine.config import override
+
+    Trainer(override(cfg, {"max_steps": 4}), console=quiet_console, resume="auto").fit()
+    state = json.loads((cfg.run_dir / "trackers.json").read_text())["mlflow"]
+    assert state["run_id"] == first["run_id"] and state["tracking_uri"] == elsewhere
+    assert not (cfg.run_dir / "mlflow.db").exists()
+    client, run = mlflow_run(cfg.run_dir)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss_g")] == [1, 2, 3, 4]
+    assert "continuing run" in (cfg.run_dir / "train.log").read_text()

@@ -196,7 +196,12 @@ def _network_error(cfg: Config, exc: Exception) -> GantrainError:
 def _interrupted(status_dir: Path, signum: int, cfg: Config, who: str) -> Interrupted:
     """One line for a run the workers stopped together; their records hold the step and rank 0's checkpoint."""
     name = signal.Signals(signum).name
-    stopped = [r for r in WorkerRecord.read_all(status_dir) if r.outcome == "stopped" and r.step is not None]
+    records = WorkerRecord.read_all(status_dir)
+    stopped = [r for r in records if r.outcome == "stopped" and r.step is not None]
+    finished = [r for r in records if r.outcome == "finished"]
+    if not stopped and finished:  # the signal came while the workers wrote the run's end, which they finished
+        return Interrupted(signum, f"{name} to {who} at the end of the run: the workers finished it first (step "
+                                   f"{finished[0].step}); the run is complete")
     if not stopped:  # no worker got as far as its training loop
         return Interrupted(signum, f"{name} to {who} before training started; no checkpoint")
     first = stopped[0]  # the lowest rank of this node

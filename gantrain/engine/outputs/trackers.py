@@ -203,7 +203,9 @@ class WandbTracker(_Tracker):
 class MlflowTracker(_Tracker):
     name = "mlflow"
 
-    def __init__(self, run_dir: Path, run_id: str | None) -> None:
+    def __init__(self, run_dir: Path, run_id: str | None, recorded_uri: str | None = None) -> None:
+        """``recorded_uri``: the tracking URI trackers.json holds for the run ``run_id`` continues; the run lives
+        there, so a resume uses it whatever $MLFLOW_TRACKING_URI says now (said in one line when they differ)."""
         _require("mlflow", "mlflow")
         from mlflow.tracking import MlflowClient
 
@@ -211,7 +213,11 @@ class MlflowTracker(_Tracker):
 
         for name in ("mlflow", "alembic"):  # their INFO lines (database set-up) would break the progress bar
             logging.getLogger(name).setLevel(logging.WARNING)
-        self.uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{RunDir(run_dir.resolve()).mlflow_db}"
+        here = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{RunDir(run_dir.resolve()).mlflow_db}"
+        self.uri = recorded_uri if run_id is not None and recorded_uri else here
+        if self.uri != here:
+            log.warning("--logger mlflow: continuing run %s in the store it was started in (%s), not %s", run_id,
+                        self.uri, "$MLFLOW_TRACKING_URI's " + here if os.environ.get("MLFLOW_TRACKING_URI") else here)
         self.client = MlflowClient(tracking_uri=self.uri)
         if run_id is not None:
             self.run_id = run_id
@@ -291,7 +297,7 @@ class Trackers:
                 elif name == "wandb":
                     tracker = WandbTracker(run_dir, run_id, hparams)
                 else:
-                    tracker = MlflowTracker(run_dir, run_id)
+                    tracker = MlflowTracker(run_dir, run_id, saved.get("tracking_uri"))
                 self.trackers.append(tracker)
                 tracker.config(hparams)
             except GantrainError:

@@ -60,6 +60,15 @@ class RunDir:
     def gif(self) -> Path:
         return self.root / "progress.gif"
 
+    @property
+    def final_outputs(self) -> list[Path]:
+        """What the end of a run writes (``RunOutputs.write_final``): final.png, losses.png, progress.gif."""
+        return [self.final_grid, self.losses_plot, self.gif]
+
+    def missing_final_outputs(self) -> list[str]:
+        """The names of :attr:`final_outputs` not in the folder (a run stopped while writing them)."""
+        return [path.name for path in self.final_outputs if not path.is_file()]
+
     # ----- sample grids -------------------------------------------------------------------------------------
     @property
     def samples(self) -> Path:

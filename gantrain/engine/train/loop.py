@@ -9,6 +9,7 @@ signals and calls the hooks (tune, Ray Train and the to-quality bench take part 
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from gantrain.engine.outputs.runlog import log, setup_logging
 from gantrain.engine.outputs.writer import RunOutputs
 from gantrain.engine.state import checkpoint as ckpt
 from gantrain.engine.state.files import RunLock
+from gantrain.engine.state.rundir import RunDir
 from gantrain.engine.train.stats import NonFiniteWatch
 
 
@@ -111,7 +113,16 @@ class Trainer:
         self.pos, self.best_fd, self.best_measured_by = start.pos, start.best_fd, start.best_measured_by
         self.stop_agreement.require_same_step(self.step, self.checkpoints.files.checkpoints)
         self.stop_agreement.require_same_precision(self.policy.amp, self.policy.requested)
-        self.total_steps = plan_schedule(self.pos, cfg, self.loader.steps_per_epoch, self.run_dir, self.finished_ok)
+        # A finished run resumed whose end was cut short (a stop signal or a kill while writing final.png, losses.png,
+        # progress.gif) writes what is missing instead of being refused as complete.
+        missing = RunDir(cfg.run_dir).missing_final_outputs() if state is not None else []
+        self.total_steps = plan_schedule(self.pos, cfg, self.loader.steps_per_epoch, self.run_dir,
+                                         self.finished_ok or bool(missing))
+        self.finish_only = bool(missing) and not self.finished_ok and self.step >= self.total_steps
+        if self.finish_only:
+            self.checkpoints.saved_step = self.step  # its last checkpoint is this step's
+            notes.append(f"the run had taken all its {self.step} steps, but its end was cut short: writing the "
+                         f"missing {', '.join(missing)}")
         if self.last_step is not None:
             self.total_steps = min(self.total_steps, self.last_step(self.loader.steps_per_epoch))
         with self.stop_agreement.refusals():  # rank 0's files and evaluation, as above
@@ -157,25 +168,35 @@ class Trainer:
         per_epoch = self.loader.steps_per_epoch
         try:
             # A signal ends the step all ranks agree on (one later under DDP): rank 0 saves, then Interrupted.
-            signals = stop_signals(self.stop_agreement.on_signal)
-            with signals, self.outputs.live(self.step, self.total_steps, self.resume_path is not None):
-                while self.step < self.total_steps:
-                    if self.epoch_step < per_epoch:
-                        self._train_epoch()
-                    if self.agreed_stop is not None:  # every rank is at the same step: rank 0 saves
-                        self.stop_agreement.close()
-                        raise Interrupted(self.agreed_stop, checkpoint=self.save_checkpoint(), step=self.step)
-                    if self.epoch_step >= per_epoch:
-                        self.pos.epoch, self.pos.epoch_step = self.epoch + 1, 0
-                        self.epoch_means = self.gan.stats.read_epoch()
-                        self._end_epoch(self.epoch)
-                    if self.stop_reason:
-                        log.warning("stopping at step %d: %s", self.step, self.stop_reason)
-                        break
-            self.stop_agreement.close()
-            return self._finish()
+            with stop_signals(self.stop_agreement.on_signal):
+                self._loop(per_epoch)
+                # The end of the run is inside the signal handling too: a stop signal now is said once the final
+                # outputs are written (seconds), instead of killing the process with half of them missing.
+                self.stop_agreement.close()
+                result = self._finish()
+            if self.stop_agreement.local_signal is not None:
+                log.warning("%s came at the end of the run: its final outputs were written first; the run is "
+                            "complete", signal.Signals(self.stop_agreement.local_signal).name)
+            return result
         finally:
             self.close()
+
+    def _loop(self, per_epoch: int) -> None:
+        """The epochs, until the last step, a hook's stop, or a stop signal (raised as :class:`Interrupted`)."""
+        with self.outputs.live(self.step, self.total_steps, self.resume_path is not None):
+            while self.step < self.total_steps:
+                if self.epoch_step < per_epoch:
+                    self._train_epoch()
+                if self.agreed_stop is not None:  # every rank is at the same step: rank 0 saves
+                    self.stop_agreement.close()
+                    raise Interrupted(self.agreed_stop, checkpoint=self.save_checkpoint(), step=self.step)
+                if self.epoch_step >= per_epoch:
+                    self.pos.epoch, self.pos.epoch_step = self.epoch + 1, 0
+                    self.epoch_means = self.gan.stats.read_epoch()
+                    self._end_epoch(self.epoch)
+                if self.stop_reason:
+                    log.warning("stopping at step %d: %s", self.step, self.stop_reason)
+                    break
 
     def _train_epoch(self) -> None:
         self.outputs.start_window(self.step)
