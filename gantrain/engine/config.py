@@ -385,10 +385,18 @@ class DistConfig:
     resumes from the run's last.pt (0 = a failure ends the run)."""
     sync_bn: bool = False
     """Use SyncBatchNorm (CUDA only)."""
+    dist_timeout: float = 10.0
+    """Minutes a DDP collective waits for the other workers before it fails (gloo's and NCCL's timeout): how long
+    a stopped or unreachable worker holds up the others before the run fails (or restarts, --max-restarts)."""
+    stall_warning: float = 60.0
+    """Seconds a DDP worker may give no sign of life before the others say which rank they wait for, at which step
+    (0 = never say)."""
 
     def __post_init__(self) -> None:
         _check_finite(self)
         _check(self.nproc >= 1, "nproc", f"must be at least 1, got {self.nproc}")
+        _check(self.dist_timeout > 0, "dist_timeout", f"must be > 0 minutes, got {self.dist_timeout}")
+        _check(self.stall_warning >= 0, "stall_warning", f"must be >= 0 seconds, got {self.stall_warning}")
         _check(self.nnodes >= 1, "nnodes", f"must be at least 1, got {self.nnodes}")
         _check(0 <= self.node_rank < self.nnodes, "node_rank", f"must be in [0, nnodes), got {self.node_rank}")
         _check(0 < self.master_port < 65536, "master_port", f"must be a TCP port, got {self.master_port}")

@@ -16,10 +16,10 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
-from gantrain.engine import Config, atomic_write_text, override, save_figure, to_toml
+from gantrain.engine import Config, atomic_write_text, override, read_metrics, save_figure, to_toml
 from gantrain.tune.settings import TuneSettings
 from gantrain.tune.space import Space
-from gantrain.tune.trainable import CHECKPOINT_FILE, LOSS_KEYS, QUALITY_KEYS, report_every, trial_epochs
+from gantrain.tune.trainable import CHECKPOINT_FILE, LOSS_KEYS, QUALITY_KEYS, RUN_FOLDER, report_every, trial_epochs
 
 BEST_RUN_FOLDER = "best-run"
 
@@ -96,7 +96,8 @@ def row_from(result, settings: TuneSettings, total_epochs: int, baseline: dict[s
     status, note = trial_status(metrics, result.error, total_epochs)
     checkpoint = str(Path(result.checkpoint.path) / CHECKPOINT_FILE) if result.checkpoint else ""
     return TrialRow(Path(result.path).name.removeprefix("trial_"), params, metrics, status, note, checkpoint,
-                    history(result, settings.metric), baseline is not None and params == baseline)
+                    merged_history(history(result, settings.metric), own_history(Path(result.path), settings.metric)),
+                    baseline is not None and params == baseline)
 
 
 def trial_status(metrics: dict, error: BaseException | None, total_epochs: int) -> tuple[str, str]:
@@ -122,6 +123,21 @@ def history(result, metric: str) -> list[tuple[float, float]]:
     if frame is None or metric not in frame or "epoch" not in frame:
         return []
     return [(float(e), float(v)) for e, v in zip(frame["epoch"], frame[metric]) if math.isfinite(float(v))]
+
+
+def own_history(trial_dir: Path, metric: str) -> list[tuple[float, float]]:
+    """(epoch, objective) of every evaluation the trial wrote into its own run folder's metrics.jsonl: what it
+    reported, including reports Ray never took in (sent while its driver was being killed)."""
+    records = read_metrics(trial_dir / RUN_FOLDER / "metrics.jsonl")
+    return [(float(r["epoch"]), float(r[metric])) for r in records
+            if "eval_samples" in r and "epoch" in r and isinstance(r.get(metric), (int, float))
+            and math.isfinite(r[metric])]
+
+
+def merged_history(reported: list[tuple[float, float]], own: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Ray's history of a trial with the epochs only the trial's metrics.jsonl holds added, by epoch."""
+    epochs = {epoch for epoch, _ in reported}
+    return sorted(reported + [(epoch, value) for epoch, value in own if epoch not in epochs])
 
 
 def _plain(value: Any) -> Any:

@@ -26,7 +26,7 @@ import torch
 from rich.console import Console
 
 from gantrain.engine import (CheckpointError, Config, DistInfo, METRIC_KEYS, RunDir, Trainer, atomic_save,
-                             evaluate_generator, from_dict, load_checkpoint, log, override, sealed)
+                             evaluate_generator, from_dict, load_checkpoint, log, override, sealed, worker_main)
 from gantrain.tune.settings import TuneSettings
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -173,17 +173,20 @@ def run_trial(cfg: Config, settings: TuneSettings, report: Report, resume: Path 
     # The reporter evaluates; the Trainer's own --eval-every tracker would evaluate the same generator again
     # and keep best.pt copies of what Tune already checkpoints.
     engine_cfg = override(cfg, {"eval_every": 0, "nonfinite_patience": 0})  # the reporter stops diverged trials
-    with open(os.devnull, "w") as sink:  # the trial's log still goes to <run>/train.log
-        trainer = Trainer(engine_cfg, console=Console(file=sink), dist_info=info,
-                          resume=str(resume) if resume else None, hooks=[reporter], finished_ok=True)
+
+    def start(trainer: Trainer) -> None:
         if resume is not None:
             apply_hyperparameters(trainer)
         if trainer.step >= trainer.total_steps:  # restored with its budget spent: report where it stands
             trainer.stop_reason = reporter.after_epoch(trainer, trainer.step // trainer.loader.steps_per_epoch)
-        trainer.fit()
+
+    with open(os.devnull, "w") as sink:  # the trial's log still goes to <run>/train.log
+        # the engine's one worker body, as `gantrain run` runs it in one process or in each DDP worker
+        result = worker_main(engine_cfg, info, resume=str(resume) if resume else None, console=Console(file=sink),
+                             hooks=[reporter], on_start=start, finished_ok=True)
     if info.is_main:  # Tune holds the trial's checkpoints; the run folder keeps samples, curves and logs only
         shutil.rmtree(RunDir(cfg.run_dir).checkpoints, ignore_errors=True)
-    return trainer.stop_reason
+    return result.stop_reason
 
 
 def _rank0_decides(check: Callable[[Trainer], str | None]) -> Callable[[Trainer], str | None]:

@@ -4,6 +4,7 @@ saying what happened, and (for signals) one checkpoint at the step all ranks sto
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -185,3 +186,67 @@ def test_a_crashed_worker_stops_the_job_with_one_line(start_job) -> None:
         stderr[-3000:]
     assert "Traceback" not in stderr
     print(f"SIGKILL to worker rank 1: all gone after {seconds:.2f} s; stderr:\n{stderr[-2000:]}")
+
+
+def _rank(pid: int) -> int:
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(v for v in env if v.startswith(b"RANK=")).split(b"=", 1)[1])
+
+
+def test_a_stopped_worker_is_named_by_the_others_then_the_run_goes_on(start_job) -> None:
+    """Before: `kill -STOP` on one rank left the others waiting silently up to gloo's 10 minutes. Now the live
+    ranks say which rank they wait for (after --stall-warning seconds) and the run continues once it does."""
+    job = start_job("--stall-warning", "2")
+    stopped = next(p for p in job.workers if _rank(p) == 1)
+    os.kill(stopped, signal.SIGSTOP)
+    log = job.out / "train.log"
+    deadline = time.monotonic() + 60
+    try:
+        while "DDP rank 1 has given no sign of life" not in log.read_text():
+            assert time.monotonic() < deadline, "no line about the stopped rank within 60 s"
+            time.sleep(0.2)
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    lines = [line for line in log.read_text().splitlines() if "has given no sign of life" in line]
+    assert len(lines) == 1 and "rank 0 waits for it at step" in lines[0], lines  # once per stall, by rank 0
+    steps = len((job.out / "metrics.jsonl").read_text().splitlines())
+    deadline = time.monotonic() + 60
+    while len((job.out / "metrics.jsonl").read_text().splitlines()) <= steps + 2:  # training goes on
+        assert time.monotonic() < deadline, "the run did not go on after SIGCONT"
+        time.sleep(0.1)
+    os.kill(job.proc.pid, signal.SIGTERM)
+    code, stderr, _ = job.finish()
+    assert code == 128 + signal.SIGTERM, stderr[-3000:]
+
+
+def test_the_dist_timeout_reaches_the_process_group(train_root: Path, tmp_path: Path) -> None:
+    """--dist-timeout is the collectives' timeout: a tiny one makes a stopped rank fail the run within it."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_command(train_root, out, free_port(), "--epochs", "1000", "--dist-timeout", "0.1",
+                                     "--max-restarts", "0", "--stall-warning", "0"),
+                            cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.05)
+        workers = {_rank(p): p for p in descendants(proc.pid) if _is_worker(p)}
+        os.kill(workers[1], signal.SIGSTOP)
+        started = time.monotonic()
+        while alive(workers[0]):  # rank 0's collective times out after 6 s (not gloo's default 10 minutes)
+            assert time.monotonic() - started < 60, "rank 0 still waits 60 s later"
+            time.sleep(0.1)
+        os.kill(workers[1], signal.SIGCONT)  # so that it takes the agent's SIGTERM (a stopped process cannot)
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 1, stderr[-3000:]
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, stderr[-3000:]
+    finally:
+        for pid in descendants(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()

@@ -673,3 +673,21 @@ def test_a_trial_larger_than_the_local_ray_is_refused_not_waited_for(train_root:
     assert done.returncode == 2, done.stderr[-3000:]
     assert len(errors) == 1 and message in errors[0], done.stderr[-3000:]
     assert time.monotonic() - started < 120
+
+
+def test_a_trials_history_adds_the_reports_ray_never_took_in(tmp_path: Path) -> None:
+    """Before: reports a trial sent while the driver was being killed were missing from results (they are in the
+    trial's metrics.jsonl); the trial's own evaluations fill the gaps, Ray's values win where both have one."""
+    from gantrain.tune.results import merged_history, own_history
+
+    run = tmp_path / "trial_x" / "run"
+    run.mkdir(parents=True)
+    records = [{"step": 4, "loss_d": 1.0}, {"step": 4, "epoch": 1, "fd": 30.0, "eval_samples": 100},
+               {"step": 8, "epoch": 2, "fd": 20.0, "eval_samples": 100},
+               {"step": 12, "epoch": 3, "fd": float("nan"), "eval_samples": 100},
+               {"step": 16, "epoch": 4, "fd": 12.5, "eval_samples": 100}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records).replace("NaN", "null"))
+    own = own_history(tmp_path / "trial_x", "fd")
+    assert own == [(1.0, 30.0), (2.0, 20.0), (4.0, 12.5)]  # no training records, no non-finite value
+    assert merged_history([(1.0, 31.0), (4.0, 12.5)], own) == [(1.0, 31.0), (2.0, 20.0), (4.0, 12.5)]
+    assert own_history(tmp_path / "absent", "fd") == []

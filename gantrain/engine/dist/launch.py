@@ -265,7 +265,7 @@ def _run_here(cfg: Config, resume: str | None, console: Console | None) -> FitRe
         status = os.environ.get(STATUS_ENV)
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         resume = _restart_resume(cfg, resume, restart)
-    info = init_distributed(cfg.run.device)
+    info = init_distributed(cfg.run.device, cfg.dist.dist_timeout)
     ended: list[WorkerRecord] = []
 
     def record(rec: WorkerRecord) -> None:
@@ -274,7 +274,7 @@ def _run_here(cfg: Config, resume: str | None, console: Console | None) -> FitRe
 
     try:
         return worker_main(cfg, info, resume=resume, console=console, record=record,
-                           restart_note=(lambda trainer: _log_restart(trainer, restart)) if restart else None)
+                           on_start=(lambda trainer: _log_restart(trainer, restart)) if restart else None)
     except Interrupted as exc:
         if not status:  # one process, or torchrun by hand: this process says its line
             if exc.step is None:
@@ -304,6 +304,8 @@ def _restart_resume(cfg: Config, resume: str | None, restart: int) -> str | None
 
 
 def _log_restart(trainer: Trainer, restart: int) -> None:
+    if not trainer.dist.is_main:
+        return
     status = os.environ.get(STATUS_ENV)
     try:
         what = json.loads((Path(status) / RESTART_FILE).read_text())["what"] if status else None

@@ -52,13 +52,13 @@ def ray_worker(config: dict) -> None:
             resume = str(Path(stack.enter_context(restored.as_directory())) / RAY_CHECKPOINT_FILE)
         elif restart:  # a failure before Ray Train took in any report of this launch
             resume = on_disk
-        note = (lambda trainer: log.warning(
+        note = (lambda trainer: trainer.dist.is_main and log.warning(
             "Ray Train restarted the workers after a failure (--max-restarts %d); resuming from step %d (checkpoint "
             "%s)", cfg.dist.max_restarts, trainer.step, trainer.resume_path)) if restart else None
         ended: list[WorkerRecord] = []
         try:
             worker_main(cfg, info, resume=resume, console=Console(stderr=True), hooks=[_EpochReport()],
-                        restart_note=note, record=ended.append)
+                        on_start=note, record=ended.append)
         except GantrainError:
             if not (ended and ended[-1].outcome == "refused"):  # a failure: Ray Train restarts the group
                 raise
@@ -97,7 +97,7 @@ def _report(trainer: Trainer, epochs_done: int) -> None:
 def train_on_ray(cfg: Config, resume: str | None, console: Console | None = None) -> None:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     d = cfg.dist
     # Workers run in other folders (and on other nodes): every path they read or write is made absolute here.
@@ -130,6 +130,7 @@ def train_on_ray(cfg: Config, resume: str | None, console: Console | None = None
                                            "outcomes": outcomes},
             scaling_config=ScalingConfig(num_workers=d.ray_workers, use_gpu=d.gpus_per_worker > 0,
                                          resources_per_worker=resources),
+            torch_config=TorchConfig(timeout_s=round(60 * d.dist_timeout)),  # --dist-timeout (Ray's default: 30 min)
             run_config=RunConfig(name="train", storage_path=storage,
                                  failure_config=_failure_config(FailureConfig, d.max_restarts)))
         try:

@@ -8,6 +8,8 @@ import datetime
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,8 +67,9 @@ def launched_by_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
 
 
-def init_distributed(device_name: str) -> DistInfo:
-    """Joins the process group torchrun set up: NCCL on CUDA, gloo on the CPU."""
+def init_distributed(device_name: str, timeout_minutes: float = 10.0) -> DistInfo:
+    """Joins the process group torchrun set up: NCCL on CUDA, gloo on the CPU; a collective fails after
+    ``timeout_minutes`` (--dist-timeout) of waiting for another worker."""
     if dist.is_initialized():  # Ray Train's workers: it set up the process group
         return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     if not launched_by_torchrun():
@@ -74,7 +77,7 @@ def init_distributed(device_name: str) -> DistInfo:
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
     if not dist.is_initialized():
-        backend, timeout = "nccl" if use_cuda else "gloo", datetime.timedelta(minutes=10)
+        backend, timeout = "nccl" if use_cuda else "gloo", datetime.timedelta(minutes=timeout_minutes)
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             # torch's static rendezvous gives every restart of the worker group the same agent store, unprefixed:
             # a new rank could read the failed attempt's keys (a dead rank's gloo address: "Connection refused"
@@ -139,9 +142,12 @@ class StopAgreement:
     flags are the decision, at once.
     """
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, timeout_minutes: float = 10.0) -> None:
+        """``timeout_minutes``: how long its collectives wait for the other ranks (--dist-timeout; a new group
+        does not take the default group's timeout from torch, but its own default of 30 minutes)."""
         self.enabled = enabled
-        self.group = dist.new_group(backend="gloo") if enabled else None
+        self.group = (dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
+                      if enabled else None)
         self.flag = torch.zeros(2, dtype=torch.int32)
         self.pending = None
         self.local_signal: int | None = None  # the stop signal this process got (:meth:`on_signal`)
@@ -225,3 +231,75 @@ class StopAgreement:
         self.pending.wait()
         self.pending = None
         return int(self.flag[0]) or None, bool(self.flag[1])
+
+
+class StallWatch:
+    """Says which DDP rank the others wait for, and since which step, when one gives no sign of life for
+    ``warn_after_s`` seconds (a worker stopped with SIGSTOP, a swapping node); otherwise the others would wait
+    silently in their next collective for the whole --dist-timeout.
+
+    A daemon thread per rank writes a heartbeat (a counter, the rank's step and phase) into the process group's
+    store every ``period_s`` and reads the others'; a rank whose counter has not moved for ``warn_after_s`` (on this
+    rank's clock: no clock skew between nodes) is named, once per stall, by the lowest rank that is itself alive,
+    through ``say``. The training loop only assigns :attr:`step` and :attr:`phase` (no sync, no store call). Off
+    without DDP, with ``warn_after_s`` 0, or when the process group has no store it can reach."""
+
+    def __init__(self, info: DistInfo, warn_after_s: float, say: Callable[[str], None],
+                 period_s: float | None = None) -> None:
+        self.info, self.warn_after_s, self.say = info, warn_after_s, say
+        self.step, self.phase = 0, "starting"
+        self.period_s = period_s or min(5.0, max(warn_after_s / 4, 0.05))
+        self._stop = threading.Event()
+        self._thread = None
+        store = _default_store() if info.enabled and warn_after_s > 0 else None
+        if store is not None:
+            self._store = store
+            self._thread = threading.Thread(target=self._run, name="gantrain-stall-watch", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=2 * self.period_s + 1)
+            self._thread = None
+
+    def _key(self, rank: int) -> str:
+        return f"gantrain/heartbeat/{rank}"
+
+    def _run(self) -> None:
+        beat, seen, said = 0, {}, set()
+        try:
+            while not self._stop.wait(self.period_s):
+                beat += 1
+                self._store.set(self._key(self.info.rank), f"{beat} {self.step} {self.phase}")
+                now = time.monotonic()
+                for rank in range(self.info.world_size):
+                    if rank == self.info.rank or not self._store.check([self._key(rank)]):
+                        continue
+                    count, step, phase = self._store.get(self._key(rank)).decode().split(" ", 2)
+                    if seen.get(rank, (None,))[0] != count:
+                        seen[rank] = (count, now, int(step), phase)
+                        said.discard(rank)
+                silent = sorted(r for r, (_, since, _, _) in seen.items() if now - since >= self.warn_after_s)
+                alive = [r for r in range(self.info.world_size) if r not in silent]
+                if not silent or alive[0] != self.info.rank:
+                    continue
+                for rank in silent:
+                    if rank in said:
+                        continue
+                    said.add(rank)
+                    _, since, step, phase = seen[rank]
+                    self.say(f"DDP rank {rank} has given no sign of life for {now - since:.0f} s (its last: step "
+                             f"{step}, {phase}); rank {self.info.rank} waits for it at step {self.step + 1}: a "
+                             f"stopped process (SIGSTOP) or an overloaded node? The run fails after --dist-timeout")
+        except Exception:  # noqa: BLE001 - the store went away (the run ends): the watch ends with it
+            return
+
+
+def _default_store():
+    """The store of the default process group (torchrun's agent store, or the one Ray Train's TCPStore serves),
+    or None. torch has no public accessor for it."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return None

@@ -82,19 +82,22 @@ def first_refusal(records: Sequence[WorkerRecord]) -> WorkerRecord | None:
 
 
 def worker_main(cfg: Config, info: DistInfo, *, resume: str | None, console: Console | None = None,
-                hooks: Sequence[Hook] = (), restart_note: Callable[[Trainer], None] | None = None,
-                record: Callable[[WorkerRecord], None]) -> FitResult:
-    """Runs this rank's part of the run and hands ``record`` how it ended; returns the fit's result.
+                hooks: Sequence[Hook] = (), on_start: Callable[[Trainer], None] | None = None,
+                finished_ok: bool = False, record: Callable[[WorkerRecord], None] = lambda _record: None
+                ) -> FitResult:
+    """Runs this rank's part of the run (the whole run in one process) and hands ``record`` how it ended;
+    returns the fit's result. The one body of a torchrun worker, a Ray Train worker and a tune trial's worker.
 
     Raises what ended it otherwise, after the record: :class:`Interrupted` (a stop signal; rank 0 has logged
     where it saved), a refusal (``final``), :class:`LostPeers` (a collective failed because another worker is
-    gone), anything else as it came (a crash). ``restart_note(trainer)``: rank 0's line in train.log about the
-    restart it is (None: not a restart)."""
+    gone), anything else as it came (a crash). ``on_start(trainer)``: on every rank, once the run is built and
+    before its first step (rank 0's line about a restart; a tune trial's restored hyperparameters).
+    ``finished_ok``: see :class:`Trainer`."""
     trainer = None
     try:
-        trainer = Trainer(cfg, console=console, dist_info=info, resume=resume, hooks=hooks)
-        if restart_note is not None and info.is_main:
-            restart_note(trainer)
+        trainer = Trainer(cfg, console=console, dist_info=info, resume=resume, hooks=hooks, finished_ok=finished_ok)
+        if on_start is not None:
+            on_start(trainer)
         result = trainer.fit()
     except Interrupted as exc:
         if exc.step is not None and info.is_main:

@@ -20,7 +20,7 @@ from rich.console import Console
 from gantrain.engine.config import Config
 from gantrain.engine.data import Shard, build_loader
 from gantrain.engine.data.plan import plan_schedule
-from gantrain.engine.dist.runtime import DistInfo, StopAgreement, pick_device, stop_signals
+from gantrain.engine.dist.runtime import DistInfo, StallWatch, StopAgreement, pick_device, stop_signals
 from gantrain.engine.errors import Interrupted
 from gantrain.engine.gan.lr_schedule import LRDecay
 from gantrain.engine.gan.precision import PrecisionPolicy
@@ -56,6 +56,7 @@ class FitResult:
     epochs_done: int
     run_dir: Path
     last_checkpoint: Path | None
+    stop_reason: str | None = None  # why the run ended before its last step (a hook's reason), or None
 
 
 class Trainer:
@@ -80,7 +81,9 @@ class Trainer:
         self.stop_reason: str | None = None  # why the run ends before its last step (a hook's reason)
         self.epoch_means: dict = {}  # loss_d, loss_g, d_real, d_fake over the last whole epoch (epoch callbacks)
         self.run_dir, self.lock, notes = cfg.run_dir, RunLock(cfg.run_dir), []
-        self.stop_agreement = StopAgreement(self.dist.enabled)  # first: its group carries the agreements below
+        # first: its group carries the agreements below
+        self.stop_agreement = StopAgreement(self.dist.enabled, cfg.dist.dist_timeout)
+        self.stall = StallWatch(self.dist, cfg.dist.stall_warning, lambda text: log.warning("%s", text))
         try:
             self._build(cfg, resume, notes)
         except BaseException:
@@ -153,6 +156,7 @@ class Trainer:
         """Closes the --logger trackers (unfinished unless :meth:`fit` finished them) and releases the run folder
         (its lock); :meth:`fit` does this itself when it ends, however it ends."""
         try:
+            self.stall.close()
             if hasattr(self, "outputs"):
                 self.outputs.close()
         finally:
@@ -173,6 +177,7 @@ class Trainer:
                 # The end of the run is inside the signal handling too: a stop signal now is said once the final
                 # outputs are written (seconds), instead of killing the process with half of them missing.
                 self.stop_agreement.close()
+                self.stall.phase = "writing the run's end"
                 result = self._finish()
             if self.stop_agreement.local_signal is not None:
                 log.warning("%s came at the end of the run: its final outputs were written first; the run is "
@@ -183,6 +188,7 @@ class Trainer:
 
     def _loop(self, per_epoch: int) -> None:
         """The epochs, until the last step, a hook's stop, or a stop signal (raised as :class:`Interrupted`)."""
+        self.stall.step, self.stall.phase = self.step, "training"
         with self.outputs.live(self.step, self.total_steps, self.resume_path is not None):
             while self.step < self.total_steps:
                 if self.epoch_step < per_epoch:
@@ -193,7 +199,9 @@ class Trainer:
                 if self.epoch_step >= per_epoch:
                     self.pos.epoch, self.pos.epoch_step = self.epoch + 1, 0
                     self.epoch_means = self.gan.stats.read_epoch()
+                    self.stall.phase = "at an epoch end (evaluation, checkpoint)"
                     self._end_epoch(self.epoch)
+                    self.stall.phase = "training"
                 if self.stop_reason:
                     log.warning("stopping at step %d: %s", self.step, self.stop_reason)
                     break
@@ -209,6 +217,7 @@ class Trainer:
             self.lr_decay.apply(self.step)
             self.gan(real)
             self.pos.advance(self.global_batch)
+            self.stall.step = self.step  # (a plain assignment: what the stall watch says others wait after)
             log_now, sample_now = self.outputs.due(self.step, self.total_steps)
             if log_now:
                 self._log()
@@ -249,7 +258,7 @@ class Trainer:
         if self.dist.is_main:
             self.outputs.write_final(self.checkpoints.final_samples(self.gan, self.fixed_noise, self.step, self.best_fd),
                                      self.step)
-        return FitResult(self.step, self.epoch, self.run_dir, self.last_checkpoint)
+        return FitResult(self.step, self.epoch, self.run_dir, self.last_checkpoint, self.stop_reason)
 
     # ----- state and samples ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
