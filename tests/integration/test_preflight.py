@@ -99,6 +99,37 @@ def test_a_folder_in_use_by_a_live_run(cli, no_workers, train_root: Path, tmp_pa
         owner.release()
 
 
+def test_a_folder_in_use_that_holds_a_run_is_called_in_use(cli, no_workers, trained_copy: Path,
+                                                            train_root: Path) -> None:
+    """Before: a live run's folder that also held a checkpoint was answered "already holds a run; continue it with
+    --resume auto", advice that the lock then refused. In use comes first, as in one process."""
+    from gantrain.engine.state.files import RunLock
+
+    owner = RunLock(trained_copy)
+    owner.take(lambda _: None)
+    try:
+        for extra in ([], ["--resume", "auto"]):
+            code, line, _ = _refused(cli, "--data-root", train_root, *TINY_RUN_ARGS, *DDP, "--out", trained_copy,
+                                     *extra)
+            assert code == 2 and "is in use by another gantrain run" in line, line
+            one = cli("run", "--data-root", train_root, *TINY_RUN_ARGS, "--out", trained_copy, *extra)
+            assert one_error_line(one) == line  # the same line as one process
+    finally:
+        owner.release()
+
+
+@pytest.mark.parametrize("data", ["missing", "empty"])
+def test_a_data_root_with_no_images_is_a_wrong_setting(cli, no_workers, tmp_path: Path, data: str) -> None:
+    """Before: exit 1, where the README says 2 for a wrong setting."""
+    root = tmp_path / "images"
+    if data == "empty":
+        root.mkdir()
+    args = ["--dataset", "folder", "--channels", "3", "--data-root", root, "--device", "cpu", "--out", tmp_path / "r"]
+    code, line, seconds = _refused(cli, *args, *DDP)
+    assert code == 2 and seconds < 15 and str(root) in line, line
+    assert one_error_line(cli("run", *args)) == line
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="--device auto picks CUDA here")
 def test_sync_bn_with_the_default_device_on_a_cpu_machine(cli, no_workers, train_root: Path,
                                                           tmp_path: Path) -> None:

@@ -351,3 +351,26 @@ def test_a_relative_storage_path_is_made_absolute(train_root, tmp_path):
     done = subprocess.run(args, capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "rel" / "train").is_dir() and (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+
+
+def test_ctrl_c_to_a_ray_run_is_one_line_and_exit_130(train_root, tmp_path):
+    """Ray Train's own SIGINT handler aborts the workers and returns as if the run had ended: before, the command
+    then exited 0 without a word."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_ray_command(train_root, out, "--epochs", "1000"), env=_ray_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "metrics.jsonl").is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    errors = [line for line in ANSI.sub("", stderr).splitlines() if line.startswith("error:")]
+    assert proc.returncode == 130, stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith("error: SIGINT: Ray Train aborted the workers before the run's "
+                                                     "last step"), stderr[-3000:]

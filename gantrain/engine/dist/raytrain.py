@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import tempfile
 import time
 from dataclasses import asdict
@@ -25,9 +26,9 @@ from rich.console import Console
 from gantrain.engine.config import Config, from_dict
 from gantrain.engine.dist.runtime import DistInfo
 from gantrain.engine.dist.worker import WorkerRecord, first_refusal, worker_main
-from gantrain.engine.errors import ConfigError, GantrainError
+from gantrain.engine.errors import ConfigError, GantrainError, Interrupted
 from gantrain.engine.outputs.runlog import log
-from gantrain.engine.state.checkpoint import restart_resume
+from gantrain.engine.state.checkpoint import load_checkpoint, restart_resume
 from gantrain.engine.state.rundir import RunDir
 from gantrain.engine.train.loop import Trainer
 
@@ -135,6 +136,9 @@ def train_on_ray(cfg: Config, resume: str | None, console: Console | None = None
                                  failure_config=_failure_config(FailureConfig, d.max_restarts)))
         try:
             result = trainer.fit()
+        except SystemExit:  # Ray Train's SIGINT handler exits when its controller is already gone
+            _refuse_an_aborted_run(cfg)
+            raise
         except Exception as exc:  # TrainingFailedError (Ray Train 2): the workers' own error is above
             workers = bool(getattr(exc, "worker_failures", None))
             after = f" after {d.max_restarts} restart(s) allowed (--max-restarts)" if workers else ""
@@ -145,11 +149,31 @@ def train_on_ray(cfg: Config, resume: str | None, console: Console | None = None
             raise refused.error()
         if getattr(result, "error", None) is not None:
             raise GantrainError(f"--ray: the Ray Train run failed: {str(result.error).strip().splitlines()[0][:300]}")
+        _refuse_an_aborted_run(cfg)
     finally:
         if "outcomes" in locals():
             outcomes.shutdown()
         if started:
             ray.shutdown()
+
+
+def _refuse_an_aborted_run(cfg: Config) -> None:
+    """Raises :class:`Interrupted` (SIGINT, exit 130) when Ray Train returned without error before the run's last
+    step: its own SIGINT handler aborts the workers (Ctrl-C) and returns as if the run had ended, which would exit
+    0 with nothing said. The run's last.pt says where it stands."""
+    last = RunDir(cfg.run_dir).last
+    if cfg.dist.ray_address and not last.is_file():  # rank 0 may have run on another node: this one cannot tell
+        return
+    try:
+        state = load_checkpoint(last) if last.is_file() else None
+    except GantrainError:
+        state = None
+    if state is not None and state["planned_steps"] and state["step"] >= state["planned_steps"]:
+        return
+    where = (f"the newest checkpoint is {last} (step {state['step']})" if state is not None
+             else "no checkpoint was saved")
+    raise Interrupted(signal.SIGINT, f"SIGINT: Ray Train aborted the workers before the run's last step; {where}; "
+                                     "continue with --resume auto")
 
 
 def _storage_path(storage: str) -> str:
