@@ -385,9 +385,10 @@ class DistConfig:
     resumes from the run's last.pt (0 = a failure ends the run)."""
     sync_bn: bool = False
     """Use SyncBatchNorm (CUDA only)."""
-    dist_timeout: float = 10.0
-    """Minutes a DDP collective waits for the other workers before it fails (gloo's and NCCL's timeout): how long
-    a stopped or unreachable worker holds up the others before the run fails (or restarts, --max-restarts)."""
+    dist_timeout: float = 30.0
+    """Minutes a DDP collective waits for the other workers before it fails (gloo's and NCCL's timeout, as Ray
+    Train's default): how long a stopped or unreachable worker holds up the others before the run fails (or
+    restarts, --max-restarts); longer than rank 0's longest pause (fitting a metrics extractor at the start)."""
     stall_warning: float = 60.0
     """Seconds a DDP worker may give no sign of life before the others say which rank they wait for, at which step
     (0 = never say)."""

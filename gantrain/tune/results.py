@@ -19,7 +19,8 @@ from rich.table import Table
 from gantrain.engine import Config, atomic_write_text, override, read_metrics, save_figure, to_toml
 from gantrain.tune.settings import TuneSettings
 from gantrain.tune.space import Space
-from gantrain.tune.trainable import CHECKPOINT_FILE, LOSS_KEYS, QUALITY_KEYS, RUN_FOLDER, report_every, trial_epochs
+from gantrain.tune.trainable import (CHECKPOINT_FILE, LOSS_KEYS, QUALITY_KEYS, REFUSED, RUN_FOLDER, report_every,
+                                     trial_epochs)
 
 BEST_RUN_FOLDER = "best-run"
 
@@ -103,6 +104,8 @@ def row_from(result, settings: TuneSettings, total_epochs: int, baseline: dict[s
 def trial_status(metrics: dict, error: BaseException | None, total_epochs: int) -> tuple[str, str]:
     if error is not None:
         return "error", _last_line(error)
+    if metrics.get(REFUSED):
+        return "refused", str(metrics[REFUSED])
     if metrics.get("diverged"):
         return "diverged", str(metrics["diverged"])
     if not metrics.get("done"):
@@ -245,7 +248,7 @@ def results_table(outcome: Outcome, width: int = 120) -> Table:
 def _row_cells(row: TrialRow, names: list[str]) -> list[str]:
     values = [_cell(row.params.get(n)) for n in names]
     optional = [_cell(row.metrics.get(key)) for _, key in reversed(OPTIONAL_COLUMNS)]
-    status = row.status + (f": {row.note}" if row.status in ("diverged", "error") else "")
+    status = row.status + (f": {row.note}" if row.status in ("diverged", "error", "refused") else "")
     return [str(row.rank), row.trial_number + ("*" if row.baseline else ""), *values, _cell(row.metrics.get("fd")),
             *optional, str(row.epochs), status]
 

@@ -25,14 +25,16 @@ from typing import Any, Callable
 import torch
 from rich.console import Console
 
-from gantrain.engine import (CheckpointError, Config, DistInfo, METRIC_KEYS, RunDir, Trainer, atomic_save,
-                             evaluate_generator, from_dict, load_checkpoint, log, override, sealed, worker_main)
+from gantrain.engine import (CheckpointError, Config, DistInfo, GantrainError, Interrupted, METRIC_KEYS, RunDir,
+                             Trainer, atomic_save, evaluate_generator, from_dict, load_checkpoint, log, override,
+                             sealed, worker_main)
 from gantrain.tune.settings import TuneSettings
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RUN_FOLDER = "run"
 QUALITY_KEYS = METRIC_KEYS  # what evaluate_generator returns (besides the class histogram)
 LOSS_KEYS = ("loss_d", "loss_g", "d_real", "d_fake")
+REFUSED = "refused"  # the report of a trial whose run was refused (its reason)
 
 Report = Callable[[dict[str, Any], Path | None], None]
 
@@ -222,14 +224,21 @@ def train_trial(params: dict[str, Any], *, base: dict[str, Any], settings: TuneS
         tune.report(metrics, checkpoint=checkpoint)
 
     trial_dir = Path(experiment) / trial_folder_name(tune.get_context().get_trial_id())
-    cfg = trial_config(base, params, settings, trial_dir / RUN_FOLDER)
-    given = tune.get_checkpoint()
-    if settings.workers_per_trial > 1:
-        # a restarted trial continues from the newest checkpoint its Train job kept (Tune holds only paths)
-        run_trial_on_workers(cfg, settings, trial_dir, newest_checkpoint(None, trial_dir / TRAIN_FOLDER))
-        return
-    resume = newest_checkpoint(Path(given.path) if given is not None else None, trial_dir)
-    run_trial(cfg, settings, report, resume)
+    try:
+        cfg = trial_config(base, params, settings, trial_dir / RUN_FOLDER)
+        given = tune.get_checkpoint()
+        if settings.workers_per_trial > 1:
+            # a restarted trial continues from the newest checkpoint its Train job kept (Tune holds only paths)
+            run_trial_on_workers(cfg, settings, trial_dir, newest_checkpoint(None, trial_dir / TRAIN_FOLDER))
+            return
+        resume = newest_checkpoint(Path(given.path) if given is not None else None, trial_dir)
+        run_trial(cfg, settings, report, resume)
+    except GantrainError as exc:
+        if not exc.final or isinstance(exc, Interrupted):
+            raise
+        # What no retry cures (its sampled values make a run that cannot start: a batch larger than the data): one
+        # report saying why, ranking last, and the trial ends; raised, Tune would retry it --max-failures times.
+        tune.report({**worst_metrics(settings), REFUSED: str(exc)})
 
 
 TRAIN_FOLDER = "train"  # a multi-worker trial's Ray Train storage, inside the trial folder
@@ -239,7 +248,7 @@ def run_trial_on_workers(cfg: Config, settings: TuneSettings, trial_dir: Path, r
     """The trial as a Ray Train DDP job (Tune drives the TorchTrainer): its rank 0 reports to Train, and Train's
     TuneReportCallback passes the reports on to this trial."""
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     resources = {"CPU": settings.cpus_per_trial, **({"GPU": settings.gpus_per_trial} if settings.gpus_per_trial else {})}
@@ -249,6 +258,7 @@ def run_trial_on_workers(cfg: Config, settings: TuneSettings, trial_dir: Path, r
                        scaling_config=ScalingConfig(num_workers=settings.workers_per_trial,
                                                     use_gpu=settings.gpus_per_trial > 0,
                                                     resources_per_worker=resources),
+                       torch_config=TorchConfig(timeout_s=max(1, round(60 * cfg.dist.dist_timeout))),
                        run_config=RunConfig(name=TRAIN_FOLDER, storage_path=str(trial_dir),
                                             callbacks=[TuneReportCallback()]))
     job.fit()

@@ -188,3 +188,7 @@ def test_a_finished_run_whose_end_was_cut_short_writes_what_is_missing(train_roo
     assert (out / "checkpoints" / "last.pt").read_bytes() == checkpoint  # no step, no new checkpoint
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 4
+    elsewhere = tmp_path / "elsewhere"  # another run's complete checkpoint into a new folder: still refused
+    other = cli("run", *_flags(train_root, elsewhere), "--max-steps", "4", "--resume", out / "checkpoints" / "last.pt")
+    assert other.exit_code == 2 and "already took 4 of its 4 steps" in unwrap(other.stderr)
+    assert not elsewhere.exists()

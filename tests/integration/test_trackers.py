@@ -236,6 +236,7 @@ def test_an_mlflow_run_resumed_without_its_tracking_uri_continues_in_its_store(t
     from gantrain.engine.train.loop import Trainer
 
     elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.chdir(tmp_path)  # MLflow puts the artifacts of a store given by URI under ./mlruns
     monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
     cfg = tiny_cfg("mlflow-uri", max_steps=2, log_every=1, logger="mlflow")
     Trainer(cfg, console=quiet_console).fit()
@@ -251,3 +252,26 @@ def test_an_mlflow_run_resumed_without_its_tracking_uri_continues_in_its_store(t
     client, run = mlflow_run(cfg.run_dir)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss_g")] == [1, 2, 3, 4]
     assert "continuing run" in (cfg.run_dir / "train.log").read_text()
+
+
+def test_a_copied_run_folder_resumes_into_its_own_mlflow_store(tiny_cfg, quiet_console, tmp_path, monkeypatch) -> None:
+    """The default store is the run folder's own mlflow.db: a copy resumed with --out copy continues the run in the
+    copy's database, never in the original folder's."""
+    needs("mlflow")
+    import shutil
+
+    from gantrain.engine.config import override
+    from gantrain.engine.train.loop import Trainer
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = tiny_cfg("mlflow-own", max_steps=2, log_every=1, logger="mlflow")
+    Trainer(cfg, console=quiet_console).fit()
+    original = (cfg.run_dir / "mlflow.db").read_bytes()
+    copy = tmp_path / "copy"
+    shutil.copytree(cfg.run_dir, copy)
+    Trainer(override(cfg, {"max_steps": 4, "out": str(copy)}), console=quiet_console, resume="auto").fit()
+    assert (cfg.run_dir / "mlflow.db").read_bytes() == original  # the original's store untouched
+    client, run = mlflow_run(copy)
+    assert json.loads((copy / "trackers.json").read_text())["mlflow"]["tracking_uri"] == \
+        f"sqlite:///{(copy / 'mlflow.db').resolve()}"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss_g")] == [1, 2, 3, 4]

@@ -691,3 +691,23 @@ def test_a_trials_history_adds_the_reports_ray_never_took_in(tmp_path: Path) -> 
     assert own == [(1.0, 30.0), (2.0, 20.0), (4.0, 12.5)]  # no training records, no non-finite value
     assert merged_history([(1.0, 31.0), (4.0, 12.5)], own) == [(1.0, 31.0), (2.0, 20.0), (4.0, 12.5)]
     assert own_history(tmp_path / "absent", "fd") == []
+
+
+@pytest.mark.slow
+def test_a_trial_whose_run_is_refused_reports_why_once_and_is_not_retried(ray_session, fashion_extractor, cli,
+                                                                         train_root: Path, tmp_path: Path) -> None:
+    """A sampled batch larger than the data makes a run that cannot start: before, Tune retried the trial
+    --max-failures times (the same ConfigError each time) and listed it as an error; now it reports the reason
+    once, ranks last, and the other trials go on."""
+    space = tmp_path / "space.toml"
+    space.write_text("[data]\nbatch_size = { grid = [16, 128] }\n")
+    result = cli("tune", "--data-root", train_root, *TINY_FLAGS, "--space", space, "--num-samples", "1",
+                 "--scheduler", "fifo", "--max-epochs", "1", "--max-failures", "2", "--storage", tmp_path,
+                 "--name", "refused")
+    assert result.exit_code == 0, result.output
+    rows = _rows(tmp_path / "refused")
+    assert [int(r["batch_size"]) for r in rows] == [16, 128]  # ranked last
+    assert rows[0]["status"] == "done"
+    assert rows[1]["status"] == "refused" and "--batch-size" in rows[1]["note"], rows[1]
+    trial = tmp_path / "refused" / f"trial_{rows[1]['trial']}"
+    assert len((trial / "result.json").read_text().splitlines()) == 1  # one report, no retry's

@@ -166,6 +166,10 @@ def launch_workers(cfg: Config, resume: str | None, console: Console | None = No
         except DistNetworkError as exc:
             raise _network_error(cfg, exc) from None
         except SignalException as exc:
+            if _complete(Path(tmp), cfg):  # the signal came while the workers wrote the run's end, which they did
+                log.warning("%s to the launcher at the end of the run: the workers finished it first; the run is "
+                            "complete", signal.Signals(int(exc.sigval)).name)
+                return
             raise _interrupted(Path(tmp), int(exc.sigval), cfg, "the launcher") from None
         except ChildFailedError as exc:
             raise _failed(Path(tmp), exc, cfg) from None
@@ -198,10 +202,9 @@ def _interrupted(status_dir: Path, signum: int, cfg: Config, who: str) -> Interr
     name = signal.Signals(signum).name
     records = WorkerRecord.read_all(status_dir)
     stopped = [r for r in records if r.outcome == "stopped" and r.step is not None]
-    finished = [r for r in records if r.outcome == "finished"]
-    if not stopped and finished:  # the signal came while the workers wrote the run's end, which they finished
-        return Interrupted(signum, f"{name} to {who} at the end of the run: the workers finished it first (step "
-                                   f"{finished[0].step}); the run is complete")
+    if not stopped and any(r.outcome == "finished" for r in records):  # rank 0 did not finish writing the end
+        return Interrupted(signum, f"{name} to {who} while the run's end was written; --resume auto writes what "
+                                   "is missing")
     if not stopped:  # no worker got as far as its training loop
         return Interrupted(signum, f"{name} to {who} before training started; no checkpoint")
     first = stopped[0]  # the lowest rank of this node
@@ -214,6 +217,12 @@ def _interrupted(status_dir: Path, signum: int, cfg: Config, who: str) -> Interr
     return Interrupted(signum, f"{name} to {who}: all {cfg.dist.nproc * cfg.dist.nnodes} workers stopped at step "
                                f"{first.step}; {where}; continue with --resume auto",
                        checkpoint=Path(first.checkpoint) if first.checkpoint else None, step=first.step)
+
+
+def _complete(status_dir: Path, cfg: Config) -> bool:
+    """Whether rank 0 (on this node) finished the run and its final outputs are all written."""
+    finished = any(r.rank == 0 and r.outcome == "finished" for r in WorkerRecord.read_all(status_dir))
+    return finished and not RunDir(cfg.run_dir).missing_final_outputs()
 
 
 def _failed(status_dir: Path, exc, cfg: Config) -> GantrainError:

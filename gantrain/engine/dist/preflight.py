@@ -15,7 +15,7 @@ from gantrain.engine.errors import ConfigError
 from gantrain.engine.outputs.writer import RunOutputs
 from gantrain.engine.state.checkpoint import Position, open_resume, restore_position
 from gantrain.engine.state.files import RunLock
-from gantrain.engine.state.rundir import RunDir
+from gantrain.engine.state.rundir import RunDir, own_checkpoint
 from gantrain.engine.train.dryrun import count_images
 
 
@@ -52,5 +52,6 @@ def preflight(cfg: Config, resume: str | None) -> None:
     pos = Position() if state is None else restore_position(state, cfg, per_epoch, global_batch, images,
                                                              resume_path)[0]
     # a finished run whose final outputs are missing is resumed to write them (the Trainer's rule)
-    cut_short = state is not None and bool(RunDir(cfg.run_dir).missing_final_outputs())
+    cut_short = (state is not None and own_checkpoint(cfg.run_dir, resume_path)
+                 and bool(RunDir(cfg.run_dir).missing_final_outputs()))
     plan_schedule(pos, cfg, per_epoch, cfg.run_dir, cut_short)

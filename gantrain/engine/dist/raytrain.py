@@ -60,6 +60,8 @@ def ray_worker(config: dict) -> None:
         try:
             worker_main(cfg, info, resume=resume, console=Console(stderr=True), hooks=[_EpochReport()],
                         on_start=note, record=ended.append)
+            if info.is_main:  # the driver tells a finished run from one Ray Train aborted (Ctrl-C) by this
+                config["outcomes"].put(json.dumps(asdict(ended[-1])))
         except GantrainError:
             if not (ended and ended[-1].outcome == "refused"):  # a failure: Ray Train restarts the group
                 raise
@@ -131,14 +133,13 @@ def train_on_ray(cfg: Config, resume: str | None, console: Console | None = None
                                            "outcomes": outcomes},
             scaling_config=ScalingConfig(num_workers=d.ray_workers, use_gpu=d.gpus_per_worker > 0,
                                          resources_per_worker=resources),
-            torch_config=TorchConfig(timeout_s=round(60 * d.dist_timeout)),  # --dist-timeout (Ray's default: 30 min)
+            torch_config=TorchConfig(timeout_s=max(1, round(60 * d.dist_timeout))),  # --dist-timeout
             run_config=RunConfig(name="train", storage_path=storage,
                                  failure_config=_failure_config(FailureConfig, d.max_restarts)))
         try:
             result = trainer.fit()
         except SystemExit:  # Ray Train's SIGINT handler exits when its controller is already gone
             _refuse_an_aborted_run(cfg)
-            raise
         except Exception as exc:  # TrainingFailedError (Ray Train 2): the workers' own error is above
             workers = bool(getattr(exc, "worker_failures", None))
             after = f" after {d.max_restarts} restart(s) allowed (--max-restarts)" if workers else ""
@@ -149,7 +150,8 @@ def train_on_ray(cfg: Config, resume: str | None, console: Console | None = None
             raise refused.error()
         if getattr(result, "error", None) is not None:
             raise GantrainError(f"--ray: the Ray Train run failed: {str(result.error).strip().splitlines()[0][:300]}")
-        _refuse_an_aborted_run(cfg)
+        if not any(r.rank == 0 and r.outcome == "finished" for r in records):
+            _refuse_an_aborted_run(cfg)
     finally:
         if "outcomes" in locals():
             outcomes.shutdown()
@@ -158,21 +160,18 @@ def train_on_ray(cfg: Config, resume: str | None, console: Console | None = None
 
 
 def _refuse_an_aborted_run(cfg: Config) -> None:
-    """Raises :class:`Interrupted` (SIGINT, exit 130) when Ray Train returned without error before the run's last
-    step: its own SIGINT handler aborts the workers (Ctrl-C) and returns as if the run had ended, which would exit
-    0 with nothing said. The run's last.pt says where it stands."""
+    """Raises :class:`Interrupted` (SIGINT, exit 130) for a Ray Train run whose rank 0 did not finish: Ray
+    Train's own SIGINT handler aborts the workers (Ctrl-C) and returns as if the run had ended (or exits when its
+    controller is gone), which would end the command with nothing said. The run's last.pt, when this node sees
+    it, says where it stands."""
     last = RunDir(cfg.run_dir).last
-    if cfg.dist.ray_address and not last.is_file():  # rank 0 may have run on another node: this one cannot tell
-        return
     try:
-        state = load_checkpoint(last) if last.is_file() else None
+        step = load_checkpoint(last)["step"] if last.is_file() else None
     except GantrainError:
-        state = None
-    if state is not None and state["planned_steps"] and state["step"] >= state["planned_steps"]:
-        return
-    where = (f"the newest checkpoint is {last} (step {state['step']})" if state is not None
-             else "no checkpoint was saved")
-    raise Interrupted(signal.SIGINT, f"SIGINT: Ray Train aborted the workers before the run's last step; {where}; "
+        step = None
+    where = (f"the newest checkpoint is {last} (step {step})" if step is not None
+             else "no checkpoint of it is on this machine")
+    raise Interrupted(signal.SIGINT, f"SIGINT: Ray Train aborted the workers before the run's end; {where}; "
                                      "continue with --resume auto")
 
 

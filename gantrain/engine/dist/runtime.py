@@ -67,7 +67,7 @@ def launched_by_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
 
 
-def init_distributed(device_name: str, timeout_minutes: float = 10.0) -> DistInfo:
+def init_distributed(device_name: str, timeout_minutes: float = 30.0) -> DistInfo:
     """Joins the process group torchrun set up: NCCL on CUDA, gloo on the CPU; a collective fails after
     ``timeout_minutes`` (--dist-timeout) of waiting for another worker."""
     if dist.is_initialized():  # Ray Train's workers: it set up the process group
@@ -142,7 +142,7 @@ class StopAgreement:
     flags are the decision, at once.
     """
 
-    def __init__(self, enabled: bool, timeout_minutes: float = 10.0) -> None:
+    def __init__(self, enabled: bool, timeout_minutes: float = 30.0) -> None:
         """``timeout_minutes``: how long its collectives wait for the other ranks (--dist-timeout; a new group
         does not take the default group's timeout from torch, but its own default of 30 minutes)."""
         self.enabled = enabled
@@ -277,6 +277,9 @@ class StallWatch:
                     if rank == self.info.rank or not self._store.check([self._key(rank)]):
                         continue
                     count, step, phase = self._store.get(self._key(rank)).decode().split(" ", 2)
+                    if phase == DONE:  # it left the training loop: nobody waits for it
+                        seen.pop(rank, None)
+                        continue
                     if seen.get(rank, (None,))[0] != count:
                         seen[rank] = (count, now, int(step), phase)
                         said.discard(rank)
@@ -292,8 +295,12 @@ class StallWatch:
                     self.say(f"DDP rank {rank} has given no sign of life for {now - since:.0f} s (its last: step "
                              f"{step}, {phase}); rank {self.info.rank} waits for it at step {self.step + 1}: a "
                              f"stopped process (SIGSTOP) or an overloaded node? The run fails after --dist-timeout")
+            self._store.set(self._key(self.info.rank), f"{beat + 1} {self.step} {DONE}")  # closed: no one waits
         except Exception:  # noqa: BLE001 - the store went away (the run ends): the watch ends with it
             return
+
+
+DONE = "done"  # the phase of a rank whose watch was closed (it left the loop; its last beat)
 
 
 def _default_store():

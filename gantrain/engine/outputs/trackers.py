@@ -213,7 +213,11 @@ class MlflowTracker(_Tracker):
 
         for name in ("mlflow", "alembic"):  # their INFO lines (database set-up) would break the progress bar
             logging.getLogger(name).setLevel(logging.WARNING)
-        here = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{RunDir(run_dir.resolve()).mlflow_db}"
+        own_db = f"sqlite:///{RunDir(run_dir.resolve()).mlflow_db}"
+        here = os.environ.get("MLFLOW_TRACKING_URI") or own_db
+        if recorded_uri and recorded_uri.startswith("sqlite:///") and \
+                Path(recorded_uri.removeprefix("sqlite:///")).name == RunDir(run_dir).mlflow_db.name:
+            recorded_uri = own_db  # a run folder's own store travels with the folder (copied or moved)
         self.uri = recorded_uri if run_id is not None and recorded_uri else here
         if self.uri != here:
             log.warning("--logger mlflow: continuing run %s in the store it was started in (%s), not %s", run_id,

@@ -128,3 +128,13 @@ class RunDir:
     @property
     def wandb(self) -> Path:
         return self.root / "wandb"
+
+
+def own_checkpoint(run_dir: Path | str, checkpoint: Path | str | None) -> bool:
+    """Whether ``checkpoint`` is one of the run folder's own (in its checkpoints/), not another run's."""
+    if checkpoint is None:
+        return False
+    try:
+        return Path(checkpoint).resolve().parent == RunDir(run_dir).checkpoints.resolve()
+    except OSError:
+        return False

@@ -30,7 +30,7 @@ from gantrain.engine.outputs.runlog import log, setup_logging
 from gantrain.engine.outputs.writer import RunOutputs
 from gantrain.engine.state import checkpoint as ckpt
 from gantrain.engine.state.files import RunLock
-from gantrain.engine.state.rundir import RunDir
+from gantrain.engine.state.rundir import RunDir, own_checkpoint
 from gantrain.engine.train.stats import NonFiniteWatch
 
 
@@ -118,7 +118,8 @@ class Trainer:
         self.stop_agreement.require_same_precision(self.policy.amp, self.policy.requested)
         # A finished run resumed whose end was cut short (a stop signal or a kill while writing final.png, losses.png,
         # progress.gif) writes what is missing instead of being refused as complete.
-        missing = RunDir(cfg.run_dir).missing_final_outputs() if state is not None else []
+        missing = (RunDir(cfg.run_dir).missing_final_outputs()
+                   if state is not None and own_checkpoint(cfg.run_dir, self.resume_path) else [])
         self.total_steps = plan_schedule(self.pos, cfg, self.loader.steps_per_epoch, self.run_dir,
                                          self.finished_ok or bool(missing))
         self.finish_only = bool(missing) and not self.finished_ok and self.step >= self.total_steps
@@ -178,13 +179,24 @@ class Trainer:
                 # outputs are written (seconds), instead of killing the process with half of them missing.
                 self.stop_agreement.close()
                 self.stall.phase = "writing the run's end"
-                result = self._finish()
+                with stop_signals(self._signal_at_the_end):
+                    result = self._finish()
             if self.stop_agreement.local_signal is not None:
                 log.warning("%s came at the end of the run: its final outputs were written first; the run is "
                             "complete", signal.Signals(self.stop_agreement.local_signal).name)
             return result
         finally:
             self.close()
+
+    def _signal_at_the_end(self, signum: int) -> None:
+        """A stop signal while the run's end is written: the first waits for it (seconds); a second stops now
+        (a tracker's upload that hangs), and --resume auto writes what is then missing."""
+        if self.stop_agreement.local_signal is not None and getattr(self, "_end_signals", 0):
+            raise Interrupted(signum, f"{signal.Signals(signum).name} twice while the run's end was written: stopped; "
+                                      "--resume auto writes what is missing", step=self.step,
+                              checkpoint=self.last_checkpoint)
+        self._end_signals = getattr(self, "_end_signals", 0) + 1
+        self.stop_agreement.on_signal(signum)
 
     def _loop(self, per_epoch: int) -> None:
         """The epochs, until the last step, a hook's stop, or a stop signal (raised as :class:`Interrupted`)."""
