@@ -16,7 +16,7 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
-from gantrain.engine import Config, atomic_write_text, override, read_metrics, save_figure, to_toml
+from gantrain.engine import Config, RunDir, atomic_write_text, override, read_metrics, save_figure, to_toml
 from gantrain.tune.settings import TuneSettings
 from gantrain.tune.space import Space
 from gantrain.tune.trainable import (CHECKPOINT_FILE, LOSS_KEYS, QUALITY_KEYS, REFUSED, RUN_FOLDER, report_every,
@@ -131,7 +131,7 @@ def history(result, metric: str) -> list[tuple[float, float]]:
 def own_history(trial_dir: Path, metric: str) -> list[tuple[float, float]]:
     """(epoch, objective) of every evaluation the trial wrote into its own run folder's metrics.jsonl: what it
     reported, including reports Ray never took in (sent while its driver was being killed)."""
-    records = read_metrics(trial_dir / RUN_FOLDER / "metrics.jsonl")
+    records = read_metrics(RunDir(trial_dir / RUN_FOLDER).metrics)
     return [(float(r["epoch"]), float(r[metric])) for r in records
             if "eval_samples" in r and "epoch" in r and isinstance(r.get(metric), (int, float))
             and math.isfinite(r[metric])]

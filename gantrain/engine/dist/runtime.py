@@ -296,7 +296,7 @@ class StallWatch:
                              f"{step}, {phase}); rank {self.info.rank} waits for it at step {self.step + 1}: a "
                              f"stopped process (SIGSTOP) or an overloaded node? The run fails after --dist-timeout")
             self._store.set(self._key(self.info.rank), f"{beat + 1} {self.step} {DONE}")  # closed: no one waits
-        except Exception:  # noqa: BLE001 - the store went away (the run ends): the watch ends with it
+        except (RuntimeError, OSError, ValueError):  # the store went away (the run ends): the watch ends with it
             return
 
 

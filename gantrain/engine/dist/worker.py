@@ -97,11 +97,13 @@ def worker_main(cfg: Config, info: DistInfo, *, resume: str | None, console: Con
     try:
         trainer = Trainer(cfg, console=console, dist_info=info, resume=resume, hooks=hooks, finished_ok=finished_ok)
         if on_start is not None:
+            started = False
             try:
                 on_start(trainer)
-            except BaseException:
-                trainer.close()  # the run folder's lock, the stall watch, the trackers
-                raise
+                started = True
+            finally:
+                if not started:  # fit() will not release them: the run folder's lock, the stall watch, trackers
+                    trainer.close()
         result = trainer.fit()
     except Interrupted as exc:
         if exc.step is not None and info.is_main:
