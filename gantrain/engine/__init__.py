@@ -29,7 +29,7 @@ API: dict[str, str] = {
                     "dist.runtime"),
     **dict.fromkeys(("refuse_unplaceable",), "dist.raytrain"),
     **dict.fromkeys(("worker_main",), "dist.worker"),
-    **dict.fromkeys(("CheckpointError", "ConfigError", "GantrainError", "Interrupted"), "errors"),
+    **dict.fromkeys(("CheckpointError", "ConfigError", "GantrainError", "Interrupted", "rebuild"), "errors"),
     **dict.fromkeys(("LRDecay",), "gan.lr_schedule"),
     **dict.fromkeys(("build_models",), "gan.models"),
     **dict.fromkeys(("PrecisionPolicy", "compute_name", "resolve_amp"), "gan.precision"),

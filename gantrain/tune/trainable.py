@@ -27,7 +27,7 @@ from rich.console import Console
 
 from gantrain.engine import (CheckpointError, Config, DistInfo, GantrainError, Interrupted, METRIC_KEYS, RunDir,
                              Trainer, atomic_save, evaluate_generator, from_dict, load_checkpoint, log, override,
-                             sealed, worker_main)
+                             rebuild, sealed, worker_main)
 from gantrain.tune.settings import TuneSettings
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -160,7 +160,7 @@ def apply_hyperparameters(trainer: Trainer) -> None:
 
 
 def run_trial(cfg: Config, settings: TuneSettings, report: Report, resume: Path | str | None = None,
-              info: DistInfo = DistInfo()) -> str | None:
+              info: DistInfo = DistInfo(), record: Callable[[Any], None] = lambda _record: None) -> str | None:
     """Trains one trial to the end of its budget (or divergence) in this process, which is the whole trial or,
     under a multi-worker trial, its rank ``info.rank``; returns the reason it stopped early.
 
@@ -185,7 +185,7 @@ def run_trial(cfg: Config, settings: TuneSettings, report: Report, resume: Path 
     with open(os.devnull, "w") as sink:  # the trial's log still goes to <run>/train.log
         # the engine's one worker body, as `gantrain run` runs it in one process or in each DDP worker
         result = worker_main(engine_cfg, info, resume=str(resume) if resume else None, console=Console(file=sink),
-                             hooks=[reporter], on_start=start, finished_ok=True)
+                             hooks=[reporter], on_start=start, finished_ok=True, record=record)
     if info.is_main:  # Tune holds the trial's checkpoints; the run folder keeps samples, curves and logs only
         shutil.rmtree(RunDir(cfg.run_dir).checkpoints, ignore_errors=True)
     return result.stop_reason
@@ -251,17 +251,25 @@ def run_trial_on_workers(cfg: Config, settings: TuneSettings, trial_dir: Path, r
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from ray.util.queue import Queue
+
     resources = {"CPU": settings.cpus_per_trial, **({"GPU": settings.gpus_per_trial} if settings.gpus_per_trial else {})}
+    refusals = Queue(actor_options={"num_cpus": 0})  # rank 0's refusal, as (class name, message, exit code)
     job = TorchTrainer(ddp_trial_worker,
                        train_loop_config={"cfg": cfg.to_dict(), "settings": settings,
-                                          "resume": str(resume) if resume else None},
+                                          "resume": str(resume) if resume else None, "refusals": refusals},
                        scaling_config=ScalingConfig(num_workers=settings.workers_per_trial,
                                                     use_gpu=settings.gpus_per_trial > 0,
                                                     resources_per_worker=resources),
                        torch_config=TorchConfig(timeout_s=max(1, round(60 * cfg.dist.dist_timeout))),
                        run_config=RunConfig(name=TRAIN_FOLDER, storage_path=str(trial_dir),
                                             callbacks=[TuneReportCallback()]))
-    job.fit()
+    try:
+        job.fit()
+        if refusals.qsize():  # every worker refused alike and returned (raised, Ray would call it a failure)
+            raise rebuild(*refusals.get_nowait())
+    finally:
+        refusals.shutdown()
 
 
 def ddp_trial_worker(config: dict[str, Any]) -> None:
@@ -275,7 +283,14 @@ def ddp_trial_worker(config: dict[str, Any]) -> None:
         attach = folder is not None and info.is_main  # the replicas are identical: rank 0's checkpoint
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if attach else None)
 
-    run_trial(from_dict(config["cfg"]), config["settings"], report, config["resume"], info)
+    ended: list = []
+    try:
+        run_trial(from_dict(config["cfg"]), config["settings"], report, config["resume"], info, ended.append)
+    except GantrainError as exc:
+        if not (ended and ended[-1].outcome == "refused"):
+            raise
+        if info.is_main:  # the trial's driver says it (one report, no retry) as a one-worker trial does
+            config["refusals"].put((type(exc).__name__, str(exc), exc.exit_code))
 
 
 def newest_checkpoint(given: Path | None, trial_dir: Path) -> Path | None:

@@ -711,3 +711,21 @@ def test_a_trial_whose_run_is_refused_reports_why_once_and_is_not_retried(ray_se
     assert rows[1]["status"] == "refused" and "--batch-size" in rows[1]["note"], rows[1]
     trial = tmp_path / "refused" / f"trial_{rows[1]['trial']}"
     assert len((trial / "result.json").read_text().splitlines()) == 1  # one report, no retry's
+
+
+@pytest.mark.slow
+def test_a_multi_worker_trial_whose_run_is_refused_is_not_retried(ray_session, fashion_extractor, cli,
+                                                                 train_root: Path, tmp_path: Path) -> None:
+    """The same under --workers-per-trial 2: every worker refuses alike (the ranks agree), rank 0 hands the
+    reason to the trial, which reports it once; before, the Train job failed and Tune retried it."""
+    space = tmp_path / "space.toml"
+    space.write_text("[data]\nbatch_size = { grid = [64] }\n")  # 64 images, 2 workers: a global batch of 128
+    flags = [*TINY_FLAGS[:-5], "--cpus-per-trial", "0.9", "--no-baseline"]
+    result = cli("tune", "--data-root", train_root, *flags, "--max-concurrent", "1", "--workers-per-trial", "2",
+                 "--space", space, "--num-samples", "1", "--scheduler", "fifo", "--max-epochs", "1",
+                 "--max-failures", "2", "--storage", tmp_path, "--name", "ddp-refused")
+    rows = _rows(tmp_path / "ddp-refused")
+    assert len(rows) == 1 and rows[0]["status"] == "refused", (rows, result.output)
+    assert "--batch-size" in rows[0]["note"] or "--limit" in rows[0]["note"], rows[0]
+    trial = tmp_path / "ddp-refused" / f"trial_{rows[0]['trial']}"
+    assert len((trial / "result.json").read_text().splitlines()) == 1
