@@ -378,6 +378,9 @@ class DistConfig:
     """With --ray: GPUs per worker (0: CPU workers with gloo)."""
     cpus_per_worker: float = 1.0
     """With --ray: CPUs per worker."""
+    ray_wait: float = 600.0
+    """With --ray-address: seconds to wait for a cluster smaller than the request to grow (an autoscaler) before
+    refusing; a local Ray, which cannot grow, is refused at once."""
     ray_storage: str = ""
     """With --ray: Ray Train's storage path for its checkpoints (default: <out>/ray); shared by all nodes."""
     max_restarts: int = 3
@@ -398,6 +401,7 @@ class DistConfig:
         _check(self.nproc >= 1, "nproc", f"must be at least 1, got {self.nproc}")
         _check(self.dist_timeout > 0, "dist_timeout", f"must be > 0 minutes, got {self.dist_timeout}")
         _check(self.stall_warning >= 0, "stall_warning", f"must be >= 0 seconds, got {self.stall_warning}")
+        _check(self.ray_wait >= 0, "ray_wait", f"must be >= 0 seconds, got {self.ray_wait}")
         _check(self.nnodes >= 1, "nnodes", f"must be at least 1, got {self.nnodes}")
         _check(0 <= self.node_rank < self.nnodes, "node_rank", f"must be in [0, nnodes), got {self.node_rank}")
         _check(0 < self.master_port < 65536, "master_port", f"must be a TCP port, got {self.master_port}")

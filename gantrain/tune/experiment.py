@@ -78,7 +78,7 @@ TRIAL_OWNED = {
                                       "sync_bn", "rdzv_endpoint", "rdzv_id", "max_restarts")},
     **{name: "a trial of several DDP workers is --workers-per-trial N (Ray Train under Tune), on the cluster of "
              "--address" for name in ("ray", "ray_address", "ray_workers", "gpus_per_worker", "cpus_per_worker",
-                                      "ray_storage")},
+                                      "ray_storage", "ray_wait")},
     "checkpoint_every_steps": "a trial checkpoints at every report (every --eval-every epochs, 1 when 0)",
     "checkpoint_every_minutes": "a trial checkpoints at every report (every --eval-every epochs, 1 when 0)",
 }
@@ -234,16 +234,18 @@ def start_ray(address: str | None) -> bool:
 TRIAL_DRIVER_CPUS = 0.01
 
 
-def refuse_unplaceable_trials(settings: TuneSettings, cluster: dict[str, float]) -> None:
-    """Raises :class:`ConfigError` when one trial's resources exceed the cluster's (``ray.cluster_resources()``)."""
+def refuse_unplaceable_trials(settings: TuneSettings, cluster, wait_s: float = 0.0) -> None:
+    """Raises :class:`ConfigError` when one trial's resources exceed the cluster's (``cluster()``:
+    ``ray.cluster_resources``), after ``wait_s`` seconds of waiting for it to grow (0: at once)."""
     per_worker = {"CPU": settings.cpus_per_trial, "GPU": settings.gpus_per_trial}
+    wait = {"wait_s": wait_s, "wait_flag": "--resource-wait", "say": lambda text: log.warning("%s", text)}
     if settings.workers_per_trial > 1:
         refuse_unplaceable(per_worker, settings.workers_per_trial, cluster, "--workers-per-trial x --cpus-per-trial"
                            + (" / --gpus-per-trial" if settings.gpus_per_trial else ""),
-                           extra={"CPU": TRIAL_DRIVER_CPUS}, extra_for="the trial's driver")
+                           extra={"CPU": TRIAL_DRIVER_CPUS}, extra_for="the trial's driver", **wait)
     else:
         refuse_unplaceable(per_worker, 1, cluster, "--cpus-per-trial / --gpus-per-trial" if settings.gpus_per_trial
-                           else "--cpus-per-trial")
+                           else "--cpus-per-trial", **wait)
 
 
 def make_trainable(folder: ExperimentFolder, cfg: Config, settings: TuneSettings):
@@ -385,8 +387,8 @@ def run_prepared(folder: ExperimentFolder, *, resume: bool, address: str | None 
     warm_metrics(cfg)
     started = start_ray(address)
     try:
-        if not address:  # a local Ray never grows: a trial larger than it would wait forever
-            refuse_unplaceable_trials(settings, ray.cluster_resources())
+        # a local Ray never grows: a trial larger than it is refused at once; a cluster may (--resource-wait)
+        refuse_unplaceable_trials(settings, ray.cluster_resources, settings.resource_wait if address else 0.0)
         grid = _fit(folder, cfg, settings, space, resume, callbacks)
     finally:
         if started:

@@ -49,6 +49,9 @@ class TuneSettings:
     --gpus-per-trial GPUs and --cpus-per-trial CPUs (asha and fifo; pbt needs one-process trials)."""
     max_concurrent: int = 0
     """Trials running at once at most (0 = as many as the cluster's resources allow)."""
+    resource_wait: float = 600.0
+    """With --address: seconds to wait for a cluster too small for one trial to grow (an autoscaler) before
+    refusing; a local Ray, which cannot grow, is refused at once."""
     max_failures: int = 2
     """Retries of a trial that raises an error, each from its last checkpoint (diverged trials are not retried)."""
     baseline: bool = True
@@ -79,6 +82,8 @@ class TuneSettings:
                "pbt explores the space by itself: use --search random with --scheduler pbt")
         self._check_counts()
         self._check_resources()
+        _check(math.isfinite(self.resource_wait) and self.resource_wait >= 0, "resource-wait",
+               f"must be >= 0 seconds, got {self.resource_wait}")
         _check(self.workers_per_trial >= 1, "workers-per-trial", f"must be at least 1, got {self.workers_per_trial}")
         _check(self.workers_per_trial == 1 or self.scheduler != "pbt", "workers-per-trial",
                "pbt copies one-process trials' checkpoints between trials: use --scheduler asha or fifo")

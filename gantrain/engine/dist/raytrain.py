@@ -18,6 +18,7 @@ import os
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -122,9 +123,11 @@ def train_on_ray(cfg: Config, resume: str | None, console: Console | None = None
         started = True
     try:
         resources = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.gpus_per_worker else {})}
-        if not d.ray_address:  # a local Ray never grows: a request larger than it would wait forever
-            refuse_unplaceable(resources, d.ray_workers, ray.cluster_resources(), "--ray-workers x --cpus-per-worker"
-                               + (" / --gpus-per-worker" if d.gpus_per_worker else ""))
+        # a local Ray never grows: a request larger than it is refused at once; a cluster may (--ray-wait)
+        refuse_unplaceable(resources, d.ray_workers, ray.cluster_resources, "--ray-workers x --cpus-per-worker"
+                           + (" / --gpus-per-worker" if d.gpus_per_worker else ""),
+                           wait_s=d.ray_wait if d.ray_address else 0.0, wait_flag="--ray-wait",
+                           say=lambda text: log.warning("%s", text))
         from ray.util.queue import Queue
 
         outcomes = Queue(actor_options={"num_cpus": 0})  # the workers' refusals (WorkerRecord as JSON)
@@ -192,20 +195,42 @@ def _failure_config(failure_config: type, max_restarts: int):
         return failure_config(max_failures=max_restarts)
 
 
-def refuse_unplaceable(per_worker: dict[str, float], workers: int, cluster: dict[str, float], flags: str,
-                       extra: dict[str, float] | None = None, extra_for: str = "") -> None:
-    """Raises :class:`ConfigError` when ``workers`` x ``per_worker`` resources (plus ``extra``, what ``extra_for``
-    takes besides) exceed the ``cluster``'s totals (``ray.cluster_resources()``), naming what was asked and what
-    exists: Ray would wait forever for a request that can never fit. Only for a cluster that cannot grow (a local
-    Ray)."""
-    extra = extra or {}
+def _shortfall(per_worker: dict[str, float], workers: int, cluster: dict[str, float], flags: str,
+               extra: dict[str, float], extra_for: str) -> str | None:
+    """What of the request the cluster's totals cannot hold, as a sentence naming asked and present, or None."""
     for name, amount in per_worker.items():
         asked, there = amount * workers + extra.get(name, 0.0), cluster.get(name, 0.0)
         if amount > 0 and asked > there + 1e-9:
             parts = f"{workers} x {amount:g} {name}" + (f" + {extra[name]:g} {name} for {extra_for}"
                                                           if extra.get(name) else "")
-            raise ConfigError(f"{flags}: {parts} = {asked:g} {name}, but this Ray cluster has {there:g} {name}; "
-                              "ask for less")
+            return f"{flags}: {parts} = {asked:g} {name}, but this Ray cluster has {there:g} {name}"
+    return None
+
+
+def refuse_unplaceable(per_worker: dict[str, float], workers: int, cluster: Callable[[], dict[str, float]],
+                       flags: str, extra: dict[str, float] | None = None, extra_for: str = "", *,
+                       wait_s: float = 0.0, wait_flag: str = "", say: Callable[[str], None] = lambda _text: None,
+                       poll_s: float = 5.0, clock: Callable[[], float] = time.monotonic,
+                       sleep: Callable[[float], None] = time.sleep) -> None:
+    """Returns once ``workers`` x ``per_worker`` resources (plus ``extra``, what ``extra_for`` takes besides) fit the
+    totals ``cluster()`` reports (``ray.cluster_resources``); else raises :class:`ConfigError` naming what was asked
+    and what exists, for Ray would wait forever. A cluster that cannot grow (a local Ray: ``wait_s`` 0) is refused
+    at once; one that can (an autoscaler) is given ``wait_s`` seconds (``wait_flag``), said once through ``say``,
+    and polled every ``poll_s``."""
+    extra = extra or {}
+    short = _shortfall(per_worker, workers, cluster(), flags, extra, extra_for)
+    if short is None:
+        return
+    if wait_s > 0:
+        say(f"{short}: waiting up to {wait_s:g} s ({wait_flag}) for the cluster to grow")
+        deadline = clock() + wait_s
+        while short is not None and clock() < deadline:
+            sleep(min(poll_s, max(0.0, deadline - clock())))
+            short = _shortfall(per_worker, workers, cluster(), flags, extra, extra_for)
+        if short is None:
+            return
+        raise ConfigError(f"{short} after waiting {wait_s:g} s ({wait_flag}); ask for less or grow the cluster")
+    raise ConfigError(f"{short}; ask for less")
 
 
 def _failures(exc: BaseException) -> str:
