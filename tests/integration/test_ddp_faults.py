@@ -251,3 +251,22 @@ def test_the_dist_timeout_reaches_the_process_group(train_root: Path, tmp_path: 
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
+
+
+def test_an_error_no_restart_cures_met_mid_run_is_not_trained_into_again(start_job) -> None:
+    """(A case the issue's list does not name.) Rank 0 cannot write its checkpoint mid-run (here checkpoints/ has
+    become a file; a full disk alike): the agent restarts the group once, because the other ranks only lost rank 0,
+    but the restarted workers find the last attempt's error no restart cures in its record and refuse at once;
+    before, each of --max-restarts 3 attempts trained up to the same error again."""
+    job = start_job()
+    checkpoints = job.out / "checkpoints"
+    import shutil
+
+    shutil.rmtree(checkpoints, ignore_errors=True)  # (none yet, or the first epoch's)
+    checkpoints.write_text("not a folder")
+    code, stderr, _ = job.finish()
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 1, stderr[-3000:]
+    assert len(errors) == 1 and "cannot write" in errors[0] and str(checkpoints) in errors[0], stderr[-3000:]
+    assert stderr.count("restarting the worker group") <= 1, stderr[-3000:]
+    assert "Traceback" not in stderr

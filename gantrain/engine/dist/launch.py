@@ -33,7 +33,8 @@ from rich.console import Console
 from gantrain.engine.config import Config, to_toml
 from gantrain.engine.dist.preflight import preflight
 from gantrain.engine.dist.runtime import die_with_parent, init_distributed, launched_by_torchrun, shutdown_distributed
-from gantrain.engine.dist.worker import STATUS_ENV, WorkerRecord, first_refusal, folder_record, worker_main
+from gantrain.engine.dist.worker import (STATUS_ENV, WorkerRecord, first_refusal, folder_record, inherited_refusal,
+                                         worker_main)
 from gantrain.engine.errors import ConfigError, GantrainError, Interrupted
 from gantrain.engine.outputs.runlog import log, setup_logging
 from gantrain.engine.state.checkpoint import restart_resume
@@ -273,6 +274,11 @@ def _run_here(cfg: Config, resume: str | None, console: Console | None) -> FitRe
         _stop_before_training()
         status = os.environ.get(STATUS_ENV)
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        inherited = inherited_refusal(WorkerRecord.read_all(Path(status))) if status and restart else None
+        if inherited is not None:  # before the process group: every local rank reads the same records
+            WorkerRecord(int(os.environ["RANK"]), "refused", inherited.kind, inherited.message, inherited.exit_code,
+                         final=True).write(Path(status))
+            raise SystemExit(0)  # the launcher says it once; the agent restarts no more
         resume = _restart_resume(cfg, resume, restart)
     info = init_distributed(cfg.run.device, cfg.dist.dist_timeout)
     ended: list[WorkerRecord] = []

@@ -56,6 +56,7 @@ class WorkerRecord:
     step: int | None = None
     checkpoint: str | None = None
     signal: int | None = None
+    final: bool = False  # the error is one no restart cures (GantrainError.final)
 
     def write(self, folder: Path) -> None:
         atomic_write_text(folder / f"rank_{self.rank}.json", json.dumps(asdict(self)))
@@ -79,6 +80,13 @@ class WorkerRecord:
 
 def first_refusal(records: Sequence[WorkerRecord]) -> WorkerRecord | None:
     return next((r for r in records if r.outcome == "refused"), None)
+
+
+def inherited_refusal(records: Sequence[WorkerRecord]) -> WorkerRecord | None:
+    """For a restarted worker: the error no restart cures that ended the last attempt mid-run (a full disk on
+    rank 0 when it saved; the other ranks then lost it and failed too), or None. The restart meets it again, so
+    the worker refuses at once instead of training up to it."""
+    return next((r for r in records if r.final and r.outcome in ("failed", "refused")), None)
 
 
 def worker_main(cfg: Config, info: DistInfo, *, resume: str | None, console: Console | None = None,
@@ -118,7 +126,7 @@ def worker_main(cfg: Config, info: DistInfo, *, resume: str | None, console: Con
         # a collective that only the group's stop ends.
         refused = exc.final and trainer is None
         record(WorkerRecord(info.rank, "refused" if refused else "failed", type(exc).__name__, str(exc),
-                            exc.exit_code, step=_step(trainer)))
+                            exc.exit_code, step=_step(trainer), final=exc.final))
         raise
     except (torch.distributed.DistError, RuntimeError) as exc:
         if not (info.world_size > 1 and lost_peer(exc)):
