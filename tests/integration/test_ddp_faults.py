@@ -270,3 +270,18 @@ def test_an_error_no_restart_cures_met_mid_run_is_not_trained_into_again(start_j
     assert len(errors) == 1 and "cannot write" in errors[0] and str(checkpoints) in errors[0], stderr[-3000:]
     assert stderr.count("restarting the worker group") <= 1, stderr[-3000:]
     assert "Traceback" not in stderr
+
+
+def test_with_no_restart_left_the_error_no_restart_cures_is_said(start_job) -> None:
+    """--max-restarts 0: the same mid-run error ends the job at once, and the launcher says the worker's own error
+    (a worker under the launcher prints nothing itself), not only its exit code."""
+    job = start_job("--max-restarts", "0")
+    checkpoints = job.out / "checkpoints"
+    import shutil
+
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    checkpoints.write_text("not a folder")
+    code, stderr, _ = job.finish()
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 1, stderr[-3000:]
+    assert len(errors) == 1 and "cannot write" in errors[0] and "restarting" not in stderr, stderr[-3000:]

@@ -238,12 +238,19 @@ def _failed(status_dir: Path, exc, cfg: Config) -> GantrainError:
     ranked = sorted(codes.items(), key=lambda rc: (not (rc[1] < 0 and rc[1] != -signal.SIGTERM), rc[0]))
     cause = [(r, c) for r, c in ranked if c not in stop_codes and c != -signal.SIGTERM]
     rank, code = (cause or ranked)[0]
+    records = WorkerRecord.read_all(status_dir)
+    latest = [r for r in records if r.attempt == max(r.attempt for r in records)] if records else []
+    final = inherited_refusal(latest)
+    if final is not None:  # with no restart left: the error no restart cures, as one process says it
+        return final.error()
+    said = next((r for r in latest if r.rank == rank and r.outcome == "failed" and r.message), None)
+    own = f": {said.message}" if said is not None else " (its own message, if any, is above)"
     last = RunDir(cfg.run_dir).last
     newest = f"continue from the newest periodic checkpoint with --resume auto ({last})" if last.is_file() \
         else "no checkpoint was saved yet"
     used = f" after {cfg.dist.max_restarts} restart(s), all that --max-restarts allows" if cfg.dist.max_restarts else ""
-    return GantrainError(f"DDP worker rank {rank} {_how(code)}{used} (its own message, if any, is above); the "
-                         f"launcher stopped the others; no checkpoint of this step: {newest}")
+    return GantrainError(f"DDP worker rank {rank} {_how(code)}{used}{own}; the launcher stopped the others; no "
+                         f"checkpoint of this step: {newest}")
 
 
 def train(cfg: Config, *, resume: str | None = None, console: Console | None = None) -> FitResult | None:
@@ -277,13 +284,14 @@ def _run_here(cfg: Config, resume: str | None, console: Console | None) -> FitRe
         inherited = inherited_refusal(WorkerRecord.read_all(Path(status))) if status and restart else None
         if inherited is not None:  # before the process group: every local rank reads the same records
             WorkerRecord(int(os.environ["RANK"]), "refused", inherited.kind, inherited.message, inherited.exit_code,
-                         final=True).write(Path(status))
+                         final=True, attempt=restart).write(Path(status))
             raise SystemExit(0)  # the launcher says it once; the agent restarts no more
         resume = _restart_resume(cfg, resume, restart)
     info = init_distributed(cfg.run.device, cfg.dist.dist_timeout)
     ended: list[WorkerRecord] = []
 
     def record(rec: WorkerRecord) -> None:
+        rec.attempt = restart
         ended.append(rec)
         folder_record(status)(rec)
 

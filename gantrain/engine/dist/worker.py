@@ -57,6 +57,7 @@ class WorkerRecord:
     checkpoint: str | None = None
     signal: int | None = None
     final: bool = False  # the error is one no restart cures (GantrainError.final)
+    attempt: int = 0  # torchrun's restart of the worker group that wrote it (TORCHELASTIC_RESTART_COUNT)
 
     def write(self, folder: Path) -> None:
         atomic_write_text(folder / f"rank_{self.rank}.json", json.dumps(asdict(self)))
