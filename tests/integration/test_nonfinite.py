@@ -16,7 +16,8 @@ from gantrain.engine.train.loop import Trainer
 
 # ===== non-finite training stops, keeps the last finite checkpoint, says which ==============================
 FLOAT_FIELDS = {"leaky_slope", "init_std", "lr_g", "lr_d", "beta1", "beta2", "lr_decay_start", "label_smoothing", "ema_decay",
-                "checkpoint_every_minutes", "gpus_per_worker", "cpus_per_worker"}
+                "checkpoint_every_minutes", "gpus_per_worker", "cpus_per_worker", "dist_timeout", "stall_warning",
+                "ray_wait"}
 
 
 def test_the_float_fields_are_the_ones_checked_below() -> None:
