@@ -33,8 +33,7 @@ from rich.console import Console
 from gantrain.engine.config import Config, to_toml
 from gantrain.engine.dist.preflight import preflight
 from gantrain.engine.dist.runtime import die_with_parent, init_distributed, launched_by_torchrun, shutdown_distributed
-from gantrain.engine.dist.worker import (STATUS_ENV, WorkerRecord, first_refusal, folder_record, inherited_refusal,
-                                         worker_main)
+from gantrain.engine.dist.worker import STATUS_ENV, WorkerRecord, first_refusal, inherited_refusal, worker_main
 from gantrain.engine.errors import ConfigError, GantrainError, Interrupted
 from gantrain.engine.outputs.runlog import log, setup_logging
 from gantrain.engine.state.checkpoint import restart_resume
@@ -293,7 +292,8 @@ def _run_here(cfg: Config, resume: str | None, console: Console | None) -> FitRe
     def record(rec: WorkerRecord) -> None:
         rec.attempt = restart
         ended.append(rec)
-        folder_record(status)(rec)
+        if status:  # for the launcher (torchrun by hand keeps none)
+            rec.write(Path(status))
 
     try:
         return worker_main(cfg, info, resume=resume, console=console, record=record,

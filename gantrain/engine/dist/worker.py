@@ -24,7 +24,6 @@ the record carries the rest.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -151,15 +150,3 @@ def lost_peer(exc: BaseException) -> bool:
     return isinstance(exc, torch.distributed.DistError) or any(
         mark in text for mark in ("Connection closed by peer", "Connection reset by peer", "gloo/transport",
                                   "NCCL communicator was aborted"))
-
-
-def folder_record(folder: str | None) -> Callable[[WorkerRecord], None]:
-    """``record`` for :func:`worker_main` that writes into the launcher's folder (none given: keeps nothing)."""
-    def write(rec: WorkerRecord) -> None:
-        if folder:
-            rec.write(Path(folder))
-    return write
-
-
-def under_launcher() -> bool:
-    return bool(os.environ.get(STATUS_ENV))
