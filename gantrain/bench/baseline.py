@@ -99,18 +99,3 @@ def build_baseline(cfg: Config, device: torch.device, num_workers: int) -> tuple
     model = BaselineGAN(cfg, device)
     batches = baseline_batches(images, cfg, num_workers, cfg.run.seed)
     return model, batches, len(images) - len(images) % cfg.data.batch_size
-
-
-def step_flops(cfg: Config, batch: int = 8) -> float:
-    """Model FLOPs of one full training iteration (the baseline's D step + G step) per image.
-
-    Counted with torch.utils.flop_counter on the plain step, so every configuration's MFU uses the same
-    model FLOPs (work the engine avoids, such as D weight-gradients in the G step, still counts).
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = BaselineGAN(cfg, torch.device("cpu"))
-    real = torch.rand(batch, cfg.data.channels, cfg.data.image_size, cfg.data.image_size) * 2 - 1
-    with FlopCounterMode(display=False) as counter:
-        model.step(real)
-    return counter.get_total_flops() / batch

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from gantrain.bench.hardware import peak_tflops, system_info
+from gantrain.bench.hardware import system_info
 from gantrain.bench.report import console_table, markdown_table, publish
 from gantrain.bench.timing import BenchRow, merge_runs, round_robin, run_row
 from gantrain.engine import Config, GantrainError, compute_name, resolve_amp
@@ -49,19 +49,21 @@ def matrix(amp: str, nproc: int = 1, device_type: str = "cpu") -> list[BenchRow]
 
 def run_suite(cfg: Config, *, rows: list[BenchRow], timing: dict, peak_override: float | None,
               console: Console) -> dict:
-    from gantrain.bench.baseline import step_flops
-    from gantrain.engine import pick_device
+    from gantrain.engine import BENCH_PROBE, bf16_faster, device_peaks, pick_device, step_flops
 
     device = pick_device(cfg.run.device)
-    flops_per_image = step_flops(cfg)
-    peaks = peak_tflops(device, peak_override)
+    flops_per_image = step_flops(cfg.model, cfg.data.image_size, cfg.data.channels)
+    # measured anew (the runs after this one read it from the cache, so their MFU divides by the same peak)
+    peaks = device_peaks(device, peak_override, probe=BENCH_PROBE, fresh=True).to_dict()
+    bf16, why = bf16_faster(device)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     runs = round_robin([row.name for row in rows], lambda i: run_row(rows[i], cfg, timing, env),
                        timing.get("repeats", 1), console)
     results = [merge_runs(r) for r in runs]
     _add_ratios(results, flops_per_image, peaks)
     return {"system": system_info(), "device": str(device), "preset": cfg.preset, "batch_size": cfg.data.batch_size,
-            "flops_per_image": flops_per_image, "peak_tflops": peaks, "timing": timing, "results": results}
+            "flops_per_image": flops_per_image, "peak_tflops": peaks,
+            "amp_auto": {"chosen": "bf16" if bf16 else "off", "why": why}, "timing": timing, "results": results}
 
 
 def _add_ratios(results: list[dict], flops_per_image: float, peaks: dict) -> None:

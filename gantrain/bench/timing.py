@@ -22,8 +22,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from gantrain.bench.hardware import peak_mem_gib
-from gantrain.engine import Config, override
+from gantrain.engine import Config, override, peak_mem_gib
 
 RESULT_PREFIX = "BENCH_RESULT "
 

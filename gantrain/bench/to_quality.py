@@ -149,11 +149,11 @@ def engine_run_config(cfg: Config, spec: dict, out: Path) -> Config:
     """A gantrain contender as a run of the Trainer in ``out``, over whole epochs enough for the budget (the
     Trainer's ``last_step`` cuts it to the budget's steps, so --lr-decay decays over the budget as a run of
     --epochs budget would); its log as the recipe has it; one checkpoint, at the end; no sample grids, no
-    --eval-every (the clock evaluates), no --logger; divergence is the clock's to see."""
+    --logger. (The clock evaluates and sees divergence: see :func:`_train_engine`.)"""
     return override(cfg, {"out": str(out), "epochs": math.ceil(spec["budget_epochs"]), "max_steps": 0,
-                          "sample_every": 0, "eval_every": 0, "logger": "none",
+                          "sample_every": 0, "logger": "none",
                           "checkpoint_every": 0, "checkpoint_every_steps": 0, "checkpoint_every_minutes": 0,
-                          "keep_checkpoints": 1, "nonfinite_patience": 0, "samples_from_best": False})
+                          "keep_checkpoints": 1, "samples_from_best": False})
 
 
 def budget_steps(spec: dict, steps_per_epoch: int) -> int:
@@ -172,7 +172,8 @@ def _train_engine(cfg: Config, device, spec: dict, clock: QualityClock) -> Quali
 
     with tempfile.TemporaryDirectory(prefix="gantrain-to-quality-") as folder:
         trainer = Trainer(engine_run_config(cfg, spec, Path(folder) / "run"), console=Console(file=io.StringIO()),
-                          hooks=[_ClockHook(clock)], last_step=lambda per_epoch: budget_steps(spec, per_epoch))
+                          hooks=[_ClockHook(clock)], last_step=lambda per_epoch: budget_steps(spec, per_epoch),
+                          evaluation=False, divergence_watch=False)
         clock.start(trainer.loader.steps_per_epoch * cfg.data.batch_size)
         trainer.fit()
     return clock

@@ -31,6 +31,8 @@ API: dict[str, str] = {
     **dict.fromkeys(("worker_main",), "dist.worker"),
     **dict.fromkeys(("CheckpointError", "ConfigError", "GantrainError", "Interrupted", "rebuild"), "errors"),
     **dict.fromkeys(("LRDecay",), "gan.lr_schedule"),
+    **dict.fromkeys(("BENCH_PROBE", "Peaks", "bf16_faster", "cpu_features", "cpu_name", "device_peaks", "peak_mem_gib",
+                     "step_flops"), "gan.hardware"),
     **dict.fromkeys(("build_models",), "gan.models"),
     **dict.fromkeys(("PrecisionPolicy", "compute_name", "resolve_amp"), "gan.precision"),
     **dict.fromkeys(("sample_noise",), "gan.sampling"),

@@ -238,8 +238,7 @@ class RunConfig:
     """auto (CUDA when present), cpu or cuda."""
     nonfinite_patience: int = 1
     """Stop the run (exit 1) when the logged losses are NaN or infinite at this many log intervals (of --log-every
-    steps) in a row; 0 = do not stop on losses (for callers that watch divergence themselves, as gantrain tune's
-    trials do). Non-finite weights are never checkpointed."""
+    steps) in a row; 0 = do not stop on losses. Non-finite weights are never checkpointed."""
 
     def __post_init__(self) -> None:
         _check_finite(self)
@@ -282,13 +281,33 @@ class LoggingConfig:
     artifacts in <run>/mlartifacts, unless MLFLOW_TRACKING_URI is set); each needs the extra of its name
     installed."""
 
+    profile_steps: str = ""
+    """Profile steps A:B (e.g. 20:25, counted from 1) with torch.profiler: a Chrome/Perfetto trace naming the
+    phases (data, d_step, g_step) and a table of the costliest ops, in <run>/profile/ (empty = off)."""
+
     def __post_init__(self) -> None:
         _check_finite(self)
         _check(self.log_every >= 1, "log_every", f"must be at least 1, got {self.log_every}")
+        self.profile_steps = str(self.profile_steps).strip()
+        if self.profile_steps:
+            self.profile_range  # noqa: B018 - validates
         _check(self.sample_every >= 0, "sample_every", f"must be >= 0, got {self.sample_every}")
         self.logger = _names(self.logger, "logger")
         bad = [n for n in self.logger if n not in LOGGERS]
         _check(not bad, "logger", f"must be none or a comma list of {', '.join(LOGGERS)}, got {bad[0]!r}" if bad else "")
+
+    @property
+    def profile_range(self) -> tuple[int, int] | None:
+        """--profile-steps as (first, last) step, both included; None when off. Raises :class:`ConfigError`."""
+        if not self.profile_steps:
+            return None
+        first, sep, last = self.profile_steps.partition(":")
+        ok = sep == ":" and first.strip().isdigit() and last.strip().isdigit()
+        _check(ok, "profile_steps", f"must be A:B, the first and last step to profile (e.g. 20:25), got "
+                                    f"{self.profile_steps!r}")
+        a, b = int(first), int(last)
+        _check(1 <= a <= b, "profile_steps", f"must be A:B with 1 <= A <= B, got {self.profile_steps!r}")
+        return a, b
 
 
 @dataclass

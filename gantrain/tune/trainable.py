@@ -172,9 +172,6 @@ def run_trial(cfg: Config, settings: TuneSettings, report: Report, resume: Path 
     reporter = EpochReporter(settings, report, cfg)
     if info.enabled:
         reporter.monitor.check = _rank0_decides(reporter.monitor.check)
-    # The reporter evaluates; the Trainer's own --eval-every tracker would evaluate the same generator again
-    # and keep best.pt copies of what Tune already checkpoints.
-    engine_cfg = override(cfg, {"eval_every": 0, "nonfinite_patience": 0})  # the reporter stops diverged trials
 
     def start(trainer: Trainer) -> None:
         if resume is not None:
@@ -184,8 +181,11 @@ def run_trial(cfg: Config, settings: TuneSettings, report: Report, resume: Path 
 
     with open(os.devnull, "w") as sink:  # the trial's log still goes to <run>/train.log
         # the engine's one worker body, as `gantrain run` runs it in one process or in each DDP worker
-        result = worker_main(engine_cfg, info, resume=str(resume) if resume else None, console=Console(file=sink),
-                             hooks=[reporter], on_start=start, finished_ok=True, record=record)
+        # The reporter evaluates (the Trainer's own --eval-every tracker would evaluate the same generator again
+        # and keep best.pt copies of what Tune already checkpoints) and stops diverged trials.
+        result = worker_main(cfg, info, resume=str(resume) if resume else None, console=Console(file=sink),
+                             hooks=[reporter], on_start=start, finished_ok=True, record=record,
+                             evaluation=False, divergence_watch=False)
     if info.is_main:  # Tune holds the trial's checkpoints; the run folder keeps samples, curves and logs only
         shutil.rmtree(RunDir(cfg.run_dir).checkpoints, ignore_errors=True)
     return result.stop_reason

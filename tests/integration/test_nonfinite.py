@@ -140,6 +140,24 @@ def test_patience_0_goes_on_but_writes_no_nonfinite_checkpoint(tiny_cfg, quiet_c
     assert "not saving a checkpoint at step 4: non-finite weights" in (cfg.run_dir / "train.log").read_text()
 
 
+def test_a_caller_that_watches_divergence_keeps_the_users_config(tiny_cfg, quiet_console,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """tune's trials and the to-quality bench pass divergence_watch=False (and evaluation=False) instead of
+    overriding the config: the run goes on past NaN weights, saves no non-finite checkpoint, builds no --eval-every
+    tracker, and the config it stores is the user's (patience 1, eval every epoch)."""
+    cfg = tiny(tiny_cfg, limit=64, batch_size=32, max_steps=4, log_every=1, eval_every=1)
+    _poison_after(monkeypatch, 3, _nan_weight)
+    trainer = Trainer(cfg, console=quiet_console, evaluation=False, divergence_watch=False)
+    assert trainer.tracker is None and trainer.watch is None
+    result = trainer.fit()
+    assert result.steps == 4 and result.last_checkpoint.name == "step_00000002.pt"
+    stored = load_checkpoint(result.last_checkpoint)["config"]
+    assert stored["run"]["nonfinite_patience"] == 1 and stored["eval"]["eval_every"] == 1
+    records = strict_records(cfg.run_dir / "metrics.jsonl")
+    assert records[-1]["nonfinite"]["loss_d"] == "nan" and not any("fd" in r for r in records)
+    assert not (cfg.run_dir / "checkpoints" / "best.pt").exists()
+
+
 def test_a_diverging_cli_run_exits_1_with_strict_json(cli, train_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = cli("run", *tiny_flags(train_root, out), "--max-steps", 4, "--lr-g", 1e30, "--lr-d", 1e30)

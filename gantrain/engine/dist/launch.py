@@ -28,13 +28,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from gantrain.engine.config import Config, to_toml
 from gantrain.engine.dist.preflight import preflight
-from gantrain.engine.dist.runtime import die_with_parent, init_distributed, launched_by_torchrun, shutdown_distributed
+from gantrain.engine.dist.runtime import (die_with_parent, init_distributed, launched_by_torchrun, pick_device,
+                                          shutdown_distributed)
 from gantrain.engine.dist.worker import STATUS_ENV, WorkerRecord, first_refusal, inherited_refusal, worker_main
 from gantrain.engine.errors import ConfigError, GantrainError, Interrupted
+from gantrain.engine.gan.hardware import device_peaks
 from gantrain.engine.outputs.runlog import log, setup_logging
 from gantrain.engine.state.checkpoint import restart_resume
 from gantrain.engine.state.rundir import RunDir
@@ -134,6 +137,7 @@ def launch_workers(cfg: Config, resume: str | None, console: Console | None = No
         os.environ[STARTED_ENV] = repr(time.time())
         if not log.handlers:
             setup_logging(console or Console(stderr=True))
+        _measure_peaks_once(cfg, os.environ["OMP_NUM_THREADS"])
         # The agent logs each step of its shutdown as warnings; the outcome is said here, in one line. Its
         # module loggers carry levels of their own, so each one is quietened.
         elastic_logs = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
@@ -183,6 +187,19 @@ def launch_workers(cfg: Config, resume: str | None, console: Console | None = No
                 logger.setLevel(level)
             for key, value in saved_env.items():
                 os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+def _measure_peaks_once(cfg: Config, threads: str) -> None:
+    """On a CPU, the workers' peak probe (``--amp auto`` and MFU read it) measured here once, with a worker's
+    threads, before they start: N workers probing at once would share the cores and could disagree."""
+    if pick_device(cfg.run.device).type != "cpu" or not threads.isdigit() or int(threads) < 1:
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        device_peaks(torch.device("cpu"))
+    finally:
+        torch.set_num_threads(saved)
 
 
 def _network_error(cfg: Config, exc: Exception) -> GantrainError:

@@ -91,8 +91,8 @@ def inherited_refusal(records: Sequence[WorkerRecord]) -> WorkerRecord | None:
 
 def worker_main(cfg: Config, info: DistInfo, *, resume: str | None, console: Console | None = None,
                 hooks: Sequence[Hook] = (), on_start: Callable[[Trainer], None] | None = None,
-                finished_ok: bool = False, record: Callable[[WorkerRecord], None] = lambda _record: None
-                ) -> FitResult:
+                finished_ok: bool = False, record: Callable[[WorkerRecord], None] = lambda _record: None,
+                evaluation: bool = True, divergence_watch: bool = True) -> FitResult:
     """Runs this rank's part of the run (the whole run in one process) and hands ``record`` how it ended;
     returns the fit's result. The one body of a torchrun worker, a Ray Train worker and a tune trial's worker.
 
@@ -100,10 +100,11 @@ def worker_main(cfg: Config, info: DistInfo, *, resume: str | None, console: Con
     where it saved), a refusal (``final``), :class:`LostPeers` (a collective failed because another worker is
     gone), anything else as it came (a crash). ``on_start(trainer)``: on every rank, once the run is built and
     before its first step (rank 0's line about a restart; a tune trial's restored hyperparameters).
-    ``finished_ok``: see :class:`Trainer`."""
+    ``finished_ok``, ``evaluation``, ``divergence_watch``: see :class:`Trainer`."""
     trainer = None
     try:
-        trainer = Trainer(cfg, console=console, dist_info=info, resume=resume, hooks=hooks, finished_ok=finished_ok)
+        trainer = Trainer(cfg, console=console, dist_info=info, resume=resume, hooks=hooks, finished_ok=finished_ok,
+                          evaluation=evaluation, divergence_watch=divergence_watch)
         if on_start is not None:
             started = False
             try:

@@ -6,7 +6,6 @@ Models and every input batch go channels-last together; losses are computed in f
 from __future__ import annotations
 
 import contextlib
-import platform
 from dataclasses import dataclass
 
 import torch
@@ -15,37 +14,14 @@ from torch import nn
 from gantrain.engine.config import FP16_NEEDS_CUDA
 from gantrain.engine.data.pixels import to_unit_
 from gantrain.engine.errors import ConfigError
+from gantrain.engine.gan.hardware import bf16_faster
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """The CPU vendor string ("AuthenticAMD", "GenuineIntel", ...): the ``vendor_id`` line of ``cpuinfo`` (Linux),
-    else the vendor named at the end of :func:`platform.processor` (Windows: "AMD64 Family 25 ..., AuthenticAMD");
-    "" when neither says."""
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    tail = platform.processor().rsplit(",", 1)[-1].strip()
-    return tail if tail in ("AuthenticAMD", "GenuineIntel") else ""
-
-
 def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 computes faster than fp32 here: a CUDA GPU with bf16 (Ampere or newer); a CPU with AMX; an AMD
-    CPU with AVX512-BF16 (Zen 4 and later).
-
-    AVX512-BF16 alone is not enough: on an Intel CPU without AMX bf16 measured slower than fp32
-    (docs/results/bf16-probe.md).
-    """
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    if torch.cpu._is_amx_tile_supported():
-        return True
-    return bool(torch.cpu._is_avx512_bf16_supported()) and cpu_vendor() == "AuthenticAMD"
+    """Whether bf16 computes faster than fp32 here, measured (:func:`~gantrain.engine.gan.hardware.bf16_faster`)."""
+    return bf16_faster(device)[0]
 
 
 def resolve_amp(mode: str, device: torch.device) -> str:
@@ -74,6 +50,8 @@ class PrecisionPolicy:
 
     def __post_init__(self) -> None:
         self.requested, self.amp = self.amp, resolve_amp(self.amp, self.device)
+        # why --amp auto chose as it did (the measurement), for the bench's JSON and the run log
+        self.why = bf16_faster(self.device)[1] if self.requested == "auto" else "asked for"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
 
     def describe(self) -> str:

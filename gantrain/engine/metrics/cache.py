@@ -8,7 +8,6 @@ two processes filling the cache at once leave complete files; a corrupt or forei
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -16,19 +15,9 @@ from typing import Any
 import torch
 
 from gantrain.engine.state.checkpoint import atomic_save
+from gantrain.engine.state.files import cache_dir  # noqa: F401 - re-exported: where the metrics find it
 
-CACHE_ENV = "GANTRAIN_CACHE"
 _READ_BLOCK_BYTES = 1 << 20
-
-
-def cache_dir(explicit: str | Path | None = None) -> Path:
-    """The metrics cache folder (not created here)."""
-    if explicit:
-        return Path(explicit).expanduser()
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "gantrain" / "metrics"
 
 
 def sha256_files(paths: Iterable[Path], root: Path | None = None) -> str:

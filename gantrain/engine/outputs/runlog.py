@@ -101,7 +101,8 @@ def progress_bar(console: Console) -> Progress:
         TextColumn("[bold]epoch {task.fields[epoch]}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("D {task.fields[loss_d]} G {task.fields[loss_g]} | {task.fields[images_per_s]} img/s{task.fields[quality]}"),
+        TextColumn("D {task.fields[loss_d]} G {task.fields[loss_g]} | {task.fields[images_per_s]} img/s{task.fields[mfu]}"
+                   "{task.fields[quality]}"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),

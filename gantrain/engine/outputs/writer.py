@@ -17,6 +17,7 @@ from rich.console import Console
 
 from gantrain.engine.config import Config, to_toml
 from gantrain.engine.errors import ConfigError, RunIOError
+from gantrain.engine.gan.hardware import peak_mem_gib
 from gantrain.engine.outputs.images import plot_curves, read_metrics, save_gif, save_grid
 from gantrain.engine.outputs.runlog import MetricsWriter, attach_log_file, progress_bar
 from gantrain.engine.outputs.trackers import Trackers, check_loggers, parse_loggers
@@ -36,6 +37,8 @@ class RunOutputs:
         self.trackers: Trackers | None = None
         self.last_record: dict = {}
         self.last_eval: dict = {}
+        self.roof: tuple[float, float] | None = None  # (model FLOPs per image, the ranks' summed peak TFLOP/s)
+        self.device: torch.device | None = None
 
     @staticmethod
     def check(cfg: Config, resuming: bool) -> None:
@@ -55,6 +58,14 @@ class RunOutputs:
                  loader.num_images, loader.steps_per_epoch, data.batch_size, world, data.batch_size * world, total_steps)
         log.info("device %s, %s, %s loader%s", device, precision, type(loader).__name__,
                  ", torch.compile" if self.cfg.perf.compile else "")
+
+    def set_roof(self, flops_per_image: float, peak_tflops: float, device: torch.device, how: str) -> None:
+        """What MFU divides by from now on: the model FLOPs of one image's step and the peak of every rank together
+        (``how`` says where the peak comes from, in the log's words)."""
+        self.roof, self.device = (flops_per_image, peak_tflops), device
+        if self.is_main:
+            log.info("MFU = images/s x %.3g GFLOP/image over %.3g TFLOP/s (%s)", flops_per_image / 1e9, peak_tflops,
+                     how)
 
     def prepare(self, resuming: bool, notes: list[str], step: int = 0) -> None:
         """Writes config.toml (atomically), starts train.log with the lines held since start-up, clears the
@@ -91,7 +102,7 @@ class RunOutputs:
             self.metrics = MetricsWriter(self.files.metrics, step if resuming else None)
         self.bar = progress_bar(self.console)
         self.task = self.bar.add_task("train", total=total_steps, completed=step, epoch="-", loss_d="-", loss_g="-",
-                                      images_per_s="-", quality="")
+                                      images_per_s="-", mfu="", quality="")
         self.window = time.perf_counter(), step
         if not self.is_main:
             yield self
@@ -110,24 +121,30 @@ class RunOutputs:
 
     def log(self, step: int, epoch: int, stats: dict[str, float], phases_ms: dict[str, float],
             rates: dict[str, float] | None = None) -> int:
-        """Writes one record (means since the last log, images/s, ms per phase per step, and ``rates``, the
-        learning rates of the last update when --lr-decay changes them) and updates the bar; returns the first
-        step of the window it covers."""
+        """Writes one record (means since the last log, images/s, MFU (a fraction), the process's peak memory in GiB,
+        ms per phase per step, and ``rates``, the learning rates of the last update when --lr-decay changes them)
+        and updates the bar; returns the first step of the window it covers."""
         t0, step0 = self.window
         now = time.perf_counter()
         steps = max(step - step0, 1)
         images_per_s = steps * self.cfg.data.batch_size * self.world_size / max(now - t0, 1e-9)
         self.window = now, step
         if self.is_main:
+            roof = {}
+            if self.roof is not None:
+                flops, peak = self.roof
+                roof = {"mfu": round(images_per_s * flops / (peak * 1e12), 5) if peak > 0 else None,
+                        "peak_mem_gib": round(peak_mem_gib(self.device), 3)}
             record = {"step": step, "epoch": epoch + 1, **{k: round(v, 5) for k, v in stats.items()},
-                      "images_per_s": round(images_per_s, 1),
+                      "images_per_s": round(images_per_s, 1), **roof,
                       **{f"{k}_ms": round(v / steps, 2) for k, v in phases_ms.items()}, **(rates or {}),
                       "time": time.time()}
             self.last_record = record
             self.write(record)
             self.bar.update(self.task, completed=step, epoch=f"{epoch + 1}/{self.cfg.run.epochs}",
                             loss_d=f"{stats['loss_d']:.3f}", loss_g=f"{stats['loss_g']:.3f}",
-                            images_per_s=f"{images_per_s:.0f}")
+                            images_per_s=f"{images_per_s:.0f}",
+                            mfu=f", MFU {roof['mfu']:.0%}" if roof.get("mfu") is not None else "")
         return step0 + 1
 
     def write(self, record: dict) -> None:

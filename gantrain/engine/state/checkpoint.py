@@ -331,8 +331,12 @@ class Checkpointer:
     of this rank's clock (the DDP ranks agree on the step through :class:`~gantrain.engine.dist.runtime.StopAgreement`).
     """
 
-    def __init__(self, cfg: Config, is_main: bool = True, world_size: int = 1, group: Any = None) -> None:
+    def __init__(self, cfg: Config, is_main: bool = True, world_size: int = 1, group: Any = None,
+                 raise_non_finite: bool = True) -> None:
+        """``raise_non_finite``: non-finite weights at a save raise :class:`TrainingDiverged` (False: the caller
+        watches divergence itself; the save is skipped with a warning)."""
         self.cfg, self.files, self.is_main, self.world_size = cfg, RunDir(cfg.run_dir), is_main, world_size
+        self.raise_non_finite = raise_non_finite
         self.group = group  # the DDP process group that gathers every rank's RNG streams; None in one process
         self.last: Path | None = None
         self.last_finite: tuple[Path, int] | None = None  # the newest checkpoint known finite, and its step
@@ -414,7 +418,7 @@ class Checkpointer:
 
     def save(self, step: int, state: Callable[[], dict[str, Any]], gan: Any, collective: bool = True) -> Path | None:
         """Saves ``state()`` at ``step`` unless ``gan``'s weights are non-finite: then raises
-        :class:`TrainingDiverged`, or with a patience of 0 warns and writes no file. ``collective``: all ranks are
+        :class:`TrainingDiverged`, or without ``raise_non_finite`` warns and writes no file. ``collective``: all ranks are
         here at the same step, so they agree on the check and rank 0's checkpoint holds every rank's noise
         streams (:meth:`gather_rng`)."""
         non_finite = gan.non_finite_weights(collective) if step else ""
@@ -425,7 +429,7 @@ class Checkpointer:
             return self.last
         self.saved_step = step  # on every rank: whether the run's end saves must not depend on the rank
         if non_finite:
-            if self.cfg.run.nonfinite_patience:
+            if self.raise_non_finite:
                 raise self.diverged(f"non-finite weights at step {step} ({non_finite})")
             if self.is_main:
                 log.warning("not saving a checkpoint at step %d: non-finite weights (%s); %s", step, non_finite,

@@ -28,6 +28,21 @@ except ImportError:  # Windows: no flock; the lock degrades to a warning
     fcntl = None  # type: ignore[assignment]
 
 # ----- I/O errors ---------------------------------------------------------------------------------------
+CACHE_ENV = "GANTRAIN_CACHE"
+
+
+def cache_dir(explicit: str | Path | None = None) -> Path:
+    """gantrain's cache folder (not created here): ``explicit`` (--metrics-cache), else ``$GANTRAIN_CACHE``, else
+    ``$XDG_CACHE_HOME/gantrain/metrics``, else ``~/.cache/gantrain/metrics``. It holds the metrics' fitted
+    extractors and real features, and the device's measured peaks (``device/``)."""
+    if explicit:
+        return Path(explicit).expanduser()
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "gantrain" / "metrics"
+
+
 def os_reason(exc: OSError) -> str:
     """The operating system's words for ``exc`` with the errno name: 'No space left on device (ENOSPC)'."""
     reason = exc.strerror or str(exc) or type(exc).__name__

@@ -23,7 +23,8 @@ from gantrain.engine.data.plan import plan_schedule
 from gantrain.engine.dist.runtime import DistInfo, StallWatch, StopAgreement, pick_device, stop_signals
 from gantrain.engine.errors import Interrupted
 from gantrain.engine.gan.lr_schedule import LRDecay
-from gantrain.engine.gan.precision import PrecisionPolicy
+from gantrain.engine.gan import hardware
+from gantrain.engine.gan.precision import PrecisionPolicy, compute_name
 from gantrain.engine.gan.sampling import fixed_noise
 from gantrain.engine.gan.step import GANStep, replica_max_abs_diff
 from gantrain.engine.outputs.runlog import log, setup_logging
@@ -31,6 +32,7 @@ from gantrain.engine.outputs.writer import RunOutputs
 from gantrain.engine.state import checkpoint as ckpt
 from gantrain.engine.state.files import RunLock
 from gantrain.engine.state.rundir import RunDir, own_checkpoint
+from gantrain.engine.train.profile import StepProfiler
 from gantrain.engine.train.stats import NonFiniteWatch
 
 
@@ -63,11 +65,15 @@ class Trainer:
     def __init__(self, cfg: Config, *, console: Console | None = None, dist_info: DistInfo = DistInfo(),
                  resume: str | None = None, hooks: Sequence[Hook] = (),
                  epoch_callbacks: Sequence[Callable[[Trainer, int], str | None]] = (),
-                 finished_ok: bool = False, last_step: Callable[[int], int] | None = None) -> None:
+                 finished_ok: bool = False, last_step: Callable[[int], int] | None = None,
+                 evaluation: bool = True, divergence_watch: bool = True) -> None:
         """``hooks`` (:class:`Hook`) take part after each step and each epoch; ``epoch_callbacks`` are after-epoch
         hooks as plain functions ``callback(trainer, epochs_done)``. A hook ends the run by returning a reason.
         ``last_step``: the run ends at ``last_step(steps per epoch)`` when that comes before --epochs and
         --max-steps (bench --to-quality: a budget of a fraction of epochs); --lr-decay spans it.
+        ``evaluation``/``divergence_watch`` False: the caller evaluates (no --eval-every tracker, no best.pt) or
+        watches divergence itself (no stop on non-finite losses; non-finite weights are still never saved) through
+        its hooks, as tune's trials and the to-quality bench do; the config keeps the user's values.
 
         Rank 0 takes the run folder's lock here and holds it until :meth:`fit` ends (or :meth:`close`); nothing is
         written before the run is known to take a step. Raises :class:`RunLocked` (exit 2) when another run holds
@@ -75,7 +81,7 @@ class Trainer:
         nothing left, unless ``finished_ok``, which tune's restored trials use), :class:`RunIOError` when the
         folder cannot be written, :class:`CheckpointError` for a resume that cannot continue."""
         self.console, self.dist, self.finished_ok = console or Console(stderr=True), dist_info, finished_ok
-        self.last_step = last_step
+        self.last_step, self.evaluation, self.divergence_watch = last_step, evaluation, divergence_watch
         self.step_hooks = [hook.after_step for hook in hooks if hasattr(hook, "after_step")]
         self.epoch_hooks = [*(hook.after_epoch for hook in hooks if hasattr(hook, "after_epoch")), *epoch_callbacks]
         self.stop_reason: str | None = None  # why the run ends before its last step (a hook's reason)
@@ -109,9 +115,10 @@ class Trainer:
         self.global_batch = cfg.data.batch_size * self.dist.world_size
         self.gan = GANStep(cfg, self.device, self.policy, self.dist)
         self.fixed_noise = fixed_noise(cfg.model.nz, cfg.loss.noise, cfg.run.seed, self.device)
-        self.watch = NonFiniteWatch(cfg.run.nonfinite_patience)
+        self.watch = NonFiniteWatch(cfg.run.nonfinite_patience) if self.divergence_watch else None
         self.agreed_stop: int | None = None  # the stop signal every rank acts on, at the same step
-        self.checkpoints = ckpt.Checkpointer(cfg, self.dist.is_main, self.dist.world_size, self.stop_agreement.group)
+        self.checkpoints = ckpt.Checkpointer(cfg, self.dist.is_main, self.dist.world_size, self.stop_agreement.group,
+                                             raise_non_finite=self.divergence_watch and cfg.run.nonfinite_patience > 0)
         start = self.checkpoints.start_from(state, self.resume_path, self.gan, self.loader, self.global_batch, changes)
         self.pos, self.best_fd, self.best_measured_by = start.pos, start.best_fd, start.best_measured_by
         self.stop_agreement.require_same_step(self.step, self.checkpoints.files.checkpoints)
@@ -134,7 +141,8 @@ class Trainer:
 
     def _build_outputs(self, cfg: Config, resuming: bool, notes: list[str], start: ckpt.Start) -> None:
         self.tracker = None
-        if cfg.eval.eval_every and self.dist.is_main:  # rank 0 evaluates; the extractor is fitted here when missing
+        # rank 0 evaluates; the extractor is fitted here when missing
+        if self.evaluation and cfg.eval.eval_every and self.dist.is_main:
             from gantrain.engine.metrics.tracking import QualityTracker
 
             self.tracker = QualityTracker(cfg, self.device, self.console, best_fd=self.best_fd,
@@ -143,7 +151,18 @@ class Trainer:
             self.best_fd, self.best_measured_by = self.tracker.best_fd, self.tracker.measured_by
         self.outputs = RunOutputs(cfg, self.console, self.dist.is_main, self.dist.world_size)
         self.outputs.describe(self.loader, self.total_steps, self.device, self.policy.describe())
+        if self.dist.is_main:  # MFU's divisor: the model's FLOPs per image, and the peak of all the ranks
+            peaks = hardware.device_peaks(self.device)
+            compute = compute_name(self.policy.amp)
+            world = self.dist.world_size
+            self.outputs.set_roof(hardware.step_flops(cfg.model, cfg.data.image_size, cfg.data.channels),
+                                  peaks.of(compute) * world, self.device,
+                                  f"{compute}, {peaks.source}" + (f", x {world} processes" if world > 1 else ""))
         self.outputs.prepare(resuming, notes, self.step)  # only now: a run that cannot start wrote nothing
+        self.profiler = None  # --profile-steps, rank 0
+        if cfg.logging.profile_range is not None and self.dist.is_main:
+            self.profiler = StepProfiler(*cfg.logging.profile_range, RunDir(cfg.run_dir), self.device)
+            self.profiler.announce(self.step, self.total_steps)
         self.lr_decay = LRDecay.of_gan(cfg.optim, self.gan.opt_g, self.gan.opt_d, self.total_steps)
         if self.lr_decay.active and self.dist.is_main:
             log.info("%s", self.lr_decay.describe(self.step))
@@ -158,6 +177,8 @@ class Trainer:
         (its lock); :meth:`fit` does this itself when it ends, however it ends."""
         try:
             self.stall.close()
+            if getattr(self, "profiler", None) is not None:
+                self.profiler.discard()
             if hasattr(self, "outputs"):
                 self.outputs.close()
         finally:
@@ -222,6 +243,8 @@ class Trainer:
         self.outputs.start_window(self.step)
         batches = self.loader.epoch(self.epoch, self.epoch_step)
         while self.step < self.total_steps and self.agreed_stop is None and not self.stop_reason:
+            if self.profiler is not None:
+                self.profiler.before_step(self.step + 1)
             with self.gan.timer.phase("data"):
                 real = next(batches, None)
             if real is None:
@@ -241,11 +264,13 @@ class Trainer:
                 self.save_checkpoint()  # (a stop saves anyway)
             for hook in self.step_hooks:
                 self.stop_reason = hook(self) or self.stop_reason
+            if self.profiler is not None:
+                self.profiler.after_step(self.step)
 
     def _log(self) -> None:
         stats = self.gan.stats.read()
         first = self.outputs.log(self.step, self.epoch, stats, self.gan.timer.read_ms(), self.lr_decay.rates())
-        diverged = self.watch.check(stats, first, self.step)
+        diverged = self.watch.check(stats, first, self.step) if self.watch is not None else None
         if diverged:
             raise self.checkpoints.diverged(diverged)
 
@@ -263,6 +288,8 @@ class Trainer:
             self.stop_reason = hook(self, epochs_done) or self.stop_reason
 
     def _finish(self) -> FitResult:
+        if self.profiler is not None:  # a run that ended (a hook's stop) inside the profiled steps
+            self.profiler.finish(self.step)
         if self.checkpoints.saved_step != self.step:
             self.save_checkpoint()
         if self.dist.enabled:  # a collective: every rank takes part

@@ -1,0 +1,207 @@
+"""What the device can do, measured: peak TFLOP/s per compute dtype, whether bf16 computes faster than fp32
+(``--amp auto``), the process's peak memory, and the model FLOPs of one training step (MFU's numerator).
+
+The CPU's peaks come from a square-matmul probe, cached per machine (CPU, ISA flags, torch version, threads) in
+``<metrics cache>/device/``: a run measures a short probe once (about a second) unless ``gantrain bench`` measured
+the longer one first, which then serves both, so a run's MFU and the bench's agree. The bf16 rule is measured,
+never keyed on a CPU name: bf16 when its matmul runs at least :data:`BF16_MARGIN` times the fp32 one
+(docs/results/bf16-probe.md: 2.2x on an AMD CPU with AVX512-BF16, 6.6x with AMX, 0.5x on an Intel CPU with
+AVX512-BF16 alone). A CUDA GPU's peaks come from its data sheet (:data:`KNOWN_GPUS`), else from the probe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from gantrain.engine.config import ModelConfig
+from gantrain.engine.state.files import atomic_write_text, cache_dir
+
+log = logging.getLogger("gantrain")
+
+# Dense (no sparsity) peak TFLOP/s per GPU from vendor data sheets: {name fragment: {dtype: TFLOP/s}}.
+# fp32 means plain FP32 CUDA cores; TF32 tensor cores are what fp32 matmuls use when TF32 is on.
+KNOWN_GPUS: dict[str, dict[str, float]] = {
+    "H200": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    "L40S": {"bf16": 362.0, "fp16": 362.0, "tf32": 183.0, "fp32": 91.6},
+    "L4": {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3},
+    "A10": {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2},
+    "RTX 4090": {"bf16": 165.0, "fp16": 165.0, "tf32": 82.6, "fp32": 82.6},
+    "V100": {"bf16": 0.0, "fp16": 125.0, "tf32": 0.0, "fp32": 15.7},
+    "T4": {"bf16": 0.0, "fp16": 65.0, "tf32": 0.0, "fp32": 8.1},
+}
+#: bf16 is chosen by ``--amp auto`` on a CPU whose bf16 matmul runs at least this many times the fp32 one.
+BF16_MARGIN = 1.2
+#: The run's probe (the bench measures 4096^2 for 2 s per dtype and stores it in the same cache).
+RUN_PROBE = (1024, 0.3)
+BENCH_PROBE = (4096, 2.0)
+
+
+@dataclass(frozen=True)
+class Peaks:
+    """Peak TFLOP/s per compute dtype ("fp32", "bf16", "fp16") and where they come from."""
+
+    fp32: float
+    bf16: float
+    fp16: float
+    source: str
+
+    def of(self, compute: str) -> float:
+        """The peak of a compute dtype name (:func:`~gantrain.engine.gan.precision.compute_name`)."""
+        return float(getattr(self, compute))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), for records and the cache key only: never for a decision."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_features() -> dict:
+    """What torch reports this CPU can run: its kernels' ISA level and the bf16 matrix extensions."""
+    return {"isa": torch.backends.cpu.get_cpu_capability(), "amx_tile": bool(torch.cpu._is_amx_tile_supported()),
+            "avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported())}
+
+
+def gpu_peak_tflops(name: str, dtype: str) -> float | None:
+    """The data-sheet peak of a GPU whose name contains a :data:`KNOWN_GPUS` key (the longest match first)."""
+    for fragment in sorted(KNOWN_GPUS, key=len, reverse=True):
+        if fragment in name:
+            return KNOWN_GPUS[fragment].get(dtype) or None
+    return None
+
+
+def measure_matmul_tflops(dtype: torch.dtype, device: torch.device, size: int = 4096, seconds: float = 2.0) -> float:
+    """A square-matmul probe: the best TFLOP/s over repeated ``size``^2 products within ``seconds``, after one
+    warm-up product."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.mm(a, b)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = max(best, 2 * size**3 / (time.perf_counter() - t0) / 1e12)
+    return best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cache_file(device: torch.device) -> Path:
+    what = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"{cpu_name()}|{sorted(cpu_features().items())}|threads={torch.get_num_threads()}")
+    key = hashlib.sha256(f"{what}|torch={torch.__version__}".encode()).hexdigest()[:16]
+    return cache_dir() / "device" / f"peaks-{device.type}-{key}.json"
+
+
+def _probe(device: torch.device, size: int, seconds: float) -> Peaks:
+    fp32 = measure_matmul_tflops(torch.float32, device, size, seconds)
+    bf16 = measure_matmul_tflops(torch.bfloat16, device, size, seconds)
+    fp16 = bf16 if device.type == "cpu" else measure_matmul_tflops(torch.float16, device, size, seconds)
+    return Peaks(fp32, bf16, fp16, f"measured {size}x{size} matmul")
+
+
+def device_peaks(device: torch.device, override: float | None = None, *, probe: tuple[int, float] = RUN_PROBE,
+                 fresh: bool = False) -> Peaks:
+    """Peak TFLOP/s per compute dtype: ``override`` (--peak-tflops) for every dtype; a known GPU's data sheet
+    (fp32 as TF32, which the engine's CUDA settings use); else the matmul probe of ``probe`` = (size, seconds per
+    dtype), read from the cache when a probe at least that large is stored there (``fresh``: measure anyway and
+    store the result). A cache that cannot be written only costs the next process another probe."""
+    if override:
+        return Peaks(override, override, override, "--peak-tflops")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        table = {k: gpu_peak_tflops(name, k) for k in ("tf32", "bf16", "fp16")}
+        if all(table.values()):
+            return Peaks(table["tf32"], table["bf16"], table["fp16"], f"data sheet: {name}")
+    path = _cache_file(device)
+    if not fresh:
+        stored = _read(path)
+        if stored is not None and stored.get("probe_size", 0) >= probe[0]:
+            return Peaks(**{k: stored[k] for k in ("fp32", "bf16", "fp16", "source")})
+    peaks = _probe(device, *probe)
+    log.info("measured this %s's peak: fp32 %.3g, bf16 %.3g TFLOP/s (%s; kept in %s for the runs after this one)",
+             device.type.upper() if device.type == "cpu" else "GPU", peaks.fp32, peaks.bf16, peaks.source, path.parent)
+    try:
+        atomic_write_text(path, json.dumps({**peaks.to_dict(), "probe_size": probe[0], "cpu": cpu_name(),
+                                            **cpu_features(), "torch": torch.__version__,
+                                            "threads": torch.get_num_threads()}, indent=1))
+    except Exception:  # noqa: BLE001 - an unwritable cache folder (RunIOError, OSError) must not stop a run
+        pass
+    return peaks
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        stored = json.loads(path.read_text())
+        return stored if all(isinstance(stored.get(k), (int, float)) for k in ("fp32", "bf16", "fp16")) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def bf16_faster(device: torch.device) -> tuple[bool, str]:
+    """Whether bf16 computes faster than fp32 on ``device``, and why: a CUDA GPU with native bf16 (Ampere or newer);
+    a CPU whose measured bf16 matmul runs at least :data:`BF16_MARGIN` x its fp32 one."""
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return native, f"{torch.cuda.get_device_name(device)} {'has' if native else 'lacks'} native bf16"
+    peaks = device_peaks(device)
+    ratio = peaks.bf16 / peaks.fp32 if peaks.fp32 > 0 else 0.0
+    return ratio >= BF16_MARGIN, (f"bf16 matmul {peaks.bf16:.3g} vs fp32 {peaks.fp32:.3g} TFLOP/s = {ratio:.2f}x "
+                                  f"({peaks.source}; bf16 from {BF16_MARGIN}x)")
+
+
+def peak_mem_gib(device: torch.device) -> float:
+    """Peak memory of this process so far, GiB: the CUDA allocator's peak on a GPU, the maximum resident set size
+    on the CPU (Linux reports KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def step_flops(model: ModelConfig, image_size: int, channels: int, batch: int = 8) -> float:
+    """Model FLOPs per image of one training iteration in the tutorial form (D on real and on detached fakes, both
+    backward; G's step through D), counted by ``torch.utils.flop_counter`` on plain fp32 modules: every
+    configuration's MFU divides by the same work, including what a faster step skips (D's weight gradients in the
+    G step). Convolutions and matmuls only (their count dominates; BatchNorm and activations are not counted).
+    Leaves torch's global random state as it was."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gantrain.engine.gan.models import build_models
+    from gantrain.engine.gan.sampling import sample_noise
+
+    with torch.random.fork_rng(devices=[]):  # the run's random streams stay as they were
+        g, d = build_models(model, image_size, channels, impl="aten")
+        real = torch.rand(batch, channels, image_size, image_size) * 2 - 1
+        noise = sample_noise(batch, model.nz, "normal", "cpu")
+    with FlopCounterMode(display=False) as counter:
+        d(real).sum().backward()
+        fake = g(noise)
+        d(fake.detach()).sum().backward()
+        d(fake).sum().backward()
+    return counter.get_total_flops() / batch

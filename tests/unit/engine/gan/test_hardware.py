@@ -1,0 +1,81 @@
+"""The device's measured capability: the cached peak probe, the bf16 rule's inputs, FLOPs per image by hand."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from flops import dcgan32_step_flops
+
+from gantrain.engine import ModelConfig
+from gantrain.engine.gan import hardware
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def probes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[tuple[int, float]]:
+    """Each probe the code runs (size, seconds), answered with fixed figures; the cache in tmp_path."""
+    monkeypatch.setenv("GANTRAIN_CACHE", str(tmp_path / "cache"))
+    calls: list[tuple[int, float]] = []
+
+    def probe(device, size, seconds):
+        calls.append((size, seconds))
+        return hardware.Peaks(0.17 * len(calls), 0.39, 0.39, f"measured {size}x{size} matmul")
+
+    monkeypatch.setattr(hardware, "_probe", probe)
+    return calls
+
+
+def test_the_probe_runs_once_per_machine_and_a_larger_one_replaces_it(probes, tmp_path: Path) -> None:
+    first = hardware.device_peaks(CPU)
+    assert probes == [hardware.RUN_PROBE] and first.fp32 == pytest.approx(0.17)
+    assert hardware.device_peaks(CPU) == first and len(probes) == 1  # read back from the cache
+    stored = json.loads(next((tmp_path / "cache" / "device").glob("peaks-cpu-*.json")).read_text())
+    assert stored["probe_size"] == hardware.RUN_PROBE[0] and stored["torch"] == torch.__version__
+    assert set(stored) >= {"isa", "amx_tile", "avx512_bf16", "cpu", "threads"}
+    bench = hardware.device_peaks(CPU, probe=hardware.BENCH_PROBE)  # the bench's larger probe is measured...
+    assert probes[-1] == hardware.BENCH_PROBE and bench.fp32 == pytest.approx(0.34)
+    assert hardware.device_peaks(CPU) == bench and len(probes) == 2  # ...and serves the runs after it
+    assert hardware.device_peaks(CPU, fresh=True).fp32 == pytest.approx(0.51)  # fresh: measured again
+
+
+def test_a_corrupt_or_unwritable_cache_costs_a_probe_not_the_run(probes, tmp_path: Path, monkeypatch) -> None:
+    hardware.device_peaks(CPU)
+    cached = next((tmp_path / "cache" / "device").glob("*.json"))
+    cached.write_text("{not json")
+    assert hardware.device_peaks(CPU).fp32 == pytest.approx(0.34) and len(probes) == 2
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("GANTRAIN_CACHE", str(blocker))  # a file where the folder should be
+    assert hardware.device_peaks(CPU).fp32 == pytest.approx(0.51) and len(probes) == 3
+
+
+def test_override_and_known_gpus_need_no_probe(probes) -> None:
+    assert hardware.device_peaks(CPU, override=1.5) == hardware.Peaks(1.5, 1.5, 1.5, "--peak-tflops")
+    assert hardware.gpu_peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0  # the longer name wins over "H100"
+    assert hardware.gpu_peak_tflops("NVIDIA H100 80GB HBM3", "tf32") == 494.0
+    assert hardware.gpu_peak_tflops("NVIDIA L40S", "fp16") == 362.0  # not L4's
+    assert hardware.gpu_peak_tflops("Tesla T4", "bf16") is None and hardware.gpu_peak_tflops("RX 7900", "fp32") is None
+    assert probes == []
+
+
+def test_the_real_probe_measures_a_positive_rate() -> None:
+    rate = hardware.measure_matmul_tflops(torch.float32, CPU, size=128, seconds=0.05)
+    assert 0 < rate < 100
+
+
+def test_step_flops_match_a_count_by_hand() -> None:
+    assert hardware.step_flops(ModelConfig(nz=16, ngf=8, ndf=8), 32, 1) == dcgan32_step_flops(16, 8, 8, 1)
+    assert hardware.step_flops(ModelConfig(nz=100, ngf=64, ndf=64), 32, 3) == dcgan32_step_flops(100, 64, 64, 3)
+
+
+def test_counting_flops_leaves_the_global_random_state_as_it_was() -> None:
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    hardware.step_flops(ModelConfig(nz=16, ngf=8, ndf=8), 32, 1)
+    assert torch.equal(torch.rand(3), expected)

@@ -1,0 +1,88 @@
+"""What a run records about its own speed: MFU and peak memory in every metrics.jsonl record, checked against
+an independent computation, and --profile-steps's trace and top-ops table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flops import dcgan32_step_flops
+from gantrain.engine import Trainer
+from gantrain.engine.gan import hardware
+
+PEAK = hardware.Peaks(fp32=0.5, bf16=1.0, fp16=1.0, source="test peaks")
+
+
+def _vm_hwm_gib() -> float:
+    """The process's peak resident set size from /proc (getrusage's ru_maxrss is what the code reads)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    pytest.skip("no /proc/self/status here")
+
+
+def test_every_log_record_carries_mfu_peak_memory_and_the_step_split(tiny_cfg, quiet_console, monkeypatch) -> None:
+    monkeypatch.setattr(hardware, "device_peaks", lambda device: PEAK)
+    cfg = tiny_cfg(max_steps=4, log_every=2)  # fp32, width 16, 32 px, 1 channel, nz 100
+    Trainer(cfg, console=quiet_console).fit()
+    lines = (cfg.run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [r for r in map(json.loads, lines) if "images_per_s" in r]
+    assert [r["step"] for r in records] == [2, 4]
+    flops = dcgan32_step_flops(100, 16, 16, 1)
+    for r in records:
+        assert r["mfu"] == pytest.approx(r["images_per_s"] * flops / (PEAK.fp32 * 1e12), rel=2e-3, abs=2e-5)
+        assert 0.05 < r["peak_mem_gib"] <= _vm_hwm_gib() + 1e-3
+        assert {"data_ms", "d_step_ms", "g_step_ms"} <= set(r) and r["d_step_ms"] > 0 and r["g_step_ms"] > 0
+    log = (cfg.run_dir / "train.log").read_text()
+    assert f"MFU = images/s x {flops / 1e9:.3g} GFLOP/image over 0.5 TFLOP/s (fp32, test peaks)" in log
+
+
+def test_mfu_under_ddp_divides_by_every_rank_s_peak(tiny_cfg, quiet_console, monkeypatch) -> None:
+    """A world of 2 (rank 0 of it, as DistInfo says) divides the global images/s by twice one rank's peak."""
+    from gantrain.engine.outputs.writer import RunOutputs
+
+    outputs = RunOutputs(tiny_cfg(), quiet_console, is_main=True, world_size=2)
+    monkeypatch.setattr(outputs, "write", lambda record: setattr(outputs, "last_record", record))
+    outputs.set_roof(4e8, 2 * PEAK.bf16, hardware.torch.device("cpu"), "bf16, test peaks, x 2 processes")
+    outputs.bar = type("Bar", (), {"update": lambda *a, **k: None})()
+    outputs.task, outputs.window = 0, (hardware.time.perf_counter() - 1.0, 0)
+    outputs.log(10, 0, {"loss_d": 1.0, "loss_g": 1.0}, {})
+    r = outputs.last_record
+    assert r["mfu"] == pytest.approx(r["images_per_s"] * 4e8 / 2e12, rel=2e-3)
+
+
+def _trace_events(path: Path) -> list[dict]:
+    return [e for e in json.loads(path.read_text())["traceEvents"] if e.get("ph") == "X"]
+
+
+def test_profile_steps_write_a_trace_naming_the_phases_and_a_top_ops_table(tiny_cfg, quiet_console) -> None:
+    cfg = tiny_cfg(max_steps=5, profile_steps="2:3")
+    Trainer(cfg, console=quiet_console).fit()
+    folder = cfg.run_dir / "profile"
+    assert sorted(p.name for p in folder.iterdir()) == ["top_ops_steps_2-3.txt", "trace_steps_2-3.json"]
+    names = [e["name"] for e in _trace_events(folder / "trace_steps_2-3.json")]
+    assert [names.count(phase) for phase in ("data", "d_step", "g_step")] == [2, 2, 2]  # two steps, three phases
+    assert any(n.startswith("aten::") and "conv" in n for n in names)
+    table = (folder / "top_ops_steps_2-3.txt").read_text()
+    assert table.startswith("torch.profiler, steps 2 to 3 (2 steps), sorted by self_cpu_time_total")
+    assert "aten::" in table and "Self CPU" in table
+    assert "--profile-steps: steps 2 to 3 profiled" in (cfg.run_dir / "train.log").read_text()
+
+
+def test_a_range_the_run_does_not_reach_is_said_and_a_stop_inside_it_writes_what_ran(tiny_cfg, quiet_console) -> None:
+    cfg = tiny_cfg("outside", max_steps=3, profile_steps="5:9")
+    Trainer(cfg, console=quiet_console).fit()
+    assert not (cfg.run_dir / "profile").exists()
+    assert "--profile-steps 5:9: this run takes steps 1 to 3; nothing is profiled" in (
+        cfg.run_dir / "train.log").read_text()
+
+    class StopAt2:
+        def after_step(self, trainer):
+            return "enough" if trainer.step == 2 else None
+
+    cfg = tiny_cfg("stopped", max_steps=6, profile_steps="1:4")
+    Trainer(cfg, console=quiet_console, hooks=[StopAt2()]).fit()
+    names = [e["name"] for e in _trace_events(cfg.run_dir / "profile" / "trace_steps_1-2.json")]
+    assert names.count("g_step") == 2
