@@ -315,6 +315,7 @@ def bench_command(
     repeats: Annotated[Optional[int], typer.Option(min=1, help="Passes over the whole matrix, round-robin; windows are pooled (default 2, 1 with --quick).")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the full report (hardware, versions, configs, figures) here.")] = None,
     markdown: Annotated[Optional[Path], typer.Option(help="Write the results table as Markdown here.")] = None,
+    profile: Annotated[Optional[Path], typer.Option(help="After each row's timing, profile 5 more steps with torch.profiler into PROFILE/<row>/ (a Perfetto trace and a top-ops table).")] = None,
     loaders: Annotated[bool, typer.Option("--loaders", help="Time the data loaders instead (memory, torch, DALI) on the image folder --data-root at 64 and 128 px, alone and feeding training; --preset is not used.")] = False,
     to_quality: Annotated[bool, typer.Option("--to-quality", help="Time to quality instead: train each --contender from scratch and report the training time until its FD first reaches each --targets value (see the README).")] = False,
     contender: Annotated[Optional[list[str]], typer.Option(help="--to-quality: 'tutorial' (the plain loop on --preset's recipe) or 'PRESET [field=value ...]' (repeatable; default: tutorial, --preset and its recommended recipe).")] = None,
@@ -332,6 +333,8 @@ def bench_command(
     from gantrain.bench.suite import bench
     from gantrain.engine.config import override, preset as build_preset, with_env_defaults
 
+    if profile is not None and (to_quality or loaders):
+        raise ConfigError(f"--profile: profiles the speed rows only, not {'--to-quality' if to_quality else '--loaders'}")
     if to_quality:
         from gantrain.bench import to_quality as tq
 
@@ -358,7 +361,7 @@ def bench_command(
                                                             "data_root": data_root, "limit": limit, "device": device,
                                                             "num_workers": num_workers}))
     bench(cfg, quick=quick, nproc=nproc, peak_override=peak_tflops, json_path=json_path, markdown_path=markdown,
-          console=console, only=only, warmup=warmup, windows=windows, window=window, repeats=repeats)
+          console=console, only=only, warmup=warmup, windows=windows, window=window, repeats=repeats, profile=profile)
 
 
 def parse_targets(text: str) -> list[float]:

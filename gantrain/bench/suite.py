@@ -129,7 +129,9 @@ def rendered(report: dict):
 def bench(cfg: Config, *, quick: bool, nproc: int, peak_override: float | None, json_path: Path | None,
           markdown_path: Path | None, console: Console, only: list[str] | None = None,
           warmup: int | None = None, windows: int | None = None, window: int | None = None,
-          repeats: int | None = None) -> dict:
+          repeats: int | None = None, profile: Path | None = None) -> dict:
+    """Times the rows of the matrix (``only``: those whose name contains one of these); with ``profile``, each
+    row's worker then profiles :data:`~gantrain.bench.timing.PROFILED_STEPS` more steps into ``profile/<row>/``."""
     from gantrain.bench.baseline import plain_loop_omits
     from gantrain.engine import pick_device
 
@@ -142,6 +144,8 @@ def bench(cfg: Config, *, quick: bool, nproc: int, peak_override: float | None, 
     defaults = (3, 3, 2, 1) if quick else (5, 6, 5, 2)
     timing = {"warmup": warmup or defaults[0], "windows": windows or defaults[1], "window": window or defaults[2],
               "repeats": repeats or defaults[3], "num_workers": cfg.data.num_workers}
+    if profile is not None:
+        timing["profile"] = str(profile.resolve())
     omitted = plain_loop_omits(cfg)
     if omitted and any(r.kind == "baseline" for r in rows):
         console.print(f"baseline: the tutorial loop has no {', '.join(omitted)}; the engine rows have them, so "

@@ -12,11 +12,13 @@ import copy
 import json
 import os
 import statistics
+import re
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -67,6 +69,29 @@ def time_loop(next_batch: Callable[[], torch.Tensor], step: Callable[[torch.Tens
             "step_ms": total_s / steps * 1e3,
             "data_wait_ms": data_s / steps * 1e3, "compute_ms": (total_s - data_s) / steps * 1e3,
             "peak_mem_gib": peak_mem_gib(device)}
+
+
+#: Steps ``gantrain bench --profile`` traces per row, after its timed windows (so the timing is not disturbed).
+PROFILED_STEPS = 5
+
+
+def row_slug(name: str) -> str:
+    """A row's name as a folder name: ``all, no compile + DDP x2`` -> ``all-no-compile-ddp-x2``."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def profile_row(next_batch: Callable[[], torch.Tensor], step: Callable[[torch.Tensor], None], device: torch.device,
+                folder: Path) -> Path | None:
+    """:data:`PROFILED_STEPS` steps under torch.profiler, written as a trace and a top-ops table into ``folder``."""
+    from gantrain.engine import StepProfiler
+
+    profiler = StepProfiler(1, PROFILED_STEPS, folder, device)
+    written = None
+    for i in range(1, PROFILED_STEPS + 1):
+        profiler.before_step(i)
+        step(next_batch())
+        written = profiler.after_step(i) or written
+    return written
 
 
 def summarize_windows(rates: list[float]) -> dict:

@@ -12,8 +12,11 @@ import json
 import sys
 
 
-from gantrain.bench.timing import RESULT_PREFIX, endless, time_loop
+from pathlib import Path
+
+from gantrain.bench.timing import PROFILED_STEPS, RESULT_PREFIX, endless, profile_row, row_slug, time_loop
 from gantrain.engine import Config, from_dict
+
 
 def run_baseline(cfg: Config, spec: dict) -> dict:
     """The tutorial's plain loop (:mod:`gantrain.bench.baseline`) fed by its DataLoader."""
@@ -24,7 +27,20 @@ def run_baseline(cfg: Config, spec: dict) -> dict:
     model, batches, _ = build_baseline(cfg, device, spec.get("num_workers", 2))
     result = time_loop(lambda: next(batches), model.step, device, spec["warmup"], spec["windows"], spec["window"],
                        cfg.data.batch_size)
+    _profile(spec, lambda: next(batches), model.step, device, result)
     return {**result, "amp": "off", "loader": "DataLoader"}
+
+
+def _profile(spec: dict, next_batch, step, device, result: dict, is_main: bool = True) -> None:
+    """With ``bench --profile``: the row's extra profiled steps (rank 0's under DDP; the others step alongside)."""
+    if not spec.get("profile"):
+        return
+    if not is_main:
+        for _ in range(PROFILED_STEPS):
+            step(next_batch())
+        return
+    trace = profile_row(next_batch, step, device, Path(spec["profile"]) / row_slug(spec["name"]))
+    result["profile_trace"] = str(trace) if trace else None
 
 
 def run_engine(cfg: Config, spec: dict) -> dict:
@@ -42,6 +58,7 @@ def run_engine(cfg: Config, spec: dict) -> dict:
     batches = endless(loader)
     result = time_loop(lambda: next(batches), step, device, spec["warmup"], spec["windows"], spec["window"],
                        cfg.data.batch_size * info.world_size)
+    _profile(spec, lambda: next(batches), step, device, result, info.is_main)
     result.update(world_size=info.world_size, loader=type(loader).__name__, amp=policy.amp)
     shutdown_distributed()
     return result if info.is_main else {}

@@ -44,6 +44,7 @@ API: dict[str, str] = {
     **dict.fromkeys(("atomic_write_text", "make_folder", "os_reason"), "state.files"),
     **dict.fromkeys(("RunDir",), "state.rundir"),
     **dict.fromkeys(("Trainer",), "train.loop"),
+    **dict.fromkeys(("StepProfiler",), "train.profile"),
 }
 
 __all__ = sorted(API)

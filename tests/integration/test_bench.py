@@ -97,11 +97,22 @@ def test_bench_quick_writes_reports(cli, tmp_path, train_root):
     json_path, md_path = tmp_path / "new" / "bench.json", tmp_path / "bench.md"
     result = cli("bench", "--quick", "--data-root", str(train_root), "--limit", "1024", "--batch-size", "32",
                   "--only", "baseline", "--only", "all, no compile", "--peak-tflops", "0.2", "--windows", "2", "--device", "cpu",
-                  "--json", str(json_path), "--markdown", str(md_path))
+                  "--json", str(json_path), "--markdown", str(md_path), "--profile", str(tmp_path / "profile"))
     assert result.exit_code == 0, result.output
     report = json.loads(json_path.read_text())
     assert report["system"]["torch"] == torch.__version__ and report["system"]["cpu_cores"] >= 1
     assert report["peak_tflops"]["source"] == "--peak-tflops"
+    chosen = resolve_amp("auto", torch.device("cpu"))
+    assert report["amp_auto"]["chosen"] == chosen and " TFLOP/s = " in report["amp_auto"]["why"]
+    assert set(report["system"]["cpu_features"]) == {"isa", "amx_tile", "avx512_bf16"}
+    # --profile: five more steps per row after its timing, a trace and a top-ops table each
+    for slug, phases in (("baseline-tutorial-loop", set()), ("all-no-compile", {"d_step", "g_step"})):
+        trace = tmp_path / "profile" / slug / "trace_steps_1-5.json"
+        events = [e["name"] for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") == "X"]
+        assert phases <= set(events) and any(e.startswith("aten::") for e in events)
+        assert (trace.parent / "top_ops_steps_1-5.txt").read_text().startswith("torch.profiler, steps 1 to 5")
+    assert [r["profile_trace"] for r in report["results"]] == [
+        str(tmp_path / "profile" / slug / "trace_steps_1-5.json") for slug in ("baseline-tutorial-loop", "all-no-compile")]
     names = [r["name"] for r in report["results"]]
     assert names == ["baseline (tutorial loop)", "all, no compile"]
     for r in report["results"]:
@@ -176,7 +187,9 @@ def test_to_quality_refuses_bad_options(cli, tmp_path):
                           (["--contender", "fashion32", "--contender", "mnist32"], "same dataset"),
                           (["--baseline-from", str(tmp_path / "none.json")], "--baseline-from: cannot read"),
                           (["--contender", "fashion32", "--baseline-from", str(tmp_path / "none.json")],
-                           "needs the 'tutorial' contender")):
+                           "needs the 'tutorial' contender"),
+                          (["--profile", str(tmp_path / "p")],
+                           "--profile: profiles the speed rows only, not --to-quality")):
         result = cli("bench", "--to-quality", "--out", str(tmp_path / "x"), *args)
         assert result.exit_code == 2, result.output
         assert message in result.output and "Traceback" not in result.output

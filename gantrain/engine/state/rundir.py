@@ -133,15 +133,9 @@ class RunDir:
     # ----- --profile-steps ----------------------------------------------------------------------------------------
     @property
     def profile(self) -> Path:
-        """``profile/``: the torch.profiler trace of --profile-steps and its table of the costliest ops."""
+        """``profile/``: the torch.profiler trace of --profile-steps and its table of the costliest ops (their
+        names: :class:`~gantrain.engine.train.profile.StepProfiler`)."""
         return self.root / "profile"
-
-    def profile_trace(self, first: int, last: int) -> Path:
-        """The Chrome/Perfetto trace (chrome://tracing, ui.perfetto.dev) of steps ``first``..``last``."""
-        return self.profile / f"trace_steps_{first}-{last}.json"
-
-    def profile_table(self, first: int, last: int) -> Path:
-        return self.profile / f"top_ops_steps_{first}-{last}.txt"
 
 
 def own_checkpoint(run_dir: Path | str, checkpoint: Path | str | None) -> bool:

@@ -161,7 +161,7 @@ class Trainer:
         self.outputs.prepare(resuming, notes, self.step)  # only now: a run that cannot start wrote nothing
         self.profiler = None  # --profile-steps, rank 0
         if cfg.logging.profile_range is not None and self.dist.is_main:
-            self.profiler = StepProfiler(*cfg.logging.profile_range, RunDir(cfg.run_dir), self.device)
+            self.profiler = StepProfiler(*cfg.logging.profile_range, RunDir(cfg.run_dir).profile, self.device)
             self.profiler.announce(self.step, self.total_steps)
         self.lr_decay = LRDecay.of_gan(cfg.optim, self.gan.opt_g, self.gan.opt_d, self.total_steps)
         if self.lr_decay.active and self.dist.is_main:

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 from gantrain.engine.state.files import atomic_write_text, io_error, make_folder
-from gantrain.engine.state.rundir import RunDir
 
 log = logging.getLogger("gantrain")
 
@@ -42,10 +41,12 @@ def _native_stderr_silenced():
 class StepProfiler:
     """Profiles optimiser steps ``first``..``last`` (both included, counted from 1): :meth:`before_step` with the
     number of the step about to run starts it, :meth:`after_step` with the step just done ends it after ``last``
-    and writes the files. Raises :class:`~gantrain.engine.errors.RunIOError` when they cannot be written."""
+    and writes ``trace_steps_A-B.json`` (Chrome/Perfetto: chrome://tracing, ui.perfetto.dev) and
+    ``top_ops_steps_A-B.txt`` into ``folder``. Raises :class:`~gantrain.engine.errors.RunIOError` when they cannot
+    be written."""
 
-    def __init__(self, first: int, last: int, files: RunDir, device: torch.device) -> None:
-        self.first, self.last, self.files, self.device = first, last, files, device
+    def __init__(self, first: int, last: int, folder: Path, device: torch.device) -> None:
+        self.first, self.last, self.folder, self.device = first, last, folder, device
         self.active: torch.profiler.profile | None = None
         self.done = False
 
@@ -58,7 +59,7 @@ class StepProfiler:
             return
         first, last = max(self.first, start_step + 1), min(self.last, total_steps)
         self.first, self.last = first, last
-        log.info("--profile-steps: profiling steps %d to %d into %s", first, last, self.files.profile)
+        log.info("--profile-steps: profiling steps %d to %d into %s", first, last, self.folder)
 
     def before_step(self, step: int) -> None:
         if self.active is None and not self.done and step == self.first:
@@ -93,8 +94,9 @@ class StepProfiler:
         with _native_stderr_silenced():
             profile.__exit__(None, None, None)
         last = min(step, self.last)
-        trace, table = self.files.profile_trace(self.first, last), self.files.profile_table(self.first, last)
-        make_folder(self.files.profile)
+        trace = self.folder / f"trace_steps_{self.first}-{last}.json"
+        table = self.folder / f"top_ops_steps_{self.first}-{last}.txt"
+        make_folder(self.folder)
         part = trace.with_name(f".{trace.name}.part")
         try:
             profile.export_chrome_trace(str(part))
@@ -106,6 +108,5 @@ class StepProfiler:
         atomic_write_text(table, f"torch.profiler, steps {self.first} to {last} ({last - self.first + 1} steps), "
                                  f"sorted by {sort}\n\n"
                                  + profile.key_averages().table(sort_by=sort, row_limit=TOP_OPS) + "\n")
-        log.info("--profile-steps: steps %d to %d profiled: %s (open in ui.perfetto.dev), %s", self.first, last,
-                 trace, table.name)
+        log.info("profiled steps %d to %d: %s (open in ui.perfetto.dev), %s", self.first, last, trace, table.name)
         return trace

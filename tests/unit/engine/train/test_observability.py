@@ -68,7 +68,7 @@ def test_profile_steps_write_a_trace_naming_the_phases_and_a_top_ops_table(tiny_
     table = (folder / "top_ops_steps_2-3.txt").read_text()
     assert table.startswith("torch.profiler, steps 2 to 3 (2 steps), sorted by self_cpu_time_total")
     assert "aten::" in table and "Self CPU" in table
-    assert "--profile-steps: steps 2 to 3 profiled" in (cfg.run_dir / "train.log").read_text()
+    assert "profiled steps 2 to 3" in (cfg.run_dir / "train.log").read_text()
 
 
 def test_a_range_the_run_does_not_reach_is_said_and_a_stop_inside_it_writes_what_ran(tiny_cfg, quiet_console) -> None:
