@@ -5,8 +5,9 @@ metrics dict out; it fits/loads the extractor and the real statistics on first u
 memory for later calls in the same process. The CLI's ``gantrain eval`` and the training loop use the
 :class:`Evaluator` underneath it, which also returns the class histogram and notes for display.
 
-Protocol: generated images are quantised to 8 bits (as real images are stored), resized to the extractor's
-size, and compared with the real **test** split (never seen by the extractor's fit):
+Protocol: generated images are resized to the extractor's size and quantised to 8 bits (as real images are
+stored), and compared with the real **test** split (never seen by the extractor's fit), whose images take the
+same road from the generator's training size (:mod:`gantrain.engine.metrics.reference`):
 
 * ``fd``: Fréchet distance of feature Gaussians (all test images as the reference);
 * ``kid_mean``/``kid_std``: KID over 50 random subsets of up to 1000 images per set;
@@ -89,7 +90,7 @@ def load_reference(spec: DatasetSpec, *, cache: str | Path | None = None, device
 def real_features(extractor: Extractor, spec: DatasetSpec, split: str, *, cache: str | Path | None = None,
                   console: Console | None = None, quiet: bool = False) -> RealFeatures:
     """Features of a real split, cached per extractor, split and split content."""
-    path = cache_dir(cache) / "real" / f"{extractor.key}-{split}-{split_sha256(spec, split)[:16]}.pt"
+    path = cache_dir(cache) / "real" / f"{extractor.key}-{split}-{split_sha256(spec, split)[:16]}{spec.via}.pt"
     state = load_artifact(path)
     if state is None or "features" not in state:
         images = load_split(spec, split).images

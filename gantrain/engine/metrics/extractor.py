@@ -140,7 +140,9 @@ def extractor_path(spec: DatasetSpec, train_sha256: str, cache: Path) -> Path:
 def ensure_extractor(spec: DatasetSpec, *, cache: str | Path | None = None, device: torch.device | str = "cpu",
                      console: Console | None = None, quiet: bool = False, force: bool = False,
                      epochs: int = FIT_EPOCHS) -> Extractor:
-    """The cached extractor of ``spec``'s train split; fitted (with a progress bar) when missing or ``force``."""
+    """The cached extractor of ``spec``'s train split; fitted (with a progress bar) when missing or ``force``.
+    Whatever the training size ``spec`` names, the extractor sees images taken straight to the metric's size."""
+    spec = spec.extractor_spec()
     train_sha256 = split_sha256(spec, "train")
     path = extractor_path(spec, train_sha256, cache_dir(cache))
     state = None if force else _valid_state(load_artifact(path), train_sha256)

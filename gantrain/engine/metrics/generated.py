@@ -6,13 +6,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from gantrain.engine.config import Config
-from gantrain.engine.data.pixels import quantize
 from gantrain.engine.errors import ConfigError
 from gantrain.engine.gan.sampling import generate_images, indexed_noise
-from gantrain.engine.metrics.reference import DatasetSpec
+from gantrain.engine.metrics.reference import DatasetSpec, to_metric_size
 
 GENERATE_BATCH = 500
 KID_SUBSETS = 50
@@ -20,16 +18,13 @@ KID_SUBSET_SIZE = 1000
 
 
 def prepare_generated(images: torch.Tensor, spec: DatasetSpec) -> torch.Tensor:
-    """Generator output in [-1, 1] at the extractor's size, then on 8-bit levels: real images are resized and
-    then stored as uint8, and the extractor must not tell generated from real by sub-level detail."""
+    """Generator output in [-1, 1] at the extractor's size, then on 8-bit levels (:func:`to_metric_size`, the
+    road real images take too): the extractor must not tell generated from real by the resize or by sub-level
+    detail."""
     if images.shape[1] != spec.channels:
         raise ConfigError(f"--channels: the generator makes {images.shape[1]}-channel images, the {spec.label} "
                           f"extractor reads {spec.channels}")
-    images = images.float().clamp(-1, 1)
-    if images.shape[-1] != spec.size_px or images.shape[-2] != spec.size_px:
-        images = F.interpolate(images, size=(spec.size_px, spec.size_px), mode="bilinear", align_corners=False,
-                               antialias=True).clamp(-1, 1)
-    return quantize(images)
+    return to_metric_size(images, spec.size_px)
 
 
 @torch.no_grad()

@@ -180,7 +180,7 @@ def real_inception_features(net: InceptionNet, spec, count: int, *, cache: str |
     from gantrain.engine.metrics.cache import cache_dir, load_artifact, save_artifact
     from gantrain.engine.metrics.reference import load_split, split_sha256
 
-    path = cache_dir(cache) / "real" / f"{net.key}-{spec.label}-test-{split_sha256(spec, 'test')[:16]}-n{count}.pt"
+    path = cache_dir(cache) / "real" / f"{net.key}-{spec.label}-test-{split_sha256(spec, 'test')[:16]}{spec.via}-n{count}.pt"
     state = load_artifact(path)
     if state is not None and isinstance(state.get("features"), torch.Tensor) and len(state["features"]) == count \
             and state.get("sha256") == net.sha256:

@@ -108,3 +108,33 @@ def test_eval_metrics_validates_and_refuses_without_the_extra(tiny_cfg, quiet_co
     monkeypatch.setattr("gantrain.engine.metrics.tracking.Evaluator.for_config", lambda *a, **k: None)
     with pytest.raises(inc.InceptionUnavailable, match=r"gantrain\[fid\]"):
         QualityTracker(tiny_cfg("y", eval_every=1, eval_metrics="inception"), torch.device("cpu"), quiet_console)
+
+
+def test_real_inception_features_take_the_generators_road(stand_in_package: Path, train_root: Path,
+                                                           tmp_path: Path) -> None:
+    """The Inception path reads real images through the same round trip as the domain metrics: a 64-px run's
+    reference is the test images made at 64 px (as the loader makes them), then resized as generated images are;
+    cached apart from the 32-px run's."""
+    from gantrain.engine.data.pixels import to_uint8, to_unit
+    from gantrain.engine.data.sources import resize_uint8
+    from gantrain.engine.metrics.generated import prepare_generated
+    from gantrain.engine.metrics.reference import DatasetSpec, load_split
+
+    net = inc.load_inception()
+    at_64, at_32 = (DatasetSpec("fashion-mnist", train_root, 1, train_px=px) for px in (64, 32))
+    real_64 = inc.real_inception_features(net, at_64, 20, cache=tmp_path)
+    native = load_split(at_64.extractor_spec(), "test").images  # 32 px straight from the 28-px files
+    order = torch.randperm(len(native), generator=torch.Generator().manual_seed(inc.REAL_SEED))[:20]
+    raw = torch.from_numpy(_test_split_28px(train_root)).unsqueeze(1)[order]
+    perfect = to_uint8(prepare_generated(to_unit(resize_uint8(raw, 64)), at_64))  # a 64-px generator's road
+    torch.testing.assert_close(real_64, net(perfect), rtol=0, atol=0)
+    real_32 = inc.real_inception_features(net, at_32, 20, cache=tmp_path)
+    torch.testing.assert_close(real_32, net(native[order]), rtol=0, atol=0)
+    assert not torch.equal(real_64, real_32) and len(list((tmp_path / "real").glob("*.pt"))) == 2
+
+
+def _test_split_28px(root: Path):
+    from gantrain.engine.data.download import ensure_idx_files
+    from gantrain.engine.data.sources import read_idx
+
+    return read_idx(ensure_idx_files("fashion-mnist", root)["t10k-images-idx3-ubyte"]).copy()

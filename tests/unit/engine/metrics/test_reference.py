@@ -1,0 +1,73 @@
+"""Real and generated images take the same road to the extractor at every training size (issue 31, item 1):
+a perfect generator's output (the training images as the loader makes them) equals the real reference images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gantrain.engine.data.pixels import to_unit
+from gantrain.engine.data.sources import load_images
+from gantrain.engine.metrics.generated import prepare_generated
+from gantrain.engine.metrics.reference import DatasetSpec, load_split, spec_from_config, to_metric_size
+from gantrain.engine.config import override, preset
+
+
+def _folder(tmp_path: Path, count: int = 20) -> Path:
+    """RGB images of several native sizes (not square, not the metric's), with fine detail a resize changes."""
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        h, w = (50, 70) if i % 2 else (90, 90)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    return folder
+
+
+@pytest.mark.parametrize("train_px", [32, 64, 128])
+def test_a_perfect_idx_generator_reaches_the_extractor_as_the_real_images_do(train_root: Path, train_px: int) -> None:
+    spec = DatasetSpec("fashion-mnist", train_root, 1, train_px=train_px)
+    trained_on = load_images("fashion-mnist", str(train_root), train_px, 1)  # what the loader trains on
+    generated = prepare_generated(to_unit(trained_on), spec)  # those images in a generator's role
+    real = load_split(spec, "train")
+    assert real.images.shape == (len(trained_on), 1, 32, 32) and real.labels is not None
+    torch.testing.assert_close(generated, to_unit(real.images), rtol=0, atol=0)
+    assert spec.round_trip == (train_px != 32) and spec.via == ("" if train_px == 32 else f"-via{train_px}px")
+
+
+@pytest.mark.parametrize("train_px", [32, 64, 128])
+def test_a_perfect_folder_generator_reaches_the_extractor_as_the_real_images_do(tmp_path: Path, train_px: int) -> None:
+    folder = _folder(tmp_path)
+    spec = DatasetSpec("folder", folder, 3, train_px=train_px)
+    trained_on = load_images("folder", str(folder), train_px, 3)  # every image, in discovery order
+    test = [i % 5 == 4 for i in range(len(trained_on))]  # the folder split: every 5th image is test
+    generated = prepare_generated(to_unit(trained_on[torch.tensor(test)]), spec)
+    torch.testing.assert_close(generated, to_unit(load_split(spec, "test").images), rtol=0, atol=0)
+
+
+def test_the_metric_resize_is_pils_antialiased_bilinear_on_8_bit_levels() -> None:
+    """Against Pillow's own resize (BILINEAR widens its filter when shrinking, as torch's antialias does), on float
+    pixels so that only the final rounding to 8 bits differs: at most half a level."""
+    rng = np.random.default_rng(1)
+    for size, out_px in ((64, 32), (128, 32), (128, 64), (48, 32)):
+        pixels = rng.integers(0, 256, (size, size)).astype(np.float32)
+        expected = np.asarray(Image.fromarray(pixels, mode="F").resize((out_px, out_px), Image.BILINEAR))
+        out = to_metric_size(torch.from_numpy(pixels / 127.5 - 1)[None, None], out_px)[0, 0]
+        np.testing.assert_allclose((out.numpy() + 1) * 127.5, expected, atol=0.5 + 1e-3)
+        assert torch.equal(out, to_unit(torch.round((out + 1) * 127.5).to(torch.uint8)))  # on the 256 levels
+        assert torch.equal(to_metric_size(out[None, None], out_px)[0, 0], out)  # at the metric's size: unchanged
+
+
+def test_a_runs_spec_names_its_training_size_and_the_extractor_ignores_it(train_root: Path) -> None:
+    cfg = override(preset("fashion32"), {"image_size": 64, "data_root": str(train_root)})
+    spec = spec_from_config(cfg)
+    assert (spec.size_px, spec.train_px, spec.round_trip) == (32, 64, True)
+    assert spec.extractor_spec() == DatasetSpec("fashion-mnist", train_root, 1)
+    assert spec.label == spec.extractor_spec().label  # one extractor for every training size
+    direct = load_split(spec.extractor_spec(), "test").images
+    assert not torch.equal(load_split(spec, "test").images, direct)  # the round trip changes real images...
+    assert (load_split(spec, "test").images.float() - direct.float()).abs().mean() < 6  # ...by a few levels
