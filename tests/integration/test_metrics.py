@@ -8,6 +8,7 @@ are marked slow; every test writes the metrics cache only into the session's cac
 from __future__ import annotations
 
 import json
+import math
 import threading
 from pathlib import Path
 
@@ -547,3 +548,28 @@ def test_a_perfect_generator_scores_at_the_floor_at_every_training_size(fashion_
     assert perfect["kid_mean"] <= floor["kid_mean"] + 0.001 and perfect["recall"] >= floor["recall"] - 0.02
     direct = score(DatasetSpec("fashion-mnist", root, 1), train_px)  # the old road: real images straight to 32 px
     assert direct["fd"] > 10 * floor["fd"] and direct["recall"] < floor["recall"] - 0.15
+
+
+def test_small_samples_are_named_and_a_kid_spread_over_identical_subsets_is_not_zero() -> None:
+    """Worked by hand: 100 images in 128-d features make singular covariances (rank <= 99); KID subsets of 1000
+    over sets of 100 and 300 are the sets themselves; with both whole the spread is not measured (NaN), and its
+    mean is then the one unbiased MMD^2 of the two sets."""
+    rng = np.random.default_rng(3)
+    fake, real = rng.standard_normal((100, 128)), rng.standard_normal((300, 128)) + 0.1
+    notes = stats.sample_size_warnings(100, 300, 128, 1000, "test features")
+    assert len(notes) == 2
+    assert notes[0].startswith("FD in test features from 100 generated and 300 real images in 128-d features")
+    assert notes[1] == "KID in test features: subsets of 100 images instead of 1000; its spread is not measured " \
+                       "(every subset is both whole sets)"
+    assert stats.sample_size_warnings(5000, 10000, 128, 1000) == []
+    assert stats.sample_size_warnings(500, 10000, 128, 1000) == [
+        "KID: subsets of 500 images instead of 1000; its spread is underestimated"]
+    mean, std = stats.kernel_inception_distance(fake, real[:100], subsets=50, subset_size=1000)
+    assert math.isnan(std)
+    x, y = fake, real[:100]
+    k = lambda a, b: (a @ b.T / 128 + 1) ** 3  # noqa: E731 - the polynomial kernel, by hand
+    m = len(x)
+    by_hand = ((k(x, x).sum() - np.trace(k(x, x)) + k(y, y).sum() - np.trace(k(y, y))) / (m * (m - 1))
+               - 2 * k(x, y).mean())
+    assert mean == pytest.approx(by_hand, rel=1e-9)
+    assert stats.kernel_inception_distance(fake, real, subsets=20, subset_size=1000)[1] > 0  # real subsets differ

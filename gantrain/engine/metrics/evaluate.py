@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,7 @@ from gantrain.engine.metrics.cache import cache_dir, load_artifact, save_artifac
 from gantrain.engine.metrics.extractor import Extractor, check_usable, ensure_extractor, task_batch, to_unit_range
 from gantrain.engine.metrics.progress import resolve_quiet, task_bar
 from gantrain.engine.metrics.reference import DatasetSpec, load_split, spec_from_config, split_sha256
+from gantrain.engine.outputs.runlog import log
 
 METRIC_KEYS = ("fd", "kid_mean", "kid_std", "precision", "recall", "density", "coverage", "classifier_score")
 FEATURE_BATCH = 1000
@@ -61,6 +62,8 @@ class MetricReport:
     num_generated: int
     num_real: int
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    """What the sample sizes make unreliable (:func:`~gantrain.engine.metrics.formulas.sample_size_warnings`)."""
 
     @property
     def histogram(self) -> dict[str, float]:
@@ -172,8 +175,17 @@ class Evaluator:
         features, probs = extract(self.reference.extractor, batches, num_samples, "generated features",
                                   console=self.console, quiet=self.quiet)
         values = compare(features, probs, self.reference, seed=seed)
-        return MetricReport(values, num_samples, len(self.reference.real.features),
-                            seconds=time.perf_counter() - started)
+        num_real = len(self.reference.real.features)
+        return MetricReport(values, num_samples, num_real, seconds=time.perf_counter() - started,
+                            warnings=self.size_warnings(num_samples, num_real, features.shape[1]))
+
+    def size_warnings(self, num_fake: int, num_real: int, dim: int) -> list[str]:
+        """:func:`~gantrain.engine.metrics.formulas.sample_size_warnings` in this extractor's features, each also
+        logged once per process."""
+        notes = formulas.sample_size_warnings(num_fake, num_real, dim, KID_SUBSET_SIZE,
+                                              f"the {self.reference.extractor.info['label']} extractor's features")
+        say_once(notes)
+        return notes
 
     def real_halves(self, num_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Two disjoint random halves of the real test split, uint8 (n, C, S, S) each, n = min(num_samples,
@@ -195,7 +207,19 @@ class Evaluator:
                                      console=self.console, quiet=self.quiet)
         real = RealFeatures(real_features_b, *formulas.mean_and_covariance(real_features_b))
         values = compare(fake_features, fake_probs, self.reference, seed=seed, real=real)
-        return MetricReport(values, half, half, seconds=time.perf_counter() - started)
+        return MetricReport(values, half, half, seconds=time.perf_counter() - started,
+                            warnings=self.size_warnings(half, half, fake_features.shape[1]))
+
+
+_SAID: set[str] = set()
+
+
+def say_once(notes: list[str]) -> None:
+    """Logs each note as a warning the first time this process meets it (an evaluation per epoch repeats them)."""
+    for note in notes:
+        if note not in _SAID:
+            _SAID.add(note)
+            log.warning("%s", note)
 
 
 _EVALUATORS: dict[tuple, Evaluator] = {}

@@ -20,6 +20,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -60,14 +62,34 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 def kernel_inception_distance(fake: np.ndarray | torch.Tensor, real: np.ndarray | torch.Tensor, *,
                               subsets: int = 50, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """KID: mean and std over ``subsets`` random subsets of the unbiased polynomial-kernel MMD^2."""
+    """KID: mean and std over ``subsets`` random subsets of the unbiased polynomial-kernel MMD^2. When both sets
+    are no larger than ``subset_size`` every subset is both whole sets: the std is then not measured (NaN), not 0."""
     x, y = _as_tensor64(fake), _as_tensor64(real)
     size = min(subset_size, len(x), len(y))
     if size < 2:
         raise ValueError(f"KID needs at least 2 samples per set, got {len(x)} and {len(y)}")
+    if size == len(x) == len(y):
+        return _mmd2_unbiased(x, y), math.nan
     rng = np.random.default_rng(seed)
     values = [_mmd2_unbiased(x[_subset(rng, len(x), size)], y[_subset(rng, len(y), size)]) for _ in range(subsets)]
     return float(np.mean(values)), float(np.std(values))
+
+
+def sample_size_warnings(num_fake: int, num_real: int, dim: int, subset_size: int, space: str = "") -> list[str]:
+    """What the sample sizes make unreliable, in words (empty when nothing): an FD from fewer images than the
+    feature dimension + 1 (each covariance is then singular, rank < ``dim``, and FD is biased upward, Chong &
+    Forsyth 2020), and KID subsets smaller than ``subset_size`` (a spread over identical subsets is not measured)."""
+    notes, where = [], f" in {space}" if space else ""
+    few = min(num_fake, num_real)
+    if few <= dim:
+        notes.append(f"FD{where} from {num_fake} generated and {num_real} real images in {dim}-d features: a "
+                     f"covariance from <= {dim} images is singular and the FD is biased upward; compare FDs only at "
+                     f"equal n, and use n > {dim} (10000 is the convention)")
+    if few < subset_size:
+        spread = ("its spread is not measured (every subset is both whole sets)" if max(num_fake, num_real) <= subset_size
+                  else "its spread is underestimated")
+        notes.append(f"KID{where}: subsets of {few} images instead of {subset_size}; {spread}")
+    return notes
 
 
 def _subset(rng: np.random.Generator, count: int, size: int) -> torch.Tensor:

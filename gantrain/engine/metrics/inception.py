@@ -196,15 +196,20 @@ def real_inception_features(net: InceptionNet, spec, count: int, *, cache: str |
     return features
 
 
-def inception_scores(fake: torch.Tensor, real: torch.Tensor, *, seed: int = 0) -> dict[str, float]:
-    """FID and KID (mean, std) of generated vs real Inception features (N, 2048) with gantrain's formulas."""
+def inception_scores(fake: torch.Tensor, real: torch.Tensor, *, seed: int = 0) -> dict:
+    """FID and KID (mean, std) of generated vs real Inception features (N, 2048) with gantrain's formulas, and
+    ``warnings``: what the sample sizes make unreliable (each also logged once)."""
     from gantrain.engine.metrics import formulas
     from gantrain.engine.metrics.generated import KID_SUBSET_SIZE, KID_SUBSETS
 
+    from gantrain.engine.metrics.evaluate import say_once
+
+    notes = formulas.sample_size_warnings(len(fake), len(real), FEATURE_DIM, KID_SUBSET_SIZE, "Inception features")
+    say_once(notes)
     fid = formulas.frechet_distance(*formulas.mean_and_covariance(fake), *formulas.mean_and_covariance(real))
     kid_mean, kid_std = formulas.kernel_inception_distance(fake, real, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE,
                                                         seed=seed)
-    return {"inception_fid": fid, "inception_kid_mean": kid_mean, "inception_kid_std": kid_std}
+    return {"inception_fid": fid, "inception_kid_mean": kid_mean, "inception_kid_std": kid_std, "warnings": notes}
 
 
 def generator_scores(generator: torch.nn.Module, cfg, spec, *, num_samples: int, seed: int,
@@ -218,7 +223,9 @@ def generator_scores(generator: torch.nn.Module, cfg, spec, *, num_samples: int,
     net = load_inception(device)
     fake, seconds = extract_features(net, generated_batches(generator, cfg, spec, num_samples, seed, device))
     real = real_inception_features(net, spec, min(num_samples, len(load_split(spec, "test").images)), cache=cache)
-    return {**inception_scores(fake, real, seed=seed), "inception_s_per_1000": round(1000 * seconds / len(fake), 1)}
+    scores = inception_scores(fake, real, seed=seed)
+    scores.pop("warnings")  # logged once; the values go into metrics.jsonl and tune's reports, numbers only
+    return {**scores, "inception_s_per_1000": round(1000 * seconds / len(fake), 1)}
 
 
 def requested(eval_metrics: str | Sequence[str]) -> bool:

@@ -52,6 +52,11 @@ class EvalResult:
     inception_note: str = "not requested (--inception)"
 
     @property
+    def warnings(self) -> list[str]:
+        """What the sample sizes make unreliable, domain metrics first."""
+        return [*self.report.warnings, *(self.inception or {}).get("warnings", [])]
+
+    @property
     def inception_fid(self) -> float | None:
         return self.inception["inception_fid"] if self.inception else None
 
@@ -63,6 +68,7 @@ class EvalResult:
                 "metrics": {k: v for k, v in values.items() if not k.startswith("hist_")},
                 "class_histogram": self.report.histogram, "inception_fid": self.inception_fid,
                 "inception": self.inception, "inception_note": self.inception_note, "seconds": round(self.report.seconds, 2),
+                "warnings": self.warnings,
                 "extractor": {k: self.extractor[k] for k in EXTRACTOR_KEYS}}
 
 
@@ -173,17 +179,22 @@ def _metrics_table(result: EvalResult) -> Table:
     table.add_column("value", justify="right", no_wrap=True)
     table.add_column("reading")
     for key, label, reading in _ROWS:
-        value = f"{values['kid_mean']:.5f} ± {values['kid_std']:.5f}" if key == "kid" else f"{values[key]:.4f}"
+        value = _kid(values["kid_mean"], values["kid_std"]) if key == "kid" else f"{values[key]:.4f}"
         table.add_row(label, value, reading)
     if result.inception:
         table.add_row("Inception FID", f"{result.inception['inception_fid']:.3f}", result.inception_note)
-        table.add_row("Inception KID", f"{result.inception['inception_kid_mean']:.5f} ± "
-                      f"{result.inception['inception_kid_std']:.5f}", "the standard KID (Inception features)")
+        table.add_row("Inception KID", _kid(result.inception["inception_kid_mean"], result.inception["inception_kid_std"]),
+                      "the standard KID (Inception features)")
     else:
         table.add_row("Inception FID", "-", result.inception_note)
     table.add_row("extractor", f"{100 * info['test_accuracy']:.2f}%", f"{info['label']} {info['task']} "
                   f"accuracy on the test split")
     return table
+
+
+def _kid(mean: float, std: float) -> str:
+    """KID as ``mean ± std``; a spread that was not measured (both sets whole in every subset) reads n/a."""
+    return f"{mean:.5f} ± {std:.5f}" if math.isfinite(std) else f"{mean:.5f} ± n/a"
 
 
 def _caption(result: EvalResult) -> str:
