@@ -229,34 +229,70 @@ _CACHE_HELP = "Extractor and real-feature cache (default: $GANTRAIN_CACHE, else 
 @app.command("eval", cls=FlagCommand)
 @user_errors
 def eval_command(
-    checkpoint: Annotated[Optional[Path], typer.Argument(help="A checkpoint written by `gantrain run` (optional with --real-vs-real --dataset).")] = None,
-    n: Annotated[int, typer.Option("-n", "--num", min=100, help="Generated images (with --real-vs-real: images per real half, at most half the test split).")] = 10000,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    source: Annotated[Optional[str], typer.Argument(metavar="SOURCE", show_default=False, help="What to evaluate: a checkpoint written by `gantrain run`, an exported generator, or an image folder (optional with --real-vs-real --dataset). With --save-stats: the reference to save (a folder, or fashion-mnist, mnist, folder:PATH).")] = None,
+    reference: Annotated[Optional[str], typer.Argument(metavar="REFERENCE", show_default=False, help="What to compare with: an image folder, a .npz from --save-stats, or a dataset's test split (fashion-mnist, mnist, folder:PATH). Default: the checkpoint's (or --dataset's) test split.")] = None,
+    n: Annotated[int, typer.Option("-n", "--num", min=100, help="Generated images (with --real-vs-real: images per real half, at most half the test split); an image folder gives its own.")] = 10000,
+    json_path: Annotated[Optional[str], typer.Option("--json", help="Also write the results as JSON to this file; '-' writes only the JSON to stdout (tables and progress go to stderr).")] = None,
     real_vs_real: Annotated[bool, typer.Option("--real-vs-real", help="Sanity mode: compare two disjoint halves of the real test split (each metric's floor).")] = False,
-    dataset: Annotated[Optional[str], typer.Option(help="With --real-vs-real: fashion-mnist, mnist or folder:PATH instead of a checkpoint's dataset.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="The domain extractor (and, without REFERENCE, the test split) to use: fashion-mnist, mnist or folder:PATH. Default: the checkpoint's, else REFERENCE's.")] = None,
     data_root: Annotated[Optional[str], typer.Option(help="Data folder (default: the checkpoint's, then $GANTRAIN_DATA).")] = None,
+    channels: Annotated[int, typer.Option(min=1, max=3, help="Channels of image folders: 1 or 3.")] = 3,
+    size: Annotated[Optional[int], typer.Option(min=8, help="Decode image folders at this size (default: the first image's shorter side).")] = None,
+    save_stats: Annotated[Optional[Path], typer.Option("--save-stats", help="Save SOURCE's reference statistics (domain features; with --inception also Inception mu/sigma) to this .npz for later `gantrain eval X FILE.npz`.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the generator noise and the KID subsets.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     inception: Annotated[bool, typer.Option("--inception", help="Also the standard FID and KID in Inception-v3 features (the fid extra; no download; about 0.3 s per image on a CPU).")] = False,
     metrics_cache: Annotated[Optional[str], typer.Option(help=_CACHE_HELP)] = None,
     no_ema: Annotated[bool, typer.Option("--no-ema", help="Use the raw generator even if the checkpoint has an EMA one.")] = False,
 ) -> None:
-    """Quality metrics of a checkpoint: FD, KID, precision/recall and classifier score on a domain extractor."""
-    from gantrain.engine.metrics.report import evaluate_checkpoint, evaluate_real, real_config, render, write_json
+    """Quality metrics (FD, KID, precision/recall/density/coverage, classifier score; Inception FID with --inception)
+    of a checkpoint, an exported generator or an image folder against a dataset's test split, a folder or saved
+    statistics."""
+    import time
 
+    from gantrain.engine.config import env_data_root
+    from gantrain.engine.metrics.report import (evaluate_checkpoint, evaluate_real, evaluate_sets, real_config,
+                                                render, stats_for, strict_json, write_json)
+    from gantrain.engine.metrics.sets import parse_side
+
+    started = time.perf_counter()
+    to_stdout = json_path == "-"
+    shown = console if to_stdout else Console()  # with --json -, stdout holds the JSON alone
+    root = data_root or env_data_root()
+    if save_stats is not None:
+        if source is None or reference is not None or real_vs_real:
+            raise fail("--save-stats: give one SOURCE, the reference to save (a folder or a dataset)", 2)
+        path, count = stats_for(parse_side(source, channels, root), save_stats, dataset=dataset, channels=channels,
+                                data_root=root, cache=metrics_cache, device=device, inception=inception, size=size,
+                                console=console)
+        console.print(f"wrote {path} (statistics of {count} images{', with Inception' if inception else ''}; "
+                      f"{time.perf_counter() - started:.1f} s)")
+        return
     if real_vs_real:
+        checkpoint = Path(source) if source else None
         result = evaluate_real(real_config(checkpoint, dataset, data_root), num_samples=n, seed=seed,
                                data_root=data_root, cache=metrics_cache, console=console, inception=inception)
-    elif checkpoint is None:
-        raise fail("give a CHECKPOINT to evaluate, or --real-vs-real", 2)
+    elif source is None:
+        raise fail("give a SOURCE to evaluate (a CHECKPOINT, an exported generator or an image folder), or "
+                   "--real-vs-real", 2)
     else:
-        result = evaluate_checkpoint(checkpoint, num_samples=n, seed=seed, device=device, data_root=data_root,
-                                     cache=metrics_cache, use_ema=not no_ema, inception=inception,
-                                     console=console)
+        side = parse_side(source, channels, root)
+        if side.kind == "checkpoint" and reference is None and dataset is None:
+            result = evaluate_checkpoint(side.path, num_samples=n, seed=seed, device=device, data_root=data_root,
+                                         cache=metrics_cache, use_ema=not no_ema, inception=inception,
+                                         console=console)
+        else:
+            result = evaluate_sets(side, parse_side(reference, channels, root) if reference else None,
+                                   dataset=dataset, channels=channels, num_samples=n, seed=seed, device=device,
+                                   data_root=data_root, cache=metrics_cache, use_ema=not no_ema,
+                                   inception=inception, size=size, console=console)
+    result.total_seconds = time.perf_counter() - started
     for table in render(result):
-        Console().print(table)
-    if json_path:
-        console.print(f"wrote {write_json(result, json_path)}")
+        shown.print(table)
+    if to_stdout:
+        print(strict_json(result))
+    elif json_path:
+        console.print(f"wrote {write_json(result, Path(json_path))}")
 
 
 metrics_app = typer.Typer(no_args_is_help=True, cls=FlagGroup, help="Quality-metric tools: the domain feature extractors.")

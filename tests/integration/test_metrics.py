@@ -552,15 +552,16 @@ def test_a_perfect_generator_scores_at_the_floor_at_every_training_size(fashion_
 
 def test_small_samples_are_named_and_a_kid_spread_over_identical_subsets_is_not_zero() -> None:
     """Worked by hand: 100 images in 128-d features make singular covariances (rank <= 99); KID subsets of 1000
-    over sets of 100 and 300 are the sets themselves; with both whole the spread is not measured (NaN), and its
-    mean is then the one unbiased MMD^2 of the two sets."""
+    over sets of 100 and 300 are 100 images, the whole of one set; with both whole the spread is not measured
+    (NaN), and its mean is then the one unbiased MMD^2 of the two sets."""
     rng = np.random.default_rng(3)
     fake, real = rng.standard_normal((100, 128)), rng.standard_normal((300, 128)) + 0.1
     notes = stats.sample_size_warnings(100, 300, 128, 1000, "test features")
     assert len(notes) == 2
     assert notes[0].startswith("FD in test features from 100 generated and 300 real images in 128-d features")
-    assert notes[1] == "KID in test features: subsets of 100 images instead of 1000; its spread is not measured " \
-                       "(every subset is both whole sets)"
+    assert notes[1] == "KID in test features: subsets of 100 images instead of 1000; its spread is underestimated"
+    assert stats.sample_size_warnings(100, 100, 128, 1000)[1] == (
+        "KID: subsets of 100 images instead of 1000; its spread is not measured (every subset is both whole sets)")
     assert stats.sample_size_warnings(5000, 10000, 128, 1000) == []
     assert stats.sample_size_warnings(500, 10000, 128, 1000) == [
         "KID: subsets of 500 images instead of 1000; its spread is underestimated"]
@@ -573,3 +574,119 @@ def test_small_samples_are_named_and_a_kid_spread_over_identical_subsets_is_not_
                - 2 * k(x, y).mean())
     assert mean == pytest.approx(by_hand, rel=1e-9)
     assert stats.kernel_inception_distance(fake, real, subsets=20, subset_size=1000)[1] > 0  # real subsets differ
+
+
+# ----- gantrain eval on folders, datasets and saved statistics --------------------------------------------
+def _png_folder(folder: Path, images: torch.Tensor) -> Path:
+    folder.mkdir(parents=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image[0].numpy()).save(folder / f"{i:04d}.png")
+    return folder
+
+
+@pytest.fixture
+def two_folders(tmp_path: Path, train_root: Path) -> tuple[Path, Path]:
+    """The first 400 and the next 400 FashionMNIST training images as 32-px PNG folders."""
+    from gantrain.engine.data.sources import load_images
+
+    images = load_images("fashion-mnist", str(train_root), 32, 1, limit=800)
+    return _png_folder(tmp_path / "a", images[:400]), _png_folder(tmp_path / "b", images[400:])
+
+
+def _features_by_hand(extractor, folder: Path) -> np.ndarray:
+    """The extractor's features of a folder's PNGs read with Pillow alone, in file-name order."""
+    pixels = np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))])[:, None]
+    return extractor(torch.from_numpy(pixels))[0].double().numpy()
+
+
+@pytest.mark.slow
+def test_cli_eval_two_folders_json_to_stdout_matches_a_scipy_fd(fashion_extractor, two_folders, train_root: Path,
+                                                                cli_runner, monkeypatch) -> None:
+    """pytorch-fid's `DIR1 DIR2`: one JSON object alone on stdout with --json -, its FD that of scipy's formula on
+    the extractor's features of the PNGs read independently."""
+    from gantrain.cli import app
+
+    monkeypatch.setenv("COLUMNS", "80")
+    a, b = two_folders
+    result = cli_runner.invoke(app, ["eval", str(a), str(b), "--dataset", "fashion-mnist", "--data-root",
+                                     str(train_root), "--json", "-"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)  # nothing else on stdout: tables and progress went to stderr
+    assert (report["mode"], report["source"], report["reference"]) == ("folder", str(a), str(b))
+    assert report["num_generated"] == report["num_real"] == 400 and report["seconds"] >= report["domain_seconds"]
+    fa, fb = (_features_by_hand(fashion_extractor[0], folder) for folder in (a, b))
+    covmean = scipy.linalg.sqrtm(np.cov(fa, rowvar=False) @ np.cov(fb, rowvar=False)).real
+    fd = ((fa.mean(0) - fb.mean(0)) ** 2).sum() + np.trace(np.cov(fa, rowvar=False) + np.cov(fb, rowvar=False)
+                                                           - 2 * covmean)
+    assert report["metrics"]["fd"] == pytest.approx(fd, rel=1e-4)
+    assert report["metrics"]["kid_std"] is None  # 400 vs 400: every KID subset is both whole sets
+    assert any("its spread is not measured" in w for w in report["warnings"])
+    assert "gantrain eval:" in result.stderr and "Fréchet distance" in result.stderr
+
+
+@pytest.mark.slow
+def test_cli_eval_saved_statistics_are_reused_exactly(fashion_extractor, two_folders, train_root: Path, cli,
+                                                      unwrap, tmp_path: Path) -> None:
+    a, _ = two_folders
+    stats, direct_json, reused_json = tmp_path / "fm.npz", tmp_path / "direct.json", tmp_path / "reused.json"
+    result = cli("eval", "fashion-mnist", "--data-root", train_root, "--save-stats", stats)
+    test_images = len(load_split(parse_dataset("fashion-mnist", str(train_root)), "test").images)  # 512 or 10000
+    assert result.exit_code == 0 and f"statistics of {test_images} images" in unwrap(result.output), result.output
+    assert cli("eval", a, "fashion-mnist", "--data-root", train_root, "--json", direct_json).exit_code == 0
+    assert cli("eval", a, stats, "--json", reused_json).exit_code == 0
+    direct, reused = (json.loads(p.read_text()) for p in (direct_json, reused_json))
+    assert reused["metrics"] == direct["metrics"] and reused["reference"] == str(stats)
+    assert direct["reference"] == "fashion-mnist test split"
+    with np.load(stats) as saved:
+        assert saved["domain_features"].shape == (test_images, 128) and "mu" not in saved  # no Inception asked for
+
+
+@pytest.mark.slow
+def test_cli_eval_a_checkpoint_against_a_folder(fashion_extractor, trained_run: Path, two_folders, cli,
+                                                tmp_path: Path) -> None:
+    out = tmp_path / "vs.json"
+    result = cli("eval", trained_run / "checkpoints" / "last.pt", two_folders[1], "-n", "300", "--json", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert (report["mode"], report["reference"], report["num_generated"], report["num_real"]) == (
+        "generator", str(two_folders[1]), 300, 400)
+    assert report["metrics"]["fd"] > 0 and report["step"] == 6
+
+
+def test_cli_eval_sets_refuse_in_one_line(cli, unwrap, two_folders, tmp_path: Path) -> None:
+    a, b = two_folders
+    foreign = tmp_path / "other.npz"
+    np.savez(foreign, mu=np.zeros(3))
+    for args, code, message in (
+            ([a], 2, f"error: {a}: an image folder needs a REFERENCE"),
+            ([a, tmp_path / "nope"], 2, f"error: {tmp_path / 'nope'}: no such file or folder"),
+            ([a, b, "--save-stats", tmp_path / "s.npz"], 2, "error: --save-stats: give one SOURCE"),
+            ([a, foreign], 2, f"error: {foreign}: not statistics written by gantrain eval --save-stats"),
+            (["fashion-mnist", "--save-stats", tmp_path / "s.txt"], 2, "must end in .npz")):
+        result = cli("eval", *args)
+        assert result.exit_code == code, result.output
+        assert message in unwrap(result.output) and unwrap(result.output).count("error:") == 1, result.output
+        assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_cli_eval_folders_with_inception_and_saved_inception_statistics(stand_in_package: Path, fashion_extractor,
+                                                                         two_folders, train_root: Path, cli,
+                                                                         tmp_path: Path) -> None:
+    """Every metric on each pair, the Inception ones included; the saved mu/sigma (pytorch-fid's key names) are
+    those of the reference's Inception features, and reusing them gives the same Inception FID."""
+    a, b = two_folders
+    stats, first, again = tmp_path / "b.npz", tmp_path / "first.json", tmp_path / "again.json"
+    flags = ["--dataset", "fashion-mnist", "--data-root", train_root, "--inception"]
+    assert cli("eval", b, "--save-stats", stats, *flags).exit_code == 0
+    assert cli("eval", a, b, *flags, "--json", first).exit_code == 0
+    assert cli("eval", a, stats, *flags, "--json", again).exit_code == 0
+    first_report, again_report = (json.loads(p.read_text()) for p in (first, again))
+    assert first_report["inception"]["num_real"] == 400 and first_report["inception_fid"] > 0
+    assert again_report["inception_fid"] == pytest.approx(first_report["inception_fid"], rel=1e-9)
+    with np.load(stats) as saved:
+        features = saved["inception_features"]
+        np.testing.assert_allclose(saved["mu"], features.astype(np.float64).mean(0), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(saved["sigma"], np.cov(features.astype(np.float64), rowvar=False), rtol=1e-6,
+                                   atol=1e-9)
+    assert len(features) == 400  # (the stand-in network's features are 64-d, the real one's 2048)

@@ -86,7 +86,7 @@ def sample_size_warnings(num_fake: int, num_real: int, dim: int, subset_size: in
                      f"covariance from <= {dim} images is singular and the FD is biased upward; compare FDs only at "
                      f"equal n, and use n > {dim} (10000 is the convention)")
     if few < subset_size:
-        spread = ("its spread is not measured (every subset is both whole sets)" if max(num_fake, num_real) <= subset_size
+        spread = ("its spread is not measured (every subset is both whole sets)" if num_fake == num_real
                   else "its spread is underestimated")
         notes.append(f"KID{where}: subsets of {few} images instead of {subset_size}; {spread}")
     return notes

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,12 @@ from rich.table import Table
 from gantrain.engine.config import Config, override, with_env_defaults
 from gantrain.engine.errors import ConfigError
 from gantrain.engine.metrics import inception as inc
-from gantrain.engine.metrics.evaluate import Evaluator, MetricReport, generated_batches
+from gantrain.engine.metrics import sets
+from gantrain.engine.metrics.evaluate import (FEATURE_BATCH, Evaluator, MetricReport, Reference, compare, extract,
+                                              generated_batches)
+from gantrain.engine.metrics.extractor import ensure_extractor
 from gantrain.engine.metrics.reference import load_split, parse_dataset
+from gantrain.engine.metrics.sets import Side
 from gantrain.engine.outputs.runlog import log
 from gantrain.engine.state.files import atomic_write_text
 
@@ -50,6 +54,12 @@ class EvalResult:
     """With --inception: inception_fid, inception_kid_mean/std, num_real, seconds_per_1000 and the network's
     provenance (package, file, SHA-256)."""
     inception_note: str = "not requested (--inception)"
+    source: str | None = None
+    """What was compared, as named on the command line (a checkpoint, a folder)."""
+    reference: str | None = None
+    """What it was compared with (a folder, a .npz, a dataset's test split)."""
+    total_seconds: float | None = None
+    """The whole command's wall time (the CLI sets it), Inception features and fits included."""
 
     @property
     def warnings(self) -> list[str]:
@@ -62,12 +72,16 @@ class EvalResult:
 
     def to_json(self) -> dict[str, Any]:
         values = self.report.values
-        return {"mode": self.mode, "checkpoint": self.checkpoint, "step": self.step, "seed": self.seed,
+        return {"mode": self.mode, "checkpoint": self.checkpoint, "source": self.source or self.checkpoint,
+                "reference": self.reference or f"{self.extractor['label']} test split", "step": self.step,
+                "seed": self.seed,
                 "dataset": self.extractor["label"], "num_generated": self.report.num_generated,
                 "num_real": self.report.num_real,
                 "metrics": {k: v for k, v in values.items() if not k.startswith("hist_")},
                 "class_histogram": self.report.histogram, "inception_fid": self.inception_fid,
-                "inception": self.inception, "inception_note": self.inception_note, "seconds": round(self.report.seconds, 2),
+                "inception": self.inception, "inception_note": self.inception_note,
+                "seconds": round(self.total_seconds if self.total_seconds is not None else self.report.seconds, 2),
+                "domain_seconds": round(self.report.seconds, 2),
                 "warnings": self.warnings,
                 "extractor": {k: self.extractor[k] for k in EXTRACTOR_KEYS}}
 
@@ -118,6 +132,126 @@ def evaluate_real(cfg: Config, *, num_samples: int, seed: int = 0, data_root: st
                             "network": net.provenance}
         result.inception_note = "real half A vs real half B, Inception-v3 pool features"
     return result
+
+
+def evaluate_sets(source: Side, reference: Side | None, *, dataset: str | None = None, channels: int = 3,
+                  num_samples: int = 10000, seed: int = 0, device: str = "auto", data_root: str | None = None,
+                  cache: str | None = None, use_ema: bool = True, inception: bool = False, size: int | None = None,
+                  console: Console | None = None) -> EvalResult:
+    """``source`` (a checkpoint's generator, or an image folder) against ``reference`` (a folder, a dataset's test
+    split, saved statistics; None: the checkpoint's or --dataset's test split), in the domain extractor of
+    ``dataset``, else the checkpoint's, else the reference's (:mod:`gantrain.engine.metrics.sets`). Raises
+    :class:`ConfigError` for a combination that names no extractor or no reference."""
+    from gantrain.engine.dist.runtime import pick_device
+    from gantrain.engine.metrics.reference import spec_from_config
+    from gantrain.engine.outputs.generate import load_generator
+
+    if inception:
+        inc.network_file()  # refuse at once, not after minutes of domain metrics
+    started = time.perf_counter()
+    generator, cfg, stats = None, None, None
+    if source.kind == "checkpoint":
+        generator, cfg = load_generator(source.path, device, use_ema)
+        cfg = _eval_config(cfg, data_root, cache)
+    elif source.kind != "folder":
+        raise ConfigError(f"{source.name}: the first argument is what is evaluated: a checkpoint, an exported "
+                          "generator or an image folder")
+    if reference is not None and reference.kind == "stats":
+        stats = sets.load_stats(reference.path)
+    if dataset is not None:
+        spec = parse_dataset(dataset, data_root, channels)
+    elif stats is not None:
+        spec = sets.stats_spec(stats[0]).extractor_spec()
+    elif reference is not None and reference.kind == "dataset":
+        spec = reference.spec
+    elif cfg is not None:
+        spec = spec_from_config(cfg).extractor_spec()
+    elif reference is not None and reference.kind == "folder":
+        spec = sets.folder_spec(reference.path, channels)
+    else:
+        raise ConfigError(f"{source.name}: an image folder needs a REFERENCE (a folder, a dataset such as "
+                          "fashion-mnist, a .npz from --save-stats) or --dataset")
+    run_device = pick_device(device) if generator is None else next(generator.parameters()).device
+    if generator is not None:
+        train_px = cfg.data.image_size
+        fake_images = None
+        fake_batches = lambda: generated_batches(generator, cfg, spec, num_samples, seed, run_device)  # noqa: E731
+        num_fake = num_samples
+    else:
+        images, train_px = sets.folder_images(source.path, spec.channels, size)
+        fake_images = sets.on_metric_road(images, spec.size_px)
+        fake_batches = lambda: iter(fake_images.split(FEATURE_BATCH))  # noqa: E731
+        num_fake = len(fake_images)
+    ref_side = reference or Side("dataset", spec=spec)
+    ref_images, inception_real = None, None
+    if stats is not None:
+        meta, real, inception_real = stats
+        extractor = ensure_extractor(spec, cache=cache, device=run_device, console=console)
+        if extractor.weights_sha256 != meta["extractor_weights_sha256"]:
+            raise ConfigError(f"{reference.path}: computed with another {meta['label']} extractor (weights "
+                              f"{meta['extractor_weights_sha256'][:12]}, the cache holds {extractor.weights_sha256[:12]}); "
+                              "save the statistics again")
+        ref = Reference(replace(spec, train_px=meta.get("train_px")), extractor, real)
+    else:
+        ref, ref_images = sets.reference_of(ref_side, spec, train_px, cache=cache, device=run_device,
+                                            console=console, quiet=False)
+    domain_started = time.perf_counter()
+    features, probs = extract(ref.extractor, fake_batches(), num_fake, "generated features" if generator is not None
+                              else "folder features", console=console)
+    values = compare(features, probs, ref, seed=seed, real=ref.real)
+    evaluator = Evaluator(ref, console=console)
+    report = MetricReport(values, num_fake, len(ref.real.features), seconds=time.perf_counter() - domain_started,
+                          warnings=evaluator.size_warnings(num_fake, len(ref.real.features), features.shape[1]))
+    mode = "generator" if generator is not None else "folder"
+    result = EvalResult(mode, report, ref.extractor.info, str(source.path) if generator is not None else None,
+                        _checkpoint_step(source.path) if generator is not None else None, seed,
+                        source=source.name, reference=ref_side.name)
+    if inception:
+        net = inc.load_inception(run_device)
+        fake, fake_seconds = inc.extract_features(net, fake_batches())
+        if stats is not None:
+            if inception_real is None:
+                raise ConfigError(f"{reference.path} holds no Inception statistics: save it with --inception")
+            real = inception_real
+        elif ref_images is not None:
+            real, _ = inc.extract_features(net, ref_images.split(inc.BATCH * 10))
+        else:
+            real = inc.real_inception_features(net, ref.spec, min(num_fake, _test_size(ref.spec)), cache=cache)
+        result.inception = {**inc.inception_scores(fake, real, seed=seed), "num_real": len(real),
+                            "seconds_per_1000": round(1000 * fake_seconds / max(len(fake), 1), 1),
+                            "network": net.provenance}
+        result.inception_note = f"{len(fake)} vs {len(real)} images, Inception-v3 pool features"
+    result.total_seconds = time.perf_counter() - started
+    return result
+
+
+def stats_for(side: Side, path: Path, *, dataset: str | None = None, channels: int = 3, data_root: str | None = None,
+              cache: str | None = None, device: str = "auto", inception: bool = False, size: int | None = None,
+              console: Console | None = None) -> tuple[Path, int]:
+    """``gantrain eval REFERENCE --save-stats PATH``: the reference side's statistics, saved for later
+    comparisons; returns the file and the number of images."""
+    from gantrain.engine.dist.runtime import pick_device
+
+    if side.kind not in ("folder", "dataset"):
+        raise ConfigError("--save-stats: give an image folder or a dataset (fashion-mnist, mnist, folder:PATH)")
+    if path.suffix != ".npz":
+        raise ConfigError(f"--save-stats: {path} must end in .npz")
+    if inception:
+        inc.network_file()
+    spec = (parse_dataset(dataset, data_root, channels) if dataset is not None else
+            side.spec if side.kind == "dataset" else sets.folder_spec(side.path, channels))
+    run_device = pick_device(device)
+    ref, images = sets.reference_of(side, spec, size, cache=cache, device=run_device, console=console, quiet=False)
+    block = None
+    if inception:
+        net = inc.load_inception(run_device)
+        if images is None:
+            count = _test_size(ref.spec)
+            features = inc.real_inception_features(net, ref.spec, count, cache=cache)
+        else:
+            features, _ = inc.extract_features(net, images.split(inc.BATCH * 10))
+        block = {"features": features, "sha256": net.sha256}
+    return sets.save_stats(path, ref, block), len(ref.real.features)
 
 
 def real_config(checkpoint: Path | None, dataset: str | None, data_root: str | None) -> Config:
@@ -173,7 +307,8 @@ def render(result: EvalResult) -> list[Table]:
 
 def _metrics_table(result: EvalResult) -> Table:
     values, info = result.report.values, result.extractor
-    what = result.checkpoint if result.mode == "generator" else "real vs real (two halves of the test split)"
+    what = {"generator": f"{result.checkpoint} vs {result.reference}", "folder": f"{result.source} vs {result.reference}"
+            }.get(result.mode, "real vs real (two halves of the test split)")
     table = Table(title=f"gantrain eval: {what}", caption=_caption(result), show_lines=False)
     table.add_column("metric", style="bold", no_wrap=True)
     table.add_column("value", justify="right", no_wrap=True)
@@ -199,8 +334,10 @@ def _kid(mean: float, std: float) -> str:
 
 def _caption(result: EvalResult) -> str:
     step = f"step {result.step}, " if result.step is not None else ""
-    return (f"{step}{result.report.num_generated} generated vs {result.report.num_real} real test images, "
-            f"seed {result.seed}, {result.report.seconds:.1f} s")
+    seconds = result.total_seconds if result.total_seconds is not None else result.report.seconds
+    what = "folder" if result.mode == "folder" else "generated"
+    return (f"{step}{result.report.num_generated} {what} vs {result.report.num_real} reference images, "
+            f"seed {result.seed}, {seconds:.1f} s in all")
 
 
 def _histogram_table(result: EvalResult) -> Table:
@@ -215,9 +352,14 @@ def _histogram_table(result: EvalResult) -> Table:
     return table
 
 
+def strict_json(result: EvalResult) -> str:
+    """The results as one strict JSON object (a non-finite metric is null)."""
+    return json.dumps(_strict(result.to_json()), indent=2, allow_nan=False)
+
+
 def write_json(result: EvalResult, path: Path) -> Path:
-    """The results as strict JSON (a non-finite metric is null), written atomically; raises RunIOError."""
-    return atomic_write_text(path, json.dumps(_strict(result.to_json()), indent=2, allow_nan=False) + "\n")
+    """:func:`strict_json`, written atomically; raises RunIOError."""
+    return atomic_write_text(path, strict_json(result) + "\n")
 
 
 def _strict(value: Any) -> Any:

@@ -1,0 +1,144 @@
+"""``gantrain eval`` on what users have on disk: two image folders (pytorch-fid's ``DIR1 DIR2``), a folder against a
+dataset's test split, a checkpoint or exported generator against a folder, and reference statistics saved once
+(``--save-stats``, an ``.npz``) and reused.
+
+Every side takes the same road to the features: images decoded at one size S (the source folder's, or a
+generator's training size), brought to the extractor's size by :func:`~gantrain.engine.metrics.reference.to_metric_size`;
+a dataset's test split takes that road from S too (``DatasetSpec.train_px``). The domain extractor is the
+dataset's (``--dataset``), else the checkpoint's, else the reference folder's own (a rotation classifier fitted
+on it, cached). Inception features are taken of the same images.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from gantrain.engine.data.decode import decode_or_skip
+from gantrain.engine.data.discovery import discover_images
+from gantrain.engine.data.pixels import to_uint8, to_unit
+from gantrain.engine.errors import ConfigError, DataError
+from gantrain.engine.metrics import formulas
+from gantrain.engine.metrics.evaluate import FEATURE_BATCH, RealFeatures, Reference, extract, load_reference
+from gantrain.engine.metrics.extractor import check_usable, ensure_extractor
+from gantrain.engine.metrics.reference import IDX_DATASETS, DatasetSpec, parse_dataset, to_metric_size
+from gantrain.engine.state.files import atomic_write
+
+STATS_FORMAT = "gantrain-eval-stats"
+STATS_VERSION = 1
+
+
+@dataclass
+class Side:
+    """One side of a comparison, as given on the command line."""
+
+    kind: str
+    """checkpoint (a .pt checkpoint or an exported .safetensors generator), folder, dataset or stats (.npz)."""
+    path: Path | None = None
+    spec: DatasetSpec | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.path) if self.path is not None else f"{self.spec.label} test split"
+
+
+def parse_side(text: str, channels: int = 3, data_root: str | None = None) -> Side:
+    """A command-line argument: an existing folder, a ``.npz`` of saved statistics, a checkpoint or export file,
+    or a dataset name (fashion-mnist, mnist under ``data_root``; folder:PATH) meaning its test split. Raises
+    :class:`ConfigError`."""
+    if text in IDX_DATASETS or text.startswith("folder:"):
+        return Side("dataset", spec=parse_dataset(text, data_root, channels))
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return Side("folder", path)
+    if not path.exists() and path.suffix in (".pt", ".safetensors"):
+        return Side("checkpoint", path)  # loading it says what is wrong with the path
+    if not path.is_file():
+        raise ConfigError(f"{text}: no such file or folder (give a checkpoint, an exported generator, an image "
+                          "folder, a .npz from --save-stats, or fashion-mnist, mnist or folder:PATH)")
+    return Side("stats" if path.suffix == ".npz" else "checkpoint", path)
+
+
+def folder_images(folder: Path, channels: int, size: int | None = None) -> tuple[torch.Tensor, int]:
+    """Every image below ``folder`` (found as training finds them; unreadable files skipped) as uint8 (N, C, S, S)
+    and S: ``size``, else the first image's (its shorter side: non-square images are centre-cropped as in
+    training). Raises :class:`DataError` for a folder without a readable image."""
+    paths = discover_images(folder).paths
+    if size is None:
+        with Image.open(paths[0]) as first:
+            size = min(first.size)
+    arrays = [a for a in (decode_or_skip(p, size, channels)[0] for p in paths) if a is not None]
+    if not arrays:
+        raise DataError(f"{folder}: no readable image")
+    return torch.from_numpy(np.stack(arrays)), size
+
+
+def on_metric_road(images: torch.Tensor, size_px: int) -> torch.Tensor:
+    """uint8 (N, C, S, S) -> uint8 at ``size_px`` by :func:`to_metric_size`, in chunks."""
+    return torch.cat([to_uint8(to_metric_size(to_unit(c), size_px)) for c in images.split(FEATURE_BATCH)])
+
+
+def folder_spec(folder: Path, channels: int) -> DatasetSpec:
+    """The metric dataset of an image folder: its own rotation extractor."""
+    return DatasetSpec("folder", folder, channels)
+
+
+def reference_of(side: Side, spec: DatasetSpec, train_px: int | None, *, cache: str | None, device,
+                 console, quiet: bool) -> tuple[Reference, torch.Tensor | None]:
+    """The reference side's :class:`Reference` in ``spec``'s extractor and, for a folder, its images at the metric
+    size (for the Inception features); a dataset's test split takes the road from ``train_px``."""
+    if side.kind == "dataset":
+        return load_reference(replace(spec, train_px=train_px), cache=cache, device=device, console=console,
+                              quiet=quiet), None
+    extractor = ensure_extractor(spec, cache=cache, device=device, console=console, quiet=quiet)
+    check_usable(extractor)
+    images, _ = folder_images(side.path, spec.channels, train_px)
+    images = on_metric_road(images, spec.size_px)
+    features, _ = extract(extractor, iter(images.split(FEATURE_BATCH)), len(images), "reference features",
+                          console=console, quiet=quiet)
+    return Reference(spec, extractor, RealFeatures(features, *formulas.mean_and_covariance(features))), images
+
+
+def save_stats(path: Path, reference: Reference, inception: dict | None) -> Path:
+    """The reference's domain features (so every domain metric can be computed again) and, with ``inception``,
+    the Inception mean and covariance (``mu``/``sigma``, pytorch-fid's key names) and features, as one ``.npz``
+    written atomically; ``meta`` (JSON) says which extractor and network they belong to."""
+    spec = reference.spec
+    meta = {"format": STATS_FORMAT, "version": STATS_VERSION, "dataset": spec.dataset, "root": str(spec.root),
+            "channels": spec.channels, "label": spec.label, "size_px": spec.size_px, "train_px": spec.train_px,
+            "extractor_weights_sha256": reference.extractor.weights_sha256,
+            "inception_sha256": inception["sha256"] if inception else None}
+    arrays = {"meta": np.array(json.dumps(meta)), "domain_features": reference.real.features.numpy()}
+    if inception:
+        features = inception["features"].numpy()
+        mu, sigma = formulas.mean_and_covariance(features)
+        arrays.update(mu=mu, sigma=sigma, inception_features=features)
+    if path.suffix != ".npz":
+        raise ConfigError(f"--save-stats: {path} must end in .npz")
+    return atomic_write(path, lambda fh: np.savez(fh, **arrays))
+
+
+def stats_spec(meta: dict) -> DatasetSpec:
+    """The metric dataset (its extractor) that saved statistics were computed in."""
+    return DatasetSpec(meta["dataset"], Path(meta["root"]), int(meta["channels"]), train_px=meta.get("train_px"))
+
+
+def load_stats(path: Path) -> tuple[dict, RealFeatures, torch.Tensor | None]:
+    """What :func:`save_stats` wrote: its meta, the domain features and the Inception features (or None). Raises
+    :class:`ConfigError` for a file of another kind or version."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            domain = torch.from_numpy(data["domain_features"])
+            inception = torch.from_numpy(data["inception_features"]) if "inception_features" in data else None
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{path}: not statistics written by gantrain eval --save-stats ({exc})") from None
+    if meta.get("format") != STATS_FORMAT or meta.get("version") != STATS_VERSION:
+        raise ConfigError(f"{path}: not statistics written by gantrain eval --save-stats (version "
+                          f"{STATS_VERSION})")
+    return meta, RealFeatures(domain, *formulas.mean_and_covariance(domain)), inception
