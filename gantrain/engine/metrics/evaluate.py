@@ -36,7 +36,7 @@ from gantrain.engine.metrics.cache import cache_dir, load_artifact, save_artifac
 from gantrain.engine.metrics.extractor import Extractor, check_usable, ensure_extractor, task_batch, to_unit_range
 from gantrain.engine.metrics.progress import resolve_quiet, task_bar
 from gantrain.engine.metrics.reference import DatasetSpec, load_split, spec_from_config, split_sha256
-from gantrain.engine.outputs.runlog import log
+from gantrain.engine.outputs.runlog import warn_once
 
 METRIC_KEYS = ("fd", "kid_mean", "kid_std", "precision", "recall", "density", "coverage", "classifier_score")
 FEATURE_BATCH = 1000
@@ -184,7 +184,7 @@ class Evaluator:
         logged once per process."""
         notes = formulas.sample_size_warnings(num_fake, num_real, dim, KID_SUBSET_SIZE,
                                               f"the {self.reference.extractor.info['label']} extractor's features")
-        say_once(notes)
+        warn_once(notes)
         return notes
 
     def real_halves(self, num_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,17 +209,6 @@ class Evaluator:
         values = compare(fake_features, fake_probs, self.reference, seed=seed, real=real)
         return MetricReport(values, half, half, seconds=time.perf_counter() - started,
                             warnings=self.size_warnings(half, half, fake_features.shape[1]))
-
-
-_SAID: set[str] = set()
-
-
-def say_once(notes: list[str]) -> None:
-    """Logs each note as a warning the first time this process meets it (an evaluation per epoch repeats them)."""
-    for note in notes:
-        if note not in _SAID:
-            _SAID.add(note)
-            log.warning("%s", note)
 
 
 _EVALUATORS: dict[tuple, Evaluator] = {}

@@ -202,10 +202,10 @@ def inception_scores(fake: torch.Tensor, real: torch.Tensor, *, seed: int = 0) -
     from gantrain.engine.metrics import formulas
     from gantrain.engine.metrics.generated import KID_SUBSET_SIZE, KID_SUBSETS
 
-    from gantrain.engine.metrics.evaluate import say_once
+    from gantrain.engine.outputs.runlog import warn_once
 
     notes = formulas.sample_size_warnings(len(fake), len(real), FEATURE_DIM, KID_SUBSET_SIZE, "Inception features")
-    say_once(notes)
+    warn_once(notes)
     fid = formulas.frechet_distance(*formulas.mean_and_covariance(fake), *formulas.mean_and_covariance(real))
     kid_mean, kid_std = formulas.kernel_inception_distance(fake, real, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE,
                                                         seed=seed)

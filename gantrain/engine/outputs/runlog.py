@@ -96,6 +96,17 @@ def json_line(record: dict[str, Any]) -> str:
     return json.dumps(record, allow_nan=False) + "\n"
 
 
+_WARNED: set[str] = set()
+
+
+def warn_once(notes: list[str]) -> None:
+    """Logs each note as a warning the first time this process meets it (an evaluation per epoch repeats them)."""
+    for note in notes:
+        if note not in _WARNED:
+            _WARNED.add(note)
+            log.warning("%s", note)
+
+
 def progress_bar(console: Console) -> Progress:
     return Progress(
         TextColumn("[bold]epoch {task.fields[epoch]}"),
