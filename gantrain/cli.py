@@ -242,6 +242,7 @@ def eval_command(
     seed: Annotated[int, typer.Option(help="Seed of the generator noise and the KID subsets.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     inception: Annotated[bool, typer.Option("--inception", help="Also the standard FID and KID in Inception-v3 features (the fid extra; no download; about 0.3 s per image on a CPU).")] = False,
+    inception_mode: Annotated[str, typer.Option(help="With --inception: legacy-tf (TF1 bilinear resize, as TTUR/pytorch-fid and most published FID tables) or clean (Pillow bicubic, as clean-fid's clean tables).")] = "legacy-tf",
     metrics_cache: Annotated[Optional[str], typer.Option(help=_CACHE_HELP)] = None,
     no_ema: Annotated[bool, typer.Option("--no-ema", help="Use the raw generator even if the checkpoint has an EMA one.")] = False,
 ) -> None:
@@ -264,14 +265,15 @@ def eval_command(
             raise fail("--save-stats: give one SOURCE, the reference to save (a folder or a dataset)", 2)
         path, count = stats_for(parse_side(source, channels, root), save_stats, dataset=dataset, channels=channels,
                                 data_root=root, cache=metrics_cache, device=device, inception=inception, size=size,
-                                console=console)
+                                console=console, inception_mode=inception_mode)
         console.print(f"wrote {path} (statistics of {count} images{', with Inception' if inception else ''}; "
                       f"{time.perf_counter() - started:.1f} s)")
         return
     if real_vs_real:
         checkpoint = Path(source) if source else None
         result = evaluate_real(real_config(checkpoint, dataset, data_root), num_samples=n, seed=seed,
-                               data_root=data_root, cache=metrics_cache, console=console, inception=inception)
+                               data_root=data_root, cache=metrics_cache, console=console, inception=inception,
+                               inception_mode=inception_mode)
     elif source is None:
         raise fail("give a SOURCE to evaluate (a CHECKPOINT, an exported generator or an image folder), or "
                    "--real-vs-real", 2)
@@ -280,12 +282,12 @@ def eval_command(
         if side.kind == "checkpoint" and reference is None and dataset is None:
             result = evaluate_checkpoint(side.path, num_samples=n, seed=seed, device=device, data_root=data_root,
                                          cache=metrics_cache, use_ema=not no_ema, inception=inception,
-                                         console=console)
+                                         console=console, inception_mode=inception_mode)
         else:
             result = evaluate_sets(side, parse_side(reference, channels, root) if reference else None,
                                    dataset=dataset, channels=channels, num_samples=n, seed=seed, device=device,
                                    data_root=data_root, cache=metrics_cache, use_ema=not no_ema,
-                                   inception=inception, size=size, console=console)
+                                   inception=inception, size=size, console=console, inception_mode=inception_mode)
     result.total_seconds = time.perf_counter() - started
     for table in render(result):
         shown.print(table)

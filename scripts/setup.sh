@@ -10,4 +10,10 @@ PYTHON=${PYTHON:-python3}
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 "$VENV/bin/python" -m pip install -q -e ".[dev${EXTRAS:+,$EXTRAS}]"
+# With the fid extra: clean-fid's resize code, which the tests of --inception-mode clean compare against. Without
+# its dependencies: they include torchvision (a CUDA build from the registry); cleanfid.resize needs only torch,
+# numpy and Pillow.
+if [[ ",${EXTRAS:-}," == *",fid,"* ]]; then
+  "$VENV/bin/python" -m pip install -q --no-deps "clean-fid==0.1.35"
+fi
 echo "gantrain installed in $VENV ($("$VENV/bin/gantrain" --version))"

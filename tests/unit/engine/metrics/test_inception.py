@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from gantrain.engine.errors import ConfigError
 from gantrain.engine.metrics import inception as inc
 
 
@@ -138,3 +139,31 @@ def _test_split_28px(root: Path):
     from gantrain.engine.data.sources import read_idx
 
     return read_idx(ensure_idx_files("fashion-mnist", root)["t10k-images-idx3-ubyte"]).copy()
+
+
+def test_clean_mode_resizes_pixel_for_pixel_as_clean_fid() -> None:
+    """--inception-mode clean against clean-fid's own resize function (``make_resizer("PIL", False, "bicubic")``,
+    what its "clean" mode applies), on uint8 images of several sizes; then the network's input scaling."""
+    resize = pytest.importorskip("cleanfid.resize", reason="clean-fid is absent: scripts/setup.sh installs it "
+                                                           "(--no-deps) with the fid extra").make_resizer
+    theirs_fn = resize("PIL", False, "bicubic", (299, 299))
+    rng = np.random.default_rng(0)
+    for h, w in ((32, 32), (64, 64), (128, 128), (40, 56)):
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        theirs = theirs_fn(image)  # (299, 299, 3) float32
+        ours = inc.clean_resize(torch.from_numpy(image.transpose(2, 0, 1))[None].float(), 299)[0]
+        np.testing.assert_array_equal(ours.permute(1, 2, 0).numpy(), theirs)
+    gray = rng.integers(0, 256, (1, 1, 32, 32), dtype=np.uint8)
+    net_input = inc.preprocess(torch.from_numpy(gray), "clean")[0]
+    theirs = theirs_fn(np.repeat(gray[0].transpose(1, 2, 0), 3, axis=2)) / 128.0 - 1.0
+    np.testing.assert_allclose(net_input.permute(1, 2, 0).numpy(), theirs, rtol=0, atol=1e-6)
+    legacy = inc.preprocess(torch.from_numpy(gray), "legacy-tf")[0]
+    assert not torch.allclose(legacy, net_input, atol=1e-3)  # the two conventions really differ
+
+
+def test_the_mode_names_the_cache_and_the_provenance(stand_in_package: Path) -> None:
+    legacy, clean = inc.load_inception("cpu"), inc.load_inception("cpu", "clean")
+    assert legacy.key == f"inception-{legacy.sha256[:16]}" and clean.key == legacy.key + "-clean"
+    assert clean.provenance["mode"] == "clean" and "bicubic" in clean.provenance["resize"]
+    with pytest.raises(ConfigError, match="--inception-mode: must be legacy-tf or clean, got 'tf2'"):
+        inc.load_inception("cpu", "tf2")
