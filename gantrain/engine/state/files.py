@@ -92,8 +92,10 @@ def atomic_write(path: Path | str, write: Callable[[IO[bytes]], Any]) -> Path:
     """Writes a file by calling ``write(binary file)`` on a temporary file beside ``path``, then fsync and rename.
 
     ``path`` holds either its old content or the complete new one, whatever happens meanwhile (kill, crash,
-    full disk); no temporary file is left behind. Raises :class:`RunIOError` naming ``path`` when the
-    writing fails for an operating-system reason (the cause may come wrapped, as torch.save wraps it).
+    full disk); no temporary file is left behind. The file gets the mode a plain ``open`` would give it (0666 less
+    the umask: 0644 under umask 022), or the mode of the file it replaces. Raises :class:`RunIOError` naming
+    ``path`` when the writing fails for an operating-system reason (the cause may come wrapped, as torch.save
+    wraps it).
     """
     path = Path(path)
     try:
@@ -105,6 +107,7 @@ def atomic_write(path: Path | str, write: Callable[[IO[bytes]], Any]) -> Path:
     except OSError as exc:
         raise io_error("write", path, exc) from None
     try:
+        os.fchmod(fd, _mode_for(path))  # mkstemp makes 0600: colleagues could not read a run's files
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -119,6 +122,27 @@ def atomic_write(path: Path | str, write: Callable[[IO[bytes]], Any]) -> Path:
         raise
     _fsync_folder(path.parent)
     return path
+
+
+def _mode_for(path: Path) -> int:
+    """The permission bits a new ``path`` gets from ``open``: those of the file it replaces, else 0666 & ~umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    """The process's umask, read from /proc (Linux) without changing it; elsewhere set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 TEMP_SUFFIX = ".tmp"
