@@ -192,20 +192,56 @@ def presets_command() -> None:
 @user_errors
 def generate_command(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `gantrain run` (e.g. runs/fashion32/checkpoints/last.pt), or a generator written by `gantrain export`.")],
-    n: Annotated[int, typer.Option("-n", "--num", min=1, help="Number of images.")] = 64,
+    n: Annotated[Optional[int], typer.Option("-n", "--num", min=1, help="Number of images: 0..N-1 of the seed (default 64; 8 per row with --truncation-grid).")] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="Pick images by index instead of -n: numbers and ranges, comma-separated, e.g. 0-63,100, in this order, each once; image i is the same as in a plain -n run (default: -n's 0..N-1).")] = None,
+    truncation: Annotated[Optional[str], typer.Option(metavar="PSI", help="Truncation trick, PSI > 0: normal noise redrawn until |z| <= PSI (a truncated normal; PSI 1 truncates to [-1, 1]); uniform noise scaled to U(-PSI, PSI) when PSI < 1 (default: off; inf is off).")] = None,
+    truncation_grid: Annotated[Optional[str], typer.Option(metavar="PSIS", help="One grid with a row per PSI (comma-separated, e.g. 0.5,0.7,1,inf; inf: untruncated) of the same images (default: off).")] = None,
+    interpolate: Annotated[Optional[tuple[str, str]], typer.Option(metavar="A B", help="Interpolate from image A to image B of the seed (slerp for normal noise, lerp for uniform): a row of --frames images at --out and a GIF at --out with .gif (default: off).")] = None,
+    walk: Annotated[Optional[str], typer.Option(metavar="I,J,...", help="A latent walk through images, e.g. 3,17,42,3: each consecutive pair interpolated as --interpolate, a grid row per pair and one GIF (default: off).")] = None,
+    frames: Annotated[Optional[int], typer.Option(help="With --interpolate or --walk: images per pair, both ends included (default 8).")] = None,
     out: Annotated[Path, typer.Option(help="Output grid PNG.")] = Path("grid.png"),
     seed: Annotated[int, typer.Option(help="Seed of the noise.")] = 0,
-    individual: Annotated[Optional[Path], typer.Option(help="Also write each image as its own PNG into this folder.")] = None,
-    nrow: Annotated[int, typer.Option(min=1, help="Images per grid row.")] = 8,
+    individual: Annotated[Optional[Path], typer.Option(help="Also write each image as its own PNG into this folder, named by its index (image 100: 000100.png) (default: off).")] = None,
+    nrow: Annotated[Optional[int], typer.Option(min=1, help="Images per grid row (default 8).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    no_ema: Annotated[bool, typer.Option("--no-ema", help="Use the raw generator even if the checkpoint has an EMA one.")] = False,
+    no_ema: Annotated[bool, typer.Option("--no-ema", help="Use the raw generator even if the checkpoint has an EMA one (default: the EMA one).")] = False,
 ) -> None:
-    """Generate images from a saved generator, without the dataset."""
-    from gantrain.engine.outputs.generate import generate
+    """Generate images from a saved generator, without the dataset: a grid, a truncation grid or an interpolation."""
+    from gantrain.engine.outputs import generate as gen
 
-    result = generate(checkpoint, n=n, out=out, seed=seed, individual=individual, nrow=nrow, device=device,
-                      use_ema=not no_ema)
-    console.print(f"wrote {result.grid} ({n} images{', ' + str(len(result.individual)) + ' files in ' + str(individual) if individual else ''})")
+    modes = {"--interpolate": interpolate, "--walk": walk, "--truncation-grid": truncation_grid}
+    chosen = [flag for flag, value in modes.items() if value is not None]
+    if len(chosen) > 1:
+        raise ConfigError(f"{chosen[0]} and {chosen[1]}: give one of them")
+    mode = chosen[0] if chosen else None
+    options = {"-n": n, "--seeds": seeds, "--truncation": truncation, "--individual": individual, "--nrow": nrow,
+               "--frames": frames}
+    usable = {None: {"-n", "--seeds", "--truncation", "--individual", "--nrow"}, "--truncation-grid": {"-n", "--seeds"},
+              "--interpolate": {"--truncation", "--frames"}, "--walk": {"--truncation", "--frames"}}[mode]
+    wrong = [flag for flag, value in options.items() if value is not None and flag not in usable]
+    if wrong:
+        raise ConfigError(f"{wrong[0]}: " + (f"not used with {mode}" if mode else "only with --interpolate or --walk"))
+    psi = None if truncation is None else gen.parse_truncations(truncation, "--truncation")
+    if psi is not None and len(psi) > 1:
+        raise ConfigError(f"--truncation: one PSI, got {truncation!r} (--truncation-grid takes several)")
+    psi = psi[0] if psi else None
+    common = dict(out=out, seed=seed, device=device, use_ema=not no_ema)
+    if mode == "--truncation-grid":
+        result = gen.truncation_grid(checkpoint, truncation_grid, n=n, seeds=seeds, **common)
+        rows = len(gen.parse_truncations(truncation_grid))
+        console.print(f"wrote {result.grid} ({rows} rows of {len(result.indices)} images, one per psi)")
+    elif mode is not None:
+        points = walk if mode == "--walk" else [gen.parse_indices(i, mode, ranges=False)[0] for i in interpolate]
+        found = gen.interpolate(checkpoint, points, frames=8 if frames is None else frames, truncation=psi,
+                                **common)
+        pairs = len(found.indices) - 1
+        console.print(f"wrote {found.grid} ({pairs} row{'s' if pairs > 1 else ''} of {found.frames} frames) and "
+                      f"{found.gif} ({pairs * (found.frames - 1) + 1} frames)")
+    else:
+        result = gen.generate(checkpoint, n=n, seeds=seeds, truncation=psi, individual=individual,
+                              nrow=8 if nrow is None else nrow, **common)
+        each = f", {len(result.individual)} files in {individual}" if individual else ""
+        console.print(f"wrote {result.grid} ({len(result.indices)} images{each})")
 
 
 @app.command("export", cls=FlagCommand)

@@ -7,8 +7,10 @@ generator module and noise, never a Trainer.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -48,14 +50,117 @@ def indexed_noise(indices: int | Sequence[int], nz: int, kind: str, seed: int,
     if int(rows.min()) < 0:
         raise ValueError(f"noise indices must be >= 0, got {int(rows.min())}")
     gen = torch.Generator().manual_seed(seed)
-    blocks = [sample_noise(NOISE_BLOCK, nz, kind, "cpu", gen) for _ in range(int(rows.max()) // NOISE_BLOCK + 1)]
-    return torch.cat(blocks)[rows].to(device)
+    out = torch.empty(rows.numel(), nz)
+    block_of = rows // NOISE_BLOCK
+    for b in range(int(rows.max()) // NOISE_BLOCK + 1):  # only the rows asked for are kept: memory O(block)
+        block = sample_noise(NOISE_BLOCK, nz, kind, "cpu", gen)
+        here = block_of == b
+        if bool(here.any()):
+            out[here] = block[rows[here] % NOISE_BLOCK]
+    return out.to(device)
 
 
 def fixed_noise(nz: int, kind: str, seed: int, device: torch.device | str, n: int = NUM_FIXED_SAMPLES) -> torch.Tensor:
     """The run's fixed sample noise (n, nz): rows 0..n-1 of ``seed`` (:func:`indexed_noise`), drawn on the CPU,
     so every device, process layout and resumed run draws the same grid."""
     return indexed_noise(n, nz, kind, seed, device)
+
+
+MIN_TRUNCATION = 1e-3
+"""The smallest truncation :func:`truncated_noise` accepts: below it the redraws of normal noise (acceptance
+about 0.8 psi) grow without use, every image being the image of z = 0 to 8 bits."""
+TRUNCATION_STREAM = 0x7472_756E  # "trun"
+"""Mixed with the seed and an image's index into the seed of that image's redraws (:func:`truncated_noise`)."""
+
+
+def check_truncation(psi: float | None) -> float | None:
+    """``psi`` as :func:`truncated_noise` uses it: None for no truncation (None or +inf), else the float.
+    Raises ValueError for NaN, psi <= 0 and psi below :data:`MIN_TRUNCATION`."""
+    if psi is None or psi == math.inf:
+        return None
+    psi = float(psi)
+    if not psi > 0:  # NaN included
+        raise ValueError(f"must be > 0 (inf: no truncation), got {psi}")
+    if psi < MIN_TRUNCATION:
+        raise ValueError(f"must be at least {MIN_TRUNCATION} (below it every image is the image of z = 0), got {psi}")
+    return psi
+
+
+def _redraw_seed(seed: int, index: int) -> int:
+    """The seed of image ``index``'s redraw stream: a function of (seed, index) alone (numpy's SeedSequence hash)."""
+    state = np.random.SeedSequence([TRUNCATION_STREAM, seed % 2**64, index]).generate_state(1, np.uint64)
+    return int(state[0])
+
+
+def truncated_noise(indices: int | Sequence[int], nz: int, kind: str, seed: int, truncation: float | None = None,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """:func:`indexed_noise` with the truncation trick (Brock et al. 2019, BigGAN, arXiv:1809.11096, sec. 3.1):
+    (len(indices), nz) float32 on ``device``; ``truncation`` (psi) None or inf: exactly :func:`indexed_noise`.
+
+    ``kind="normal"``: every coordinate with |z| > psi is redrawn from N(0, 1) until |z| <= psi, so each coordinate
+    is N(0, 1) truncated to [-psi, psi] (``scipy.stats.truncnorm(-psi, psi)``); psi = 1 truncates to [-1, 1].
+    Coordinates already inside keep their value. Image i's redraws come from a CPU generator of its own, seeded
+    from (seed, i) alone: each round draws an (m, nz) block, m = ceil(1 / P(|z| <= psi)), and a coordinate still
+    outside takes the first of its m values (column j) that is inside; so row i is the same whatever else is drawn.
+    ``kind="uniform"``: U(-1, 1) scaled to U(-psi, psi) (z * psi in float32) when psi < 1; psi >= 1 changes nothing
+    (the noise is inside already). Raises ValueError as :func:`check_truncation` and for a negative index."""
+    psi = check_truncation(truncation)
+    z = indexed_noise(indices, nz, kind, seed)
+    if psi is None:
+        return z.to(device)
+    if kind == "uniform":
+        return (z * psi if psi < 1 else z).to(device)
+    rows = list(range(indices)) if isinstance(indices, int) else [int(i) for i in indices]
+    per_round = math.ceil(1 / math.erf(psi / math.sqrt(2)))
+    values = z.numpy()  # the same memory; numpy: small single-threaded steps, compared in float64 (exact)
+    outside = np.abs(values.astype(np.float64)) > psi
+    for r in np.flatnonzero(outside.any(1)).tolist():
+        gen = torch.Generator().manual_seed(_redraw_seed(seed, rows[r]))
+        todo = outside[r]
+        while todo.any():
+            draw = torch.randn(per_round, nz, generator=gen).numpy()
+            inside = np.abs(draw.astype(np.float64)) <= psi
+            cols = np.flatnonzero(todo & inside.any(0))
+            values[r, cols] = draw[inside[:, cols].argmax(0), cols]  # argmax of bools: the first True
+            todo[cols] = False
+    return z.to(device)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """Spherical interpolation from ``a`` to ``b`` (both (nz,)) at fractions ``t`` ((T,)): (T, nz) float32.
+
+    slerp(a, b; t) = sin((1 - t) W) / sin W * a + sin(t W) / sin W * b, W = arccos(a.b / (|a| |b|)): Shoemake's
+    formula (1985, "Animating rotation with quaternion curves"), applied to the latents as given (not normalised)
+    as in White (2016, "Sampling generative networks", arXiv:1609.04468): for |a| = |b| the norm stays |a| along
+    the arc, e.g. orthogonal a, b at t = 0.5 give (a + b) / sqrt(2). Computed in float64; t = 0 and t = 1 give a and
+    b exactly. Where sin W < 1e-7 (a, b parallel or opposite: no single great circle) it is :func:`lerp`."""
+    a64, b64 = a.double().flatten(), b.double().flatten()
+    t64 = torch.as_tensor(t, dtype=torch.float64).reshape(-1, 1)
+    norms = a64.norm() * b64.norm()
+    omega = torch.arccos((a64 @ b64 / norms).clamp(-1, 1)) if norms > 0 else torch.tensor(0.0, dtype=torch.float64)
+    if torch.sin(omega) < 1e-7:
+        return lerp(a, b, t)
+    s = torch.sin(omega)
+    return (torch.sin((1 - t64) * omega) / s * a64 + torch.sin(t64 * omega) / s * b64).float()
+
+
+def lerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """Linear interpolation (1 - t) a + t b of ``a`` and ``b`` (both (nz,)) at fractions ``t`` ((T,)): (T, nz)
+    float32, computed in float64 (t = 0 and 1 give a and b exactly). For uniform noise: the segment stays in the
+    cube [-1, 1]^nz the noise fills, where slerp's arc would leave it."""
+    t64 = torch.as_tensor(t, dtype=torch.float64).reshape(-1, 1)
+    return ((1 - t64) * a.double().flatten() + t64 * b.double().flatten()).float()
+
+
+def latent_walk(points: torch.Tensor, frames: int, kind: str) -> torch.Tensor:
+    """The path through ``points`` ((K, nz), K >= 2): (K - 1, frames, nz) float32, row k the ``frames`` latents from
+    point k to point k + 1 (both included, at t = linspace(0, 1, frames)) by :func:`slerp` for ``kind="normal"``
+    noise and :func:`lerp` for ``"uniform"``. Raises ValueError for K < 2 or frames < 2."""
+    if points.shape[0] < 2 or frames < 2:
+        raise ValueError(f"a walk needs at least 2 points and 2 frames, got {points.shape[0]} and {frames}")
+    step = lerp if kind == "uniform" else slerp  # as sample_noise: anything but "uniform" is normal noise
+    t = torch.linspace(0, 1, frames, dtype=torch.float64)
+    return torch.stack([step(points[k], points[k + 1], t) for k in range(points.shape[0] - 1)])
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,12 +36,14 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, padding: int = 2)
     return atomic_write(path, lambda fh: grid.save(fh, format="PNG"))
 
 
-def save_individual(images: torch.Tensor, folder: Path) -> list[Path]:
-    """Each image as its own PNG at its own size (no grid padding): 000000.png, 000001.png, ..."""
+def save_individual(images: torch.Tensor, folder: Path, names: Sequence[int] | None = None) -> list[Path]:
+    """Each image as its own PNG at its own size (no grid padding): 000000.png, 000001.png, ..., or named by
+    ``names`` (one number per image: image k is ``f"{names[k]:06d}.png"``)."""
     make_folder(folder, "--individual")
     paths = []
     for i, img in enumerate(images):
-        paths.append(save_grid(img[None], folder / f"{i:06d}.png", nrow=1, padding=0))
+        name = i if names is None else names[i]
+        paths.append(save_grid(img[None], folder / f"{name:06d}.png", nrow=1, padding=0))
     return paths
 
 
@@ -55,6 +58,18 @@ def save_gif(frames: Sequence[Path], path: Path, ms_per_frame: int = 300) -> Pat
     durations = [ms_per_frame] * (len(images) - 1) + [ms_per_frame * 5]
     return atomic_write(path, lambda fh: images[0].save(fh, format="GIF", save_all=True, append_images=images[1:],
                                                          duration=durations, loop=0))
+
+
+def save_images_gif(images: torch.Tensor, path: Path, ms_per_frame: int = 300) -> Path | None:
+    """Each image of ``images`` (N, C, H, W) in [-1, 1] as one frame of an animated GIF at its own size (no
+    padding), written by :func:`save_gif` (same timing: the last frame held five times as long); None for N = 0."""
+    frames = []
+    for img in images:
+        buffer = io.BytesIO()
+        Image.fromarray(make_grid(img[None], nrow=1, padding=0)).save(buffer, format="PNG")
+        buffer.seek(0)
+        frames.append(buffer)
+    return save_gif(frames, path, ms_per_frame)
 
 
 def read_metrics(path: Path) -> list[dict]:
