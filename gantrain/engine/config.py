@@ -274,7 +274,7 @@ class LoggingConfig:
     log_every: int = 50
     """Log losses and images/s every N steps."""
     sample_every: int = 500
-    """Write the fixed-noise sample grid every N steps (0 = only at the end)."""
+    """Write the fixed-noise sample grid every N steps, and at step 0 and step N/10 (0 = only at the end)."""
     logger: tuple[str, ...] = ()
     """Experiment trackers fed from metrics.jsonl's records: none, or a comma list (or repeated flag) of tensorboard
     (events in <run>/tb), wandb (offline unless WANDB_MODE says otherwise) and mlflow (<run>/mlflow.db with

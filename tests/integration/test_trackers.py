@@ -157,7 +157,7 @@ def test_three_trackers_with_eval_and_one_resume_show_one_curve(fashion_extracto
         assert_curve(history, expected_curve(out, key), f"mlflow {name}")
     assert len(client.search_runs([run.info.experiment_id])) == 1
     samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
-    assert samples == [f"samples/step_{s:06d}.png" for s in (4, 8, 12, 16)]
+    assert samples == [f"samples/step_{s:06d}.png" for s in (0, 4, 8, 12, 16)]  # step 0: the untrained generator
     assert records[-1]["step"] == 16
 
 

@@ -30,7 +30,9 @@ def test_run_folder_outputs(trained_run: Path) -> None:
                  "samples/step_000003.png", "samples/step_000006.png", "checkpoints/last.pt",
                  "checkpoints/step_00000006.pt"):
         assert (run / name).is_file(), name
-    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_000003.png", "step_000006.png"]
+    # step 0 (the untrained generator) too; no early grid under --sample-every 10
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_000000.png", "step_000003.png",
+                                                                   "step_000006.png"]
 
     records = _metrics(run)
     assert [r["step"] for r in records] == [2, 4, 6]
@@ -48,7 +50,7 @@ def test_run_folder_outputs(trained_run: Path) -> None:
     with Image.open(run / "final.png") as final, Image.open(run / "samples" / "step_000006.png") as last:
         assert final.tobytes() == last.tobytes()  # the same generator state at step 6, in eval mode
     with Image.open(run / "progress.gif") as gif:
-        assert gif.n_frames == 2 and gif.size == (274, 274)
+        assert gif.n_frames == 3 and gif.size[0] == 274  # steps 0, 3, 6
     with Image.open(run / "losses.png") as plot:
         assert plot.format == "PNG" and plot.size[0] > 200
 
@@ -154,10 +156,18 @@ def test_another_seed_gives_other_losses(tiny_cfg, quiet_console) -> None:
 
 # ----- samples, targets --------------------------------------------------------------------------------
 def test_progress_gif_without_sample_grids_holds_the_final_grid(tiny_cfg, quiet_console) -> None:
-    run = Trainer(tiny_cfg(max_steps=1, sample_every=10), console=quiet_console).fit().run_dir
-    assert not list((run / "samples").glob("step_*.png"))
+    run = Trainer(tiny_cfg("none", max_steps=1, sample_every=0), console=quiet_console).fit().run_dir
+    assert not list((run / "samples").glob("step_*.png"))  # --sample-every 0: only the final grid
     with Image.open(run / "progress.gif") as gif, Image.open(run / "final.png") as final:
-        assert gif.n_frames == 1 and gif.size == final.size
+        assert gif.n_frames == 1 and gif.size[0] == final.size[0]
+
+
+def test_a_run_shorter_than_sample_every_still_has_pictures(tiny_cfg, quiet_console) -> None:
+    """Step 0 (the untrained generator) and step N/10 of --sample-every N: a run stopped early shows progress."""
+    run = Trainer(tiny_cfg("short", max_steps=3, sample_every=20), console=quiet_console).fit().run_dir
+    assert sorted(p.name for p in (run / "samples").glob("step_*.png")) == ["step_000000.png", "step_000002.png"]
+    with Image.open(run / "progress.gif") as gif:
+        assert gif.n_frames == 3  # steps 0 and 2, then the final grid of step 3
 
 
 def test_samples_leave_batchnorm_statistics_alone(tiny_cfg, quiet_console) -> None:

@@ -11,7 +11,9 @@ from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.text import Text
 
 from gantrain.engine.state.files import atomic_write_text, io_error, read_json_lines
 
@@ -107,16 +109,35 @@ def warn_once(notes: list[str]) -> None:
             log.warning("%s", note)
 
 
-def progress_bar(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]epoch {task.fields[epoch]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("D {task.fields[loss_d]} G {task.fields[loss_g]} | {task.fields[images_per_s]} img/s{task.fields[mfu]}"
-                   "{task.fields[quality]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
+#: Below this console width the bar drops the losses, the quality summary and the elapsed time (never the ETA).
+WIDE_BAR = 110
+
+
+class ImagesPerSecond(ProgressColumn):
+    """Images/s from rich's own estimate of steps/s over the last half minute (updated every step, so it shows
+    from the first steps on), times the images of a step; then the last logged MFU."""
+
+    def __init__(self, images_per_step: int) -> None:
+        super().__init__()
+        self.images_per_step = images_per_step
+
+    def render(self, task) -> Text:
+        speed = task.speed
+        rate = f"{speed * self.images_per_step:,.0f} img/s" if speed else "- img/s"
+        return Text(rate + task.fields.get("mfu", ""))
+
+
+def progress_bar(console: Console, images_per_step: int = 1) -> Progress:
+    """The training bar: epoch (of the run's real total), steps, images/s (and MFU), ETA; on a console of at least
+    :data:`WIDE_BAR` columns also the losses, the quality summary and the elapsed time. Refreshed 4 times a
+    second from the step counter the loop advances every step."""
+    wide = console.width >= WIDE_BAR
+    columns = [TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(bar_width=None if wide else 12),
+               MofNCompleteColumn()]
+    if wide:
+        columns.append(TextColumn("D {task.fields[loss_d]} G {task.fields[loss_g]} |"))
+    columns.append(ImagesPerSecond(images_per_step))
+    if wide:
+        columns += [TextColumn("{task.fields[quality]}"), TimeElapsedColumn()]
+    columns += [TextColumn("ETA"), TimeRemainingColumn()]
+    return Progress(*columns, console=console, transient=False, refresh_per_second=4, speed_estimate_period=30.0)

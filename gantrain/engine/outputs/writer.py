@@ -38,6 +38,7 @@ class RunOutputs:
         self.last_record: dict = {}
         self.last_eval: dict = {}
         self.roof: tuple[float, float] | None = None  # (model FLOPs per image, the ranks' summed peak TFLOP/s)
+        self.per_epoch, self.epochs_in_run = 1, cfg.run.epochs  # the bar's epoch count (:meth:`live` sets them)
         self.device: torch.device | None = None
 
     @staticmethod
@@ -96,13 +97,16 @@ class RunOutputs:
         self.trackers = Trackers(self.cfg, self.run_dir, resume_step=step if resuming else None)
 
     @contextlib.contextmanager
-    def live(self, step: int, total_steps: int, resuming: bool):
-        """metrics.jsonl (cut back to ``step`` on resume) and the progress bar, for the training loop."""
+    def live(self, step: int, total_steps: int, resuming: bool, steps_per_epoch: int = 0):
+        """metrics.jsonl (cut back to ``step`` on resume) and the progress bar, for the training loop; the bar counts
+        epochs of the run's real length (``total_steps``, which --max-steps may cut short of --epochs)."""
         if self.is_main:
             self.metrics = MetricsWriter(self.files.metrics, step if resuming else None)
-        self.bar = progress_bar(self.console)
-        self.task = self.bar.add_task("train", total=total_steps, completed=step, epoch="-", loss_d="-", loss_g="-",
-                                      images_per_s="-", mfu="", quality="")
+        self.bar = progress_bar(self.console, self.cfg.data.batch_size * self.world_size)
+        self.per_epoch = max(steps_per_epoch, 1)
+        self.epochs_in_run = -(-total_steps // self.per_epoch)
+        self.task = self.bar.add_task("train", total=total_steps, completed=step, epoch=self._epoch_text(step),
+                                      loss_d="-", loss_g="-", mfu="", quality="")
         self.window = time.perf_counter(), step
         if not self.is_main:
             yield self
@@ -110,11 +114,26 @@ class RunOutputs:
         with self.bar:
             yield self
 
+    def _epoch_text(self, step: int) -> str:
+        return f"{min(step // self.per_epoch + 1, self.epochs_in_run)}/{self.epochs_in_run}"
+
+    def advance(self, step: int) -> None:
+        """The bar's step count (every step: a host-side counter, no device sync); rank 0 only."""
+        if self.is_main:
+            self.bar.update(self.task, completed=step, epoch=self._epoch_text(step))
+
     def due(self, step: int, total_steps: int) -> tuple[bool, bool]:
-        """(log now, write a sample grid now) after ``step``."""
+        """(log now, write a sample grid now) after ``step``: grids every --sample-every steps and once early, at
+        :meth:`early_grid_step` (0 --sample-every: only the final grid)."""
         logging = self.cfg.logging
-        return (step % logging.log_every == 0 or step == total_steps,
-                self.is_main and bool(logging.sample_every) and step % logging.sample_every == 0)
+        sample = bool(logging.sample_every) and (step % logging.sample_every == 0 or step == self.early_grid_step())
+        return step % logging.log_every == 0 or step == total_steps, self.is_main and sample
+
+    def early_grid_step(self) -> int | None:
+        """The step of the early sample grid: a tenth of --sample-every (50 of 500), so a run stopped early has
+        pictures; None when --sample-every is under 10 (grids come often anyway) or 0."""
+        every = self.cfg.logging.sample_every
+        return every // 10 if every >= 10 else None
 
     def start_window(self, step: int) -> None:
         self.window = time.perf_counter(), step
@@ -141,9 +160,8 @@ class RunOutputs:
                       "time": time.time()}
             self.last_record = record
             self.write(record)
-            self.bar.update(self.task, completed=step, epoch=f"{epoch + 1}/{self.cfg.run.epochs}",
+            self.bar.update(self.task, completed=step, epoch=self._epoch_text(step),
                             loss_d=f"{stats['loss_d']:.3f}", loss_g=f"{stats['loss_g']:.3f}",
-                            images_per_s=f"{images_per_s:.0f}",
                             mfu=f", MFU {roof['mfu']:.0%}" if roof.get("mfu") is not None else "")
         return step0 + 1
 

@@ -222,7 +222,9 @@ class Trainer:
     def _loop(self, per_epoch: int) -> None:
         """The epochs, until the last step, a hook's stop, or a stop signal (raised as :class:`Interrupted`)."""
         self.stall.step, self.stall.phase = self.step, "training"
-        with self.outputs.live(self.step, self.total_steps, self.resume_path is not None):
+        with self.outputs.live(self.step, self.total_steps, self.resume_path is not None, per_epoch):
+            if self.step == 0 and self.cfg.logging.sample_every and self.dist.is_main:
+                self.write_samples()  # step 0: what the untrained generator makes, before anything is waited for
             while self.step < self.total_steps:
                 if self.epoch_step < per_epoch:
                     self._train_epoch()
@@ -253,6 +255,7 @@ class Trainer:
             self.gan(real)
             self.pos.advance(self.global_batch)
             self.stall.step = self.step  # (a plain assignment: what the stall watch says others wait after)
+            self.outputs.advance(self.step)
             log_now, sample_now = self.outputs.due(self.step, self.total_steps)
             if log_now:
                 self._log()
