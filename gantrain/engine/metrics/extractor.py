@@ -14,7 +14,10 @@ the FID authors advise, for MNIST-like data, a classifier trained on that data i
 
 Features are the 128 global-average-pooled activations before the linear head, in fp32, eval mode.
 Extractors are cached under ``<cache>/extractors/<dataset>-<train-data sha256>-v<version>.pt``; the real
-features they give are cached per extractor weights (:attr:`Extractor.key`).
+features they give are cached per extractor weights (:attr:`Extractor.key`). The FashionMNIST and MNIST
+extractors of the official files ship with gantrain (``gantrain/resources/extractors/``, listed with their
+SHA-256 and test accuracy in ``extractors.json``), so a first run starts without a fit; one in the cache (a
+refit: ``gantrain metrics fit-extractor --dataset D --force``) takes precedence.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ FORMAT = "gantrain-extractor"
 VERSION = 1  # bump when the architecture or the fit recipe changes: old cache files are then ignored
 FEATURE_DIM = 128
 FIT_EPOCHS = 3
+#: The fitted extractors gantrain ships (the official FashionMNIST and MNIST files'); see extractors.json there.
+SHIPPED = Path(__file__).resolve().parents[2] / "resources" / "extractors"
 FIT_BATCH = 256
 FIT_LR = 3e-3
 FIT_WEIGHT_DECAY = 5e-4
@@ -148,6 +153,10 @@ def ensure_extractor(spec: DatasetSpec, *, cache: str | Path | None = None, devi
     state = None if force else _valid_state(load_artifact(path), train_sha256)
     if state is not None:
         return _from_state(state, path, device)
+    shipped = SHIPPED / path.name
+    state = None if force or not shipped.is_file() else _valid_state(load_artifact(shipped), train_sha256)
+    if state is not None:  # the official files' extractor, as gantrain ships it
+        return _from_state(state, shipped, device)
     if not quiet:
         log.info("fitting the %s feature extractor (not in the cache %s)", spec.label, path.parent)
     state = fit_state(spec, train_sha256, epochs=epochs, device=device, console=console, quiet=quiet)
