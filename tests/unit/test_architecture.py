@@ -31,7 +31,7 @@ LAYERS = [
     ("gantrain.engine.dist.worker",),
     ("gantrain.engine.dist.launch", "gantrain.engine.dist.raytrain", "gantrain.engine.dist.preflight"),
     ("gantrain.bench", "gantrain.tune"),
-    ("gantrain.cli", "gantrain.__main__", "gantrain.tune.driver"),  # entry points of processes
+    ("gantrain.cli", "gantrain.__main__", "gantrain.tune.driver", "gantrain.api"),  # entry points: processes, the API
 ]
 
 
