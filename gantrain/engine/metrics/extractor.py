@@ -158,7 +158,8 @@ def ensure_extractor(spec: DatasetSpec, *, cache: str | Path | None = None, devi
     if state is not None:  # the official files' extractor, as gantrain ships it
         return _from_state(state, shipped, device)
     if not quiet:
-        log.info("fitting the %s feature extractor (not in the cache %s)", spec.label, path.parent)
+        log.info("fitting the %s feature extractor for the quality metrics (not in the cache %s; fitted once per "
+                 "dataset and machine, then cached)", spec.label, path.parent)
     state = fit_state(spec, train_sha256, epochs=epochs, device=device, console=console, quiet=quiet)
     save_artifact(state, path)
     extractor = _from_state(state, path, device)
