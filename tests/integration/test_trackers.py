@@ -131,10 +131,11 @@ def test_three_trackers_with_eval_and_one_resume_show_one_curve(fashion_extracto
                       ("precision", "quality/precision"), ("coverage", "quality/coverage"),
                       ("classifier_score", "quality/classifier_score")):
         assert_curve(tb[name], expected_curve(out, key), f"tensorboard {name}")
-    assert images == [4, 8, 12, 16]
+    assert images == [0, 4, 8, 12, 16]
     assert [p.name for p in (out / "tb").iterdir()] and all(p.is_file() for p in (out / "tb").iterdir())
     hparams = acc.PluginTagToContent("hparams")
-    assert hparams and any(b"optim.lr_g" in content for content in hparams.values())
+    start = hparams["_hparams_/session_start_info"]  # the preset and what differs from it, not every field
+    assert b"fashion32" in start and b"model.ngf" in start and b"optim.lr_g" not in start
 
     # W&B: two offline segments of one run id, steps never repeated, values as metrics.jsonl
     ids, rows = wandb_history(out)
@@ -145,7 +146,7 @@ def test_three_trackers_with_eval_and_one_resume_show_one_curve(fashion_extracto
     steps = [row["_step"] for row in rows]
     assert len(steps) == len(set(steps)) and steps == sorted(steps)
     assert [row["_step"] for row in rows if "samples/fixed_noise._type" in row
-            or "samples/fixed_noise.path" in row] == [4, 8, 12, 16]
+            or "samples/fixed_noise.path" in row] == [0, 4, 8, 12, 16]
 
     # MLflow: one run, finished, the config as params, each metric's history equal to metrics.jsonl
     client, run = mlflow_run(out)

@@ -22,12 +22,19 @@ from gantrain.engine.config import Config
 from gantrain.engine.errors import CheckpointError
 from gantrain.engine.metrics import inception
 from gantrain.engine.metrics.evaluate import METRIC_KEYS, Evaluator
-from gantrain.engine.outputs.images import plot_curves, read_metrics
+from gantrain.engine.outputs.images import Panel, plot_panels, read_metrics
 from gantrain.engine.outputs.runlog import log
 from gantrain.engine.state.rundir import RunDir
 
-PLOT_PRIMARY = ("fd",)
-PLOT_SECONDARY = ("precision", "recall", "coverage", "kid_mean")
+#: metrics.png: one axis per scale.
+QUALITY_PANELS = (
+    Panel("Fréchet distance (lower is better)", ("fd", "inception_fid"), "FD"),
+    Panel("KID (bars: its spread over subsets)", ("kid_mean", "inception_kid_mean"), "KID",
+          spreads={"kid_mean": "kid_std", "inception_kid_mean": "inception_kid_std"}),
+    Panel("precision, recall, density, coverage", ("precision", "recall", "density", "coverage"),
+          "share (density may exceed 1)", unit_range=True),
+    Panel("classifier score", ("classifier_score",), "score"),
+)
 
 
 class Outputs(Protocol):
@@ -147,11 +154,12 @@ class QualityTracker:
 
     @staticmethod
     def plot(run_dir: Path) -> Path | None:
-        """metrics.png: FD (left axis) and precision, recall, coverage, KID (right axis) against the step."""
+        """metrics.png from metrics.jsonl's evaluation records: one axis per scale (:data:`QUALITY_PANELS`: FD and
+        Inception FID; KID with its spread as error bars; precision, recall, density, coverage from 0 to 1 (growing
+        for a density above 1); the classifier score), points marked, against the step (the epoch on top)."""
         files = RunDir(run_dir)
         records = [r for r in read_metrics(files.metrics) if "fd" in r]
-        return plot_curves(records, PLOT_PRIMARY, files.metrics_plot, "Quality metrics (domain extractor)",
-                           "Fréchet distance", secondary=PLOT_SECONDARY, secondary_ylabel="precision, recall, coverage, KID")
+        return plot_panels(records, QUALITY_PANELS, files.metrics_plot, "Quality metrics (--eval-every)")
 
 
 def _short(value) -> str:

@@ -7,9 +7,10 @@ final values at the end. Nothing here reads a device tensor, so no host sync is 
 Only rank 0 builds trackers.
 
 * **tensorboard** (the ``tensorboard`` extra): event files in ``<run>/tb/``; scalars, the sample grids as
-  images, the config in the hparams plugin (with the scalar tags as its metrics). A resumed run writes into the
-  same folder with ``purge_step`` = the first new step, so TensorBoard drops whatever an interrupted process
-  logged after the checkpoint it resumes from: one continuous curve, as metrics.jsonl has.
+  images, in the hparams plugin the preset and the fields whose value differs from it (:func:`changed_config`;
+  the scalar tags as its metrics). A resumed run writes into the same folder with ``purge_step`` = the first new
+  step, so TensorBoard drops whatever an interrupted process logged after the checkpoint it resumes from: one
+  continuous curve, as metrics.jsonl has.
 * **wandb** (the ``wandb`` extra): offline unless ``WANDB_MODE`` says otherwise (no key needed; ``wandb sync
   <run>/wandb/offline-run-*`` uploads later); files under ``<run>/wandb/``; the config as the W&B config, the
   final values in the run summary. A resumed run continues the same run id.
@@ -35,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from gantrain.engine.config import Config, shown
+from gantrain.engine.config import Config, preset, shown
 from gantrain.engine.errors import ConfigError, GantrainError
 from gantrain.engine.outputs.runlog import log
 from gantrain.engine.state.files import atomic_write_text
@@ -108,6 +109,18 @@ def flat_config(cfg: Config) -> dict[str, Any]:
         if isinstance(values, dict):
             flat.update({f"{section}.{k}": ("" if v is None else shown(v)) for k, v in values.items()})
     return flat
+
+
+def changed_config(cfg: Config) -> dict[str, Any]:
+    """{'preset': 'fashion32', 'optim.lr_g': 0.001, ...}: the preset's name and the fields (named and shown as
+    :func:`flat_config` does) whose value differs from that preset's (``config.preset(cfg.preset)``); a preset
+    gantrain does not know (any more) is compared as the field defaults."""
+    try:
+        base = preset(cfg.preset)
+    except ConfigError:
+        base = Config(preset=cfg.preset)
+    ours, theirs = flat_config(cfg), flat_config(base)
+    return {"preset": cfg.preset, **{k: v for k, v in ours.items() if k != "preset" and theirs.get(k) != v}}
 
 
 def _require(module: str, extra: str):
@@ -285,7 +298,8 @@ class Trackers:
         # delete them: this process logs only after them.
         self.skip_through: dict[str, int] = {}
         first_step = (resume_step or 0) + 1
-        hparams = flat_config(cfg)
+        hparams = flat_config(cfg)  # W&B's config and MLflow's params: every field, searchable there
+        changed = changed_config(cfg)  # TensorBoard's hparams table: a column per key, so only what differs
         overlap = []
         for name in self.names:
             saved = state.get(name, {})
@@ -303,7 +317,7 @@ class Trackers:
                 else:
                     tracker = MlflowTracker(run_dir, run_id, saved.get("tracking_uri"))
                 self.trackers.append(tracker)
-                tracker.config(hparams)
+                tracker.config(changed if name == "tensorboard" else hparams)
             except GantrainError:
                 self.finish({}, ok=False)
                 raise
@@ -333,9 +347,9 @@ class Trackers:
         self._write_state()
 
     def image(self, step: int, path: Path) -> None:
-        """A fixed-noise sample grid, as saved to samples/."""
+        """A fixed-noise sample grid, as saved to samples/ (step 0's too: the untrained generator)."""
         for tracker in self.trackers:
-            if step > self.skip_through.get(tracker.name, 0):
+            if step > self.skip_through.get(tracker.name, -1):
                 tracker.image(step, path)
 
     def finish(self, final: dict[str, Any], ok: bool = True) -> None:

@@ -204,9 +204,11 @@ class RunOutputs:
         records = read_metrics(self.files.metrics)
         plot_curves(records, ["loss_d", "loss_g"], self.files.losses_plot, "GAN losses", "BCE loss")
         frames = self.files.sample_grids()
+        captions = [f"step {self.files.grid_step(frame)}" for frame in frames]
         if not frames or frames[-1] != self.files.sample_grid(step):
             frames.append(final)
-        save_gif(frames, self.files.gif)
+            captions.append(f"step {step} (final)")
+        save_gif(frames, self.files.gif, captions=captions)
         log.info("run folder: %s (final.png, losses.png, progress.gif, checkpoints/)", self.run_dir)
         if self.trackers is not None:
             if not self.files.sample_grid(step).exists():

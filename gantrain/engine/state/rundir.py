@@ -53,7 +53,7 @@ class RunDir:
 
     @property
     def metrics_plot(self) -> Path:
-        """``metrics.png``: FD, precision, recall and KID against the step (``--eval-every``)."""
+        """``metrics.png``: the quality metrics against the step, one axis per scale (``--eval-every``)."""
         return self.root / "metrics.png"
 
     @property
@@ -81,7 +81,13 @@ class RunDir:
     def sample_grids(self) -> list[Path]:
         """The sample grids present, by step."""
         found = [p for p in self.samples.glob("step_*.png") if _SAMPLE_GRID.match(p.name)]
-        return sorted(found, key=lambda p: int(_SAMPLE_GRID.match(p.name).group(1)))  # type: ignore[union-attr]
+        return sorted(found, key=self.grid_step)
+
+    @staticmethod
+    def grid_step(path: Path) -> int | None:
+        """The step of a sample grid's file (``samples/step_000500.png`` -> 500); None for another file."""
+        found = _SAMPLE_GRID.match(Path(path).name)
+        return int(found.group(1)) if found else None
 
     # ----- checkpoints --------------------------------------------------------------------------------------
     @property
