@@ -60,18 +60,22 @@ def run_suite(cfg: Config, *, rows: list[BenchRow], timing: dict, peak_override:
     runs = round_robin([row.name for row in rows], lambda i: run_row(rows[i], cfg, timing, env),
                        timing.get("repeats", 1), console)
     results = [merge_runs(r) for r in runs]
-    _add_ratios(results, flops_per_image, peaks)
+    _add_ratios(results, flops_per_image, peaks, per_device=device.type == "cuda")
     return {"system": system_info(), "device": str(device), "preset": cfg.preset, "batch_size": cfg.data.batch_size,
             "flops_per_image": flops_per_image, "peak_tflops": peaks,
             "amp_auto": {"chosen": "bf16" if bf16 else "off", "why": why}, "timing": timing, "results": results}
 
 
-def _add_ratios(results: list[dict], flops_per_image: float, peaks: dict) -> None:
+def _add_ratios(results: list[dict], flops_per_image: float, peaks: dict, per_device: bool = False) -> None:
+    """Speed-up over the baseline, achieved TFLOP/s and MFU per row; ``per_device``: the peak is one GPU's, so a
+    DDP row divides by world_size of them."""
     base = next((r["images_per_s"] for r in results if r["name"].startswith("baseline") and "error" not in r), None)
     for r in results:
         if "error" in r:
             continue
-        peak = peaks[compute_name(r["amp"])]  # the worker reports the resolved mode
+        # the worker reports the resolved mode; a GPU DDP row's images/s come from world_size devices (on the CPU
+        # its processes share the cores the peak was measured on)
+        peak = peaks[compute_name(r["amp"])] * (r.get("world_size", 1) if per_device else 1)
         r["speedup"] = r["images_per_s"] / base if base else None
         r["achieved_tflops"] = r["images_per_s"] * flops_per_image / 1e12
         r["mfu"] = r["achieved_tflops"] / peak if peak else None

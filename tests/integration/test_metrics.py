@@ -690,3 +690,33 @@ def test_cli_eval_folders_with_inception_and_saved_inception_statistics(stand_in
         np.testing.assert_allclose(saved["sigma"], np.cov(features.astype(np.float64), rowvar=False), rtol=1e-6,
                                    atol=1e-9)
     assert len(features) == 400  # (the stand-in network's features are 64-d, the real one's 2048)
+
+
+def test_a_folder_that_is_its_own_extractors_data_gives_its_test_split_only(tmp_path: Path) -> None:
+    """The rotation extractor of a reference folder is fitted on 4 of every 5 of its images: the reference
+    features are those of the fifth (as a dataset's test split), never of images the extractor trained on."""
+    from gantrain.engine.metrics.report import evaluate_sets
+    from gantrain.engine.metrics.sets import Side
+
+    faces, other = _write_faces(tmp_path / "faces", 25), _write_faces(tmp_path / "other", 12)
+    cache = tmp_path / "cache"
+    ensure_extractor(parse_dataset(f"folder:{faces}", channels=3), cache=cache, epochs=20, quiet=True)
+    result = evaluate_sets(Side("folder", other), Side("folder", faces), cache=str(cache), device="cpu")
+    assert (result.report.num_generated, result.report.num_real) == (12, 5)  # 25 / 5 test images
+    assert result.extractor["label"] == parse_dataset(f"folder:{faces}").label
+
+
+@pytest.mark.slow
+def test_saved_statistics_of_another_road_are_refused(fashion_extractor, train_root: Path, tmp_path: Path, cli,
+                                                      unwrap) -> None:
+    """Statistics of real images taken straight to 32 px cannot score images made at 64 px (the bias of
+    docs/results/metric-resize-bias.md); saved at that size they can."""
+    from gantrain.engine.data.sources import load_images
+
+    folder64 = _png_folder(tmp_path / "f64", load_images("fashion-mnist", str(train_root), 64, 1, limit=120))
+    straight, via64 = tmp_path / "fm32.npz", tmp_path / "fm64.npz"
+    assert cli("eval", "fashion-mnist", "--data-root", train_root, "--save-stats", straight).exit_code == 0
+    result = cli("eval", folder64, straight)
+    assert result.exit_code == 2 and "its images were made at 32 px" in unwrap(result.output), result.output
+    assert cli("eval", "fashion-mnist", "--data-root", train_root, "--size", 64, "--save-stats", via64).exit_code == 0
+    assert cli("eval", folder64, via64).exit_code == 0

@@ -247,12 +247,12 @@ def generator_scores(generator: torch.nn.Module, cfg, spec, *, num_samples: int,
     """Inception FID/KID of ``num_samples`` images of ``generator`` (the same fixed noise as the domain
     metrics) against as many real test images (at most the split), plus ``inception_s_per_1000``."""
     from gantrain.engine.metrics.generated import generated_batches
-    from gantrain.engine.metrics.reference import load_split
+    from gantrain.engine.metrics.reference import split_count
 
     device = next(generator.parameters()).device
     net = load_inception(device, cfg.eval.inception_mode)
     fake, seconds = extract_features(net, generated_batches(generator, cfg, spec, num_samples, seed, device))
-    real = real_inception_features(net, spec, min(num_samples, len(load_split(spec, "test").images)), cache=cache)
+    real = real_inception_features(net, spec, min(num_samples, split_count(spec, "test")), cache=cache)
     scores = inception_scores(fake, real, seed=seed)
     scores.pop("warnings")  # logged once; the values go into metrics.jsonl and tune's reports, numbers only
     return {**scores, "inception_s_per_1000": round(1000 * seconds / len(fake), 1)}

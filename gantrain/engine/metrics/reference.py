@@ -129,10 +129,18 @@ def parse_dataset(text: str, root: str | None = None, channels: int = 3) -> Data
 def split_sha256(spec: DatasetSpec, split: str) -> str:
     """Content hash of the files making up ``split``."""
     if spec.dataset == "folder":
-        return sha256_files(_folder_split_paths(spec.root, split), spec.root)
+        return sha256_files(folder_split_paths(spec.root, split), spec.root)
     files = ensure_idx_files(spec.dataset, spec.root)
     prefix = "train" if split == "train" else "t10k"
     return sha256_files([files[f"{prefix}-images-idx3-ubyte"], files[f"{prefix}-labels-idx1-ubyte"]])
+
+
+def split_count(spec: DatasetSpec, split: str) -> int:
+    """How many images ``split`` has, without decoding them (a folder's unreadable files included)."""
+    if spec.dataset == "folder":
+        return len(folder_split_paths(spec.root, split))
+    files = ensure_idx_files(spec.dataset, spec.root)
+    return len(read_idx(files[f"{'train' if split == 'train' else 't10k'}-labels-idx1-ubyte"]))
 
 
 def to_metric_size(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -171,7 +179,8 @@ def _load_split_at(spec: DatasetSpec, split: str, size: int) -> Split:
     return Split(resized, torch.from_numpy(labels.astype(np.int64)))
 
 
-def _folder_split_paths(root: Path, split: str) -> list[Path]:
+def folder_split_paths(root: Path, split: str) -> list[Path]:
+    """The image files of a folder's ``split``: every 5th of the sorted images training discovers is test."""
     paths = discover_images(root).paths  # the files training discovers, so metrics judge against the same images
     if len(paths) < 2 * FOLDER_TEST_EVERY:
         raise DataError(f"{root} has {len(paths)} images; metrics need at least {2 * FOLDER_TEST_EVERY}")
@@ -180,7 +189,7 @@ def _folder_split_paths(root: Path, split: str) -> list[Path]:
 
 
 def _load_folder_split(spec: DatasetSpec, split: str, size: int) -> Split:
-    paths = _folder_split_paths(spec.root, split)
+    paths = folder_split_paths(spec.root, split)
     arrays = []
     for path in paths:
         array, _ = decode_or_skip(path, size, spec.channels)  # as training decodes them; broken files are skipped

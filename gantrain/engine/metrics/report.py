@@ -14,14 +14,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from gantrain.engine.config import Config, override, with_env_defaults
+from gantrain.engine.config import Config, env_data_root, override, with_env_defaults
 from gantrain.engine.errors import ConfigError
 from gantrain.engine.metrics import inception as inc
 from gantrain.engine.metrics import sets
 from gantrain.engine.metrics.evaluate import (FEATURE_BATCH, Evaluator, MetricReport, Reference, compare, extract,
                                               generated_batches)
 from gantrain.engine.metrics.extractor import ensure_extractor
-from gantrain.engine.metrics.reference import load_split, parse_dataset
+from gantrain.engine.metrics.reference import parse_dataset, split_count
 from gantrain.engine.metrics.sets import Side
 from gantrain.engine.outputs.runlog import log
 from gantrain.engine.state.files import atomic_write_text
@@ -160,7 +160,7 @@ def evaluate_sets(source: Side, reference: Side | None, *, dataset: str | None =
     if reference is not None and reference.kind == "stats":
         stats = sets.load_stats(reference.path)
     if dataset is not None:
-        spec = parse_dataset(dataset, data_root, channels)
+        spec = parse_dataset(dataset, data_root or env_data_root(), channels)
     elif stats is not None:
         spec = sets.stats_spec(stats[0]).extractor_spec()
     elif reference is not None and reference.kind == "dataset":
@@ -172,6 +172,8 @@ def evaluate_sets(source: Side, reference: Side | None, *, dataset: str | None =
     else:
         raise ConfigError(f"{source.name}: an image folder needs a REFERENCE (a folder, a dataset such as "
                           "fashion-mnist, a .npz from --save-stats) or --dataset")
+    if size is not None and generator is not None:
+        raise ConfigError("--size: decodes image folders; a generator makes its images at its training size")
     run_device = pick_device(device) if generator is None else next(generator.parameters()).device
     if generator is not None:
         train_px = cfg.data.image_size
@@ -179,8 +181,7 @@ def evaluate_sets(source: Side, reference: Side | None, *, dataset: str | None =
         fake_batches = lambda: generated_batches(generator, cfg, spec, num_samples, seed, run_device)  # noqa: E731
         num_fake = num_samples
     else:
-        images, train_px = sets.folder_images(source.path, spec.channels, size)
-        fake_images = sets.on_metric_road(images, spec.size_px)
+        fake_images, train_px = sets.folder_images(source.path, spec.channels, size, spec.size_px)
         fake_batches = lambda: iter(fake_images.split(FEATURE_BATCH))  # noqa: E731
         num_fake = len(fake_images)
     ref_side = reference or Side("dataset", spec=spec)
@@ -192,7 +193,13 @@ def evaluate_sets(source: Side, reference: Side | None, *, dataset: str | None =
             raise ConfigError(f"{reference.path}: computed with another {meta['label']} extractor (weights "
                               f"{meta['extractor_weights_sha256'][:12]}, the cache holds {extractor.weights_sha256[:12]}); "
                               "save the statistics again")
-        ref = Reference(replace(spec, train_px=meta.get("train_px")), extractor, real)
+        made_at = meta.get("train_px") or meta["size_px"]
+        if made_at != train_px:  # real and compared images must take the same road to the metric size
+            raise ConfigError(f"{reference.path}: its images were made at {made_at} px before the metric's "
+                              f"{meta['size_px']} px, {source.name}'s at {train_px} px: the FD would carry the "
+                              f"resize's bias; save statistics for this size (--save-stats with --size {train_px} "
+                              f"for a folder; a dataset's at a run of that size)")
+        ref = Reference(replace(spec, train_px=made_at), extractor, real)
     else:
         ref, ref_images = sets.reference_of(ref_side, spec, train_px, cache=cache, device=run_device,
                                             console=console, quiet=False)
@@ -215,6 +222,9 @@ def evaluate_sets(source: Side, reference: Side | None, *, dataset: str | None =
             if stats[0].get("inception_mode") != inception_mode:
                 raise ConfigError(f"{reference.path} holds Inception statistics of --inception-mode "
                                   f"{stats[0].get('inception_mode')}, not {inception_mode}")
+            if stats[0].get("inception_sha256") != net.sha256:
+                raise ConfigError(f"{reference.path} holds Inception statistics of another network file "
+                                  f"({str(stats[0].get('inception_sha256'))[:12]}, this one {net.sha256[:12]})")
         fake, fake_seconds = inc.extract_features(net, fake_batches())
         if stats is not None:
             real = inception_real
@@ -225,7 +235,8 @@ def evaluate_sets(source: Side, reference: Side | None, *, dataset: str | None =
         result.inception = {**inc.inception_scores(fake, real, seed=seed), "num_real": len(real),
                             "seconds_per_1000": round(1000 * fake_seconds / max(len(fake), 1), 1),
                             "network": net.provenance}
-        result.inception_note = f"{len(fake)} vs {len(real)} images, Inception-v3 pool features"
+        result.inception_note = (f"{len(fake)} vs {len(real)} images, Inception-v3 pool features of the images at the "
+                                 f"metric size ({ref.spec.size_px} px)")
     result.total_seconds = time.perf_counter() - started
     return result
 
@@ -302,7 +313,7 @@ def _add_inception(result: EvalResult, spec, fake_batches, num_generated: int, c
 
 
 def _test_size(spec) -> int:
-    return len(load_split(spec, "test").images)
+    return split_count(spec, "test")
 
 
 def render(result: EvalResult) -> list[Table]:

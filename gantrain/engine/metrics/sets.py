@@ -26,7 +26,8 @@ from gantrain.engine.errors import ConfigError, DataError
 from gantrain.engine.metrics import formulas
 from gantrain.engine.metrics.evaluate import FEATURE_BATCH, RealFeatures, Reference, extract, load_reference
 from gantrain.engine.metrics.extractor import check_usable, ensure_extractor
-from gantrain.engine.metrics.reference import IDX_DATASETS, DatasetSpec, parse_dataset, to_metric_size
+from gantrain.engine.metrics.reference import (IDX_DATASETS, DatasetSpec, folder_split_paths, parse_dataset,
+                                               to_metric_size)
 from gantrain.engine.state.files import atomic_write
 
 STATS_FORMAT = "gantrain-eval-stats"
@@ -64,23 +65,26 @@ def parse_side(text: str, channels: int = 3, data_root: str | None = None) -> Si
     return Side("stats" if path.suffix == ".npz" else "checkpoint", path)
 
 
-def folder_images(folder: Path, channels: int, size: int | None = None) -> tuple[torch.Tensor, int]:
-    """Every image below ``folder`` (found as training finds them; unreadable files skipped) as uint8 (N, C, S, S)
-    and S: ``size``, else the first image's (its shorter side: non-square images are centre-cropped as in
-    training). Raises :class:`DataError` for a folder without a readable image."""
-    paths = discover_images(folder).paths
+def folder_images(folder: Path, channels: int, size: int | None, size_px: int,
+                  paths: list[Path] | None = None) -> tuple[torch.Tensor, int]:
+    """Every image below ``folder`` (found as training finds them, or ``paths``; unreadable files skipped) decoded
+    at S, then taken to the metric size ``size_px`` by :func:`to_metric_size`, a chunk at a time (memory: the
+    images at the metric size): uint8 (N, C, size_px, size_px) and S. S is ``size``, else the first image's
+    shorter side (non-square images are centre-cropped as in training). Raises :class:`DataError` for a folder
+    without a readable image."""
+    paths = discover_images(folder).paths if paths is None else paths
     if size is None:
         with Image.open(paths[0]) as first:
             size = min(first.size)
-    arrays = [a for a in (decode_or_skip(p, size, channels)[0] for p in paths) if a is not None]
-    if not arrays:
+    chunks = []
+    for start in range(0, len(paths), FEATURE_BATCH):
+        arrays = [a for a in (decode_or_skip(p, size, channels)[0] for p in paths[start:start + FEATURE_BATCH])
+                  if a is not None]
+        if arrays:
+            chunks.append(to_uint8(to_metric_size(to_unit(torch.from_numpy(np.stack(arrays))), size_px)))
+    if not chunks:
         raise DataError(f"{folder}: no readable image")
-    return torch.from_numpy(np.stack(arrays)), size
-
-
-def on_metric_road(images: torch.Tensor, size_px: int) -> torch.Tensor:
-    """uint8 (N, C, S, S) -> uint8 at ``size_px`` by :func:`to_metric_size`, in chunks."""
-    return torch.cat([to_uint8(to_metric_size(to_unit(c), size_px)) for c in images.split(FEATURE_BATCH)])
+    return torch.cat(chunks), size
 
 
 def folder_spec(folder: Path, channels: int) -> DatasetSpec:
@@ -91,17 +95,22 @@ def folder_spec(folder: Path, channels: int) -> DatasetSpec:
 def reference_of(side: Side, spec: DatasetSpec, train_px: int | None, *, cache: str | None, device,
                  console, quiet: bool) -> tuple[Reference, torch.Tensor | None]:
     """The reference side's :class:`Reference` in ``spec``'s extractor and, for a folder, its images at the metric
-    size (for the Inception features); a dataset's test split takes the road from ``train_px``."""
+    size (for the Inception features); a dataset's test split takes the road from ``train_px``. A folder that is
+    its own extractor's data contributes its test split only (every 5th image: the extractor never trained on
+    them, as for a dataset's reference); a folder scored in another extractor contributes every image. The
+    returned spec's ``train_px`` is the size the reference images were made at (for saved statistics)."""
     if side.kind == "dataset":
         return load_reference(replace(spec, train_px=train_px), cache=cache, device=device, console=console,
                               quiet=quiet), None
     extractor = ensure_extractor(spec, cache=cache, device=device, console=console, quiet=quiet)
     check_usable(extractor)
-    images, _ = folder_images(side.path, spec.channels, train_px)
-    images = on_metric_road(images, spec.size_px)
+    own = spec.dataset == "folder" and Path(spec.root).resolve() == Path(side.path).resolve()
+    paths = folder_split_paths(side.path, "test") if own else None
+    images, made_at = folder_images(side.path, spec.channels, train_px, spec.size_px, paths)
     features, _ = extract(extractor, iter(images.split(FEATURE_BATCH)), len(images), "reference features",
                           console=console, quiet=quiet)
-    return Reference(spec, extractor, RealFeatures(features, *formulas.mean_and_covariance(features))), images
+    real = RealFeatures(features, *formulas.mean_and_covariance(features))
+    return Reference(replace(spec, train_px=made_at), extractor, real), images
 
 
 def save_stats(path: Path, reference: Reference, inception: dict | None) -> Path:
@@ -110,7 +119,8 @@ def save_stats(path: Path, reference: Reference, inception: dict | None) -> Path
     written atomically; ``meta`` (JSON) says which extractor and network they belong to."""
     spec = reference.spec
     meta = {"format": STATS_FORMAT, "version": STATS_VERSION, "dataset": spec.dataset, "root": str(spec.root),
-            "channels": spec.channels, "label": spec.label, "size_px": spec.size_px, "train_px": spec.train_px,
+            "channels": spec.channels, "label": spec.label, "size_px": spec.size_px,
+            "train_px": spec.train_px or spec.size_px,  # the size the images were made at before the metric's
             "extractor_weights_sha256": reference.extractor.weights_sha256,
             "inception_sha256": inception["sha256"] if inception else None,
             "inception_mode": inception["mode"] if inception else None}

@@ -107,8 +107,10 @@ def atomic_write(path: Path | str, write: Callable[[IO[bytes]], Any]) -> Path:
     except OSError as exc:
         raise io_error("write", path, exc) from None
     try:
-        os.fchmod(fd, _mode_for(path))  # mkstemp makes 0600: colleagues could not read a run's files
         with os.fdopen(fd, "wb") as fh:
+            if hasattr(os, "fchmod"):  # mkstemp makes 0600: colleagues could not read a run's files
+                with _suppress_os_error():  # a filesystem without modes (vfat, some CIFS/FUSE mounts)
+                    os.fchmod(fh.fileno(), _mode_for(path))
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())

@@ -152,12 +152,16 @@ class Trainer:
         self.outputs = RunOutputs(cfg, self.console, self.dist.is_main, self.dist.world_size)
         self.outputs.describe(self.loader, self.total_steps, self.device, self.policy.describe())
         if self.dist.is_main:  # MFU's divisor: the model's FLOPs per image, and the peak of all the ranks
-            peaks = hardware.device_peaks(self.device)
-            compute = compute_name(self.policy.amp)
-            world = self.dist.world_size
-            self.outputs.set_roof(hardware.step_flops(cfg.model, cfg.data.image_size, cfg.data.channels),
-                                  peaks.of(compute) * world, self.device,
-                                  f"{compute}, {peaks.source}" + (f", x {world} processes" if world > 1 else ""))
+            try:
+                peaks = hardware.device_peaks(self.device)
+                compute = compute_name(self.policy.amp)
+                world = self.dist.world_size
+                self.outputs.set_roof(hardware.step_flops(cfg.model, cfg.data.image_size, cfg.data.channels),
+                                      peaks.of(compute) * world, self.device,
+                                      f"{compute}, {peaks.source}" + (f", x {world} processes" if world > 1 else ""))
+            except Exception as exc:  # noqa: BLE001 - a probe the device cannot run (an OOM, no bf16 GEMM)
+                log.warning("MFU left out of the records: the device's peak could not be measured (%s: %s)",
+                            type(exc).__name__, str(exc).splitlines()[0][:160] if str(exc) else "")
         self.outputs.prepare(resuming, notes, self.step)  # only now: a run that cannot start wrote nothing
         self.profiler = None  # --profile-steps, rank 0
         if cfg.logging.profile_range is not None and self.dist.is_main:

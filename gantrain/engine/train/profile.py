@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from gantrain.engine.errors import RunIOError
 from gantrain.engine.state.files import atomic_write_text, io_error, make_folder
 
 log = logging.getLogger("gantrain")
@@ -72,10 +73,14 @@ class StepProfiler:
 
     def after_step(self, step: int) -> Path | None:
         """Ends the profile after its last step (or when the run stops early: ``step`` past it is fine); returns
-        the trace written, else None."""
+        the trace written, else None. A trace that cannot be written is a warning: the run goes on."""
         if self.active is None or step < self.last:
             return None
-        return self.finish(step)
+        try:
+            return self.finish(step)
+        except RunIOError as exc:
+            log.warning("--profile-steps: %s; the run goes on without its profile", exc)
+            return None
 
     def discard(self) -> None:
         """Stops a running profile without writing it (the run failed or was stopped inside the range)."""

@@ -20,6 +20,7 @@ CPU = torch.device("cpu")
 def probes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[tuple[int, float]]:
     """Each probe the code runs (size, seconds), answered with fixed figures; the cache in tmp_path."""
     monkeypatch.setenv("GANTRAIN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hardware, "_MEASURED", {})  # each test starts as a fresh process would
     calls: list[tuple[int, float]] = []
 
     def probe(device, size, seconds):
@@ -47,11 +48,14 @@ def test_a_corrupt_or_unwritable_cache_costs_a_probe_not_the_run(probes, tmp_pat
     hardware.device_peaks(CPU)
     cached = next((tmp_path / "cache" / "device").glob("*.json"))
     cached.write_text("{not json")
+    assert hardware.device_peaks(CPU).fp32 == pytest.approx(0.17) and len(probes) == 1  # this process knows it
+    hardware._MEASURED.clear()  # a new process
     assert hardware.device_peaks(CPU).fp32 == pytest.approx(0.34) and len(probes) == 2
     blocker = tmp_path / "file"
     blocker.write_text("")
     monkeypatch.setenv("GANTRAIN_CACHE", str(blocker))  # a file where the folder should be
     assert hardware.device_peaks(CPU).fp32 == pytest.approx(0.51) and len(probes) == 3
+    assert hardware.device_peaks(CPU).fp32 == pytest.approx(0.51) and len(probes) == 3  # unwritable: one probe
 
 
 def test_override_and_known_gpus_need_no_probe(probes) -> None:
