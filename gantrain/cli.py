@@ -6,20 +6,24 @@ help text (the field docstrings) and TOML keys never drift apart. Errors print o
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import json
 import signal
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 import typer.core
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from gantrain import __version__
-from gantrain.engine.config import (LIST_FIELDS, PRESETS, RECOMMENDED, SECTION_TYPES, field_docs, field_index,
+from gantrain.engine.config import (LIST_FIELDS, PRESETS, RECOMMENDED, SECTION_TYPES, field_docs, field_index, preset,
                                     recommended_measured, resolve)
 from gantrain.engine.errors import ConfigError, GantrainError, Interrupted
 
@@ -33,14 +37,103 @@ def _flags_as_flags(params: list) -> list:
     return params
 
 
+def _one_line_paragraphs(text: str | None) -> str | None:
+    """A docstring's paragraphs each on one line: in Rich markup mode typer keeps a docstring's single line breaks
+    (in the list of commands and below a command's first paragraph), breaking its sentences mid-line."""
+    if not text:
+        return text
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(text).split("\n\n"))
+
+
+def _options_panel(*, name, params, ctx, markup_mode, console, typer_panel) -> None:
+    """typer's panel of options with every option name whole: the names in one column Rich never shrinks (an on/off
+    pair's --no-x under its --x, short names after the long ones), the type beside them (a range below it), and the
+    help column wrapping in what is left. typer's own table gives --x and --no-x a column each and, at 80 columns,
+    cuts long names (--no-samples-from-b…). A string ``show_default`` is shown as written (typer wraps it in
+    parentheses). Panels of arguments, and a typer without what this reads, get typer's own panel."""
+    from typer import rich_utils as ru
+
+    if not params:  # a panel whose options are all hidden (tune's checkpoint options)
+        return None
+    if any(p.param_type_name != "option" for p in params):
+        return typer_panel(name=name, params=params, ctx=ctx, markup_mode=markup_mode, console=console)
+    try:
+        rows = []
+        for param in params:
+            long_names = [o for o in param.opts if o.startswith("--")]
+            names = ru.highlighter(", ".join(long_names + [o for o in param.opts if o not in long_names]))
+            if param.secondary_opts:
+                names.append("\n")
+                names.append_text(ru.negative_highlighter(", ".join(param.secondary_opts)))
+            kind = Text(param.display_type_rich(ctx=ctx) or "", style=ru.STYLE_TYPES)
+            value_range = param._get_number_range_help_str()
+            if value_range:
+                kind.append(f"\n[{value_range}]")
+            help_cell = ru._get_parameter_help(param=param, ctx=ctx, markup_mode=markup_mode)
+            for i, item in enumerate(help_cell.renderables):
+                if isinstance(param.show_default, str) and isinstance(item, Text) and \
+                        item.plain == ru.DEFAULT_STRING.format(f"({param.show_default})"):
+                    help_cell.renderables[i] = Text(ru.DEFAULT_STRING.format(param.show_default),
+                                                    style=ru.STYLE_OPTION_DEFAULT)
+            rows.append((Text("*", style=ru.STYLE_REQUIRED_SHORT) if param.required else "", names,
+                         ru.types_highlighter(kind), help_cell))
+    except (AttributeError, TypeError):  # another typer's internals: its own panel
+        return typer_panel(name=name, params=params, ctx=ctx, markup_mode=markup_mode, console=console)
+    table = Table(highlight=True, show_header=False, expand=True, box=None, pad_edge=False, padding=(0, 1))
+    required = any(param.required for param in params)
+    if required:
+        table.add_column(no_wrap=True)
+    table.add_column(no_wrap=True)
+    table.add_column(no_wrap=True)
+    table.add_column(ratio=1)
+    for row in rows:
+        table.add_row(*(row if required else row[1:]))
+    from rich.panel import Panel
+
+    console.print(Panel(table, border_style=ru.STYLE_OPTIONS_PANEL_BORDER, title=name,
+                        title_align=ru.ALIGN_OPTIONS_PANEL))
+
+
+@contextlib.contextmanager
+def _whole_option_names():
+    """typer's help with :func:`_options_panel` for its options panels, while one help screen is drawn."""
+    from typer import rich_utils
+
+    typer_panel = getattr(rich_utils, "_print_options_panel", None)
+    if typer_panel is None:
+        yield
+        return
+    rich_utils._print_options_panel = functools.partial(_options_panel, typer_panel=typer_panel)
+    try:
+        yield
+    finally:
+        rich_utils._print_options_panel = typer_panel
+
+
 class FlagCommand(typer.core.TyperCommand):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.help = _one_line_paragraphs(self.help)
+
     def get_params(self, ctx):
         return _flags_as_flags(super().get_params(ctx))
+
+    def format_help(self, ctx, formatter):
+        with _whole_option_names():
+            return super().format_help(ctx, formatter)
 
 
 class FlagGroup(typer.core.TyperGroup):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.help = _one_line_paragraphs(self.help)
+
     def get_params(self, ctx):
         return _flags_as_flags(super().get_params(ctx))
+
+    def format_help(self, ctx, formatter):
+        with _whole_option_names():
+            return super().format_help(ctx, formatter)
 
     def invoke(self, ctx):
         """A Ctrl-C that no command handles itself (training, tune and bench do) is one line and exit 130, not
@@ -51,6 +144,8 @@ class FlagGroup(typer.core.TyperGroup):
             raise fail("interrupted by SIGINT (Ctrl-C)", 128 + signal.SIGINT) from None
 
 
+# typer's own --install-completion/--show-completion take no shell name (they detect the shell, and print nothing
+# useful where that fails): gantrain's name it (main_callback), so typer's are left off.
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich", cls=FlagGroup,
                   help="gantrain: fast DCGAN training. Run [bold]gantrain run[/] to train the fashion32 default.")
 console = Console(stderr=True)
@@ -60,6 +155,29 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     # plain Text (not markup): paths may hold brackets; soft_wrap keeps the message on one line
     console.print(Text.assemble(("error:", "bold red"), " " + message), highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+def write_json(data: Any, path: str) -> None:
+    """``data`` as JSON (``--json PATH``): alone on stdout for '-', else into the file PATH, named on stderr."""
+    text = json.dumps(data, indent=2)
+    if path == "-":
+        print(text)
+        return
+    from gantrain.engine.state.files import atomic_write_text
+
+    written = atomic_write_text(Path(path), text + "\n")
+    console.print(f"wrote {written}", markup=False, highlight=False)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr(active: bool):
+    """With ``--json -`` stdout holds the JSON alone: while ``active``, whatever else the command prints (tables,
+    progress, notes) goes to stderr."""
+    if not active:
+        yield
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 def user_errors(func):
@@ -87,26 +205,65 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+SHELLS = ("bash", "zsh", "fish", "powershell", "pwsh")
+
+
+def _completion(ctx, param, value: str | None) -> None:
+    """--install-completion / --show-completion SHELL: typer's actions for SHELL; another shell name is one error
+    line."""
+    if value is None or ctx.resilient_parsing:
+        return
+    if value not in SHELLS:
+        raise fail(f"{param.opts[0]}: no completion for shell {value!r}; one of {', '.join(SHELLS)}", 2)
+    from typer import completion
+
+    action = completion.install_callback if param.name == "install_completion" else completion.show_callback
+    action(ctx, param, value)
+
+
+def _completion_classes() -> None:
+    """Registers typer's shell-completion classes (what a script of --show-completion asks, through
+    _GANTRAIN_COMPLETE, when the shell completes a word): typer does so itself only with its own options on."""
+    try:
+        from typer.completion import completion_init
+    except ImportError:  # a typer without them: click's own classes answer
+        return
+    completion_init()
+
+
+_completion_classes()
+
+
 @app.callback()
 def main_callback(
     version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
                                                     help="Print the version and exit.")] = None,
+    install_completion: Annotated[Optional[str], typer.Option(
+        "--install-completion", metavar="SHELL", callback=_completion, is_eager=True, expose_value=False,
+        help=f"Install tab completion of gantrain's commands and options for SHELL ({', '.join(SHELLS)}) and "
+             "exit.")] = None,
+    show_completion: Annotated[Optional[str], typer.Option(
+        "--show-completion", metavar="SHELL", callback=_completion, is_eager=True, expose_value=False,
+        help="Print the completion script for SHELL, to install it by hand, and exit.")] = None,
 ) -> None:
     """gantrain: fast DCGAN training, benchmarking and tuning."""
 
 
-def _option_flags(target: str, specs: list[tuple[str, type, str, str]]):
-    """A decorator adding one keyword option per ``(name, type, help, panel)`` spec to a command's signature
-    (default None: not given; booleans as --x/--no-x), passed on together as a dict in its ``target`` parameter."""
+def _option_flags(target: str, specs: list[tuple[str, type, str, str, str]], hidden: frozenset[str] = frozenset()):
+    """A decorator adding one keyword option per ``(name, type, help, panel, default)`` spec to a command's
+    signature (default None: not given; booleans as --x/--no-x; ``default``: what its help shows as the default;
+    the ``hidden`` ones still parse but are not listed), passed on together as a dict in its ``target``
+    parameter."""
     names = [spec[0] for spec in specs]
 
     def decorate(func):
         sig = inspect.signature(func, eval_str=True)
         params = [p for p in sig.parameters.values() if p.name != target]
-        for name, typ, doc, panel in specs:
+        for name, typ, doc, panel, default in specs:
             flag = "--" + name.replace("_", "-")
-            option = typer.Option(f"{flag}/--no-{flag[2:]}" if typ is bool else flag, help=doc, rich_help_panel=panel,
-                                  show_default=False, metavar="<names>" if typ == list[str] else None)
+            option = typer.Option(f"{flag}/--no-{flag[2:]}" if typ is bool else flag, help=escape(doc),
+                                  rich_help_panel=panel, show_default=default, hidden=name in hidden,
+                                  metavar="<names>" if typ == list[str] else None)
             params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
                                             annotation=Annotated[Optional[typ], option]))
 
@@ -124,30 +281,87 @@ def _option_flags(target: str, specs: list[tuple[str, type, str, str]]):
     return decorate
 
 
-def config_flags(func):
-    """Adds one option per config field (default None = 'keep the preset/TOML value'), passed on as ``overrides``."""
-    specs = [(name, list[str] if name in LIST_FIELDS else typ, field_docs(SECTION_TYPES[section]).get(name, ""),
-              f"{section} options") for name, (section, typ) in field_index().items()]
-    return _option_flags("overrides", specs)(func)
+#: The preset `gantrain run` trains without --preset (config.resolve), whose values the run flags show as defaults.
+DEFAULT_PRESET = "fashion32"
+#: What an empty value of these fields means, shown as their default (their help says more).
+EMPTY_MEANS = {"out": "runs/<preset>", "data_root": "auto", "metrics_cache": "auto", "compile_cache_dir": "auto",
+               "ray_storage": "<out>/ray", "ray_address": "a local Ray", "profile_steps": "off"}
+
+
+def shown_default(value: Any, name: str = "") -> str:
+    """A default as a person reads it: on/off, a comma list, ``none`` (or what :data:`EMPTY_MEANS` says) for
+    nothing, numbers as written (2e-4 as 0.0002, 30.0 as 30)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None or value == "" or value == ():
+        return EMPTY_MEANS.get(name, "none")
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}" if float(f"{value:g}") == value else repr(value)
+    return str(value)
+
+
+@functools.cache
+def _config_specs() -> tuple[tuple[str, type, str, str, str], ...]:
+    """One flag spec per config field: its help (the field docstring) and its default, the default preset's value
+    and, where the presets differ, that it depends on --preset. Made once (`run` and `tune` share them): reading
+    the docstrings parses each section's source."""
+    presets = {name: preset(name) for name in PRESETS}
+    docs = {section: field_docs(cls) for section, cls in SECTION_TYPES.items()}
+    specs = []
+    for name, (section, typ) in field_index().items():
+        values = [getattr(getattr(cfg, section), name) for cfg in presets.values()]
+        default = shown_default(getattr(getattr(presets[DEFAULT_PRESET], section), name), name)
+        if any(value != values[0] for value in values):
+            default = f"{default} with {DEFAULT_PRESET}; depends on --preset"
+        specs.append((name, list[str] if name in LIST_FIELDS else typ, docs[section].get(name, ""),
+                      f"{section} options", default))
+    return tuple(specs)
+
+
+#: Run options a tune trial sets itself (gantrain/tune/experiment.py: TRIAL_OWNED, which refuses them with the
+#: option that does the job): `gantrain tune` parses them, to refuse them in one line, but does not list them.
+TRIAL_OWNED = frozenset({
+    "out", "max_steps", "checkpoint_every", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints",
+    "ddp", "nproc", "nnodes", "node_rank", "master_addr", "master_port", "sync_bn", "rdzv_endpoint", "rdzv_id",
+    "max_restarts", "ray", "ray_address", "ray_workers", "gpus_per_worker", "cpus_per_worker", "ray_storage",
+    "ray_wait"})
+
+
+def config_flags(func=None, *, hidden: frozenset[str] = frozenset()):
+    """Adds one option per config field (default None = 'keep the preset/TOML value'), passed on as ``overrides``;
+    ``hidden``: fields the command parses but does not list."""
+    if func is None:
+        return functools.partial(config_flags, hidden=hidden)
+    return _option_flags("overrides", list(_config_specs()), hidden)(func)
 
 
 @app.command("run", no_args_is_help=False, cls=FlagCommand)
 @config_flags
 @user_errors
 def run_command(
-    preset: Annotated[Optional[str], typer.Option(help="Preset to start from (see `gantrain presets`).")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="TOML config (e.g. a run's config.toml) applied over the preset.")] = None,
-    resume: Annotated[Optional[str], typer.Option(help="Continue a run: 'auto' (the --out folder's last.pt) or a checkpoint path.")] = None,
+    preset: Annotated[Optional[str], typer.Option(show_default=DEFAULT_PRESET, help="Preset to start from (see `gantrain presets`).")] = None,
+    config: Annotated[Optional[Path], typer.Option(show_default="none", help="TOML config (e.g. a run's config.toml) applied over the preset.")] = None,
+    resume: Annotated[Optional[str], typer.Option(show_default="a new run", help="Continue a run: 'auto' (the --out folder's last.pt) or a checkpoint path.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config (and where each value came from: preset, file, flag) and the schedule, then exit without training or touching the run folder.")] = False,
+    json_path: Annotated[Optional[str], typer.Option("--json", metavar="<path>", show_default="off", help="With --dry-run: also write the resolved config, where each value came from and the schedule as one JSON object to this file; '-' writes only the JSON to stdout (the table goes to stderr).")] = None,
     overrides: dict[str, Any] | None = None,
 ) -> None:
     """Train a DCGAN. Bare `gantrain run` trains the fashion32 preset."""
+    if json_path is not None and not dry_run:
+        raise ConfigError("--json: writes what --dry-run prints; give --dry-run too (a training run records itself "
+                          "in its run folder: config.toml, metrics.jsonl)")
     cfg = resolve(preset, str(config) if config else None, overrides or {})
     if dry_run:
         from gantrain.engine.train import dryrun
 
         sources = dryrun.value_sources(preset, str(config) if config else None, overrides or {})
-        dryrun.show(cfg, sources, dryrun.plan(cfg), Console(), resume)
+        schedule = dryrun.plan(cfg)
+        plan = dryrun.as_dict(cfg, sources, schedule, resume) if json_path is not None else None  # refusals first
+        dryrun.show(cfg, sources, schedule, Console(stderr=json_path == "-"), resume)
+        if plan is not None:
+            write_json(plan, json_path)
         return
     from gantrain.engine.dist.launch import train
 
@@ -155,10 +369,14 @@ def run_command(
 
 
 @app.command("presets", cls=FlagCommand)
-def presets_command() -> None:
+@user_errors
+def presets_command(
+    json_path: Annotated[Optional[str], typer.Option("--json", metavar="<path>", show_default="off", help="Also write every preset's description, full config and recommended recipe as JSON to this file; '-' writes only the JSON to stdout (the table goes to stderr).")] = None,
+) -> None:
     """List the presets and their key values."""
     from gantrain.engine.config import ModelConfig, OptimConfig, preset as build_preset
 
+    shown = Console(stderr=json_path == "-")
     table = Table(title="gantrain presets", show_lines=True)
     table.add_column("preset", no_wrap=True, style="bold")
     table.add_column("key values")
@@ -180,12 +398,20 @@ def presets_command() -> None:
             values += f", {c.optim.lr_decay} lr decay"
             values += f" after {c.optim.lr_decay_start:.0%} of the run" if c.optim.lr_decay_start else ""
         table.add_row(name, values, description)
-    Console().print(table)
+    shown.print(table)
+    measured = {better: recommended_measured().get(better, "its recipe reached good samples soonest")
+                for better in RECOMMENDED.values()}
     for plain, better in RECOMMENDED.items():
-        measured = recommended_measured().get(better, "its recipe reached good samples soonest")
-        Console().print(f"recommended for {plain}'s data: {better}: {measured} (`gantrain bench --to-quality`; README, "
-                        f"\"Time to quality\"); {plain} stays as published, the reference to compare with",
-                        soft_wrap=True)
+        shown.print(f"recommended for {plain}'s data: {better}: {measured[better]} (`gantrain bench --to-quality`; "
+                    f"README, \"Time to quality\"); {plain} stays as published, the reference to compare with",
+                    soft_wrap=True)
+    if json_path is not None:
+        write_json({"default": DEFAULT_PRESET,
+                    "presets": {name: {"description": description, "recommended": RECOMMENDED.get(name),
+                                       "config": build_preset(name).to_dict()}
+                                for name, (_, description) in PRESETS.items()},
+                    "recommended": {plain: {"preset": better, "measured": measured[better]}
+                                    for plain, better in RECOMMENDED.items()}}, json_path)
 
 
 @app.command("generate", cls=FlagCommand)
@@ -268,13 +494,13 @@ def eval_command(
     source: Annotated[Optional[str], typer.Argument(metavar="SOURCE", show_default=False, help="What to evaluate: a checkpoint written by `gantrain run`, an exported generator, or an image folder (optional with --real-vs-real --dataset). With --save-stats: the reference to save (a folder, or fashion-mnist, mnist, folder:PATH).")] = None,
     reference: Annotated[Optional[str], typer.Argument(metavar="REFERENCE", show_default=False, help="What to compare with: an image folder, a .npz from --save-stats, or a dataset's test split (fashion-mnist, mnist, folder:PATH). Default: the checkpoint's (or --dataset's) test split.")] = None,
     n: Annotated[int, typer.Option("-n", "--num", min=100, help="Generated images (with --real-vs-real: images per real half, at most half the test split); an image folder gives its own.")] = 10000,
-    json_path: Annotated[Optional[str], typer.Option("--json", help="Also write the results as JSON to this file; '-' writes only the JSON to stdout (tables and progress go to stderr).")] = None,
+    json_path: Annotated[Optional[str], typer.Option("--json", metavar="<path>", show_default="off", help="Also write the results as JSON to this file; '-' writes only the JSON to stdout (tables and progress go to stderr).")] = None,
     real_vs_real: Annotated[bool, typer.Option("--real-vs-real", help="Sanity mode: compare two disjoint halves of the real test split (each metric's floor).")] = False,
     dataset: Annotated[Optional[str], typer.Option(help="The domain extractor (and, without REFERENCE, the test split) to use: fashion-mnist, mnist or folder:PATH. Default: the checkpoint's, else REFERENCE's.")] = None,
     data_root: Annotated[Optional[str], typer.Option(help="Data folder (default: the checkpoint's, then $GANTRAIN_DATA).")] = None,
     channels: Annotated[int, typer.Option(min=1, max=3, help="Channels of image folders: 1 or 3.")] = 3,
     size: Annotated[Optional[int], typer.Option(min=8, help="Decode image folders at this size (default: the first image's shorter side).")] = None,
-    save_stats: Annotated[Optional[Path], typer.Option("--save-stats", help="Save SOURCE's reference statistics (domain features; with --inception also Inception mu/sigma) to this .npz for later `gantrain eval X FILE.npz`.")] = None,
+    save_stats: Annotated[Optional[Path], typer.Option("--save-stats", show_default="off", help="Save SOURCE's reference statistics (domain features; with --inception also Inception mu/sigma) to this .npz for later `gantrain eval X FILE.npz`.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the generator noise and the KID subsets.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     inception: Annotated[bool, typer.Option("--inception", help="Also the standard FID and KID in Inception-v3 features (the fid extra; no download; about 0.3 s per image on a CPU).")] = False,
@@ -374,34 +600,34 @@ def fit_extractor_command(
 def bench_command(
     preset: Annotated[str, typer.Option(help="Model preset (see `gantrain presets`).")] = "fashion32",
     batch_size: Annotated[Optional[int], typer.Option(help="Images per step (default: the preset's).")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="Dataset override, e.g. synthetic.")] = None,
-    data_root: Annotated[Optional[str], typer.Option(help="Data folder (as for `gantrain run`).")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="Use only the first N images.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(show_default="the preset's", help="Dataset override, e.g. synthetic.")] = None,
+    data_root: Annotated[Optional[str], typer.Option(show_default="auto", help="Data folder (as for `gantrain run`).")] = None,
+    limit: Annotated[Optional[int], typer.Option(show_default="all", help="Use only the first N images.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     quick: Annotated[bool, typer.Option("--quick", help="Few, short windows: a smoke test fit for CI.")] = False,
     nproc: Annotated[int, typer.Option(min=1, help="Also time DDP with this many local processes (when > 1).")] = 1,
     num_workers: Annotated[int, typer.Option(min=0, help="DataLoader workers of the baseline and torch-loader rows.")] = 2,
     peak_tflops: Annotated[Optional[float], typer.Option(help="Device peak TFLOP/s for MFU (default: GPU table or a measured matmul probe).")] = None,
-    only: Annotated[Optional[list[str]], typer.Option(help="Run only the rows whose name contains this (repeatable).")] = None,
-    warmup: Annotated[Optional[int], typer.Option(min=1, help="Warm-up steps per configuration (excluded from timing).")] = None,
-    windows: Annotated[Optional[int], typer.Option(min=1, help="Timed windows per configuration.")] = None,
-    window: Annotated[Optional[int], typer.Option(min=1, help="Steps per timed window.")] = None,
-    repeats: Annotated[Optional[int], typer.Option(min=1, help="Passes over the whole matrix, round-robin; windows are pooled (default 2, 1 with --quick).")] = None,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the full report (hardware, versions, configs, figures) here.")] = None,
-    markdown: Annotated[Optional[Path], typer.Option(help="Write the results table as Markdown here.")] = None,
-    profile: Annotated[Optional[Path], typer.Option(help="After each row's timing, profile 5 more steps with torch.profiler into PROFILE/<row>/ (a Perfetto trace and a top-ops table).")] = None,
+    only: Annotated[Optional[list[str]], typer.Option(metavar="<str>", show_default="every row", help="Run only the rows whose name contains this (repeatable).")] = None,
+    warmup: Annotated[Optional[int], typer.Option(min=1, show_default="by row kind and --quick", help="Warm-up steps per configuration (excluded from timing).")] = None,
+    windows: Annotated[Optional[int], typer.Option(min=1, show_default="by row kind and --quick", help="Timed windows per configuration.")] = None,
+    window: Annotated[Optional[int], typer.Option(min=1, show_default="by row kind and --quick", help="Steps per timed window.")] = None,
+    repeats: Annotated[Optional[int], typer.Option(min=1, help="Passes over the whole matrix, round-robin; windows are pooled (default 2, 1 with --quick or --loaders).")] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", metavar="<path>", show_default="off", help="Write the full report (hardware, versions, configs, figures) here (with --to-quality: to_quality.json, instead of into --out); '-' writes only the JSON to stdout (tables and progress go to stderr).")] = None,
+    markdown: Annotated[Optional[Path], typer.Option(show_default="off", help="Write the results table as Markdown here.")] = None,
+    profile: Annotated[Optional[Path], typer.Option(show_default="off", help="After each row's timing, profile 5 more steps with torch.profiler into PROFILE/<row>/ (a Perfetto trace and a top-ops table).")] = None,
     loaders: Annotated[bool, typer.Option("--loaders", help="Time the data loaders instead (memory, torch, DALI) on the image folder --data-root at 64 and 128 px, alone and feeding training; --preset is not used.")] = False,
     to_quality: Annotated[bool, typer.Option("--to-quality", help="Time to quality instead: train each --contender from scratch and report the training time until its FD first reaches each --targets value (see the README).")] = False,
-    contender: Annotated[Optional[list[str]], typer.Option(help="--to-quality: 'tutorial' (the plain loop on --preset's recipe) or 'PRESET [field=value ...]' (repeatable; default: tutorial, --preset and its recommended recipe).")] = None,
+    contender: Annotated[Optional[list[str]], typer.Option(metavar="<recipe>", help="--to-quality: 'tutorial' (the plain loop on --preset's recipe) or 'PRESET \\[field=value ...]' (repeatable; default: tutorial, --preset and its recommended recipe).")] = None,
     targets: Annotated[str, typer.Option(help="--to-quality: FD targets, comma-separated.")] = "20,10,5,3",
     seeds: Annotated[int, typer.Option(min=1, help="--to-quality: seeds per contender (median and spread over them).")] = 1,
     baseline_seeds: Annotated[Optional[int], typer.Option(min=1, help="--to-quality: seeds of the tutorial loop (default: --seeds), when its run time forbids as many.")] = None,
     budget_epochs: Annotated[Optional[float], typer.Option(min=0.01, help="--to-quality: training epochs of every contender (default: the preset's epochs; 1 with --quick).")] = None,
     eval_every_epochs: Annotated[Optional[float], typer.Option(min=0.01, help="--to-quality: evaluate FD every this many epochs of images seen (default 0.25; 0.5 with --quick).")] = None,
     eval_samples: Annotated[Optional[int], typer.Option(min=100, help="--to-quality: generated images per FD (default 2000; 100 with --quick).")] = None,
-    out: Annotated[Path, typer.Option(help="--to-quality: folder for to_quality.json, .md and .png.")] = Path("runs/to-quality"),
+    out: Annotated[Path, typer.Option(help="--to-quality: folder for to_quality.json (unless --json names another file), .md and .png.")] = Path("runs/to-quality"),
     stop_when_reached: Annotated[bool, typer.Option("--stop-when-reached", help="--to-quality: the tutorial loop runs first; every other run stops at its first FD at or below the tutorial's final FD (its best and final FD then cover only that time).")] = False,
-    baseline_from: Annotated[Optional[Path], typer.Option("--baseline-from", help="--to-quality: take the tutorial loop's runs from this earlier to_quality.json instead of training the loop again (refused unless it measured the same recipe, budget, evaluation and hardware).")] = None,
+    baseline_from: Annotated[Optional[Path], typer.Option("--baseline-from", show_default="off", help="--to-quality: take the tutorial loop's runs from this earlier to_quality.json instead of training the loop again (refused unless it measured the same recipe, budget, evaluation and hardware).")] = None,
 ) -> None:
     """Time the training step: a plain PyTorch loop vs the engine with each feature added (or, with --loaders, the data loaders; with --to-quality, the time until samples reach an FD)."""
     from gantrain.bench.suite import bench
@@ -409,6 +635,8 @@ def bench_command(
 
     if profile is not None and (to_quality or loaders):
         raise ConfigError(f"--profile: profiles the speed rows only, not {'--to-quality' if to_quality else '--loaders'}")
+    to_stdout = json_path is not None and str(json_path) == "-"
+    report_path = None if to_stdout else json_path  # with '-', --to-quality keeps its running record in --out
     if to_quality:
         from gantrain.bench import to_quality as tq
 
@@ -417,25 +645,32 @@ def bench_command(
         common = {k: v for k, v in common.items() if v is not None}
         base = with_env_defaults(override(build_preset(preset), common))
         contenders = [tq.parse_contender(c, base, common) for c in contender or tq.default_contenders(preset)]
-        tq.bench_to_quality(base, contenders, seeds=seeds, baseline_seeds=baseline_seeds,
-                            targets=parse_targets(targets), out=out, console=console, num_workers=num_workers,
-                            budget_epochs=budget_epochs or (1.0 if quick else float(base.run.epochs)),
-                            eval_every_epochs=eval_every_epochs or (0.5 if quick else 0.25),
-                            eval_samples=eval_samples or (100 if quick else 2000), stop_when_reached=stop_when_reached,
-                            baseline_from=baseline_from)
-        return
-    if loaders:
+        with stdout_to_stderr(to_stdout):
+            report = tq.bench_to_quality(
+                base, contenders, seeds=seeds, baseline_seeds=baseline_seeds, targets=parse_targets(targets), out=out,
+                console=console, num_workers=num_workers,
+                budget_epochs=budget_epochs or (1.0 if quick else float(base.run.epochs)),
+                eval_every_epochs=eval_every_epochs or (0.5 if quick else 0.25),
+                eval_samples=eval_samples or (100 if quick else 2000), stop_when_reached=stop_when_reached,
+                baseline_from=baseline_from, json_path=report_path)
+    elif loaders:
         from gantrain.bench.loaders import bench_loaders
 
-        bench_loaders(data_root=data_root, limit=limit, batch_size=batch_size, device=device, num_workers=num_workers,
-                      quick=quick, json_path=json_path, markdown_path=markdown, console=console, only=only,
-                      warmup=warmup, windows=windows, window=window, repeats=repeats)
-        return
-    cfg = with_env_defaults(override(build_preset(preset), {"batch_size": batch_size, "dataset": dataset,
-                                                            "data_root": data_root, "limit": limit, "device": device,
-                                                            "num_workers": num_workers}))
-    bench(cfg, quick=quick, nproc=nproc, peak_override=peak_tflops, json_path=json_path, markdown_path=markdown,
-          console=console, only=only, warmup=warmup, windows=windows, window=window, repeats=repeats, profile=profile)
+        with stdout_to_stderr(to_stdout):
+            report = bench_loaders(data_root=data_root, limit=limit, batch_size=batch_size, device=device,
+                                   num_workers=num_workers, quick=quick, json_path=report_path, markdown_path=markdown,
+                                   console=console, only=only, warmup=warmup, windows=windows, window=window,
+                                   repeats=repeats)
+    else:
+        cfg = with_env_defaults(override(build_preset(preset), {"batch_size": batch_size, "dataset": dataset,
+                                                                "data_root": data_root, "limit": limit,
+                                                                "device": device, "num_workers": num_workers}))
+        with stdout_to_stderr(to_stdout):
+            report = bench(cfg, quick=quick, nproc=nproc, peak_override=peak_tflops, json_path=report_path,
+                           markdown_path=markdown, console=console, only=only, warmup=warmup, windows=windows,
+                           window=window, repeats=repeats, profile=profile)
+    if to_stdout:
+        print(json.dumps(report, indent=2))  # as the report's file holds it
 
 
 def parse_targets(text: str) -> list[float]:
@@ -456,19 +691,19 @@ def tune_flags(func):
     from gantrain.tune.settings import TuneSettings
 
     docs = field_docs(TuneSettings)
-    specs = [(f.name, type(f.default), f"{docs[f.name]} (default: {f.default})", "tune options")
+    specs = [(f.name, type(f.default), docs[f.name], "tune options", shown_default(f.default))
              for f in fields(TuneSettings)]
     return _option_flags("tune_options", specs)(func)
 
 
 @app.command("tune", no_args_is_help=False, cls=FlagCommand)
-@config_flags
+@config_flags(hidden=TRIAL_OWNED)
 @tune_flags
 @user_errors
 def tune_command(
-    preset: Annotated[Optional[str], typer.Option(help="Preset every trial starts from (default fashion32).")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="TOML config applied over the preset (any `gantrain run` flag also applies).")] = None,
-    space: Annotated[Optional[Path], typer.Option(help="TOML search space replacing the default (lr_g, lr_d, label_smoothing, beta1); see the README.")] = None,
+    preset: Annotated[Optional[str], typer.Option(show_default=DEFAULT_PRESET, help="Preset every trial starts from.")] = None,
+    config: Annotated[Optional[Path], typer.Option(show_default="none", help="TOML config applied over the preset (any `gantrain run` flag a trial does not set itself also applies).")] = None,
+    space: Annotated[Optional[Path], typer.Option(show_default="lr_g, lr_d, label_smoothing, beta1", help="TOML search space replacing the default one; see the README.")] = None,
     address: Annotated[Optional[str], typer.Option(help="Join a Ray cluster: 'auto' (this node's) or 'ray://head:10001'; default: start Ray on this machine.")] = None,
     storage: Annotated[Path, typer.Option(help="Folder holding experiments (shared by every node of a cluster).")] = Path("runs/tune"),
     name: Annotated[Optional[str], typer.Option(help="Experiment folder name under --storage (default: the preset).")] = None,
@@ -478,7 +713,7 @@ def tune_command(
 ) -> None:
     """Search lr_G, lr_D, label smoothing and beta1 (or any config field) with Ray Tune, minimising FD.
 
-    Each trial is a normal run (every `gantrain run` flag applies) that reports every --eval-every epochs
+    Each trial is a normal run (the `gantrain run` flags listed here apply) that reports every --eval-every epochs
     (every epoch when 0)."""
     from gantrain.tune import require_ray
 
@@ -496,7 +731,7 @@ def tune_command(
     if settings is not None:
         refuse_trial_owned(overrides or {}, settings)
     cfg = None if resume else resolve(preset, str(config) if config else None, overrides or {})
-    folder = experiment_folder(storage, name or (cfg.preset if cfg else preset or "fashion32"))
+    folder = experiment_folder(storage, name or (cfg.preset if cfg else preset or DEFAULT_PRESET))
     prepare(folder, cfg=cfg, settings=settings, space_file=space, resume=resume)
     if needs_driver_process(address):  # so that killing this command leaves no Ray process behind
         raise typer.Exit(run_driver_process(folder, resume, storage))

@@ -319,11 +319,11 @@ def run_contender(contender: Contender, seed: int, spec: dict, env: dict) -> dic
 def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: int, baseline_seeds: int | None,
                      targets: Sequence[float], budget_epochs: float, eval_every_epochs: float, eval_samples: int,
                      out: Path, console: Console, num_workers: int = 2, stop_when_reached: bool = False,
-                     baseline_from: Path | None = None,
+                     baseline_from: Path | None = None, json_path: Path | None = None,
                      run_one: Callable[[Contender, int, dict, dict], dict] = run_contender) -> dict:
     """Runs every contender for every seed (round-robin by seed, so a drift of a shared machine hits all alike),
-    writes ``to_quality.json`` after each run (a long measurement keeps what it has), then the Markdown table and
-    ``to_quality.png`` into ``out``.
+    writes ``to_quality.json`` (into ``out``, or at ``json_path``) after each run (a long measurement keeps what it
+    has), then the Markdown table and ``to_quality.png`` into ``out``.
 
     ``stop_when_reached``: the tutorial loop's runs go first, and every other run stops at its first FD at or
     below their final FD (median over the tutorial's seeds): the headline's time without the rest of the budget.
@@ -400,9 +400,9 @@ def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: in
                 report["stop_fd"] = run_spec["stop_fd"]
             report["contenders"][i]["runs"].append(run_one(contenders[i], seed, run_spec, env))
             report["wall_s"] = round(time.perf_counter() - started, 1)
-            atomic_write_text(out / "to_quality.json", json.dumps(report, indent=2))
+            atomic_write_text(json_path or out / "to_quality.json", json.dumps(report, indent=2))
             bar.advance(task)
-    return finish_report(report, out, console)
+    return finish_report(report, out, console, json_path)
 
 
 #: The parts of the tutorial contender's config that decide what it trains (data_root may be spelt differently).
@@ -509,13 +509,15 @@ def _tutorial_final_fd(report: dict) -> float | None:
     return spread(finals)["median"]
 
 
-def finish_report(report: dict, out: Path, console: Console) -> dict:
-    """Adds the summaries and the headline, writes JSON, Markdown and the plot, prints the table."""
+def finish_report(report: dict, out: Path, console: Console, json_path: Path | None = None) -> dict:
+    """Adds the summaries and the headline, writes JSON (into ``out``, or at ``json_path``), Markdown and the plot,
+    prints the table."""
     for c in report["contenders"]:
         c["summary"] = contender_summary(c["runs"], report["targets"])
     report["headline"] = headline(report["contenders"])
     table, markdown = rendered(report)
-    atomic_write_text(out / "to_quality.json", json.dumps(report, indent=2))
+    json_path = json_path or out / "to_quality.json"
+    atomic_write_text(json_path, json.dumps(report, indent=2))
     atomic_write_text(out / "to_quality.md", markdown)
     plot(report, out / "to_quality.png")
     console.print(table)
@@ -523,8 +525,7 @@ def finish_report(report: dict, out: Path, console: Console) -> dict:
         for run in c["runs"]:
             if "error" in run:
                 console.print(f"[red]{c['name']}, seed {run['seed']} failed:[/red] {run['error']}", soft_wrap=True)
-    console.print(f"report: {out / 'to_quality.json'}, {out / 'to_quality.md'}, {out / 'to_quality.png'}",
-                  soft_wrap=True)
+    console.print(f"report: {json_path}, {out / 'to_quality.md'}, {out / 'to_quality.png'}", soft_wrap=True)
     return report
 
 

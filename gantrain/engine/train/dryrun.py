@@ -138,6 +138,21 @@ def _precision(cfg: Config) -> str:
     return f"{PrecisionPolicy(device, cfg.perf.amp, cfg.perf.channels_last).describe()} on {device.type}"
 
 
+def as_dict(cfg: Config, sources: dict[str, str], schedule: Schedule, resume: str | None) -> dict[str, Any]:
+    """What :func:`show` prints, as one JSON-native object (``--dry-run --json``): the resolved config (nested by
+    section, as config.toml holds it), where each value came from (by ``section.field``), the schedule (None where
+    the images cannot be counted) and the precision. Raises :class:`ConfigError` as :func:`show` does."""
+    total = schedule.total_steps
+    return {"preset": cfg.preset, "run_dir": str(cfg.run_dir), "resume": resume, "config": cfg.to_dict(),
+            "sources": dict(sources),
+            "schedule": {"images": schedule.images, "images_note": schedule.images_note,
+                         "batch_size": schedule.batch_size, "world_size": schedule.world_size,
+                         "effective_batch": schedule.effective_batch, "steps_per_epoch": schedule.steps_per_epoch,
+                         "epochs": cfg.run.epochs, "max_steps": cfg.run.max_steps, "total_steps": total,
+                         "images_trained": None if total is None else total * schedule.effective_batch},
+            "precision": _precision(cfg)}
+
+
 def show(cfg: Config, sources: dict[str, str], schedule: Schedule, console: Console, resume: str | None) -> None:
     """The config table (field, value, source) and the schedule, to ``console``. Raises :class:`ConfigError`, before
     printing anything, when the device or precision cannot be had here (``--device cuda`` without CUDA, fp16 on CPU)."""

@@ -1,0 +1,208 @@
+"""Scripting gantrain: ``--json PATH`` in every mode that writes a report, ``--json -`` as the JSON alone on stdout
+(tables and progress on stderr), ``presets --json``, ``run --dry-run --json``, and shell completion.
+
+Expectations come from the engine (``preset(...)``, ``resolve(...)``), the arguments given, or the files the same
+command writes, never from the command's own printing."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from gantrain.engine.config import PRESETS, RECOMMENDED, preset, resolve
+
+
+@pytest.fixture
+def invoke(monkeypatch: pytest.MonkeyPatch):
+    """``gantrain ARGS`` in-process at 80 columns; the result keeps stdout and stderr apart."""
+    from gantrain.cli import app
+
+    monkeypatch.setenv("COLUMNS", "80")
+
+    def run(*args, **kwargs):
+        return CliRunner().invoke(app, [str(a) for a in args], prog_name="gantrain", **kwargs)
+
+    return run
+
+
+def _one_error_line(result, code: int, *words: str) -> None:
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+# ----- gantrain presets --json ------------------------------------------------------------------------------
+def test_presets_json_to_stdout_is_every_preset_and_nothing_else(invoke) -> None:
+    result = invoke("presets", "--json", "-")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)  # stdout holds the JSON alone
+    assert data["default"] == resolve(None, None, {}).preset == "fashion32"
+    assert list(data["presets"]) == list(PRESETS)
+    for name, entry in data["presets"].items():
+        assert entry["config"] == json.loads(json.dumps(preset(name).to_dict()))
+        assert entry["description"] == PRESETS[name][1]
+        assert entry["recommended"] == RECOMMENDED.get(name)
+    assert {plain: r["preset"] for plain, r in data["recommended"].items()} == RECOMMENDED
+    assert all(r["measured"] for r in data["recommended"].values())
+    assert "gantrain presets" in result.stderr and "fashion32-tuned" in result.stderr  # the table, on stderr
+
+
+def test_presets_json_to_a_file_keeps_the_table_on_stdout(invoke, tmp_path: Path) -> None:
+    path = tmp_path / "new" / "presets.json"
+    result = invoke("presets", "--json", path)
+    assert result.exit_code == 0, result.output
+    data = json.loads(path.read_text())
+    assert data["presets"]["cats128"]["config"]["data"]["image_size"] == preset("cats128").data.image_size == 128
+    assert "gantrain presets" in result.stdout and str(path) in result.stderr
+
+
+# ----- gantrain run --dry-run --json -----------------------------------------------------------------------
+DRY = ["run", "--dry-run", "--dataset", "synthetic", "--synthetic-size", "1000", "--batch-size", "100", "--epochs", "3",
+       "--lr-g", "0.001", "--no-channels-last", "--device", "cpu"]
+
+
+def test_dry_run_json_to_stdout_is_the_config_and_the_plan(invoke, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = invoke(*DRY, "--out", out, "--json", "-")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    flags = {"dataset": "synthetic", "synthetic_size": 1000, "batch_size": 100, "epochs": 3, "lr_g": 0.001,
+             "channels_last": False, "device": "cpu", "out": str(out)}
+    assert data["config"] == json.loads(json.dumps(resolve(None, None, flags).to_dict()))
+    assert data["preset"] == "fashion32" and data["run_dir"] == str(out) and data["resume"] is None
+    assert data["sources"]["optim.lr_g"] == "flag --lr-g" and data["sources"]["perf.channels_last"] == \
+        "flag --channels-last"
+    assert data["sources"]["model.nz"] == "default"
+    # 1000 images in batches of 100 on one process: 10 steps an epoch, 30 over 3 epochs, 3000 images
+    assert data["schedule"] == {"images": 1000, "images_note": "synthetic", "batch_size": 100, "world_size": 1,
+                                "effective_batch": 100, "steps_per_epoch": 10, "epochs": 3, "max_steps": 0,
+                                "total_steps": 30, "images_trained": 3000}
+    assert data["precision"].endswith("on cpu")
+    assert "gantrain run --dry-run" in result.stderr and "total steps: 30" in result.stderr  # the table, on stderr
+    assert not out.exists()  # still a dry run
+
+
+def test_dry_run_json_to_a_file_and_the_table_on_stdout(invoke, tmp_path: Path) -> None:
+    path = tmp_path / "plan.json"
+    result = invoke(*DRY, "--max-steps", "25", "--resume", "auto", "--json", path)
+    assert result.exit_code == 0, result.output
+    data = json.loads(path.read_text())
+    assert data["schedule"]["total_steps"] == 25 and data["config"]["run"]["max_steps"] == 25
+    assert data["resume"] == "auto"
+    assert "total steps: 25" in result.stdout and f"wrote {path}" in result.stderr
+
+
+def test_json_without_dry_run_is_one_error_line(invoke, tmp_path: Path) -> None:
+    _one_error_line(invoke("run", "--json", tmp_path / "x.json"), 2, "--json", "--dry-run")
+    assert not (tmp_path / "x.json").exists()
+
+
+# ----- gantrain bench --json: each mode -------------------------------------------------------------------
+def test_bench_json_to_stdout(invoke) -> None:
+    result = invoke("bench", "--quick", "--dataset", "synthetic", "--only", "baseline", "--batch-size", "8",
+                    "--device", "cpu", "--warmup", "1", "--windows", "1", "--window", "1", "--repeats", "1",
+                    "--peak-tflops", "1", "--json", "-")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [r["name"] for r in report["results"]] == ["baseline (tutorial loop)"]
+    assert report["batch_size"] == 8 and report["peak_tflops"]["source"] == "--peak-tflops"
+    assert "baseline (tutorial loop)" in result.stderr  # the table
+    assert not Path("-").exists()
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    return folder
+
+
+def test_bench_loaders_json_to_stdout(invoke, image_folder: Path) -> None:
+    result = invoke("bench", "--loaders", "--quick", "--data-root", image_folder, "--limit", "16", "--batch-size", "8",
+                    "--device", "cpu", "--only", "memory 64px loader only", "--num-workers", "0", "--json", "-")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["num_images"] == 16 and [r["name"] for r in report["results"]] == ["memory 64px loader only"]
+    assert "memory" in result.stderr  # the table
+
+
+@pytest.fixture
+def stub_to_quality(monkeypatch: pytest.MonkeyPatch):
+    """`--to-quality` without training or a fitted extractor: each run a made-up FD curve (the unit tests of
+    gantrain/bench/to_quality.py do the same); the command's own path to the report files is what is tested."""
+    from types import SimpleNamespace
+
+    from gantrain.bench import to_quality as tq
+    from gantrain.engine.metrics import evaluate
+
+    info = {"label": "fashion-mnist", "task": "class", "test_accuracy": 0.9, "weights_sha256": "a" * 64, "epochs": 3}
+    evaluator = SimpleNamespace(reference=SimpleNamespace(extractor=SimpleNamespace(info=info)))
+    monkeypatch.setattr(evaluate.Evaluator, "for_config", classmethod(lambda cls, *a, **k: evaluator))
+
+    def run_one(contender, seed, spec, env):
+        return {"seed": seed, "images_per_s": 500.0,
+                "points": [{"images": 1000 * (i + 1), "epochs": 0.25 * (i + 1), "train_s": 10.0 * (i + 1),
+                            "eval_s": 1.0, "fd": fd} for i, fd in enumerate((30.0, 12.0, 4.0))]}
+
+    monkeypatch.setattr(tq, "bench_to_quality", functools.partial(tq.bench_to_quality, run_one=run_one))
+
+
+def test_to_quality_json_path_gets_the_report_and_out_the_rest(invoke, stub_to_quality, tmp_path: Path) -> None:
+    out, path = tmp_path / "tq", tmp_path / "elsewhere" / "report.json"
+    result = invoke("bench", "--to-quality", "--contender", "fashion32", "--targets", "20,5", "--out", out,
+                    "--json", path)
+    assert result.exit_code == 0, result.output
+    report = json.loads(path.read_text())
+    assert [c["name"] for c in report["contenders"]] == ["fashion32"] and report["targets"] == [20.0, 5.0]
+    assert report["contenders"][0]["summary"]  # the finished report, not a running record
+    assert (out / "to_quality.md").is_file() and (out / "to_quality.png").is_file()
+    assert not (out / "to_quality.json").exists()
+
+
+def test_to_quality_json_to_stdout(invoke, stub_to_quality, tmp_path: Path) -> None:
+    out = tmp_path / "tq"
+    result = invoke("bench", "--to-quality", "--contender", "fashion32", "--targets", "20,5", "--out", out,
+                    "--json", "-")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report == json.loads((out / "to_quality.json").read_text())  # the running record stays in --out
+    assert (out / "to_quality.md").is_file() and "fashion32" in result.stderr
+
+
+# ----- shell completion ---------------------------------------------------------------------------------
+def test_show_completion_prints_a_bash_script(invoke) -> None:
+    result = invoke("--show-completion", "bash", env={"SHELL": "/bin/bash"})
+    assert result.exit_code == 0, result.output
+    assert "_GANTRAIN_COMPLETE" in result.stdout and "complete -o default -F _gantrain_completion gantrain" in \
+        result.stdout
+
+
+def test_the_script_s_completions_come_from_the_app(invoke) -> None:
+    """What the bash script asks (COMP_WORDS, _GANTRAIN_COMPLETE=complete_bash) is answered with the app's names."""
+    result = invoke(env={"_GANTRAIN_COMPLETE": "complete_bash", "COMP_WORDS": "gantrain run --checkpoint-every",
+                         "COMP_CWORD": "2"})
+    assert result.exit_code == 0, result.output
+    assert set(result.stdout.split()) == {"--checkpoint-every", "--checkpoint-every-steps",
+                                          "--checkpoint-every-minutes"}
+
+
+def test_completion_for_an_unknown_shell_is_one_error_line(invoke) -> None:
+    _one_error_line(invoke("--show-completion", "cmd.exe"), 2, "--show-completion", "cmd.exe", "bash")
+
+
+def test_help_still_renders_with_the_completion_options(invoke) -> None:
+    result = invoke("--help")
+    assert result.exit_code == 0
+    assert "--install-completion" in result.stdout and "--show-completion" in result.stdout
+    assert "│ run " in result.stdout
