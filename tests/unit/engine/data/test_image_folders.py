@@ -22,7 +22,7 @@ from gantrain.engine.data import build_loader, epoch_plan, load_images
 from gantrain.engine.data.decode import decode_image
 from gantrain.engine.data.discovery import discover_images
 from gantrain.engine.errors import ConfigError, DataError
-from gantrain.engine.metrics.reference import _folder_split_paths
+from gantrain.engine.metrics.reference import folder_split_paths
 
 CPU = torch.device("cpu")
 LOADERS = ["memory", "torch", "dali"]
@@ -207,7 +207,7 @@ def test_metrics_split_the_same_discovered_images(tmp_path: Path) -> None:
     (root / "b").symlink_to(tmp_path / "b", target_is_directory=True)
     Image.new("RGB", (SIZE, SIZE), (9, 9, 9)).save(root / "extra.webp")
     (root / "._extra.webp").write_bytes(b"resource fork")
-    train, test = _folder_split_paths(root, "train"), _folder_split_paths(root, "test")
+    train, test = folder_split_paths(root, "train"), folder_split_paths(root, "test")
     assert len(train) + len(test) == 13 and set(train) | set(test) == set(discover_images(root).paths)
 
 
