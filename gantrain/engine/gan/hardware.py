@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from gantrain.engine.config import ModelConfig
+from gantrain.engine.errors import GantrainError
 from gantrain.engine.state.files import atomic_write_text, cache_dir
 
 log = logging.getLogger("gantrain")
@@ -155,7 +156,7 @@ def device_peaks(device: torch.device, override: float | None = None, *, probe: 
         atomic_write_text(path, json.dumps({**peaks.to_dict(), "probe_size": probe[0], "cpu": cpu_name(),
                                             **cpu_features(), "torch": torch.__version__,
                                             "threads": torch.get_num_threads()}, indent=1))
-    except Exception:  # noqa: BLE001 - an unwritable cache folder (RunIOError, OSError) must not stop a run
+    except (GantrainError, OSError):  # an unwritable cache folder (RunIOError) must not stop a run
         pass
     return peaks
 

@@ -159,7 +159,7 @@ class Trainer:
                 self.outputs.set_roof(hardware.step_flops(cfg.model, cfg.data.image_size, cfg.data.channels),
                                       peaks.of(compute) * world, self.device,
                                       f"{compute}, {peaks.source}" + (f", x {world} processes" if world > 1 else ""))
-            except Exception as exc:  # noqa: BLE001 - a probe the device cannot run (an OOM, no bf16 GEMM)
+            except (RuntimeError, OSError) as exc:  # a probe the device cannot run (an OOM, no bf16 GEMM)
                 log.warning("MFU left out of the records: the device's peak could not be measured (%s: %s)",
                             type(exc).__name__, str(exc).splitlines()[0][:160] if str(exc) else "")
         self.outputs.prepare(resuming, notes, self.step)  # only now: a run that cannot start wrote nothing
