@@ -50,3 +50,14 @@ def test_every_file_of_a_run_is_readable_by_others_under_umask_022(trained_run: 
     private = [str(p.relative_to(trained_run)) for p in trained_run.rglob("*")
                if p.is_file() and not stat.S_IMODE(p.stat().st_mode) & 0o044]
     assert private == []
+
+
+def test_an_export_and_a_json_report_are_readable_by_others_too(trained_run: Path, cli, tmp_path: Path) -> None:
+    """The other files a user makes from a run: the exported generator and `gantrain eval --json`'s report."""
+    if current_umask() & 0o044:
+        pytest.skip("this test process runs under a umask that hides files from others")
+    export, report = tmp_path / "g.safetensors", tmp_path / "eval.json"
+    assert cli("export", trained_run / "checkpoints" / "last.pt", "--out", export).exit_code == 0
+    assert cli("eval", export, "-n", "100", "--json", report).exit_code == 0
+    for path in (export, report):
+        assert stat.S_IMODE(path.stat().st_mode) & 0o044 == 0o044, path
