@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
+import click
 import typer
 import typer.core
 from rich.console import Console
@@ -110,6 +111,29 @@ def _whole_option_names():
         rich_utils._print_options_panel = typer_panel
 
 
+# typer 0.29 vendors click (typer._click); older typers use the click package: catch either's usage errors.
+_CLICKS = {click.exceptions, getattr(getattr(typer.core, "_click", click), "exceptions", click.exceptions)}
+_USAGE_ERRORS = tuple(module.UsageError for module in _CLICKS)
+_NO_ARGS_IS_HELP = tuple(module.NoArgsIsHelpError for module in _CLICKS if hasattr(module, "NoArgsIsHelpError"))
+
+
+def _usage_error_in_one_line(make_context):
+    """Click's usage errors (an unknown option, a missing or invalid value) as one ``error:`` line naming the
+    command's help, exit 2, instead of the usage block and a boxed panel."""
+
+    @functools.wraps(make_context)
+    def wrapper(self, info_name, args, parent=None, **extra):
+        try:
+            return make_context(self, info_name, args, parent=parent, **extra)
+        except _USAGE_ERRORS as exc:
+            if isinstance(exc, _NO_ARGS_IS_HELP):
+                raise  # no_args_is_help: the help itself
+            where = f"{parent.command_path} {info_name}" if parent is not None else info_name
+            raise fail(f"{exc.format_message()} (see '{where} --help')", 2) from None
+
+    return wrapper
+
+
 class FlagCommand(typer.core.TyperCommand):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -121,6 +145,8 @@ class FlagCommand(typer.core.TyperCommand):
     def format_help(self, ctx, formatter):
         with _whole_option_names():
             return super().format_help(ctx, formatter)
+
+    make_context = _usage_error_in_one_line(typer.core.TyperCommand.make_context)
 
 
 class FlagGroup(typer.core.TyperGroup):
@@ -134,6 +160,15 @@ class FlagGroup(typer.core.TyperGroup):
     def format_help(self, ctx, formatter):
         with _whole_option_names():
             return super().format_help(ctx, formatter)
+
+    make_context = _usage_error_in_one_line(typer.core.TyperGroup.make_context)
+
+    def resolve_command(self, ctx, args):
+        """An unknown command as one ``error:`` line, as other usage errors."""
+        try:
+            return super().resolve_command(ctx, args)
+        except _USAGE_ERRORS as exc:
+            raise fail(f"{exc.format_message()} (see '{ctx.command_path} --help')", 2) from None
 
     def invoke(self, ctx):
         """A Ctrl-C that no command handles itself (training, tune and bench do) is one line and exit 130, not

@@ -263,3 +263,18 @@ def test_dry_run_refuses_a_schedule_without_a_step(cli, unwrap, train_root: Path
     result = cli("run", "--dry-run", "--data-root", train_root, "--limit", "50", "--batch-size", "64",
                  "--out", tmp_path / "never")
     assert result.exit_code == 2 and "--limit" in unwrap(result.output) and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["run", "--bogus"], "error: No such option: --bogus"),
+    (["generate"], "error: Missing argument 'checkpoint'."),
+    (["bench", "--repeats", "x"], "error: Invalid value for '--repeats'"),
+    (["nosuch"], "error: No such command 'nosuch'."),
+    (["metrics", "fit-extractor", "--bogus"], "error: No such option: --bogus"),
+])
+def test_usage_errors_are_one_error_line_with_exit_2(cli, args, message) -> None:
+    """Click's own usage errors too: one line naming the command's --help, no usage block, no boxed panel."""
+    result = cli(*args)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].startswith(message) and lines[0].endswith("--help')") and "╭" not in result.output
