@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import inspect
 import json
 import signal
@@ -15,7 +16,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import click
 import typer
 import typer.core
 from rich.console import Console
@@ -111,8 +111,21 @@ def _whole_option_names():
         rich_utils._print_options_panel = typer_panel
 
 
-# typer 0.29 vendors click (typer._click); older typers use the click package: catch either's usage errors.
-_CLICKS = {click.exceptions, getattr(getattr(typer.core, "_click", click), "exceptions", click.exceptions)}
+def _click_exception_modules() -> list:
+    """typer 0.29 vendors click (``typer._click``, and no longer depends on the click package); older typers use
+    the click package: the exception modules of whichever are present."""
+    modules = []
+    vendored = getattr(typer.core, "_click", None)
+    if vendored is not None:
+        modules.append(vendored.exceptions)
+    try:
+        modules.append(importlib.import_module("click.exceptions"))
+    except ImportError:  # not installed: typer does without it
+        pass
+    return modules
+
+
+_CLICKS = _click_exception_modules()
 _USAGE_ERRORS = tuple(module.UsageError for module in _CLICKS)
 _NO_ARGS_IS_HELP = tuple(module.NoArgsIsHelpError for module in _CLICKS if hasattr(module, "NoArgsIsHelpError"))
 
