@@ -201,16 +201,17 @@ def step_flops(model: ModelConfig, image_size: int, channels: int, batch: int = 
     backward; G's step through D), counted by ``torch.utils.flop_counter`` on plain fp32 modules: every
     configuration's MFU divides by the same work, including what a faster step skips (D's weight gradients in the
     G step). Convolutions and matmuls only (their count dominates; BatchNorm and activations are not counted).
-    Leaves torch's global random state as it was."""
+    Counted on the meta device (shapes only, no arithmetic: milliseconds even for cats128, whose CPU step would
+    add seconds to every run's start); leaves torch's global random state as it was."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from gantrain.engine.gan.models import build_models
     from gantrain.engine.gan.sampling import sample_noise
 
-    with torch.random.fork_rng(devices=[]):  # the run's random streams stay as they were
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # the run's random streams stay as they were
         g, d = build_models(model, image_size, channels, impl="aten")
-        real = torch.rand(batch, channels, image_size, image_size) * 2 - 1
-        noise = sample_noise(batch, model.nz, "normal", "cpu")
+        real = torch.empty(batch, channels, image_size, image_size)
+        noise = sample_noise(batch, model.nz, "normal", "meta")
     with FlopCounterMode(display=False) as counter:
         d(real).sum().backward()
         fake = g(noise)
