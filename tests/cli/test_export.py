@@ -29,10 +29,10 @@ def test_export_holds_the_generator_and_its_config(trained_run: Path, cli, tmp_p
     metadata, tensors = _read(out)
     state = load_checkpoint(checkpoint)
     assert metadata["format"] == "gantrain-generator" and metadata["weights"] == "raw"
-    assert metadata["step"] == str(state["step"]) == "6"
-    assert json.loads(metadata["config"]) == state["config"]
-    assert tensors.keys() == state["generator"].keys()
-    for key, value in state["generator"].items():
+    assert metadata["step"] == str(state["position"]["step"]) == "6"
+    assert json.loads(metadata["config"]) == state["run"]["config"]
+    assert tensors.keys() == state["gan"]["generator"].keys()
+    for key, value in state["gan"]["generator"].items():
         assert torch.equal(tensors[key], value), key
     assert not any(k.startswith(("discriminator", "opt")) for k in tensors)  # the generator only
 
@@ -49,7 +49,7 @@ def test_export_prefers_the_ema_generator(tiny_cfg, quiet_console, cli, tmp_path
     cfg = tiny_cfg("ema", max_steps=3, ema_decay=0.9)
     Trainer(cfg, console=quiet_console).fit()
     checkpoint = cfg.run_dir / "checkpoints" / "last.pt"
-    state = load_checkpoint(checkpoint)
+    state = load_checkpoint(checkpoint)["gan"]
     ema, raw = tmp_path / "ema.safetensors", tmp_path / "raw.safetensors"
     assert cli("export", checkpoint, "--out", ema).exit_code == 0
     assert cli("export", checkpoint, "--out", raw, "--no-ema").exit_code == 0

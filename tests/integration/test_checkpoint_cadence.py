@@ -33,7 +33,7 @@ def test_step_and_minute_cadences_save_where_due_and_change_nothing(tiny_cfg, qu
     plain.fit()
     assert _steps(plain.run_dir) == [16, 20]
     a, b = load_checkpoint(every3.run_dir / "checkpoints" / "last.pt"), load_checkpoint(plain.run_dir / "checkpoints" / "last.pt")
-    assert all(torch.equal(a["generator"][k], b["generator"][k]) for k in a["generator"])
+    assert all(torch.equal(a["gan"]["generator"][k], b["gan"]["generator"][k]) for k in a["gan"]["generator"])
 
 
 def test_training_keeps_the_last_k_epoch_checkpoints(tiny_cfg, quiet_console) -> None:
@@ -44,4 +44,4 @@ def test_training_keeps_the_last_k_epoch_checkpoints(tiny_cfg, quiet_console) ->
     result = Trainer(cfg, console=quiet_console).fit()
     folder = result.run_dir / "checkpoints"
     assert [p.name for p in RunDir(result.run_dir).numbered_checkpoints()] == ["step_00000008.pt", "step_00000010.pt"]
-    assert load_checkpoint(folder / "last.pt")["step"] == 10
+    assert load_checkpoint(folder / "last.pt")["position"]["step"] == 10

@@ -44,26 +44,29 @@ def test_ddp_replicas_stay_identical_and_resume_both_ways(train_root, tmp_path):
     assert "batch 16 x 2 processes = 32" in (out / "train.log").read_text()
     assert "# effective batch: 16 per process x 2 process(es) = 32" in (out / "config.toml").read_text()
     state = load_checkpoint(out / "checkpoints" / "last.pt")
-    assert state["step"] == 6 and state["world_size"] == 2
-    assert (state["epoch_images"], state["global_batch"]) == (6 * 32, 32)
+    assert state["position"]["step"] == 6 and state["run"]["world_size"] == 2
+    assert (state["position"]["epoch_images"], state["position"]["global_batch"]) == (6 * 32, 32)
 
     # One process, batch 16: the 192 images are step 12 of 32 in this layout; 3 more steps reach image 240.
     single = _run(train_root, out, "--max-steps", "9", "--resume", "auto")
     assert single.returncode == 0, _errors(single)
     state = load_checkpoint(out / "checkpoints" / "last.pt")
-    assert (state["world_size"], state["step"], state["epoch_images"], state["images_seen"]) == (1, 9, 240, 240)
+    position = state["position"]
+    assert (state["run"]["world_size"], position["step"], position["epoch_images"], position["images_seen"]) == \
+        (1, 9, 240, 240)
     assert "global batch 32 -> 16: continuing at epoch 1, step 12 of 32" in (out / "train.log").read_text()
 
     # Two processes again: image 240 is 7.5 global batches of 32, so step 7 (16 images again), then 3 more.
     again = _run(train_root, out, "--max-steps", "12", "--resume", "auto", *ddp[:-1], str(free_port()))
     assert again.returncode == 0, _errors(again)
     final = load_checkpoint(out / "checkpoints" / "last.pt")
-    assert final["step"] == 12 and final["world_size"] == 2
-    assert (final["epoch_images"], final["images_seen"]) == ((7 + 3) * 32, 240 + 3 * 32)
+    assert final["position"]["step"] == 12 and final["run"]["world_size"] == 2
+    assert (final["position"]["epoch_images"], final["position"]["images_seen"]) == ((7 + 3) * 32, 240 + 3 * 32)
     assert "16 images of that epoch are trained on twice" in (out / "train.log").read_text()
     assert _records(out)[-1] == {"step": 12, "ddp_replica_max_abs_diff": 0.0}
-    changed = [k for k, v in state["generator"].items() if v.is_floating_point() and not torch.equal(v, final["generator"][k])]
-    assert len(changed) > len(state["generator"]) // 2, "the resumed runs did not train G"
+    before, after = state["gan"]["generator"], final["gan"]["generator"]
+    changed = [k for k, v in before.items() if v.is_floating_point() and not torch.equal(v, after[k])]
+    assert len(changed) > len(before) // 2, "the resumed runs did not train G"
 
 
 def test_a_finished_ddp_epoch_resumed_in_one_process_is_not_trained_again(train_root, tmp_path):
@@ -72,13 +75,13 @@ def test_a_finished_ddp_epoch_resumed_in_one_process_is_not_trained_again(train_
     first = _run(train_root, out, "--limit", "256", "--epochs", "1", "--max-steps", "0", "--ddp", "--nproc", "2",
                  "--master-port", str(free_port()))
     assert first.returncode == 0, _errors(first)
-    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 8
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["position"]["step"] == 8
     done = _run(train_root, out, "--limit", "256", "--epochs", "1", "--max-steps", "0", "--resume", "auto")
     assert done.returncode == 2 and "already took 8 of its 8 steps; raise --epochs" in done.stderr  # stays finished
-    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 8
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["position"]["step"] == 8
     more = _run(train_root, out, "--limit", "256", "--epochs", "2", "--max-steps", "0", "--resume", "auto")
     assert more.returncode == 0, _errors(more)
-    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    state = load_checkpoint(out / "checkpoints" / "last.pt")["position"]
     assert (state["step"], state["epoch"], state["images_seen"]) == (8 + 16, 2, 2 * 256)
 
 

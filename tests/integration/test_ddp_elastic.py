@@ -96,7 +96,7 @@ def popen():
 
 
 def _weights(out: Path) -> dict:
-    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    state = load_checkpoint(out / "checkpoints" / "last.pt")["gan"]
     return {f"{part}.{name}": t for part in ("generator", "discriminator") for name, t in state[part].items()}
 
 
@@ -132,7 +132,7 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_with_the_unbroken_runs_we
     got, want = _weights(out), _weights(tmp_path / "ref")
     assert got.keys() == want.keys()
     assert [k for k in want if not torch.equal(got[k], want[k])] == []
-    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == STEPS
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["position"]["step"] == STEPS
     print(f"killed rank 1 after step >= 7: training again {recovery_s:.1f} s later (from step {resumed})")
 
 

@@ -91,7 +91,7 @@ class Job:
         return self.proc.returncode, stderr, seconds
 
     def checkpoint_step(self) -> int:
-        return load_checkpoint(self.out / "checkpoints" / "last.pt")["step"]
+        return load_checkpoint(self.out / "checkpoints" / "last.pt")["position"]["step"]
 
 
 @pytest.fixture

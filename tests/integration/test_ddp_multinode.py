@@ -52,9 +52,10 @@ def _check_one_run(out: Path, done: list[subprocess.CompletedProcess]) -> None:
     assert "batch 16 x 2 processes = 32" in (out / "train.log").read_text()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.pt", "step_00000006.pt"]
     state = load_checkpoint(out / "checkpoints" / "last.pt")
-    assert (state["step"], state["world_size"], state["images_seen"]) == (6, 2, 6 * 32)
-    assert len(state["rng"]["ranks"]) == 2  # each rank's noise stream, for an exact resume
-    assert not torch.equal(state["rng"]["ranks"][0]["noise"], state["rng"]["ranks"][1]["noise"])
+    assert (state["position"]["step"], state["run"]["world_size"], state["position"]["images_seen"]) == (6, 2, 6 * 32)
+    ranks = state["gan"]["rng"]["ranks"]
+    assert len(ranks) == 2  # each rank's noise stream, for an exact resume
+    assert not torch.equal(ranks[0]["noise"], ranks[1]["noise"])
     assert sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith(".")) == \
         ["config.toml", "final.png", "losses.png", "metrics.jsonl", "progress.gif", "train.log"]
 

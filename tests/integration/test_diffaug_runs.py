@@ -36,7 +36,8 @@ def test_fashion_run_with_diffaug_is_finite_and_differs_from_the_plain_run(cli, 
         assert math.isfinite(r["loss_d"]) and math.isfinite(r["loss_g"])
         assert 0 < r["d_real"] < 1 and 0 < r["d_fake"] < 1
     assert load_toml(out / "config.toml").gan.diffaug == ("color", "translation", "cutout")
-    assert load_checkpoint(out / "checkpoints" / "last.pt")["config"]["gan"]["diffaug"] == ["color", "translation", "cutout"]
+    saved = load_checkpoint(out / "checkpoints" / "last.pt")["run"]["config"]
+    assert saved["gan"]["diffaug"] == ["color", "translation", "cutout"]
     # the same run without --diffaug (conftest's trained_run, same seed and data): D saw other images
     plain = _metrics(trained_run)
     assert [r["loss_d"] for r in records] != [r["loss_d"] for r in plain]
@@ -65,5 +66,6 @@ def test_resume_with_another_policy_logs_the_change(cli, train_root: Path, tmp_p
     log = (out / "train.log").read_text()
     assert "settings changed since the checkpoint, in effect from step 3" in log
     assert "--diffaug 'color' -> 'color,translation,cutout'" in log
-    assert load_checkpoint(out / "checkpoints" / "last.pt")["config"]["gan"]["diffaug"] == ["color", "translation", "cutout"]
+    saved = load_checkpoint(out / "checkpoints" / "last.pt")["run"]["config"]
+    assert saved["gan"]["diffaug"] == ["color", "translation", "cutout"]
     assert all(math.isfinite(r["loss_d"]) for r in _metrics(out))

@@ -17,10 +17,10 @@ def test_fp16_amp_uses_one_shared_scaler_and_checkpoints_it(tiny_cfg, quiet_cons
     assert trainer.loader.images.is_cuda, "the memory loader keeps the dataset on the GPU"
     result = trainer.fit()
     state = load_checkpoint(result.last_checkpoint)
-    assert state["scaler"]["scale"] > 0
+    assert state["gan"]["scaler"]["scale"] > 0
     resumed = Trainer(tiny_cfg(device="cuda", amp="fp16", channels_last=True, max_steps=8), console=quiet_console,
                       resume=str(result.last_checkpoint))
-    assert resumed.policy.scaler.get_scale() == state["scaler"]["scale"]
+    assert resumed.policy.scaler.get_scale() == state["gan"]["scaler"]["scale"]
     resumed.fit()
 
 

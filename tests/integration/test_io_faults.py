@@ -122,7 +122,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(trained_copy: Path
                                        "(ENOSPC)")
     assert (folder / "last.pt").read_bytes() == before
     assert sorted(p.name for p in folder.iterdir()) == ["last.pt", "step_00000006.pt"]
-    assert load_checkpoint(folder / "last.pt")["step"] == 6
+    assert load_checkpoint(folder / "last.pt")["position"]["step"] == 6
     assert not (trained_copy / ".gantrain.lock").exists()
 
 

@@ -27,6 +27,7 @@ from gantrain.engine.metrics.evaluate import compare, extract, load_reference
 from gantrain.engine.metrics.reference import load_split
 from gantrain.engine.state.checkpoint import load_checkpoint
 from gantrain.engine.train.loop import Trainer
+from checkpoints import flattened
 from standing_reference import update_bn_reference
 
 
@@ -279,8 +280,9 @@ def test_training_with_eval_every(fashion_extractor, tiny_cfg, quiet_console) ->
     assert all(set(METRIC_KEYS) <= r.keys() and r["eval_samples"] == 100 for r in evals)
     best = min(evals, key=lambda r: r["fd"])
     assert evals[-1]["best_fd"] == best["fd"]
-    assert load_checkpoint(run / "checkpoints" / "best.pt")["step"] == best["step"]
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["best_fd"] == pytest.approx(best["fd"], abs=1e-6)
+    assert load_checkpoint(run / "checkpoints" / "best.pt")["position"]["step"] == best["step"]
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["quality"]["best_fd"] == \
+        pytest.approx(best["fd"], abs=1e-6)
     assert (run / "metrics.png").is_file()
     assert trainer.last_eval["step"] == 16
 
@@ -299,7 +301,7 @@ def test_training_with_standing_ema_statistics(fashion_extractor, tiny_cfg, quie
     trainer = Trainer(cfg, console=quiet_console)
     trainer.fit()
     for name in ("best.pt", "last.pt"):
-        state = load_checkpoint(cfg.run_dir / "checkpoints" / name)
+        state = load_checkpoint(cfg.run_dir / "checkpoints" / name)["gan"]
         reference = update_bn_reference(trainer.gan.g_ema, cfg, state=state["generator_ema"])
         for key, value in reference.state_dict().items():
             if "running" in key:
@@ -334,7 +336,7 @@ def test_a_resume_that_measures_otherwise_measures_best_pt_again(fashion_extract
     checkpoints = first.run_dir / "checkpoints"
     measured_by = {"extractor_weights_sha256": fashion_extractor[0].weights_sha256, "eval_samples": 100,
                    "eval_seed": 0}
-    assert load_checkpoint(checkpoints / "last.pt")["best_fd_measured_by"] == measured_by
+    assert load_checkpoint(checkpoints / "last.pt")["quality"]["best_fd_measured_by"] == measured_by
 
     same = Trainer(tiny_cfg("m", limit=256, max_steps=16, eval_every=1, eval_samples=100), console=quiet_console,
                    resume="auto")
@@ -356,12 +358,12 @@ def test_a_resume_that_measures_otherwise_measures_best_pt_again(fashion_extract
             f"again as this run measures: FD {expected:.4g}") in log_text
     last = [json.loads(line) for line in (first.run_dir / "metrics.jsonl").read_text().splitlines() if '"fd"' in line][-1]
     assert last["step"] == 16 and last["best_fd"] == pytest.approx(min(expected, last["fd"]), abs=1e-6)
-    assert load_checkpoint(checkpoints / "last.pt")["best_fd_measured_by"] == {**measured_by, "eval_samples": 300}
+    assert load_checkpoint(checkpoints / "last.pt")["quality"]["best_fd_measured_by"] == \
+        {**measured_by, "eval_samples": 300}
 
-    state = load_checkpoint(checkpoints / "last.pt")  # as a checkpoint from before the measurement was stored
-    del state["best_fd_measured_by"]
-    atomic_save(sealed({k: v for k, v in state.items() if k not in ("format", "version", "digest")}, version=1),
-                checkpoints / "last.pt")
+    state = flattened(load_checkpoint(checkpoints / "last.pt"))  # as a checkpoint from before the measurement
+    del state["best_fd_measured_by"]  # was stored: version 1, flat
+    atomic_save(sealed(state, version=1), checkpoints / "last.pt")
     legacy = Trainer(tiny_cfg("m", limit=256, max_steps=24, eval_every=1, eval_samples=300), console=quiet_console,
                      resume="auto")
     best_now = load_generator(checkpoints / "best.pt")[0]
@@ -503,14 +505,15 @@ def test_samples_from_best(fashion_extractor, tiny_cfg, quiet_console, tmp_path:
     assert any(not torch.equal(v, last_g[k]) for k, v in trainer.gan.g.state_dict().items())
     best_state = load_checkpoint(cfg.run_dir / "checkpoints" / "best.pt")
     log_text = (cfg.run_dir / "train.log").read_text()
-    if best_state["step"] == trainer.step:  # (before: "best.pt (step 24) rather than the last step (24)")
+    best_step = best_state["position"]["step"]
+    if best_step == trainer.step:  # (before: "best.pt (step 24) rather than the last step (24)")
         assert f"final samples from the last step ({trainer.step}), which is also best.pt's (FD " in log_text
     else:
-        assert f"final samples from checkpoints/best.pt (step {best_state['step']}, FD " in log_text
+        assert f"final samples from checkpoints/best.pt (step {best_step}, FD " in log_text
 
     def grid_of(state_key: str, state: dict, name: str) -> np.ndarray:
         g, _ = build_models(cfg.model, cfg.data.image_size, cfg.data.channels, "aten")
-        g.load_state_dict(state[state_key])
+        g.load_state_dict(state["gan"][state_key])
         with torch.no_grad():
             images = g.eval()(fixed_noise(cfg.model.nz, cfg.loss.noise, cfg.run.seed, torch.device("cpu")))
         return np.asarray(Image.open(save_grid(images, tmp_path / name)))
@@ -518,7 +521,7 @@ def test_samples_from_best(fashion_extractor, tiny_cfg, quiet_console, tmp_path:
     final = np.asarray(Image.open(cfg.run_dir / "final.png"))
     assert np.abs(final.astype(int) - grid_of("generator_ema", best_state, "best.png")).max() <= 1
     last_state = load_checkpoint(cfg.run_dir / "checkpoints" / "last.pt")
-    if best_state["step"] != last_state["step"]:
+    if best_step != last_state["position"]["step"]:
         assert np.abs(final.astype(int) - grid_of("generator_ema", last_state, "last.png")).max() > 1
 
 

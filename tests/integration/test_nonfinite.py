@@ -81,7 +81,7 @@ def test_nan_weights_stop_the_run_at_the_step_and_keep_the_last_finite_checkpoin
     folder = cfg.run_dir / "checkpoints"
     assert "steps 4-4" in message and f"{folder / 'step_00000002.pt'} (step 2)" in message
     assert sorted(p.name for p in folder.iterdir()) == ["last.pt", "step_00000002.pt"]  # never rotated away
-    assert load_checkpoint(folder / "last.pt")["step"] == 2
+    assert load_checkpoint(folder / "last.pt")["position"]["step"] == 2
     records = strict_records(cfg.run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert records[3]["loss_d"] is None and records[3]["nonfinite"]["loss_d"] == "nan"
@@ -151,7 +151,7 @@ def test_a_caller_that_watches_divergence_keeps_the_users_config(tiny_cfg, quiet
     assert trainer.tracker is None and trainer.watch is None
     result = trainer.fit()
     assert result.steps == 4 and result.last_checkpoint.name == "step_00000002.pt"
-    stored = load_checkpoint(result.last_checkpoint)["config"]
+    stored = load_checkpoint(result.last_checkpoint)["run"]["config"]
     assert stored["run"]["nonfinite_patience"] == 1 and stored["eval"]["eval_every"] == 1
     records = strict_records(cfg.run_dir / "metrics.jsonl")
     assert records[-1]["nonfinite"]["loss_d"] == "nan" and not any("fd" in r for r in records)
@@ -175,9 +175,10 @@ def _poisoned_checkpoint(source: Path, target: Path, key: str) -> tuple[Path, in
     from gantrain.engine.state.checkpoint import sealed
 
     state = load_checkpoint(source)
+    gan = state["gan"]
     if key == "generator_ema":
-        state[key] = {k: v.clone() for k, v in state["generator"].items()}
-    weights = state[key]
+        gan[key] = {k: v.clone() for k, v in gan["generator"].items()}
+    weights = gan[key]
     name = next(k for k, v in weights.items() if v.is_floating_point() and v.numel() > 1)
     weights[name].view(-1)[0] = math.nan
     torch.save(sealed({k: v for k, v in state.items() if k not in ("format", "version")}), target)

@@ -63,7 +63,7 @@ def test_ema_tracks_generator(tiny_cfg, quiet_console):
     for ema, old, new in zip(trainer.gan.g_ema.parameters(), before, trainer.gan.g.parameters()):
         torch.testing.assert_close(ema, decay * old + (1 - decay) * new)
     assert not all(torch.equal(e, g) for e, g in zip(trainer.gan.g_ema.parameters(), trainer.gan.g.parameters()))
-    assert "generator_ema" in trainer.state_dict()
+    assert "generator_ema" in trainer.state_dict()["gan"]
 
 
 def test_standing_ema_statistics(tiny_cfg, quiet_console, monkeypatch):

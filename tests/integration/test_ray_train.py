@@ -34,7 +34,7 @@ def _run(train_root: Path, out: Path, *extra: str) -> subprocess.CompletedProces
 
 
 def _weights(path: Path) -> dict:
-    state = load_checkpoint(path)
+    state = load_checkpoint(path)["gan"]
     return {f"{part}.{name}": t for part in ("generator", "discriminator") for name, t in state[part].items()}
 
 
@@ -49,10 +49,10 @@ def test_ray_train_run_matches_torchrun_and_its_checkpoint_resumes_anywhere(trai
     assert [r["step"] for r in records if "loss_d" in r] == list(range(1, 13))
     assert records[-1] == {"step": 12, "ddp_replica_max_abs_diff": 0.0}
     state = load_checkpoint(out / "checkpoints" / "last.pt")
-    assert (state["step"], state["world_size"]) == (12, 2)
+    assert (state["position"]["step"], state["run"]["world_size"]) == (12, 2)
     # the epoch-end checkpoint (step 8) was reported to Ray Train, under the storage path inside the run folder
     reported = sorted((out / "ray" / "train").glob("checkpoint_*/last.pt"))
-    assert len(reported) == 1 and load_checkpoint(reported[0])["step"] == 8
+    assert len(reported) == 1 and load_checkpoint(reported[0])["position"]["step"] == 8
 
     reference = tmp_path / "torchrun"
     torchrun = _run(train_root, reference, "--ddp", "--nproc", "2", "--master-port", str(free_port()),
@@ -66,7 +66,7 @@ def test_ray_train_run_matches_torchrun_and_its_checkpoint_resumes_anywhere(trai
     assert again.returncode == 0, again.stderr[-3000:]
     alone = _run(train_root, out, "--max-steps", "16", "--resume", "auto")
     assert alone.returncode == 0, alone.stderr[-3000:]
-    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 16
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["position"]["step"] == 16
     grid = subprocess.run([sys.executable, "-m", "gantrain", "generate", str(out / "checkpoints" / "last.pt"), "--out",
                            str(tmp_path / "grid.png"), "-n", "16", "--device", "cpu"], capture_output=True, text=True,
                           timeout=120)
@@ -276,7 +276,7 @@ def test_a_killed_ray_worker_is_restarted_and_the_run_ends_with_the_unbroken_run
     assert all(r["time"] < killed_wall for r in records if "loss_d" in r and r["step"] <= resumed)
     assert records[-1] == {"step": STEPS, "ddp_replica_max_abs_diff": 0.0}
     state = load_checkpoint(out / "checkpoints" / "last.pt")
-    assert (state["step"], state["world_size"]) == (STEPS, 2)
+    assert (state["position"]["step"], state["run"]["world_size"]) == (STEPS, 2)
     got, want = _weights(out / "checkpoints" / "last.pt"), _weights(unbroken / "checkpoints" / "last.pt")
     assert got.keys() == want.keys()
     assert [k for k in want if not torch.equal(got[k], want[k])] == []

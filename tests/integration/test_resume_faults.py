@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from checkpoints import flattened
 from faults import one_error_line, tiny, tiny_flags
 from gantrain.engine.errors import ConfigError
 from gantrain.engine.state.checkpoint import load_checkpoint
@@ -27,8 +28,8 @@ def test_resume_runs_the_new_learning_rates_betas_and_adam_kind(cli, train_root:
     resumed = cli("run", *tiny_flags(train_root, out), "--max-steps", 3, "--lr-g", 1e-3, "--lr-d", 1e-3,
                   "--beta1", 0.9, "--no-fused-adam", "--resume", "auto")
     assert resumed.exit_code == 0, resumed.output
-    before = load_checkpoint(out / "checkpoints" / "step_00000002.pt")
-    after = load_checkpoint(out / "checkpoints" / "step_00000003.pt")
+    before = load_checkpoint(out / "checkpoints" / "step_00000002.pt")["gan"]
+    after = load_checkpoint(out / "checkpoints" / "step_00000003.pt")["gan"]
     lr, b1, b2, eps = 1e-3, 0.9, 0.999, 1e-8
     for opt, model in (("opt_g", "generator"), ("opt_d", "discriminator")):
         for group in after[opt]["param_groups"]:
@@ -69,7 +70,7 @@ def test_a_finished_epoch_stays_finished_when_the_batch_changes(tiny_cfg, quiet_
     second = Trainer(tiny(tiny_cfg, limit=256, batch_size=16, max_steps=0, epochs=2), console=quiet_console,
                      resume="auto").fit()
     assert (second.steps, second.epochs_done) == (8 + 16, 2)  # one more epoch of 16 steps, not 8 + 24
-    state = load_checkpoint(second.last_checkpoint)
+    state = load_checkpoint(second.last_checkpoint)["position"]
     assert (state["epoch"], state["epoch_images"], state["images_seen"]) == (2, 0, 2 * 256)
     with pytest.raises(ConfigError, match="--epochs: the run in .* already took 24 of its 24 steps"):
         Trainer(tiny(tiny_cfg, limit=256, batch_size=16, max_steps=0, epochs=2), console=quiet_console,
@@ -86,7 +87,7 @@ def test_the_place_mid_epoch_is_kept_in_images(tiny_cfg, quiet_console) -> None:
     first = next(resumed.loader.epoch(resumed.epoch, resumed.epoch_step))
     assert torch.equal(first.cpu(), resumed.loader.images[perm[96:112]].cpu())
     result = resumed.fit()
-    state = load_checkpoint(result.last_checkpoint)
+    state = load_checkpoint(result.last_checkpoint)["position"]
     assert (state["step"], state["epoch"], state["epoch_images"], state["images_seen"]) == (5, 0, 96 + 2 * 16, 128)
     log = (result.run_dir / "train.log").read_text()
     assert "global batch 32 -> 16" in log and "step 6 of 16" in log
@@ -102,15 +103,14 @@ def test_a_place_between_batches_rounds_back_and_says_so(tiny_cfg, quiet_console
 
 def _as_old_checkpoint(path: Path, target: Path) -> Path:
     """``path`` as gantrain wrote checkpoints before the place in images was stored (and before digests): schema
-    version 1, without the keys added since and without the ones whose value was unknown."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("epoch_images", "images_seen", "global_batch", "num_images", "digest", "planned_steps"):
+    version 1 (flat), without the keys added since and without the ones whose value was unknown."""
+    state = flattened(torch.load(path, map_location="cpu", weights_only=True))
+    for key in ("epoch_images", "images_seen", "global_batch", "num_images", "planned_steps"):
         state.pop(key)
     for key in ("best_fd", "best_fd_measured_by"):
         if state[key] is None:
             del state[key]
-    state["version"] = 1
-    torch.save(state, target)
+    torch.save({"format": "gantrain-checkpoint", "version": 1, **state}, target)
     return target
 
 

@@ -57,7 +57,7 @@ def test_sigint_saves_a_checkpoint_and_resumes(train_root: Path, tmp_path: Path,
 
     last = out / "checkpoints" / "last.pt"
     assert last.is_file()
-    step = load_checkpoint(last)["step"]
+    step = load_checkpoint(last)["position"]["step"]
     assert step >= 1
     numbered = out / "checkpoints" / f"step_{step:08d}.pt"
     assert numbered.read_bytes() == last.read_bytes()
@@ -70,8 +70,8 @@ def test_sigint_saves_a_checkpoint_and_resumes(train_root: Path, tmp_path: Path,
     result = cli("run", *_flags(train_root, out), "--max-steps", step + 3, "--resume", "auto")
     assert result.exit_code == 0, result.output
     state = load_checkpoint(last)
-    assert state["step"] == step + 3
-    assert state["opt_g"]["state"][0]["step"] == step + 3
+    assert state["position"]["step"] == step + 3
+    assert state["gan"]["opt_g"]["state"][0]["step"] == step + 3
     logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(1, step + 4))
     assert (out / "final.png").is_file()
@@ -83,7 +83,7 @@ def test_sigterm_exits_143_with_a_checkpoint(train_root: Path, tmp_path: Path) -
     done = _start_and_signal(train_root, out, tmp_path, signal.SIGTERM)
     assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
-    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] >= 1
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["position"]["step"] >= 1
 
 
 def _gantrain_script() -> Path:

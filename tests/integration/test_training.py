@@ -14,6 +14,7 @@ from PIL import Image
 
 from gantrain.engine.config import load_toml, override, preset, resolve
 from gantrain.engine.state.checkpoint import load_checkpoint
+from gantrain.engine.state.schema import step_of
 from gantrain.engine.train.loop import Trainer
 
 METRIC_KEYS = {"step", "epoch", "loss_d", "loss_g", "d_real", "d_fake", "images_per_s"}
@@ -55,7 +56,7 @@ def test_run_folder_outputs(trained_run: Path) -> None:
         assert plot.format == "PNG" and plot.size[0] > 200
 
     state = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert state["step"] == 6 and state["epoch"] == 0
+    assert state["position"]["step"] == 6 and state["position"]["epoch"] == 0
     assert (run / "checkpoints" / "last.pt").read_bytes() == (run / "checkpoints" / "step_00000006.pt").read_bytes()
 
 
@@ -70,7 +71,7 @@ def test_written_config_loads_with_config_flag(trained_run: Path, train_root: Pa
     again = load_toml(out / "config.toml")
     assert again.run.out == str(out) and again.run.max_steps == 2 and again.data.limit == 256
     assert again.model == cfg.model
-    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 2
+    assert step_of(load_checkpoint(out / "checkpoints" / "last.pt")) == 2
 
 
 def test_rerun_into_the_same_out_without_resume_exits_2(trained_copy: Path, train_root: Path, cli, unwrap) -> None:
@@ -113,19 +114,20 @@ def test_exact_resume(n: int, extra: list, cli, train_root: Path, tmp_path: Path
     assert cli("run", *common, "--max-steps", 2 * n, "--out", straight).exit_code == 0
     first = cli("run", *common, "--max-steps", n, "--out", split)
     assert first.exit_code == 0, first.output
-    assert load_checkpoint(split / "checkpoints" / "last.pt")["step"] == n
+    assert step_of(load_checkpoint(split / "checkpoints" / "last.pt")) == n
     second = cli("run", *common, "--max-steps", 2 * n, "--out", split, "--resume", "auto")
     assert second.exit_code == 0, second.output
 
     a = load_checkpoint(straight / "checkpoints" / "last.pt")
     b = load_checkpoint(split / "checkpoints" / "last.pt")
-    assert a["step"] == b["step"] == 2 * n
-    for key in ("generator", "discriminator", "opt_g", "opt_d", "rng", "epoch", "scaler"):
-        same_tree(a[key], b[key], key)
-    assert ("generator_ema" in a) == ("--ema-decay" in extra)
-    if "generator_ema" in a:
-        same_tree(a["generator_ema"], b["generator_ema"], "generator_ema")
-    assert a["opt_g"]["state"][0]["step"] == 2 * n  # Adam's step counter carried over too
+    assert step_of(a) == step_of(b) == 2 * n
+    for key in ("generator", "discriminator", "opt_g", "opt_d", "rng", "scaler"):
+        same_tree(a["gan"][key], b["gan"][key], key)
+    same_tree(a["position"]["epoch"], b["position"]["epoch"], "epoch")
+    assert ("generator_ema" in a["gan"]) == ("--ema-decay" in extra)
+    if "generator_ema" in a["gan"]:
+        same_tree(a["gan"]["generator_ema"], b["gan"]["generator_ema"], "generator_ema")
+    assert a["gan"]["opt_g"]["state"][0]["step"] == 2 * n  # Adam's step counter carried over too
     # The resumed run's log continues the first one: the same per-step losses as the straight run.
     losses = lambda run: [(r["step"], r["loss_d"], r["loss_g"], r["d_real"], r["d_fake"]) for r in _metrics(run)]  # noqa: E731
     assert losses(straight) == losses(split)
@@ -248,7 +250,7 @@ def test_after_step_hooks_see_the_runs_clock_and_can_stop_mid_epoch(tmp_path, qu
     assert seen == [(s, (s - 1) // 5, 32 * s) for s in range(1, 8)]
     assert epochs == [(1, 5)] and result.steps == 7 and trainer.stop_reason == "measured enough"
     assert result.last_checkpoint.name == "step_00000007.pt"
-    assert load_checkpoint(result.last_checkpoint)["epoch_images"] == 64  # 2 steps into the second epoch
+    assert load_checkpoint(result.last_checkpoint)["position"]["epoch_images"] == 64  # 2 steps into the second epoch
 
 
 def test_lr_decay_by_step_survives_a_resume(tiny_cfg, quiet_console, same_tree) -> None:
@@ -281,7 +283,7 @@ def test_lr_decay_by_step_survives_a_resume(tiny_cfg, quiet_console, same_tree) 
     a = load_checkpoint(straight.run_dir / "checkpoints" / "last.pt")
     b = load_checkpoint(second.run_dir / "checkpoints" / "last.pt")
     for key in ("generator", "discriminator", "opt_g", "opt_d"):
-        same_tree(a[key], b[key], key)
+        same_tree(a["gan"][key], b["gan"][key], key)
     assert [r["lr_g"] for r in _metrics(second.run_dir)] == [r["lr_g"] for r in records]
 
 
@@ -304,12 +306,13 @@ def test_a_resume_that_changes_the_runs_length_says_the_rates_jump(tiny_cfg, qui
                                                                                 1e-3 * 11 / 16])
 
 
-@pytest.mark.parametrize("golden_checkpoint", ["fashion32-tiny-v0.1.0-step3.pt", "fashion32-tiny-v2-step3.pt"])
+@pytest.mark.parametrize("golden_checkpoint", ["fashion32-tiny-v0.1.0-step3.pt", "fashion32-tiny-v2-step3.pt",
+                                               "fashion32-tiny-v3-step3.pt"])
 def test_golden_checkpoints_of_every_schema_version_resume_exactly(tmp_path, train_root, quiet_console,
                                                                   golden_checkpoint) -> None:
     """Checkpoints of each schema version (tests/golden: version 1, written by gantrain 0.1.0 before the component
-    split, and version 2; step 3 of a 6-step run) load through the schema's upgrade and continue bit-for-bit: the
-    losses of steps 4-6 are those of the old code's uninterrupted run."""
+    split, version 2 (flat) and version 3 (nested by component); step 3 of a 6-step run) load through the schema's
+    upgrade and continue bit-for-bit: the losses of steps 4-6 are those of the old code's uninterrupted run."""
     golden = json.loads((GOLDEN_DIR / "fashion32-tiny-v0.1.0.json").read_text())
     old = GOLDEN_DIR / golden_checkpoint
     cfg = override(preset("fashion32"), dict(data_root=str(train_root), limit=256, batch_size=32, ngf=4, ndf=4,

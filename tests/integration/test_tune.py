@@ -544,7 +544,7 @@ def _newest_checkpoint_step(trial: Path) -> int:
     from gantrain.engine.state.checkpoint import load_checkpoint
 
     newest = max(trial.glob("checkpoint_*/checkpoint.pt"), key=lambda p: p.stat().st_mtime)
-    return load_checkpoint(newest)["step"]
+    return load_checkpoint(newest)["position"]["step"]
 
 
 @pytest.mark.slow
@@ -626,7 +626,7 @@ def test_two_trials_of_two_ddp_workers_each(ray_session, fashion_extractor, cli,
         assert records[-1] == {"step": 4, "ddp_replica_max_abs_diff": 0.0}
         assert "batch 16 x 2 processes = 32" in (run / "train.log").read_text()
         kept = sorted((run.parent / "train").glob("checkpoint_*/checkpoint.pt"))
-        assert kept and load_checkpoint(kept[-1])["world_size"] == 2
+        assert kept and load_checkpoint(kept[-1])["run"]["world_size"] == 2
 
 
 def test_a_trial_measures_with_the_runs_noise_seed(monkeypatch) -> None:

@@ -31,6 +31,7 @@ from gantrain.engine.errors import ConfigError, GantrainError, Interrupted
 from gantrain.engine.outputs.runlog import log
 from gantrain.engine.state.checkpoint import load_checkpoint, restart_resume
 from gantrain.engine.state.rundir import RunDir
+from gantrain.engine.state.schema import step_of
 from gantrain.engine.train.loop import Trainer
 
 
@@ -169,7 +170,7 @@ def _refuse_an_aborted_run(cfg: Config) -> None:
     it, says where it stands."""
     last = RunDir(cfg.run_dir).last
     try:
-        step = load_checkpoint(last)["step"] if last.is_file() else None
+        step = step_of(load_checkpoint(last)) if last.is_file() else None
     except GantrainError:
         step = None
     where = (f"the newest checkpoint is {last} (step {step})" if step is not None

@@ -190,8 +190,9 @@ class GANStep:
         return generate_images(self.generator, noise, self.policy)
 
     def sample_from(self, state: dict, noise: torch.Tensor, path: Path | str) -> torch.Tensor:
-        """Images from the generator of checkpoint ``state`` (its EMA one when present and this run keeps one),
-        loaded into a copy: this step's own weights stay as they are."""
+        """Images from the generator of a checkpoint's ``"gan"`` part ``state`` (as :meth:`state_dict` returns it;
+        its EMA one when present and this run keeps one), loaded into a copy: this step's own weights stay as
+        they are."""
         generator = copy.deepcopy(self.g_ema if self.g_ema is not None else self.g)
         ckpt.load_module_state(generator, generator_weights(state, self.g_ema is not None)[0], "generator", path)
         if self.standing_stats:  # the checkpoint may hold G's copied statistics (written with --ema-bn copy)
@@ -217,7 +218,8 @@ class GANStep:
         return state
 
     def load_state_dict(self, state: dict, path: Path | str, step: int) -> list[str]:
-        """Loads :meth:`state_dict`'s part of a checkpoint, keeping this config's optimiser hyperparameters.
+        """Loads a checkpoint's ``"gan"`` part (what :meth:`state_dict` returns), keeping this config's optimiser
+        hyperparameters.
 
         Returns the optimiser settings whose saved value differed ('lr(G) 0.0002 -> 0.001'). Raises
         :class:`CheckpointError` for non-finite or mismatched weights. ``step``: seeds a fresh noise stream

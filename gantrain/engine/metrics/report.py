@@ -294,8 +294,9 @@ def _eval_config(cfg: Config, data_root: str | None, cache: str | None) -> Confi
 def _checkpoint_step(path: Path) -> int | None:
     from gantrain.engine.outputs.export import export_step, is_export
     from gantrain.engine.state.checkpoint import load_checkpoint
+    from gantrain.engine.state.schema import step_of
 
-    return export_step(path) if is_export(path) else int(load_checkpoint(path)["step"])
+    return export_step(path) if is_export(path) else step_of(load_checkpoint(path))
 
 
 def _add_inception(result: EvalResult, spec, fake_batches, num_generated: int, cache: str | None, seed: int,

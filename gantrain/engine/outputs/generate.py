@@ -60,9 +60,9 @@ def load_generator(path: str | Path, device: str = "cpu", use_ema: bool = True) 
         g, cfg = load_export(path)
         return g.to(pick_device(device)).eval(), cfg
     state = load_checkpoint(path)
-    cfg = from_dict({k: v for k, v in state["config"].items()})
+    cfg = from_dict({k: v for k, v in state["run"]["config"].items()})
     g = Generator(cfg.model, cfg.data.image_size, cfg.data.channels)
-    weights, what = generator_weights(state, use_ema)
+    weights, what = generator_weights(state["gan"], use_ema)
     check_finite(weights, what, path)
     load_module_state(g, weights, "generator", path)
     return g.to(pick_device(device)).eval(), cfg

@@ -1,10 +1,11 @@
 """Checkpoints: written atomically (temp file, fsync, rename), ``last.pt`` plus numbered ones, the last K kept.
 
-A checkpoint is a plain dict of tensors and builtins (loadable with ``weights_only=True``): G, D, the G EMA
-when on, both optimisers, the GradScaler, step and epoch, every RNG state the run draws from, and the
-resolved config. A SHA-256 of every value in it is stored alongside (``digest``) and checked on load:
-torch's zip reader does not check CRCs, so without it a checkpoint damaged in the middle of its weights
-would load silently.
+A checkpoint is a plain dict of tensors and builtins (loadable with ``weights_only=True``), one sub-dict per
+component (:mod:`~gantrain.engine.state.schema`): G, D, the G EMA when on, both optimisers, the GradScaler and
+every RNG state the run draws from ("gan"), step, epoch and the place in the data ("position"), the resolved
+config ("run") and the best FD ("quality"). A SHA-256 of every value in it is stored alongside (``digest``) and
+checked on load: torch's zip reader does not check CRCs, so without it a checkpoint damaged in the middle of its
+weights would load silently.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from gantrain.engine.config import _flag as flag_name
 from gantrain.engine.errors import CheckpointError, TrainingDiverged
 from gantrain.engine.state.files import atomic_write, io_error
 from gantrain.engine.state.rundir import RunDir
-from gantrain.engine.state.schema import FORMAT, VERSION, assemble, upgrade
+from gantrain.engine.state.schema import FORMAT, VERSION, assemble, step_of, upgrade
 
 log = logging.getLogger("gantrain")
 
@@ -213,7 +214,7 @@ def resumed_config(cfg: Config, state: dict | None, path: Path | str | None) -> 
         return []
     # A checkpoint written before $GANTRAIN_DATA was resolved into the config holds no data root for it: read
     # such a root as the variable, as this run's config does, so the same data is no change.
-    saved = with_env_defaults(from_dict({k: v for k, v in state["config"].items() if k != "preset"}))
+    saved = with_env_defaults(from_dict({k: v for k, v in state["run"]["config"].items() if k != "preset"}))
     old, new = flat_config(saved.to_dict()), flat_config(cfg.to_dict())
     changed = [key for key in new if old.get(key) != new[key]]
     fixed = [key for key in changed if key.startswith("model.") or key in FIXED_MID_RUN]
@@ -240,13 +241,14 @@ def restore_position(state: dict, cfg: Config, per_epoch: int, global_batch: int
     """The checkpoint's place in this run's layout, and a note when the layout changed (another process count,
     batch size or dataset size), else ''. Raises :class:`CheckpointError` when an old checkpoint's place
     cannot be found in this run's data."""
-    pos = Position(step=int(state["step"]), epoch=int(state["epoch"]))
-    saved_batch = int(state["global_batch"] or cfg.data.batch_size * int(state["world_size"]))
-    if state["epoch_images"] is not None:
-        images = int(state["epoch_images"])
+    saved = state["position"]
+    pos = Position(step=int(saved["step"]), epoch=int(saved["epoch"]))
+    saved_batch = int(saved["global_batch"] or cfg.data.batch_size * int(state["run"]["world_size"]))
+    if saved["epoch_images"] is not None:
+        images = int(saved["epoch_images"])
     else:  # written before the place was stored: step and epoch count steps of the saved layout
         images = _legacy_epoch_images(state, cfg, pos, saved_batch, num_images, path)
-    pos.images_seen = int(state["images_seen"] if state["images_seen"] is not None else pos.step * saved_batch)
+    pos.images_seen = int(saved["images_seen"] if saved["images_seen"] is not None else pos.step * saved_batch)
     start, extra = divmod(images, global_batch)
     notes = []
     if images > per_epoch * global_batch:  # a smaller --limit than when saved, say
@@ -258,7 +260,7 @@ def restore_position(state: dict, cfg: Config, per_epoch: int, global_batch: int
                      f"run's global batch {global_batch}: continuing from image {start * global_batch}, so {extra} "
                      "images of that epoch are trained on twice")
     pos.epoch_step = start
-    saved_num = state["num_images"]
+    saved_num = saved["num_images"]
     if saved_batch != global_batch or (saved_num is not None and saved_num != num_images):
         notes.insert(0, f"global batch {saved_batch} -> {global_batch}"
                         + (f", images per epoch {saved_num} -> {num_images}"
@@ -275,7 +277,7 @@ def _legacy_epoch_images(state: dict, cfg: Config, pos: Position, saved_batch: i
     are the same as now."""
     if pos.epoch == 0:
         return pos.step * saved_batch
-    saved_data, data = dict(state["config"].get("data", {})), cfg.to_dict()["data"]
+    saved_data, data = dict(state["run"]["config"].get("data", {})), cfg.to_dict()["data"]
     if "data_root" in saved_data and not saved_data["data_root"]:  # unset: $GANTRAIN_DATA (see resumed_config)
         saved_data["data_root"] = env_data_root() or saved_data["data_root"]
     same_images = all(saved_data.get(k, data[k]) == data[k] for k in DATASET_KEYS)
@@ -293,14 +295,14 @@ def restore(state: dict, path: Path | str, gan: Any, cfg: Config, loader: Any, g
     """Continues from ``state``: ``gan``'s weights, optimisers (with this run's settings) and RNG streams
     (:meth:`GANStep.load_state_dict`), and the place in ``loader``'s data; logs what changed. Returns the place and
     the best FD so far."""
-    changed = gan.load_state_dict(state, path, int(state["step"]))
+    changed = gan.load_state_dict(state["gan"], path, step_of(state))
     pos, moved = restore_position(state, cfg, loader.steps_per_epoch, global_batch, loader.num_images, path)
     if is_main:
         log.info("resumed from %s at step %d (epoch %d, image %d of this epoch)", path, pos.step, pos.epoch + 1,
                  pos.epoch_step * global_batch)
         # The config's changes explain the optimiser's; the optimiser's alone show a checkpoint whose
         # optimiser disagreed with its own config (e.g. one written by a tool that changed the groups).
-        if state["config"].get("optim", {}).get("lr_decay", "none") != "none":
+        if state["run"]["config"].get("optim", {}).get("lr_decay", "none") != "none":
             changed = [c for c in changed if not c.startswith("lr(")]  # decayed rates, not another setting
         changes = changes or [f"optimiser {c}" for c in changed]
         if changes:
@@ -308,7 +310,7 @@ def restore(state: dict, path: Path | str, gan: Any, cfg: Config, loader: Any, g
                      ", ".join(changes))
         if moved:
             log.warning("resume: %s", moved)
-    return pos, state["best_fd"]
+    return pos, state["quality"]["best_fd"]
 
 
 @dataclass
@@ -353,7 +355,7 @@ class Checkpointer:
             return Start(Position())
         pos, best_fd = restore(state, path, gan, self.cfg, loader, global_batch, changes, self.is_main)
         self.last_finite = (Path(path), pos.step)
-        return Start(pos, best_fd, state["best_fd_measured_by"], state["planned_steps"])
+        return Start(pos, best_fd, state["quality"]["best_fd_measured_by"], state["run"]["planned_steps"])
 
     def final_samples(self, gan: Any, noise: torch.Tensor, step: int, best_fd: float | None = None) -> torch.Tensor:
         """The run's end-of-run samples: the last step's, or with --samples-from-best those of best.pt's generator
@@ -366,13 +368,13 @@ class Checkpointer:
             log.info("--samples-from-best: no best.pt (no evaluation ran), final samples from the last step")
             return gan.sample(noise)
         state = load_checkpoint(best)
-        fd = best_fd if best_fd is not None else state["best_fd"] or float("nan")
-        if state["step"] == step:
+        fd = best_fd if best_fd is not None else state["quality"]["best_fd"] or float("nan")
+        if step_of(state) == step:
             log.info("final samples from the last step (%d), which is also best.pt's (FD %.4g)", step, fd)
         else:
             log.info("final samples from checkpoints/best.pt (step %d, FD %.4g) rather than the last step (%d)",
-                     state["step"], fd, step)
-        return gan.sample_from(state, noise, best)
+                     step_of(state), fd, step)
+        return gan.sample_from(state["gan"], noise, best)
 
     def minutes_due(self) -> bool:
         """This rank's clock; the ranks agree on the step to save at (StopAgreement)."""

@@ -296,11 +296,11 @@ def test_config_round_trips_through_toml(tmp_path) -> None:
 def test_resume_reports_a_changed_policy_like_other_loss_settings() -> None:
     saved = override(preset("fashion32"), {"diffaug": "color", "label_smoothing": 0.1})
     now = override(preset("fashion32"), {"diffaug": "color,translation,cutout", "label_smoothing": 0.1})
-    state = {"config": saved.to_dict()}
+    state = {"run": {"config": saved.to_dict()}}
     assert resumed_config(now, state, "last.pt") == ["--diffaug 'color' -> 'color,translation,cutout'"]
     old = saved.to_dict()
     del old["gan"]  # a checkpoint written before the field (and its section): off
-    assert resumed_config(override(preset("fashion32"), {"label_smoothing": 0.1}), {"config": old}, "x") == []
+    assert resumed_config(override(preset("fashion32"), {"label_smoothing": 0.1}), {"run": {"config": old}}, "x") == []
 
 
 def test_run_help_shows_the_flag_and_bad_ops_exit_2(cli, unwrap) -> None:

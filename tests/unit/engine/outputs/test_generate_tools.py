@@ -170,7 +170,7 @@ def test_interpolation_frames_are_slerp_or_lerp_of_the_noise(trained_run: Path, 
     checkpoint = trained_run / "checkpoints" / "last.pt"
     if kind == "uniform":
         state = load_checkpoint(checkpoint)
-        state["config"]["loss"]["noise"] = "uniform"
+        state["run"]["config"]["loss"]["noise"] = "uniform"
         checkpoint = tmp_path / "uniform.pt"
         torch.save(state, checkpoint)
     g, cfg = load_generator(checkpoint, "cpu")

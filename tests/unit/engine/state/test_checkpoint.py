@@ -20,6 +20,7 @@ from gantrain.engine.errors import RunIOError
 from gantrain.engine.gan.models import Generator
 from gantrain.engine.outputs.generate import generate, load_generator
 from gantrain.engine.state.rundir import RunDir
+from gantrain.engine.state.schema import VERSION
 
 
 # ----- atomic writes and pruning -----------------------------------------------------------------------
@@ -72,7 +73,7 @@ def test_keep_checkpoints_prunes_older_numbered_files(tmp_path: Path, keep: int)
     assert [p.name for p in files.numbered_checkpoints()] == [f"step_{s:08d}.pt" for s in kept]
     assert sorted(p.name for p in folder.iterdir()) == sorted(["last.pt"] + [f"step_{s:08d}.pt" for s in kept])
     last = load_checkpoint(folder / "last.pt")
-    assert last["step"] == 100 and last["format"] == "gantrain-checkpoint" and last["version"] == 2
+    assert last["position"]["step"] == 100 and last["format"] == "gantrain-checkpoint" and last["version"] == VERSION
 
 
 # ----- broken and foreign files ------------------------------------------------------------------------
@@ -102,7 +103,7 @@ def test_damaged_weights_fail_the_stored_checksum(trained_run: Path, tmp_path: P
     # torch's zip reader skips CRC checks, so bytes zeroed inside a tensor's data load without error; the
     # digest stored in the checkpoint catches them.
     source = trained_run / "checkpoints" / "last.pt"
-    weight = load_checkpoint(source)["generator"]
+    weight = load_checkpoint(source)["gan"]["generator"]
     tensor = next(t for t in weight.values() if t.numel() >= 256 and t.dtype == torch.float32)
     needle = tensor.reshape(-1)[:64].numpy().tobytes()
     data = bytearray(source.read_bytes())
@@ -111,7 +112,7 @@ def test_damaged_weights_fail_the_stored_checksum(trained_run: Path, tmp_path: P
     data[at:at + len(needle)] = bytes(len(needle))
     path = tmp_path / "damaged.pt"
     path.write_bytes(bytes(data))
-    assert torch.load(path, map_location="cpu", weights_only=True)["step"] == 6  # torch alone does not notice
+    assert torch.load(path, map_location="cpu", weights_only=True)["position"]["step"] == 6  # torch does not notice
     with pytest.raises(CheckpointError, match="do not match the checksum"):
         load_checkpoint(path)
 
@@ -120,7 +121,7 @@ def test_checkpoints_without_a_digest_still_load(trained_run: Path, tmp_path: Pa
     state = torch.load(trained_run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     assert len(state.pop("digest")) == 64
     torch.save(state, tmp_path / "old.pt")
-    assert load_checkpoint(tmp_path / "old.pt")["step"] == 6
+    assert load_checkpoint(tmp_path / "old.pt")["position"]["step"] == 6
 
 
 @pytest.mark.parametrize("obj", [
@@ -150,16 +151,16 @@ def test_mismatched_model_weights(trained_run: Path) -> None:
     state = load_checkpoint(trained_run / "checkpoints" / "last.pt")
     narrow = Generator(ModelConfig(ngf=8), 32, 1)
     with pytest.raises(CheckpointError, match="generator weights do not match") as info:
-        load_module_state(narrow, state["generator"], "generator", "ck.pt")
+        load_module_state(narrow, state["gan"]["generator"], "generator", "ck.pt")
     assert "ck.pt" in str(info.value) and "size mismatch" in str(info.value)
     same = Generator(ModelConfig(ngf=16), 32, 1)
-    load_module_state(same, state["generator"], "generator", "ck.pt")
-    assert torch.equal(same.net[1].weight, state["generator"]["net.1.weight"])
+    load_module_state(same, state["gan"]["generator"], "generator", "ck.pt")
+    assert torch.equal(same.net[1].weight, state["gan"]["generator"]["net.1.weight"])
 
 
 def test_generate_with_a_lying_config(trained_run: Path, tmp_path: Path) -> None:
     state = load_checkpoint(trained_run / "checkpoints" / "last.pt")
-    state["config"]["model"]["ngf"] = 8
+    state["run"]["config"]["model"]["ngf"] = 8
     path = tmp_path / "lying.pt"
     torch.save(state, path)
     with pytest.raises(CheckpointError, match="weights do not match"):
@@ -172,7 +173,7 @@ def test_resume_with_a_different_model_exits_1(trained_copy: Path, train_root: P
     assert result.exit_code == 1
     assert "model config differs" in unwrap(result.stderr)
     assert "Traceback" not in result.output
-    assert load_checkpoint(trained_copy / "checkpoints" / "last.pt")["step"] == 6
+    assert load_checkpoint(trained_copy / "checkpoints" / "last.pt")["position"]["step"] == 6
 
 
 def test_resume_reads_an_unset_data_root_as_gantrain_data(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -180,7 +181,7 @@ def test_resume_reads_an_unset_data_root_as_gantrain_data(monkeypatch: pytest.Mo
     holds no data root: resumed under the same variable, the data is no change; another root is one."""
     from gantrain.engine.config import preset, resolve
 
-    old = {"config": preset("fashion32").to_dict()}  # data_root None
+    old = {"run": {"config": preset("fashion32").to_dict()}}  # data_root None
     monkeypatch.setenv("GANTRAIN_DATA", "/env/data")
     assert ckpt.resumed_config(resolve(None, None, {}), old, "old.pt") == []
     assert ckpt.resumed_config(resolve(None, None, {"data_root": "/x"}), old, "old.pt") == [
@@ -296,7 +297,7 @@ def test_checkpoint_every_epochs_and_0_for_the_final_one_only(tmp_path: Path, ev
                                              out=str(tmp_path / "run")))
     result = Trainer(cfg, console=Console(file=io.StringIO())).fit()
     assert [int(p.stem.split("_")[1]) for p in RunDir(result.run_dir).numbered_checkpoints()] == expected
-    assert load_checkpoint(RunDir(result.run_dir).last)["step"] == 12
+    assert load_checkpoint(RunDir(result.run_dir).last)["position"]["step"] == 12
 
 
 def test_generate_image_i_does_not_depend_on_n(trained_run: Path, tmp_path: Path, cli) -> None:
