@@ -12,9 +12,14 @@ launcher, and each still stops at an agreed step with a checkpoint.
 A worker that dies (killed, crashed, its node lost) is the agent's to handle too: with ``--max-restarts N`` it
 stops the others and starts the worker group again, up to N times; each restarted worker sees
 ``TORCHELASTIC_RESTART_COUNT`` > 0 and resumes from the ``last.pt`` this launch wrote (resume is exact, so the
-run ends with the weights an unbroken run would have). The agent's own records of the failure and the restart
-become one line here, and rank 0 says in train.log which restart it is and the step it resumed from. With the
-restarts used up the agent stops every worker and the launcher says why in one ``error:`` line.
+run ends with the weights an unbroken run would have). The launcher says in one line which worker failed, how,
+and which restart follows, and rank 0 says in train.log which restart it is and the step it resumed from. With
+the restarts used up the agent stops every worker and the launcher says why in one ``error:`` line.
+
+None of this reads the agent's log text (its loggers are silenced) or overrides its methods: the restart and
+its number come from torch elastic's public metrics API, which worker it was from the workers' own start
+records, how it ended from the kernel (``waitid`` without reaping: the workers are this process's children);
+:mod:`gantrain.engine.dist.restarts` says why each.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import signal
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,6 +40,7 @@ from rich.console import Console
 
 from gantrain.engine.config import Config, to_toml
 from gantrain.engine.dist.preflight import preflight
+from gantrain.engine.dist.restarts import ExitWatch, RestartMetrics, WorkerStart, cause, hearing_restarts
 from gantrain.engine.dist.runtime import (die_with_parent, init_distributed, launched_by_torchrun, pick_device,
                                           shutdown_distributed)
 from gantrain.engine.dist.worker import STATUS_ENV, WorkerRecord, first_refusal, inherited_refusal, worker_main
@@ -80,37 +88,33 @@ def torchrun_args(cfg: Config, config_file: Path, resume: str | None) -> list[st
     return args + (["--resume", resume] if resume else [])
 
 
-class _AgentEvents(logging.Handler):
-    """Turns the agent's records of a failed worker and of a worker-group restart into one gantrain line (and
-    the restart file rank 0 reads); the agent's other records are dropped (the outcome is said elsewhere)."""
+class _RestartNotice:
+    """Called as the agent restarts the worker group (:class:`RestartMetrics`): one gantrain line naming the
+    worker that ended the group and how (:class:`ExitWatch`, :func:`cause`), and the restart file rank 0 reads.
+    ``by_host``: name the worker by its local rank and this host (a c10d rendezvous assigns the global ranks)."""
 
-    def __init__(self, cfg: Config, status_dir: Path) -> None:
-        super().__init__(logging.INFO)
-        self.cfg, self.status_dir, self.failure = cfg, status_dir, None
+    def __init__(self, status_dir: Path, watch: ExitWatch, by_host: bool) -> None:
+        self.status_dir, self.watch, self.by_host = status_dir, watch, by_host
 
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            text = str(record.msg)
-            if text.startswith("failed (exitcode") and record.args:
-                self.failure = (int(record.args[0]), int(record.args[1]), int(record.args[2]))
-            elif "will restart worker group" in text and record.args:
-                _, _, left, most = record.args
-                self._restarting(int(most) - int(left) + 1, int(most))
-        except Exception:  # noqa: BLE001 - a record of another shape must never break the agent's loop
-            self.handleError(record)
-
-    def _restarting(self, restart: int, most: int) -> None:
+    def __call__(self, restart: int, most: int) -> None:
+        first = cause(self.watch.ended(), WorkerRecord.read_all(self.status_dir))
         what = "a worker failed"
-        if self.failure is not None:
-            code, local_rank, pid = self.failure
-            d = self.cfg.dist
-            who = (f"local rank {local_rank} on {socket.gethostname()}" if d.rdzv_endpoint
-                   else f"rank {d.node_rank * d.nproc + local_rank}")
-            what = f"DDP worker {who} (pid {pid}) {_how(code)}"
-        self.failure = None
+        if first is not None:
+            start = first.start
+            who = f"local rank {start.local_rank} on {socket.gethostname()}" if self.by_host else f"rank {start.rank}"
+            how = _how(first.code) if first.code is not None else "ended without a record"
+            what = f"DDP worker {who} (pid {start.pid}) {how}"
         (self.status_dir / RESTART_FILE).write_text(json.dumps({"restart": restart, "of": most, "what": what}))
         log.warning("%s; restarting the worker group (restart %d of %d, --max-restarts); every rank resumes "
                     "from the run's last.pt", what, restart, most)
+
+
+@contextmanager
+def _restart_notices(status_dir: Path, role: str, max_restarts: int, by_host: bool) -> Iterator[None]:
+    """Within: each restart of the agent's worker group of ``role`` is said in one line (:class:`_RestartNotice`)."""
+    with ExitWatch(status_dir) as watch, hearing_restarts(
+            lambda previous: RestartMetrics(role, max_restarts, _RestartNotice(status_dir, watch, by_host), previous)):
+        yield
 
 
 def _how(code: int) -> str:
@@ -145,17 +149,20 @@ def launch_workers(cfg: Config, resume: str | None, console: Console | None = No
         levels = [logger.level for logger in elastic_logs]
         for logger in elastic_logs:
             logger.setLevel(logging.CRITICAL)
-        events, agent_logs = _AgentEvents(cfg, Path(tmp)), [logging.getLogger(name) for name in AGENT_LOGGERS]
-        propagate = [logger.propagate for logger in agent_logs]
-        for logger in agent_logs:  # their records reach only the handler that turns two of them into a line
-            logger.setLevel(logging.INFO)
+        # The agent's own loggers are dropped whole: what it does is learnt from its metrics (_restart_notices).
+        dropped, agent_logs = logging.NullHandler(), [logging.getLogger(name) for name in AGENT_LOGGERS]
+        agent_saved = [(logger.propagate, logger.level) for logger in agent_logs]
+        for logger in agent_logs:
+            logger.setLevel(logging.CRITICAL)
             logger.propagate = False
-            logger.addHandler(events)
+            logger.addHandler(dropped)
         # the agent installs its own handlers when it starts the workers; until then, stop here
         handlers = {sig: signal.signal(sig, _early_stop) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
             launch_config, entrypoint, args = config_from_args(parse_args(torchrun_args(cfg, config_file, resume)))
-            elastic_launch(launch_config, entrypoint)(*args)
+            with _restart_notices(Path(tmp), launch_config.role, launch_config.max_restarts,
+                                  by_host=bool(cfg.dist.rdzv_endpoint)):
+                elastic_launch(launch_config, entrypoint)(*args)
             # A worker that refused (what no restart cures) or stopped on a signal (to it, not to the launcher)
             # exits 0, or the agent would restart the group; its record says the rest.
             records = WorkerRecord.read_all(Path(tmp))
@@ -180,9 +187,10 @@ def launch_workers(cfg: Config, resume: str | None, console: Console | None = No
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
-            for logger, flag in zip(agent_logs, propagate):
-                logger.removeHandler(events)
+            for logger, (flag, level) in zip(agent_logs, agent_saved):
+                logger.removeHandler(dropped)
                 logger.propagate = flag
+                logger.setLevel(level)
             for logger, level in zip(elastic_logs, levels):
                 logger.setLevel(level)
             for key, value in saved_env.items():
@@ -297,6 +305,8 @@ def _run_here(cfg: Config, resume: str | None, console: Console | None) -> FitRe
         _stop_before_training()
         status = os.environ.get(STATUS_ENV)
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if status:  # who this worker is, for the launcher's line should it end the group (ExitWatch)
+            WorkerStart.of_this_process().write(Path(status))
         inherited = inherited_refusal(WorkerRecord.read_all(Path(status))) if status and restart else None
         if inherited is not None:  # before the process group: every local rank reads the same records
             WorkerRecord(int(os.environ["RANK"]), "refused", inherited.kind, inherited.message, inherited.exit_code,
