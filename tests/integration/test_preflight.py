@@ -177,3 +177,27 @@ def test_what_only_the_workers_can_decide_is_left_to_them(cli, monkeypatch, trai
     assert cli("run", *flags, "--ray", "--ray-workers", 2).exit_code == 0
     assert cli("run", *flags, *DDP, "--nnodes", 2, "--node-rank", 1).exit_code == 0
     assert calls == ["ray", "ddp"]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_a_master_port_in_use_is_refused_before_anything_is_measured(cli, no_workers, monkeypatch, train_root: Path,
+                                                                     tmp_path: Path, host: str) -> None:
+    """A port another process listens on (on loopback or on every interface) is refused in the launcher, before
+    the workers are launched (and their peak probe measured); a free port gets past the check."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind((host, 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        args = ("--device", "cpu", *DDP, "--master-port", port, "--max-steps", 2, "--data-root", train_root,
+                "--limit", 256, "--out", tmp_path / "run")
+        code, line, _ = _refused(cli, *args)
+    assert code == 2
+    assert line == (f"error: --master-port: port {port} on 127.0.0.1 is already in use (another DDP run?); choose "
+                    "a free one with --master-port")
+    assert not (tmp_path / "run").exists()
+    from gantrain.engine.config import override, preset
+    from gantrain.engine.dist.preflight import require_free_port
+
+    require_free_port(override(preset("fashion32"), {"ddp": True, "master_port": port}))  # closed now: free

@@ -8,6 +8,9 @@ so the same ``error:`` line and exit code) in the launcher itself, in a second o
 
 from __future__ import annotations
 
+import errno
+import socket
+
 from gantrain.engine.config import Config
 from gantrain.engine.data.plan import plan_schedule, steps_per_epoch
 from gantrain.engine.dist.runtime import pick_device
@@ -31,11 +34,13 @@ def preflight(cfg: Config, resume: str | None) -> None:
     off CUDA (:class:`ConfigError`); a checkpoint to resume that is missing, damaged or built for another model
     (:class:`CheckpointError`); on a one-node launch, a new run into a folder that holds one (not under --ray,
     which continues from Ray Train's checkpoint), a --logger whose extra is missing, the folder in use by another
-    run (:class:`RunLocked`); fewer images than one global batch, or a resumed run with no step left
+    run (:class:`RunLocked`); on the node that hosts a --ddp launch's store, a --master-port in use
+    (:class:`ConfigError`); fewer images than one global batch, or a resumed run with no step left
     (:class:`ConfigError`). Data the launcher cannot see (an IDX dataset not downloaded yet) is left to the
     workers; so is everything about the run folder on a multi-node launch (rank 0's node may be another)."""
     if cfg.dist.sync_bn and pick_device(cfg.run.device).type != "cuda":
         raise ConfigError("--sync-bn: SyncBatchNorm needs CUDA (it is not implemented for the CPU)")
+    require_free_port(cfg)
     resume_path, state, _ = open_resume(cfg, resume)
     if cfg.dist.nnodes == 1:  # the run folder's owner (rank 0) is on this node
         lock = RunLock(cfg.run_dir)  # first, as the Trainer does: a folder in use is that, whatever it holds
@@ -55,3 +60,20 @@ def preflight(cfg: Config, resume: str | None) -> None:
     cut_short = (state is not None and own_checkpoint(cfg.run_dir, resume_path)
                  and bool(RunDir(cfg.run_dir).missing_final_outputs()))
     plan_schedule(pos, cfg, per_epoch, cfg.run_dir, cut_short)
+
+
+def require_free_port(cfg: Config) -> None:
+    """On the node that hosts a ``--ddp`` launch's store (static rendezvous, --node-rank 0), refuses a
+    --master-port another process listens on (the store binds it on every interface), before anything is
+    measured or started; an address that is not this machine's is left to the rendezvous."""
+    d = cfg.dist
+    if not d.ddp or d.ray or d.rdzv_endpoint or d.node_rank != 0:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the store does: TIME_WAIT is no refusal
+        try:
+            probe.bind(("", d.master_port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"--master-port: port {d.master_port} on {d.master_addr} is already in use "
+                                  "(another DDP run?); choose a free one with --master-port") from None
