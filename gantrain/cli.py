@@ -374,7 +374,7 @@ TRIAL_OWNED = frozenset({
     "out", "max_steps", "checkpoint_every", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints",
     "ddp", "nproc", "nnodes", "node_rank", "master_addr", "master_port", "sync_bn", "rdzv_endpoint", "rdzv_id",
     "max_restarts", "ray", "ray_address", "ray_workers", "gpus_per_worker", "cpus_per_worker", "ray_storage",
-    "ray_wait"})
+    "ray_wait", "eval_every_steps", "eval_every_images"})
 
 
 def config_flags(func=None, *, hidden: frozenset[str] = frozenset()):

@@ -73,8 +73,9 @@ def train_to_quality(cfg: Config, spec: dict) -> dict:
 
 class QualityClock:
     """The measurement of one contender: training seconds (setup included, evaluation not) and an FD every
-    ``eval_every_epochs`` of images and at the end of the budget. :meth:`after_images` is the contender's
-    after-step call; its clock stops while it evaluates."""
+    ``eval_every_epochs`` of images and at the end of the budget; its clock stops while it evaluates. gantrain's
+    contenders give it to the Trainer as its evaluation (:class:`_ClockEvaluation`: the Trainer's image cadence
+    says when); the tutorial loop calls :meth:`after_images` after each step."""
 
     def __init__(self, evaluator, cfg: Config, spec: dict, device) -> None:
         self.evaluator, self.cfg, self.spec, self.device = evaluator, cfg, spec, device
@@ -104,10 +105,16 @@ class QualityClock:
         self.images = images
         if images < self.next_eval and images < self.budget:
             return None
+        return self.measure(images, generator())
+
+    def measure(self, images: int, generator) -> str | None:
+        """The FD of ``generator`` now, with ``images`` seen, the training clock stopped meanwhile; returns why the
+        contender stops (see :meth:`after_images`), else None."""
+        self.images = images
         _sync(self.device)
         self.train_s += time.perf_counter() - self.clock
         e0 = time.perf_counter()
-        fd = self.evaluator.evaluate(generator(), self.cfg, num_samples=self.spec["eval_samples"],
+        fd = self.evaluator.evaluate(generator, self.cfg, num_samples=self.spec["eval_samples"],
                                      seed=self.spec["eval_seed"]).values["fd"]
         self.diverged = not math.isfinite(fd)
         stop_fd = self.spec.get("stop_fd")
@@ -128,14 +135,25 @@ class QualityClock:
                 "images_per_s": self.images / self.train_s if self.train_s else None}
 
 
-class _ClockHook:
-    """The clock as the Trainer's after-step hook: the Trainer's own count of images seen."""
+class _ClockEvaluation:
+    """The clock as the Trainer's :class:`~gantrain.engine.train.loop.Evaluation` (every ``eval_every_epochs`` of
+    images, and the budget's last step) and its after-eval hook (ends a diverged run, or one at ``stop_fd``)."""
 
     def __init__(self, clock: QualityClock) -> None:
-        self.clock = clock
+        self.clock, self.reason = clock, None
 
-    def after_step(self, trainer) -> str | None:
-        return self.clock.after_images(trainer.pos.images_seen, lambda: trainer.gan.generator)
+    @property
+    def cadence(self):
+        from gantrain.engine import Cadence
+
+        return Cadence(images=self.clock.every, at_end=True)  # (known once the clock started)
+
+    def evaluate(self, trainer) -> dict:
+        self.reason = self.clock.measure(trainer.pos.images_seen, trainer.gan.generator)
+        return self.clock.points[-1]
+
+    def after_eval(self, trainer, record: dict) -> str | None:
+        return self.reason if self.reason in ("diverged", "reached --stop-fd") else None
 
 
 def _sync(device) -> None:
@@ -149,7 +167,7 @@ def engine_run_config(cfg: Config, spec: dict, out: Path) -> Config:
     """A gantrain contender as a run of the Trainer in ``out``, over whole epochs enough for the budget (the
     Trainer's ``last_step`` cuts it to the budget's steps, so --lr-decay decays over the budget as a run of
     --epochs budget would); its log as the recipe has it; one checkpoint, at the end; no sample grids, no
-    --logger. (The clock evaluates and sees divergence: see :func:`_train_engine`.)"""
+    --logger. (The clock is its evaluation and sees divergence: see :func:`_train_engine`.)"""
     return override(cfg, {"out": str(out), "epochs": math.ceil(spec["budget_epochs"]), "max_steps": 0,
                           "sample_every": 0, "logger": "none",
                           "checkpoint_every": 0, "checkpoint_every_steps": 0, "checkpoint_every_minutes": 0,
@@ -171,9 +189,10 @@ def _train_engine(cfg: Config, device, spec: dict, clock: QualityClock) -> Quali
     from gantrain.engine import Trainer
 
     with tempfile.TemporaryDirectory(prefix="gantrain-to-quality-") as folder:
+        evaluation = _ClockEvaluation(clock)
         trainer = Trainer(engine_run_config(cfg, spec, Path(folder) / "run"), console=Console(file=io.StringIO()),
-                          hooks=[_ClockHook(clock)], last_step=lambda per_epoch: budget_steps(spec, per_epoch),
-                          evaluation=False, divergence_watch=False)
+                          hooks=[evaluation], last_step=lambda per_epoch: budget_steps(spec, per_epoch),
+                          evaluation=evaluation, divergence_watch=False)
         clock.start(trainer.loader.steps_per_epoch * cfg.data.batch_size)
         trainer.fit()
     return clock

@@ -46,7 +46,8 @@ API: dict[str, str] = {
     **dict.fromkeys(("atomic_save", "load_checkpoint", "sealed"), "state.checkpoint"),
     **dict.fromkeys(("atomic_write_text", "make_folder", "os_reason"), "state.files"),
     **dict.fromkeys(("RunDir",), "state.rundir"),
-    **dict.fromkeys(("Trainer",), "train.loop"),
+    **dict.fromkeys(("Evaluation", "Hook", "Trainer"), "train.loop"),
+    **dict.fromkeys(("Cadence",), "train.cadence"),
     **dict.fromkeys(("StepProfiler",), "train.profile"),
 }
 

@@ -314,6 +314,11 @@ class LoggingConfig:
 class EvalConfig:
     eval_every: int = 0
     """Evaluate quality metrics every N epochs (0 = off)."""
+    eval_every_steps: int = 0
+    """Also evaluate every N optimiser steps (0 = off)."""
+    eval_every_images: int = 0
+    """Also evaluate each time the images seen pass a multiple of N (0 = off; e.g. 60000 = every FashionMNIST
+    epoch's worth, whatever the batch)."""
     eval_samples: int = 2000
     """Generated images per evaluation during training (2000 keeps the cost to a few % of an epoch)."""
     samples_from_best: bool = False
@@ -332,7 +337,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check_finite(self)
-        _check(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
+        for name in ("eval_every", "eval_every_steps", "eval_every_images"):
+            _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         _check(self.eval_samples >= 100, "eval_samples", f"must be at least 100, got {self.eval_samples}")
         self.eval_metrics = _names(self.eval_metrics, "eval_metrics")
         unknown = [m for m in self.eval_metrics if m not in EVAL_METRICS]
@@ -340,6 +346,11 @@ class EvalConfig:
                if unknown else "")
         _check(self.inception_mode in ("legacy-tf", "clean"), "inception_mode",
                f"must be legacy-tf or clean, got {self.inception_mode!r}")
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether a run evaluates during training (by epochs, steps or images)."""
+        return bool(self.eval_every or self.eval_every_steps or self.eval_every_images)
 
 
 @dataclass

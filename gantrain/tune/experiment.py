@@ -81,6 +81,8 @@ TRIAL_OWNED = {
                                       "ray_storage", "ray_wait")},
     "checkpoint_every_steps": "a trial checkpoints at every report (every --eval-every epochs, 1 when 0)",
     "checkpoint_every_minutes": "a trial checkpoints at every report (every --eval-every epochs, 1 when 0)",
+    **{name: "a trial evaluates and reports every --eval-every epochs (1 when 0)"
+       for name in ("eval_every_steps", "eval_every_images")},
 }
 
 

@@ -1,6 +1,7 @@
-"""Quality tracking during training (``--eval-every N``): the Trainer's view of the metrics.
+"""Quality tracking during training (``--eval-every N``, ``--eval-every-steps``, ``--eval-every-images``): the
+Trainer's view of the metrics.
 
-At the end of every N-th epoch (rank 0 only) the generator (its EMA copy when on) makes ``--eval-samples``
+When an evaluation is due (rank 0 only; the Trainer decides when) the generator (its EMA copy when on) makes ``--eval-samples``
 images from a fixed noise in eval mode, so BatchNorm statistics are untouched, and no RNG stream of the
 run is advanced: a run with evaluation trains exactly as one without. The metrics go to metrics.jsonl and
 the progress bar; the checkpoint with the lowest FD so far is kept as ``checkpoints/best.pt``; the best FD
@@ -49,7 +50,7 @@ class Outputs(Protocol):
 
 
 class QualityTracker:
-    """Evaluates at epoch ends and remembers the best FD."""
+    """Evaluates when the Trainer asks and remembers the best FD."""
 
     def __init__(self, cfg: Config, device: torch.device, console: Console, best_fd: float | None = None,
                  best_measured_by: dict | None = None, best_path: Path | None = None) -> None:
@@ -107,11 +108,7 @@ class QualityTracker:
                  how, fd)
         return fd
 
-    def due(self, epochs_done: int) -> bool:
-        every = self.cfg.eval.eval_every
-        return every > 0 and epochs_done % every == 0
-
-    def evaluate(self, generator: torch.nn.Module, step: int, epochs_done: int) -> tuple[dict, bool]:
+    def evaluate(self, generator: torch.nn.Module, step: int, epoch: int) -> tuple[dict, bool]:
         """The metrics.jsonl record of one evaluation, and whether its FD is the best so far."""
         samples, seed = self.cfg.eval.eval_samples, self.cfg.run.seed
         started = time.perf_counter()
@@ -126,24 +123,25 @@ class QualityTracker:
             values.update(inception.generator_scores(generator, self.cfg, self.evaluator.reference.spec,
                                                      num_samples=samples, seed=seed,
                                                      cache=self.cfg.eval.metrics_cache or None))
-        record = {"step": step, "epoch": epochs_done, **{k: round(v, 6) for k, v in values.items()},
+        record = {"step": step, "epoch": epoch, **{k: round(v, 6) for k, v in values.items()},
                   "best_fd": round(self.best_fd, 6), "eval_samples": samples,
                   "eval_s": round(time.perf_counter() - started, 2), "time": time.time()}
         return record, improved
 
-    def evaluate_epoch(self, generator: torch.nn.Module, step: int, epochs_done: int, outputs: Outputs) -> bool:
-        """One evaluation at an epoch end, everywhere it shows: metrics.jsonl and the --logger trackers (through
-        ``outputs``), metrics.png, the progress bar and a line in the log. Returns whether the FD is the best so
-        far."""
-        record, improved = self.evaluate(generator, step, epochs_done)
+    def evaluate_and_show(self, generator: torch.nn.Module, step: int, epoch: int, outputs: Outputs,
+                          when: str) -> tuple[dict, bool]:
+        """One evaluation after step ``step`` (``epoch`` whole epochs done), everywhere it shows: metrics.jsonl
+        and the --logger trackers (through ``outputs``), metrics.png, the progress bar and a log line that starts
+        with ``when`` ("epoch 3", "step 1200"). Returns the record and whether its FD is the best so far."""
+        record, improved = self.evaluate(generator, step, epoch)
         self.last_record = record
         outputs.write(record)
         self.plot(outputs.run_dir)
         summary = self.summary(record)
         outputs.show_quality(summary)
-        log.info("epoch %d: %s (%d samples, %.1f s)%s", epochs_done, summary, record["eval_samples"], record["eval_s"],
+        log.info("%s: %s (%d samples, %.1f s)%s", when, summary, record["eval_samples"], record["eval_s"],
                  ", best so far: checkpoints/best.pt" if improved else "")
-        return improved
+        return record, improved
 
     @staticmethod
     def summary(record: dict) -> str:

@@ -32,6 +32,7 @@ from gantrain.engine.outputs.writer import RunOutputs
 from gantrain.engine.state import checkpoint as ckpt
 from gantrain.engine.state.files import RunLock
 from gantrain.engine.state.rundir import RunDir, own_checkpoint
+from gantrain.engine.train.cadence import Cadence
 from gantrain.engine.train.profile import StepProfiler
 from gantrain.engine.train.stats import NonFiniteWatch
 
@@ -46,10 +47,24 @@ class Hook(Protocol):
     written); under DDP every rank must return the same (decide on rank 0 and broadcast)."""
 
     def after_step(self, trainer: Trainer) -> str | None:
-        """After each optimiser step, its log, samples and checkpoint: ``trainer.pos`` says where the run is."""
+        """After each optimiser step, its log, samples, evaluation and checkpoint: ``trainer.pos`` says where the
+        run is."""
+
+    def after_eval(self, trainer: Trainer, record: dict) -> str | None:
+        """After each evaluation (the run's own, or a caller's :class:`Evaluation`), with its record."""
 
     def after_epoch(self, trainer: Trainer, epochs_done: int) -> str | None:
         """After each whole epoch, its evaluation and checkpoint."""
+
+
+class Evaluation(Protocol):
+    """A caller's measurement of quality in place of the run's own tracker (bench --to-quality's clock): when it
+    is due (``cadence``, in the run's clock) and the measurement itself; called on the ranks it is given to."""
+
+    cadence: Cadence
+
+    def evaluate(self, trainer: Trainer) -> dict:
+        """The evaluation's record (``fd`` at least); the after-eval hooks receive it."""
 
 
 @dataclass
@@ -66,14 +81,16 @@ class Trainer:
                  resume: str | None = None, hooks: Sequence[Hook] = (),
                  epoch_callbacks: Sequence[Callable[[Trainer, int], str | None]] = (),
                  finished_ok: bool = False, last_step: Callable[[int], int] | None = None,
-                 evaluation: bool = True, divergence_watch: bool = True) -> None:
+                 evaluation: bool | Evaluation = True, divergence_watch: bool = True) -> None:
         """``hooks`` (:class:`Hook`) take part after each step and each epoch; ``epoch_callbacks`` are after-epoch
         hooks as plain functions ``callback(trainer, epochs_done)``. A hook ends the run by returning a reason.
         ``last_step``: the run ends at ``last_step(steps per epoch)`` when that comes before --epochs and
         --max-steps (bench --to-quality: a budget of a fraction of epochs); --lr-decay spans it.
-        ``evaluation``/``divergence_watch`` False: the caller evaluates (no --eval-every tracker, no best.pt) or
-        watches divergence itself (no stop on non-finite losses; non-finite weights are still never saved) through
-        its hooks, as tune's trials and the to-quality bench do; the config keeps the user's values.
+        ``evaluation``: True, the run's own quality tracker on rank 0 when the config asks for one (--eval-every,
+        --eval-every-steps, --eval-every-images: best.pt, metrics.jsonl); False, none (tune's trials evaluate in
+        their epoch hook); an :class:`Evaluation`, the caller's in its place, on its cadence (no best.pt).
+        ``divergence_watch`` False: the caller watches divergence itself (no stop on non-finite losses; non-finite
+        weights are still never saved). Either way the config keeps the user's values.
 
         Rank 0 takes the run folder's lock here and holds it until :meth:`fit` ends (or :meth:`close`); nothing is
         written before the run is known to take a step. Raises :class:`RunLocked` (exit 2) when another run holds
@@ -83,6 +100,7 @@ class Trainer:
         self.console, self.dist, self.finished_ok = console or Console(stderr=True), dist_info, finished_ok
         self.last_step, self.evaluation, self.divergence_watch = last_step, evaluation, divergence_watch
         self.step_hooks = [hook.after_step for hook in hooks if hasattr(hook, "after_step")]
+        self.eval_hooks = [hook.after_eval for hook in hooks if hasattr(hook, "after_eval")]
         self.epoch_hooks = [*(hook.after_epoch for hook in hooks if hasattr(hook, "after_epoch")), *epoch_callbacks]
         self.stop_reason: str | None = None  # why the run ends before its last step (a hook's reason)
         self.epoch_means: dict = {}  # loss_d, loss_g, d_real, d_fake over the last whole epoch (epoch callbacks)
@@ -140,9 +158,12 @@ class Trainer:
             self._build_outputs(cfg, state is not None, notes, start)
 
     def _build_outputs(self, cfg: Config, resuming: bool, notes: list[str], start: ckpt.Start) -> None:
-        self.tracker = None
-        # rank 0 evaluates; the extractor is fitted here when missing
-        if self.evaluation and cfg.eval.eval_every and self.dist.is_main:
+        self.tracker, self.eval_pending, self.evaluated_step = None, False, None
+        self.own_cadence = Cadence()
+        if self.evaluation is True and cfg.eval.evaluates and self.dist.is_main:
+            # rank 0 evaluates; the extractor is fitted here when missing
+            e = cfg.eval
+            self.own_cadence = Cadence(epochs=e.eval_every, steps=e.eval_every_steps, images=e.eval_every_images)
             from gantrain.engine.metrics.tracking import QualityTracker
 
             self.tracker = QualityTracker(cfg, self.device, self.console, best_fd=self.best_fd,
@@ -257,6 +278,7 @@ class Trainer:
                 break
             self.lr_decay.apply(self.step)
             self.gan(real)
+            images_before = self.pos.images_seen
             self.pos.advance(self.global_batch)
             self.stall.step = self.step  # (a plain assignment: what the stall watch says others wait after)
             self.outputs.advance(self.step)
@@ -267,8 +289,16 @@ class Trainer:
                 self.write_samples()
             self.agreed_stop, save_now = self.stop_agreement.after_step(self.checkpoints.minutes_due())
             epoch_ended = self.epoch_step >= self.loader.steps_per_epoch
+            improved = False
+            if self.eval_cadence.after_step(self.step, images_before, self.pos.images_seen, self.total_steps):
+                if epoch_ended:  # at the epoch's end, after its statistics, before its checkpoint
+                    self.eval_pending = True
+                else:
+                    improved = self._evaluate(f"step {self.step}")
             if self.agreed_stop is None and self.checkpoints.due_after_step(self.step, save_now, epoch_ended):
                 self.save_checkpoint()  # (a stop saves anyway)
+            if improved:
+                self._save_best()
             for hook in self.step_hooks:
                 self.stop_reason = hook(self) or self.stop_reason
             if self.profiler is not None:
@@ -284,15 +314,35 @@ class Trainer:
     def _end_epoch(self, epochs_done: int) -> None:
         """Quality metrics, the checkpoint (it stores the best FD), best.pt when FD improved, the callbacks."""
         improved = False
-        if self.tracker is not None and self.tracker.due(epochs_done):
-            improved = self.tracker.evaluate_epoch(self.gan.generator, self.step, epochs_done, self.outputs)
-            self.best_fd = self.tracker.best_fd
+        due = self.eval_pending or self.eval_cadence.at_epoch_end(epochs_done)
+        if due and self.evaluated_step != self.step:
+            improved = self._evaluate(f"epoch {epochs_done}")
+        self.eval_pending = False
         if self.checkpoints.due_at_epoch_end(epochs_done):
             self.save_checkpoint()
-        if improved and not self.gan.non_finite_weights(collective=False):
-            ckpt.save_best(self.checkpoints.files, self.step, self.state_dict)
+        if improved:
+            self._save_best()
         for hook in self.epoch_hooks:
             self.stop_reason = hook(self, epochs_done) or self.stop_reason
+
+    def _evaluate(self, when: str) -> bool:
+        """One evaluation now (the run's tracker, or the caller's :class:`Evaluation`), then the after-eval hooks;
+        whether its FD is the best so far (best.pt follows the checkpoint)."""
+        phase, self.stall.phase = self.stall.phase, "evaluating"
+        if self.tracker is not None:
+            record, improved = self.tracker.evaluate_and_show(self.gan.generator, self.step, self.epoch, self.outputs,
+                                                              when)
+            self.best_fd = self.tracker.best_fd
+        else:
+            record, improved = self.evaluation.evaluate(self), False
+        self.stall.phase, self.evaluated_step = phase, self.step
+        for hook in self.eval_hooks:
+            self.stop_reason = hook(self, record) or self.stop_reason
+        return improved
+
+    def _save_best(self) -> None:
+        if not self.gan.non_finite_weights(collective=False):
+            ckpt.save_best(self.checkpoints.files, self.step, self.state_dict)
 
     def _finish(self) -> FitResult:
         if self.profiler is not None:  # a run that ended (a hook's stop) inside the profiled steps
@@ -319,6 +369,11 @@ class Trainer:
 
     def write_samples(self) -> Path | None:
         return self.outputs.write_samples(self.gan.sample(self.fixed_noise), self.step)
+
+    @property
+    def eval_cadence(self) -> Cadence:
+        """When an evaluation is due: the caller's :class:`Evaluation`'s cadence, else the config's."""
+        return self.own_cadence if isinstance(self.evaluation, bool) else self.evaluation.cadence
 
     @property
     def last_checkpoint(self) -> Path | None:

@@ -567,3 +567,35 @@ def test_the_clock_evaluates_on_its_image_cadence_and_at_the_budgets_end(monkeyp
     clock.start(100)
     assert [clock.after_images(i, lambda: None) for i in (40, 80)] == [None, "diverged"]
     assert clock.result()["diverged"] and clock.points[-1]["fd"] is None
+
+
+def test_the_engine_contender_is_evaluated_by_the_trainers_image_cadence(train_root):
+    """gantrain's contender: the clock is the Trainer's evaluation. 256 images, batch 32, budget 1.5 epochs, an FD
+    every 0.5 epoch (128 images): due by hand after steps 4, 8 and 12 (128, 256, 384 images; 12 is also the
+    budget's last step), as the tutorial loop's clock is; the generator evaluated is the Trainer's, and the
+    training seconds stop while it is measured."""
+    import types
+
+    import torch
+
+    asked = []
+
+    def evaluate(generator, cfg, num_samples, seed):
+        asked.append(generator)
+        return types.SimpleNamespace(values={"fd": 10.0 - len(asked)})
+
+    cfg = _decay_cfg(train_root)
+    spec = {"budget_epochs": 1.5, "eval_every_epochs": 0.5, "eval_samples": 100, "eval_seed": 0}
+    clock = tq.QualityClock(types.SimpleNamespace(evaluate=evaluate), cfg, spec, torch.device("cpu"))
+    clock = tq._train_engine(cfg, torch.device("cpu"), spec, clock)
+    assert [p["images"] for p in clock.points] == [128, 256, 384]
+    assert [p["epochs"] for p in clock.points] == [0.5, 1.0, 1.5]
+    assert [p["fd"] for p in clock.points] == [9.0, 8.0, 7.0]
+    assert all(isinstance(g, torch.nn.Module) for g in asked)
+    assert clock.result()["num_images"] == 256 and not clock.result()["diverged"]
+
+    stopping = tq.QualityClock(types.SimpleNamespace(evaluate=lambda *a, **k: types.SimpleNamespace(
+        values={"fd": 4.0})), cfg, {**spec, "stop_fd": 4.5}, torch.device("cpu"))
+    stopping = tq._train_engine(cfg, torch.device("cpu"), {**spec, "stop_fd": 4.5}, stopping)
+    assert [p["images"] for p in stopping.points] == [128] and stopping.result()["stopped"]
+    assert stopping.images == 128  # the run ended at that step
