@@ -31,8 +31,8 @@ from rich.console import Console
 from gantrain.bench.hardware import system_info
 from gantrain.bench.report import console_table, markdown_table
 from gantrain.bench.timing import RESULT_PREFIX
-from gantrain.engine import (Config, ConfigError, PRESETS, RECOMMENDED, atomic_write_text, current_layout, from_dict,
-                             make_folder, override, preset, save_figure, with_env_defaults)
+from gantrain.engine import (Config, ConfigError, Latent, PRESETS, RECOMMENDED, atomic_write_text, current_layout,
+                             from_dict, make_folder, override, preset, save_figure, with_env_defaults)
 
 TUTORIAL = "tutorial"
 DEFAULT_TARGETS = (20.0, 10.0, 5.0, 3.0)
@@ -114,7 +114,7 @@ class QualityClock:
         _sync(self.device)
         self.train_s += time.perf_counter() - self.clock
         e0 = time.perf_counter()
-        fd = self.evaluator.evaluate(generator, self.cfg, num_samples=self.spec["eval_samples"],
+        fd = self.evaluator.evaluate(generator, Latent.of(self.cfg), num_samples=self.spec["eval_samples"],
                                      seed=self.spec["eval_seed"]).values["fd"]
         self.diverged = not math.isfinite(fd)
         stop_fd = self.spec.get("stop_fd")

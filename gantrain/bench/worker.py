@@ -45,16 +45,11 @@ def _profile(spec: dict, next_batch, step, device, result: dict, is_main: bool =
 
 def run_engine(cfg: Config, spec: dict) -> dict:
     """The engine's step (:class:`GANStep`) fed by its loader: nothing else of a run (no folder, log or grids)."""
-    from gantrain.engine import Shard, build_loader
-    from gantrain.engine import PrecisionPolicy
-    from gantrain.engine import init_distributed, pick_device, shutdown_distributed
-    from gantrain.engine import GANStep
+    from gantrain.engine import data_parts, gan_part, init_distributed, shutdown_distributed
 
     info = init_distributed(cfg.run.device)
-    device = pick_device(cfg.run.device, info.local_rank)
-    policy = PrecisionPolicy(device, cfg.perf.amp, cfg.perf.channels_last)
-    loader = build_loader(cfg.data, cfg.run.seed, device, Shard(info.rank, info.world_size), policy=policy)
-    step = GANStep(cfg, device, policy, info)
+    device, policy, loader = data_parts(cfg, info)  # as the Trainer builds them
+    step = gan_part(cfg, device, policy, info)
     batches = endless(loader)
     result = time_loop(lambda: next(batches), step, device, spec["warmup"], spec["windows"], spec["window"],
                        cfg.data.batch_size * info.world_size)

@@ -25,7 +25,8 @@ API: dict[str, str] = {
     **dict.fromkeys(("dali_installed",), "data.dali"),
     **dict.fromkeys(("IDX_DATASETS", "ensure_idx_files"), "data.download"),
     **dict.fromkeys(("data_root", "discover_folder", "load_images"), "data.sources"),
-    **dict.fromkeys(("DistInfo", "PR_SET_PDEATHSIG", "init_distributed", "pick_device", "shutdown_distributed"),
+    **dict.fromkeys(("DistInfo", "PR_SET_PDEATHSIG", "configure_runtime", "init_distributed", "pick_device",
+                     "shutdown_distributed"),
                     "dist.runtime"),
     **dict.fromkeys(("refuse_unplaceable",), "dist.raytrain"),
     **dict.fromkeys(("worker_main",), "dist.worker"),
@@ -35,7 +36,7 @@ API: dict[str, str] = {
                      "step_flops"), "gan.hardware"),
     **dict.fromkeys(("build_models",), "gan.models"),
     **dict.fromkeys(("PrecisionPolicy", "compute_name", "resolve_amp"), "gan.precision"),
-    **dict.fromkeys(("check_truncation", "indexed_noise", "latent_walk", "lerp", "sample_noise", "slerp",
+    **dict.fromkeys(("Latent", "check_truncation", "indexed_noise", "latent_walk", "lerp", "sample_noise", "slerp",
                      "truncated_noise"), "gan.sampling"),
     **dict.fromkeys(("GANStep",), "gan.step"),
     **dict.fromkeys(("Evaluator", "METRIC_KEYS", "evaluate_generator", "spec_from_config"), "metrics"),
@@ -49,6 +50,7 @@ API: dict[str, str] = {
     **dict.fromkeys(("Evaluation", "Hook", "Trainer"), "train.loop"),
     **dict.fromkeys(("Cadence",), "train.cadence"),
     **dict.fromkeys(("StepProfiler",), "train.profile"),
+    **dict.fromkeys(("data_parts", "gan_part"), "train.parts"),
 }
 
 __all__ = sorted(API)

@@ -21,6 +21,7 @@ from PIL import Image
 from gantrain.engine.config import override, preset
 from gantrain.engine.errors import ConfigError
 from gantrain.engine.gan.models import build_models
+from gantrain.engine.gan.sampling import Latent
 from gantrain.engine.metrics import METRIC_KEYS, Evaluator, ensure_extractor, evaluate_generator, parse_dataset, formulas as stats
 from gantrain.engine.metrics.cache import cache_dir
 from gantrain.engine.metrics.evaluate import compare, extract, load_reference
@@ -350,7 +351,8 @@ def test_a_resume_that_measures_otherwise_measures_best_pt_again(fashion_extract
     # measuring best.pt again builds a network, but draws nothing from the run's RNG stream
     assert torch.equal(torch.get_rng_state(), rng_as_resumed)
     generator, _ = load_generator(checkpoints / "best.pt")
-    expected = Evaluator.for_config(cfg, quiet=True).evaluate(generator, cfg, num_samples=300, seed=0).values["fd"]
+    expected = Evaluator.for_config(cfg, quiet=True).evaluate(generator, Latent.of(cfg), num_samples=300,
+                                                              seed=0).values["fd"]
     assert resumed.tracker.best_fd == pytest.approx(expected, rel=1e-6) and expected != first.best_fd
     resumed.fit()
     log_text = (first.run_dir / "train.log").read_text()
@@ -368,7 +370,8 @@ def test_a_resume_that_measures_otherwise_measures_best_pt_again(fashion_extract
                      resume="auto")
     best_now = load_generator(checkpoints / "best.pt")[0]
     assert legacy.tracker.best_fd == pytest.approx(
-        Evaluator.for_config(cfg, quiet=True).evaluate(best_now, cfg, num_samples=300, seed=0).values["fd"], rel=1e-6)
+        Evaluator.for_config(cfg, quiet=True).evaluate(best_now, Latent.of(cfg), num_samples=300, seed=0).values["fd"],
+        rel=1e-6)
     legacy.fit()
     assert "was measured by a checkpoint that does not record how" in (first.run_dir / "train.log").read_text()
 

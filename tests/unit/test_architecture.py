@@ -27,6 +27,7 @@ LAYERS = [
      "gantrain.engine.outputs.export", "gantrain.engine.gan.diffaug", "gantrain.engine.gan.lr_schedule"),
     ("gantrain.engine.gan.step", "gantrain.engine.outputs.writer", "gantrain.engine.metrics",
      "gantrain.engine.outputs.generate"),
+    ("gantrain.engine.train.parts",),
     ("gantrain.engine.train.loop",),
     ("gantrain.engine.dist.worker", "gantrain.engine.dist.restarts"),
     ("gantrain.engine.dist.launch", "gantrain.engine.dist.raytrain", "gantrain.engine.dist.preflight"),

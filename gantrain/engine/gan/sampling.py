@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,6 +22,20 @@ STANDING_STATS_SAMPLES = 2048
 STANDING_STATS_SEED_OFFSET = 1_000_003
 """Added to the run's seed for the standing-statistics noise, so that it is not the noise of the sample grid or of
 the metrics (both drawn from a seed itself): the statistics never see the latents they are judged on."""
+
+
+@dataclass(frozen=True)
+class Latent:
+    """G's input space: ``nz`` dimensions drawn from ``noise`` ("normal": N(0, 1); "uniform": U(-1, 1)). What the
+    metrics need of a run to make its generator's images (:meth:`of` reads it from a config)."""
+
+    nz: int
+    noise: str = "normal"
+
+    @classmethod
+    def of(cls, cfg) -> Latent:
+        """A config's latent: ``model.nz`` and ``loss.noise``."""
+        return cls(cfg.model.nz, cfg.loss.noise)
 
 
 def sample_noise(n: int, nz: int, kind: str, device: torch.device | str, generator: torch.Generator | None = None) -> torch.Tensor:

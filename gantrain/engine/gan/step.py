@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gantrain.engine.config import Config
-from gantrain.engine.dist.runtime import DistInfo, configure_runtime
+from gantrain.engine.config import Config, DataConfig, GanConfig, LossConfig, ModelConfig, OptimConfig, PerfConfig
+from gantrain.engine.dist.runtime import DistInfo
 from gantrain.engine.errors import ConfigError
 from gantrain.engine.gan.diffaug import diff_augment, parse_policy
 from gantrain.engine.gan.models import build_models
@@ -69,34 +69,48 @@ class GANStep:
     """G, D, their optimisers and the GAN objective for one config; ``step(real_uint8)`` trains one iteration.
 
     ``real_uint8``: a batch (B, C, S, S) of uint8 images (or DALI's floats in [-1, 1]) on ``device``; B must be
-    the config's batch size (the targets are built for it).
+    ``data.batch_size`` (the targets are built for it).
+
+    It takes its own config sections (the models, optimisers, objective, EMA and DiffAugment, performance
+    switches, the batch's shape) and the seed of its weights and noise; :meth:`for_config` picks them from a whole
+    config. Process-wide settings are the caller's (:func:`~gantrain.engine.dist.runtime.configure_runtime`).
     """
 
-    def __init__(self, cfg: Config, device: torch.device, policy: PrecisionPolicy, dist: DistInfo = DistInfo()):
-        self.cfg, self.device, self.policy, self.dist = cfg, device, policy, dist
-        configure_runtime(cfg.perf, device)
-        torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
-        g, d = build_models(cfg.model, cfg.data.image_size, cfg.data.channels, cfg.perf.layer_impl)
+    def __init__(self, model: ModelConfig, optim: OptimConfig, loss: LossConfig, gan: GanConfig, perf: PerfConfig,
+                 data: DataConfig, *, seed: int, device: torch.device, policy: PrecisionPolicy,
+                 dist: DistInfo = DistInfo(), sync_bn: bool = False):
+        self.model_cfg, self.optim_cfg, self.loss_cfg, self.gan_cfg, self.perf = model, optim, loss, gan, perf
+        self.seed, self.batch_size, self.sync_bn = seed, data.batch_size, sync_bn
+        self.device, self.policy, self.dist = device, policy, dist
+        torch.manual_seed(seed)  # the same initial weights on every rank
+        g, d = build_models(model, data.image_size, data.channels, perf.layer_impl)
         self.g, self.d = policy.prepare_model(g), policy.prepare_model(d)
-        self.g_ema = copy.deepcopy(self.g).eval().requires_grad_(False) if cfg.gan.ema_decay > 0 else None
-        self.standing_stats = self.g_ema is not None and cfg.gan.ema_bn == "standing"
+        self.g_ema = copy.deepcopy(self.g).eval().requires_grad_(False) if gan.ema_decay > 0 else None
+        self.standing_stats = self.g_ema is not None and gan.ema_bn == "standing"
         self._ema_stats_stale = self.standing_stats  # recomputed when the EMA G is next used
-        betas = (cfg.optim.beta1, cfg.optim.beta2)
-        self.opt_g = make_adam(self.g.parameters(), cfg.optim.lr_g, betas, device, cfg.perf.fused_adam)
-        self.opt_d = make_adam(self.d.parameters(), cfg.optim.lr_d, betas, device, cfg.perf.fused_adam)
+        betas = (optim.beta1, optim.beta2)
+        self.opt_g = make_adam(self.g.parameters(), optim.lr_g, betas, device, perf.fused_adam)
+        self.opt_d = make_adam(self.d.parameters(), optim.lr_d, betas, device, perf.fused_adam)
         self.g_train, self.d_train = self._wrap(self.g), self._wrap(self.d)
-        b = cfg.data.batch_size
-        self.noise_gen = torch.Generator(device).manual_seed(cfg.run.seed * 7919 + 1 + dist.rank)
-        self.diffaug = parse_policy(cfg.gan.diffaug)  # () when off
-        self.real_target = torch.full((b,), 1.0 - cfg.loss.label_smoothing, device=device)
+        b = data.batch_size
+        self.noise_gen = torch.Generator(device).manual_seed(seed * 7919 + 1 + dist.rank)
+        self.diffaug = parse_policy(gan.diffaug)  # () when off
+        self.real_target = torch.full((b,), 1.0 - loss.label_smoothing, device=device)
         self.fake_target = torch.zeros(b, device=device)
         self.gen_target = torch.ones(b, device=device)
         self.stats, self.timer = Stats(device), PhaseTimer(device)
 
+    @classmethod
+    def for_config(cls, cfg: Config, device: torch.device, policy: PrecisionPolicy,
+                   dist: DistInfo = DistInfo()) -> GANStep:
+        """The step of a whole config: its sections, ``run.seed`` and ``dist.sync_bn``."""
+        return cls(cfg.model, cfg.optim, cfg.loss, cfg.gan, cfg.perf, cfg.data, seed=cfg.run.seed, device=device,
+                   policy=policy, dist=dist, sync_bn=cfg.dist.sync_bn)
+
     def _wrap(self, model: nn.Module) -> nn.Module:
         """compile, then DDP around it: the DDP(compile(model)) order."""
-        perf = self.cfg.perf
-        if self.dist.enabled and self.cfg.dist.sync_bn:
+        perf = self.perf
+        if self.dist.enabled and self.sync_bn:
             if self.device.type != "cuda":
                 raise ConfigError("--sync-bn: SyncBatchNorm needs CUDA (it is not implemented for the CPU)")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # swaps the BN children in place
@@ -127,7 +141,7 @@ class GANStep:
 
     def d_step(self, real: torch.Tensor):
         """One D update; returns the fakes, the D loss, mean D(x) and mean D(G(z)) (0-d tensors, no sync)."""
-        z = sample_noise(real.shape[0], self.cfg.model.nz, self.cfg.loss.noise, self.device, self.noise_gen)
+        z = sample_noise(real.shape[0], self.model_cfg.nz, self.loss_cfg.noise, self.device, self.noise_gen)
         with self.policy.autocast():
             fake = self.g_train(z)
             logits_real = self.d_train(self.augment(real)).float()
@@ -159,7 +173,7 @@ class GANStep:
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        decay = self.cfg.gan.ema_decay
+        decay = self.gan_cfg.ema_decay
         torch._foreach_lerp_(list(self.g_ema.parameters()), list(self.g.parameters()), 1.0 - decay)
         if self.standing_stats:
             self._ema_stats_stale = True  # computed when used, not every step
@@ -182,8 +196,8 @@ class GANStep:
         return self.g_ema
 
     def _standing_stats_(self, generator: nn.Module) -> None:
-        standing_bn_stats_(generator, self.cfg.model.nz, self.cfg.loss.noise, self.cfg.data.batch_size,
-                           self.cfg.run.seed + STANDING_STATS_SEED_OFFSET, self.policy)
+        standing_bn_stats_(generator, self.model_cfg.nz, self.loss_cfg.noise, self.batch_size,
+                           self.seed + STANDING_STATS_SEED_OFFSET, self.policy)
 
     def sample(self, noise: torch.Tensor) -> torch.Tensor:
         """Images from :attr:`generator` (float32 in [-1, 1]); eval mode, BatchNorm statistics untouched."""
@@ -254,7 +268,7 @@ class GANStep:
         if self.dist.world_size == 1 and rng["noise"].numel() == self.noise_gen.get_state().numel():
             self.noise_gen.set_state(rng["noise"])
         else:  # another world size or device: a fresh, still deterministic, per-rank stream
-            self.noise_gen.manual_seed(self.cfg.run.seed * 7919 + 1 + self.dist.rank + step)
+            self.noise_gen.manual_seed(self.seed * 7919 + 1 + self.dist.rank + step)
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
 

@@ -30,6 +30,7 @@ import torch
 from rich.console import Console
 
 from gantrain.engine.config import Config
+from gantrain.engine.gan.sampling import Latent
 from gantrain.engine.metrics import formulas, inception
 from gantrain.engine.metrics.generated import (KID_SUBSET_SIZE, KID_SUBSETS, generated_batches)
 from gantrain.engine.metrics.cache import cache_dir, load_artifact, save_artifact
@@ -166,12 +167,13 @@ class Evaluator:
                                    device=device, console=console, quiet=quiet)
         return cls(reference, console=console, quiet=quiet)
 
-    def evaluate(self, generator: torch.nn.Module, cfg: Config, *, num_samples: int = 2000,
+    def evaluate(self, generator: torch.nn.Module, latent: Latent, *, num_samples: int = 2000,
                  seed: int = 0) -> MetricReport:
-        """Metrics of ``num_samples`` images of ``generator`` (eval mode; its mode and BN statistics are kept)."""
+        """Metrics of ``num_samples`` images of ``generator`` from the fixed noise of ``seed`` in its ``latent``
+        space (eval mode; its mode and BN statistics are kept)."""
         started = time.perf_counter()
         device = next(generator.parameters()).device
-        batches = generated_batches(generator, cfg, self.reference.spec, num_samples, seed, device)
+        batches = generated_batches(generator, latent, self.reference.spec, num_samples, seed, device)
         features, probs = extract(self.reference.extractor, batches, num_samples, "generated features",
                                   console=self.console, quiet=self.quiet)
         values = compare(features, probs, self.reference, seed=seed)
@@ -231,10 +233,11 @@ def evaluate_generator(generator: torch.nn.Module, cfg: Config, *, num_samples: 
     original_device = next(generator.parameters()).device
     generator.to(device)
     try:
-        values = evaluator.evaluate(generator, cfg, num_samples=num_samples, seed=seed).values
+        values = evaluator.evaluate(generator, Latent.of(cfg), num_samples=num_samples, seed=seed).values
         if inception.requested(cfg.eval.eval_metrics):
-            values.update(inception.generator_scores(generator, cfg, evaluator.reference.spec, num_samples=num_samples,
-                                                     seed=seed, cache=cfg.eval.metrics_cache or None))
+            values.update(inception.generator_scores(generator, Latent.of(cfg), evaluator.reference.spec,
+                                                     cfg.eval.inception_mode, num_samples=num_samples, seed=seed,
+                                                     cache=cfg.eval.metrics_cache or None))
         return values
     finally:
         generator.to(original_device)

@@ -7,9 +7,8 @@ from collections.abc import Iterator
 
 import torch
 
-from gantrain.engine.config import Config
 from gantrain.engine.errors import ConfigError
-from gantrain.engine.gan.sampling import generate_images, indexed_noise
+from gantrain.engine.gan.sampling import Latent, generate_images, indexed_noise
 from gantrain.engine.metrics.reference import DatasetSpec, to_metric_size
 
 GENERATE_BATCH = 500
@@ -28,10 +27,10 @@ def prepare_generated(images: torch.Tensor, spec: DatasetSpec) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generated_batches(generator: torch.nn.Module, cfg: Config, spec: DatasetSpec, num_samples: int, seed: int,
+def generated_batches(generator: torch.nn.Module, latent: Latent, spec: DatasetSpec, num_samples: int, seed: int,
                       device: torch.device) -> Iterator[torch.Tensor]:
     """Batches of generated images from fixed noise (its own RNG: the caller's streams are not advanced), in
     fp32 whatever the training precision, so tracking during training and `gantrain eval` agree."""
-    noise = indexed_noise(num_samples, cfg.model.nz, cfg.loss.noise, seed)  # image i of seed s, whatever n
+    noise = indexed_noise(num_samples, latent.nz, latent.noise, seed)  # image i of seed s, whatever n
     for chunk in noise.split(GENERATE_BATCH):
         yield prepare_generated(generate_images(generator, chunk.to(device)), spec)

@@ -242,16 +242,17 @@ def inception_scores(fake: torch.Tensor, real: torch.Tensor, *, seed: int = 0) -
     return {"inception_fid": fid, "inception_kid_mean": kid_mean, "inception_kid_std": kid_std, "warnings": notes}
 
 
-def generator_scores(generator: torch.nn.Module, cfg, spec, *, num_samples: int, seed: int,
+def generator_scores(generator: torch.nn.Module, latent, spec, mode: str, *, num_samples: int, seed: int,
                      cache: str | Path | None = None) -> dict[str, float]:
-    """Inception FID/KID of ``num_samples`` images of ``generator`` (the same fixed noise as the domain
-    metrics) against as many real test images (at most the split), plus ``inception_s_per_1000``."""
+    """Inception FID/KID of ``num_samples`` images of ``generator`` (the same fixed noise in its ``latent`` space as
+    the domain metrics), resized as ``mode`` says (--inception-mode), against as many real test images (at most
+    the split), plus ``inception_s_per_1000``."""
     from gantrain.engine.metrics.generated import generated_batches
     from gantrain.engine.metrics.reference import split_count
 
     device = next(generator.parameters()).device
-    net = load_inception(device, cfg.eval.inception_mode)
-    fake, seconds = extract_features(net, generated_batches(generator, cfg, spec, num_samples, seed, device))
+    net = load_inception(device, mode)
+    fake, seconds = extract_features(net, generated_batches(generator, latent, spec, num_samples, seed, device))
     real = real_inception_features(net, spec, min(num_samples, split_count(spec, "test")), cache=cache)
     scores = inception_scores(fake, real, seed=seed)
     scores.pop("warnings")  # logged once; the values go into metrics.jsonl and tune's reports, numbers only

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from gantrain.engine.config import Config, env_data_root, override, with_env_defaults
 from gantrain.engine.errors import ConfigError
+from gantrain.engine.gan.sampling import Latent
 from gantrain.engine.metrics import inception as inc
 from gantrain.engine.metrics import sets
 from gantrain.engine.metrics.evaluate import (FEATURE_BATCH, Evaluator, MetricReport, Reference, compare, extract,
@@ -100,12 +101,12 @@ def evaluate_checkpoint(checkpoint: Path, *, num_samples: int, seed: int = 0, de
     generator, cfg = load_generator(checkpoint, device, use_ema)
     cfg = _eval_config(cfg, data_root, cache)
     evaluator = Evaluator.for_config(cfg, device=next(generator.parameters()).device, console=console)
-    report = evaluator.evaluate(generator, cfg, num_samples=num_samples, seed=seed)
+    report = evaluator.evaluate(generator, Latent.of(cfg), num_samples=num_samples, seed=seed)
     result = EvalResult("generator", report, evaluator.reference.extractor.info, str(checkpoint),
                         _checkpoint_step(checkpoint), seed)
     if inception:
         device_ = next(generator.parameters()).device
-        fake = generated_batches(generator, cfg, evaluator.reference.spec, num_samples, seed, device_)
+        fake = generated_batches(generator, Latent.of(cfg), evaluator.reference.spec, num_samples, seed, device_)
         _add_inception(result, evaluator.reference.spec, fake, num_samples, cache, seed, device_, inception_mode)
     return result
 
@@ -178,7 +179,8 @@ def evaluate_sets(source: Side, reference: Side | None, *, dataset: str | None =
     if generator is not None:
         train_px = cfg.data.image_size
         fake_images = None
-        fake_batches = lambda: generated_batches(generator, cfg, spec, num_samples, seed, run_device)  # noqa: E731
+        fake_batches = lambda: generated_batches(generator, Latent.of(cfg), spec, num_samples, seed,  # noqa: E731
+                                                 run_device)
         num_fake = num_samples
     else:
         fake_images, train_px = sets.folder_images(source.path, spec.channels, size, spec.size_px)

@@ -19,7 +19,8 @@ from typing import Protocol
 import torch
 from rich.console import Console
 
-from gantrain.engine.config import Config
+from gantrain.engine.config import Config, EvalConfig
+from gantrain.engine.gan.sampling import Latent
 from gantrain.engine.errors import CheckpointError
 from gantrain.engine.metrics import inception
 from gantrain.engine.metrics.evaluate import METRIC_KEYS, Evaluator
@@ -50,22 +51,24 @@ class Outputs(Protocol):
 
 
 class QualityTracker:
-    """Evaluates when the Trainer asks and remembers the best FD."""
+    """Evaluates when the Trainer asks and remembers the best FD. It takes its own section (``eval``), the
+    :class:`Evaluator` of the run's data, the generator's latent space and the run's seed (the evaluation noise);
+    :meth:`for_config` picks them from a whole config."""
 
-    def __init__(self, cfg: Config, device: torch.device, console: Console, best_fd: float | None = None,
-                 best_measured_by: dict | None = None, best_path: Path | None = None) -> None:
+    def __init__(self, eval_cfg: EvalConfig, evaluator: Evaluator, latent: Latent, *, seed: int, use_ema: bool,
+                 device: torch.device, best_fd: float | None = None, best_measured_by: dict | None = None,
+                 best_path: Path | None = None) -> None:
         """``best_fd``: a resumed run's best FD so far, measured as ``best_measured_by`` says (None: by a checkpoint
         from before that was stored); when that is not how this run measures, ``best_path`` (best.pt) is measured
-        again (:meth:`_measure_best_again`)."""
-        self.cfg, self.device = cfg, device
-        self.inception = inception.requested(cfg.eval.eval_metrics)
+        again (:meth:`_measure_best_again`, with its EMA generator when ``use_ema``)."""
+        self.eval_cfg, self.latent, self.seed, self.use_ema, self.device = eval_cfg, latent, seed, use_ema, device
+        self.inception = inception.requested(eval_cfg.eval_metrics)
         if self.inception:  # refused here, at start, not at the first evaluation an epoch later
-            inception.load_inception(device, cfg.eval.inception_mode)
-        # Built before the training bar goes live: fitting the extractor shows its own progress bar here.
-        self.evaluator = Evaluator.for_config(cfg, device=device, console=console, quiet=False)
+            inception.load_inception(device, eval_cfg.inception_mode)
+        self.evaluator = evaluator
         self.evaluator.quiet = True  # inside the loop the training bar is the one live display
         self.measured_by = {"extractor_weights_sha256": self.evaluator.reference.extractor.weights_sha256,
-                            "eval_samples": cfg.eval.eval_samples, "eval_seed": cfg.run.seed}
+                            "eval_samples": eval_cfg.eval_samples, "eval_seed": seed}
         """How this run measures FD; stored in checkpoints beside the best FD."""
         spec = self.evaluator.reference.spec
         if spec.round_trip:  # real images made at the training size first (a best FD from before was biased)
@@ -75,6 +78,14 @@ class QualityTracker:
         if best_fd is not None and (best_measured_by != self.measured_by or best_pt is None):
             self.best_fd = self._measure_best_again(best_fd, best_measured_by, best_pt)
         self.last_record: dict = {}  # the last evaluation's metrics.jsonl record
+
+    @classmethod
+    def for_config(cls, cfg: Config, device: torch.device, console: Console, **best) -> QualityTracker:
+        """The tracker of a whole config (``best``: the keyword arguments of a resume). The extractor is fitted
+        here when missing, with its own progress bar, before the training bar goes live."""
+        evaluator = Evaluator.for_config(cfg, device=device, console=console, quiet=False)
+        return cls(cfg.eval, evaluator, Latent.of(cfg), seed=cfg.run.seed, use_ema=cfg.gan.ema_decay > 0,
+                   device=device, **best)
 
     def _measure_best_again(self, best_fd: float, measured_by: dict | None, best_pt: Path | None) -> float | None:
         """best.pt's FD as this run measures it (its EMA generator when this run keeps one), said in one log line;
@@ -96,33 +107,34 @@ class QualityTracker:
             if best_pt is None:
                 raise CheckpointError("there is no best.pt")
             with torch.random.fork_rng(devices=[]):  # building the network draws; the run's RNG stays untouched
-                generator, _ = load_generator(best_pt, "cpu", use_ema=self.cfg.gan.ema_decay > 0)
+                generator, _ = load_generator(best_pt, "cpu", use_ema=self.use_ema)
         except CheckpointError as exc:
             log.warning("resume: the best FD so far (%.4g) was measured %s, and best.pt cannot be measured again "
                         "(%s): the next evaluation starts the comparison afresh", best_fd, how, exc)
             return None
         generator = generator.to(self.device)
-        fd = self.evaluator.evaluate(generator, self.cfg, num_samples=self.cfg.eval.eval_samples,
-                                     seed=self.cfg.run.seed).values["fd"]
+        fd = self.evaluator.evaluate(generator, self.latent, num_samples=self.eval_cfg.eval_samples,
+                                     seed=self.seed).values["fd"]
         log.info("resume: best.pt's FD %.4g was measured %s; measured again as this run measures: FD %.4g", best_fd,
                  how, fd)
         return fd
 
     def evaluate(self, generator: torch.nn.Module, step: int, epoch: int) -> tuple[dict, bool]:
         """The metrics.jsonl record of one evaluation, and whether its FD is the best so far."""
-        samples, seed = self.cfg.eval.eval_samples, self.cfg.run.seed
+        samples, seed = self.eval_cfg.eval_samples, self.seed
         started = time.perf_counter()
         # The run seed fixes the evaluation noise: every evaluation of a run sees the same latents.
-        report = self.evaluator.evaluate(generator, self.cfg, num_samples=samples, seed=seed)
+        report = self.evaluator.evaluate(generator, self.latent, num_samples=samples, seed=seed)
         fd = report.values["fd"]
         improved = self.best_fd is None or fd < self.best_fd
         if improved:
             self.best_fd = fd
         values = dict(report.values)
         if self.inception:
-            values.update(inception.generator_scores(generator, self.cfg, self.evaluator.reference.spec,
+            values.update(inception.generator_scores(generator, self.latent, self.evaluator.reference.spec,
+                                                     self.eval_cfg.inception_mode,
                                                      num_samples=samples, seed=seed,
-                                                     cache=self.cfg.eval.metrics_cache or None))
+                                                     cache=self.eval_cfg.metrics_cache or None))
         record = {"step": step, "epoch": epoch, **{k: round(v, 6) for k, v in values.items()},
                   "best_fd": round(self.best_fd, 6), "eval_samples": samples,
                   "eval_s": round(time.perf_counter() - started, 2), "time": time.time()}

@@ -19,7 +19,7 @@ from gantrain.engine.config import from_dict
 from gantrain.engine.errors import CheckpointError, GantrainError
 from gantrain.engine.state.checkpoint import check_finite, load_checkpoint, load_module_state
 from gantrain.engine.state.files import atomic_write
-from gantrain.engine.state.schema import generator_weights, step_of
+from gantrain.engine.state.schema import Parts, generator_weights, step_of
 
 FORMAT = "gantrain-generator"
 FORMAT_VERSION = "1"
@@ -41,12 +41,12 @@ def export_generator(checkpoint: str | Path, out: str | Path, use_ema: bool = Tr
     unreadable checkpoint or non-finite weights, :class:`RunIOError` when ``out`` cannot be written."""
     st = _safetensors()
     state = load_checkpoint(checkpoint)
-    weights, what = generator_weights(state["gan"], use_ema)
+    weights, what = generator_weights(Parts.of(state).gan, use_ema)
     ema = what == "EMA generator"
     check_finite(weights, what, checkpoint)
     # safetensors stores dense row-major tensors: channels-last weights are made contiguous (same values)
     tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items() if isinstance(v, torch.Tensor)}
-    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(state["run"]["config"]),
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(Parts.of(state).config),
                 "weights": "ema" if ema else "raw", "step": str(step_of(state)), "gantrain_version": __version__}
     data = st.save(tensors, metadata=metadata)
     path = atomic_write(out, lambda fh: fh.write(data))

@@ -17,7 +17,7 @@ from gantrain.engine.gan.models import Generator
 from gantrain.engine.gan.sampling import check_truncation, generate_images, latent_walk, truncated_noise
 from gantrain.engine.outputs.images import save_grid, save_images_gif, save_individual
 from gantrain.engine.state.checkpoint import check_finite, load_checkpoint, load_module_state
-from gantrain.engine.state.schema import generator_weights
+from gantrain.engine.state.schema import Parts, generator_weights
 
 
 DEFAULT_IMAGES = 64
@@ -60,9 +60,9 @@ def load_generator(path: str | Path, device: str = "cpu", use_ema: bool = True) 
         g, cfg = load_export(path)
         return g.to(pick_device(device)).eval(), cfg
     state = load_checkpoint(path)
-    cfg = from_dict({k: v for k, v in state["run"]["config"].items()})
+    cfg = from_dict({k: v for k, v in Parts.of(state).config.items()})
     g = Generator(cfg.model, cfg.data.image_size, cfg.data.channels)
-    weights, what = generator_weights(state["gan"], use_ema)
+    weights, what = generator_weights(Parts.of(state).gan, use_ema)
     check_finite(weights, what, path)
     load_module_state(g, weights, "generator", path)
     return g.to(pick_device(device)).eval(), cfg

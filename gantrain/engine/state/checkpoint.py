@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
-from gantrain.engine.config import Config, env_data_root, from_dict, shown, with_env_defaults
+from gantrain.engine.config import CheckpointConfig, Config, env_data_root, from_dict, shown, with_env_defaults
 from gantrain.engine.config import _flag as flag_name
 from gantrain.engine.errors import CheckpointError, TrainingDiverged
 from gantrain.engine.state.files import atomic_write, io_error
 from gantrain.engine.state.rundir import RunDir
-from gantrain.engine.state.schema import FORMAT, VERSION, assemble, step_of, upgrade
+from gantrain.engine.state.schema import FORMAT, VERSION, Parts, assemble, step_of, upgrade
 
 log = logging.getLogger("gantrain")
 
@@ -214,7 +214,7 @@ def resumed_config(cfg: Config, state: dict | None, path: Path | str | None) -> 
         return []
     # A checkpoint written before $GANTRAIN_DATA was resolved into the config holds no data root for it: read
     # such a root as the variable, as this run's config does, so the same data is no change.
-    saved = with_env_defaults(from_dict({k: v for k, v in state["run"]["config"].items() if k != "preset"}))
+    saved = with_env_defaults(from_dict({k: v for k, v in Parts.of(state).config.items() if k != "preset"}))
     old, new = flat_config(saved.to_dict()), flat_config(cfg.to_dict())
     changed = [key for key in new if old.get(key) != new[key]]
     fixed = [key for key in changed if key.startswith("model.") or key in FIXED_MID_RUN]
@@ -241,9 +241,9 @@ def restore_position(state: dict, cfg: Config, per_epoch: int, global_batch: int
     """The checkpoint's place in this run's layout, and a note when the layout changed (another process count,
     batch size or dataset size), else ''. Raises :class:`CheckpointError` when an old checkpoint's place
     cannot be found in this run's data."""
-    saved = state["position"]
+    saved = Parts.of(state).position
     pos = Position(step=int(saved["step"]), epoch=int(saved["epoch"]))
-    saved_batch = int(saved["global_batch"] or cfg.data.batch_size * int(state["run"]["world_size"]))
+    saved_batch = int(saved["global_batch"] or cfg.data.batch_size * int(Parts.of(state).run["world_size"]))
     if saved["epoch_images"] is not None:
         images = int(saved["epoch_images"])
     else:  # written before the place was stored: step and epoch count steps of the saved layout
@@ -277,7 +277,7 @@ def _legacy_epoch_images(state: dict, cfg: Config, pos: Position, saved_batch: i
     are the same as now."""
     if pos.epoch == 0:
         return pos.step * saved_batch
-    saved_data, data = dict(state["run"]["config"].get("data", {})), cfg.to_dict()["data"]
+    saved_data, data = dict(Parts.of(state).config.get("data", {})), cfg.to_dict()["data"]
     if "data_root" in saved_data and not saved_data["data_root"]:  # unset: $GANTRAIN_DATA (see resumed_config)
         saved_data["data_root"] = env_data_root() or saved_data["data_root"]
     same_images = all(saved_data.get(k, data[k]) == data[k] for k in DATASET_KEYS)
@@ -295,14 +295,14 @@ def restore(state: dict, path: Path | str, gan: Any, cfg: Config, loader: Any, g
     """Continues from ``state``: ``gan``'s weights, optimisers (with this run's settings) and RNG streams
     (:meth:`GANStep.load_state_dict`), and the place in ``loader``'s data; logs what changed. Returns the place and
     the best FD so far."""
-    changed = gan.load_state_dict(state["gan"], path, step_of(state))
+    changed = gan.load_state_dict(Parts.of(state).gan, path, step_of(state))
     pos, moved = restore_position(state, cfg, loader.steps_per_epoch, global_batch, loader.num_images, path)
     if is_main:
         log.info("resumed from %s at step %d (epoch %d, image %d of this epoch)", path, pos.step, pos.epoch + 1,
                  pos.epoch_step * global_batch)
         # The config's changes explain the optimiser's; the optimiser's alone show a checkpoint whose
         # optimiser disagreed with its own config (e.g. one written by a tool that changed the groups).
-        if state["run"]["config"].get("optim", {}).get("lr_decay", "none") != "none":
+        if Parts.of(state).config.get("optim", {}).get("lr_decay", "none") != "none":
             changed = [c for c in changed if not c.startswith("lr(")]  # decayed rates, not another setting
         changes = changes or [f"optimiser {c}" for c in changed]
         if changes:
@@ -310,7 +310,7 @@ def restore(state: dict, path: Path | str, gan: Any, cfg: Config, loader: Any, g
                      ", ".join(changes))
         if moved:
             log.warning("resume: %s", moved)
-    return pos, state["quality"]["best_fd"]
+    return pos, Parts.of(state).quality["best_fd"]
 
 
 @dataclass
@@ -333,11 +333,15 @@ class Checkpointer:
     of this rank's clock (the DDP ranks agree on the step through :class:`~gantrain.engine.dist.runtime.StopAgreement`).
     """
 
-    def __init__(self, cfg: Config, is_main: bool = True, world_size: int = 1, group: Any = None,
+    def __init__(self, checkpoint: CheckpointConfig, run_dir: Path, config: dict[str, Any], *,
+                 samples_from_best: bool = False, is_main: bool = True, world_size: int = 1, group: Any = None,
                  raise_non_finite: bool = True) -> None:
-        """``raise_non_finite``: non-finite weights at a save raise :class:`TrainingDiverged` (False: the caller
+        """``checkpoint``: its own config section; ``config``: the run's resolved config as a dict, stored in
+        every checkpoint; ``samples_from_best``: the end-of-run samples come from best.pt (:meth:`final_samples`).
+        ``raise_non_finite``: non-finite weights at a save raise :class:`TrainingDiverged` (False: the caller
         watches divergence itself; the save is skipped with a warning)."""
-        self.cfg, self.files, self.is_main, self.world_size = cfg, RunDir(cfg.run_dir), is_main, world_size
+        self.settings, self.config, self.samples_from_best = checkpoint, config, samples_from_best
+        self.files, self.is_main, self.world_size = RunDir(run_dir), is_main, world_size
         self.raise_non_finite = raise_non_finite
         self.group = group  # the DDP process group that gathers every rank's RNG streams; None in one process
         self.last: Path | None = None
@@ -347,45 +351,47 @@ class Checkpointer:
         self.last_save_time = time.monotonic()
         self.ranks_rng: tuple[int, list] | None = None  # (step, every rank's RNG streams) for that step's checkpoint
 
-    def start_from(self, state: dict | None, path: Path | None, gan: Any, loader: Any, global_batch: int,
-                   changes: list[str]) -> Start:
-        """Where the run starts: step 0 and nothing known for a new run, else the checkpoint ``state`` restored
-        (:func:`restore`), which is then the last finite checkpoint."""
+    def start_from(self, state: dict | None, path: Path | None, gan: Any, cfg: Config, loader: Any,
+                   global_batch: int, changes: list[str]) -> Start:
+        """Where the run of ``cfg`` starts: step 0 and nothing known for a new run, else the checkpoint ``state``
+        restored (:func:`restore`: it compares the saved config with ``cfg``), which is then the last finite
+        checkpoint."""
         if state is None:
             return Start(Position())
-        pos, best_fd = restore(state, path, gan, self.cfg, loader, global_batch, changes, self.is_main)
+        pos, best_fd = restore(state, path, gan, cfg, loader, global_batch, changes, self.is_main)
         self.last_finite = (Path(path), pos.step)
-        return Start(pos, best_fd, state["quality"]["best_fd_measured_by"], state["run"]["planned_steps"])
+        parts = Parts.of(state)
+        return Start(pos, best_fd, parts.quality["best_fd_measured_by"], parts.run["planned_steps"])
 
     def final_samples(self, gan: Any, noise: torch.Tensor, step: int, best_fd: float | None = None) -> torch.Tensor:
         """The run's end-of-run samples: the last step's, or with --samples-from-best those of best.pt's generator
         (the lowest FD; ``gan.sample_from``), said in the log with ``best_fd`` (the run's best FD as it measures
         now; best.pt's own stored one when None)."""
         best = self.files.best
-        if not self.cfg.eval.samples_from_best:
+        if not self.samples_from_best:
             return gan.sample(noise)
         if not best.is_file():
             log.info("--samples-from-best: no best.pt (no evaluation ran), final samples from the last step")
             return gan.sample(noise)
         state = load_checkpoint(best)
-        fd = best_fd if best_fd is not None else state["quality"]["best_fd"] or float("nan")
+        fd = best_fd if best_fd is not None else Parts.of(state).quality["best_fd"] or float("nan")
         if step_of(state) == step:
             log.info("final samples from the last step (%d), which is also best.pt's (FD %.4g)", step, fd)
         else:
             log.info("final samples from checkpoints/best.pt (step %d, FD %.4g) rather than the last step (%d)",
                      step_of(state), fd, step)
-        return gan.sample_from(state["gan"], noise, best)
+        return gan.sample_from(Parts.of(state).gan, noise, best)
 
     def minutes_due(self) -> bool:
         """This rank's clock; the ranks agree on the step to save at (StopAgreement)."""
-        minutes = self.cfg.checkpoint.checkpoint_every_minutes
+        minutes = self.settings.checkpoint_every_minutes
         return bool(minutes) and time.monotonic() - self.last_save_time >= 60 * minutes
 
     def due_after_step(self, step: int, agreed: bool, epoch_ended: bool) -> bool:
         """Whether to save right after ``step``: the ranks ``agreed`` on a save (the minute cadence), or
         --checkpoint-every-steps is due. At an epoch's last step the save waits for the epoch's end instead
         (:meth:`due_at_epoch_end`), to come after the epoch's metrics as an epoch checkpoint."""
-        every = self.cfg.checkpoint.checkpoint_every_steps
+        every = self.settings.checkpoint_every_steps
         if not (agreed or (every and step % every == 0)):
             return False
         if epoch_ended:
@@ -393,7 +399,7 @@ class Checkpointer:
         return not epoch_ended
 
     def due_at_epoch_end(self, epochs_done: int) -> bool:
-        every = self.cfg.checkpoint.checkpoint_every
+        every = self.settings.checkpoint_every
         return bool(every) and epochs_done % every == 0 or self.pending
 
     def state(self, gan_state: dict[str, Any], position: dict[str, int], best_fd: float | None,
@@ -405,7 +411,7 @@ class Checkpointer:
         if self.ranks_rng is not None and self.ranks_rng[0] == position["step"]:
             gan_state = {**gan_state, "rng": {**gan_state["rng"], "ranks": self.ranks_rng[1]}}
         return assemble(gan=gan_state, position=position,
-                        run={"config": self.cfg.to_dict(), "world_size": self.world_size, "planned_steps": planned_steps},
+                        run={"config": self.config, "world_size": self.world_size, "planned_steps": planned_steps},
                         quality={"best_fd": best_fd, "best_fd_measured_by": best_measured_by if best_fd is not None else None})
 
     def gather_rng(self, step: int, rng_state: Callable[[], dict]) -> None:
@@ -438,7 +444,7 @@ class Checkpointer:
                             self.last_finite_text())
             return self.last
         if self.is_main:
-            self.last = save_checkpoint(state(), self.files, step, self.cfg.checkpoint.keep_checkpoints)
+            self.last = save_checkpoint(state(), self.files, step, self.settings.keep_checkpoints)
             self.last_finite = (self.last, step)
         return self.last
 

@@ -19,6 +19,7 @@ Version history (what :func:`upgrade` turns into the current version, one step a
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +68,34 @@ def assemble(**parts: Mapping[str, Any]) -> dict[str, Any]:
     return body
 
 
+@dataclass(frozen=True)
+class Parts:
+    """A checkpoint (current version) by its parts, as attributes (a view: nothing is copied); the one place
+    outside :func:`assemble` and :func:`upgrade` that names them."""
+
+    gan: dict[str, Any]
+    position: dict[str, Any]
+    run: dict[str, Any]
+    quality: dict[str, Any]
+
+    @classmethod
+    def of(cls, state: Mapping[str, Any]) -> Parts:
+        return cls(**{name: state[name] for name in KEYS})
+
+    @property
+    def step(self) -> int:
+        """The optimiser step it was written at."""
+        return int(self.position["step"])
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The resolved config of the run that wrote it (``Config.to_dict``)."""
+        return self.run["config"]
+
+
 def step_of(state: Mapping[str, Any]) -> int:
     """The optimiser step a checkpoint (current version) was written at."""
-    return int(state["position"]["step"])
+    return Parts.of(state).step
 
 
 def generator_weights(gan: Mapping[str, Any], use_ema: bool = True) -> tuple[dict[str, Any], str]:

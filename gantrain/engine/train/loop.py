@@ -18,21 +18,21 @@ from typing import Protocol
 from rich.console import Console
 
 from gantrain.engine.config import Config
-from gantrain.engine.data import Shard, build_loader
 from gantrain.engine.data.plan import plan_schedule
-from gantrain.engine.dist.runtime import DistInfo, StallWatch, StopAgreement, pick_device, stop_signals
+from gantrain.engine.dist.runtime import DistInfo, StallWatch, StopAgreement, stop_signals
 from gantrain.engine.errors import Interrupted
 from gantrain.engine.gan.lr_schedule import LRDecay
 from gantrain.engine.gan import hardware
-from gantrain.engine.gan.precision import PrecisionPolicy, compute_name
+from gantrain.engine.gan.precision import compute_name
 from gantrain.engine.gan.sampling import fixed_noise
-from gantrain.engine.gan.step import GANStep, replica_max_abs_diff
+from gantrain.engine.gan.step import replica_max_abs_diff
 from gantrain.engine.outputs.runlog import log, setup_logging
 from gantrain.engine.outputs.writer import RunOutputs
 from gantrain.engine.state import checkpoint as ckpt
 from gantrain.engine.state.files import RunLock
 from gantrain.engine.state.rundir import RunDir, own_checkpoint
 from gantrain.engine.train.cadence import Cadence
+from gantrain.engine.train.parts import data_parts, gan_part
 from gantrain.engine.train.profile import StepProfiler
 from gantrain.engine.train.stats import NonFiniteWatch
 
@@ -126,18 +126,19 @@ class Trainer:
             if self.dist.is_main:
                 RunOutputs.check(cfg, resuming=state is not None)
                 setup_logging(self.console, pending=True)  # held until the run folder is written
-            self.cfg, self.device = cfg, pick_device(cfg.run.device, self.dist.local_rank)
-            self.policy = PrecisionPolicy(self.device, cfg.perf.amp, cfg.perf.channels_last)
-            self.loader = build_loader(cfg.data, cfg.run.seed, self.device,
-                                       Shard(self.dist.rank, self.dist.world_size), policy=self.policy)
+            self.cfg = cfg
+            self.device, self.policy, self.loader = data_parts(cfg, self.dist)
         self.global_batch = cfg.data.batch_size * self.dist.world_size
-        self.gan = GANStep(cfg, self.device, self.policy, self.dist)
+        self.gan = gan_part(cfg, self.device, self.policy, self.dist)
         self.fixed_noise = fixed_noise(cfg.model.nz, cfg.loss.noise, cfg.run.seed, self.device)
         self.watch = NonFiniteWatch(cfg.run.nonfinite_patience) if self.divergence_watch else None
         self.agreed_stop: int | None = None  # the stop signal every rank acts on, at the same step
-        self.checkpoints = ckpt.Checkpointer(cfg, self.dist.is_main, self.dist.world_size, self.stop_agreement.group,
+        self.checkpoints = ckpt.Checkpointer(cfg.checkpoint, cfg.run_dir, cfg.to_dict(),
+                                             samples_from_best=cfg.eval.samples_from_best, is_main=self.dist.is_main,
+                                             world_size=self.dist.world_size, group=self.stop_agreement.group,
                                              raise_non_finite=self.divergence_watch and cfg.run.nonfinite_patience > 0)
-        start = self.checkpoints.start_from(state, self.resume_path, self.gan, self.loader, self.global_batch, changes)
+        start = self.checkpoints.start_from(state, self.resume_path, self.gan, cfg, self.loader, self.global_batch,
+                                            changes)
         self.pos, self.best_fd, self.best_measured_by = start.pos, start.best_fd, start.best_measured_by
         self.stop_agreement.require_same_step(self.step, self.checkpoints.files.checkpoints)
         self.stop_agreement.require_same_precision(self.policy.amp, self.policy.requested)
@@ -166,9 +167,9 @@ class Trainer:
             self.own_cadence = Cadence(epochs=e.eval_every, steps=e.eval_every_steps, images=e.eval_every_images)
             from gantrain.engine.metrics.tracking import QualityTracker
 
-            self.tracker = QualityTracker(cfg, self.device, self.console, best_fd=self.best_fd,
-                                          best_measured_by=self.best_measured_by,
-                                          best_path=self.checkpoints.files.best)
+            self.tracker = QualityTracker.for_config(cfg, self.device, self.console, best_fd=self.best_fd,
+                                                     best_measured_by=self.best_measured_by,
+                                                     best_path=self.checkpoints.files.best)
             self.best_fd, self.best_measured_by = self.tracker.best_fd, self.tracker.measured_by
         self.outputs = RunOutputs(cfg, self.console, self.dist.is_main, self.dist.world_size)
         self.outputs.describe(self.loader, self.total_steps, self.device, self.policy.describe())

@@ -19,6 +19,7 @@ from gantrain.engine.config import (
     to_toml,
 )
 from gantrain.engine.errors import ConfigError
+from checkpoints import placeholder_state
 
 CL = torch.channels_last
 
@@ -296,11 +297,12 @@ def test_config_round_trips_through_toml(tmp_path) -> None:
 def test_resume_reports_a_changed_policy_like_other_loss_settings() -> None:
     saved = override(preset("fashion32"), {"diffaug": "color", "label_smoothing": 0.1})
     now = override(preset("fashion32"), {"diffaug": "color,translation,cutout", "label_smoothing": 0.1})
-    state = {"run": {"config": saved.to_dict()}}
+    state = placeholder_state(1, config=saved.to_dict())
     assert resumed_config(now, state, "last.pt") == ["--diffaug 'color' -> 'color,translation,cutout'"]
     old = saved.to_dict()
     del old["gan"]  # a checkpoint written before the field (and its section): off
-    assert resumed_config(override(preset("fashion32"), {"label_smoothing": 0.1}), {"run": {"config": old}}, "x") == []
+    assert resumed_config(override(preset("fashion32"), {"label_smoothing": 0.1}), placeholder_state(1, config=old),
+                          "x") == []
 
 
 def test_run_help_shows_the_flag_and_bad_ops_exit_2(cli, unwrap) -> None:
@@ -337,7 +339,7 @@ def _gan(diffaug: str, amp: str = "off", channels_last: bool = False):
     cfg = override(preset("fashion32"), {"batch_size": 4, "ngf": 8, "ndf": 8, "device": "cpu", "amp": amp,
                                          "channels_last": channels_last, "diffaug": diffaug, "seed": 5})
     device = torch.device("cpu")
-    return GANStep(cfg, device, PrecisionPolicy(device, amp, channels_last))
+    return GANStep.for_config(cfg, device, PrecisionPolicy(device, amp, channels_last))
 
 
 def _batch() -> torch.Tensor:

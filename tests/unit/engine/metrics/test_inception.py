@@ -108,7 +108,8 @@ def test_eval_metrics_validates_and_refuses_without_the_extra(tiny_cfg, quiet_co
 
     monkeypatch.setattr("gantrain.engine.metrics.tracking.Evaluator.for_config", lambda *a, **k: None)
     with pytest.raises(inc.InceptionUnavailable, match=r"gantrain\[fid\]"):
-        QualityTracker(tiny_cfg("y", eval_every=1, eval_metrics="inception"), torch.device("cpu"), quiet_console)
+        QualityTracker.for_config(tiny_cfg("y", eval_every=1, eval_metrics="inception"), torch.device("cpu"),
+                                  quiet_console)
 
 
 def test_real_inception_features_take_the_generators_road(stand_in_package: Path, train_root: Path,

@@ -181,7 +181,7 @@ def test_resume_reads_an_unset_data_root_as_gantrain_data(monkeypatch: pytest.Mo
     holds no data root: resumed under the same variable, the data is no change; another root is one."""
     from gantrain.engine.config import preset, resolve
 
-    old = {"run": {"config": preset("fashion32").to_dict()}}  # data_root None
+    old = placeholder_state(1, config=preset("fashion32").to_dict())  # data_root None
     monkeypatch.setenv("GANTRAIN_DATA", "/env/data")
     assert ckpt.resumed_config(resolve(None, None, {}), old, "old.pt") == []
     assert ckpt.resumed_config(resolve(None, None, {"data_root": "/x"}), old, "old.pt") == [
