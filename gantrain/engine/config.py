@@ -686,18 +686,15 @@ def _fashion32() -> Config:
 
 
 def _fashion32_tuned() -> Config:
-    """fashion32 with the recipe chosen by ``gantrain bench --to-quality`` (README, "Time to quality"): the learning
-    rates and one-sided smoothing of the 16-trial ASHA search (README, "The real search"), a discriminator half as
-    wide (ndf 32; G keeps ngf 64) at batch 64, which reached the tutorial loop's FD in about a third of the time
-    the full-width D at batch 128 took, a generator EMA with standing BatchNorm statistics (lower FD than G's
-    copied statistics at 32 of 36 evaluations over 3 seeds, README), Adam betas (0, 0.99) (StyleGAN2's; the
-    fastest start measured) with a linear learning-rate decay to 0 over the run (without it, those betas
-    collapsed later in the run on 2 of 3 seeds; with it none did over 20 epochs), an evaluation every epoch
-    (best.pt) and the end-of-run samples from the best evaluation."""
+    """fashion32 with the recipe chosen by ``gantrain bench --to-quality`` (docs/results/to-quality-fashion32.md):
+    the ASHA search's learning rates and one-sided smoothing, D half as wide (ndf 32) at batch 64, a G EMA with
+    standing BatchNorm statistics, Adam betas (0, 0.99) with a linear learning-rate decay to 0 over a budget of
+    5 epochs (the run ends at its best, not 15 epochs after it), an evaluation every epoch (best.pt) and the
+    end-of-run samples from the best evaluation."""
     return Config(preset="fashion32-tuned", data=DataConfig(batch_size=64), model=ModelConfig(ndf=32),
                   optim=OptimConfig(lr_g=1.5e-3, lr_d=4e-4, beta1=0.0, beta2=0.99, lr_decay="linear"),
                   loss=LossConfig(label_smoothing=0.25), gan=GanConfig(ema_decay=0.99, ema_bn="standing"),
-                  eval=EvalConfig(eval_every=1, samples_from_best=True))
+                  run=RunConfig(epochs=5), eval=EvalConfig(eval_every=1, samples_from_best=True))
 
 
 def _mnist32() -> Config:

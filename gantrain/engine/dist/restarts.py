@@ -120,7 +120,7 @@ class ExitWatch:
         while not self._stop.wait(self.every_s):
             try:
                 self.scan()
-            except Exception as exc:  # noqa: BLE001 - a watch that failed only names no worker; no traceback
+            except (OSError, RuntimeError) as exc:  # a folder gone, no thread left: the line names no worker
                 log.debug("the DDP workers' start records could not be read: %s", exc)
 
     def scan(self) -> None:

@@ -43,15 +43,16 @@ def test_preset_registry_is_exactly_these() -> None:
 
 def test_the_tuned_recipe_differs_from_the_tutorial_only_where_it_says() -> None:
     """fashion32-tuned: the search's lrs and smoothing, D half as wide at batch 64, EMA with standing BatchNorm
-    statistics, Adam betas (0, 0.99) with a linear lr decay, FD every epoch, final samples from best.pt; the rest (G, data, budget, engine settings) is
-    fashion32's."""
+    statistics, Adam betas (0, 0.99) with a linear lr decay over a budget of 5 epochs, FD every epoch, final samples
+    from best.pt; the rest (G, data, engine settings) is fashion32's."""
     tuned, plain = preset("fashion32-tuned").to_dict(), preset("fashion32").to_dict()
     changed = {(section, key) for section in plain if isinstance(plain[section], dict)
                for key in plain[section] if plain[section][key] != tuned[section][key]}
     assert changed == {("optim", "lr_g"), ("optim", "lr_d"), ("optim", "beta1"), ("optim", "beta2"),
                        ("optim", "lr_decay"), ("loss", "label_smoothing"), ("gan", "ema_decay"),
                        ("gan", "ema_bn"), ("eval", "eval_every"), ("eval", "samples_from_best"), ("model", "ndf"),
-                       ("data", "batch_size")}
+                       ("data", "batch_size"), ("run", "epochs")}
+    assert (tuned["run"]["epochs"], plain["run"]["epochs"]) == (5, 20)
     assert (tuned["gan"]["ema_decay"], tuned["gan"]["ema_bn"], plain["gan"]["ema_bn"]) == (0.99, "standing", "copy")
     assert (tuned["model"]["ngf"], tuned["model"]["ndf"], tuned["data"]["batch_size"]) == (64, 32, 64)
     assert (tuned["optim"]["beta1"], tuned["optim"]["beta2"], tuned["optim"]["lr_decay"]) == (0.0, 0.99, "linear")
@@ -313,7 +314,8 @@ def test_a_config_toml_of_the_layout_before_loads_every_value(tmp_path) -> None:
     text = old.read_text()
     assert "[run]\n" in text and "eval_every = 1" in text and "[gan]" not in text and "[eval]" not in text
     expected = override(preset("fashion32-tuned"), {"diffaug": "color,cutout", "checkpoint_every_steps": 7,
-                                                    "log_every": 5, "logger": "tensorboard", "out": "runs/old"})
+                                                    "log_every": 5, "logger": "tensorboard", "out": "runs/old",
+                                                    "epochs": 20})  # the preset's budget when it was written
     loaded = load_toml(old)
     assert loaded == expected
     assert (loaded.eval.eval_every, loaded.gan.ema_decay, loaded.gan.diffaug, loaded.checkpoint.checkpoint_every_steps,
@@ -348,6 +350,9 @@ def test_the_measured_figures_of_each_recommended_recipe_come_from_data_with_the
     for name, entry in data["recommended"].items():
         report = json.loads((root / entry["source"]).read_text())
         assert entry["contender"] in {c["name"] for c in report["contenders"]}, (name, entry["source"])
+        [contender] = [c for c in report["contenders"] if c["name"] == entry["contender"]]
+        finals = [run["points"][-1]["fd"] for run in contender["runs"]]
+        assert all(f"{fd:.2f}" in entry["text"] for fd in finals), (name, finals)  # the text cites its report
 
 
 def test_list_fields_are_lists_in_toml_and_checkpoints(tmp_path) -> None:
