@@ -105,3 +105,17 @@ def test_ranks_that_resolve_amp_auto_differently_are_refused(train_root, tmp_pat
     said = " ".join((proc.stdout + proc.stderr).split())  # rich wraps at the pipe's 80 columns
     assert said.count(line) == 2, _errors(proc)  # each rank says it (torchrun then reports the failed workers)
     assert not (out / "checkpoints" / "last.pt").exists()
+
+
+def test_ddp_evaluates_on_rank_0_at_the_steps_every_rank_knows(fashion_extractor, train_root, tmp_path):
+    """--eval-every-steps 3 under 2 processes (512 images, 16 per process: 16 steps an epoch): rank 0 evaluates
+    after steps 3 and 6 and the epoch-less run ends at step 7 with its checkpoint; every rank takes part in the
+    verdict after each evaluation (a collective), so none waits for another: the run ends, exit 0."""
+    out = tmp_path / "ddp-eval"
+    done = _run(train_root, out, "--max-steps", "7", "--eval-every-steps", "3", "--eval-samples", "100",
+                "--ddp", "--nproc", "2", "--master-port", str(free_port()))
+    assert done.returncode == 0, _errors(done)
+    evals = [r for r in _records(out) if "fd" in r]
+    assert [(r["step"], r["epoch"]) for r in evals] == [(3, 0.1875), (6, 0.375)]
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["position"]["step"] == 7
+    assert (out / "checkpoints" / "best.pt").is_file()

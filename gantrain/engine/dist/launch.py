@@ -40,7 +40,7 @@ from rich.console import Console
 
 from gantrain.engine.config import Config, to_toml
 from gantrain.engine.dist.preflight import preflight
-from gantrain.engine.dist.restarts import ExitWatch, RestartMetrics, WorkerStart, cause, hearing_restarts
+from gantrain.engine.dist.restarts import ExitWatch, RestartMetrics, WorkerStart, cause, follower, hearing_restarts
 from gantrain.engine.dist.runtime import (die_with_parent, init_distributed, launched_by_torchrun, pick_device,
                                           shutdown_distributed)
 from gantrain.engine.dist.worker import STATUS_ENV, WorkerRecord, first_refusal, inherited_refusal, worker_main
@@ -97,12 +97,16 @@ class _RestartNotice:
         self.status_dir, self.watch, self.by_host = status_dir, watch, by_host
 
     def __call__(self, restart: int, most: int) -> None:
-        first = cause(self.watch.ended(), WorkerRecord.read_all(self.status_dir))
+        records = WorkerRecord.read_all(self.status_dir)
+        first = cause(self.watch.ended(), records)
         what = "a worker failed"
         if first is not None:
             start = first.start
             who = f"local rank {start.local_rank} on {socket.gethostname()}" if self.by_host else f"rank {start.rank}"
             how = _how(first.code) if first.code is not None else "ended without a record"
+            own = next((r for r in records if (r.rank, r.attempt) == (start.rank, start.attempt)), None)
+            if follower(first, own):  # none here failed by itself: the failure was on another node
+                how = f"{how} after losing its peers (a worker on another node failed?)"
             what = f"DDP worker {who} (pid {start.pid}) {how}"
         (self.status_dir / RESTART_FILE).write_text(json.dumps({"restart": restart, "of": most, "what": what}))
         log.warning("%s; restarting the worker group (restart %d of %d, --max-restarts); every rank resumes "

@@ -63,9 +63,9 @@ def preflight(cfg: Config, resume: str | None) -> None:
 
 
 def require_free_port(cfg: Config) -> None:
-    """On the node that hosts a ``--ddp`` launch's store (static rendezvous, --node-rank 0), refuses a
-    --master-port another process listens on (the store binds it on every interface), before anything is
-    measured or started; an address that is not this machine's is left to the rendezvous."""
+    """On the node that hosts a ``--ddp`` launch's store (static rendezvous, --node-rank 0: this machine), refuses a
+    --master-port another process listens on here (the store binds it on every interface), before anything is
+    measured or started."""
     d = cfg.dist
     if not d.ddp or d.ray or d.rdzv_endpoint or d.node_rank != 0:
         return

@@ -191,10 +191,15 @@ def cause(ended: Sequence[WorkerExit], records: Sequence[WorkerRecord]) -> Worke
             watched = replace(watched, code=record.exit_code)
         if watched.code == 0:
             continue
-        follower = watched.code in (-signal.SIGTERM, 128 + signal.SIGTERM) or (
-            record is not None and record.kind == "LostPeers")
-        ranked.append((2 if follower else 0 if watched.at is not None else 1, watched))
+        ranked.append((2 if follower(watched, record) else 0 if watched.at is not None else 1, watched))
     return min(ranked, key=lambda rw: rw[0])[1] if ranked else None  # min keeps ended()'s order within a class
+
+
+def follower(watched: WorkerExit, record: WorkerRecord | None) -> bool:
+    """Whether a worker ended only because another did: stopped by the agent's SIGTERM, or its own record says
+    it lost its peers (``LostPeers``)."""
+    return watched.code in (-signal.SIGTERM, 128 + signal.SIGTERM) or (
+        record is not None and record.kind == "LostPeers")
 
 
 class RestartMetrics(MetricHandler):

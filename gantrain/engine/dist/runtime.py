@@ -197,6 +197,15 @@ class StopAgreement:
         if self.enabled:
             self._collect()
 
+    def broadcast_from_main(self, value):
+        """Rank 0's ``value`` (any picklable object, e.g. a stop reason) on every rank; ``value`` itself in one
+        process. A collective: every rank calls it at the same point."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
     def steps_agree(self, step: int) -> tuple[int, int]:
         """(lowest, highest) ``step`` over the ranks: where each resumed from must be one place (any integer that
         every rank must hold alike, e.g. the index of its resolved precision)."""

@@ -1,8 +1,8 @@
 """Quality tracking during training (``--eval-every N``, ``--eval-every-steps``, ``--eval-every-images``): the
 Trainer's view of the metrics.
 
-When an evaluation is due (rank 0 only; the Trainer decides when) the generator (its EMA copy when on) makes ``--eval-samples``
-images from a fixed noise in eval mode, so BatchNorm statistics are untouched, and no RNG stream of the
+When an evaluation is due (rank 0 only; the Trainer decides when) the generator (its EMA copy when on) makes
+``--eval-samples`` images from a fixed noise in eval mode, so BatchNorm statistics are untouched, and no RNG stream of the
 run is advanced: a run with evaluation trains exactly as one without. The metrics go to metrics.jsonl and
 the progress bar; the checkpoint with the lowest FD so far is kept as ``checkpoints/best.pt``; the best FD
 is stored in every checkpoint, with how it was measured (the extractor's weights, the sample count, the noise
@@ -119,7 +119,7 @@ class QualityTracker:
                  how, fd)
         return fd
 
-    def evaluate(self, generator: torch.nn.Module, step: int, epoch: int) -> tuple[dict, bool]:
+    def evaluate(self, generator: torch.nn.Module, step: int, epoch: float) -> tuple[dict, bool]:
         """The metrics.jsonl record of one evaluation, and whether its FD is the best so far."""
         samples, seed = self.eval_cfg.eval_samples, self.seed
         started = time.perf_counter()
@@ -140,11 +140,12 @@ class QualityTracker:
                   "eval_s": round(time.perf_counter() - started, 2), "time": time.time()}
         return record, improved
 
-    def evaluate_and_show(self, generator: torch.nn.Module, step: int, epoch: int, outputs: Outputs,
+    def evaluate_and_show(self, generator: torch.nn.Module, step: int, epoch: float, outputs: Outputs,
                           when: str) -> tuple[dict, bool]:
-        """One evaluation after step ``step`` (``epoch`` whole epochs done), everywhere it shows: metrics.jsonl
-        and the --logger trackers (through ``outputs``), metrics.png, the progress bar and a log line that starts
-        with ``when`` ("epoch 3", "step 1200"). Returns the record and whether its FD is the best so far."""
+        """One evaluation after step ``step`` (``epoch``: epochs done, a fraction mid-epoch), everywhere it shows:
+        metrics.jsonl and the --logger trackers (through ``outputs``), metrics.png, the progress bar and a log line
+        that starts with ``when`` ("epoch 3", "step 1200"). Returns the record and whether its FD is the best so
+        far."""
         record, improved = self.evaluate(generator, step, epoch)
         self.last_record = record
         outputs.write(record)

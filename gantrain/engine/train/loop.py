@@ -51,7 +51,8 @@ class Hook(Protocol):
         run is."""
 
     def after_eval(self, trainer: Trainer, record: dict) -> str | None:
-        """After each evaluation (the run's own, or a caller's :class:`Evaluation`), with its record."""
+        """After each evaluation, with its record, on the ranks that evaluated (rank 0 for the run's own tracker;
+        where a caller's :class:`Evaluation` was given); under DDP rank 0's reason stops every rank."""
 
     def after_epoch(self, trainer: Trainer, epochs_done: int) -> str | None:
         """After each whole epoch, its evaluation and checkpoint."""
@@ -159,12 +160,11 @@ class Trainer:
             self._build_outputs(cfg, state is not None, notes, start)
 
     def _build_outputs(self, cfg: Config, resuming: bool, notes: list[str], start: ckpt.Start) -> None:
-        self.tracker, self.eval_pending, self.evaluated_step = None, False, None
-        self.own_cadence = Cadence()
-        if self.evaluation is True and cfg.eval.evaluates and self.dist.is_main:
-            # rank 0 evaluates; the extractor is fitted here when missing
+        self.tracker, self.evaluated_step, self.own_cadence = None, None, Cadence()
+        if self.evaluation is True and cfg.eval.evaluates:  # every rank knows when (their stop must agree)
             e = cfg.eval
             self.own_cadence = Cadence(epochs=e.eval_every, steps=e.eval_every_steps, images=e.eval_every_images)
+        if self.own_cadence.active and self.dist.is_main:  # rank 0 evaluates; the extractor is fitted here if missing
             from gantrain.engine.metrics.tracking import QualityTracker
 
             self.tracker = QualityTracker.for_config(cfg, self.device, self.console, best_fd=self.best_fd,
@@ -290,12 +290,11 @@ class Trainer:
                 self.write_samples()
             self.agreed_stop, save_now = self.stop_agreement.after_step(self.checkpoints.minutes_due())
             epoch_ended = self.epoch_step >= self.loader.steps_per_epoch
-            improved = False
-            if self.eval_cadence.after_step(self.step, images_before, self.pos.images_seen, self.total_steps):
-                if epoch_ended:  # at the epoch's end, after its statistics, before its checkpoint
-                    self.eval_pending = True
-                else:
-                    improved = self._evaluate(f"step {self.step}")
+            improved = False  # (due at an epoch's last step: at the epoch's end, after its statistics)
+            if not epoch_ended and self.eval_cadence.after_step(self.step, images_before, self.pos.images_seen,
+                                                                self.total_steps):
+                improved = self._evaluate(f"step {self.step}",
+                                          round(self.epoch + self.epoch_step / self.loader.steps_per_epoch, 4))
             if self.agreed_stop is None and self.checkpoints.due_after_step(self.step, save_now, epoch_ended):
                 self.save_checkpoint()  # (a stop saves anyway)
             if improved:
@@ -314,11 +313,13 @@ class Trainer:
 
     def _end_epoch(self, epochs_done: int) -> None:
         """Quality metrics, the checkpoint (it stores the best FD), best.pt when FD improved, the callbacks."""
-        improved = False
-        due = self.eval_pending or self.eval_cadence.at_epoch_end(epochs_done)
+        improved, cadence, seen = False, self.eval_cadence, self.pos.images_seen
+        # by epochs, or by steps or images at the epoch's last step (a pure predicate: a run stopped at that step
+        # and resumed evaluates here too)
+        due = cadence.at_epoch_end(epochs_done) or cadence.after_step(self.step, seen - self.global_batch, seen,
+                                                                       self.total_steps)
         if due and self.evaluated_step != self.step:
-            improved = self._evaluate(f"epoch {epochs_done}")
-        self.eval_pending = False
+            improved = self._evaluate(f"epoch {epochs_done}", epochs_done)
         if self.checkpoints.due_at_epoch_end(epochs_done):
             self.save_checkpoint()
         if improved:
@@ -326,19 +327,24 @@ class Trainer:
         for hook in self.epoch_hooks:
             self.stop_reason = hook(self, epochs_done) or self.stop_reason
 
-    def _evaluate(self, when: str) -> bool:
-        """One evaluation now (the run's tracker, or the caller's :class:`Evaluation`), then the after-eval hooks;
-        whether its FD is the best so far (best.pt follows the checkpoint)."""
+    def _evaluate(self, when: str, epoch: float) -> bool:
+        """One evaluation now (``epoch``: epochs done, a fraction mid-epoch), by the run's tracker (rank 0) or the
+        caller's :class:`Evaluation`, then the after-eval hooks where it ran; under DDP every rank comes here at
+        the same step and takes rank 0's stop reason. Returns whether its FD is the best so far (best.pt follows
+        the checkpoint)."""
         phase, self.stall.phase = self.stall.phase, "evaluating"
+        record, improved = None, False
         if self.tracker is not None:
-            record, improved = self.tracker.evaluate_and_show(self.gan.generator, self.step, self.epoch, self.outputs,
-                                                              when)
+            record, improved = self.tracker.evaluate_and_show(self.gan.generator, self.step, epoch, self.outputs, when)
             self.best_fd = self.tracker.best_fd
-        else:
-            record, improved = self.evaluation.evaluate(self), False
+        elif not isinstance(self.evaluation, bool):
+            record = self.evaluation.evaluate(self)
         self.stall.phase, self.evaluated_step = phase, self.step
-        for hook in self.eval_hooks:
-            self.stop_reason = hook(self, record) or self.stop_reason
+        if record is not None:
+            for hook in self.eval_hooks:
+                self.stop_reason = hook(self, record) or self.stop_reason
+        if self.dist.enabled:  # one verdict: rank 0's
+            self.stop_reason = self.stop_agreement.broadcast_from_main(self.stop_reason)
         return improved
 
     def _save_best(self) -> None:

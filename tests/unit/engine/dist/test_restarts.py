@@ -213,3 +213,24 @@ def test_torchs_agent_says_its_restart_through_the_metrics_and_the_killed_worker
     assert lines == [f"{restart['what']}; restarting the worker group (restart 1 of 1, --max-restarts); every rank "
                      "resumes from the run's last.pt"]
     assert metrics.getStream(AGENT_METRICS_GROUP).handler is before
+
+
+def test_a_restart_whose_cause_was_on_another_node_says_so(tmp_path: Path) -> None:
+    """Only followers ended here (the agent's SIGTERM; a worker that lost its peers): the line names the local one
+    and says it lost its peers, rather than that it failed by itself; a worker killed here is named plainly."""
+    from gantrain.engine.dist.launch import _RestartNotice
+
+    class Watch:
+        def __init__(self, *ended: WorkerExit) -> None:
+            self.gone = list(ended)
+
+        def ended(self) -> list[WorkerExit]:
+            return self.gone
+
+    _RestartNotice(tmp_path, Watch(WorkerExit(WorkerStart(2, 0, 4242, 1), -signal.SIGTERM, 1.0)), by_host=False)(2, 3)
+    assert json.loads((tmp_path / RESTART_FILE).read_text()) == {
+        "restart": 2, "of": 3,
+        "what": "DDP worker rank 2 (pid 4242) was killed by SIGTERM after losing its peers (a worker on another node "
+                "failed?)"}
+    _RestartNotice(tmp_path, Watch(WorkerExit(WorkerStart(1, 1, 77, 0), -signal.SIGKILL, 1.0)), by_host=False)(1, 3)
+    assert json.loads((tmp_path / RESTART_FILE).read_text())["what"] == "DDP worker rank 1 (pid 77) was killed by SIGKILL"

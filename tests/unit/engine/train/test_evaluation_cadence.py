@@ -121,6 +121,32 @@ def test_evaluation_leaves_training_bit_identical(tiny_cfg, quiet_console):
         assert torch.equal(value, evaluated.gan.g.state_dict()[key]), key
 
 
+def test_an_evaluation_due_when_a_stop_lands_on_an_epochs_last_step_runs_on_resume(tiny_cfg, quiet_console):
+    """Every 8 steps = each epoch's last step. A stop signal agreed at step 8 ends the run before the epoch's end
+    (no evaluation yet); the resumed run ends that epoch first and evaluates it there, then at step 16: none
+    lost, none twice."""
+    import signal
+
+    from gantrain.engine import Interrupted
+
+    cfg = tiny_cfg("stop8", limit=256, max_steps=16)
+
+    class StopAt8:
+        def after_step(self, trainer):
+            if trainer.step == 8:
+                trainer.agreed_stop = signal.SIGTERM  # as the ranks' agreement on a signal sets it
+
+    first = _Recorder()
+    first.cadence = Cadence(steps=8)
+    with pytest.raises(Interrupted):
+        Trainer(cfg, console=quiet_console, hooks=[StopAt8(), first], evaluation=first).fit()
+    assert first.evaluated == []
+    again = _Recorder()
+    again.cadence = Cadence(steps=8)
+    Trainer(cfg, console=quiet_console, hooks=[again], evaluation=again, resume="auto").fit()
+    assert [(s, e) for s, e, _ in again.evaluated] == [(8, 1), (16, 2)]
+
+
 @pytest.mark.slow
 def test_the_runs_own_evaluation_by_steps_and_epochs(fashion_extractor, tiny_cfg, quiet_console):
     """--eval-every-steps 5 with --eval-every 1 (8 steps an epoch, 16 steps): evaluations at 5 (epoch 0),
@@ -133,7 +159,8 @@ def test_the_runs_own_evaluation_by_steps_and_epochs(fashion_extractor, tiny_cfg
     trainer.fit()
     run = cfg.run_dir
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"fd"' in line]
-    assert [(r["step"], r["epoch"]) for r in evals] == [(5, 0), (8, 1), (10, 1), (15, 1), (16, 2)]
+    # epochs done, a fraction mid-epoch (5 of 8 steps: 0.625), so metrics.png's epoch axis maps steps exactly
+    assert [(r["step"], r["epoch"]) for r in evals] == [(5, 0.625), (8, 1), (10, 1.25), (15, 1.875), (16, 2)]
     assert seen == [5, 8, 10, 15, 16]
     best = min(evals, key=lambda r: r["fd"])
     assert load_checkpoint(run / "checkpoints" / "best.pt")["position"]["step"] == best["step"]
