@@ -60,7 +60,8 @@ class Hook(Protocol):
 
 class Evaluation(Protocol):
     """A caller's measurement of quality in place of the run's own tracker (bench --to-quality's clock): when it
-    is due (``cadence``, in the run's clock) and the measurement itself; called on the ranks it is given to."""
+    is due (``cadence``, in the run's clock) and the measurement itself. Under DDP give it on every rank, with the
+    same cadence: every rank comes to each evaluation and takes rank 0's stop reason."""
 
     cadence: Cadence
 
