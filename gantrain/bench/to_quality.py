@@ -15,6 +15,7 @@ every step, torch.compile when on. Evaluation time is reported apart.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import statistics
@@ -142,11 +143,13 @@ class _ClockEvaluation:
     def __init__(self, clock: QualityClock) -> None:
         self.clock, self.reason = clock, None
 
-    @property
+    @functools.cached_property
     def cadence(self):
+        """Every ``eval_every_epochs`` of images and the budget's end; made once, at the first step (the clock has
+        started by then), not on every step the Trainer asks."""
         from gantrain.engine import Cadence
 
-        return Cadence(images=self.clock.every, at_end=True)  # (known once the clock started)
+        return Cadence(images=self.clock.every, at_end=True)
 
     def evaluate(self, trainer) -> dict:
         self.reason = self.clock.measure(trainer.pos.images_seen, trainer.gan.generator)
