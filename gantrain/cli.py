@@ -670,7 +670,7 @@ def bench_command(
     targets: Annotated[str, typer.Option(help="--to-quality: FD targets, comma-separated.")] = "20,10,5,3",
     seeds: Annotated[int, typer.Option(min=1, help="--to-quality: seeds per contender (median and spread over them).")] = 1,
     baseline_seeds: Annotated[Optional[int], typer.Option(min=1, help="--to-quality: seeds of the tutorial loop (default: --seeds), when its run time forbids as many.")] = None,
-    budget_epochs: Annotated[Optional[float], typer.Option(min=0.01, help="--to-quality: training epochs of every contender (default: the preset's epochs; 1 with --quick).")] = None,
+    budget_epochs: Annotated[Optional[float], typer.Option(min=0.01, show_default="each contender's own", help="--to-quality: training epochs of every contender (default: each its recipe's epochs, --preset's for the tutorial loop, or epochs=N in --contender; 1 with --quick); its learning-rate decay spans them.")] = None,
     eval_every_epochs: Annotated[Optional[float], typer.Option(min=0.01, help="--to-quality: evaluate FD every this many epochs of images seen (default 0.25; 0.5 with --quick).")] = None,
     eval_samples: Annotated[Optional[int], typer.Option(min=100, help="--to-quality: generated images per FD (default 2000; 100 with --quick).")] = None,
     out: Annotated[Path, typer.Option(help="--to-quality: folder for to_quality.json (unless --json names another file), .md and .png.")] = Path("runs/to-quality"),
@@ -697,7 +697,7 @@ def bench_command(
             report = tq.bench_to_quality(
                 base, contenders, seeds=seeds, baseline_seeds=baseline_seeds, targets=parse_targets(targets), out=out,
                 console=console, num_workers=num_workers,
-                budget_epochs=budget_epochs or (1.0 if quick else float(base.run.epochs)),
+                budget_epochs=budget_epochs or (1.0 if quick else None),
                 eval_every_epochs=eval_every_epochs or (0.5 if quick else 0.25),
                 eval_samples=eval_samples or (100 if quick else 2000), stop_when_reached=stop_when_reached,
                 baseline_from=baseline_from, json_path=report_path)

@@ -339,13 +339,17 @@ def run_contender(contender: Contender, seed: int, spec: dict, env: dict) -> dic
 
 
 def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: int, baseline_seeds: int | None,
-                     targets: Sequence[float], budget_epochs: float, eval_every_epochs: float, eval_samples: int,
+                     targets: Sequence[float], budget_epochs: float | None, eval_every_epochs: float, eval_samples: int,
                      out: Path, console: Console, num_workers: int = 2, stop_when_reached: bool = False,
                      baseline_from: Path | None = None, json_path: Path | None = None,
                      run_one: Callable[[Contender, int, dict, dict], dict] = run_contender) -> dict:
     """Runs every contender for every seed (round-robin by seed, so a drift of a shared machine hits all alike),
     writes ``to_quality.json`` (into ``out``, or at ``json_path``) after each run (a long measurement keeps what it
     has), then the Markdown table and ``to_quality.png`` into ``out``.
+
+    ``budget_epochs``: the training epochs of every contender; None gives each its own recipe's epochs
+    (``run.epochs``: the tutorial loop's from ``base``, a preset's, or ``epochs=N`` in its ``--contender``), so a
+    recipe decays its learning rates over the budget it was made for.
 
     ``stop_when_reached``: the tutorial loop's runs go first, and every other run stops at its first FD at or
     below their final FD (median over the tutorial's seeds): the headline's time without the rest of the budget.
@@ -371,8 +375,9 @@ def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: in
     if stop_when_reached and not any(c.kind == "baseline" for c in contenders):
         raise ConfigError(f"--stop-when-reached: stops at the tutorial loop's final FD, so it needs the "
                           f"'{TUTORIAL}' contender")
-    spec = {"budget_epochs": budget_epochs, "eval_every_epochs": eval_every_epochs, "eval_samples": eval_samples,
-            "eval_seed": 0, "num_workers": num_workers}
+    budgets = [budget_epochs or float(c.cfg.run.epochs) for c in contenders]
+    spec = {"eval_every_epochs": eval_every_epochs, "eval_samples": eval_samples, "eval_seed": 0,
+            "num_workers": num_workers}
     system = system_info()
     reused = {}  # contender index -> (runs, where they came from)
     if baseline_from is not None:
@@ -380,7 +385,8 @@ def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: in
         if not tutorials:
             raise ConfigError(f"--baseline-from: gives the tutorial loop's runs, so it needs the '{TUTORIAL}' "
                               "contender")
-        reused[tutorials[0]] = reused_baseline_runs(baseline_from, contenders[tutorials[0]].cfg, spec, system,
+        reused[tutorials[0]] = reused_baseline_runs(baseline_from, contenders[tutorials[0]].cfg,
+                                                    {**spec, "budget_epochs": budgets[tutorials[0]]}, system,
                                                     baseline_seeds)
     device = pick_device(base.run.device)
     # fitted (or found in the cache) once, before any clock; every worker loads this very file
@@ -394,10 +400,10 @@ def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: in
             console.print(f"{c.name}: the plain loop has no {', '.join(omitted)}; it trains the rest of "
                           f"{base.preset}'s recipe", soft_wrap=True)
     report = {"system": system, "device": str(device), "preset": base.preset, "targets": list(targets),
-              "seeds": seeds, "baseline_seeds": baseline_seeds or seeds, "stop_when_reached": stop_when_reached, **spec,
-              "extractor": extractor,
-              "contenders": [{"name": c.name, "kind": c.kind, "config": c.cfg.to_dict(), "runs": []}
-                             for c in contenders]}
+              "seeds": seeds, "baseline_seeds": baseline_seeds or seeds, "stop_when_reached": stop_when_reached,
+              "budget_epochs": budget_epochs, **spec, "extractor": extractor,
+              "contenders": [{"name": c.name, "kind": c.kind, "budget_epochs": budget, "config": c.cfg.to_dict(),
+                              "runs": []} for c, budget in zip(contenders, budgets)]}
     for i, (runs, source) in reused.items():
         report["contenders"][i].update(runs=runs, reused_from=source)
         report["baseline_seeds"] = len(runs)
@@ -416,9 +422,9 @@ def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: in
         for seed_index, i in jobs:
             seed = base.run.seed + seed_index
             bar.update(task, description=f"to quality: {contenders[i].name}, seed {seed}")
-            run_spec = worker_spec
+            run_spec = {**worker_spec, "budget_epochs": budgets[i]}
             if stop_when_reached and contenders[i].kind != "baseline":
-                run_spec = {**worker_spec, "stop_fd": _tutorial_final_fd(report)}
+                run_spec = {**run_spec, "stop_fd": _tutorial_final_fd(report)}
                 report["stop_fd"] = run_spec["stop_fd"]
             report["contenders"][i]["runs"].append(run_one(contenders[i], seed, run_spec, env))
             report["wall_s"] = round(time.perf_counter() - started, 1)
@@ -451,7 +457,8 @@ def reused_baseline_runs(path: Path, tutorial: Config, spec: dict, system: dict,
         earlier = json.loads(Path(path).read_text())
         contender = next(c for c in earlier["contenders"] if c["kind"] == "baseline")
         runs = [r for r in contender["runs"] if "error" not in r]
-        config, their_spec, their_system = contender["config"], {k: earlier[k] for k in spec}, earlier["system"]
+        their_spec = {k: contender.get(k, earlier[k]) if k == "budget_epochs" else earlier[k] for k in spec}
+        config, their_system = contender["config"], earlier["system"]
         if not all(isinstance(part, dict) for part in (config, their_system, *(config[k] for k in _RECIPE_SECTIONS
                                                                                if k in config), config["run"])):
             raise TypeError("a section is not a table")
@@ -599,7 +606,7 @@ def rendered(report: dict):
     sysinfo = report["system"]
     caption = (f"**Time to quality, {report['preset']}** on {report['device']} ({sysinfo['gpu'] or sysinfo['cpu']}, "
                f"{sysinfo['cpu_cores']} cores), torch {sysinfo['torch']}, {sysinfo['date'][:10]}, commit "
-               f"{str(sysinfo['git_commit'])[:12]}: {report['budget_epochs']:g} epochs each, domain FD of "
+               f"{str(sysinfo['git_commit'])[:12]}: {_budgets(report)}, domain FD of "
                f"{report['eval_samples']} samples every {report['eval_every_epochs']:g} epochs{_scored_by(report)}; "
                f"times are training "
                f"wall-clock seconds (setup included, evaluation excluded), median (min–max, seeds that got there/"
@@ -617,6 +624,14 @@ def rendered(report: dict):
     legend = ("training seconds until the FD first reaches each value, median over seeds; "
               + ("* the tutorial loop's final FD; " if head else "") + "final: the last FD")
     return console_table(title, *_compact(report), legend), markdown_table(headers, rows, caption)
+
+
+def _budgets(report: dict) -> str:
+    """The training budget in words: ``20 epochs each``, or each contender's (a report of per-recipe budgets)."""
+    budgets = [c.get("budget_epochs", report["budget_epochs"]) for c in report["contenders"]]
+    if len(set(budgets)) == 1:
+        return f"{budgets[0]:g} epochs each"
+    return "epochs: " + ", ".join(f"{c['name']} {b:g}" for c, b in zip(report["contenders"], budgets))
 
 
 def _compact(report: dict) -> tuple[list[str], list[list[str]]]:

@@ -599,3 +599,46 @@ def test_the_engine_contender_is_evaluated_by_the_trainers_image_cadence(train_r
     stopping = tq._train_engine(cfg, torch.device("cpu"), {**spec, "stop_fd": 4.5}, stopping)
     assert [p["images"] for p in stopping.points] == [128] and stopping.result()["stopped"]
     assert stopping.images == 128  # the run ended at that step
+
+
+def test_without_a_budget_each_contender_trains_its_own_recipes_epochs(tmp_path, monkeypatch):
+    """No --budget-epochs: the tutorial loop gets --preset's epochs (fashion32: 20), a preset its own
+    (fashion32-tuned: 5) and ``epochs=N`` its N; each run's spec carries its budget (so its decay spans it), the
+    report records each, and the caption names each. A report of per-contender budgets is reused by
+    --baseline-from for a tutorial loop of the same budget, and refused for another."""
+    from rich.console import Console
+
+    stub_extractor(monkeypatch)
+    base = preset("fashion32")
+    assert (base.run.epochs, preset("fashion32-tuned").run.epochs) == (20, 5)  # the recipes this test relies on
+    contenders = [tq.parse_contender(text, base, {}) for text in ("tutorial", "fashion32-tuned",
+                                                                  "fashion32-tuned epochs=2")]
+    budgets = []
+
+    def run_one(contender, seed, spec, env):
+        budgets.append((contender.name, spec["budget_epochs"]))
+        return {"seed": seed, "images_per_s": 500.0, "points": points((100, 4.0))}
+
+    def measure(out, budget_epochs, baseline_from=None, chosen=contenders):
+        return tq.bench_to_quality(base, chosen, seeds=1, baseline_seeds=None, targets=[5.0],
+                                   budget_epochs=budget_epochs, eval_every_epochs=1, eval_samples=100, out=out,
+                                   console=Console(file=io.StringIO()), run_one=run_one, baseline_from=baseline_from)
+
+    report = measure(tmp_path / "own", None)
+    assert budgets == [("tutorial", 20.0), ("fashion32-tuned", 5.0), ("fashion32-tuned epochs=2", 2.0)]
+    assert report["budget_epochs"] is None
+    assert [c["budget_epochs"] for c in report["contenders"]] == [20.0, 5.0, 2.0]
+    assert "epochs: tutorial 20, fashion32-tuned 5, fashion32-tuned epochs=2 2," in \
+        (tmp_path / "own" / "to_quality.md").read_text()
+    budgets.clear()
+    report = measure(tmp_path / "given", 3.0)  # --budget-epochs 3: every contender alike
+    assert budgets == [("tutorial", 3.0), ("fashion32-tuned", 3.0), ("fashion32-tuned epochs=2", 3.0)]
+    assert "3 epochs each," in (tmp_path / "given" / "to_quality.md").read_text()
+    budgets.clear()
+    report = measure(tmp_path / "reused", None, baseline_from=tmp_path / "own" / "to_quality.json",
+                     chosen=contenders[:2])
+    assert budgets == [("fashion32-tuned", 5.0)]  # the tutorial loop's 20-epoch run came from the file
+    assert report["contenders"][0]["reused_from"]["path"] == str(tmp_path / "own" / "to_quality.json")
+    with pytest.raises(ConfigError, match=r"budget_epochs 20.0 \(here 3.0\)"):
+        measure(tmp_path / "refused", 3.0, baseline_from=tmp_path / "own" / "to_quality.json",
+                chosen=contenders[:2])
