@@ -63,6 +63,8 @@ def test_sigint_saves_a_checkpoint_and_resumes(train_root: Path, tmp_path: Path,
     assert numbered.read_bytes() == last.read_bytes()
     message = unwrap(done.stderr)
     assert f"interrupted at step {step}" in message and str(numbered) in message
+    # one line says it, the error line: where it saved and how to continue (a WARNING said it again before)
+    assert message.count(str(numbered)) == 1 and f"{numbered}; continue with --resume auto" in message
 
     logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(1, len(logged) + 1)) and logged[-1] <= step

@@ -335,8 +335,8 @@ def _run_here(cfg: Config, resume: str | None, console: Console | None) -> FitRe
                 raise
             where = ("rank 0 saves the checkpoint" if not info.is_main else
                      f"checkpoint saved to {exc.checkpoint}" if exc.checkpoint else "no checkpoint (no step done)")
-            raise Interrupted(exc.signum, f"interrupted at step {exc.step}; {where}", checkpoint=exc.checkpoint,
-                              step=exc.step) from None
+            raise Interrupted(exc.signum, f"interrupted at step {exc.step}; {where}; continue with --resume auto",
+                              checkpoint=exc.checkpoint, step=exc.step) from None
         _ignore_stop_signals()  # on its way out: the agent's SIGTERM to the others must not cut this short
         raise SystemExit(0 if exc.step is not None else exc.exit_code) from None
     except GantrainError as exc:

@@ -34,7 +34,6 @@ from rich.console import Console
 from gantrain.engine.config import Config
 from gantrain.engine.dist.runtime import DistInfo
 from gantrain.engine.errors import GantrainError, Interrupted, LostPeers, rebuild
-from gantrain.engine.outputs.runlog import log
 from gantrain.engine.state.files import atomic_write_text
 from gantrain.engine.train.loop import FitResult, Hook, Trainer
 
@@ -96,8 +95,8 @@ def worker_main(cfg: Config, info: DistInfo, *, resume: str | None, console: Con
     """Runs this rank's part of the run (the whole run in one process) and hands ``record`` how it ended;
     returns the fit's result. The one body of a torchrun worker, a Ray Train worker and a tune trial's worker.
 
-    Raises what ended it otherwise, after the record: :class:`Interrupted` (a stop signal; rank 0 has logged
-    where it saved), a refusal (``final``), :class:`LostPeers` (a collective failed because another worker is
+    Raises what ended it otherwise, after the record: :class:`Interrupted` (a stop signal; where it saved is in
+    the exception, for the caller's one line), a refusal (``final``), :class:`LostPeers` (a collective failed because another worker is
     gone), anything else as it came (a crash). ``on_start(trainer)``: on every rank, once the run is built and
     before its first step (rank 0's line about a restart; a tune trial's restored hyperparameters).
     ``finished_ok``, ``evaluation``, ``divergence_watch``: see :class:`Trainer`."""
@@ -114,10 +113,7 @@ def worker_main(cfg: Config, info: DistInfo, *, resume: str | None, console: Con
                 if not started:  # fit() will not release them: the run folder's lock, the stall watch, trackers
                     trainer.close()
         result = trainer.fit()
-    except Interrupted as exc:
-        if exc.step is not None and info.is_main:
-            where = f"checkpoint saved to {exc.checkpoint}" if exc.checkpoint else "no checkpoint (no step done)"
-            log.warning("interrupted at step %d: %s; continue with --resume auto", exc.step, where)
+    except Interrupted as exc:  # the caller says the one line (where it saved, how to continue)
         record(WorkerRecord(info.rank, "stopped", step=exc.step, signal=exc.signum,
                             checkpoint=str(exc.checkpoint) if exc.checkpoint else None))
         raise
