@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from gantrain.bench.hardware import system_info
@@ -49,13 +50,19 @@ def matrix(amp: str, nproc: int = 1, device_type: str = "cpu") -> list[BenchRow]
 
 def run_suite(cfg: Config, *, rows: list[BenchRow], timing: dict, peak_override: float | None,
               console: Console) -> dict:
-    from gantrain.engine import BENCH_PROBE, bf16_faster, device_peaks, pick_device, step_flops
+    from gantrain.engine import BENCH_PROBE, bf16_faster, device_peaks, layer_rewrites, pick_device, step_flops
 
     device = pick_device(cfg.run.device)
     flops_per_image = step_flops(cfg.model, cfg.data.image_size, cfg.data.channels)
     # measured anew (the runs after this one read it from the cache, so their MFU divides by the same peak)
     peaks = device_peaks(device, peak_override, probe=BENCH_PROBE, fresh=True).to_dict()
     bf16, why = bf16_faster(device)
+    # the fast-layer rows compute in --amp auto's dtype, channels-last: their rewrites measured anew here, read by
+    # every row's worker from the cache
+    rewrites = (layer_rewrites(torch.bfloat16 if bf16 else torch.float32, True, fresh=True)
+                if device.type == "cpu" and any(row.kind == "engine" and row.changes.get("layer_impl", cfg.perf.layer_impl) == "fast"
+                                               for row in rows)
+                else None)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     runs = round_robin([row.name for row in rows], lambda i: run_row(rows[i], cfg, timing, env),
                        timing.get("repeats", 1), console)
@@ -63,7 +70,8 @@ def run_suite(cfg: Config, *, rows: list[BenchRow], timing: dict, peak_override:
     _add_ratios(results, flops_per_image, peaks, per_device=device.type == "cuda")
     return {"system": system_info(), "device": str(device), "preset": cfg.preset, "batch_size": cfg.data.batch_size,
             "flops_per_image": flops_per_image, "peak_tflops": peaks,
-            "amp_auto": {"chosen": "bf16" if bf16 else "off", "why": why}, "timing": timing, "results": results}
+            "amp_auto": {"chosen": "bf16" if bf16 else "off", "why": why}, "layer_rewrites": rewrites,
+            "timing": timing, "results": results}
 
 
 def _add_ratios(results: list[dict], flops_per_image: float, peaks: dict, per_device: bool = False) -> None:

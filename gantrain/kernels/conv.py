@@ -6,7 +6,10 @@ falls back to the reference where it does not (another shape, or a device or dty
 faster: the gradient rewrites are CPU-only, the weight-gradient one bf16-only). The rewrites change only the order of summation. The ``nn.Module``
 shells that hold the weights are in :mod:`gantrain.engine.gan.layers`.
 
-The rewrites, each used where it was measured faster (docs/results/kernels-conv.md has the figures):
+The rewrites, each used where it was measured faster (docs/results/kernels-conv.md has the figures). Where
+they apply is a rule of channel counts (measured on one CPU); whether this machine's CPU runs each faster than
+oneDNN, per compute dtype, a probe measures (:func:`measure_rewrite`, at the shape in :data:`PROBE_SHAPES`) and
+:func:`set_rewrites` records for the process; until then the rule alone decides:
 
 * **The two ends are dense layers**: G's first layer (a 4x4 transposed convolution of a 1x1 map) and D's last
   (a valid 4x4 convolution of a 4x4 map) as matrix products, on every device.
@@ -29,6 +32,39 @@ SPACE_TO_DEPTH_MAX_CHANNELS = 4
 """Input gradients into at most this many channels go through space-to-depth (CPU)."""
 DILATED_WEIGHT_GRAD_MIN_CHANNELS = 128
 """Weight gradients of convolutions with at least this many input channels run as a forward convolution (CPU)."""
+REWRITES = ("space_to_depth", "dilated")
+"""The gradient rewrites a CPU probe can switch off (or, in fp32, the dilated one on): see :func:`set_rewrites`."""
+PROBE_SHAPES = {"space_to_depth": (128, 1, 64, 32), "dilated": (128, 128, 256, 8)}
+"""Where :func:`measure_rewrite` times each rewrite: (batch, conv input channels, conv output channels, input
+height = width), a layer of fashion32 at batch 128 inside the rewrite's rule (kernels-conv.md: 4.3 against 1.2
+ms, 9.4 against 7.0 ms in bf16 on the EPYC that set the rules)."""
+_RULE_DTYPES = {"space_to_depth": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
+                "dilated": (torch.bfloat16,)}
+_measured: dict[tuple[str, torch.dtype], bool] = {}  # (rewrite, compute dtype) -> faster on this CPU
+
+
+def set_rewrites(faster: dict[tuple[str, torch.dtype], bool | None]) -> None:
+    """Records for this process whether each rewrite ran faster than oneDNN on this CPU in a compute dtype
+    (``{("dilated", torch.bfloat16): True, ...}``): a rewrite is then used, within its channel rule, exactly where
+    it was faster; None forgets the pair (its rule decides again). Pairs not given keep what they had (at first:
+    the rule's dtypes, :data:`_RULE_DTYPES`). Raises ValueError for an unknown rewrite."""
+    for (name, dtype), used in faster.items():
+        if name not in REWRITES:
+            raise ValueError(f"rewrite must be one of {', '.join(REWRITES)}, got {name!r}")
+        if used is None:
+            _measured.pop((name, dtype), None)
+        else:
+            _measured[(name, dtype)] = bool(used)
+
+
+def reset_rewrites() -> None:
+    """Forgets what :func:`set_rewrites` recorded: the rules alone decide again."""
+    _measured.clear()
+
+
+def rewrite_enabled(name: str, dtype: torch.dtype) -> bool:
+    """Whether rewrite ``name`` may run in ``dtype`` on this CPU: as measured (:func:`set_rewrites`), else by rule."""
+    return _measured.get((name, dtype), dtype in _RULE_DTYPES[name])
 
 
 def check_impl(impl: str) -> str:
@@ -80,12 +116,12 @@ def reduce_to_vector(x: torch.Tensor, weight: torch.Tensor, impl: str = "fast") 
 
 
 # ----- stride-2, 4x4, padding-1 convolutions --------------------------------------------------------------
-def _space_to_depth_input_grad(conv_in_channels: int) -> bool:
-    return conv_in_channels <= SPACE_TO_DEPTH_MAX_CHANNELS
+def _space_to_depth_input_grad(conv_in_channels: int, dtype: torch.dtype) -> bool:
+    return conv_in_channels <= SPACE_TO_DEPTH_MAX_CHANNELS and rewrite_enabled("space_to_depth", dtype)
 
 
 def _dilated_weight_grad(conv_in_channels: int, dtype: torch.dtype) -> bool:
-    return conv_in_channels >= DILATED_WEIGHT_GRAD_MIN_CHANNELS and dtype == torch.bfloat16
+    return conv_in_channels >= DILATED_WEIGHT_GRAD_MIN_CHANNELS and rewrite_enabled("dilated", dtype)
 
 
 def conv_input_grad(grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -96,8 +132,12 @@ def conv_input_grad(grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
     equals a stride-1 2x2 convolution of its 2x2 pixel-unshuffle, whose input gradient is a 2x2 transposed
     convolution into 4x the channels followed by a pixel shuffle and removing the padding.
     """
-    if not _space_to_depth_input_grad(weight.shape[1]):
+    if not _space_to_depth_input_grad(weight.shape[1], grad_out.dtype):
         return F.conv_transpose2d(grad_out, weight, stride=2, padding=1)
+    return _space_to_depth(grad_out, weight)
+
+
+def _space_to_depth(grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     c_out, c_in = weight.shape[:2]
     # weight[o, c, 2a + u, 2b + v] -> w2[o, 4c + 2u + v, a, b], the pixel-unshuffle channel order
     w2 = weight.view(c_out, c_in, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(c_out, 4 * c_in, 2, 2)
@@ -108,7 +148,8 @@ def conv_input_grad(grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
 def conv_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The gradient of ``conv2d(x, weight, stride=2, padding=1)`` (4x4 kernel) with respect to ``weight``.
 
-    In bf16 from 128 input channels up: :func:`dilated_weight_grad`; otherwise torch's.
+    From 128 input channels up, in a dtype where it is enabled (bf16 by rule): :func:`dilated_weight_grad`;
+    otherwise torch's.
     """
     if not _dilated_weight_grad(x.shape[1], x.dtype):
         return _aten_conv_grads(x, grad_out, weight, False, True)[1]
@@ -142,7 +183,7 @@ class _StridedConv(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
         want_x, want_w = ctx.needs_input_grad
-        s2d = want_x and _space_to_depth_input_grad(weight.shape[1])
+        s2d = want_x and _space_to_depth_input_grad(weight.shape[1], grad_out.dtype)
         dilated = want_w and _dilated_weight_grad(x.shape[1], x.dtype)
         grad_x = grad_w = None
         if (want_x and not s2d) or (want_w and not dilated):  # what the rewrites leave: one aten call, as autograd's
@@ -191,7 +232,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def rewrites_apply(conv_in_channels: int, dtype: torch.dtype) -> bool:
     """Whether a strided layer whose weight, read as a convolution's, maps from ``conv_in_channels`` channels has a
     gradient rewrite in ``dtype`` (space-to-depth input gradient, or dilated weight gradient)."""
-    return _space_to_depth_input_grad(conv_in_channels) or _dilated_weight_grad(conv_in_channels, dtype)
+    return _space_to_depth_input_grad(conv_in_channels, dtype) or _dilated_weight_grad(conv_in_channels, dtype)
 
 
 def strided_conv2d(x: torch.Tensor, weight: torch.Tensor, impl: str = "fast") -> torch.Tensor:
@@ -214,3 +255,42 @@ def strided_conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, impl: str = 
     if check_impl(impl) == "aten" or x.device.type != "cpu" or not rewrites_apply(weight.shape[1], _compute_dtype(x)):
         return F.conv_transpose2d(x, weight, stride=2, padding=1)
     return _StridedConvTranspose.apply(*_same_dtype(x, weight))
+
+
+# ----- the probe: is each rewrite faster on this CPU? -----------------------------------------------------
+def measure_rewrite(name: str, dtype: torch.dtype, *, channels_last: bool = True, reps: int = 7,
+                    shape: tuple[int, int, int, int] | None = None, timer=None) -> tuple[float, float]:
+    """Median milliseconds of rewrite ``name`` and of the torch (oneDNN) computation it replaces, in ``dtype`` on
+    the CPU, at ``shape`` = (batch, conv input channels, conv output channels, input height = width) (default
+    :data:`PROBE_SHAPES`): ``(rewrite_ms, torch_ms)``. The two alternate, after one untimed call of each;
+    ``timer`` (seconds; default ``time.perf_counter``) is for tests. Raises ValueError for an unknown name."""
+    import statistics
+    import time
+
+    if name not in REWRITES:
+        raise ValueError(f"rewrite must be one of {', '.join(REWRITES)}, got {name!r}")
+    timer = timer or time.perf_counter
+    n, c_in, c_out, size = shape or PROBE_SHAPES[name]
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    gen = torch.Generator().manual_seed(0)
+
+    def made(*dims):
+        return torch.randn(*dims, generator=gen).to(dtype).contiguous(memory_format=layout)
+
+    x, grad_out, weight = made(n, c_in, size, size), made(n, c_out, size // 2, size // 2), made(c_out, c_in, 4, 4)
+    if name == "space_to_depth":
+        forms = (lambda: _space_to_depth(grad_out, weight),
+                 lambda: F.conv_transpose2d(grad_out, weight, stride=2, padding=1))
+    else:
+        forms = (lambda: dilated_weight_grad(x, grad_out, weight),
+                 lambda: _aten_conv_grads(x, grad_out, weight, False, True)[1])
+    times: tuple[list[float], list[float]] = ([], [])
+    with torch.no_grad():
+        for rep in range(reps + 1):
+            for form, kept in zip(forms, times):
+                start = timer()
+                form()
+                elapsed_ms = (timer() - start) * 1e3
+                if rep:  # the first call of each is warm-up (oneDNN primitive creation)
+                    kept.append(elapsed_ms)
+    return statistics.median(times[0]), statistics.median(times[1])

@@ -111,11 +111,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _cache_file(device: torch.device) -> Path:
+def _cache_file(device: torch.device, what_of: str = "peaks") -> Path:
     what = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"{cpu_name()}|{sorted(cpu_features().items())}|threads={torch.get_num_threads()}")
     key = hashlib.sha256(f"{what}|torch={torch.__version__}".encode()).hexdigest()[:16]
-    return cache_dir() / "device" / f"peaks-{device.type}-{key}.json"
+    return cache_dir() / "device" / f"{what_of}-{device.type}-{key}.json"
 
 
 def _probe(device: torch.device, size: int, seconds: float) -> Peaks:
@@ -182,6 +182,68 @@ def bf16_faster(device: torch.device) -> tuple[bool, str]:
     ratio = peaks.bf16 / peaks.fp32 if peaks.fp32 > 0 else 0.0
     return ratio >= BF16_MARGIN, (f"bf16 matmul {peaks.bf16:.3g} vs fp32 {peaks.fp32:.3g} TFLOP/s = {ratio:.2f}x "
                                   f"({peaks.source}; bf16 from {BF16_MARGIN}x)")
+
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+#: Rounds of :func:`~gantrain.kernels.conv.measure_rewrite` per rewrite; a rewrite's verdict must agree in all.
+REWRITE_ROUNDS = 2
+
+
+def layer_rewrites(dtype: torch.dtype, channels_last: bool, *, fresh: bool = False) -> dict:
+    """Whether each CPU gradient rewrite of the fast layers (:mod:`gantrain.kernels.conv`) beats oneDNN on this
+    CPU in ``dtype``, measured once per machine (cached beside the peaks; ``fresh``: measure anyway) and recorded
+    for this process (:func:`~gantrain.kernels.conv.set_rewrites`). Each rewrite is timed against torch's form in
+    :data:`REWRITE_ROUNDS` rounds: used where it was faster in every round, not used where slower in every round,
+    and left to its rule where the rounds disagree (a machine too busy to tell).
+
+    Returns ``{"dtype", "layout", "source", "rewrites": {name: {"rewrite_ms", "torch_ms", "used", "why"}}}``
+    (milliseconds: medians per round), for the run log and the bench's JSON."""
+    from gantrain.kernels import conv
+
+    name_of = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    layout = "channels-last" if channels_last else "NCHW"
+    path = _cache_file(torch.device("cpu"), "rewrites")
+    stored = {} if fresh else (_read_json(path) or {})
+    record, source, changed = {}, f"kept in {path.parent}", False
+    for rewrite in conv.REWRITES:
+        key = f"{rewrite}|{name_of}|{layout}"
+        entry = stored.get(key)
+        if not (isinstance(entry, dict) and isinstance(entry.get("rounds"), list) and entry["rounds"]):
+            entry = {"rounds": [list(conv.measure_rewrite(rewrite, dtype, channels_last=channels_last))
+                                for _ in range(REWRITE_ROUNDS)]}
+            stored[key], changed, source = entry, True, f"measured now, kept in {path.parent}"
+        rounds = entry["rounds"]
+        verdicts = {rewrite_ms < torch_ms for rewrite_ms, torch_ms in rounds}
+        faster = verdicts.pop() if len(verdicts) == 1 else None
+        conv.set_rewrites({(rewrite, dtype): faster})
+        used = conv.rewrite_enabled(rewrite, dtype)
+        why = ("the rounds disagreed: its rule decides" if faster is None else
+               "faster than torch's" if faster else "slower than torch's")
+        record[rewrite] = {"rewrite_ms": round(sum(r for r, _ in rounds) / len(rounds), 3),
+                           "torch_ms": round(sum(t for _, t in rounds) / len(rounds), 3), "used": used, "why": why}
+    if changed:
+        try:
+            atomic_write_text(path, json.dumps(stored, indent=1))
+        except (GantrainError, OSError):  # an unwritable cache only costs the next process another probe
+            pass
+    return {"dtype": name_of, "layout": layout, "source": source, "rewrites": record}
+
+
+def describe_rewrites(record: dict) -> str:
+    """One line for the run log: ``fast layers on this CPU (bf16, channels-last): space-to-depth 1.2 vs torch
+    4.3 ms, used; dilated 7 vs 9.4 ms, used (<source>)``."""
+    parts = [f"{name.replace('_', '-')} {r['rewrite_ms']:.2g} vs torch {r['torch_ms']:.2g} ms, "
+             f"{'used' if r['used'] else 'not used'}{'' if r['why'].startswith(('faster', 'slower')) else ' (' + r['why'] + ')'}"
+             for name, r in record["rewrites"].items()]
+    return f"fast layers on this CPU ({record['dtype']}, {record['layout']}): {'; '.join(parts)} ({record['source']})"
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        stored = json.loads(path.read_text())
+        return stored if isinstance(stored, dict) else None
+    except (OSError, ValueError):
+        return None
 
 
 def peak_mem_gib(device: torch.device) -> float:

@@ -7,13 +7,18 @@ rank learns of any rank's refusal; :func:`gan_part` is collective under DDP (the
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from gantrain.engine.config import Config
 from gantrain.engine.data import Shard, build_loader
 from gantrain.engine.dist.runtime import DistInfo, configure_runtime, pick_device
+from gantrain.engine.gan.hardware import describe_rewrites, layer_rewrites
 from gantrain.engine.gan.precision import PrecisionPolicy
 from gantrain.engine.gan.step import GANStep
+
+log = logging.getLogger("gantrain")
 
 
 def data_parts(cfg: Config, dist: DistInfo = DistInfo()) -> tuple[torch.device, PrecisionPolicy, object]:
@@ -26,6 +31,29 @@ def data_parts(cfg: Config, dist: DistInfo = DistInfo()) -> tuple[torch.device, 
 
 
 def gan_part(cfg: Config, device: torch.device, policy: PrecisionPolicy, dist: DistInfo = DistInfo()) -> GANStep:
-    """The process-wide settings (:func:`~gantrain.engine.dist.runtime.configure_runtime`), then the GAN step."""
+    """The process-wide settings (:func:`~gantrain.engine.dist.runtime.configure_runtime`, and on a CPU which
+    layer rewrites beat oneDNN here: :func:`choose_rewrites`), then the GAN step."""
     configure_runtime(cfg.perf, device)
+    if device.type == "cpu" and cfg.perf.layer_impl == "fast" and cfg.model.arch != "dense" and \
+            cfg.model.kernel_size == 4:
+        choose_rewrites(policy, dist)
     return GANStep.for_config(cfg, device, policy, dist)
+
+
+def choose_rewrites(policy: PrecisionPolicy, dist: DistInfo = DistInfo()) -> dict:
+    """Which CPU gradient rewrites of the fast layers run in this process: rank 0 measures them in the step's
+    compute dtype and layout (:func:`~gantrain.engine.gan.hardware.layer_rewrites`, once per machine) and says so
+    in one log line; under DDP every rank takes rank 0's choice (collective), so no two ranks time at once and
+    all compute alike. Returns the record (see ``layer_rewrites``)."""
+    from gantrain.kernels import conv
+
+    dtype = policy.autocast_dtype or torch.float32
+    record = layer_rewrites(dtype, policy.channels_last) if dist.is_main else None
+    if dist.enabled:
+        box = [record]
+        torch.distributed.broadcast_object_list(box, src=0)
+        record = box[0]
+        conv.set_rewrites({(name, dtype): r["used"] for name, r in record["rewrites"].items()})
+    if dist.is_main:
+        log.info("%s", describe_rewrites(record))
+    return record

@@ -15,6 +15,14 @@ from gantrain.kernels.conv import conv_input_grad, conv_weight_grad, dilated_wei
 
 CL = torch.channels_last
 
+
+@pytest.fixture(autouse=True)
+def rules_only():
+    """Every test here starts from the rules alone (a run in this process may have recorded its CPU's probe)."""
+    conv.reset_rewrites()
+    yield
+    conv.reset_rewrites()
+
 # (layer class, in, out, input height): each row exercises one rewrite or the plain path
 CASES = [
     (StridedConv2d, 1, 16, 16),          # input gradient by space-to-depth (D's first layer, grayscale)
@@ -205,3 +213,70 @@ def test_kernel_functions_fall_back_to_the_reference_off_cpu(fn, weight_shape, h
     assert ("Convolution" in type(out.grad_fn).__name__) == strided
     cpu = fn(torch.randn(x.shape, requires_grad=True), torch.randn(weight_shape))
     assert ("StridedConv" in type(cpu.grad_fn).__name__) == strided  # on the CPU the rewrite runs
+
+
+def test_a_measured_verdict_switches_a_rewrite_per_dtype_within_its_rule():
+    """set_rewrites: a rewrite measured slower is not used (torch's form exactly, bit for bit), one measured faster
+    is used even outside its rule's dtypes (the dilated weight gradient in fp32), the channel rule still bounds
+    both, None forgets (the rule again), and the other dtype keeps its rule."""
+    def fn_name(layer, cin, height, amp=False):
+        with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+            return type(layer(_input(cin, height).requires_grad_(True)).grad_fn).__name__
+
+    grad_out = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(3))
+    weight = torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(4))
+    reference = torch.nn.functional.conv_transpose2d(grad_out, weight, stride=2, padding=1)
+    assert not torch.equal(conv_input_grad(grad_out, weight), reference)  # the rule: space-to-depth (fp32 rounding)
+    conv.set_rewrites({("space_to_depth", torch.float32): False})
+    assert torch.equal(conv_input_grad(grad_out, weight), reference)
+    assert "StridedConv" not in fn_name(StridedConv2d(1, 8, "fast"), 1, 8)  # nothing left to rewrite in fp32
+    assert conv.rewrite_enabled("space_to_depth", torch.bfloat16)  # bf16 keeps its rule
+    conv.set_rewrites({("space_to_depth", torch.float32): None})
+    assert conv.rewrite_enabled("space_to_depth", torch.float32)
+
+    assert "StridedConv" not in fn_name(StridedConv2d(128, 8, "fast"), 128, 8)  # fp32: the rule says torch's
+    conv.set_rewrites({("dilated", torch.float32): True})
+    assert "StridedConv" in fn_name(StridedConv2d(128, 8, "fast"), 128, 8)
+    assert "StridedConv" not in fn_name(StridedConv2d(64, 8, "fast"), 64, 8)  # below the channel rule
+    conv.set_rewrites({("dilated", torch.bfloat16): False})
+    assert "StridedConv" not in fn_name(StridedConv2d(128, 8, "fast"), 128, 8, amp=True)
+    with pytest.raises(ValueError, match="rewrite must be one of space_to_depth, dilated"):
+        conv.set_rewrites({("winograd", torch.float32): True})
+
+
+def test_a_rewrite_switched_on_by_measurement_is_still_exact_in_float64():
+    """The fp32 dilated weight gradient, which only a probe turns on: through the layer in float64 it matches torch."""
+    conv.set_rewrites({("dilated", torch.float64): True})
+    fast, ref = _pair(StridedConv2d, 128, 8, torch.float64)
+    x = _input(128, 8, torch.float64)
+    for got, want in zip(_grads(fast, x), _grads(ref, x)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+class _Clock:
+    """A fake timer: every form call takes the next of its scripted durations (ms), the rewrite's and torch's
+    alternating as measure_rewrite calls them."""
+
+    def __init__(self, rewrite_ms, torch_ms):
+        self.now, self.pending = 0.0, [d for pair in zip(rewrite_ms, torch_ms) for d in pair]
+        self.started = False
+
+    def __call__(self):
+        if self.started:  # the end of a call: advance by its duration
+            self.now += self.pending.pop(0) / 1e3
+        self.started = not self.started
+        return self.now
+
+
+def test_measure_rewrite_reports_the_median_of_the_timed_calls_after_warm_up():
+    """reps=4: one untimed warm-up call of each (100 and 900 ms here), then medians by hand: (1, 3, 2, 10) -> 2.5
+    and (5, 4, 6, 50) -> 5.5."""
+    clock = _Clock([100, 1, 3, 2, 10], [900, 5, 4, 6, 50])
+    rewrite_ms, torch_ms = conv.measure_rewrite("space_to_depth", torch.float32, reps=4, shape=(2, 1, 4, 8),
+                                                timer=clock)
+    assert (rewrite_ms, torch_ms) == pytest.approx((2.5, 5.5)) and clock.pending == []
+    clock = _Clock([1, 7, 7, 7], [1, 2, 2, 2])
+    assert conv.measure_rewrite("dilated", torch.bfloat16, reps=3, shape=(2, 8, 4, 8), timer=clock) == \
+        pytest.approx((7.0, 2.0))
+    with pytest.raises(ValueError, match="rewrite must be one of"):
+        conv.measure_rewrite("im2col", torch.float32)

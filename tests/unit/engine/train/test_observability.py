@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from flops import dcgan32_step_flops
 from gantrain.engine import Trainer
@@ -86,3 +87,30 @@ def test_a_range_the_run_does_not_reach_is_said_and_a_stop_inside_it_writes_what
     Trainer(cfg, console=quiet_console, hooks=[StopAt2()]).fit()
     names = [e["name"] for e in _trace_events(cfg.run_dir / "profile" / "trace_steps_1-2.json")]
     assert names.count("g_step") == 2
+
+
+def test_a_cpu_run_says_which_layer_rewrites_its_probe_chose(tiny_cfg, quiet_console, monkeypatch) -> None:
+    """Fast layers on the CPU: the run measures each rewrite in its compute dtype and layout (scripted here: the
+    space-to-depth input gradient slower, the dilated weight gradient faster) and train.log says so in one line;
+    the process then computes that way. A run of torch's layers (--layer-impl aten) measures nothing."""
+    from gantrain.kernels import conv
+
+    monkeypatch.setenv("GANTRAIN_CACHE", str(Path(tiny_cfg().run_dir).parent / "cache"))
+    rounds = {"space_to_depth": (3.0, 2.0), "dilated": (20.0, 30.0)}
+    calls = []
+    monkeypatch.setattr(conv, "measure_rewrite", lambda name, dtype, channels_last=True, **_: calls.append(
+        (name, dtype, channels_last)) or rounds[name])
+    conv.reset_rewrites()
+    try:
+        Trainer(tiny_cfg("aten", layer_impl="aten", max_steps=1), console=quiet_console).fit()
+        assert calls == []
+        cfg = tiny_cfg("fast", max_steps=1, channels_last=True)
+        Trainer(cfg, console=quiet_console).fit()
+        assert calls == [("space_to_depth", torch.float32, True)] * 2 + [("dilated", torch.float32, True)] * 2
+        log = " ".join((cfg.run_dir / "train.log").read_text().split())
+        assert ("fast layers on this CPU (fp32, channels-last): space-to-depth 3 vs torch 2 ms, not used; dilated "
+                "20 vs torch 30 ms, used (measured now, kept in ") in log
+        assert not conv.rewrite_enabled("space_to_depth", torch.float32)
+        assert conv.rewrite_enabled("dilated", torch.float32)
+    finally:
+        conv.reset_rewrites()
