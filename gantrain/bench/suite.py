@@ -50,19 +50,21 @@ def matrix(amp: str, nproc: int = 1, device_type: str = "cpu") -> list[BenchRow]
 
 def run_suite(cfg: Config, *, rows: list[BenchRow], timing: dict, peak_override: float | None,
               console: Console) -> dict:
-    from gantrain.engine import BENCH_PROBE, bf16_faster, device_peaks, layer_rewrites, pick_device, step_flops
+    from gantrain.engine import BENCH_PROBE, bf16_faster, device_peaks, layer_rewrites, layer_shapes, pick_device, \
+        step_flops
 
     device = pick_device(cfg.run.device)
     flops_per_image = step_flops(cfg.model, cfg.data.image_size, cfg.data.channels)
     # measured anew (the runs after this one read it from the cache, so their MFU divides by the same peak)
     peaks = device_peaks(device, peak_override, probe=BENCH_PROBE, fresh=True).to_dict()
     bf16, why = bf16_faster(device)
-    # the fast-layer rows compute in --amp auto's dtype, channels-last: their rewrites measured anew here, read by
-    # every row's worker from the cache
-    rewrites = (layer_rewrites(torch.bfloat16 if bf16 else torch.float32, True, fresh=True)
-                if device.type == "cpu" and any(row.kind == "engine" and row.changes.get("layer_impl", cfg.perf.layer_impl) == "fast"
-                                               for row in rows)
-                else None)
+    # the fast-layer rows compute in --amp auto's dtype, channels-last: their layers' rewrites measured anew here,
+    # read from the cache by every row's worker, which reports what it ran with (a DDP row's threads differ)
+    fast_rows = any(row.kind == "engine" and row.changes.get("layer_impl", cfg.perf.layer_impl) == "fast"
+                    for row in rows)
+    shapes = layer_shapes(cfg.model, cfg.data.image_size, cfg.data.channels, cfg.data.batch_size) \
+        if device.type == "cpu" and fast_rows and cfg.model.arch != "dense" and cfg.model.kernel_size == 4 else []
+    rewrites = layer_rewrites(torch.bfloat16 if bf16 else torch.float32, True, shapes, fresh=True) if shapes else None
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     runs = round_robin([row.name for row in rows], lambda i: run_row(rows[i], cfg, timing, env),
                        timing.get("repeats", 1), console)

@@ -128,6 +128,8 @@ def merge_runs(runs: list[dict]) -> dict:
     merged["peak_mem_gib"] = max(r["peak_mem_gib"] for r in ok)
     merged["timed_steps"] = sum(r["timed_steps"] for r in ok)
     merged["passes"] = len(ok)
+    # the CPU layer rewrites each pass ran with (a process that measured anew may have chosen otherwise)
+    merged["layer_rewrites"] = [r.get("layer_rewrites") for r in ok]
     return merged
 
 

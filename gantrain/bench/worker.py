@@ -54,7 +54,8 @@ def run_engine(cfg: Config, spec: dict) -> dict:
     result = time_loop(lambda: next(batches), step, device, spec["warmup"], spec["windows"], spec["window"],
                        cfg.data.batch_size * info.world_size)
     _profile(spec, lambda: next(batches), step, device, result, info.is_main)
-    result.update(world_size=info.world_size, loader=type(loader).__name__, amp=policy.amp)
+    result.update(world_size=info.world_size, loader=type(loader).__name__, amp=policy.amp,
+                  layer_rewrites=step.layer_rewrites)
     shutdown_distributed()
     return result if info.is_main else {}
 

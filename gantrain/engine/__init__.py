@@ -33,7 +33,7 @@ API: dict[str, str] = {
     **dict.fromkeys(("CheckpointError", "ConfigError", "GantrainError", "Interrupted", "rebuild"), "errors"),
     **dict.fromkeys(("LRDecay",), "gan.lr_schedule"),
     **dict.fromkeys(("BENCH_PROBE", "Peaks", "bf16_faster", "cpu_features", "cpu_name", "device_peaks",
-                     "layer_rewrites", "peak_mem_gib", "step_flops"), "gan.hardware"),
+                     "layer_rewrites", "layer_shapes", "peak_mem_gib", "step_flops"), "gan.hardware"),
     **dict.fromkeys(("build_models",), "gan.models"),
     **dict.fromkeys(("PrecisionPolicy", "compute_name", "resolve_amp"), "gan.precision"),
     **dict.fromkeys(("Latent", "check_truncation", "indexed_noise", "latent_walk", "lerp", "sample_noise", "slerp",
@@ -50,7 +50,7 @@ API: dict[str, str] = {
     **dict.fromkeys(("Evaluation", "Hook", "Trainer"), "train.loop"),
     **dict.fromkeys(("Cadence",), "train.cadence"),
     **dict.fromkeys(("StepProfiler",), "train.profile"),
-    **dict.fromkeys(("data_parts", "gan_part"), "train.parts"),
+    **dict.fromkeys(("choose_rewrites", "data_parts", "gan_part", "has_cpu_rewrites"), "train.parts"),
 }
 
 __all__ = sorted(API)

@@ -372,8 +372,9 @@ class PerfConfig:
     """Inductor cache folder for --compile (default: $TORCHINDUCTOR_CACHE_DIR or torch's own)."""
     layer_impl: str = "fast"
     """How the DCGAN layers compute: fast (exact rewrites measured faster: the dense ends as matrix products and,
-    on CPU, some gradients of the 4x4 stride-2 convolutions in other forms, each used only where a probe found it
-    faster on this CPU; see gantrain/kernels/conv.py) or aten (torch's convolutions as they are, the reference)."""
+    on CPU, some gradients of the 4x4 stride-2 convolutions in other forms, each layer's timed against torch's
+    once per machine when training starts; see gantrain/kernels/conv.py) or aten (torch's convolutions as they
+    are, the reference)."""
 
     def __post_init__(self) -> None:
         _check_finite(self)

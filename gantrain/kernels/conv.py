@@ -2,22 +2,24 @@
 
 Every public function takes ``impl``: ``"aten"`` runs torch's own convolution, the reference that the tests
 compare outputs and both gradients against; ``"fast"`` (the default) runs the rewrite where it applies and
-falls back to the reference where it does not (another shape, or a device or dtype where it was not measured
-faster: the gradient rewrites are CPU-only, the weight-gradient one bf16-only). The rewrites change only the order of summation. The ``nn.Module``
-shells that hold the weights are in :mod:`gantrain.engine.gan.layers`.
+falls back to the reference where it does not (another shape, or a device, dtype or layer where it was not
+measured faster: the gradient rewrites are CPU-only). The rewrites change only the order of summation. The
+``nn.Module`` shells that hold the weights are in :mod:`gantrain.engine.gan.layers`.
 
-The rewrites, each used where it was measured faster (docs/results/kernels-conv.md has the figures). Where
-they apply is a rule of channel counts (measured on one CPU); whether this machine's CPU runs each faster than
-oneDNN, per compute dtype, a probe measures (:func:`measure_rewrite`, at the shape in :data:`PROBE_SHAPES`) and
-:func:`set_rewrites` records for the process; until then the rule alone decides:
+The rewrites (docs/results/kernels-conv.md has the figures):
 
 * **The two ends are dense layers**: G's first layer (a 4x4 transposed convolution of a 1x1 map) and D's last
   (a valid 4x4 convolution of a 4x4 map) as matrix products, on every device.
 * **Input gradients into one to four channels** (:data:`SPACE_TO_DEPTH_MAX_CHANNELS`) of a stride-2 4x4
   convolution as a stride-1 2x2 transposed convolution into 4x the channels and a pixel shuffle (CPU).
-* **Weight gradients of the wide layers in bf16** (from :data:`DILATED_WEIGHT_GRAD_MIN_CHANNELS` input channels)
-  as a forward convolution, batch and channels swapped, the output gradient a kernel dilated by the stride
-  (CPU, bf16 only: in fp32 oneDNN's own is faster).
+* **Weight gradients of the wide layers** (from :data:`DILATED_WEIGHT_GRAD_MIN_CHANNELS` input channels) as a
+  forward convolution, batch and channels swapped, the output gradient a kernel dilated by the stride (CPU).
+
+The two CPU gradient rewrites apply within their channel bounds; inside them, whether a layer uses one is what
+:func:`set_rewrites` recorded for its shape and compute dtype (a probe's verdict, :func:`measure_rewrite` timing
+both forms at that layer's shape), else a rule measured on one CPU (space-to-depth in every dtype, the dilated
+weight gradient in bf16 only: in fp32 oneDNN's own was faster there). Layers are named in the convolution's
+view (:func:`conv_view`): its input channels, output channels and input size.
 """
 
 from __future__ import annotations
@@ -33,38 +35,54 @@ SPACE_TO_DEPTH_MAX_CHANNELS = 4
 DILATED_WEIGHT_GRAD_MIN_CHANNELS = 128
 """Weight gradients of convolutions with at least this many input channels run as a forward convolution (CPU)."""
 REWRITES = ("space_to_depth", "dilated")
-"""The gradient rewrites a CPU probe can switch off (or, in fp32, the dilated one on): see :func:`set_rewrites`."""
-PROBE_SHAPES = {"space_to_depth": (128, 1, 64, 32), "dilated": (128, 128, 256, 8)}
-"""Where :func:`measure_rewrite` times each rewrite: (batch, conv input channels, conv output channels, input
-height = width), a layer of fashion32 at batch 128 inside the rewrite's rule (kernels-conv.md: 4.3 against 1.2
-ms, 9.4 against 7.0 ms in bf16 on the EPYC that set the rules)."""
+"""The CPU gradient rewrites a probe decides per layer shape and dtype: see :func:`set_rewrites`."""
 _RULE_DTYPES = {"space_to_depth": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
                 "dilated": (torch.bfloat16,)}
-_measured: dict[tuple[str, torch.dtype], bool] = {}  # (rewrite, compute dtype) -> faster on this CPU
+#: (rewrite, compute dtype, conv input channels, conv output channels, conv input size) -> used
+_chosen: dict[tuple[str, torch.dtype, int, int, int], bool] = {}
 
 
-def set_rewrites(faster: dict[tuple[str, torch.dtype], bool | None]) -> None:
-    """Records for this process whether each rewrite ran faster than oneDNN on this CPU in a compute dtype
-    (``{("dilated", torch.bfloat16): True, ...}``): a rewrite is then used, within its channel rule, exactly where
-    it was faster; None forgets the pair (its rule decides again). Pairs not given keep what they had (at first:
-    the rule's dtypes, :data:`_RULE_DTYPES`). Raises ValueError for an unknown rewrite."""
-    for (name, dtype), used in faster.items():
-        if name not in REWRITES:
-            raise ValueError(f"rewrite must be one of {', '.join(REWRITES)}, got {name!r}")
-        if used is None:
-            _measured.pop((name, dtype), None)
+def in_bounds(name: str, c_in: int) -> bool:
+    """Whether rewrite ``name`` can apply to a convolution from ``c_in`` channels (its channel bound)."""
+    if name not in REWRITES:
+        raise ValueError(f"rewrite must be one of {', '.join(REWRITES)}, got {name!r}")
+    return c_in <= SPACE_TO_DEPTH_MAX_CHANNELS if name == "space_to_depth" else c_in >= DILATED_WEIGHT_GRAD_MIN_CHANNELS
+
+
+def set_rewrites(used: dict[tuple[str, torch.dtype, int, int, int], bool | None]) -> None:
+    """Records for this process whether a layer uses a rewrite: ``{(name, dtype, c_in, c_out, size): used}`` in
+    the convolution's view (:func:`conv_view`), e.g. what a probe found faster on this CPU; None forgets the
+    entry (the rule decides again). Entries not given keep what they had. Raises ValueError for an unknown
+    rewrite."""
+    for (name, dtype, c_in, c_out, size), choice in used.items():
+        in_bounds(name, c_in)
+        key = (name, dtype, int(c_in), int(c_out), int(size))
+        if choice is None:
+            _chosen.pop(key, None)
         else:
-            _measured[(name, dtype)] = bool(used)
+            _chosen[key] = bool(choice)
 
 
 def reset_rewrites() -> None:
     """Forgets what :func:`set_rewrites` recorded: the rules alone decide again."""
-    _measured.clear()
+    _chosen.clear()
 
 
-def rewrite_enabled(name: str, dtype: torch.dtype) -> bool:
-    """Whether rewrite ``name`` may run in ``dtype`` on this CPU: as measured (:func:`set_rewrites`), else by rule."""
-    return _measured.get((name, dtype), dtype in _RULE_DTYPES[name])
+def rewrite_enabled(name: str, dtype: torch.dtype, c_in: int, c_out: int, size: int) -> bool:
+    """Whether a convolution (``c_in`` -> ``c_out`` channels at ``size`` px, computing in ``dtype``) uses rewrite
+    ``name``: never outside its channel bound; inside, as recorded (:func:`set_rewrites`), else by its rule."""
+    if not in_bounds(name, c_in):
+        return False
+    return _chosen.get((name, dtype, c_in, c_out, size), dtype in _RULE_DTYPES[name])
+
+
+def conv_view(x_shape, weight_shape, transposed: bool) -> tuple[int, int, int]:
+    """A strided layer as the convolution whose gradients the rewrites compute: (input channels, output channels,
+    input size). A 4x4 stride-2 convolution of x (N, C, S, S) with weight (C_out, C, 4, 4) is (C, C_out, S); a
+    transposed one of x (N, C, S, S) with weight (C, C_out, 4, 4) is the input gradient of the convolution
+    (C_out, C, 2S)."""
+    c_first, c_second = weight_shape[0], weight_shape[1]
+    return (c_second, c_first, 2 * x_shape[-1]) if transposed else (c_second, c_first, x_shape[-1])
 
 
 def check_impl(impl: str) -> str:
@@ -116,12 +134,14 @@ def reduce_to_vector(x: torch.Tensor, weight: torch.Tensor, impl: str = "fast") 
 
 
 # ----- stride-2, 4x4, padding-1 convolutions --------------------------------------------------------------
-def _space_to_depth_input_grad(conv_in_channels: int, dtype: torch.dtype) -> bool:
-    return conv_in_channels <= SPACE_TO_DEPTH_MAX_CHANNELS and rewrite_enabled("space_to_depth", dtype)
+def _space_to_depth_input_grad(grad_out: torch.Tensor, weight: torch.Tensor) -> bool:
+    """For the input gradient of a convolution: grad_out (N, C_out, S/2, S/2), weight (C_out, C_in, 4, 4)."""
+    return rewrite_enabled("space_to_depth", grad_out.dtype, weight.shape[1], weight.shape[0], 2 * grad_out.shape[-1])
 
 
-def _dilated_weight_grad(conv_in_channels: int, dtype: torch.dtype) -> bool:
-    return conv_in_channels >= DILATED_WEIGHT_GRAD_MIN_CHANNELS and rewrite_enabled("dilated", dtype)
+def _dilated_weight_grad(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """For the weight gradient of a convolution of x (N, C_in, S, S) by weight (C_out, C_in, 4, 4)."""
+    return rewrite_enabled("dilated", x.dtype, x.shape[1], weight.shape[0], x.shape[-1])
 
 
 def conv_input_grad(grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -132,7 +152,7 @@ def conv_input_grad(grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
     equals a stride-1 2x2 convolution of its 2x2 pixel-unshuffle, whose input gradient is a 2x2 transposed
     convolution into 4x the channels followed by a pixel shuffle and removing the padding.
     """
-    if not _space_to_depth_input_grad(weight.shape[1], grad_out.dtype):
+    if not _space_to_depth_input_grad(grad_out, weight):
         return F.conv_transpose2d(grad_out, weight, stride=2, padding=1)
     return _space_to_depth(grad_out, weight)
 
@@ -151,7 +171,7 @@ def conv_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tens
     From 128 input channels up, in a dtype where it is enabled (bf16 by rule): :func:`dilated_weight_grad`;
     otherwise torch's.
     """
-    if not _dilated_weight_grad(x.shape[1], x.dtype):
+    if not _dilated_weight_grad(x, weight):
         return _aten_conv_grads(x, grad_out, weight, False, True)[1]
     return dilated_weight_grad(x, grad_out, weight)
 
@@ -183,8 +203,8 @@ class _StridedConv(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
         want_x, want_w = ctx.needs_input_grad
-        s2d = want_x and _space_to_depth_input_grad(weight.shape[1], grad_out.dtype)
-        dilated = want_w and _dilated_weight_grad(x.shape[1], x.dtype)
+        s2d = want_x and _space_to_depth_input_grad(grad_out, weight)
+        dilated = want_w and _dilated_weight_grad(x, weight)
         grad_x = grad_w = None
         if (want_x and not s2d) or (want_w and not dilated):  # what the rewrites leave: one aten call, as autograd's
             grad_x, grad_w = _aten_conv_grads(x, grad_out, weight, want_x and not s2d, want_w and not dilated)
@@ -229,10 +249,16 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
-def rewrites_apply(conv_in_channels: int, dtype: torch.dtype) -> bool:
-    """Whether a strided layer whose weight, read as a convolution's, maps from ``conv_in_channels`` channels has a
-    gradient rewrite in ``dtype`` (space-to-depth input gradient, or dilated weight gradient)."""
-    return _space_to_depth_input_grad(conv_in_channels, dtype) or _dilated_weight_grad(conv_in_channels, dtype)
+def rewrites_apply(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> bool:
+    """Whether a strided layer (a convolution, or ``transposed``) of ``x`` by ``weight`` uses a rewrite in its
+    compute dtype (autocast's where it is on) for what this call computes: space-to-depth (a transposed layer's
+    forward pass, or a convolution's input gradient when ``x`` needs one) or the dilated weight gradient (when
+    ``weight`` needs one)."""
+    dtype = _compute_dtype(x)
+    view = conv_view(x.shape, weight.shape, transposed)
+    grads = torch.is_grad_enabled()
+    return ((transposed or (grads and x.requires_grad)) and rewrite_enabled("space_to_depth", dtype, *view)) or \
+        (grads and weight.requires_grad and rewrite_enabled("dilated", dtype, *view))
 
 
 def strided_conv2d(x: torch.Tensor, weight: torch.Tensor, impl: str = "fast") -> torch.Tensor:
@@ -241,7 +267,7 @@ def strided_conv2d(x: torch.Tensor, weight: torch.Tensor, impl: str = "fast") ->
     ``fast`` on CPU, where a rewrite applies: the backward of :func:`conv_input_grad`/:func:`conv_weight_grad`;
     elsewhere the reference.
     """
-    if check_impl(impl) == "aten" or x.device.type != "cpu" or not rewrites_apply(weight.shape[1], _compute_dtype(x)):
+    if check_impl(impl) == "aten" or x.device.type != "cpu" or not rewrites_apply(x, weight, transposed=False):
         return F.conv2d(x, weight, stride=2, padding=1)
     return _StridedConv.apply(*_same_dtype(x, weight))
 
@@ -252,25 +278,25 @@ def strided_conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, impl: str = 
     ``fast`` on CPU, where a rewrite applies (decided by C_out, the channels its weight maps from when read
     as a convolution's): :class:`_StridedConvTranspose`; elsewhere the reference.
     """
-    if check_impl(impl) == "aten" or x.device.type != "cpu" or not rewrites_apply(weight.shape[1], _compute_dtype(x)):
+    if check_impl(impl) == "aten" or x.device.type != "cpu" or not rewrites_apply(x, weight, transposed=True):
         return F.conv_transpose2d(x, weight, stride=2, padding=1)
     return _StridedConvTranspose.apply(*_same_dtype(x, weight))
 
 
 # ----- the probe: is each rewrite faster on this CPU? -----------------------------------------------------
-def measure_rewrite(name: str, dtype: torch.dtype, *, channels_last: bool = True, reps: int = 7,
-                    shape: tuple[int, int, int, int] | None = None, timer=None) -> tuple[float, float]:
+def measure_rewrite(name: str, dtype: torch.dtype, shape: tuple[int, int, int, int], *, channels_last: bool = True,
+                    reps: int = 7, timer=None) -> tuple[float, float]:
     """Median milliseconds of rewrite ``name`` and of the torch (oneDNN) computation it replaces, in ``dtype`` on
-    the CPU, at ``shape`` = (batch, conv input channels, conv output channels, input height = width) (default
-    :data:`PROBE_SHAPES`): ``(rewrite_ms, torch_ms)``. The two alternate, after one untimed call of each;
-    ``timer`` (seconds; default ``time.perf_counter``) is for tests. Raises ValueError for an unknown name."""
+    the CPU, for a layer of ``shape`` = (batch, conv input channels, conv output channels, input size) in the
+    convolution's view: ``(rewrite_ms, torch_ms)``. The two alternate, after one untimed call of each; ``timer``
+    (seconds; default ``time.perf_counter``) is for tests. Raises ValueError for an unknown name."""
     import statistics
     import time
 
     if name not in REWRITES:
         raise ValueError(f"rewrite must be one of {', '.join(REWRITES)}, got {name!r}")
     timer = timer or time.perf_counter
-    n, c_in, c_out, size = shape or PROBE_SHAPES[name]
+    n, c_in, c_out, size = shape
     layout = torch.channels_last if channels_last else torch.contiguous_format
     gen = torch.Generator().manual_seed(0)
 

@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 from ray import tune
 from rich.console import Console
 
-from gantrain.engine import (Config, ConfigError, GantrainError, IDX_DATASETS, atomic_write_text, build_models,
-                             data_root, ensure_idx_files, evaluate_generator, load_toml, log, override,
-                             refuse_unplaceable, setup_logging, to_toml)
+from gantrain.engine import (Config, ConfigError, GantrainError, IDX_DATASETS, PrecisionPolicy, atomic_write_text,
+                             build_models, choose_rewrites, data_root, ensure_idx_files, evaluate_generator,
+                             has_cpu_rewrites, load_toml, log, override, pick_device, refuse_unplaceable,
+                             setup_logging, to_toml)
 from gantrain.tune.results import Outcome, summarise
 from gantrain.tune.settings import TuneSettings, load_settings
 from gantrain.tune.space import Space, load_space, parse_space
@@ -143,6 +145,20 @@ def warm_metrics(cfg: Config) -> float:
     metrics = evaluate_generator(generator, cfg, num_samples=cfg.eval.eval_samples, device="cpu", seed=cfg.run.seed)
     log.info("untrained generator: fd %.4g (the starting point every trial improves on)", metrics["fd"])
     return float(metrics["fd"])
+
+
+def warm_rewrites(cfg: Config, settings: TuneSettings) -> None:
+    """On a CPU, the fast layers' rewrite probe (:func:`~gantrain.engine.choose_rewrites`) measured here once with
+    a trial's threads, before trials start: trials starting together would each time them on shared cores."""
+    device = pick_device(cfg.run.device)
+    if not has_cpu_rewrites(cfg, device):
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(settings.cpus_per_trial)))
+    try:
+        choose_rewrites(cfg, PrecisionPolicy(device, cfg.perf.amp, cfg.perf.channels_last))
+    finally:
+        torch.set_num_threads(saved)
 
 
 def create(folder: ExperimentFolder, cfg: Config, settings: TuneSettings, space: Space) -> None:
@@ -387,6 +403,7 @@ def run_prepared(folder: ExperimentFolder, *, resume: bool, address: str | None 
     space = parse_space(folder.space_file.read_text(), cfg, str(folder.space_file))
     setup_logging(console, folder.path / "tune.log")
     warm_metrics(cfg)
+    warm_rewrites(cfg, settings)
     started = start_ray(address)
     try:
         # a local Ray never grows: a trial larger than it is refused at once; a cluster may (--resource-wait)

@@ -104,14 +104,20 @@ def test_bench_quick_writes_reports(cli, tmp_path, train_root):
     assert report["peak_tflops"]["source"] == "--peak-tflops"
     chosen = resolve_amp("auto", torch.device("cpu"))
     assert report["amp_auto"]["chosen"] == chosen and " TFLOP/s = " in report["amp_auto"]["why"]
-    # the fast-layer row's rewrites, measured anew in its dtype and layout: each one's times and verdict
+    # the fast-layer row's rewrites, measured anew at its layers' shapes (fashion32 at batch 32: the 1-channel
+    # convolution 1->64 at 32 px for space-to-depth, 128->256 at 8 px for the dilated weight gradient)
     rewrites = report["layer_rewrites"]
     assert (rewrites["dtype"], rewrites["layout"]) == ("bf16" if chosen == "bf16" else "fp32", "channels-last")
-    assert set(rewrites["rewrites"]) == {"space_to_depth", "dilated"}
-    for r in rewrites["rewrites"].values():
+    assert [(r["rewrite"], r["shape"]) for r in rewrites["layers"]] == \
+        [("dilated", [32, 128, 256, 8]), ("space_to_depth", [32, 1, 64, 32])]
+    for r in rewrites["layers"]:
         assert r["rewrite_ms"] > 0 and r["torch_ms"] > 0 and isinstance(r["used"], bool)
         if not r["why"].startswith("the rounds disagreed"):
             assert r["used"] == (r["why"] == "faster than torch's")
+    # the row ran with what the cache then held: the parent's verdicts
+    row = next(r for r in report["results"] if r["name"] == "all, no compile")
+    assert [[(x["rewrite"], x["used"]) for x in ran["layers"]] for ran in row["layer_rewrites"]] == \
+        [[(r["rewrite"], r["used"]) for r in rewrites["layers"]]] * row["passes"]
     assert set(report["system"]["cpu_features"]) == {"isa", "amx_tile", "avx512_bf16"}
     # --profile: five more steps per row after its timing, a trace and a top-ops table each
     for slug, phases in (("baseline-tutorial-loop", set()), ("all-no-compile", {"d_step", "g_step"})):

@@ -729,3 +729,29 @@ def test_a_multi_worker_trial_whose_run_is_refused_is_not_retried(ray_session, f
     assert "--batch-size" in rows[0]["note"] or "--limit" in rows[0]["note"], rows[0]
     trial = tmp_path / "ddp-refused" / f"trial_{rows[0]['trial']}"
     assert len((trial / "result.json").read_text().splitlines()) == 1
+
+
+def test_the_driver_times_the_layer_rewrites_once_with_a_trials_threads(train_root: Path, tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    """Before trials start (which would each time them on shared cores), the driver measures the fast layers'
+    rewrites at the trials' shapes with --cpus-per-trial threads, and gives its own threads back; a config
+    without CPU rewrites (torch's layers) measures nothing."""
+    from gantrain.kernels import conv
+    from gantrain.tune import experiment
+
+    monkeypatch.setenv("GANTRAIN_CACHE", str(tmp_path / "cache"))  # nothing measured yet
+    cfg = override(preset("fashion32"), {**TINY, "data_root": str(train_root)})
+    seen = []
+    monkeypatch.setattr(conv, "measure_rewrite", lambda name, dtype, shape, **_: seen.append(
+        (name, tuple(shape), torch.get_num_threads())) or (1.0, 2.0))
+    before = torch.get_num_threads()
+    try:
+        experiment.warm_rewrites(cfg, settings_from({"cpus_per_trial": 1}))
+        # batch 16, widths 8: only D's 1-channel convolution (1 -> 8 at 32 px) and G's last layer (the same
+        # convolution) are in a rewrite's bounds
+        assert seen == [("space_to_depth", (16, 1, 8, 32), 1)] * 2 and torch.get_num_threads() == before
+        seen.clear()
+        experiment.warm_rewrites(override(cfg, {"layer_impl": "aten"}), settings_from({"cpus_per_trial": 1}))
+        assert seen == []
+    finally:
+        conv.reset_rewrites()

@@ -330,13 +330,8 @@ def _run_here(cfg: Config, resume: str | None, console: Console | None) -> FitRe
         return worker_main(cfg, info, resume=resume, console=console, record=record,
                            on_start=(lambda trainer: _log_restart(trainer, restart)) if restart else None)
     except Interrupted as exc:
-        if not status:  # one process, or torchrun by hand: this process says its line
-            if exc.step is None:
-                raise
-            where = ("rank 0 saves the checkpoint" if not info.is_main else
-                     f"checkpoint saved to {exc.checkpoint}" if exc.checkpoint else "no checkpoint (no step done)")
-            raise Interrupted(exc.signum, f"interrupted at step {exc.step}; {where}; continue with --resume auto",
-                              checkpoint=exc.checkpoint, step=exc.step) from None
+        if not status:  # one process, or torchrun by hand: this process says its line (the exception's)
+            raise
         _ignore_stop_signals()  # on its way out: the agent's SIGTERM to the others must not cut this short
         raise SystemExit(0 if exc.step is not None else exc.exit_code) from None
     except GantrainError as exc:

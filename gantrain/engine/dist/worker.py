@@ -24,6 +24,7 @@ the record carries the rest.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -34,6 +35,7 @@ from rich.console import Console
 from gantrain.engine.config import Config
 from gantrain.engine.dist.runtime import DistInfo
 from gantrain.engine.errors import GantrainError, Interrupted, LostPeers, rebuild
+from gantrain.engine.outputs.runlog import log_to_file
 from gantrain.engine.state.files import atomic_write_text
 from gantrain.engine.train.loop import FitResult, Hook, Trainer
 
@@ -95,8 +97,8 @@ def worker_main(cfg: Config, info: DistInfo, *, resume: str | None, console: Con
     """Runs this rank's part of the run (the whole run in one process) and hands ``record`` how it ended;
     returns the fit's result. The one body of a torchrun worker, a Ray Train worker and a tune trial's worker.
 
-    Raises what ended it otherwise, after the record: :class:`Interrupted` (a stop signal; where it saved is in
-    the exception, for the caller's one line), a refusal (``final``), :class:`LostPeers` (a collective failed because another worker is
+    Raises what ended it otherwise, after the record: :class:`Interrupted` (a stop signal; its message says
+    where it saved and how to continue, for the caller's one line; rank 0 also writes it to train.log), a refusal (``final``), :class:`LostPeers` (a collective failed because another worker is
     gone), anything else as it came (a crash). ``on_start(trainer)``: on every rank, once the run is built and
     before its first step (rank 0's line about a restart; a tune trial's restored hyperparameters).
     ``finished_ok``, ``evaluation``, ``divergence_watch``: see :class:`Trainer`."""
@@ -113,7 +115,9 @@ def worker_main(cfg: Config, info: DistInfo, *, resume: str | None, console: Con
                 if not started:  # fit() will not release them: the run folder's lock, the stall watch, trackers
                     trainer.close()
         result = trainer.fit()
-    except Interrupted as exc:  # the caller says the one line (where it saved, how to continue)
+    except Interrupted as exc:  # the caller says its message on the console; the run's log keeps it too
+        if exc.step is not None and info.is_main:
+            log_to_file(logging.WARNING, str(exc))
         record(WorkerRecord(info.rank, "stopped", step=exc.step, signal=exc.signum,
                             checkpoint=str(exc.checkpoint) if exc.checkpoint else None))
         raise

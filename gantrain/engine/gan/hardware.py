@@ -185,57 +185,104 @@ def bf16_faster(device: torch.device) -> tuple[bool, str]:
 
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
-#: Rounds of :func:`~gantrain.kernels.conv.measure_rewrite` per rewrite; a rewrite's verdict must agree in all.
+#: Rounds of :func:`~gantrain.kernels.conv.measure_rewrite` per layer; a verdict must agree in all of them.
 REWRITE_ROUNDS = 2
 
 
-def layer_rewrites(dtype: torch.dtype, channels_last: bool, *, fresh: bool = False) -> dict:
-    """Whether each CPU gradient rewrite of the fast layers (:mod:`gantrain.kernels.conv`) beats oneDNN on this
-    CPU in ``dtype``, measured once per machine (cached beside the peaks; ``fresh``: measure anyway) and recorded
-    for this process (:func:`~gantrain.kernels.conv.set_rewrites`). Each rewrite is timed against torch's form in
-    :data:`REWRITE_ROUNDS` rounds: used where it was faster in every round, not used where slower in every round,
-    and left to its rule where the rounds disagree (a machine too busy to tell).
+def layer_shapes(model: ModelConfig, image_size: int, channels: int, batch: int) -> list[tuple[int, int, int, int]]:
+    """The strided layers of G and D as convolutions (:func:`~gantrain.kernels.conv.conv_view`): (batch, input
+    channels, output channels, input size) each, in model order, duplicates dropped. Found on the meta device
+    (shapes only, milliseconds); leaves torch's global random state as it was."""
+    from gantrain.engine.gan.layers import StridedConv2d, StridedConvTranspose2d
+    from gantrain.engine.gan.models import build_models
+    from gantrain.kernels.conv import conv_view
 
-    Returns ``{"dtype", "layout", "source", "rewrites": {name: {"rewrite_ms", "torch_ms", "used", "why"}}}``
-    (milliseconds: medians per round), for the run log and the bench's JSON."""
+    shapes: list[tuple[int, int, int, int]] = []
+
+    def seen(module, inputs, output):
+        view = conv_view(inputs[0].shape, module.weight.shape, isinstance(module, StridedConvTranspose2d))
+        if (batch, *view) not in shapes:
+            shapes.append((batch, *view))
+
+    with torch.random.fork_rng(devices=[]), torch.device("meta"), torch.no_grad():
+        g, d = build_models(model, image_size, channels, impl="fast")
+        for module in (*g.modules(), *d.modules()):
+            if isinstance(module, (StridedConv2d, StridedConvTranspose2d)):
+                module.register_forward_hook(seen)
+        d(g(torch.empty(batch, model.nz, 1, 1)))
+    return shapes
+
+
+def _valid_rounds(entry) -> bool:
+    """A cache entry as :func:`layer_rewrites` writes it: REWRITE_ROUNDS pairs of positive finite milliseconds."""
+    rounds = entry.get("rounds") if isinstance(entry, dict) else None
+    return (isinstance(rounds, list) and len(rounds) == REWRITE_ROUNDS
+            and all(isinstance(r, list) and len(r) == 2 and all(type(v) in (int, float) and 0 < v < float("inf")
+                                                                  for v in r) for r in rounds))
+
+
+def layer_rewrites(dtype: torch.dtype, channels_last: bool, shapes: list[tuple[int, int, int, int]], *,
+                   fresh: bool = False) -> dict:
+    """Which CPU gradient rewrites of the fast layers (:mod:`gantrain.kernels.conv`) each layer of ``shapes``
+    (:func:`layer_shapes`) uses in ``dtype``: every rewrite within its channel bound is timed against torch's form
+    at the layer's shape in :data:`REWRITE_ROUNDS` rounds, once per machine (cached beside the peaks; ``fresh``:
+    measure these anew, keeping the file's other entries), and recorded for this process
+    (:func:`~gantrain.kernels.conv.set_rewrites`): used where it was faster in every round, not used where slower
+    in every round, left to its rule where the rounds disagree (a machine too busy to tell).
+
+    Returns ``{"dtype", "layout", "source", "layers": [{"rewrite", "shape", "rewrite_ms", "torch_ms", "used",
+    "why"}, ...]}`` (milliseconds: the mean over rounds of each round's median), for the run log and the bench's
+    JSON."""
     from gantrain.kernels import conv
 
     name_of = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
     layout = "channels-last" if channels_last else "NCHW"
     path = _cache_file(torch.device("cpu"), "rewrites")
-    stored = {} if fresh else (_read_json(path) or {})
-    record, source, changed = {}, f"kept in {path.parent}", False
-    for rewrite in conv.REWRITES:
-        key = f"{rewrite}|{name_of}|{layout}"
-        entry = stored.get(key)
-        if not (isinstance(entry, dict) and isinstance(entry.get("rounds"), list) and entry["rounds"]):
-            entry = {"rounds": [list(conv.measure_rewrite(rewrite, dtype, channels_last=channels_last))
-                                for _ in range(REWRITE_ROUNDS)]}
-            stored[key], changed, source = entry, True, f"measured now, kept in {path.parent}"
-        rounds = entry["rounds"]
-        verdicts = {rewrite_ms < torch_ms for rewrite_ms, torch_ms in rounds}
-        faster = verdicts.pop() if len(verdicts) == 1 else None
-        conv.set_rewrites({(rewrite, dtype): faster})
-        used = conv.rewrite_enabled(rewrite, dtype)
-        why = ("the rounds disagreed: its rule decides" if faster is None else
-               "faster than torch's" if faster else "slower than torch's")
-        record[rewrite] = {"rewrite_ms": round(sum(r for r, _ in rounds) / len(rounds), 3),
-                           "torch_ms": round(sum(t for _, t in rounds) / len(rounds), 3), "used": used, "why": why}
-    if changed:
+    stored = _read_json(path) or {}
+    layers, measured = [], False
+    for shape in shapes:
+        for rewrite in (r for r in conv.REWRITES if conv.in_bounds(r, shape[1])):
+            key = f"{rewrite}|{name_of}|{layout}|{'x'.join(map(str, shape))}"
+            if fresh or not _valid_rounds(stored.get(key)):
+                stored[key] = {"rounds": [list(conv.measure_rewrite(rewrite, dtype, shape, channels_last=channels_last))
+                                          for _ in range(REWRITE_ROUNDS)]}
+                measured = True
+            rounds = stored[key]["rounds"]
+            verdicts = {rewrite_ms < torch_ms for rewrite_ms, torch_ms in rounds}
+            faster = verdicts.pop() if len(verdicts) == 1 else None
+            conv.set_rewrites({(rewrite, dtype, *shape[1:]): faster})
+            layers.append({"rewrite": rewrite, "shape": list(shape),
+                           "rewrite_ms": round(sum(r for r, _ in rounds) / len(rounds), 3),
+                           "torch_ms": round(sum(t for _, t in rounds) / len(rounds), 3),
+                           "used": conv.rewrite_enabled(rewrite, dtype, *shape[1:]),
+                           "why": ("the rounds disagreed: its rule decides" if faster is None else
+                                   "faster than torch's" if faster else "slower than torch's")})
+    if measured:
         try:
             atomic_write_text(path, json.dumps(stored, indent=1))
         except (GantrainError, OSError):  # an unwritable cache only costs the next process another probe
             pass
-    return {"dtype": name_of, "layout": layout, "source": source, "rewrites": record}
+    source = f"{'measured now, ' if measured else ''}kept in {path.parent}"
+    return {"dtype": name_of, "layout": layout, "source": source, "layers": layers}
+
+
+def rules_only(dtype: torch.dtype, channels_last: bool, why: str) -> dict:
+    """The record of a process that keeps the rules (its probe failed: ``why``), in :func:`layer_rewrites`'s form."""
+    from gantrain.kernels import conv
+
+    conv.reset_rewrites()
+    return {"dtype": _DTYPE_NAMES.get(dtype, str(dtype)), "layout": "channels-last" if channels_last else "NCHW",
+            "source": f"the rules, not measured: {why}", "layers": []}
 
 
 def describe_rewrites(record: dict) -> str:
-    """One line for the run log: ``fast layers on this CPU (bf16, channels-last): space-to-depth 1.2 vs torch
-    4.3 ms, used; dilated 7 vs 9.4 ms, used (<source>)``."""
-    parts = [f"{name.replace('_', '-')} {r['rewrite_ms']:.2g} vs torch {r['torch_ms']:.2g} ms, "
-             f"{'used' if r['used'] else 'not used'}{'' if r['why'].startswith(('faster', 'slower')) else ' (' + r['why'] + ')'}"
-             for name, r in record["rewrites"].items()]
-    return f"fast layers on this CPU ({record['dtype']}, {record['layout']}): {'; '.join(parts)} ({record['source']})"
+    """One line for the run log: ``fast layers on this CPU (bf16, channels-last), each rewrite against torch's:
+    space-to-depth 1->64 at 32 px 1.2 vs 4.3 ms, used; dilated 128->256 at 8 px 7.0 vs 9.4 ms, used; (<source>)``."""
+    parts = [f"{r['rewrite'].replace('_', '-')} {r['shape'][1]}->{r['shape'][2]} at {r['shape'][3]} px "
+             f"{r['rewrite_ms']:.3g} vs {r['torch_ms']:.3g} ms, {'used' if r['used'] else 'not used'}"
+             + ("" if r["why"].startswith(("faster", "slower")) else f" ({r['why']})") for r in record["layers"]]
+    return (f"fast layers on this CPU ({record['dtype']}, {record['layout']}), each rewrite against torch's: "
+            f"{'; '.join(parts) or 'no layer timed'} ({record['source']})")
 
 
 def _read_json(path: Path) -> dict | None:

@@ -99,6 +99,7 @@ class GANStep:
         self.fake_target = torch.zeros(b, device=device)
         self.gen_target = torch.ones(b, device=device)
         self.stats, self.timer = Stats(device), PhaseTimer(device)
+        self.layer_rewrites: dict | None = None  # which CPU layer rewrites run (set by its builder, parts.gan_part)
 
     @classmethod
     def for_config(cls, cfg: Config, device: torch.device, policy: PrecisionPolicy,

@@ -58,6 +58,15 @@ def attach_log_file(log_file: Path) -> None:
     log.addHandler(handler)
 
 
+def log_to_file(level: int, message: str) -> None:
+    """``message`` into the run's log file only (train.log, or the records held for it), not on the console: for
+    a line the command itself then prints (an interruption's ``error:`` line)."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
+    for handler in log.handlers:
+        if isinstance(handler, (logging.FileHandler, logging.handlers.MemoryHandler)) and level >= handler.level:
+            handler.handle(record)
+
+
 class MetricsWriter:
     """Appends one JSON object per line to metrics.jsonl; on resume drops records past the resumed step.
 

@@ -257,7 +257,11 @@ class Trainer:
                     self._train_epoch()
                 if self.agreed_stop is not None:  # every rank is at the same step: rank 0 saves
                     self.stop_agreement.close()
-                    raise Interrupted(self.agreed_stop, checkpoint=self.save_checkpoint(), step=self.step)
+                    saved = self.save_checkpoint()
+                    where = ("rank 0 saves the checkpoint" if not self.dist.is_main else
+                             f"checkpoint saved to {saved}" if saved else "no checkpoint (no step done)")
+                    raise Interrupted(self.agreed_stop, f"interrupted at step {self.step}; {where}; continue with "
+                                      "--resume auto", checkpoint=saved, step=self.step)
                 if self.epoch_step >= per_epoch:
                     self.pos.epoch, self.pos.epoch_step = self.epoch + 1, 0
                     self.epoch_means = self.gan.stats.read_epoch()

@@ -14,7 +14,7 @@ import torch
 from gantrain.engine.config import Config
 from gantrain.engine.data import Shard, build_loader
 from gantrain.engine.dist.runtime import DistInfo, configure_runtime, pick_device
-from gantrain.engine.gan.hardware import describe_rewrites, layer_rewrites
+from gantrain.engine.gan.hardware import describe_rewrites, layer_rewrites, layer_shapes, rules_only
 from gantrain.engine.gan.precision import PrecisionPolicy
 from gantrain.engine.gan.step import GANStep
 
@@ -32,28 +32,44 @@ def data_parts(cfg: Config, dist: DistInfo = DistInfo()) -> tuple[torch.device, 
 
 def gan_part(cfg: Config, device: torch.device, policy: PrecisionPolicy, dist: DistInfo = DistInfo()) -> GANStep:
     """The process-wide settings (:func:`~gantrain.engine.dist.runtime.configure_runtime`, and on a CPU which
-    layer rewrites beat oneDNN here: :func:`choose_rewrites`), then the GAN step."""
+    layer rewrites beat oneDNN here: :func:`choose_rewrites`), then the GAN step; its ``layer_rewrites`` is the
+    record of that choice (None where there was none to make)."""
     configure_runtime(cfg.perf, device)
-    if device.type == "cpu" and cfg.perf.layer_impl == "fast" and cfg.model.arch != "dense" and \
-            cfg.model.kernel_size == 4:
-        choose_rewrites(policy, dist)
-    return GANStep.for_config(cfg, device, policy, dist)
+    record = choose_rewrites(cfg, policy, dist) if has_cpu_rewrites(cfg, device) else None
+    step = GANStep.for_config(cfg, device, policy, dist)
+    step.layer_rewrites = record
+    return step
 
 
-def choose_rewrites(policy: PrecisionPolicy, dist: DistInfo = DistInfo()) -> dict:
-    """Which CPU gradient rewrites of the fast layers run in this process: rank 0 measures them in the step's
-    compute dtype and layout (:func:`~gantrain.engine.gan.hardware.layer_rewrites`, once per machine) and says so
-    in one log line; under DDP every rank takes rank 0's choice (collective), so no two ranks time at once and
-    all compute alike. Returns the record (see ``layer_rewrites``)."""
+def has_cpu_rewrites(cfg: Config, device: torch.device) -> bool:
+    """Whether ``cfg``'s models on ``device`` have strided layers whose CPU gradient rewrites a probe decides."""
+    return device.type == "cpu" and cfg.perf.layer_impl == "fast" and cfg.model.arch != "dense" and \
+        cfg.model.kernel_size == 4
+
+
+def choose_rewrites(cfg: Config, policy: PrecisionPolicy, dist: DistInfo = DistInfo()) -> dict:
+    """Which CPU gradient rewrites each strided layer of ``cfg``'s models uses in this process: rank 0 measures
+    them at the layers' shapes (batch ``data.batch_size``) in the step's compute dtype and layout
+    (:func:`~gantrain.engine.gan.hardware.layer_rewrites`, once per machine) and says so in one log line; a
+    probe that fails leaves the rules (said in that line). Under DDP every rank takes rank 0's choice
+    (collective), so no two ranks time at once and all compute alike. Returns the record."""
     from gantrain.kernels import conv
 
     dtype = policy.autocast_dtype or torch.float32
-    record = layer_rewrites(dtype, policy.channels_last) if dist.is_main else None
+    record = None
+    if dist.is_main:
+        try:
+            shapes = layer_shapes(cfg.model, cfg.data.image_size, cfg.data.channels, cfg.data.batch_size)
+            record = layer_rewrites(dtype, policy.channels_last, shapes)
+        except (RuntimeError, ValueError, TypeError, KeyError, OSError) as exc:  # a probe must not end a run
+            record = rules_only(dtype, policy.channels_last, f"{type(exc).__name__}: {exc}")
     if dist.enabled:
         box = [record]
         torch.distributed.broadcast_object_list(box, src=0)
         record = box[0]
-        conv.set_rewrites({(name, dtype): r["used"] for name, r in record["rewrites"].items()})
+        if not dist.is_main:
+            conv.reset_rewrites()
+            conv.set_rewrites({(r["rewrite"], dtype, *r["shape"][1:]): r["used"] for r in record["layers"]})
     if dist.is_main:
         log.info("%s", describe_rewrites(record))
     return record

@@ -109,6 +109,8 @@ def test_rewrites_run_only_where_they_apply():
     assert "StridedConv" not in fn_name(StridedConv2d(16, 8, "fast"), 16, 8)   # between the thresholds
     assert "StridedConv" not in fn_name(StridedConv2d(1, 8, "aten"), 1, 8)
     assert "StridedConvTranspose" in fn_name(StridedConvTranspose2d(8, 1, "fast"), 8, 4)
+    # nothing to rewrite in what the call computes: D's first layer on real images (no input gradient)
+    assert type(StridedConv2d(1, 8, "fast")(_input(1, 8)).grad_fn).__name__.startswith("Convolution")
     assert "Convolution" in fn_name(ProjectFromVector(8, 4, 4, "aten"), 8, 1)
     assert "Convolution" not in fn_name(ProjectFromVector(8, 4, 4, "fast"), 8, 1)
 
@@ -118,7 +120,9 @@ def test_rewrites_run_only_where_they_apply():
 def test_dilated_weight_grad_through_the_layer_is_exact_in_float64(monkeypatch, cls, cin, cout, height, memory_format):
     """The dilated branch runs only in bf16 in use; forced on here, it must match torch in float64 through the
     autograd Function (layout included), so bf16's 2 % tolerance is not its only check."""
-    monkeypatch.setattr(conv, "_dilated_weight_grad", lambda channels, dtype: channels >= 128)
+    transposed = cls is StridedConvTranspose2d
+    c_in, c_out, size = (cout, cin, 2 * height) if transposed else (cin, cout, height)  # the convolution's view
+    conv.set_rewrites({("dilated", torch.float64, c_in, c_out, size): True})
     fast, ref = _pair(cls, cin, cout, torch.float64, memory_format)
     x = _input(cin, height, torch.float64, memory_format)
     calls = []
@@ -215,40 +219,48 @@ def test_kernel_functions_fall_back_to_the_reference_off_cpu(fn, weight_shape, h
     assert ("StridedConv" in type(cpu.grad_fn).__name__) == strided  # on the CPU the rewrite runs
 
 
-def test_a_measured_verdict_switches_a_rewrite_per_dtype_within_its_rule():
-    """set_rewrites: a rewrite measured slower is not used (torch's form exactly, bit for bit), one measured faster
-    is used even outside its rule's dtypes (the dilated weight gradient in fp32), the channel rule still bounds
-    both, None forgets (the rule again), and the other dtype keeps its rule."""
+def test_a_recorded_verdict_switches_a_rewrite_per_layer_shape_and_dtype_within_its_bounds():
+    """set_rewrites: a layer whose rewrite was measured slower computes torch's form exactly (bit for bit); one
+    measured faster uses it even outside its rule's dtypes (the dilated weight gradient in fp32); another shape or
+    dtype keeps its rule; the channel bounds hold whatever is recorded; None forgets (the rule again)."""
     def fn_name(layer, cin, height, amp=False):
         with torch.autocast("cpu", torch.bfloat16, enabled=amp):
             return type(layer(_input(cin, height).requires_grad_(True)).grad_fn).__name__
 
-    grad_out = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(3))
+    grad_out = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(3))  # a conv 1 -> 8 at 8 px
     weight = torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(4))
     reference = torch.nn.functional.conv_transpose2d(grad_out, weight, stride=2, padding=1)
     assert not torch.equal(conv_input_grad(grad_out, weight), reference)  # the rule: space-to-depth (fp32 rounding)
-    conv.set_rewrites({("space_to_depth", torch.float32): False})
+    conv.set_rewrites({("space_to_depth", torch.float32, 1, 8, 8): False})
     assert torch.equal(conv_input_grad(grad_out, weight), reference)
-    assert "StridedConv" not in fn_name(StridedConv2d(1, 8, "fast"), 1, 8)  # nothing left to rewrite in fp32
-    assert conv.rewrite_enabled("space_to_depth", torch.bfloat16)  # bf16 keeps its rule
-    conv.set_rewrites({("space_to_depth", torch.float32): None})
-    assert conv.rewrite_enabled("space_to_depth", torch.float32)
+    assert "StridedConv" not in fn_name(StridedConv2d(1, 8, "fast"), 1, 8)  # nothing left to rewrite there
+    assert "StridedConv" in fn_name(StridedConv2d(1, 8, "fast"), 1, 16)  # 16 px: not measured, the rule
+    assert conv.rewrite_enabled("space_to_depth", torch.bfloat16, 1, 8, 8)  # bf16 keeps its rule
+    conv.set_rewrites({("space_to_depth", torch.float32, 1, 8, 8): None})
+    assert conv.rewrite_enabled("space_to_depth", torch.float32, 1, 8, 8)
 
     assert "StridedConv" not in fn_name(StridedConv2d(128, 8, "fast"), 128, 8)  # fp32: the rule says torch's
-    conv.set_rewrites({("dilated", torch.float32): True})
+    conv.set_rewrites({("dilated", torch.float32, 128, 8, 8): True})
     assert "StridedConv" in fn_name(StridedConv2d(128, 8, "fast"), 128, 8)
-    assert "StridedConv" not in fn_name(StridedConv2d(64, 8, "fast"), 64, 8)  # below the channel rule
-    conv.set_rewrites({("dilated", torch.bfloat16): False})
+    # a transposed layer 8 -> 128 from 4 px is the convolution 128 -> 8 at 8 px: the same verdict
+    assert "StridedConvTranspose" in fn_name(StridedConvTranspose2d(8, 128, "fast"), 8, 4)
+    conv.set_rewrites({("dilated", torch.bfloat16, 128, 8, 8): False})
     assert "StridedConv" not in fn_name(StridedConv2d(128, 8, "fast"), 128, 8, amp=True)
     with pytest.raises(ValueError, match="rewrite must be one of space_to_depth, dilated"):
-        conv.set_rewrites({("winograd", torch.float32): True})
+        conv.set_rewrites({("winograd", torch.float32, 1, 8, 8): True})
+    conv.set_rewrites({("dilated", torch.float32, 64, 8, 8): True})  # below its bound: never used
+    assert not conv.rewrite_enabled("dilated", torch.float32, 64, 8, 8)
+    assert [conv.conv_view((2, 8, 4, 4), (8, 128, 4, 4), True), conv.conv_view((2, 128, 8, 8), (8, 128, 4, 4), False)] \
+        == [(128, 8, 8), (128, 8, 8)]
 
 
 def test_a_rewrite_switched_on_by_measurement_is_still_exact_in_float64():
-    """The fp32 dilated weight gradient, which only a probe turns on: through the layer in float64 it matches torch."""
-    conv.set_rewrites({("dilated", torch.float64): True})
+    """The fp32-style dilated weight gradient, which only a probe turns on: through the layer in float64 it
+    matches torch."""
+    conv.set_rewrites({("dilated", torch.float64, 128, 8, 8): True})
     fast, ref = _pair(StridedConv2d, 128, 8, torch.float64)
     x = _input(128, 8, torch.float64)
+    assert "StridedConv" in type(fast(x.requires_grad_(True)).grad_fn).__name__
     for got, want in zip(_grads(fast, x), _grads(ref, x)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
@@ -272,11 +284,10 @@ def test_measure_rewrite_reports_the_median_of_the_timed_calls_after_warm_up():
     """reps=4: one untimed warm-up call of each (100 and 900 ms here), then medians by hand: (1, 3, 2, 10) -> 2.5
     and (5, 4, 6, 50) -> 5.5."""
     clock = _Clock([100, 1, 3, 2, 10], [900, 5, 4, 6, 50])
-    rewrite_ms, torch_ms = conv.measure_rewrite("space_to_depth", torch.float32, reps=4, shape=(2, 1, 4, 8),
-                                                timer=clock)
+    rewrite_ms, torch_ms = conv.measure_rewrite("space_to_depth", torch.float32, (2, 1, 4, 8), reps=4, timer=clock)
     assert (rewrite_ms, torch_ms) == pytest.approx((2.5, 5.5)) and clock.pending == []
     clock = _Clock([1, 7, 7, 7], [1, 2, 2, 2])
-    assert conv.measure_rewrite("dilated", torch.bfloat16, reps=3, shape=(2, 8, 4, 8), timer=clock) == \
+    assert conv.measure_rewrite("dilated", torch.bfloat16, (2, 8, 4, 8), reps=3, timer=clock) == \
         pytest.approx((7.0, 2.0))
     with pytest.raises(ValueError, match="rewrite must be one of"):
-        conv.measure_rewrite("im2col", torch.float32)
+        conv.measure_rewrite("im2col", torch.float32, (2, 1, 4, 8))

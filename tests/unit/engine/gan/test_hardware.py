@@ -87,17 +87,17 @@ def test_counting_flops_leaves_the_global_random_state_as_it_was() -> None:
 
 @pytest.fixture
 def rewrite_rounds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """Scripted rounds of the rewrite probe: ``script[(name, dtype)]`` is a list of (rewrite_ms, torch_ms) handed
-    out in order; every call is logged. The cache in tmp_path; the kernels' record reset before and after."""
+    """Scripted rounds of the rewrite probe: ``script[(name, dtype, shape)]`` is a list of (rewrite_ms, torch_ms)
+    handed out in order; every call is logged. The cache in tmp_path; the kernels' record reset before and after."""
     from gantrain.kernels import conv
 
     monkeypatch.setenv("GANTRAIN_CACHE", str(tmp_path / "cache"))
     script: dict = {}
     calls: list = []
 
-    def measure(name, dtype, *, channels_last=True, **_):
-        calls.append((name, dtype, channels_last))
-        return script[(name, dtype)].pop(0)
+    def measure(name, dtype, shape, *, channels_last=True, **_):
+        calls.append((name, dtype, tuple(shape), channels_last))
+        return script[(name, dtype, tuple(shape))].pop(0)
 
     monkeypatch.setattr(conv, "measure_rewrite", measure)
     conv.reset_rewrites()
@@ -105,61 +105,93 @@ def rewrite_rounds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     conv.reset_rewrites()
 
 
-def test_each_rewrite_is_used_where_every_round_found_it_faster(rewrite_rounds, tmp_path: Path) -> None:
-    """bf16: space-to-depth slower in both rounds -> off; dilated faster in both -> on. fp32: space-to-depth rounds
-    disagree -> its rule (on in every dtype); dilated faster in both -> on, although its rule says bf16 only. The
-    record gives each round's mean; the next process reads the verdicts from the cache without measuring, and a
-    fresh probe measures again."""
+S2D, WIDE, MIDDLE = (128, 1, 64, 32), (128, 128, 256, 8), (128, 64, 128, 16)  # (batch, c_in, c_out, size)
+
+
+def test_each_layer_uses_a_rewrite_where_every_round_found_it_faster(rewrite_rounds, tmp_path: Path) -> None:
+    """bf16: space-to-depth slower in both rounds -> off; dilated faster in both -> on; the middle layer is in
+    neither rewrite's bounds, so nothing is timed for it. fp32: space-to-depth rounds disagree -> its rule (on in
+    every dtype); dilated faster in both -> on, although its rule says bf16 only. The record gives the mean of the
+    rounds; the next process reads the verdicts from the cache without measuring; fresh measures those layers
+    again and keeps the file's other entries."""
     from gantrain.kernels import conv
 
     script, calls = rewrite_rounds
-    script.update({("space_to_depth", torch.bfloat16): [(5.0, 4.0), (4.4, 4.0)],
-                   ("dilated", torch.bfloat16): [(7.0, 9.4), (7.2, 9.0)],
-                   ("space_to_depth", torch.float32): [(1.0, 2.0), (3.0, 2.0)],
-                   ("dilated", torch.float32): [(20.0, 30.0), (21.0, 30.0)]})
-    record = hardware.layer_rewrites(torch.bfloat16, True)
+    script.update({("space_to_depth", torch.bfloat16, S2D): [(5.0, 4.0), (4.4, 4.0)],
+                   ("dilated", torch.bfloat16, WIDE): [(7.0, 9.4), (7.2, 9.0)],
+                   ("space_to_depth", torch.float32, S2D): [(1.0, 2.0), (3.0, 2.0)],
+                   ("dilated", torch.float32, WIDE): [(20.0, 30.0), (21.0, 30.0)]})
+    record = hardware.layer_rewrites(torch.bfloat16, True, [S2D, MIDDLE, WIDE])
     assert record["dtype"] == "bf16" and record["layout"] == "channels-last"
-    assert record["rewrites"]["space_to_depth"] == {"rewrite_ms": 4.7, "torch_ms": 4.0, "used": False,
-                                                    "why": "slower than torch's"}
-    assert record["rewrites"]["dilated"]["used"] and record["rewrites"]["dilated"]["rewrite_ms"] == 7.1
+    assert record["layers"][0] == {"rewrite": "space_to_depth", "shape": list(S2D), "rewrite_ms": 4.7,
+                                   "torch_ms": 4.0, "used": False, "why": "slower than torch's"}
+    assert [(r["rewrite"], r["used"], r["rewrite_ms"]) for r in record["layers"]] == \
+        [("space_to_depth", False, 4.7), ("dilated", True, 7.1)]
     assert record["source"].startswith("measured now, kept in ")
-    assert (conv.rewrite_enabled("space_to_depth", torch.bfloat16), conv.rewrite_enabled("dilated", torch.bfloat16)) \
-        == (False, True)
-    record = hardware.layer_rewrites(torch.float32, False)
+    assert not conv.rewrite_enabled("space_to_depth", torch.bfloat16, 1, 64, 32)
+    assert conv.rewrite_enabled("dilated", torch.bfloat16, 128, 256, 8)
+    assert conv.rewrite_enabled("space_to_depth", torch.bfloat16, 1, 64, 16)  # another layer: its rule
+    record = hardware.layer_rewrites(torch.float32, False, [S2D, WIDE])
     assert record["layout"] == "NCHW"
-    assert record["rewrites"]["space_to_depth"]["used"] is True  # the rule, the rounds disagreeing
-    assert record["rewrites"]["space_to_depth"]["why"] == "the rounds disagreed: its rule decides"
-    assert record["rewrites"]["dilated"]["used"] is True and conv.rewrite_enabled("dilated", torch.float32)
+    assert record["layers"][0]["used"] is True  # the rule, the rounds disagreeing
+    assert record["layers"][0]["why"] == "the rounds disagreed: its rule decides"
+    assert record["layers"][1]["used"] is True and conv.rewrite_enabled("dilated", torch.float32, 128, 256, 8)
     assert len(calls) == 8 and all(script[k] == [] for k in script)
     assert hardware.describe_rewrites(record) == (
-        "fast layers on this CPU (fp32, NCHW): space-to-depth 2 vs torch 2 ms, used (the rounds disagreed: its rule "
-        f"decides); dilated 20 vs torch 30 ms, used ({record['source']})")
+        "fast layers on this CPU (fp32, NCHW), each rewrite against torch's: space-to-depth 1->64 at 32 px 2 vs 2 "
+        "ms, used (the rounds disagreed: its rule decides); dilated 128->256 at 8 px 20.5 vs 30 ms, used "
+        f"({record['source']})")
 
     conv.reset_rewrites()  # a new process: the verdicts come from the cache
-    again = hardware.layer_rewrites(torch.bfloat16, True)
-    assert len(calls) == 8 and again["rewrites"] == hardware.layer_rewrites(torch.bfloat16, True)["rewrites"]
-    assert again["source"] == f"kept in {tmp_path / 'cache' / 'device'}"
-    assert not conv.rewrite_enabled("space_to_depth", torch.bfloat16)
-    script.update({("space_to_depth", torch.bfloat16): [(1.0, 4.0), (1.0, 4.0)],
-                   ("dilated", torch.bfloat16): [(9.0, 7.0), (9.0, 7.0)]})
-    fresh = hardware.layer_rewrites(torch.bfloat16, True, fresh=True)
-    assert len(calls) == 12 and [r["used"] for r in fresh["rewrites"].values()] == [True, False]
+    again = hardware.layer_rewrites(torch.bfloat16, True, [S2D, WIDE])
+    assert len(calls) == 8 and again["source"] == f"kept in {tmp_path / 'cache' / 'device'}"
+    assert not conv.rewrite_enabled("space_to_depth", torch.bfloat16, 1, 64, 32)
+    script.update({("dilated", torch.bfloat16, WIDE): [(9.0, 7.0), (9.0, 7.0)]})
+    fresh = hardware.layer_rewrites(torch.bfloat16, True, [WIDE], fresh=True)
+    assert len(calls) == 10 and [r["used"] for r in fresh["layers"]] == [False]
+    kept = json.loads(hardware._cache_file(CPU, "rewrites").read_text())
+    assert len(kept) == 4  # the fp32 and space-to-depth entries survived the fresh probe
 
 
-def test_an_unreadable_or_unwritable_rewrite_cache_costs_a_probe_not_the_run(rewrite_rounds, tmp_path: Path,
-                                                                            monkeypatch) -> None:
+@pytest.mark.parametrize("entry", ["{not json", json.dumps({"x": 1}), "ROUNDS"])
+@pytest.mark.parametrize("rounds", [[[1, 2]], [[1, 2, 3], [1, 2]], [["5", "4"], [5, 4]], [[True, 2], [1, 2]],
+                                    [[float("nan"), 2], [1, 2]], [1, 2], "rounds"])
+def test_a_broken_rewrite_cache_costs_a_probe_not_the_run(rewrite_rounds, tmp_path: Path, entry, rounds) -> None:
+    """A file that is not JSON, or an entry of another form (one round, a triple, strings, a bool, NaN, not a list of
+    pairs), is measured again and mended."""
     script, calls = rewrite_rounds
-    folder = tmp_path / "cache" / "device"
-    folder.mkdir(parents=True)
     path = hardware._cache_file(CPU, "rewrites")
-    path.write_text("{not json")
-    script.update({(name, torch.bfloat16): [(1.0, 2.0)] * 2 for name in ("space_to_depth", "dilated")})
-    assert all(r["used"] for r in hardware.layer_rewrites(torch.bfloat16, True)["rewrites"].values())
-    assert len(calls) == 4 and json.loads(path.read_text())  # measured, and the file mended
+    path.parent.mkdir(parents=True)
+    key = f"dilated|bf16|channels-last|{'x'.join(map(str, WIDE))}"
+    path.write_text(json.dumps({key: {"rounds": rounds}}) if entry == "ROUNDS" else entry)
+    script[("dilated", torch.bfloat16, WIDE)] = [(1.0, 2.0)] * 2
+    assert hardware.layer_rewrites(torch.bfloat16, True, [WIDE])["layers"][0]["used"]
+    assert len(calls) == 1 * hardware.REWRITE_ROUNDS
+    assert json.loads(path.read_text())[key] == {"rounds": [[1.0, 2.0]] * 2}
+
+
+def test_an_unwritable_rewrite_cache_costs_the_next_process_a_probe(rewrite_rounds, monkeypatch) -> None:
+    script, calls = rewrite_rounds
 
     def refuse(*args, **kwargs):
         raise OSError(30, "Read-only file system")
 
     monkeypatch.setattr(hardware, "atomic_write_text", refuse)
-    script.update({(name, torch.float32): [(1.0, 2.0)] * 2 for name in ("space_to_depth", "dilated")})
-    assert hardware.layer_rewrites(torch.float32, True)["rewrites"]["dilated"]["used"]
+    script[("dilated", torch.float32, WIDE)] = [(1.0, 2.0)] * 4
+    assert hardware.layer_rewrites(torch.float32, True, [WIDE])["layers"][0]["used"]
+    assert hardware.layer_rewrites(torch.float32, True, [WIDE])["source"].startswith("measured now")
+    assert len(calls) == 4
+
+
+def test_layer_shapes_are_each_strided_layer_as_a_convolution() -> None:
+    """fashion32 (ngf 64, ndf 64, 32 px, 1 channel) at batch 128, worked out by hand: G's transposed layers
+    256->128 (4->8 px), 128->64 (8->16), 64->1 (16->32) are the convolutions 128->256 at 8, 64->128 at 16, 1->64
+    at 32; D's 1->64 at 32, 64->128 at 16, 128->256 at 8 are the same three."""
+    from gantrain.engine.config import preset
+
+    cfg = preset("fashion32")
+    assert (cfg.model.ngf, cfg.model.ndf, cfg.data.image_size) == (64, 64, 32)
+    assert hardware.layer_shapes(cfg.model, 32, 1, 128) == [(128, 128, 256, 8), (128, 64, 128, 16), (128, 1, 64, 32)]
+    half = preset("fashion32-tuned")  # ndf 32: D's layers differ from G's
+    assert hardware.layer_shapes(half.model, 32, 1, 64) == [(64, 128, 256, 8), (64, 64, 128, 16), (64, 1, 64, 32),
+                                                            (64, 1, 32, 32), (64, 32, 64, 16), (64, 64, 128, 8)]

@@ -90,27 +90,43 @@ def test_a_range_the_run_does_not_reach_is_said_and_a_stop_inside_it_writes_what
 
 
 def test_a_cpu_run_says_which_layer_rewrites_its_probe_chose(tiny_cfg, quiet_console, monkeypatch) -> None:
-    """Fast layers on the CPU: the run measures each rewrite in its compute dtype and layout (scripted here: the
-    space-to-depth input gradient slower, the dilated weight gradient faster) and train.log says so in one line;
-    the process then computes that way. A run of torch's layers (--layer-impl aten) measures nothing."""
+    """Fast layers on the CPU: the run times each rewrite within its bounds at its layers' shapes, in its compute
+    dtype and layout (scripted here: the space-to-depth input gradient slower, the dilated weight gradient
+    faster), says so in one line of train.log, and then computes that way. tiny_cfg: width 16 at 32 px, 1 channel,
+    batch 32: G's 32->16, 16->1 and D's 1->16, 16->32 layers; only the 1-channel convolution is in a bound (no
+    layer has 128 channels). A run of torch's layers (--layer-impl aten) measures nothing; a probe that fails
+    leaves the rules, and the run goes on."""
     from gantrain.kernels import conv
 
     monkeypatch.setenv("GANTRAIN_CACHE", str(Path(tiny_cfg().run_dir).parent / "cache"))
-    rounds = {"space_to_depth": (3.0, 2.0), "dilated": (20.0, 30.0)}
     calls = []
-    monkeypatch.setattr(conv, "measure_rewrite", lambda name, dtype, channels_last=True, **_: calls.append(
-        (name, dtype, channels_last)) or rounds[name])
+
+    def measure(name, dtype, shape, channels_last=True, **_):
+        calls.append((name, dtype, tuple(shape), channels_last))
+        return (3.0, 2.0) if name == "space_to_depth" else (20.0, 30.0)
+
+    monkeypatch.setattr(conv, "measure_rewrite", measure)
     conv.reset_rewrites()
     try:
         Trainer(tiny_cfg("aten", layer_impl="aten", max_steps=1), console=quiet_console).fit()
         assert calls == []
         cfg = tiny_cfg("fast", max_steps=1, channels_last=True)
         Trainer(cfg, console=quiet_console).fit()
-        assert calls == [("space_to_depth", torch.float32, True)] * 2 + [("dilated", torch.float32, True)] * 2
+        assert calls == [("space_to_depth", torch.float32, (32, 1, 16, 32), True)] * 2
         log = " ".join((cfg.run_dir / "train.log").read_text().split())
-        assert ("fast layers on this CPU (fp32, channels-last): space-to-depth 3 vs torch 2 ms, not used; dilated "
-                "20 vs torch 30 ms, used (measured now, kept in ") in log
-        assert not conv.rewrite_enabled("space_to_depth", torch.float32)
-        assert conv.rewrite_enabled("dilated", torch.float32)
+        assert ("fast layers on this CPU (fp32, channels-last), each rewrite against torch's: space-to-depth 1->16 "
+                "at 32 px 3 vs 2 ms, not used (measured now, kept in ") in log
+        assert not conv.rewrite_enabled("space_to_depth", torch.float32, 1, 16, 32)
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("oneDNN said no")
+
+        monkeypatch.setattr(conv, "measure_rewrite", broken)
+        cfg = tiny_cfg("broken", max_steps=1, channels_last=False)
+        assert Trainer(cfg, console=quiet_console).fit().steps == 1
+        log = " ".join((cfg.run_dir / "train.log").read_text().split())
+        assert ("fast layers on this CPU (fp32, NCHW), each rewrite against torch's: no layer timed (the "
+                "rules, not measured: RuntimeError: oneDNN said no)") in log
+        assert conv.rewrite_enabled("space_to_depth", torch.float32, 1, 16, 32)  # the rule again
     finally:
         conv.reset_rewrites()
