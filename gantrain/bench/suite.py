@@ -58,8 +58,9 @@ def run_suite(cfg: Config, *, rows: list[BenchRow], timing: dict, peak_override:
     # measured anew (the runs after this one read it from the cache, so their MFU divides by the same peak)
     peaks = device_peaks(device, peak_override, probe=BENCH_PROBE, fresh=True).to_dict()
     bf16, why = bf16_faster(device)
-    # the fast-layer rows compute in --amp auto's dtype, channels-last: their layers' rewrites measured anew here,
-    # read from the cache by every row's worker, which reports what it ran with (a DDP row's threads differ)
+    # the default's fast-layer rows compute in --amp auto's dtype, channels-last: their layers' rewrites measured
+    # anew here and read from the cache by those rows' workers; each row reports what it ran with (a DDP row's
+    # threads, or the forced-bf16 row's dtype, key other entries, which its worker measures itself)
     fast_rows = any(row.kind == "engine" and row.changes.get("layer_impl", cfg.perf.layer_impl) == "fast"
                     for row in rows)
     shapes = layer_shapes(cfg.model, cfg.data.image_size, cfg.data.channels, cfg.data.batch_size) \

@@ -394,7 +394,7 @@ def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: in
     if baseline_from is not None:
         same_extractor(baseline_from, extractor, console)
     make_folder(out, "--out")
-    prepare_rewrites(contenders, device)
+    rewrites = prepare_rewrites(contenders, device, console)
     for c in contenders:
         omitted = plain_loop_omits(c.cfg) if c.kind == "baseline" else []
         if omitted:
@@ -402,7 +402,7 @@ def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: in
                           f"{base.preset}'s recipe", soft_wrap=True)
     report = {"system": system, "device": str(device), "preset": base.preset, "targets": list(targets),
               "seeds": seeds, "baseline_seeds": baseline_seeds or seeds, "stop_when_reached": stop_when_reached,
-              "budget_epochs": budget_epochs, **spec, "extractor": extractor,
+              "budget_epochs": budget_epochs, **spec, "extractor": extractor, "layer_rewrites": rewrites,
               "contenders": [{"name": c.name, "kind": c.kind, "budget_epochs": budget, "config": c.cfg.to_dict(),
                               "runs": []} for c, budget in zip(contenders, budgets)]}
     for i, (runs, source) in reused.items():
@@ -434,15 +434,17 @@ def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: in
     return finish_report(report, out, console, json_path)
 
 
-def prepare_rewrites(contenders: Sequence[Contender], device) -> None:
+def prepare_rewrites(contenders: Sequence[Contender], device, console: Console) -> dict:
     """Measures (or reads from the cache) the CPU layer rewrites of every gantrain contender before any clock, so
-    no run counts the probe as training time; each says its choice in one line."""
-    from gantrain.engine import PrecisionPolicy
-    from gantrain.engine import choose_rewrites, has_cpu_rewrites
+    no run counts the probe as training time; one console line each. Returns ``{contender name: record}``."""
+    from gantrain.engine import PrecisionPolicy, choose_rewrites, describe_rewrites, has_cpu_rewrites
 
+    records = {}
     for c in contenders:
         if c.kind == "engine" and has_cpu_rewrites(c.cfg, device):
-            choose_rewrites(c.cfg, PrecisionPolicy(device, c.cfg.perf.amp, c.cfg.perf.channels_last))
+            records[c.name] = choose_rewrites(c.cfg, PrecisionPolicy(device, c.cfg.perf.amp, c.cfg.perf.channels_last))
+            console.print(f"{c.name}: {describe_rewrites(records[c.name])}", soft_wrap=True)
+    return records
 
 
 #: The parts of the tutorial contender's config that decide what it trains (data_root may be spelt differently).

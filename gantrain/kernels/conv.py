@@ -168,8 +168,8 @@ def _space_to_depth(grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
 def conv_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The gradient of ``conv2d(x, weight, stride=2, padding=1)`` (4x4 kernel) with respect to ``weight``.
 
-    From 128 input channels up, in a dtype where it is enabled (bf16 by rule): :func:`dilated_weight_grad`;
-    otherwise torch's.
+    From 128 input channels up, where this layer's recorded verdict says so (:func:`set_rewrites`; else in bf16, by
+    rule): :func:`dilated_weight_grad`; otherwise torch's.
     """
     if not _dilated_weight_grad(x, weight):
         return _aten_conv_grads(x, grad_out, weight, False, True)[1]
@@ -275,8 +275,9 @@ def strided_conv2d(x: torch.Tensor, weight: torch.Tensor, impl: str = "fast") ->
 def strided_conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, impl: str = "fast") -> torch.Tensor:
     """``conv_transpose2d(x, weight, stride=2, padding=1)``, 4x4 kernel: (N, C_in, H, W) -> (N, C_out, 2H, 2W).
 
-    ``fast`` on CPU, where a rewrite applies (decided by C_out, the channels its weight maps from when read
-    as a convolution's): :class:`_StridedConvTranspose`; elsewhere the reference.
+    ``fast`` on CPU, where a rewrite applies to the layer read as a convolution (:func:`rewrites_apply`: its
+    :func:`conv_view`, compute dtype, recorded verdict and what the call needs): :class:`_StridedConvTranspose`;
+    elsewhere the reference.
     """
     if check_impl(impl) == "aten" or x.device.type != "cpu" or not rewrites_apply(x, weight, transposed=True):
         return F.conv_transpose2d(x, weight, stride=2, padding=1)

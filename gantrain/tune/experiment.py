@@ -26,7 +26,7 @@ from rich.console import Console
 
 from gantrain.engine import (Config, ConfigError, GantrainError, IDX_DATASETS, PrecisionPolicy, atomic_write_text,
                              build_models, choose_rewrites, data_root, ensure_idx_files, evaluate_generator,
-                             has_cpu_rewrites, load_toml, log, override, pick_device, refuse_unplaceable,
+                             has_cpu_rewrites, load_toml, log, override, refuse_unplaceable,
                              setup_logging, to_toml)
 from gantrain.tune.results import Outcome, summarise
 from gantrain.tune.settings import TuneSettings, load_settings
@@ -148,9 +148,13 @@ def warm_metrics(cfg: Config) -> float:
 
 
 def warm_rewrites(cfg: Config, settings: TuneSettings) -> None:
-    """On a CPU, the fast layers' rewrite probe (:func:`~gantrain.engine.choose_rewrites`) measured here once with
-    a trial's threads, before trials start: trials starting together would each time them on shared cores."""
-    device = pick_device(cfg.run.device)
+    """For CPU trials, the fast layers' rewrite probe (:func:`~gantrain.engine.choose_rewrites`) measured here once
+    with a trial's threads at the base config's shapes, before trials start: trials starting together would each
+    time them on shared cores. A trial whose searched values change a layer's shape, its dtype or layout (a width,
+    the batch size, --amp) still times its own at its start."""
+    if settings.gpus_per_trial > 0:  # the trials' device, as trial_config sets it
+        return
+    device = torch.device("cpu")
     if not has_cpu_rewrites(cfg, device):
         return
     saved = torch.get_num_threads()

@@ -114,10 +114,11 @@ def test_bench_quick_writes_reports(cli, tmp_path, train_root):
         assert r["rewrite_ms"] > 0 and r["torch_ms"] > 0 and isinstance(r["used"], bool)
         if not r["why"].startswith("the rounds disagreed"):
             assert r["used"] == (r["why"] == "faster than torch's")
-    # the row ran with what the cache then held: the parent's verdicts
+    # the row ran with what the cache then held: the parent's measurement, not one of its own
     row = next(r for r in report["results"] if r["name"] == "all, no compile")
-    assert [[(x["rewrite"], x["used"]) for x in ran["layers"]] for ran in row["layer_rewrites"]] == \
-        [[(r["rewrite"], r["used"]) for r in rewrites["layers"]]] * row["passes"]
+    assert [[(x["rewrite"], x["used"], x["rewrite_ms"]) for x in ran["layers"]] for ran in row["layer_rewrites"]] == \
+        [[(r["rewrite"], r["used"], r["rewrite_ms"]) for r in rewrites["layers"]]] * row["passes"]
+    assert all(ran["source"].startswith("kept in ") for ran in row["layer_rewrites"])
     assert set(report["system"]["cpu_features"]) == {"isa", "amx_tile", "avx512_bf16"}
     # --profile: five more steps per row after its timing, a trace and a top-ops table each
     for slug, phases in (("baseline-tutorial-loop", set()), ("all-no-compile", {"d_step", "g_step"})):

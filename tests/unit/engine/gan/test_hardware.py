@@ -153,17 +153,21 @@ def test_each_layer_uses_a_rewrite_where_every_round_found_it_faster(rewrite_rou
     assert len(kept) == 4  # the fp32 and space-to-depth entries survived the fresh probe
 
 
-@pytest.mark.parametrize("entry", ["{not json", json.dumps({"x": 1}), "ROUNDS"])
-@pytest.mark.parametrize("rounds", [[[1, 2]], [[1, 2, 3], [1, 2]], [["5", "4"], [5, 4]], [[True, 2], [1, 2]],
-                                    [[float("nan"), 2], [1, 2]], [1, 2], "rounds"])
-def test_a_broken_rewrite_cache_costs_a_probe_not_the_run(rewrite_rounds, tmp_path: Path, entry, rounds) -> None:
-    """A file that is not JSON, or an entry of another form (one round, a triple, strings, a bool, NaN, not a list of
-    pairs), is measured again and mended."""
+KEY = f"dilated|bf16|channels-last|{'x'.join(map(str, WIDE))}"
+
+
+@pytest.mark.parametrize("text", ["{not json", json.dumps([1, 2]), json.dumps({KEY: 1}),
+                                  *[json.dumps({KEY: {"rounds": rounds}}) for rounds in (
+                                      [[1, 2]], [[1, 2, 3], [1, 2]], [["5", "4"], [5, 4]], [[True, 2], [1, 2]],
+                                      [[1e999, 2], [1, 2]], [[-1, 2], [1, 2]], [1, 2], "rounds")]])
+def test_a_broken_rewrite_cache_costs_a_probe_not_the_run(rewrite_rounds, tmp_path: Path, text) -> None:
+    """A file that is not JSON or not a table, or an entry of another form (not a table, one round, a triple,
+    strings, a bool, infinity, a negative time, not a list of pairs), is measured again and mended."""
     script, calls = rewrite_rounds
     path = hardware._cache_file(CPU, "rewrites")
     path.parent.mkdir(parents=True)
-    key = f"dilated|bf16|channels-last|{'x'.join(map(str, WIDE))}"
-    path.write_text(json.dumps({key: {"rounds": rounds}}) if entry == "ROUNDS" else entry)
+    key = KEY
+    path.write_text(text)
     script[("dilated", torch.bfloat16, WIDE)] = [(1.0, 2.0)] * 2
     assert hardware.layer_rewrites(torch.bfloat16, True, [WIDE])["layers"][0]["used"]
     assert len(calls) == 1 * hardware.REWRITE_ROUNDS

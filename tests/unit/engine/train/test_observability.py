@@ -92,9 +92,9 @@ def test_a_range_the_run_does_not_reach_is_said_and_a_stop_inside_it_writes_what
 def test_a_cpu_run_says_which_layer_rewrites_its_probe_chose(tiny_cfg, quiet_console, monkeypatch) -> None:
     """Fast layers on the CPU: the run times each rewrite within its bounds at its layers' shapes, in its compute
     dtype and layout (scripted here: the space-to-depth input gradient slower, the dilated weight gradient
-    faster), says so in one line of train.log, and then computes that way. tiny_cfg: width 16 at 32 px, 1 channel,
-    batch 32: G's 32->16, 16->1 and D's 1->16, 16->32 layers; only the 1-channel convolution is in a bound (no
-    layer has 128 channels). A run of torch's layers (--layer-impl aten) measures nothing; a probe that fails
+    faster), says so in one line of train.log, and then computes that way. tiny_cfg: widths 16 at 32 px, 1
+    channel, batch 32: G's 64->32, 32->16, 16->1 and D's 1->16, 16->32, 32->64 strided layers; only the 1-channel
+    convolution (1->16 at 32 px, G's last read as one too) is in a bound (no layer has 128 channels). A run of torch's layers (--layer-impl aten) measures nothing; a probe that fails
     leaves the rules, and the run goes on."""
     from gantrain.kernels import conv
 
