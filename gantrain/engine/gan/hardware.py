@@ -165,11 +165,8 @@ _MEASURED: dict[Path, tuple[int, Peaks]] = {}  # cache file -> (probe size, peak
 
 
 def _read(path: Path) -> dict | None:
-    try:
-        stored = json.loads(path.read_text())
-        return stored if all(isinstance(stored.get(k), (int, float)) for k in ("fp32", "bf16", "fp16")) else None
-    except (OSError, ValueError, AttributeError):
-        return None
+    stored = _read_json(path)
+    return stored if stored and all(isinstance(stored.get(k), (int, float)) for k in ("fp32", "bf16", "fp16")) else None
 
 
 def bf16_faster(device: torch.device) -> tuple[bool, str]:
@@ -235,8 +232,7 @@ def layer_rewrites(dtype: torch.dtype, channels_last: bool, shapes: list[tuple[i
     JSON."""
     from gantrain.kernels import conv
 
-    name_of = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
-    layout = "channels-last" if channels_last else "NCHW"
+    name_of, layout = _labels(dtype, channels_last)
     path = _cache_file(torch.device("cpu"), "rewrites")
     stored = _read_json(path) or {}
     layers, measured = [], False
@@ -271,9 +267,13 @@ def rules_only(dtype: torch.dtype, channels_last: bool, why: str) -> dict:
     from gantrain.kernels import conv
 
     conv.reset_rewrites()
-    return {"dtype": _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")),
-            "layout": "channels-last" if channels_last else "NCHW",
-            "source": f"the rules, not measured: {why}", "layers": []}
+    name_of, layout = _labels(dtype, channels_last)
+    return {"dtype": name_of, "layout": layout, "source": f"the rules, not measured: {why}", "layers": []}
+
+
+def _labels(dtype: torch.dtype, channels_last: bool) -> tuple[str, str]:
+    """A record's (and the cache key's) names of a compute dtype and layout: ("bf16", "channels-last")."""
+    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")), "channels-last" if channels_last else "NCHW"
 
 
 def describe_rewrites(record: dict) -> str:
