@@ -289,8 +289,12 @@ def measure_rewrite(name: str, dtype: torch.dtype, shape: tuple[int, int, int, i
                     reps: int = 7, timer=None) -> tuple[float, float]:
     """Median milliseconds of rewrite ``name`` and of the torch (oneDNN) computation it replaces, in ``dtype`` on
     the CPU, for a layer of ``shape`` = (batch, conv input channels, conv output channels, input size) in the
-    convolution's view: ``(rewrite_ms, torch_ms)``. The two alternate, after one untimed call of each; ``timer``
-    (seconds; default ``time.perf_counter``) is for tests. Raises ValueError for an unknown name."""
+    convolution's view: ``(rewrite_ms, torch_ms)``. Each side is what a training step computes with it: an input
+    gradient alone for space-to-depth (a transposed layer's forward, or D's first layer in G's step); for the
+    dilated weight gradient, a layer that also needs its input gradient: torch's input gradient plus the rewrite
+    against torch's one call computing both (timed alone, oneDNN's weight gradient was seen taking up to twice
+    its share of that call). The two alternate, after one untimed call of each; ``timer`` (seconds; default
+    ``time.perf_counter``) is for tests. Raises ValueError for an unknown name."""
     import statistics
     import time
 
@@ -309,8 +313,8 @@ def measure_rewrite(name: str, dtype: torch.dtype, shape: tuple[int, int, int, i
         forms = (lambda: _space_to_depth(grad_out, weight),
                  lambda: F.conv_transpose2d(grad_out, weight, stride=2, padding=1))
     else:
-        forms = (lambda: dilated_weight_grad(x, grad_out, weight),
-                 lambda: _aten_conv_grads(x, grad_out, weight, False, True)[1])
+        forms = (lambda: (_aten_conv_grads(x, grad_out, weight, True, False), dilated_weight_grad(x, grad_out, weight)),
+                 lambda: _aten_conv_grads(x, grad_out, weight, True, True))
     times: tuple[list[float], list[float]] = ([], [])
     with torch.no_grad():
         for rep in range(reps + 1):

@@ -184,6 +184,9 @@ def bf16_faster(device: torch.device) -> tuple[bool, str]:
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 #: Rounds of :func:`~gantrain.kernels.conv.measure_rewrite` per layer; a verdict must agree in all of them.
 REWRITE_ROUNDS = 2
+#: What the cached rounds timed; entries of an older probe are measured again. 2: the dilated weight gradient
+#: beside torch's input gradient against torch's one call for both (1, unmarked: the weight gradient alone).
+REWRITE_PROBE_FORM = 2
 
 
 def layer_shapes(model: ModelConfig, image_size: int, channels: int, batch: int) -> list[tuple[int, int, int, int]]:
@@ -211,9 +214,10 @@ def layer_shapes(model: ModelConfig, image_size: int, channels: int, batch: int)
 
 
 def _valid_rounds(entry) -> bool:
-    """A cache entry as :func:`layer_rewrites` writes it: REWRITE_ROUNDS pairs of positive finite milliseconds."""
+    """A cache entry as :func:`layer_rewrites` writes it: REWRITE_ROUNDS pairs of positive finite milliseconds, of
+    this probe's form (:data:`REWRITE_PROBE_FORM`)."""
     rounds = entry.get("rounds") if isinstance(entry, dict) else None
-    return (isinstance(rounds, list) and len(rounds) == REWRITE_ROUNDS
+    return (isinstance(rounds, list) and entry.get("form") == REWRITE_PROBE_FORM and len(rounds) == REWRITE_ROUNDS
             and all(isinstance(r, list) and len(r) == 2 and all(type(v) in (int, float) and 0 < v < float("inf")
                                                                   for v in r) for r in rounds))
 
@@ -240,7 +244,8 @@ def layer_rewrites(dtype: torch.dtype, channels_last: bool, shapes: list[tuple[i
         for rewrite in (r for r in conv.REWRITES if conv.in_bounds(r, shape[1])):
             key = f"{rewrite}|{name_of}|{layout}|{'x'.join(map(str, shape))}"
             if fresh or not _valid_rounds(stored.get(key)):
-                stored[key] = {"rounds": [list(conv.measure_rewrite(rewrite, dtype, shape, channels_last=channels_last))
+                stored[key] = {"form": REWRITE_PROBE_FORM,
+                               "rounds": [list(conv.measure_rewrite(rewrite, dtype, shape, channels_last=channels_last))
                                           for _ in range(REWRITE_ROUNDS)]}
                 measured = True
             rounds = stored[key]["rounds"]

@@ -291,3 +291,20 @@ def test_measure_rewrite_reports_the_median_of_the_timed_calls_after_warm_up():
         pytest.approx((7.0, 2.0))
     with pytest.raises(ValueError, match="rewrite must be one of"):
         conv.measure_rewrite("im2col", torch.float32, (2, 1, 4, 8))
+
+
+def test_the_probe_times_each_rewrite_as_the_step_computes_the_layer(monkeypatch):
+    """The dilated weight gradient is timed with torch's input gradient beside it, against torch's one call for
+    both gradients (a layer in the step needs both); space-to-depth, an input gradient alone, against torch's
+    transposed convolution. The calls of one timed repetition, in order, worked out by hand."""
+    calls = []
+    aten, dilated = conv._aten_conv_grads, conv.dilated_weight_grad
+    monkeypatch.setattr(conv, "_aten_conv_grads", lambda x, g, w, want_x, want_w: calls.append(
+        ("aten", want_x, want_w)) or aten(x, g, w, want_x, want_w))
+    monkeypatch.setattr(conv, "dilated_weight_grad", lambda *a: calls.append(("dilated",)) or dilated(*a))
+    conv.measure_rewrite("dilated", torch.float32, (2, 8, 4, 8), reps=1)
+    rewrite, torch_form = [("aten", True, False), ("dilated",)], [("aten", True, True)]
+    assert calls == (rewrite + torch_form) * 2  # the untimed call of each, then one timed repetition
+    calls.clear()
+    conv.measure_rewrite("space_to_depth", torch.float32, (2, 1, 4, 8), reps=1)
+    assert calls == []  # neither of those: the rewrite's own transposed convolution against torch's

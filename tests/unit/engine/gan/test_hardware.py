@@ -157,12 +157,16 @@ KEY = f"dilated|bf16|channels-last|{'x'.join(map(str, WIDE))}"
 
 
 @pytest.mark.parametrize("text", ["{not json", json.dumps([1, 2]), json.dumps({KEY: 1}),
-                                  *[json.dumps({KEY: {"rounds": rounds}}) for rounds in (
-                                      [[1, 2]], [[1, 2, 3], [1, 2]], [["5", "4"], [5, 4]], [[True, 2], [1, 2]],
-                                      [[1e999, 2], [1, 2]], [[-1, 2], [1, 2]], [1, 2], "rounds")]])
+                                  json.dumps({KEY: {"rounds": [[1, 2], [1, 2]]}}),  # the older probe's form
+                                  json.dumps({KEY: {"form": 1, "rounds": [[1, 2], [1, 2]]}}),
+                                  *[json.dumps({KEY: {"form": hardware.REWRITE_PROBE_FORM, "rounds": rounds}})
+                                    for rounds in ([[1, 2]], [[1, 2, 3], [1, 2]], [["5", "4"], [5, 4]],
+                                                   [[True, 2], [1, 2]], [[1e999, 2], [1, 2]], [[-1, 2], [1, 2]],
+                                                   [1, 2], "rounds")]])
 def test_a_broken_rewrite_cache_costs_a_probe_not_the_run(rewrite_rounds, tmp_path: Path, text) -> None:
-    """A file that is not JSON or not a table, or an entry of another form (not a table, one round, a triple,
-    strings, a bool, infinity, a negative time, not a list of pairs), is measured again and mended."""
+    """A file that is not JSON or not a table, or an entry of another form (not a table, an older probe's timing,
+    one round, a triple, strings, a bool, infinity, a negative time, not a list of pairs), is measured again and
+    mended."""
     script, calls = rewrite_rounds
     path = hardware._cache_file(CPU, "rewrites")
     path.parent.mkdir(parents=True)
@@ -171,7 +175,7 @@ def test_a_broken_rewrite_cache_costs_a_probe_not_the_run(rewrite_rounds, tmp_pa
     script[("dilated", torch.bfloat16, WIDE)] = [(1.0, 2.0)] * 2
     assert hardware.layer_rewrites(torch.bfloat16, True, [WIDE])["layers"][0]["used"]
     assert len(calls) == 1 * hardware.REWRITE_ROUNDS
-    assert json.loads(path.read_text())[key] == {"rounds": [[1.0, 2.0]] * 2}
+    assert json.loads(path.read_text())[key] == {"form": hardware.REWRITE_PROBE_FORM, "rounds": [[1.0, 2.0]] * 2}
 
 
 def test_an_unwritable_rewrite_cache_costs_the_next_process_a_probe(rewrite_rounds, monkeypatch) -> None:
