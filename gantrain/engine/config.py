@@ -781,6 +781,9 @@ def resolve(preset_name: str | None, config_file: str | None, flags: dict[str, A
     cfg = preset(preset_name) if preset_name else None
     if config_file:
         cfg = load_toml(config_file, base=cfg)
+        if preset_name and cfg.preset != preset_name:  # the file's label over --preset's values: neither run
+            raise ConfigError(f"--config {config_file} names preset {cfg.preset!r}, --preset {preset_name!r}: "
+                              "give one of them (the file's fields lie over the preset it names)")
         if flags.get("out") is None:
             _refuse_a_moved_run_folder(Path(config_file), cfg)
     return with_env_defaults(override(cfg or preset("fashion32"), flags))
@@ -812,9 +815,11 @@ def env_data_root() -> str | None:
 
 
 def with_env_defaults(cfg: Config) -> Config:
-    """``cfg`` with an unset --data-root taken from $GANTRAIN_DATA. Resolved once, here, the folder travels in the
-    config: to the loaders and the metrics, into config.toml and every checkpoint, to DDP workers (the config
-    file) and to tune's trials on other nodes (base.toml), whatever their environment holds."""
-    if cfg.data.data_root:
-        return cfg
-    return override(cfg, {"data_root": env_data_root()})
+    """``cfg`` with an unset --data-root taken from $GANTRAIN_DATA, and made absolute (``~`` expanded, a relative
+    folder joined to the working directory). Resolved once, here, the folder travels in the config: to the
+    loaders and the metrics, into config.toml and every checkpoint, to DDP workers (the config file) and to
+    tune's trials on other nodes (base.toml), whatever their environment or working directory."""
+    root = cfg.data.data_root or env_data_root()
+    if root:
+        root = os.path.abspath(os.path.expanduser(root))
+    return cfg if root == cfg.data.data_root else override(cfg, {"data_root": root})

@@ -253,9 +253,10 @@ def test_dry_run_schedule_under_ddp_and_max_steps(cli, train_root: Path, tmp_pat
                  "--ddp", "--nproc", "2", "--max-steps", "7", "--out", tmp_path / "never")
     assert result.exit_code == 0, result.output
     text = re.sub(r"\s+", " ", result.stdout)
-    # 1000 // (100 x 2) = 5 steps per epoch; 20 epochs = 100 steps, capped at 7
+    # 1000 // (100 x 2) = 5 steps per epoch; 20 epochs = 100 steps, capped at 7: into the second epoch, as the
+    # run's progress counts them (epoch 2/2)
     assert "effective batch: 100 per process x 2 process(es) = 200" in text and "steps per epoch: 5" in text
-    assert "total steps: 7 over 20 epoch(s) (capped by --max-steps 7)" in text
+    assert "total steps: 7 over 2 epoch(s) (capped by --max-steps 7; 20 epoch(s) would be 100)" in text
     assert not (tmp_path / "never").exists()
 
 

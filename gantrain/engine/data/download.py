@@ -6,6 +6,7 @@ The layout is torchvision's: ``<root>/FashionMNIST/raw/<name>.gz``; the files ar
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import tempfile
 import urllib.request
@@ -78,18 +79,38 @@ def ensure_idx_files(dataset: str, root: Path) -> dict[str, Path]:
 
 
 def download(dataset: str, filename: str, md5: str, folder: Path) -> Path:
-    """Fetches one file from the first mirror that answers, verifies its MD5, moves it into place atomically."""
+    """Fetches one file from the first mirror that answers into a temporary folder, verifies its MD5, then
+    creates ``folder`` and moves the file into place atomically: a failed download leaves nothing behind (no
+    empty folders under a mistyped --data-root)."""
     errors = []
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DataNotFound(_missing_message(dataset, folder, f"cannot create {folder}: {exc}")) from None
-    for mirror in IDX_DATASETS[dataset]["mirrors"]:
+    with tempfile.TemporaryDirectory(prefix="gantrain-download-") as tmp:
+        for mirror in IDX_DATASETS[dataset]["mirrors"]:
+            try:
+                fetched = _fetch(mirror + filename, md5, Path(tmp) / filename)
+                break
+            except (OSError, ValueError) as exc:
+                errors.append(f"{mirror}: {exc}")
+        else:
+            raise DataNotFound(_missing_message(dataset, folder, "; ".join(errors)))
         try:
-            return _fetch(mirror + filename, md5, folder / filename)
-        except (OSError, ValueError) as exc:
-            errors.append(f"{mirror}: {exc}")
-    raise DataNotFound(_missing_message(dataset, folder, "; ".join(errors)))
+            folder.mkdir(parents=True, exist_ok=True)
+            return _move_into(fetched, folder / filename)
+        except OSError as exc:
+            raise DataNotFound(_missing_message(dataset, folder, f"cannot write into {folder}: {exc}")) from None
+
+
+def _move_into(source: Path, target: Path) -> Path:
+    """``source`` moved to ``target`` so that ``target`` never holds a part of the file (a copy beside it, then
+    a rename, when the two are on different file systems)."""
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".download-", delete=False) as tmp:
+        partial = Path(tmp.name)
+    try:
+        shutil.move(source, partial)
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return target
 
 
 def _missing_message(dataset: str, folder: Path, why: str) -> str:
@@ -100,6 +121,7 @@ def _missing_message(dataset: str, folder: Path, why: str) -> str:
 
 
 def _fetch(url: str, md5: str, target: Path) -> Path:
+    """``url`` downloaded to ``target`` (a progress bar), its MD5 checked; nothing left at ``target`` on failure."""
     with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".download-", delete=False) as tmp:
         tmp_path = Path(tmp.name)
         try:

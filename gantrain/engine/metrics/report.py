@@ -68,13 +68,19 @@ class EvalResult:
         return [*self.report.warnings, *(self.inception or {}).get("warnings", [])]
 
     @property
+    def reference_name(self) -> str:
+        """What the source was compared with, as the table and the JSON name it: the reference given, else the
+        extractor's dataset's test split."""
+        return self.reference or f"{self.extractor['label']} test split"
+
+    @property
     def inception_fid(self) -> float | None:
         return self.inception["inception_fid"] if self.inception else None
 
     def to_json(self) -> dict[str, Any]:
         values = self.report.values
         return {"mode": self.mode, "checkpoint": self.checkpoint, "source": self.source or self.checkpoint,
-                "reference": self.reference or f"{self.extractor['label']} test split", "step": self.step,
+                "reference": self.reference_name, "step": self.step,
                 "seed": self.seed,
                 "dataset": self.extractor["label"], "num_generated": self.report.num_generated,
                 "num_real": self.report.num_real,
@@ -326,8 +332,8 @@ def render(result: EvalResult) -> list[Table]:
 
 def _metrics_table(result: EvalResult) -> Table:
     values, info = result.report.values, result.extractor
-    what = {"generator": f"{result.checkpoint} vs {result.reference}", "folder": f"{result.source} vs {result.reference}"
-            }.get(result.mode, "real vs real (two halves of the test split)")
+    what = {"generator": f"{result.checkpoint} vs {result.reference_name}",
+            "folder": f"{result.source} vs {result.reference_name}"}.get(result.mode, "real vs real (two halves of the test split)")
     table = Table(title=f"gantrain eval: {what}", caption=_caption(result), show_lines=False)
     table.add_column("metric", style="bold", no_wrap=True)
     table.add_column("value", justify="right", no_wrap=True)

@@ -172,10 +172,13 @@ def show(cfg: Config, sources: dict[str, str], schedule: Schedule, console: Cons
              f"effective batch: {schedule.batch_size} per process x {schedule.world_size} process(es) = "
              f"{schedule.effective_batch}"]
     if schedule.steps_per_epoch is not None:
-        capped = f" (capped by --max-steps {cfg.run.max_steps})" if cfg.run.max_steps and \
-            schedule.total_steps < cfg.run.epochs * schedule.steps_per_epoch else ""
+        planned, epochs = cfg.run.epochs * schedule.steps_per_epoch, cfg.run.epochs
+        capped = ""
+        if cfg.run.max_steps and schedule.total_steps < planned:  # the epochs the capped run reaches, as it counts
+            epochs = -(-schedule.total_steps // max(schedule.steps_per_epoch, 1))
+            capped = f" (capped by --max-steps {cfg.run.max_steps}; {cfg.run.epochs} epoch(s) would be {planned})"
         lines += [f"steps per epoch: {schedule.steps_per_epoch}",
-                  f"total steps: {schedule.total_steps} over {cfg.run.epochs} epoch(s){capped}",
+                  f"total steps: {schedule.total_steps} over {epochs} epoch(s){capped}",
                   f"images trained on: {schedule.total_steps * schedule.effective_batch}"]
     lines.append(f"precision: {precision}")
     if resume:

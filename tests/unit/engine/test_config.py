@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -237,6 +238,39 @@ def test_gantrain_data_fills_an_unset_data_root_once_at_resolve(tmp_path: Path,
     assert load_toml(_write(tmp_path / "c.toml", to_toml(resolve(None, None, {})))).data.data_root == "/env/data"
     monkeypatch.delenv("GANTRAIN_DATA")
     assert resolve(None, None, {}).data.data_root is None
+
+
+def test_a_relative_data_root_is_stored_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative --data-root or $GANTRAIN_DATA (as the README's ../shared/datasets) means the folder as seen from
+    where the run started: the config keeps it absolute, so eval or a resume from another directory reads the
+    same folder; ~ is expanded."""
+    monkeypatch.chdir(tmp_path)
+    assert resolve(None, None, {"data_root": "../shared/datasets"}).data.data_root == \
+        os.path.join(os.path.dirname(str(tmp_path)), "shared", "datasets")
+    monkeypatch.setenv("GANTRAIN_DATA", "data")
+    assert resolve(None, None, {}).data.data_root == str(tmp_path / "data")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    assert resolve(None, None, {"data_root": "~/d"}).data.data_root == str(tmp_path / "home" / "d")
+    written = _write(tmp_path / "c.toml", to_toml(resolve(None, None, {})))
+    monkeypatch.delenv("GANTRAIN_DATA")
+    monkeypatch.chdir(tmp_path / "home")  # read back elsewhere: the same folder
+    assert load_toml(written).data.data_root == str(tmp_path / "data")
+
+
+def test_a_config_file_naming_another_preset_than_preset_is_refused(tmp_path: Path) -> None:
+    """--preset A with a file saying preset = "B": the file's label over A's values would name the run (and its
+    folder) after B while training A: refused; the same preset, or a file that names none, is A's run."""
+    other = _write(tmp_path / "other.toml", 'preset = "cats64"\n')
+    with pytest.raises(ConfigError, match="names preset 'cats64', --preset 'fashion32-tuned': give one"):
+        resolve("fashion32-tuned", str(other), {})
+    same = _write(tmp_path / "same.toml", 'preset = "fashion32-tuned"\n[optim]\nlr_g = 0.001\n')
+    cfg = resolve("fashion32-tuned", str(same), {})
+    assert (cfg.preset, cfg.model.ndf, cfg.optim.lr_g) == ("fashion32-tuned", 32, 0.001)
+    unnamed = _write(tmp_path / "unnamed.toml", '[optim]\nlr_d = 0.001\n')
+    cfg = resolve("fashion32-tuned", str(unnamed), {})
+    assert (cfg.preset, cfg.model.ndf, cfg.optim.lr_d) == ("fashion32-tuned", 32, 0.001)
+    assert resolve(None, str(other), {}).preset == "cats64"  # the file alone names its base
 
 
 def _write(path: Path, text: str) -> Path:

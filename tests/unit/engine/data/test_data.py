@@ -323,4 +323,34 @@ def test_download_with_wrong_file_names_the_folder(mnist_raw: Path, tmp_path: Pa
     target = root / "FashionMNIST" / "raw"
     assert str(target) in message
     assert "MD5 mismatch" in message and "train-images-idx3-ubyte.gz" in message
-    assert list(target.iterdir()) == []  # nothing half-downloaded left behind
+    assert not root.exists()  # nothing half-downloaded left behind, not even the folders
+
+
+def test_a_failed_download_creates_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A --data-root that does not exist (a typo) and no mirror that answers: the error names the folder, and
+    neither it nor any parent was created; a folder that exists keeps its contents as they were."""
+    monkeypatch.setitem(dl.IDX_DATASETS["fashion-mnist"], "mirrors", [(tmp_path / "dead").as_uri() + "/"])
+    typo = tmp_path / "no-such" / "datasets"
+    with pytest.raises(DataError, match="could not be downloaded"):
+        load_images("fashion-mnist", str(typo), 32, 1)
+    assert not (tmp_path / "no-such").exists()
+    cats = tmp_path / "cats"
+    cats.mkdir()
+    (cats / "a.png").write_bytes(b"x")
+    with pytest.raises(DataError, match=str(cats / "FashionMNIST" / "raw")):
+        load_images("fashion-mnist", str(cats), 32, 1)
+    assert [p.name for p in cats.iterdir()] == ["a.png"]
+
+
+def test_a_download_into_an_unwritable_folder_says_so(mnist_raw: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for stem in IDX_STEMS:
+        shutil.copy(mnist_raw / f"{stem}.gz", mirror / f"{stem}.gz")
+    monkeypatch.setitem(dl.IDX_DATASETS["mnist"], "mirrors", [mirror.as_uri() + "/"])
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(DataError, match="cannot write into"):
+        dl.ensure_idx_files("mnist", blocker)
+    assert blocker.read_text() == "not a folder"

@@ -75,3 +75,48 @@ def test_a_runs_spec_names_its_training_size_and_the_extractor_ignores_it(train_
     direct = load_split(spec.extractor_spec(), "test").images
     assert not torch.equal(load_split(spec, "test").images, direct)  # the round trip changes real images...
     assert (load_split(spec, "test").images.float() - direct.float()).abs().mean() < 6  # ...by a few levels
+
+
+def test_the_eval_table_and_json_name_the_same_reference() -> None:
+    """With no reference given (a checkpoint against its dataset's test split) the table's title names the split,
+    as the JSON does, not "None"; a given reference is named as given in both."""
+    from gantrain.engine.metrics import report
+    from gantrain.engine.metrics.evaluate import MetricReport
+    from gantrain.engine.metrics.report import EvalResult
+
+    info = {"label": "fashion-mnist", "task": "classes", "test_accuracy": 0.9, "train_sha256": "0" * 64,
+            "epochs": 1, "weights_sha256": "1" * 64}
+    for reference, named in ((None, "fashion-mnist test split"), ("/data/cats", "/data/cats")):
+        values = {key: 1.0 for key, *_ in report._ROWS} | {"kid_mean": 0.1, "kid_std": 0.01}
+        result = EvalResult("generator", MetricReport(values, 100, 100), info, "runs/a/last.pt", reference=reference)
+        assert report._metrics_table(result).title == f"gantrain eval: runs/a/last.pt vs {named}"
+        assert result.to_json()["reference"] == named
+
+
+def _images(folder: Path, pixels: list[np.ndarray]) -> Path:
+    from PIL import Image
+
+    folder.mkdir()
+    for i, array in enumerate(pixels):
+        Image.fromarray(array).save(folder / f"{i:02d}.png")
+    return folder
+
+
+def test_colour_photos_are_refused_for_a_grayscale_metric_domain(tmp_path: Path) -> None:
+    """Read in grayscale (a FashionMNIST generator's domain), a folder of colour images would give an FD across
+    domains: refused, naming an example; grayscale images stored as RGB, or a few colour images among grayscale
+    ones, are read; an RGB domain reads colour as it is."""
+    from gantrain.engine.errors import DataError
+    from gantrain.engine.metrics import sets
+
+    rng = np.random.default_rng(0)
+    gray = [np.repeat(rng.integers(0, 256, (16, 16, 1), dtype=np.uint8), 3, axis=2) for _ in range(8)]
+    colour = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(8)]
+    with pytest.raises(DataError, match=r"holds colour images \(8 of 8 looked at, e.g. 00.png\)"):
+        sets.folder_images(_images(tmp_path / "colour", colour), 1, None, 16)
+    images, size = sets.folder_images(_images(tmp_path / "gray", gray), 1, None, 16)
+    assert images.shape == (8, 1, 16, 16) and size == 16
+    # gray stored as RGB: the grayscale read is the same value in every channel
+    assert torch.equal(images[0, 0], torch.from_numpy(gray[0][..., 0]))
+    assert sets.folder_images(_images(tmp_path / "mixed", gray[:5] + colour[:3]), 1, None, 16)[0].shape[0] == 8
+    assert sets.folder_images(tmp_path / "colour", 3, None, 16)[0].shape == (8, 3, 16, 16)
