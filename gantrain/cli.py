@@ -405,9 +405,10 @@ def run_command(
         from gantrain.engine.train import dryrun
 
         sources = dryrun.value_sources(preset, str(config) if config else None, overrides or {})
+        changes = dryrun.refusals(cfg, resume)  # what the run would refuse, refused here too
         schedule = dryrun.plan(cfg)
-        plan = dryrun.as_dict(cfg, sources, schedule, resume) if json_path is not None else None  # refusals first
-        dryrun.show(cfg, sources, schedule, Console(stderr=json_path == "-"), resume)
+        plan = dryrun.as_dict(cfg, sources, schedule, resume, changes) if json_path is not None else None
+        dryrun.show(cfg, sources, schedule, Console(stderr=json_path == "-"), resume, changes)
         if plan is not None:
             write_json(plan, json_path)
         return

@@ -92,12 +92,16 @@ def test_dry_run_json_to_stdout_is_the_config_and_the_plan(invoke, tmp_path: Pat
 
 def test_dry_run_json_to_a_file_and_the_table_on_stdout(invoke, tmp_path: Path) -> None:
     path = tmp_path / "plan.json"
-    result = invoke(*DRY, "--max-steps", "25", "--resume", "auto", "--json", path)
+    result = invoke(*DRY, "--max-steps", "25", "--json", path)
     assert result.exit_code == 0, result.output
     data = json.loads(path.read_text())
     assert data["schedule"]["total_steps"] == 25 and data["config"]["run"]["max_steps"] == 25
-    assert data["resume"] == "auto"
+    assert data["resume"] is None and data["resume_changes"] == []
     assert "total steps: 25" in result.stdout and f"wrote {path}" in result.stderr
+    # --resume auto where no run is: refused as the run itself would, nothing written
+    path.unlink()
+    _one_error_line(invoke(*DRY, "--resume", "auto", "--json", path), 1, "--resume auto: no checkpoint in")
+    assert not path.exists()
 
 
 def test_json_without_dry_run_is_one_error_line(invoke, tmp_path: Path) -> None:

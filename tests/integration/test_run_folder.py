@@ -201,3 +201,31 @@ def test_a_lock_copied_from_a_live_run_is_not_called_a_killed_run(tiny_cfg, quie
     finally:
         live.kill()
         live.wait()
+
+
+def test_dry_run_refuses_what_the_run_would_and_touches_nothing(trained_copy: Path, cli, unwrap,
+                                                                 train_root: Path) -> None:
+    """Before, --dry-run said yes where the run then refused: a new run into a folder holding one, a --resume
+    of another model. Now it refuses the same way (one error line), and for a resume it can make it names what
+    changes against the checkpoint; the folder's files are untouched throughout."""
+    from gantrain.engine.config import load_toml
+
+    contents = {p: p.read_bytes() for p in trained_copy.rglob("*") if p.is_file()}
+    base = ("run", "--dry-run", "--config", trained_copy / "config.toml", "--out", trained_copy,
+            "--data-root", train_root)
+    result = cli(*base)
+    assert result.exit_code == 2 and "already holds a run; continue it with --resume auto" in \
+        unwrap(one_error_line(result))
+    ndf = load_toml(trained_copy / "config.toml").model.ndf
+    result = cli(*base, "--resume", "auto", "--ndf", 2 * ndf)
+    assert result.exit_code != 0
+    assert f"the checkpoint's model config differs from this run's (--ndf {ndf} -> {2 * ndf})" in \
+        unwrap(one_error_line(result))
+    result = cli(*base, "--resume", "auto", "--lr-g", "0.00123")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "changed against the checkpoint: --lr-g " in text and "-> 0.00123" in text
+    result = cli(*base, "--resume", "auto")  # a copy of the run: only its folder changed
+    text = " ".join(result.stdout.split())
+    assert result.exit_code == 0 and "changed against the checkpoint: --out " in text and "--lr-g" not in text
+    assert {p: p.read_bytes() for p in trained_copy.rglob("*") if p.is_file()} == contents

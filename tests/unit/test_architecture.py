@@ -23,11 +23,11 @@ LAYERS = [
      "gantrain.engine.dist.runtime", "gantrain.engine.gan.sampling", "gantrain.engine.train.stats",
      "gantrain.engine.train.profile", "gantrain.engine.train.cadence",
      "gantrain.engine.outputs.runlog", "gantrain.engine.outputs.images", "gantrain.engine.state.schema",
-     "gantrain.engine.state.checkpoint", "gantrain.engine.outputs.trackers", "gantrain.engine.train.dryrun",
+     "gantrain.engine.state.checkpoint", "gantrain.engine.outputs.trackers",
      "gantrain.engine.outputs.export", "gantrain.engine.gan.diffaug", "gantrain.engine.gan.lr_schedule"),
     ("gantrain.engine.gan.step", "gantrain.engine.outputs.writer", "gantrain.engine.metrics",
      "gantrain.engine.outputs.generate"),
-    ("gantrain.engine.train.parts",),
+    ("gantrain.engine.train.parts", "gantrain.engine.train.dryrun"),  # dryrun: the run's own refusals
     ("gantrain.engine.train.loop",),
     ("gantrain.engine.dist.worker", "gantrain.engine.dist.restarts"),
     ("gantrain.engine.dist.launch", "gantrain.engine.dist.raytrain", "gantrain.engine.dist.preflight"),

@@ -138,12 +138,26 @@ def _precision(cfg: Config) -> str:
     return f"{PrecisionPolicy(device, cfg.perf.amp, cfg.perf.channels_last).describe()} on {device.type}"
 
 
-def as_dict(cfg: Config, sources: dict[str, str], schedule: Schedule, resume: str | None) -> dict[str, Any]:
+def refusals(cfg: Config, resume: str | None) -> list[str]:
+    """What the run itself would refuse before training, refused here too (:class:`ConfigError` or
+    :class:`~gantrain.engine.errors.CheckpointError`): a new run into a folder that holds one, a missing --logger
+    extra, a --resume checkpoint that is missing, corrupt or of another model. Returns the settings a resume
+    changes against its checkpoint ('--lr-g 0.0002 -> 0.001'); reads the checkpoint, writes nothing."""
+    from gantrain.engine.outputs.writer import RunOutputs
+    from gantrain.engine.state.checkpoint import open_resume
+
+    RunOutputs.check(cfg, resuming=resume is not None)
+    return open_resume(cfg, resume)[2] if resume else []
+
+
+def as_dict(cfg: Config, sources: dict[str, str], schedule: Schedule, resume: str | None,
+            changes: list[str] | None = None) -> dict[str, Any]:
     """What :func:`show` prints, as one JSON-native object (``--dry-run --json``): the resolved config (nested by
     section, as config.toml holds it), where each value came from (by ``section.field``), the schedule (None where
     the images cannot be counted) and the precision. Raises :class:`ConfigError` as :func:`show` does."""
     total = schedule.total_steps
-    return {"preset": cfg.preset, "run_dir": str(cfg.run_dir), "resume": resume, "config": cfg.to_dict(),
+    return {"preset": cfg.preset, "run_dir": str(cfg.run_dir), "resume": resume,
+            "resume_changes": list(changes or []), "config": cfg.to_dict(),
             "sources": dict(sources),
             "schedule": {"images": schedule.images, "images_note": schedule.images_note,
                          "batch_size": schedule.batch_size, "world_size": schedule.world_size,
@@ -153,14 +167,15 @@ def as_dict(cfg: Config, sources: dict[str, str], schedule: Schedule, resume: st
             "precision": _precision(cfg)}
 
 
-def show(cfg: Config, sources: dict[str, str], schedule: Schedule, console: Console, resume: str | None) -> None:
+def show(cfg: Config, sources: dict[str, str], schedule: Schedule, console: Console, resume: str | None,
+         changes: list[str] | None = None) -> None:
     """The config table (field, value, source) and the schedule, to ``console``. Raises :class:`ConfigError`, before
     printing anything, when the device or precision cannot be had here (``--device cuda`` without CUDA, fp16 on CPU)."""
     precision = _precision(cfg)
     table = Table(title=f"gantrain run --dry-run: preset {cfg.preset}, run folder {cfg.run_dir} (not touched)")
     table.add_column("field", style="bold", no_wrap=True)
-    table.add_column("value")
-    table.add_column("from", no_wrap=True)
+    table.add_column("value", min_width=12, overflow="fold")  # long paths fold rather than vanish
+    table.add_column("from", overflow="fold")
     values = cfg.to_dict()
     for key, source in sources.items():
         section, name = key.split(".")
@@ -183,5 +198,6 @@ def show(cfg: Config, sources: dict[str, str], schedule: Schedule, console: Cons
     lines.append(f"precision: {precision}")
     if resume:
         lines.append(f"--resume {resume}: a resumed run goes on from its checkpoint's step towards these totals")
+        lines.append("changed against the checkpoint: " + (", ".join(changes) if changes else "nothing"))
     for line in lines:
         console.print(line, highlight=False, soft_wrap=True)
