@@ -474,7 +474,7 @@ def generate_command(
     interpolate: Annotated[Optional[tuple[str, str]], typer.Option(metavar="A B", help="Interpolate from image A to image B of the seed (slerp for normal noise, lerp for uniform): a row of --frames images at --out and a GIF at --out with .gif (default: off).")] = None,
     walk: Annotated[Optional[str], typer.Option(metavar="I,J,...", help="A latent walk through images, e.g. 3,17,42,3: each consecutive pair interpolated as --interpolate, a grid row per pair and one GIF (default: off).")] = None,
     frames: Annotated[Optional[int], typer.Option(help="With --interpolate or --walk: images per pair, both ends included (default 8).")] = None,
-    out: Annotated[Path, typer.Option(help="Output grid PNG.")] = Path("grid.png"),
+    out: Annotated[Path, typer.Option(help="Output grid, a PNG (a name ending in .png, or without an extension).")] = Path("grid.png"),
     seed: Annotated[int, typer.Option(help="Seed of the noise.")] = 0,
     individual: Annotated[Optional[Path], typer.Option(help="Also write each image as its own PNG into this folder, named by its index (image 100: 000100.png) (default: off).")] = None,
     nrow: Annotated[Optional[int], typer.Option(min=1, help="Images per grid row (default 8).")] = None,
@@ -484,6 +484,8 @@ def generate_command(
     """Generate images from a saved generator, without the dataset: a grid, a truncation grid or an interpolation."""
     from gantrain.engine.outputs import generate as gen
 
+    if out.suffix.lower() not in ("", ".png"):  # the grid is a PNG: another extension would misname its bytes
+        raise ConfigError(f"--out: {out} would hold a PNG grid; name it {out.with_suffix('.png').name}")
     modes = {"--interpolate": interpolate, "--walk": walk, "--truncation-grid": truncation_grid}
     chosen = [flag for flag, value in modes.items() if value is not None]
     if len(chosen) > 1:
@@ -534,7 +536,8 @@ def export_command(
     console.print(f"wrote {path} ({'EMA' if which == 'ema' else 'raw'} generator, {path.stat().st_size / 1e6:.1f} MB)")
 
 
-_CACHE_HELP = "Extractor and real-feature cache (default: $GANTRAIN_CACHE, else $XDG_CACHE_HOME/gantrain/metrics)."
+_CACHE_HELP = ("Extractor and real-feature cache (default: $GANTRAIN_CACHE, else $XDG_CACHE_HOME/gantrain/metrics, else "
+               "~/.cache/gantrain/metrics).")
 
 
 @app.command("eval", cls=FlagCommand)

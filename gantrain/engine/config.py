@@ -233,7 +233,7 @@ class RunConfig:
     seed: int = 0
     """Seed of weights, data order, noise and the fixed sample noise."""
     out: str = ""
-    """Run folder (default: runs/<preset>)."""
+    """Run folder."""
     device: str = "auto"
     """auto (CUDA when present), cpu or cuda."""
     nonfinite_patience: int = 1
@@ -322,7 +322,8 @@ class EvalConfig:
     eval_samples: int = 2000
     """Generated images per evaluation during training (2000 keeps the cost to a few % of an epoch)."""
     samples_from_best: bool = False
-    """With --eval-every: the end-of-run sample grid comes from checkpoints/best.pt (the evaluation with the lowest
+    """With an evaluation cadence (--eval-every, --eval-every-steps or --eval-every-images): the end-of-run sample
+    grid comes from checkpoints/best.pt (the evaluation with the lowest
     FD) rather than from the last step, which is often not the best one; the log says which step it shows."""
     metrics_cache: str = ""
     """Folder of fitted feature extractors and real-data features (default: $GANTRAIN_CACHE, else
@@ -472,7 +473,8 @@ class Config:
 
     def __post_init__(self) -> None:
         if self.model.arch == "dense":
-            _check(self.model.kernel_size == 5, "kernel_size", "the dense architecture uses 5x5 kernels")
+            _check(self.model.kernel_size == 5, "kernel_size", "the dense architecture uses 5x5 kernels (add "
+                   "--kernel-size 5, or start from --preset cats128)")
         if self.perf.amp == "fp16":
             _check(self.run.device != "cpu", "amp", FP16_NEEDS_CUDA)  # at once; --device auto: resolve_amp
         if self.perf.cuda_graphs:
@@ -782,8 +784,9 @@ def resolve(preset_name: str | None, config_file: str | None, flags: dict[str, A
     if config_file:
         cfg = load_toml(config_file, base=cfg)
         if preset_name and cfg.preset != preset_name:  # the file's label over --preset's values: neither run
-            raise ConfigError(f"--config {config_file} names preset {cfg.preset!r}, --preset {preset_name!r}: "
-                              "give one of them (the file's fields lie over the preset it names)")
+            raise ConfigError(f"--config {config_file} names preset {cfg.preset!r}, --preset {preset_name!r}: drop "
+                              f"--preset to train the file's {cfg.preset}, or the file's preset line to lay it "
+                              f"over {preset_name}")
         if flags.get("out") is None:
             _refuse_a_moved_run_folder(Path(config_file), cfg)
     return with_env_defaults(override(cfg or preset("fashion32"), flags))
@@ -815,11 +818,17 @@ def env_data_root() -> str | None:
 
 
 def with_env_defaults(cfg: Config) -> Config:
-    """``cfg`` with an unset --data-root taken from $GANTRAIN_DATA, and made absolute (``~`` expanded, a relative
-    folder joined to the working directory). Resolved once, here, the folder travels in the config: to the
-    loaders and the metrics, into config.toml and every checkpoint, to DDP workers (the config file) and to
-    tune's trials on other nodes (base.toml), whatever their environment or working directory."""
-    root = cfg.data.data_root or env_data_root()
-    if root:
-        root = os.path.abspath(os.path.expanduser(root))
+    """``cfg`` with its --data-root as :func:`data_root_of` makes it: $GANTRAIN_DATA when unset, absolute. Resolved
+    once, here, the folder travels in the config: to the loaders and the metrics, into config.toml and every
+    checkpoint, to DDP workers (the config file) and to tune's trials on other nodes (base.toml), whatever their
+    environment or working directory."""
+    root = data_root_of(cfg.data.data_root)
     return cfg if root == cfg.data.data_root else override(cfg, {"data_root": root})
+
+
+def data_root_of(root: str | None) -> str | None:
+    """A --data-root as a resolved config keeps it: $GANTRAIN_DATA when unset (``root`` itself when that is unset
+    too: the download cache), ``~`` expanded, absolute and normalised (``os.path.abspath``: a relative folder
+    joined to the working directory, ``..`` taken lexically), so one folder is one string wherever it is compared."""
+    chosen = root or env_data_root()
+    return os.path.abspath(os.path.expanduser(chosen)) if chosen else root

@@ -293,7 +293,8 @@ def measure_rewrite(name: str, dtype: torch.dtype, shape: tuple[int, int, int, i
     gradient alone for space-to-depth (a transposed layer's forward, or D's first layer in G's step); for the
     dilated weight gradient, a layer that also needs its input gradient: torch's input gradient plus the rewrite
     against torch's one call computing both (timed alone, oneDNN's weight gradient was seen taking up to twice
-    its share of that call). The two alternate, after one untimed call of each; ``timer`` (seconds; default
+    its share of that call). That is how a convolution (D's layer) computes; a transposed layer of the same view
+    (G's) computes a forward convolution beside the rewrite instead, which the verdict for the view also governs. The two alternate, after one untimed call of each; ``timer`` (seconds; default
     ``time.perf_counter``) is for tests. Raises ValueError for an unknown name."""
     import statistics
     import time

@@ -156,6 +156,17 @@ def test_generate_on_a_non_checkpoint_exits_1(cli, unwrap, tmp_path: Path) -> No
     assert f"no checkpoint at {tmp_path / 'absent.pt'}" in unwrap(missing.stderr)
 
 
+def test_generate_refuses_an_out_named_for_another_format(cli, unwrap, tmp_path: Path) -> None:
+    """The grid is a PNG: --out x.jpg would have held PNG bytes under a JPEG name; refused before the checkpoint
+    is read (which does not exist here), naming the .png to use."""
+    for name in ("grid.jpg", "grid.JPEG", "grid.gif"):
+        result = cli("generate", tmp_path / "absent.pt", "--out", tmp_path / name)
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        stem = name.split(".")[0]
+        assert f"--out: {tmp_path / name} would hold a PNG grid; name it {stem}.png" in unwrap(result.stderr)
+        assert not (tmp_path / name).exists()
+
+
 def test_error_messages_keep_square_brackets(cli, unwrap, tmp_path: Path) -> None:
     folder = tmp_path / "[cats]"
     result = cli("run", "--dataset", "folder", "--channels", "3", "--data-root", folder, "--out", tmp_path / "run")

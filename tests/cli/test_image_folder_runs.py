@@ -55,7 +55,8 @@ def test_resuming_a_finished_run_is_refused(tmp_path: Path, cli, unwrap, train_r
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     again = cli(*args, "--resume", "auto")
     assert again.exit_code == 2 and "Traceback" not in again.output
-    assert "error: --max-steps: the run in" in unwrap(again.output) and "already took 2 of its 2 steps" in unwrap(again.output)
+    assert "error: --max-steps: the run in" in unwrap(again.output)
+    assert "already took 2 steps, --max-steps 2 allows 2;" in unwrap(again.output)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing rewritten
 
 

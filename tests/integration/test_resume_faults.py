@@ -6,6 +6,7 @@ References are worked out by hand (Adam's update rule, the epoch permutation dra
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,7 @@ def test_a_finished_epoch_stays_finished_when_the_batch_changes(tiny_cfg, quiet_
     assert (second.steps, second.epochs_done) == (8 + 16, 2)  # one more epoch of 16 steps, not 8 + 24
     state = load_checkpoint(second.last_checkpoint)["position"]
     assert (state["epoch"], state["epoch_images"], state["images_seen"]) == (2, 0, 2 * 256)
-    with pytest.raises(ConfigError, match="--epochs: the run in .* already took 24 of its 24 steps"):
+    with pytest.raises(ConfigError, match="--epochs: the run in .* already took 24 steps, --epochs .* allows 24; raise --epochs"):
         Trainer(tiny(tiny_cfg, limit=256, batch_size=16, max_steps=0, epochs=2), console=quiet_console,
                 resume="auto")  # a finished run stays finished: nothing left to train is refused
 
@@ -128,5 +129,15 @@ def test_old_checkpoints_without_the_place_still_resume(tiny_cfg, quiet_console,
     with pytest.raises(CheckpointError, match="predates stored data positions"):  # its epoch length is unknown
         Trainer(tiny(tiny_cfg, limit=96, batch_size=32, max_steps=6, out=str(tmp_path / "other")),
                 console=quiet_console, resume=str(old))
+    # such a checkpoint may hold its data root as it was typed (relative to where the run started): the same
+    # folder as this run's (now stored absolute), so it resumes
+    state = torch.load(old, map_location="cpu", weights_only=True)
+    absolute = state["config"]["data"]["data_root"]
+    state["config"]["data"]["data_root"] = os.path.relpath(absolute)
+    torch.save(state, tmp_path / "relative.pt")
+    trainer = Trainer(tiny(tiny_cfg, limit=64, batch_size=32, max_steps=6, out=str(tmp_path / "rel")),
+                      console=quiet_console, resume=str(tmp_path / "relative.pt"))
+    trainer.close()
+    assert (trainer.step, trainer.epoch, trainer.epoch_step) == (3, 1, 1)
 
 

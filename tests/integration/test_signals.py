@@ -181,7 +181,8 @@ def test_a_finished_run_whose_end_was_cut_short_writes_what_is_missing(train_roo
     out = tmp_path / "run"
     assert cli("run", *_flags(train_root, out), "--max-steps", "4").exit_code == 0
     again = cli("run", *_flags(train_root, out), "--max-steps", "4", "--resume", "auto")
-    assert again.exit_code == 2 and "already took 4 of its 4 steps" in unwrap(again.stderr)  # complete: refused
+    assert again.exit_code == 2  # complete: refused
+    assert "already took 4 steps, --max-steps 4 allows 4;" in unwrap(again.stderr)
     checkpoint = (out / "checkpoints" / "last.pt").read_bytes()
     for name in ("final.png", "progress.gif"):
         (out / name).unlink()
@@ -194,5 +195,5 @@ def test_a_finished_run_whose_end_was_cut_short_writes_what_is_missing(train_roo
     assert max(steps) == 4
     elsewhere = tmp_path / "elsewhere"  # another run's complete checkpoint into a new folder: still refused
     other = cli("run", *_flags(train_root, elsewhere), "--max-steps", "4", "--resume", out / "checkpoints" / "last.pt")
-    assert other.exit_code == 2 and "already took 4 of its 4 steps" in unwrap(other.stderr)
+    assert other.exit_code == 2 and "already took 4 steps, --max-steps 4 allows 4;" in unwrap(other.stderr)
     assert not elsewhere.exists()

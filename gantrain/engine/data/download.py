@@ -80,13 +80,17 @@ def ensure_idx_files(dataset: str, root: Path) -> dict[str, Path]:
 
 def download(dataset: str, filename: str, md5: str, folder: Path) -> Path:
     """Fetches one file from the first mirror that answers into a temporary folder, verifies its MD5, then
-    creates ``folder`` and moves the file into place atomically: a failed download leaves nothing behind (no
-    empty folders under a mistyped --data-root)."""
+    creates ``folder`` and moves the file into place atomically: a failed download of a file leaves neither it
+    nor a new folder behind (no empty folders under a mistyped --data-root). Raises :class:`DataNotFound`."""
     errors = []
-    with tempfile.TemporaryDirectory(prefix="gantrain-download-") as tmp:
+    try:
+        tmp = tempfile.TemporaryDirectory(prefix="gantrain-download-")
+    except OSError as exc:  # no usable temporary folder ($TMPDIR missing, full or read-only)
+        raise DataNotFound(_missing_message(dataset, folder, f"no temporary folder to download into: {exc}")) from None
+    with tmp as scratch:
         for mirror in IDX_DATASETS[dataset]["mirrors"]:
             try:
-                fetched = _fetch(mirror + filename, md5, Path(tmp) / filename)
+                fetched = _fetch(mirror + filename, md5, Path(scratch) / filename)
                 break
             except (OSError, ValueError) as exc:
                 errors.append(f"{mirror}: {exc}")
@@ -96,7 +100,8 @@ def download(dataset: str, filename: str, md5: str, folder: Path) -> Path:
             folder.mkdir(parents=True, exist_ok=True)
             return _move_into(fetched, folder / filename)
         except OSError as exc:
-            raise DataNotFound(_missing_message(dataset, folder, f"cannot write into {folder}: {exc}")) from None
+            raise DataNotFound(f"{dataset}: {filename} was downloaded but cannot be written into {folder} ({exc}); "
+                               "point --data-root / $GANTRAIN_DATA at a writable folder") from None
 
 
 def _move_into(source: Path, target: Path) -> Path:

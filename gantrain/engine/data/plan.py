@@ -89,6 +89,7 @@ def plan_schedule(pos, cfg, per_epoch: int, run_dir, finished_ok: bool = False) 
     total = min(pos.step + remaining, run.max_steps) if run.max_steps else pos.step + remaining
     if pos.step >= total and not finished_ok:  # nothing left to train: zero steps is no run
         flag = "--max-steps" if run.max_steps and run.max_steps <= pos.step else "--epochs"
-        raise ConfigError(f"{flag}: the run in {run_dir} already took {pos.step} of its {total} steps; raise {flag} "
-                          "to train on")
+        value = run.max_steps if flag == "--max-steps" else run.epochs
+        raise ConfigError(f"{flag}: the run in {run_dir} already took {pos.step} steps, {flag} {value} allows "
+                          f"{total}; raise {flag} to train on")
     return total

@@ -189,7 +189,8 @@ def evaluate_sets(source: Side, reference: Side | None, *, dataset: str | None =
                                                  run_device)
         num_fake = num_samples
     else:
-        fake_images, train_px = sets.folder_images(source.path, spec.channels, size, spec.size_px)
+        fake_images, train_px = sets.folder_images(source.path, spec.channels, size, spec.size_px,
+                                                   gray_domain=sets.gray_domain_of(spec))
         fake_batches = lambda: iter(fake_images.split(FEATURE_BATCH))  # noqa: E731
         num_fake = len(fake_images)
     ref_side = reference or Side("dataset", spec=spec)

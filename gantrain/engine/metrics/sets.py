@@ -72,18 +72,20 @@ def parse_side(text: str, channels: int = 3, data_root: str | None = None) -> Si
 
 
 def folder_images(folder: Path, channels: int, size: int | None, size_px: int,
-                  paths: list[Path] | None = None) -> tuple[torch.Tensor, int]:
+                  paths: list[Path] | None = None, *, gray_domain: str | None = None) -> tuple[torch.Tensor, int]:
     """Every image below ``folder`` (found as training finds them, or ``paths``; unreadable files skipped) decoded
     at S, then taken to the metric size ``size_px`` by :func:`to_metric_size`, a chunk at a time (memory: the
     images at the metric size): uint8 (N, C, size_px, size_px) and S. S is ``size``, else the first image's
-    shorter side (non-square images are centre-cropped as in training). Raises :class:`DataError` for a folder
-    without a readable image."""
+    shorter side (non-square images are centre-cropped as in training). ``gray_domain``: the name of a built-in
+    grayscale metric domain the images are scored in (:func:`gray_domain_of`), where a folder of colour images is
+    refused (:func:`refuse_colour_for_grayscale`). Raises :class:`DataError` for a folder without a readable
+    image."""
     paths = discover_images(folder).paths if paths is None else paths
     if size is None:
         with Image.open(paths[0]) as first:
             size = min(first.size)
-    if channels == 1:
-        refuse_colour_for_grayscale(folder, paths, size)
+    if gray_domain is not None:
+        refuse_colour_for_grayscale(folder, paths, size, gray_domain)
     chunks = []
     for start in range(0, len(paths), FEATURE_BATCH):
         arrays = [a for a in (decode_or_skip(p, size, channels)[0] for p in paths[start:start + FEATURE_BATCH])
@@ -95,11 +97,18 @@ def folder_images(folder: Path, channels: int, size: int | None, size_px: int,
     return torch.cat(chunks), size
 
 
-def refuse_colour_for_grayscale(folder: Path, paths: list[Path], size: int) -> None:
+def gray_domain_of(spec: DatasetSpec) -> str | None:
+    """The label of ``spec`` when it is a built-in grayscale dataset's domain (FashionMNIST, MNIST), whose
+    extractor knows only such images; None for a folder's own domain (a grayscale model of colour photographs is
+    scored in their luma, as it trained)."""
+    return spec.label if spec.dataset in IDX_DATASETS else None
+
+
+def refuse_colour_for_grayscale(folder: Path, paths: list[Path], size: int, domain: str) -> None:
     """Raises :class:`DataError` when most of up to :data:`COLOUR_SAMPLE` images of ``folder`` (evenly spaced in
-    ``paths``) are in colour (:data:`COLOUR_CHROMA`): read in grayscale for a grayscale metric domain (a
-    FashionMNIST generator's, say), colour photographs would give a believable but meaningless FD, not a
-    quality measure. Grayscale images stored as RGB pass."""
+    ``paths``) are in colour (:data:`COLOUR_CHROMA`) while they are to be scored in the grayscale ``domain`` (a
+    built-in dataset's extractor): colour photographs read in grayscale would give a believable but meaningless
+    FD there, not a quality measure. Grayscale images stored as RGB pass."""
     step = max(len(paths) // COLOUR_SAMPLE, 1)
     looked, colour = 0, []
     for path in paths[::step][:COLOUR_SAMPLE]:
@@ -112,9 +121,9 @@ def refuse_colour_for_grayscale(folder: Path, paths: list[Path], size: int) -> N
             colour.append(path)
     if colour and 2 * len(colour) > looked:
         raise DataError(f"{folder}: holds colour images ({len(colour)} of {looked} looked at, e.g. {colour[0].name}), "
-                        "but this metric's domain is grayscale: scored in grayscale they would give an FD across "
-                        "domains, not a quality measure; compare with a grayscale folder of the same kind of images "
-                        "(convert them first if that is what they are)")
+                        f"but they would be scored in the grayscale {domain} domain: an FD across domains, not a "
+                        f"quality measure; compare {domain} images with {domain} images (convert the folder to "
+                        "grayscale first if that is what it holds)")
 
 
 def folder_spec(folder: Path, channels: int) -> DatasetSpec:
@@ -136,7 +145,8 @@ def reference_of(side: Side, spec: DatasetSpec, train_px: int | None, *, cache: 
     check_usable(extractor)
     own = spec.dataset == "folder" and Path(spec.root).resolve() == Path(side.path).resolve()
     paths = folder_split_paths(side.path, "test") if own else None
-    images, made_at = folder_images(side.path, spec.channels, train_px, spec.size_px, paths)
+    images, made_at = folder_images(side.path, spec.channels, train_px, spec.size_px, paths,
+                                    gray_domain=gray_domain_of(spec))
     features, _ = extract(extractor, iter(images.split(FEATURE_BATCH)), len(images), "reference features",
                           console=console, quiet=quiet)
     real = RealFeatures(features, *formulas.mean_and_covariance(features))

@@ -209,7 +209,8 @@ class RunOutputs:
             frames.append(final)
             captions.append(f"step {step} (final)")
         save_gif(frames, self.files.gif, captions=captions)
-        log.info("run folder: %s (final.png, losses.png, progress.gif, checkpoints/)", self.run_dir)
+        shown = [self.files.final_grid, self.files.losses_plot, self.files.metrics_plot, self.files.gif]
+        log.info("run folder: %s (%s, checkpoints/)", self.run_dir, ", ".join(p.name for p in shown if p.exists()))
         if self.trackers is not None:
             if not self.files.sample_grid(step).exists():
                 self.trackers.image(step, final)

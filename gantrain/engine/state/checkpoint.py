@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from gantrain.engine.config import CheckpointConfig, Config, env_data_root, from_dict, shown, with_env_defaults
+from gantrain.engine.config import CheckpointConfig, Config, data_root_of, from_dict, shown, with_env_defaults
 from gantrain.engine.config import _flag as flag_name
 from gantrain.engine.errors import CheckpointError, TrainingDiverged
 from gantrain.engine.state.files import atomic_write, io_error
@@ -117,12 +117,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Loads and checks a checkpoint on the CPU, upgraded to the current schema version
     (:func:`~gantrain.engine.state.schema.upgrade`); any problem is a :class:`CheckpointError` naming the file."""
     path = Path(path)
+    if path.is_dir() and (path / "last.pt").is_file():
+        raise CheckpointError(f"{path} is a folder; its latest checkpoint is {path / 'last.pt'}")
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"{path} is corrupt or not a checkpoint ({type(exc).__name__}: {str(exc)[:120]})") from None
+        raise CheckpointError(f"{path} is corrupt or not a checkpoint ({_first_sentence(exc)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a gantrain checkpoint")
     stored = state.pop("digest", None)  # absent in checkpoints written before digests were added
@@ -137,6 +139,16 @@ def open_resume(cfg: Config, resume: str | None) -> tuple[Path | None, dict[str,
     path = find_resume(resume, cfg.run_dir) if resume else None
     state = load_checkpoint(path) if path else None
     return path, state, resumed_config(cfg, state, path)
+
+
+def _first_sentence(exc: BaseException) -> str:
+    """The reason of a failed load, for one error line: the exception's type and its first sentence (torch's own
+    text runs on over several lines of advice), whole words only."""
+    text = " ".join(str(exc).split())
+    first = text.split(". ")[0].rstrip(".")
+    if len(first) > 160:
+        first = first[:160].rsplit(" ", 1)[0] + " ..."
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def find_resume(resume: str, run_dir: Path) -> Path:
@@ -278,8 +290,8 @@ def _legacy_epoch_images(state: dict, cfg: Config, pos: Position, saved_batch: i
     if pos.epoch == 0:
         return pos.step * saved_batch
     saved_data, data = dict(Parts.of(state).config.get("data", {})), cfg.to_dict()["data"]
-    if "data_root" in saved_data and not saved_data["data_root"]:  # unset: $GANTRAIN_DATA (see resumed_config)
-        saved_data["data_root"] = env_data_root() or saved_data["data_root"]
+    if "data_root" in saved_data:  # as this run's config holds it (see resumed_config): absolute, or $GANTRAIN_DATA
+        saved_data["data_root"] = data_root_of(saved_data["data_root"])
     same_images = all(saved_data.get(k, data[k]) == data[k] for k in DATASET_KEYS)
     saved_per_epoch = num_images // saved_batch
     in_epoch = pos.step - pos.epoch * saved_per_epoch

@@ -245,8 +245,8 @@ def test_a_relative_data_root_is_stored_absolute(tmp_path: Path, monkeypatch: py
     where the run started: the config keeps it absolute, so eval or a resume from another directory reads the
     same folder; ~ is expanded."""
     monkeypatch.chdir(tmp_path)
-    assert resolve(None, None, {"data_root": "../shared/datasets"}).data.data_root == \
-        os.path.join(os.path.dirname(str(tmp_path)), "shared", "datasets")
+    root = resolve(None, None, {"data_root": "../shared/datasets"}).data.data_root
+    assert os.path.isabs(root) and Path(root).resolve() == (tmp_path.parent / "shared" / "datasets").resolve()
     monkeypatch.setenv("GANTRAIN_DATA", "data")
     assert resolve(None, None, {}).data.data_root == str(tmp_path / "data")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -262,7 +262,8 @@ def test_a_config_file_naming_another_preset_than_preset_is_refused(tmp_path: Pa
     """--preset A with a file saying preset = "B": the file's label over A's values would name the run (and its
     folder) after B while training A: refused; the same preset, or a file that names none, is A's run."""
     other = _write(tmp_path / "other.toml", 'preset = "cats64"\n')
-    with pytest.raises(ConfigError, match="names preset 'cats64', --preset 'fashion32-tuned': give one"):
+    with pytest.raises(ConfigError, match="names preset 'cats64', --preset 'fashion32-tuned': drop --preset to train the file's cats64, or "
+                                         "the file's preset line to lay it over fashion32-tuned"):
         resolve("fashion32-tuned", str(other), {})
     same = _write(tmp_path / "same.toml", 'preset = "fashion32-tuned"\n[optim]\nlr_g = 0.001\n')
     cfg = resolve("fashion32-tuned", str(same), {})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -351,6 +352,21 @@ def test_a_download_into_an_unwritable_folder_says_so(mnist_raw: Path, tmp_path:
     monkeypatch.setitem(dl.IDX_DATASETS["mnist"], "mirrors", [mirror.as_uri() + "/"])
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(DataError, match="cannot write into"):
+    with pytest.raises(DataError, match="was downloaded but cannot be written into .*point --data-root"):
         dl.ensure_idx_files("mnist", blocker)
     assert blocker.read_text() == "not a folder"
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(DataError, match=f"cannot be written into {locked / 'MNIST' / 'raw'}"):
+            dl.ensure_idx_files("mnist", locked)
+        assert list(locked.iterdir()) == []
+
+
+def test_no_usable_temporary_folder_is_said_naming_the_dataset(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dl.tempfile, "tempdir", str(tmp_path / "gone"))  # $TMPDIR that does not exist
+    with pytest.raises(DataError, match="mnist is not on this machine and could not be downloaded \\(no temporary "
+                                        "folder to download into"):
+        dl.ensure_idx_files("mnist", tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()

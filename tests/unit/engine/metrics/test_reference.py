@@ -103,20 +103,26 @@ def _images(folder: Path, pixels: list[np.ndarray]) -> Path:
 
 
 def test_colour_photos_are_refused_for_a_grayscale_metric_domain(tmp_path: Path) -> None:
-    """Read in grayscale (a FashionMNIST generator's domain), a folder of colour images would give an FD across
-    domains: refused, naming an example; grayscale images stored as RGB, or a few colour images among grayscale
-    ones, are read; an RGB domain reads colour as it is."""
+    """Scored in a built-in grayscale domain (a FashionMNIST generator's), a folder of colour images would give
+    an FD across domains: refused, naming an example and the domain; grayscale images stored as RGB, or a few
+    colour images among grayscale ones, are read; a folder's own grayscale domain (a grayscale model trained on
+    colour photos, scored in their luma as it trained) and an RGB domain read colour as it is."""
     from gantrain.engine.errors import DataError
     from gantrain.engine.metrics import sets
 
+    fashion = sets.gray_domain_of(DatasetSpec("fashion-mnist", None, 1))
+    assert fashion == "fashion-mnist" and sets.gray_domain_of(DatasetSpec("folder", tmp_path, 1)) is None
     rng = np.random.default_rng(0)
     gray = [np.repeat(rng.integers(0, 256, (16, 16, 1), dtype=np.uint8), 3, axis=2) for _ in range(8)]
     colour = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(8)]
-    with pytest.raises(DataError, match=r"holds colour images \(8 of 8 looked at, e.g. 00.png\)"):
-        sets.folder_images(_images(tmp_path / "colour", colour), 1, None, 16)
-    images, size = sets.folder_images(_images(tmp_path / "gray", gray), 1, None, 16)
+    with pytest.raises(DataError, match=r"holds colour images \(8 of 8 looked at, e.g. 00.png\), but they would be "
+                                        r"scored in the grayscale fashion-mnist domain"):
+        sets.folder_images(_images(tmp_path / "colour", colour), 1, None, 16, gray_domain=fashion)
+    images, size = sets.folder_images(_images(tmp_path / "gray", gray), 1, None, 16, gray_domain=fashion)
     assert images.shape == (8, 1, 16, 16) and size == 16
     # gray stored as RGB: the grayscale read is the same value in every channel
     assert torch.equal(images[0, 0], torch.from_numpy(gray[0][..., 0]))
-    assert sets.folder_images(_images(tmp_path / "mixed", gray[:5] + colour[:3]), 1, None, 16)[0].shape[0] == 8
+    mixed = _images(tmp_path / "mixed", gray[:5] + colour[:3])
+    assert sets.folder_images(mixed, 1, None, 16, gray_domain=fashion)[0].shape[0] == 8
+    assert sets.folder_images(tmp_path / "colour", 1, None, 16)[0].shape == (8, 1, 16, 16)  # a folder's own domain
     assert sets.folder_images(tmp_path / "colour", 3, None, 16)[0].shape == (8, 3, 16, 16)

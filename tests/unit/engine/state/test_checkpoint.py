@@ -85,6 +85,15 @@ def test_truncated_checkpoint(trained_run: Path, tmp_path: Path) -> None:
         with pytest.raises(CheckpointError, match="corrupt or not a checkpoint") as info:
             load_checkpoint(path)
         assert str(path) in str(info.value)
+        # one sentence of torch's reason, cut at a word, closed: not "...internal miniz error. If yo)"
+        reason = str(info.value).split("(", 1)[1]
+        assert reason.endswith(")") and "\n" not in reason and ". " not in reason and len(reason) < 220
+
+
+def test_a_run_folder_given_as_a_checkpoint_names_its_last_pt(trained_run: Path) -> None:
+    folder = trained_run / "checkpoints"
+    with pytest.raises(CheckpointError, match=f"{folder} is a folder; its latest checkpoint is {folder / 'last.pt'}"):
+        load_checkpoint(folder)
 
 
 @pytest.mark.parametrize("where", ["start", "end"])

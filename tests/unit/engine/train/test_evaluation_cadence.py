@@ -166,3 +166,5 @@ def test_the_runs_own_evaluation_by_steps_and_epochs(fashion_extractor, tiny_cfg
     assert load_checkpoint(run / "checkpoints" / "best.pt")["position"]["step"] == best["step"]
     log = (run / "train.log").read_text()
     assert "step 5: FD " in log and "epoch 1: FD " in log and "step 15: FD " in log
+    # the closing line names what the folder holds: metrics.png too, once evaluations drew it
+    assert f"run folder: {run} (final.png, losses.png, metrics.png, progress.gif, checkpoints/)" in " ".join(log.split())
