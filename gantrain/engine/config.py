@@ -485,6 +485,19 @@ class Config:
             _check(self.run.device != "cpu", "dali_device", "a GPU pipeline needs CUDA, but --device is cpu; "
                    "use --dali-device cpu (or auto)")
 
+    def without_effect(self) -> list[str]:
+        """The settings this config holds that do nothing in its run, each with why ('--sync-bn (no --ddp or
+        --ray)'): the run says them in one log line rather than ignoring them silently."""
+        idle = []
+        if self.gan.ema_bn == "standing" and not self.gan.ema_decay:
+            idle.append("--ema-bn standing (no EMA: --ema-decay 0)")
+        if self.dist.sync_bn and not (self.dist.ddp or self.dist.ray):
+            idle.append("--sync-bn (no --ddp or --ray)")
+        ev = self.eval
+        if ev.samples_from_best and not (ev.eval_every or ev.eval_every_steps or ev.eval_every_images):
+            idle.append("--samples-from-best (no evaluation: --eval-every, --eval-every-steps or --eval-every-images)")
+        return idle
+
     def to_dict(self) -> dict[str, Any]:
         """The config as JSON/TOML-native data (a list field as a list), as checkpoints and reports store it."""
         return {key: {name: list(v) if isinstance(v, tuple) else v for name, v in value.items()}

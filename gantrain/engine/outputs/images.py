@@ -129,6 +129,10 @@ def read_metrics(path: Path) -> list[dict]:
     return found.records
 
 
+FEW_POINTS = 30
+"""Curves of at most this many points are drawn with a marker at each (a short run's few log records)."""
+
+
 def plot_curves(records: Sequence[dict], keys: Sequence[str], path: Path, title: str, ylabel: str, *,
                 secondary: Sequence[str] = (), secondary_ylabel: str = "") -> Path | None:
     """One line per key against the step, from metrics.jsonl records; ``secondary`` keys (values on another
@@ -266,4 +270,5 @@ def _plot_keys(ax, rows: Sequence[dict], keys: Sequence[str], linestyle: str = "
         # null is how metrics.jsonl writes a non-finite value: a gap in the line
         points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
         if points:  # colours continue across the two axes so no two lines share one
-            ax.plot(*zip(*points), label=key, linestyle=linestyle, color=f"C{i + color_offset}")
+            marker = "o" if len(points) <= FEW_POINTS else None  # a line of one point draws nothing
+            ax.plot(*zip(*points), label=key, linestyle=linestyle, color=f"C{i + color_offset}", marker=marker)

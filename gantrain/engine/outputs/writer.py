@@ -59,6 +59,9 @@ class RunOutputs:
                  loader.num_images, loader.steps_per_epoch, data.batch_size, world, data.batch_size * world, total_steps)
         log.info("device %s, %s, %s loader%s", device, precision, type(loader).__name__,
                  ", torch.compile" if self.cfg.perf.compile else "")
+        idle = self.cfg.without_effect()
+        if idle:
+            log.warning("settings without effect in this run: %s", "; ".join(idle))
 
     def set_roof(self, flops_per_image: float, peak_tflops: float, device: torch.device, how: str) -> None:
         """What MFU divides by from now on: the model FLOPs of one image's step and the peak of every rank together

@@ -157,7 +157,7 @@ def as_dict(cfg: Config, sources: dict[str, str], schedule: Schedule, resume: st
     the images cannot be counted) and the precision. Raises :class:`ConfigError` as :func:`show` does."""
     total = schedule.total_steps
     return {"preset": cfg.preset, "run_dir": str(cfg.run_dir), "resume": resume,
-            "resume_changes": list(changes or []), "config": cfg.to_dict(),
+            "resume_changes": list(changes or []), "without_effect": cfg.without_effect(), "config": cfg.to_dict(),
             "sources": dict(sources),
             "schedule": {"images": schedule.images, "images_note": schedule.images_note,
                          "batch_size": schedule.batch_size, "world_size": schedule.world_size,
@@ -196,6 +196,8 @@ def show(cfg: Config, sources: dict[str, str], schedule: Schedule, console: Cons
                   f"total steps: {schedule.total_steps} over {epochs} epoch(s){capped}",
                   f"images trained on: {schedule.total_steps * schedule.effective_batch}"]
     lines.append(f"precision: {precision}")
+    if cfg.without_effect():
+        lines.append(f"without effect in this run: {'; '.join(cfg.without_effect())}")
     if resume:
         lines.append(f"--resume {resume}: a resumed run goes on from its checkpoint's step towards these totals")
         lines.append("changed against the checkpoint: " + (", ".join(changes) if changes else "nothing"))

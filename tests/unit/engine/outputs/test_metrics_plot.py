@@ -123,3 +123,18 @@ def test_no_evaluation_record_writes_no_plot(tmp_path: Path) -> None:
     assert QualityTracker.plot(tmp_path) is None and not (tmp_path / "metrics.png").exists()
     assert panel_figure([evaluation(1, fd=None, kid_mean=None, precision=None, recall=None, density=None,
                                     coverage=None, classifier_score=None)], QUALITY_PANELS, "t") is None
+
+
+def test_a_short_runs_loss_curves_mark_their_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """losses.png of a 20-step run (one log record) drew a line of one point: nothing. Up to FEW_POINTS points
+    each is marked; a long run's curves stay plain lines."""
+    from gantrain.engine.outputs import images
+
+    figures = []
+    monkeypatch.setattr(images, "save_figure", lambda fig, path: figures.append(fig) or path)
+    images.plot_curves([{"step": 20, "loss_d": 1.2, "loss_g": 0.7}], ["loss_d", "loss_g"], tmp_path / "a.png",
+                       "GAN losses", "BCE loss")
+    assert [line.get_marker() for line in figures[0].axes[0].get_lines()] == ["o", "o"]
+    many = [{"step": i, "loss_d": 1.0, "loss_g": 2.0} for i in range(images.FEW_POINTS + 1)]
+    images.plot_curves(many, ["loss_d", "loss_g"], tmp_path / "b.png", "GAN losses", "BCE loss")
+    assert [line.get_marker() for line in figures[1].axes[0].get_lines()] == ["None", "None"]
