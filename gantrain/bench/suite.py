@@ -51,7 +51,7 @@ def matrix(amp: str, nproc: int = 1, device_type: str = "cpu") -> list[BenchRow]
 def run_suite(cfg: Config, *, rows: list[BenchRow], timing: dict, peak_override: float | None,
               console: Console) -> dict:
     from gantrain.engine import BENCH_PROBE, bf16_faster, device_peaks, has_cpu_rewrites, layer_rewrites, \
-        layer_shapes, override, pick_device, step_flops
+        override, pick_device, step_flops, strided_layers
 
     device = pick_device(cfg.run.device)
     flops_per_image = step_flops(cfg.model, cfg.data.image_size, cfg.data.channels)
@@ -63,8 +63,8 @@ def run_suite(cfg: Config, *, rows: list[BenchRow], timing: dict, peak_override:
     # threads, or the forced-bf16 row's dtype, key other entries, which its worker measures itself)
     fast_rows = any(row.kind == "engine" and row.changes.get("layer_impl", cfg.perf.layer_impl) == "fast"
                     for row in rows)
-    shapes = layer_shapes(cfg.model, cfg.data.image_size, cfg.data.channels, cfg.data.batch_size) \
-        if fast_rows and has_cpu_rewrites(override(cfg, {"layer_impl": "fast"}), device) else []
+    shapes = strided_layers(cfg.model, cfg.data.image_size, cfg.data.channels, cfg.data.batch_size) \
+        if fast_rows and has_cpu_rewrites(override(cfg, {"layer_impl": "fast"}), device) else {}
     rewrites = layer_rewrites(torch.bfloat16 if bf16 else torch.float32, True, shapes, fresh=True) if shapes else None
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     runs = round_robin([row.name for row in rows], lambda i: run_row(rows[i], cfg, timing, env),

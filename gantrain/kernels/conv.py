@@ -286,16 +286,17 @@ def strided_conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, impl: str = 
 
 # ----- the probe: is each rewrite faster on this CPU? -----------------------------------------------------
 def measure_rewrite(name: str, dtype: torch.dtype, shape: tuple[int, int, int, int], *, channels_last: bool = True,
-                    reps: int = 7, timer=None) -> tuple[float, float]:
+                    transposed: bool = False, reps: int = 7, timer=None) -> tuple[float, float]:
     """Median milliseconds of rewrite ``name`` and of the torch (oneDNN) computation it replaces, in ``dtype`` on
     the CPU, for a layer of ``shape`` = (batch, conv input channels, conv output channels, input size) in the
     convolution's view: ``(rewrite_ms, torch_ms)``. Each side is what a training step computes with it: an input
-    gradient alone for space-to-depth (a transposed layer's forward, or D's first layer in G's step); for the
-    dilated weight gradient, a layer that also needs its input gradient: torch's input gradient plus the rewrite
-    against torch's one call computing both (timed alone, oneDNN's weight gradient was seen taking up to twice
-    its share of that call). That is how a convolution (D's layer) computes; a transposed layer of the same view
-    (G's) computes a forward convolution beside the rewrite instead, which the verdict for the view also governs. The two alternate, after one untimed call of each; ``timer`` (seconds; default
-    ``time.perf_counter``) is for tests. Raises ValueError for an unknown name."""
+    gradient alone for space-to-depth (a transposed layer's forward, or D's first layer in G's step). The dilated
+    weight gradient is timed with the other gradient the layer needs beside it, against torch's one backward
+    call computing both (timed alone, oneDNN's weight gradient was seen taking up to twice its share of that
+    call): for a convolution (D's layer), torch's input gradient; for a ``transposed`` layer of this view (G's),
+    the forward convolution that is its input gradient, against torch's transposed backward. The two alternate,
+    after one untimed call of each; ``timer`` (seconds; default ``time.perf_counter``) is for tests. Raises
+    ValueError for an unknown name."""
     import statistics
     import time
 
@@ -313,6 +314,10 @@ def measure_rewrite(name: str, dtype: torch.dtype, shape: tuple[int, int, int, i
     if name == "space_to_depth":
         forms = (lambda: _space_to_depth(grad_out, weight),
                  lambda: F.conv_transpose2d(grad_out, weight, stride=2, padding=1))
+    elif transposed:  # G's layer: x is its output gradient, grad_out its input (see _StridedConvTranspose)
+        forms = (lambda: (F.conv2d(x, weight, stride=2, padding=1), dilated_weight_grad(x, grad_out, weight)),
+                 lambda: torch.ops.aten.convolution_backward(x, grad_out, weight, None, [2, 2], [1, 1], [1, 1], True,
+                                                             [0, 0], 1, [True, True, False]))
     else:
         forms = (lambda: (_aten_conv_grads(x, grad_out, weight, True, False), dilated_weight_grad(x, grad_out, weight)),
                  lambda: _aten_conv_grads(x, grad_out, weight, True, True))

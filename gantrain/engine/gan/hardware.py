@@ -184,25 +184,33 @@ def bf16_faster(device: torch.device) -> tuple[bool, str]:
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 #: Rounds of :func:`~gantrain.kernels.conv.measure_rewrite` per layer; a verdict must agree in all of them.
 REWRITE_ROUNDS = 2
-#: What the cached rounds timed; entries of an older probe are measured again. 2: the dilated weight gradient
-#: beside torch's input gradient against torch's one call for both (1, unmarked: the weight gradient alone).
-REWRITE_PROBE_FORM = 2
+#: What the cached rounds timed; entries of an older probe are measured again. 3: the dilated weight gradient
+#: beside the other gradient its layers need, for each kind of layer that shares the shape (conv, transposed),
+#: against torch's one backward call each (2: as a convolution only; 1, unmarked: the weight gradient alone).
+REWRITE_PROBE_FORM = 3
 
 
 def layer_shapes(model: ModelConfig, image_size: int, channels: int, batch: int) -> list[tuple[int, int, int, int]]:
     """The strided layers of G and D as convolutions (:func:`~gantrain.kernels.conv.conv_view`): (batch, input
-    channels, output channels, input size) each, in model order, duplicates dropped. Found on the meta device
-    (shapes only, milliseconds); leaves torch's global random state as it was."""
+    channels, output channels, input size) each, in model order, duplicates dropped (:func:`strided_layers`)."""
+    return list(strided_layers(model, image_size, channels, batch))
+
+
+def strided_layers(model: ModelConfig, image_size: int, channels: int, batch: int) -> dict[tuple, tuple[str, ...]]:
+    """Each strided layer shape of G and D in the convolution's view (as :func:`layer_shapes`, in model order) and
+    what uses it: ``"conv"`` (D's layers), ``"transposed"`` (G's) or both. Found on the meta device (shapes only,
+    milliseconds); leaves torch's global random state as it was."""
     from gantrain.engine.gan.layers import StridedConv2d, StridedConvTranspose2d
     from gantrain.engine.gan.models import build_models
     from gantrain.kernels.conv import conv_view
 
-    shapes: list[tuple[int, int, int, int]] = []
+    kinds: dict[tuple, tuple[str, ...]] = {}
 
     def seen(module, inputs, output):
-        view = conv_view(inputs[0].shape, module.weight.shape, isinstance(module, StridedConvTranspose2d))
-        if (batch, *view) not in shapes:
-            shapes.append((batch, *view))
+        transposed = isinstance(module, StridedConvTranspose2d)
+        shape = (batch, *conv_view(inputs[0].shape, module.weight.shape, transposed))
+        kind = "transposed" if transposed else "conv"
+        kinds[shape] = tuple(sorted({*kinds.get(shape, ()), kind}))
 
     with torch.random.fork_rng(devices=[]), torch.device("meta"), torch.no_grad():
         g, d = build_models(model, image_size, channels, impl="fast")
@@ -210,7 +218,7 @@ def layer_shapes(model: ModelConfig, image_size: int, channels: int, batch: int)
             if isinstance(module, (StridedConv2d, StridedConvTranspose2d)):
                 module.register_forward_hook(seen)
         d(g(torch.empty(batch, model.nz)))
-    return shapes
+    return kinds
 
 
 def _valid_rounds(entry) -> bool:
@@ -222,11 +230,11 @@ def _valid_rounds(entry) -> bool:
                                                                   for v in r) for r in rounds))
 
 
-def layer_rewrites(dtype: torch.dtype, channels_last: bool, shapes: list[tuple[int, int, int, int]], *,
-                   fresh: bool = False) -> dict:
+def layer_rewrites(dtype: torch.dtype, channels_last: bool, shapes, *, fresh: bool = False) -> dict:
     """Which CPU gradient rewrites of the fast layers (:mod:`gantrain.kernels.conv`) each layer of ``shapes``
-    (:func:`layer_shapes`) uses in ``dtype``: every rewrite within its channel bound is timed against torch's form
-    at the layer's shape in :data:`REWRITE_ROUNDS` rounds, once per machine (cached beside the peaks; ``fresh``:
+    (:func:`strided_layers`, or a list of shapes, taken as convolutions) uses in ``dtype``: every rewrite within
+    its channel bound is timed against torch's form at the layer's shape in :data:`REWRITE_ROUNDS` rounds (the
+    dilated weight gradient as each kind of layer of that shape computes it, the kinds' times added), once per machine (cached beside the peaks; ``fresh``:
     measure these anew, keeping the file's other entries), and recorded for this process
     (:func:`~gantrain.kernels.conv.set_rewrites`): used where it was faster in every round, not used where slower
     in every round, left to its rule where the rounds disagree (a machine too busy to tell).
@@ -240,12 +248,14 @@ def layer_rewrites(dtype: torch.dtype, channels_last: bool, shapes: list[tuple[i
     path = _cache_file(torch.device("cpu"), "rewrites")
     stored = _read_json(path) or {}
     layers, measured = [], False
-    for shape in shapes:
+    kinds_of = shapes if isinstance(shapes, dict) else dict.fromkeys(shapes, ("conv",))
+    for shape, kinds in kinds_of.items():
         for rewrite in (r for r in conv.REWRITES if conv.in_bounds(r, shape[1])):
-            key = f"{rewrite}|{name_of}|{layout}|{'x'.join(map(str, shape))}"
+            uses = tuple(kinds) if rewrite == "dilated" else ("conv",)  # space-to-depth: one form for both kinds
+            key = f"{rewrite}|{name_of}|{layout}|{'x'.join(map(str, shape))}|{'+'.join(uses)}"
             if fresh or not _valid_rounds(stored.get(key)):
                 stored[key] = {"form": REWRITE_PROBE_FORM,
-                               "rounds": [list(conv.measure_rewrite(rewrite, dtype, shape, channels_last=channels_last))
+                               "rounds": [_timed_round(rewrite, dtype, shape, channels_last, uses)
                                           for _ in range(REWRITE_ROUNDS)]}
                 measured = True
             rounds = stored[key]["rounds"]
@@ -265,6 +275,15 @@ def layer_rewrites(dtype: torch.dtype, channels_last: bool, shapes: list[tuple[i
             pass
     source = f"{'measured now, ' if measured else ''}kept in {path.parent}"
     return {"dtype": name_of, "layout": layout, "source": source, "layers": layers}
+
+
+def _timed_round(rewrite: str, dtype: torch.dtype, shape, channels_last: bool, uses: tuple[str, ...]) -> list[float]:
+    """One round of the probe for a layer shape: (rewrite ms, torch ms), added over the kinds of layer in ``uses``."""
+    from gantrain.kernels import conv
+
+    pairs = [conv.measure_rewrite(rewrite, dtype, shape, channels_last=channels_last, transposed=use == "transposed")
+             for use in uses]
+    return [sum(p[0] for p in pairs), sum(p[1] for p in pairs)]
 
 
 def rules_only(dtype: torch.dtype, channels_last: bool, why: str) -> dict:

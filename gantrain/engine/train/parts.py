@@ -14,7 +14,7 @@ import torch
 from gantrain.engine.config import Config
 from gantrain.engine.data import Shard, build_loader
 from gantrain.engine.dist.runtime import DistInfo, configure_runtime, pick_device
-from gantrain.engine.gan.hardware import describe_rewrites, layer_rewrites, layer_shapes, rules_only
+from gantrain.engine.gan.hardware import describe_rewrites, layer_rewrites, rules_only, strided_layers
 from gantrain.engine.gan.precision import PrecisionPolicy
 from gantrain.engine.gan.step import GANStep
 
@@ -59,7 +59,7 @@ def choose_rewrites(cfg: Config, policy: PrecisionPolicy, dist: DistInfo = DistI
     record = None
     if dist.is_main:
         try:
-            shapes = layer_shapes(cfg.model, cfg.data.image_size, cfg.data.channels, cfg.data.batch_size)
+            shapes = strided_layers(cfg.model, cfg.data.image_size, cfg.data.channels, cfg.data.batch_size)
             record = layer_rewrites(dtype, policy.channels_last, shapes)
         except Exception as exc:  # noqa: BLE001 - a probe must not end a run, nor skip the broadcast below
             record = rules_only(dtype, policy.channels_last, f"{type(exc).__name__}: {exc}")

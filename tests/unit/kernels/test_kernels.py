@@ -308,3 +308,18 @@ def test_the_probe_times_each_rewrite_as_the_step_computes_the_layer(monkeypatch
     calls.clear()
     conv.measure_rewrite("space_to_depth", torch.float32, (2, 1, 4, 8), reps=1)
     assert calls == []  # neither of those: the rewrite's own transposed convolution against torch's
+
+    class Functional:  # torch.nn.functional, recording the forward convolutions
+        def __getattr__(self, name):
+            return getattr(torch.nn.functional, name)
+
+        def conv2d(self, *args, **kwargs):
+            calls.append(("conv2d",))
+            return torch.nn.functional.conv2d(*args, **kwargs)
+
+    monkeypatch.setattr(conv, "F", Functional())
+    conv.measure_rewrite("dilated", torch.float32, (2, 8, 4, 8), transposed=True, reps=1)
+    # G's layer: its input gradient is a forward convolution beside the rewrite, against torch's transposed
+    # backward (one aten call, not through _aten_conv_grads)
+    # (the dilated form is itself a forward convolution: the third call of each repetition)
+    assert calls == [("conv2d",), ("dilated",), ("conv2d",)] * 2

@@ -95,8 +95,8 @@ def rewrite_rounds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     script: dict = {}
     calls: list = []
 
-    def measure(name, dtype, shape, *, channels_last=True, **_):
-        calls.append((name, dtype, tuple(shape), channels_last))
+    def measure(name, dtype, shape, *, channels_last=True, transposed=False, **_):
+        calls.append((name, dtype, tuple(shape), channels_last, transposed))
         return script[(name, dtype, tuple(shape))].pop(0)
 
     monkeypatch.setattr(conv, "measure_rewrite", measure)
@@ -153,7 +153,7 @@ def test_each_layer_uses_a_rewrite_where_every_round_found_it_faster(rewrite_rou
     assert len(kept) == 4  # the fp32 and space-to-depth entries survived the fresh probe
 
 
-KEY = f"dilated|bf16|channels-last|{'x'.join(map(str, WIDE))}"
+KEY = f"dilated|bf16|channels-last|{'x'.join(map(str, WIDE))}|conv"
 
 
 @pytest.mark.parametrize("text", ["{not json", json.dumps([1, 2]), json.dumps({KEY: 1}),
@@ -203,3 +203,33 @@ def test_layer_shapes_are_each_strided_layer_as_a_convolution() -> None:
     half = preset("fashion32-tuned")  # ndf 32: D's layers differ from G's
     assert hardware.layer_shapes(half.model, 32, 1, 64) == [(64, 128, 256, 8), (64, 64, 128, 16), (64, 1, 64, 32),
                                                             (64, 1, 32, 32), (64, 32, 64, 16), (64, 64, 128, 8)]
+    # what uses each shape: at fashion32 every shape is one of G's and one of D's; at fashion32-tuned G's three
+    # and D's three differ (the dilated rewrite's only layer there, 128->256 at 8 px, is G's)
+    both = ("conv", "transposed")
+    assert hardware.strided_layers(cfg.model, 32, 1, 128) == {(128, 128, 256, 8): both, (128, 64, 128, 16): both,
+                                                               (128, 1, 64, 32): both}
+    assert hardware.strided_layers(half.model, 32, 1, 64) == {
+        (64, 128, 256, 8): ("transposed",), (64, 64, 128, 16): ("transposed",), (64, 1, 64, 32): ("transposed",),
+        (64, 1, 32, 32): ("conv",), (64, 32, 64, 16): ("conv",), (64, 64, 128, 8): ("conv",)}
+
+
+def test_the_dilated_probe_adds_the_forms_of_every_kind_of_layer_sharing_a_shape(rewrite_rounds) -> None:
+    """A shape used by D's layer and G's: each round times the rewrite as each computes it (a convolution's pair,
+    then a transposed layer's) and adds them: (3 + 4) vs (4 + 2) ms -> slower, not used, though the convolution
+    alone found it faster. Space-to-depth has one form for both: timed once per round. A shape of G's alone is
+    timed as G computes it, under its own cache key."""
+    from gantrain.kernels import conv
+
+    script, calls = rewrite_rounds
+    script[("dilated", torch.bfloat16, WIDE)] = [(3.0, 4.0), (4.0, 2.0)] * 2
+    record = hardware.layer_rewrites(torch.bfloat16, True, {WIDE: ("conv", "transposed")})
+    assert [(r["rewrite"], r["rewrite_ms"], r["torch_ms"], r["used"]) for r in record["layers"]] == \
+        [("dilated", 7.0, 6.0, False)]
+    assert [c[-1] for c in calls] == [False, True, False, True]  # transposed, per call
+    assert not conv.rewrite_enabled("dilated", torch.bfloat16, *WIDE[1:])
+    script[("dilated", torch.bfloat16, WIDE)] = [(2.0, 4.0)] * 2
+    assert hardware.layer_rewrites(torch.bfloat16, True, {WIDE: ("transposed",)})["layers"][0]["used"]
+    assert [c[-1] for c in calls[4:]] == [True, True]
+    keys = json.loads(hardware._cache_file(CPU, "rewrites").read_text())
+    stem = f"dilated|bf16|channels-last|{'x'.join(map(str, WIDE))}"
+    assert sorted(keys) == [f"{stem}|conv+transposed", f"{stem}|transposed"]
