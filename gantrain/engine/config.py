@@ -485,17 +485,18 @@ class Config:
             _check(self.run.device != "cpu", "dali_device", "a GPU pipeline needs CUDA, but --device is cpu; "
                    "use --dali-device cpu (or auto)")
 
-    def without_effect(self) -> list[str]:
-        """The settings this config holds that do nothing in its run, each with why ('--sync-bn (no --ddp or
-        --ray)'): the run says them in one log line rather than ignoring them silently."""
+    def without_effect(self, distributed: bool | None = None) -> list[str]:
+        """The settings this config holds that do nothing in its run, each with why ('--sync-bn (not
+        distributed)'): the run says them in one log line rather than ignoring them silently. ``distributed``:
+        whether the run has several processes (a run under an outside torchrun has, without --ddp); default: as
+        the config says (--ddp or --ray)."""
         idle = []
         if self.gan.ema_bn == "standing" and not self.gan.ema_decay:
             idle.append("--ema-bn standing (no EMA: --ema-decay 0)")
-        if self.dist.sync_bn and not (self.dist.ddp or self.dist.ray):
-            idle.append("--sync-bn (no --ddp or --ray)")
-        ev = self.eval
-        if ev.samples_from_best and not (ev.eval_every or ev.eval_every_steps or ev.eval_every_images):
-            idle.append("--samples-from-best (no evaluation: --eval-every, --eval-every-steps or --eval-every-images)")
+        if distributed is None:
+            distributed = self.dist.ddp or self.dist.ray
+        if self.dist.sync_bn and not distributed:
+            idle.append("--sync-bn (not distributed: no --ddp, --ray or torchrun)")
         return idle
 
     def to_dict(self) -> dict[str, Any]:

@@ -285,6 +285,24 @@ def strided_conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, impl: str = 
 
 
 # ----- the probe: is each rewrite faster on this CPU? -----------------------------------------------------
+def probe_forms(name: str, x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor, transposed: bool = False):
+    """The two computations :func:`measure_rewrite` times for rewrite ``name`` on a layer in the convolution's
+    view (x (N, C_in, S, S), grad_out (N, C_out, S/2, S/2), weight (C_out, C_in, 4, 4)): ``(rewrite, torch)``,
+    each a function returning the gradients it computes, the same ones both: the input gradient for
+    space-to-depth; for the dilated weight gradient (input gradient, weight gradient) of a convolution, or of a
+    ``transposed`` layer of this view (then x is its output gradient, grad_out its input, as in
+    :class:`_StridedConvTranspose`)."""
+    if name == "space_to_depth":
+        return (lambda: _space_to_depth(grad_out, weight),
+                lambda: F.conv_transpose2d(grad_out, weight, stride=2, padding=1))
+    if transposed:
+        return (lambda: (F.conv2d(x, weight, stride=2, padding=1), dilated_weight_grad(x, grad_out, weight)),
+                lambda: torch.ops.aten.convolution_backward(x, grad_out, weight, None, [2, 2], [1, 1], [1, 1], True,
+                                                            [0, 0], 1, [True, True, False])[:2])
+    return (lambda: (_aten_conv_grads(x, grad_out, weight, True, False)[0], dilated_weight_grad(x, grad_out, weight)),
+            lambda: _aten_conv_grads(x, grad_out, weight, True, True))
+
+
 def measure_rewrite(name: str, dtype: torch.dtype, shape: tuple[int, int, int, int], *, channels_last: bool = True,
                     transposed: bool = False, reps: int = 7, timer=None) -> tuple[float, float]:
     """Median milliseconds of rewrite ``name`` and of the torch (oneDNN) computation it replaces, in ``dtype`` on
@@ -311,16 +329,7 @@ def measure_rewrite(name: str, dtype: torch.dtype, shape: tuple[int, int, int, i
         return torch.randn(*dims, generator=gen).to(dtype).contiguous(memory_format=layout)
 
     x, grad_out, weight = made(n, c_in, size, size), made(n, c_out, size // 2, size // 2), made(c_out, c_in, 4, 4)
-    if name == "space_to_depth":
-        forms = (lambda: _space_to_depth(grad_out, weight),
-                 lambda: F.conv_transpose2d(grad_out, weight, stride=2, padding=1))
-    elif transposed:  # G's layer: x is its output gradient, grad_out its input (see _StridedConvTranspose)
-        forms = (lambda: (F.conv2d(x, weight, stride=2, padding=1), dilated_weight_grad(x, grad_out, weight)),
-                 lambda: torch.ops.aten.convolution_backward(x, grad_out, weight, None, [2, 2], [1, 1], [1, 1], True,
-                                                             [0, 0], 1, [True, True, False]))
-    else:
-        forms = (lambda: (_aten_conv_grads(x, grad_out, weight, True, False), dilated_weight_grad(x, grad_out, weight)),
-                 lambda: _aten_conv_grads(x, grad_out, weight, True, True))
+    forms = probe_forms(name, x, grad_out, weight, transposed)
     times: tuple[list[float], list[float]] = ([], [])
     with torch.no_grad():
         for rep in range(reps + 1):

@@ -80,8 +80,9 @@ def ensure_idx_files(dataset: str, root: Path) -> dict[str, Path]:
 
 def download(dataset: str, filename: str, md5: str, folder: Path) -> Path:
     """Fetches one file from the first mirror that answers into a temporary folder, verifies its MD5, then
-    creates ``folder`` and moves the file into place atomically: a failed download of a file leaves neither it
-    nor a new folder behind (no empty folders under a mistyped --data-root). Raises :class:`DataNotFound`."""
+    creates ``folder`` and moves the file into place atomically: a file that fails to download leaves nothing of
+    itself, and no folder is created before a file arrived (no empty folders under a mistyped --data-root; the
+    files of the dataset that did arrive stay). Raises :class:`DataNotFound`."""
     errors = []
     try:
         tmp = tempfile.TemporaryDirectory(prefix="gantrain-download-")

@@ -184,10 +184,11 @@ def bf16_faster(device: torch.device) -> tuple[bool, str]:
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 #: Rounds of :func:`~gantrain.kernels.conv.measure_rewrite` per layer; a verdict must agree in all of them.
 REWRITE_ROUNDS = 2
-#: What the cached rounds timed; entries of an older probe are measured again. 3: the dilated weight gradient
+#: What the cached rounds timed; entries of an older probe are measured again. 4: the dilated weight gradient
 #: beside the other gradient its layers need, for each kind of layer that shares the shape (conv, transposed),
-#: against torch's one backward call each (2: as a convolution only; 1, unmarked: the weight gradient alone).
-REWRITE_PROBE_FORM = 3
+#: against torch's one backward call each, per training step (:data:`PASSES_PER_STEP`); 3: the kinds unweighted;
+#: 2: as a convolution only; 1, unmarked: the weight gradient alone.
+REWRITE_PROBE_FORM = 4
 
 
 def layer_shapes(model: ModelConfig, image_size: int, channels: int, batch: int) -> list[tuple[int, int, int, int]]:
@@ -234,14 +235,15 @@ def layer_rewrites(dtype: torch.dtype, channels_last: bool, shapes, *, fresh: bo
     """Which CPU gradient rewrites of the fast layers (:mod:`gantrain.kernels.conv`) each layer of ``shapes``
     (:func:`strided_layers`, or a list of shapes, taken as convolutions) uses in ``dtype``: every rewrite within
     its channel bound is timed against torch's form at the layer's shape in :data:`REWRITE_ROUNDS` rounds (the
-    dilated weight gradient as each kind of layer of that shape computes it, the kinds' times added), once per machine (cached beside the peaks; ``fresh``:
-    measure these anew, keeping the file's other entries), and recorded for this process
+    dilated weight gradient as each kind of layer of that shape computes it, the kinds' times added per step),
+    once per machine (cached beside the peaks; ``fresh``: measure these anew, keeping the file's other entries),
+    and recorded for this process
     (:func:`~gantrain.kernels.conv.set_rewrites`): used where it was faster in every round, not used where slower
     in every round, left to its rule where the rounds disagree (a machine too busy to tell).
 
-    Returns ``{"dtype", "layout", "source", "layers": [{"rewrite", "shape", "rewrite_ms", "torch_ms", "used",
-    "why"}, ...]}`` (milliseconds: the mean over rounds of each round's median), for the run log and the bench's
-    JSON."""
+    Returns ``{"dtype", "layout", "source", "layers": [{"rewrite", "shape", "kinds", "rewrite_ms", "torch_ms",
+    "used", "why"}, ...]}`` (milliseconds: the mean over rounds of each round's median, per training step: summed
+    over the ``kinds`` timed, D's convolutions twice), for the run log and the bench's JSON."""
     from gantrain.kernels import conv
 
     name_of, layout = _labels(dtype, channels_last)
@@ -262,7 +264,7 @@ def layer_rewrites(dtype: torch.dtype, channels_last: bool, shapes, *, fresh: bo
             verdicts = {rewrite_ms < torch_ms for rewrite_ms, torch_ms in rounds}
             faster = verdicts.pop() if len(verdicts) == 1 else None
             conv.set_rewrites({(rewrite, dtype, *shape[1:]): faster})
-            layers.append({"rewrite": rewrite, "shape": list(shape),
+            layers.append({"rewrite": rewrite, "shape": list(shape), "kinds": list(uses),
                            "rewrite_ms": round(sum(r for r, _ in rounds) / len(rounds), 3),
                            "torch_ms": round(sum(t for _, t in rounds) / len(rounds), 3),
                            "used": conv.rewrite_enabled(rewrite, dtype, *shape[1:]),
@@ -277,13 +279,21 @@ def layer_rewrites(dtype: torch.dtype, channels_last: bool, shapes, *, fresh: bo
     return {"dtype": name_of, "layout": layout, "source": source, "layers": layers}
 
 
+#: Backward passes per training step of one strided layer, by kind: D's convolutions run on the real and on the
+#: fake batch in D's step (its weights frozen in G's step, so no weight gradient there); G's transposed layers once.
+PASSES_PER_STEP = {"conv": 2, "transposed": 1}
+
+
 def _timed_round(rewrite: str, dtype: torch.dtype, shape, channels_last: bool, uses: tuple[str, ...]) -> list[float]:
-    """One round of the probe for a layer shape: (rewrite ms, torch ms), added over the kinds of layer in ``uses``."""
+    """One round of the probe for a layer shape: (rewrite ms, torch ms); for the dilated weight gradient per
+    training step, each kind of layer in ``uses`` timed as it computes, weighted by its passes per step
+    (:data:`PASSES_PER_STEP`)."""
     from gantrain.kernels import conv
 
-    pairs = [conv.measure_rewrite(rewrite, dtype, shape, channels_last=channels_last, transposed=use == "transposed")
+    pairs = [(PASSES_PER_STEP[use] if rewrite == "dilated" else 1,  # space-to-depth: one input gradient, one form
+              conv.measure_rewrite(rewrite, dtype, shape, channels_last=channels_last, transposed=use == "transposed"))
              for use in uses]
-    return [sum(p[0] for p in pairs), sum(p[1] for p in pairs)]
+    return [sum(n * p[0] for n, p in pairs), sum(n * p[1] for n, p in pairs)]
 
 
 def rules_only(dtype: torch.dtype, channels_last: bool, why: str) -> dict:
@@ -304,10 +314,18 @@ def describe_rewrites(record: dict) -> str:
     """One line for the run log: ``fast layers on this CPU (bf16, channels-last), each rewrite against torch's:
     space-to-depth 1->64 at 32 px 1.34 vs 3.45 ms, used; dilated 128->256 at 8 px 6.11 vs 9.3 ms, used (<source>)``."""
     parts = [f"{r['rewrite'].replace('_', '-')} {r['shape'][1]}->{r['shape'][2]} at {r['shape'][3]} px "
-             f"{r['rewrite_ms']:.3g} vs {r['torch_ms']:.3g} ms, {'used' if r['used'] else 'not used'}"
+             f"{r['rewrite_ms']:.3g} vs {r['torch_ms']:.3g} ms{_per_step(r)}, {'used' if r['used'] else 'not used'}"
              + ("" if r["why"].startswith(("faster", "slower")) else f" ({r['why']})") for r in record["layers"]]
     return (f"fast layers on this CPU ({record['dtype']}, {record['layout']}), each rewrite against torch's: "
             f"{'; '.join(parts) or 'no layer timed'} ({record['source']})")
+
+
+def _per_step(layer: dict) -> str:
+    """What a probe figure adds up, where it is more than one pass of one layer: ' (2 D + 1 G passes a step)'."""
+    passes = [(PASSES_PER_STEP[k], "D" if k == "conv" else "G") for k in layer.get("kinds", ["conv"])]
+    if layer["rewrite"] != "dilated" or passes == [(1, "G")]:
+        return ""
+    return f" ({' + '.join(f'{n} {who}' for n, who in passes)} passes a step)"
 
 
 def _read_json(path: Path) -> dict | None:

@@ -59,7 +59,7 @@ class RunOutputs:
                  loader.num_images, loader.steps_per_epoch, data.batch_size, world, data.batch_size * world, total_steps)
         log.info("device %s, %s, %s loader%s", device, precision, type(loader).__name__,
                  ", torch.compile" if self.cfg.perf.compile else "")
-        idle = self.cfg.without_effect()
+        idle = self.cfg.without_effect(distributed=world > 1)
         if idle:
             log.warning("settings without effect in this run: %s", "; ".join(idle))
 

@@ -117,8 +117,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Loads and checks a checkpoint on the CPU, upgraded to the current schema version
     (:func:`~gantrain.engine.state.schema.upgrade`); any problem is a :class:`CheckpointError` naming the file."""
     path = Path(path)
-    if path.is_dir() and (path / "last.pt").is_file():
-        raise CheckpointError(f"{path} is a folder; its latest checkpoint is {path / 'last.pt'}")
+    for last in (path / "last.pt", path / "checkpoints" / "last.pt"):  # a run's checkpoints/ or the run folder
+        if path.is_dir() and last.is_file():
+            raise CheckpointError(f"{path} is a folder; its latest checkpoint is {last}")
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:

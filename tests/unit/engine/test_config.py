@@ -276,14 +276,15 @@ def test_a_config_file_naming_another_preset_than_preset_is_refused(tmp_path: Pa
 
 def test_settings_without_effect_are_named_with_why() -> None:
     """Each setting that does nothing in its run, worked out by hand: standing statistics without an EMA,
-    SyncBatchNorm without DDP (CUDA, so the config accepts it), the best evaluation's samples without any
-    evaluation; the presets as shipped hold none."""
+    SyncBatchNorm in one process (CUDA, so the config accepts it; a run under an outside torchrun is distributed
+    without --ddp); the presets as shipped hold none."""
     assert all(preset(name).without_effect() == [] for name in PRESETS)
-    cfg = override(preset("fashion32-tuned"), {"ema_decay": 0.0, "eval_every": 0, "device": "cuda", "sync_bn": True})
-    assert cfg.without_effect() == ["--ema-bn standing (no EMA: --ema-decay 0)", "--sync-bn (no --ddp or --ray)",
-                                    "--samples-from-best (no evaluation: --eval-every, --eval-every-steps or "
-                                    "--eval-every-images)"]
-    assert override(cfg, {"ddp": True, "eval_every_images": 5000, "ema_decay": 0.9}).without_effect() == []
+    cfg = override(preset("fashion32-tuned"), {"ema_decay": 0.0, "device": "cuda", "sync_bn": True})
+    assert cfg.without_effect() == ["--ema-bn standing (no EMA: --ema-decay 0)",
+                                    "--sync-bn (not distributed: no --ddp, --ray or torchrun)"]
+    assert cfg.without_effect(distributed=True) == ["--ema-bn standing (no EMA: --ema-decay 0)"]
+    assert override(cfg, {"ddp": True, "ema_decay": 0.9}).without_effect() == []
+    assert override(cfg, {"ray": True, "ema_decay": 0.9}).without_effect() == []
 
 
 def _write(path: Path, text: str) -> Path:

@@ -293,6 +293,31 @@ def test_measure_rewrite_reports_the_median_of_the_timed_calls_after_warm_up():
         conv.measure_rewrite("im2col", torch.float32, (2, 1, 4, 8))
 
 
+@pytest.mark.parametrize("name,transposed", [("space_to_depth", False), ("dilated", False), ("dilated", True)])
+def test_the_probes_two_forms_compute_the_same_gradients(name, transposed):
+    """What the probe times on each side is the same arithmetic (float64): the input gradient of the layer for
+    space-to-depth; (input, weight) gradients for the dilated form, of a convolution or of a transposed layer,
+    checked against autograd through torch's own layer (so a wrong argument order of torch's side fails too)."""
+    gen = torch.Generator().manual_seed(5)
+    c_in, c_out, size = (1, 8, 8) if name == "space_to_depth" else (6, 4, 8)
+    x = torch.randn(2, c_in, size, size, generator=gen, dtype=torch.float64)
+    grad_out = torch.randn(2, c_out, size // 2, size // 2, generator=gen, dtype=torch.float64)
+    weight = torch.randn(c_out, c_in, 4, 4, generator=gen, dtype=torch.float64)
+    rewrite, reference = conv.probe_forms(name, x, grad_out, weight, transposed)
+    got, want = rewrite(), reference()
+    got, want = (got,) if torch.is_tensor(got) else got, (want,) if torch.is_tensor(want) else want
+    # autograd's: a convolution of x (its output gradient grad_out), or a transposed layer of grad_out (its
+    # output gradient x)
+    inp, w = (grad_out if transposed else x).clone().requires_grad_(), weight.clone().requires_grad_()
+    out = (torch.nn.functional.conv_transpose2d(inp, w, stride=2, padding=1) if transposed else
+           torch.nn.functional.conv2d(inp, w, stride=2, padding=1))
+    out.backward(x if transposed else grad_out)
+    autograd = (inp.grad,) if name == "space_to_depth" else (inp.grad, w.grad)
+    for a, b, c in zip(got, want, autograd, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-10)
+
+
 def test_the_probe_times_each_rewrite_as_the_step_computes_the_layer(monkeypatch):
     """The dilated weight gradient is timed with torch's input gradient beside it, against torch's one call for
     both gradients (a layer in the step needs both); space-to-depth, an input gradient alone, against torch's

@@ -91,9 +91,10 @@ def test_truncated_checkpoint(trained_run: Path, tmp_path: Path) -> None:
 
 
 def test_a_run_folder_given_as_a_checkpoint_names_its_last_pt(trained_run: Path) -> None:
-    folder = trained_run / "checkpoints"
-    with pytest.raises(CheckpointError, match=f"{folder} is a folder; its latest checkpoint is {folder / 'last.pt'}"):
-        load_checkpoint(folder)
+    last = trained_run / "checkpoints" / "last.pt"
+    for folder in (trained_run, trained_run / "checkpoints"):
+        with pytest.raises(CheckpointError, match=f"{folder} is a folder; its latest checkpoint is {last}"):
+            load_checkpoint(folder)
 
 
 @pytest.mark.parametrize("where", ["start", "end"])

@@ -133,11 +133,10 @@ def test_a_cpu_run_says_which_layer_rewrites_its_probe_chose(tiny_cfg, quiet_con
 
 
 def test_settings_without_effect_are_said_in_one_log_line(tiny_cfg, quiet_console) -> None:
-    """--ema-bn standing without an EMA and --samples-from-best without an evaluation did nothing silently; the
-    run now says both, once, in train.log (and trains as before)."""
-    cfg = tiny_cfg("idle", max_steps=1, ema_bn="standing", ema_decay=0.0, samples_from_best=True, eval_every=0)
+    """--ema-bn standing without an EMA did nothing silently; the run now says so, once, in train.log (and trains
+    as before)."""
+    cfg = tiny_cfg("idle", max_steps=1, ema_bn="standing", ema_decay=0.0)
     assert Trainer(cfg, console=quiet_console).fit().steps == 1
     lines = [line for line in (cfg.run_dir / "train.log").read_text().splitlines() if "without effect" in line]
     assert len(lines) == 1 and lines[0].endswith(
-        "settings without effect in this run: --ema-bn standing (no EMA: --ema-decay 0); --samples-from-best (no "
-        "evaluation: --eval-every, --eval-every-steps or --eval-every-images)")
+        "settings without effect in this run: --ema-bn standing (no EMA: --ema-decay 0)")
