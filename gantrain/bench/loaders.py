@@ -11,7 +11,6 @@ own fresh process (:mod:`gantrain.bench.worker`), one after another:
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from rich.console import Console
 
 from gantrain.bench.hardware import system_info
 from gantrain.bench.report import publish, render
-from gantrain.bench.timing import BenchRow, merge_runs, round_robin, run_row
+from gantrain.bench.timing import BenchRow, merge_runs, round_robin, run_row, worker_env
 from gantrain.engine import Config, ConfigError, GantrainError, env_data_root, override, preset
 
 LOADERS = ("memory", "torch", "dali")
@@ -81,7 +80,7 @@ def timing_for(kind: str, quick: bool, given: dict) -> dict:
 
 def run_loader_bench(rows: list[LoaderRow], overrides: dict, timings: dict[str, dict], console: Console) -> list[dict]:
     """Runs every row in a fresh process, round-robin over repeats; windows of repeats are pooled."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = worker_env()
 
     def run_one(i: int) -> dict:
         row = rows[i]

@@ -7,7 +7,6 @@ baseline and MFU (model FLOPs per image x images/s over the device's peak for th
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -15,7 +14,7 @@ from rich.console import Console
 
 from gantrain.bench.hardware import system_info
 from gantrain.bench.report import console_table, markdown_table, publish
-from gantrain.bench.timing import BenchRow, merge_runs, round_robin, run_row
+from gantrain.bench.timing import BenchRow, merge_runs, round_robin, run_row, worker_env
 from gantrain.engine import Config, GantrainError, compute_name, resolve_amp
 
 
@@ -66,7 +65,7 @@ def run_suite(cfg: Config, *, rows: list[BenchRow], timing: dict, peak_override:
     shapes = strided_layers(cfg.model, cfg.data.image_size, cfg.data.channels, cfg.data.batch_size) \
         if fast_rows and has_cpu_rewrites(override(cfg, {"layer_impl": "fast"}), device) else {}
     rewrites = layer_rewrites(torch.bfloat16 if bf16 else torch.float32, True, shapes, fresh=True) if shapes else None
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = worker_env()
     runs = round_robin([row.name for row in rows], lambda i: run_row(rows[i], cfg, timing, env),
                        timing.get("repeats", 1), console)
     results = [merge_runs(r) for r in runs]

@@ -15,6 +15,7 @@ import statistics
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,38 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from gantrain.engine import Config, override, peak_mem_gib
 
 RESULT_PREFIX = "BENCH_RESULT "
+#: The environment variable naming the bench process a worker belongs to (:func:`worker_env`, :func:`exit_with_parent`).
+PARENT_ENV = "GANTRAIN_BENCH_PARENT"
+
+
+def worker_env() -> dict[str, str]:
+    """The environment of a bench worker: this one, unbuffered output, and this process's pid under
+    :data:`PARENT_ENV` so that the worker ends with it."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())}
+
+
+def exit_with_parent(poll_s: float = 1.0) -> bool:
+    """In a worker: a daemon thread ends this process (exit code 1) within ``poll_s`` seconds of the bench process
+    named by :data:`PARENT_ENV` being gone, so a bench killed (SIGTERM, SIGKILL: signals that skip its own clean-up)
+    never leaves a worker computing on its own; it watches the bench itself, not the direct parent, which is
+    torchrun for a DDP row. Returns whether a watch started (not without the variable)."""
+    try:
+        pid = int(os.environ.get(PARENT_ENV, ""))
+    except ValueError:
+        return False
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            try:
+                os.kill(pid, 0)  # signal 0: only asks whether the process exists
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # it exists (another user's: the pid was reused, so ours is gone)
+                os._exit(1)
+
+    threading.Thread(target=watch, name="gantrain-bench-parent", daemon=True).start()
+    return True
 
 
 @dataclass

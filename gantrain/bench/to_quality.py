@@ -31,7 +31,7 @@ from rich.console import Console
 
 from gantrain.bench.hardware import system_info
 from gantrain.bench.report import console_table, markdown_table
-from gantrain.bench.timing import RESULT_PREFIX
+from gantrain.bench.timing import RESULT_PREFIX, worker_env
 from gantrain.engine import (Config, ConfigError, Latent, PRESETS, RECOMMENDED, atomic_write_text, current_layout,
                              from_dict, make_folder, override, preset, save_figure, with_env_defaults)
 
@@ -360,7 +360,6 @@ def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: in
     Raises :class:`ConfigError` when the contenders train on different data (their FDs would not compare), for
     ``stop_when_reached`` or ``baseline_from`` without a tutorial contender, or when ``baseline_from`` cannot
     stand in for this run's tutorial loop."""
-    import os
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -410,7 +409,7 @@ def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: in
         report["baseline_seeds"] = len(runs)
         console.print(f"{contenders[i].name}: {len(runs)} run(s) taken from {_described(source)}, not trained "
                       "again", soft_wrap=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = worker_env()
     worker_spec = {**spec, "extractor_weights_sha256": extractor["weights_sha256"]}  # checked by every worker
     jobs = [(s, i) for s in range(seeds) for i, c in enumerate(contenders)
             if i not in reused and (c.kind != "baseline" or s < (baseline_seeds or seeds))]

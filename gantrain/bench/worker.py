@@ -14,7 +14,8 @@ import sys
 
 from pathlib import Path
 
-from gantrain.bench.timing import PROFILED_STEPS, RESULT_PREFIX, endless, profile_row, row_slug, time_loop
+from gantrain.bench.timing import (PROFILED_STEPS, RESULT_PREFIX, endless, exit_with_parent, profile_row, row_slug,
+                                   time_loop)
 from gantrain.engine import Config, from_dict
 
 
@@ -61,6 +62,7 @@ def run_engine(cfg: Config, spec: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    exit_with_parent()
     spec = json.loads((argv or sys.argv[1:])[0])
     raw = {k: v for k, v in spec["config"].items()}
     cfg = from_dict(raw)

@@ -237,3 +237,54 @@ def test_bench_says_when_the_baseline_lacks_what_the_engine_rows_apply(monkeypat
             suite.bench(preset(name), quick=True, nproc=1, peak_override=None, json_path=None, markdown_path=None,
                         console=Console(file=out, width=300))
         assert [line for line in out.getvalue().splitlines() if "tutorial loop has no" in line] == expected
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, exited but not yet reaped by its new parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self"), reason="reads /proc")
+def test_a_worker_ends_soon_after_its_bench_is_killed(tmp_path):
+    """A bench killed by a signal it cannot catch (SIGKILL) leaves its worker orphaned: the worker's watch ends it
+    within its poll interval; while the bench lives the worker keeps running (the control)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    worker = ("import time; from gantrain.bench.timing import exit_with_parent; assert exit_with_parent(0.1); "
+              "time.sleep(120)")
+    bench = ("import subprocess, sys, time; from gantrain.bench.timing import worker_env; "
+             f"p = subprocess.Popen([sys.executable, '-c', {worker!r}], env=worker_env()); "
+             "print(p.pid, flush=True); time.sleep(120)")
+    parent, child = subprocess.Popen([sys.executable, "-c", bench], stdout=subprocess.PIPE, text=True), None
+    try:
+        child = int(parent.stdout.readline())
+        time.sleep(1.0)
+        assert _alive(child)  # the bench lives: so does its worker
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child)
+    finally:
+        parent.kill()
+        if child is not None and _alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_exit_with_parent_needs_the_bench_named(monkeypatch):
+    from gantrain.bench.timing import PARENT_ENV, exit_with_parent, worker_env
+
+    monkeypatch.delenv(PARENT_ENV, raising=False)
+    assert exit_with_parent() is False
+    monkeypatch.setenv(PARENT_ENV, "not a pid")
+    assert exit_with_parent() is False
+    assert worker_env()[PARENT_ENV] == str(__import__("os").getpid())
