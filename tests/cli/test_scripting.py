@@ -120,6 +120,22 @@ def test_bench_json_to_stdout(invoke) -> None:
     assert report["batch_size"] == 8 and report["peak_tflops"]["source"] == "--peak-tflops"
     assert "baseline (tutorial loop)" in result.stderr  # the table
     assert not Path("-").exists()
+    assert report["results"][0]["config"]["perf"]["compile_mode"] == "default"
+
+
+def test_bench_compile_mode_is_the_rows_mode_and_nothing_else(invoke) -> None:
+    """--compile-mode reaches every row's config (the JSON records it); a mode torch.compile does not have, and the
+    modes where it sets nothing (--to-quality, whose contenders take compile_mode=MODE, and --loaders), are one
+    error line."""
+    result = invoke("bench", "--quick", "--dataset", "synthetic", "--only", "baseline", "--batch-size", "8",
+                    "--device", "cpu", "--warmup", "1", "--windows", "1", "--window", "1", "--repeats", "1",
+                    "--peak-tflops", "1", "--compile-mode", "max-autotune", "--json", "-")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["results"][0]["config"]["perf"]["compile_mode"] == "max-autotune"
+    _one_error_line(invoke("bench", "--compile-mode", "fastest"), 2, "--compile-mode", "max-autotune")
+    _one_error_line(invoke("bench", "--to-quality", "--compile-mode", "max-autotune"), 2, "--compile-mode",
+                    "compile_mode=MODE")
+    _one_error_line(invoke("bench", "--loaders", "--compile-mode", "max-autotune"), 2, "--compile-mode", "--loaders")
 
 
 @pytest.fixture
