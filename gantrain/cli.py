@@ -660,7 +660,7 @@ def bench_command(
     nproc: Annotated[int, typer.Option(min=1, help="Also time DDP with this many local processes (when > 1).")] = 1,
     num_workers: Annotated[int, typer.Option(min=0, help="DataLoader workers of the baseline and torch-loader rows.")] = 2,
     peak_tflops: Annotated[Optional[float], typer.Option(help="Device peak TFLOP/s for MFU (default: GPU table or a measured matmul probe).")] = None,
-    compile_mode: Annotated[Optional[str], typer.Option(metavar="<mode>", show_default="the preset's (default)", help="torch.compile mode of the rows that compile: default, reduce-overhead or max-autotune.")] = None,
+    compile_mode: Annotated[Optional[str], typer.Option(metavar="<mode>", show_default="the preset's: default", help="torch.compile mode of the rows that compile: default, reduce-overhead or max-autotune.")] = None,
     only: Annotated[Optional[list[str]], typer.Option(metavar="<str>", show_default="every row", help="Run only the rows whose name contains this (repeatable).")] = None,
     warmup: Annotated[Optional[int], typer.Option(min=1, show_default="by row kind and --quick", help="Warm-up steps per configuration (excluded from timing).")] = None,
     windows: Annotated[Optional[int], typer.Option(min=1, show_default="by row kind and --quick", help="Timed windows per configuration.")] = None,
@@ -690,7 +690,7 @@ def bench_command(
         raise ConfigError(f"--profile: profiles the speed rows only, not {'--to-quality' if to_quality else '--loaders'}")
     if compile_mode is not None and (to_quality or loaders):
         raise ConfigError("--compile-mode: sets the speed rows' mode only"
-                          + (" (a contender takes compile_mode=MODE)" if to_quality else ", not --loaders"))
+                          + (" (a contender takes compile=true compile_mode=MODE)" if to_quality else ", not --loaders"))
     to_stdout = json_path is not None and str(json_path) == "-"
     report_path = None if to_stdout else json_path  # with '-', --to-quality keeps its running record in --out
     if to_quality:

@@ -71,6 +71,7 @@ def run_suite(cfg: Config, *, rows: list[BenchRow], timing: dict, peak_override:
     results = [merge_runs(r) for r in runs]
     _add_ratios(results, flops_per_image, peaks, per_device=device.type == "cuda")
     return {"system": system_info(), "device": str(device), "preset": cfg.preset, "batch_size": cfg.data.batch_size,
+            "compile_mode": cfg.perf.compile_mode,
             "flops_per_image": flops_per_image, "peak_tflops": peaks,
             "amp_auto": {"chosen": "bf16" if bf16 else "off", "why": why}, "layer_rewrites": rewrites,
             "timing": timing, "results": results}
@@ -124,10 +125,13 @@ def _rows(report: dict) -> list[list[str]]:
 def rendered(report: dict):
     """The report's table for the console and as Markdown (one set of rows for both)."""
     s, peaks = report["system"], report["peak_tflops"]
-    title = (f"gantrain bench: {report['preset']}, batch {report['batch_size']}, {report['device']} "
+    mode = report.get("compile_mode", "default")  # (reports before the field: the default)
+    compiled = f", compile mode {mode}" if mode != "default" else ""
+    title = (f"gantrain bench: {report['preset']}, batch {report['batch_size']}, {report['device']}{compiled} "
              f"({report['flops_per_image'] / 1e9:.3f} GFLOP/image; peak fp32 {peaks['fp32']:.3g}, "
              f"bf16 {peaks['bf16']:.3g} TFLOP/s, {peaks['source']})")
-    caption = (f"**{report['preset']}**, batch {report['batch_size']}, {report['device']} ({s['gpu'] or s['cpu']}, "
+    caption = (f"**{report['preset']}**, batch {report['batch_size']}, {report['device']}{compiled} "
+               f"({s['gpu'] or s['cpu']}, "
                f"{s['cpu_cores']} cores), torch {s['torch']}, {s['date'][:10]}, commit {str(s['git_commit'])[:12]}. "
                f"Model FLOPs {report['flops_per_image'] / 1e9:.3f} GFLOP/image; peak fp32 {peaks['fp32']:.3g} / "
                f"bf16 {peaks['bf16']:.3g} TFLOP/s ({peaks['source']}).")

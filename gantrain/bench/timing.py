@@ -38,25 +38,53 @@ def worker_env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())}
 
 
+def _process_state(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks) of process ``pid`` from ``/proc/<pid>/stat`` (fields 3 and 22), or
+    None when it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    except OSError:
+        return None
+    return fields[0], fields[19]
+
+
+def _gone(pid: int, started: str | None) -> bool:
+    """Whether process ``pid`` has ended: with /proc, absent, a zombie (ended, not yet reaped) or another process
+    under a reused pid (another start time); without it, no process under that pid."""
+    if started is not None:
+        state = _process_state(pid)
+        return state is None or state[0] in "ZX" or state[1] != started
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists
+        return False
+    return False
+
+
 def exit_with_parent(poll_s: float = 1.0) -> bool:
-    """In a worker: a daemon thread ends this process (exit code 1) within ``poll_s`` seconds of the bench process
-    named by :data:`PARENT_ENV` being gone, so a bench killed (SIGTERM, SIGKILL: signals that skip its own clean-up)
-    never leaves a worker computing on its own; it watches the bench itself, not the direct parent, which is
-    torchrun for a DDP row. Returns whether a watch started (not without the variable)."""
+    """In a worker: a daemon thread ends this process (exit code 1, one line on stderr) within ``poll_s`` seconds
+    of the bench process named by :data:`PARENT_ENV` ending, so a bench killed by a signal that skips its own
+    clean-up (SIGTERM, SIGKILL) never leaves a worker computing on its own. It watches the bench itself, not the
+    direct parent (torchrun's agent for a DDP row); a bench that ended but was not reaped yet counts as ended.
+    Returns whether a watch started (not without the variable, or with a value that is no pid)."""
     try:
         pid = int(os.environ.get(PARENT_ENV, ""))
     except ValueError:
         return False
+    if pid <= 0:
+        return False
+    state = _process_state(pid) if os.path.isdir("/proc/self") else None
+    started = state[1] if state is not None else None
 
     def watch() -> None:
-        while True:
+        while not _gone(pid, started):
             time.sleep(poll_s)
-            try:
-                os.kill(pid, 0)  # signal 0: only asks whether the process exists
-            except ProcessLookupError:
-                os._exit(1)
-            except PermissionError:  # it exists (another user's: the pid was reused, so ours is gone)
-                os._exit(1)
+        sys.stderr.write(f"gantrain bench worker: the bench (pid {pid}) has ended; this worker ends too\n")
+        sys.stderr.flush()
+        os._exit(1)
 
     threading.Thread(target=watch, name="gantrain-bench-parent", daemon=True).start()
     return True

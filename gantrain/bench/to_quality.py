@@ -360,7 +360,6 @@ def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: in
     Raises :class:`ConfigError` when the contenders train on different data (their FDs would not compare), for
     ``stop_when_reached`` or ``baseline_from`` without a tutorial contender, or when ``baseline_from`` cannot
     stand in for this run's tutorial loop."""
-
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from gantrain.bench.baseline import plain_loop_omits

@@ -121,6 +121,7 @@ def test_bench_json_to_stdout(invoke) -> None:
     assert "baseline (tutorial loop)" in result.stderr  # the table
     assert not Path("-").exists()
     assert report["results"][0]["config"]["perf"]["compile_mode"] == "default"
+    assert "compile mode" not in result.stderr  # the default mode goes unsaid
 
 
 def test_bench_compile_mode_is_the_rows_mode_and_nothing_else(invoke) -> None:
@@ -131,10 +132,12 @@ def test_bench_compile_mode_is_the_rows_mode_and_nothing_else(invoke) -> None:
                     "--device", "cpu", "--warmup", "1", "--windows", "1", "--window", "1", "--repeats", "1",
                     "--peak-tflops", "1", "--compile-mode", "max-autotune", "--json", "-")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["results"][0]["config"]["perf"]["compile_mode"] == "max-autotune"
+    report = json.loads(result.stdout)
+    assert report["results"][0]["config"]["perf"]["compile_mode"] == report["compile_mode"] == "max-autotune"
+    assert "compile mode max-autotune" in " ".join(result.stderr.split())  # the table's title says so
     _one_error_line(invoke("bench", "--compile-mode", "fastest"), 2, "--compile-mode", "max-autotune")
     _one_error_line(invoke("bench", "--to-quality", "--compile-mode", "max-autotune"), 2, "--compile-mode",
-                    "compile_mode=MODE")
+                    "compile=true compile_mode=MODE")
     _one_error_line(invoke("bench", "--loaders", "--compile-mode", "max-autotune"), 2, "--compile-mode", "--loaders")
 
 

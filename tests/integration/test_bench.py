@@ -249,42 +249,58 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not __import__("os").path.isdir("/proc/self"), reason="reads /proc")
-def test_a_worker_ends_soon_after_its_bench_is_killed(tmp_path):
+def test_a_worker_ends_soon_after_its_bench_is_killed():
     """A bench killed by a signal it cannot catch (SIGKILL) leaves its worker orphaned: the worker's watch ends it
-    within its poll interval; while the bench lives the worker keeps running (the control)."""
+    within its poll interval, though the dead bench is not reaped yet (a zombie: this test, its parent, waits on it
+    only afterwards); while the bench lives, its watching worker keeps running (the control)."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    worker = ("import time; from gantrain.bench.timing import exit_with_parent; assert exit_with_parent(0.1); "
-              "time.sleep(120)")
+    worker = ("import sys, time; from gantrain.bench.timing import exit_with_parent; assert exit_with_parent(0.1); "
+              "print('watching', flush=True); time.sleep(120)")
     bench = ("import subprocess, sys, time; from gantrain.bench.timing import worker_env; "
              f"p = subprocess.Popen([sys.executable, '-c', {worker!r}], env=worker_env()); "
              "print(p.pid, flush=True); time.sleep(120)")
-    parent, child = subprocess.Popen([sys.executable, "-c", bench], stdout=subprocess.PIPE, text=True), None
-    try:
-        child = int(parent.stdout.readline())
-        time.sleep(1.0)
-        assert _alive(child)  # the bench lives: so does its worker
-        os.kill(parent.pid, signal.SIGKILL)
-        parent.wait(10)
-        deadline = time.monotonic() + 10
-        while _alive(child) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not _alive(child)
-    finally:
-        parent.kill()
-        if child is not None and _alive(child):
-            os.kill(child, signal.SIGKILL)
+    child = None
+    with subprocess.Popen([sys.executable, "-c", bench], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as parent:
+        try:
+            child = int(parent.stdout.readline())
+            assert parent.stdout.readline().strip() == "watching"  # the child's watch runs (its stdout is ours)
+            time.sleep(0.5)
+            assert _alive(child)  # the bench lives: so does its worker
+            os.kill(parent.pid, signal.SIGKILL)
+            killed = time.monotonic()
+            while _alive(child) and time.monotonic() - killed < 10:
+                time.sleep(0.05)
+            assert not _alive(child)
+            assert "the bench (pid %d) has ended" % parent.pid in parent.stderr.read()  # the worker's one line
+        finally:
+            parent.kill()
+            if child is not None and _alive(child):
+                os.kill(child, signal.SIGKILL)
 
 
-def test_exit_with_parent_needs_the_bench_named(monkeypatch):
-    from gantrain.bench.timing import PARENT_ENV, exit_with_parent, worker_env
+def test_exit_with_parent_needs_a_pid_and_tells_a_reused_one(monkeypatch):
+    """No watch without a pid (unset, not a number, 0 or negative: kill(0, 0) would always succeed); a process
+    counts as ended when its start time differs from the one recorded (its pid was reused) and as running when it
+    matches."""
+    import os
 
-    monkeypatch.delenv(PARENT_ENV, raising=False)
-    assert exit_with_parent() is False
-    monkeypatch.setenv(PARENT_ENV, "not a pid")
-    assert exit_with_parent() is False
-    assert worker_env()[PARENT_ENV] == str(__import__("os").getpid())
+    from gantrain.bench import timing
+
+    monkeypatch.delenv(timing.PARENT_ENV, raising=False)
+    assert timing.exit_with_parent() is False
+    for value in ("not a pid", "0", "-1"):
+        monkeypatch.setenv(timing.PARENT_ENV, value)
+        assert timing.exit_with_parent() is False
+    assert timing.worker_env()[timing.PARENT_ENV] == str(os.getpid())
+    if os.path.isdir("/proc/self"):
+        with open("/proc/self/stat") as f:
+            started = f.read().rsplit(")", 1)[1].split()[19]  # field 22, read here on its own
+        assert timing._gone(os.getpid(), started) is False
+        assert timing._gone(os.getpid(), str(int(started) + 1)) is True
+    assert timing._gone(os.getpid(), None) is False
