@@ -9,9 +9,12 @@ STATUS_ENV = "GANTRAIN_LAUNCH_STATUS"  # gantrain.engine.dist.worker.STATUS_ENV,
 
 
 def _stopped_while_starting(signum, _frame):
+    """Ends the process at once: nothing was done yet, and a SystemExit raised here could surface inside a C++
+    call of an import (torch.distributed's), which then aborts with "terminate called after throwing"."""
     if not os.environ.get(STATUS_ENV):  # a DDP worker says nothing: its launcher says the one line
         sys.stderr.write(f"error: {signal.Signals(signum).name} while gantrain was starting; nothing was done\n")
-    sys.exit(128 + signum)
+        sys.stderr.flush()
+    os._exit(128 + signum)
 
 
 def main() -> None:
