@@ -284,13 +284,19 @@ def layer_rewrites(dtype: torch.dtype, channels_last: bool, shapes, *, fresh: bo
 PASSES_PER_STEP = {"conv": 2, "transposed": 1}
 
 
+def _passes(rewrite: str, kind: str) -> int:
+    """How many times a probe figure counts a ``kind`` of layer: :data:`PASSES_PER_STEP` for the dilated weight
+    gradient; 1 for space-to-depth (one input gradient, one form)."""
+    return PASSES_PER_STEP[kind] if rewrite == "dilated" else 1
+
+
 def _timed_round(rewrite: str, dtype: torch.dtype, shape, channels_last: bool, uses: tuple[str, ...]) -> list[float]:
     """One round of the probe for a layer shape: (rewrite ms, torch ms); for the dilated weight gradient per
     training step, each kind of layer in ``uses`` timed as it computes, weighted by its passes per step
     (:data:`PASSES_PER_STEP`)."""
     from gantrain.kernels import conv
 
-    pairs = [(PASSES_PER_STEP[use] if rewrite == "dilated" else 1,  # space-to-depth: one input gradient, one form
+    pairs = [(_passes(rewrite, use),
               conv.measure_rewrite(rewrite, dtype, shape, channels_last=channels_last, transposed=use == "transposed"))
              for use in uses]
     return [sum(n * p[0] for n, p in pairs), sum(n * p[1] for n, p in pairs)]
@@ -322,8 +328,8 @@ def describe_rewrites(record: dict) -> str:
 
 def _per_step(layer: dict) -> str:
     """What a probe figure adds up, where it is more than one pass of one layer: ' (2 D + 1 G passes a step)'."""
-    passes = [(PASSES_PER_STEP[k], "D" if k == "conv" else "G") for k in layer.get("kinds", ["conv"])]
-    if layer["rewrite"] != "dilated" or passes == [(1, "G")]:
+    passes = [(_passes(layer["rewrite"], k), "D" if k == "conv" else "G") for k in layer.get("kinds", ["conv"])]
+    if layer["rewrite"] != "dilated" or sum(n for n, _ in passes) == 1:
         return ""
     return f" ({' + '.join(f'{n} {who}' for n, who in passes)} passes a step)"
 
