@@ -441,6 +441,7 @@ def presets_command(
         values += f", FD every {c.eval.eval_every} epoch(s)" if c.eval.eval_every else ""
         values += ", final samples from best.pt" if c.eval.samples_from_best else ""
         values += f", DiffAugment {','.join(c.gan.diffaug)}" if c.gan.diffaug else ""
+        values += f", {c.loss.r1_words()}" if c.loss.r1_gamma else ""
         betas = (c.optim.beta1, c.optim.beta2)
         values += f", Adam betas ({betas[0]:g}, {betas[1]:g})" if betas != (OptimConfig.beta1, OptimConfig.beta2) else ""
         if c.optim.lr_decay != "none":

@@ -24,6 +24,7 @@ def plain_loop_omits(cfg: Config) -> list[str]:
     bench says so in one line, since gantrain's step does apply them."""
     return [text for applies, text in ((cfg.gan.ema_decay > 0, f"generator {cfg.gan.ema_words()}"),
                                        (bool(cfg.gan.diffaug), f"DiffAugment {','.join(cfg.gan.diffaug)}"),
+                                       (cfg.loss.r1_gamma > 0, cfg.loss.r1_words()),
                                        (cfg.data.hflip, "horizontal flips")) if applies]
 
 

@@ -184,11 +184,24 @@ class LossConfig:
     """One-sided label smoothing: real labels of the D loss become 1 - s (0.1 gives 0.9)."""
     noise: str = "normal"
     """Latent noise distribution: normal (N(0, 1)) or uniform (U(-1, 1))."""
+    r1_gamma: float = 0.0
+    """R1, a zero-centred gradient penalty on D's real inputs: gamma/2 x the batch mean of ||grad_x D(x)||^2 is
+    added to D's loss (Mescheder et al. 2018, arXiv:1801.04406; StyleGAN2's regulariser of D); 0 = off."""
+    r1_every: int = 4
+    """Lazy R1 (StyleGAN2): the penalty is computed on every N-th D step only, weighted by N (1 = every step)."""
 
     def __post_init__(self) -> None:
         _check_finite(self)
         _check(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
         _check(self.noise in ("normal", "uniform"), "noise", f"must be normal or uniform, got {self.noise!r}")
+        _check(self.r1_gamma >= 0, "r1_gamma", f"must be >= 0 (0 = off), got {self.r1_gamma}")
+        _check(self.r1_every >= 1, "r1_every", f"must be at least 1, got {self.r1_every}")
+
+    def r1_words(self) -> str:
+        """R1 in words ('R1 gamma 0.1 every 4 D steps'), or '' when off."""
+        if not self.r1_gamma:
+            return ""
+        return f"R1 gamma {self.r1_gamma:g}" + (f" every {self.r1_every} D steps" if self.r1_every > 1 else "")
 
 
 @dataclass
@@ -493,6 +506,8 @@ class Config:
         idle = []
         if self.gan.ema_bn == "standing" and not self.gan.ema_decay:
             idle.append("--ema-bn standing (no EMA: --ema-decay 0)")
+        if self.loss.r1_every != LossConfig.r1_every and not self.loss.r1_gamma:
+            idle.append(f"--r1-every {self.loss.r1_every} (no R1: --r1-gamma 0)")
         if distributed is None:
             distributed = self.dist.ddp or self.dist.ray
         if self.dist.sync_bn and not distributed:

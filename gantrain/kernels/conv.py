@@ -3,8 +3,9 @@
 Every public function takes ``impl``: ``"aten"`` runs torch's own convolution, the reference that the tests
 compare outputs and both gradients against; ``"fast"`` (the default) runs the rewrite where it applies and
 falls back to the reference where it does not (another shape, or a device, dtype or layer where it was not
-measured faster: the gradient rewrites are CPU-only). The rewrites change only the order of summation. The
-``nn.Module`` shells that hold the weights are in :mod:`gantrain.engine.gan.layers`.
+measured faster: the gradient rewrites are CPU-only). The rewrites change only the order of summation, and
+their backward passes are built from differentiable torch ops, so they also have a double backward (R1 needs
+one). The ``nn.Module`` shells that hold the weights are in :mod:`gantrain.engine.gan.layers`.
 
 The rewrites (docs/results/kernels-conv.md has the figures):
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 IMPLS = ("fast", "aten")
 """``fast``: the rewrites where they apply; ``aten``: torch's convolutions as they are (the reference)."""
@@ -199,7 +199,6 @@ class _StridedConv(torch.autograd.Function):
         return F.conv2d(x, weight, stride=2, padding=1)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
         want_x, want_w = ctx.needs_input_grad
@@ -228,7 +227,6 @@ class _StridedConvTranspose(torch.autograd.Function):
         return conv_input_grad(x, weight)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
         grad_x = F.conv2d(grad_out, weight, stride=2, padding=1) if ctx.needs_input_grad[0] else None

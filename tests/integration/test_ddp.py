@@ -119,3 +119,20 @@ def test_ddp_evaluates_on_rank_0_at_the_steps_every_rank_knows(fashion_extractor
     assert [(r["step"], r["epoch"]) for r in evals] == [(3, 0.1875), (6, 0.375)]
     assert load_checkpoint(out / "checkpoints" / "last.pt")["position"]["step"] == 7
     assert (out / "checkpoints" / "best.pt").is_file()
+
+
+def test_r1_under_ddp_keeps_the_replicas_identical_and_resumes_on_schedule(train_root, tmp_path):
+    """R1's double backward under DDP (every 2nd step): D's gradients of the penalty are all-reduced with the rest,
+    so the two replicas stay equal; a resume at step 3 continues the lazy schedule from the checkpoint's step."""
+    out = tmp_path / "ddp-r1"
+    ddp = ["--ddp", "--nproc", "2", "--r1-gamma", "1", "--r1-every", "2", "--log-every", "1"]
+    first = _run(train_root, out, "--max-steps", "3", *ddp, "--master-port", str(free_port()))
+    assert first.returncode == 0, _errors(first)
+    again = _run(train_root, out, "--max-steps", "6", "--resume", "auto", *ddp, "--master-port", str(free_port()))
+    assert again.returncode == 0, _errors(again)
+    records = _records(out)
+    steps = [r for r in records if "r1" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    # iterations 0, 2, 4 (steps 1, 3, 5) take the penalty; the others log 0
+    assert [r["r1"] > 0 for r in steps] == [True, False, True, False, True, False]
+    assert [r for r in records if "ddp_replica_max_abs_diff" in r][-1] == {"step": 6, "ddp_replica_max_abs_diff": 0.0}

@@ -90,6 +90,19 @@ class PrecisionPolicy:
         dtype = self.autocast_dtype or torch.float32
         return x.to(dtype=dtype, memory_format=self.memory_format)
 
+    def input_grad(self, output: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """The gradient of ``output.sum()`` with respect to ``inputs`` (which require it), in fp32 or wider, with its graph
+        kept so that a penalty on it trains (R1). Under fp16 the sum is multiplied by the loss scale before
+        autograd and the gradient divided by it after (the "gradient penalty" recipe of PyTorch's AMP examples),
+        so small gradients do not flush to zero; an overflow makes the loss non-finite and the scaler skips the
+        step. No host sync."""
+        if not self.scaler.is_enabled():
+            (grad,) = torch.autograd.grad(output.sum(), inputs, create_graph=True)
+            return grad.to(torch.promote_types(grad.dtype, torch.float32))
+        scale = self.scaler.scale(torch.ones((), device=output.device))
+        (grad,) = torch.autograd.grad(self.scaler.scale(output.sum()), inputs, create_graph=True)
+        return grad.to(torch.promote_types(grad.dtype, torch.float32)) / scale
+
     def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
         """Scaled backward and optimiser step; one scaler serves both the D and the G step."""
         self.scaler.scale(loss).backward()

@@ -5,6 +5,12 @@ each timed and marked for the profiler:
 
 * ``d_step``: G makes a batch from fresh noise; D sees the real batch and the detached fakes; BCE-with-logits
   with one-sided label smoothing on the real targets; D's optimiser steps.
+  With ``--r1-gamma`` (R1, Mescheder et al. 2018) every ``--r1-every``-th D step also penalises the gradient of
+  D's logits with respect to its real inputs: ``r1_gamma / 2 * r1_every * mean_i ||grad_x D(x_i)||^2`` joins the
+  loss of that same backward pass (StyleGAN2's lazy regulariser, here folded into the main D step as its
+  ``Dboth`` phase does). Which steps is fixed by the iteration count, so a resumed run penalises the same
+  steps. The penalty needs D's double backward, which compiled graphs lack: with ``--compile`` (or CUDA graphs)
+  and R1, G is compiled and D runs eagerly (:attr:`GANStep.d_eager`).
 * ``g_step``: the updated D scores the same fakes against "real" targets; D's parameters are frozen so no D
   weight-gradients are computed (and under DDP D does not all-reduce); G's optimiser steps.
 
@@ -91,7 +97,9 @@ class GANStep:
         betas = (optim.beta1, optim.beta2)
         self.opt_g = make_adam(self.g.parameters(), optim.lr_g, betas, device, perf.fused_adam)
         self.opt_d = make_adam(self.d.parameters(), optim.lr_d, betas, device, perf.fused_adam)
-        self.g_train, self.d_train = self._wrap(self.g), self._wrap(self.d)
+        # R1 differentiates D's input gradient: compiled graphs have no double backward, so D stays eager
+        self.d_eager = loss.r1_gamma > 0 and (perf.compile or perf.cuda_graphs)
+        self.g_train, self.d_train = self._wrap(self.g), self._wrap(self.d, compile_ok=not self.d_eager)
         b = data.batch_size
         self.noise_gen = torch.Generator(device).manual_seed(seed * 7919 + 1 + dist.rank)
         self.diffaug = parse_policy(gan.diffaug)  # () when off
@@ -99,6 +107,8 @@ class GANStep:
         self.fake_target = torch.zeros(b, device=device)
         self.gen_target = torch.ones(b, device=device)
         self.stats, self.timer = Stats(device), PhaseTimer(device)
+        self.r1_gamma, self.r1_every = loss.r1_gamma, loss.r1_every
+        self.iteration = 0  # iterations trained (a resume sets it): which D steps take the R1 penalty
         self.layer_rewrites: dict | None = None  # which CPU layer rewrites run (set by its builder, parts.gan_part)
 
     @classmethod
@@ -108,14 +118,14 @@ class GANStep:
         return cls(cfg.model, cfg.optim, cfg.loss, cfg.gan, cfg.perf, cfg.data, seed=cfg.run.seed, device=device,
                    policy=policy, dist=dist, sync_bn=cfg.dist.sync_bn)
 
-    def _wrap(self, model: nn.Module) -> nn.Module:
-        """compile, then DDP around it: the DDP(compile(model)) order."""
+    def _wrap(self, model: nn.Module, compile_ok: bool = True) -> nn.Module:
+        """compile (where asked and ``compile_ok``), then DDP around it: the DDP(compile(model)) order."""
         perf = self.perf
         if self.dist.enabled and self.sync_bn:
             if self.device.type != "cuda":
                 raise ConfigError("--sync-bn: SyncBatchNorm needs CUDA (it is not implemented for the CPU)")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # swaps the BN children in place
-        if perf.compile or perf.cuda_graphs:
+        if (perf.compile or perf.cuda_graphs) and compile_ok:
             mode = "reduce-overhead" if perf.cuda_graphs else perf.compile_mode
             model = torch.compile(model, mode=mode, dynamic=False)
         if self.dist.enabled:
@@ -132,26 +142,43 @@ class GANStep:
     def __call__(self, real_uint8: torch.Tensor) -> None:
         real = self.policy.prepare_batch(real_uint8)
         with self.timer.phase("d_step"):
-            fake, loss_d, d_real, d_fake = self.d_step(real)
+            fake, loss_d, d_real, d_fake, r1 = self.d_step(real)
         with self.timer.phase("g_step"):
             loss_g = self.g_step(fake)
         self.policy.end_iteration()
         if self.g_ema is not None:
             self.update_ema()
-        self.stats.add(loss_d=loss_d, loss_g=loss_g, d_real=d_real, d_fake=d_fake)
+        self.iteration += 1
+        extra = {"r1": r1} if self.r1_gamma > 0 else {}
+        self.stats.add(loss_d=loss_d, loss_g=loss_g, d_real=d_real, d_fake=d_fake, **extra)
+
+    @property
+    def r1_due(self) -> bool:
+        """Whether this iteration's D step takes the R1 penalty: iterations 0, N, 2N, ... with N = ``r1_every``."""
+        return self.r1_gamma > 0 and self.iteration % self.r1_every == 0
 
     def d_step(self, real: torch.Tensor):
-        """One D update; returns the fakes, the D loss, mean D(x) and mean D(G(z)) (0-d tensors, no sync)."""
+        """One D update. Returns the fakes, the D loss (BCE, without R1), mean D(x), mean D(G(z)) and the R1 term
+        added to the loss (``r1_gamma / 2 * r1_every * mean ||grad_x D(x)||^2`` on an R1 step, else 0; its mean
+        over steps is the penalty per step): 0-d tensors, no sync."""
         z = sample_noise(real.shape[0], self.model_cfg.nz, self.loss_cfg.noise, self.device, self.noise_gen)
+        r1_due = self.r1_due
         with self.policy.autocast():
             fake = self.g_train(z)
-            logits_real = self.d_train(self.augment(real)).float()
+            real_in = self.augment(real)
+            if r1_due:
+                real_in = real_in.detach().requires_grad_(True)
+            logits_real = self.d_train(real_in).float()
             logits_fake = self.d_train(self.augment(fake.detach())).float()
         loss = (F.binary_cross_entropy_with_logits(logits_real, self.real_target)
                 + F.binary_cross_entropy_with_logits(logits_fake, self.fake_target))
+        r1 = torch.zeros((), device=self.device)
+        if r1_due:
+            r1 = (self.r1_gamma / 2 * self.r1_every) * r1_penalty(self.policy.input_grad(logits_real, real_in))
         self.opt_d.zero_grad(set_to_none=True)
-        self.policy.backward_and_step(loss, self.opt_d)
-        return fake, loss.detach(), torch.sigmoid(logits_real).mean().detach(), torch.sigmoid(logits_fake).mean().detach()
+        self.policy.backward_and_step(loss + r1 if r1_due else loss, self.opt_d)
+        return (fake, loss.detach(), torch.sigmoid(logits_real).mean().detach(),
+                torch.sigmoid(logits_fake).mean().detach(), r1.detach())
 
     def g_step(self, fake: torch.Tensor) -> torch.Tensor:
         """One G update against the updated, frozen D; returns the G loss (0-d tensor)."""
@@ -253,6 +280,7 @@ class GANStep:
         if state["scaler"]:
             self.policy.scaler.load_state_dict(state["scaler"])
         self._load_rng(state["rng"], step)
+        self.iteration = step
         return changed
 
     def _load_rng(self, rng: dict, step: int) -> None:
@@ -289,6 +317,12 @@ class GANStep:
 
             tdist.all_reduce(counts, op=tdist.ReduceOp.MAX)
         return ", ".join(f"{n:,} in the {name}" for (name, _), n in zip(models, counts.tolist()) if n)
+
+
+def r1_penalty(grad: torch.Tensor) -> torch.Tensor:
+    """The batch mean of the squared L2 norm of each sample's gradient, ``grad`` (B, ...) -> 0-d: R1's
+    ``E ||grad_x D(x)||^2`` (Mescheder et al. 2018, eq. 9, without the gamma / 2), in fp32 or wider."""
+    return grad.to(torch.promote_types(grad.dtype, torch.float32)).square().flatten(1).sum(1).mean()
 
 
 def load_optimizer(opt: torch.optim.Optimizer, state: dict, name: str) -> list[str]:

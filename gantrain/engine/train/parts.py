@@ -38,6 +38,9 @@ def gan_part(cfg: Config, device: torch.device, policy: PrecisionPolicy, dist: D
     record = choose_rewrites(cfg, policy, dist) if has_cpu_rewrites(cfg, device) else None
     step = GANStep.for_config(cfg, device, policy, dist)
     step.layer_rewrites = record
+    if step.d_eager and dist.is_main:
+        log.info("--r1-gamma with %s: G is compiled, D runs eagerly (R1 needs D's double backward, which compiled "
+                 "graphs lack)", "--cuda-graphs" if cfg.perf.cuda_graphs else "--compile")
     return step
 
 

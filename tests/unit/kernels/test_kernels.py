@@ -348,3 +348,56 @@ def test_the_probe_times_each_rewrite_as_the_step_computes_the_layer(monkeypatch
     # backward (one aten call, not through _aten_conv_grads)
     # (the dilated form is itself a forward convolution: the third call of each repetition)
     assert calls == [("conv2d",), ("dilated",), ("conv2d",)] * 2
+
+
+# ----- double backward (R1 differentiates D's input gradient) ------------------------------------------------
+def _penalty_grads(layer: nn.Module, x: torch.Tensor, amp: bool = False):
+    """An R1-shaped second-order quantity through ``layer``: the gradients, with respect to the weight and the
+    input, of ||d<y, v>/dx||^2 + ||d<y, v>/dw||^2 (v fixed random)."""
+    x = x.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+        y = layer(x)
+    v = torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(y.dtype)
+    gx, gw = torch.autograd.grad((y * v).sum(), (x, layer.weight), create_graph=True)
+    penalty = gx.float().square().sum() + gw.float().square().sum()
+    return torch.autograd.grad(penalty, (x, layer.weight))
+
+
+@pytest.mark.parametrize("cls,cin,cout,height", [c for c in CASES if c[0] in (StridedConv2d, StridedConvTranspose2d)])
+def test_rewritten_layers_have_an_exact_double_backward_in_float64(cls, cin, cout, height):
+    """Every rewrite (the dilated one forced on in float64) differentiates its own backward exactly as torch's
+    convolution does: R1 through the fast layers is R1 through torch's."""
+    transposed = cls is StridedConvTranspose2d
+    c_in, c_out, size = (cout, cin, 2 * height) if transposed else (cin, cout, height)
+    if c_in >= conv.DILATED_WEIGHT_GRAD_MIN_CHANNELS:
+        conv.set_rewrites({("dilated", torch.float64, c_in, c_out, size): True})
+    fast, ref = _pair(cls, cin, cout, torch.float64)
+    x = _input(cin, height, torch.float64)
+    assert "StridedConv" in type(fast(x.clone().requires_grad_(True)).grad_fn).__name__ or \
+        not conv.rewrites_apply(x.requires_grad_(True), fast.weight, transposed)
+    for got, want in zip(_penalty_grads(fast, x), _penalty_grads(ref, x)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("fn,weight_shape,height", [(conv.strided_conv2d, (3, 2, 4, 4), 6),
+                                                    (conv.strided_conv_transpose2d, (3, 1, 4, 4), 3)],
+                         ids=["space_to_depth_conv", "space_to_depth_transposed"])
+def test_space_to_depth_second_derivatives_match_finite_differences(fn, weight_shape, height):
+    """An independent reference: torch.autograd.gradgradcheck compares the analytic second derivatives of the
+    rewritten layer (its custom backward differentiated) with finite differences, in float64."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, weight_shape[0] if fn is conv.strided_conv_transpose2d else weight_shape[1], height, height,
+                    generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(weight_shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert "StridedConv" in type(fn(x, w, "fast").grad_fn).__name__
+    assert torch.autograd.gradgradcheck(lambda a, b: fn(a, b, "fast"), (x, w))
+
+
+@pytest.mark.parametrize("cls,cin,cout,height", [c for c in CASES if c[0] in (StridedConv2d, StridedConvTranspose2d)])
+def test_double_backward_in_bf16_agrees_with_torch_within_rounding(cls, cin, cout, height):
+    """Under bf16 autocast, as R1 runs in a bf16 step: the fast layer's second-order gradients agree with torch's
+    within bf16 rounding."""
+    fast, ref = _pair(cls, cin, cout)
+    x = _input(cin, height)
+    for got, want in zip(_penalty_grads(fast, x, amp=True), _penalty_grads(ref, x, amp=True)):
+        assert (got.float() - want.float()).norm() <= 0.03 * want.float().norm()
