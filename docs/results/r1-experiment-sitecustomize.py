@@ -1,4 +1,5 @@
-"""An experiment, not part of gantrain: R1 (Mescheder et al. 2018, a zero-centred gradient penalty on D's real
+"""An experiment, not part of gantrain (kept as the record of the runs it made; gantrain now has R1 itself,
+`--r1-gamma`, docs/results/to-quality-fashion32-r1.md; this patch fits the d_step of commit 4009626, not later ones): R1 (Mescheder et al. 2018, a zero-centred gradient penalty on D's real
 inputs, gamma/2 * mean ||grad_x D(x)||^2) added to GANStep.d_step, lazily (every R1_EVERY-th D step, weighted by
 R1_EVERY, as stylegan2-ada's lazy regularisation). Python imports a module named sitecustomize from sys.path at
 start-up, so copied under that name into a folder of its own on PYTHONPATH it patches every process, the bench's
