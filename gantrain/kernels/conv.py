@@ -25,6 +25,8 @@ view (:func:`conv_view`): its input channels, output channels and input size.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -40,6 +42,23 @@ _RULE_DTYPES = {"space_to_depth": (torch.float32, torch.bfloat16, torch.float16,
                 "dilated": (torch.bfloat16,)}
 #: (rewrite, compute dtype, conv input channels, conv output channels, conv input size) -> used
 _chosen: dict[tuple[str, torch.dtype, int, int, int], bool] = {}
+_weight_gradients_off = 0  # > 0 inside no_weight_gradients(): the custom backward passes skip weight gradients
+
+
+@contextlib.contextmanager
+def no_weight_gradients():
+    """Inside the block, the rewritten layers' backward passes compute no weight gradient (None), for a backward
+    that asks only for an input gradient, e.g. ``torch.autograd.grad(D(x).sum(), x, create_graph=True)`` of R1:
+    torch's own convolutions skip what a graph does not need, but a custom autograd Function cannot tell, and would
+    compute (and, with ``create_graph``, record) the weight gradient for nothing. Process-wide, not per thread
+    (autograd may run a backward on another thread), as stylegan2-ada's ``conv2d_gradfix.no_weight_gradients``; a
+    weight gradient asked for inside the block comes back as None (zero)."""
+    global _weight_gradients_off
+    _weight_gradients_off += 1
+    try:
+        yield
+    finally:
+        _weight_gradients_off -= 1
 
 
 def in_bounds(name: str, c_in: int) -> bool:
@@ -201,7 +220,7 @@ class _StridedConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
-        want_x, want_w = ctx.needs_input_grad
+        want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and not _weight_gradients_off
         s2d = want_x and _space_to_depth_input_grad(grad_out, weight)
         dilated = want_w and _dilated_weight_grad(x, weight)
         grad_x = grad_w = None
@@ -230,7 +249,8 @@ class _StridedConvTranspose(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
         grad_x = F.conv2d(grad_out, weight, stride=2, padding=1) if ctx.needs_input_grad[0] else None
-        grad_w = conv_weight_grad(grad_out, x, weight) if ctx.needs_input_grad[1] else None
+        want_w = ctx.needs_input_grad[1] and not _weight_gradients_off
+        grad_w = conv_weight_grad(grad_out, x, weight) if want_w else None
         return grad_x, grad_w
 
 

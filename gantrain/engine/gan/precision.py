@@ -95,7 +95,7 @@ class PrecisionPolicy:
         kept so that a penalty on it trains (R1). Under fp16 the sum is multiplied by the loss scale before
         autograd and the gradient divided by it after (the "gradient penalty" recipe of PyTorch's AMP examples),
         so small gradients do not flush to zero; an overflow makes the loss non-finite and the scaler skips the
-        step. No host sync."""
+        step (the caller decides what to log for it). No host sync."""
         if not self.scaler.is_enabled():
             (grad,) = torch.autograd.grad(output.sum(), inputs, create_graph=True)
             return grad.to(torch.promote_types(grad.dtype, torch.float32))

@@ -7,8 +7,8 @@ each timed and marked for the profiler:
   with one-sided label smoothing on the real targets; D's optimiser steps.
   With ``--r1-gamma`` (R1, Mescheder et al. 2018) every ``--r1-every``-th D step also penalises the gradient of
   D's logits with respect to its real inputs: ``r1_gamma / 2 * r1_every * mean_i ||grad_x D(x_i)||^2`` joins the
-  loss of that same backward pass (StyleGAN2's lazy regulariser, here folded into the main D step as its
-  ``Dboth`` phase does). Which steps is fixed by the iteration count, so a resumed run penalises the same
+  loss of that same backward pass (StyleGAN2's lazy regulariser, whose stylegan2-ada form is a separate ``Dreg``
+  step; here it joins the main D step, as its non-lazy ``Dboth`` phase does). Which steps is fixed by the iteration count, so a resumed run penalises the same
   steps. The penalty needs D's double backward, which compiled graphs lack: with ``--compile`` (or CUDA graphs)
   and R1, G is compiled and D runs eagerly (:attr:`GANStep.d_eager`).
 * ``g_step``: the updated D scores the same fakes against "real" targets; D's parameters are frozen so no D
@@ -49,6 +49,7 @@ from gantrain.engine.gan.sampling import STANDING_STATS_SEED_OFFSET, generate_im
 from gantrain.engine.state import checkpoint as ckpt
 from gantrain.engine.state.schema import generator_weights
 from gantrain.engine.train.stats import PhaseTimer, Stats
+from gantrain.kernels import conv
 
 
 def make_adam(params, lr: float, betas: tuple[float, float], device: torch.device, fused: bool) -> torch.optim.Adam:
@@ -160,7 +161,8 @@ class GANStep:
     def d_step(self, real: torch.Tensor):
         """One D update. Returns the fakes, the D loss (BCE, without R1), mean D(x), mean D(G(z)) and the R1 term
         added to the loss (``r1_gamma / 2 * r1_every * mean ||grad_x D(x)||^2`` on an R1 step, else 0; its mean
-        over steps is the penalty per step): 0-d tensors, no sync."""
+        over steps is the penalty per step; None when R1 is off; under fp16, 0 on a step whose scaled gradient
+        overflowed, which the scaler skips): 0-d tensors, no sync."""
         z = sample_noise(real.shape[0], self.model_cfg.nz, self.loss_cfg.noise, self.device, self.noise_gen)
         r1_due = self.r1_due
         with self.policy.autocast():
@@ -172,13 +174,20 @@ class GANStep:
             logits_fake = self.d_train(self.augment(fake.detach())).float()
         loss = (F.binary_cross_entropy_with_logits(logits_real, self.real_target)
                 + F.binary_cross_entropy_with_logits(logits_fake, self.fake_target))
-        r1 = torch.zeros((), device=self.device)
+        total, r1 = loss, None
         if r1_due:
-            r1 = (self.r1_gamma / 2 * self.r1_every) * r1_penalty(self.policy.input_grad(logits_real, real_in))
+            with conv.no_weight_gradients():  # this backward wants x's gradient only
+                grad = self.policy.input_grad(logits_real, real_in)
+            r1 = (self.r1_gamma / 2 * self.r1_every) * r1_penalty(grad)
+            total = loss + r1
+            if self.policy.scaler.is_enabled():  # an fp16 overflow: the scaler skips this step; it logs as 0
+                r1 = torch.where(torch.isfinite(r1), r1, torch.zeros_like(r1))
+        elif self.r1_gamma > 0:
+            r1 = torch.zeros((), device=self.device)
         self.opt_d.zero_grad(set_to_none=True)
-        self.policy.backward_and_step(loss + r1 if r1_due else loss, self.opt_d)
+        self.policy.backward_and_step(total, self.opt_d)
         return (fake, loss.detach(), torch.sigmoid(logits_real).mean().detach(),
-                torch.sigmoid(logits_fake).mean().detach(), r1.detach())
+                torch.sigmoid(logits_fake).mean().detach(), None if r1 is None else r1.detach())
 
     def g_step(self, fake: torch.Tensor) -> torch.Tensor:
         """One G update against the updated, frozen D; returns the G loss (0-d tensor)."""

@@ -401,3 +401,42 @@ def test_double_backward_in_bf16_agrees_with_torch_within_rounding(cls, cin, cou
     x = _input(cin, height)
     for got, want in zip(_penalty_grads(fast, x, amp=True), _penalty_grads(ref, x, amp=True)):
         assert (got.float() - want.float()).norm() <= 0.03 * want.float().norm()
+
+
+@pytest.mark.parametrize("cls,cin,cout,height", [(StridedConv2d, 1, 16, 16), (StridedConv2d, 128, 8, 8),
+                                                 (StridedConvTranspose2d, 8, 128, 4)])
+def test_no_weight_gradients_skips_them_in_an_input_gradient_and_keeps_its_graph(monkeypatch, cls, cin, cout, height):
+    """R1's autograd.grad(D(x).sum(), x, create_graph=True) wants x's gradient only: inside no_weight_gradients the
+    rewritten layers compute no weight gradient (neither torch's nor the dilated form is called for it), the input
+    gradient is the same, and the penalty built on it still differentiates to the weight exactly (float64, against
+    torch's layer); outside the block the weight gradient is computed again."""
+    transposed = cls is StridedConvTranspose2d
+    c_in, c_out, size = (cout, cin, 2 * height) if transposed else (cin, cout, height)
+    if c_in >= conv.DILATED_WEIGHT_GRAD_MIN_CHANNELS:
+        conv.set_rewrites({("dilated", torch.float64, c_in, c_out, size): True})
+    fast, ref = _pair(cls, cin, cout, torch.float64)
+    weight_grads = []
+    for name in ("dilated_weight_grad", "conv_weight_grad"):
+        real = getattr(conv, name)
+        monkeypatch.setattr(conv, name, lambda *a, _real=real: weight_grads.append(1) or _real(*a))
+    real_aten = conv._aten_conv_grads
+    monkeypatch.setattr(conv, "_aten_conv_grads", lambda x, g, w, want_x, want_w: (
+        weight_grads.append(1) if want_w else None) or real_aten(x, g, w, want_x, want_w))
+
+    def penalty_and_weight_grad(layer, off: bool):
+        x = _input(cin, height, torch.float64).requires_grad_(True)
+        y = layer(x)
+        with conv.no_weight_gradients() if off else torch.enable_grad():
+            (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        if off:
+            assert weight_grads == [], "a weight gradient was computed inside no_weight_gradients"
+        penalty = gx.square().sum()  # its weight gradient runs the layer's backward again, outside the block
+        return gx, torch.autograd.grad(penalty, layer.weight)[0]
+
+    gx, gw = penalty_and_weight_grad(fast, off=True)
+    weight_grads.clear()
+    gx_ref, gw_ref = penalty_and_weight_grad(ref, off=False)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-10, atol=1e-10)
+    _grads(fast, _input(cin, height, torch.float64))
+    assert weight_grads, "outside the block the weight gradient is computed"

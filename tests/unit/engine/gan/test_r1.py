@@ -208,3 +208,45 @@ def test_config_fields_are_checked_and_described():
     assert override(preset("fashion32"), {"r1_every": 8, "r1_gamma": 1}).without_effect() == []
     with pytest.raises(ConfigError, match="r1.gamma|r1_gamma|--r1-gamma"):
         LossConfig(r1_gamma=float("nan"))
+
+
+def test_an_overflowing_scaled_gradient_skips_the_step_and_logs_r1_as_0():
+    """fp16's path, with the loss scaler enabled on the CPU at a scale that overflows: the scaled input gradient is
+    inf, the scaler skips D's update (its weights stay), and the logged R1 term is 0, not inf (which would stop
+    the run as diverged); the scale is lowered for the next step."""
+    gan = _gan(r1_gamma=1.0, r1_every=1)
+    gan.policy.scaler = torch.amp.GradScaler("cpu", init_scale=3e38)
+    before = [p.detach().clone() for p in gan.d.parameters()]
+    gan(_batch())
+    assert all(torch.equal(a, b) for a, b in zip(before, gan.d.parameters()))
+    stats = gan.stats.read()
+    assert stats["r1"] == 0.0 and all(np.isfinite(v) for v in stats.values())
+    assert gan.policy.scaler.get_scale() < 3e38
+
+
+def test_r1_with_diffaugment_penalises_the_augmented_batch_d_sees(monkeypatch):
+    """With --diffaug the penalty is on the gradient at D's input, the augmented real batch (a leaf that requires
+    grad), drawn in the same order as without R1 (z, real, fakes): the noise stream ends where R1 off leaves it."""
+    seen = []
+    gan = _gan(r1_gamma=1.0, diffaug="translation,cutout")
+    real_input_grad = gan.policy.input_grad
+    monkeypatch.setattr(gan.policy, "input_grad", lambda out, x: seen.append(x) or real_input_grad(out, x))
+    real = gan.policy.prepare_batch(_batch())
+    gan.d_step(real)
+    (x,) = seen
+    assert x.is_leaf and x.requires_grad and x.shape == real.shape and not torch.equal(x.detach(), real)
+    off = _gan(diffaug="translation,cutout")
+    off.d_step(off.policy.prepare_batch(_batch()))
+    assert torch.equal(gan.noise_gen.get_state(), off.noise_gen.get_state())
+
+
+@pytest.mark.slow
+def test_a_compiled_step_with_r1_trains_g_compiled_and_d_eager():
+    """A real compiled iteration (G through torch.compile, D eager), R1 on: finite statistics, every weight moved."""
+    gan = _gan(compile=True, r1_gamma=1.0, r1_every=1)
+    before = [p.detach().clone() for p in [*gan.g.parameters(), *gan.d.parameters()]]
+    gan(_batch())
+    stats = gan.stats.read()
+    assert stats["r1"] > 0 and all(np.isfinite(v) for v in stats.values())
+    moved = [not torch.equal(a, b) for a, b in zip(before, [*gan.g.parameters(), *gan.d.parameters()])]
+    assert all(moved)
