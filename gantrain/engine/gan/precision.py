@@ -91,8 +91,8 @@ class PrecisionPolicy:
         return x.to(dtype=dtype, memory_format=self.memory_format)
 
     def input_grad(self, output: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        """The gradient of ``output.sum()`` with respect to ``inputs`` (which require it), in fp32 or wider, with its graph
-        kept so that a penalty on it trains (R1). Under fp16 the sum is multiplied by the loss scale before
+        """The gradient of ``output.sum()`` with respect to ``inputs`` (which require it), in fp32 or wider, with
+        its graph kept so that a penalty on it trains (R1). Under fp16 the sum is multiplied by the loss scale before
         autograd and the gradient divided by it after (the "gradient penalty" recipe of PyTorch's AMP examples),
         so small gradients do not flush to zero; an overflow makes the loss non-finite and the scaler skips the
         step (the caller decides what to log for it). No host sync."""

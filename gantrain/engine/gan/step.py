@@ -8,9 +8,10 @@ each timed and marked for the profiler:
   With ``--r1-gamma`` (R1, Mescheder et al. 2018) every ``--r1-every``-th D step also penalises the gradient of
   D's logits with respect to its real inputs: ``r1_gamma / 2 * r1_every * mean_i ||grad_x D(x_i)||^2`` joins the
   loss of that same backward pass (StyleGAN2's lazy regulariser, whose stylegan2-ada form is a separate ``Dreg``
-  step; here it joins the main D step, as its non-lazy ``Dboth`` phase does). Which steps is fixed by the iteration count, so a resumed run penalises the same
-  steps. The penalty needs D's double backward, which compiled graphs lack: with ``--compile`` (or CUDA graphs)
-  and R1, G is compiled and D runs eagerly (:attr:`GANStep.d_eager`).
+  step; here it joins the main D step, as its non-lazy ``Dboth`` phase does). The iteration count fixes which
+  steps, so a resumed run penalises the same steps. The penalty needs D's double backward, which compiled
+  graphs lack: with ``--compile`` (or CUDA graphs) and R1, G is compiled and D runs eagerly
+  (:attr:`GANStep.d_eager`).
 * ``g_step``: the updated D scores the same fakes against "real" targets; D's parameters are frozen so no D
   weight-gradients are computed (and under DDP D does not all-reduce); G's optimiser steps.
 
