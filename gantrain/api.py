@@ -11,7 +11,8 @@ def train(preset: str | None = None, *, config: str | Path | None = None, resume
           console: Any = None, **overrides: Any) -> Any:
     """Trains as ``gantrain run --preset PRESET --config CONFIG --FLAG VALUE ...`` does: ``overrides`` are config
     field names (``lr_g=1e-3, max_steps=300, out="runs/x", diffaug=["color", "cutout"]``), applied over the preset
-    (default fashion32) and the TOML file; ``resume`` is ``"auto"`` or a checkpoint path.
+    (default fashion32) and the TOML file; ``resume`` is ``"auto"`` or a checkpoint path (without a preset or a
+    file, the run continues with the config stored in that checkpoint, the overrides over it).
 
     Returns the :class:`~gantrain.engine.train.loop.FitResult` (``steps``, ``run_dir``, ``last_checkpoint``,
     ``stop_reason``), or None when ``ddp=True``/``ray=True`` launched worker processes. Raises
@@ -19,8 +20,16 @@ def train(preset: str | None = None, *, config: str | Path | None = None, resume
     Ctrl-C, ...), whose message is the CLI's one-line error."""
     from gantrain.engine.config import resolve
     from gantrain.engine.dist.launch import train as launch
+    from gantrain.engine.outputs.runlog import setup_logging
+    from gantrain.engine.state.checkpoint import resume_base
 
-    cfg = resolve(preset, str(config) if config is not None else None, overrides)
+    if resume:
+        from rich.console import Console
+
+        setup_logging(console or Console(stderr=True))  # resume_base's line; the run sets up its log file later
+    config_file = str(config) if config is not None else None
+    resumed = resume_base(preset, config_file, resume, overrides.get("out"))  # the checkpoint's own config, or None
+    cfg = resolve(preset, config_file, overrides, base=resumed[0] if resumed else None)
     return launch(cfg, resume=resume, console=console)
 
 

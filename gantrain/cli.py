@@ -391,7 +391,7 @@ def config_flags(func=None, *, hidden: frozenset[str] = frozenset()):
 def run_command(
     preset: Annotated[Optional[str], typer.Option(show_default=DEFAULT_PRESET, help="Preset to start from (see `gantrain presets`).")] = None,
     config: Annotated[Optional[Path], typer.Option(show_default="none", help="TOML config (e.g. a run's config.toml) applied over the preset.")] = None,
-    resume: Annotated[Optional[str], typer.Option(show_default="a new run", help="Continue a run: 'auto' (the --out folder's last.pt) or a checkpoint path.")] = None,
+    resume: Annotated[Optional[str], typer.Option(show_default="a new run", help="Continue a run: 'auto' (the --out folder's last.pt) or a checkpoint path; without --preset or --config, with the config stored in the checkpoint, the flags over it.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config (and where each value came from: preset, file, flag) and the schedule, then exit without training or touching the run folder.")] = False,
     json_path: Annotated[Optional[str], typer.Option("--json", metavar="<path>", show_default="off", help="With --dry-run: also write the resolved config, where each value came from and the schedule as one JSON object to this file; '-' writes only the JSON to stdout (the table goes to stderr).")] = None,
     overrides: dict[str, Any] | None = None,
@@ -400,11 +400,17 @@ def run_command(
     if json_path is not None and not dry_run:
         raise ConfigError("--json: writes what --dry-run prints; give --dry-run too (a training run records itself "
                           "in its run folder: config.toml, metrics.jsonl)")
-    cfg = resolve(preset, str(config) if config else None, overrides or {})
+    from gantrain.engine.outputs.runlog import setup_logging
+    from gantrain.engine.state.checkpoint import resume_base
+
+    setup_logging(console)  # resume_base's line; the run sets up its log file later
+    config_file, flags = str(config) if config else None, overrides or {}
+    resumed = resume_base(preset, config_file, resume, flags.get("out"))  # the checkpoint's own config, or None
+    cfg = resolve(preset, config_file, flags, base=resumed[0] if resumed else None)
     if dry_run:
         from gantrain.engine.train import dryrun
 
-        sources = dryrun.value_sources(preset, str(config) if config else None, overrides or {})
+        sources = dryrun.value_sources(preset, config_file, flags, resumed)
         changes = dryrun.refusals(cfg, resume)  # what the run would refuse, refused here too
         schedule = dryrun.plan(cfg)
         plan = dryrun.as_dict(cfg, sources, schedule, resume, changes) if json_path is not None else None

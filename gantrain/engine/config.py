@@ -806,9 +806,11 @@ def preset(name: str) -> Config:
     return PRESETS[name][0]()
 
 
-def resolve(preset_name: str | None, config_file: str | None, flags: dict[str, Any]) -> Config:
+def resolve(preset_name: str | None, config_file: str | None, flags: dict[str, Any],
+            base: Config | None = None) -> Config:
     """Preset, then the TOML file, then CLI flags: the order in which later sources win; then the environment
-    fills what none of them set (:func:`with_env_defaults`)."""
+    fills what none of them set (:func:`with_env_defaults`). ``base``: the config to lay the flags over when
+    neither a preset nor a file is given (a resumed checkpoint's), instead of the default preset."""
     cfg = preset(preset_name) if preset_name else None
     if config_file:
         cfg = load_toml(config_file, base=cfg)
@@ -818,7 +820,7 @@ def resolve(preset_name: str | None, config_file: str | None, flags: dict[str, A
                               f"over {preset_name}")
         if flags.get("out") is None:
             _refuse_a_moved_run_folder(Path(config_file), cfg)
-    return with_env_defaults(override(cfg or preset("fashion32"), flags))
+    return with_env_defaults(override(cfg or base or preset("fashion32"), flags))
 
 
 def _refuse_a_moved_run_folder(config_file: Path, cfg: Config) -> None:

@@ -3,6 +3,7 @@ without a checkpoint is replaced with a warning, a SIGKILLed owner leaves a lock
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -168,6 +169,90 @@ def test_a_copied_run_folders_config_does_not_redirect_the_run(trained_run: Path
     assert result.exit_code == 0, result.output
     assert _tree(trained_run) == original
     assert json.loads((copy / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 8
+
+
+def _config_without(path: Path, *keys: str) -> dict:
+    """A config.toml as a plain dict (tomllib, not gantrain), without the named ``section.field`` keys."""
+    import tomllib
+
+    raw = tomllib.loads(path.read_text())
+    for key in keys:
+        section, name = key.split(".")
+        raw[section].pop(name)
+    return raw
+
+
+def test_a_resume_without_preset_or_config_continues_with_the_checkpoints_config(trained_run: Path, tmp_path: Path,
+                                                                                  cli, unwrap) -> None:
+    """Before: `run --out RUN --resume auto` laid the default preset under the flags, so a run of any other
+    settings was refused (`--ngf 16 -> 64`) or, where the model matched, silently changed every other setting
+    back to fashion32's (the resume line listed them). Now the checkpoint's config is the base: only the flags
+    given change, and one line says where the config came from."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    result = cli("run", "--out", run, "--resume", "auto", "--max-steps", 8)  # no --data-root: the stored one
+    assert result.exit_code == 0, result.output
+    text = unwrap(result.stderr)
+    assert "--resume without --preset or --config: the run continues with the config stored in" in text, text
+    assert "(preset fashion32, run folder" in text  # the paths: in config.toml below (the console wraps them)
+    assert "settings changed since the checkpoint, in effect from step 7: --max-steps 6 -> 8, --out" in text
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 8
+    # the config the run wrote is the first run's, but for the one flag (TINY_RUN_ARGS: ngf 16, batch 32, ...)
+    assert _config_without(run / "config.toml", "run.max_steps", "run.out") == \
+        _config_without(trained_run / "config.toml", "run.max_steps", "run.out")
+    written = _config_without(run / "config.toml")
+    assert (written["model"]["ngf"], written["data"]["batch_size"], written["data"]["limit"]) == (16, 32, 256)
+    assert (written["run"]["max_steps"], written["run"]["out"]) == (8, str(run))
+    import gantrain  # the Python API resumes the same way
+    from rich.console import Console
+
+    before = _config_without(run / "config.toml", "run.max_steps")
+    fit = gantrain.train(resume="auto", out=str(run), max_steps=9, console=Console(file=io.StringIO()))
+    assert fit.steps == 9 and _config_without(run / "config.toml", "run.max_steps") == before
+    assert _config_without(run / "config.toml")["run"]["max_steps"] == 9
+
+
+def test_a_resume_from_a_moved_folders_checkpoint_continues_there(trained_run: Path, tmp_path: Path, cli,
+                                                                  unwrap) -> None:
+    """`--resume PATH` of a checkpoint in a run folder that was moved or copied (its config records the old
+    folder) continues in the folder the checkpoint lies in, says so, and leaves the recorded folder alone;
+    --out still names another folder where given."""
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(trained_run, moved)
+    original = _tree(trained_run)
+    checkpoint = moved / "checkpoints" / "step_6.pt"
+    shutil.copy(moved / "checkpoints" / "last.pt", checkpoint)  # any checkpoint of the folder, not only last.pt
+    result = cli("run", "--resume", checkpoint, "--max-steps", 7)
+    assert result.exit_code == 0, result.output
+    text = unwrap(result.stderr)
+    assert "(preset fashion32, run folder" in text and "settings changed since the checkpoint" in text, text
+    assert _tree(trained_run) == original
+    assert _config_without(moved / "config.toml")["run"]["out"] == str(moved)
+    assert json.loads((moved / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 7
+    elsewhere = tmp_path / "elsewhere"
+    result = cli("run", "--resume", moved / "checkpoints" / "last.pt", "--out", elsewhere, "--max-steps", 8)
+    assert result.exit_code == 0, result.output
+    assert _config_without(elsewhere / "config.toml")["run"]["out"] == str(elsewhere)
+    assert json.loads((elsewhere / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 8
+
+
+def test_a_resume_with_a_preset_or_config_lays_them_as_before(trained_run: Path, tmp_path: Path, cli,
+                                                              unwrap) -> None:
+    """--preset or --config given: they are the base, as for a new run (the checkpoint's config is only compared);
+    the dry run names the checkpoint as the source of each value it set otherwise."""
+    result = cli("run", "--preset", "fashion32", "--out", trained_run, "--resume", "auto", "--dry-run")
+    assert result.exit_code != 0 and "--ndf 16 -> 64" in unwrap(one_error_line(result))
+    result = cli("run", "--out", trained_run, "--resume", "auto", "--dry-run", "--json", "-")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    checkpoint = f"checkpoint {trained_run / 'checkpoints' / 'last.pt'}"
+    assert plan["config"]["model"]["ngf"] == 16 and plan["resume_changes"] == []
+    assert (plan["sources"]["model.ngf"], plan["sources"]["data.limit"], plan["sources"]["model.nz"]) == \
+        (checkpoint, checkpoint, "default")
 
 
 def test_a_config_file_outside_a_run_folder_names_its_out_freely(trained_run: Path, tmp_path: Path) -> None:

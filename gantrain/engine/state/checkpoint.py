@@ -152,6 +152,31 @@ def _first_sentence(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
+def resume_base(preset_name: str | None, config_file: str | None, resume: str | None,
+                out: str | None) -> tuple[Config, Path] | None:
+    """What ``--resume`` without ``--preset`` or ``--config`` continues with: the config stored in the checkpoint
+    (the run's resolved config as it trained; fields added since take their defaults, as a written config.toml
+    is read), its ``out`` set to the run folder the checkpoint lies in when that folder moved, and the
+    checkpoint's path; the caller lays the flags over it (``config.resolve(base=...)``). None when a preset or a
+    file is given, or no resume (those resolve as for a new run), and for a missing or damaged checkpoint (the
+    run refuses it, after its own checks). ``out`` is the --out flag (``--resume auto`` looks there, else in the
+    default preset's folder). Raises :class:`ConfigError` for a stored config that today's checks refuse."""
+    if not resume or preset_name or config_file:
+        return None
+    try:
+        path = find_resume(resume, Path(out) if out else Config().run_dir)
+        state = load_checkpoint(path)
+    except CheckpointError:  # missing or damaged: the run refuses it itself, after its checks of the folder (a lock)
+        return None
+    saved = from_dict(Parts.of(state).config, source=str(path))
+    folder = path.parent.parent if path.parent.name == "checkpoints" else None  # <run>/checkpoints/x.pt
+    if not out and folder is not None and os.path.abspath(folder) != os.path.abspath(saved.run_dir):
+        saved.run.out = str(folder)  # a run folder moved or copied since: continue it where it lies now
+    log.info("--resume without --preset or --config: the run continues with the config stored in %s (preset %s, "
+             "run folder %s)", path, saved.preset, out or saved.run_dir)
+    return saved, path
+
+
 def find_resume(resume: str, run_dir: Path) -> Path:
     """``--resume auto`` means the run folder's ``last.pt``; anything else is a path."""
     if resume != "auto":

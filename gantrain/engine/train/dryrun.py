@@ -19,17 +19,21 @@ from gantrain.engine.data.download import IDX_DATASETS, raw_folder
 from gantrain.engine.errors import ConfigError
 
 
-def value_sources(preset_name: str | None, config_file: str | None, flags: dict[str, Any]) -> dict[str, str]:
+def value_sources(preset_name: str | None, config_file: str | None, flags: dict[str, Any],
+                  resumed: tuple[Config, Path] | None = None) -> dict[str, str]:
     """``{'optim.lr_g': 'flag --lr-g', 'run.epochs': 'preset fashion32', 'data.hflip': 'default', ...}``: which
     of the three layers `gantrain run` stacks (preset, then --config TOML, then flags) set each field last, or
-    the environment ($GANTRAIN_DATA for a data root none of them set)."""
+    the environment ($GANTRAIN_DATA for a data root none of them set). ``resumed``: the config and path of the
+    checkpoint a --resume without preset or file continues with (``checkpoint.resume_base``), the base layer."""
     name = preset_name or "fashion32"
     text = _read_text(config_file) if config_file else ""
     raw = current_layout(_parse_toml(text))  # a file of an older layout: its fields where they live now
-    base_cfg = preset(name)
+    base_cfg, label = preset(name), f"preset {name}"
     if config_file and not preset_name and isinstance(raw.get("preset"), str):
         name = raw["preset"]
-        base_cfg = toml_base(name, text)  # the base config.load_toml lays the file over
+        base_cfg, label = toml_base(name, text), f"preset {name}"  # the base config.load_toml lays the file over
+    if resumed is not None:
+        base_cfg, label = resumed[0], f"checkpoint {resumed[1]}"
     base, defaults = base_cfg.to_dict(), Config().to_dict()
     sources: dict[str, str] = {}
     for section, cls in SECTION_TYPES.items():
@@ -40,7 +44,7 @@ def value_sources(preset_name: str | None, config_file: str | None, flags: dict[
             elif isinstance(raw.get(section), dict) and f.name in raw[section]:
                 sources[key] = f"file {config_file}"
             elif base[section][f.name] != defaults[section][f.name]:
-                sources[key] = f"preset {name}"
+                sources[key] = label
             else:
                 sources[key] = "default"
     file_root = raw["data"].get("data_root") if isinstance(raw.get("data"), dict) else None
