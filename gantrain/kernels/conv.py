@@ -26,6 +26,7 @@ view (:func:`conv_view`): its input channels, output channels and input size.
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,11 @@ def no_weight_gradients():
         yield
     finally:
         _weight_gradients_off -= 1
+
+
+def _wants_weight_grad(ctx: Any) -> bool:
+    """Whether a custom backward computes its weight gradient: asked for, and not inside :func:`no_weight_gradients`."""
+    return bool(ctx.needs_input_grad[1]) and not _weight_gradients_off
 
 
 def in_bounds(name: str, c_in: int) -> bool:
@@ -220,7 +226,7 @@ class _StridedConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
-        want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and not _weight_gradients_off
+        want_x, want_w = ctx.needs_input_grad[0], _wants_weight_grad(ctx)
         s2d = want_x and _space_to_depth_input_grad(grad_out, weight)
         dilated = want_w and _dilated_weight_grad(x, weight)
         grad_x = grad_w = None
@@ -249,7 +255,7 @@ class _StridedConvTranspose(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
         grad_x = F.conv2d(grad_out, weight, stride=2, padding=1) if ctx.needs_input_grad[0] else None
-        want_w = ctx.needs_input_grad[1] and not _weight_gradients_off
+        want_w = _wants_weight_grad(ctx)
         grad_w = conv_weight_grad(grad_out, x, weight) if want_w else None
         return grad_x, grad_w
 

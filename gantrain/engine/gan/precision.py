@@ -96,12 +96,9 @@ class PrecisionPolicy:
         autograd and the gradient divided by it after (the "gradient penalty" recipe of PyTorch's AMP examples),
         so small gradients do not flush to zero; an overflow makes the loss non-finite and the scaler skips the
         step (the caller decides what to log for it). No host sync."""
-        if not self.scaler.is_enabled():
-            (grad,) = torch.autograd.grad(output.sum(), inputs, create_graph=True)
-            return grad.to(torch.promote_types(grad.dtype, torch.float32))
-        scale = self.scaler.scale(torch.ones((), device=output.device))
-        (grad,) = torch.autograd.grad(self.scaler.scale(output.sum()), inputs, create_graph=True)
-        return grad.to(torch.promote_types(grad.dtype, torch.float32)) / scale
+        (grad,) = torch.autograd.grad(self.scaler.scale(output.sum()), inputs, create_graph=True)  # unscaled if off
+        grad = grad.to(torch.promote_types(grad.dtype, torch.float32))
+        return grad / self.scaler.scale(torch.ones((), device=grad.device)) if self.scaler.is_enabled() else grad
 
     def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
         """Scaled backward and optimiser step; one scaler serves both the D and the G step."""

@@ -151,7 +151,7 @@ class GANStep:
         if self.g_ema is not None:
             self.update_ema()
         self.iteration += 1
-        extra = {"r1": r1} if self.r1_gamma > 0 else {}
+        extra = {} if r1 is None else {"r1": r1}
         self.stats.add(loss_d=loss_d, loss_g=loss_g, d_real=d_real, d_fake=d_fake, **extra)
 
     @property
