@@ -443,7 +443,7 @@ def presets_command(
         values = (f"{c.data.dataset} {c.data.image_size}x{c.data.image_size}x{c.data.channels}, {c.model.arch}{width}, "
                   f"batch {c.data.batch_size}, lr_g {c.optim.lr_g:g}, lr_d {c.optim.lr_d:g}, "
                   f"smoothing {c.loss.label_smoothing:g}, {c.loss.noise} noise, {c.run.epochs} epochs")
-        values += f", G {c.gan.ema_words()}" if c.gan.ema_decay else ""
+        values += f", G {c.gan.ema_words()}" if c.gan.ema_on else ""
         values += f", FD every {c.eval.eval_every} epoch(s)" if c.eval.eval_every else ""
         values += ", final samples from best.pt" if c.eval.samples_from_best else ""
         values += f", DiffAugment {','.join(c.gan.diffaug)}" if c.gan.diffaug else ""

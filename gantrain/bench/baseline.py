@@ -22,7 +22,7 @@ from gantrain.engine import Config, build_models, sample_noise
 def plain_loop_omits(cfg: Config) -> list[str]:
     """The settings of ``cfg`` this loop does not implement, in words (it trains the recipe without them): the
     bench says so in one line, since gantrain's step does apply them."""
-    return [text for applies, text in ((cfg.gan.ema_decay > 0, f"generator {cfg.gan.ema_words()}"),
+    return [text for applies, text in ((cfg.gan.ema_on, f"generator {cfg.gan.ema_words()}"),
                                        (bool(cfg.gan.diffaug), f"DiffAugment {','.join(cfg.gan.diffaug)}"),
                                        (cfg.loss.r1_gamma > 0, cfg.loss.r1_words()),
                                        (cfg.data.hflip, "horizontal flips")) if applies]

@@ -207,7 +207,14 @@ class LossConfig:
 @dataclass
 class GanConfig:
     ema_decay: float = 0.0
-    """Keep an exponential moving average of G with this decay (0 = off); used for samples and generate."""
+    """Keep an exponential moving average of G with this decay per step (0 = off); used for samples and generate."""
+    ema_halflife: int = 0
+    """EMA of G by images instead (0 = off; replaces --ema-decay): a half-life of this many images, i.e. a decay
+    of 0.5 ** (images per step / half-life) per step, the same average at any batch size or process count
+    (StyleGAN2-ADA's ema_kimg x 1000)."""
+    ema_rampup: float = 0.0
+    """With --ema-halflife: the half-life is at most this fraction of the images trained so far (0 = off;
+    StyleGAN2-ADA uses 0.05), so the EMA follows G closely early and averages over more images later."""
     ema_bn: str = "copy"
     """BatchNorm statistics of the EMA generator (with --ema-decay > 0): copy (G's running statistics, copied
     every step) or standing (recomputed for the EMA weights from 2,048 noise vectors of their own when the EMA
@@ -221,6 +228,8 @@ class GanConfig:
     def __post_init__(self) -> None:
         _check_finite(self)
         _check(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        _check(self.ema_halflife >= 0, "ema_halflife", f"must be >= 0 images (0 = off), got {self.ema_halflife}")
+        _check(self.ema_rampup >= 0, "ema_rampup", f"must be >= 0 (0 = off), got {self.ema_rampup}")
         _check(self.ema_bn in EMA_BN_MODES, "ema_bn", f"must be one of {', '.join(EMA_BN_MODES)}, got {self.ema_bn!r}")
         ops = list(_names(self.diffaug, "diffaug"))
         unknown = [op for op in ops if op not in DIFFAUG_OPS]
@@ -230,11 +239,28 @@ class GanConfig:
         _check(not twice, "diffaug", f"{twice[0]!r} is listed twice" if twice else "")
         self.diffaug = tuple(ops)  # one spelling per policy: config.toml, checkpoints and resume compare it
 
+    @property
+    def ema_on(self) -> bool:
+        """Whether G has an EMA copy (--ema-decay or --ema-halflife)."""
+        return self.ema_decay > 0 or self.ema_halflife > 0
+
+    def ema_beta(self, images_per_step: int, images_seen: int) -> float:
+        """The EMA's decay for the step that brings the images trained to ``images_seen`` (after it), in
+        ``images_per_step`` (the global batch): --ema-decay, or ``0.5 ** (images_per_step / h)`` with h the
+        half-life, capped at ``ema_rampup * images_seen`` when on (StyleGAN2-ADA, training/training_loop.py)."""
+        if not self.ema_halflife:
+            return self.ema_decay
+        half = min(self.ema_halflife, self.ema_rampup * images_seen) if self.ema_rampup else self.ema_halflife
+        return 0.5 ** (images_per_step / max(half, 1e-8))
+
     def ema_words(self) -> str:
-        """The generator EMA in words ('EMA 0.99 (standing BN statistics)'), or '' when off."""
-        if not self.ema_decay:
+        """The generator EMA in words ('EMA 0.99 (standing BN statistics)', 'EMA half-life 10,000 images, ramp-up
+        0.05'), or '' when off."""
+        if not self.ema_on:
             return ""
-        return f"EMA {self.ema_decay:g}" + (" (standing BN statistics)" if self.ema_bn == "standing" else "")
+        words = (f"EMA half-life {self.ema_halflife:,} images" + (f", ramp-up {self.ema_rampup:g}" if
+                 self.ema_rampup else "")) if self.ema_halflife else f"EMA {self.ema_decay:g}"
+        return words + (" (standing BN statistics)" if self.ema_bn == "standing" else "")
 
 
 @dataclass
@@ -504,8 +530,12 @@ class Config:
         whether the run has several processes (a run under an outside torchrun has, without --ddp); default: as
         the config says (--ddp or --ray)."""
         idle = []
-        if self.gan.ema_bn == "standing" and not self.gan.ema_decay:
+        if self.gan.ema_bn == "standing" and not self.gan.ema_on:
             idle.append("--ema-bn standing (no EMA: --ema-decay 0)")
+        if self.gan.ema_decay and self.gan.ema_halflife:
+            idle.append(f"--ema-decay {self.gan.ema_decay:g} (--ema-halflife {self.gan.ema_halflife} sets the decay)")
+        if self.gan.ema_rampup and not self.gan.ema_halflife:
+            idle.append(f"--ema-rampup {self.gan.ema_rampup:g} (no --ema-halflife)")
         if self.loss.r1_every != LossConfig.r1_every and not self.loss.r1_gamma:
             idle.append(f"--r1-every {self.loss.r1_every} (no R1: --r1-gamma 0)")
         if distributed is None:

@@ -136,3 +136,21 @@ def test_r1_under_ddp_keeps_the_replicas_identical_and_resumes_on_schedule(train
     # iterations 0, 2, 4 (steps 1, 3, 5) take the penalty; the others log 0
     assert [r["r1"] > 0 for r in steps] == [True, False, True, False, True, False]
     assert [r for r in records if "ddp_replica_max_abs_diff" in r][-1] == {"step": 6, "ddp_replica_max_abs_diff": 0.0}
+
+
+def test_ema_by_images_counts_every_ranks_images(train_root, tmp_path):
+    """--ema-halflife under DDP: a step trains batch x processes images, so the EMA's decay per step is
+    0.5 ** (32 / H) with 2 ranks of 16 (not 0.5 ** (16 / H)): read from the checkpoints of steps 1 and 2."""
+    import math
+
+    out, halflife = tmp_path / "ddp-ema", 64
+    proc = _run(train_root, out, "--ddp", "--nproc", "2", "--master-port", str(free_port()), "--max-steps", "2",
+                "--ema-halflife", str(halflife), "--checkpoint-every-steps", "1")
+    assert proc.returncode == 0, _errors(proc)
+    one, two = (load_checkpoint(p)["gan"] for p in sorted((out / "checkpoints").glob("step_*.pt")))
+    beta = math.exp(-math.log(2) * 32 / halflife)
+    weights = [k for k, v in two["generator"].items() if v.is_floating_point() and "running" not in k]
+    assert weights
+    for key in weights:
+        expected = beta * one["generator_ema"][key] + (1 - beta) * two["generator"][key]
+        torch.testing.assert_close(two["generator_ema"][key], expected)

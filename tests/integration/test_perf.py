@@ -66,6 +66,68 @@ def test_ema_tracks_generator(tiny_cfg, quiet_console):
     assert "generator_ema" in trainer.state_dict()["gan"]
 
 
+def test_ema_by_images_follows_stylegan2_ada(tiny_cfg, quiet_console):
+    """--ema-halflife H --ema-rampup r: after step k (batch B), EMA = beta * EMA + (1 - beta) * G with
+    beta = 0.5 ** (B / min(H, r * k * B)) (StyleGAN2-ADA's training loop), worked out here with math."""
+    import math
+
+    halflife, rampup, batch = 100, 0.75, 32
+    trainer = Trainer(tiny_cfg(ema_halflife=halflife, ema_rampup=rampup), console=quiet_console)
+    batches = trainer.loader.epoch(0)
+    for k in range(1, 5):  # half-lives 24, 48, 72 images (ramp-up), then 100 (the cap)
+        before = [p.detach().clone() for p in trainer.gan.g_ema.parameters()]
+        trainer.gan(next(batches))
+        beta = math.exp(-math.log(2) * batch / min(halflife, rampup * k * batch))
+        for ema, old, new in zip(trainer.gan.g_ema.parameters(), before, trainer.gan.g.parameters()):
+            torch.testing.assert_close(ema, beta * old + (1 - beta) * new)
+    assert trainer.gan.images_seen == 4 * batch
+    assert not all(torch.equal(e, g) for e, g in zip(trainer.gan.g_ema.parameters(), trainer.gan.g.parameters()))
+
+
+def test_ema_beta_by_images_is_the_same_average_at_any_batch() -> None:
+    """Two steps of batch 32 decay the EMA as much as one of batch 64 (no ramp-up): beta(64) = beta(32) ** 2;
+    a half-life of H images leaves half the weight after H images; --ema-decay alone is the per-step decay."""
+    from gantrain.engine.config import GanConfig
+
+    gan = GanConfig(ema_halflife=10_000)
+    assert gan.ema_beta(64, 64) == pytest.approx(gan.ema_beta(32, 32) ** 2, rel=1e-12)
+    assert gan.ema_beta(32, 32) ** (10_000 / 32) == pytest.approx(0.5, rel=1e-12)
+    assert gan.ema_beta(32, 10 ** 9) == gan.ema_beta(32, 32)  # no ramp-up: the images seen do not matter
+    ramped = GanConfig(ema_halflife=10_000, ema_rampup=0.05)
+    assert ramped.ema_beta(32, 64_000) == pytest.approx(0.5 ** (32 / 3_200), rel=1e-12)  # 0.05 x 64,000 < 10,000
+    assert ramped.ema_beta(32, 400_000) == pytest.approx(0.5 ** (32 / 10_000), rel=1e-12)  # capped
+    assert GanConfig(ema_decay=0.99).ema_beta(32, 64_000) == 0.99
+    assert (GanConfig().ema_on, GanConfig(ema_decay=0.9).ema_on, gan.ema_on) == (False, True, True)
+
+
+def test_ema_by_images_resumes_exactly(tiny_cfg, quiet_console):
+    """The ramp-up goes on from the checkpoint's images seen: 2 + 2 steps resumed = 4 straight, bit for bit."""
+    flat = dict(ema_halflife=100, ema_rampup=0.75, ema_bn="standing", checkpoint_every_steps=2)
+    straight = Trainer(tiny_cfg("straight", **flat), console=quiet_console)
+    straight.fit()
+    Trainer(tiny_cfg("split", **{**flat, "max_steps": 2}), console=quiet_console).fit()
+    resumed = Trainer(tiny_cfg("split", **flat), console=quiet_console, resume="auto")
+    assert resumed.gan.images_seen == 2 * 32
+    resumed.fit()
+    for a, b in zip(straight.gan.g_ema.state_dict().values(), resumed.gan.g_ema.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_ema_settings_are_checked_and_said(tiny_cfg):
+    with pytest.raises(ConfigError, match="--ema-halflife: must be >= 0 images"):
+        tiny_cfg(ema_halflife=-1)
+    with pytest.raises(ConfigError, match="--ema-rampup: must be >= 0"):
+        tiny_cfg(ema_rampup=-0.5)
+    with pytest.raises(ConfigError, match="--ema-rampup: must be a finite number"):
+        tiny_cfg(ema_rampup=float("nan"))
+    assert tiny_cfg(ema_decay=0.99, ema_halflife=500).without_effect() == [
+        "--ema-decay 0.99 (--ema-halflife 500 sets the decay)"]
+    assert tiny_cfg(ema_rampup=0.05).without_effect() == ["--ema-rampup 0.05 (no --ema-halflife)"]
+    assert tiny_cfg(ema_halflife=500, ema_bn="standing").without_effect() == []
+    assert tiny_cfg(ema_halflife=10_000, ema_rampup=0.05, ema_bn="standing").gan.ema_words() == \
+        "EMA half-life 10,000 images, ramp-up 0.05 (standing BN statistics)"
+
+
 def test_standing_ema_statistics(tiny_cfg, quiet_console, monkeypatch):
     """--ema-bn standing: G and D train exactly as with copied statistics; the EMA G's BatchNorm statistics are
     recomputed for its weights when it is used after a change (not every step), match torch's update_bn, and are

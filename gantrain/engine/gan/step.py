@@ -93,7 +93,7 @@ class GANStep:
         torch.manual_seed(seed)  # the same initial weights on every rank
         g, d = build_models(model, data.image_size, data.channels, perf.layer_impl)
         self.g, self.d = policy.prepare_model(g), policy.prepare_model(d)
-        self.g_ema = copy.deepcopy(self.g).eval().requires_grad_(False) if gan.ema_decay > 0 else None
+        self.g_ema = copy.deepcopy(self.g).eval().requires_grad_(False) if gan.ema_on else None
         self.standing_stats = self.g_ema is not None and gan.ema_bn == "standing"
         self._ema_stats_stale = self.standing_stats  # recomputed when the EMA G is next used
         betas = (optim.beta1, optim.beta2)
@@ -111,6 +111,8 @@ class GANStep:
         self.stats, self.timer = Stats(device), PhaseTimer(device)
         self.r1_gamma, self.r1_every = loss.r1_gamma, loss.r1_every
         self.iteration = 0  # iterations trained (a resume sets it): which D steps take the R1 penalty
+        self.images_seen = 0  # images trained, all processes (a resume sets it): the EMA's ramp-up
+        self.images_per_step = data.batch_size * dist.world_size
         self.layer_rewrites: dict | None = None  # which CPU layer rewrites run (set by its builder, parts.gan_part)
 
     @classmethod
@@ -211,7 +213,10 @@ class GANStep:
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        decay = self.gan_cfg.ema_decay
+        """The EMA step after G's update: lerp towards G by 1 - beta (:meth:`GanConfig.ema_beta`, a Python float
+        of the images seen: no sync)."""
+        self.images_seen += self.images_per_step
+        decay = self.gan_cfg.ema_beta(self.images_per_step, self.images_seen)
         torch._foreach_lerp_(list(self.g_ema.parameters()), list(self.g.parameters()), 1.0 - decay)
         if self.standing_stats:
             self._ema_stats_stale = True  # computed when used, not every step

@@ -84,7 +84,7 @@ class QualityTracker:
         """The tracker of a whole config (``best``: the keyword arguments of a resume). The extractor is fitted
         here when missing, with its own progress bar, before the training bar goes live."""
         evaluator = Evaluator.for_config(cfg, device=device, console=console, quiet=False)
-        return cls(cfg.eval, evaluator, Latent.of(cfg), seed=cfg.run.seed, use_ema=cfg.gan.ema_decay > 0,
+        return cls(cfg.eval, evaluator, Latent.of(cfg), seed=cfg.run.seed, use_ema=cfg.gan.ema_on,
                    device=device, **best)
 
     def _measure_best_again(self, best_fd: float, measured_by: dict | None, best_pt: Path | None) -> float | None:

@@ -335,6 +335,7 @@ def restore(state: dict, path: Path | str, gan: Any, cfg: Config, loader: Any, g
     the best FD so far."""
     changed = gan.load_state_dict(Parts.of(state).gan, path, step_of(state))
     pos, moved = restore_position(state, cfg, loader.steps_per_epoch, global_batch, loader.num_images, path)
+    gan.images_seen = pos.images_seen  # the EMA's ramp-up goes on from the images trained, whatever the batch
     if is_main:
         log.info("resumed from %s at step %d (epoch %d, image %d of this epoch)", path, pos.step, pos.epoch + 1,
                  pos.epoch_step * global_batch)
