@@ -748,14 +748,16 @@ def _fashion32() -> Config:
 
 
 def _fashion32_tuned() -> Config:
-    """fashion32 with the recipe chosen by ``gantrain bench --to-quality`` (docs/results/to-quality-fashion32.md):
-    the ASHA search's learning rates and one-sided smoothing, D half as wide (ndf 32) at batch 64, a G EMA with
+    """fashion32 with the recipe chosen by ``gantrain bench --to-quality`` (docs/results/to-quality-fashion32.md,
+    to-quality-fashion32-r1.md): the ASHA search's learning rates and one-sided smoothing, D half as wide (ndf 32)
+    at batch 32 with R1 (gamma 0.3, every 16th D step), a G EMA of a 20,000-image half-life ramped up at 0.05 with
     standing BatchNorm statistics, Adam betas (0, 0.99) with a linear learning-rate decay to 0 over a budget of
-    5 epochs (the run ends at its best, not 15 epochs after it), an evaluation every epoch (best.pt) and the
-    end-of-run samples from the best evaluation."""
-    return Config(preset="fashion32-tuned", data=DataConfig(batch_size=64), model=ModelConfig(ndf=32),
+    5 epochs (the run ends at its best), an evaluation every epoch (best.pt) and the end-of-run samples from the
+    best evaluation."""
+    return Config(preset="fashion32-tuned", data=DataConfig(batch_size=32), model=ModelConfig(ndf=32),
                   optim=OptimConfig(lr_g=1.5e-3, lr_d=4e-4, beta1=0.0, beta2=0.99, lr_decay="linear"),
-                  loss=LossConfig(label_smoothing=0.25), gan=GanConfig(ema_decay=0.99, ema_bn="standing"),
+                  loss=LossConfig(label_smoothing=0.25, r1_gamma=0.3, r1_every=16),
+                  gan=GanConfig(ema_halflife=20_000, ema_rampup=0.05, ema_bn="standing"),
                   run=RunConfig(epochs=5), eval=EvalConfig(eval_every=1, samples_from_best=True))
 
 

@@ -212,7 +212,8 @@ def test_to_quality_refuses_bad_options(cli, tmp_path):
 
 def test_the_plain_loop_names_what_it_does_not_do():
     assert plain_loop_omits(preset("fashion32")) == [] and plain_loop_omits(preset("cats64")) == []
-    assert plain_loop_omits(preset("fashion32-tuned")) == ["generator EMA 0.99 (standing BN statistics)"]
+    assert plain_loop_omits(preset("fashion32-tuned")) == [
+        "generator EMA half-life 20,000 images, ramp-up 0.05 (standing BN statistics)", "R1 gamma 0.3 every 16 D steps"]
     assert plain_loop_omits(override(preset("cats64-diffaug"), {"hflip": True, "ema_decay": 0.999})) == \
         ["generator EMA 0.999", "DiffAugment color,translation,cutout", "horizontal flips"]
 

@@ -74,7 +74,7 @@ def test_the_config_reference_has_every_field_its_docstring_and_each_presets_val
     for name in PRESETS:
         assert f"`{name}`" in page
     tuned = preset("fashion32-tuned")
-    assert f"`fashion32-tuned`: `{tuned.data.batch_size}`" in page  # batch 64, where the default is 128
+    assert f"`fashion32-tuned`: `{tuned.data.batch_size}`" in page  # batch 32, where the default is 128
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from gantrain.engine.train.loop import Trainer
 
 # ===== non-finite training stops, keeps the last finite checkpoint, says which ==============================
 FLOAT_FIELDS = {"leaky_slope", "init_std", "lr_g", "lr_d", "beta1", "beta2", "lr_decay_start", "label_smoothing", "r1_gamma", "ema_decay",
+                "ema_rampup",
                 "checkpoint_every_minutes", "gpus_per_worker", "cpus_per_worker", "dist_timeout", "stall_warning",
                 "ray_wait"}
 

@@ -224,8 +224,8 @@ def test_the_console_legend_names_the_tutorial_target_only_when_there_is_one():
 
 
 def test_a_tutorial_contender_says_which_settings_the_plain_loop_lacks(tmp_path, monkeypatch):
-    """--preset fashion32-tuned makes the tutorial contender the plain loop on that recipe, without its EMA (its
-    learning-rate decay it applies, see the next tests): one line says so; gantrain's own contenders (which apply it) get no such line."""
+    """--preset fashion32-tuned makes the tutorial contender the plain loop on that recipe, without its EMA and
+    R1 (its learning-rate decay it applies, see the next tests): one line says so; gantrain's own contenders (which apply it) get no such line."""
     from rich.console import Console
 
     stub_extractor(monkeypatch)
@@ -241,8 +241,8 @@ def test_a_tutorial_contender_says_which_settings_the_plain_loop_lacks(tmp_path,
                             eval_every_epochs=1, eval_samples=100, out=tmp_path / "tq",
                             console=Console(file=fh, width=300), run_one=run_one)
     lines = [line for line in out.read_text().splitlines() if "the plain loop has no" in line]
-    assert lines == ["tutorial: the plain loop has no generator EMA 0.99 (standing BN statistics); it trains the "
-                     "rest of fashion32-tuned's recipe"]
+    assert lines == ["tutorial: the plain loop has no generator EMA half-life 20,000 images, ramp-up 0.05 (standing "
+                     "BN statistics), R1 gamma 0.3 every 16 D steps; it trains the rest of fashion32-tuned's recipe"]
 
 
 def earlier_report(tmp_path, base, *, finals=(6.0, 4.0), system=None, name="earlier.json", extractor=EXTRACTOR,

@@ -18,7 +18,7 @@ from gantrain.engine.train.dryrun import value_sources
 EXPECTED_PRESETS = {
     # name: (dataset, image size, channels, arch, kernel, batch, lr_g, lr_d, smoothing, noise)
     "fashion32": ("fashion-mnist", 32, 1, "dcgan", 4, 128, 2e-4, 2e-4, 0.0, "normal"),
-    "fashion32-tuned": ("fashion-mnist", 32, 1, "dcgan", 4, 64, 1.5e-3, 4e-4, 0.25, "normal"),
+    "fashion32-tuned": ("fashion-mnist", 32, 1, "dcgan", 4, 32, 1.5e-3, 4e-4, 0.25, "normal"),
     "mnist32": ("mnist", 32, 1, "dcgan", 4, 128, 2e-4, 2e-4, 0.0, "normal"),
     "cats64": ("folder", 64, 3, "dcgan", 4, 128, 2e-4, 2e-4, 0.0, "normal"),
     "cats64-diffaug": ("folder", 64, 3, "dcgan", 4, 128, 2e-4, 2e-4, 0.0, "normal"),
@@ -43,22 +43,26 @@ def test_preset_registry_is_exactly_these() -> None:
 
 
 def test_the_tuned_recipe_differs_from_the_tutorial_only_where_it_says() -> None:
-    """fashion32-tuned: the search's lrs and smoothing, D half as wide at batch 64, EMA with standing BatchNorm
-    statistics, Adam betas (0, 0.99) with a linear lr decay over a budget of 5 epochs, FD every epoch, final samples
-    from best.pt; the rest (G, data, engine settings) is fashion32's."""
+    """fashion32-tuned: the search's lrs and smoothing, D half as wide at batch 32 with R1 every 16th D step, an
+    EMA by images (ramped up) with standing BatchNorm statistics, Adam betas (0, 0.99) with a linear lr decay over
+    a budget of 5 epochs, FD every epoch, final samples from best.pt; the rest (G, data, engine settings) is
+    fashion32's."""
     tuned, plain = preset("fashion32-tuned").to_dict(), preset("fashion32").to_dict()
     changed = {(section, key) for section in plain if isinstance(plain[section], dict)
                for key in plain[section] if plain[section][key] != tuned[section][key]}
     assert changed == {("optim", "lr_g"), ("optim", "lr_d"), ("optim", "beta1"), ("optim", "beta2"),
-                       ("optim", "lr_decay"), ("loss", "label_smoothing"), ("gan", "ema_decay"),
-                       ("gan", "ema_bn"), ("eval", "eval_every"), ("eval", "samples_from_best"), ("model", "ndf"),
-                       ("data", "batch_size"), ("run", "epochs")}
+                       ("optim", "lr_decay"), ("loss", "label_smoothing"), ("loss", "r1_gamma"), ("loss", "r1_every"),
+                       ("gan", "ema_halflife"), ("gan", "ema_rampup"), ("gan", "ema_bn"), ("eval", "eval_every"),
+                       ("eval", "samples_from_best"), ("model", "ndf"), ("data", "batch_size"), ("run", "epochs")}
     assert (tuned["run"]["epochs"], plain["run"]["epochs"]) == (5, 20)
-    assert (tuned["gan"]["ema_decay"], tuned["gan"]["ema_bn"], plain["gan"]["ema_bn"]) == (0.99, "standing", "copy")
-    assert (tuned["model"]["ngf"], tuned["model"]["ndf"], tuned["data"]["batch_size"]) == (64, 32, 64)
+    assert (tuned["gan"]["ema_halflife"], tuned["gan"]["ema_rampup"], tuned["gan"]["ema_decay"]) == (20_000, 0.05, 0)
+    assert (tuned["gan"]["ema_bn"], plain["gan"]["ema_bn"]) == ("standing", "copy")
+    assert (tuned["loss"]["r1_gamma"], tuned["loss"]["r1_every"]) == (0.3, 16)
+    assert (tuned["model"]["ngf"], tuned["model"]["ndf"], tuned["data"]["batch_size"]) == (64, 32, 32)
     assert (tuned["optim"]["beta1"], tuned["optim"]["beta2"], tuned["optim"]["lr_decay"]) == (0.0, 0.99, "linear")
     assert tuned["optim"]["lr_decay_start"] == plain["optim"]["lr_decay_start"] == 0.0
     assert preset("fashion32").gan.ema_decay == 0 and not preset("fashion32").eval.samples_from_best
+    assert preset("fashion32-tuned").without_effect() == []
 
 
 def test_the_diffaug_recipe_differs_from_cats64_only_in_diffaug() -> None:
@@ -279,7 +283,8 @@ def test_settings_without_effect_are_named_with_why() -> None:
     SyncBatchNorm in one process (CUDA, so the config accepts it; a run under an outside torchrun is distributed
     without --ddp); the presets as shipped hold none."""
     assert all(preset(name).without_effect() == [] for name in PRESETS)
-    cfg = override(preset("fashion32-tuned"), {"ema_decay": 0.0, "device": "cuda", "sync_bn": True})
+    cfg = override(preset("fashion32-tuned"), {"ema_halflife": 0, "ema_rampup": 0.0, "device": "cuda",
+                                               "sync_bn": True})
     assert cfg.without_effect() == ["--ema-bn standing (no EMA: --ema-decay 0)",
                                     "--sync-bn (not distributed: no --ddp, --ray or torchrun)"]
     assert cfg.without_effect(distributed=True) == ["--ema-bn standing (no EMA: --ema-decay 0)"]
@@ -363,7 +368,9 @@ def test_a_config_toml_of_the_layout_before_loads_every_value(tmp_path) -> None:
     assert "[run]\n" in text and "eval_every = 1" in text and "[gan]" not in text and "[eval]" not in text
     expected = override(preset("fashion32-tuned"), {"diffaug": "color,cutout", "checkpoint_every_steps": 7,
                                                     "log_every": 5, "logger": "tensorboard", "out": "runs/old",
-                                                    "epochs": 20})  # the preset's budget when it was written
+                                                    "epochs": 20,  # the preset's values when it was written:
+                                                    "batch_size": 64, "ema_decay": 0.99, "ema_halflife": 0,
+                                                    "ema_rampup": 0.0, "r1_gamma": 0.0, "r1_every": 4})
     loaded = load_toml(old)
     assert loaded == expected
     assert (loaded.eval.eval_every, loaded.gan.ema_decay, loaded.gan.diffaug, loaded.checkpoint.checkpoint_every_steps,
