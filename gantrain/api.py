@@ -28,7 +28,7 @@ def train(preset: str | None = None, *, config: str | Path | None = None, resume
 
         setup_logging(console or Console(stderr=True))  # resume_base's line; the run sets up its log file later
     config_file = str(config) if config is not None else None
-    resumed = resume_base(preset, config_file, resume, overrides.get("out"))  # the checkpoint's own config, or None
+    resumed = resume_base(preset, config_file, resume, overrides)  # the checkpoint's own config, or None
     cfg = resolve(preset, config_file, overrides, base=resumed[0] if resumed else None)
     return launch(cfg, resume=resume, console=console)
 

@@ -405,7 +405,7 @@ def run_command(
 
     setup_logging(console)  # resume_base's line; the run sets up its log file later
     config_file, flags = str(config) if config else None, overrides or {}
-    resumed = resume_base(preset, config_file, resume, flags.get("out"))  # the checkpoint's own config, or None
+    resumed = resume_base(preset, config_file, resume, flags)  # the checkpoint's own config, or None
     cfg = resolve(preset, config_file, flags, base=resumed[0] if resumed else None)
     if dry_run:
         from gantrain.engine.train import dryrun

@@ -144,6 +144,11 @@ def rendered(report: dict):
     return console_table(title, CONSOLE_HEADERS, console_rows, caption), markdown
 
 
+def _multiple(steps: int, every: int) -> int:
+    """``steps`` rounded up to a multiple of ``every``."""
+    return -(-steps // every) * every
+
+
 def bench(cfg: Config, *, quick: bool, nproc: int, peak_override: float | None, json_path: Path | None,
           markdown_path: Path | None, console: Console, only: list[str] | None = None,
           warmup: int | None = None, windows: int | None = None, window: int | None = None,
@@ -162,6 +167,12 @@ def bench(cfg: Config, *, quick: bool, nproc: int, peak_override: float | None, 
     defaults = (3, 3, 2, 1) if quick else (5, 6, 5, 2)
     timing = {"warmup": warmup or defaults[0], "windows": windows or defaults[1], "window": window or defaults[2],
               "repeats": repeats or defaults[3], "num_workers": cfg.data.num_workers}
+    every = cfg.loss.r1_every if cfg.loss.r1_gamma > 0 else 1
+    if every > 1 and not (warmup or window):  # lazy R1: each window holds the same R1 steps, as training does
+        timing["warmup"], timing["window"] = _multiple(timing["warmup"], every), _multiple(timing["window"], every)
+        console.print(f"R1 every {every} D steps: warm-up of {timing['warmup']} steps and timing windows of "
+                      f"{timing['window']}, multiples of {every}, so every window holds the same share of R1 steps",
+                      soft_wrap=True)
     if profile is not None:
         timing["profile"] = str(profile.resolve())
     omitted = plain_loop_omits(cfg)

@@ -398,6 +398,9 @@ def bench_to_quality(base: Config, contenders: Sequence[Contender], *, seeds: in
         if omitted:
             console.print(f"{c.name}: the plain loop has no {', '.join(omitted)}; it trains the rest of "
                           f"{base.preset}'s recipe", soft_wrap=True)
+        idle = c.cfg.without_effect() if c.kind == "engine" else []
+        if idle:  # e.g. "fashion32-tuned ema_decay=0", whose EMA by images stays on
+            console.print(f"{c.name}: without effect in this contender: {'; '.join(idle)}", soft_wrap=True)
     report = {"system": system, "device": str(device), "preset": base.preset, "targets": list(targets),
               "seeds": seeds, "baseline_seeds": baseline_seeds or seeds, "stop_when_reached": stop_when_reached,
               "budget_epochs": budget_epochs, **spec, "extractor": extractor, "layer_rewrites": rewrites,

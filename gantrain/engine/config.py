@@ -216,7 +216,7 @@ class GanConfig:
     """With --ema-halflife: the half-life is at most this fraction of the images trained so far (0 = off;
     StyleGAN2-ADA uses 0.05), so the EMA follows G closely early and averages over more images later."""
     ema_bn: str = "copy"
-    """BatchNorm statistics of the EMA generator (with --ema-decay > 0): copy (G's running statistics, copied
+    """BatchNorm statistics of the EMA generator (with --ema-decay or --ema-halflife): copy (G's running statistics, copied
     every step) or standing (recomputed for the EMA weights from 2,048 noise vectors of their own when the EMA
     generator is next used after a step: evaluation, samples, checkpoints; BigGAN's standing statistics)."""
     diffaug: tuple[str, ...] = ()
@@ -247,7 +247,8 @@ class GanConfig:
     def ema_beta(self, images_per_step: int, images_seen: int) -> float:
         """The EMA's decay for the step that brings the images trained to ``images_seen`` (after it), in
         ``images_per_step`` (the global batch): --ema-decay, or ``0.5 ** (images_per_step / h)`` with h the
-        half-life, capped at ``ema_rampup * images_seen`` when on (StyleGAN2-ADA, training/training_loop.py)."""
+        half-life, capped at ``ema_rampup * images_seen`` when on (StyleGAN2-ADA, training/training_loop.py, which
+        counts the images before the step: its first step copies G, ours keeps 0.5 ** (1 / rampup) of the EMA)."""
         if not self.ema_halflife:
             return self.ema_decay
         half = min(self.ema_halflife, self.ema_rampup * images_seen) if self.ema_rampup else self.ema_halflife
@@ -531,7 +532,7 @@ class Config:
         the config says (--ddp or --ray)."""
         idle = []
         if self.gan.ema_bn == "standing" and not self.gan.ema_on:
-            idle.append("--ema-bn standing (no EMA: --ema-decay 0)")
+            idle.append("--ema-bn standing (no EMA: --ema-decay and --ema-halflife 0)")
         if self.gan.ema_decay and self.gan.ema_halflife:
             idle.append(f"--ema-decay {self.gan.ema_decay:g} (--ema-halflife {self.gan.ema_halflife} sets the decay)")
         if self.gan.ema_rampup and not self.gan.ema_halflife:
@@ -750,8 +751,8 @@ def _fashion32() -> Config:
 def _fashion32_tuned() -> Config:
     """fashion32 with the recipe chosen by ``gantrain bench --to-quality`` (docs/results/to-quality-fashion32.md,
     to-quality-fashion32-r1.md): the ASHA search's learning rates and one-sided smoothing, D half as wide (ndf 32)
-    at batch 32 with R1 (gamma 0.3, every 16th D step), a G EMA of a 20,000-image half-life ramped up at 0.05 with
-    standing BatchNorm statistics, Adam betas (0, 0.99) with a linear learning-rate decay to 0 over a budget of
+    at batch 32 with R1 (gamma 0.3, every 16th D step), a G EMA by images (a half-life of 5% of the images seen, at
+    most 20,000) with standing BatchNorm statistics, Adam betas (0, 0.99) with a linear learning-rate decay to 0 over a budget of
     5 epochs (the run ends at its best), an evaluation every epoch (best.pt) and the end-of-run samples from the
     best evaluation."""
     return Config(preset="fashion32-tuned", data=DataConfig(batch_size=32), model=ModelConfig(ndf=32),

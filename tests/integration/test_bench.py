@@ -240,6 +240,33 @@ def test_bench_says_when_the_baseline_lacks_what_the_engine_rows_apply(monkeypat
         assert [line for line in out.getvalue().splitlines() if "tutorial loop has no" in line] == expected
 
 
+def test_the_speed_bench_times_whole_r1_periods(monkeypatch):
+    """With R1 every N D steps the default warm-up and windows become multiples of N (each window holds the same
+    R1 steps: 5-step windows of R1 every 16 held one in 3 windows, none with --quick), said in one line; without
+    R1, or with windows given, the timing is as asked."""
+    from gantrain.bench import suite
+    from gantrain.engine.config import override
+
+    seen = []
+
+    def no_timing(cfg, *, rows, timing, **kwargs):
+        seen.append(dict(timing))
+        raise RuntimeError("stubbed")
+
+    monkeypatch.setattr(suite, "run_suite", no_timing)
+    cases = [(preset("fashion32-tuned"), {}, True, (16, 3, 16)), (preset("fashion32-tuned"), {}, False, (16, 6, 16)),
+             (override(preset("fashion32"), {"r1_gamma": 1.0, "r1_every": 4}), {}, True, (4, 3, 4)),
+             (preset("fashion32"), {}, True, (3, 3, 2)), (preset("fashion32-tuned"), {"window": 5}, False, (5, 6, 5))]
+    for cfg, given, quick, expected in cases:
+        out = io.StringIO()
+        with pytest.raises(RuntimeError, match="stubbed"):
+            suite.bench(cfg, quick=quick, nproc=1, peak_override=None, json_path=None, markdown_path=None,
+                        console=Console(file=out, width=300), **given)
+        assert (seen[-1]["warmup"], seen[-1]["windows"], seen[-1]["window"]) == expected, (cfg.loss, quick, given)
+        said = [line for line in out.getvalue().splitlines() if line.startswith("R1 every")]
+        assert len(said) == int(cfg.loss.r1_gamma > 0 and not given)
+
+
 def _alive(pid: int) -> bool:
     """Whether process ``pid`` still runs (a zombie, exited but not yet reaped by its new parent, does not)."""
     try:

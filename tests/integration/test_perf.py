@@ -113,6 +113,25 @@ def test_ema_by_images_resumes_exactly(tiny_cfg, quiet_console):
         assert torch.equal(a, b)
 
 
+def test_ema_ramp_resumes_from_the_images_seen_whatever_the_batch(tiny_cfg, quiet_console):
+    """2 steps at batch 32 (64 images), resumed at batch 16: the ramp goes on from 64 images (not 2 x 16), and the
+    next step's decay is that of 64 + 16 images; images_seen counts without an EMA too."""
+    import math
+
+    flat = dict(ema_halflife=100, ema_rampup=0.75)
+    Trainer(tiny_cfg("split", **flat, max_steps=2), console=quiet_console).fit()
+    resumed = Trainer(tiny_cfg("split", **flat, batch_size=16, max_steps=3), console=quiet_console, resume="auto")
+    assert resumed.gan.images_seen == 64 and resumed.gan.images_per_step == 16
+    before = [p.detach().clone() for p in resumed.gan.g_ema.parameters()]
+    resumed.fit()
+    beta = math.exp(-math.log(2) * 16 / min(100, 0.75 * (64 + 16)))
+    for ema, old, new in zip(resumed.gan.g_ema.parameters(), before, resumed.gan.g.parameters()):
+        torch.testing.assert_close(ema, beta * old + (1 - beta) * new)
+    plain = Trainer(tiny_cfg("plain", max_steps=2), console=quiet_console)
+    plain.fit()
+    assert plain.gan.g_ema is None and plain.gan.images_seen == 64
+
+
 def test_ema_settings_are_checked_and_said(tiny_cfg):
     with pytest.raises(ConfigError, match="--ema-halflife: must be >= 0 images"):
         tiny_cfg(ema_halflife=-1)
@@ -124,6 +143,8 @@ def test_ema_settings_are_checked_and_said(tiny_cfg):
         "--ema-decay 0.99 (--ema-halflife 500 sets the decay)"]
     assert tiny_cfg(ema_rampup=0.05).without_effect() == ["--ema-rampup 0.05 (no --ema-halflife)"]
     assert tiny_cfg(ema_halflife=500, ema_bn="standing").without_effect() == []
+    assert tiny_cfg(ema_bn="standing").without_effect() == [
+        "--ema-bn standing (no EMA: --ema-decay and --ema-halflife 0)"]
     assert tiny_cfg(ema_halflife=10_000, ema_rampup=0.05, ema_bn="standing").gan.ema_words() == \
         "EMA half-life 10,000 images, ramp-up 0.05 (standing BN statistics)"
 

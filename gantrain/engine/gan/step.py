@@ -19,7 +19,7 @@ With ``--diffaug`` every batch D sees (real and fake in ``d_step``, the fakes ag
 :func:`~gantrain.engine.gan.diffaug.diff_augment` first, each time with fresh parameters from the noise stream; G's
 images themselves (what ``d_step`` returns, samples, metrics) are never augmented. Off, nothing is drawn.
 
-With ``--ema-decay`` an EMA copy of G's weights is updated after every iteration; samples, metrics and checkpoints
+With ``--ema-decay`` or ``--ema-halflife`` an EMA copy of G's weights is updated after every iteration; samples, metrics and checkpoints
 use it (:attr:`GANStep.generator`), with G's BatchNorm statistics copied each step or, with ``--ema-bn standing``,
 statistics recomputed for the EMA weights when it is next used.
 
@@ -153,6 +153,7 @@ class GANStep:
         if self.g_ema is not None:
             self.update_ema()
         self.iteration += 1
+        self.images_seen += self.images_per_step
         extra = {} if r1 is None else {"r1": r1}
         self.stats.add(loss_d=loss_d, loss_g=loss_g, d_real=d_real, d_fake=d_fake, **extra)
 
@@ -215,8 +216,7 @@ class GANStep:
     def update_ema(self) -> None:
         """The EMA step after G's update: lerp towards G by 1 - beta (:meth:`GanConfig.ema_beta`, a Python float
         of the images seen: no sync)."""
-        self.images_seen += self.images_per_step
-        decay = self.gan_cfg.ema_beta(self.images_per_step, self.images_seen)
+        decay = self.gan_cfg.ema_beta(self.images_per_step, self.images_seen + self.images_per_step)
         torch._foreach_lerp_(list(self.g_ema.parameters()), list(self.g.parameters()), 1.0 - decay)
         if self.standing_stats:
             self._ema_stats_stale = True  # computed when used, not every step

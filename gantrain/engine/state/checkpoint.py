@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from gantrain.engine.config import CheckpointConfig, Config, data_root_of, from_dict, shown, with_env_defaults
+from gantrain.engine.config import (CheckpointConfig, Config, DistConfig, data_root_of, from_dict, shown,
+                                    with_env_defaults)
 from gantrain.engine.config import _flag as flag_name
 from gantrain.engine.errors import CheckpointError, TrainingDiverged
 from gantrain.engine.state.files import atomic_write, io_error
@@ -153,25 +154,35 @@ def _first_sentence(exc: BaseException) -> str:
 
 
 def resume_base(preset_name: str | None, config_file: str | None, resume: str | None,
-                out: str | None) -> tuple[Config, Path] | None:
+                flags: dict[str, Any]) -> tuple[Config, Path] | None:
     """What ``--resume`` without ``--preset`` or ``--config`` continues with: the config stored in the checkpoint
     (the run's resolved config as it trained; fields added since take their defaults, as a written config.toml
-    is read), its ``out`` set to the run folder the checkpoint lies in when that folder moved, and the
+    is read) but for its ``[dist]`` section (the launch: processes, nodes, ports, Ray, which the command's flags
+    give, as for a new run; the resume line lists what differs), its ``out`` set to the run folder the checkpoint lies in when that folder moved, and the
     checkpoint's path; the caller lays the flags over it (``config.resolve(base=...)``). None when a preset or a
     file is given, or no resume (those resolve as for a new run), and for a missing or damaged checkpoint (the
-    run refuses it, after its own checks). ``out`` is the --out flag (``--resume auto`` looks there, else in the
-    default preset's folder). Raises :class:`ConfigError` for a stored config that today's checks refuse."""
+    run refuses it, after its own checks). ``flags``: the command's (``--resume auto`` looks in --out, else in the
+    default preset's folder). A stored data root that does not exist here (a run folder brought from another
+    machine) gives way to $GANTRAIN_DATA, when set, with a warning. Raises :class:`ConfigError` for a stored config
+    that today's checks refuse."""
     if not resume or preset_name or config_file:
         return None
+    out = flags.get("out")
     try:
         path = find_resume(resume, Path(out) if out else Config().run_dir)
         state = load_checkpoint(path)
     except CheckpointError:  # missing or damaged: the run refuses it itself, after its checks of the folder (a lock)
         return None
     saved = from_dict(Parts.of(state).config, source=str(path))
+    saved.dist = DistConfig()  # how this command launches (--ddp, --nproc, --ray, ports) is its own, as for a new run
     folder = path.parent.parent if path.parent.name == "checkpoints" else None  # <run>/checkpoints/x.pt
     if not out and folder is not None and os.path.abspath(folder) != os.path.abspath(saved.run_dir):
         saved.run.out = str(folder)  # a run folder moved or copied since: continue it where it lies now
+    root = saved.data.data_root
+    if root and not os.path.exists(root) and data_root_of(None) and not flags.get("data_root"):  # another machine's folder: this one's data
+        log.warning("--resume: the checkpoint's data root %s does not exist here; this run reads $GANTRAIN_DATA "
+                    "(%s) instead", root, data_root_of(None))
+        saved.data.data_root = None  # resolve() fills it from the environment; a --data-root flag wins
     log.info("--resume without --preset or --config: the run continues with the config stored in %s (preset %s, "
              "run folder %s)", path, saved.preset, out or saved.run_dir)
     return saved, path

@@ -285,9 +285,9 @@ def test_settings_without_effect_are_named_with_why() -> None:
     assert all(preset(name).without_effect() == [] for name in PRESETS)
     cfg = override(preset("fashion32-tuned"), {"ema_halflife": 0, "ema_rampup": 0.0, "device": "cuda",
                                                "sync_bn": True})
-    assert cfg.without_effect() == ["--ema-bn standing (no EMA: --ema-decay 0)",
+    assert cfg.without_effect() == ["--ema-bn standing (no EMA: --ema-decay and --ema-halflife 0)",
                                     "--sync-bn (not distributed: no --ddp, --ray or torchrun)"]
-    assert cfg.without_effect(distributed=True) == ["--ema-bn standing (no EMA: --ema-decay 0)"]
+    assert cfg.without_effect(distributed=True) == ["--ema-bn standing (no EMA: --ema-decay and --ema-halflife 0)"]
     assert override(cfg, {"ddp": True, "ema_decay": 0.9}).without_effect() == []
     assert override(cfg, {"ray": True, "ema_decay": 0.9}).without_effect() == []
 

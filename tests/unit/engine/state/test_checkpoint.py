@@ -320,3 +320,86 @@ def test_generate_image_i_does_not_depend_on_n(trained_run: Path, tmp_path: Path
     for i, n in ((0, 1), (0, 3), (2, 3)):
         name = f"{i:06d}.png"
         assert np.array_equal(_pixels(tmp_path / f"each{n}" / name), _pixels(tmp_path / "each70" / name)), (i, n)
+
+
+# ----- --resume without --preset or --config: the checkpoint's own config ----------------------------------------
+GOLDEN = Path(__file__).parents[3] / "golden"
+
+
+def _with_config(path: Path, target: Path, change) -> Path:
+    """A copy of checkpoint ``path`` at ``target`` whose stored config ``change`` edits (digest resealed)."""
+    state = load_checkpoint(path)
+    change(state["run"]["config"])
+    state["digest"] = ckpt.state_digest(state)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, target)
+    return target
+
+
+def test_resume_base_takes_the_checkpoints_config_but_not_its_launch(trained_run: Path, tmp_path: Path) -> None:
+    """The stored config, read as a resolved config.toml is; its [dist] section (how the run was launched) is the
+    command's, as for a new run; with a preset or a file, or no resume, there is no base."""
+    from gantrain.engine.config import DistConfig, from_dict
+
+    def launched_by_ddp(config: dict) -> None:
+        config["dist"].update(ddp=True, nproc=2, master_port=29577)
+
+    path = _with_config(trained_run / "checkpoints" / "last.pt", tmp_path / "run" / "checkpoints" / "last.pt",
+                        launched_by_ddp)
+    cfg, found = ckpt.resume_base(None, None, "auto", {"out": str(tmp_path / "run")})
+    assert found == path
+    stored = from_dict(load_checkpoint(path)["run"]["config"])
+    assert cfg.dist == DistConfig() and stored.dist.ddp and stored.dist.nproc == 2
+    assert (cfg.model, cfg.optim, cfg.data, cfg.loss, cfg.gan) == (stored.model, stored.optim, stored.data, stored.loss,
+                                                                    stored.gan)
+    assert cfg.model.ngf == 16 and cfg.data.batch_size == 32  # the tiny run's, not fashion32's 64 and 128
+    assert ckpt.resume_base("fashion32", None, "auto", {"out": str(tmp_path / "run")}) is None
+    assert ckpt.resume_base(None, "c.toml", "auto", {"out": str(tmp_path / "run")}) is None
+    assert ckpt.resume_base(None, None, None, {"out": str(tmp_path / "run")}) is None
+    assert ckpt.resume_base(None, None, "auto", {"out": str(tmp_path / "none")}) is None  # the run refuses it
+
+
+def test_resume_base_reads_this_machines_data_when_the_stored_root_is_gone(trained_run: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """A run folder brought from another machine: its stored data root does not exist here, so $GANTRAIN_DATA
+    takes its place, with a warning; a --data-root flag or an existing stored root are used as they are."""
+    from gantrain.engine.config import resolve
+
+    def elsewhere(config: dict) -> None:
+        config["data"]["data_root"] = str(tmp_path / "other-machine" / "datasets")
+
+    path = _with_config(trained_run / "checkpoints" / "last.pt", tmp_path / "run" / "checkpoints" / "last.pt",
+                        elsewhere)
+    monkeypatch.setenv("GANTRAIN_DATA", str(tmp_path / "here"))
+    flags = {"out": str(tmp_path / "run")}
+    with caplog.at_level("WARNING", logger="gantrain"):
+        base, _ = ckpt.resume_base(None, None, str(path), dict(flags))
+    assert base.data.data_root is None and resolve(None, None, flags, base=base).data.data_root == str(tmp_path / "here")
+    assert "does not exist here; this run reads $GANTRAIN_DATA" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gantrain"):
+        base, _ = ckpt.resume_base(None, None, str(path), {**flags, "data_root": "/given"})
+    assert base.data.data_root == str(tmp_path / "other-machine" / "datasets") and caplog.text == ""
+    base, _ = ckpt.resume_base(None, None, str(trained_run / "checkpoints" / "last.pt"), dict(flags))
+    assert base.data.data_root == load_checkpoint(trained_run / "checkpoints" / "last.pt")["run"]["config"]["data"][
+        "data_root"]
+
+
+@pytest.mark.parametrize("name", ["fashion32-tiny-v0.1.0-step3.pt", "fashion32-tiny-v2-step3.pt",
+                                  "fashion32-tiny-v3-step3.pt"])
+def test_resume_base_reads_golden_checkpoints_of_every_schema(name: str, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpoints written by older gantrain (older config layouts, fewer fields): their config is the base, and
+    against it the resume changes only what the command names (here --out)."""
+    monkeypatch.delenv("GANTRAIN_DATA", raising=False)
+    from gantrain.engine.config import from_dict, resolve
+
+    path = GOLDEN / name
+    base, found = ckpt.resume_base(None, None, str(path), {"out": str(tmp_path / "run")})
+    state = load_checkpoint(path)
+    stored = from_dict({k: v for k, v in state["run"]["config"].items()})
+    assert found == path and (base.model, base.optim, base.loss) == (stored.model, stored.optim, stored.loss)
+    cfg = resolve(None, None, {"out": str(tmp_path / "run")}, base=base)
+    changes = ckpt.resumed_config(cfg, state, path)
+    assert [c.split(" ")[0] for c in changes] in (["--out"], [])

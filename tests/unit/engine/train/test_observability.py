@@ -139,4 +139,4 @@ def test_settings_without_effect_are_said_in_one_log_line(tiny_cfg, quiet_consol
     assert Trainer(cfg, console=quiet_console).fit().steps == 1
     lines = [line for line in (cfg.run_dir / "train.log").read_text().splitlines() if "without effect" in line]
     assert len(lines) == 1 and lines[0].endswith(
-        "settings without effect in this run: --ema-bn standing (no EMA: --ema-decay 0)")
+        "settings without effect in this run: --ema-bn standing (no EMA: --ema-decay and --ema-halflife 0)")
