@@ -180,6 +180,10 @@ def bench(cfg: Config, *, quick: bool, nproc: int, peak_override: float | None, 
         console.print(f"baseline: the tutorial loop has no {', '.join(omitted)}; the engine rows have them, so "
                       f"their ratios include what that costs", soft_wrap=True)
     report = run_suite(cfg, rows=rows, timing=timing, peak_override=peak_override, console=console)
+    failed = [r for r in report["results"] if "error" in r]
+    if failed and len(failed) == len(report["results"]):  # nothing was timed: a failure, not a table of them
+        raise GantrainError(f"bench: every row failed ({len(failed)}); the first: "
+                            f"{failed[0]['error'].removeprefix('error: ')}")
     return publish(report, *rendered(report), json_path, markdown_path)
 
 

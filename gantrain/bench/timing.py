@@ -212,7 +212,9 @@ def run_row(row: BenchRow, cfg: Config, timing: dict, env: dict) -> dict:
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
             return {**json.loads(line[len(RESULT_PREFIX):]), "config": cfg.to_dict(), "changes": row.changes}
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    lines = (proc.stderr or proc.stdout).strip().splitlines()
+    said = [line for line in lines if line.startswith("error: ")]  # the worker's one line for a user error
+    tail = said[-1:] or lines[-3:]
     return {"name": row.name, "error": " | ".join(tail) or f"exit code {proc.returncode}", "changes": row.changes}
 
 

@@ -81,4 +81,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from gantrain.engine.errors import GantrainError
+
+    try:
+        main()
+    except GantrainError as exc:  # what the user can act on (data missing, a refused setting): one line, no traceback
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(exc.exit_code) from None

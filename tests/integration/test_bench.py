@@ -10,6 +10,7 @@ import pytest
 import torch
 from rich.console import Console
 
+from faults import one_error_line
 from gantrain.bench.baseline import plain_loop_omits
 from gantrain.bench.hardware import system_info
 from gantrain.bench.suite import _add_ratios, matrix, rendered
@@ -238,6 +239,20 @@ def test_bench_says_when_the_baseline_lacks_what_the_engine_rows_apply(monkeypat
             suite.bench(preset(name), quick=True, nproc=1, peak_override=None, json_path=None, markdown_path=None,
                         console=Console(file=out, width=300))
         assert [line for line in out.getvalue().splitlines() if "tutorial loop has no" in line] == expected
+
+
+def test_a_bench_whose_every_row_fails_exits_1_with_the_workers_one_line(cli, tmp_path, unwrap) -> None:
+    """Before: each row's failure was the last lines of its worker's traceback (`File ".../download.py", line 99,
+    ... raise DataNotFound(...)`) in the table's caption, and the command exited 0 having timed nothing. Now the
+    worker says a user error in one line, and a bench with no row timed is one error line, exit 1."""
+    empty = tmp_path / "no-images"
+    empty.mkdir()
+    result = cli("bench", "--preset", "dcgan64", "--data-root", empty, "--only", "baseline", "--only", "all, no "
+                 "compile", "--repeats", "1", "--quick")
+    assert result.exit_code == 1, result.output
+    line = unwrap(one_error_line(result))
+    assert line.startswith("error: bench: every row failed (2); the first: ") and str(empty) in line, line
+    assert "Traceback" not in result.output and 'File "' not in result.output and "error: error:" not in line
 
 
 def test_the_speed_bench_times_whole_r1_periods(monkeypatch):
