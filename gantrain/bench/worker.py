@@ -85,6 +85,6 @@ if __name__ == "__main__":
 
     try:
         main()
-    except GantrainError as exc:  # what the user can act on (data missing, a refused setting): one line, no traceback
+    except GantrainError as exc:  # what the user can act on (data missing, a refused setting): one line
         print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(exc.exit_code) from None

@@ -216,9 +216,10 @@ class GanConfig:
     """With --ema-halflife: the half-life is at most this fraction of the images trained so far (0 = off;
     StyleGAN2-ADA uses 0.05), so the EMA follows G closely early and averages over more images later."""
     ema_bn: str = "copy"
-    """BatchNorm statistics of the EMA generator (with --ema-decay or --ema-halflife): copy (G's running statistics, copied
-    every step) or standing (recomputed for the EMA weights from 2,048 noise vectors of their own when the EMA
-    generator is next used after a step: evaluation, samples, checkpoints; BigGAN's standing statistics)."""
+    """BatchNorm statistics of the EMA generator (with --ema-decay or --ema-halflife): copy (G's running
+    statistics, copied every step) or standing (recomputed for the EMA weights from 2,048 noise vectors of their
+    own when the EMA generator is next used after a step: evaluation, samples, checkpoints; BigGAN's standing
+    statistics)."""
     diffaug: tuple[str, ...] = ()
     """Differentiable augmentation (DiffAugment, Zhao et al. 2020) of every image D sees, real and generated, in
     the D and the G step: a comma list (or repeated flag) of color (brightness, saturation, contrast), translation
@@ -534,7 +535,8 @@ class Config:
         if self.gan.ema_bn == "standing" and not self.gan.ema_on:
             idle.append("--ema-bn standing (no EMA: --ema-decay and --ema-halflife 0)")
         if self.gan.ema_decay and self.gan.ema_halflife:
-            idle.append(f"--ema-decay {self.gan.ema_decay:g} (--ema-halflife {self.gan.ema_halflife} sets the decay)")
+            idle.append(f"--ema-decay {self.gan.ema_decay:g} (--ema-halflife {self.gan.ema_halflife} sets the "
+                        "decay)")
         if self.gan.ema_rampup and not self.gan.ema_halflife:
             idle.append(f"--ema-rampup {self.gan.ema_rampup:g} (no --ema-halflife)")
         if self.loss.r1_every != LossConfig.r1_every and not self.loss.r1_gamma:
@@ -752,9 +754,9 @@ def _fashion32_tuned() -> Config:
     """fashion32 with the recipe chosen by ``gantrain bench --to-quality`` (docs/results/to-quality-fashion32.md,
     to-quality-fashion32-r1.md): the ASHA search's learning rates and one-sided smoothing, D half as wide (ndf 32)
     at batch 32 with R1 (gamma 0.3, every 16th D step), a G EMA by images (a half-life of 5% of the images seen, at
-    most 20,000) with standing BatchNorm statistics, Adam betas (0, 0.99) with a linear learning-rate decay to 0 over a budget of
-    5 epochs (the run ends at its best), an evaluation every epoch (best.pt) and the end-of-run samples from the
-    best evaluation."""
+    most 20,000) with standing BatchNorm statistics, Adam betas (0, 0.99) with a linear learning-rate decay to 0
+    over a budget of 5 epochs (the run ends at its best), an evaluation every epoch (best.pt) and the end-of-run
+    samples from the best evaluation."""
     return Config(preset="fashion32-tuned", data=DataConfig(batch_size=32), model=ModelConfig(ndf=32),
                   optim=OptimConfig(lr_g=1.5e-3, lr_d=4e-4, beta1=0.0, beta2=0.99, lr_decay="linear"),
                   loss=LossConfig(label_smoothing=0.25, r1_gamma=0.3, r1_every=16),

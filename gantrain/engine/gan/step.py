@@ -19,9 +19,9 @@ With ``--diffaug`` every batch D sees (real and fake in ``d_step``, the fakes ag
 :func:`~gantrain.engine.gan.diffaug.diff_augment` first, each time with fresh parameters from the noise stream; G's
 images themselves (what ``d_step`` returns, samples, metrics) are never augmented. Off, nothing is drawn.
 
-With ``--ema-decay`` or ``--ema-halflife`` an EMA copy of G's weights is updated after every iteration; samples, metrics and checkpoints
-use it (:attr:`GANStep.generator`), with G's BatchNorm statistics copied each step or, with ``--ema-bn standing``,
-statistics recomputed for the EMA weights when it is next used.
+With ``--ema-decay`` or ``--ema-halflife`` an EMA copy of G's weights is updated after every iteration; samples,
+metrics and checkpoints use it (:attr:`GANStep.generator`), with G's BatchNorm statistics copied each step or,
+with ``--ema-bn standing``, statistics recomputed for the EMA weights when it is next used.
 
 The Trainer wires this to data, checkpoints and outputs; ``gantrain bench`` times :meth:`GANStep.__call__` alone
 and ``gantrain tune`` reads its generator. Statistics stay on the device (:class:`~gantrain.engine.train.stats.Stats`)

@@ -158,8 +158,9 @@ def resume_base(preset_name: str | None, config_file: str | None, resume: str | 
     """What ``--resume`` without ``--preset`` or ``--config`` continues with: the config stored in the checkpoint
     (the run's resolved config as it trained; fields added since take their defaults, as a written config.toml
     is read) but for its ``[dist]`` section (the launch: processes, nodes, ports, Ray, which the command's flags
-    give, as for a new run; the resume line lists what differs), its ``out`` set to the run folder the checkpoint lies in when that folder moved, and the
-    checkpoint's path; the caller lays the flags over it (``config.resolve(base=...)``). None when a preset or a
+    give, as for a new run; the resume line lists what differs), its ``out`` set to the run folder the checkpoint
+    lies in when that folder moved; and the checkpoint's path. The caller lays the flags over it
+    (``config.resolve(base=...)``). None when a preset or a
     file is given, or no resume (those resolve as for a new run), and for a missing or damaged checkpoint (the
     run refuses it, after its own checks). ``flags``: the command's (``--resume auto`` looks in --out, else in the
     default preset's folder). A stored data root that does not exist here (a run folder brought from another
@@ -179,10 +180,10 @@ def resume_base(preset_name: str | None, config_file: str | None, resume: str | 
     if not out and folder is not None and os.path.abspath(folder) != os.path.abspath(saved.run_dir):
         saved.run.out = str(folder)  # a run folder moved or copied since: continue it where it lies now
     root = saved.data.data_root
-    if root and not os.path.exists(root) and data_root_of(None) and not flags.get("data_root"):  # another machine's folder: this one's data
+    if root and not os.path.exists(root) and data_root_of(None) and not flags.get("data_root"):
         log.warning("--resume: the checkpoint's data root %s does not exist here; this run reads $GANTRAIN_DATA "
                     "(%s) instead", root, data_root_of(None))
-        saved.data.data_root = None  # resolve() fills it from the environment; a --data-root flag wins
+        saved.data.data_root = None  # another machine's folder: resolve() fills this one's from the environment
     log.info("--resume without --preset or --config: the run continues with the config stored in %s (preset %s, "
              "run folder %s)", path, saved.preset, out or saved.run_dir)
     return saved, path

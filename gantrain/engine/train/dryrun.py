@@ -23,8 +23,9 @@ def value_sources(preset_name: str | None, config_file: str | None, flags: dict[
                   resumed: tuple[Config, Path] | None = None) -> dict[str, str]:
     """``{'optim.lr_g': 'flag --lr-g', 'run.epochs': 'preset fashion32', 'data.hflip': 'default', ...}``: which
     of the layers `gantrain run` stacks (preset, or a resumed checkpoint's config; then --config TOML, then flags)
-    set each field last, or the environment ($GANTRAIN_DATA for a data root none of them set). ``resumed``: the config and path of the
-    checkpoint a --resume without preset or file continues with (``checkpoint.resume_base``), the base layer."""
+    set each field last, or the environment ($GANTRAIN_DATA for a data root none of them set). ``resumed``: the
+    config and path of the checkpoint a --resume without preset or file continues with
+    (``checkpoint.resume_base``), the base layer."""
     name = preset_name or "fashion32"
     text = _read_text(config_file) if config_file else ""
     raw = current_layout(_parse_toml(text))  # a file of an older layout: its fields where they live now
