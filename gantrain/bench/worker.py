@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from gantrain.engine.errors import GantrainError
+    from gantrain.engine import GantrainError
 
     try:
         main()
