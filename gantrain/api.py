@@ -18,18 +18,16 @@ def train(preset: str | None = None, *, config: str | Path | None = None, resume
     ``stop_reason``), or None when ``ddp=True``/``ray=True`` launched worker processes. Raises
     :class:`~gantrain.engine.errors.GantrainError` (``ConfigError`` for a bad setting, ``Interrupted`` after
     Ctrl-C, ...), whose message is the CLI's one-line error."""
-    from gantrain.engine.config import resolve
     from gantrain.engine.dist.launch import train as launch
     from gantrain.engine.outputs.runlog import setup_logging
-    from gantrain.engine.state.checkpoint import resume_base
+    from gantrain.engine.state.checkpoint import resolve_run
 
     if resume:
         from rich.console import Console
 
-        setup_logging(console or Console(stderr=True))  # resume_base's line; the run sets up its log file later
+        setup_logging(console or Console(stderr=True), pending=True)  # resume_base's line, held for train.log
     config_file = str(config) if config is not None else None
-    resumed = resume_base(preset, config_file, resume, overrides)  # the checkpoint's own config, or None
-    cfg = resolve(preset, config_file, overrides, base=resumed[0] if resumed else None)
+    cfg, _ = resolve_run(preset, config_file, resume, overrides)  # over the checkpoint's own config, when resumed
     return launch(cfg, resume=resume, console=console)
 
 

@@ -401,12 +401,11 @@ def run_command(
         raise ConfigError("--json: writes what --dry-run prints; give --dry-run too (a training run records itself "
                           "in its run folder: config.toml, metrics.jsonl)")
     from gantrain.engine.outputs.runlog import setup_logging
-    from gantrain.engine.state.checkpoint import resume_base
+    from gantrain.engine.state.checkpoint import resolve_run
 
-    setup_logging(console)  # resume_base's line; the run sets up its log file later
+    setup_logging(console, pending=True)  # resume_base's line, held for the run's train.log
     config_file, flags = str(config) if config else None, overrides or {}
-    resumed = resume_base(preset, config_file, resume, flags)  # the checkpoint's own config, or None
-    cfg = resolve(preset, config_file, flags, base=resumed[0] if resumed else None)
+    cfg, resumed = resolve_run(preset, config_file, resume, flags)  # resumed: the checkpoint's own config, or None
     if dry_run:
         from gantrain.engine.train import dryrun
 
@@ -675,7 +674,7 @@ def bench_command(
     repeats: Annotated[Optional[int], typer.Option(min=1, help="Passes over the whole matrix, round-robin; windows are pooled (default 2, 1 with --quick or --loaders).")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", metavar="<path>", show_default="off", help="Write the full report (hardware, versions, configs, figures) here (with --to-quality: to_quality.json, instead of into --out); '-' writes only the JSON to stdout (tables and progress go to stderr).")] = None,
     markdown: Annotated[Optional[Path], typer.Option(show_default="off", help="Write the results table as Markdown here.")] = None,
-    profile: Annotated[Optional[Path], typer.Option(show_default="off", help="After each row's timing, profile 5 more steps with torch.profiler into PROFILE/<row>/ (a Perfetto trace and a top-ops table).")] = None,
+    profile: Annotated[Optional[Path], typer.Option(show_default="off", help="After each row's timing, profile 5 more steps (a multiple of a lazy R1's period) with torch.profiler into PROFILE/<row>/ (a Perfetto trace and a top-ops table).")] = None,
     loaders: Annotated[bool, typer.Option("--loaders", help="Time the data loaders instead (memory, torch, DALI) on the image folder --data-root at 64 and 128 px, alone and feeding training; --preset is not used.")] = False,
     to_quality: Annotated[bool, typer.Option("--to-quality", help="Time to quality instead: train each --contender from scratch and report the training time until its FD first reaches each --targets value (see the README).")] = False,
     contender: Annotated[Optional[list[str]], typer.Option(metavar="<recipe>", help="--to-quality: 'tutorial' (the plain loop on --preset's recipe) or 'PRESET \\[field=value ...]' (repeatable; default: tutorial, --preset and its recommended recipe).")] = None,

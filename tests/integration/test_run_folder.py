@@ -199,6 +199,8 @@ def test_a_resume_without_preset_or_config_continues_with_the_checkpoints_config
     assert "(preset fashion32, run folder" in text  # the paths: in config.toml below (the console wraps them)
     assert "settings changed since the checkpoint, in effect from step 7: --max-steps 6 -> 8, --out" in text
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 8
+    said = "--resume without --preset or --config: the run continues with the config stored in"
+    assert (run / "train.log").read_text().count(said) == 1  # said before the run's log existed, kept for it
     # the config the run wrote is the first run's, but for the one flag (TINY_RUN_ARGS: ngf 16, batch 32, ...)
     assert _config_without(run / "config.toml", "run.max_steps", "run.out") == \
         _config_without(trained_run / "config.toml", "run.max_steps", "run.out")
@@ -211,6 +213,7 @@ def test_a_resume_without_preset_or_config_continues_with_the_checkpoints_config
     before = _config_without(run / "config.toml", "run.max_steps")
     fit = gantrain.train(resume="auto", out=str(run), max_steps=9, console=Console(file=io.StringIO()))
     assert fit.steps == 9 and _config_without(run / "config.toml", "run.max_steps") == before
+    assert (run / "train.log").read_text().count(said) == 2
     assert _config_without(run / "config.toml")["run"]["max_steps"] == 9
 
 

@@ -30,8 +30,11 @@ def setup_logging(console: Console, log_file: Path | None = None, level: int = l
 
     ``pending``: no file yet; records are held until :func:`attach_log_file` writes them to it, so a run that is
     refused during start-up (bad data, an impossible schedule) leaves no file behind, yet a run that starts
-    keeps its start-up lines in train.log.
+    keeps its start-up lines in train.log, also those held by an earlier pending set-up (the command's, before
+    the Trainer's).
     """
+    held = [record for handler in log.handlers if isinstance(handler, logging.handlers.MemoryHandler)
+            for record in handler.buffer] if pending and log_file is None else []
     for handler in list(log.handlers):
         log.removeHandler(handler)
         handler.close()
@@ -41,8 +44,10 @@ def setup_logging(console: Console, log_file: Path | None = None, level: int = l
     if log_file is not None:
         attach_log_file(log_file)
     elif pending:
-        log.addHandler(logging.handlers.MemoryHandler(PENDING_RECORDS, flushLevel=logging.CRITICAL + 1, target=None,
-                                                      flushOnClose=False))
+        memory = logging.handlers.MemoryHandler(PENDING_RECORDS, flushLevel=logging.CRITICAL + 1, target=None,
+                                                flushOnClose=False)
+        memory.buffer.extend(held)
+        log.addHandler(memory)
 
 
 def attach_log_file(log_file: Path) -> None:
@@ -56,6 +61,13 @@ def attach_log_file(log_file: Path) -> None:
         log.removeHandler(held)
         held.close()
     log.addHandler(handler)
+
+
+def discard_held() -> None:
+    """Drops the records held for a log file (``setup_logging(pending=True)``): a run refused during start-up
+    writes no train.log, and the next run in this process must not take its lines."""
+    for handler in [h for h in log.handlers if isinstance(h, logging.handlers.MemoryHandler)]:
+        handler.buffer.clear()
 
 
 def log_to_file(level: int, message: str) -> None:

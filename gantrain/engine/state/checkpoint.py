@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from gantrain.engine.config import (CheckpointConfig, Config, DistConfig, data_root_of, from_dict, shown,
+from gantrain.engine.config import (CheckpointConfig, Config, DistConfig, data_root_of, from_dict, resolve, shown,
                                     with_env_defaults)
 from gantrain.engine.config import _flag as flag_name
 from gantrain.engine.errors import CheckpointError, TrainingDiverged
@@ -187,6 +187,16 @@ def resume_base(preset_name: str | None, config_file: str | None, resume: str | 
     log.info("--resume without --preset or --config: the run continues with the config stored in %s (preset %s, "
              "run folder %s)", path, saved.preset, out or saved.run_dir)
     return saved, path
+
+
+def resolve_run(preset_name: str | None, config_file: str | None, resume: str | None,
+                flags: dict[str, Any]) -> tuple[Config, tuple[Config, Path] | None]:
+    """The config a ``gantrain run`` (or ``gantrain.train``) trains: :func:`resume_base` as the base when it gives
+    one, else the preset and file, the flags over it (:func:`~gantrain.engine.config.resolve`); and what
+    :func:`resume_base` gave (the dry run names the checkpoint as a source). Raises :class:`ConfigError` as those
+    two do."""
+    resumed = resume_base(preset_name, config_file, resume, flags)
+    return resolve(preset_name, config_file, flags, base=resumed[0] if resumed else None), resumed
 
 
 def find_resume(resume: str, run_dir: Path) -> Path:

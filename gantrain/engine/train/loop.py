@@ -26,7 +26,7 @@ from gantrain.engine.gan import hardware
 from gantrain.engine.gan.precision import compute_name
 from gantrain.engine.gan.sampling import fixed_noise
 from gantrain.engine.gan.step import replica_max_abs_diff
-from gantrain.engine.outputs.runlog import log, setup_logging
+from gantrain.engine.outputs.runlog import discard_held, log, setup_logging
 from gantrain.engine.outputs.writer import RunOutputs
 from gantrain.engine.state import checkpoint as ckpt
 from gantrain.engine.state.files import RunLock
@@ -115,6 +115,7 @@ class Trainer:
         except BaseException:
             self.close()
             self.lock.abandon()
+            discard_held()  # the refused start's lines are not the next run's
             raise
 
     def _build(self, cfg: Config, resume: str | None, notes: list[str]) -> None:

@@ -1,0 +1,72 @@
+"""The run log's held records: lines said before the run folder exists reach its train.log, and only its own."""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from gantrain.engine.outputs.runlog import attach_log_file, discard_held, log, setup_logging
+
+
+@pytest.fixture()
+def console() -> Console:
+    return Console(file=io.StringIO(), width=200)
+
+
+@pytest.fixture(autouse=True)
+def _restore_handlers():
+    saved, level, propagate = list(log.handlers), log.level, log.propagate
+    yield
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    for handler in saved:
+        log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = propagate
+
+
+def _lines(path: Path) -> list[str]:
+    """The messages of a log file, without the time and level LOG_FORMAT puts before them."""
+    return [line.split(" ", 3)[3] for line in path.read_text().splitlines()]
+
+
+def test_a_second_pending_setup_keeps_what_the_first_held(console: Console, tmp_path: Path) -> None:
+    """The command holds its lines (the resume's config source) before the Trainer sets up its own pending log;
+    both reach the file, in order, and the console shows each once."""
+    setup_logging(console, pending=True)
+    log.info("first, from the command")
+    setup_logging(console, pending=True)
+    log.warning("second, from the run's start-up")
+    attach_log_file(tmp_path / "train.log")
+    log.info("third, once the file exists")
+    assert _lines(tmp_path / "train.log") == ["first, from the command", "second, from the run's start-up",
+                                              "third, once the file exists"]
+    shown = console.file.getvalue()
+    assert [shown.count(word) for word in ("first", "second", "third")] == [1, 1, 1]
+
+
+def test_a_refused_start_leaves_nothing_for_the_next_run(console: Console, tmp_path: Path) -> None:
+    setup_logging(console, pending=True)
+    log.info("a refused run's line")
+    discard_held()
+    setup_logging(console, pending=True)
+    log.info("the next run's line")
+    attach_log_file(tmp_path / "train.log")
+    assert _lines(tmp_path / "train.log") == ["the next run's line"]
+
+
+def test_a_setup_with_a_file_or_without_pending_holds_nothing_over(console: Console, tmp_path: Path) -> None:
+    """Only a pending set-up takes held lines over; one that writes a file at once (tune's) starts it clean, and
+    one without a file holds nothing."""
+    setup_logging(console, pending=True)
+    log.info("held, then dropped")
+    setup_logging(console, tmp_path / "tune.log")
+    log.info("tune's own")
+    assert _lines(tmp_path / "tune.log") == ["tune's own"]
+    setup_logging(console)
+    assert not [h for h in log.handlers if isinstance(h, logging.handlers.MemoryHandler)]
