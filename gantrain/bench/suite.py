@@ -14,7 +14,7 @@ from rich.console import Console
 
 from gantrain.bench.hardware import system_info
 from gantrain.bench.report import console_table, markdown_table, publish
-from gantrain.bench.timing import BenchRow, merge_runs, round_robin, run_row, worker_env
+from gantrain.bench.timing import PROFILED_STEPS, BenchRow, merge_runs, round_robin, run_row, worker_env
 from gantrain.engine import Config, GantrainError, compute_name, resolve_amp
 
 
@@ -154,7 +154,8 @@ def bench(cfg: Config, *, quick: bool, nproc: int, peak_override: float | None, 
           warmup: int | None = None, windows: int | None = None, window: int | None = None,
           repeats: int | None = None, profile: Path | None = None) -> dict:
     """Times the rows of the matrix (``only``: those whose name contains one of these); with ``profile``, each
-    row's worker then profiles :data:`~gantrain.bench.timing.PROFILED_STEPS` more steps into ``profile/<row>/``."""
+    row's worker then profiles :data:`~gantrain.bench.timing.PROFILED_STEPS` more steps into ``profile/<row>/``
+    (with a lazy R1, that many rounded up to a multiple of its period, so the profile holds its share of R1)."""
     from gantrain.bench.baseline import plain_loop_omits
     from gantrain.engine import pick_device
 
@@ -174,7 +175,10 @@ def bench(cfg: Config, *, quick: bool, nproc: int, peak_override: float | None, 
                       f"{timing['window']}, multiples of {every}, so every window holds the same share of R1 steps",
                       soft_wrap=True)
     if profile is not None:
-        timing["profile"] = str(profile.resolve())
+        timing["profile"], timing["profile_steps"] = str(profile.resolve()), _multiple(PROFILED_STEPS, every)
+        if timing["profile_steps"] != PROFILED_STEPS:
+            console.print(f"--profile: {timing['profile_steps']} steps per row (R1 every {every} D steps: one R1 "
+                          f"step among them, its share in training)", soft_wrap=True)
     omitted = plain_loop_omits(cfg)
     if omitted and any(r.kind == "baseline" for r in rows):
         console.print(f"baseline: the tutorial loop has no {', '.join(omitted)}; the engine rows have them, so "
@@ -183,7 +187,7 @@ def bench(cfg: Config, *, quick: bool, nproc: int, peak_override: float | None, 
     failed = [r for r in report["results"] if "error" in r]
     if failed and len(failed) == len(report["results"]):  # nothing was timed: a failure, not a table of them
         raise GantrainError(f"bench: every row failed ({len(failed)}); the first: "
-                            f"{failed[0]['error'].removeprefix('error: ')}")
+                            f"{failed[0]['error']}")
     return publish(report, *rendered(report), json_path, markdown_path)
 
 

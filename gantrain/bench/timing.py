@@ -142,13 +142,13 @@ def row_slug(name: str) -> str:
 
 
 def profile_row(next_batch: Callable[[], torch.Tensor], step: Callable[[torch.Tensor], None], device: torch.device,
-                folder: Path) -> Path | None:
-    """:data:`PROFILED_STEPS` steps under torch.profiler, written as a trace and a top-ops table into ``folder``."""
+                folder: Path, steps: int = PROFILED_STEPS) -> Path | None:
+    """``steps`` steps under torch.profiler, written as a trace and a top-ops table into ``folder``."""
     from gantrain.engine import StepProfiler
 
-    profiler = StepProfiler(1, PROFILED_STEPS, folder, device)
+    profiler = StepProfiler(1, steps, folder, device)
     written = None
-    for i in range(1, PROFILED_STEPS + 1):
+    for i in range(1, steps + 1):
         profiler.before_step(i)
         step(next_batch())
         written = profiler.after_step(i) or written
@@ -196,7 +196,7 @@ def merge_runs(runs: list[dict]) -> dict:
 
 def run_row(row: BenchRow, cfg: Config, timing: dict, env: dict) -> dict:
     """Times ``row`` in a fresh process (``python -m gantrain.bench.worker``, under torchrun for DDP rows): its
-    result dict, or ``{"name", "error"}`` with the last lines of its output."""
+    result dict, or ``{"name", "error"}``: the worker's message for a user error, else its output's last lines."""
     cfg = override(copy.deepcopy(cfg), row.changes)
     if row.nproc > 1:
         cfg = override(cfg, {"ddp": True})
@@ -213,7 +213,7 @@ def run_row(row: BenchRow, cfg: Config, timing: dict, env: dict) -> dict:
         if line.startswith(RESULT_PREFIX):
             return {**json.loads(line[len(RESULT_PREFIX):]), "config": cfg.to_dict(), "changes": row.changes}
     lines = (proc.stderr or proc.stdout).strip().splitlines()
-    said = [line for line in lines if line.startswith("error: ")]  # the worker's one line for a user error
+    said = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]  # a user error's line
     tail = said[-1:] or lines[-3:]
     return {"name": row.name, "error": " | ".join(tail) or f"exit code {proc.returncode}", "changes": row.changes}
 

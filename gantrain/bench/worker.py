@@ -36,11 +36,12 @@ def _profile(spec: dict, next_batch, step, device, result: dict, is_main: bool =
     """With ``bench --profile``: the row's extra profiled steps (rank 0's under DDP; the others step alongside)."""
     if not spec.get("profile"):
         return
+    steps = spec.get("profile_steps", PROFILED_STEPS)
     if not is_main:
-        for _ in range(PROFILED_STEPS):
+        for _ in range(steps):
             step(next_batch())
         return
-    trace = profile_row(next_batch, step, device, Path(spec["profile"]) / row_slug(spec["name"]))
+    trace = profile_row(next_batch, step, device, Path(spec["profile"]) / row_slug(spec["name"]), steps)
     result["profile_trace"] = str(trace) if trace else None
 
 

@@ -94,6 +94,24 @@ def test_fashion32_step_flops_match_hand_count():
 
 
 @pytest.mark.slow
+def test_bench_profile_of_a_lazy_r1_recipe_holds_one_period(cli, tmp_path) -> None:
+    """R1 every 16 D steps: 5 profiled steps would hold one R1 step in 5 (or none), not its share in training;
+    the profile takes 16, the first of them an R1 step (the timed steps before it are multiples of 16 too), so
+    R1's double backward appears for exactly one step (D's three LeakyReLUs differentiated twice)."""
+    result = cli("bench", "--quick", "--preset", "fashion32-tuned", "--dataset", "synthetic", "--limit", "512",
+                 "--only", "all, no compile", "--peak-tflops", "0.2", "--device", "cpu", "--windows", "1",
+                 "--profile", str(tmp_path / "p"))
+    assert result.exit_code == 0, result.output
+    assert "--profile: 16 steps per row (R1 every 16 D steps" in " ".join(result.output.split())
+    trace = tmp_path / "p" / "all-no-compile" / "trace_steps_1-16.json"
+    events = [e["name"] for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") == "X"]
+    assert events.count("g_step") == 16 and events.count("d_step") == 16
+    assert events.count("LeakyReluBackwardBackward0") == 3
+    # D's strided convolutions torch computes (its first one is a rewrite where this CPU's probe chose it)
+    assert events.count("ConvolutionBackwardBackward0") in (2, 3)
+
+
+@pytest.mark.slow
 def test_bench_quick_writes_reports(cli, tmp_path, train_root):
     json_path, md_path = tmp_path / "new" / "bench.json", tmp_path / "bench.md"
     result = cli("bench", "--quick", "--data-root", str(train_root), "--limit", "1024", "--batch-size", "32",
