@@ -175,6 +175,32 @@ def test_gradient_helpers_match_autograd_of_conv2d():
         torch.testing.assert_close(dilated_weight_grad(x, grad_out, w), torch.autograd.grad(y, w, grad_out)[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("c_in,c_out,size", [(128, 256, 8), (3, 5, 6), (1, 64, 32)])
+def test_dilated_weight_grad_comes_in_the_weights_layout_with_the_same_values(dtype, memory_format, c_in, c_out,
+                                                                                size):
+    """The weight gradient is laid out as the weight is (channels-last through a blocked 2-D transpose, NCHW by a
+    4-D copy): the values are the convolution's (float64: as autograd's; bf16: bit for bit what the plain copy
+    of the same product gives, since only the layout step differs), the memory format the weight's."""
+    gen = torch.Generator().manual_seed(c_in * 100 + c_out)
+    x = torch.randn(4, c_in, size, size, generator=gen, dtype=torch.float64).contiguous(memory_format=memory_format)
+    w = torch.randn(c_out, c_in, 4, 4, generator=gen, dtype=torch.float64).contiguous(memory_format=memory_format)
+    grad_out = torch.randn(4, c_out, size // 2, size // 2, generator=gen, dtype=torch.float64)
+    grad_out = grad_out.contiguous(memory_format=memory_format)
+    x, w, grad_out = x.to(dtype), w.to(dtype), grad_out.to(dtype)
+    got = dilated_weight_grad(x, grad_out, w)
+    assert got.shape == w.shape and got.is_contiguous(memory_format=memory_format) and got.dtype == dtype
+    product = torch.nn.functional.conv2d(x.transpose(0, 1).contiguous(), grad_out.transpose(0, 1).contiguous(),
+                                         dilation=2, padding=1)
+    assert torch.equal(got, product.transpose(0, 1))
+    if dtype == torch.float64:  # against an independent sum: dW[o, c, a, b] = sum x_pad[n, c, 2i + a, 2j + b] g[n, o, i, j]
+        xp = torch.nn.functional.pad(x, (1, 1, 1, 1))
+        patches = xp.unfold(2, 4, 2).unfold(3, 4, 2)  # (N, C_in, S/2, S/2, 4, 4)
+        want = torch.einsum("ncijab,noij->ocab", patches, grad_out)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("name", ["fashion32", "cats64"])
 def test_models_with_fast_layers_are_the_reference_models(name):
     """Same parameters and state-dict keys (checkpoints move between impls) and the same outputs."""
