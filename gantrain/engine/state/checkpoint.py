@@ -205,8 +205,21 @@ def find_resume(resume: str, run_dir: Path) -> Path:
         return Path(resume)
     last = RunDir(run_dir).last
     if not last.is_file():
-        raise CheckpointError(f"--resume auto: no checkpoint in {last.parent} (is --out the run folder?)")
+        others = _resumable_beside(Path(run_dir))
+        hint = f"; run folders beside it that have one: {', '.join(others)}" if others else ""
+        raise CheckpointError(f"--resume auto: no checkpoint in {last.parent} (is --out the run folder?){hint}")
     return last
+
+
+def _resumable_beside(run_dir: Path, most: int = 3) -> list[str]:
+    """Up to ``most`` folders beside ``run_dir`` whose last.pt exists, the most recently written first: where a
+    ``--resume auto`` without --out (the default preset's folder) may have meant to look."""
+    try:
+        found = [(RunDir(folder).last.stat().st_mtime, str(folder)) for folder in run_dir.parent.iterdir()
+                 if folder != run_dir and RunDir(folder).last.is_file()]
+    except OSError:
+        return []
+    return [f"--out {folder}" for _, folder in sorted(found, reverse=True)[:most]]
 
 
 def restart_resume(files: RunDir, asked: str | None, started: float) -> str | None:

@@ -403,3 +403,26 @@ def test_resume_base_reads_golden_checkpoints_of_every_schema(name: str, tmp_pat
     cfg = resolve(None, None, {"out": str(tmp_path / "run")}, base=base)
     changes = ckpt.resumed_config(cfg, state, path)
     assert [c.split(" ")[0] for c in changes] in (["--out"], [])
+
+
+def test_resume_auto_without_a_checkpoint_names_the_run_folders_beside_that_have_one(tmp_path: Path) -> None:
+    """`--resume auto` without --out looks in the default preset's folder; a run of another preset lies beside
+    it: the error names those folders (newest first, at most three), so the next command is one copy away."""
+    import os
+
+    runs = tmp_path / "runs"
+    for name, mtime in (("old", 1_000), ("new", 3_000), ("middle", 2_000), ("oldest", 500)):
+        last = runs / name / "checkpoints" / "last.pt"
+        last.parent.mkdir(parents=True)
+        last.write_bytes(b"x")
+        os.utime(last, (mtime, mtime))
+    (runs / "empty" / "checkpoints").mkdir(parents=True)  # a folder without last.pt, and a file, are not named
+    (runs / "notes.txt").write_text("x")
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.find_resume("auto", runs / "fashion32")
+    assert str(err.value) == (f"--resume auto: no checkpoint in {runs / 'fashion32' / 'checkpoints'} (is --out the "
+                              f"run folder?); run folders beside it that have one: --out {runs / 'new'}, "
+                              f"--out {runs / 'middle'}, --out {runs / 'old'}")
+    with pytest.raises(ckpt.CheckpointError) as err:  # nothing beside it: the plain message
+        ckpt.find_resume("auto", tmp_path / "elsewhere" / "fashion32")
+    assert str(err.value).endswith("(is --out the run folder?)")
