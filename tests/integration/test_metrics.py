@@ -294,6 +294,42 @@ def test_training_with_eval_every(fashion_extractor, tiny_cfg, quiet_console) ->
 
 
 @pytest.mark.slow
+def test_a_run_that_ends_between_evaluations_evaluates_its_last_step(fashion_extractor, tiny_cfg,
+                                                                    quiet_console) -> None:
+    """Before: a run whose last step fell between evaluations (--max-steps mid-epoch, a cadence that does not
+    divide the run) ended unmeasured, so best.pt and the final samples could be an older, worse step's (a user's
+    run: "final samples from best.pt (step 1875, FD 2.47)" while the last step measured 1.40). Now the last step is
+    evaluated, once, and best.pt, last.pt's best FD and the final samples follow the lowest FD of them all."""
+    cfg = tiny_cfg("end", limit=256, max_steps=12, eval_every=1, eval_samples=100, samples_from_best=True)
+    trainer = Trainer(cfg, console=quiet_console)  # batch 32: 8 steps an epoch, so the run ends mid-epoch 2
+    trainer.fit()
+
+    def evals() -> list[dict]:
+        lines = (cfg.run_dir / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines if '"fd"' in line]
+
+    assert [(r["step"], r["epoch"]) for r in evals()] == [(8, 1), (12, 1.5)]
+    best = min(evals(), key=lambda r: r["fd"])
+    assert load_checkpoint(cfg.run_dir / "checkpoints" / "best.pt")["position"]["step"] == best["step"]
+    assert load_checkpoint(cfg.run_dir / "checkpoints" / "last.pt")["quality"]["best_fd"] == \
+        pytest.approx(best["fd"], abs=1e-6)
+    log_text = (cfg.run_dir / "train.log").read_text()
+    assert "evaluating the last step (12): the run ended between its evaluations" in log_text
+    assert ("final samples from the last step (12)" if best["step"] == 12 else
+            "final samples from checkpoints/best.pt (step 8") in log_text
+    # resumed to an epoch's end: step 12 is not measured again, the end (an epoch end) once
+    Trainer(tiny_cfg("end", limit=256, max_steps=16, eval_every=1, eval_samples=100, samples_from_best=True),
+            console=quiet_console, resume="auto").fit()
+    assert [r["step"] for r in evals()] == [8, 12, 16]
+    assert (cfg.run_dir / "train.log").read_text().count("evaluating the last step") == 1
+    # a cadence by steps that does not divide the run
+    steps = tiny_cfg("steps", limit=256, max_steps=12, eval_every_steps=5, eval_samples=100)
+    Trainer(steps, console=quiet_console).fit()
+    lines = (steps.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines if '"fd"' in line] == [5, 10, 12]
+
+
+@pytest.mark.slow
 def test_training_with_standing_ema_statistics(fashion_extractor, tiny_cfg, quiet_console) -> None:
     """--ema-bn standing through a whole run: the evaluated generator, best.pt and last.pt hold statistics
     recomputed for their own EMA weights (torch's update_bn on the documented noise), not G's."""

@@ -160,6 +160,7 @@ class Trainer:
             self.total_steps = min(self.total_steps, self.last_step(self.loader.steps_per_epoch))
         with self.stop_agreement.refusals():  # rank 0's files and evaluation, as above
             self._build_outputs(cfg, state is not None, notes, start)
+        self.first_step = self.step  # where this process began: its end is evaluated if it trained since
 
     def _build_outputs(self, cfg: Config, resuming: bool, notes: list[str], start: ckpt.Start) -> None:
         self.tracker, self.evaluated_step, self.own_cadence = None, None, Cadence()
@@ -360,8 +361,18 @@ class Trainer:
     def _finish(self) -> FitResult:
         if self.profiler is not None:  # a run that ended (a hook's stop) inside the profiled steps
             self.profiler.finish(self.step)
-        if self.checkpoints.saved_step != self.step:
+        improved = False
+        if self.own_cadence.active and self.evaluated_step != self.step and self.step > self.first_step:
+            # the run ends between evaluations (--max-steps, a cadence that does not divide the run): its last
+            # weights are measured too, so best.pt and the final samples are never an older, worse step's
+            if self.dist.is_main:
+                log.info("evaluating the last step (%d): the run ended between its evaluations", self.step)
+            improved = self._evaluate(f"step {self.step}, the run's end",
+                                      round(self.epoch + self.epoch_step / self.loader.steps_per_epoch, 4))
+        if self.checkpoints.saved_step != self.step or improved:  # (improved: last.pt stores the new best FD)
             self.save_checkpoint()
+        if improved:
+            self._save_best()
         if self.dist.enabled:  # a collective: every rank takes part
             self.outputs.write_replica_diff(self.step, replica_max_abs_diff([self.gan.g, self.gan.d]))
         if self.dist.is_main:
