@@ -1,11 +1,14 @@
 """Finding FashionMNIST/MNIST IDX files, and downloading them (MD5-checked) when they are absent.
 
-The layout is torchvision's: ``<root>/FashionMNIST/raw/<name>.gz``; the files are the official ones.
+The layout is torchvision's: ``<root>/FashionMNIST/raw/<name>.gz``; the files are the official ones. Files found
+on disk are MD5-checked too (:func:`check_identity`): the two datasets name their files alike, so a data root that
+points into the other one's folder would otherwise train or measure on the wrong images without a word.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -14,7 +17,9 @@ from pathlib import Path
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from gantrain.engine.errors import DataNotFound
+from gantrain.engine.errors import DataError, DataNotFound
+
+log = logging.getLogger("gantrain")
 
 IDX_DATASETS: dict[str, dict] = {
     "fashion-mnist": {
@@ -29,6 +34,12 @@ IDX_DATASETS: dict[str, dict] = {
             "t10k-images-idx3-ubyte": "bef4ecab320f06d8554ea6380940ec79",
             "t10k-labels-idx1-ubyte": "bb300cfdad3c16e7a12a480ee83cd310",
         },
+        "md5_unpacked": {  # of the same files gunzipped (a folder may hold them so)
+            "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+            "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+            "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+            "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+        },
     },
     "mnist": {
         "folder": "MNIST",
@@ -41,6 +52,12 @@ IDX_DATASETS: dict[str, dict] = {
             "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
             "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
             "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
+        },
+        "md5_unpacked": {
+            "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+            "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+            "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+            "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
         },
     },
 }
@@ -64,18 +81,46 @@ def md5sum(path: Path) -> str:
 
 
 def ensure_idx_files(dataset: str, root: Path) -> dict[str, Path]:
-    """Paths of the four IDX files, downloading the missing ones into ``root``."""
+    """Paths of the four IDX files, downloading the missing ones into ``root``; each file found on disk checked
+    by :func:`check_identity` (raises :class:`DataError` for another dataset's file)."""
     folder = raw_folder(dataset, root)
     paths: dict[str, Path] = {}
     for stem, md5 in IDX_DATASETS[dataset]["md5"].items():
         if (folder / stem).exists():
-            paths[stem] = folder / stem
+            paths[stem] = check_identity(dataset, stem, folder / stem)
             continue
         target = folder / f"{stem}.gz"
-        if not target.exists():
+        if target.exists():
+            check_identity(dataset, stem, target)
+        else:
             download(dataset, f"{stem}.gz", md5, folder)
         paths[stem] = target
     return paths
+
+
+_checked: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> MD5: each file hashed once a process
+_unofficial_said: set[str] = set()
+
+
+def check_identity(dataset: str, stem: str, path: Path) -> Path:
+    """``path`` when its MD5 is that of ``dataset``'s official file ``stem`` (gzipped or not). Another dataset's
+    file (FashionMNIST and MNIST name theirs alike) raises :class:`DataError` naming it; a file of neither (a
+    subset, a re-compression) is used as it is, said in one warning per file."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    digest = _checked.get(key) or _checked.setdefault(key, md5sum(path))
+    kind = "md5" if path.name.endswith(".gz") else "md5_unpacked"
+    if digest == IDX_DATASETS[dataset][kind][stem]:
+        return path
+    for other, spec in IDX_DATASETS.items():
+        if other != dataset and digest in (spec["md5"].get(stem), spec["md5_unpacked"].get(stem)):
+            raise DataError(f"{path} is {other}'s {stem}, not {dataset}'s (the two datasets name their files "
+                            f"alike): point --data-root / $GANTRAIN_DATA at the folder holding "
+                            f"{IDX_DATASETS[dataset]['folder']}/raw/")
+    if key[0] not in _unofficial_said:
+        _unofficial_said.add(key[0])
+        log.warning("%s: not the official %s file (MD5 %s); used as it is", path, dataset, digest)
+    return path
 
 
 def download(dataset: str, filename: str, md5: str, folder: Path) -> Path:

@@ -370,3 +370,57 @@ def test_no_usable_temporary_folder_is_said_naming_the_dataset(tmp_path: Path,
                                         "folder to download into"):
         dl.ensure_idx_files("mnist", tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
+
+
+def test_the_md5s_of_the_unpacked_files_are_those_of_the_official_files_gunzipped(fashion_raw: Path,
+                                                                                  mnist_raw: Path) -> None:
+    """The table's unpacked MD5s against the official .gz files (whose own MD5s are the published ones)."""
+    for dataset, raw in (("fashion-mnist", fashion_raw), ("mnist", mnist_raw)):
+        for stem, md5 in dl.IDX_DATASETS[dataset]["md5"].items():
+            packed = (raw / f"{stem}.gz").read_bytes()
+            assert hashlib.md5(packed).hexdigest() == md5
+            assert hashlib.md5(gzip.decompress(packed)).hexdigest() == dl.IDX_DATASETS[dataset]["md5_unpacked"][stem]
+
+
+@pytest.mark.parametrize("unpacked", [False, True], ids=["gz", "unpacked"])
+def test_a_data_root_in_the_other_datasets_folder_is_refused_naming_it(fashion_raw: Path, mnist_raw: Path,
+                                                                      tmp_path: Path, unpacked: bool) -> None:
+    """FashionMNIST and MNIST name their files alike and raw_folder() takes `<root>/raw`: --preset mnist32 with
+    --data-root .../FashionMNIST trained on garments without a word (and `eval --data-root .../MNIST` measured a
+    FashionMNIST generator against digits). Each file is MD5-checked where it lies: the other dataset's is one
+    DataError naming the file and the dataset it is, whichever way round, gzipped or not."""
+    for dataset, other, raw in (("mnist", "fashion-mnist", fashion_raw), ("fashion-mnist", "mnist", mnist_raw)):
+        folder = tmp_path / other / "raw"
+        folder.mkdir(parents=True)
+        for stem in IDX_STEMS:
+            packed = (raw / f"{stem}.gz").read_bytes()
+            if unpacked:
+                (folder / stem).write_bytes(gzip.decompress(packed))
+            else:
+                (folder / f"{stem}.gz").write_bytes(packed)
+        with pytest.raises(DataError) as info:
+            dl.ensure_idx_files(dataset, folder.parent)
+        assert f"is {other}'s train-images-idx3-ubyte, not {dataset}'s" in str(info.value)
+        assert str(folder) in str(info.value) and f"{dl.IDX_DATASETS[dataset]['folder']}/raw/" in str(info.value)
+        with pytest.raises(DataError, match=f"is {other}'s"):
+            load_images(dataset, str(folder.parent), 32, 1)
+
+
+def test_the_official_files_pass_and_a_subset_is_used_with_one_warning(fashion_raw: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    assert dl.ensure_idx_files("fashion-mnist", fashion_raw.parent.parent)["t10k-images-idx3-ubyte"] == \
+        fashion_raw / "t10k-images-idx3-ubyte.gz"
+    subset = tmp_path / "FashionMNIST" / "raw"
+    subset.mkdir(parents=True)
+    for stem in IDX_STEMS:  # the first 100 images and labels of the test split as a whole dataset
+        images, labels = read_idx(fashion_raw / "t10k-images-idx3-ubyte.gz"), read_idx(fashion_raw / "t10k-labels-idx1-ubyte.gz")
+        data = images[:100] if "images" in stem else labels[:100]
+        header = struct.pack(">IIII", 2051, 100, 28, 28) if "images" in stem else struct.pack(">II", 2049, 100)
+        (subset / stem).write_bytes(header + data.astype(np.uint8).tobytes())
+    said: list[str] = []
+    monkeypatch.setattr(dl.log, "warning", lambda fmt, *args: said.append(fmt % args))
+    for _ in range(2):  # said once per file, not on every read
+        paths = dl.ensure_idx_files("fashion-mnist", tmp_path)
+    assert paths["train-images-idx3-ubyte"] == subset / "train-images-idx3-ubyte"
+    assert len(said) == 4 and all("used as it is" in line for line in said)
+    assert read_idx(paths["train-images-idx3-ubyte"]).shape == (100, 28, 28)
