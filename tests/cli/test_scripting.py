@@ -229,3 +229,18 @@ def test_help_still_renders_with_the_completion_options(invoke) -> None:
     assert result.exit_code == 0
     assert "--install-completion" in result.stdout and "--show-completion" in result.stdout
     assert "│ run " in result.stdout
+
+
+def test_ray_without_ray_train_is_one_error_line(invoke, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Before: `gantrain run --ray` without Ray printed a traceback ending in ModuleNotFoundError. Now one line naming
+    the extra, for the run and its dry run alike, before anything is written."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.split(".")[0] == "ray" else real(name, *a))
+    out = tmp_path / "run"
+    for args in (["run", "--ray", "--dataset", "synthetic", "--max-steps", "2", "--device", "cpu", "--out", out],
+                 [*DRY, "--ray"]):
+        _one_error_line(invoke(*args), 1, "--ray needs Ray Train, which is not installed", "pip install 'gantrain[tune]'")
+    assert not out.exists()

@@ -42,7 +42,7 @@ from gantrain.engine.config import Config, to_toml
 from gantrain.engine.dist.preflight import preflight
 from gantrain.engine.dist.restarts import ExitWatch, RestartMetrics, WorkerStart, cause, follower, hearing_restarts
 from gantrain.engine.dist.runtime import (die_with_parent, init_distributed, launched_by_torchrun, pick_device,
-                                          shutdown_distributed)
+                                          require_ray_train, shutdown_distributed)
 from gantrain.engine.dist.worker import STATUS_ENV, WorkerRecord, first_refusal, inherited_refusal, worker_main
 from gantrain.engine.errors import ConfigError, GantrainError, Interrupted
 from gantrain.engine.gan.hardware import device_peaks
@@ -286,6 +286,7 @@ def train(cfg: Config, *, resume: str | None = None, console: Console | None = N
     if cfg.dist.ray and not launched_by_torchrun():
         from gantrain.engine.dist.raytrain import train_on_ray
 
+        require_ray_train()  # before the preflight's probes
         if not cfg.dist.ray_address:  # a local Ray: its workers see what this process sees
             preflight(cfg, resume)
         train_on_ray(cfg, resume, console)

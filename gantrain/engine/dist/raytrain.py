@@ -25,7 +25,7 @@ from pathlib import Path
 from rich.console import Console
 
 from gantrain.engine.config import Config, from_dict
-from gantrain.engine.dist.runtime import DistInfo
+from gantrain.engine.dist.runtime import DistInfo, require_ray_train
 from gantrain.engine.dist.worker import WorkerRecord, first_refusal, worker_main
 from gantrain.engine.errors import ConfigError, GantrainError, Interrupted
 from gantrain.engine.outputs.runlog import log
@@ -100,6 +100,7 @@ def _report(trainer: Trainer, epochs_done: int) -> None:
 
 
 def train_on_ray(cfg: Config, resume: str | None, console: Console | None = None) -> None:
+    require_ray_train()
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer

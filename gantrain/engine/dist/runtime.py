@@ -319,3 +319,15 @@ def _default_store():
         return dist.distributed_c10d._get_default_store()
     except (AttributeError, RuntimeError, ValueError):
         return None
+
+
+def require_ray_train() -> None:
+    """Raises :class:`GantrainError` (one line naming the extra) when Ray Train cannot be imported (``--ray``)."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("ray") is not None and importlib.util.find_spec("ray.train") is not None
+    except (ImportError, ValueError):  # a broken or half-installed ray package
+        found = False
+    if not found:
+        raise GantrainError("--ray needs Ray Train, which is not installed: pip install 'gantrain[tune]'")

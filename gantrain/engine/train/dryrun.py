@@ -146,11 +146,15 @@ def _precision(cfg: Config) -> str:
 def refusals(cfg: Config, resume: str | None) -> list[str]:
     """What the run itself would refuse before training, refused here too (:class:`ConfigError` or
     :class:`~gantrain.engine.errors.CheckpointError`): a new run into a folder that holds one, a missing --logger
-    extra, a --resume checkpoint that is missing, corrupt or of another model. Returns the settings a resume
+    extra or Ray Train for --ray, a --resume checkpoint that is missing, corrupt or of another model. Returns the settings a resume
     changes against its checkpoint ('--lr-g 0.0002 -> 0.001'); reads the checkpoint, writes nothing."""
     from gantrain.engine.outputs.writer import RunOutputs
     from gantrain.engine.state.checkpoint import open_resume
 
+    if cfg.dist.ray:
+        from gantrain.engine.dist.runtime import require_ray_train
+
+        require_ray_train()
     RunOutputs.check(cfg, resuming=resume is not None)
     return open_resume(cfg, resume)[2] if resume else []
 
