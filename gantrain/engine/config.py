@@ -867,7 +867,7 @@ def _refuse_a_moved_run_folder(config_file: Path, cfg: Config) -> None:
         return
     if config_file.name != files.config.name or not (files.checkpoints.is_dir() or files.metrics.is_file()):
         return
-    recorded, here = Path(cfg.run.out).expanduser(), config_file.parent
+    recorded, here = cfg.run_dir.expanduser(), config_file.parent  # (out unset: the preset's runs/<preset>)
     try:
         same = recorded.resolve() == here.resolve()
     except OSError:

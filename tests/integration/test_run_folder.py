@@ -182,6 +182,25 @@ def _config_without(path: Path, *keys: str) -> dict:
     return raw
 
 
+def test_a_run_folders_own_config_with_out_unset_is_not_taken_for_a_moved_one(cli, tmp_path: Path, unwrap,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run without --out records `out = ""` (its folder is runs/<preset>). Before, `--config runs/x/config.toml`
+    read that as "." and refused the folder as "copied or moved?"; now it is the folder the file sits in, so the
+    file loads again as its header says: a new run there is refused as one that holds a run, a resume continues."""
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--dataset", "synthetic", "--synthetic-size", "256", "--batch-size", "32", "--ngf", "8", "--ndf", "8",
+            "--amp", "off", "--device", "cpu"]
+    assert cli("run", *tiny, "--max-steps", 2).exit_code == 0
+    config = Path("runs") / "fashion32" / "config.toml"
+    assert 'out = ""' in config.read_text()
+    result = cli("run", "--config", config, "--dry-run")
+    assert result.exit_code == 2 and "copied or moved" not in result.output, result.output
+    assert "runs/fashion32 already holds a run; continue it with --resume auto" in unwrap(one_error_line(result))
+    result = cli("run", "--config", config, "--resume", "auto", "--max-steps", 4)
+    assert result.exit_code == 0, result.output
+    assert json.loads((config.parent / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
+
+
 def test_a_resume_without_preset_or_config_continues_with_the_checkpoints_config(trained_run: Path, tmp_path: Path,
                                                                                   cli, unwrap) -> None:
     """Before: `run --out RUN --resume auto` laid the default preset under the flags, so a run of any other
