@@ -244,3 +244,36 @@ def test_ray_without_ray_train_is_one_error_line(invoke, monkeypatch: pytest.Mon
                  [*DRY, "--ray"]):
         _one_error_line(invoke(*args), 1, "--ray needs Ray Train, which is not installed", "pip install 'gantrain[tune]'")
     assert not out.exists()
+
+
+def test_an_out_inside_the_image_folder_is_refused(invoke, tmp_path: Path) -> None:
+    """Before: `--data-root imgs --out imgs` trained, and the next run on imgs counted 12 images, not 8: the run's
+    own final.png, losses.png, progress.gif and grids (the folder is read with its subfolders). Refused in one line,
+    for the folder itself, a subfolder of it and the same folder through a symlink; a folder beside it trains."""
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(8):
+        Image.fromarray(np.full((16, 16, 3), 30 * i, np.uint8)).save(images / f"{i}.png")
+    (tmp_path / "link").symlink_to(images)
+    common = ["run", "--dataset", "folder", "--data-root", images, "--image-size", "32", "--channels", "3",
+              "--batch-size", "4", "--max-steps", "1", "--ngf", "8", "--ndf", "8", "--amp", "off", "--device", "cpu"]
+    for out in (images, images / "runs" / "a", tmp_path / "link" / "b"):
+        _one_error_line(invoke(*common, "--out", out), 2, f"--out {out} is inside the image folder", "choose an --out")
+        _one_error_line(invoke(*common, "--out", out, "--dry-run"), 2, "is inside the image folder")
+    assert sorted(p.name for p in images.iterdir()) == [f"{i}.png" for i in range(8)]  # nothing written into it
+    result = invoke(*common, "--out", tmp_path / "beside")
+    assert result.exit_code == 0, result.output
+
+
+def test_a_run_refused_at_start_leaves_none_of_the_folders_it_made(invoke, tmp_path: Path) -> None:
+    """A refused start removed only the run folder itself: `--out new/a/b` left new/ and new/a/ behind. Now every
+    folder the run made goes while empty; a parent that held something before (or got something) stays."""
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "mine.txt").write_text("x")
+    refused = ["run", "--dataset", "folder", "--data-root", tmp_path / "no-images", "--max-steps", "1", "--device",
+               "cpu"]
+    for out in (tmp_path / "new" / "a" / "b", tmp_path / "kept" / "c" / "d"):
+        result = invoke(*refused, "--out", out)
+        assert result.exit_code != 0 and result.stderr.startswith("error: "), result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["mine.txt"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -48,7 +49,20 @@ class RunOutputs:
         if not resuming and RunDir(cfg.run_dir).last.exists():
             raise ConfigError(f"--out: {cfg.run_dir} already holds a run; continue it with --resume auto "
                               "or choose another --out")
+        RunOutputs._refuse_an_out_inside_the_images(cfg)
         check_loggers(parse_loggers(cfg.logging.logger))
+
+    @staticmethod
+    def _refuse_an_out_inside_the_images(cfg: Config) -> None:
+        """An image folder is read with its subfolders: a run folder in it (or the folder itself) would put the
+        run's own grids, final.png and progress.gif among the next run's training images."""
+        if cfg.data.dataset != "folder" or not cfg.data.data_root:
+            return
+        out, images = Path(os.path.realpath(cfg.run_dir)), Path(os.path.realpath(cfg.data.data_root))
+        if out == images or images in out.parents:
+            raise ConfigError(f"--out {cfg.run_dir} is inside the image folder --data-root {cfg.data.data_root}, "
+                              "which is read with its subfolders: the run's own images would become training data; "
+                              "choose an --out outside it")
 
     def describe(self, loader, total_steps: int, device: torch.device, precision: str) -> None:
         """The run's first lines in the log: the data and the schedule, then the device and how it computes."""

@@ -8,6 +8,7 @@ either the old file or the complete new one. Every ``OSError`` met while writing
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import re
@@ -259,11 +260,11 @@ class RunLock:
     def __init__(self, folder: Path) -> None:
         self.folder, self.path = folder, RunDir(folder).lock
         self._fh: IO[bytes] | None = None
-        self.created = False  # whether :meth:`take` made the folder
+        self.created: list[Path] = []  # the folders :meth:`take` made: the run folder, then its new parents
 
     def take(self, warn: Callable[[str], None]) -> None:
         """Creates the folder (``--out``) when missing and takes its lock (see :meth:`acquire`)."""
-        self.created = not self.folder.exists()
+        self.created = list(itertools.takewhile(lambda p: not p.exists(), (self.folder, *self.folder.parents)))
         make_folder(self.folder, "--out")
         self.acquire(warn)
 
@@ -280,12 +281,15 @@ class RunLock:
                  f"{', ...' if len(removed) > 3 else ''})")
 
     def abandon(self) -> None:
-        """Releases the lock of a run that failed to start, and removes the folder :meth:`take` made while it is
-        still empty (the lock file goes with the lock): a run that took no step leaves nothing behind."""
+        """Releases the lock of a run that failed to start, and removes the folders :meth:`take` made (the run
+        folder and the parents it needed) while they are still empty (the lock file goes with the lock): a run
+        that took no step leaves nothing behind."""
         self.release()
-        if self.created:
-            with _suppress_os_error():
-                self.folder.rmdir()
+        for folder in self.created:  # innermost first; a folder something else wrote into stays, with its parents
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
     @property
     def held(self) -> bool:
