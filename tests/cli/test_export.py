@@ -59,6 +59,17 @@ def test_export_prefers_the_ema_generator(tiny_cfg, quiet_console, cli, tmp_path
     assert torch.equal(ema_tensors[name], state["generator_ema"][name])
     assert torch.equal(raw_tensors[name], state["generator"][name])
     assert not torch.equal(ema_tensors[name], raw_tensors[name])
+    # --no-ema on the EMA export asked for weights it does not hold: before, it used the EMA ones without a word
+    for command in (["generate", ema, "-n", "4", "--out", tmp_path / "x.png"], ["eval", ema, "-n", "100"]):
+        result = cli(*command, "--no-ema", "--device", "cpu")
+        assert result.exit_code == 2 and result.output.startswith("error: --no-ema: "), result.output
+        assert "export of the EMA generator alone" in " ".join(result.output.split())
+    assert not (tmp_path / "x.png").exists()
+    # the raw export with --no-ema, and either export without it, give what they hold
+    same, held = tmp_path / "same.png", tmp_path / "held.png"
+    assert cli("generate", raw, "-n", "4", "--out", same, "--no-ema", "--device", "cpu").exit_code == 0
+    assert cli("generate", raw, "-n", "4", "--out", held, "--device", "cpu").exit_code == 0
+    assert same.read_bytes() == held.read_bytes()
 
 
 def test_generate_refuses_a_foreign_safetensors_file(cli, unwrap, tmp_path: Path) -> None:

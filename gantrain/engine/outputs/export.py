@@ -92,8 +92,17 @@ def load_export(path: str | Path):
 
 def export_step(path: str | Path) -> int | None:
     """The training step an exported generator was saved at (None when its metadata lacks it)."""
+    step = _metadata(path).get("step")
+    return int(step) if step and step.isdigit() else None
+
+
+def export_weights(path: str | Path) -> str | None:
+    """Which generator an export holds: "ema" (the EMA copy), "raw" (G's own), None when its metadata lacks it."""
+    return _metadata(path).get("weights")
+
+
+def _metadata(path: str | Path) -> dict[str, str]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as fh:
-        step = (fh.metadata() or {}).get("step")
-    return int(step) if step and step.isdigit() else None
+        return fh.metadata() or {}

@@ -53,11 +53,15 @@ def load_generator(path: str | Path, device: str = "cpu", use_ema: bool = True) 
     """The generator of a checkpoint (its EMA copy when present and asked for) and the run's config.
 
     Raises :class:`CheckpointError` when the checkpoint is unreadable, does not match its config, or holds
-    non-finite weights. ``path`` may also be a file written by `gantrain export` (its one set of weights)."""
-    from gantrain.engine.outputs.export import is_export, load_export
+    non-finite weights. ``path`` may also be a file written by `gantrain export` (its one set of weights; an
+    export of the EMA generator with ``use_ema=False`` raises :class:`ConfigError`)."""
+    from gantrain.engine.outputs.export import export_weights, is_export, load_export
 
     if is_export(path):
         g, cfg = load_export(path)
+        if not use_ema and export_weights(path) == "ema":  # its one set of weights is not what was asked for
+            raise ConfigError(f"--no-ema: {path} is an export of the EMA generator alone; export the checkpoint "
+                              "with --no-ema for the raw one")
         return g.to(pick_device(device)).eval(), cfg
     state = load_checkpoint(path)
     cfg = from_dict({k: v for k, v in Parts.of(state).config.items()})
