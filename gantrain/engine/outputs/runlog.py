@@ -136,7 +136,9 @@ WIDE_BAR = 110
 
 class ImagesPerSecond(ProgressColumn):
     """Images/s from rich's own estimate of steps/s over the last half minute (updated every step, so it shows
-    from the first steps on), times the images of a step; then the last logged MFU."""
+    from the first steps on), times the images of a step; then the MFU of that same rate, where the task's
+    ``mfu_per_image_s`` field gives the fraction of the peak one image per second is (metrics.jsonl keeps the
+    figures of each log window)."""
 
     def __init__(self, images_per_step: int) -> None:
         super().__init__()
@@ -144,8 +146,11 @@ class ImagesPerSecond(ProgressColumn):
 
     def render(self, task) -> Text:
         speed = task.speed
-        rate = f"{speed * self.images_per_step:,.0f} img/s" if speed else "- img/s"
-        return Text(rate + task.fields.get("mfu", ""))
+        if not speed:
+            return Text("- img/s")
+        images_per_s = speed * self.images_per_step
+        scale = task.fields.get("mfu_per_image_s")
+        return Text(f"{images_per_s:,.0f} img/s" + (f", MFU {images_per_s * scale:.0%}" if scale else ""))
 
 
 def progress_bar(console: Console, images_per_step: int = 1) -> Progress:

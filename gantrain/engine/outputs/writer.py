@@ -122,8 +122,10 @@ class RunOutputs:
         self.bar = progress_bar(self.console, self.cfg.data.batch_size * self.world_size)
         self.per_epoch = max(steps_per_epoch, 1)
         self.epochs_in_run = -(-total_steps // self.per_epoch)
+        flops, peak = self.roof if self.roof is not None else (0.0, 0.0)
         self.task = self.bar.add_task("train", total=total_steps, completed=step, epoch=self._epoch_text(step),
-                                      loss_d="-", loss_g="-", mfu="", quality="")
+                                      loss_d="-", loss_g="-", quality="",
+                                      mfu_per_image_s=flops / (peak * 1e12) if peak > 0 else None)
         self.window = time.perf_counter(), step
         if not self.is_main:
             yield self
@@ -178,8 +180,7 @@ class RunOutputs:
             self.last_record = record
             self.write(record)
             self.bar.update(self.task, completed=step, epoch=self._epoch_text(step),
-                            loss_d=f"{stats['loss_d']:.3f}", loss_g=f"{stats['loss_g']:.3f}",
-                            mfu=f", MFU {roof['mfu']:.0%}" if roof.get("mfu") is not None else "")
+                            loss_d=f"{stats['loss_d']:.3f}", loss_g=f"{stats['loss_g']:.3f}")
         return step0 + 1
 
     def write(self, record: dict) -> None:

@@ -70,3 +70,21 @@ def test_a_setup_with_a_file_or_without_pending_holds_nothing_over(console: Cons
     assert _lines(tmp_path / "tune.log") == ["tune's own"]
     setup_logging(console)
     assert not [h for h in log.handlers if isinstance(h, logging.handlers.MemoryHandler)]
+
+
+def test_the_bars_mfu_is_that_of_the_rate_it_shows() -> None:
+    """Before: the bar's img/s was rich's estimate over its last half minute and its MFU the last log window's,
+    so they disagreed (`19 img/s, MFU 28%` where 19 img/s is 12%; `936 img/s, MFU 0%` under --compile)."""
+    from types import SimpleNamespace
+
+    from gantrain.engine.outputs.runlog import ImagesPerSecond
+
+    column = ImagesPerSecond(images_per_step=32)
+    flops, peak_tflops = 0.41e9, 0.4
+    task = SimpleNamespace(speed=2.5, fields={"mfu_per_image_s": flops / (peak_tflops * 1e12)})
+    # 2.5 steps/s x 32 = 80 img/s; 80 x 0.41 GFLOP = 32.8 GFLOP/s of 400: 8.2%
+    assert column.render(task).plain == "80 img/s, MFU 8%"
+    task.speed = 50.0  # 1,600 img/s: 164%, as computed (a peak probe can read low)
+    assert column.render(task).plain == "1,600 img/s, MFU 164%"
+    assert column.render(SimpleNamespace(speed=2.5, fields={"mfu_per_image_s": None})).plain == "80 img/s"
+    assert column.render(SimpleNamespace(speed=None, fields={})).plain == "- img/s"
