@@ -28,6 +28,16 @@ from gantrain.engine.state.rundir import RunDir
 log = logging.getLogger("gantrain")
 
 
+#: Seconds between the progress lines of a console that is not a terminal (no bar is drawn there).
+PLAIN_LINE_EVERY_S = 30.0
+
+
+def _clock(seconds: float) -> str:
+    """``seconds`` as H:MM:SS, as the bar's ETA reads."""
+    whole = max(int(round(seconds)), 0)
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+
+
 class RunOutputs:
     """The run folder's files and the console, for one run; every method is a no-op off rank 0."""
 
@@ -41,6 +51,8 @@ class RunOutputs:
         self.roof: tuple[float, float] | None = None  # (model FLOPs per image, the ranks' summed peak TFLOP/s)
         self.per_epoch, self.epochs_in_run = 1, cfg.run.epochs  # the bar's epoch count (:meth:`live` sets them)
         self.device: torch.device | None = None
+        # a console that is not a terminal gets a line at most every PLAIN_LINE_EVERY_S (:meth:`live` sets them)
+        self.plain_line_at, self.total_steps = time.perf_counter(), 0
 
     @staticmethod
     def check(cfg: Config, resuming: bool) -> None:
@@ -127,6 +139,7 @@ class RunOutputs:
                                       loss_d="-", loss_g="-", quality="",
                                       mfu_per_image_s=flops / (peak * 1e12) if peak > 0 else None)
         self.window = time.perf_counter(), step
+        self.plain_line_at, self.total_steps = self.window[0], total_steps  # the lines a bar-less console gets
         if not self.is_main:
             yield self
             return
@@ -181,6 +194,13 @@ class RunOutputs:
             self.write(record)
             self.bar.update(self.task, completed=step, epoch=self._epoch_text(step),
                             loss_d=f"{stats['loss_d']:.3f}", loss_g=f"{stats['loss_g']:.3f}")
+            if not self.console.is_terminal and now - self.plain_line_at >= PLAIN_LINE_EVERY_S:
+                self.plain_line_at = now  # (a bar is drawn on a terminal only: a log file or a pipe gets lines)
+                left = (self.total_steps - step) / (images_per_s / (self.cfg.data.batch_size * self.world_size))
+                mfu = f", MFU {roof['mfu']:.0%}" if roof.get("mfu") is not None else ""
+                self.console.print(f"step {step:,}/{self.total_steps:,} (epoch {self._epoch_text(step)}): D "
+                                   f"{stats['loss_d']:.3f} G {stats['loss_g']:.3f} | {images_per_s:,.0f} img/s{mfu} "
+                                   f"| ETA {_clock(left)}", soft_wrap=True, highlight=False, markup=False)
         return step0 + 1
 
     def write(self, record: dict) -> None:

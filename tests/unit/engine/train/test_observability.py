@@ -140,3 +140,38 @@ def test_settings_without_effect_are_said_in_one_log_line(tiny_cfg, quiet_consol
     lines = [line for line in (cfg.run_dir / "train.log").read_text().splitlines() if "without effect" in line]
     assert len(lines) == 1 and lines[0].endswith(
         "settings without effect in this run: --ema-bn standing (no EMA: --ema-decay and --ema-halflife 0)")
+
+
+def test_a_console_that_is_not_a_terminal_gets_progress_lines(tiny_cfg, monkeypatch) -> None:
+    """rich draws the bar on a terminal only: piped into a log file, a run printed nothing between its start-up
+    lines and its end. Now such a console gets one plain line per log step, at most every
+    PLAIN_LINE_EVERY_S (here 0), with the step, epoch, losses, the rate and MFU of metrics.jsonl's record, and an
+    ETA from that rate; a terminal gets the bar alone."""
+    import io
+
+    from rich.console import Console
+
+    from gantrain.engine.outputs import writer
+
+    monkeypatch.setattr(hardware, "device_peaks", lambda device: PEAK)
+    monkeypatch.setattr(writer, "PLAIN_LINE_EVERY_S", 0.0)
+    cfg = tiny_cfg(max_steps=4, log_every=2)
+    piped = io.StringIO()
+    Trainer(cfg, console=Console(file=piped, width=200)).fit()
+    lines = [line for line in piped.getvalue().splitlines() if line.startswith("step ")]
+    records = [r for r in map(json.loads, (cfg.run_dir / "metrics.jsonl").read_text().splitlines())
+               if "images_per_s" in r]
+    assert len(lines) == len(records) == 2
+    import re
+
+    for line, r in zip(lines, records):
+        assert line.startswith(f"step {r['step']}/4 (epoch 1/1): D {r['loss_d']:.3f} G {r['loss_g']:.3f} | "), line
+        shown = re.search(r"\| ([\d,]+) img/s, MFU (\d+)% \| ETA 0:00:\d\d$", line)
+        assert shown, line  # the record's figures (rounded there to 0.1 img/s: +-1 at a rounding edge)
+        assert abs(int(shown[1].replace(",", "")) - r["images_per_s"]) <= 1
+        assert abs(int(shown[2]) - 100 * r["mfu"]) <= 1
+    assert lines[-1].endswith("ETA 0:00:00")  # the last step: nothing left
+    terminal = io.StringIO()
+    Trainer(tiny_cfg("tty", max_steps=4, log_every=2), console=Console(file=terminal, width=200,
+                                                                        force_terminal=True)).fit()
+    assert not [line for line in terminal.getvalue().splitlines() if line.startswith("step ")]
