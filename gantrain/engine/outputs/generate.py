@@ -15,6 +15,7 @@ from gantrain.engine.dist.runtime import pick_device
 from gantrain.engine.errors import ConfigError
 from gantrain.engine.gan.models import Generator
 from gantrain.engine.gan.sampling import check_truncation, generate_images, latent_walk, truncated_noise
+from gantrain.engine.metrics.progress import task_bar
 from gantrain.engine.outputs.images import save_grid, save_images_gif, save_individual
 from gantrain.engine.state.checkpoint import check_finite, load_checkpoint, load_module_state
 from gantrain.engine.state.schema import Parts, generator_weights
@@ -23,6 +24,8 @@ from gantrain.engine.state.schema import Parts, generator_weights
 DEFAULT_IMAGES = 64
 """Images of ``generate`` without ``n`` or ``seeds``."""
 DEFAULT_GRID_IMAGES = 8
+#: From this many images on, generating them and writing them one per file each show a progress bar.
+BAR_FROM_IMAGES = 1024
 """Images per row (per psi) of ``truncation_grid`` without ``n`` or ``seeds``."""
 MAX_INDEX = 2**24 - 1
 """The largest image index ``--seeds`` and ``--walk`` accept (its noise takes seconds to reach: every earlier block
@@ -126,7 +129,14 @@ def _truncation(psi: float | None, flag: str = "--truncation") -> float | None:
 
 
 def _images(g: Generator, noise: torch.Tensor) -> torch.Tensor:
-    return torch.cat([generate_images(g, chunk) for chunk in noise.to(next(g.parameters()).device).split(256)])
+    """G's images of ``noise``, 256 at a time; with a bar from :data:`BAR_FROM_IMAGES` images on."""
+    chunks = noise.to(next(g.parameters()).device).split(256)
+    with task_bar(f"generating {len(noise):,} images", len(noise), quiet=len(noise) < BAR_FROM_IMAGES) as advance:
+        made = []
+        for chunk in chunks:
+            made.append(generate_images(g, chunk))
+            advance(len(chunk))
+    return torch.cat(made)
 
 
 def generate(checkpoint: str | Path, *, n: int | None = None, seeds: str | Sequence[int] | None = None,
@@ -145,7 +155,9 @@ def generate(checkpoint: str | Path, *, n: int | None = None, seeds: str | Seque
     images = _images(g, truncated_noise(indices, cfg.model.nz, cfg.loss.noise, seed, psi))
     result = GenerateResult(save_grid(images, Path(out), nrow), indices=indices)
     if individual is not None:
-        result.individual = save_individual(images, Path(individual), names=indices)
+        with task_bar(f"writing {len(indices):,} PNGs", len(indices),
+                      quiet=len(indices) < BAR_FROM_IMAGES) as advance:
+            result.individual = save_individual(images, Path(individual), names=indices, on_saved=advance)
     return result
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,14 +38,17 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, padding: int = 2)
     return atomic_write(path, lambda fh: grid.save(fh, format="PNG"))
 
 
-def save_individual(images: torch.Tensor, folder: Path, names: Sequence[int] | None = None) -> list[Path]:
+def save_individual(images: torch.Tensor, folder: Path, names: Sequence[int] | None = None,
+                    on_saved: Callable[[], object] | None = None) -> list[Path]:
     """Each image as its own PNG at its own size (no grid padding): 000000.png, 000001.png, ..., or named by
-    ``names`` (one number per image: image k is ``f"{names[k]:06d}.png"``)."""
+    ``names`` (one number per image: image k is ``f"{names[k]:06d}.png"``); ``on_saved()`` after each (a bar)."""
     make_folder(folder, "--individual")
     paths = []
     for i, img in enumerate(images):
         name = i if names is None else names[i]
         paths.append(save_grid(img[None], folder / f"{name:06d}.png", nrow=1, padding=0))
+        if on_saved is not None:
+            on_saved()
     return paths
 
 
