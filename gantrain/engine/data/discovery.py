@@ -152,7 +152,8 @@ def discover_images(folder: Path, *, strict: bool = False, limit: int = 0,
     image-looking file is unsupported or unreadable (naming it). ``limit`` keeps the first N images.
     """
     if not folder.is_dir():
-        raise DataNotFound(f"image folder {folder} does not exist (pass --data-root pointing at the images)")
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise DataNotFound(f"image folder {folder} {what} (pass --data-root pointing at the folder of the images)")
     found = Discovery(folder, [], limit=limit)
     candidates = _walk(folder, found)
     suffixes = decodable_suffixes()

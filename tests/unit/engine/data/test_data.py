@@ -284,6 +284,9 @@ def test_missing_or_empty_folder(tmp_path: Path) -> None:
         load_images("folder", str(tmp_path / "empty"), 32, 3)
     with pytest.raises(DataError, match="--data-root"):
         load_images("folder", None, 32, 3)
+    (tmp_path / "notes.txt").write_text("x")  # it exists: the message says what it is instead
+    with pytest.raises(DataError, match="notes.txt is a file, not a folder"):
+        load_images("folder", str(tmp_path / "notes.txt"), 32, 3)
 
 
 # ----- download ----------------------------------------------------------------------------------------
