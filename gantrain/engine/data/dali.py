@@ -445,7 +445,7 @@ def build_dali_loader(data_cfg: Any, seed: int, device: torch.device, shard: Sha
                   shard=shard, options=options)
     if data_cfg.dataset == "folder":
         found = found or discover_folder(data_cfg.data_root, strict=data_cfg.strict, limit=data_cfg.limit)
-        log_discovery(found)
+        log_discovery(found, data_cfg.image_size)
         return DALIFolderLoader(dali, found, data_cfg.channels, **common)
     load_args = dict(dataset=data_cfg.dataset, root=data_cfg.data_root, size=data_cfg.image_size,
                      channels=data_cfg.channels, strict=data_cfg.strict, limit=data_cfg.limit,

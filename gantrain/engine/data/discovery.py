@@ -62,6 +62,7 @@ class ImageFile:
     alpha: bool  # an alpha channel or transparent colour(s)
     orientation: int  # EXIF orientation, 1 = as stored
     animated: bool
+    size: tuple[int, int] = (0, 0)  # width, height as stored (0, 0: not read)
 
     def conversions(self) -> list[str]:
         """What decoding does to this file beyond reading its 8-bit colours, as short labels for the log."""
@@ -136,6 +137,21 @@ class Discovery:
         if not counts:
             return None
         return "decoded as a viewer shows them: " + ", ".join(f"{n} {what}" for what, n in counts.items())
+
+    def geometry_summary(self, size: int) -> str | None:
+        """One line counting the images that reach ``size`` x ``size`` px (short side to ``size``, centre square)
+        by more than a small change: upscaled (a short side below ``size``) or cropped to under half their area (an
+        aspect ratio above 2:1), with a few examples each; None when there are none."""
+        upscaled = [i.path for i in self.images if 0 < min(i.size) < size]
+        cropped = [i.path for i in self.images if min(i.size) > 0 and max(i.size) > 2 * min(i.size)]
+        parts = []
+        for paths, what in ((upscaled, f"upscaled (short side below {size} px)"),
+                            (cropped, "cropped to their centre square, which keeps under half of them (longer than "
+                                      "2:1)")):
+            if paths:
+                shown = ", ".join(self._rel(p) for p in paths[:EXAMPLES]) + (", ..." if len(paths) > EXAMPLES else "")
+                parts.append(f"{len(paths)} {what} ({shown})")
+        return f"resized to {size}x{size} px: " + "; ".join(parts) if parts else None
 
     def _rel(self, path: Path) -> str:
         try:
@@ -232,7 +248,7 @@ def _probe(path: Path, found: Discovery) -> ImageFile | None:
                 found.leave_out(path, UNSUPPORTED)
                 return None
             return ImageFile(path, img.format or "?", img.mode, has_alpha(img), orientation(img),
-                             bool(getattr(img, "is_animated", False)))
+                             bool(getattr(img, "is_animated", False)), tuple(img.size))
     except Exception:  # Pillow raises many types for files it cannot parse
         found.leave_out(path, UNREADABLE)
         return None

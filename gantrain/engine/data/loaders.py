@@ -148,13 +148,13 @@ def _build(kind: str, data_cfg, seed: int, device: torch.device, shard: Shard, p
 
         return build_dali_loader(data_cfg, seed, device, shard, policy, progress, found)
     if kind == "torch" and found is not None:
-        log_discovery(found)
+        log_discovery(found, data_cfg.image_size)
         dataset = _FolderDataset(found.paths, data_cfg.image_size, data_cfg.channels, data_cfg.strict)
         return TorchLoader(dataset, data_cfg.batch_size, seed, device, data_cfg.num_workers, shard, data_cfg.hflip)
     if found is not None:
         images = torch.from_numpy(decode_folder(found, data_cfg.image_size, data_cfg.channels,
                                                 strict=data_cfg.strict, progress=progress))
-        log_discovery(found)
+        log_discovery(found, data_cfg.image_size)
     else:
         images = load_images(data_cfg.dataset, data_cfg.data_root, data_cfg.image_size, data_cfg.channels,
                              limit=data_cfg.limit, synthetic_size=data_cfg.synthetic_size, seed=seed)

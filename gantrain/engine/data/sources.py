@@ -86,12 +86,13 @@ def discover_folder(root: str | None, *, strict: bool = False, limit: int = 0) -
     return discover_images(data_root(root), strict=strict, limit=limit)
 
 
-def log_discovery(found: Discovery) -> None:
-    """The one line that ends discovery, and one more when decoding converts images (alpha, 16-bit, ...)."""
+def log_discovery(found: Discovery, size: int) -> None:
+    """The one line that ends discovery, one more when decoding converts images (alpha, 16-bit, ...) and one when
+    reaching ``size`` px upscales images or crops away more than half of one (:meth:`Discovery.geometry_summary`)."""
     log.info("%s", found.summary())
-    conversions = found.conversion_summary()
-    if conversions:
-        log.info("%s", conversions)
+    for line in (found.conversion_summary(), found.geometry_summary(size)):
+        if line:
+            log.info("%s", line)
 
 
 def decode_folder(found: Discovery, size: int, channels: int, *, strict: bool,
@@ -146,5 +147,5 @@ def load_images(dataset: str, root: str | None, size: int, channels: int, *, str
         return resize_uint8(images, size)
     found = discover_folder(root, strict=strict, limit=limit)
     images = decode_folder(found, size, channels, strict=strict, progress=progress)
-    log_discovery(found)
+    log_discovery(found, size)
     return torch.from_numpy(images)

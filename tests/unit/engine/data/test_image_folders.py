@@ -260,3 +260,36 @@ def test_decode_or_skip_is_the_one_guard_for_broken_images(tmp_path) -> None:
         (tmp_path / name).write_bytes(data)
         array, why = decode_or_skip(tmp_path / name, 16, 3)
         assert array is None and why, name
+
+
+def test_upscaled_and_heavily_cropped_images_are_counted_in_one_line(tmp_path: Path, monkeypatch) -> None:
+    """Every image reaches the model's size by its short side and its centre square, said nowhere: a 17x300 PNG
+    became its middle 17x17 stretched to 64 px without a word. Now one line counts (with examples) the images
+    upscaled (short side below the size) and those cropped to under half of them (longer than 2:1); images that
+    only shrink, or keep more than half, are not in it; a folder with none gets no line."""
+    from gantrain.engine.data import sources
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    sizes = {"ok.png": (64, 64), "big.png": (300, 200), "strip.png": (17, 300), "small.png": (40, 40),
+             "wide.png": (200, 90), "ratio2.png": (128, 64), "over2.png": (130, 64)}
+    for name, (w, h) in sizes.items():
+        Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(folder / name)
+    said: list[str] = []
+    monkeypatch.setattr(sources.log, "info", lambda fmt, *args: said.append(fmt % args))
+    images = load_images("folder", str(folder), 64, 3)
+    assert images.shape == (7, 3, 64, 64)
+    lines = [line for line in said if line.startswith("resized to 64x64 px: ")]
+    assert lines == ["resized to 64x64 px: 2 upscaled (short side below 64 px) (small.png, strip.png); 3 cropped to "
+                     "their centre square, which keeps under half of them (longer than 2:1) (over2.png, strip.png, "
+                     "wide.png)"]
+    said.clear()
+    load_images("folder", str(folder), 16, 3)  # at 16 px nothing is upscaled; the long ones are still cropped
+    assert [line for line in said if line.startswith("resized to")] == [
+        "resized to 16x16 px: 3 cropped to their centre square, which keeps under half of them (longer than 2:1) "
+        "(over2.png, strip.png, wide.png)"]
+    for name in ("strip.png", "small.png", "wide.png", "over2.png"):
+        (folder / name).unlink()
+    said.clear()
+    load_images("folder", str(folder), 64, 3)
+    assert not [line for line in said if line.startswith("resized to")]
