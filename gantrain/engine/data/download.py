@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from gantrain.engine.errors import DataError, DataNotFound
+from gantrain.engine.errors import DataNotFound
 
 log = logging.getLogger("gantrain")
 
@@ -82,7 +82,7 @@ def md5sum(path: Path) -> str:
 
 def ensure_idx_files(dataset: str, root: Path) -> dict[str, Path]:
     """Paths of the four IDX files, downloading the missing ones into ``root``; each file found on disk checked
-    by :func:`check_identity` (raises :class:`DataError` for another dataset's file)."""
+    by :func:`check_identity` (raises :class:`DataNotFound` for another dataset's file)."""
     folder = raw_folder(dataset, root)
     paths: dict[str, Path] = {}
     for stem, md5 in IDX_DATASETS[dataset]["md5"].items():
@@ -104,7 +104,8 @@ _unofficial_said: set[str] = set()
 
 def check_identity(dataset: str, stem: str, path: Path) -> Path:
     """``path`` when its MD5 is that of ``dataset``'s official file ``stem`` (gzipped or not). Another dataset's
-    file (FashionMNIST and MNIST name theirs alike) raises :class:`DataError` naming it; a file of neither (a
+    file (FashionMNIST and MNIST name theirs alike) raises :class:`DataNotFound` (exit 2: the data root is wrong)
+    naming it; a file of neither (a
     subset, a re-compression) is used as it is, said in one warning per file."""
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
@@ -114,7 +115,7 @@ def check_identity(dataset: str, stem: str, path: Path) -> Path:
         return path
     for other, spec in IDX_DATASETS.items():
         if other != dataset and digest in (spec["md5"].get(stem), spec["md5_unpacked"].get(stem)):
-            raise DataError(f"{path} is {other}'s {stem}, not {dataset}'s (the two datasets name their files "
+            raise DataNotFound(f"{path} is {other}'s {stem}, not {dataset}'s (the two datasets name their files "
                             f"alike): point --data-root / $GANTRAIN_DATA at the folder holding "
                             f"{IDX_DATASETS[dataset]['folder']}/raw/")
     if key[0] not in _unofficial_said:

@@ -404,6 +404,7 @@ def test_a_data_root_in_the_other_datasets_folder_is_refused_naming_it(fashion_r
         with pytest.raises(DataError) as info:
             dl.ensure_idx_files(dataset, folder.parent)
         assert f"is {other}'s train-images-idx3-ubyte, not {dataset}'s" in str(info.value)
+        assert info.value.exit_code == 2  # a wrong data root, as a missing dataset is
         assert str(folder) in str(info.value) and f"{dl.IDX_DATASETS[dataset]['folder']}/raw/" in str(info.value)
         with pytest.raises(DataError, match=f"is {other}'s"):
             load_images(dataset, str(folder.parent), 32, 1)
