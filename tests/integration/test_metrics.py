@@ -684,6 +684,21 @@ def test_cli_eval_saved_statistics_are_reused_exactly(fashion_extractor, two_fol
 
 
 @pytest.mark.slow
+def test_cli_eval_of_a_generator_against_the_other_idx_dataset_says_so(fashion_extractor, trained_run: Path, cli,
+                                                                      unwrap, datasets_root: Path) -> None:
+    """A FashionMNIST generator scored against MNIST's test split ran without a word (a folder of colour photographs
+    is refused as an FD across domains): it is the user's choice to make, said in one warning; against its own
+    dataset, nothing is said."""
+    checkpoint = trained_run / "checkpoints" / "last.pt"
+    result = cli("eval", checkpoint, "mnist", "--data-root", datasets_root, "-n", "300")
+    assert result.exit_code == 0, result.output
+    assert (f"{checkpoint} trained on fashion-mnist and is scored against the mnist test split: an FD across "
+            "datasets") in unwrap(result.output)
+    same = cli("eval", checkpoint, "fashion-mnist", "--data-root", datasets_root, "-n", "300")
+    assert same.exit_code == 0 and "across datasets" not in unwrap(same.output), same.output
+
+
+@pytest.mark.slow
 def test_cli_eval_a_checkpoint_against_a_folder(fashion_extractor, trained_run: Path, two_folders, cli,
                                                 tmp_path: Path) -> None:
     out = tmp_path / "vs.json"

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gantrain.engine.config import Config, env_data_root, override, with_env_defaults
+from gantrain.engine.data.download import IDX_DATASETS
 from gantrain.engine.errors import ConfigError
 from gantrain.engine.gan.sampling import Latent
 from gantrain.engine.metrics import inception as inc
@@ -181,6 +182,11 @@ def evaluate_sets(source: Side, reference: Side | None, *, dataset: str | None =
                           "fashion-mnist, a .npz from --save-stats) or --dataset")
     if size is not None and generator is not None:
         raise ConfigError("--size: decodes image folders; a generator makes its images at its training size")
+    if cfg is not None and reference is not None and reference.kind == "dataset" \
+            and cfg.data.dataset in IDX_DATASETS and reference.spec.dataset != cfg.data.dataset:
+        log.warning("%s trained on %s and is scored against the %s test split: an FD across datasets (the same "
+                    "format, another domain), no measure of its quality", source.name, cfg.data.dataset,
+                    reference.spec.dataset)
     run_device = pick_device(device) if generator is None else next(generator.parameters()).device
     if generator is not None:
         train_px = cfg.data.image_size
