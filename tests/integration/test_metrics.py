@@ -322,11 +322,19 @@ def test_a_run_that_ends_between_evaluations_evaluates_its_last_step(fashion_ext
             console=quiet_console, resume="auto").fit()
     assert [r["step"] for r in evals()] == [8, 12, 16]
     assert (cfg.run_dir / "train.log").read_text().count("evaluating the last step") == 1
-    # a cadence by steps that does not divide the run
-    steps = tiny_cfg("steps", limit=256, max_steps=12, eval_every_steps=5, eval_samples=100)
+    # a cadence by steps that does not divide the run; a checkpoint due at the last step is saved before the end's
+    # evaluation, and saved again when that evaluation is the best, so last.pt holds the best FD
+    steps = tiny_cfg("steps", limit=256, max_steps=12, eval_every_steps=5, eval_samples=100,
+                     checkpoint_every_steps=6)
     Trainer(steps, console=quiet_console).fit()
     lines = (steps.run_dir / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines if '"fd"' in line] == [5, 10, 12]
+    evals = [json.loads(line) for line in lines if '"fd"' in line]
+    assert [r["step"] for r in evals] == [5, 10, 12]
+    best = min(evals, key=lambda r: r["fd"])
+    assert best["step"] == 12  # (deterministic: the case where last.pt's best FD was stale)
+    assert load_checkpoint(steps.run_dir / "checkpoints" / "last.pt")["quality"]["best_fd"] == \
+        pytest.approx(best["fd"], abs=1e-6)
+    assert load_checkpoint(steps.run_dir / "checkpoints" / "best.pt")["position"]["step"] == 12
 
 
 @pytest.mark.slow

@@ -369,9 +369,10 @@ class Trainer:
                 log.info("evaluating the last step (%d): the run ended between its evaluations", self.step)
             improved = self._evaluate(f"step {self.step}, the run's end",
                                       round(self.epoch + self.epoch_step / self.loader.steps_per_epoch, 4))
+            improved = self.stop_agreement.broadcast_from_main(improved)  # rank 0 evaluated; every rank saves
         if self.checkpoints.saved_step != self.step or improved:  # (improved: last.pt stores the new best FD)
             self.save_checkpoint()
-        if improved:
+        if improved and self.dist.is_main:
             self._save_best()
         if self.dist.enabled:  # a collective: every rank takes part
             self.outputs.write_replica_diff(self.step, replica_max_abs_diff([self.gan.g, self.gan.d]))
