@@ -109,16 +109,21 @@ def test_ranks_that_resolve_amp_auto_differently_are_refused(train_root, tmp_pat
 
 def test_ddp_evaluates_on_rank_0_at_the_steps_every_rank_knows(fashion_extractor, train_root, tmp_path):
     """--eval-every-steps 3 under 2 processes (512 images, 16 per process: 16 steps an epoch): rank 0 evaluates
-    after steps 3 and 6 and the epoch-less run ends at step 7 with its checkpoint; every rank takes part in the
-    verdict after each evaluation (a collective), so none waits for another: the run ends, exit 0."""
+    after steps 3 and 6, and at step 7, where the epoch-less run ends between evaluations, once more; every rank
+    takes part in the verdict after each evaluation (a collective), and in the end's "is it the best" (a
+    checkpoint due at step 7 is saved before that evaluation and again, by every rank, when it is the best), so
+    none waits for another: the run ends, exit 0, last.pt holding the best FD."""
     out = tmp_path / "ddp-eval"
     done = _run(train_root, out, "--max-steps", "7", "--eval-every-steps", "3", "--eval-samples", "100",
-                "--ddp", "--nproc", "2", "--master-port", str(free_port()))
+                "--checkpoint-every-steps", "7", "--ddp", "--nproc", "2", "--master-port", str(free_port()))
     assert done.returncode == 0, _errors(done)
     evals = [r for r in _records(out) if "fd" in r]
-    assert [(r["step"], r["epoch"]) for r in evals] == [(3, 0.1875), (6, 0.375)]
-    assert load_checkpoint(out / "checkpoints" / "last.pt")["position"]["step"] == 7
-    assert (out / "checkpoints" / "best.pt").is_file()
+    assert [(r["step"], r["epoch"]) for r in evals] == [(3, 0.1875), (6, 0.375), (7, 0.4375)]
+    last = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert last["position"]["step"] == 7
+    assert last["quality"]["best_fd"] == pytest.approx(min(r["fd"] for r in evals), abs=1e-6)
+    best = min(evals, key=lambda r: r["fd"])
+    assert load_checkpoint(out / "checkpoints" / "best.pt")["position"]["step"] == best["step"]
 
 
 def test_r1_under_ddp_keeps_the_replicas_identical_and_resumes_on_schedule(train_root, tmp_path):
