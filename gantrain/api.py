@@ -19,16 +19,19 @@ def train(preset: str | None = None, *, config: str | Path | None = None, resume
     :class:`~gantrain.engine.errors.GantrainError` (``ConfigError`` for a bad setting, ``Interrupted`` after
     Ctrl-C, ...), whose message is the CLI's one-line error."""
     from gantrain.engine.dist.launch import train as launch
-    from gantrain.engine.outputs.runlog import setup_logging
+    from gantrain.engine.outputs.runlog import discard_held, setup_logging
     from gantrain.engine.state.checkpoint import resolve_run
 
     if resume:
         from rich.console import Console
 
         setup_logging(console or Console(stderr=True), pending=True)  # resume_base's line, held for train.log
-    config_file = str(config) if config is not None else None
-    cfg, _ = resolve_run(preset, config_file, resume, overrides)  # over the checkpoint's own config, when resumed
-    return launch(cfg, resume=resume, console=console)
+    try:
+        config_file = str(config) if config is not None else None
+        cfg, _ = resolve_run(preset, config_file, resume, overrides)  # over the checkpoint's config, when resumed
+        return launch(cfg, resume=resume, console=console)
+    finally:
+        discard_held()  # what no train.log took (a refusal, a launcher's lines) is not the next run's
 
 
 def generate(checkpoint: str | Path, **options: Any) -> Any:

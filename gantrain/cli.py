@@ -400,26 +400,29 @@ def run_command(
     if json_path is not None and not dry_run:
         raise ConfigError("--json: writes what --dry-run prints; give --dry-run too (a training run records itself "
                           "in its run folder: config.toml, metrics.jsonl)")
-    from gantrain.engine.outputs.runlog import setup_logging
+    from gantrain.engine.outputs.runlog import discard_held, setup_logging
     from gantrain.engine.state.checkpoint import resolve_run
 
     setup_logging(console, pending=True)  # resume_base's line, held for the run's train.log
-    config_file, flags = str(config) if config else None, overrides or {}
-    cfg, resumed = resolve_run(preset, config_file, resume, flags)  # resumed: the checkpoint's own config, or None
-    if dry_run:
-        from gantrain.engine.train import dryrun
+    try:
+        config_file, flags = str(config) if config else None, overrides or {}
+        cfg, resumed = resolve_run(preset, config_file, resume, flags)  # resumed: the checkpoint's config, or None
+        if dry_run:
+            from gantrain.engine.train import dryrun
 
-        sources = dryrun.value_sources(preset, config_file, flags, resumed)
-        changes = dryrun.refusals(cfg, resume)  # what the run would refuse, refused here too
-        schedule = dryrun.plan(cfg)
-        plan = dryrun.as_dict(cfg, sources, schedule, resume, changes) if json_path is not None else None
-        dryrun.show(cfg, sources, schedule, Console(stderr=json_path == "-"), resume, changes)
-        if plan is not None:
-            write_json(plan, json_path)
-        return
-    from gantrain.engine.dist.launch import train
+            sources = dryrun.value_sources(preset, config_file, flags, resumed)
+            changes = dryrun.refusals(cfg, resume)  # what the run would refuse, refused here too
+            schedule = dryrun.plan(cfg)
+            plan = dryrun.as_dict(cfg, sources, schedule, resume, changes) if json_path is not None else None
+            dryrun.show(cfg, sources, schedule, Console(stderr=json_path == "-"), resume, changes)
+            if plan is not None:
+                write_json(plan, json_path)
+            return
+        from gantrain.engine.dist.launch import train
 
-    train(cfg, resume=resume, console=console)
+        train(cfg, resume=resume, console=console)
+    finally:
+        discard_held()  # what no train.log took (a dry run, a refusal, a launcher's) is not the next run's
 
 
 @app.command("presets", cls=FlagCommand)

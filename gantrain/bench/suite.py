@@ -177,8 +177,8 @@ def bench(cfg: Config, *, quick: bool, nproc: int, peak_override: float | None, 
     if profile is not None:
         timing["profile"], timing["profile_steps"] = str(profile.resolve()), _multiple(PROFILED_STEPS, every)
         if timing["profile_steps"] != PROFILED_STEPS:
-            console.print(f"--profile: {timing['profile_steps']} steps per row (R1 every {every} D steps: one R1 "
-                          f"step among them, its share in training)", soft_wrap=True)
+            console.print(f"--profile: {timing['profile_steps']} steps per row (R1 every {every} D steps: whole R1 "
+                          f"periods, so R1 has its share of training in the profile)", soft_wrap=True)
     omitted = plain_loop_omits(cfg)
     if omitted and any(r.kind == "baseline" for r in rows):
         console.print(f"baseline: the tutorial loop has no {', '.join(omitted)}; the engine rows have them, so "

@@ -277,3 +277,15 @@ def test_a_run_refused_at_start_leaves_none_of_the_folders_it_made(invoke, tmp_p
         assert result.exit_code != 0 and result.stderr.startswith("error: "), result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
     assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["mine.txt"]
+
+
+def test_the_dry_run_refuses_the_other_idx_dataset_as_the_run_does(invoke, datasets_root: Path,
+                                                                    tmp_path: Path) -> None:
+    """`--preset mnist32 --data-root .../FashionMNIST --dry-run` counted FashionMNIST's 60,000 images as "mnist
+    train split" and exited 0, while the run refuses the files."""
+    wrong = datasets_root / "FashionMNIST"
+    for extra in (["--dry-run"], []):
+        _one_error_line(invoke("run", "--preset", "mnist32", "--data-root", wrong, "--max-steps", "1", "--device",
+                               "cpu", "--out", tmp_path / "r", *extra), 2,
+                        "is fashion-mnist's train-images-idx3-ubyte, not mnist's")
+    assert not (tmp_path / "r").exists()

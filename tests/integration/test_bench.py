@@ -102,7 +102,7 @@ def test_bench_profile_of_a_lazy_r1_recipe_holds_one_period(cli, tmp_path) -> No
                  "--only", "all, no compile", "--peak-tflops", "0.2", "--device", "cpu", "--windows", "1",
                  "--profile", str(tmp_path / "p"))
     assert result.exit_code == 0, result.output
-    assert "--profile: 16 steps per row (R1 every 16 D steps" in " ".join(result.output.split())
+    assert "--profile: 16 steps per row (R1 every 16 D steps: whole R1 periods" in " ".join(result.output.split())
     trace = tmp_path / "p" / "all-no-compile" / "trace_steps_1-16.json"
     events = [e["name"] for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") == "X"]
     assert events.count("g_step") == 16 and events.count("d_step") == 16

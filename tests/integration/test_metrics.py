@@ -704,6 +704,9 @@ def test_cli_eval_of_a_generator_against_the_other_idx_dataset_says_so(fashion_e
             "datasets") in unwrap(result.output)
     same = cli("eval", checkpoint, "fashion-mnist", "--data-root", datasets_root, "-n", "300")
     assert same.exit_code == 0 and "across datasets" not in unwrap(same.output), same.output
+    flag = cli("eval", checkpoint, "--dataset", "mnist", "--data-root", datasets_root, "-n", "300")  # no REFERENCE
+    assert flag.exit_code == 0 and "scored against the mnist test split: an FD across datasets" in \
+        unwrap(flag.output), flag.output
 
 
 @pytest.mark.slow

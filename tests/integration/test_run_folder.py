@@ -236,6 +236,24 @@ def test_a_resume_without_preset_or_config_continues_with_the_checkpoints_config
     assert _config_without(run / "config.toml")["run"]["max_steps"] == 9
 
 
+def test_lines_held_for_a_train_log_that_never_came_are_not_the_next_runs(trained_run: Path, tmp_path: Path,
+                                                                          cli) -> None:
+    """A dry run of a resume holds its config line for a train.log it never writes; the next run in the same
+    process (a notebook, these tests) must not write it into its own."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    assert cli("run", "--out", run, "--resume", "auto", "--dry-run").exit_code == 0
+    assert cli("run", "--out", tmp_path / "none", "--resume", "auto").exit_code != 0  # refused: nothing there
+    other = tmp_path / "other"
+    result = cli("run", "--dataset", "synthetic", "--synthetic-size", "64", "--batch-size", "32", "--max-steps", 1,
+                 "--ngf", "8", "--ndf", "8", "--amp", "off", "--device", "cpu", "--out", other)
+    assert result.exit_code == 0, result.output
+    text = (other / "train.log").read_text()
+    assert "continues with the config stored" not in text and "--resume" not in text, text
+
+
 def test_a_resume_from_a_moved_folders_checkpoint_continues_there(trained_run: Path, tmp_path: Path, cli,
                                                                   unwrap) -> None:
     """`--resume PATH` of a checkpoint in a run folder that was moved or copied (its config records the old

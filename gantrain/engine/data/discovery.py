@@ -10,7 +10,8 @@ header (format, mode, transparency, EXIF orientation, animation; no pixels), and
   (dot files such as ``.DS_Store`` and macOS ``._*`` resource forks, ``Thumbs.db``, ``desktop.ini``, hidden and
   system folders), ``unsupported format`` (an image format Pillow cannot decode: HEIC, SVG, camera RAW, ...),
   ``unreadable`` (no header Pillow can parse: empty, damaged, a dangling link, no permission), ``linked twice``
-  (a file reached again through a link: used once).
+  (a file reached again through a link: used once), ``gantrain run folder`` (a folder holding a run's config.toml
+  beside its checkpoints/ or metrics.jsonl, however it is reached: its grids are a generator's, not training data).
 
 :meth:`Discovery.summary` is the one log line that ends discovery. With ``strict`` any left-out file that looks
 like an image (unsupported or unreadable) is an error that names it.
@@ -28,10 +29,11 @@ from PIL import Image, features
 
 from gantrain.engine.data.decode import has_alpha, orientation
 from gantrain.engine.errors import DataError, DataNotFound
+from gantrain.engine.state.rundir import RunDir
 
-NOT_AN_IMAGE, HIDDEN, UNSUPPORTED, UNREADABLE, LINKED_TWICE = (
-    "not an image", "hidden/system file", "unsupported format", "unreadable", "linked twice")
-REASONS = (UNREADABLE, UNSUPPORTED, NOT_AN_IMAGE, HIDDEN, LINKED_TWICE)  # the order of the summary
+NOT_AN_IMAGE, HIDDEN, UNSUPPORTED, UNREADABLE, LINKED_TWICE, RUN_FOLDER = (
+    "not an image", "hidden/system file", "unsupported format", "unreadable", "linked twice", "gantrain run folder")
+REASONS = (UNREADABLE, UNSUPPORTED, NOT_AN_IMAGE, HIDDEN, LINKED_TWICE, RUN_FOLDER)  # the order of the summary
 SYSTEM_NAMES = {"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r", "$recycle.bin", "system volume information",
                 "__macosx", "@eadir", "lost+found"}
 # Formats Pillow registers but cannot decode here on its own (stubs that need a handler, vector, save-only).
@@ -217,7 +219,9 @@ def _walk(folder: Path, found: Discovery) -> list[Path]:
         for name in sorted(dirs):
             if _hidden(name):
                 found.leave_out(here / name, HIDDEN)
-        dirs[:] = sorted(d for d in dirs if not _hidden(d))
+            elif _run_folder(here / name):
+                found.leave_out(here / name, RUN_FOLDER)
+        dirs[:] = sorted(d for d in dirs if not _hidden(d) and not _run_folder(here / d))
         for name in sorted(names):
             path = here / name
             if _hidden(name):
@@ -234,6 +238,12 @@ def _walk(folder: Path, found: Discovery) -> list[Path]:
             seen_files.add((stat.st_dev, stat.st_ino))
             files.append(path)
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _run_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a gantrain run folder (its config.toml beside checkpoints/ or metrics.jsonl)."""
+    files = RunDir(folder)
+    return files.config.is_file() and (files.checkpoints.is_dir() or files.metrics.is_file())
 
 
 def _hidden(name: str) -> bool:

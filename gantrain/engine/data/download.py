@@ -82,37 +82,47 @@ def md5sum(path: Path) -> str:
 
 def ensure_idx_files(dataset: str, root: Path) -> dict[str, Path]:
     """Paths of the four IDX files, downloading the missing ones into ``root``; each file found on disk checked
-    by :func:`check_identity` (raises :class:`DataNotFound` for another dataset's file)."""
+    by :func:`check_identity` (raises :class:`DataNotFound` for another dataset's file; files of neither are used,
+    said in one warning)."""
     folder = raw_folder(dataset, root)
     paths: dict[str, Path] = {}
+    unofficial: list[Path] = []
     for stem, md5 in IDX_DATASETS[dataset]["md5"].items():
-        if (folder / stem).exists():
-            paths[stem] = check_identity(dataset, stem, folder / stem)
-            continue
-        target = folder / f"{stem}.gz"
-        if target.exists():
-            check_identity(dataset, stem, target)
+        path = folder / stem if (folder / stem).exists() else folder / f"{stem}.gz"
+        if path.exists():
+            if not check_identity(dataset, stem, path):
+                unofficial.append(path)
         else:
-            download(dataset, f"{stem}.gz", md5, folder)
-        paths[stem] = target
+            download(dataset, path.name, md5, folder)
+        paths[stem] = path
+    said = (str(folder.resolve()), tuple(p.name for p in unofficial))
+    if unofficial and said not in _unofficial_said:  # once a process: each of a run's readers calls this
+        _unofficial_said.add(said)
+        log.warning("%s: %d of the %s files are not the official ones (another MD5: %s); used as they are", folder,
+                    len(unofficial), dataset, ", ".join(p.name for p in unofficial))
     return paths
 
 
 _checked: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> MD5: each file hashed once a process
-_unofficial_said: set[str] = set()
+_unofficial_said: set[tuple[str, tuple[str, ...]]] = set()
 
 
-def check_identity(dataset: str, stem: str, path: Path) -> Path:
-    """``path`` when its MD5 is that of ``dataset``'s official file ``stem`` (gzipped or not). Another dataset's
-    file (FashionMNIST and MNIST name theirs alike) raises :class:`DataNotFound` (exit 2: the data root is wrong)
-    naming it; a file of neither (a
-    subset, a re-compression) is used as it is, said in one warning per file."""
+def check_identity(dataset: str, stem: str, path: Path) -> bool:
+    """Whether ``path`` is ``dataset``'s official file ``stem`` (its MD5, gzipped or not). Another dataset's file
+    (FashionMNIST and MNIST name theirs alike) raises :class:`DataNotFound` (exit 2: the data root is wrong)
+    naming it; a file of neither (a subset, a re-compression) is False: the caller uses it and says so."""
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     digest = _checked.get(key) or _checked.setdefault(key, md5sum(path))
     kind = "md5" if path.name.endswith(".gz") else "md5_unpacked"
     if digest == IDX_DATASETS[dataset][kind][stem]:
-        return path
+        return True
+    for other, spec in IDX_DATASETS.items():
+        if other != dataset and digest in (spec["md5"].get(stem), spec["md5_unpacked"].get(stem)):
+            raise DataNotFound(f"{path} is {other}'s {stem}, not {dataset}'s (the two datasets name their files "
+                               f"alike): point --data-root / $GANTRAIN_DATA at the folder holding "
+                               f"{IDX_DATASETS[dataset]['folder']}/raw/")
+    return False
     for other, spec in IDX_DATASETS.items():
         if other != dataset and digest in (spec["md5"].get(stem), spec["md5_unpacked"].get(stem)):
             raise DataNotFound(f"{path} is {other}'s {stem}, not {dataset}'s (the two datasets name their files "

@@ -182,11 +182,6 @@ def evaluate_sets(source: Side, reference: Side | None, *, dataset: str | None =
                           "fashion-mnist, a .npz from --save-stats) or --dataset")
     if size is not None and generator is not None:
         raise ConfigError("--size: decodes image folders; a generator makes its images at its training size")
-    if cfg is not None and reference is not None and reference.kind == "dataset" \
-            and cfg.data.dataset in IDX_DATASETS and reference.spec.dataset != cfg.data.dataset:
-        log.warning("%s trained on %s and is scored against the %s test split: an FD across datasets (the same "
-                    "format, another domain), no measure of its quality", source.name, cfg.data.dataset,
-                    reference.spec.dataset)
     run_device = pick_device(device) if generator is None else next(generator.parameters()).device
     if generator is not None:
         train_px = cfg.data.image_size
@@ -200,6 +195,11 @@ def evaluate_sets(source: Side, reference: Side | None, *, dataset: str | None =
         fake_batches = lambda: iter(fake_images.split(FEATURE_BATCH))  # noqa: E731
         num_fake = len(fake_images)
     ref_side = reference or Side("dataset", spec=spec)
+    if cfg is not None and ref_side.kind == "dataset" and cfg.data.dataset in IDX_DATASETS \
+            and ref_side.spec.dataset != cfg.data.dataset:  # (named as REFERENCE or by --dataset)
+        log.warning("%s trained on %s and is scored against the %s test split: an FD across datasets (the same "
+                    "format, another domain), no measure of its quality", source.name, cfg.data.dataset,
+                    ref_side.spec.dataset)
     ref_images, inception_real = None, None
     if stats is not None:
         meta, real, inception_real = stats

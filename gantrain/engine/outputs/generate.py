@@ -24,9 +24,9 @@ from gantrain.engine.state.schema import Parts, generator_weights
 DEFAULT_IMAGES = 64
 """Images of ``generate`` without ``n`` or ``seeds``."""
 DEFAULT_GRID_IMAGES = 8
-#: From this many images on, generating them and writing them one per file each show a progress bar.
-BAR_FROM_IMAGES = 1024
 """Images per row (per psi) of ``truncation_grid`` without ``n`` or ``seeds``."""
+BAR_FROM_IMAGES = 1024
+"""From this many images on, generating them and writing them one per file each show a progress bar."""
 MAX_INDEX = 2**24 - 1
 """The largest image index ``--seeds`` and ``--walk`` accept (its noise takes seconds to reach: every earlier block
 of the seed is drawn, see :func:`~gantrain.engine.gan.sampling.indexed_noise`)."""

@@ -61,13 +61,14 @@ class RunOutputs:
         if not resuming and RunDir(cfg.run_dir).last.exists():
             raise ConfigError(f"--out: {cfg.run_dir} already holds a run; continue it with --resume auto "
                               "or choose another --out")
-        RunOutputs._refuse_an_out_inside_the_images(cfg)
+        RunOutputs.refuse_an_out_inside_the_images(cfg)
         check_loggers(parse_loggers(cfg.logging.logger))
 
     @staticmethod
-    def _refuse_an_out_inside_the_images(cfg: Config) -> None:
+    def refuse_an_out_inside_the_images(cfg: Config) -> None:
         """An image folder is read with its subfolders: a run folder in it (or the folder itself) would put the
-        run's own grids, final.png and progress.gif among the next run's training images."""
+        run's own grids, final.png and progress.gif among the next run's training images. A pure check of the
+        config, made before the run folder is touched (its lock); raises :class:`ConfigError`."""
         if cfg.data.dataset != "folder" or not cfg.data.data_root:
             return
         out, images = Path(os.path.realpath(cfg.run_dir)), Path(os.path.realpath(cfg.data.data_root))
@@ -194,8 +195,9 @@ class RunOutputs:
             self.write(record)
             self.bar.update(self.task, completed=step, epoch=self._epoch_text(step),
                             loss_d=f"{stats['loss_d']:.3f}", loss_g=f"{stats['loss_g']:.3f}")
-            if not self.console.is_terminal and now - self.plain_line_at >= PLAIN_LINE_EVERY_S:
-                self.plain_line_at = now  # (a bar is drawn on a terminal only: a log file or a pipe gets lines)
+            bar_drawn = self.console.is_terminal or self.console.is_jupyter
+            if not bar_drawn and now - self.plain_line_at >= PLAIN_LINE_EVERY_S:
+                self.plain_line_at = now  # (a terminal or Jupyter draws the bar: a log file or a pipe gets lines)
                 left = (self.total_steps - step) / (images_per_s / (self.cfg.data.batch_size * self.world_size))
                 mfu = f", MFU {roof['mfu']:.0%}" if roof.get("mfu") is not None else ""
                 self.console.print(f"step {step:,}/{self.total_steps:,} (epoch {self._epoch_text(step)}): D "

@@ -288,6 +288,8 @@ class RunLock:
         for folder in self.created:  # innermost first; a folder something else wrote into stays, with its parents
             try:
                 folder.rmdir()
+            except FileNotFoundError:  # never made (make_folder failed below it): its parents may have been
+                continue
             except OSError:
                 break
 

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from gantrain.engine.config import (DATA_ROOT_ENV, SECTION_TYPES, Config, _flag, current_layout, env_data_root,
                                     preset, shown, toml_base)
-from gantrain.engine.data.download import IDX_DATASETS, raw_folder
+from gantrain.engine.data.download import IDX_DATASETS, check_identity, raw_folder
 from gantrain.engine.errors import ConfigError
 
 
@@ -98,6 +98,7 @@ def count_images(cfg: Config) -> tuple[int | None, str]:
                      if p.exists()), None)
         if path is None:
             return None, f"{data.dataset} is not in {folder} yet (a real run downloads it)"
+        check_identity(data.dataset, "train-images-idx3-ubyte", path)  # another dataset's file: refused, as the run
         count, how = _idx_count(path), f"{data.dataset} train split ({path})"
     else:
         from gantrain.engine.data.sources import discover_folder

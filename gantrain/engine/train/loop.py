@@ -122,6 +122,7 @@ class Trainer:
         # What may refuse on some ranks only (rank 0 owns the run folder; each node reads its own data) comes
         # before the first collective, and every rank raises what any rank refused: none is left waiting.
         with self.stop_agreement.refusals():
+            RunOutputs.refuse_an_out_inside_the_images(cfg)  # before the folder is made or its lock taken
             if self.dist.is_main:  # one owner per run folder; under DDP rank 0 owns it for all ranks
                 self.lock.take(notes.append)
                 self.lock.remove_leftovers(notes.append)  # what a killed run's atomic writes left

@@ -293,3 +293,25 @@ def test_upscaled_and_heavily_cropped_images_are_counted_in_one_line(tmp_path: P
     said.clear()
     load_images("folder", str(folder), 64, 3)
     assert not [line for line in said if line.startswith("resized to")]
+
+
+def test_a_gantrain_run_folder_below_the_images_is_left_out_however_it_is_reached(tmp_path: Path) -> None:
+    """An --out inside the image folder is refused, but the walk follows links: a run folder elsewhere, linked
+    into the images (or one copied in), would still put a generator's grids among the training images. A folder
+    holding a run's config.toml beside checkpoints/ or metrics.jsonl is left out by name; a folder that only
+    holds a config.toml (someone's own) is not."""
+    images, elsewhere = tmp_path / "imgs", tmp_path / "elsewhere" / "run"
+    for folder in (images / "cats", elsewhere / "samples", images / "copied-run", images / "notes"):
+        folder.mkdir(parents=True)
+    for path in (images / "cats" / "a.png", elsewhere / "final.png", elsewhere / "samples" / "step_000001.png",
+                 images / "copied-run" / "final.png", images / "notes" / "b.png"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+    for run in (elsewhere, images / "copied-run"):
+        (run / "config.toml").write_text("")
+    (elsewhere / "checkpoints").mkdir()
+    (images / "copied-run" / "metrics.jsonl").write_text("")
+    (images / "notes" / "config.toml").write_text("")  # no run beside it: an ordinary folder
+    (images / "linked").symlink_to(elsewhere)
+    found = discover_images(images)
+    assert [p.relative_to(images).as_posix() for p in found.paths] == ["cats/a.png", "notes/b.png"]
+    assert "gantrain run folder 2 (copied-run, linked)" in found.summary()
