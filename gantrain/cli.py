@@ -295,6 +295,9 @@ def main_callback(
         help="Print the completion script for SHELL, to install it by hand, and exit.")] = None,
 ) -> None:
     """gantrain: fast DCGAN training, benchmarking and tuning."""
+    from gantrain.engine.outputs.runlog import setup_logging
+
+    setup_logging(console)  # every command's log lines (a folder's summary, a warning) on the console, one format
 
 
 def _option_flags(target: str, specs: list[tuple[str, type, str, str, str]], hidden: frozenset[str] = frozenset()):

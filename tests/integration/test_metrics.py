@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import threading
 from pathlib import Path
 
@@ -788,3 +789,24 @@ def test_saved_statistics_of_another_road_are_refused(fashion_extractor, train_r
     assert result.exit_code == 2 and "its images were made at 32 px" in unwrap(result.output), result.output
     assert cli("eval", "fashion-mnist", "--data-root", train_root, "--size", 64, "--save-stats", via64).exit_code == 0
     assert cli("eval", folder64, via64).exit_code == 0
+
+
+@pytest.mark.slow
+def test_cli_eval_of_a_folder_says_what_it_read(fashion_extractor, two_folders, train_root: Path, cli, unwrap,
+                                                tmp_path: Path) -> None:
+    """`gantrain eval FOLDER` read a folder as training does but said nothing of it (commands other than `run` set
+    up no logging: their INFO lines were dropped): now the folder's line (images, files left out), a line when
+    its images differ in size (read at the first one's shorter side), and a warning naming images whose body
+    could not be decoded (left out of the metrics)."""
+    folder = tmp_path / "mixed"
+    shutil.copytree(two_folders[0], folder)
+    (folder / "notes.txt").write_text("x")
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(folder / "zz_big.png")
+    whole = (folder / "zz_big.png").read_bytes()
+    (folder / "zz_cut.png").write_bytes(whole[: len(whole) // 2])  # a valid header, a truncated body
+    result = cli("eval", folder, "fashion-mnist", "--data-root", train_root)
+    assert result.exit_code == 0, result.output
+    said = unwrap(result.output)
+    assert f"folder {folder}: 402 images (PNG 402); left out 1 file(s): not an image 1 (notes.txt)" in said, said
+    assert f"{folder}: images of several sizes, read at 32 px, the first one's shorter side (--size sets it)" in said
+    assert f"{folder}: 1 image(s) that could not be decoded are left out (zz_cut.png)" in said

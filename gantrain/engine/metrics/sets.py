@@ -22,12 +22,14 @@ from PIL import Image
 from gantrain.engine.data.decode import decode_or_skip
 from gantrain.engine.data.discovery import discover_images
 from gantrain.engine.data.pixels import to_uint8, to_unit
+from gantrain.engine.data.sources import log_discovery
 from gantrain.engine.errors import ConfigError, DataError
 from gantrain.engine.metrics import formulas
 from gantrain.engine.metrics.evaluate import FEATURE_BATCH, RealFeatures, Reference, extract, load_reference
 from gantrain.engine.metrics.extractor import check_usable, ensure_extractor
 from gantrain.engine.metrics.reference import (IDX_DATASETS, DatasetSpec, folder_split_paths, parse_dataset,
                                                to_metric_size)
+from gantrain.engine.outputs.runlog import log
 from gantrain.engine.state.files import atomic_write
 
 STATS_FORMAT = "gantrain-eval-stats"
@@ -80,20 +82,30 @@ def folder_images(folder: Path, channels: int, size: int | None, size_px: int,
     grayscale metric domain the images are scored in (:func:`gray_domain_of`), where a folder of colour images is
     refused (:func:`refuse_colour_for_grayscale`). Raises :class:`DataError` for a folder without a readable
     image."""
-    paths = discover_images(folder).paths if paths is None else paths
+    found = discover_images(folder) if paths is None else None
+    paths = found.paths if found is not None else paths
     if size is None:
         with Image.open(paths[0]) as first:
             size = min(first.size)
+        if found is not None and any(min(image.size) != size for image in found.images):
+            log.info("%s: images of several sizes, read at %d px, the first one's shorter side (--size sets it)",
+                     folder, size)
+    if found is not None:  # what training would say of the folder: found, left out, converted, resized
+        log_discovery(found, size)
     if gray_domain is not None:
         refuse_colour_for_grayscale(folder, paths, size, gray_domain)
-    chunks = []
+    chunks, skipped = [], []
     for start in range(0, len(paths), FEATURE_BATCH):
-        arrays = [a for a in (decode_or_skip(p, size, channels)[0] for p in paths[start:start + FEATURE_BATCH])
-                  if a is not None]
+        decoded = [(p, decode_or_skip(p, size, channels)[0]) for p in paths[start:start + FEATURE_BATCH]]
+        skipped += [p for p, a in decoded if a is None]
+        arrays = [a for _, a in decoded if a is not None]
         if arrays:
             chunks.append(to_uint8(to_metric_size(to_unit(torch.from_numpy(np.stack(arrays))), size_px)))
     if not chunks:
         raise DataError(f"{folder}: no readable image")
+    if skipped:
+        log.warning("%s: %d image(s) that could not be decoded are left out (%s%s)", folder, len(skipped),
+                    ", ".join(p.name for p in skipped[:3]), ", ..." if len(skipped) > 3 else "")
     return torch.cat(chunks), size
 
 
