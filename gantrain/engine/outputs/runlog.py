@@ -64,10 +64,13 @@ def attach_log_file(log_file: Path) -> None:
 
 
 def discard_held() -> None:
-    """Drops the records held for a log file (``setup_logging(pending=True)``): a run refused during start-up
-    writes no train.log, and the next run in this process must not take its lines."""
+    """Drops the records held for a log file (``setup_logging(pending=True)``) and stops holding more: a run
+    refused during start-up (or a dry run) writes no train.log, and the next run in this process must take
+    neither its lines nor what other work logs meanwhile."""
     for handler in [h for h in log.handlers if isinstance(h, logging.handlers.MemoryHandler)]:
         handler.buffer.clear()
+        log.removeHandler(handler)
+        handler.close()
 
 
 def log_to_file(level: int, message: str) -> None:

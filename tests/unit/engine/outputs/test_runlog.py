@@ -19,6 +19,7 @@ def console() -> Console:
 
 @pytest.fixture(autouse=True)
 def _restore_handlers():
+    discard_held()  # what earlier tests of the session left held is not these tests' lines
     saved, level, propagate = list(log.handlers), log.level, log.propagate
     yield
     for handler in list(log.handlers):
@@ -54,6 +55,8 @@ def test_a_refused_start_leaves_nothing_for_the_next_run(console: Console, tmp_p
     setup_logging(console, pending=True)
     log.info("a refused run's line")
     discard_held()
+    log.info("other work's line, logged before the next run")  # not held: nothing holds lines now
+    assert not [h for h in log.handlers if isinstance(h, logging.handlers.MemoryHandler)]
     setup_logging(console, pending=True)
     log.info("the next run's line")
     attach_log_file(tmp_path / "train.log")
