@@ -216,12 +216,15 @@ def _walk(folder: Path, found: Discovery) -> list[Path]:
             dirs[:] = []
             continue
         seen_dirs.add((stat.st_dev, stat.st_ino))
+        kept = []
         for name in sorted(dirs):
             if _hidden(name):
                 found.leave_out(here / name, HIDDEN)
             elif _run_folder(here / name):
                 found.leave_out(here / name, RUN_FOLDER)
-        dirs[:] = sorted(d for d in dirs if not _hidden(d) and not _run_folder(here / d))
+            else:
+                kept.append(name)
+        dirs[:] = kept
         for name in sorted(names):
             path = here / name
             if _hidden(name):
