@@ -25,6 +25,7 @@ API: dict[str, str] = {
     **dict.fromkeys(("dali_installed",), "data.dali"),
     **dict.fromkeys(("IDX_DATASETS", "ensure_idx_files"), "data.download"),
     **dict.fromkeys(("data_root", "discover_folder", "load_images"), "data.sources"),
+    **dict.fromkeys(("refuse_writing_inside",), "data.discovery"),
     **dict.fromkeys(("DistInfo", "PR_SET_PDEATHSIG", "configure_runtime", "init_distributed", "pick_device",
                      "shutdown_distributed"),
                     "dist.runtime"),

@@ -26,7 +26,7 @@ from rich.console import Console
 
 from gantrain.engine import (Config, ConfigError, GantrainError, IDX_DATASETS, PrecisionPolicy, atomic_write_text,
                              build_models, choose_rewrites, data_root, ensure_idx_files, evaluate_generator,
-                             has_cpu_rewrites, load_toml, log, override, refuse_unplaceable,
+                             has_cpu_rewrites, load_toml, log, override, refuse_unplaceable, refuse_writing_inside,
                              setup_logging, to_toml)
 from gantrain.tune.results import Outcome, summarise
 from gantrain.tune.settings import TuneSettings, load_settings
@@ -385,6 +385,8 @@ def prepare(folder: ExperimentFolder, *, cfg: Config | None = None, settings: Tu
         return
     assert cfg is not None and settings is not None
     cfg = prepare_base(cfg, settings)
+    if cfg.data.dataset == "folder":  # its trials' grids, plots and logs would become training data
+        refuse_writing_inside(cfg.data.data_root, folder.path, "--storage/--name")
     space = load_space(space_file, cfg)
     check_experiment(settings, space)
     create(folder, cfg, settings, space)

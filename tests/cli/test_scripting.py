@@ -258,7 +258,7 @@ def test_an_out_inside_the_image_folder_is_refused(invoke, tmp_path: Path) -> No
     common = ["run", "--dataset", "folder", "--data-root", images, "--image-size", "32", "--channels", "3",
               "--batch-size", "4", "--max-steps", "1", "--ngf", "8", "--ndf", "8", "--amp", "off", "--device", "cpu"]
     for out in (images, images / "runs" / "a", tmp_path / "link" / "b"):
-        _one_error_line(invoke(*common, "--out", out), 2, f"--out {out} is inside the image folder", "choose an --out")
+        _one_error_line(invoke(*common, "--out", out), 2, f"--out {out} is inside the image folder", "choose a folder outside it")
         _one_error_line(invoke(*common, "--out", out, "--dry-run"), 2, "is inside the image folder")
     assert sorted(p.name for p in images.iterdir()) == [f"{i}.png" for i in range(8)]  # nothing written into it
     result = invoke(*common, "--out", tmp_path / "beside")

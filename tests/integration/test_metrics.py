@@ -694,7 +694,8 @@ def test_cli_eval_saved_statistics_are_reused_exactly(fashion_extractor, two_fol
 
 @pytest.mark.slow
 def test_cli_eval_of_a_generator_against_the_other_idx_dataset_says_so(fashion_extractor, trained_run: Path, cli,
-                                                                      unwrap, datasets_root: Path) -> None:
+                                                                      unwrap, datasets_root: Path, two_folders,
+                                                                      tmp_path: Path) -> None:
     """A FashionMNIST generator scored against MNIST's test split ran without a word (a folder of colour photographs
     is refused as an FD across domains): it is the user's choice to make, said in one warning; against its own
     dataset, nothing is said."""
@@ -708,6 +709,21 @@ def test_cli_eval_of_a_generator_against_the_other_idx_dataset_says_so(fashion_e
     flag = cli("eval", checkpoint, "--dataset", "mnist", "--data-root", datasets_root, "-n", "300")  # no REFERENCE
     assert flag.exit_code == 0 and "scored against the mnist test split: an FD across datasets" in \
         unwrap(flag.output), flag.output
+    # saved statistics remember where their images came from (MNIST's test split in the FashionMNIST extractor:
+    # before, the file named only the extractor's domain and nothing was said)
+    for name, images in (("mnist", "mnist"), ("fashion-mnist", "fashion-mnist"), ("folder", None)):
+        stats = tmp_path / f"{name}.npz"
+        source = [two_folders[0], "--dataset", "fashion-mnist"] if images is None else [images, "--dataset",
+                                                                                        "fashion-mnist"]
+        assert cli("eval", *source, "--data-root", datasets_root, "--save-stats", stats).exit_code == 0
+        with np.load(stats) as saved:
+            meta = json.loads(str(saved["meta"]))
+        assert meta["images_from"] == (images or "folder") and meta["dataset"] == "fashion-mnist"
+        saved_run = cli("eval", checkpoint, stats, "-n", "300")
+        assert saved_run.exit_code == 0, saved_run.output
+        said = (f"{checkpoint} trained on fashion-mnist and is scored against the mnist test split (statistics "
+                "mnist.npz): an FD across datasets")
+        assert (said in unwrap(saved_run.output)) == (name == "mnist"), saved_run.output
 
 
 @pytest.mark.slow

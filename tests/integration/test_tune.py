@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
+from PIL import Image
 import pytest
 from extras import needs
 from processes import alive, descendants, free_port
@@ -513,6 +515,28 @@ def test_pbt_with_a_grid_is_refused_before_anything_starts(cli, nothing_starts, 
                  "--name", "x")
     assert result.exit_code == 2 and "pbt perturbs lr_g, lr_d, label_smoothing" in unwrap(result.stderr)
     assert not (tmp_path / "x").exists()
+
+
+def test_tune_storage_inside_the_image_folder_is_refused(cli, nothing_starts, tmp_path: Path, unwrap) -> None:
+    """An experiment folder inside the image folder its trials read (with subfolders) would put tune.log, the
+    results plots and each trial's grids among the images; refused before anything is written, also through a
+    link; the folder beside it passes the check (and reaches the start, which the fixture stops)."""
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(images / f"{i}.png")
+    (tmp_path / "link").symlink_to(images)
+    for storage, name in ((images, "x"), (tmp_path / "link" / "runs", "x"), (tmp_path, "imgs")):
+        result = cli("tune", "--dataset", "folder", "--data-root", images, "--image-size", "32", "--channels", "3",
+                     "--storage", storage, "--name", name)
+        assert result.exit_code == 2, result.output
+        folder = Path(os.path.realpath(storage / name))  # the experiment folder, its links resolved
+        assert unwrap(result.stderr).startswith(f"error: --storage/--name {folder} is inside the image "
+                                                f"folder --data-root {images}"), result.stderr
+    assert sorted(p.name for p in images.iterdir()) == [f"{i}.png" for i in range(4)]
+    result = cli("tune", "--dataset", "folder", "--data-root", images, "--image-size", "32", "--channels", "3",
+                 "--storage", tmp_path, "--name", "x")
+    assert isinstance(result.exception, AssertionError) and "the experiment started" in str(result.exception)
 
 
 def test_a_restarted_trial_continues_from_its_newest_checkpoint_on_disk(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from PIL import Image, features
 
 from gantrain.engine.data.decode import has_alpha, orientation
-from gantrain.engine.errors import DataError, DataNotFound
+from gantrain.engine.errors import ConfigError, DataError, DataNotFound
 from gantrain.engine.state.rundir import RunDir
 
 NOT_AN_IMAGE, HIDDEN, UNSUPPORTED, UNREADABLE, LINKED_TWICE, RUN_FOLDER = (
@@ -241,6 +241,20 @@ def _walk(folder: Path, found: Discovery) -> list[Path]:
             seen_files.add((stat.st_dev, stat.st_ino))
             files.append(path)
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def refuse_writing_inside(data_root: str, folder: str | Path, flag: str) -> None:
+    """Refuses ``folder`` (where a command will write, named by ``flag``) when it is the image folder
+    ``data_root`` or inside it: the folder is read with its subfolders, so what is written there (grids, plots,
+    logs) would become the next run's training data. Links are resolved on both sides; an empty ``data_root``
+    passes. Raises :class:`~gantrain.engine.errors.ConfigError` before anything is written."""
+    if not data_root:
+        return
+    out, images = Path(os.path.realpath(folder)), Path(os.path.realpath(data_root))
+    if out == images or images in out.parents:
+        raise ConfigError(f"{flag} {folder} is inside the image folder --data-root {data_root}, which is read with "
+                          "its subfolders: what is written there would become training data; choose a folder "
+                          "outside it")
 
 
 def _run_folder(folder: Path) -> bool:

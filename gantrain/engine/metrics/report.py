@@ -195,11 +195,14 @@ def evaluate_sets(source: Side, reference: Side | None, *, dataset: str | None =
         fake_batches = lambda: iter(fake_images.split(FEATURE_BATCH))  # noqa: E731
         num_fake = len(fake_images)
     ref_side = reference or Side("dataset", spec=spec)
-    if cfg is not None and ref_side.kind == "dataset" and cfg.data.dataset in IDX_DATASETS \
-            and ref_side.spec.dataset != cfg.data.dataset:  # (named as REFERENCE or by --dataset)
-        log.warning("%s trained on %s and is scored against the %s test split: an FD across datasets (the same "
+    # the IDX dataset the reference images come from (named as REFERENCE or by --dataset, or saved statistics')
+    ref_dataset = (ref_side.spec.dataset if ref_side.kind == "dataset" else
+                   stats[0].get("images_from") if stats is not None else None)
+    if cfg is not None and cfg.data.dataset in IDX_DATASETS and ref_dataset in IDX_DATASETS \
+            and ref_dataset != cfg.data.dataset:
+        log.warning("%s trained on %s and is scored against the %s test split%s: an FD across datasets (the same "
                     "format, another domain), no measure of its quality", source.name, cfg.data.dataset,
-                    ref_side.spec.dataset)
+                    ref_dataset, f" (statistics {reference.path.name})" if stats is not None else "")
     ref_images, inception_real = None, None
     if stats is not None:
         meta, real, inception_real = stats
@@ -282,7 +285,8 @@ def stats_for(side: Side, path: Path, *, dataset: str | None = None, channels: i
         else:
             features, _ = inc.extract_features(net, images.split(inc.BATCH * 10))
         block = {"features": features, "sha256": net.sha256, "mode": net.mode}
-    return sets.save_stats(path, ref, block), len(ref.real.features)
+    images_from = side.spec.dataset if side.kind == "dataset" else "folder"
+    return sets.save_stats(path, ref, block, images_from), len(ref.real.features)
 
 
 def real_config(checkpoint: Path | None, dataset: str | None, data_root: str | None) -> Config:

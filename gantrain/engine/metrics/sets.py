@@ -165,12 +165,14 @@ def reference_of(side: Side, spec: DatasetSpec, train_px: int | None, *, cache: 
     return Reference(replace(spec, train_px=made_at), extractor, real), images
 
 
-def save_stats(path: Path, reference: Reference, inception: dict | None) -> Path:
+def save_stats(path: Path, reference: Reference, inception: dict | None, images_from: str = "folder") -> Path:
     """The reference's domain features (so every domain metric can be computed again) and, with ``inception``,
     the Inception mean and covariance (``mu``/``sigma``, pytorch-fid's key names) and features, as one ``.npz``
-    written atomically; ``meta`` (JSON) says which extractor and network they belong to."""
+    written atomically; ``meta`` (JSON) says which extractor and network they belong to, and ``images_from``
+    where the images came from (an IDX dataset's name for its test split, else ``folder``)."""
     spec = reference.spec
     meta = {"format": STATS_FORMAT, "version": STATS_VERSION, "dataset": spec.dataset, "root": str(spec.root),
+            "images_from": images_from,
             "channels": spec.channels, "label": spec.label, "size_px": spec.size_px,
             "train_px": spec.train_px or spec.size_px,  # the size the images were made at before the metric's
             "extractor_weights_sha256": reference.extractor.weights_sha256,

@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 
 from gantrain.engine.config import Config, to_toml
+from gantrain.engine.data.discovery import refuse_writing_inside
 from gantrain.engine.errors import ConfigError, RunIOError
 from gantrain.engine.gan.hardware import peak_mem_gib
 from gantrain.engine.outputs.images import plot_curves, read_metrics, save_gif, save_grid
@@ -66,16 +67,11 @@ class RunOutputs:
 
     @staticmethod
     def refuse_an_out_inside_the_images(cfg: Config) -> None:
-        """An image folder is read with its subfolders: a run folder in it (or the folder itself) would put the
-        run's own grids, final.png and progress.gif among the next run's training images. A pure check of the
-        config, made before the run folder is touched (its lock); raises :class:`ConfigError`."""
-        if cfg.data.dataset != "folder" or not cfg.data.data_root:
-            return
-        out, images = Path(os.path.realpath(cfg.run_dir)), Path(os.path.realpath(cfg.data.data_root))
-        if out == images or images in out.parents:
-            raise ConfigError(f"--out {cfg.run_dir} is inside the image folder --data-root {cfg.data.data_root}, "
-                              "which is read with its subfolders: the run's own images would become training data; "
-                              "choose an --out outside it")
+        """A run folder inside the image folder it trains on is refused (see
+        :func:`~gantrain.engine.data.discovery.refuse_writing_inside`); a pure check of the config, made before
+        the run folder is touched (its lock)."""
+        if cfg.data.dataset == "folder":
+            refuse_writing_inside(cfg.data.data_root, cfg.run_dir, "--out")
 
     def describe(self, loader, total_steps: int, device: torch.device, precision: str) -> None:
         """The run's first lines in the log: the data and the schedule, then the device and how it computes."""
