@@ -53,7 +53,7 @@ class RunOutputs:
         self.per_epoch, self.epochs_in_run = 1, cfg.run.epochs  # the bar's epoch count (:meth:`live` sets them)
         self.device: torch.device | None = None
         # a console that is not a terminal gets a line at most every PLAIN_LINE_EVERY_S (:meth:`live` sets them)
-        self.plain_line_at, self.total_steps = time.perf_counter(), 0
+        self.plain_lines, self.plain_line_at, self.plain_line_step, self.total_steps = False, time.perf_counter(), 0, 0
 
     @staticmethod
     def check(cfg: Config, resuming: bool) -> None:
@@ -136,7 +136,9 @@ class RunOutputs:
                                       loss_d="-", loss_g="-", quality="",
                                       mfu_per_image_s=flops / (peak * 1e12) if peak > 0 else None)
         self.window = time.perf_counter(), step
-        self.plain_line_at, self.total_steps = self.window[0], total_steps  # the lines a bar-less console gets
+        # the lines a console without a bar gets (a log file, a pipe; a terminal or Jupyter draws the bar)
+        self.plain_lines = not (self.console.is_terminal or self.console.is_jupyter)
+        self.plain_line_at, self.plain_line_step, self.total_steps = self.window[0], step, total_steps
         if not self.is_main:
             yield self
             return
@@ -147,9 +149,30 @@ class RunOutputs:
         return f"{min(step // self.per_epoch + 1, self.epochs_in_run)}/{self.epochs_in_run}"
 
     def advance(self, step: int) -> None:
-        """The bar's step count (every step: a host-side counter, no device sync); rank 0 only."""
-        if self.is_main:
-            self.bar.update(self.task, completed=step, epoch=self._epoch_text(step))
+        """The bar's step count (every step: a host-side counter, no device sync); rank 0 only. A console without
+        a bar gets its lines at log steps (:meth:`log`); when 2 x PLAIN_LINE_EVERY_S pass without one (sparse log
+        steps), a line between them, without the losses (they are reduced at log steps only)."""
+        if not self.is_main:
+            return
+        self.bar.update(self.task, completed=step, epoch=self._epoch_text(step))
+        if self.plain_lines and step % self.cfg.logging.log_every and step != self.total_steps \
+                and time.perf_counter() - self.plain_line_at >= 2 * PLAIN_LINE_EVERY_S:
+            self._plain_line(step, time.perf_counter(), "")
+
+    def _plain_line(self, step: int, now: float, losses: str, images_per_s: float | None = None) -> None:
+        """One progress line for a console without a bar: ``losses`` and ``images_per_s`` (the record's) at log
+        steps, else the images/s since the previous line (``now``: the clock of this step's end); its MFU, and
+        the ETA at that rate."""
+        per_step = self.cfg.data.batch_size * self.world_size
+        if images_per_s is None:
+            images_per_s = (step - self.plain_line_step) * per_step / max(now - self.plain_line_at, 1e-9)
+        self.plain_line_at, self.plain_line_step = now, step
+        left = (self.total_steps - step) * per_step / images_per_s if images_per_s > 0 else 0.0
+        flops, peak = self.roof if self.roof is not None else (0.0, 0.0)
+        mfu_text = f", MFU {images_per_s * flops / (peak * 1e12):.0%}" if peak > 0 else ""
+        self.console.print(f"step {step:,}/{self.total_steps:,} (epoch {self._epoch_text(step)}){losses} | "
+                           f"{images_per_s:,.0f} img/s{mfu_text} | ETA {_clock(left)}", soft_wrap=True,
+                           highlight=False, markup=False)
 
     def due(self, step: int, total_steps: int) -> tuple[bool, bool]:
         """(log now, write a sample grid now) after ``step``: grids every --sample-every steps and once early, at
@@ -191,14 +214,8 @@ class RunOutputs:
             self.write(record)
             self.bar.update(self.task, completed=step, epoch=self._epoch_text(step),
                             loss_d=f"{stats['loss_d']:.3f}", loss_g=f"{stats['loss_g']:.3f}")
-            bar_drawn = self.console.is_terminal or self.console.is_jupyter
-            if not bar_drawn and now - self.plain_line_at >= PLAIN_LINE_EVERY_S:
-                self.plain_line_at = now  # (a terminal or Jupyter draws the bar: a log file or a pipe gets lines)
-                left = (self.total_steps - step) / (images_per_s / (self.cfg.data.batch_size * self.world_size))
-                mfu = f", MFU {roof['mfu']:.0%}" if roof.get("mfu") is not None else ""
-                self.console.print(f"step {step:,}/{self.total_steps:,} (epoch {self._epoch_text(step)}): D "
-                                   f"{stats['loss_d']:.3f} G {stats['loss_g']:.3f} | {images_per_s:,.0f} img/s{mfu} "
-                                   f"| ETA {_clock(left)}", soft_wrap=True, highlight=False, markup=False)
+            if self.plain_lines and now - self.plain_line_at >= PLAIN_LINE_EVERY_S:
+                self._plain_line(step, now, f": D {stats['loss_d']:.3f} G {stats['loss_g']:.3f}", images_per_s)
         return step0 + 1
 
     def write(self, record: dict) -> None:

@@ -4,6 +4,7 @@ an independent computation, and --profile-steps's trace and top-ops table."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -155,14 +156,13 @@ def test_a_console_that_is_not_a_terminal_gets_progress_lines(tiny_cfg, monkeypa
 
     monkeypatch.setattr(hardware, "device_peaks", lambda device: PEAK)
     monkeypatch.setattr(writer, "PLAIN_LINE_EVERY_S", 0.0)
-    cfg = tiny_cfg(max_steps=4, log_every=2)
+    cfg = tiny_cfg(max_steps=4, log_every=1)
     piped = io.StringIO()
     Trainer(cfg, console=Console(file=piped, width=200)).fit()
     lines = [line for line in piped.getvalue().splitlines() if line.startswith("step ")]
     records = [r for r in map(json.loads, (cfg.run_dir / "metrics.jsonl").read_text().splitlines())
                if "images_per_s" in r]
-    assert len(lines) == len(records) == 2
-    import re
+    assert len(lines) == len(records) == 4
 
     for line, r in zip(lines, records):
         assert line.startswith(f"step {r['step']}/4 (epoch 1/1): D {r['loss_d']:.3f} G {r['loss_g']:.3f} | "), line
@@ -171,6 +171,15 @@ def test_a_console_that_is_not_a_terminal_gets_progress_lines(tiny_cfg, monkeypa
         assert abs(int(shown[1].replace(",", "")) - r["images_per_s"]) <= 1
         assert abs(int(shown[2]) - 100 * r["mfu"]) <= 1
     assert lines[-1].endswith("ETA 0:00:00")  # the last step: nothing left
+    # log steps further apart than PLAIN_LINE_EVERY_S: a line at the steps between, without losses (reduced at
+    # log steps only), its rate since the line before
+    sparse = tiny_cfg("sparse", max_steps=4, log_every=100)
+    piped = io.StringIO()
+    Trainer(sparse, console=Console(file=piped, width=200)).fit()
+    lines = [line for line in piped.getvalue().splitlines() if line.startswith("step ")]
+    assert [line.split(" |")[0] for line in lines[:3]] == [f"step {k}/4 (epoch 1/1)" for k in (1, 2, 3)], lines
+    assert len(lines) == 4 and lines[3].startswith("step 4/4 (epoch 1/1): D "), lines
+    assert all(re.search(r" \| [\d,]+ img/s, MFU \d+% \| ETA 0:00:\d\d$", line) for line in lines), lines
     terminal = io.StringIO()
     Trainer(tiny_cfg("tty", max_steps=4, log_every=2), console=Console(file=terminal, width=200,
                                                                         force_terminal=True)).fit()
