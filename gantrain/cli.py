@@ -24,17 +24,21 @@ from rich.table import Table
 from rich.text import Text
 
 from gantrain import __version__
-from gantrain.engine.config import (LIST_FIELDS, PRESETS, RECOMMENDED, SECTION_TYPES, field_docs, field_index, preset,
+from gantrain.engine.config import (LIST_FIELDS, PRESETS, RECOMMENDED, SECTION_TYPES, SEED_MAX, field_docs, field_index, preset,
                                     recommended_measured, resolve)
 from gantrain.engine.errors import ConfigError, GantrainError, Interrupted
 
 
 def _flags_as_flags(params: list) -> list:
     """Flags (``--quick``, ``--amp/--no-amp``, ``--help``) get an empty placeholder: typer shows ``<bool>``
-    for them otherwise, as if they took a value."""
+    for them otherwise, as if they took a value; a one-sided switch (``--quick``: off unless given) shows its
+    default, off, as every other option does."""
     for param in params:
         if getattr(param, "is_flag", False) and param.metavar is None:
             param.metavar = ""
+        if getattr(param, "is_flag", False) and not param.secondary_opts and not param.is_eager \
+                and param.default is False and not isinstance(param.show_default, str):
+            param.show_default = "off"
     return params
 
 
@@ -487,7 +491,7 @@ def generate_command(
     walk: Annotated[Optional[str], typer.Option(metavar="I,J,...", help="A latent walk through images, e.g. 3,17,42,3: each consecutive pair interpolated as --interpolate, a grid row per pair and one GIF (default: off).")] = None,
     frames: Annotated[Optional[int], typer.Option(help="With --interpolate or --walk: images per pair, both ends included (default 8).")] = None,
     out: Annotated[Path, typer.Option(help="Output grid, a PNG (a name ending in .png, or without an extension).")] = Path("grid.png"),
-    seed: Annotated[int, typer.Option(help="Seed of the noise.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed of the noise.")] = 0,
     individual: Annotated[Optional[Path], typer.Option(help="Also write each image as its own PNG into this folder, named by its index (image 100: 000100.png) (default: off).")] = None,
     nrow: Annotated[Optional[int], typer.Option(min=1, help="Images per grid row (default 8).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -496,8 +500,6 @@ def generate_command(
     """Generate images from a saved generator, without the dataset: a grid, a truncation grid or an interpolation."""
     from gantrain.engine.outputs import generate as gen
 
-    if out.suffix.lower() not in ("", ".png"):  # the grid is a PNG: another extension would misname its bytes
-        raise ConfigError(f"--out: {out} would hold a PNG grid; name it {out.with_suffix('.png').name}")
     modes = {"--interpolate": interpolate, "--walk": walk, "--truncation-grid": truncation_grid}
     chosen = [flag for flag, value in modes.items() if value is not None]
     if len(chosen) > 1:
@@ -562,10 +564,10 @@ def eval_command(
     real_vs_real: Annotated[bool, typer.Option("--real-vs-real", help="Sanity mode: compare two disjoint halves of the real test split (each metric's floor).")] = False,
     dataset: Annotated[Optional[str], typer.Option(help="The domain extractor (and, without REFERENCE, the test split) to use: fashion-mnist, mnist or folder:PATH. Default: the checkpoint's, else REFERENCE's.")] = None,
     data_root: Annotated[Optional[str], typer.Option(help="Data folder (default: the checkpoint's, then $GANTRAIN_DATA).")] = None,
-    channels: Annotated[int, typer.Option(min=1, max=3, help="Channels of image folders: 1 or 3.")] = 3,
-    size: Annotated[Optional[int], typer.Option(min=8, help="Decode image folders at this size (default: the first image's shorter side).")] = None,
+    channels: Annotated[Optional[int], typer.Option(min=1, max=3, show_default="3", help="Channels of image folders: 1 or 3.")] = None,
+    size: Annotated[Optional[int], typer.Option(min=8, max=1024, help="Decode image folders at this size, in px (default: the first image's shorter side).")] = None,
     save_stats: Annotated[Optional[Path], typer.Option("--save-stats", show_default="off", help="Save SOURCE's reference statistics (domain features; with --inception also Inception mu/sigma) to this .npz for later `gantrain eval X FILE.npz`.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the generator noise and the KID subsets.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed of the generator noise and the KID subsets.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     inception: Annotated[bool, typer.Option("--inception", help="Also the standard FID and KID in Inception-v3 features (the fid extra; no download; about 0.3 s per image on a CPU).")] = False,
     inception_mode: Annotated[str, typer.Option(help="With --inception: legacy-tf (TF1 bilinear resize, as TTUR/pytorch-fid and most published FID tables) or clean (Pillow bicubic, as clean-fid's clean tables).")] = "legacy-tf",
@@ -586,6 +588,8 @@ def eval_command(
     to_stdout = json_path == "-"
     shown = console if to_stdout else Console()  # with --json -, stdout holds the JSON alone
     root = data_root or env_data_root()
+    folder_flags = [flag for flag, value in (("--size", size), ("--channels", channels)) if value is not None]
+    channels = 3 if channels is None else channels
     if save_stats is not None:
         if source is None or reference is not None or real_vs_real:
             raise fail("--save-stats: give one SOURCE, the reference to save (a folder or a dataset)", 2)
@@ -596,6 +600,9 @@ def eval_command(
                       f"{time.perf_counter() - started:.1f} s)")
         return
     if real_vs_real:
+        if folder_flags:  # the halves are a dataset's test split, read at the run's (or the preset's) size
+            raise fail(f"{folder_flags[0]}: not used with --real-vs-real: its halves are read as the dataset's "
+                       "run reads them", 2)
         checkpoint = Path(source) if source else None
         result = evaluate_real(real_config(checkpoint, dataset, data_root), num_samples=n, seed=seed,
                                data_root=data_root, cache=metrics_cache, console=console, inception=inception,
@@ -606,6 +613,9 @@ def eval_command(
     else:
         side = parse_side(source, channels, root)
         if side.kind == "checkpoint" and reference is None and dataset is None:
+            if folder_flags:  # before: ignored without a word
+                raise fail(f"{folder_flags[0]}: reads image folders; {source} makes its images at its training "
+                           "size and channels", 2)
             result = evaluate_checkpoint(side.path, num_samples=n, seed=seed, device=device, data_root=data_root,
                                          cache=metrics_cache, use_ema=not no_ema, inception=inception,
                                          console=console, inception_mode=inception_mode)

@@ -20,7 +20,8 @@ from rich.console import Console
 from gantrain.bench.hardware import system_info
 from gantrain.bench.report import publish, render
 from gantrain.bench.timing import BenchRow, merge_runs, round_robin, run_row, worker_env
-from gantrain.engine import Config, ConfigError, GantrainError, env_data_root, override, preset
+from gantrain.engine import (Config, ConfigError, GantrainError, discover_folder, env_data_root, override,
+                             preset)
 
 LOADERS = ("memory", "torch", "dali")
 PRESET_BY_SIZE = {64: "cats64", 128: "cats128"}
@@ -168,18 +169,20 @@ def bench_loaders(*, data_root: str | None, limit: int | None, batch_size: int |
     overrides = {"data_root": data_root, "limit": limit, "batch_size": batch_size, "device": device,
                  "num_workers": num_workers}
     timings = {kind: timing_for(kind, quick, given) for kind in ("loader", "engine")}
+    cfg = row_config(LoaderRow("memory", sizes[0], "loader"), overrides)
+    # the folder's images, found before any row starts: a folder without one is one line, not 12 failed rows
+    num_images = len(discover_folder(cfg.data.data_root, limit=cfg.data.limit).images)
     results = run_loader_bench(rows, overrides, timings, console)
-    report = _report(results, overrides, timings, sizes)
+    report = _report(results, overrides, timings, sizes, num_images)
     return publish(report, *rendered(report), json_path, markdown_path)
 
 
-def _report(results: list[dict], overrides: dict, timings: dict, sizes: tuple[int, ...]) -> dict:
-    from gantrain.engine import discover_folder
+def _report(results: list[dict], overrides: dict, timings: dict, sizes: tuple[int, ...], num_images: int) -> dict:
     from gantrain.engine import pick_device
 
     cfg = row_config(LoaderRow("memory", sizes[0], "loader"), overrides)
     return {"system": system_info(), "device": str(pick_device(overrides["device"])), "dali": _dali_version(),
-            "data_root": cfg.data.data_root, "num_images": len(discover_folder(cfg.data.data_root, limit=cfg.data.limit).images),
+            "data_root": cfg.data.data_root, "num_images": num_images,
             "sizes": list(sizes), "timing": timings, "results": results,
             "batch_sizes": {str(s): row_config(LoaderRow("memory", s, "loader"), overrides).data.batch_size
                             for s in (64, 128)}}

@@ -44,6 +44,10 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+#: The largest --seed: the seeds derived from it (per rank, step and epoch) stay within torch's 64 bits.
+SEED_MAX = 2**32 - 1
+
+
 def _check(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{_flag(name)}: {message}")
@@ -109,6 +113,8 @@ class DataConfig:
         _check(self.dataset in DATASETS, "dataset", f"must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
         _check(self.image_size in (32, 64, 128), "image_size", f"must be 32, 64 or 128, got {self.image_size}")
         _check(self.channels in (1, 3), "channels", f"must be 1 or 3, got {self.channels}")
+        _check(self.channels == 1 or self.dataset not in ("fashion-mnist", "mnist"), "channels",
+               f"{self.dataset} is grayscale: use --channels 1")
         _check(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
         _check(self.loader in LOADERS, "loader", f"must be one of {', '.join(LOADERS)}, got {self.loader!r}")
         _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
@@ -285,6 +291,7 @@ class RunConfig:
         _check_finite(self)
         _check(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
         _check(self.max_steps >= 0, "max_steps", f"must be >= 0, got {self.max_steps}")
+        _check(0 <= self.seed <= SEED_MAX, "seed", f"must be between 0 and {SEED_MAX:,}, got {self.seed}")
         _check(self.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {self.device!r}")
         _check(self.nonfinite_patience >= 0, "nonfinite_patience", f"must be >= 0, got {self.nonfinite_patience}")
 
@@ -687,7 +694,8 @@ def load_toml(path: str | Path, base: Config | None = None) -> Config:
     Raises :class:`ConfigError` for a missing, unreadable or invalid file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--config: no such file {path}")
+        raise ConfigError(f"--config: {path} is a folder, not a TOML file" if path.is_dir() else
+                          f"--config: no such file {path}")
     try:
         text = path.read_text(encoding="utf-8")
         raw = tomllib.loads(text)

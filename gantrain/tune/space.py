@@ -141,7 +141,8 @@ def load_space(path: str | Path | None, base: Config) -> Space:
         return parse_space(DEFAULT_SPACE, base, "default space")
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--space: no such file {path}")
+        raise ConfigError(f"--space: {path} is a folder, not a TOML file" if path.is_dir() else
+                          f"--space: no such file {path}")
     return parse_space(path.read_text(), base, str(path))
 
 

@@ -130,9 +130,9 @@ def _rows(out: str, options: list) -> dict[str, str]:
 
 
 def _takes_no_default(option) -> bool:
-    """--help, the eager actions (--version, the completion options) and one-sided switches (--quick, --dry-run:
-    off unless given) have no default to show; every option taking a value and every --x/--no-x pair has."""
-    return option.is_eager or (option.is_flag and not option.secondary_opts)
+    """--help and the eager actions (--version, the completion options) have no default to show; every option
+    taking a value, every --x/--no-x pair and every one-sided switch (--quick, --dry-run: off) has."""
+    return option.is_eager
 
 
 CASES = [pytest.param(path, command, width, id=f"{' '.join(path) or 'gantrain'}@{width}")

@@ -289,3 +289,50 @@ def test_the_dry_run_refuses_the_other_idx_dataset_as_the_run_does(invoke, datas
                                "cpu", "--out", tmp_path / "r", *extra), 2,
                         "is fashion-mnist's train-images-idx3-ubyte, not mnist's")
     assert not (tmp_path / "r").exists()
+
+
+# ----- refusals found by a new user's try (2026-12-07) ----------------------------------------------------
+def test_a_device_other_than_auto_cpu_or_cuda_is_refused_everywhere(invoke) -> None:
+    """`generate --device tpu` (and eval, fit-extractor, the API's load_generator) ran on the CPU without a word:
+    pick_device sent every unknown name there. Now it refuses it, as `run` did."""
+    from gantrain.engine.dist.runtime import pick_device
+    from gantrain.engine.errors import ConfigError
+
+    for name in ("tpu", "gpu", "CPU", ""):
+        with pytest.raises(ConfigError, match=f"^--device: must be auto, cpu or cuda, got {name!r}$"):
+            pick_device(name)
+    assert pick_device("cpu").type == "cpu"
+
+
+def test_seeds_beyond_the_range_are_one_line(invoke) -> None:
+    """A seed of 10**20 passed --dry-run and a config file, then ended `run`, `generate` and `eval` in a
+    traceback (an overflow inside torch's seeding)."""
+    big = str(10**20)
+    _one_error_line(invoke("run", "--seed", big, "--dry-run", "--dataset", "synthetic"), 2,
+                    "--seed: must be between 0 and 4,294,967,295")
+    _one_error_line(invoke("generate", "x.pt", "--seed", big), 2, "--seed", "4294967295")
+    _one_error_line(invoke("eval", "x.pt", "--seed", "-1"), 2, "--seed")
+
+
+def test_config_that_is_a_folder_is_named_as_one(invoke, tmp_path: Path) -> None:
+    _one_error_line(invoke("run", "--config", tmp_path, "--dry-run"), 2,
+                    f"--config: {tmp_path} is a folder, not a TOML file")
+    _one_error_line(invoke("run", "--config", tmp_path / "none.toml", "--dry-run"), 2, "--config: no such file")
+
+
+def test_the_dry_run_refuses_what_the_run_refuses_at_start(invoke) -> None:
+    """`--channels 3` on FashionMNIST and quality metrics on synthetic data passed --dry-run (exit 0); the run
+    then refused them (the first with exit 1). Both now exit 2 in both."""
+    for extra in ([], ["--dry-run"]):
+        _one_error_line(invoke("run", "--channels", "3", "--max-steps", "1", "--device", "cpu", *extra), 2,
+                        "--channels: fashion-mnist is grayscale: use --channels 1")
+        _one_error_line(invoke("run", "--dataset", "synthetic", "--eval-every", "1", "--max-steps", "1",
+                               "--device", "cpu", "--out", "/nonexistent/never", *extra), 2,
+                        "--dataset: quality metrics need fashion-mnist, mnist or folder data, not synthetic")
+
+
+def test_bench_loaders_on_a_folder_without_images_fails_before_any_row(invoke, tmp_path: Path) -> None:
+    """It ran all twelve rows (26 s, each failing) before saying the folder held no image."""
+    (tmp_path / "empty").mkdir()
+    _one_error_line(invoke("bench", "--loaders", "--quick", "--data-root", tmp_path / "empty"), 2,
+                    f"no images found below {tmp_path / 'empty'}")

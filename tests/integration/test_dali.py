@@ -213,7 +213,8 @@ def test_corrupt_images_are_replaced_like_the_torch_loader_does(dali, broken_fol
     with caplog.at_level(logging.WARNING, logger="gantrain"):
         batches = list(ours.epoch(0))
     assert len(batches) == 2  # the epoch keeps its length: the bad file's slot holds the next readable image
-    skipped = {r.getMessage().split()[3] for r in caplog.records if "skipping unreadable image" in r.getMessage()}
+    skipped = {r.getMessage().split()[2] for r in caplog.records
+               if r.getMessage().startswith("unreadable image") and "takes its place" in r.getMessage()}
     assert {Path(p).name for p in skipped} == {"01_truncated.jpg"}
     theirs = list(loader_for(cfg, "torch").epoch(0))
     for x, y in zip(batches, theirs, strict=True):

@@ -826,3 +826,34 @@ def test_cli_eval_of_a_folder_says_what_it_read(fashion_extractor, two_folders, 
     assert f"folder {folder}: 402 images (PNG 402); left out 1 file(s): not an image 1 (notes.txt)" in said, said
     assert f"{folder}: images of several sizes, read at 32 px, the first one's shorter side (--size sets it)" in said
     assert f"{folder}: 1 image(s) that could not be decoded are left out (zz_cut.png)" in said
+
+
+@pytest.mark.slow
+def test_cli_eval_refusals_and_notes_found_by_a_new_user(fashion_extractor, trained_run: Path, two_folders, cli,
+                                                          unwrap, datasets_root: Path, tmp_path: Path) -> None:
+    """A folder of 1 or 2 images ended `eval` in a traceback (a covariance of one sample, precision/recall's k=3);
+    --size and --channels on a checkpoint were ignored without a word; --real-vs-real lowered -n silently; saved
+    statistics scored in another extractor than --dataset named a weights mismatch, not the real reason."""
+    checkpoint = trained_run / "checkpoints" / "last.pt"
+    for count in (1, 3):
+        few = _png_folder(tmp_path / f"few{count}", torch.full((count, 1, 32, 32), 128, dtype=torch.uint8))
+        for args in ([few, "fashion-mnist"], [two_folders[0], few, "--dataset", "fashion-mnist"]):
+            result = cli("eval", *args, "--data-root", datasets_root)
+            assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+            assert f"error: {few}: {count} readable image(s): the metrics need at least 4" in unwrap(result.stderr)
+    for flag, value in (("--size", "64"), ("--channels", "1")):
+        result = cli("eval", checkpoint, flag, value, "-n", "100")
+        assert result.exit_code == 2 and unwrap(result.stderr).startswith(
+            f"error: {flag}: reads image folders; {checkpoint} makes its images at its training size"), result.output
+    report = tmp_path / "rvr.json"
+    result = cli("eval", "--real-vs-real", "--dataset", "fashion-mnist", "--data-root", datasets_root, "-n", "7000",
+                 "--json", report)
+    assert result.exit_code == 0, result.output
+    lowered = "-n 7000: each real half holds at most half the test split, 5000 images"
+    assert lowered in unwrap(result.output) and lowered in json.loads(report.read_text())["warnings"]
+    stats = tmp_path / "fm.npz"
+    assert cli("eval", "fashion-mnist", "--data-root", datasets_root, "--save-stats", stats).exit_code == 0
+    result = cli("eval", checkpoint, stats, "--dataset", "mnist", "--data-root", datasets_root, "-n", "100")
+    assert result.exit_code == 2 and unwrap(result.stderr) == (
+        f"error: {stats}: statistics in the fashion-mnist extractor's features, --dataset names mnist's: drop "
+        "--dataset, or save the statistics with it"), result.output

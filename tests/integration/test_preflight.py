@@ -82,7 +82,7 @@ def test_a_finished_run_resumed_under_ddp(cli, no_workers, trained_copy: Path, t
 def test_a_new_ddp_run_into_a_folder_that_holds_one(cli, no_workers, trained_copy: Path, train_root: Path) -> None:
     args = ("--data-root", train_root, *TINY_RUN_ARGS, *DDP, "--out", trained_copy)
     code, line, _ = _refused(cli, *args)
-    assert code == 2 and "already holds a run; continue it with --resume auto" in line
+    assert code == 2 and f"already holds a run; continue it with --resume auto --out {trained_copy} " in line
 
 
 def test_a_folder_in_use_by_a_live_run(cli, no_workers, train_root: Path, tmp_path: Path) -> None:

@@ -195,7 +195,7 @@ def test_a_run_folders_own_config_with_out_unset_is_not_taken_for_a_moved_one(cl
     assert 'out = ""' in config.read_text()
     result = cli("run", "--config", config, "--dry-run")
     assert result.exit_code == 2 and "copied or moved" not in result.output, result.output
-    assert "runs/fashion32 already holds a run; continue it with --resume auto" in unwrap(one_error_line(result))
+    assert "runs/fashion32 already holds a run; continue it with --resume auto --out runs/fashion32" in unwrap(one_error_line(result))
     result = cli("run", "--config", config, "--resume", "auto", "--max-steps", 4)
     assert result.exit_code == 0, result.output
     assert json.loads((config.parent / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
@@ -339,8 +339,8 @@ def test_dry_run_refuses_what_the_run_would_and_touches_nothing(trained_copy: Pa
     base = ("run", "--dry-run", "--config", trained_copy / "config.toml", "--out", trained_copy,
             "--data-root", train_root)
     result = cli(*base)
-    assert result.exit_code == 2 and "already holds a run; continue it with --resume auto" in \
-        unwrap(one_error_line(result))
+    assert result.exit_code == 2 and f"already holds a run; continue it with --resume auto --out {trained_copy} " \
+        "or choose another --out" in unwrap(one_error_line(result))
     ndf = load_toml(trained_copy / "config.toml").model.ndf
     result = cli(*base, "--resume", "auto", "--ndf", 2 * ndf)
     assert result.exit_code != 0

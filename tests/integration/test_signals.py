@@ -64,8 +64,8 @@ def test_sigint_saves_a_checkpoint_and_resumes(train_root: Path, tmp_path: Path,
     message = unwrap(done.stderr)
     assert f"interrupted at step {step}" in message and str(numbered) in message
     # one line says it, the error line: where it saved and how to continue (a WARNING said it again before)
-    assert message.count(str(numbered)) == 1 and f"{numbered}; continue with --resume auto" in message
-    assert f"WARNING interrupted at step {step}; checkpoint saved to {numbered}; continue with --resume auto" in \
+    assert message.count(str(numbered)) == 1 and f"{numbered}; continue with --resume auto --out {out}" in message
+    assert f"WARNING interrupted at step {step}; checkpoint saved to {numbered}; continue with --resume auto --out {out}" in \
         (out / "train.log").read_text()  # the run's log keeps it
 
     logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -328,7 +328,8 @@ class DALIFolderLoader(_DALILoader):
             raise DataError(f"DALI failed on one of {len(in_flight)} images it was reading: {reason}") from None
         if self.options.strict:
             raise DataError(f"unreadable image {path}: DALI says {reason} (drop --strict to skip such files)") from None
-        log.warning("skipping unreadable image %s (DALI: %s)", path, reason)
+        log.warning("unreadable image %s (DALI: %s): the next readable image takes its place (the memory loader "
+                    "leaves it out; --strict stops instead)", path, reason)
         self.unreadable.add(self.paths.index(path))
 
 
@@ -445,7 +446,7 @@ def build_dali_loader(data_cfg: Any, seed: int, device: torch.device, shard: Sha
                   shard=shard, options=options)
     if data_cfg.dataset == "folder":
         found = found or discover_folder(data_cfg.data_root, strict=data_cfg.strict, limit=data_cfg.limit)
-        log_discovery(found, data_cfg.image_size)
+        log_discovery(found, data_cfg.image_size, data_cfg.channels)
         return DALIFolderLoader(dali, found, data_cfg.channels, **common)
     load_args = dict(dataset=data_cfg.dataset, root=data_cfg.data_root, size=data_cfg.image_size,
                      channels=data_cfg.channels, strict=data_cfg.strict, limit=data_cfg.limit,

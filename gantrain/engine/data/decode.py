@@ -28,6 +28,8 @@ Embedded ICC profiles are not applied: pixel values are taken as sRGB, as DALI d
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -84,10 +86,20 @@ def to_channels(img: Image.Image, channels: int) -> Image.Image:
     return img if img.mode == target else img.convert(target)
 
 
+@contextlib.contextmanager
+def quiet_bomb_warning():
+    """Pillow's DecompressionBombWarning silenced (an image between MAX_IMAGE_PIXELS and twice it: a large
+    photograph of the user's own folder, decoded all the same; discovery names the larger ones it leaves out).
+    Decoding runs in the main thread of each process, so the filter touches no other thread's warnings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
 def decode_image(path: Path, size: int, channels: int) -> np.ndarray:
     """Decodes one image file as a viewer shows it, resizes the short side to ``size`` (bicubic, antialiased)
     and center-crops: uint8 (C, size, size), writable. Raises what Pillow raises for an unreadable file."""
-    with Image.open(path) as img:
+    with quiet_bomb_warning(), Image.open(path) as img:
         img = to_channels(decode_to_viewer(img), channels)
         img = resize_and_crop(img, size)
         array = np.asarray(img, dtype=np.uint8)

@@ -10,7 +10,8 @@ header (format, mode, transparency, EXIF orientation, animation; no pixels), and
   (dot files such as ``.DS_Store`` and macOS ``._*`` resource forks, ``Thumbs.db``, ``desktop.ini``, hidden and
   system folders), ``unsupported format`` (an image format Pillow cannot decode: HEIC, SVG, camera RAW, ...),
   ``unreadable`` (no header Pillow can parse: empty, damaged, a dangling link, no permission), ``linked twice``
-  (a file reached again through a link: used once), ``gantrain run folder`` (a folder holding a run's config.toml
+  (a file reached again through a link: used once), ``over Pillow's pixel limit`` (more than twice
+  ``PIL.Image.MAX_IMAGE_PIXELS``, ~179 megapixels: Pillow refuses to decode it), ``gantrain run folder`` (a folder holding a run's config.toml
   beside its checkpoints/ or metrics.jsonl, however it is reached: its grids are a generator's, not training data).
 
 :meth:`Discovery.summary` is the one log line that ends discovery. With ``strict`` any left-out file that looks
@@ -27,13 +28,14 @@ from pathlib import Path
 
 from PIL import Image, features
 
-from gantrain.engine.data.decode import has_alpha, orientation
+from gantrain.engine.data.decode import has_alpha, orientation, quiet_bomb_warning
 from gantrain.engine.errors import ConfigError, DataError, DataNotFound
 from gantrain.engine.state.rundir import RunDir
 
-NOT_AN_IMAGE, HIDDEN, UNSUPPORTED, UNREADABLE, LINKED_TWICE, RUN_FOLDER = (
-    "not an image", "hidden/system file", "unsupported format", "unreadable", "linked twice", "gantrain run folder")
-REASONS = (UNREADABLE, UNSUPPORTED, NOT_AN_IMAGE, HIDDEN, LINKED_TWICE, RUN_FOLDER)  # the order of the summary
+NOT_AN_IMAGE, HIDDEN, UNSUPPORTED, UNREADABLE, TOO_LARGE, LINKED_TWICE, RUN_FOLDER = (
+    "not an image", "hidden/system file", "unsupported format", "unreadable", "over Pillow's pixel limit",
+    "linked twice", "gantrain run folder")
+REASONS = (UNREADABLE, UNSUPPORTED, TOO_LARGE, NOT_AN_IMAGE, HIDDEN, LINKED_TWICE, RUN_FOLDER)  # the summary's order
 SYSTEM_NAMES = {"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r", "$recycle.bin", "system volume information",
                 "__macosx", "@eadir", "lost+found"}
 # Formats Pillow registers but cannot decode here on its own (stubs that need a handler, vector, save-only).
@@ -43,6 +45,7 @@ OTHER_IMAGE_SUFFIXES = {".heic", ".heif", ".hif", ".svg", ".svgz", ".jxl", ".exr
                         ".cr3", ".nef", ".nrw", ".arw", ".orf", ".rw2", ".raf", ".srw", ".pef", ".xcf", ".kra", ".psb",
                         ".ai", ".eps", ".ps", ".pdf", ".wmf", ".emf", ".avif", ".jp2", ".j2k", ".jpx", ".webp"}
 EXAMPLES = 3  # example paths per reason in the summary line
+GRAY_MODES = {"1", "L", "LA", "La", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}  # Pillow's modes without colour
 
 
 def decodable_suffixes() -> dict[str, str]:
@@ -140,6 +143,18 @@ class Discovery:
             return None
         return "decoded as a viewer shows them: " + ", ".join(f"{n} {what}" for what, n in counts.items())
 
+    def channel_summary(self, channels: int) -> str | None:
+        """With ``channels`` 1, one line counting the images stored in colour (by their mode: RGB, CMYK, a
+        palette, ...) that decoding reads as grayscale (their luma), or None."""
+        if channels != 1:
+            return None
+        colour = Counter(image.mode for image in self.images if image.mode not in GRAY_MODES)
+        if not colour:
+            return None
+        modes = ", ".join(f"{mode} {n}" for mode, n in colour.most_common())
+        return (f"--channels 1: {sum(colour.values())} image(s) stored in colour ({modes}) are read as grayscale "
+                "(their luma); --channels 3 keeps the colour")
+
     def geometry_summary(self, size: int) -> str | None:
         """One line counting the images that reach ``size`` x ``size`` px (short side to ``size``, centre square)
         by more than a small change: upscaled (a short side below ``size``) or cropped to under half their area (an
@@ -188,10 +203,10 @@ def discover_images(folder: Path, *, strict: bool = False, limit: int = 0,
         if progress:
             progress(i + 1, len(candidates))
     if strict:
-        unreadable, unsupported = found.left_out.get(UNREADABLE, []), found.left_out.get(UNSUPPORTED, [])
-        if unreadable or unsupported:
-            first, reason = (unreadable[0], UNREADABLE) if unreadable else (unsupported[0], UNSUPPORTED)
-            more = len(unreadable) + len(unsupported) - 1
+        refused = [(path, reason) for reason in (UNREADABLE, UNSUPPORTED, TOO_LARGE)
+                   for path in found.left_out.get(reason, [])]
+        if refused:
+            (first, reason), more = refused[0], len(refused) - 1
             raise DataError(f"{reason} image {first}" + (f" and {more} more" if more else "")
                             + " (drop --strict to leave such files out)")
     if not found.images:
@@ -270,12 +285,15 @@ def _hidden(name: str) -> bool:
 def _probe(path: Path, found: Discovery) -> ImageFile | None:
     """The header of one candidate, or None after recording why it is left out."""
     try:
-        with Image.open(path) as img:
+        with quiet_bomb_warning(), Image.open(path) as img:
             if img.format in PILLOW_NON_DECODERS:
                 found.leave_out(path, UNSUPPORTED)
                 return None
             return ImageFile(path, img.format or "?", img.mode, has_alpha(img), orientation(img),
                              bool(getattr(img, "is_animated", False)), tuple(img.size))
+    except Image.DecompressionBombError:  # over twice Image.MAX_IMAGE_PIXELS: Pillow will not decode it
+        found.leave_out(path, TOO_LARGE)
+        return None
     except Exception:  # Pillow raises many types for files it cannot parse
         found.leave_out(path, UNREADABLE)
         return None

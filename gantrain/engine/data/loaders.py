@@ -23,6 +23,7 @@ from gantrain.engine.data.sources import decode_folder, discover_folder, load_im
 from gantrain.engine.errors import DataError
 
 log = logging.getLogger("gantrain")
+_SUBSTITUTED: set[Path] = set()  # unreadable files the torch loader has said it replaces
 
 MEMORY_LIMIT_BYTES = 4 << 30  # auto keeps a dataset device-resident when its uint8 form is below this
 
@@ -85,7 +86,10 @@ class _FolderDataset(Dataset):
                 return torch.from_numpy(array)
             if self.strict:
                 raise DataError(f"unreadable image {path}: {why}")
-            log.warning("skipping unreadable image %s", path)
+            if path not in _SUBSTITUTED:  # once per file and process, not once per epoch
+                _SUBSTITUTED.add(path)
+                log.warning("unreadable image %s (%s): the next readable image takes its place (the memory loader "
+                            "leaves it out; --strict stops instead)", path, why)
         raise DataError("no readable images in the folder")
 
 
@@ -148,13 +152,13 @@ def _build(kind: str, data_cfg, seed: int, device: torch.device, shard: Shard, p
 
         return build_dali_loader(data_cfg, seed, device, shard, policy, progress, found)
     if kind == "torch" and found is not None:
-        log_discovery(found, data_cfg.image_size)
+        log_discovery(found, data_cfg.image_size, data_cfg.channels)
         dataset = _FolderDataset(found.paths, data_cfg.image_size, data_cfg.channels, data_cfg.strict)
         return TorchLoader(dataset, data_cfg.batch_size, seed, device, data_cfg.num_workers, shard, data_cfg.hflip)
     if found is not None:
         images = torch.from_numpy(decode_folder(found, data_cfg.image_size, data_cfg.channels,
                                                 strict=data_cfg.strict, progress=progress))
-        log_discovery(found, data_cfg.image_size)
+        log_discovery(found, data_cfg.image_size, data_cfg.channels)
     else:
         images = load_images(data_cfg.dataset, data_cfg.data_root, data_cfg.image_size, data_cfg.channels,
                              limit=data_cfg.limit, synthetic_size=data_cfg.synthetic_size, seed=seed)

@@ -86,10 +86,14 @@ def discover_folder(root: str | None, *, strict: bool = False, limit: int = 0) -
     return discover_images(data_root(root), strict=strict, limit=limit)
 
 
-def log_discovery(found: Discovery, size: int) -> None:
-    """The one line that ends discovery, one more when decoding converts images (alpha, 16-bit, ...) and one when
-    reaching ``size`` px upscales images or crops away more than half of one (:meth:`Discovery.geometry_summary`)."""
+def log_discovery(found: Discovery, size: int, channels: int | None = None) -> None:
+    """The one line that ends discovery, one more when decoding converts images (alpha, 16-bit, ...), one when
+    ``channels`` 1 reads colour images as grayscale (:meth:`Discovery.channel_summary`) and one when reaching
+    ``size`` px upscales images or crops away more than half of one (:meth:`Discovery.geometry_summary`)."""
     log.info("%s", found.summary())
+    gray = found.channel_summary(channels or 3)
+    if gray:  # a warning: colour lost, most often to a preset's channels
+        log.warning("%s", gray)
     for line in (found.conversion_summary(), found.geometry_summary(size)):
         if line:
             log.info("%s", line)
@@ -147,5 +151,5 @@ def load_images(dataset: str, root: str | None, size: int, channels: int, *, str
         return resize_uint8(images, size)
     found = discover_folder(root, strict=strict, limit=limit)
     images = decode_folder(found, size, channels, strict=strict, progress=progress)
-    log_discovery(found, size)
+    log_discovery(found, size, channels)
     return torch.from_numpy(images)

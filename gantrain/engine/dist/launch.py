@@ -232,8 +232,8 @@ def _interrupted(status_dir: Path, signum: int, cfg: Config, who: str) -> Interr
     records = WorkerRecord.read_all(status_dir)
     stopped = [r for r in records if r.outcome == "stopped" and r.step is not None]
     if not stopped and any(r.outcome == "finished" for r in records):  # rank 0 did not finish writing the end
-        return Interrupted(signum, f"{name} to {who} while the run's end was written; --resume auto writes what "
-                                   "is missing")
+        return Interrupted(signum, f"{name} to {who} while the run's end was written; "
+                                   f"{RunDir(cfg.run_dir).resume} writes what is missing")
     if not stopped:  # no worker got as far as its training loop
         return Interrupted(signum, f"{name} to {who} before training started; no checkpoint")
     first = stopped[0]  # the lowest rank of this node
@@ -244,7 +244,7 @@ def _interrupted(status_dir: Path, signum: int, cfg: Config, who: str) -> Interr
     else:
         where = "no checkpoint (no step done)"
     return Interrupted(signum, f"{name} to {who}: all {cfg.dist.nproc * cfg.dist.nnodes} workers stopped at step "
-                               f"{first.step}; {where}; continue with --resume auto",
+                               f"{first.step}; {where}; continue with {RunDir(cfg.run_dir).resume}",
                        checkpoint=Path(first.checkpoint) if first.checkpoint else None, step=first.step)
 
 
@@ -274,7 +274,7 @@ def _failed(status_dir: Path, exc, cfg: Config) -> GantrainError:
     said = next((r for r in latest if r.rank == rank and r.outcome == "failed" and r.message), None)
     own = f": {said.message}" if said is not None else " (its own message, if any, is above)"
     last = RunDir(cfg.run_dir).last
-    newest = f"continue from the newest periodic checkpoint with --resume auto ({last})" if last.is_file() \
+    newest = f"continue from the newest periodic checkpoint with {RunDir(cfg.run_dir).resume} ({last})" if last.is_file() \
         else "no checkpoint was saved yet"
     used = f" after {cfg.dist.max_restarts} restart(s), all that --max-restarts allows" if cfg.dist.max_restarts else ""
     return GantrainError(f"DDP worker rank {rank} {_how(code)}{used}{own}; the launcher stopped the others; no "

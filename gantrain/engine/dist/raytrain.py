@@ -177,7 +177,7 @@ def _refuse_an_aborted_run(cfg: Config) -> None:
     where = (f"the newest checkpoint is {last} (step {step})" if step is not None
              else "no checkpoint of it is on this machine")
     raise Interrupted(signal.SIGINT, f"SIGINT: Ray Train aborted the workers before the run's end; {where}; "
-                                     "continue with --resume auto")
+                                     f"continue with {RunDir(cfg.run_dir).resume}")
 
 
 def _storage_path(storage: str) -> str:

@@ -24,7 +24,11 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """auto: CUDA when present, else CPU. Under DDP each process takes the GPU of its local rank."""
+    """auto: CUDA when present, else CPU. Under DDP each process takes the GPU of its local rank. Raises
+    :class:`ConfigError` for another name (``gpu``, ``tpu``: before, any of them ran on the CPU) and for cuda on a
+    machine without it."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device: must be auto, cpu or cuda, got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device: cuda was asked for but CUDA is not available on this machine")
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):

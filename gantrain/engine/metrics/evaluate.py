@@ -37,7 +37,7 @@ from gantrain.engine.metrics.cache import cache_dir, load_artifact, save_artifac
 from gantrain.engine.metrics.extractor import Extractor, check_usable, ensure_extractor, task_batch, to_unit_range
 from gantrain.engine.metrics.progress import resolve_quiet, task_bar
 from gantrain.engine.metrics.reference import DatasetSpec, load_split, spec_from_config, split_sha256
-from gantrain.engine.outputs.runlog import warn_once
+from gantrain.engine.outputs.runlog import log, warn_once
 
 METRIC_KEYS = ("fd", "kid_mean", "kid_std", "precision", "recall", "density", "coverage", "classifier_score")
 FEATURE_BATCH = 1000
@@ -202,6 +202,10 @@ class Evaluator:
         started = time.perf_counter()
         fake_images, real_images = self.real_halves(num_samples, seed)
         half = len(fake_images)
+        lowered = []
+        if half < num_samples:  # the halves are disjoint: each holds at most half the split
+            lowered = [f"-n {num_samples}: each real half holds at most half the test split, {half} images"]
+            log.warning(lowered[0])
         extractor = self.reference.extractor
         fake_features, fake_probs = extract(extractor, iter(fake_images.split(FEATURE_BATCH)), half, "real half A",
                                             console=self.console, quiet=self.quiet)
@@ -210,7 +214,7 @@ class Evaluator:
         real = RealFeatures(real_features_b, *formulas.mean_and_covariance(real_features_b))
         values = compare(fake_features, fake_probs, self.reference, seed=seed, real=real)
         return MetricReport(values, half, half, seconds=time.perf_counter() - started,
-                            warnings=self.size_warnings(half, half, fake_features.shape[1]))
+                            warnings=lowered + self.size_warnings(half, half, fake_features.shape[1]))
 
 
 _EVALUATORS: dict[tuple, Evaluator] = {}

@@ -104,15 +104,26 @@ class Split:
     """int64 (N,) class labels, or None for an unlabelled folder."""
 
 
+def refuse_metrics_without_data(cfg: Config) -> None:
+    """Raises :class:`ConfigError` for a run that evaluates (--eval-every...) data without a metric domain
+    (synthetic): checked before anything is measured or written, by the run and its dry run alike."""
+    if cfg.eval.evaluates and cfg.data.dataset not in METRIC_DATASETS:
+        raise ConfigError(f"--dataset: quality metrics need fashion-mnist, mnist or folder data, not "
+                          f"{cfg.data.dataset}")
+
+
 def spec_from_config(cfg: Config) -> DatasetSpec:
     """The metric dataset of a training config (synthetic data has none)."""
     dataset = cfg.data.dataset
-    if dataset not in ("fashion-mnist", "mnist", "folder"):
+    if dataset not in METRIC_DATASETS:
         raise ConfigError(f"--dataset: quality metrics need fashion-mnist, mnist or folder data, not {dataset}")
     if dataset == "folder" and cfg.data.data_root is None:
         raise DataNotFound("an image-folder dataset needs --data-root (the folder holding the images)")
     return DatasetSpec(dataset, data_root(cfg.data.data_root), 1 if dataset != "folder" else cfg.data.channels,
                        train_px=cfg.data.image_size)
+
+
+METRIC_DATASETS = ("fashion-mnist", "mnist", "folder")  # the datasets with a metric domain (an extractor)
 
 
 def parse_dataset(text: str, root: str | None = None, channels: int = 3) -> DatasetSpec:

@@ -169,6 +169,11 @@ def evaluate_sets(source: Side, reference: Side | None, *, dataset: str | None =
         stats = sets.load_stats(reference.path)
     if dataset is not None:
         spec = parse_dataset(dataset, data_root or env_data_root(), channels)
+        saved = sets.stats_spec(stats[0]) if stats is not None else None
+        if saved is not None and (saved.dataset != spec.dataset or (
+                spec.dataset == "folder" and Path(saved.root).resolve() != Path(spec.root).resolve())):
+            raise ConfigError(f"{reference.path}: statistics in the {stats[0]['label']} extractor's features, "
+                              f"--dataset names {dataset}'s: drop --dataset, or save the statistics with it")
     elif stats is not None:
         spec = sets.stats_spec(stats[0]).extractor_spec()
     elif reference is not None and reference.kind == "dataset":

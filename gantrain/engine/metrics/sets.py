@@ -34,6 +34,7 @@ from gantrain.engine.state.files import atomic_write
 
 STATS_FORMAT = "gantrain-eval-stats"
 STATS_VERSION = 1
+MIN_METRIC_IMAGES = formulas.PR_NEIGHBOURS + 1  # the fewest images of a set the metrics are defined for
 COLOUR_SAMPLE = 32
 """Images of a folder looked at in colour before it is read in grayscale (:func:`refuse_colour_for_grayscale`)."""
 COLOUR_CHROMA = 6.0
@@ -91,7 +92,7 @@ def folder_images(folder: Path, channels: int, size: int | None, size_px: int,
             log.info("%s: images of several sizes, read at %d px, the first one's shorter side (--size sets it)",
                      folder, size)
     if found is not None:  # what training would say of the folder: found, left out, converted, resized
-        log_discovery(found, size)
+        log_discovery(found, size, channels)
     if gray_domain is not None:
         refuse_colour_for_grayscale(folder, paths, size, gray_domain)
     chunks, skipped = [], []
@@ -106,7 +107,18 @@ def folder_images(folder: Path, channels: int, size: int | None, size_px: int,
     if skipped:
         log.warning("%s: %d image(s) that could not be decoded are left out (%s%s)", folder, len(skipped),
                     ", ".join(p.name for p in skipped[:3]), ", ..." if len(skipped) > 3 else "")
-    return torch.cat(chunks), size
+    images = torch.cat(chunks)
+    require_images(len(images), f"{folder}: {len(images)} readable image(s)")
+    return images, size
+
+
+def require_images(count: int, what: str) -> None:
+    """Raises :class:`DataError` (``what`` names the set) when ``count`` images are too few for the metrics:
+    a covariance needs 2, precision/recall more than their k nearest neighbours."""
+    if count < MIN_METRIC_IMAGES:
+        raise DataError(f"{what}: the metrics need at least {MIN_METRIC_IMAGES} (precision and recall use each "
+                        f"image's {formulas.PR_NEIGHBOURS} nearest neighbours), and give stable figures only from "
+                        "thousands")
 
 
 def gray_domain_of(spec: DatasetSpec) -> str | None:
@@ -139,7 +151,10 @@ def refuse_colour_for_grayscale(folder: Path, paths: list[Path], size: int, doma
 
 
 def folder_spec(folder: Path, channels: int) -> DatasetSpec:
-    """The metric dataset of an image folder: its own rotation extractor."""
+    """The metric dataset of an image folder: its own rotation extractor. Raises :class:`ConfigError` for
+    ``channels`` other than 1 or 3."""
+    if channels not in (1, 3):
+        raise ConfigError(f"--channels: must be 1 or 3, got {channels}")
     return DatasetSpec("folder", folder, channels)
 
 
@@ -153,10 +168,12 @@ def reference_of(side: Side, spec: DatasetSpec, train_px: int | None, *, cache: 
     if side.kind == "dataset":
         return load_reference(replace(spec, train_px=train_px), cache=cache, device=device, console=console,
                               quiet=quiet), None
-    extractor = ensure_extractor(spec, cache=cache, device=device, console=console, quiet=quiet)
-    check_usable(extractor)
     own = spec.dataset == "folder" and Path(spec.root).resolve() == Path(side.path).resolve()
     paths = folder_split_paths(side.path, "test") if own else None
+    if paths is not None:  # before its extractor is fitted
+        require_images(len(paths), f"{side.path}: {len(paths)} image(s) in its test split (every 5th image)")
+    extractor = ensure_extractor(spec, cache=cache, device=device, console=console, quiet=quiet)
+    check_usable(extractor)
     images, made_at = folder_images(side.path, spec.channels, train_px, spec.size_px, paths,
                                     gray_domain=gray_domain_of(spec))
     features, _ = extract(extractor, iter(images.split(FEATURE_BATCH)), len(images), "reference features",

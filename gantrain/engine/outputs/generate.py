@@ -3,6 +3,7 @@ trick, truncation grids and interpolations (``gantrain generate``)."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -10,13 +11,14 @@ from pathlib import Path
 
 import torch
 
-from gantrain.engine.config import from_dict
+from gantrain.engine.config import SEED_MAX, from_dict
 from gantrain.engine.dist.runtime import pick_device
 from gantrain.engine.errors import ConfigError
 from gantrain.engine.gan.models import Generator
 from gantrain.engine.gan.sampling import check_truncation, generate_images, latent_walk, truncated_noise
 from gantrain.engine.metrics.progress import task_bar
 from gantrain.engine.outputs.images import save_grid, save_images_gif, save_individual
+from gantrain.engine.outputs.runlog import log
 from gantrain.engine.state.checkpoint import check_finite, load_checkpoint, load_module_state
 from gantrain.engine.state.schema import Parts, generator_weights
 
@@ -128,6 +130,29 @@ def _truncation(psi: float | None, flag: str = "--truncation") -> float | None:
         raise ConfigError(f"{flag}: {exc}") from None
 
 
+def _say_idle_truncation(psis: Sequence[float | None], noise: str, flag: str = "--truncation") -> None:
+    """One warning when a psi of ``psis`` changes nothing: uniform noise is truncated only by a psi below 1."""
+    idle = [psi for psi in psis if psi is not None and noise == "uniform" and 1 <= psi < math.inf]
+    if idle:
+        log.warning("%s %s: without effect on this generator's uniform noise U(-1, 1) (a PSI below 1 scales it)",
+                    flag, ", ".join(f"{psi:g}" for psi in idle))
+
+
+def _checked(out: str | Path | None, seed: int, nrow: int = 1) -> Path:
+    """The grid path (a PNG: a name ending in .png or without an extension), after the checks the command line
+    makes of ``seed`` and ``nrow``; raises :class:`ConfigError` before anything is read or written."""
+    if out is None or not str(out):
+        raise ConfigError("--out: give the grid's path (a .png)")
+    out = Path(out)
+    if out.suffix.lower() not in ("", ".png"):  # the grid is a PNG: another extension would misname its bytes
+        raise ConfigError(f"--out: {out} would hold a PNG grid; name it {out.with_suffix('.png').name}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise ConfigError(f"--seed: must be an integer between 0 and {SEED_MAX:,}, got {seed!r}")
+    if isinstance(nrow, bool) or not isinstance(nrow, int) or nrow < 1:
+        raise ConfigError(f"--nrow: must be an integer of at least 1, got {nrow!r}")
+    return out
+
+
 def _images(g: Generator, noise: torch.Tensor) -> torch.Tensor:
     """G's images of ``noise``, 256 at a time; with a bar from :data:`BAR_FROM_IMAGES` images on."""
     chunks = noise.to(next(g.parameters()).device).split(256)
@@ -149,11 +174,13 @@ def generate(checkpoint: str | Path, *, n: int | None = None, seeds: str | Seque
     ``individual``: also each image as its own PNG in this folder, named by its index (image 100: 000100.png).
     Raises :class:`ConfigError` for n with seeds, n < 1, bad seeds or psi (before reading the checkpoint),
     :class:`CheckpointError` for a checkpoint :func:`load_generator` refuses, :class:`RunIOError` for files."""
+    out = _checked(out, seed, nrow)
     indices = _indices(n, seeds, DEFAULT_IMAGES)
     psi = _truncation(truncation)
     g, cfg = load_generator(checkpoint, device, use_ema)
+    _say_idle_truncation([psi], cfg.loss.noise)
     images = _images(g, truncated_noise(indices, cfg.model.nz, cfg.loss.noise, seed, psi))
-    result = GenerateResult(save_grid(images, Path(out), nrow), indices=indices)
+    result = GenerateResult(save_grid(images, out, nrow), indices=indices)
     if individual is not None:
         with task_bar(f"writing {len(indices):,} PNGs", len(indices),
                       quiet=len(indices) < BAR_FROM_IMAGES) as advance:
@@ -184,11 +211,13 @@ def truncation_grid(checkpoint: str | Path, truncations: str | Sequence[float], 
     """Writes one grid PNG ``out`` with a row per truncation (psi, in order; text as :func:`parse_truncations`) of
     the same images of ``seed``: 0..n-1 (n default 8) or ``seeds``, as :func:`generate` draws them with that psi
     (the row of psi = inf is :func:`generate`'s untruncated images). Raises as :func:`generate`."""
+    out = _checked(out, seed)
     indices = _indices(n, seeds, DEFAULT_GRID_IMAGES)
     psis = parse_truncations(truncations)
     g, cfg = load_generator(checkpoint, device, use_ema)
+    _say_idle_truncation(psis, cfg.loss.noise, "--truncation-grid")
     noise = torch.cat([truncated_noise(indices, cfg.model.nz, cfg.loss.noise, seed, psi) for psi in psis])
-    return GenerateResult(save_grid(_images(g, noise), Path(out), len(indices)), indices=indices)
+    return GenerateResult(save_grid(_images(g, noise), out, len(indices)), indices=indices)
 
 
 def interpolate(checkpoint: str | Path, points: str | Sequence[int], *, frames: int = 8,
@@ -212,11 +241,12 @@ def interpolate(checkpoint: str | Path, points: str | Sequence[int], *, frames: 
     if not isinstance(frames, int) or frames < 2:
         raise ConfigError(f"--frames: at least 2 (the two ends), got {frames}")
     psi = _truncation(truncation)
-    out = Path(out)
+    out = _checked(out, seed)
     gif = out.with_suffix(".gif") if gif is None else Path(gif)
     if gif.resolve() == out.resolve():
         raise ConfigError(f"--out: {out} would be both the grid PNG and the GIF; name the grid .png")
     g, cfg = load_generator(checkpoint, device, use_ema)
+    _say_idle_truncation([psi], cfg.loss.noise)
     walk = latent_walk(truncated_noise(indices, cfg.model.nz, cfg.loss.noise, seed, psi), frames, cfg.loss.noise)
     images = _images(g, walk.flatten(0, 1))
     grid = save_grid(images, out, frames)

@@ -60,8 +60,8 @@ class RunOutputs:
         """Refuses, before anything is written, what the outputs cannot do: a new run into a folder that holds
         one (its checkpoints/last.pt), a --logger whose extra is missing."""
         if not resuming and RunDir(cfg.run_dir).last.exists():
-            raise ConfigError(f"--out: {cfg.run_dir} already holds a run; continue it with --resume auto "
-                              "or choose another --out")
+            raise ConfigError(f"--out: {cfg.run_dir} already holds a run; continue it with "
+                              f"{RunDir(cfg.run_dir).resume} or choose another --out")
         RunOutputs.refuse_an_out_inside_the_images(cfg)
         check_loggers(parse_loggers(cfg.logging.logger))
 

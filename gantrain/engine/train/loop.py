@@ -26,6 +26,7 @@ from gantrain.engine.gan import hardware
 from gantrain.engine.gan.precision import compute_name
 from gantrain.engine.gan.sampling import fixed_noise
 from gantrain.engine.gan.step import replica_max_abs_diff
+from gantrain.engine.metrics.reference import refuse_metrics_without_data
 from gantrain.engine.outputs.runlog import discard_held, log, setup_logging
 from gantrain.engine.outputs.writer import RunOutputs
 from gantrain.engine.state import checkpoint as ckpt
@@ -123,6 +124,8 @@ class Trainer:
         # before the first collective, and every rank raises what any rank refused: none is left waiting.
         with self.stop_agreement.refusals():
             RunOutputs.refuse_an_out_inside_the_images(cfg)  # before the folder is made or its lock taken
+            if self.evaluation is True:  # the run's own evaluations: before the layer probe measures anything
+                refuse_metrics_without_data(cfg)
             if self.dist.is_main:  # one owner per run folder; under DDP rank 0 owns it for all ranks
                 self.lock.take(notes.append)
                 self.lock.remove_leftovers(notes.append)  # what a killed run's atomic writes left
@@ -244,7 +247,7 @@ class Trainer:
         (a tracker's upload that hangs), and --resume auto writes what is then missing."""
         if self.stop_agreement.local_signal is not None and getattr(self, "_end_signals", 0):
             raise Interrupted(signum, f"{signal.Signals(signum).name} twice while the run's end was written: stopped; "
-                                      "--resume auto writes what is missing", step=self.step,
+                                      f"{RunDir(self.run_dir).resume} writes what is missing", step=self.step,
                               checkpoint=self.last_checkpoint)
         self._end_signals = getattr(self, "_end_signals", 0) + 1
         self.stop_agreement.on_signal(signum)
@@ -264,7 +267,7 @@ class Trainer:
                     where = ("rank 0 saves the checkpoint" if not self.dist.is_main else
                              f"checkpoint saved to {saved}" if saved else "no checkpoint (no step done)")
                     raise Interrupted(self.agreed_stop, f"interrupted at step {self.step}; {where}; continue with "
-                                      "--resume auto", checkpoint=saved, step=self.step)
+                                      f"{RunDir(self.run_dir).resume}", checkpoint=saved, step=self.step)
                 if self.epoch_step >= per_epoch:
                     self.pos.epoch, self.pos.epoch_step = self.epoch + 1, 0
                     self.epoch_means = self.gan.stats.read_epoch()

@@ -90,6 +90,10 @@ def test_the_diffaug_recipe_differs_from_cats64_only_in_diffaug() -> None:
     ({"dataset": "cifar"}, "--dataset"),
     ({"kernel_size": 3}, "--kernel-size"),
     ({"max_steps": -1}, "--max-steps"),
+    ({"seed": -1}, "--seed"),
+    ({"seed": 2**32}, "--seed"),  # 10**20 overflowed torch's 64-bit seeds mid-run (a traceback)
+    ({"channels": 3}, "--channels"),  # fashion-mnist is grayscale: the run refused it after the dry run passed
+    ({"dataset": "mnist", "channels": 3}, "--channels"),
     ({"device": "tpu"}, "--device"),
     ({"amp": "fp8"}, "--amp"),
     ({"ema_decay": 1.0}, "--ema-decay"),
@@ -106,7 +110,8 @@ def test_invalid_values_name_the_flag(flat: dict, flag: str) -> None:
 
 
 def test_valid_edges_are_accepted() -> None:
-    cfg = override(preset("fashion32"), {"label_smoothing": 0.49, "image_size": 128, "lr_g": 1e-9, "batch_size": 1.0})
+    cfg = override(preset("fashion32"), {"label_smoothing": 0.49, "image_size": 128, "lr_g": 1e-9, "batch_size": 1.0,
+                                         "seed": 2**32 - 1})
     assert cfg.loss.label_smoothing == 0.49 and cfg.data.image_size == 128 and cfg.optim.lr_g == 1e-9
     assert cfg.data.batch_size == 1 and isinstance(cfg.data.batch_size, int)
 
@@ -158,7 +163,7 @@ def test_toml_round_trip_of_presets(name: str, tmp_path: Path) -> None:
 def test_toml_round_trip_of_awkward_values(tmp_path: Path) -> None:
     cfg = override(preset("cats128"), {
         "data_root": 'C:\\data\\"cats" [x]', "out": "runs/with space/ünïcode", "compile_cache_dir": "a\tb\nc\x01d",
-        "lr_d": 5e-5, "init_std": 1e-7, "seed": 2**40, "strict": True, "ema_decay": 0.999,
+        "lr_d": 5e-5, "init_std": 1e-7, "seed": 2**32 - 1, "strict": True, "ema_decay": 0.999,
     })
     path = tmp_path / "config.toml"
     path.write_text(to_toml(cfg))

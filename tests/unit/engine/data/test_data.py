@@ -258,15 +258,23 @@ def test_decode_image_center_crops_non_square(tmp_path: Path) -> None:
     assert out[:, :, 2:5].max() < 40 and out[:, :, -5:-2].max() < 40
 
 
-def test_folder_torch_loader_replaces_unreadable_images(cat_folder: Path, tiny_cfg) -> None:
+def test_folder_torch_loader_replaces_unreadable_images(cat_folder: Path, tiny_cfg, monkeypatch) -> None:
+    from gantrain.engine.data import loaders
+
     cfg = tiny_cfg(dataset="folder", data_root=str(cat_folder), channels=3, loader="torch", num_workers=0,
                    batch_size=4, limit=0)
     truncated = cat_folder / "0001_truncated.jpg"  # passes discovery (its header is fine), fails to decode
     truncated.write_bytes((cat_folder / "more" / "UPPER.JPG").read_bytes()[:1500])
     loader = build_loader(cfg.data, seed=0, device=torch.device("cpu"))
     assert loader.num_images == 23 and loader.steps_per_epoch == 5  # 22 good + the truncated one
+    said = []
+    monkeypatch.setattr(loaders.log, "warning", lambda msg, *args: said.append(msg % args))
     batches = list(loader.epoch(0))
     assert len(batches) == 5 and all(b.shape == (4, 3, 32, 32) for b in batches)
+    list(loader.epoch(1)) and list(loader.epoch(2))  # the file is met again in each epoch: said once
+    assert len(said) == 1 and said[0].startswith(f"unreadable image {truncated} (") and \
+        said[0].endswith("the next readable image takes its place (the memory loader leaves it out; --strict stops "
+                         "instead)"), said
     strict = tiny_cfg(dataset="folder", data_root=str(cat_folder), channels=3, loader="torch", num_workers=0,
                       batch_size=23, limit=0, strict=True)
     with pytest.raises(DataError, match="0000_corrupt.jpg"):

@@ -193,6 +193,51 @@ def test_strict_refuses_a_left_out_image_by_name(tmp_path: Path) -> None:
         discover_images(tmp_path / "a", strict=True)
 
 
+def test_images_over_pillows_pixel_limit_are_named_and_the_large_ones_decode_quietly(tmp_path: Path,
+                                                                                       monkeypatch) -> None:
+    """A valid image over twice Pillow's MAX_IMAGE_PIXELS (its decompression-bomb error) was called "unreadable",
+    and one between once and twice the limit printed Pillow's raw DecompressionBombWarning. Now the first is left
+    out as over the limit (refused by name under --strict), the second decodes without a word from Pillow.
+    Pillow's limit is lowered here (40x40 = 1,600 px lies between 1,000 and 2,000; 64x64 is over twice it)."""
+    import warnings
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    folder = tmp_path / "big"
+    folder.mkdir()
+    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(folder / "large.png")
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(folder / "huge.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning Pillow raises fails the test
+        found = discover_images(folder)
+        assert [p.name for p in found.paths] == ["large.png"]
+        assert found.left_out == {"over Pillow's pixel limit": [folder / "huge.png"]}
+        assert "left out 1 file(s): over Pillow's pixel limit 1 (huge.png)" in found.summary()
+        assert decode_image(folder / "large.png", 32, 3).shape == (3, 32, 32)
+    with pytest.raises(DataError, match=r"over Pillow's pixel limit image .*huge.png \(drop --strict"):
+        discover_images(folder, strict=True)
+
+
+def test_colour_images_read_in_grayscale_are_said(tmp_path: Path) -> None:
+    """A colour folder trained with a preset's --channels 1 became luma without a word (it even said "CMYK
+    converted to RGB"). One line counts the colour images by mode; grayscale images and --channels 3 say nothing."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    rgb = np.random.default_rng(0).integers(0, 255, (16, 16, 3), np.uint8)
+    for i in range(3):
+        Image.fromarray(rgb).save(folder / f"rgb{i}.png")
+    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(rgb).convert("P").save(folder / "palette.png")
+    Image.fromarray(rgb[..., 0]).save(folder / "gray.png")
+    found = discover_images(folder)
+    assert found.channel_summary(1) == ("--channels 1: 5 image(s) stored in colour (RGB 3, CMYK 1, P 1) are read as "
+                                        "grayscale (their luma); --channels 3 keeps the colour")
+    assert found.channel_summary(3) is None
+    (folder / "gray2.png").write_bytes((folder / "gray.png").read_bytes())
+    for name in ("rgb0.png", "rgb1.png", "rgb2.png", "cmyk.jpg", "palette.png"):
+        (folder / name).unlink()
+    assert discover_images(folder).channel_summary(1) is None
+
+
 def test_a_folder_of_non_images_says_what_it_holds(tmp_path: Path) -> None:
     reasons = make_oddities(tmp_path / "odd")
     with pytest.raises(DataError, match=r"no images found below .*odd; left out: unreadable 2 .*unsupported format 2"):

@@ -210,8 +210,10 @@ def test_interpolation_refusals(trained_run: Path, tmp_path: Path) -> None:
                                   ([1, -2], 8, "^--interpolate: image indices must be in")]:
         with pytest.raises(ConfigError, match=match):
             interpolate(checkpoint, points, frames=frames, out=tmp_path / "i.png")
-    with pytest.raises(ConfigError, match="^--out: .* both the grid PNG and the GIF"):
+    with pytest.raises(ConfigError, match="^--out: .*i.gif would hold a PNG grid; name it i.png"):
         interpolate(checkpoint, [1, 2], out=tmp_path / "i.gif")
+    with pytest.raises(ConfigError, match="^--out: .* both the grid PNG and the GIF"):
+        interpolate(checkpoint, [1, 2], out=tmp_path / "i.png", gif=tmp_path / "i.png")
     with pytest.raises(ConfigError, match="^--truncation: must be > 0"):
         interpolate(checkpoint, [1, 2], truncation=0)
 
@@ -273,3 +275,46 @@ def test_every_generate_option_says_its_default() -> None:
     shown = [p.name for p in options if p.default is not None and p.default is not False]  # typer shows these
     assert sorted(shown) == ["device", "out", "seed"]
     assert [p.name for p in options if p.name not in shown and "default" not in (p.help or "")] == []
+
+
+def test_the_api_makes_the_command_lines_checks(trained_run: Path, tmp_path: Path) -> None:
+    """`gantrain.generate(out="x.jpg")` wrote PNG bytes into x.jpg, nrow=0 raised ZeroDivisionError, out=None a
+    TypeError, a seed past 64 bits an overflow: the command line refused them, the API did not. Each is now one
+    ConfigError, before the checkpoint is read (a missing one is not reached)."""
+    missing = tmp_path / "none.pt"
+    for kwargs, says in [({"out": tmp_path / "x.jpg"}, "x.jpg would hold a PNG grid; name it x.png"),
+                         ({"out": None}, "--out: give the grid's path"),
+                         ({"nrow": 0}, "--nrow: must be an integer of at least 1, got 0"),
+                         ({"seed": 10**20}, "--seed: must be an integer between 0 and 4,294,967,295"),
+                         ({"seed": -1}, "--seed")]:
+        with pytest.raises(ConfigError, match=says):
+            generate(missing, **{"out": tmp_path / "g.png", **kwargs})
+    with pytest.raises(ConfigError, match="x.jpg would hold a PNG grid"):
+        truncation_grid(missing, "0.5,inf", out=tmp_path / "x.jpg")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_truncation_without_effect_on_uniform_noise_is_said(trained_run: Path, tmp_path: Path,
+                                                             monkeypatch) -> None:
+    """Uniform noise is truncated by scaling only when PSI < 1: `--truncation 1.5` on a uniform-noise generator
+    wrote the untruncated images, byte for byte, without a word. Now one warning says so; PSI 0.5 and normal
+    noise say nothing."""
+    from gantrain.engine.outputs import generate as gen
+    from gantrain.engine.state.checkpoint import load_checkpoint
+
+    state = load_checkpoint(trained_run / "checkpoints" / "last.pt")
+    state["run"]["config"]["loss"]["noise"] = "uniform"
+    uniform = tmp_path / "uniform.pt"
+    torch.save(state, uniform)
+    said = []
+    monkeypatch.setattr(gen.log, "warning", lambda msg, *args: said.append(msg % args))
+    plain = generate(uniform, n=4, out=tmp_path / "plain.png", device="cpu")
+    psi = generate(uniform, n=4, truncation=1.5, out=tmp_path / "psi.png", device="cpu")
+    assert psi.grid.read_bytes() == plain.grid.read_bytes()  # the reason for the warning
+    assert said == ["--truncation 1.5: without effect on this generator's uniform noise U(-1, 1) (a PSI below 1 "
+                    "scales it)"]
+    generate(uniform, n=4, truncation=0.5, out=tmp_path / "half.png", device="cpu")
+    generate(trained_run / "checkpoints" / "last.pt", n=4, truncation=1.5, out=tmp_path / "n.png", device="cpu")
+    truncation_grid(uniform, "0.5,1,2,inf", n=2, out=tmp_path / "grid.png", device="cpu")
+    assert said[1:] == ["--truncation-grid 1, 2: without effect on this generator's uniform noise U(-1, 1) (a PSI "
+                        "below 1 scales it)"]
