@@ -73,6 +73,31 @@ def test_ray_train_run_matches_torchrun_and_its_checkpoint_resumes_anywhere(trai
     assert grid.returncode == 0 and (tmp_path / "grid.png").is_file(), grid.stderr[-2000:]
 
 
+def test_a_ray_launch_never_takes_an_earlier_launchs_checkpoint_from_the_storage(train_root, tmp_path):
+    """Ray Train hands every launch the newest checkpoint its storage holds for the run name: a NEW run B sharing
+    run A's --ray-storage resumed from A's step 8 (A's seed and weights, 4 steps of its own), and A continued
+    with --resume auto from that step-8 report instead of its last.pt at step 12 (the steps between lost). Only a
+    checkpoint this launch reported is a restart's now."""
+    storage = tmp_path / "shared-storage"
+    a, b = tmp_path / "a", tmp_path / "b"
+    first = _run(train_root, a, "--ray", "--ray-workers", "2", "--ray-storage", storage, "--max-steps", "12")
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert sorted(load_checkpoint(p)["position"]["step"] for p in storage.glob("train/checkpoint_*/last.pt")) == [8]
+    other = _run(train_root, b, "--ray", "--ray-workers", "2", "--ray-storage", storage, "--max-steps", "12",
+                 "--seed", "5")
+    assert other.returncode == 0, other.stderr[-4000:]
+    steps = [json.loads(line)["step"] for line in (b / "metrics.jsonl").read_text().splitlines()]
+    assert steps[:12] == list(range(1, 13)) and "resumed from" not in (b / "train.log").read_text()
+    assert load_checkpoint(b / "checkpoints" / "last.pt")["run"]["config"]["run"]["seed"] == 5
+    again = _run(train_root, a, "--ray", "--ray-workers", "2", "--ray-storage", storage, "--max-steps", "14",
+                 "--resume", "auto")
+    assert again.returncode == 0, again.stderr[-4000:]
+    log = (a / "train.log").read_text()
+    assert re.search(r"resumed from \S*a/checkpoints/last\.pt at step 12", log), log[-3000:]
+    steps = [json.loads(line)["step"] for line in (a / "metrics.jsonl").read_text().splitlines() if "loss_d" in line]
+    assert steps == list(range(1, 15))
+
+
 def test_ray_and_ddp_together_are_refused_in_one_line(train_root, tmp_path):
     done = _run(train_root, tmp_path / "x", "--ray", "--ddp", "--max-steps", "2")
     assert done.returncode == 2 and done.stderr.strip() == "error: --ray: --ray runs DDP workers itself; leave out --ddp"

@@ -2,7 +2,8 @@
 
 Ray Train starts the workers (on the cluster at ``--ray-address``, or a local Ray), sets up their process group
 (gloo on CPU, NCCL with ``--gpus-per-worker``) and restarts them after a failure (``FailureConfig``,
-``--max-restarts`` times) from the newest checkpoint reported to it, else from the ``last.pt`` this launch wrote
+``--max-restarts`` times) from the newest checkpoint this launch reported to it (one of an earlier launch, or of
+another run sharing ``--ray-storage``, is never taken for it), else from the ``last.pt`` this launch wrote
 (Ray Train takes in a report only when it next polls the workers, every 2 s, so a failure just after an epoch
 end can leave it none); rank 0 then says in train.log that Ray Train restarted the workers and the step it
 resumes from. Rank 0 writes the run folder (``--out``, the same files as a torchrun run) and, at each epoch end,
@@ -18,6 +19,7 @@ import os
 import signal
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -37,6 +39,8 @@ from gantrain.engine.train.loop import Trainer
 
 #: The file a Ray Train checkpoint folder holds: the run's last.pt, under the same name.
 RAY_CHECKPOINT_FILE = RunDir(Path(".")).last.name
+#: Beside it: the id of the launch that reported it.
+RAY_LAUNCH_FILE = "gantrain-launch"
 
 
 def ray_worker(config: dict) -> None:
@@ -51,8 +55,12 @@ def ray_worker(config: dict) -> None:
     on_disk = restart_resume(RunDir(cfg.run_dir), None, config["started"])
     restart = on_disk is not None
     with contextlib.ExitStack() as stack:
-        if restored is not None:  # the newest checkpoint Ray Train kept (a restart, or an earlier --ray launch's)
-            resume = str(Path(stack.enter_context(restored.as_directory())) / RAY_CHECKPOINT_FILE)
+        folder = Path(stack.enter_context(restored.as_directory())) if restored is not None else None
+        # Ray Train hands over the newest checkpoint its storage holds for this run name, also one an earlier
+        # launch (or another run sharing --ray-storage) reported: only this launch's own is a restart's.
+        if folder is not None and _launch_of(folder) == config["launch"]:
+            resume = str(folder / RAY_CHECKPOINT_FILE)
+            restart = True
         elif restart:  # a failure before Ray Train took in any report of this launch
             resume = on_disk
         note = (lambda trainer: trainer.dist.is_main and log.warning(
@@ -60,8 +68,8 @@ def ray_worker(config: dict) -> None:
             "%s)", cfg.dist.max_restarts, trainer.step, trainer.resume_path)) if restart else None
         ended: list[WorkerRecord] = []
         try:
-            worker_main(cfg, info, resume=resume, console=Console(stderr=True), hooks=[_EpochReport()],
-                        on_start=note, record=ended.append)
+            worker_main(cfg, info, resume=resume, console=Console(stderr=True),
+                        hooks=[_EpochReport(config["launch"])], on_start=note, record=ended.append)
             if info.is_main:  # the driver tells a finished run from one Ray Train aborted (Ctrl-C) by this
                 config["outcomes"].put(json.dumps(asdict(ended[-1])))
         except GantrainError:
@@ -73,15 +81,27 @@ def ray_worker(config: dict) -> None:
 
 
 class _EpochReport:
-    """The Trainer's after-epoch hook under Ray Train."""
+    """The Trainer's after-epoch hook under Ray Train (``launch``: this launch's id, kept with each checkpoint)."""
+
+    def __init__(self, launch: str) -> None:
+        self.launch = launch
 
     def after_epoch(self, trainer: Trainer, epochs_done: int) -> None:
-        _report(trainer, epochs_done)
+        _report(trainer, epochs_done, self.launch)
 
 
-def _report(trainer: Trainer, epochs_done: int) -> None:
+def _launch_of(folder: Path) -> str | None:
+    """The id of the launch that reported the Ray Train checkpoint ``folder`` (None: an older gantrain's)."""
+    try:
+        return (folder / RAY_LAUNCH_FILE).read_text().strip()
+    except OSError:
+        return None
+
+
+def _report(trainer: Trainer, epochs_done: int, launch: str) -> None:
     """Every rank reports (Ray Train wants the same number of reports from each); rank 0 adds the checkpoint
-    saved at this epoch end, as a folder holding a hard link to it (no copy until Ray persists it)."""
+    saved at this epoch end, as a folder holding a hard link to it (no copy until Ray persists it) and the id of
+    this launch (a later launch does not take it for a restart's)."""
     import ray.train
 
     metrics = {"epoch": epochs_done, "step": trainer.step, **trainer.epoch_means}
@@ -96,6 +116,7 @@ def _report(trainer: Trainer, epochs_done: int) -> None:
             import shutil
 
             shutil.copy2(trainer.last_checkpoint, Path(folder) / RAY_CHECKPOINT_FILE)
+        (Path(folder) / RAY_LAUNCH_FILE).write_text(launch)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
@@ -135,7 +156,7 @@ def train_on_ray(cfg: Config, resume: str | None, console: Console | None = None
         outcomes = Queue(actor_options={"num_cpus": 0})  # the workers' refusals (WorkerRecord as JSON)
         trainer = TorchTrainer(
             ray_worker, train_loop_config={"cfg": cfg.to_dict(), "resume": resume, "started": time.time(),
-                                           "outcomes": outcomes},
+                                           "outcomes": outcomes, "launch": uuid.uuid4().hex},
             scaling_config=ScalingConfig(num_workers=d.ray_workers, use_gpu=d.gpus_per_worker > 0,
                                          resources_per_worker=resources),
             torch_config=TorchConfig(timeout_s=max(1, round(60 * d.dist_timeout))),  # --dist-timeout
