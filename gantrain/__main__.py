@@ -18,7 +18,7 @@ def _stopped_while_starting(signum, _frame):
 
 
 def main() -> None:
-    handled = (signal.SIGINT, signal.SIGTERM)
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {sig: signal.signal(sig, _stopped_while_starting) for sig in handled}
     from gantrain.cli import main as cli_main
 

@@ -125,7 +125,7 @@ def test_port_in_use_is_one_line_naming_the_flag(train_root: Path, tmp_path: Pat
                                    "run?); choose a free one with --master-port")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_signal_to_the_launcher_stops_every_worker_with_one_checkpoint(start_job, signum: int) -> None:
     job = start_job()
     os.kill(job.proc.pid, signum)

@@ -82,12 +82,17 @@ def test_sigint_saves_a_checkpoint_and_resumes(train_root: Path, tmp_path: Path,
 
 
 @pytest.mark.slow
-def test_sigterm_exits_143_with_a_checkpoint(train_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_exit_128_n_with_a_checkpoint(train_root: Path, tmp_path: Path, signum: int) -> None:
+    """SIGHUP (a closed terminal or ssh session) killed a run silently (exit 129, no checkpoint, the lock left);
+    it now stops as SIGTERM does."""
     out = tmp_path / "run"
-    done = _start_and_signal(train_root, out, tmp_path, signal.SIGTERM)
-    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
+    done = _start_and_signal(train_root, out, tmp_path, signum)
+    assert done.returncode == 128 + signum, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
-    assert load_checkpoint(out / "checkpoints" / "last.pt")["position"]["step"] >= 1
+    step = load_checkpoint(out / "checkpoints" / "last.pt")["position"]["step"]
+    assert step >= 1 and f"error: interrupted at step {step}; checkpoint saved to" in done.stderr
+    assert not (out / ".gantrain.lock").exists()
 
 
 def _gantrain_script() -> Path:

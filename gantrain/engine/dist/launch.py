@@ -41,8 +41,8 @@ from rich.console import Console
 from gantrain.engine.config import Config, to_toml
 from gantrain.engine.dist.preflight import preflight
 from gantrain.engine.dist.restarts import ExitWatch, RestartMetrics, WorkerStart, cause, follower, hearing_restarts
-from gantrain.engine.dist.runtime import (die_with_parent, init_distributed, launched_by_torchrun, pick_device,
-                                          require_ray_train, shutdown_distributed)
+from gantrain.engine.dist.runtime import (STOP_SIGNALS, die_with_parent, init_distributed, launched_by_torchrun,
+                                          pick_device, require_ray_train, shutdown_distributed)
 from gantrain.engine.dist.worker import STATUS_ENV, WorkerRecord, first_refusal, inherited_refusal, worker_main
 from gantrain.engine.errors import ConfigError, GantrainError, Interrupted
 from gantrain.engine.gan.hardware import device_peaks
@@ -380,5 +380,5 @@ def _stop_before_training() -> None:
     def handler(signum, _frame):
         raise Interrupted(signum, f"{signal.Signals(signum).name} before training started; no checkpoint")
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, handler)

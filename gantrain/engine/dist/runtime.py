@@ -101,12 +101,17 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+#: The signals a run stops on at an agreed step with a checkpoint (exit 128 + N).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextlib.contextmanager
 def stop_signals(on_signal: Callable[[int], None]):
-    """SIGINT and SIGTERM call ``on_signal(signum)`` inside the block (off the main thread: left alone)."""
+    """SIGINT, SIGTERM and SIGHUP (a closed terminal or ssh session; torchrun's agent passes it on) call
+    ``on_signal(signum)`` inside the block (off the main thread: left alone)."""
     previous = {}
     with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             previous[sig] = signal.signal(sig, lambda signum, _frame: on_signal(signum))
     try:
         yield
