@@ -19,8 +19,8 @@ from rich.table import Table
 from gantrain.engine import Config, RunDir, atomic_write_text, override, read_metrics, save_figure, to_toml
 from gantrain.tune.settings import TuneSettings
 from gantrain.tune.space import Space
-from gantrain.tune.trainable import (CHECKPOINT_FILE, LOSS_KEYS, QUALITY_KEYS, REFUSED, RUN_FOLDER, report_every,
-                                     trial_epochs)
+from gantrain.tune.trainable import (CHECKPOINT_FILE, LOSS_KEYS, QUALITY_KEYS, REFUSED, RUN_FOLDER, TRAIN_FOLDER,
+                                     newest_checkpoint, report_every, trial_epochs)
 
 BEST_RUN_FOLDER = "best-run"
 
@@ -95,7 +95,11 @@ def row_from(result, settings: TuneSettings, total_epochs: int, baseline: dict[s
     metrics = dict(result.metrics or {})
     params = {k: _plain(v) for k, v in (result.config or {}).items()}
     status, note = trial_status(metrics, result.error, total_epochs)
-    checkpoint = str(Path(result.checkpoint.path) / CHECKPOINT_FILE) if result.checkpoint else ""
+    if result.checkpoint:
+        checkpoint = str(Path(result.checkpoint.path) / CHECKPOINT_FILE)
+    else:  # a multi-worker trial: its Train job keeps the checkpoints (Tune gets its reports only)
+        newest = newest_checkpoint(None, Path(result.path) / TRAIN_FOLDER)
+        checkpoint = str(newest) if newest is not None else ""
     return TrialRow(Path(result.path).name.removeprefix("trial_"), params, metrics, status, note, checkpoint,
                     merged_history(history(result, settings.metric), own_history(Path(result.path), settings.metric)),
                     baseline is not None and params == baseline)
@@ -176,10 +180,13 @@ def write_csv(outcome: Outcome, path: Path) -> Path:
 
 
 def best_config(row: TrialRow, cfg: Config, settings: TuneSettings, folder: Path) -> Config:
-    """The config the best trial trained with, as a normal run: its values, the experiment's budget, and the
-    quality metrics logged at the epochs the trial reported them (so the run's FD compares with the trial's)."""
+    """The config the best trial trained with, as a normal run: its values, the experiment's budget, the quality
+    metrics logged at the epochs the trial reported them (so the run's FD compares with the trial's), and for
+    trials of --workers-per-trial N a DDP run of N processes (the same global batch; before, best.toml ran one
+    process at 1/N of the trial's batch)."""
+    launch = {"ddp": True, "nproc": settings.workers_per_trial} if settings.workers_per_trial > 1 else {}
     return override(cfg, {**row.params, "epochs": trial_epochs(cfg, settings), "eval_every": report_every(cfg),
-                          "out": str(folder / BEST_RUN_FOLDER)})
+                          "out": str(folder / BEST_RUN_FOLDER), **launch})
 
 
 def write_best(row: TrialRow, cfg: Config, settings: TuneSettings, folder: Path) -> Path:

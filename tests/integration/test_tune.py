@@ -651,6 +651,12 @@ def test_two_trials_of_two_ddp_workers_each(ray_session, fashion_extractor, cli,
         assert "batch 16 x 2 processes = 32" in (run / "train.log").read_text()
         kept = sorted((run.parent / "train").glob("checkpoint_*/checkpoint.pt"))
         assert kept and load_checkpoint(kept[-1])["run"]["world_size"] == 2
+        # results.csv names it (before: empty for such trials, and no "best generator" line)
+        assert row["checkpoint"] and load_checkpoint(Path(row["checkpoint"]))["position"]["step"] == 4
+    # best.toml reruns the best trial as it trained: 2 DDP processes (before: one process at half the batch)
+    best = load_toml(tmp_path / "ddp" / "best.toml")
+    assert (best.dist.ddp, best.dist.nproc, best.data.batch_size) == (True, 2, 16)
+    assert "best generator:" in result.output
 
 
 def test_a_trial_measures_with_the_runs_noise_seed(monkeypatch) -> None:
