@@ -112,10 +112,10 @@ def trial_status(metrics: dict, error: BaseException | None, total_epochs: int) 
         return "refused", str(metrics[REFUSED])
     if metrics.get("diverged"):
         return "diverged", str(metrics["diverged"])
+    if metrics.get("epoch", 0) >= total_epochs:  # its whole budget reported: done, whatever "done" says (Ray's
+        return "done", ""  # saved state can hold the last result before Ray marked it done: a resume read that)
     if not metrics.get("done"):
         return "unfinished", ""
-    if metrics.get("epoch", 0) >= total_epochs:
-        return "done", ""
     return "stopped", "by the scheduler, before the end of its budget"
 
 

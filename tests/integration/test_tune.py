@@ -441,6 +441,18 @@ def test_missing_ray_names_the_extra(cli, monkeypatch, unwrap) -> None:
     assert "pip install 'gantrain[tune]'" in unwrap(result.stderr)
 
 
+def test_a_trial_that_reported_its_whole_budget_is_done_whatever_rays_flag_says() -> None:
+    """`gantrain tune --resume` of a finished experiment turned done trials into "unfinished" (Ray's saved state
+    held their last result before it was marked done) and called the experiment interrupted, on every resume."""
+    from gantrain.tune.results import trial_status
+
+    assert trial_status({"epoch": 3, "done": False, "fd": 1.0}, None, 3) == ("done", "")
+    assert trial_status({"epoch": 3, "done": True, "fd": 1.0}, None, 3) == ("done", "")
+    assert trial_status({"epoch": 2, "done": False, "fd": 1.0}, None, 3) == ("unfinished", "")
+    assert trial_status({"epoch": 2, "done": True, "fd": 1.0}, None, 3)[0] == "stopped"
+    assert trial_status({"epoch": 3, "done": False}, RuntimeError("x"), 3)[0] == "error"
+
+
 def test_ranking_puts_trials_without_a_finite_objective_last() -> None:
     from gantrain.tune.results import TrialRow, rank
 
