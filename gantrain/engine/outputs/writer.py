@@ -50,7 +50,8 @@ class RunOutputs:
         self.last_record: dict = {}
         self.last_eval: dict = {}
         self.roof: tuple[float, float] | None = None  # (model FLOPs per image, the ranks' summed peak TFLOP/s)
-        self.per_epoch, self.epochs_in_run = 1, cfg.run.epochs  # the bar's epoch count (:meth:`live` sets them)
+        # the bar's epoch count (:meth:`live` sets them)
+        self.per_epoch, self.epochs_in_run, self.epoch_origin = 1, cfg.run.epochs, 0
         self.device: torch.device | None = None
         # a console that is not a terminal gets a line at most every PLAIN_LINE_EVERY_S (:meth:`live` sets them)
         self.plain_lines, self.plain_line_at, self.plain_line_step, self.total_steps = False, time.perf_counter(), 0, 0
@@ -123,14 +124,18 @@ class RunOutputs:
         self.trackers = Trackers(self.cfg, self.run_dir, resume_step=step if resuming else None)
 
     @contextlib.contextmanager
-    def live(self, step: int, total_steps: int, resuming: bool, steps_per_epoch: int = 0):
+    def live(self, step: int, total_steps: int, resuming: bool, steps_per_epoch: int = 0, epoch: int = 0,
+             epoch_step: int = 0):
         """metrics.jsonl (cut back to ``step`` on resume) and the progress bar, for the training loop; the bar counts
-        epochs of the run's real length (``total_steps``, which --max-steps may cut short of --epochs)."""
+        epochs of the run's real length (``total_steps``, which --max-steps may cut short of --epochs) from where
+        the run stands (``epoch``, 0-based, and ``epoch_step`` steps into it: a resume with another world size
+        has other steps per epoch than the steps before it)."""
         if self.is_main:
             self.metrics = MetricsWriter(self.files.metrics, step if resuming else None)
         self.bar = progress_bar(self.console, self.cfg.data.batch_size * self.world_size)
         self.per_epoch = max(steps_per_epoch, 1)
-        self.epochs_in_run = -(-total_steps // self.per_epoch)
+        self.epoch_origin = step - epoch_step - epoch * self.per_epoch  # the step epoch 0 would have started at
+        self.epochs_in_run = -(-(total_steps - self.epoch_origin) // self.per_epoch)
         flops, peak = self.roof if self.roof is not None else (0.0, 0.0)
         self.task = self.bar.add_task("train", total=total_steps, completed=step, epoch=self._epoch_text(step),
                                       loss_d="-", loss_g="-", quality="",
@@ -146,7 +151,7 @@ class RunOutputs:
             yield self
 
     def _epoch_text(self, step: int) -> str:
-        return f"{min(step // self.per_epoch + 1, self.epochs_in_run)}/{self.epochs_in_run}"
+        return f"{min((step - self.epoch_origin) // self.per_epoch + 1, self.epochs_in_run)}/{self.epochs_in_run}"
 
     def advance(self, step: int) -> None:
         """The bar's step count (every step: a host-side counter, no device sync); rank 0 only. A console without

@@ -255,7 +255,8 @@ class Trainer:
     def _loop(self, per_epoch: int) -> None:
         """The epochs, until the last step, a hook's stop, or a stop signal (raised as :class:`Interrupted`)."""
         self.stall.step, self.stall.phase = self.step, "training"
-        with self.outputs.live(self.step, self.total_steps, self.resume_path is not None, per_epoch):
+        with self.outputs.live(self.step, self.total_steps, self.resume_path is not None, per_epoch, self.epoch,
+                               self.epoch_step):
             if self.step == 0 and self.cfg.logging.sample_every and self.dist.is_main:
                 self.write_samples()  # step 0: what the untrained generator makes, before anything is waited for
             while self.step < self.total_steps:

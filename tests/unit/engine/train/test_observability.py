@@ -184,3 +184,25 @@ def test_a_console_that_is_not_a_terminal_gets_progress_lines(tiny_cfg, monkeypa
     Trainer(tiny_cfg("tty", max_steps=4, log_every=2), console=Console(file=terminal, width=200,
                                                                         force_terminal=True)).fit()
     assert not [line for line in terminal.getvalue().splitlines() if line.startswith("step ")]
+
+
+def test_the_bar_counts_epochs_from_where_a_resume_with_other_steps_per_epoch_stands(tiny_cfg, monkeypatch) -> None:
+    """A 2-process run resumed in one process showed "epoch 2/2" while it trained epoch 3 of 3: the bar divided
+    the global step by the new steps per epoch. A batch change does the same here: 128 images at batch 32 are 4
+    steps an epoch, at batch 16 8; 2 epochs (8 steps) then a third at batch 16 (8 more)."""
+    import io
+
+    from rich.console import Console
+
+    from gantrain.engine.outputs import writer
+
+    monkeypatch.setattr(writer, "PLAIN_LINE_EVERY_S", 0.0)
+    first = tiny_cfg("resized", limit=128, batch_size=32, epochs=2, max_steps=0)
+    Trainer(first, console=Console(file=io.StringIO(), width=200)).fit()
+    piped = io.StringIO()
+    again = tiny_cfg("resized", limit=128, batch_size=16, epochs=3, max_steps=0)
+    Trainer(again, resume="auto", console=Console(file=piped, width=200)).fit()
+    shown = [re.match(r"step (\d+)/(\d+) \(epoch (\d+)/(\d+)\)", line) for line in piped.getvalue().splitlines()]
+    shown = [tuple(map(int, m.groups())) for m in shown if m]
+    assert shown and all(total == 16 and epochs == 3 for _, total, _, epochs in shown), shown
+    assert [(step, epoch) for step, _, epoch, _ in shown] == [(s, 3) for s in range(9, 17)], shown
