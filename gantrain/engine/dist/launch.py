@@ -206,6 +206,11 @@ def _measure_peaks_once(cfg: Config, threads: str) -> None:
     threads, before they start: N workers probing at once would share the cores and could disagree."""
     if pick_device(cfg.run.device).type != "cpu" or not threads.isdigit() or int(threads) < 1:
         return
+    cores = os.cpu_count() or 1
+    if cfg.dist.nproc * int(threads) > cores:
+        log.warning("--nproc %d at %s thread(s) each on %d CPU cores: the processes share cores, each step waits "
+                    "for the slowest (--nproc %d fills them)", cfg.dist.nproc, threads, cores,
+                    max(1, cores // int(threads)))
     saved = torch.get_num_threads()
     torch.set_num_threads(int(threads))
     try:

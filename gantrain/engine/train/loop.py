@@ -9,12 +9,14 @@ signals and calls the hooks (tune, Ray Train and the to-quality bench take part 
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import torch
 from rich.console import Console
 
 from gantrain.engine.config import Config
@@ -185,9 +187,11 @@ class Trainer:
                 peaks = hardware.device_peaks(self.device)
                 compute = compute_name(self.policy.amp)
                 world = self.dist.world_size
+                ranks = _ranks_of_the_roof(cfg, self.device, world)
                 self.outputs.set_roof(hardware.step_flops(cfg.model, cfg.data.image_size, cfg.data.channels),
-                                      peaks.of(compute) * world, self.device,
-                                      f"{compute}, {peaks.source}" + (f", x {world} processes" if world > 1 else ""))
+                                      peaks.of(compute) * ranks, self.device,
+                                      f"{compute}, {peaks.source}" + (f", x {ranks} processes" if ranks > 1 else "")
+                                      + (f" (of {world}: the cores they share)" if ranks < world else ""))
             except (RuntimeError, OSError) as exc:  # a probe the device cannot run (an OOM, no bf16 GEMM)
                 log.warning("MFU left out of the records: the device's peak could not be measured (%s: %s)",
                             type(exc).__name__, str(exc).splitlines()[0][:160] if str(exc) else "")
@@ -419,3 +423,13 @@ class Trainer:
 
     # where the run stands, read from its Position: optimiser updates, completed epochs, steps into this epoch
     step, epoch, epoch_step = _position("step"), _position("epoch"), _position("epoch_step")
+
+
+def _ranks_of_the_roof(cfg: Config, device: torch.device, world: int) -> int:
+    """How many ranks' peaks the MFU roof adds up: all of them, but on CPU (torchrun) no more per node than its
+    cores hold at each process's threads (--nproc 3 on 2 cores shares them: 2 processes' worth of peak)."""
+    if device.type != "cpu" or cfg.dist.ray or world <= 1:
+        return world
+    nodes = max(cfg.dist.nnodes, 1)
+    per_node = max(1, (os.cpu_count() or 1) // max(torch.get_num_threads(), 1))
+    return min(world, nodes * per_node)

@@ -206,3 +206,36 @@ def test_the_bar_counts_epochs_from_where_a_resume_with_other_steps_per_epoch_st
     shown = [tuple(map(int, m.groups())) for m in shown if m]
     assert shown and all(total == 16 and epochs == 3 for _, total, _, epochs in shown), shown
     assert [(step, epoch) for step, _, epoch, _ in shown] == [(s, 3) for s in range(9, 17)], shown
+
+
+def test_the_mfu_roof_adds_no_more_cpu_peaks_than_the_cores_hold(monkeypatch) -> None:
+    """`--ddp --nproc 64` on 2 cores divided by 64 single-thread peaks (MFU 0%), --nproc 3 by 3 (above the
+    machine's). On CPU under torchrun a node adds at most cores / threads processes' peaks; GPUs and Ray each rank."""
+    from gantrain.engine.config import override, preset
+    from gantrain.engine.train.loop import _ranks_of_the_roof
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    cfg = preset("fashion32")
+    assert [_ranks_of_the_roof(cfg, cpu, world) for world in (1, 2, 3, 64)] == [1, 2, 2, 2]
+    assert _ranks_of_the_roof(override(cfg, {"nnodes": 2}), cpu, 6) == 4  # 2 nodes of 2 cores
+    assert _ranks_of_the_roof(cfg, cuda, 64) == 64 and _ranks_of_the_roof(override(cfg, {"ray": True}), cpu, 3) == 3
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert _ranks_of_the_roof(cfg, cpu, 2) == 1  # 2 processes of 2 threads on 2 cores: one machine's peak
+
+
+def test_more_processes_than_cores_is_said_once_by_the_launcher(monkeypatch) -> None:
+    from gantrain.engine.config import override, preset
+    from gantrain.engine.dist import launch
+
+    said = []
+    monkeypatch.setattr(launch.log, "warning", lambda msg, *args: said.append(msg % args))
+    monkeypatch.setattr(launch, "device_peaks", lambda device: None)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    launch._measure_peaks_once(override(preset("fashion32"), {"nproc": 3, "device": "cpu"}), "1")
+    assert said == ["--nproc 3 at 1 thread(s) each on 2 CPU cores: the processes share cores, each step waits for "
+                    "the slowest (--nproc 2 fills them)"]
+    said.clear()
+    launch._measure_peaks_once(override(preset("fashion32"), {"nproc": 2, "device": "cpu"}), "1")
+    assert said == []
