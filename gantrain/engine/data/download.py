@@ -96,7 +96,8 @@ def ensure_idx_files(dataset: str, root: Path) -> dict[str, Path]:
             download(dataset, path.name, md5, folder)
         paths[stem] = path
     said = (str(folder.resolve()), tuple(p.name for p in unofficial))
-    if unofficial and said not in _unofficial_said:  # once a process: each of a run's readers calls this
+    # once a process (each of a run's readers calls this), and under DDP by each node's first process only
+    if unofficial and said not in _unofficial_said and os.environ.get("LOCAL_RANK", "0") == "0":
         _unofficial_said.add(said)
         log.warning("%s: %d of the %s files are not the official ones (another MD5: %s); used as they are", folder,
                     len(unofficial), dataset, ", ".join(p.name for p in unofficial))

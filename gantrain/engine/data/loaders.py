@@ -90,7 +90,9 @@ class _FolderDataset(Dataset):
                 _SUBSTITUTED.add(path)
                 log.warning("unreadable image %s (%s): the next readable image takes its place (the memory loader "
                             "leaves it out; --strict stops instead)", path, why)
-        raise DataError("no readable images in the folder")
+        raise DataError(f"none of the {len(self.paths)} images discovered is readable now (the first: "
+                        f"{self.paths[0] if self.paths else '-'}); were they changed or removed since the run "
+                        "started?")
 
 
 class TorchLoader:

@@ -438,3 +438,8 @@ def test_the_official_files_pass_and_a_subset_is_used_with_one_warning(fashion_r
                     "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte); "
                     "used as they are"]
     assert read_idx(paths["train-images-idx3-ubyte"]).shape == (100, 28, 28)
+    # under DDP each node's first process says it (each rank said it before)
+    dl._unofficial_said.clear()
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    dl.ensure_idx_files("fashion-mnist", tmp_path)
+    assert len(said) == 1
