@@ -44,7 +44,7 @@ from gantrain.engine.dist.restarts import ExitWatch, RestartMetrics, WorkerStart
 from gantrain.engine.dist.runtime import (STOP_SIGNALS, die_with_parent, init_distributed, launched_by_torchrun,
                                           pick_device, require_ray_train, shutdown_distributed)
 from gantrain.engine.dist.worker import STATUS_ENV, WorkerRecord, first_refusal, inherited_refusal, worker_main
-from gantrain.engine.errors import ConfigError, GantrainError, Interrupted
+from gantrain.engine.errors import ConfigError, GantrainError, Interrupted, LostPeers
 from gantrain.engine.gan.hardware import device_peaks
 from gantrain.engine.outputs.runlog import log, setup_logging
 from gantrain.engine.state.checkpoint import restart_resume
@@ -267,12 +267,16 @@ def _failed(status_dir: Path, exc, cfg: Config) -> GantrainError:
     # once one worker has exited, the agent sends SIGTERM to the others: -SIGTERM is its doing, not a fault
     if stopped and all(code in stop_codes or code == -signal.SIGTERM for code in codes.values()):
         return _interrupted(status_dir, max(stopped) - 128, cfg, "the workers")
-    # The cause: a worker killed by a signal (other than the agent's SIGTERM), else the first that failed.
-    ranked = sorted(codes.items(), key=lambda rc: (not (rc[1] < 0 and rc[1] != -signal.SIGTERM), rc[0]))
-    cause = [(r, c) for r, c in ranked if c not in stop_codes and c != -signal.SIGTERM]
-    rank, code = (cause or ranked)[0]
     records = WorkerRecord.read_all(status_dir)
     latest = [r for r in records if r.attempt == max(r.attempt for r in records)] if records else []
+    # A rank that only lost its peers (a collective failed because another worker was gone) is a consequence.
+    lost = {r.rank for r in latest if r.kind == LostPeers.__name__}
+    # The cause: a worker killed by a signal (other than the agent's SIGTERM), else the first that failed of its
+    # own accord, else the first that failed.
+    ranked = sorted(codes.items(), key=lambda rc: (not (rc[1] < 0 and rc[1] != -signal.SIGTERM), rc[0] in lost,
+                                                   rc[0]))
+    cause = [(r, c) for r, c in ranked if c not in stop_codes and c != -signal.SIGTERM]
+    rank, code = (cause or ranked)[0]
     final = inherited_refusal(latest)
     if final is not None:  # with no restart left: the error no restart cures, as one process says it
         return final.error()
@@ -282,6 +286,7 @@ def _failed(status_dir: Path, exc, cfg: Config) -> GantrainError:
     newest = f"continue from the newest periodic checkpoint with {RunDir(cfg.run_dir).resume} ({last})" if last.is_file() \
         else "no checkpoint was saved yet"
     used = f" after {cfg.dist.max_restarts} restart(s), all that --max-restarts allows" if cfg.dist.max_restarts else ""
+    own = own.removesuffix("; no checkpoint of this step")  # said once, below
     return GantrainError(f"DDP worker rank {rank} {_how(code)}{used}{own}; the launcher stopped the others; no "
                          f"checkpoint of this step: {newest}")
 
