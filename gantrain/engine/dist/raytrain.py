@@ -162,14 +162,26 @@ def train_on_ray(cfg: Config, resume: str | None, console: Console | None = None
             torch_config=TorchConfig(timeout_s=max(1, round(60 * d.dist_timeout))),  # --dist-timeout
             run_config=RunConfig(name="train", storage_path=storage,
                                  failure_config=_failure_config(FailureConfig, d.max_restarts)))
+        received: list[int] = []
+
+        def as_sigint(signum, _frame):  # Ray's own SIGTERM handler dumps a crash report and aborts (exit 134)
+            received.append(signum)
+            os.kill(os.getpid(), signal.SIGINT)  # Ray Train's SIGINT handler stops the workers
+
+        previous = {}
+        with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are
+            previous = {sig: signal.signal(sig, as_sigint) for sig in (signal.SIGTERM, signal.SIGHUP)}
         try:
             result = trainer.fit()
         except SystemExit:  # Ray Train's SIGINT handler exits when its controller is already gone
-            _refuse_an_aborted_run(cfg)
+            _refuse_an_aborted_run(cfg, received)
         except Exception as exc:  # TrainingFailedError (Ray Train 2): the workers' own error is above
             workers = bool(getattr(exc, "worker_failures", None))
             after = f" after {d.max_restarts} restart(s) allowed (--max-restarts)" if workers else ""
             raise GantrainError(f"--ray: the Ray Train run failed{after}: {_failures(exc)}") from None
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         records = [WorkerRecord(**json.loads(outcomes.get_nowait())) for _ in range(outcomes.qsize())]
         refused = first_refusal(sorted(records, key=lambda r: r.rank))
         if refused is not None:  # a worker's refusal (what no restart cures): as one process would say it
@@ -177,7 +189,7 @@ def train_on_ray(cfg: Config, resume: str | None, console: Console | None = None
         if getattr(result, "error", None) is not None:
             raise GantrainError(f"--ray: the Ray Train run failed: {str(result.error).strip().splitlines()[0][:300]}")
         if not any(r.rank == 0 and r.outcome == "finished" for r in records):
-            _refuse_an_aborted_run(cfg)
+            _refuse_an_aborted_run(cfg, received)
     finally:
         if "outcomes" in locals():
             outcomes.shutdown()
@@ -185,11 +197,11 @@ def train_on_ray(cfg: Config, resume: str | None, console: Console | None = None
             ray.shutdown()
 
 
-def _refuse_an_aborted_run(cfg: Config) -> None:
-    """Raises :class:`Interrupted` (SIGINT, exit 130) for a Ray Train run whose rank 0 did not finish: Ray
-    Train's own SIGINT handler aborts the workers (Ctrl-C) and returns as if the run had ended (or exits when its
-    controller is gone), which would end the command with nothing said. The run's last.pt, when this node sees
-    it, says where it stands."""
+def _refuse_an_aborted_run(cfg: Config, received: list[int]) -> None:
+    """Raises :class:`Interrupted` (the signal of ``received``, else SIGINT: exit 128 + N) for a Ray Train run
+    whose rank 0 did not finish: Ray Train's own SIGINT handler aborts the workers (Ctrl-C; SIGTERM and SIGHUP are
+    passed to it as SIGINT) and returns as if the run had ended (or exits when its controller is gone), which would
+    end the command with nothing said. The run's last.pt, when this node sees it, says where it stands."""
     last = RunDir(cfg.run_dir).last
     try:
         step = step_of(load_checkpoint(last)) if last.is_file() else None
@@ -197,8 +209,9 @@ def _refuse_an_aborted_run(cfg: Config) -> None:
         step = None
     where = (f"the newest checkpoint is {last} (step {step})" if step is not None
              else "no checkpoint of it is on this machine")
-    raise Interrupted(signal.SIGINT, f"SIGINT: Ray Train aborted the workers before the run's end; {where}; "
-                                     f"continue with {RunDir(cfg.run_dir).resume}")
+    signum = received[0] if received else signal.SIGINT
+    raise Interrupted(signum, f"{signal.Signals(signum).name}: Ray Train aborted the workers before the run's end; "
+                              f"{where}; continue with {RunDir(cfg.run_dir).resume}")
 
 
 def _storage_path(storage: str) -> str:
