@@ -50,6 +50,7 @@ class RunOutputs:
         self.last_record: dict = {}
         self.last_eval: dict = {}
         self.roof: tuple[float, float] | None = None  # (model FLOPs per image, the ranks' summed peak TFLOP/s)
+        self.roof_how, self.said_mfu_over_peak = "", False
         # the bar's epoch count (:meth:`live` sets them)
         self.per_epoch, self.epochs_in_run, self.epoch_origin = 1, cfg.run.epochs, 0
         self.device: torch.device | None = None
@@ -90,7 +91,7 @@ class RunOutputs:
     def set_roof(self, flops_per_image: float, peak_tflops: float, device: torch.device, how: str) -> None:
         """What MFU divides by from now on: the model FLOPs of one image's step and the peak of every rank together
         (``how`` says where the peak comes from, in the log's words)."""
-        self.roof, self.device = (flops_per_image, peak_tflops), device
+        self.roof, self.device, self.roof_how = (flops_per_image, peak_tflops), device, how
         if self.is_main:
             log.info("MFU = images/s x %.3g GFLOP/image over %.3g TFLOP/s (%s)", flops_per_image / 1e9, peak_tflops,
                      how)
@@ -211,6 +212,11 @@ class RunOutputs:
                 flops, peak = self.roof
                 roof = {"mfu": round(images_per_s * flops / (peak * 1e12), 5) if peak > 0 else None,
                         "peak_mem_gib": round(peak_mem_gib(self.device), 3)}
+                if (roof["mfu"] or 0) > 1 and not self.said_mfu_over_peak:
+                    self.said_mfu_over_peak = True
+                    log.warning("MFU %.0f%% at step %d: above the peak it divides by (%s), so that peak is too low "
+                                "(measured while the machine was busy?); delete the cached peak to measure it again",
+                                100 * roof["mfu"], step, self.roof_how)
             record = {"step": step, "epoch": epoch + 1, **{k: round(v, 5) for k, v in stats.items()},
                       "images_per_s": round(images_per_s, 1), **roof,
                       **{f"{k}_ms": round(v / steps, 2) for k, v in phases_ms.items()}, **(rates or {}),

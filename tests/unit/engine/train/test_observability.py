@@ -239,3 +239,23 @@ def test_more_processes_than_cores_is_said_once_by_the_launcher(monkeypatch) -> 
     said.clear()
     launch._measure_peaks_once(override(preset("fashion32"), {"nproc": 2, "device": "cpu"}), "1")
     assert said == []
+
+
+def test_an_mfu_above_100_percent_says_the_peak_is_too_low_once(tiny_cfg, quiet_console, monkeypatch) -> None:
+    """The bar showed "MFU 104%" without a word: the cached peak had been measured on a busy machine."""
+    from gantrain.engine.outputs import writer
+    from gantrain.engine.outputs.writer import RunOutputs
+
+    said = []
+    monkeypatch.setattr(writer.log, "warning", lambda msg, *args: said.append(msg % args))
+    outputs = RunOutputs(tiny_cfg(), quiet_console, is_main=True, world_size=1)
+    monkeypatch.setattr(outputs, "write", lambda record: setattr(outputs, "last_record", record))
+    outputs.bar = type("Bar", (), {"update": lambda *a, **k: None})()
+    outputs.task = 0
+    outputs.set_roof(4e8, 1e-9, hardware.torch.device("cpu"), "bf16, measured 1024x1024 matmul")  # far too low
+    for step in (10, 20):
+        outputs.window = (hardware.time.perf_counter() - 1.0, step - 10)
+        outputs.log(step, 0, {"loss_d": 1.0, "loss_g": 1.0}, {})
+    assert outputs.last_record["mfu"] > 1 and len(said) == 1, said
+    assert said[0].startswith("MFU ") and "at step 10: above the peak it divides by (bf16, measured 1024x1024 " \
+        "matmul), so that peak is too low" in said[0]
