@@ -11,6 +11,7 @@ import pytest
 from processes import free_port
 import torch
 
+from gantrain.engine.config import load_toml
 from gantrain.engine.state.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -105,6 +106,25 @@ def test_ranks_that_resolve_amp_auto_differently_are_refused(train_root, tmp_pat
     said = " ".join((proc.stdout + proc.stderr).split())  # rich wraps at the pipe's 80 columns
     assert said.count(line) == 2, _errors(proc)  # each rank says it (torchrun then reports the failed workers)
     assert not (out / "checkpoints" / "last.pt").exists()
+
+
+def test_torchrun_by_hand_records_the_launch_it_had(train_root, tmp_path):
+    """`torchrun --nproc-per-node 2 -m gantrain run` wrote nproc = 1 (and ddp = false) into config.toml and the
+    checkpoints, so a rerun from config.toml trained one process at half the global batch. The launch is recorded
+    as torchrun's environment says, with one line."""
+    out = tmp_path / "by-hand"
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+            "-m", "gantrain", "run", "--data-root", str(train_root), "--limit", "256", "--batch-size", "16", "--ngf",
+            "8", "--ndf", "8", "--max-steps", "2", "--sample-every", "0", "--device", "cpu", "--amp", "off",
+            "--out", str(out)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, _errors(proc)
+    cfg = load_toml(out / "config.toml")
+    assert (cfg.dist.ddp, cfg.dist.nproc, cfg.dist.nnodes) == (True, 2, 1)
+    assert "batch 16 x 2 processes = 32" in (out / "train.log").read_text()
+    said = " ".join((proc.stdout + proc.stderr).split())
+    assert said.count("torchrun started this run: recorded as ddp = True, nproc = 2, nnodes = 1 (the command gave "
+                      "ddp = False, nproc = 1, nnodes = 1)") == 1, said[-3000:]
 
 
 def test_ddp_evaluates_on_rank_0_at_the_steps_every_rank_knows(fashion_extractor, train_root, tmp_path):

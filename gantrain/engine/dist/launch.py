@@ -308,6 +308,23 @@ def train(cfg: Config, *, resume: str | None = None, console: Console | None = N
     return _run_here(cfg, resume, console)
 
 
+def _record_the_launch(cfg: Config) -> None:
+    """A run torchrun started by hand: --ddp, --nproc and --nnodes as torchrun's environment says (LOCAL_WORLD_SIZE,
+    WORLD_SIZE), so config.toml and the checkpoints name the launch that trained (a resume, a rerun from
+    config.toml, the effective batch); one line when they differ from the command's."""
+    world = int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    launch = {"ddp": world > 1, "nproc": local, "nnodes": max(1, world // max(local, 1))}
+    given = {name: getattr(cfg.dist, name) for name in launch}
+    if given != launch:
+        if os.environ.get("RANK") == "0":
+            log.info("torchrun started this run: recorded as %s (the command gave %s)",
+                     ", ".join(f"{k} = {v}" for k, v in launch.items()),
+                     ", ".join(f"{k} = {v}" for k, v in given.items()))
+        for name, value in launch.items():
+            setattr(cfg.dist, name, value)
+
+
 def _run_here(cfg: Config, resume: str | None, console: Console | None) -> FitResult | None:
     """The whole run in this process, or one worker of torchrun (``gantrain run --ddp``'s agent, or torchrun by
     hand): :func:`worker_main` on its process group. Under gantrain's launcher a worker says nothing of how it
@@ -328,6 +345,8 @@ def _run_here(cfg: Config, resume: str | None, console: Console | None) -> FitRe
                          final=True, attempt=restart).write(Path(status))
             raise SystemExit(0)  # the launcher says it once; the agent restarts no more
         resume = _restart_resume(cfg, resume, restart)
+        if not status:  # torchrun by hand: the run records the launch it had (config.toml said 1 process)
+            _record_the_launch(cfg)
     info = init_distributed(cfg.run.device, cfg.dist.dist_timeout)
     ended: list[WorkerRecord] = []
 
