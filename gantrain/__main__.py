@@ -18,7 +18,9 @@ def _stopped_while_starting(signum, _frame):
 
 
 def main() -> None:
-    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    handled = [signal.SIGINT, signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under nohup SIGHUP stays ignored
+        handled.append(signal.SIGHUP)
     previous = {sig: signal.signal(sig, _stopped_while_starting) for sig in handled}
     from gantrain.cli import main as cli_main
 

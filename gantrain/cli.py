@@ -565,7 +565,7 @@ def eval_command(
     dataset: Annotated[Optional[str], typer.Option(help="The domain extractor (and, without REFERENCE, the test split) to use: fashion-mnist, mnist or folder:PATH. Default: the checkpoint's, else REFERENCE's.")] = None,
     data_root: Annotated[Optional[str], typer.Option(help="Data folder (default: the checkpoint's, then $GANTRAIN_DATA).")] = None,
     channels: Annotated[Optional[int], typer.Option(min=1, max=3, show_default="3", help="Channels of image folders: 1 or 3.")] = None,
-    size: Annotated[Optional[int], typer.Option(min=8, max=1024, help="Decode image folders at this size, in px (default: the first image's shorter side).")] = None,
+    size: Annotated[Optional[int], typer.Option(min=8, max=1024, help="Decode image folders at this size, in px (default: the first image's shorter side, at most 1024).")] = None,
     save_stats: Annotated[Optional[Path], typer.Option("--save-stats", show_default="off", help="Save SOURCE's reference statistics (domain features; with --inception also Inception mu/sigma) to this .npz for later `gantrain eval X FILE.npz`.")] = None,
     seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed of the generator noise and the KID subsets.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",

@@ -297,7 +297,9 @@ def parse_contender(text: str, base: Config, common: dict) -> Contender:
             raise ConfigError(f"--contender {text!r}: {pair!r} is not FIELD=VALUE")
         changes[key.replace("-", "_")] = _value(value)
     try:
-        cfg = with_env_defaults(override(override(cfg, common), changes))
+        # one override: the contender's fields checked together with the common ones (a preset's channels = 3 under
+        # a common --dataset fashion-mnist is refused alone, fine with the contender's channels=1)
+        cfg = with_env_defaults(override(cfg, {**common, **{k: v for k, v in changes.items() if v is not None}}))
     except ConfigError as exc:
         raise ConfigError(f"--contender {text!r}: {exc}") from None
     return Contender(text, kind, cfg)

@@ -13,6 +13,7 @@ import dataclasses
 import inspect
 import math
 import os
+import shlex
 import textwrap
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -44,8 +45,10 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-#: The largest --seed: the seeds derived from it (per rank, step and epoch) stay within torch's 64 bits.
-SEED_MAX = 2**32 - 1
+#: The largest --seed: the seeds derived from it (seed x 1,000,003 + epoch for the data order, seed x 7919 + step
+#: for the noise) stay within torch's 64-bit seeds; a larger one ended the run in an overflow at its first epoch,
+#: so no checkpoint holds one.
+SEED_MAX = 2**44 - 1
 
 
 def _check(ok: bool, name: str, message: str) -> None:
@@ -562,6 +565,18 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.run.out or f"runs/{self.preset}")
+
+    @property
+    def resume_flags(self) -> str:
+        """The flags that continue this run, for messages: ``--resume auto --out <run folder>`` and the launch
+        (``--ddp --nproc N``, ``--ray --ray-workers N``), which a resume takes from the command, not the
+        checkpoint: without it a DDP run would continue as one process at another global batch."""
+        d, flags = self.dist, f"--resume auto --out {shlex.quote(str(self.run_dir))}"
+        if d.ray:
+            return f"{flags} --ray --ray-workers {d.ray_workers}"
+        if d.ddp:
+            return f"{flags} --ddp --nproc {d.nproc}" + (f" --nnodes {d.nnodes}" if d.nnodes > 1 else "")
+        return flags
 
 
 SECTION_TYPES: dict[str, type] = {

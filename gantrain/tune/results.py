@@ -20,7 +20,7 @@ from gantrain.engine import Config, RunDir, atomic_write_text, override, read_me
 from gantrain.tune.settings import TuneSettings
 from gantrain.tune.space import Space
 from gantrain.tune.trainable import (CHECKPOINT_FILE, LOSS_KEYS, QUALITY_KEYS, REFUSED, RUN_FOLDER, TRAIN_FOLDER,
-                                     newest_checkpoint, report_every, trial_epochs)
+                                     report_every, trial_epochs)
 
 BEST_RUN_FOLDER = "best-run"
 
@@ -97,9 +97,10 @@ def row_from(result, settings: TuneSettings, total_epochs: int, baseline: dict[s
     status, note = trial_status(metrics, result.error, total_epochs)
     if result.checkpoint:
         checkpoint = str(Path(result.checkpoint.path) / CHECKPOINT_FILE)
-    else:  # a multi-worker trial: its Train job keeps the checkpoints (Tune gets its reports only)
-        newest = newest_checkpoint(None, Path(result.path) / TRAIN_FOLDER)
-        checkpoint = str(newest) if newest is not None else ""
+    else:  # a multi-worker trial: its Train job keeps the checkpoints (Tune gets its reports only): the newest
+        kept = sorted((Path(result.path) / TRAIN_FOLDER).glob(f"checkpoint_*/{CHECKPOINT_FILE}"),
+                      key=lambda p: p.stat().st_mtime)
+        checkpoint = str(kept[-1]) if kept else ""
     return TrialRow(Path(result.path).name.removeprefix("trial_"), params, metrics, status, note, checkpoint,
                     merged_history(history(result, settings.metric), own_history(Path(result.path), settings.metric)),
                     baseline is not None and params == baseline)

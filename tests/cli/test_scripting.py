@@ -309,8 +309,8 @@ def test_seeds_beyond_the_range_are_one_line(invoke) -> None:
     traceback (an overflow inside torch's seeding)."""
     big = str(10**20)
     _one_error_line(invoke("run", "--seed", big, "--dry-run", "--dataset", "synthetic"), 2,
-                    "--seed: must be between 0 and 4,294,967,295")
-    _one_error_line(invoke("generate", "x.pt", "--seed", big), 2, "--seed", "4294967295")
+                    "--seed: must be between 0 and 17,592,186,044,415")
+    _one_error_line(invoke("generate", "x.pt", "--seed", big), 2, "--seed", "17592186044415")
     _one_error_line(invoke("eval", "x.pt", "--seed", "-1"), 2, "--seed")
 
 
@@ -336,3 +336,16 @@ def test_bench_loaders_on_a_folder_without_images_fails_before_any_row(invoke, t
     (tmp_path / "empty").mkdir()
     _one_error_line(invoke("bench", "--loaders", "--quick", "--data-root", tmp_path / "empty"), 2,
                     f"no images found below {tmp_path / 'empty'}")
+
+
+def test_eval_size_bound_is_the_folders_decode_bound() -> None:
+    """`eval --size 100000` was killed for memory; a folder of large photographs read at its first image's size
+    likewise. Both stop at one bound, the flag's and the default's."""
+    import typer.main
+
+    from gantrain.cli import app
+    from gantrain.engine.metrics.sets import MAX_DECODE_PX
+
+    command = typer.main.get_command(app).commands["eval"]
+    size = next(p for p in command.params if p.name == "size")
+    assert size.max == MAX_DECODE_PX == 1024

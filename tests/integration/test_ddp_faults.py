@@ -136,7 +136,7 @@ def test_signal_to_the_launcher_stops_every_worker_with_one_checkpoint(start_job
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {signal.Signals(signum).name} to the launcher: all 2 workers stopped at step {step}; "
                       f"checkpoint saved to {job.out / 'checkpoints' / f'step_{step:08d}.pt'}; continue with "
-                      f"--resume auto --out {job.out}"], stderr[-3000:]
+                      f"--resume auto --out {job.out} --ddp --nproc 2"], stderr[-3000:]
     logged = [json.loads(line)["step"] for line in (job.out / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1] == step  # --log-every 1: rank 0 logged every step up to the common stop step
     print(f"{signal.Signals(signum).name} to the launcher: all gone after {seconds:.2f} s")
@@ -153,7 +153,8 @@ def test_sigterm_to_the_workers_20ms_apart_agrees_on_one_step(start_job) -> None
     step = job.checkpoint_step()
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: SIGTERM to the workers: all 2 workers stopped at step {step}; checkpoint saved to "
-                      f"{job.out / 'checkpoints' / f'step_{step:08d}.pt'}; continue with --resume auto --out {job.out}"]
+                      f"{job.out / 'checkpoints' / f'step_{step:08d}.pt'}; continue with --resume auto --out {job.out} "
+                      "--ddp --nproc 2"]
     print(f"SIGTERM to both workers 20 ms apart: all gone after {seconds:.2f} s")
 
     # the agreed-step checkpoint resumes under DDP, and metrics.jsonl continues without a gap

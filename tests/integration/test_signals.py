@@ -95,6 +95,33 @@ def test_sigterm_and_sighup_exit_128_n_with_a_checkpoint(train_root: Path, tmp_p
     assert not (out / ".gantrain.lock").exists()
 
 
+def test_under_nohup_sighup_leaves_the_run_training(train_root: Path, tmp_path: Path) -> None:
+    """`nohup gantrain run ... &` then logging out: the run must go on (SIGHUP ignored, as nohup asks); catching
+    SIGHUP for the stop would have ended it."""
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "GANTRAIN_DATA"}
+    command = [sys.executable, "-m", "gantrain", "run", *_flags(train_root, out), "--epochs", "1000",
+               "--max-steps", "100000"]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))  # as nohup does
+    metrics = out / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 120
+        while not (metrics.is_file() and metrics.read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGHUP)
+        lines = len(metrics.read_text().splitlines())
+        time.sleep(3)
+        assert proc.poll() is None and len(metrics.read_text().splitlines()) > lines  # still training
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+
+
 def _gantrain_script() -> Path:
     """The installed `gantrain` command beside this Python (the console script of pyproject.toml)."""
     return Path(sys.executable).with_name("gantrain")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from PIL import Image, features
 
-from gantrain.engine.data.decode import has_alpha, orientation, quiet_bomb_warning
+from gantrain.engine.data.decode import decode_or_skip, has_alpha, holds_colour, orientation, quiet_bomb_warning
 from gantrain.engine.errors import ConfigError, DataError, DataNotFound
 from gantrain.engine.state.rundir import RunDir
 
@@ -45,6 +45,7 @@ OTHER_IMAGE_SUFFIXES = {".heic", ".heif", ".hif", ".svg", ".svgz", ".jxl", ".exr
                         ".cr3", ".nef", ".nrw", ".arw", ".orf", ".rw2", ".raf", ".srw", ".pef", ".xcf", ".kra", ".psb",
                         ".ai", ".eps", ".ps", ".pdf", ".wmf", ".emf", ".avif", ".jp2", ".j2k", ".jpx", ".webp"}
 EXAMPLES = 3  # example paths per reason in the summary line
+COLOUR_SAMPLE, COLOUR_PX = 32, 32  # images decoded (at this size) to tell colour from gray stored as RGB
 GRAY_MODES = {"1", "L", "LA", "La", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}  # Pillow's modes without colour
 
 
@@ -145,15 +146,19 @@ class Discovery:
 
     def channel_summary(self, channels: int) -> str | None:
         """With ``channels`` 1, one line counting the images stored in colour (by their mode: RGB, CMYK, a
-        palette, ...) that decoding reads as grayscale (their luma), or None."""
+        palette, ...) that decoding reads as grayscale (their luma), when up to :data:`COLOUR_SAMPLE` of them
+        (evenly spaced) show that some hold colour (grayscale saved as RGB says nothing); else None."""
         if channels != 1:
             return None
-        colour = Counter(image.mode for image in self.images if image.mode not in GRAY_MODES)
-        if not colour:
+        stored = [image for image in self.images if image.mode not in GRAY_MODES]
+        sample = stored[::max(len(stored) // COLOUR_SAMPLE, 1)][:COLOUR_SAMPLE]
+        decoded = [decode_or_skip(image.path, COLOUR_PX, 3)[0] for image in sample]
+        coloured = sum(1 for array in decoded if array is not None and holds_colour(array))
+        if not coloured:
             return None
-        modes = ", ".join(f"{mode} {n}" for mode, n in colour.most_common())
-        return (f"--channels 1: {sum(colour.values())} image(s) stored in colour ({modes}) are read as grayscale "
-                "(their luma); --channels 3 keeps the colour")
+        modes = ", ".join(f"{mode} {n}" for mode, n in Counter(image.mode for image in stored).most_common())
+        return (f"--channels 1: {len(stored)} image(s) stored in colour ({modes}; {coloured} of the {len(sample)} "
+                "looked at hold colour) are read as grayscale (their luma); --channels 3 keeps the colour")
 
     def geometry_summary(self, size: int) -> str | None:
         """One line counting the images that reach ``size`` x ``size`` px (short side to ``size``, centre square)

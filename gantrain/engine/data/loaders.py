@@ -23,7 +23,6 @@ from gantrain.engine.data.sources import decode_folder, discover_folder, load_im
 from gantrain.engine.errors import DataError
 
 log = logging.getLogger("gantrain")
-_SUBSTITUTED: set[Path] = set()  # unreadable files the torch loader has said it replaces
 
 MEMORY_LIMIT_BYTES = 4 << 30  # auto keeps a dataset device-resident when its uint8 form is below this
 
@@ -74,20 +73,24 @@ class _FolderDataset(Dataset):
 
     def __init__(self, paths: Sequence[Path], size: int, channels: int, strict: bool):
         self.paths, self.size, self.channels, self.strict = list(paths), size, channels, strict
+        # which files were said to be replaced: in shared memory, so the workers of every epoch (new processes
+        # each epoch) say each file once
+        self.said = torch.zeros(len(self.paths), dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         for offset in range(len(self.paths)):
-            path = self.paths[(i + offset) % len(self.paths)]
+            index = (i + offset) % len(self.paths)
+            path = self.paths[index]
             array, why = decode_or_skip(path, self.size, self.channels)
             if array is not None:
                 return torch.from_numpy(array)
             if self.strict:
                 raise DataError(f"unreadable image {path}: {why}")
-            if path not in _SUBSTITUTED:  # once per file and process, not once per epoch
-                _SUBSTITUTED.add(path)
+            if not self.said[index]:  # once per file, not once per epoch and worker
+                self.said[index] = True
                 log.warning("unreadable image %s (%s): the next readable image takes its place (the memory loader "
                             "leaves it out; --strict stops instead)", path, why)
         raise DataError(f"none of the {len(self.paths)} images discovered is readable now (the first: "

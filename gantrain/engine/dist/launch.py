@@ -41,8 +41,8 @@ from rich.console import Console
 from gantrain.engine.config import Config, to_toml
 from gantrain.engine.dist.preflight import preflight
 from gantrain.engine.dist.restarts import ExitWatch, RestartMetrics, WorkerStart, cause, follower, hearing_restarts
-from gantrain.engine.dist.runtime import (STOP_SIGNALS, die_with_parent, init_distributed, launched_by_torchrun,
-                                          pick_device, require_ray_train, shutdown_distributed)
+from gantrain.engine.dist.runtime import (caught_stop_signals, die_with_parent, init_distributed,
+                                          launched_by_torchrun, pick_device, require_ray_train, shutdown_distributed)
 from gantrain.engine.dist.worker import STATUS_ENV, WorkerRecord, first_refusal, inherited_refusal, worker_main
 from gantrain.engine.errors import ConfigError, GantrainError, Interrupted, LostPeers
 from gantrain.engine.gan.hardware import device_peaks
@@ -161,7 +161,7 @@ def launch_workers(cfg: Config, resume: str | None, console: Console | None = No
             logger.propagate = False
             logger.addHandler(dropped)
         # the agent installs its own handlers when it starts the workers; until then, stop here
-        handlers = {sig: signal.signal(sig, _early_stop) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        handlers = {sig: signal.signal(sig, _early_stop) for sig in caught_stop_signals()}
         try:
             launch_config, entrypoint, args = config_from_args(parse_args(torchrun_args(cfg, config_file, resume)))
             with _restart_notices(Path(tmp), launch_config.role, launch_config.max_restarts,
@@ -238,7 +238,7 @@ def _interrupted(status_dir: Path, signum: int, cfg: Config, who: str) -> Interr
     stopped = [r for r in records if r.outcome == "stopped" and r.step is not None]
     if not stopped and any(r.outcome == "finished" for r in records):  # rank 0 did not finish writing the end
         return Interrupted(signum, f"{name} to {who} while the run's end was written; "
-                                   f"{RunDir(cfg.run_dir).resume} writes what is missing")
+                                   f"{cfg.resume_flags} writes what is missing")
     if not stopped:  # no worker got as far as its training loop
         return Interrupted(signum, f"{name} to {who} before training started; no checkpoint")
     first = stopped[0]  # the lowest rank of this node
@@ -249,7 +249,7 @@ def _interrupted(status_dir: Path, signum: int, cfg: Config, who: str) -> Interr
     else:
         where = "no checkpoint (no step done)"
     return Interrupted(signum, f"{name} to {who}: all {cfg.dist.nproc * cfg.dist.nnodes} workers stopped at step "
-                               f"{first.step}; {where}; continue with {RunDir(cfg.run_dir).resume}",
+                               f"{first.step}; {where}; continue with {cfg.resume_flags}",
                        checkpoint=Path(first.checkpoint) if first.checkpoint else None, step=first.step)
 
 
@@ -283,7 +283,7 @@ def _failed(status_dir: Path, exc, cfg: Config) -> GantrainError:
     said = next((r for r in latest if r.rank == rank and r.outcome == "failed" and r.message), None)
     own = f": {said.message}" if said is not None else " (its own message, if any, is above)"
     last = RunDir(cfg.run_dir).last
-    newest = f"continue from the newest periodic checkpoint with {RunDir(cfg.run_dir).resume} ({last})" if last.is_file() \
+    newest = f"continue from the newest periodic checkpoint with {cfg.resume_flags} ({last})" if last.is_file() \
         else "no checkpoint was saved yet"
     used = f" after {cfg.dist.max_restarts} restart(s), all that --max-restarts allows" if cfg.dist.max_restarts else ""
     own = own.removesuffix("; no checkpoint of this step")  # said once, below
@@ -409,5 +409,5 @@ def _stop_before_training() -> None:
     def handler(signum, _frame):
         raise Interrupted(signum, f"{signal.Signals(signum).name} before training started; no checkpoint")
 
-    for sig in STOP_SIGNALS:
+    for sig in caught_stop_signals():
         signal.signal(sig, handler)

@@ -27,7 +27,7 @@ from pathlib import Path
 from rich.console import Console
 
 from gantrain.engine.config import Config, from_dict
-from gantrain.engine.dist.runtime import DistInfo, require_ray_train
+from gantrain.engine.dist.runtime import DistInfo, caught_stop_signals, require_ray_train
 from gantrain.engine.dist.worker import WorkerRecord, first_refusal, worker_main
 from gantrain.engine.errors import ConfigError, GantrainError, Interrupted
 from gantrain.engine.outputs.runlog import log
@@ -170,7 +170,7 @@ def train_on_ray(cfg: Config, resume: str | None, console: Console | None = None
 
         previous = {}
         with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are
-            previous = {sig: signal.signal(sig, as_sigint) for sig in (signal.SIGTERM, signal.SIGHUP)}
+            previous = {sig: signal.signal(sig, as_sigint) for sig in caught_stop_signals() if sig != signal.SIGINT}
         try:
             result = trainer.fit()
         except SystemExit:  # Ray Train's SIGINT handler exits when its controller is already gone
@@ -211,7 +211,7 @@ def _refuse_an_aborted_run(cfg: Config, received: list[int]) -> None:
              else "no checkpoint of it is on this machine")
     signum = received[0] if received else signal.SIGINT
     raise Interrupted(signum, f"{signal.Signals(signum).name}: Ray Train aborted the workers before the run's end; "
-                              f"{where}; continue with {RunDir(cfg.run_dir).resume}")
+                              f"{where}; continue with {cfg.resume_flags}")
 
 
 def _storage_path(storage: str) -> str:

@@ -105,13 +105,19 @@ def shutdown_distributed() -> None:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+def caught_stop_signals() -> tuple[signal.Signals, ...]:
+    """:data:`STOP_SIGNALS` but SIGHUP when this process ignores it (``nohup``: the run is meant to outlive the
+    terminal)."""
+    return tuple(sig for sig in STOP_SIGNALS if not (sig == signal.SIGHUP and signal.getsignal(sig) is signal.SIG_IGN))
+
+
 @contextlib.contextmanager
 def stop_signals(on_signal: Callable[[int], None]):
     """SIGINT, SIGTERM and SIGHUP (a closed terminal or ssh session; torchrun's agent passes it on) call
-    ``on_signal(signum)`` inside the block (off the main thread: left alone)."""
+    ``on_signal(signum)`` inside the block (off the main thread: left alone; SIGHUP under ``nohup`` too)."""
     previous = {}
     with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-        for sig in STOP_SIGNALS:
+        for sig in caught_stop_signals():
             previous[sig] = signal.signal(sig, lambda signum, _frame: on_signal(signum))
     try:
         yield

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gantrain.engine.data.decode import decode_or_skip
+from gantrain.engine.data.decode import decode_or_skip, holds_colour
 from gantrain.engine.data.discovery import discover_images
 from gantrain.engine.data.pixels import to_uint8, to_unit
 from gantrain.engine.data.sources import log_discovery
@@ -35,12 +35,9 @@ from gantrain.engine.state.files import atomic_write
 STATS_FORMAT = "gantrain-eval-stats"
 STATS_VERSION = 1
 MIN_METRIC_IMAGES = formulas.PR_NEIGHBOURS + 1  # the fewest images of a set the metrics are defined for
+MAX_DECODE_PX = 1024  # the largest size folders are decoded at (eval --size's upper bound)
 COLOUR_SAMPLE = 32
 """Images of a folder looked at in colour before it is read in grayscale (:func:`refuse_colour_for_grayscale`)."""
-COLOUR_CHROMA = 6.0
-"""Mean over pixels of (max - min) over R, G, B, in 0..255, above which an image counts as colour: grayscale saved
-as RGB (JPEG chroma noise included) stays within a few levels; of 32 of the repository's cat-face photographs,
-28 are above it (their median 22)."""
 
 
 @dataclass
@@ -90,9 +87,14 @@ def folder_images(folder: Path, channels: int, size: int | None, size_px: int,
             size = min(first.size)
         if found is not None and any(min(image.size) != size for image in found.images):
             log.info("%s: images of several sizes, read at %d px, the first one's shorter side (--size sets it)",
-                     folder, size)
+                     folder, min(size, MAX_DECODE_PX))
+        if size > MAX_DECODE_PX:  # photographs: a chunk of them at full size would not fit in memory
+            log.info("%s: read at %d px, not the first image's %d px (the most --size takes)", folder, MAX_DECODE_PX,
+                     size)
+            size = MAX_DECODE_PX
     if found is not None:  # what training would say of the folder: found, left out, converted, resized
-        log_discovery(found, size, channels)
+        # in a grayscale dataset's domain colour is refused below; in a folder's own, channels 1 is the run's
+        log_discovery(found, size, None if gray_domain is not None else channels)
     if gray_domain is not None:
         refuse_colour_for_grayscale(folder, paths, size, gray_domain)
     chunks, skipped = [], []
@@ -130,7 +132,7 @@ def gray_domain_of(spec: DatasetSpec) -> str | None:
 
 def refuse_colour_for_grayscale(folder: Path, paths: list[Path], size: int, domain: str) -> None:
     """Raises :class:`DataError` when most of up to :data:`COLOUR_SAMPLE` images of ``folder`` (evenly spaced in
-    ``paths``) are in colour (:data:`COLOUR_CHROMA`) while they are to be scored in the grayscale ``domain`` (a
+    ``paths``) are in colour (:func:`~gantrain.engine.data.decode.holds_colour`) while they are to be scored in the grayscale ``domain`` (a
     built-in dataset's extractor): colour photographs read in grayscale would give a believable but meaningless
     FD there, not a quality measure. Grayscale images stored as RGB pass."""
     step = max(len(paths) // COLOUR_SAMPLE, 1)
@@ -140,8 +142,7 @@ def refuse_colour_for_grayscale(folder: Path, paths: list[Path], size: int, doma
         if array is None:
             continue
         looked += 1
-        pixels = array.astype(np.int16)
-        if float((pixels.max(axis=0) - pixels.min(axis=0)).mean()) > COLOUR_CHROMA:
+        if holds_colour(array):
             colour.append(path)
     if colour and 2 * len(colour) > looked:
         raise DataError(f"{folder}: holds colour images ({len(colour)} of {looked} looked at, e.g. {colour[0].name}), "

@@ -4,6 +4,7 @@ trick, truncation grids and interpolations (``gantrain generate``)."""
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -138,19 +139,20 @@ def _say_idle_truncation(psis: Sequence[float | None], noise: str, flag: str = "
                     flag, ", ".join(f"{psi:g}" for psi in idle))
 
 
-def _checked(out: str | Path | None, seed: int, nrow: int = 1) -> Path:
-    """The grid path (a PNG: a name ending in .png or without an extension), after the checks the command line
-    makes of ``seed`` and ``nrow``; raises :class:`ConfigError` before anything is read or written."""
+def _checked(out: str | Path | None, seed: int, nrow: int = 1) -> tuple[Path, int, int]:
+    """The grid path (a PNG: a name ending in .png or without an extension), ``seed`` and ``nrow`` as Python
+    ints (numpy's pass), after the checks the command line makes of them; raises :class:`ConfigError` before
+    anything is read or written."""
     if out is None or not str(out):
         raise ConfigError("--out: give the grid's path (a .png)")
     out = Path(out)
     if out.suffix.lower() not in ("", ".png"):  # the grid is a PNG: another extension would misname its bytes
         raise ConfigError(f"--out: {out} would hold a PNG grid; name it {out.with_suffix('.png').name}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= SEED_MAX:
         raise ConfigError(f"--seed: must be an integer between 0 and {SEED_MAX:,}, got {seed!r}")
-    if isinstance(nrow, bool) or not isinstance(nrow, int) or nrow < 1:
+    if isinstance(nrow, bool) or not isinstance(nrow, numbers.Integral) or nrow < 1:
         raise ConfigError(f"--nrow: must be an integer of at least 1, got {nrow!r}")
-    return out
+    return out, int(seed), int(nrow)
 
 
 def _images(g: Generator, noise: torch.Tensor) -> torch.Tensor:
@@ -174,7 +176,7 @@ def generate(checkpoint: str | Path, *, n: int | None = None, seeds: str | Seque
     ``individual``: also each image as its own PNG in this folder, named by its index (image 100: 000100.png).
     Raises :class:`ConfigError` for n with seeds, n < 1, bad seeds or psi (before reading the checkpoint),
     :class:`CheckpointError` for a checkpoint :func:`load_generator` refuses, :class:`RunIOError` for files."""
-    out = _checked(out, seed, nrow)
+    out, seed, nrow = _checked(out, seed, nrow)
     indices = _indices(n, seeds, DEFAULT_IMAGES)
     psi = _truncation(truncation)
     g, cfg = load_generator(checkpoint, device, use_ema)
@@ -211,7 +213,7 @@ def truncation_grid(checkpoint: str | Path, truncations: str | Sequence[float], 
     """Writes one grid PNG ``out`` with a row per truncation (psi, in order; text as :func:`parse_truncations`) of
     the same images of ``seed``: 0..n-1 (n default 8) or ``seeds``, as :func:`generate` draws them with that psi
     (the row of psi = inf is :func:`generate`'s untruncated images). Raises as :func:`generate`."""
-    out = _checked(out, seed)
+    out, seed, _ = _checked(out, seed)
     indices = _indices(n, seeds, DEFAULT_GRID_IMAGES)
     psis = parse_truncations(truncations)
     g, cfg = load_generator(checkpoint, device, use_ema)
@@ -241,7 +243,7 @@ def interpolate(checkpoint: str | Path, points: str | Sequence[int], *, frames: 
     if not isinstance(frames, int) or frames < 2:
         raise ConfigError(f"--frames: at least 2 (the two ends), got {frames}")
     psi = _truncation(truncation)
-    out = _checked(out, seed)
+    out, seed, _ = _checked(out, seed)
     gif = out.with_suffix(".gif") if gif is None else Path(gif)
     if gif.resolve() == out.resolve():
         raise ConfigError(f"--out: {out} would be both the grid PNG and the GIF; name the grid .png")

@@ -63,7 +63,7 @@ class RunOutputs:
         one (its checkpoints/last.pt), a --logger whose extra is missing."""
         if not resuming and RunDir(cfg.run_dir).last.exists():
             raise ConfigError(f"--out: {cfg.run_dir} already holds a run; continue it with "
-                              f"{RunDir(cfg.run_dir).resume} or choose another --out")
+                              f"{cfg.resume_flags} or choose another --out")
         RunOutputs.refuse_an_out_inside_the_images(cfg)
         check_loggers(parse_loggers(cfg.logging.logger))
 
@@ -214,9 +214,10 @@ class RunOutputs:
                         "peak_mem_gib": round(peak_mem_gib(self.device), 3)}
                 if (roof["mfu"] or 0) > 1 and not self.said_mfu_over_peak:
                     self.said_mfu_over_peak = True
+                    fix = ("measured while the machine was busy?; delete the cached peak to measure it again"
+                           if "measured" in self.roof_how else "check the device it names")
                     log.warning("MFU %.0f%% at step %d: above the peak it divides by (%s), so that peak is too low "
-                                "(measured while the machine was busy?); delete the cached peak to measure it again",
-                                100 * roof["mfu"], step, self.roof_how)
+                                "(%s)", 100 * roof["mfu"], step, self.roof_how, fix)
             record = {"step": step, "epoch": epoch + 1, **{k: round(v, 5) for k, v in stats.items()},
                       "images_per_s": round(images_per_s, 1), **roof,
                       **{f"{k}_ms": round(v / steps, 2) for k, v in phases_ms.items()}, **(rates or {}),

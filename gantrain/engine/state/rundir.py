@@ -7,7 +7,6 @@ path; none of them spells a file name. The README's "The run folder" section dra
 from __future__ import annotations
 
 import re
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,13 +22,6 @@ class RunDir:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
-
-    @property
-    def resume(self) -> str:
-        """The flags that continue this run, for messages: ``--resume auto --out <root>`` (without --out, --resume
-        auto looks in the default preset's folder)."""
-        root = str(self.root)
-        return f"--resume auto --out {shlex.quote(root) if root else '.'}"
 
     # ----- written once or rewritten whole by rank 0 -----------------------------------------------------------
     @property

@@ -251,7 +251,7 @@ class Trainer:
         (a tracker's upload that hangs), and --resume auto writes what is then missing."""
         if self.stop_agreement.local_signal is not None and getattr(self, "_end_signals", 0):
             raise Interrupted(signum, f"{signal.Signals(signum).name} twice while the run's end was written: stopped; "
-                                      f"{RunDir(self.run_dir).resume} writes what is missing", step=self.step,
+                                      f"{self.cfg.resume_flags} writes what is missing", step=self.step,
                               checkpoint=self.last_checkpoint)
         self._end_signals = getattr(self, "_end_signals", 0) + 1
         self.stop_agreement.on_signal(signum)
@@ -272,7 +272,7 @@ class Trainer:
                     where = ("rank 0 saves the checkpoint" if not self.dist.is_main else
                              f"checkpoint saved to {saved}" if saved else "no checkpoint (no step done)")
                     raise Interrupted(self.agreed_stop, f"interrupted at step {self.step}; {where}; continue with "
-                                      f"{RunDir(self.run_dir).resume}", checkpoint=saved, step=self.step)
+                                      f"{self.cfg.resume_flags}", checkpoint=saved, step=self.step)
                 if self.epoch_step >= per_epoch:
                     self.pos.epoch, self.pos.epoch_step = self.epoch + 1, 0
                     self.epoch_means = self.gan.stats.read_epoch()

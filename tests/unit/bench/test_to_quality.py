@@ -99,6 +99,12 @@ def test_contenders_parse_presets_and_changes():
                           ("fashion32 ema_decay=2", "ema_decay")):
         with pytest.raises(ConfigError, match=message):
             tq.parse_contender(text, base, common)
+    # a contender's changes are checked with the common settings as one config (a colour preset under a common
+    # --dataset fashion-mnist is valid once the contender sets channels=1)
+    gray = tq.parse_contender("dcgan64 image_size=32 channels=1", base, {"dataset": "fashion-mnist", "limit": 512})
+    assert (gray.cfg.data.dataset, gray.cfg.data.channels, gray.cfg.data.image_size) == ("fashion-mnist", 1, 32)
+    with pytest.raises(ConfigError, match="fashion-mnist is grayscale"):
+        tq.parse_contender("dcgan64 image_size=32", base, {"dataset": "fashion-mnist"})
     assert tq.default_contenders("fashion32") == ["tutorial", "fashion32", "fashion32-tuned"]
     assert tq.default_contenders("cats64") == ["tutorial", "cats64", "cats64-diffaug"]
     assert tq.default_contenders("dcgan64") == ["tutorial", "dcgan64"]  # nothing measured for it

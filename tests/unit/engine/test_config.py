@@ -91,7 +91,7 @@ def test_the_diffaug_recipe_differs_from_cats64_only_in_diffaug() -> None:
     ({"kernel_size": 3}, "--kernel-size"),
     ({"max_steps": -1}, "--max-steps"),
     ({"seed": -1}, "--seed"),
-    ({"seed": 2**32}, "--seed"),  # 10**20 overflowed torch's 64-bit seeds mid-run (a traceback)
+    ({"seed": 2**44}, "--seed"),  # 10**20 overflowed torch's 64-bit seeds mid-run (a traceback)
     ({"channels": 3}, "--channels"),  # fashion-mnist is grayscale: the run refused it after the dry run passed
     ({"dataset": "mnist", "channels": 3}, "--channels"),
     ({"device": "tpu"}, "--device"),
@@ -111,7 +111,7 @@ def test_invalid_values_name_the_flag(flat: dict, flag: str) -> None:
 
 def test_valid_edges_are_accepted() -> None:
     cfg = override(preset("fashion32"), {"label_smoothing": 0.49, "image_size": 128, "lr_g": 1e-9, "batch_size": 1.0,
-                                         "seed": 2**32 - 1})
+                                         "seed": 2**44 - 1})
     assert cfg.loss.label_smoothing == 0.49 and cfg.data.image_size == 128 and cfg.optim.lr_g == 1e-9
     assert cfg.data.batch_size == 1 and isinstance(cfg.data.batch_size, int)
 
@@ -163,7 +163,7 @@ def test_toml_round_trip_of_presets(name: str, tmp_path: Path) -> None:
 def test_toml_round_trip_of_awkward_values(tmp_path: Path) -> None:
     cfg = override(preset("cats128"), {
         "data_root": 'C:\\data\\"cats" [x]', "out": "runs/with space/ünïcode", "compile_cache_dir": "a\tb\nc\x01d",
-        "lr_d": 5e-5, "init_std": 1e-7, "seed": 2**32 - 1, "strict": True, "ema_decay": 0.999,
+        "lr_d": 5e-5, "init_std": 1e-7, "seed": 2**44 - 1, "strict": True, "ema_decay": 0.999,
     })
     path = tmp_path / "config.toml"
     path.write_text(to_toml(cfg))
@@ -471,3 +471,15 @@ def test_profile_steps_are_a_range_from_step_1(value: str, message: str) -> None
     with pytest.raises(ConfigError) as info:
         LoggingConfig(profile_steps=value)
     assert str(info.value) == f"--profile-steps: {message}"
+
+
+def test_resume_flags_carry_the_run_folder_and_the_launch() -> None:
+    """The line of an interrupted run said `--resume auto` alone: without --out it looked in the default preset's
+    folder, and a DDP run continued as one process (the launch comes from the command, not the checkpoint)."""
+    cfg = override(preset("cats64"), {"out": "runs/my cats"})
+    assert cfg.resume_flags == "--resume auto --out 'runs/my cats'"
+    assert preset("fashion32").resume_flags == "--resume auto --out runs/fashion32"
+    assert override(cfg, {"ddp": True, "nproc": 4}).resume_flags == \
+        "--resume auto --out 'runs/my cats' --ddp --nproc 4"
+    assert override(cfg, {"ddp": True, "nproc": 2, "nnodes": 3}).resume_flags.endswith("--ddp --nproc 2 --nnodes 3")
+    assert override(cfg, {"ray": True, "ray_workers": 3}).resume_flags.endswith("--ray --ray-workers 3")

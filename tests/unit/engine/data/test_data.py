@@ -267,14 +267,25 @@ def test_folder_torch_loader_replaces_unreadable_images(cat_folder: Path, tiny_c
     truncated.write_bytes((cat_folder / "more" / "UPPER.JPG").read_bytes()[:1500])
     loader = build_loader(cfg.data, seed=0, device=torch.device("cpu"))
     assert loader.num_images == 23 and loader.steps_per_epoch == 5  # 22 good + the truncated one
-    said = []
-    monkeypatch.setattr(loaders.log, "warning", lambda msg, *args: said.append(msg % args))
+    log_file = cat_folder.parent / "warnings.txt"  # the loader's worker processes (forked) write here too
+
+    def warn(msg, *args):
+        with log_file.open("a") as fh:
+            fh.write(msg % args + "\n")
+
+    monkeypatch.setattr(loaders.log, "warning", warn)
     batches = list(loader.epoch(0))
     assert len(batches) == 5 and all(b.shape == (4, 3, 32, 32) for b in batches)
     list(loader.epoch(1)) and list(loader.epoch(2))  # the file is met again in each epoch: said once
-    assert len(said) == 1 and said[0].startswith(f"unreadable image {truncated} (") and \
-        said[0].endswith("the next readable image takes its place (the memory loader leaves it out; --strict stops "
-                         "instead)"), said
+    workers = tiny_cfg(dataset="folder", data_root=str(cat_folder), channels=3, loader="torch", num_workers=2,
+                       batch_size=4, limit=0, out=str(cat_folder.parent / "w"))
+    with_workers = build_loader(workers.data, seed=0, device=torch.device("cpu"))
+    for epoch in range(3):  # new worker processes each epoch
+        assert len(list(with_workers.epoch(epoch))) == 5
+    said = log_file.read_text().splitlines()
+    assert len(said) == 2 and said[0] == said[1], said  # once by each loader, whatever its processes
+    assert said[0].startswith(f"unreadable image {truncated} (") and said[0].endswith(
+        "the next readable image takes its place (the memory loader leaves it out; --strict stops instead)"), said
     strict = tiny_cfg(dataset="folder", data_root=str(cat_folder), channels=3, loader="torch", num_workers=0,
                       batch_size=23, limit=0, strict=True)
     with pytest.raises(DataError, match="0000_corrupt.jpg"):

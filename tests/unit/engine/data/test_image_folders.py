@@ -219,7 +219,8 @@ def test_images_over_pillows_pixel_limit_are_named_and_the_large_ones_decode_qui
 
 def test_colour_images_read_in_grayscale_are_said(tmp_path: Path) -> None:
     """A colour folder trained with a preset's --channels 1 became luma without a word (it even said "CMYK
-    converted to RGB"). One line counts the colour images by mode; grayscale images and --channels 3 say nothing."""
+    converted to RGB"). One line counts the colour images by mode when some of them hold colour; grayscale images,
+    grayscale stored as RGB and --channels 3 say nothing."""
     folder = tmp_path / "mixed"
     folder.mkdir()
     rgb = np.random.default_rng(0).integers(0, 255, (16, 16, 3), np.uint8)
@@ -228,14 +229,15 @@ def test_colour_images_read_in_grayscale_are_said(tmp_path: Path) -> None:
     Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
     Image.fromarray(rgb).convert("P").save(folder / "palette.png")
     Image.fromarray(rgb[..., 0]).save(folder / "gray.png")
+    Image.fromarray(rgb[..., 0]).convert("RGB").save(folder / "gray-as-rgb.png")  # gray stored as RGB
     found = discover_images(folder)
-    assert found.channel_summary(1) == ("--channels 1: 5 image(s) stored in colour (RGB 3, CMYK 1, P 1) are read as "
-                                        "grayscale (their luma); --channels 3 keeps the colour")
+    assert found.channel_summary(1) == ("--channels 1: 6 image(s) stored in colour (RGB 4, CMYK 1, P 1; 5 of the 6 "
+                                        "looked at hold colour) are read as grayscale (their luma); --channels 3 "
+                                        "keeps the colour")
     assert found.channel_summary(3) is None
-    (folder / "gray2.png").write_bytes((folder / "gray.png").read_bytes())
     for name in ("rgb0.png", "rgb1.png", "rgb2.png", "cmyk.jpg", "palette.png"):
         (folder / name).unlink()
-    assert discover_images(folder).channel_summary(1) is None
+    assert discover_images(folder).channel_summary(1) is None  # gray, and gray stored as RGB: nothing is lost
 
 
 def test_a_folder_of_non_images_says_what_it_holds(tmp_path: Path) -> None:

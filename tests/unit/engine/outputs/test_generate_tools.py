@@ -285,13 +285,17 @@ def test_the_api_makes_the_command_lines_checks(trained_run: Path, tmp_path: Pat
     for kwargs, says in [({"out": tmp_path / "x.jpg"}, "x.jpg would hold a PNG grid; name it x.png"),
                          ({"out": None}, "--out: give the grid's path"),
                          ({"nrow": 0}, "--nrow: must be an integer of at least 1, got 0"),
-                         ({"seed": 10**20}, "--seed: must be an integer between 0 and 4,294,967,295"),
+                         ({"seed": 10**20}, "--seed: must be an integer between 0 and 17,592,186,044,415"),
                          ({"seed": -1}, "--seed")]:
         with pytest.raises(ConfigError, match=says):
             generate(missing, **{"out": tmp_path / "g.png", **kwargs})
     with pytest.raises(ConfigError, match="x.jpg would hold a PNG grid"):
         truncation_grid(missing, "0.5,inf", out=tmp_path / "x.jpg")
     assert not list(tmp_path.iterdir())
+    # numpy integers are taken as ints (torch's seeding refused an np.int64 seed before)
+    made = generate(trained_run / "checkpoints" / "last.pt", n=2, seed=np.int64(3), nrow=np.int64(2),
+                    out=tmp_path / "np.png", device="cpu")
+    assert made.grid.is_file()
 
 
 def test_a_truncation_without_effect_on_uniform_noise_is_said(trained_run: Path, tmp_path: Path,
