@@ -139,8 +139,10 @@ def launch_workers(cfg: Config, resume: str | None, console: Console | None = No
         config_file = RunDir(Path(tmp)).config
         config_file.write_text(to_toml(cfg))
         threads = max(1, (os.cpu_count() or 1) // cfg.dist.nproc)
-        saved_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", STATUS_ENV, STARTED_ENV)}
+        saved_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", STATUS_ENV, STARTED_ENV, AGENT_SIGNALS_ENV)}
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # the agent passes its environment on
+        # the agent's own stop signals (it passes them to the workers): not SIGHUP under nohup, which ignores it
+        os.environ.setdefault(AGENT_SIGNALS_ENV, agent_signals())
         os.environ[STATUS_ENV] = tmp
         os.environ[STARTED_ENV] = repr(time.time())
         if not log.handlers:
@@ -199,6 +201,15 @@ def launch_workers(cfg: Config, resume: str | None, console: Console | None = No
                 logger.setLevel(level)
             for key, value in saved_env.items():
                 os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+AGENT_SIGNALS_ENV = "TORCHELASTIC_SIGNALS_TO_HANDLE"  # the signals torchrun's agent catches
+
+
+def agent_signals() -> str:
+    """The value of :data:`AGENT_SIGNALS_ENV`: torchrun's default (SIGTERM, SIGINT, SIGHUP, SIGQUIT) but SIGHUP
+    when this process ignores it (``nohup``): the agent would otherwise stop the workers on a hang-up."""
+    return ",".join(sig.name for sig in (*caught_stop_signals(), signal.SIGQUIT))
 
 
 def _measure_peaks_once(cfg: Config, threads: str) -> None:

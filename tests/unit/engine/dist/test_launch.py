@@ -34,3 +34,14 @@ def test_the_rank_that_failed_is_named_not_the_one_that_lost_its_peers(tmp_path:
     # a rank killed by a signal comes first; the agent's SIGTERM to the survivors is its own doing
     message = str(_failed(tmp_path, _job({0: -signal.SIGTERM, 1: -signal.SIGKILL}), cfg))
     assert message.startswith("DDP worker rank 1 was killed by SIGKILL"), message
+
+
+def test_torchruns_agent_leaves_sighup_alone_under_nohup(monkeypatch) -> None:
+    """The agent catches SIGHUP by default (TORCHELASTIC_SIGNALS_TO_HANDLE) and stops the workers: under nohup a
+    `--ddp` run would end at the hang-up nohup was meant to survive."""
+    from gantrain.engine.dist.launch import agent_signals
+
+    monkeypatch.setattr(signal, "getsignal", lambda sig: signal.SIG_DFL)
+    assert agent_signals() == "SIGINT,SIGTERM,SIGHUP,SIGQUIT"
+    monkeypatch.setattr(signal, "getsignal", lambda sig: signal.SIG_IGN if sig == signal.SIGHUP else signal.SIG_DFL)
+    assert agent_signals() == "SIGINT,SIGTERM,SIGQUIT"
