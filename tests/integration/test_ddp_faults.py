@@ -60,9 +60,11 @@ class Job:
 
     def __init__(self, train_root: Path, tmp_path: Path, *extra: str) -> None:
         self.out, self.all, self.train_root = tmp_path / "run", [], train_root
+        # SIGHUP as a terminal session has it (the tests may run under nohup, whose SIG_IGN the job would inherit)
         self.proc = subprocess.Popen(_command(train_root, self.out, free_port(), "--epochs", "1000", *extra),
                                      cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, start_new_session=True)
+                                     text=True, start_new_session=True,
+                                     preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
         deadline = time.monotonic() + 120
         metrics = self.out / "metrics.jsonl"
         while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):

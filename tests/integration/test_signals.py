@@ -28,7 +28,9 @@ def _start_and_signal(train_root: Path, out: Path, tmp_path: Path, signum: int) 
     env["COLUMNS"] = "200"
     command = [sys.executable, "-m", "gantrain", "run", *_flags(train_root, out), "--epochs", "1000",
                "--max-steps", "100000"]
-    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGHUP as a terminal session has it (the tests may run under nohup, whose SIG_IGN the child would inherit)
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 120
     try:

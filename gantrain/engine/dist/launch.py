@@ -84,7 +84,7 @@ def torchrun_args(cfg: Config, config_file: Path, resume: str | None) -> list[st
     # the agent's own log folders go into the launch's temporary folder (else $TMPDIR/torchelastic_*, left behind)
     args = [f"--nproc-per-node={d.nproc}", f"--nnodes={d.nnodes}", *where, f"--max-restarts={d.max_restarts}",
             f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}", f"--log-dir={config_file.parent / 'elastic'}",
-            "-m", "gantrain", "run", "--config", str(config_file)]
+            f"--signals-to-handle={agent_signals()}", "-m", "gantrain", "run", "--config", str(config_file)]
     return args + (["--resume", resume] if resume else [])
 
 
@@ -139,10 +139,8 @@ def launch_workers(cfg: Config, resume: str | None, console: Console | None = No
         config_file = RunDir(Path(tmp)).config
         config_file.write_text(to_toml(cfg))
         threads = max(1, (os.cpu_count() or 1) // cfg.dist.nproc)
-        saved_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", STATUS_ENV, STARTED_ENV, AGENT_SIGNALS_ENV)}
+        saved_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", STATUS_ENV, STARTED_ENV)}
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # the agent passes its environment on
-        # the agent's own stop signals (it passes them to the workers): not SIGHUP under nohup, which ignores it
-        os.environ.setdefault(AGENT_SIGNALS_ENV, agent_signals())
         os.environ[STATUS_ENV] = tmp
         os.environ[STARTED_ENV] = repr(time.time())
         if not log.handlers:
@@ -203,12 +201,10 @@ def launch_workers(cfg: Config, resume: str | None, console: Console | None = No
                 os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
-AGENT_SIGNALS_ENV = "TORCHELASTIC_SIGNALS_TO_HANDLE"  # the signals torchrun's agent catches
-
-
 def agent_signals() -> str:
-    """The value of :data:`AGENT_SIGNALS_ENV`: torchrun's default (SIGTERM, SIGINT, SIGHUP, SIGQUIT) but SIGHUP
-    when this process ignores it (``nohup``): the agent would otherwise stop the workers on a hang-up."""
+    """torchrun's ``--signals-to-handle`` (the signals its agent catches and passes to the workers): its default
+    (SIGTERM, SIGINT, SIGHUP, SIGQUIT) but SIGHUP when this process ignores it (``nohup``): the agent would
+    otherwise stop the workers on the hang-up nohup is there to survive."""
     return ",".join(sig.name for sig in (*caught_stop_signals(), signal.SIGQUIT))
 
 
