@@ -24,8 +24,8 @@ from rich.table import Table
 from rich.text import Text
 
 from gantrain import __version__
-from gantrain.engine.config import (LIST_FIELDS, PRESETS, RECOMMENDED, SECTION_TYPES, SEED_MAX, field_docs, field_index, preset,
-                                    recommended_measured, resolve)
+from gantrain.engine.config import (LIST_FIELDS, PRESETS, RECOMMENDED, SECTION_TYPES, SEED_MAX, field_docs,
+                                    field_index, preset, recommended_measured, resolve)
 from gantrain.engine.errors import ConfigError, GantrainError, Interrupted
 
 

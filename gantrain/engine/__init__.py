@@ -18,7 +18,7 @@ from typing import Any
 API: dict[str, str] = {
     **dict.fromkeys(("Config", "ModelConfig", "OptimConfig", "PRESETS", "RECOMMENDED", "SECTION_TYPES",
                      "current_layout", "env_data_root", "field_index", "from_dict", "load_toml", "override", "preset",
-                     "to_toml", "with_env_defaults"), "config"),
+                     "require_toml_file", "to_toml", "with_env_defaults"), "config"),
     **dict.fromkeys(("Shard", "build_loader"), "data"),
     **dict.fromkeys(("steps_per_epoch",), "data.plan"),
     **dict.fromkeys(("count_images",), "train.dryrun"),

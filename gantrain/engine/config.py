@@ -703,14 +703,20 @@ def override(cfg: Config, flat: dict[str, Any]) -> Config:
 RESOLVED_HEADER = "# gantrain resolved config"  # the first line of every config.toml gantrain writes
 
 
+def require_toml_file(path: str | Path, flag: str) -> Path:
+    """``path`` as a Path when it is a file; else :class:`ConfigError` "``flag``: ..." naming a folder as one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{flag}: {path} is a folder, not a TOML file" if path.is_dir() else
+                          f"{flag}: no such file {path}")
+    return path
+
+
 def load_toml(path: str | Path, base: Config | None = None) -> Config:
     """The config of a TOML file: its fields over ``base``, else over its ``preset``'s (a partial file), else over
     the field defaults for a resolved config gantrain wrote (:func:`to_toml`), whose missing fields came later.
     Raises :class:`ConfigError` for a missing, unreadable or invalid file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config: {path} is a folder, not a TOML file" if path.is_dir() else
-                          f"--config: no such file {path}")
+    path = require_toml_file(path, "--config")
     try:
         text = path.read_text(encoding="utf-8")
         raw = tomllib.loads(text)

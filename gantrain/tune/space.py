@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gantrain.engine import Config, ConfigError, SECTION_TYPES, current_layout, field_index, override
+from gantrain.engine import (Config, ConfigError, SECTION_TYPES, current_layout, field_index, override,
+                             require_toml_file)
 
 KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
 # PBT changes these mid-run: the restored optimisers and loss targets take new values without a restart.
@@ -139,10 +140,7 @@ def load_space(path: str | Path | None, base: Config) -> Space:
     """The space in ``path`` (or the default space), validated against ``base``."""
     if path is None:
         return parse_space(DEFAULT_SPACE, base, "default space")
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--space: {path} is a folder, not a TOML file" if path.is_dir() else
-                          f"--space: no such file {path}")
+    path = require_toml_file(path, "--space")
     return parse_space(path.read_text(), base, str(path))
 
 

@@ -11,8 +11,9 @@ header (format, mode, transparency, EXIF orientation, animation; no pixels), and
   system folders), ``unsupported format`` (an image format Pillow cannot decode: HEIC, SVG, camera RAW, ...),
   ``unreadable`` (no header Pillow can parse: empty, damaged, a dangling link, no permission), ``linked twice``
   (a file reached again through a link: used once), ``over Pillow's pixel limit`` (more than twice
-  ``PIL.Image.MAX_IMAGE_PIXELS``, ~179 megapixels: Pillow refuses to decode it), ``gantrain run folder`` (a folder holding a run's config.toml
-  beside its checkpoints/ or metrics.jsonl, however it is reached: its grids are a generator's, not training data).
+  ``PIL.Image.MAX_IMAGE_PIXELS``, ~179 megapixels: Pillow refuses to decode it), ``gantrain run folder`` (a
+  folder holding a run's config.toml beside its checkpoints/ or metrics.jsonl, however it is reached: its grids
+  are a generator's, not training data).
 
 :meth:`Discovery.summary` is the one log line that ends discovery. With ``strict`` any left-out file that looks
 like an image (unsupported or unreadable) is an error that names it.

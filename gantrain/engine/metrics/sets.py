@@ -132,9 +132,9 @@ def gray_domain_of(spec: DatasetSpec) -> str | None:
 
 def refuse_colour_for_grayscale(folder: Path, paths: list[Path], size: int, domain: str) -> None:
     """Raises :class:`DataError` when most of up to :data:`COLOUR_SAMPLE` images of ``folder`` (evenly spaced in
-    ``paths``) are in colour (:func:`~gantrain.engine.data.decode.holds_colour`) while they are to be scored in the grayscale ``domain`` (a
-    built-in dataset's extractor): colour photographs read in grayscale would give a believable but meaningless
-    FD there, not a quality measure. Grayscale images stored as RGB pass."""
+    ``paths``) are in colour (:func:`~gantrain.engine.data.decode.holds_colour`) while they are to be scored in the
+    grayscale ``domain`` (a built-in dataset's extractor): colour photographs read in grayscale would give a
+    believable but meaningless FD there, not a quality measure. Grayscale images stored as RGB pass."""
     step = max(len(paths) // COLOUR_SAMPLE, 1)
     looked, colour = 0, []
     for path in paths[::step][:COLOUR_SAMPLE]:

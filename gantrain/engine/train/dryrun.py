@@ -147,8 +147,9 @@ def _precision(cfg: Config) -> str:
 def refusals(cfg: Config, resume: str | None) -> list[str]:
     """What the run itself would refuse before training, refused here too (:class:`ConfigError` or
     :class:`~gantrain.engine.errors.CheckpointError`): a new run into a folder that holds one, a missing --logger
-    extra or Ray Train for --ray, quality metrics of synthetic data, a --resume checkpoint that is missing, corrupt or of another model. Returns the settings a resume
-    changes against its checkpoint ('--lr-g 0.0002 -> 0.001'); reads the checkpoint, writes nothing."""
+    extra or Ray Train for --ray, quality metrics of synthetic data, a --resume checkpoint that is missing, corrupt
+    or of another model. Returns the settings a resume changes against its checkpoint ('--lr-g 0.0002 -> 0.001');
+    reads the checkpoint, writes nothing."""
     from gantrain.engine.metrics.reference import refuse_metrics_without_data
     from gantrain.engine.outputs.writer import RunOutputs
     from gantrain.engine.state.checkpoint import open_resume
